@@ -1,0 +1,171 @@
+"""Load a CUDA kernel and launch it with the same call on a GPU (through CuPy) and on a CPU (the emulator).
+
+    k = RawKernel(code, "layernorm_forward_kernel1")        # same constructor as cupy.RawKernel
+    k = load_kernel("layernorm.cu", "layernorm_forward_kernel1")   # from llmc_lessons/kernels/
+    k(grid, block, args, shared_mem=0)
+
+Before every launch, on both backends, the arguments are checked against the kernel's declared parameter
+types: a float64 array for a `float*`, a Python int for an `int` (CuPy would pass it as 64 bits), a
+non-contiguous array or a misaligned float4 pointer raise a clear TypeError/ValueError instead of
+computing garbage.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from llmc_lessons import device
+from llmc_lessons.cuda import source as cu_source
+from llmc_lessons.cuda.emulator import KERNELS_DIR, CompileError, KernelError
+
+__all__ = ["RawKernel", "load_kernel", "kernel_source", "CompileError", "KernelError", "KERNELS_DIR"]
+
+DEFAULT_SHARED_LIMIT = 48 * 1024
+
+
+def _dims(name: str, value, limits) -> tuple[int, int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, tuple) or not 1 <= len(value) <= 3 or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"{name} must be an int or a tuple of 1 to 3 ints, got {value!r}")
+    dims = tuple(int(v) for v in value) + (1,) * (3 - len(value))
+    for axis, (v, lim) in enumerate(zip(dims, limits)):
+        if not 1 <= v <= lim:
+            raise ValueError(f"{name}[{axis}] = {v} is outside 1..{lim}")
+    return dims
+
+
+def _check_args(sig: cu_source.KernelSignature, args) -> list:
+    """Validate `args` against the kernel's parameters; return them as NumPy/CuPy arrays and NumPy scalars."""
+    if not isinstance(args, tuple):
+        raise TypeError(f"args must be a tuple, got {type(args).__name__} (write (a, b, n) or (a,) for one)")
+    if len(args) != len(sig.params):
+        want = ", ".join(p.describe() for p in sig.params)
+        raise TypeError(f"kernel '{sig.name}' takes {len(sig.params)} arguments ({want}), got {len(args)}")
+    out = []
+    for i, (p, a) in enumerate(zip(sig.params, args)):
+        where = f"argument {i} ({p.describe()}) of kernel '{sig.name}'"
+        want = cu_source.numpy_dtype(p.base)
+        if p.pointer:
+            if isinstance(a, np.ndarray) and device.on_gpu():
+                raise TypeError(f"{where}: got a NumPy array, but kernels run on the GPU: move it there with "
+                                f"llmc_lessons.device.to_device")
+            if not isinstance(a, device.xp.ndarray):
+                raise TypeError(f"{where}: expected an array, got {type(a).__name__}")
+            if want is not None and a.dtype != want:
+                raise TypeError(f"{where}: expected an array of {want}, got {a.dtype}")
+            if not a.flags.c_contiguous:
+                raise ValueError(f"{where}: the array is not C-contiguous (a kernel sees only a pointer to its "
+                                 f"first element); pass xp.ascontiguousarray(...)")
+            if not p.const and not device.on_gpu() and not a.flags.writeable:
+                raise ValueError(f"{where}: the array is read-only but the parameter is not const")
+            vec = cu_source.vector_info(p.base)
+            if vec:
+                lanes, align = vec
+                ptr = a.data.ptr if device.on_gpu() else a.ctypes.data
+                if ptr % align or a.size % lanes:
+                    raise ValueError(f"{where}: a {p.base} pointer needs an array whose start is {align}-byte "
+                                     f"aligned and whose size is a multiple of {lanes}")
+            out.append(a)
+        else:
+            if isinstance(a, (bool, np.bool_)) and p.base != "bool":
+                raise TypeError(f"{where}: got a bool")
+            if isinstance(a, (int, float)) and not isinstance(a, bool):
+                if (isinstance(a, int) and want == np.int64) or (isinstance(a, float) and want == np.float64):
+                    out.append(want.type(a))
+                    continue
+                raise TypeError(f"{where}: got a Python {type(a).__name__}; pass np.{want.name}({a!r}). CuPy passes "
+                                f"a Python int as a 64-bit integer and a float as a double, which the kernel "
+                                f"would misread as its {p.base}")
+            if not isinstance(a, np.generic) or a.dtype != want:
+                got = a.dtype if isinstance(a, np.generic) else type(a).__name__
+                raise TypeError(f"{where}: expected np.{want.name}, got {got}")
+            out.append(a)
+    return out
+
+
+class RawKernel:
+    """A kernel from CUDA source; call it as k(grid, block, args, shared_mem=0), as cupy.RawKernel."""
+
+    def __init__(self, code: str, name: str, options: tuple = (), *, filename: str | None = None):
+        if not isinstance(code, str) or not isinstance(name, str):
+            raise TypeError("RawKernel(code, name): code and name must be strings")
+        self.code, self.name, self.options = code, name, tuple(options)
+        self.filename = filename or "<RawKernel source>"
+        self.signature = cu_source.signature(code, name)
+        self.max_dynamic_shared_size_bytes = 0  # raise it to allow more than 48 KiB of shared memory
+        self._impl = None
+
+    def _compiled(self):
+        if self._impl is None:
+            if device.on_gpu():
+                import cupy
+                opts = self.options + (f"-I{KERNELS_DIR}",)
+                self._impl = cupy.RawKernel(self.code, self.name, options=opts)
+            elif _checked():
+                self._impl = "checked"  # built and run in a child process with AddressSanitizer loaded
+            else:
+                self._impl = _emulated_module(self.code, self.filename, self.options)
+        return self._impl
+
+    def compile(self) -> "RawKernel":
+        """Compile now (else the first launch compiles); raises CompileError with the compiler's message."""
+        self._compiled()
+        return self
+
+    def __call__(self, grid, block, args, shared_mem: int = 0):
+        grid = _dims("grid", grid, (2**31 - 1, 65535, 65535))
+        block = _dims("block", block, (1024, 1024, 64))
+        if block[0] * block[1] * block[2] > 1024:
+            raise ValueError(f"a block has at most 1024 threads, got {block[0] * block[1] * block[2]}")
+        if not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
+            raise ValueError(f"shared_mem must be a non-negative int (bytes), got {shared_mem!r}")
+        limit = max(DEFAULT_SHARED_LIMIT, int(self.max_dynamic_shared_size_bytes))
+        if shared_mem > limit:
+            raise ValueError(f"shared_mem = {shared_mem} bytes exceeds the {limit}-byte limit; set "
+                             f"kernel.max_dynamic_shared_size_bytes first to use more, as on a GPU")
+        args = _check_args(self.signature, args)
+        impl = self._compiled()
+        if device.on_gpu():
+            if self.max_dynamic_shared_size_bytes:
+                impl.max_dynamic_shared_size_bytes = int(self.max_dynamic_shared_size_bytes)
+            impl(grid, block, tuple(args), shared_mem=int(shared_mem))
+            return
+        from llmc_lessons.cuda import emulator
+        if impl == "checked":
+            from llmc_lessons.cuda import checked
+            out = checked.launch(self, grid, block, args, int(shared_mem), limit)
+        else:
+            out = emulator.launch(impl, self.signature, grid, block, args, int(shared_mem), limit)
+        if out:
+            print(out, end="" if out.endswith("\n") else "\n")
+
+
+def _checked() -> bool:
+    """Checked mode (AddressSanitizer): LLMC_CHECK=1."""
+    return os.environ.get("LLMC_CHECK", "") not in ("", "0")
+
+
+@lru_cache(maxsize=256)
+def _emulated_module(code: str, filename: str, options: tuple):
+    from llmc_lessons.cuda.emulator import EmulatedModule
+    return EmulatedModule(code, filename, options, checked=False)
+
+
+def kernel_source(filename: str) -> str:
+    """The text of a course kernel file in llmc_lessons/kernels/."""
+    path = Path(KERNELS_DIR) / filename
+    if not path.is_file():
+        have = ", ".join(sorted(p.name for p in Path(KERNELS_DIR).glob("*.cu")))
+        raise FileNotFoundError(f"no kernel file {filename!r} in {KERNELS_DIR} (have: {have})")
+    return path.read_text()
+
+
+@lru_cache(maxsize=None)
+def load_kernel(filename: str, name: str, options: tuple = ()) -> RawKernel:
+    """A kernel from the package's kernels/ folder, compiled once per process."""
+    return RawKernel(kernel_source(filename), name, options, filename=str(Path(KERNELS_DIR) / filename))

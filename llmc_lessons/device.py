@@ -1,0 +1,99 @@
+"""Pick the backend once: the GPU through CuPy when one is usable, else the CPU (NumPy + the kernel emulator).
+
+`LLMC_DEVICE=cpu` forces the CPU; `LLMC_DEVICE=gpu` forces the GPU and fails loudly if there is none.
+Everything else in the package uses `xp` (cupy or numpy) and the helpers below, never `import cupy` itself.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _usable_cupy():
+    """Return (cupy module, None) when a CUDA device can really run work, else (None, reason)."""
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a broken CUDA install raising at import
+        return None, f"CuPy is not installed ({type(e).__name__}: {e})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None, "CuPy found no CUDA device"
+        (cupy.arange(4, dtype=cupy.float32) * 2).sum().item()  # a real launch, not only a driver query
+    except Exception as e:
+        return None, f"CuPy is installed but no CUDA device is usable ({type(e).__name__}: {e})"
+    return cupy, None
+
+
+def _choose():
+    wanted = os.environ.get("LLMC_DEVICE", "").strip().lower()
+    if wanted not in ("", "cpu", "gpu"):
+        raise ValueError(f"LLMC_DEVICE must be 'cpu' or 'gpu' (or unset), not {wanted!r}")
+    if wanted == "cpu":
+        return "cpu", np, "forced by LLMC_DEVICE=cpu"
+    cupy, why_not = _usable_cupy()
+    if cupy is not None:
+        return "gpu", cupy, "CuPy found a usable CUDA device"
+    if wanted == "gpu":
+        raise RuntimeError(f"LLMC_DEVICE=gpu but {why_not}. Unset LLMC_DEVICE to fall back to the CPU.")
+    return "cpu", np, why_not
+
+
+BACKEND, xp, REASON = _choose()
+"""BACKEND is 'gpu' or 'cpu'; xp is the array module of that backend; REASON says why it was chosen."""
+
+
+def on_gpu() -> bool:
+    """True when kernels run on a real GPU through CuPy."""
+    return BACKEND == "gpu"
+
+
+def to_device(a, dtype=None):
+    """A copy of `a` (NumPy array, list or scalar) as an array of the backend (CuPy on a GPU)."""
+    return xp.asarray(a, dtype=dtype)
+
+
+def to_host(a) -> np.ndarray:
+    """`a` as a NumPy array on the host (a no-op for NumPy arrays)."""
+    if on_gpu():
+        import cupy
+        return cupy.asnumpy(a)
+    return np.asarray(a)
+
+
+def synchronize() -> None:
+    """Wait for all queued GPU work (a no-op on the CPU, where kernels run synchronously)."""
+    if on_gpu():
+        xp.cuda.get_current_stream().synchronize()
+
+
+def require_array(name: str, a, shape=None, dtype=np.float32):
+    """Raise a clear TypeError/ValueError unless `a` is a C-contiguous backend array of `dtype` and `shape`.
+
+    `shape` may hold None for a free dimension. Returns `a` so a launcher can write `x = require_array(...)`.
+    """
+    if not isinstance(a, xp.ndarray):
+        where = "a CuPy array on the GPU" if on_gpu() else "a NumPy array"
+        got = type(a).__module__ + "." + type(a).__name__
+        hint = " (move it with llmc_lessons.device.to_device)" if isinstance(a, np.ndarray) else ""
+        raise TypeError(f"{name} must be {where}, got {got}{hint}")
+    if dtype is not None and a.dtype != np.dtype(dtype):
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype} (use .astype(np.{np.dtype(dtype)}))")
+    if shape is not None:
+        ok = a.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, a.shape))
+        if not ok:
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(a.shape)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (a kernel indexes it as one flat block); "
+                         f"pass xp.ascontiguousarray({name})")
+    return a
+
+
+def describe() -> str:
+    """One line saying which backend is in use and why."""
+    if on_gpu():
+        props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        return f"GPU: {name} through CuPy {xp.__version__} ({REASON})"
+    return f"CPU: NumPy {np.__version__} + the kernel emulator ({REASON})"

@@ -1,0 +1,64 @@
+"""Timing on the GPU done properly: CUDA events, warm-up, the median of many repeats, and the card's ceilings.
+
+Timings mean nothing on the CPU emulator, so every function here refuses to run there.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+
+from llmc_lessons.device import on_gpu, xp
+
+
+def _require_gpu(what: str):
+    if not on_gpu():
+        raise RuntimeError(f"{what} needs a GPU: the CPU emulator's timings say nothing about GPU speed")
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 20) -> float:
+    """Median wall time of fn() in milliseconds, measured with CUDA events around each call."""
+    _require_gpu("time_ms")
+    for _ in range(warmup):
+        fn()
+    start, end = xp.cuda.Event(), xp.cuda.Event()
+    times = []
+    for _ in range(repeat):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(xp.cuda.get_elapsed_time(start, end))
+    return float(np.median(times))
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    """Achieved bandwidth in GB/s for `nbytes` moved in `ms` milliseconds."""
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def tflops(flops: float, ms: float) -> float:
+    """Achieved rate in TFLOP/s."""
+    return flops / (ms * 1e-3) / 1e12
+
+
+@lru_cache(maxsize=None)
+def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
+    """The measured memory ceiling: a device-to-device copy, counting bytes read plus bytes written."""
+    _require_gpu("copy_bandwidth_gbps")
+    a = xp.empty(nbytes // 4, dtype=xp.float32)
+    b = xp.empty_like(a)
+    ms = time_ms(lambda: b.__setitem__(Ellipsis, a), warmup=3, repeat=10)
+    return gbps(2 * nbytes, ms)
+
+
+@lru_cache(maxsize=None)
+def matmul_tflops(n: int = 8192) -> float:
+    """The measured FLOP ceiling: an n x n x n float32 matmul through cuBLAS (CuPy's default precision)."""
+    _require_gpu("matmul_tflops")
+    gen = xp.random.default_rng(0)
+    a = gen.standard_normal((n, n), dtype=xp.float32)
+    b = gen.standard_normal((n, n), dtype=xp.float32)
+    ms = time_ms(lambda: a @ b, warmup=2, repeat=5)
+    return tflops(2 * n ** 3, ms)
