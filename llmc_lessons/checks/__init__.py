@@ -45,7 +45,7 @@ def _fmt_index(idx) -> str:
 def _likely_cause(got: np.ndarray, expected: np.ndarray, known_mistakes, atol, rtol) -> str | None:
     """Name a likely cause by comparing `got` with transformations of `expected` and known wrong answers."""
     def close(a, b):
-        return a.shape == b.shape and np.allclose(a, b, atol=atol, rtol=rtol)
+        return a.shape == b.shape and np.allclose(a, b, atol=atol, rtol=rtol, equal_nan=True)
 
     for cause, wrong in (known_mistakes or {}).items():
         if close(got, np.asarray(to_host(wrong), dtype=np.float64)):
@@ -100,14 +100,13 @@ def assert_close(exercise: str, name: str, got, expected, atol: float = 1e-5, rt
     if finite.any():
         lines.append(f"  max abs error {np.nanmax(np.abs(got - expected)):.3g} "
                      f"(allowed: {atol:g} + {rtol:g} * |expected|)")
-    if nan_unwritten.any():
+    cause = _likely_cause(got, expected, known_mistakes, atol, rtol)
+    if cause:
+        lines.append(f"  likely cause: {cause}")
+    elif nan_unwritten.any():
         lines.append(f"  likely cause: {int(nan_unwritten.sum())} elements are NaN. Outputs are filled with NaN "
                      f"before the launch, so these were never written: check the index arithmetic, the bounds "
                      f"check, and that the grid covers every element.")
-    else:
-        cause = _likely_cause(got, expected, known_mistakes, atol, rtol)
-        if cause:
-            lines.append(f"  likely cause: {cause}")
     raise AssertionError("\n".join(lines) + tail)
 
 

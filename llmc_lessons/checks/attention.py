@@ -1,0 +1,244 @@
+"""Checks for lesson 05 (attention): Exercise 5.1, the NumPy backward; Exercise 5.2, the softmax kernel's body.
+
+Each check runs the student's code on fresh random inputs of awkward sizes (T = 13 and 37, NH = 3 heads of
+hs = 5 channels) and compares with the package's reference; a failure names the output, the first wrong
+element and, where it recognises one, the mistake that produces exactly that result.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from llmc_lessons.checks import assert_close, passed, poisoned, randn, rng, run_exercise
+from llmc_lessons.device import to_host, xp
+from llmc_lessons.layers.attention import attention_backward, attention_forward, causal_softmax
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 5.1: attention_backward in NumPy
+
+EX1 = "Exercise 5.1"
+
+# Mistakes the check recognises, each the backward with one thing done wrong (see _backward_variant).
+BACKWARD_MISTAKES = {
+    "no_sum_term": "dpreatt = att * datt, without the  - sum(att * datt)  term of the softmax backward "
+                   "(every probability depends on every visible score through the normalisation)",
+    "no_att_factor": "dpreatt = datt - sum(att * datt), without the factor att in front: gradient leaks into "
+                     "the masked future positions, whose att is 0",
+    "no_scale": "the 1/sqrt(hs) scale is missing in the backward (the forward multiplied the scores by it, so "
+                "the backward must multiply dpreatt by it too)",
+    "swapped_qk": "dq and dk are swapped: dq = dpreatt^T @ k and dk = dpreatt @ q (row t of preatt belongs to "
+                  "query t, column t2 to key t2)",
+    "heads_interleaved": "wrong head slicing: head h taken as channels h, h+NH, h+2NH, ... instead of the "
+                         "contiguous block h*hs:(h+1)*hs",
+    "qkv_per_head": "wrong q/k/v slicing: qkv read as (B, T, NH, 3, hs) instead of (B, T, 3, NH, hs) "
+                    "(qkv is [all of q | all of k | all of v], each C = NH*hs wide)",
+}
+
+
+def _split(x, NH, layout):
+    """(B, T, C) -> (B, NH, T, hs) for the right layout, or a wrong one."""
+    B, T, C = x.shape
+    hs = C // NH
+    if layout == "heads_interleaved":
+        return x.reshape(B, T, hs, NH).transpose(0, 3, 1, 2)
+    return x.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
+
+
+def _merge(x, layout):
+    """The inverse of _split."""
+    B, NH, T, hs = x.shape
+    if layout == "heads_interleaved":
+        return x.transpose(0, 2, 3, 1).reshape(B, T, NH * hs)
+    return x.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)
+
+
+def _backward_variant(dout, qkv, att, NH, mistake=None):
+    """The attention backward in float64, with one named mistake (or none: then it equals the reference)."""
+    dout, qkv, att = (np.asarray(a, dtype=np.float64) for a in (dout, qkv, att))
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // NH
+    layout = mistake if mistake in ("heads_interleaved", "qkv_per_head") else "right"
+    if layout == "qkv_per_head":   # q, k, v of head h read from qkv[..., h, 0/1/2, :] of a (B, T, NH, 3, hs) view
+        per_head = qkv.reshape(B, T, NH, 3, hs)
+        q, k, v = (per_head[:, :, :, j, :].transpose(0, 2, 1, 3) for j in range(3))
+    else:
+        q, k, v = (_split(qkv[:, :, j * C:(j + 1) * C], NH, layout) for j in range(3))
+    dout_h = _split(dout, NH, "heads_interleaved" if layout == "heads_interleaved" else "right")
+    datt = dout_h @ v.transpose(0, 1, 3, 2)
+    dv = att.transpose(0, 1, 3, 2) @ dout_h
+    dot = (att * datt).sum(axis=-1, keepdims=True)
+    if mistake == "no_sum_term":
+        dpreatt = att * datt
+    elif mistake == "no_att_factor":
+        dpreatt = datt - dot
+    else:
+        dpreatt = att * (datt - dot)
+    if mistake != "no_scale":
+        dpreatt = dpreatt / math.sqrt(hs)
+    dq, dk = dpreatt @ k, dpreatt.transpose(0, 1, 3, 2) @ q
+    if mistake == "swapped_qk":
+        dq, dk = dpreatt.transpose(0, 1, 3, 2) @ k, dpreatt @ q
+    if layout == "qkv_per_head":
+        out = np.stack([dq, dk, dv], axis=3)                 # (B, NH, T, 3, hs)
+        return out.transpose(0, 2, 1, 3, 4).reshape(B, T, 3 * C)
+    return np.concatenate([_merge(g, layout) for g in (dq, dk, dv)], axis=2)
+
+
+def _causality(fn, B, T, NH, hs, gen):
+    """dout nonzero at one position t0 only: dq may be nonzero only at t0, dk and dv only at t <= t0."""
+    C = NH * hs
+    qkv = gen.standard_normal((B, T, 3 * C))
+    _, att = attention_forward(qkv, NH)
+    t0 = T // 2
+    dout = np.zeros((B, T, C))
+    dout[:, t0, :] = gen.standard_normal((B, C))
+    got = run_exercise(EX1, fn, dout, qkv, att, NH)
+    if got is None:
+        raise AssertionError(f"{EX1}: your function returned None. Did it forget to `return dqkv`?")
+    got = np.asarray(to_host(got), dtype=np.float64)
+    if got.shape != (B, T, 3 * C):
+        raise AssertionError(f"{EX1}: dqkv must have the shape of qkv, (B, T, 3C) = {(B, T, 3 * C)}, "
+                             f"got {got.shape}")
+    tiny = 1e-9 * max(1.0, float(np.abs(got).max()))
+    dk_future = np.abs(got[:, t0 + 1:, C:3 * C]).max(initial=0.0)
+    if dk_future > tiny:
+        raise AssertionError(
+            f"{EX1}: gradient leaked into the future. With dout nonzero only at position t0 = {t0}, dk and dv must "
+            f"be 0 at every position t2 > {t0} (query t0 never saw those keys and values: the causal mask set "
+            f"their probability to 0), but they reach {dk_future:.3g}.\n  likely cause: dpreatt is not 0 above "
+            f"the diagonal. The softmax backward is att * (datt - sum(att * datt)): the factor att (zero in the "
+            f"future) is what keeps the gradient causal.")
+    others = np.abs(np.delete(got[:, :, 0:C], t0, axis=1)).max(initial=0.0)
+    if others > tiny:
+        raise AssertionError(
+            f"{EX1}: with dout nonzero only at position t0 = {t0}, dq must be 0 at every other position (query t "
+            f"only affects out[t]), but it reaches {others:.3g} elsewhere.\n  likely cause: dq and dk mixed up, "
+            f"or dpreatt transposed (row t of dpreatt belongs to query t).")
+
+
+def check_attention_backward(fn) -> None:
+    """Exercise 5.1: fn(dout, qkv, att, NH) -> dqkv must match the reference attention_backward."""
+    gen = rng()
+    _causality(fn, 2, 11, 3, 5, gen)   # first: a leak gets its own, specific message
+    for B, T, NH, hs in ((2, 13, 3, 5), (1, 37, 2, 4)):
+        C = NH * hs
+        qkv = gen.standard_normal((B, T, 3 * C))
+        out, att = attention_forward(qkv, NH)
+        dout = gen.standard_normal((B, T, C))
+        expected = attention_backward(dout, qkv, att, NH)
+        got = run_exercise(EX1, fn, dout.copy(), qkv.copy(), att.copy(), NH)
+        if got is None:
+            raise AssertionError(f"{EX1}: your function returned None. Did it forget to `return dqkv`?")
+        got = np.asarray(to_host(got), dtype=np.float64)
+        if got.shape != expected.shape:
+            raise AssertionError(f"{EX1}: dqkv must have the shape of qkv, (B, T, 3C) = {expected.shape}, "
+                                 f"got {got.shape}. Concatenate [dq | dk | dv] along the last axis.")
+        wrong = {m: _backward_variant(dout, qkv, att, NH, m) for m in BACKWARD_MISTAKES}
+        # in backward order: dv first (it needs no softmax backward), then dq and dk
+        for j, part in ((2, "dv"), (0, "dq"), (1, "dk")):
+            sl = slice(j * C, (j + 1) * C)
+            assert_close(EX1, part, got[:, :, sl], expected[:, :, sl], atol=1e-8, rtol=1e-6,
+                         known_mistakes={BACKWARD_MISTAKES[m]: w[:, :, sl] for m, w in wrong.items()},
+                         hint=f"{part} is dqkv[:, :, {j}*C:{j + 1}*C], indexed [b, t, channel]; this test had "
+                              f"B={B}, T={T}, NH={NH}, hs={hs}, C={C}")
+    passed(EX1, "dq, dk, dv match the reference at T = 13 and 37, and no gradient flows to the future")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 5.2: the body of softmax_forward_kernel (one warp per row, causal half only)
+
+EX2 = "Exercise 5.2"
+
+
+def _lane_partials(x, inv_temperature, own_max: bool, own_sum: bool):
+    """What the kernel computes if lanes skip the warp reduction of the max (own_max) or of the sum (own_sum)."""
+    N, T, _ = x.shape
+    out = np.zeros_like(x)
+    for n in range(N):
+        for t in range(T):
+            row = x[n, t, :t + 1]
+            lanes = np.arange(t + 1) % 32
+            lane_max = np.array([row[lanes == l].max() for l in lanes]) if own_max else np.full(t + 1, row.max())
+            e = np.exp(inv_temperature * (row - lane_max))
+            if own_sum:
+                s = np.array([e[lanes == l].sum() for l in lanes])
+            else:
+                s = e.sum()
+            out[n, t, :t + 1] = e / s
+    return out
+
+
+def _shifted_mask_softmax(x, inv_temperature, k):
+    """Softmax over t2 <= t + k (clipped to the row), zeros elsewhere: an off-by-k causal bound."""
+    T = x.shape[-1]
+    visible = np.tril(np.ones((T, T), dtype=bool), k=k)
+    s = np.where(visible, x * inv_temperature, -np.inf)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _launch_softmax(kernel, preatt, inv_temperature, block_size):
+    N, T, _ = preatt.shape
+    out = poisoned((N, T, T))
+    warps = block_size // 32
+    grid = ((N * T + warps - 1) // warps,)
+    run_exercise(EX2, kernel, grid, (block_size,), (out, np.float32(inv_temperature), preatt, np.int32(N),
+                                                    np.int32(T)))
+    return np.asarray(to_host(out), dtype=np.float64)
+
+
+def _diagnose_nan(got, T, where):
+    """A specific message when the unwritten (NaN) elements form a pattern we recognise."""
+    nan = np.isnan(got)
+    if not nan.any():
+        return
+    causal = np.tril(np.ones((T, T), dtype=bool))
+    if nan[:, causal].all():
+        raise AssertionError(
+            f"{EX2} ({where}): no element of the causal half (t2 <= t) was written: every one is still NaN, "
+            f"the poison put there before the launch. Write the max, exp-sum and normalise steps in the "
+            f"kernel body, run the cell, then this check again.")
+    diag = np.eye(T, dtype=bool)
+    if nan[:, diag].all() and not nan[:, ~diag].any():
+        raise AssertionError(
+            f"{EX2} ({where}): the diagonal att[t, t] was never written (still NaN).\n  likely cause: an "
+            f"off-by-one causal bound, `i < own_pos` where it must be `i <= own_pos`: a token attends to the "
+            f"previous tokens AND to itself.")
+
+
+def check_softmax_forward_kernel(kernel) -> None:
+    """Exercise 5.2: kernel(grid, block, (out, inv_temperature, inp, N, T)) must compute the causal softmax."""
+    gen = rng()
+    cases = ((5, 13, 64, 1.0), (5, 37, 128, 1.0), (3, 37, 96, 60.0))  # N rows of T x T, block size, logit scale
+    for N, T, block_size, scale in cases:
+        inv_temperature = 1.0 / math.sqrt(5.0)
+        preatt = randn(gen, N, T, T, scale=scale)
+        x = np.asarray(to_host(preatt), dtype=np.float64)
+        expected = causal_softmax(x, inv_temperature)
+        got = _launch_softmax(kernel, preatt, inv_temperature, block_size)
+        where = f"N={N}, T={T}, block_size={block_size}"
+        if scale > 1.0:
+            where += f", scores up to {np.abs(x).max() * inv_temperature:.0f}"
+            if (~np.isfinite(got) & np.isfinite(expected)).any() or not np.isfinite(got).all():
+                raise AssertionError(
+                    f"{EX2} ({where}): the output holds inf or NaN for large scores, although it was right for "
+                    f"small ones.\n  likely cause: expf overflowed (expf(x) is inf for x > 88.7). Subtract the "
+                    f"row maximum before exponentiating: expf(inv_temperature * (x[i] - maxval)).")
+        _diagnose_nan(got, T, where)
+        mistakes = {
+            "the causal bound is off by one: keys up to own_pos + 1 are included (use i <= own_pos)":
+                _shifted_mask_softmax(x, inv_temperature, 1),
+            "the softmax runs over the whole row: the future keys t2 > t must stay masked (loop to own_pos)":
+                _shifted_mask_softmax(x, inv_temperature, T),
+            "inv_temperature is missing: multiply (x[i] - maxval) by inv_temperature inside expf":
+                causal_softmax(x, 1.0),
+            "each lane used its own maximum: combine them across the warp with warpReduceMax first":
+                _lane_partials(x, inv_temperature, own_max=True, own_sum=False),
+            "each lane divided by its own partial sum: combine the sums across the warp with warpReduceSum":
+                _lane_partials(x, inv_temperature, own_max=False, own_sum=True),
+        }
+        assert_close(EX2, f"att at {where}", got, expected, atol=1e-6, rtol=1e-4, known_mistakes=mistakes,
+                     hint="each row t must hold softmax(inv_temperature * x[t, :t+1]) and zeros after it")
+    passed(EX2, "causal softmax correct at T = 13 and 37, three block sizes, and with large scores")

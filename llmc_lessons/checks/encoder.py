@@ -1,0 +1,89 @@
+"""Checks for lesson 02 (embeddings): Exercise 2.1 (NumPy encoder_backward), Exercise 2.2 (the forward kernel)."""
+from __future__ import annotations
+
+import numpy as np
+
+from llmc_lessons import device
+from llmc_lessons.checks import assert_close, passed, poisoned, rng, run_exercise
+from llmc_lessons.layers.encoder import encoder_backward, encoder_forward
+
+
+def _ids_with_repeats(gen, B, T, n_distinct, V):
+    """(B, T) int32 ids drawn from n_distinct of the V ids, so that several tokens repeat (the point of 2.1)."""
+    vocab = gen.choice(V, size=n_distinct, replace=False)
+    inp = vocab[gen.integers(0, n_distinct, size=(B, T))].astype(np.int32)
+    inp[1, 2] = inp[0, 0]          # at least one repeat across sequences
+    inp[0, 3] = inp[0, 1]          # and one inside a sequence
+    return inp
+
+
+def check_encoder_backward(fn) -> None:
+    """Exercise 2.1: fn(dout, inp, V, maxT) -> (dwte (V, C), dwpe (maxT, C)), compared in float64."""
+    ex = "Exercise 2.1"
+    gen = rng()
+    B, T, C, V, maxT = 3, 5, 7, 23, 9
+    inp = _ids_with_repeats(gen, B, T, 6, V)
+    dout = gen.standard_normal((B, T, C))
+    result = run_exercise(ex, fn, dout.copy(), inp.copy(), V, maxT)
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise AssertionError(f"{ex}: return the pair (dwte, dwpe), got {type(result).__name__}"
+                             + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
+    dwte, dwpe = result
+    want_dwte, want_dwpe = encoder_backward(dout, inp, V, maxT)
+
+    overwrite = np.zeros((V, C))
+    overwrite[inp] = dout          # what `dwte[inp] = dout` or `dwte[inp] += dout` leaves: one write per token
+    no_scatter = np.zeros((V, C))
+    no_scatter[:B * T] = dout.reshape(B * T, C)  # rows indexed by position instead of by token id
+    assert_close(ex, "dwte", dwte, want_dwte, atol=1e-10, rtol=1e-9, known_mistakes={
+        "`dwte[inp] = dout` or `dwte[inp] += dout`: with fancy indexing a repeated token id is written only once, "
+        "so repeated tokens lose all but one gradient. Use np.add.at(dwte, inp, dout), which adds once per "
+        "occurrence": overwrite,
+        "dwte rows were indexed by the position b*T+t instead of by the token id inp[b, t]": no_scatter,
+    }, hint="dwte[v] is the sum of dout[b, t] over every (b, t) with inp[b, t] == v; a token that appears "
+            "twice gets two contributions.")
+
+    only_b0 = np.zeros((maxT, C))
+    only_b0[:T] = dout[0]
+    mean_b = np.zeros((maxT, C))
+    mean_b[:T] = dout.mean(axis=0)
+    assert_close(ex, "dwpe", dwpe, want_dwpe, atol=1e-10, rtol=1e-9, known_mistakes={
+        "only the first sequence (b = 0) was used: dwpe[t] must add dout[b, t] over every b": only_b0,
+        "the mean over the batch was taken instead of the sum": mean_b,
+    }, hint="dwpe has shape (maxT, C): rows t < T hold dout[:, t, :] summed over the batch axis (axis 0), "
+            "rows t >= T stay zero because those positions were not used.")
+    passed(ex, f"dwte and dwpe match the reference, including {int(B * T - np.unique(inp).size)} repeated tokens")
+
+
+def check_encoder_forward_kernel(source: str) -> None:
+    """Exercise 2.2: the body of encoder_forward_kernel1 in `source`, launched at awkward sizes and two block sizes."""
+    from llmc_lessons.cuda import RawKernel
+
+    ex = "Exercise 2.2"
+    if "TODO (Exercise 2.2)" in source:
+        raise AssertionError(f"{ex} is not done yet: the kernel still has its TODO. Write the body in the CUDA "
+                             f"source above, run that cell, then run this check again.")
+    kernel = RawKernel(source, "encoder_forward_kernel1")
+    gen = rng()
+    B, T, C, V, maxT = 3, 7, 37, 50, 9          # C is not a multiple of anything; B*T*C = 777 elements
+    inp = gen.integers(0, V, size=(B, T)).astype(np.int32)
+    wte = gen.standard_normal((V, C)).astype(np.float32)
+    wpe = gen.standard_normal((maxT, C)).astype(np.float32)
+    want = encoder_forward(inp, wte, wpe)
+    bt = np.arange(B * T).reshape(B, T)
+    mistakes = {
+        "wpe was left out: out must be wte[token] + wpe[t]": wte[inp],
+        "wte was left out: out must be wte[token] + wpe[t]": np.broadcast_to(wpe[:T], (B, T, C)),
+        "wte was indexed by the position b*T+t instead of by the token id inp[b*T+t]": wte[bt] + wpe[:T],
+        "the position t was computed as bt / T (that is b) instead of bt % T": wte[inp] + wpe[bt // T],
+    }
+    d_inp, d_wte, d_wpe = (device.to_device(a) for a in (inp, wte, wpe))
+    for block_size in (32, 128):
+        out = poisoned((B, T, C))
+        grid = (-(-(B * T * C) // block_size),)
+        kernel(grid, (block_size,), (out, d_inp, d_wte, d_wpe, np.int32(B), np.int32(T), np.int32(C)))
+        assert_close(ex, f"out (block_size={block_size})", out, want, atol=1e-6, rtol=1e-6,
+                     known_mistakes=mistakes,
+                     hint="thread idx owns out's flat element idx = (b*T + t)*C + c; find bt = idx / C, "
+                          "t = bt % T, c = idx % C, then the token id inp[bt].")
+    passed(ex, f"B={B}, T={T}, C={C}, block sizes 32 and 128, every element written")

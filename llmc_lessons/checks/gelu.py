@@ -1,0 +1,95 @@
+"""Checks for lesson 06 (GELU): the NumPy backward (Exercise 6.1) and the backward kernel (Exercise 6.2)."""
+from __future__ import annotations
+
+import numpy as np
+
+from llmc_lessons import device
+from llmc_lessons.checks import assert_close, passed, poisoned, rng, run_exercise
+from llmc_lessons.layers.gelu import (GELU_CUBE_COEF, GELU_SCALING_FACTOR, gelu_backward, gelu_erf_backward,
+                                      gelu_forward)
+
+
+def _gelu_backward_mistakes(dout: np.ndarray, x: np.ndarray) -> dict:
+    """{what the student probably did: the dinp that mistake produces}, computed in the dtype of x."""
+    k, c = x.dtype.type(GELU_SCALING_FACTOR), x.dtype.type(GELU_CUBE_COEF)
+    half = x.dtype.type(0.5)
+    u = k * (x + c * x ** 3)
+    th = np.tanh(u)
+    sech2 = 1 - th * th
+    du_dx = k * (1 + 3 * c * x * x)
+    return {
+        "the product-rule term 0.5 * (1 + tanh(u)) is missing: d/dx [0.5 x (1 + tanh u)] has a term from "
+        "differentiating x as well as one from differentiating tanh u":
+            half * x * sech2 * du_dx * dout,
+        "the factor (1 + 3 * 0.044715 x^2) is missing from du/dx: u = sqrt(2/pi) (x + 0.044715 x^3), so "
+        "du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)":
+            (half * (1 + th) + half * x * sech2 * k) * dout,
+        "du/dx = sqrt(2/pi) is missing altogether (the inner derivative of tanh(u))":
+            (half * (1 + th) + half * x * sech2) * dout,
+        "that is the derivative of the exact erf-GELU, Phi(x) + x phi(x); GPT-2 uses the tanh approximation":
+            gelu_erf_backward(dout, x),
+        "sech^2(u) = 1 - tanh^2(u), not 1 + tanh^2(u)":
+            (half * (1 + th) + half * x * (1 + th * th) * du_dx) * dout,
+        "d tanh(u)/du is sech^2(u) = 1 - tanh^2(u), not 1 - tanh(u)":
+            (half * (1 + th) + half * x * (1 - th) * du_dx) * dout,
+        "the factor x in front of the second term is missing (product rule: x times d/dx of 0.5(1 + tanh u))":
+            (half * (1 + th) + half * sech2 * du_dx) * dout,
+        "the local derivative was not multiplied by dout (chain rule: dinp = gelu'(x) * dout)":
+            half * (1 + th) + half * x * sech2 * du_dx,
+        "that is gelu(x) * dout, the forward value, not its derivative":
+            gelu_forward(x) * dout,
+    }
+
+
+def check_gelu_backward(gelu_backward_fn) -> None:
+    """Exercise 6.1: gelu_backward_fn(dout, inp) -> dinp, in NumPy, against the reference in float64."""
+    ex = "Exercise 6.1"
+    gen = rng()
+    B, T, C4 = 3, 7, 4 * int(gen.integers(3, 9)) + 1          # awkward sizes
+    x = gen.standard_normal((B, T, C4)) * 2.0                 # wide enough to reach where tanh saturates
+    x.reshape(-1)[:5] = [-4.0, -1.0, 0.0, 1.0, 4.0]
+    dout = gen.standard_normal((B, T, C4))
+    got = run_exercise(ex, gelu_backward_fn, dout.copy(), x.copy())
+    assert_close(ex, "dinp", got, gelu_backward(dout, x), atol=1e-9, rtol=1e-7,
+                 known_mistakes=_gelu_backward_mistakes(dout, x),
+                 hint="dinp = [0.5 (1 + tanh u) + 0.5 x sech^2(u) du/dx] * dout with "
+                      "u = sqrt(2/pi) (x + 0.044715 x^3); see the derivation above.")
+    probe = np.array([[[-2.0, -0.5, 0.0, 0.5, 2.0]]])
+    assert_close(ex, "dinp at x = -2, -0.5, 0, 0.5, 2 with dout = 1",
+                 run_exercise(ex, gelu_backward_fn, np.ones_like(probe), probe.copy()),
+                 gelu_backward(np.ones_like(probe), probe), atol=1e-9, rtol=1e-7,
+                 known_mistakes=_gelu_backward_mistakes(np.ones_like(probe), probe))
+    passed(ex, f"dinp matches the reference on a {B}x{T}x{C4} input")
+
+
+def check_gelu_backward_kernel(source: str, block_sizes=(32, 128)) -> None:
+    """Exercise 6.2: gelu_backward_kernel(float* dinp, const float* inp, const float* dout, int N) in `source`,
+    against the reference, with NaN-poisoned output, an awkward N and several block sizes."""
+    from llmc_lessons.cuda import RawKernel
+
+    ex = "Exercise 6.2"
+    if "TODO (Exercise 6.2)" in source:
+        raise AssertionError(f"{ex} is not done yet: the kernel still has its TODO. Write the body in the CUDA "
+                             f"source above, run that cell, then run this check again.")
+    kernel = RawKernel(source, "gelu_backward_kernel")
+    gen = rng()
+    for block_size in block_sizes:
+        N = int(gen.integers(3, 12)) * block_size + int(gen.integers(1, block_size))  # not a multiple
+        x = (gen.standard_normal(N) * 2.0).astype(np.float32)
+        dout = gen.standard_normal(N).astype(np.float32)
+        guard = 64                                            # elements past the end that must stay NaN
+        buf = poisoned((N + guard,))
+        dinp = buf[:N]
+        grid = (N + block_size - 1) // block_size
+        kernel((grid,), (block_size,), (dinp, device.to_device(x), device.to_device(dout), np.int32(N)))
+        device.synchronize()
+        assert_close(ex, f"dinp (N={N}, block_size={block_size})", dinp, gelu_backward(dout, x),
+                     atol=2e-6, rtol=2e-5, known_mistakes=_gelu_backward_mistakes(dout, x),
+                     hint="one thread per element: i = blockIdx.x * blockDim.x + threadIdx.x; if (i < N) "
+                          "dinp[i] = local_grad * dout[i];")
+        tail = device.to_host(buf[N:])
+        if not np.all(np.isnan(tail)):
+            raise AssertionError(f"{ex}: the kernel wrote past the end of dinp (N={N}, block_size={block_size}): "
+                                 f"the last block has threads with i >= N, and they must not write. "
+                                 f"Guard the body with `if (i < N)`.")
+    passed(ex, f"block sizes {tuple(block_sizes)}, awkward N, output poisoned with NaN")

@@ -1,0 +1,101 @@
+"""Checks for lesson 03 (LayerNorm): Exercise 3.1 (NumPy layernorm_backward), Exercise 3.2 (kernel2's reductions)."""
+from __future__ import annotations
+
+import numpy as np
+
+from llmc_lessons import device
+from llmc_lessons.checks import assert_close, passed, poisoned, rng, run_exercise
+from llmc_lessons.layers.layernorm import layernorm_backward, layernorm_forward
+
+
+def _inputs(gen, B, T, C, dtype):
+    inp = (gen.standard_normal((B, T, C)) * 2.0 + 3.0).astype(dtype)   # rows with a clear mean and spread
+    weight = (gen.standard_normal(C) + 1.0).astype(dtype)               # not all ones: dout*weight != dout
+    bias = gen.standard_normal(C).astype(dtype)
+    return inp, weight, bias
+
+
+def check_layernorm_backward(fn) -> None:
+    """Exercise 3.1: fn(dout, inp, weight, mean, rstd) -> (dinp, dweight, dbias), compared in float64."""
+    ex = "Exercise 3.1"
+    gen = rng()
+    B, T, C = 2, 5, 11
+    inp, weight, bias = _inputs(gen, B, T, C, np.float64)
+    _, mean, rstd = layernorm_forward(inp, weight, bias)
+    dout = gen.standard_normal((B, T, C))
+    result = run_exercise(ex, fn, dout.copy(), inp.copy(), weight.copy(), mean.copy(), rstd.copy())
+    if not isinstance(result, tuple) or len(result) != 3:
+        raise AssertionError(f"{ex}: return the triple (dinp, dweight, dbias), got {type(result).__name__}"
+                             + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
+    dinp, dweight, dbias = result
+    want_dinp, want_dweight, want_dbias = layernorm_backward(dout, inp, weight, mean, rstd)
+
+    r = rstd[..., None]
+    norm = (inp - mean[..., None]) * r
+    dnorm = dout * weight
+    m1 = dnorm.mean(-1, keepdims=True)
+    m2 = (dnorm * norm).mean(-1, keepdims=True)
+    u1 = dout.mean(-1, keepdims=True)
+    u2 = (dout * norm).mean(-1, keepdims=True)
+    assert_close(ex, "dinp", dinp, want_dinp, atol=1e-9, rtol=1e-7, known_mistakes={
+        "the term - mean(dnorm) is missing (it comes from mean depending on every x_c)": r * (dnorm - norm * m2),
+        "the term - norm * mean(dnorm * norm) is missing (it comes from rstd depending on every x_c)":
+            r * (dnorm - m1),
+        "dout was used where dnorm = dout * weight belongs (weight multiplies norm in the forward pass)":
+            r * (dout - u1 - norm * u2),
+        "a sign error: the norm * mean(dnorm * norm) term must be subtracted": r * (dnorm - m1 + norm * m2),
+        "a sign error: mean(dnorm) must be subtracted": r * (dnorm + m1 - norm * m2),
+        "the leading factor rstd is missing": dnorm - m1 - norm * m2,
+    }, hint="dinp = rstd * (dnorm - mean_c(dnorm) - norm * mean_c(dnorm * norm)), with dnorm = dout * weight and "
+            "the means taken over the channel axis of each row.")
+    assert_close(ex, "dweight", dweight, want_dweight, atol=1e-9, rtol=1e-7, known_mistakes={
+        "dweight used inp where norm = (inp - mean) * rstd belongs": (dout * inp).sum(axis=(0, 1)),
+        "dweight was averaged over (b, t) instead of summed": (dout * norm).mean(axis=(0, 1)),
+    }, hint="out = norm * weight + bias, so dweight[c] = sum over every (b, t) of dout[b, t, c] * norm[b, t, c].")
+    assert_close(ex, "dbias", dbias, want_dbias, atol=1e-9, rtol=1e-7, known_mistakes={
+        "dbias was averaged over (b, t) instead of summed": dout.mean(axis=(0, 1)),
+    }, hint="dbias[c] = sum over every (b, t) of dout[b, t, c] (sum over axes 0 and 1).")
+    passed(ex, "dinp, dweight and dbias match the reference")
+
+
+def check_layernorm_forward_kernel2(source: str) -> None:
+    """Exercise 3.2: the warp reductions of layernorm_forward_kernel2 in `source`, at awkward sizes."""
+    from llmc_lessons.cuda import RawKernel
+
+    ex = "Exercise 3.2"
+    if "TODO (Exercise 3.2)" in source:
+        raise AssertionError(f"{ex} is not done yet: the kernel still has its TODO. Write the two reductions in the "
+                             f"CUDA source above, run that cell, then run this check again.")
+    kernel = RawKernel(source, "layernorm_forward_kernel2")
+    gen = rng()
+    B, T, C = 3, 5, 77                        # 15 rows; C = 77 is 2 full passes of 32 lanes plus 13
+    N = B * T
+    inp, weight, bias = _inputs(gen, B, T, C, np.float32)
+    want_out, want_mean, want_rstd = layernorm_forward(inp, weight, bias)
+    x = inp.astype(np.float64)
+    lane0_mean = x[..., 0::32].sum(-1) / C                       # lane 0's partial sum, never reduced
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1)
+    lane0_var = ((x - mu)[..., 0::32] ** 2).sum(-1) / C
+    d_inp, d_w, d_b = (device.to_device(a) for a in (inp, weight, bias))
+    for block_size in (64, 96):               # 2 and 3 rows per block; 15 rows fill neither evenly
+        out, mean, rstd = poisoned((B, T, C)), poisoned((B, T)), poisoned((B, T))
+        grid = (-(-N // (block_size // 32)),)
+        kernel(grid, (block_size,), (out, mean, rstd, d_inp, d_w, d_b, np.int32(N), np.int32(C), np.float32(1e-5)))
+        where = f"block_size={block_size}"
+        assert_close(ex, f"mean ({where})", mean, want_mean, atol=1e-5, rtol=1e-5, known_mistakes={
+            "the lanes' partial sums were never combined: call warpReduceSum(sum) after the strided loop":
+                lane0_mean,
+        }, hint="lane l adds x[l], x[l+32], x[l+64], ... (c < C); warpReduceSum then gives every lane the row total; "
+                "mean = total / C.")
+        assert_close(ex, f"rstd ({where})", rstd, want_rstd, atol=1e-5, rtol=1e-4, known_mistakes={
+            "the variance divides by C - 1; LayerNorm uses the biased variance (divide by C)":
+                1 / np.sqrt(var * C / (C - 1) + 1e-5),
+            "the squares were taken of x, not of x - mean": 1 / np.sqrt((x ** 2).mean(-1) + 1e-5),
+            "the lanes' partial sums of squares were never combined: call warpReduceSum(sumsq)":
+                1 / np.sqrt(lane0_var + 1e-5),
+        }, hint="sumsq adds (x[c] - m)^2 over the lane's channels; after warpReduceSum, rstd = rsqrtf(sumsq / C + eps).")
+        assert_close(ex, f"out ({where})", out, want_out, atol=1e-5, rtol=1e-4,
+                     hint="out is written by the code after your reductions; if mean and rstd are right but out is "
+                          "wrong, check that every lane (not only lane 0) holds the reduced values.")
+    passed(ex, f"{N} rows of C={C} at block sizes 64 and 96: mean, rstd and out all match")

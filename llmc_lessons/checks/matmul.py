@@ -1,0 +1,122 @@
+"""Checks for lesson 04 (matmul): Exercise 4.1 (NumPy matmul_backward), Exercise 4.2 (kernel2's tile loop)."""
+from __future__ import annotations
+
+import numpy as np
+
+from llmc_lessons import device
+from llmc_lessons.checks import assert_close, passed, poisoned, rng, run_exercise
+from llmc_lessons.layers.matmul import gemm_cuda, matmul_backward
+
+_DINP_HINT = "dinp (B, T, C) = dout (B, T, OC) @ weight (OC, C): weight is used as stored, no transpose."
+_DWEIGHT_HINT = ("dweight must have weight's shape (OC, C): dweight = dout^T @ inp with dout and inp viewed as "
+                 "(B*T, OC) and (B*T, C) matrices (reshape them first).")
+_DBIAS_HINT = "dbias (OC,) adds dout[b, t, o] over every position (b, t): sum over axes 0 and 1, keep the last one."
+
+
+def _call_backward(ex, fn, dout, inp, weight):
+    try:
+        result = run_exercise(ex, fn, dout.copy(), inp.copy(), weight.copy())
+    except ValueError as e:  # NumPy's "matmul: Input operand 1 has a mismatch in its core dimension ..."
+        raise AssertionError(
+            f"{ex}: your function raised ValueError: {e}\n  inp is {inp.shape} (B, T, C), weight {weight.shape} "
+            f"(OC, C), dout {dout.shape} (B, T, OC). A shape mismatch inside a product means an operand needs a "
+            f"transpose, or none: write each product's shapes down, e.g. (B*T, OC) @ (OC, C) -> (B*T, C).") from None
+    if not isinstance(result, tuple) or len(result) != 3:
+        raise AssertionError(f"{ex}: return the triple (dinp, dweight, dbias), got {type(result).__name__}"
+                             + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
+    return result
+
+
+def check_matmul_backward(fn) -> None:
+    """Exercise 4.1: fn(dout, inp, weight) -> (dinp, dweight, dbias), float64, square and non-square weights."""
+    ex = "Exercise 4.1"
+    gen = rng()
+    # First a square weight (OC == C): a product with the wrong transpose then has the right shape, so the
+    # check can name it; then OC != C, where the shapes themselves must come out right.
+    for B, T, C, OC in ((2, 3, 5, 5), (3, 5, 7, 11)):
+        inp = gen.standard_normal((B, T, C))
+        weight = gen.standard_normal((OC, C))
+        dout = gen.standard_normal((B, T, OC))
+        dinp, dweight, dbias = _call_backward(ex, fn, dout, inp, weight)
+        want_dinp, want_dweight, want_dbias = matmul_backward(dout, inp, weight)
+        d2, i2 = dout.reshape(B * T, OC), inp.reshape(B * T, C)
+        mistakes_dinp = {"dinp used weight^T: dout @ weight.T; weight (OC, C) is already the right way round":
+                         (d2 @ weight.T).reshape(B, T, C)} if C == OC else {}
+        mistakes_dweight = {"dweight is transposed (inp^T @ dout gives (C, OC)); use dout^T @ inp": i2.T @ d2,
+                            "dweight was averaged over the B*T positions instead of summed": d2.T @ i2 / (B * T)}
+        assert_close(ex, f"dinp (C={C}, OC={OC})", dinp, want_dinp, atol=1e-9, rtol=1e-7,
+                     known_mistakes=mistakes_dinp, hint=_DINP_HINT)
+        assert_close(ex, f"dweight (C={C}, OC={OC})", dweight, want_dweight, atol=1e-9, rtol=1e-7,
+                     known_mistakes=mistakes_dweight, hint=_DWEIGHT_HINT)
+        assert_close(ex, f"dbias (C={C}, OC={OC})", dbias, want_dbias, atol=1e-9, rtol=1e-7, known_mistakes={
+            "dbias was averaged over (b, t) instead of summed": dout.mean(axis=(0, 1)),
+        }, hint=_DBIAS_HINT)
+    passed(ex, "dinp, dweight and dbias match the reference for square and non-square weights")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 4.2: the tile loop of matmul_kernel2
+
+
+def _blockwise_transposed(full: np.ndarray, tile: int, M: int, N: int) -> np.ndarray:
+    """What a kernel computes when thread (ty, tx) accumulates with its two indices swapped: each tile x tile
+    block of out holds the transpose of the true block (the padded product, zeros beyond M and N)."""
+    Mp, Np = -(-M // tile) * tile, -(-N // tile) * tile
+    pad = np.zeros((Mp, Np))
+    pad[:M, :N] = full
+    wrong = np.zeros((Mp, Np))
+    for m0 in range(0, Mp, tile):
+        for n0 in range(0, Np, tile):
+            # thread (ty, tx) owns out[m0 + ty, n0 + tx] but adds sum_k A(m0 + tx, k) B(k, n0 + ty)
+            wrong[m0:m0 + tile, n0:n0 + tile] = pad[m0:m0 + tile, n0:n0 + tile].T
+    return wrong[:M, :N]
+
+
+def check_matmul_kernel2(source: str) -> None:
+    """Exercise 4.2: matmul_kernel2 in `source` against the reference, at awkward sizes, two tiles, three layouts."""
+    from llmc_lessons.cuda import CompileError, RawKernel
+
+    ex = "Exercise 4.2"
+    if "TODO (Exercise 4.2)" in source:
+        raise AssertionError(f"{ex} is not done yet: the kernel still has its TODO. Write the tile loads and the "
+                             f"accumulation in the CUDA source above, run that cell, then run this check again.")
+    try:
+        kernel = RawKernel(source, "matmul_kernel2").compile()
+    except CompileError as e:
+        raise AssertionError(f"{ex}: the kernel does not compile:\n{e}") from None
+    gen = rng()
+    # (M, N, K, trans_a, trans_b, bias, tile, what): sizes that are multiples of no tile, so edge tiles are partial.
+    cases = [(37, 29, 45, False, True, True, 16, "the forward: inp (37, 45) @ weight(29, 45)^T + bias"),
+             (37, 29, 45, False, True, True, 8, "the forward again, tile 8"),
+             (37, 29, 45, False, False, False, 16, "dinp's layout: A (37, 45) @ B (45, 29)"),
+             (23, 19, 35, True, False, False, 8, "dweight's layout: A^T (23, 35) @ B (35, 19), A stored (35, 23)")]
+    for M, N, K, trans_a, trans_b, use_bias, tile, what in cases:
+        a = gen.standard_normal((K, M) if trans_a else (M, K)).astype(np.float32)
+        b = gen.standard_normal((N, K) if trans_b else (K, N)).astype(np.float32)
+        bias = gen.standard_normal(N).astype(np.float32) if use_bias else None
+        A = (a.T if trans_a else a).astype(np.float64)          # the logical (M, K) and (K, N) operands
+        Bm = (b.T if trans_b else b).astype(np.float64)
+        bias64 = np.zeros(N) if bias is None else bias.astype(np.float64)
+        full = A @ Bm
+        want = full + bias64
+        out = poisoned((M, N))
+        gemm_cuda(device.to_device(a), device.to_device(b), None if bias is None else device.to_device(bias),
+                  trans_a=trans_a, trans_b=trans_b, version=2, tile=tile, kernel=kernel, out=out)
+        mistakes = {
+            "out holds only the bias: the loop over k tiles added nothing to acc": np.broadcast_to(bias64, (M, N)),
+            "each tile x tile block of out is transposed: in the accumulation, thread (ty, tx) must combine row ty "
+            "of As with row tx of Bs (As[ty * TILE + kk] * Bs[tx * (TILE + 1) + kk])":
+                _blockwise_transposed(full, tile, M, N) + bias64,
+        }
+        if trans_a or trans_b:
+            raw_a = a.reshape(-1)[:M * K].reshape(M, K).astype(np.float64)
+            raw_b = b.reshape(-1)[:K * N].reshape(K, N).astype(np.float64)
+            mistakes["the operands were read as plain row-major (A[m * K + k], B[k * N + n]): use the strides, "
+                     "A[m * sam + k * sak] and B[k * sbk + n * sbn]"] = raw_a @ raw_b + bias64
+        assert_close(ex, f"out, {what} (M={M}, N={N}, K={K}, TILE={tile})", out, want, atol=1e-4, rtol=1e-4,
+                     known_mistakes=mistakes,
+                     hint="per k tile: thread (ty, tx) stores A(m0 + ty, k0 + tx) into As[ty * TILE + tx] and "
+                          "B(k0 + tx, n0 + ty) into Bs[ty * (TILE + 1) + tx], or 0 where that element is outside A or "
+                          "B (k >= K in the last tile, a row >= M, a column >= N); after __syncthreads it adds "
+                          "As[ty * TILE + kk] * Bs[tx * (TILE + 1) + kk] for kk = 0 .. TILE - 1.")
+    passed(ex, "4 products at awkward sizes (37 x 45 @ 45 x 29 and a transposed 23 x 35 @ 35 x 19), tiles 8 and 16")
