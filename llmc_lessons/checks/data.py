@@ -1,4 +1,4 @@
-"""Checks for lesson 01 (tokens and data): Exercise 1.1 (get_batch), Exercise 1.2 (an llm.c token file's bytes)."""
+"""Checks for lesson 01 (tokens and data): Exercise 1.1 (an llm.c token file's bytes), Exercise 1.2 (get_batch)."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,9 +19,79 @@ def _as_array(ex: str, name: str, a) -> np.ndarray:
     return np.asarray(to_host(a))
 
 
-def check_get_batch(fn) -> None:
-    """Exercise 1.1: fn(tokens, pos, B, T) -> (inputs, targets), each (B, T) int32, at several positions."""
+def _describe_length(n: int, N: int) -> str | None:
+    """A likely cause for a token file of n bytes holding N tokens (it should be 1024 + 2N)."""
+    options = {HEADER_BYTES + 4 * N: "each token took 4 bytes: store the tokens as uint16 (2 bytes each), "
+                                     "e.g. np.asarray(tokens, dtype=np.uint16).tobytes()",
+               HEADER_BYTES + 8 * N: "each token took 8 bytes (int64, NumPy's default integer): store the "
+                                     "tokens as uint16, e.g. np.asarray(tokens, dtype=np.uint16).tobytes()",
+               HEADER_BYTES + N: "each token took 1 byte: uint8 cannot hold ids up to 50256; use uint16",
+               HEADER_INTS + 2 * N: "the header is 256 bytes, but it is 256 int32 numbers = 1024 bytes",
+               2 * HEADER_BYTES + 2 * N: "the header is 2048 bytes: it must be 256 int32 (4 bytes each), "
+                                         "not int64",
+               12 + 2 * N: "the header holds only the 3 numbers; llm.c pads it with zeros to 256 int32",
+               2 * N: "there is no header: the file starts with 256 int32 (magic, version, count, zeros)"}
+    return options.get(n)
+
+
+def check_token_file_bytes(fn) -> None:
+    """Exercise 1.1: fn(tokens) -> the bytes of an llm.c token file (header of 256 int32, then uint16 tokens)."""
     ex = "Exercise 1.1"
+    gen = rng()
+    N = int(gen.integers(30, 60))
+    ids = gen.integers(0, V, size=N)
+    ids[:3] = [50256, 40000, 300]          # EOT, an id above 32767, an id above 255
+    cases = [("an int64 NumPy array", ids.copy()), ("a Python list", [int(t) for t in ids[: N - 7]])]
+    for what, tokens in cases:
+        n = len(tokens)
+        want = token_file_bytes(tokens)
+        got = run_exercise(ex, fn, tokens.copy())
+        if isinstance(got, np.ndarray):
+            raise AssertionError(f"{ex}: got a NumPy array; return bytes (call .tobytes() on each part and "
+                                 f"join them with +).")
+        if not isinstance(got, (bytes, bytearray, memoryview)):
+            raise AssertionError(f"{ex}: expected bytes, got {type(got).__name__}"
+                                 + (". Did your function forget to `return` it?" if got is None else ""))
+        got = bytes(got)
+        if len(got) != len(want):
+            cause = _describe_length(len(got), n)
+            raise AssertionError(f"{ex}: for {n} tokens ({what}) the file must be {HEADER_BYTES} + 2*{n} = "
+                                 f"{len(want)} bytes, got {len(got)}."
+                                 + (f"\n  likely cause: {cause}" if cause else ""))
+        header = np.frombuffer(got[:HEADER_BYTES], dtype="<i4")
+        if header[0] != MAGIC:
+            swapped = int(np.frombuffer(got[:4], dtype=">i4")[0]) == MAGIC
+            raise AssertionError(f"{ex}: header[0] (the magic number) must be {MAGIC}, got {int(header[0])}."
+                                 + ("\n  likely cause: the bytes are big-endian; llm.c reads little-endian "
+                                    "int32 ('<i4', NumPy's native order on x86 and ARM)" if swapped else ""))
+        if header[1] != VERSION:
+            raise AssertionError(f"{ex}: header[1] (the version) must be {VERSION}, got {int(header[1])}.")
+        if header[2] != n:
+            guess = {2 * n: "that is the size in bytes; llm.c stores the number of tokens",
+                     n + 1: "one too many: count the tokens you write, nothing else",
+                     n - 1: "one too few: count every token",
+                     HEADER_INTS + n: "the header is not part of the count"}.get(int(header[2]))
+            raise AssertionError(f"{ex}: header[2] must be the number of tokens, {n}, got {int(header[2])}."
+                                 + (f"\n  likely cause: {guess}" if guess else ""))
+        if np.any(header[3:]):
+            raise AssertionError(f"{ex}: header[3:] must be zeros, but {int(np.count_nonzero(header[3:]))} of "
+                                 f"the 253 are not (np.empty leaves garbage; use np.zeros(256, dtype=np.int32)).")
+        body = np.frombuffer(got[HEADER_BYTES:], dtype="<u2").astype(np.int64)
+        expected = np.asarray(tokens, dtype=np.int64)
+        big_endian = np.frombuffer(got[HEADER_BYTES:], dtype=">u2").astype(np.int64)
+        if np.array_equal(big_endian, expected) and not np.array_equal(body, expected):
+            raise AssertionError(f"{ex}: the tokens are big-endian; llm.c reads little-endian uint16 ('<u2', "
+                                 f"NumPy's native order on x86 and ARM).")
+        assert_close(ex, "tokens after the header", body, expected, atol=0, rtol=0, known_mistakes={
+            "the tokens are in reverse order": expected[::-1],
+            "the tokens were sorted: write them in the order of the text": np.sort(expected),
+        }, hint="after the 1024-byte header come the tokens, in order, as uint16.")
+    passed(ex, f"byte-for-byte equal to llm.c's format for {len(cases)} inputs (an array and a list)")
+
+
+def check_get_batch(fn) -> None:
+    """Exercise 1.2: fn(tokens, pos, B, T) -> (inputs, targets), each (B, T) int32, at several positions."""
+    ex = "Exercise 1.2"
     gen = rng()
     N = int(gen.integers(400, 600))
     tokens = gen.integers(0, V, size=N).astype(np.uint16)
@@ -79,73 +149,3 @@ def check_get_batch(fn) -> None:
                                      f"read them as int. Convert with .astype(np.int32).")
     passed(ex, f"inputs and targets are right at {len(cases)} positions, including the last one of a "
                f"{N}-token array")
-
-
-def _describe_length(n: int, N: int) -> str | None:
-    """A likely cause for a token file of n bytes holding N tokens (it should be 1024 + 2N)."""
-    options = {HEADER_BYTES + 4 * N: "each token took 4 bytes: store the tokens as uint16 (2 bytes each), "
-                                     "e.g. np.asarray(tokens, dtype=np.uint16).tobytes()",
-               HEADER_BYTES + 8 * N: "each token took 8 bytes (int64, NumPy's default integer): store the "
-                                     "tokens as uint16, e.g. np.asarray(tokens, dtype=np.uint16).tobytes()",
-               HEADER_BYTES + N: "each token took 1 byte: uint8 cannot hold ids up to 50256; use uint16",
-               HEADER_INTS + 2 * N: "the header is 256 bytes, but it is 256 int32 numbers = 1024 bytes",
-               2 * HEADER_BYTES + 2 * N: "the header is 2048 bytes: it must be 256 int32 (4 bytes each), "
-                                         "not int64",
-               12 + 2 * N: "the header holds only the 3 numbers; llm.c pads it with zeros to 256 int32",
-               2 * N: "there is no header: the file starts with 256 int32 (magic, version, count, zeros)"}
-    return options.get(n)
-
-
-def check_token_file_bytes(fn) -> None:
-    """Exercise 1.2: fn(tokens) -> the bytes of an llm.c token file (header of 256 int32, then uint16 tokens)."""
-    ex = "Exercise 1.2"
-    gen = rng()
-    N = int(gen.integers(30, 60))
-    ids = gen.integers(0, V, size=N)
-    ids[:3] = [50256, 40000, 300]          # EOT, an id above 32767, an id above 255
-    cases = [("an int64 NumPy array", ids.copy()), ("a Python list", [int(t) for t in ids[: N - 7]])]
-    for what, tokens in cases:
-        n = len(tokens)
-        want = token_file_bytes(tokens)
-        got = run_exercise(ex, fn, tokens.copy())
-        if isinstance(got, np.ndarray):
-            raise AssertionError(f"{ex}: got a NumPy array; return bytes (call .tobytes() on each part and "
-                                 f"join them with +).")
-        if not isinstance(got, (bytes, bytearray, memoryview)):
-            raise AssertionError(f"{ex}: expected bytes, got {type(got).__name__}"
-                                 + (". Did your function forget to `return` it?" if got is None else ""))
-        got = bytes(got)
-        if len(got) != len(want):
-            cause = _describe_length(len(got), n)
-            raise AssertionError(f"{ex}: for {n} tokens ({what}) the file must be {HEADER_BYTES} + 2*{n} = "
-                                 f"{len(want)} bytes, got {len(got)}."
-                                 + (f"\n  likely cause: {cause}" if cause else ""))
-        header = np.frombuffer(got[:HEADER_BYTES], dtype="<i4")
-        if header[0] != MAGIC:
-            swapped = int(np.frombuffer(got[:4], dtype=">i4")[0]) == MAGIC
-            raise AssertionError(f"{ex}: header[0] (the magic number) must be {MAGIC}, got {int(header[0])}."
-                                 + ("\n  likely cause: the bytes are big-endian; llm.c reads little-endian "
-                                    "int32 ('<i4', NumPy's native order on x86 and ARM)" if swapped else ""))
-        if header[1] != VERSION:
-            raise AssertionError(f"{ex}: header[1] (the version) must be {VERSION}, got {int(header[1])}.")
-        if header[2] != n:
-            guess = {2 * n: "that is the size in bytes; llm.c stores the number of tokens",
-                     n + 1: "one too many: count the tokens you write, nothing else",
-                     n - 1: "one too few: count every token",
-                     HEADER_INTS + n: "the header is not part of the count"}.get(int(header[2]))
-            raise AssertionError(f"{ex}: header[2] must be the number of tokens, {n}, got {int(header[2])}."
-                                 + (f"\n  likely cause: {guess}" if guess else ""))
-        if np.any(header[3:]):
-            raise AssertionError(f"{ex}: header[3:] must be zeros, but {int(np.count_nonzero(header[3:]))} of "
-                                 f"the 253 are not (np.empty leaves garbage; use np.zeros(256, dtype=np.int32)).")
-        body = np.frombuffer(got[HEADER_BYTES:], dtype="<u2").astype(np.int64)
-        expected = np.asarray(tokens, dtype=np.int64)
-        big_endian = np.frombuffer(got[HEADER_BYTES:], dtype=">u2").astype(np.int64)
-        if np.array_equal(big_endian, expected) and not np.array_equal(body, expected):
-            raise AssertionError(f"{ex}: the tokens are big-endian; llm.c reads little-endian uint16 ('<u2', "
-                                 f"NumPy's native order on x86 and ARM).")
-        assert_close(ex, "tokens after the header", body, expected, atol=0, rtol=0, known_mistakes={
-            "the tokens are in reverse order": expected[::-1],
-            "the tokens were sorted: write them in the order of the text": np.sort(expected),
-        }, hint="after the 1024-byte header come the tokens, in order, as uint16.")
-    passed(ex, f"byte-for-byte equal to llm.c's format for {len(cases)} inputs (an array and a list)")

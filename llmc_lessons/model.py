@@ -1,0 +1,667 @@
+"""GPT-2 assembled from the course's layers, with llm.c's parameter layout and file format.
+
+Read top-down in the order the data moves:
+
+    config and parameter layout -> the GPT2 class (init, forward, backward, AdamW update, checkpoint files)
+    -> activation memory table -> sampling and generation.
+
+The model keeps all of its parameters in ONE contiguous float32 buffer (`params_memory`, as llm.c's
+`params_memory`), with 16 named views into it (`params["wte"]`, ..., `params["lnfb"]`) in llm.c's order.
+Gradients live in a second buffer of the same layout (`grads_memory`, `grads[...]`), and so do AdamW's two
+moment buffers, so that the optimizer can run over flat memory.
+
+Two paths compute the same model:
+  * the NumPy reference path (`use_kernels=False`): the layers' NumPy references, on the host;
+  * the kernel path (`use_kernels=True`): the layers' `*_cuda` launchers, on backend arrays
+    (`llmc_lessons.device.xp`): CUDA kernels through CuPy on a GPU, the same kernels through the CPU emulator
+    otherwise.
+By default a model takes the kernel path on a GPU and the NumPy path on a CPU (where the emulator is correct
+but slow); pass `backend="numpy"` or `backend="kernels"` to choose.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from llmc_lessons import device
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration and parameter layout
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """The six numbers llm.c's checkpoint header stores (header[2..7])."""
+    max_seq_len: int = 1024         # maxT: the longest context (rows of wpe)
+    vocab_size: int = 50257         # V: real tokens
+    padded_vocab_size: int = 50304  # Vp: V rounded up (to a multiple of 128) so the lm_head matmul is GPU-friendly
+    num_layers: int = 12            # L: transformer blocks
+    num_heads: int = 12             # NH: attention heads; head size hs = C / NH
+    channels: int = 768             # C: width of the residual stream
+
+    def __post_init__(self):
+        for name in ("max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads", "channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"GPT2Config.{name} must be a positive int, got {value!r}")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size ({self.vocab_size})")
+        if self.channels % self.num_heads:
+            raise ValueError(f"channels ({self.channels}) must be a multiple of num_heads ({self.num_heads})")
+
+    @classmethod
+    def from_name(cls, name: str) -> "GPT2Config":
+        """A preset: 'd12' (GPT-2 124M), 'd24' (350M), 'd36' (774M), 'd48' (1558M), or 'tiny' (the CPU trainer's)."""
+        presets = {
+            "d12": dict(num_layers=12, num_heads=12, channels=768),
+            "d24": dict(num_layers=24, num_heads=16, channels=1024),
+            "d36": dict(num_layers=36, num_heads=20, channels=1280),
+            "d48": dict(num_layers=48, num_heads=25, channels=1600),
+            "tiny": dict(num_layers=2, num_heads=4, channels=64, max_seq_len=64),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(presets)}")
+        return cls(**presets[name])
+
+    @property
+    def head_size(self) -> int:
+        """hs = C / NH."""
+        return self.channels // self.num_heads
+
+
+PARAMETER_NAMES = ("wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
+                   "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb", "lnfw", "lnfb")
+"""llm.c's 16 parameter tensors, in the order they sit in memory and in the checkpoint file."""
+
+BLOCK_PARAMETER_NAMES = PARAMETER_NAMES[2:14]
+"""The 12 tensors stacked over layers: params[name][l] is layer l's tensor."""
+
+DECAYED_PARAMETER_NAMES = ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw")
+"""AdamW's weight decay applies to the matrices only (as llm.c and its PyTorch reference do); biases and
+layernorm parameters are not decayed."""
+
+
+def parameter_shapes(config: GPT2Config) -> dict:
+    """{name: shape} for llm.c's 16 tensors, in memory order (wte is padded to Vp rows)."""
+    Vp, C, maxT, L = config.padded_vocab_size, config.channels, config.max_seq_len, config.num_layers
+    return {
+        "wte": (Vp, C), "wpe": (maxT, C),
+        "ln1w": (L, C), "ln1b": (L, C),
+        "qkvw": (L, 3 * C, C), "qkvb": (L, 3 * C),
+        "attprojw": (L, C, C), "attprojb": (L, C),
+        "ln2w": (L, C), "ln2b": (L, C),
+        "fcw": (L, 4 * C, C), "fcb": (L, 4 * C),
+        "fcprojw": (L, C, 4 * C), "fcprojb": (L, C),
+        "lnfw": (C,), "lnfb": (C,),
+    }
+
+
+def num_parameters(config: GPT2Config, padded: bool = True) -> int:
+    """Total parameter count from the shapes alone (nothing allocated).
+
+    padded=True counts wte as (Vp, C), as llm.c allocates and reports it (124,475,904 for d12);
+    padded=False counts the V real rows (124,439,808 for d12, the usual "GPT-2 124M").
+    The lm_head shares wte, so it adds nothing.
+    """
+    total = sum(math.prod(s) for s in parameter_shapes(config).values())
+    if not padded:
+        total -= (config.padded_vocab_size - config.vocab_size) * config.channels
+    return total
+
+
+def parameter_table(config: GPT2Config) -> list:
+    """Rows (name, shape, count) for the 16 tensors, in memory order."""
+    return [(name, shape, math.prod(shape)) for name, shape in parameter_shapes(config).items()]
+
+
+def decay_runs(config: GPT2Config) -> list:
+    """(start, stop, decays) offsets into the flat buffer: maximal runs of neighbouring tensors that are all
+    weight-decayed or all not, so AdamW can run over a few flat slices instead of 16 tensors."""
+    runs, offset = [], 0
+    for name, shape in parameter_shapes(config).items():
+        n, decays = math.prod(shape), name in DECAYED_PARAMETER_NAMES
+        if runs and runs[-1][2] == decays:
+            runs[-1][1] += n
+        else:
+            runs.append([offset, offset + n, decays])
+        offset += n
+    return [tuple(r) for r in runs]
+
+
+def _point_views(memory, shapes: dict) -> dict:
+    """Named views into one flat buffer, laid out back to back in `shapes` order (llm.c's malloc_and_point)."""
+    views, offset = {}, 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        views[name] = memory[offset:offset + n].reshape(shape)
+        offset += n
+    return views
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+
+_MODEL_MAGIC, _MODEL_VERSION_FP32, _MODEL_VERSION_BF16 = 20240326, 3, 5
+_HEADER_INTS = 256
+
+
+class GPT2:
+    """GPT-2 with llm.c's memory layout: forward(idx, targets) -> mean loss, backward(), update(...)."""
+
+    def __init__(self, config: GPT2Config, seed: int | None = 0, backend: str | None = None):
+        """Build a model with GPT-2's initialisation (seeded), or with zeros when seed is None.
+
+        backend: "numpy" (reference layers on the host), "kernels" (the course's CUDA kernels, through CuPy
+        on a GPU or the emulator on a CPU), or None for the default: kernels on a GPU, NumPy on a CPU.
+        """
+        if not isinstance(config, GPT2Config):
+            raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
+        if backend is None:
+            backend = "kernels" if device.on_gpu() else "numpy"
+        if backend not in ("numpy", "kernels"):
+            raise ValueError(f"backend must be 'numpy' or 'kernels' (or None), got {backend!r}")
+        self.config = config
+        self.param_shapes = parameter_shapes(config)
+        self.num_parameters = num_parameters(config, padded=True)
+        self._use_kernels = backend == "kernels"
+        self.matmul_version = "cublas"  # kernel path: "cublas", or 1, 2, 3 for the course's own matmul kernels
+        host = np.zeros(self.num_parameters, dtype=np.float32)
+        if seed is not None:
+            _gpt2_init(_point_views(host, self.param_shapes), config, seed)
+        self._set_params_memory(host)
+        self.grads_memory = None    # allocated by the first zero_grad() or backward(), as in llm.c
+        self.grads = None
+        self.m_memory = self.v_memory = None  # AdamW moments, allocated by the first update()
+        self.step = 0               # AdamW steps taken (t of the last update)
+        self.logits = None          # (B, T, Vp) from the last forward
+        self.losses = None          # (B, T) from the last forward with targets
+        self.mean_loss = None       # float, or None after a forward without targets
+        self._cache = None
+
+    # -- memory ---------------------------------------------------------------------------------------------
+
+    @property
+    def xp(self):
+        """The array module of this model's arrays: NumPy on the reference path, the backend's otherwise."""
+        return device.xp if self._use_kernels else np
+
+    def _asarray(self, a, dtype=np.float32):
+        if self.xp is np:
+            return np.ascontiguousarray(device.to_host(a), dtype=dtype)
+        return device.xp.ascontiguousarray(device.xp.asarray(a, dtype=dtype))
+
+    def _set_params_memory(self, flat):
+        self.params_memory = self._asarray(flat)
+        self.params = _point_views(self.params_memory, self.param_shapes)
+
+    @property
+    def use_kernels(self) -> bool:
+        """True: forward/backward run the course's kernels. False: the NumPy references. Settable."""
+        return self._use_kernels
+
+    @use_kernels.setter
+    def use_kernels(self, value: bool):
+        value = bool(value)
+        if value == self._use_kernels:
+            return
+        self._use_kernels = value
+        # Move every buffer to the new path's array module (a no-op on the CPU, where both are NumPy).
+        self._set_params_memory(self.params_memory)
+        if self.grads_memory is not None:
+            self.grads_memory = self._asarray(self.grads_memory)
+            self.grads = _point_views(self.grads_memory, self.param_shapes)
+        if self.m_memory is not None:
+            self.m_memory, self.v_memory = self._asarray(self.m_memory), self._asarray(self.v_memory)
+        self.logits = self.losses = self.mean_loss = self._cache = None
+
+    def layer_params(self, l: int, grads: bool = False) -> dict:
+        """Layer l's 12 tensors as the dict block_forward/block_backward take (views, no copies)."""
+        source = self.grads if grads else self.params
+        return {name: source[name][l] for name in BLOCK_PARAMETER_NAMES}
+
+    # -- forward --------------------------------------------------------------------------------------------
+
+    def _tokens(self, name, a):
+        """Check (B, T) token ids in [0, V) and return them as int32 arrays of this model's path."""
+        host = np.asarray(device.to_host(a))
+        if host.ndim != 2:
+            raise ValueError(f"{name} must have shape (B, T), got {host.shape}")
+        if not np.issubdtype(host.dtype, np.integer):
+            raise TypeError(f"{name} must hold integer token ids, got dtype {host.dtype}")
+        if host.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"{name} has T={host.shape[1]} > max_seq_len={self.config.max_seq_len}")
+        if host.size and (host.min() < 0 or host.max() >= self.config.vocab_size):
+            raise ValueError(f"{name} must hold token ids in [0, {self.config.vocab_size}), "
+                             f"found {host.min()}..{host.max()}")
+        return self._asarray(host, dtype=np.int32)
+
+    def forward(self, idx, targets=None):
+        """idx, targets: integer (B, T). Returns the mean cross-entropy loss (a float), or None without targets.
+
+        Keeps what backward needs; self.logits is (B, T, Vp) (columns V..Vp-1 are real matmul outputs of the
+        zero padded rows of wte; softmax and the loss never see them).
+        """
+        idx = self._tokens("idx", idx)
+        if targets is not None:
+            targets = self._tokens("targets", targets)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        run = _kernel_forward if self._use_kernels else _numpy_forward
+        self.logits, self.losses, self._cache = run(self, idx, targets)
+        if targets is None:
+            self.mean_loss = None
+            return None
+        self.mean_loss = float(self.losses.mean())
+        return self.mean_loss
+
+    __call__ = forward
+
+    # -- backward -------------------------------------------------------------------------------------------
+
+    def zero_grad(self):
+        """Set every gradient to zero (allocating the gradient buffer on first use)."""
+        if self.grads_memory is None:
+            self.grads_memory = self.xp.zeros(self.num_parameters, dtype=np.float32)
+            self.grads = _point_views(self.grads_memory, self.param_shapes)
+        else:
+            self.grads_memory[...] = 0
+
+    def backward(self):
+        """Add d(mean loss)/d(parameter) into self.grads (gradients accumulate, as in llm.c: zero_grad first)."""
+        if self._cache is None or self.mean_loss is None:
+            raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
+        if self.grads_memory is None:
+            self.zero_grad()
+        (_kernel_backward if self._use_kernels else _numpy_backward)(self, self._cache)
+
+    # -- AdamW ----------------------------------------------------------------------------------------------
+
+    def update(self, learning_rate: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
+               weight_decay: float = 0.0, t: int | None = None, grad_scale: float = 1.0):
+        """One AdamW step on every parameter (llm.c's gpt2_update); t counts from 1 (default: previous t + 1).
+
+        Weight decay applies to DECAYED_PARAMETER_NAMES only. grad_scale multiplies every gradient first (the
+        clip factor of llmc_lessons.layers.adamw.clip_grad_norm). The update runs over the flat buffers, one
+        call per run of neighbouring tensors that share a weight decay (10 runs in llm.c's order).
+        """
+        if self.grads_memory is None:
+            raise RuntimeError("update() needs gradients: call forward(idx, targets) and backward() first")
+        t = self.step + 1 if t is None else int(t)
+        if t < 1:
+            raise ValueError(f"t counts AdamW steps from 1, got {t}")
+        if self.m_memory is None:
+            self.m_memory = self.xp.zeros(self.num_parameters, dtype=np.float32)
+            self.v_memory = self.xp.zeros(self.num_parameters, dtype=np.float32)
+        for start, stop, decays in decay_runs(self.config):
+            wd = float(weight_decay) if decays else 0.0
+            p, g = self.params_memory[start:stop], self.grads_memory[start:stop]
+            m, v = self.m_memory[start:stop], self.v_memory[start:stop]
+            if self._use_kernels:
+                from llmc_lessons.layers.adamw import adamw_update_cuda
+                adamw_update_cuda(p, g, m, v, t, learning_rate, beta1, beta2, eps, wd, grad_scale=grad_scale)
+            else:
+                from llmc_lessons.layers.adamw import adamw_update
+                if grad_scale != 1.0:
+                    g = g * np.float32(grad_scale)
+                p[...], m[...], v[...] = adamw_update(p, g, m, v, t, learning_rate, beta1, beta2, eps, wd)
+        self.step = t
+
+    # -- llm.c checkpoint files -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_llmc_checkpoint(cls, path, backend: str | None = None) -> "GPT2":
+        """Load an llm.c model file (256 int32 header, magic 20240326; version 3 = fp32, 5 = bf16 widened)."""
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(_HEADER_INTS * 4), dtype="<i4")
+            if header.size != _HEADER_INTS:
+                raise ValueError(f"{path}: too short for llm.c's 1024-byte header")
+            if header[0] != _MODEL_MAGIC:
+                raise ValueError(f"{path}: bad magic {header[0]} (an llm.c model file starts with {_MODEL_MAGIC})")
+            version = int(header[1])
+            if version not in (_MODEL_VERSION_FP32, _MODEL_VERSION_BF16):
+                raise ValueError(f"{path}: checkpoint version {version} is not supported (3 = fp32 and 5 = bf16 "
+                                 f"are; older versions have an unpadded vocab: re-export with llm.c's train_gpt2.py)")
+            maxT, V, L, NH, C, Vp = (int(x) for x in header[2:8])
+            config = GPT2Config(max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp,
+                                num_layers=L, num_heads=NH, channels=C)
+            n = num_parameters(config)
+            if version == _MODEL_VERSION_FP32:
+                flat = np.fromfile(f, dtype="<f4", count=n)
+            else:  # bf16 is the top half of a float32: widen by shifting 16 bits up
+                flat = (np.fromfile(f, dtype="<u2", count=n).astype(np.uint32) << 16).view(np.float32)
+            if flat.size != n or f.read(1):
+                raise ValueError(f"{path}: the header describes {n:,} parameters but the file holds a different "
+                                 f"amount of data")
+        model = cls(config, seed=None, backend=backend)
+        model._set_params_memory(flat.astype(np.float32, copy=False))
+        return model
+
+    def save_llmc_checkpoint(self, path):
+        """Write an llm.c model file (version 3, fp32) that llm.c's gpt2_build_from_checkpoint reads."""
+        c = self.config
+        header = np.zeros(_HEADER_INTS, dtype="<i4")
+        header[:8] = [_MODEL_MAGIC, _MODEL_VERSION_FP32, c.max_seq_len, c.vocab_size, c.num_layers,
+                      c.num_heads, c.channels, c.padded_vocab_size]
+        with open(os.fspath(path), "wb") as f:
+            f.write(header.tobytes())
+            f.write(np.ascontiguousarray(device.to_host(self.params_memory), dtype="<f4").tobytes())
+
+    def __repr__(self):
+        c = self.config
+        return (f"GPT2(L={c.num_layers}, NH={c.num_heads}, C={c.channels}, maxT={c.max_seq_len}, V={c.vocab_size}, "
+                f"Vp={c.padded_vocab_size}; {num_parameters(c, padded=False):,} parameters, "
+                f"{self.num_parameters:,} with the padded vocab; "
+                f"{'kernels' if self._use_kernels else 'NumPy reference'} path)")
+
+
+def _gpt2_init(p: dict, config: GPT2Config, seed: int):
+    """GPT-2's initialisation in place: N(0, 0.02) matrices, residual projections scaled by 1/sqrt(2L),
+    zero biases, layernorm weight 1 and bias 0, padded vocab rows of wte zero."""
+    rng = np.random.default_rng(seed)
+    std = 0.02
+    for name in ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"):
+        scale = std / math.sqrt(2 * config.num_layers) if name in ("attprojw", "fcprojw") else std
+        rng.standard_normal(dtype=np.float32, out=p[name].reshape(-1))
+        p[name] *= np.float32(scale)
+    p["wte"][config.vocab_size:] = 0
+    for name in ("ln1w", "ln2w", "lnfw"):
+        p[name][...] = 1
+    # biases (and layernorm biases) stay zero: the buffer starts zeroed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The forward and backward passes, once per path. Both mirror llm.c's gpt2_forward / gpt2_backward:
+#   encoder -> L x block -> layernorm (lnf) -> matmul with wte (lm_head) -> softmax -> cross-entropy
+
+
+def gpt2_forward(params: dict, config: GPT2Config, idx, targets=None):
+    """The NumPy reference forward in any float dtype: -> (logits (B, T, Vp), losses (B, T) or None, cache).
+
+    params: the 16 tensors by name (a model's `params`, or float64 copies for a gradient check).
+    """
+    from llmc_lessons.layers.block import block_forward
+    from llmc_lessons.layers.crossentropy import crossentropy_forward, softmax_forward
+    from llmc_lessons.layers.encoder import encoder_forward
+    from llmc_lessons.layers.layernorm import layernorm_forward
+    from llmc_lessons.layers.matmul import matmul_forward
+
+    p = params
+    encoded = encoder_forward(idx, p["wte"], p["wpe"])                  # (B, T, C)
+    residual, block_caches = encoded, []
+    for l in range(config.num_layers):
+        layer = {name: p[name][l] for name in BLOCK_PARAMETER_NAMES}
+        residual, cache = block_forward(residual, layer, config.num_heads)   # (B, T, C)
+        block_caches.append(cache)
+    lnf, lnf_mean, lnf_rstd = layernorm_forward(residual, p["lnfw"], p["lnfb"])  # (B, T, C), (B, T), (B, T)
+    logits = matmul_forward(lnf, p["wte"])                              # (B, T, Vp): the lm_head is wte itself
+    probs = softmax_forward(logits, config.vocab_size)                  # (B, T, Vp), padded columns 0
+    losses = crossentropy_forward(probs, targets) if targets is not None else None  # (B, T)
+    cache = dict(idx=idx, targets=targets, block_caches=block_caches, residual=residual,
+                 lnf=lnf, lnf_mean=lnf_mean, lnf_rstd=lnf_rstd, probs=probs)
+    return logits, losses, cache
+
+
+def gpt2_backward(params: dict, config: GPT2Config, cache: dict) -> dict:
+    """The NumPy reference backward of the mean loss: -> {name: gradient} for the 16 tensors (fresh arrays)."""
+    from llmc_lessons.layers.block import block_backward
+    from llmc_lessons.layers.crossentropy import crossentropy_softmax_backward
+    from llmc_lessons.layers.encoder import encoder_backward
+    from llmc_lessons.layers.layernorm import layernorm_backward
+    from llmc_lessons.layers.matmul import matmul_backward
+
+    p = params
+    if cache.get("targets") is None:
+        raise RuntimeError("the backward needs a forward with targets")
+    B, T = cache["idx"].shape
+    dtype = cache["probs"].dtype
+    dlosses = np.full((B, T), 1.0 / (B * T), dtype=dtype)        # d(mean loss)/d(each position's loss)
+    dlogits = crossentropy_softmax_backward(dlosses, cache["probs"], cache["targets"], config.vocab_size)
+    dlnf, dwte_head, _ = matmul_backward(dlogits, cache["lnf"], p["wte"])   # the lm_head's share of dwte
+    dresidual, dlnfw, dlnfb = layernorm_backward(dlnf, cache["residual"], p["lnfw"],
+                                                 cache["lnf_mean"], cache["lnf_rstd"])
+    grads = {name: np.zeros_like(p[name]) for name in BLOCK_PARAMETER_NAMES}
+    for l in reversed(range(config.num_layers)):
+        layer = {name: p[name][l] for name in BLOCK_PARAMETER_NAMES}
+        dresidual, block_grads = block_backward(dresidual, cache["block_caches"][l], layer, config.num_heads)
+        for name in BLOCK_PARAMETER_NAMES:
+            grads[name][l] = block_grads[name]
+    dwte_enc, dwpe = encoder_backward(dresidual, cache["idx"], config.padded_vocab_size, config.max_seq_len)
+    grads["wte"] = dwte_head + dwte_enc      # tied weights: the lm_head's share plus the encoder's share
+    grads["wpe"] = dwpe
+    grads["lnfw"], grads["lnfb"] = dlnfw, dlnfb
+    return {name: grads[name] for name in PARAMETER_NAMES}
+
+
+def _numpy_forward(model, idx, targets):
+    return gpt2_forward(model.params, model.config, idx, targets)
+
+
+def _numpy_backward(model, cache):
+    for name, grad in gpt2_backward(model.params, model.config, cache).items():
+        model.grads[name] += grad
+
+
+def _kernel_forward(model, idx, targets):
+    """The forward through the course's kernels (backend arrays); the classifier is llm.c's fused kernel."""
+    from llmc_lessons.layers.block import block_forward_cuda
+    from llmc_lessons.layers.crossentropy import fused_classifier_cuda
+    from llmc_lessons.layers.encoder import encoder_forward_cuda
+    from llmc_lessons.layers.layernorm import layernorm_forward_cuda
+    from llmc_lessons.layers.matmul import matmul_forward_cuda
+
+    c, p, version = model.config, model.params, model.matmul_version
+    encoded = encoder_forward_cuda(idx, p["wte"], p["wpe"])             # (B, T, C)
+    residual, block_caches = encoded, []
+    for l in range(c.num_layers):
+        residual, cache = block_forward_cuda(residual, model.layer_params(l), c.num_heads, matmul_version=version)
+        block_caches.append(cache)
+    lnf, lnf_mean, lnf_rstd = layernorm_forward_cuda(residual, p["lnfw"], p["lnfb"])
+    logits = matmul_forward_cuda(lnf, p["wte"], None, version=version)  # (B, T, Vp)
+    losses = dlogits = None
+    if targets is not None:
+        # The fused classifier overwrites its input with dlogits (softmax - onehot) / (B T), as llm.c does;
+        # it gets a copy so that model.logits survives for the caller.
+        losses, dlogits = fused_classifier_cuda(logits.copy(), targets, c.vocab_size)
+    cache = dict(idx=idx, targets=targets, block_caches=block_caches, residual=residual,
+                 lnf=lnf, lnf_mean=lnf_mean, lnf_rstd=lnf_rstd, dlogits=dlogits)
+    return logits, losses, cache
+
+
+def _kernel_backward(model, cache):
+    from llmc_lessons.layers.block import block_backward_cuda
+    from llmc_lessons.layers.encoder import encoder_backward_cuda
+    from llmc_lessons.layers.layernorm import layernorm_backward_cuda
+    from llmc_lessons.layers.matmul import matmul_backward_cuda
+
+    c, p, g, version = model.config, model.params, model.grads, model.matmul_version
+    # dlogits came out of the fused classifier in the forward
+    dlnf, dwte_head, _ = matmul_backward_cuda(cache["dlogits"], cache["lnf"], p["wte"], version=version)
+    g["wte"] += dwte_head
+    dresidual, dlnfw, dlnfb = layernorm_backward_cuda(dlnf, cache["residual"], p["lnfw"],
+                                                      cache["lnf_mean"], cache["lnf_rstd"])
+    g["lnfw"] += dlnfw
+    g["lnfb"] += dlnfb
+    for l in reversed(range(c.num_layers)):
+        dresidual, block_grads = block_backward_cuda(dresidual, cache["block_caches"][l], model.layer_params(l),
+                                                     c.num_heads, matmul_version=version)
+        for name in BLOCK_PARAMETER_NAMES:
+            g[name][l] += block_grads[name]
+    dwte_enc, dwpe = encoder_backward_cuda(dresidual, cache["idx"], c.padded_vocab_size, c.max_seq_len)
+    g["wte"] += dwte_enc                                           # tied weights: both shares add up
+    g["wpe"] += dwpe
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activation memory: what a forward keeps for the backward
+
+
+class ActivationRow(NamedTuple):
+    name: str          # llm.c's name (ActivationTensors)
+    shape: tuple       # llm.c's shape, float32
+    bytes: int         # what llm.c allocates for it
+    course_bytes: int  # what this course's forward keeps for it (NumPy path)
+    note: str          # where the course differs, and why
+
+
+def activation_bytes(config: GPT2Config, B: int, T: int) -> list:
+    """The activations a forward keeps for the backward, as rows (name, shape, bytes, course_bytes, note)
+    following llm.c's ActivationTensors (23 tensors, float32), with what this course keeps next to them."""
+    C, NH, L, Vp = config.channels, config.num_heads, config.num_layers, config.padded_vocab_size
+    same, f32 = "", 4
+    rows = [
+        ("encoded", (B, T, C), same),
+        ("ln1", (L, B, T, C), same), ("ln1_mean", (L, B, T), same), ("ln1_rstd", (L, B, T), same),
+        ("qkv", (L, B, T, 3 * C), same), ("atty", (L, B, T, C), same),
+        ("preatt", (L, B, NH, T, T), "not kept: the softmax backward needs only att"),
+        ("att", (L, B, NH, T, T), same),
+        ("attproj", (L, B, T, C), "not kept: residual2 = residual + attproj is all that is needed later"),
+        ("residual2", (L, B, T, C), same),
+        ("ln2", (L, B, T, C), same), ("ln2_mean", (L, B, T), same), ("ln2_rstd", (L, B, T), same),
+        ("fch", (L, B, T, 4 * C), same), ("fch_gelu", (L, B, T, 4 * C), same),
+        ("fcproj", (L, B, T, C), "not kept: residual3 = residual2 + fcproj is all that is needed later"),
+        ("residual3", (L, B, T, C), same),
+        ("lnf", (B, T, C), same), ("lnf_mean", (B, T), same), ("lnf_rstd", (B, T), same),
+        ("logits", (B, T, Vp), same),
+        ("probs", (B, T, Vp), "NumPy path; the kernel path keeps the fused classifier's dlogits (same size) instead"), ("losses", (B, T), same),
+    ]
+    table = []
+    for name, shape, note in rows:
+        nbytes = math.prod(shape) * f32
+        table.append(ActivationRow(name, shape, nbytes, 0 if note.startswith("not kept") else nbytes, note))
+    return table
+
+
+def format_activation_table(rows) -> str:
+    """The rows of activation_bytes as aligned text, with totals in MiB."""
+    mib = 1 / 2 ** 20
+    lines = [f"{'tensor':<10} {'shape (llm.c)':<26} {'llm.c MiB':>10} {'course MiB':>11}  note"]
+    for r in rows:
+        lines.append(f"{r.name:<10} {str(r.shape):<26} {r.bytes * mib:>10.2f} {r.course_bytes * mib:>11.2f}  {r.note}")
+    total, course = sum(r.bytes for r in rows), sum(r.course_bytes for r in rows)
+    lines.append(f"{'total':<10} {'':<26} {total * mib:>10.2f} {course * mib:>11.2f}")
+    return "\n".join(lines)
+
+
+def held_activation_bytes(model: GPT2) -> int:
+    """Bytes of the distinct float arrays the model holds from its last forward (logits, losses and the
+    cache for the backward): the measured counterpart of activation_bytes' course column."""
+    seen, total = set(), 0
+
+    def walk(obj):
+        nonlocal total
+        if isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+        elif hasattr(obj, "nbytes") and hasattr(obj, "dtype") and np.issubdtype(obj.dtype, np.floating):
+            base = obj
+            while getattr(base, "base", None) is not None:
+                base = base.base
+            if id(base) not in seen:
+                seen.add(id(base))
+                total += base.nbytes
+
+    walk([model.logits, model.losses, model._cache])
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def next_token_probs(logits, vocab_size: int, temperature: float = 1.0, top_k: int | None = None) -> np.ndarray:
+    """(Vp,) logits of one position -> (V,) float64 probabilities of the next token.
+
+    Only the V real columns count; logits are divided by the temperature; with top_k, all but the k largest
+    logits are dropped before the softmax (ties at the k-th value are all kept).
+    """
+    z = np.asarray(device.to_host(logits), dtype=np.float64)[:vocab_size] / temperature
+    if top_k is not None and top_k < vocab_size:
+        kth_largest = np.partition(z, vocab_size - top_k)[vocab_size - top_k]
+        z = np.where(z >= kth_largest, z, -np.inf)
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def generate(model: GPT2, prompt_tokens, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, seed: int | None = None) -> list:
+    """Sample max_new_tokens tokens after prompt_tokens; returns the prompt followed by the new tokens.
+
+    Each step reruns the forward on the last max_seq_len tokens (no key/value cache) and samples on the host
+    with a NumPy Generator seeded by `seed`. temperature=0 picks the most likely token (greedy).
+    Overwrites the model's logits and forward cache, so call it between training steps, not inside one.
+    """
+    tokens = [int(t) for t in prompt_tokens]
+    if not tokens:
+        raise ValueError("prompt_tokens is empty: start from at least one token (GPT-2's <|endoftext|> is 50256)")
+    if temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"need temperature >= 0 and top_k >= 1 or None, got {temperature}, {top_k}")
+    V, maxT = model.config.vocab_size, model.config.max_seq_len
+    rng = np.random.default_rng(seed)
+    for _ in range(int(max_new_tokens)):
+        context = np.array([tokens[-maxT:]], dtype=np.int32)   # (1, T)
+        model.forward(context)
+        last = device.to_host(model.logits[0, -1])              # (Vp,): the next-token logits
+        if temperature == 0:
+            tokens.append(int(np.argmax(last[:V])))
+        else:
+            tokens.append(int(rng.choice(V, p=next_token_probs(last, V, temperature, top_k))))
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradient check of the whole model
+
+
+def gradcheck_gpt2(config: GPT2Config, B: int = 2, T: int = 5, seed: int = 0, checks_per_tensor: int = 20,
+                   params: dict | None = None):
+    """Finite differences of the mean loss in float64 against gpt2_backward, on a few sampled elements of
+    each of the 16 tensors. Returns llmc_lessons.gradcheck's report (print it; .assert_ok() raises on failure).
+
+    params: the 16 tensors to use (default: a fresh seeded GPT-2 initialisation), copied to float64. The
+    padded rows of wte and the rows of wpe past T take no part in the loss and are not sampled.
+    """
+    from llmc_lessons.gradcheck import gradcheck
+
+    gen = np.random.default_rng(seed)
+    if params is None:
+        params = GPT2(config, seed=seed, backend="numpy").params
+    p64 = {name: np.array(device.to_host(params[name]), dtype=np.float64) for name in PARAMETER_NAMES}
+    # Larger than GPT-2's 0.02 init, so every path through the network carries a visible gradient.
+    for name in ("qkvw", "attprojw", "fcw", "fcprojw", "wpe"):
+        p64[name] += gen.standard_normal(p64[name].shape) * 0.3
+    p64["wte"][:config.vocab_size] += gen.standard_normal((config.vocab_size, config.channels)) * 0.3
+    for name in ("ln1w", "ln1b", "qkvb", "attprojb", "ln2w", "ln2b", "fcb", "fcprojb", "lnfw", "lnfb"):
+        p64[name] += gen.standard_normal(p64[name].shape) * 0.1
+    idx = gen.integers(0, config.vocab_size, size=(B, T)).astype(np.int32)
+    targets = gen.integers(0, config.vocab_size, size=(B, T)).astype(np.int32)
+    V = config.vocab_size
+
+    def unpad(name, a):  # rows that take no part in the loss (padded vocab, positions >= T): not checked
+        return a[:V] if name == "wte" else a[:T] if name == "wpe" else a
+
+    def full(p):
+        out = dict(p)
+        out["wte"] = np.concatenate([p["wte"], p64["wte"][V:]])
+        out["wpe"] = np.concatenate([p["wpe"], p64["wpe"][T:]])
+        return out
+
+    def forward(**p):
+        _, losses, _ = gpt2_forward(full(p), config, idx, targets)
+        return np.array(losses.mean())
+
+    def backward(dy, **p):
+        f = full(p)
+        _, _, cache = gpt2_forward(f, config, idx, targets)
+        grads = gpt2_backward(f, config, cache)
+        return {name: dy * unpad(name, g) for name, g in grads.items()}
+
+    inputs = {name: unpad(name, p64[name]) for name in PARAMETER_NAMES}
+    return gradcheck(forward, backward, inputs, title=f"GPT-2 (L={config.num_layers}, C={config.channels}), "
+                     f"mean loss over B={B}, T={T}", max_checks=checks_per_tensor, seed=seed)
