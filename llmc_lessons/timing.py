@@ -62,3 +62,12 @@ def matmul_tflops(n: int = 8192) -> float:
     b = gen.standard_normal((n, n), dtype=xp.float32)
     ms = time_ms(lambda: a @ b, warmup=2, repeat=5)
     return tflops(2 * n ** 3, ms)
+
+
+@lru_cache(maxsize=None)
+def matmul_tflops_tf32(n: int = 8192) -> float:
+    """The measured TF32 tensor-core ceiling: the same float32 matmul with cuBLAS's TF32 mode switched on."""
+    _require_gpu("matmul_tflops_tf32")
+    from llmc_lessons.layers.matmul import tf32
+    with tf32(True):
+        return matmul_tflops.__wrapped__(n)

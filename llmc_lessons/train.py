@@ -59,6 +59,40 @@ def learning_rate(step: int, total: int, lr: float, warmup: int, final_frac: flo
     return lr_min + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - lr_min)
 
 
+def _first_nonfinite(model, which: str) -> str:
+    tensors = model.grads if which == "gradient" else model.params
+    for name, t in tensors.items():
+        if not bool(device.xp.isfinite(t).all()):
+            return f"{which} of {name}"
+    return f"a {which}"
+
+
+def training_step(model: GPT2, x, y, lr: float, weight_decay: float, grad_clip: float, step: int):
+    """One optimizer step, llm.c's loop body; returns (loss, gradient norm). Raises NonFiniteError on NaN/inf.
+
+    forward with the loss -> zero_grad -> backward -> global gradient norm -> clip factor -> AdamW.
+    """
+    loss = model.forward(x, y)
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"step {step}: the loss is {loss} (first bad tensor: "
+                             f"{_first_nonfinite(model, 'parameter')})")
+    model.zero_grad()
+    model.backward()
+    if model.use_kernels:
+        from llmc_lessons.layers.adamw import global_norm_cuda
+        norm = global_norm_cuda(model.grads_memory)
+    else:
+        from llmc_lessons.layers.adamw import global_norm
+        norm = global_norm(model.grads_memory)
+    if not math.isfinite(norm):
+        raise NonFiniteError(f"step {step}: the gradient norm is {norm}: the "
+                             f"{_first_nonfinite(model, 'gradient')} holds NaN or inf")
+    scale = grad_clip / norm if grad_clip and norm > grad_clip else 1.0
+    model.update(lr, weight_decay=weight_decay, grad_scale=scale)
+    device.synchronize()
+    return loss, norm
+
+
 def _atomic_save(path: Path, **arrays) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -133,36 +167,12 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------------------
 
-    def _first_nonfinite(self, which: str) -> str:
-        tensors = self.model.grads if which == "gradient" else self.model.params
-        for name, t in tensors.items():
-            if not bool(device.xp.isfinite(t).all()):
-                return f"{which} of {name}"
-        return f"a {which}"
-
     def train_step(self) -> StepStats:
-        a, m = self.args, self.model
+        a = self.args
         t0 = time.perf_counter()
         x, y = self.train_loader.next_batch()
         lr = learning_rate(self.step, a["steps"], a["lr"], a["warmup"], a["final_lr_frac"])
-        loss = m.forward(x, y)
-        if not math.isfinite(loss):
-            raise NonFiniteError(f"step {self.step + 1}: the loss is {loss} (first bad tensor: "
-                                 f"{self._first_nonfinite('parameter')})")
-        m.zero_grad()
-        m.backward()
-        if m.use_kernels:
-            from llmc_lessons.layers.adamw import global_norm_cuda
-            norm = global_norm_cuda(m.grads_memory)
-        else:
-            from llmc_lessons.layers.adamw import global_norm
-            norm = global_norm(m.grads_memory)
-        if not math.isfinite(norm):
-            raise NonFiniteError(f"step {self.step + 1}: the gradient norm is {norm}: the "
-                                 f"{self._first_nonfinite('gradient')} holds NaN or inf")
-        scale = a["grad_clip"] / norm if a["grad_clip"] and norm > a["grad_clip"] else 1.0
-        m.update(lr, weight_decay=a["weight_decay"], grad_scale=scale)
-        device.synchronize()
+        loss, norm = training_step(self.model, x, y, lr, a["weight_decay"], a["grad_clip"], self.step + 1)
         self.step += 1
         ms = (time.perf_counter() - t0) * 1e3
         if device.on_gpu():

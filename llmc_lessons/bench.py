@@ -1,0 +1,175 @@
+"""Benchmark a GPT-2 training step (forward + backward + AdamW) of the course against PyTorch, in one process
+on one GPU: `python -m llmc_lessons.bench [--model d12 --batch-size 16 --seq-len 1024]`.
+
+Rows: the course's kernels (float32 storage, TF32 matmuls through cuBLAS); PyTorch eager in float32 with
+TF32 matmuls; PyTorch with bf16 autocast + scaled_dot_product_attention + torch.compile + fused AdamW.
+Each: median ms per step over --steps steps after --warmup steps, tokens/s, and peak reserved GPU memory.
+`--profile` adds a per-kernel table of one course step (PyTorch's profiler sees CuPy's kernels too).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+
+import numpy as np
+
+from llmc_lessons import device
+from llmc_lessons.model import GPT2, GPT2Config
+from llmc_lessons.train import training_step
+
+LR, WEIGHT_DECAY, GRAD_CLIP = 6e-4, 0.1, 1.0
+
+
+def _batches(config: GPT2Config, B: int, T: int, n: int, seed: int = 0):
+    gen = np.random.default_rng(seed)
+    return [(gen.integers(0, config.vocab_size, (B, T), dtype=np.int32),
+             gen.integers(0, config.vocab_size, (B, T), dtype=np.int32)) for _ in range(n)]
+
+
+def _free_gpu_memory():
+    gc.collect()
+    device.xp.get_default_memory_pool().free_all_blocks()
+    try:
+        import torch
+        torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf32: bool = True) -> dict:
+    """The course's training step through its kernels; ms are wall-clock per step (each step ends synchronised)."""
+    from llmc_lessons.layers.matmul import tf32 as tf32_mode
+    _free_gpu_memory()
+    pool = device.xp.get_default_memory_pool()
+    model = GPT2(config, seed=0, backend="kernels")
+    times, peak = [], 0
+    with tf32_mode(tf32):
+        for i, (x, y) in enumerate(_batches(config, B, T, warmup + steps)):
+            t0 = time.perf_counter()
+            training_step(model, x, y, LR, WEIGHT_DECAY, GRAD_CLIP, i + 1)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            peak = max(peak, pool.total_bytes())
+    del model
+    ms = float(np.median(times)) * 1e3
+    return dict(name=f"course kernels, fp32{' + TF32 matmuls' if tf32 else ''}", ms=ms,
+                tokens_per_s=B * T / (ms / 1e3), peak_bytes=int(peak))
+
+
+def bench_torch(config: GPT2Config, B: int, T: int, steps: int, warmup: int, mode: str) -> dict:
+    """PyTorch's step: mode 'eager-tf32' (float32, TF32 matmuls, plain attention) or 'compiled-bf16'."""
+    import torch
+    from llmc_lessons.torch_gpt2 import TorchGPT2
+    _free_gpu_memory()
+    torch.cuda.reset_peak_memory_stats()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    compiled = mode == "compiled-bf16"
+    torch.manual_seed(0)
+    model = TorchGPT2(config, flash=compiled).cuda()
+    opt = torch.optim.AdamW(model.decay_groups(WEIGHT_DECAY), lr=LR, betas=(0.9, 0.95), eps=1e-8,
+                            fused=compiled)
+    step_model = torch.compile(model) if compiled else model
+    times = []
+    for i, (x, y) in enumerate(_batches(config, B, T, warmup + steps)):
+        x, y = torch.from_numpy(x.astype(np.int64)).cuda(), torch.from_numpy(y.astype(np.int64)).cuda()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=compiled):
+            _, loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        loss.item()  # synchronises, as the course's step does
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_reserved()
+    del model, opt, step_model
+    ms = float(np.median(times)) * 1e3
+    name = {"eager-tf32": "PyTorch eager, fp32 + TF32 matmuls",
+            "compiled-bf16": "PyTorch bf16 autocast + SDPA + compile + fused AdamW"}[mode]
+    return dict(name=name, ms=ms, tokens_per_s=B * T / (ms / 1e3), peak_bytes=int(peak))
+
+
+def profile_course(config: GPT2Config, B: int, T: int, top: int = 25) -> str:
+    """Per-kernel CUDA time of one course training step (after two warm-up steps), via torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from llmc_lessons.layers.matmul import tf32 as tf32_mode
+    _free_gpu_memory()
+    model = GPT2(config, seed=0, backend="kernels")
+    batches = _batches(config, B, T, 3)
+    with tf32_mode(True):
+        for i, (x, y) in enumerate(batches[:2]):
+            training_step(model, x, y, LR, WEIGHT_DECAY, GRAD_CLIP, i + 1)
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            training_step(model, *batches[2], LR, WEIGHT_DECAY, GRAD_CLIP, 3)
+    del model
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
+
+
+def versions() -> dict:
+    out = dict(python=platform.python_version(), numpy=np.__version__, device=device.describe(),
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if device.on_gpu():
+        out["cupy"] = device.xp.__version__
+        out["cuda_runtime"] = device.xp.cuda.runtime.runtimeGetVersion()
+    try:
+        import torch
+        out["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llmc_lessons.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="d12", help="GPT-2 preset (default d12 = 124M)")
+    p.add_argument("--batch-size", "-b", type=int, default=16)
+    p.add_argument("--seq-len", "-t", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--profile", action="store_true", help="print a per-kernel table of one course step")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    a = p.parse_args(argv)
+    if not device.on_gpu():
+        print("The benchmark needs a GPU: the CPU emulator's speed says nothing about a GPU's.", file=sys.stderr)
+        return 1
+    config = GPT2Config.from_name(a.model)
+    B, T = a.batch_size, a.seq_len
+    info = versions()
+    print(f"{info}\nGPT-2 {a.model}, B={B}, T={T}: {B * T} tokens per step; median of {a.steps} steps after "
+          f"{a.warmup} warm-up steps", flush=True)
+    rows = [bench_course(config, B, T, a.steps, a.warmup)]
+    print(f"  {rows[-1]}", flush=True)
+    try:
+        import torch  # noqa: F401
+        has_torch = not a.no_torch
+    except ImportError:
+        has_torch = False
+        print("PyTorch is not installed: no PyTorch rows")
+    if has_torch:
+        for mode in ["eager-tf32"] + ([] if a.no_compile else ["compiled-bf16"]):
+            rows.append(bench_torch(config, B, T, a.steps, a.warmup, mode))
+            print(f"  {rows[-1]}", flush=True)
+    course = rows[0]["tokens_per_s"]
+    print(f"\n{'':<56}{'ms/step':>9}{'tokens/s':>11}{'peak GiB':>10}{'course / it':>13}")
+    for r in rows:
+        print(f"{r['name']:<56}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_bytes'] / 2**30:>10.2f}"
+              f"{course / r['tokens_per_s']:>12.2f}x")
+    if a.profile and has_torch:
+        print("\nWhere one course step's GPU time goes:\n" + profile_course(config, B, T))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(info=info, model=a.model, B=B, T=T, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

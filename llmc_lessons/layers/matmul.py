@@ -1,0 +1,270 @@
+"""The linear layer (llm.c's matmul): out = inp @ weight^T + bias, applied to every (b, t) position.
+
+    out[b, t, o] = bias[o] + sum_c inp[b, t, c] * weight[o, c]
+
+Shapes (llm.c's layout): inp (B, T, C), weight (OC, C), bias (OC,) or None, out (B, T, OC). The backward:
+
+    dinp (B, T, C) = dout @ weight        dweight (OC, C) = dout^T @ inp        dbias (OC,) = sum_{b,t} dout
+
+with dout and inp viewed as (B*T, OC) and (B*T, C) matrices.
+
+Read top-down: the NumPy forward and backward references; `tf32`, the switch for cuBLAS's TF32 tensor-core
+mode; then the launchers of the kernels in `kernels/matmul.cu`. Those kernels compute one general product
+out (M, N) = A (M, K) @ B (K, N) [+ bias] with A and B read through strides, so the forward and both backward
+products run through the same kernel (`gemm_cuda`): kernel1 naive, kernel2 shared-memory tiles, kernel3
+register-blocked; "cublas" is the backend's own matmul (cuBLAS through CuPy on a GPU, NumPy on a CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from llmc_lessons import device
+
+# ---------------------------------------------------------------------------------------------------------
+# NumPy reference
+
+
+def _check_shapes(where: str, inp, weight, **others) -> None:
+    if inp.ndim != 3:
+        raise ValueError(f"{where}: inp must have shape (B, T, C), got {inp.shape}")
+    B, T, C = inp.shape
+    if weight.ndim != 2 or weight.shape[1] != C:
+        raise ValueError(f"{where}: weight must have shape (OC, C) with C = {C} (inp's last axis), got {weight.shape}")
+    OC = weight.shape[0]
+    want = {"bias": (OC,), "dout": (B, T, OC)}
+    for name, a in others.items():
+        if a is not None and a.shape != want[name]:
+            raise ValueError(f"{where}: {name} must have shape {want[name]}, got {a.shape}")
+
+
+def matmul_forward(inp, weight, bias=None):
+    """(B, T, C), (OC, C), (OC,) or None -> out (B, T, OC) = inp @ weight^T + bias."""
+    inp, weight = np.asarray(inp), np.asarray(weight)
+    bias = None if bias is None else np.asarray(bias)
+    _check_shapes("matmul_forward", inp, weight, bias=bias)
+    out = inp @ weight.T                    # (B, T, C) @ (C, OC) -> (B, T, OC): a dot product per (b, t, o)
+    if bias is not None:
+        out = out + bias                    # (OC,) broadcast over every (b, t)
+    return out
+
+
+def matmul_backward(dout, inp, weight):
+    """(B, T, OC), (B, T, C), (OC, C) -> dinp (B, T, C), dweight (OC, C), dbias (OC,)."""
+    dout, inp, weight = np.asarray(dout), np.asarray(inp), np.asarray(weight)
+    _check_shapes("matmul_backward", inp, weight, dout=dout)
+    B, T, C = inp.shape
+    OC = weight.shape[0]
+    dout2 = dout.reshape(B * T, OC)          # the (B*T, OC) matrix view: every (b, t) is one row
+    inp2 = inp.reshape(B * T, C)
+    dinp = (dout2 @ weight).reshape(B, T, C)  # (BT, OC) @ (OC, C): each input feeds every output o
+    dweight = dout2.T @ inp2                 # (OC, BT) @ (BT, C): weight[o, c] is used at every (b, t)
+    dbias = dout2.sum(axis=0)                # (OC,): bias[o] is added at every (b, t)
+    return dinp, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TF32: cuBLAS's tensor-core mode for float32 matmuls
+#
+# On Ampere and later GPUs (compute capability >= 8.0) cuBLAS can compute a float32 product on tensor cores
+# in TF32: each input is rounded to a 10-bit mantissa (about 3 decimal digits), products are added in
+# float32. Roughly 7-8x the FP32 throughput on an H100, at a relative error near 1e-3 instead of 1e-6.
+#
+# How CuPy chooses (cupy/_core/_routines_linalg.pyx): `get_compute_type(dtype)` keeps one cached compute
+# type per dtype in a module-level list. The first float32 matmul resolves it from the environment variable
+# CUPY_TF32 (>0 means COMPUTE_TYPE_TF32, else COMPUTE_TYPE_DEFAULT) and caches it, so changing os.environ
+# afterwards does nothing. `set_compute_type(dtype, compute_type)` overwrites the cached entry and is read on
+# every call of the 2-D product path (`dot` -> `tensordot_core` -> cublasGemmEx with
+# CUBLAS_COMPUTE_32F_FAST_TF32 or CUBLAS_COMPUTE_32F), so it switches at run time. Two caveats: the batched
+# path of `cupy.matmul` (arrays of 3 or more dimensions) passes CUDA_R_32F as its compute type and does not
+# read this setting, so the launchers below always multiply 2-D views; and NVIDIA_TF32_OVERRIDE=0 in the
+# environment disables TF32 inside cuBLAS whatever CuPy asks.
+
+
+def _cupy_linalg():
+    """CuPy's module that holds the matmul compute type (its path has moved between CuPy versions)."""
+    try:
+        from cupy._core import _routines_linalg as linalg
+    except ImportError:  # pragma: no cover - a later source layout
+        from cupy._core._gpu import _routines_linalg as linalg
+    return linalg
+
+
+def tf32_enabled() -> bool:
+    """True when float32 matmuls through CuPy (version="cublas") use TF32 tensor cores; always False on a CPU."""
+    if not device.on_gpu():
+        return False
+    linalg = _cupy_linalg()
+    return int(linalg.get_compute_type(np.float32)) == int(linalg.COMPUTE_TYPE_TF32)
+
+
+def set_tf32(enabled: bool) -> bool:
+    """Switch TF32 for float32 cuBLAS matmuls on or off now; return the previous setting. A no-op on a CPU.
+
+    On a GPU older than compute capability 8.0 CuPy warns and stays in FP32.
+    """
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    previous = tf32_enabled()
+    if device.on_gpu():
+        linalg = _cupy_linalg()
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
+    return previous
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool = True):
+    """`with tf32(True): ...` runs the block with TF32 matmuls (or without, for False), then restores the setting."""
+    previous = set_tf32(enabled)
+    try:
+        yield
+    finally:
+        set_tf32(previous)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
+
+VERSIONS = (1, 2, 3, "cublas")
+TILES = (8, 16, 32)              # kernel1's block edge and kernel2's tile edge: TILE x TILE threads
+K3_BM = K3_BN = 128              # kernel3's output tile per block (matmul.cu: K3_BM, K3_BN), 16 x 16 threads
+_INT_MAX = 2**31 - 1
+
+
+def _check_version(version):
+    if isinstance(version, bool) or version not in VERSIONS:
+        raise ValueError(f"version must be one of 1, 2, 3 or 'cublas', got {version!r}")
+    return version
+
+
+def _check_tile(tile):
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or int(tile) not in TILES:
+        raise ValueError(f"tile must be one of {TILES} (a block of tile x tile threads), got {tile!r}")
+    return int(tile)
+
+
+def _dummy_bias():
+    # A kernel's `const float* bias` must be an array even when use_bias = 0 (it is then never read).
+    return device.xp.zeros((1,), dtype=np.float32)
+
+
+def gemm_cuda(a, b, bias=None, trans_a: bool = False, trans_b: bool = False, version=2, tile: int = 16,
+              kernel=None, out=None):
+    """out (M, N) = op(a) @ op(b) [+ bias (N,)], op(x) = x.T when trans_x: the product behind every launcher.
+
+    a is (M, K), or (K, M) with trans_a; b is (K, N), or (N, K) with trans_b; both C-contiguous float32.
+    version 1, 2, 3: matmul_kernel<version> reads the transposed operand through swapped strides (no copy);
+    "cublas": the backend's matmul on 2-D views. tile: the block edge of versions 1 and 2.
+    kernel: a RawKernel with matmul_kernel<version>'s parameters to launch instead (the exercise checks use it).
+    out: an (M, N) float32 array to write into instead of a fresh one (checks pass one filled with NaN).
+    """
+    from llmc_lessons.cuda import load_kernel
+
+    version = _check_version(version)
+    tile = _check_tile(tile)
+    for name, flag in (("trans_a", trans_a), ("trans_b", trans_b)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    device.require_array("a", a, shape=(None, None))
+    device.require_array("b", b, shape=(None, None))
+    M, K = a.shape[::-1] if trans_a else a.shape
+    Kb, N = b.shape[::-1] if trans_b else b.shape
+    if Kb != K:
+        ta, tb = (".T" if trans_a else ""), (".T" if trans_b else "")
+        raise ValueError(f"inner dimensions differ: a{ta} is ({M}, {K}) but b{tb} is ({Kb}, {N})")
+    if bias is not None:
+        device.require_array("bias", bias, shape=(N,))
+    for name, size in (("a", M * K), ("b", K * N), ("out", M * N)):
+        if size > _INT_MAX:
+            raise ValueError(f"{name} has {size} elements; the kernels index with 32-bit ints (at most {_INT_MAX})")
+    xp = device.xp
+    if out is not None:
+        device.require_array("out", out, shape=(M, N))
+    if version == "cublas":
+        # 2-D operands: the product path that honours tf32(). Transposed views cost no copy: cuBLAS reads them.
+        out = xp.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+        if bias is not None:
+            out += bias
+        return out
+    if out is None:
+        out = xp.empty((M, N), dtype=np.float32)
+    if M == 0 or N == 0:
+        return out
+    # Element strides: a stored (M, K) row-major has A(m, k) at m * K + k; stored (K, M) (trans_a) at k * M + m.
+    sam, sak = (1, M) if trans_a else (K, 1)
+    sbk, sbn = (1, K) if trans_b else (N, 1)
+    if kernel is None:
+        kernel = load_kernel("matmul.cu", f"matmul_kernel{version}")
+    if version == 3:
+        grid, block, shared = (-(-N // K3_BN), -(-M // K3_BM)), (16, 16), 0
+    else:
+        grid, block = (-(-N // tile), -(-M // tile)), (tile, tile)
+        shared = 0 if version == 1 else 4 * (tile * tile + tile * (tile + 1))
+    use_bias = bias is not None
+    kernel(grid, block, (out, a, b, bias if use_bias else _dummy_bias(), np.int32(M), np.int32(N), np.int32(K),
+                         np.int32(sam), np.int32(sak), np.int32(sbk), np.int32(sbn), np.int32(use_bias)),
+           shared_mem=shared)
+    return out
+
+
+def matmul_forward_cuda(inp, weight, bias=None, version="cublas", tile: int = 16):
+    """(B, T, C), (OC, C), (OC,) or None -> out (B, T, OC) = inp @ weight^T + bias, a fresh array.
+
+    version 1 (naive), 2 (shared-memory tiles), 3 (register-blocked) run matmul_kernel<version>; "cublas" runs
+    the backend's matmul (cuBLAS through CuPy, honouring tf32(); NumPy on a CPU). tile: versions 1 and 2.
+    """
+    device.require_array("inp", inp, shape=(None, None, None))
+    B, T, C = inp.shape
+    device.require_array("weight", weight, shape=(None, C))
+    OC = weight.shape[0]
+    if bias is not None:
+        device.require_array("bias", bias, shape=(OC,))
+    out = gemm_cuda(inp.reshape(B * T, C), weight, bias, trans_b=True, version=version, tile=tile)
+    return out.reshape(B, T, OC)
+
+
+def matmul_backward_bias_cuda(dout, block_rows: int = 32, out=None):
+    """dout (B, T, OC) -> dbias (OC,), its sum over B and T, through matmul_backward_bias_kernel.
+
+    block_rows: R in the kernel's (32, R) blocks, a power of two in 1..32. out: an (OC,) float32 array to write
+    into instead of a fresh one.
+    """
+    from llmc_lessons.cuda import load_kernel
+
+    if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or \
+            int(block_rows) not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"block_rows must be a power of two in 1..32, got {block_rows!r}")
+    R = int(block_rows)
+    device.require_array("dout", dout, shape=(None, None, None))
+    B, T, OC = dout.shape
+    if dout.size > _INT_MAX:
+        raise ValueError(f"dout has {dout.size} elements; the kernel indexes with 32-bit ints")
+    if out is None:
+        dbias = device.xp.empty((OC,), dtype=np.float32)
+    else:
+        dbias = device.require_array("out", out, shape=(OC,))
+    if OC == 0:
+        return dbias
+    load_kernel("matmul.cu", "matmul_backward_bias_kernel")(
+        (-(-OC // 32),), (32, R), (dbias, dout, np.int32(B * T), np.int32(OC)), shared_mem=4 * 32 * R)
+    return dbias
+
+
+def matmul_backward_cuda(dout, inp, weight, version="cublas", tile: int = 16, block_rows: int = 32):
+    """(B, T, OC), (B, T, C), (OC, C) -> dinp (B, T, C), dweight (OC, C), dbias (OC,), fresh arrays.
+
+    dinp = dout @ weight and dweight = dout^T @ inp through gemm_cuda with the same `version` and `tile` as
+    the forward (the kernels read the transposes through strides); dbias through matmul_backward_bias_kernel.
+    """
+    device.require_array("inp", inp, shape=(None, None, None))
+    B, T, C = inp.shape
+    device.require_array("weight", weight, shape=(None, C))
+    OC = weight.shape[0]
+    device.require_array("dout", dout, shape=(B, T, OC))
+    _check_version(version)
+    dout2, inp2 = dout.reshape(B * T, OC), inp.reshape(B * T, C)
+    dinp = gemm_cuda(dout2, weight, version=version, tile=tile).reshape(B, T, C)      # (BT, OC) @ (OC, C)
+    dweight = gemm_cuda(dout2, inp2, trans_a=True, version=version, tile=tile)       # (OC, BT) @ (BT, C)
+    dbias = matmul_backward_bias_cuda(dout, block_rows=block_rows)
+    return dinp, dweight, dbias

@@ -1,0 +1,134 @@
+"""GPT-2 in PyTorch, under llm.c's parameter names: the independent implementation the course is checked
+against (tests, lesson 10) and the baseline it is timed against (`python -m llmc_lessons.bench`).
+
+PyTorch is not a dependency of the course: import this module only where torch is installed.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmc_lessons import device
+from llmc_lessons.model import PARAMETER_NAMES, GPT2Config
+
+UNSTACKED = ("wte", "wpe", "lnfw", "lnfb")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, C: int, NH: int, flash: bool = False):
+        super().__init__()
+        self.NH, self.flash = NH, flash
+        self.c_attn = nn.Linear(C, 3 * C)
+        self.c_proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        hs = C // self.NH
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.NH, hs).transpose(1, 2) for t in (q, k, v))  # (B, NH, T, hs)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)                   # (B, NH, T, T)
+            causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
+            y = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) @ v
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, C: int, NH: int, flash: bool = False):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(C), CausalSelfAttention(C, NH, flash), nn.LayerNorm(C)
+        self.c_fc, self.c_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class TorchGPT2(nn.Module):
+    """GPT-2 with a tied lm_head over the V real tokens; flash=True uses scaled_dot_product_attention."""
+
+    def __init__(self, c: GPT2Config, flash: bool = False):
+        super().__init__()
+        self.config = c
+        self.wte, self.wpe = nn.Embedding(c.vocab_size, c.channels), nn.Embedding(c.max_seq_len, c.channels)
+        self.h = nn.ModuleList(Block(c.channels, c.num_heads, flash) for _ in range(c.num_layers))
+        self.ln_f = nn.LayerNorm(c.channels)
+        self.lm_head = nn.Linear(c.channels, c.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+
+    def forward(self, idx, targets=None):
+        T = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
+        return logits, loss
+
+    def llmc_tensors(self) -> dict:
+        """This model's tensors under llm.c's 16 names: a list per name, one tensor per layer where llm.c stacks."""
+        h = self.h
+        return {
+            "wte": [self.wte.weight], "wpe": [self.wpe.weight],
+            "ln1w": [b.ln_1.weight for b in h], "ln1b": [b.ln_1.bias for b in h],
+            "qkvw": [b.attn.c_attn.weight for b in h], "qkvb": [b.attn.c_attn.bias for b in h],
+            "attprojw": [b.attn.c_proj.weight for b in h], "attprojb": [b.attn.c_proj.bias for b in h],
+            "ln2w": [b.ln_2.weight for b in h], "ln2b": [b.ln_2.bias for b in h],
+            "fcw": [b.c_fc.weight for b in h], "fcb": [b.c_fc.bias for b in h],
+            "fcprojw": [b.c_proj.weight for b in h], "fcprojb": [b.c_proj.bias for b in h],
+            "lnfw": [self.ln_f.weight], "lnfb": [self.ln_f.bias],
+        }
+
+    def decay_groups(self, weight_decay: float) -> list:
+        """AdamW parameter groups as llm.c makes them: decay on the 2-D weights only."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def from_course(model, flash: bool = False, torch_device: str = "cpu") -> TorchGPT2:
+    """A TorchGPT2 holding the same weights as the course's `model` (wte without its padded rows)."""
+    c = model.config
+    ref = TorchGPT2(c, flash).to(torch_device)
+    with torch.no_grad():
+        for name, tensors in ref.llmc_tensors().items():
+            ours = device.to_host(model.params[name])
+            if name == "wte":
+                ours = ours[:c.vocab_size]
+            for l, t in enumerate(tensors):
+                t.copy_(torch.from_numpy(np.array(ours if name in UNSTACKED else ours[l])))
+    return ref
+
+
+def llmc_grads(ref: TorchGPT2) -> dict:
+    """The gradients under llm.c's names as NumPy arrays, stacked over layers; dwte padded with zero rows."""
+    c = ref.config
+    out = {}
+    for name, tensors in ref.llmc_tensors().items():
+        arrays = [t.grad.detach().cpu().numpy().copy() for t in tensors]
+        out[name] = arrays[0] if name in UNSTACKED else np.stack(arrays)
+    pad = np.zeros((c.padded_vocab_size - c.vocab_size, c.channels), np.float32)
+    out["wte"] = np.concatenate([out["wte"], pad])
+    return out
+
+
+def write_debug_state(path, ref: TorchGPT2, x, y) -> None:
+    """llm.c's debug-state file (magic 20240327) from this model: x, y, logits, loss and every gradient."""
+    ref.zero_grad()
+    logits, loss = ref(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64)))
+    loss.backward()
+    grads = llmc_grads(ref)
+    header = np.zeros(256, np.int32)
+    header[:4] = [20240327, 2, x.shape[0], x.shape[1]]
+    with open(path, "wb") as f:
+        for part in (header, x.astype(np.int32), y.astype(np.int32), logits.detach().numpy(),
+                     np.array([loss.item()], np.float32)):
+            f.write(np.ascontiguousarray(part).tobytes())
+        for name in PARAMETER_NAMES:
+            f.write(np.ascontiguousarray(grads[name], np.float32).tobytes())
