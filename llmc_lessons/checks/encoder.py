@@ -82,7 +82,7 @@ def check_encoder_forward_kernel(source: str) -> None:
         out = poisoned((B, T, C))
         grid = (-(-(B * T * C) // block_size),)
         kernel(grid, (block_size,), (out, d_inp, d_wte, d_wpe, np.int32(B), np.int32(T), np.int32(C)))
-        assert_close(ex, f"out (block_size={block_size})", out, want, atol=1e-6, rtol=1e-6,
+        assert_close(f"{ex} at block_size={block_size}", "out", out, want, atol=1e-6, rtol=1e-6,
                      known_mistakes=mistakes,
                      hint="thread idx owns out's flat element idx = (b*T + t)*C + c; find bt = idx / C, "
                           "t = bt % T, c = idx % C, then the token id inp[bt].")

@@ -51,7 +51,7 @@ def check_layernorm_backward(fn) -> None:
     assert_close(ex, "dweight", dweight, want_dweight, atol=1e-9, rtol=1e-7, known_mistakes={
         "dweight used inp where norm = (inp - mean) * rstd belongs": (dout * inp).sum(axis=(0, 1)),
         "dweight was averaged over (b, t) instead of summed": (dout * norm).mean(axis=(0, 1)),
-    }, hint="out = norm * weight + bias, so dweight[c] = sum over every (b, t) of dout[b, t, c] * norm[b, t, c].")
+    }, hint="out = norm * weight + bias, so dweight[c] = sum over every (b, t) of dout[b, t, c] * norm[b, t, c] (axes 0 and 1).")
     assert_close(ex, "dbias", dbias, want_dbias, atol=1e-9, rtol=1e-7, known_mistakes={
         "dbias was averaged over (b, t) instead of summed": dout.mean(axis=(0, 1)),
     }, hint="dbias[c] = sum over every (b, t) of dout[b, t, c] (sum over axes 0 and 1).")
@@ -82,20 +82,20 @@ def check_layernorm_forward_kernel2(source: str) -> None:
         out, mean, rstd = poisoned((B, T, C)), poisoned((B, T)), poisoned((B, T))
         grid = (-(-N // (block_size // 32)),)
         kernel(grid, (block_size,), (out, mean, rstd, d_inp, d_w, d_b, np.int32(N), np.int32(C), np.float32(1e-5)))
-        where = f"block_size={block_size}"
-        assert_close(ex, f"mean ({where})", mean, want_mean, atol=1e-5, rtol=1e-5, known_mistakes={
+        at = f"{ex} at block_size={block_size}"
+        assert_close(at, "mean", mean, want_mean, atol=1e-5, rtol=1e-5, known_mistakes={
             "the lanes' partial sums were never combined: call warpReduceSum(sum) after the strided loop":
                 lane0_mean,
         }, hint="lane l adds x[l], x[l+32], x[l+64], ... (c < C); warpReduceSum then gives every lane the row total; "
                 "mean = total / C.")
-        assert_close(ex, f"rstd ({where})", rstd, want_rstd, atol=1e-5, rtol=1e-4, known_mistakes={
+        assert_close(at, "rstd", rstd, want_rstd, atol=1e-5, rtol=1e-4, known_mistakes={
             "the variance divides by C - 1; LayerNorm uses the biased variance (divide by C)":
                 1 / np.sqrt(var * C / (C - 1) + 1e-5),
             "the squares were taken of x, not of x - mean": 1 / np.sqrt((x ** 2).mean(-1) + 1e-5),
             "the lanes' partial sums of squares were never combined: call warpReduceSum(sumsq)":
                 1 / np.sqrt(lane0_var + 1e-5),
         }, hint="sumsq adds (x[c] - m)^2 over the lane's channels; after warpReduceSum, rstd = rsqrtf(sumsq / C + eps).")
-        assert_close(ex, f"out ({where})", out, want_out, atol=1e-5, rtol=1e-4,
+        assert_close(at, "out", out, want_out, atol=1e-5, rtol=1e-4,
                      hint="out is written by the code after your reductions; if mean and rstd are right but out is "
                           "wrong, check that every lane (not only lane 0) holds the reduced values.")
     passed(ex, f"{N} rows of C={C} at block sizes 64 and 96: mean, rstd and out all match")

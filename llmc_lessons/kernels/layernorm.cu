@@ -1,0 +1,167 @@
+// layernorm.cu: LayerNorm over the channels of every (b, t) row, forward and backward.
+//
+//   forward:  mean = (1/C) sum_c x_c,   rstd = 1 / sqrt((1/C) sum_c (x_c - mean)^2 + eps)
+//             norm_c = (x_c - mean) * rstd,   out_c = norm_c * weight_c + bias_c
+//   backward: dnorm_c = dout_c * weight_c
+//             dinp_c  = rstd * (dnorm_c - mean_c'(dnorm) - norm_c * mean_c'(dnorm * norm))
+//             dweight_c = sum over rows of dout_c * norm_c,   dbias_c = sum over rows of dout_c
+//
+// Shapes: the B*T rows are handled as N = B*T independent rows of C floats.
+//   inp, out, dout, dinp (N, C); weight, bias, dweight, dbias (C,); mean, rstd (N,).
+//
+// layernorm_forward_kernel1 is one thread per row: N threads, each looping over its own row. Neighbouring
+//   threads read floats C apart (uncoalesced), and N = 8192 threads barely fill a modern GPU.
+// layernorm_forward_kernel2 is one warp (32 threads) per row: lane l reads channels l, l+32, l+64, ... so the
+//   32 lanes of a load read 32 neighbouring floats (one 128-byte transaction), and the partial sums are
+//   combined with warp shuffles (warpReduceSum). 32 * N threads.
+// layernorm_backward_kernel is one warp per row, computing dinp (accumulated into, +=).
+// layernorm_param_backward_kernel computes dweight and dbias (accumulated into): a block owns 32 channels,
+//   its warps take every G-th row (G = warps per block) and the partial sums are added in shared memory in a
+//   fixed order. No atomics: the result is the same bits on every run.
+#include "common.cuh"
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward
+
+extern "C" __global__ void layernorm_forward_kernel1(float* out,           // (N, C)
+                                                     float* mean,          // (N,)
+                                                     float* rstd,          // (N,)
+                                                     const float* inp,     // (N, C)
+                                                     const float* weight,  // (C,)
+                                                     const float* bias,    // (C,)
+                                                     int N, int C, float eps) {
+    int row = blockIdx.x * blockDim.x + threadIdx.x;  // one thread per row
+    if (row < N) {
+        const float* x = inp + row * C;               // seek to this row: inp[row, :]
+        float m = 0.0f;
+        for (int c = 0; c < C; c++) { m += x[c]; }
+        m = m / C;
+        float v = 0.0f;                               // variance, from the centred values (more accurate
+        for (int c = 0; c < C; c++) {                 // than E[x^2] - E[x]^2 in float32)
+            float d = x[c] - m;
+            v += d * d;
+        }
+        v = v / C;
+        float s = 1.0f / sqrtf(v + eps);
+        float* o = out + row * C;
+        for (int c = 0; c < C; c++) {
+            o[c] = (x[c] - m) * s * weight[c] + bias[c];
+        }
+        mean[row] = m;                                // cached for the backward pass
+        rstd[row] = s;
+    }
+}
+
+extern "C" __global__ void layernorm_forward_kernel2(float* out,           // (N, C)
+                                                     float* mean,          // (N,)
+                                                     float* rstd,          // (N,)
+                                                     const float* inp,     // (N, C)
+                                                     const float* weight,  // (C,)
+                                                     const float* bias,    // (C,)
+                                                     int N, int C, float eps) {
+    int lane = threadIdx.x % 32;                      // 0..31: this thread's place in its warp
+    int warp = threadIdx.x / 32;                      // which warp of the block
+    int row = blockIdx.x * (blockDim.x / 32) + warp;  // one warp per row
+    if (row >= N) { return; }                         // the whole warp leaves together: shuffles stay safe
+    const float* x = inp + row * C;
+
+    float sum = 0.0f;                                 // this lane's share of sum_c x_c
+    for (int c = lane; c < C; c += 32) { sum += x[c]; }
+    sum = warpReduceSum(sum);                         // now every lane holds the row's total
+    float m = sum / C;
+
+    float sumsq = 0.0f;                               // this lane's share of sum_c (x_c - m)^2
+    for (int c = lane; c < C; c += 32) {
+        float d = x[c] - m;
+        sumsq += d * d;
+    }
+    sumsq = warpReduceSum(sumsq);
+    float s = rsqrtf(sumsq / C + eps);
+
+    float* o = out + row * C;
+    for (int c = lane; c < C; c += 32) {              // the writes are coalesced too
+        o[c] = (x[c] - m) * s * weight[c] + bias[c];
+    }
+    if (lane == 0) {                                  // one lane writes the row's statistics
+        mean[row] = m;
+        rstd[row] = s;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward
+
+extern "C" __global__ void layernorm_backward_kernel(float* dinp,          // (N, C) accumulated into
+                                                     const float* dout,    // (N, C)
+                                                     const float* inp,     // (N, C)
+                                                     const float* weight,  // (C,)
+                                                     const float* mean,    // (N,) from the forward pass
+                                                     const float* rstd,    // (N,) from the forward pass
+                                                     int N, int C) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // one warp per row
+    if (row >= N) { return; }
+    const float* x = inp + row * C;
+    const float* dy = dout + row * C;
+    float m = mean[row];
+    float s = rstd[row];
+
+    // the two row means the formula needs: mean(dnorm) and mean(dnorm * norm)
+    float dnorm_mean = 0.0f;
+    float dnorm_norm_mean = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float norm = (x[c] - m) * s;                  // recomputed: cheaper than storing it in the forward
+        float dnorm = weight[c] * dy[c];
+        dnorm_mean += dnorm;
+        dnorm_norm_mean += dnorm * norm;
+    }
+    dnorm_mean = warpReduceSum(dnorm_mean) / C;
+    dnorm_norm_mean = warpReduceSum(dnorm_norm_mean) / C;
+
+    float* dx = dinp + row * C;
+    for (int c = lane; c < C; c += 32) {
+        float norm = (x[c] - m) * s;
+        float dnorm = weight[c] * dy[c];
+        dx[c] += s * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
+    }
+}
+
+extern "C" __global__ void layernorm_param_backward_kernel(float* dweight,       // (C,) accumulated into
+                                                           float* dbias,         // (C,) accumulated into
+                                                           const float* dout,    // (N, C)
+                                                           const float* inp,     // (N, C)
+                                                           const float* mean,    // (N,)
+                                                           const float* rstd,    // (N,)
+                                                           int N, int C) {
+    __shared__ float partial_dweight[1024];           // one slot per thread (blockDim.x <= 1024)
+    __shared__ float partial_dbias[1024];
+    int lane = threadIdx.x % 32;
+    int group = threadIdx.x / 32;                     // this warp's row group: rows group, group + G, ...
+    int G = blockDim.x / 32;                          // row groups (warps) per block
+    int c = blockIdx.x * 32 + lane;                   // this block owns channels blockIdx.x*32 .. +31
+
+    float dw = 0.0f;
+    float db = 0.0f;
+    if (c < C) {
+        for (int r = group; r < N; r += G) {          // a warp reads 32 neighbouring floats of row r
+            float d = dout[r * C + c];
+            float norm = (inp[r * C + c] - mean[r]) * rstd[r];
+            dw += d * norm;
+            db += d;
+        }
+    }
+    partial_dweight[threadIdx.x] = dw;
+    partial_dbias[threadIdx.x] = db;
+    __syncthreads();                                  // every group's partial sum is in shared memory
+
+    if (group == 0 && c < C) {                        // warp 0 adds the G partials in the order 0, 1, ..., G-1
+        float tw = 0.0f;
+        float tb = 0.0f;
+        for (int g = 0; g < G; g++) {
+            tw += partial_dweight[g * 32 + lane];
+            tb += partial_dbias[g * 32 + lane];
+        }
+        dweight[c] += tw;
+        dbias[c] += tb;
+    }
+}

@@ -1,0 +1,1 @@
+"""The layers of GPT-2, one module each, in the order the data moves: NumPy references and kernel launchers."""

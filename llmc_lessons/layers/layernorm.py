@@ -1,0 +1,136 @@
+"""LayerNorm: normalise each (b, t) row of C channels to mean 0 and variance 1, then scale and shift.
+
+    mean = (1/C) sum_c x_c            rstd = 1 / sqrt((1/C) sum_c (x_c - mean)^2 + eps)
+    norm_c = (x_c - mean) * rstd      out_c = norm_c * weight_c + bias_c
+
+Shapes: inp and out (B, T, C), weight and bias (C,), mean and rstd (B, T).
+
+Read top-down: the NumPy forward and backward references, then the launchers of the kernels in
+`kernels/layernorm.cu` (forward kernel1: a thread per row; kernel2: a warp per row; backward: a warp per row
+for dinp plus a deterministic column-reduction kernel for dweight and dbias).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from llmc_lessons import device
+
+# ---------------------------------------------------------------------------------------------------------
+# NumPy reference
+
+
+def _check_shapes(where: str, inp, weight, **row_arrays) -> None:
+    if inp.ndim != 3:
+        raise ValueError(f"{where}: inp must have shape (B, T, C), got {inp.shape}")
+    B, T, C = inp.shape
+    if weight.shape != (C,):
+        raise ValueError(f"{where}: weight must have shape (C,) = ({C},), got {weight.shape}")
+    for name, a in row_arrays.items():
+        want = (C,) if name in ("bias",) else (B, T, C) if name == "dout" else (B, T)
+        if a.shape != want:
+            raise ValueError(f"{where}: {name} must have shape {want}, got {a.shape}")
+
+
+def layernorm_forward(inp, weight, bias, eps: float = 1e-5):
+    """(B, T, C), (C,), (C,) -> out (B, T, C), mean (B, T), rstd (B, T); mean and rstd are kept for the backward."""
+    inp, weight, bias = np.asarray(inp), np.asarray(weight), np.asarray(bias)
+    _check_shapes("layernorm_forward", inp, weight, bias=bias)
+    mean = inp.mean(axis=-1)                                  # (B, T)
+    xshift = inp - mean[..., None]                            # (B, T, C): x - mean
+    var = (xshift * xshift).mean(axis=-1)                     # (B, T): the biased variance (divide by C)
+    rstd = 1.0 / np.sqrt(var + np.asarray(eps, dtype=inp.dtype))  # (B, T): reciprocal standard deviation
+    norm = xshift * rstd[..., None]                           # (B, T, C): mean 0, variance ~1 per row
+    out = norm * weight + bias                                # (B, T, C)
+    return out, mean, rstd
+
+
+def layernorm_backward(dout, inp, weight, mean, rstd):
+    """(B, T, C), (B, T, C), (C,), (B, T), (B, T) -> dinp (B, T, C), dweight (C,), dbias (C,).
+
+    dinp = rstd * (dnorm - mean_c(dnorm) - norm * mean_c(dnorm * norm)) with dnorm = dout * weight.
+    """
+    dout, inp, weight = np.asarray(dout), np.asarray(inp), np.asarray(weight)
+    mean, rstd = np.asarray(mean), np.asarray(rstd)
+    _check_shapes("layernorm_backward", inp, weight, dout=dout, mean=mean, rstd=rstd)
+    norm = (inp - mean[..., None]) * rstd[..., None]          # (B, T, C), recomputed from the cache
+    dnorm = dout * weight                                     # (B, T, C)
+    dnorm_mean = dnorm.mean(axis=-1, keepdims=True)           # (B, T, 1)
+    dnorm_norm_mean = (dnorm * norm).mean(axis=-1, keepdims=True)
+    dinp = rstd[..., None] * (dnorm - dnorm_mean - norm * dnorm_norm_mean)
+    dweight = (dout * norm).sum(axis=(0, 1))                  # (C,): weight was used at every (b, t)
+    dbias = dout.sum(axis=(0, 1))                             # (C,)
+    return dinp, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
+
+
+def _check_block_size(block_size, warps: bool, name: str = "block_size") -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise TypeError(f"{name} must be an int (threads per block), got {block_size!r}")
+    if not 1 <= block_size <= 1024 or (warps and block_size % 32):
+        need = "a multiple of 32 (whole warps: a warp per row) in 32..1024" if warps else "in 1..1024"
+        raise ValueError(f"{name} must be {need}, got {block_size}")
+    return int(block_size)
+
+
+def layernorm_forward_cuda(inp, weight, bias, block_size: int = 256, version: int = 2, eps: float = 1e-5):
+    """(B, T, C), (C,), (C,) -> out (B, T, C), mean (B, T), rstd (B, T) through layernorm_forward_kernel<version>.
+
+    version 1: one thread per row. version 2: one warp per row (block_size must be a multiple of 32).
+    """
+    from llmc_lessons.cuda import load_kernel
+
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2, got {version!r}")
+    block_size = _check_block_size(block_size, warps=(version == 2))
+    device.require_array("inp", inp, shape=(None, None, None))
+    B, T, C = inp.shape
+    device.require_array("weight", weight, shape=(C,))
+    device.require_array("bias", bias, shape=(C,))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    xp = device.xp
+    out = xp.empty((B, T, C), dtype=np.float32)
+    mean = xp.empty((B, T), dtype=np.float32)
+    rstd = xp.empty((B, T), dtype=np.float32)
+    N = B * T
+    if N == 0:
+        return out, mean, rstd
+    rows_per_block = block_size if version == 1 else block_size // 32
+    kernel = load_kernel("layernorm.cu", f"layernorm_forward_kernel{version}")
+    kernel((-(-N // rows_per_block),), (block_size,),
+           (out, mean, rstd, inp, weight, bias, np.int32(N), np.int32(C), np.float32(eps)))
+    return out, mean, rstd
+
+
+def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256, param_block_size: int = 512):
+    """(B, T, C), (B, T, C), (C,), (B, T), (B, T) -> dinp (B, T, C), dweight (C,), dbias (C,), fresh arrays.
+
+    dinp: layernorm_backward_kernel, a warp per row. dweight, dbias: layernorm_param_backward_kernel, a block
+    per 32 channels with param_block_size / 32 row groups, summed in a fixed order (deterministic).
+    """
+    from llmc_lessons.cuda import load_kernel
+
+    block_size = _check_block_size(block_size, warps=True)
+    param_block_size = _check_block_size(param_block_size, warps=True, name="param_block_size")
+    device.require_array("inp", inp, shape=(None, None, None))
+    B, T, C = inp.shape
+    device.require_array("dout", dout, shape=(B, T, C))
+    device.require_array("weight", weight, shape=(C,))
+    device.require_array("mean", mean, shape=(B, T))
+    device.require_array("rstd", rstd, shape=(B, T))
+    xp = device.xp
+    dinp = xp.zeros((B, T, C), dtype=np.float32)     # the kernels accumulate (+=), so start from zero
+    dweight = xp.zeros((C,), dtype=np.float32)
+    dbias = xp.zeros((C,), dtype=np.float32)
+    N = B * T
+    if N == 0 or C == 0:
+        return dinp, dweight, dbias
+    rows_per_block = block_size // 32
+    load_kernel("layernorm.cu", "layernorm_backward_kernel")(
+        (-(-N // rows_per_block),), (block_size,), (dinp, dout, inp, weight, mean, rstd, np.int32(N), np.int32(C)))
+    load_kernel("layernorm.cu", "layernorm_param_backward_kernel")(
+        (-(-C // 32),), (param_block_size,), (dweight, dbias, dout, inp, mean, rstd, np.int32(N), np.int32(C)))
+    return dinp, dweight, dbias
