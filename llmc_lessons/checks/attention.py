@@ -101,6 +101,10 @@ def _causality(fn, B, T, NH, hs, gen):
     if got.shape != (B, T, 3 * C):
         raise AssertionError(f"{EX1}: dqkv must have the shape of qkv, (B, T, 3C) = {(B, T, 3 * C)}, "
                              f"got {got.shape}")
+    for mistake, why in BACKWARD_MISTAKES.items():  # a mistake we know by name gets its own message
+        if np.allclose(got, _backward_variant(dout, qkv, att, NH, mistake), atol=1e-8, rtol=1e-6):
+            raise AssertionError(f"{EX1}: dqkv is wrong (probed with dout nonzero only at position t0 = {t0}).\n"
+                                 f"  likely cause: {why}")
     tiny = 1e-9 * max(1.0, float(np.abs(got).max()))
     dk_future = np.abs(got[:, t0 + 1:, C:3 * C]).max(initial=0.0)
     if dk_future > tiny:
@@ -115,7 +119,8 @@ def _causality(fn, B, T, NH, hs, gen):
         raise AssertionError(
             f"{EX1}: with dout nonzero only at position t0 = {t0}, dq must be 0 at every other position (query t "
             f"only affects out[t]), but it reaches {others:.3g} elsewhere.\n  likely cause: dq and dk mixed up, "
-            f"or dpreatt transposed (row t of dpreatt belongs to query t).")
+            f"dpreatt transposed (row t of dpreatt belongs to query t), or q, k, v sliced from the wrong columns "
+            f"of qkv (it is [q | k | v], each C wide).")
 
 
 def check_attention_backward(fn) -> None:
@@ -208,13 +213,24 @@ def _diagnose_nan(got, T, where):
             f"previous tokens AND to itself.")
 
 
-def check_softmax_forward_kernel(kernel) -> None:
-    """Exercise 5.2: kernel(grid, block, (out, inv_temperature, inp, N, T)) must compute the causal softmax."""
+def check_softmax_forward_kernel(source) -> None:
+    """Exercise 5.2: softmax_forward_kernel in `source` (CUDA text, or a loaded kernel) must compute the causal
+    softmax of each row, launched as kernel(grid, block, (out, inv_temperature, inp, N, T))."""
+    if isinstance(source, str):
+        from llmc_lessons.cuda import RawKernel
+        if "TODO (Exercise 5.2)" in source:
+            raise AssertionError(f"{EX2} is not done yet: the kernel still has its TODO. Write the body in the "
+                                 f"CUDA source above, run that cell, then run this check again.")
+        kernel = RawKernel(source, "softmax_forward_kernel")
+    else:
+        kernel = source
     gen = rng()
     cases = ((5, 13, 64, 1.0), (5, 37, 128, 1.0), (3, 37, 96, 60.0))  # N rows of T x T, block size, logit scale
     for N, T, block_size, scale in cases:
         inv_temperature = 1.0 / math.sqrt(5.0)
         preatt = randn(gen, N, T, T, scale=scale)
+        if scale > 1.0:
+            preatt[:, T - 1, 0] = 300.0   # a visible score of 300 * inv_temperature = 134 for sure: expf(134) = inf
         x = np.asarray(to_host(preatt), dtype=np.float64)
         expected = causal_softmax(x, inv_temperature)
         got = _launch_softmax(kernel, preatt, inv_temperature, block_size)
@@ -239,6 +255,7 @@ def check_softmax_forward_kernel(kernel) -> None:
             "each lane divided by its own partial sum: combine the sums across the warp with warpReduceSum":
                 _lane_partials(x, inv_temperature, own_max=False, own_sum=True),
         }
-        assert_close(EX2, f"att at {where}", got, expected, atol=1e-6, rtol=1e-4, known_mistakes=mistakes,
-                     hint="each row t must hold softmax(inv_temperature * x[t, :t+1]) and zeros after it")
+        assert_close(EX2, "att", got, expected, atol=1e-6, rtol=1e-4, known_mistakes=mistakes,
+                     hint=f"att[n, t, :] must hold softmax(inv_temperature * inp[n, t, :t+1]) and zeros after it; "
+                          f"this launch had {where}")
     passed(EX2, "causal softmax correct at T = 13 and 37, three block sizes, and with large scores")

@@ -1,0 +1,223 @@
+// attention.cu: causal multi-head self-attention, forward and backward.
+//
+//   qkv (B, T, 3C) holds [q | k | v] along its last axis; each is C = NH * hs wide, head h at h*hs:(h+1)*hs.
+//   preatt[b, h, t, t2] = q[b, t, h, :] . k[b, t2, h, :]               (scaled by 1/sqrt(hs) in the softmax)
+//   att[b, h, t, t2]    = softmax over t2 <= t of preatt / sqrt(hs)    (0 for t2 > t: the future is masked)
+//   out[b, t, h, :]     = sum over t2 <= t of att[b, h, t, t2] * v[b, t2, h, :]
+//
+// Forward, version "naive":
+//   attention_forward_kernel1   one thread per (b, t, h) does a whole row: scores, max, exp-sum, weighted sum.
+// Forward, version "cublas" (the structure of llm.c's train_gpt2.cu):
+//   permute_kernel              qkv (B, T, 3C) -> q, k, v each (B, NH, T, hs), so every head is one matrix
+//   (batched matmul)            preatt = q @ k^T, (B*NH) matmuls of (T, hs) x (hs, T): cuBLAS on a GPU
+//   softmax_forward_kernel      one warp per row of preatt, reading only its causal half; scale folded in
+//   (batched matmul)            out_h = att @ v, (B*NH) matmuls of (T, T) x (T, hs)
+//   unpermute_kernel            out_h (B, NH, T, hs) -> out (B, T, C)
+// Backward:
+//   unpermute_kernel_backward   dout (B, T, C) -> dout_h (B, NH, T, hs)
+//   (batched matmuls)           datt = dout_h @ v^T, dv = att^T @ dout_h
+//   softmax_autoregressive_backward_kernel   dpreatt = scale * att * (datt - sum(att * datt)), causal half
+//   (batched matmuls)           dq = dpreatt @ k, dk = dpreatt^T @ q
+//   permute_kernel_backward     dq, dk, dv (B, NH, T, hs) -> dqkv (B, T, 3C)
+//
+// Unlike llm.c, whose kernels accumulate gradients (+=) into buffers zeroed once per step, these kernels write
+// (=) into fresh outputs: the launchers in llmc_lessons/layers/attention.py allocate every output.
+#include "common.cuh"
+
+// ---------------------------------------------------------------------------------------------------------
+// Version "naive": one thread owns one (b, t, h) and computes the whole attention row of that query.
+
+extern "C" __global__ void attention_forward_kernel1(float* out,        // (B, T, C)
+                                                     float* att,        // (B, NH, T, T)
+                                                     const float* qkv,  // (B, T, 3C)
+                                                     int B, int T, int C, int NH) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * T * NH) return;
+    // idx walks (b, t, h) with h fastest
+    int h = idx % NH;
+    int t = (idx / NH) % T;
+    int b = idx / (NH * T);
+    int C3 = 3 * C;
+    int hs = C / NH;
+    float scale = 1.0f / sqrtf((float)hs);
+
+    // seek to the query q[b, t, h, :] (the first third of qkv[b, t, :]) and to the row att[b, h, t, :]
+    const float* query_t = qkv + (size_t)(b * T + t) * C3 + h * hs;
+    float* att_row = att + ((size_t)(b * NH + h) * T + t) * T;
+
+    // pass 1: the scores of the visible keys t2 = 0..t (stored in att_row for now) and their maximum
+    float maxval = -3.402823466e38f;  // the most negative float (NVRTC, CuPy's compiler, has no INFINITY)
+    for (int t2 = 0; t2 <= t; t2++) {
+        const float* key_t2 = qkv + (size_t)(b * T + t2) * C3 + C + h * hs;  // k[b, t2, h, :]: + C skips q
+        float score = 0.0f;
+        for (int i = 0; i < hs; i++) {
+            score += query_t[i] * key_t2[i];
+        }
+        score *= scale;
+        att_row[t2] = score;
+        maxval = fmaxf(maxval, score);
+    }
+    // pass 2: exponentiate (shifted by the maximum, so nothing overflows) and sum
+    float expsum = 0.0f;
+    for (int t2 = 0; t2 <= t; t2++) {
+        float e = expf(att_row[t2] - maxval);
+        att_row[t2] = e;
+        expsum += e;
+    }
+    // pass 3: normalize; the future keys t2 > t get probability exactly 0
+    float expsum_inv = 1.0f / expsum;
+    for (int t2 = 0; t2 < T; t2++) {
+        att_row[t2] = (t2 <= t) ? att_row[t2] * expsum_inv : 0.0f;
+    }
+    // pass 4: out[b, t, h, :] = sum over t2 <= t of att[t2] * v[b, t2, h, :]
+    float* out_bth = out + (size_t)(b * T + t) * C + h * hs;
+    for (int i = 0; i < hs; i++) {
+        out_bth[i] = 0.0f;
+    }
+    for (int t2 = 0; t2 <= t; t2++) {
+        const float* value_t2 = qkv + (size_t)(b * T + t2) * C3 + 2 * C + h * hs;  // v[b, t2, h, :]
+        float a = att_row[t2];
+        for (int i = 0; i < hs; i++) {
+            out_bth[i] += a * value_t2[i];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Version "cublas": permute, batched matmul, warp-per-row softmax, batched matmul, unpermute.
+
+// One thread per element of q (B*NH*T*hs threads); each copies one float of q, one of k and one of v.
+extern "C" __global__ void permute_kernel(float* q, float* k, float* v,  // each (B, NH, T, hs)
+                                          const float* inp,              // (B, T, 3, NH, hs) = (B, T, 3C)
+                                          int B, int T, int NH, int hs) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * NH * T * hs) return;
+    // idx = ((b * NH + h) * T + t) * hs + i: the position in q
+    int i = idx % hs;
+    int t = (idx / hs) % T;
+    int h = (idx / (hs * T)) % NH;
+    int b = idx / (hs * T * NH);
+    // the same element in inp: inp[b, t, 0, h, i]; k and v sit NH*hs = C and 2C further along
+    int C = NH * hs;
+    size_t inp_idx = (size_t)(b * T + t) * 3 * C + h * hs + i;
+    q[idx] = inp[inp_idx];
+    k[idx] = inp[inp_idx + C];
+    v[idx] = inp[inp_idx + 2 * C];
+}
+
+// Causal softmax of an (N, T, T) stack of score matrices, N = B*NH, one warp (32 threads) per row.
+// Row `row` of the stack is query position t = row % T; it may look at keys 0..t only, so the warp reads
+// only those t+1 scores: lane l handles keys l, l+32, l+64, ... and warp reductions combine the lanes.
+// The scale 1/sqrt(hs) is applied here (inv_temperature), so the matmul before it needs no scaling.
+extern "C" __global__ void softmax_forward_kernel(float* out,             // (N, T, T) att
+                                                  float inv_temperature,  // 1/sqrt(hs)
+                                                  const float* inp,       // (N, T, T) preatt, unscaled
+                                                  int N, int T) {
+    int lane = threadIdx.x % warpSize;
+    int warps_per_block = blockDim.x / warpSize;
+    int row = blockIdx.x * warps_per_block + threadIdx.x / warpSize;
+    if (row >= N * T) return;  // a whole warp leaves together (blockDim.x is a multiple of 32)
+    int own_pos = row % T;     // t: this row's query position
+    const float* x = inp + (size_t)row * T;
+    float* y = out + (size_t)row * T;
+
+    // the future (keys own_pos+1 .. T-1) is masked: probability exactly 0
+    for (int i = own_pos + 1 + lane; i < T; i += warpSize) {
+        y[i] = 0.0f;
+    }
+    // the maximum over the visible keys: each lane over its own keys, then across the warp
+    float maxval = -3.402823466e38f;  // the most negative float: a lane with no keys keeps it
+    for (int i = lane; i <= own_pos; i += warpSize) {
+        maxval = fmaxf(maxval, x[i]);
+    }
+    maxval = warpReduceMax(maxval);
+    // exp(scale * (x - max)) for each visible key, and the sum of them across the warp
+    float sumval = 0.0f;
+    for (int i = lane; i <= own_pos; i += warpSize) {
+        float e = expf(inv_temperature * (x[i] - maxval));
+        y[i] = e;
+        sumval += e;
+    }
+    sumval = warpReduceSum(sumval);
+    // normalize: each lane rescales the values it wrote itself
+    float norm = 1.0f / sumval;
+    for (int i = lane; i <= own_pos; i += warpSize) {
+        y[i] *= norm;
+    }
+}
+
+// One thread per element of out_h (B*NH*T*hs threads): out[b, t, h, i] = inp[b, h, t, i].
+extern "C" __global__ void unpermute_kernel(float* out,        // (B, T, NH, hs) = (B, T, C)
+                                            const float* inp,  // (B, NH, T, hs)
+                                            int B, int T, int NH, int hs) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * NH * T * hs) return;
+    int i = idx % hs;
+    int t = (idx / hs) % T;
+    int h = (idx / (hs * T)) % NH;
+    int b = idx / (hs * T * NH);
+    out[((size_t)(b * T + t) * NH + h) * hs + i] = inp[idx];
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward.
+
+// The inverse move of unpermute_kernel, for the gradient: dinp[b, h, t, i] = dout[b, t, h, i].
+extern "C" __global__ void unpermute_kernel_backward(float* dinp,        // (B, NH, T, hs)
+                                                     const float* dout,  // (B, T, NH, hs) = (B, T, C)
+                                                     int B, int T, int NH, int hs) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * NH * T * hs) return;
+    int i = idx % hs;
+    int t = (idx / hs) % T;
+    int h = (idx / (hs * T)) % NH;
+    int b = idx / (hs * T * NH);
+    dinp[idx] = dout[((size_t)(b * T + t) * NH + h) * hs + i];
+}
+
+// The softmax's backward, one warp per row of the (N, T, T) stack, reading only the causal half:
+//   dpreatt[t2] = scale * att[t2] * (datt[t2] - sum over t3 <= t of att[t3] * datt[t3])   for t2 <= t
+// and 0 for t2 > t (those scores were masked, so nothing flows back to them).
+extern "C" __global__ void softmax_autoregressive_backward_kernel(float* dpreatt,     // (N, T, T)
+                                                                  const float* datt,  // (N, T, T)
+                                                                  const float* att,   // (N, T, T)
+                                                                  int N, int T, float scale) {
+    int lane = threadIdx.x % warpSize;
+    int warps_per_block = blockDim.x / warpSize;
+    int row = blockIdx.x * warps_per_block + threadIdx.x / warpSize;
+    if (row >= N * T) return;
+    int own_pos = row % T;
+    const float* att_row = att + (size_t)row * T;
+    const float* datt_row = datt + (size_t)row * T;
+    float* dpreatt_row = dpreatt + (size_t)row * T;
+
+    // the dot product sum(att * datt) over the visible keys, across the warp
+    float dot = 0.0f;
+    for (int i = lane; i <= own_pos; i += warpSize) {
+        dot += att_row[i] * datt_row[i];
+    }
+    dot = warpReduceSum(dot);
+    for (int i = lane; i <= own_pos; i += warpSize) {
+        dpreatt_row[i] = scale * att_row[i] * (datt_row[i] - dot);
+    }
+    for (int i = own_pos + 1 + lane; i < T; i += warpSize) {
+        dpreatt_row[i] = 0.0f;
+    }
+}
+
+// The inverse move of permute_kernel: dq, dk, dv back into one (B, T, 3C) array laid out like qkv.
+extern "C" __global__ void permute_kernel_backward(float* dinp,  // (B, T, 3, NH, hs) = (B, T, 3C)
+                                                   const float* dq, const float* dk, const float* dv,  // (B, NH, T, hs)
+                                                   int B, int T, int NH, int hs) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * NH * T * hs) return;
+    int i = idx % hs;
+    int t = (idx / hs) % T;
+    int h = (idx / (hs * T)) % NH;
+    int b = idx / (hs * T * NH);
+    int C = NH * hs;
+    size_t inp_idx = (size_t)(b * T + t) * 3 * C + h * hs + i;
+    dinp[inp_idx] = dq[idx];
+    dinp[inp_idx + C] = dk[idx];
+    dinp[inp_idx + 2 * C] = dv[idx];
+}

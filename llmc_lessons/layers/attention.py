@@ -1,0 +1,224 @@
+"""Causal multi-head self-attention: the only layer of GPT-2 where positions talk to each other.
+
+    qkv (B, T, 3C) = [q | k | v] along the last axis, each C = NH * hs wide, head h at columns h*hs:(h+1)*hs
+    preatt[b, h, t, t2] = q[b, t, h] . k[b, t2, h] / sqrt(hs)         for t2 <= t (the past and itself)
+    att[b, h, t, :]     = softmax over t2 <= t of preatt[b, h, t, :]  (exactly 0 for t2 > t: the future)
+    out[b, t, h]        = sum over t2 of att[b, h, t, t2] * v[b, t2, h]   -> out (B, T, C)
+
+Shapes: B batch, T positions, C channels, NH heads, hs = C / NH channels per head.
+
+Read top-down: the NumPy references (split into heads, causal softmax, forward, backward), then the
+launchers of the kernels in `kernels/attention.cu`:
+  forward version "naive":  attention_forward_kernel1, one thread per (b, t, h) row does everything;
+  forward version "cublas": permute_kernel -> batched matmul (cuBLAS through CuPy on a GPU, NumPy's matmul on
+                            the CPU) -> softmax_forward_kernel (one warp per row) -> batched matmul ->
+                            unpermute_kernel, the structure llm.c's train_gpt2.cu uses;
+  backward: unpermute_kernel_backward -> batched matmuls -> softmax_autoregressive_backward_kernel ->
+            batched matmuls -> permute_kernel_backward.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from llmc_lessons import device
+
+# ---------------------------------------------------------------------------------------------------------
+# NumPy reference
+
+
+def _sizes(qkv, NH, where: str):
+    """(B, T, C, hs) from qkv (B, T, 3C) and NH, with a clear error when they do not fit together."""
+    if isinstance(NH, bool) or not isinstance(NH, (int, np.integer)) or NH < 1:
+        raise ValueError(f"{where}: NH (the number of heads) must be a positive int, got {NH!r}")
+    if qkv.ndim != 3 or qkv.shape[2] % 3:
+        raise ValueError(f"{where}: qkv must have shape (B, T, 3C), got {tuple(qkv.shape)}")
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    if C % NH:
+        raise ValueError(f"{where}: C = {C} channels do not split into NH = {NH} heads (C % NH must be 0)")
+    return B, T, C, C // NH
+
+
+def split_heads(x, NH):
+    """(B, T, C) -> (B, NH, T, hs): head h is the channels h*hs:(h+1)*hs, moved to an axis of its own."""
+    B, T, C = x.shape
+    return x.reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(B, NH, T, hs) -> (B, T, C): the inverse of split_heads (a C-contiguous copy)."""
+    B, NH, T, hs = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(B, T, NH * hs)
+
+
+def causal_softmax(preatt, inv_temperature=1.0):
+    """(..., T, T) -> (..., T, T): row t is softmax(inv_temperature * preatt[t, :t+1]), then zeros for t2 > t.
+
+    The row maximum is subtracted before exp (softmax does not change when every entry moves by the same
+    amount, and exp of a large number overflows). Masked entries become exactly 0.
+    """
+    preatt = np.asarray(preatt)
+    T = preatt.shape[-1]
+    visible = np.tril(np.ones((T, T), dtype=bool))                         # visible[t, t2] = (t2 <= t)
+    scores = np.where(visible, preatt * np.asarray(inv_temperature, dtype=preatt.dtype), -np.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)                   # the diagonal is always visible
+    e = np.exp(scores)                                                      # exp(-inf) = 0 for the future
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention_forward(qkv, NH):
+    """(B, T, 3C) -> out (B, T, C), att (B, NH, T, T): causal self-attention with NH heads.
+
+    att is the post-softmax attention (zeros above the diagonal); the backward needs it.
+    """
+    qkv = np.asarray(qkv)
+    B, T, C, hs = _sizes(qkv, NH, "attention_forward")
+    q = split_heads(qkv[:, :, 0 * C:1 * C], NH)         # (B, NH, T, hs)
+    k = split_heads(qkv[:, :, 1 * C:2 * C], NH)         # (B, NH, T, hs)
+    v = split_heads(qkv[:, :, 2 * C:3 * C], NH)         # (B, NH, T, hs)
+    scale = 1.0 / math.sqrt(hs)
+    preatt = q @ k.transpose(0, 1, 3, 2)                # (B, NH, T, T): preatt[t, t2] = q_t . k_t2
+    att = causal_softmax(preatt, scale)                 # (B, NH, T, T), rows sum to 1, future = 0
+    out_h = att @ v                                     # (B, NH, T, hs): weighted sum of the values
+    return merge_heads(out_h), att
+
+
+def attention_backward(dout, qkv, att, NH):
+    """(B, T, C), (B, T, 3C), (B, NH, T, T) -> dqkv (B, T, 3C), laid out [dq | dk | dv] like qkv.
+
+    The forward's steps in reverse; see lesson 05 for the derivation of each line.
+    """
+    dout, qkv, att = np.asarray(dout), np.asarray(qkv), np.asarray(att)
+    B, T, C, hs = _sizes(qkv, NH, "attention_backward")
+    if dout.shape != (B, T, C):
+        raise ValueError(f"attention_backward: dout must have shape (B, T, C) = {(B, T, C)}, got {dout.shape}")
+    if att.shape != (B, NH, T, T):
+        raise ValueError(f"attention_backward: att must have shape (B, NH, T, T) = {(B, NH, T, T)}, "
+                         f"got {att.shape}")
+    q = split_heads(qkv[:, :, 0 * C:1 * C], NH)         # (B, NH, T, hs)
+    k = split_heads(qkv[:, :, 1 * C:2 * C], NH)
+    v = split_heads(qkv[:, :, 2 * C:3 * C], NH)
+    scale = 1.0 / math.sqrt(hs)
+    dout_h = split_heads(dout, NH)                      # (B, NH, T, hs)
+    # out_h = att @ v
+    datt = dout_h @ v.transpose(0, 1, 3, 2)             # (B, NH, T, T)
+    dv = att.transpose(0, 1, 3, 2) @ dout_h             # (B, NH, T, hs)
+    # att = softmax(scale * preatt) row by row: the Jacobian-vector product of softmax, times the scale
+    dpreatt = att * (datt - (att * datt).sum(axis=-1, keepdims=True)) * np.asarray(scale, dtype=att.dtype)
+    # preatt = q @ k^T
+    dq = dpreatt @ k                                    # (B, NH, T, hs)
+    dk = dpreatt.transpose(0, 1, 3, 2) @ q              # (B, NH, T, hs)
+    return np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
+
+
+def _check_block_size(block_size, whole_warps: bool) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
+            or not 1 <= block_size <= 1024:
+        raise ValueError(f"block_size must be an int in 1..1024 (threads per block), got {block_size!r}")
+    if whole_warps and block_size % 32:
+        raise ValueError(f"block_size must be a multiple of 32 here (one warp of 32 threads owns one row of "
+                         f"att), got {block_size}")
+    return int(block_size)
+
+
+def _launch_1d(kernel, n: int, block_size: int, args) -> None:
+    """One thread per element of n (rounded up to whole blocks; the kernel checks idx < n)."""
+    if n:
+        kernel(((n + block_size - 1) // block_size,), (block_size,), args)
+
+
+def _permute(qkv, B, T, NH, hs, block_size):
+    """(B, T, 3C) -> q, k, v each (B, NH, T, hs) through permute_kernel."""
+    from llmc_lessons.cuda import load_kernel
+    xp = device.xp
+    q, k, v = (xp.empty((B, NH, T, hs), dtype=np.float32) for _ in range(3))
+    _launch_1d(load_kernel("attention.cu", "permute_kernel"), B * NH * T * hs, block_size,
+               (q, k, v, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    return q, k, v
+
+
+def _softmax_rows(kernel, N, T, block_size, args) -> None:
+    """Launch a one-warp-per-row kernel over the N*T rows of an (N, T, T) array."""
+    warps_per_block = block_size // 32
+    if N * T:
+        kernel(((N * T + warps_per_block - 1) // warps_per_block,), (block_size,), args)
+
+
+def _bmm(a, b):
+    """Batched matmul over the leading axis, (N, m, k) @ (N, k, n) -> (N, m, n): cuBLAS on a GPU, NumPy here."""
+    return device.xp.ascontiguousarray(device.xp.matmul(a, b))
+
+
+def attention_forward_cuda(qkv, NH, version: str = "cublas", block_size: int = 256):
+    """(B, T, 3C) -> out (B, T, C), att (B, NH, T, T) through the kernels of attention.cu.
+
+    version "naive": attention_forward_kernel1, one thread per (b, t, h).
+    version "cublas": permute -> batched matmul -> softmax_forward_kernel -> batched matmul -> unpermute.
+    block_size: threads per block (a multiple of 32 for "cublas", whose softmax gives each row a warp).
+    """
+    from llmc_lessons.cuda import load_kernel
+
+    if version not in ("naive", "cublas"):
+        raise ValueError(f"version must be 'naive' or 'cublas', got {version!r}")
+    block_size = _check_block_size(block_size, whole_warps=(version == "cublas"))
+    device.require_array("qkv", qkv, shape=(None, None, None))
+    B, T, C, hs = _sizes(qkv, NH, "attention_forward_cuda")
+    NH = int(NH)
+    xp = device.xp
+    out = xp.empty((B, T, C), dtype=np.float32)
+    att = xp.empty((B, NH, T, T), dtype=np.float32)
+    if version == "naive":
+        _launch_1d(load_kernel("attention.cu", "attention_forward_kernel1"), B * T * NH, block_size,
+                   (out, att, qkv, np.int32(B), np.int32(T), np.int32(C), np.int32(NH)))
+        return out, att
+    N = B * NH
+    q, k, v = _permute(qkv, B, T, NH, hs, block_size)                   # each (B, NH, T, hs)
+    preatt = _bmm(q.reshape(N, T, hs), k.reshape(N, T, hs).transpose(0, 2, 1))  # (N, T, T), unscaled
+    _softmax_rows(load_kernel("attention.cu", "softmax_forward_kernel"), N, T, block_size,
+                  (att, np.float32(1.0 / math.sqrt(hs)), preatt, np.int32(N), np.int32(T)))
+    out_h = _bmm(att.reshape(N, T, T), v.reshape(N, T, hs))             # (N, T, hs)
+    _launch_1d(load_kernel("attention.cu", "unpermute_kernel"), B * NH * T * hs, block_size,
+               (out, out_h, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    return out, att
+
+
+def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256):
+    """(B, T, C), (B, T, 3C), (B, NH, T, T) -> dqkv (B, T, 3C) through the backward kernels of attention.cu.
+
+    q, k, v are permuted again from qkv (llm.c keeps them from the forward pass instead).
+    block_size: threads per block, a multiple of 32 (the softmax backward gives each row a warp).
+    """
+    from llmc_lessons.cuda import load_kernel
+
+    block_size = _check_block_size(block_size, whole_warps=True)
+    device.require_array("qkv", qkv, shape=(None, None, None))
+    B, T, C, hs = _sizes(qkv, NH, "attention_backward_cuda")
+    NH = int(NH)
+    device.require_array("dout", dout, shape=(B, T, C))
+    device.require_array("att", att, shape=(B, NH, T, T))
+    xp = device.xp
+    N = B * NH
+    q, k, v = _permute(qkv, B, T, NH, hs, block_size)                   # each (B, NH, T, hs)
+    n = B * NH * T * hs
+    dout_h = xp.empty((B, NH, T, hs), dtype=np.float32)
+    _launch_1d(load_kernel("attention.cu", "unpermute_kernel_backward"), n, block_size,
+               (dout_h, dout, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    dout_h, q, k, v = (a.reshape(N, T, hs) for a in (dout_h, q, k, v))
+    att3 = att.reshape(N, T, T)
+    datt = _bmm(dout_h, v.transpose(0, 2, 1))                           # (N, T, T)
+    dv = _bmm(att3.transpose(0, 2, 1), dout_h)                          # (N, T, hs)
+    dpreatt = xp.empty((N, T, T), dtype=np.float32)
+    _softmax_rows(load_kernel("attention.cu", "softmax_autoregressive_backward_kernel"), N, T, block_size,
+                  (dpreatt, datt, att3, np.int32(N), np.int32(T), np.float32(1.0 / math.sqrt(hs))))
+    dq = _bmm(dpreatt, k)                                               # (N, T, hs)
+    dk = _bmm(dpreatt.transpose(0, 2, 1), q)                            # (N, T, hs)
+    dqkv = xp.empty((B, T, 3 * C), dtype=np.float32)
+    _launch_1d(load_kernel("attention.cu", "permute_kernel_backward"), n, block_size,
+               (dqkv, dq, dk, dv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    return dqkv

@@ -1,0 +1,122 @@
+"""GELU, the nonlinearity of GPT-2's MLP, in the tanh approximation GPT-2 uses (lesson 06).
+
+    gelu(x) = 0.5 x (1 + tanh(u)),   u = sqrt(2/pi) (x + 0.044715 x^3)
+    gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x sech^2(u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+
+Read top-down: the NumPy forward and backward (any shape, float32 or float64), the exact erf-GELU for
+comparison, then the kernel launchers for kernels/gelu.cu.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from llmc_lessons import device
+
+GELU_SCALING_FACTOR = math.sqrt(2.0 / math.pi)  # sqrt(2/pi) = 0.7978845608...
+GELU_CUBE_COEF = 0.044715
+
+
+def _float_array(name: str, a) -> np.ndarray:
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {a.dtype}")
+    return a
+
+
+def gelu_forward(inp):
+    """(any shape) -> same shape: the tanh-approximate GELU, elementwise, in the dtype of `inp`."""
+    x = _float_array("inp", inp)
+    k, c = x.dtype.type(GELU_SCALING_FACTOR), x.dtype.type(GELU_CUBE_COEF)
+    u = k * (x + c * x * x * x)                     # the tanh argument
+    return x.dtype.type(0.5) * x * (1 + np.tanh(u))
+
+
+def gelu_backward(dout, inp):
+    """dout, inp (same shape) -> dinp = gelu'(inp) * dout, in the dtype of `inp`."""
+    x = _float_array("inp", inp)
+    dout = _float_array("dout", dout)
+    if dout.shape != x.shape:
+        raise ValueError(f"dout has shape {dout.shape} but inp has shape {x.shape}; they must match")
+    k, c = x.dtype.type(GELU_SCALING_FACTOR), x.dtype.type(GELU_CUBE_COEF)
+    u = k * (x + c * x * x * x)
+    th = np.tanh(u)
+    sech2 = 1 - th * th                             # sech^2(u) = 1 - tanh^2(u)
+    du_dx = k * (1 + 3 * c * x * x)
+    local_grad = x.dtype.type(0.5) * (1 + th) + x.dtype.type(0.5) * x * sech2 * du_dx
+    return (local_grad * dout).astype(x.dtype, copy=False)
+
+
+def gelu_erf_forward(inp):
+    """(any shape) -> same shape: the exact GELU x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), in float64.
+
+    Not used by GPT-2: shown in lesson 06 to compare with the tanh approximation.
+    """
+    x = np.asarray(inp, dtype=np.float64)
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def gelu_erf_backward(dout, inp):
+    """dout, inp -> dinp for the exact GELU: d/dx [x Phi(x)] = Phi(x) + x phi(x), in float64."""
+    x = np.asarray(inp, dtype=np.float64)
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    cdf = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return (cdf + x * pdf) * np.asarray(dout, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel launchers (kernels/gelu.cu): backend arrays in, fresh backend arrays out.
+
+
+def _check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise TypeError(f"block_size must be an int (threads per block), got {type(block_size).__name__}")
+    if not 32 <= block_size <= 1024 or block_size % 32:
+        raise ValueError(f"block_size must be a multiple of 32 (whole warps) between 32 and 1024, got {block_size}")
+    return int(block_size)
+
+
+def _grid(n: int, block_size: int) -> int:
+    """CEIL_DIV(n, block_size): enough blocks to give every element a thread."""
+    return (n + block_size - 1) // block_size
+
+
+def gelu_forward_cuda(inp, block_size: int = 128, version: int = 1):
+    """(any shape) float32 -> same shape: gelu through gelu_forward_kernel1 (version=1, one thread per
+    element) or gelu_forward_kernel2 (version=2, one thread per float4; needs inp.size % 4 == 0)."""
+    from llmc_lessons.cuda import load_kernel
+    device.require_array("inp", inp)
+    block_size = _check_block_size(block_size)
+    N = int(inp.size)
+    out = device.xp.empty_like(inp)
+    if N == 0:
+        return out
+    if version == 1:
+        load_kernel("gelu.cu", "gelu_forward_kernel1")((_grid(N, block_size),), (block_size,),
+                                                        (out, inp, np.int32(N)))
+    elif version == 2:
+        if N % 4:
+            raise ValueError(f"version=2 reads float4 (4 floats at once), so inp.size must be a multiple of 4, "
+                             f"got {N}; use version=1")
+        load_kernel("gelu.cu", "gelu_forward_kernel2")((_grid(N // 4, block_size),), (block_size,),
+                                                        (out, inp, np.int32(N // 4)))
+    else:
+        raise ValueError(f"version must be 1 (one thread per element) or 2 (float4), got {version!r}")
+    return out
+
+
+def gelu_backward_cuda(dout, inp, block_size: int = 128):
+    """dout, inp (same shape, float32) -> dinp = gelu'(inp) * dout through gelu_backward_kernel."""
+    from llmc_lessons.cuda import load_kernel
+    device.require_array("inp", inp)
+    device.require_array("dout", dout, shape=tuple(inp.shape))
+    block_size = _check_block_size(block_size)
+    N = int(inp.size)
+    dinp = device.xp.empty_like(inp)
+    if N:
+        load_kernel("gelu.cu", "gelu_backward_kernel")((_grid(N, block_size),), (block_size,),
+                                                        (dinp, inp, dout, np.int32(N)))
+    return dinp

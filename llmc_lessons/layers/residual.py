@@ -1,0 +1,48 @@
+"""The residual connection, out = inp1 + inp2 (lesson 07).
+
+The forward adds a branch's output back onto the residual stream. The backward is the simplest of all: the
+derivative of a sum with respect to each summand is 1, so the upstream gradient flows unchanged into both
+inputs. The reverse also holds: where one tensor is read by two branches (a fork), the two gradients that
+come back add up, and that add is again a residual_forward.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from llmc_lessons import device
+
+
+def residual_forward(inp1, inp2):
+    """inp1, inp2 (same shape, e.g. (B, T, C)) -> out = inp1 + inp2 (a new array)."""
+    inp1, inp2 = np.asarray(inp1), np.asarray(inp2)
+    if inp1.shape != inp2.shape:
+        raise ValueError(f"inp1 has shape {inp1.shape} but inp2 has shape {inp2.shape}; they must match")
+    return inp1 + inp2
+
+
+def residual_backward(dout):
+    """dout (any shape) -> (dinp1, dinp2): both are copies of dout, since d(a + b)/da = d(a + b)/db = 1."""
+    dout = np.asarray(dout)
+    return dout.copy(), dout.copy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel launcher (kernels/residual.cu)
+
+
+def residual_forward_cuda(inp1, inp2, block_size: int = 256):
+    """inp1, inp2 (same shape, float32 backend arrays) -> out = inp1 + inp2 through residual_forward_kernel."""
+    from llmc_lessons.cuda import load_kernel
+    device.require_array("inp1", inp1)
+    device.require_array("inp2", inp2, shape=tuple(inp1.shape))
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise TypeError(f"block_size must be an int (threads per block), got {type(block_size).__name__}")
+    if not 32 <= block_size <= 1024 or block_size % 32:
+        raise ValueError(f"block_size must be a multiple of 32 (whole warps) between 32 and 1024, got {block_size}")
+    N = int(inp1.size)
+    out = device.xp.empty_like(inp1)
+    if N:
+        grid = (N + block_size - 1) // block_size  # CEIL_DIV(N, block_size)
+        load_kernel("residual.cu", "residual_forward_kernel")((grid,), (int(block_size),),
+                                                              (out, inp1, inp2, np.int32(N)))
+    return out
