@@ -106,16 +106,26 @@ def from_course(model, flash: bool = False, torch_device: str = "cpu") -> TorchG
     return ref
 
 
-def llmc_grads(ref: TorchGPT2) -> dict:
-    """The gradients under llm.c's names as NumPy arrays, stacked over layers; dwte padded with zero rows."""
+def _llmc_arrays(ref: TorchGPT2, get) -> dict:
+    """get(tensor) -> array for llm.c's 16 names, stacked over layers; wte padded with zero rows to (Vp, C)."""
     c = ref.config
     out = {}
     for name, tensors in ref.llmc_tensors().items():
-        arrays = [t.grad.detach().cpu().numpy().copy() for t in tensors]
+        arrays = [get(t).detach().cpu().numpy().copy() for t in tensors]
         out[name] = arrays[0] if name in UNSTACKED else np.stack(arrays)
     pad = np.zeros((c.padded_vocab_size - c.vocab_size, c.channels), np.float32)
     out["wte"] = np.concatenate([out["wte"], pad])
     return out
+
+
+def llmc_params(ref: TorchGPT2) -> dict:
+    """The weights under llm.c's names as NumPy arrays (the course's layout)."""
+    return _llmc_arrays(ref, lambda t: t)
+
+
+def llmc_grads(ref: TorchGPT2) -> dict:
+    """The gradients under llm.c's names as NumPy arrays (the course's layout)."""
+    return _llmc_arrays(ref, lambda t: t.grad)
 
 
 def write_debug_state(path, ref: TorchGPT2, x, y) -> None:

@@ -47,124 +47,15 @@ def _close(name, got, expected, rtol=1e-4, atol_floor=1e-6):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# An independent GPT-2 in PyTorch: plain modules, tanh GELU, tied lm_head.
+# The independent GPT-2 in PyTorch (llmc_lessons.torch_gpt2): plain modules, tanh GELU, tied lm_head.
 
 try:
     import torch
-    nn, F = torch.nn, torch.nn.functional
+    from llmc_lessons.torch_gpt2 import UNSTACKED, from_course as torch_twin, llmc_grads, llmc_params, write_debug_state
 except ImportError:  # the comparison tests skip; everything else still runs
     torch = None
 
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed: this test compares with it")
-
-if torch is not None:
-
-
-    class TorchAttention(nn.Module):
-        def __init__(self, C, NH):
-            super().__init__()
-            self.NH = NH
-            self.c_attn = nn.Linear(C, 3 * C)
-            self.c_proj = nn.Linear(C, C)
-
-        def forward(self, x):
-            B, T, C = x.shape
-            hs = C // self.NH
-            q, k, v = self.c_attn(x).split(C, dim=2)
-            q, k, v = (t.view(B, T, self.NH, hs).transpose(1, 2) for t in (q, k, v))  # (B, NH, T, hs)
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
-            causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
-            att = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-            y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-            return self.c_proj(y)
-
-
-    class TorchBlock(nn.Module):
-        def __init__(self, C, NH):
-            super().__init__()
-            self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(C), TorchAttention(C, NH), nn.LayerNorm(C)
-            self.c_fc, self.c_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
-
-        def forward(self, x):
-            x = x + self.attn(self.ln_1(x))
-            return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
-
-
-    class TorchGPT2(nn.Module):
-        def __init__(self, c: GPT2Config):
-            super().__init__()
-            self.wte, self.wpe = nn.Embedding(c.vocab_size, c.channels), nn.Embedding(c.max_seq_len, c.channels)
-            self.h = nn.ModuleList(TorchBlock(c.channels, c.num_heads) for _ in range(c.num_layers))
-            self.ln_f = nn.LayerNorm(c.channels)
-            self.lm_head = nn.Linear(c.channels, c.vocab_size, bias=False)
-            self.lm_head.weight = self.wte.weight  # tied
-
-        def forward(self, idx, targets):
-            T = idx.shape[1]
-            x = self.wte(idx) + self.wpe(torch.arange(T))
-            for block in self.h:
-                x = block(x)
-            logits = self.lm_head(self.ln_f(x))
-            return logits, F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
-
-        def llmc_tensors(self):
-            """This model's tensors under llm.c's 16 names, stacked over layers (wte unpadded, (V, C))."""
-            h = self.h
-            return {
-                "wte": [self.wte.weight], "wpe": [self.wpe.weight],
-                "ln1w": [b.ln_1.weight for b in h], "ln1b": [b.ln_1.bias for b in h],
-                "qkvw": [b.attn.c_attn.weight for b in h], "qkvb": [b.attn.c_attn.bias for b in h],
-                "attprojw": [b.attn.c_proj.weight for b in h], "attprojb": [b.attn.c_proj.bias for b in h],
-                "ln2w": [b.ln_2.weight for b in h], "ln2b": [b.ln_2.bias for b in h],
-                "fcw": [b.c_fc.weight for b in h], "fcb": [b.c_fc.bias for b in h],
-                "fcprojw": [b.c_proj.weight for b in h], "fcprojb": [b.c_proj.bias for b in h],
-                "lnfw": [self.ln_f.weight], "lnfb": [self.ln_f.bias],
-            }
-
-
-    UNSTACKED = ("wte", "wpe", "lnfw", "lnfb")
-
-    def _stack(name, tensors, get):
-        arrays = [get(t) for t in tensors]
-        return arrays[0] if name in UNSTACKED else np.stack(arrays)
-
-
-    def torch_twin(model: GPT2) -> TorchGPT2:
-        """A PyTorch GPT-2 holding the same weights as `model` (wte without its padded rows)."""
-        c = model.config
-        ref = TorchGPT2(c)
-        with torch.no_grad():
-            for name, tensors in ref.llmc_tensors().items():
-                ours = device.to_host(model.params[name])
-                if name == "wte":
-                    ours = ours[:c.vocab_size]
-                for l, t in enumerate(tensors):
-                    t.copy_(torch.from_numpy(np.array(ours if name in UNSTACKED else ours[l])))
-        return ref
-
-
-    def torch_grads(ref: TorchGPT2, config: GPT2Config) -> dict:
-        """The PyTorch gradients under llm.c's names; dwte padded with zero rows to (Vp, C)."""
-        out = {name: _stack(name, tensors, lambda t: t.grad.numpy().copy()) for name, tensors in ref.llmc_tensors().items()}
-        pad = np.zeros((config.padded_vocab_size - config.vocab_size, config.channels), np.float32)
-        out["wte"] = np.concatenate([out["wte"], pad])
-        return out
-
-
-    def write_torch_state(path, ref: TorchGPT2, config: GPT2Config, x, y):
-        """llm.c's debug-state file written from the PyTorch model, the way llm.c's train_gpt2.py writes it."""
-        ref.zero_grad()
-        logits, loss = ref(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64)))
-        loss.backward()
-        grads = torch_grads(ref, config)
-        header = np.zeros(256, np.int32)
-        header[:4] = [20240327, 2, x.shape[0], x.shape[1]]
-        with open(path, "wb") as f:
-            for part in (header, x.astype(np.int32), y.astype(np.int32), logits.detach().numpy(),
-                         np.array([loss.item()], np.float32)):
-                f.write(np.ascontiguousarray(part).tobytes())
-            for name in PARAMETER_NAMES:
-                f.write(np.ascontiguousarray(grads[name], np.float32).tobytes())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,7 +141,7 @@ def test_logits_loss_and_every_gradient_match_pytorch(path):
     assert abs(loss - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     assert model.logits.shape == (3, 7, SMALL.padded_vocab_size)
     _close("logits", device.to_host(model.logits)[..., :SMALL.vocab_size], logits.detach().numpy())
-    expected = torch_grads(ref, SMALL)
+    expected = llmc_grads(ref)
     for name in PARAMETER_NAMES:
         _close("d" + name, model.grads[name], expected[name])
     assert not device.to_host(model.grads["wte"])[SMALL.vocab_size:].any()
@@ -316,21 +207,14 @@ def test_adamw_steps_match_torch_with_decay_groups(path):
         for l, t in enumerate(tensors):
             g = ours[name][:SMALL.vocab_size] if name == "wte" else ours[name] if name in UNSTACKED else ours[name][l]
             t.grad = torch.from_numpy(np.array(g))
-    decay = [p for p in ref.parameters() if p.dim() >= 2]
-    no_decay = [p for p in ref.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(ref.decay_groups(0.1), lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
     for step in (1, 2):
         opt.step()
         model.update(3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
         assert model.step == step
-    for name, tensors in ref.llmc_tensors().items():
-        expected = _stack(name, tensors, lambda t: t.detach().numpy().copy())
+    for name, expected in llmc_params(ref).items():
         got = device.to_host(model.params[name])
-        if name == "wte":
-            assert not got[SMALL.vocab_size:].any(), "the padded rows of wte must stay zero"
-            got = got[:SMALL.vocab_size]
-        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6, err_msg=name)  # padded wte rows stay 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -424,7 +308,7 @@ def test_verify_cli_on_a_state_written_by_pytorch(tmp_path):
     model.params["wte"][SMALL.vocab_size:] = 0
     model.save_llmc_checkpoint(tmp_path / "model.bin")
     idx, targets = _batch(SMALL)
-    write_torch_state(tmp_path / "state.bin", torch_twin(model), SMALL, idx, targets)
+    write_debug_state(tmp_path / "state.bin", torch_twin(model), idx, targets)
     run = subprocess.run([sys.executable, "-m", "llmc_lessons.verify", str(tmp_path / "model.bin"),
                           str(tmp_path / "state.bin"), "--backend", "numpy"], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
