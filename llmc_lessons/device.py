@@ -74,9 +74,10 @@ def require_array(name: str, a, shape=None, dtype=np.float32):
     """
     if not isinstance(a, xp.ndarray):
         where = "a CuPy array on the GPU" if on_gpu() else "a NumPy array"
-        got = type(a).__module__ + "." + type(a).__name__
-        hint = " (move it with llmc_lessons.device.to_device)" if isinstance(a, np.ndarray) else ""
-        raise TypeError(f"{name} must be {where}, got {got}{hint}")
+        if isinstance(a, np.ndarray):
+            raise TypeError(f"{name} must be {where}, got a NumPy array in host memory "
+                            f"(move it with llmc_lessons.device.to_device)")
+        raise TypeError(f"{name} must be {where}, got {type(a).__module__}.{type(a).__name__}")
     if dtype is not None and a.dtype != np.dtype(dtype):
         raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype} (use .astype(np.{np.dtype(dtype)}))")
     if shape is not None:

@@ -40,10 +40,10 @@ print(d.describe())
 try:
     import torch; print(\"torch\", torch.__version__, torch.version.cuda)
 except ImportError: print(\"torch missing\")"' ;;
-    tests) run tests python3 -m pytest -q -p no:cacheprovider tests ;;
-    nbval) run nbval python3 -m pytest -q -p no:cacheprovider --nbval-lax solutions ;;
+    tests) run tests python3 -m pytest -q -p no:cacheprovider --durations=15 ${TEST_ARGS:-} tests ;;
+    nbval) run nbval python3 -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --durations=15 solutions ;;
     parity) run parity python3 tools/gpu_parity.py ;;
-    bench) run bench python3 -m llmc_lessons.bench ;;
+    bench) run bench python3 -m llmc_lessons.bench --profile --json "$out/bench.json" ${BENCH_ARGS:-} ;;
     train) run train python3 -m llmc_lessons.train --model d12 --batch-size 16 --seq-len 1024 --steps 300 --out /tmp/runs/d12 ;;
     *) echo "unknown stage $s"; status=1 ;;
   esac

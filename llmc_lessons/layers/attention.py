@@ -150,9 +150,6 @@ def _softmax_rows(kernel, N, T, block_size, args) -> None:
         kernel(((N * T + warps_per_block - 1) // warps_per_block,), (block_size,), args)
 
 
-def _bmm(a, b):
-    """Batched matmul over the leading axis, (N, m, k) @ (N, k, n) -> (N, m, n): cuBLAS on a GPU, NumPy here."""
-    return device.xp.ascontiguousarray(device.xp.matmul(a, b))
 
 
 def attention_forward_cuda(qkv, NH, version: str = "cublas", block_size: int = 256):
@@ -162,6 +159,7 @@ def attention_forward_cuda(qkv, NH, version: str = "cublas", block_size: int = 2
     version "cublas": permute -> batched matmul -> softmax_forward_kernel -> batched matmul -> unpermute.
     block_size: threads per block (a multiple of 32 for "cublas", whose softmax gives each row a warp).
     """
+    from llmc_lessons.cublas import gemm_batched
     from llmc_lessons.cuda import load_kernel
 
     if version not in ("naive", "cublas"):
@@ -179,10 +177,10 @@ def attention_forward_cuda(qkv, NH, version: str = "cublas", block_size: int = 2
         return out, att
     N = B * NH
     q, k, v = _permute(qkv, B, T, NH, hs, block_size)                   # each (B, NH, T, hs)
-    preatt = _bmm(q.reshape(N, T, hs), k.reshape(N, T, hs).transpose(0, 2, 1))  # (N, T, T), unscaled
+    preatt = gemm_batched(q.reshape(N, T, hs), k.reshape(N, T, hs), trans_b=True)  # (N, T, T), unscaled
     _softmax_rows(load_kernel("attention.cu", "softmax_forward_kernel"), N, T, block_size,
                   (att, np.float32(1.0 / math.sqrt(hs)), preatt, np.int32(N), np.int32(T)))
-    out_h = _bmm(att.reshape(N, T, T), v.reshape(N, T, hs))             # (N, T, hs)
+    out_h = gemm_batched(att.reshape(N, T, T), v.reshape(N, T, hs))             # (N, T, hs)
     _launch_1d(load_kernel("attention.cu", "unpermute_kernel"), B * NH * T * hs, block_size,
                (out, out_h, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
     return out, att
@@ -194,6 +192,7 @@ def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256):
     q, k, v are permuted again from qkv (llm.c keeps them from the forward pass instead).
     block_size: threads per block, a multiple of 32 (the softmax backward gives each row a warp).
     """
+    from llmc_lessons.cublas import gemm_batched
     from llmc_lessons.cuda import load_kernel
 
     block_size = _check_block_size(block_size, whole_warps=True)
@@ -211,13 +210,13 @@ def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256):
                (dout_h, dout, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
     dout_h, q, k, v = (a.reshape(N, T, hs) for a in (dout_h, q, k, v))
     att3 = att.reshape(N, T, T)
-    datt = _bmm(dout_h, v.transpose(0, 2, 1))                           # (N, T, T)
-    dv = _bmm(att3.transpose(0, 2, 1), dout_h)                          # (N, T, hs)
+    datt = gemm_batched(dout_h, v, trans_b=True)                           # (N, T, T)
+    dv = gemm_batched(att3, dout_h, trans_a=True)                          # (N, T, hs)
     dpreatt = xp.empty((N, T, T), dtype=np.float32)
     _softmax_rows(load_kernel("attention.cu", "softmax_autoregressive_backward_kernel"), N, T, block_size,
                   (dpreatt, datt, att3, np.int32(N), np.int32(T), np.float32(1.0 / math.sqrt(hs))))
-    dq = _bmm(dpreatt, k)                                               # (N, T, hs)
-    dk = _bmm(dpreatt.transpose(0, 2, 1), q)                            # (N, T, hs)
+    dq = gemm_batched(dpreatt, k)                                              # (N, T, hs)
+    dk = gemm_batched(dpreatt, q, trans_a=True)                            # (N, T, hs)
     dqkv = xp.empty((B, T, 3 * C), dtype=np.float32)
     _launch_1d(load_kernel("attention.cu", "permute_kernel_backward"), n, block_size,
                (dqkv, dq, dk, dv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))

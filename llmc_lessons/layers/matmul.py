@@ -182,11 +182,14 @@ def gemm_cuda(a, b, bias=None, trans_a: bool = False, trans_b: bool = False, ver
     if out is not None:
         device.require_array("out", out, shape=(M, N))
     if version == "cublas":
-        # 2-D operands: the product path that honours tf32(). Transposed views cost no copy: cuBLAS reads them.
-        out = xp.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
-        if bias is not None:
-            out += bias
-        return out
+        # cuBLAS reads the transposed operand in place and honours tf32() (llmc_lessons/cublas.py); NumPy on a CPU
+        from llmc_lessons.cublas import gemm
+        if bias is None:
+            return gemm(a, b, trans_a, trans_b, out=out)
+        if out is None:
+            out = xp.empty((M, N), dtype=np.float32)
+        out[...] = bias                               # broadcast the bias, then add the product onto it
+        return gemm(a, b, trans_a, trans_b, out=out, accumulate=True)
     if out is None:
         out = xp.empty((M, N), dtype=np.float32)
     if M == 0 or N == 0:

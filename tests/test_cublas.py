@@ -1,0 +1,59 @@
+"""llmc_lessons.cublas: row-major products with transposes, accumulation and batches, against NumPy."""
+import numpy as np
+import pytest
+
+from llmc_lessons import device
+from llmc_lessons.cublas import gemm, gemm_batched
+from llmc_lessons.layers.matmul import tf32
+
+gen = np.random.default_rng(0)
+
+
+def rand(*shape):
+    return gen.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_gemm_matches_numpy(trans_a, trans_b):
+    M, N, K = 37, 29, 45
+    a, b = rand(*((K, M) if trans_a else (M, K))), rand(*((N, K) if trans_b else (K, N)))
+    want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
+    with tf32(False):
+        out = device.xp.full((M, N), np.nan, dtype=np.float32)
+        got = gemm(device.to_device(a), device.to_device(b), trans_a, trans_b, out=out)
+        np.testing.assert_allclose(device.to_host(got), want, rtol=1e-4, atol=1e-4)
+        start = rand(M, N)
+        acc = gemm(device.to_device(a), device.to_device(b), trans_a, trans_b, out=device.to_device(start.copy()),
+                   accumulate=True)
+        np.testing.assert_allclose(device.to_host(acc), want + start, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_gemm_batched_matches_numpy(trans_a, trans_b):
+    L, M, N, K = 3, 13, 7, 5
+    a, b = rand(L, *((K, M) if trans_a else (M, K))), rand(L, *((N, K) if trans_b else (K, N)))
+    want = (a.transpose(0, 2, 1) if trans_a else a) @ (b.transpose(0, 2, 1) if trans_b else b)
+    with tf32(False):
+        got = gemm_batched(device.to_device(a), device.to_device(b), trans_a, trans_b)
+    np.testing.assert_allclose(device.to_host(got), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not device.on_gpu(), reason="TF32 exists on a GPU only")
+def test_tf32_switch_changes_the_arithmetic():
+    a, b = device.to_device(rand(256, 512)), device.to_device(rand(512, 256))
+    want = device.to_host(a).astype(np.float64) @ device.to_host(b).astype(np.float64)
+    errs = {}
+    for mode in (False, True):
+        with tf32(mode):
+            errs[mode] = np.abs(device.to_host(gemm(a, b)) - want).max() / np.abs(want).max()
+    assert errs[False] < 1e-5 < 1e-4 < errs[True], errs
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="inner dimensions differ"):
+        gemm(device.to_device(rand(3, 4)), device.to_device(rand(5, 6)))
+    with pytest.raises(ValueError, match="accumulate=True needs an `out`"):
+        gemm(device.to_device(rand(3, 4)), device.to_device(rand(4, 6)), accumulate=True)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        gemm_batched(device.to_device(rand(2, 3, 4)), device.to_device(rand(3, 4, 5)))
