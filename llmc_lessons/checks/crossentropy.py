@@ -1,0 +1,150 @@
+"""Checks for lesson 08 (softmax + cross-entropy): the fused NumPy backward (Exercise 8.1) and the row
+reductions of the softmax kernel (Exercise 8.2)."""
+from __future__ import annotations
+
+import numpy as np
+
+from llmc_lessons import device
+from llmc_lessons.checks import assert_close, passed, poisoned, rng, run_exercise
+from llmc_lessons.layers.crossentropy import crossentropy_softmax_backward, softmax_forward
+
+
+def _backward_mistakes(dlosses, probs, targets, V) -> dict:
+    """{what the student probably did: the dlogits that mistake produces}."""
+    B, T, Vp = probs.shape
+    b, t = np.indices((B, T))
+    dl = dlosses[..., None]
+
+    def onehot(ix):
+        o = np.zeros_like(probs)
+        o[b, t, ix] = 1.0
+        return o
+
+    real = np.zeros_like(probs)
+    real[..., :V] = probs[..., :V]
+    mistakes = {
+        "the one-hot was never subtracted: dlogits = probs * dloss misses the -1 at the target column":
+            real * dl,
+        "dlogits was not multiplied by dlosses (chain rule: d L/d logits = d L/d loss * d loss/d logits; "
+        "for the mean loss every dlosses entry is 1/(B*T))":
+            real - onehot(targets),
+        "the -1 went to column target + 1: an off-by-one target index":
+            (real - onehot(np.minimum(targets + 1, Vp - 1))) * dl,
+        "the -1 went to column target - 1: an off-by-one target index":
+            (real - onehot(np.maximum(targets - 1, 0))) * dl,
+        "dlosses was replaced by 1/(B*T): use the dlosses you are given (the loss may not be a plain mean)":
+            (real - onehot(targets)) / (B * T),
+        "the one-hot was multiplied by dloss but probs was not (or the other way round)":
+            real - onehot(targets) * dl,
+    }
+    withpad = probs - onehot(targets)
+    mistakes["the padded columns V..Vp-1 were copied from probs: they must be exactly 0"] = withpad * dl
+    return mistakes
+
+
+def check_crossentropy_softmax_backward(backward_fn) -> None:
+    """Exercise 8.1: backward_fn(dlosses, probs, targets, V) -> dlogits (B, T, Vp), in NumPy, float64."""
+    ex = "Exercise 8.1"
+    gen = rng()
+    B, T = int(gen.integers(2, 4)), int(gen.integers(3, 8))
+    V = int(gen.integers(20, 45))
+    Vp = V + int(gen.integers(3, 11))                         # a few padded columns
+    logits = gen.standard_normal((B, T, Vp)) * 2.0
+    targets = gen.integers(0, V, size=(B, T)).astype(np.int32)
+    targets[0, 0], targets[-1, -1] = 0, V - 1                 # the first and the last real token
+    probs = softmax_forward(logits, V)
+    cases = [
+        ("the mean loss: dlosses = 1/(B*T) everywhere", np.full((B, T), 1.0 / (B * T)), probs),
+        ("random dlosses, and junk (0.25) in the padded columns of probs",
+         gen.uniform(0.1, 2.0, size=(B, T)), np.where(np.arange(Vp) < V, probs, 0.25)),
+    ]
+    for what, dlosses, p in cases:
+        p_before, dl_before, t_before = p.copy(), dlosses.copy(), targets.copy()
+        got = run_exercise(ex, backward_fn, dlosses, p, targets, V)
+        if got is None:
+            raise AssertionError(f"{ex}: got None. Did your function forget to `return` dlogits?")
+        if not (np.array_equal(p, p_before) and np.array_equal(dlosses, dl_before)
+                and np.array_equal(targets, t_before)):
+            raise AssertionError(f"{ex}: your function changed its inputs (probs, dlosses or targets). Start from "
+                                 f"a fresh array, e.g. dlogits = np.zeros_like(probs), and write into that: the "
+                                 f"caller may still need probs.")
+        expected = crossentropy_softmax_backward(dlosses, p, targets, V)
+        try:
+            assert_close(ex, f"dlogits ({what}; B={B}, T={T}, V={V}, Vp={Vp})", got, expected, atol=1e-12,
+                         rtol=1e-9, known_mistakes=_backward_mistakes(dlosses, p, targets, V),
+                         hint="dlogits[b, t, v] = (probs[b, t, v] - (v == targets[b, t])) * dlosses[b, t] for "
+                              "v < V, and 0 for v >= V.")
+        except AssertionError as e:
+            got_arr = np.asarray(got, dtype=np.float64)
+            if "likely cause" in str(e) or got_arr.shape != expected.shape or not np.any(got_arr[..., V:] != 0):
+                raise
+            first = tuple(int(i) for i in np.argwhere(got_arr[..., V:] != 0)[0])
+            at = first[:2] + (first[2] + V,)
+            raise AssertionError(
+                f"{ex} ({what}): dlogits{list(at)} is {got_arr[at]:.4g}, but columns V..Vp-1 = {V}..{Vp - 1} "
+                f"are padding: the loss never sees them, so their gradient must be exactly 0, whatever probs "
+                f"holds there. Start from zeros and fill only [..., :V].\n{e}") from None
+    passed(ex, f"dlogits matches the reference (B={B}, T={T}, V={V}, Vp={Vp}), padded columns are 0")
+
+
+def _softmax_mistakes(logits, V) -> dict:
+    ev = np.exp(logits[..., :V] - logits[..., :V].max(axis=-1, keepdims=True))
+    pad = np.exp(logits[..., V:] - logits[..., :V].max(axis=-1, keepdims=True)).sum(-1, keepdims=True)
+    pad_sum = np.zeros_like(logits)
+    pad_sum[..., :V] = ev / (ev.sum(axis=-1, keepdims=True) + pad)
+    unnorm = np.zeros_like(logits)
+    unnorm[..., :V] = ev
+    return {
+        "the padded columns V..Vp-1 entered the sum (whether or not they entered the max: softmax does not "
+        "change when every logit shifts by the same amount): loop over i < V, not i < Vp": pad_sum,
+        "the row sum is missing or is 1 (the values are exp(x - max), not divided by the sum)": unnorm,
+    }
+
+
+def check_softmax_forward_kernel(source: str, block_sizes=(32, 96)) -> None:
+    """Exercise 8.2: softmax_forward_kernel(float* probs, const float* logits, int N, int V, int Vp) in `source`,
+    one block per row, against the reference; padded logits are NaN so any use of them shows."""
+    from llmc_lessons.cuda import RawKernel
+
+    ex = "Exercise 8.2"
+    if "TODO (Exercise 8.2)" in source:
+        raise AssertionError(f"{ex} is not done yet: the kernel still has its TODO. Write the two loops in the "
+                             f"CUDA source above, run that cell, then run this check again.")
+    kernel = RawKernel(source, "softmax_forward_kernel")
+    gen = rng()
+    for block_size in block_sizes:
+        for V in (int(gen.integers(2, 5)) * block_size + int(gen.integers(1, block_size)),  # several per thread
+                  int(gen.integers(3, block_size - 2))):                                   # idle threads
+            Vp = V + int(gen.integers(5, 40))
+            B, T = 2, int(gen.integers(2, 5))
+            logits = (gen.standard_normal((B, T, Vp)) * 3.0).astype(np.float32)
+            logits[0, 0, V // 2] = 95.0        # exp(95) overflows float32: only a max-subtracted softmax survives
+            logits[-1, -1, :V] -= 60.0         # a row of very negative logits: exp(x) alone underflows to 0
+            logits_big_pad = logits.copy()
+            logits_big_pad[..., V:] = 20.0     # the padding: large, so using it changes every probability
+            for what, x in (("padded logits = 20", logits_big_pad), ("padded logits = NaN",
+                                                                    np.where(np.arange(Vp) < V, logits, np.nan))):
+                x = x.astype(np.float32)
+                probs = poisoned((B, T, Vp))
+                kernel((B * T,), (block_size,), (probs, device.to_device(x), np.int32(B * T), np.int32(V),
+                                                 np.int32(Vp)))
+                device.synchronize()
+                x64 = np.nan_to_num(x.astype(np.float64), nan=20.0)
+                expected = softmax_forward(x64, V)
+                got = device.to_host(probs)
+                if what.endswith("NaN") and np.isnan(got[..., :V]).any() and np.all(got[..., V:] == 0):
+                    raise AssertionError(f"{ex} (block_size={block_size}, V={V}, {what}): some real columns of "
+                                         f"probs are NaN. The padded logits were set to NaN here, so a loop that "
+                                         f"reads columns V..Vp-1 poisons the max or the sum: stop at i < V.")
+                written = np.all(got[..., V:] == 0)   # the write loop ran: non-finite values are arithmetic
+                if written and not np.isfinite(got[..., :V]).all() and not what.endswith("NaN"):
+                    raise AssertionError(f"{ex} (block_size={block_size}, V={V}, {what}): some probs are inf or "
+                                         f"NaN although the kernel wrote them. Either exp overflowed (row 0 has a "
+                                         f"logit of 95 and exp(95) is inf in float32: subtract the row max), or "
+                                         f"the row max or sum was never computed (the loops must update "
+                                         f"thread_max and thread_sum).")
+                assert_close(ex, f"probs (block_size={block_size}, B={B}, T={T}, V={V}, Vp={Vp}, {what})",
+                             got, expected, atol=1e-6, rtol=1e-4, known_mistakes=_softmax_mistakes(x64, V),
+                             hint="thread k covers columns k, k + blockDim.x, k + 2 blockDim.x, ... below V: "
+                                  "for (int i = threadIdx.x; i < V; i += blockDim.x)")
+    passed(ex, f"block sizes {tuple(block_sizes)}, V below and above the block size, padding never read")

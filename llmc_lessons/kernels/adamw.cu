@@ -1,0 +1,70 @@
+// adamw.cu: the AdamW optimizer step and the global gradient norm used to clip gradients before it.
+//
+//   g     = grad * grad_scale                   grad_scale: the clip factor (1 when not clipping)
+//   m     = beta1 * m + (1 - beta1) * g         first moment (running mean of g)
+//   v     = beta2 * v + (1 - beta2) * g * g     second moment (running mean of g^2)
+//   m_hat = m / (1 - beta1^t),  v_hat = v / (1 - beta2^t)              bias corrections at step t
+//   param = param - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * param)   decoupled weight decay
+//
+// Shapes: every array is a flat (N,) float32 view of one parameter tensor (or of all of them at once, as
+// llm.c keeps every parameter in one contiguous buffer).
+//
+// adamw_kernel is one thread per parameter element: it reads param, grad, m, v and writes param, m, v in
+//   place. Nothing is shared between elements, so it is a pure streaming kernel: 4 floats read and 3
+//   written per element, and its speed is set by memory bandwidth.
+// global_norm_squared_kernel adds sum(x^2) over a (N,) array into out[0]: a grid-stride loop per thread,
+//   a block reduction (warp shuffles, then shared memory), and one atomicAdd per block. out[0] must be
+//   zeroed before the first launch; launching it on several arrays sums their squares together.
+#include "common.cuh"
+
+// ---------------------------------------------------------------------------------------------------------
+// The update
+
+extern "C" __global__ void adamw_kernel(float* params,       // (N,) in/out
+                                        const float* grads,  // (N,)
+                                        float* m,            // (N,) in/out, the first moment
+                                        float* v,            // (N,) in/out, the second moment
+                                        int N,
+                                        float lr, float beta1, float beta2,
+                                        float beta1_correction,  // 1 - beta1^t, computed once on the host
+                                        float beta2_correction,  // 1 - beta2^t
+                                        float eps, float weight_decay, float grad_scale) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;  // this thread's parameter element
+    if (i < N) {  // the last block sticks out past the end
+        float g = grads[i] * grad_scale;
+        float mi = beta1 * m[i] + (1.0f - beta1) * g;
+        float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+        m[i] = mi;  // the moments are stored WITHOUT bias correction; it is applied fresh at every step
+        v[i] = vi;
+        float m_hat = mi / beta1_correction;
+        float v_hat = vi / beta2_correction;
+        float p = params[i];
+        params[i] = p - lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The global norm (squared): sum of x^2 over all elements, accumulated into out[0]
+
+extern "C" __global__ void global_norm_squared_kernel(float* out,          // (1,) accumulator, zero at start
+                                                      const float* data,   // (N,)
+                                                      int N) {
+    __shared__ float buf[32];  // one partial sum per warp (a block has at most 32 warps)
+    // grid-stride loop: thread k of the grid takes elements k, k + G, k + 2G, ... with G = all threads
+    float sum = 0.0f;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < N; i += gridDim.x * blockDim.x) {
+        float x = data[i];
+        sum += x * x;
+    }
+    // block reduction: each warp's total, then the warps' totals added by warp 0
+    int lane = threadIdx.x % 32;
+    int warp = threadIdx.x / 32;
+    sum = warpReduceSum(sum);
+    if (lane == 0) { buf[warp] = sum; }
+    __syncthreads();
+    if (warp == 0) {
+        sum = (lane < blockDim.x / 32) ? buf[lane] : 0.0f;
+        sum = warpReduceSum(sum);
+        if (lane == 0) { atomicAdd(out, sum); }  // one atomic per block, not per element
+    }
+}

@@ -1,0 +1,176 @@
+// crossentropy.cu: the classifier at the top of GPT-2: softmax over the vocabulary, the cross-entropy loss,
+// and its gradient with respect to the logits.
+//
+//   probs_v   = exp(logits_v - max) / sum_u exp(logits_u - max)      for v < V (max, sum over u < V)
+//   loss      = -log probs[target]                                   one loss per row
+//   dlogits_v = (probs_v - [v == target]) * dloss                    for v < V; 0 for the padding v >= V
+//
+// Shapes: N = B*T rows. logits, probs, dlogits (N, Vp); targets (N,) int; losses, dlosses (N,).
+// Vp is the padded vocabulary (50304 for GPT-2, a multiple of 128); only the first V (50257) columns are
+// real tokens. Padded columns never enter the max, the sum or the loss, and get probs 0 and dlogits 0.
+//
+// softmax_forward_kernel is one block per row: the threads stride over the row (thread i takes columns
+//   i, i + blockDim.x, ...) and the row max and row sum are block-wide reductions (warp shuffles, then one
+//   value per warp through shared memory). Three sweeps over the row: max, sum, write.
+// crossentropy_forward_kernel is one thread per row: it reads the single probability at the target column.
+// crossentropy_softmax_backward_kernel is one block per row: dlogits = (probs - onehot) * dlosses.
+// fused_classifier_kernel is llm.c's fused classifier: one block per row computes the loss AND the gradient
+//   straight from the logits, and writes dlogits IN PLACE over the logits. The probs are never stored, and
+//   the max and sum come from one sweep (the "online softmax": a running max with a rescaled running sum).
+//
+// All kernels need blockDim.x to be a multiple of 32 (whole warps) except crossentropy_forward_kernel.
+#include "common.cuh"
+
+// A very negative finite float: the identity of max. (Not -INFINITY, so that exp(m1 - m2) never meets
+// inf - inf = NaN when a thread saw no columns at all.)
+#define NEG_BIG (-3.0e38f)
+
+// ---------------------------------------------------------------------------------------------------------
+// Block-wide reductions. Every thread of the block calls them and every thread gets the result.
+// buf is a __shared__ float[32] of the calling kernel: one slot per warp (a block has at most 32 warps).
+
+__device__ float blockReduceMax(float val, float* buf) {
+    int lane = threadIdx.x % 32;
+    int warp = threadIdx.x / 32;
+    int num_warps = blockDim.x / 32;
+    val = warpReduceMax(val);                      // 1. the max of this warp, in all its lanes
+    __syncthreads();                               // buf may still be read by an earlier reduction
+    if (lane == 0) { buf[warp] = val; }            // 2. one value per warp into shared memory
+    __syncthreads();
+    val = (lane < num_warps) ? buf[lane] : NEG_BIG;
+    return warpReduceMax(val);                     // 3. every warp reduces the per-warp maxima
+}
+
+__device__ float blockReduceSum(float val, float* buf) {
+    int lane = threadIdx.x % 32;
+    int warp = threadIdx.x / 32;
+    int num_warps = blockDim.x / 32;
+    val = warpReduceSum(val);
+    __syncthreads();
+    if (lane == 0) { buf[warp] = val; }
+    __syncthreads();
+    val = (lane < num_warps) ? buf[lane] : 0.0f;
+    return warpReduceSum(val);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward: softmax, then the loss
+
+extern "C" __global__ void softmax_forward_kernel(float* probs,         // (N, Vp) output
+                                                  const float* logits,  // (N, Vp)
+                                                  int N, int V, int Vp) {
+    __shared__ float buf[32];
+    int row = blockIdx.x;                               // one block per row; the grid has exactly N blocks
+    const float* x = logits + (long long)row * Vp;         // seek to logits[row, :]
+    float* p = probs + (long long)row * Vp;
+
+    // the row max over the real columns 0..V-1: each thread takes every blockDim.x-th column
+    float thread_max = NEG_BIG;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) { thread_max = fmaxf(thread_max, x[i]); }
+    float row_max = blockReduceMax(thread_max, buf);
+
+    // the row sum of exp(x - max), again over the real columns only
+    float thread_sum = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) { thread_sum += expf(x[i] - row_max); }
+    float row_sum = blockReduceSum(thread_sum, buf);
+
+    // write every column, padding included (0 there), so no column of probs is left unwritten
+    float inv_sum = 1.0f / row_sum;
+    for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+        p[i] = (i < V) ? expf(x[i] - row_max) * inv_sum : 0.0f;
+    }
+}
+
+extern "C" __global__ void crossentropy_forward_kernel(float* losses,       // (N,) output
+                                                       const float* probs,  // (N, Vp)
+                                                       const int* targets,  // (N,) token ids in 0..V-1
+                                                       int N, int Vp) {
+    int row = blockIdx.x * blockDim.x + threadIdx.x;    // one thread per row
+    if (row < N) {
+        int ix = targets[row];
+        losses[row] = -logf(probs[(long long)row * Vp + ix]);  // probs[row, target]
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward (unfused): from the stored probs
+
+extern "C" __global__ void crossentropy_softmax_backward_kernel(float* dlogits,        // (N, Vp) output
+                                                                const float* dlosses,  // (N,)
+                                                                const float* probs,    // (N, Vp)
+                                                                const int* targets,    // (N,)
+                                                                int N, int V, int Vp) {
+    int row = blockIdx.x;                               // one block per row
+    const float* p = probs + (long long)row * Vp;
+    float* d = dlogits + (long long)row * Vp;
+    float dloss = dlosses[row];
+    int ix = targets[row];
+    for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+        float indicator = (i == ix) ? 1.0f : 0.0f;      // the one-hot of the target
+        d[i] = (i < V) ? (p[i] - indicator) * dloss : 0.0f;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Fused: loss and dlogits in one kernel, dlogits written over the logits
+
+extern "C" __global__ void fused_classifier_kernel(float* logits,        // (N, Vp) in: logits, out: dlogits
+                                                   float* losses,        // (N,) output
+                                                   const int* targets,   // (N,)
+                                                   float dloss,          // d L / d loss, the same for all rows
+                                                   int N, int V, int Vp) {
+    __shared__ float buf_max[32];
+    __shared__ float buf_sum[32];
+    int row = blockIdx.x;
+    int lane = threadIdx.x % 32;
+    int warp = threadIdx.x / 32;
+    int num_warps = blockDim.x / 32;
+    float* x = logits + (long long)row * Vp;
+    int ix = targets[row];
+    // Read the target logit NOW, before any thread starts overwriting the row with gradients below.
+    // (The __syncthreads inside the reduction keep every write after every read of x_target.)
+    float x_target = x[ix];
+
+    // 1. Online softmax: one sweep keeps a running max m and the sum s of exp(x - m) seen so far. When a
+    //    bigger value arrives the old sum is rescaled: s * exp(m_old - m_new).
+    float m = NEG_BIG;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float xi = x[i];
+        float m_new = fmaxf(m, xi);
+        s = s * expf(m - m_new) + expf(xi - m_new);
+        m = m_new;
+    }
+    // 2. Combine the (m, s) pairs of the warp's lanes: the same rescaling, pair by pair.
+    for (int offset = 16; offset > 0; offset /= 2) {
+        float m_other = __shfl_xor_sync(0xffffffff, m, offset);
+        float s_other = __shfl_xor_sync(0xffffffff, s, offset);
+        float m_new = fmaxf(m, m_other);
+        s = s * expf(m - m_new) + s_other * expf(m_other - m_new);
+        m = m_new;
+    }
+    // 3. ... then the pairs of the block's warps, through shared memory.
+    if (lane == 0) { buf_max[warp] = m; buf_sum[warp] = s; }
+    __syncthreads();
+    m = (lane < num_warps) ? buf_max[lane] : NEG_BIG;
+    s = (lane < num_warps) ? buf_sum[lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset /= 2) {
+        float m_other = __shfl_xor_sync(0xffffffff, m, offset);
+        float s_other = __shfl_xor_sync(0xffffffff, s, offset);
+        float m_new = fmaxf(m, m_other);
+        s = s * expf(m - m_new) + s_other * expf(m_other - m_new);
+        m = m_new;
+    }
+    // now every thread holds the row max m and the row sum s of exp(x - m)
+
+    // 4. The loss: -log(exp(x_target - m) / s) = m + log(s) - x_target.
+    if (threadIdx.x == 0) { losses[row] = m + logf(s) - x_target; }
+
+    // 5. The gradient, written in place: each thread overwrites exactly the columns it reads.
+    float inv_sum = 1.0f / s;
+    for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+        float prob = expf(x[i] - m) * inv_sum;
+        float indicator = (i == ix) ? 1.0f : 0.0f;
+        x[i] = (i < V) ? (prob - indicator) * dloss : 0.0f;
+    }
+}

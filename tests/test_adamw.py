@@ -1,0 +1,306 @@
+"""Lesson 09, AdamW: the reference (against torch.optim.AdamW when torch is installed), global norm and
+clipping, both kernels, bad input, and the exercise checks."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from llmc_lessons import device
+from llmc_lessons.checks import adamw as checks
+from llmc_lessons.cuda import kernel_source, load_kernel
+from llmc_lessons.device import to_device, to_host
+from llmc_lessons.layers.adamw import (adamw_update, adamw_update_cuda, clip_grad_norm, global_norm,
+                                       global_norm_cuda)
+
+
+def _state(seed, shape=(7, 13), dtype=np.float64):
+    gen = np.random.default_rng(seed)
+    return gen.standard_normal(shape).astype(dtype), [gen.standard_normal(shape).astype(dtype) for _ in range(5)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NumPy reference
+
+
+def test_first_step_moves_each_element_by_lr_against_the_gradient_sign():
+    # at t = 1 the bias-corrected m_hat = g and v_hat = g^2, so the step is lr * g / (|g| + eps) ~ lr * sign(g)
+    param, grads = _state(0)
+    g = grads[0]
+    new, m, v = adamw_update(param, g, np.zeros_like(g), np.zeros_like(g), 1, 0.01)
+    np.testing.assert_allclose(param - new, 0.01 * np.sign(g), rtol=1e-6)
+    np.testing.assert_allclose(m, 0.1 * g, rtol=1e-12)
+    np.testing.assert_allclose(v, 0.05 * g * g, rtol=1e-12)
+
+
+def test_matches_scalar_formula_and_leaves_inputs_alone():
+    param, grads = _state(1)
+    m, v = grads[1] * 0.1, np.abs(grads[2]) * 0.01
+    before = [a.copy() for a in (param, grads[0], m, v)]
+    new, m2, v2 = adamw_update(param, grads[0], m, v, 4, 0.03, 0.8, 0.9, 1e-3, 0.1)
+    for a, b in zip(before, (param, grads[0], m, v)):
+        assert np.array_equal(a, b)
+    i = (3, 5)
+    p0, g0, m0, v0 = param[i], grads[0][i], m[i], v[i]
+    mm = 0.8 * m0 + 0.2 * g0
+    vv = 0.9 * v0 + 0.1 * g0 * g0
+    want = p0 - 0.03 * ((mm / (1 - 0.8 ** 4)) / (math.sqrt(vv / (1 - 0.9 ** 4)) + 1e-3) + 0.1 * p0)
+    assert new[i] == pytest.approx(want, rel=1e-13)
+    assert m2[i] == pytest.approx(mm, rel=1e-13) and v2[i] == pytest.approx(vv, rel=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reference_preserves_dtype(dtype):
+    param, grads = _state(2, dtype=dtype)
+    out = adamw_update(param, grads[0], grads[1], np.abs(grads[2]), 2, 1e-3, weight_decay=0.1)
+    assert all(a.dtype == dtype for a in out)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_reference_matches_torch_adamw_over_several_steps(weight_decay, dtype):
+    torch = pytest.importorskip("torch")
+    param, grads = _state(3, dtype=dtype)
+    tp = torch.nn.Parameter(torch.tensor(param))
+    opt = torch.optim.AdamW([tp], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+    p, m, v = param, np.zeros_like(param), np.zeros_like(param)
+    for t, g in enumerate(grads, start=1):
+        tp.grad = torch.tensor(g)
+        opt.step()
+        p, m, v = adamw_update(p, g, m, v, t, 1e-2, weight_decay=weight_decay)
+    tol = 1e-12 if dtype == np.float64 else 2e-6
+    np.testing.assert_allclose(p, tp.detach().numpy(), rtol=tol, atol=tol)
+    state = opt.state[tp]
+    np.testing.assert_allclose(m, state["exp_avg"].numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(v, state["exp_avg_sq"].numpy(), rtol=tol, atol=tol)
+
+
+def test_global_norm_and_clip_factor():
+    _, grads = _state(4)
+    want = float(np.linalg.norm(np.concatenate([g.ravel() for g in grads])))
+    assert global_norm(grads) == pytest.approx(want, rel=1e-13)
+    assert global_norm(grads[0]) == pytest.approx(float(np.linalg.norm(grads[0])), rel=1e-13)
+    assert clip_grad_norm(grads, 1e6) == 1.0
+    scale = clip_grad_norm(grads, 1.0)
+    assert scale == pytest.approx(1.0 / want)
+    assert global_norm([g * scale for g in grads]) == pytest.approx(1.0, rel=1e-12)
+    for bad in (0.0, -1.0, "1"):
+        with pytest.raises(ValueError):
+            clip_grad_norm(grads, bad)
+
+
+@pytest.mark.parametrize("bad, err", [
+    (dict(t=0), ValueError), (dict(t=1.0), ValueError), (dict(lr=-1.0), ValueError),
+    (dict(beta1=1.0), ValueError), (dict(beta2=-0.1), ValueError), (dict(m=np.zeros((3,))), ValueError),
+])
+def test_reference_rejects_bad_input(bad, err):
+    param, grads = _state(5)
+    args = dict(param=param, grad=grads[0], m=np.zeros_like(param), v=np.zeros_like(param), t=1, lr=0.1)
+    args.update(bad)
+    with pytest.raises(err):
+        adamw_update(**args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@pytest.mark.parametrize("N, block_size", [(1000, 128), (1000, 96), (77, 512), (1, 32)])
+def test_adamw_kernel_matches_reference_over_steps(N, block_size):
+    param, grads = _state(6 + N, shape=(N,), dtype=np.float32)
+    P, M, V = to_device(param), device.xp.zeros(N, dtype=np.float32), device.xp.zeros(N, dtype=np.float32)
+    p, m, v = param.astype(np.float64), np.zeros(N), np.zeros(N)
+    for t, g in enumerate(grads, start=1):
+        adamw_update_cuda(P, to_device(g), M, V, t, 1e-2, weight_decay=0.1, grad_scale=0.5, block_size=block_size)
+        p, m, v = adamw_update(p, g.astype(np.float64) * 0.5, m, v, t, 1e-2, weight_decay=0.1)
+    np.testing.assert_allclose(to_host(P), p, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_host(M), m, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(to_host(V), v, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_kernel_matches_torch(weight_decay):
+    torch = pytest.importorskip("torch")
+    param, grads = _state(7, shape=(5, 61), dtype=np.float32)
+    tp = torch.nn.Parameter(torch.tensor(param))
+    opt = torch.optim.AdamW([tp], lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+    P, M, V = to_device(param), device.xp.zeros_like(to_device(param)), device.xp.zeros_like(to_device(param))
+    for t, g in enumerate(grads, start=1):
+        tp.grad = torch.tensor(g)
+        opt.step()
+        adamw_update_cuda(P, to_device(g), M, V, t, 3e-3, weight_decay=weight_decay, block_size=64)
+    np.testing.assert_allclose(to_host(P), tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_kernel_does_not_touch_memory_past_N():
+    N, bs = 300, 128
+    param, grads = _state(8, shape=(N + bs,), dtype=np.float32)
+    g = grads[0].copy()
+    g[N:] = np.nan                                        # a thread past N would spread NaN into the tail
+    P, M, V = to_device(param), device.xp.ones(N + bs, dtype=np.float32), device.xp.ones(N + bs, dtype=np.float32)
+    G = to_device(g)
+    load_kernel("adamw.cu", "adamw_kernel")(
+        (-(-N // bs),), (bs,), (P[:N], G[:N], M[:N], V[:N], np.int32(N), np.float32(0.01), np.float32(0.9),
+                                np.float32(0.95), np.float32(0.1), np.float32(0.05), np.float32(1e-8),
+                                np.float32(0.0), np.float32(1.0)))
+    assert np.array_equal(to_host(P)[N:], param[N:])
+    assert np.all(to_host(M)[N:] == 1) and np.all(to_host(V)[N:] == 1)
+    assert np.isfinite(to_host(P)[:N]).all()
+
+
+@pytest.mark.parametrize("block_size, max_blocks", [(32, 1), (64, 3), (512, 1024)])
+def test_global_norm_kernel_matches_reference(block_size, max_blocks):
+    _, grads = _state(9, shape=(1237,), dtype=np.float32)
+    arrays = [to_device(g) for g in grads] + [to_device(np.ones((3, 5), np.float32))]
+    want = global_norm([to_host(a) for a in arrays])
+    assert global_norm_cuda(arrays, block_size=block_size, max_blocks=max_blocks) == pytest.approx(want, rel=1e-5)
+    assert global_norm_cuda(arrays[0], block_size=block_size) == pytest.approx(global_norm(grads[0]), rel=1e-5)
+
+
+def test_global_norm_kernel_with_poisoned_accumulator_is_not_used_by_launcher():
+    # the launcher zeroes its accumulator; the raw kernel adds to whatever is there
+    g = to_device(np.full(100, 2.0, np.float32))
+    out = to_device(np.array([5.0], np.float32))
+    load_kernel("adamw.cu", "global_norm_squared_kernel")((2,), (64,), (out, g, np.int32(100)))
+    assert float(to_host(out)[0]) == pytest.approx(405.0)
+    assert global_norm_cuda(g) == pytest.approx(20.0)
+
+
+def _ok():
+    param, grads = _state(10, shape=(50,), dtype=np.float32)
+    return dict(param=to_device(param), grad=to_device(grads[0]), m=device.xp.zeros(50, dtype=np.float32),
+                v=device.xp.zeros(50, dtype=np.float32), t=1, lr=0.01)
+
+
+@pytest.mark.parametrize("bad, err", [
+    (dict(param=lambda a: a.astype(np.float64)), TypeError),
+    (dict(grad=lambda a: a[:49]), ValueError),
+    (dict(m=lambda a: device.xp.zeros(100, dtype=np.float32)[::2]), ValueError),
+    (dict(v=lambda a: to_host(a).tolist()), TypeError),
+    (dict(t=lambda a: 0), ValueError), (dict(lr=lambda a: -0.1), ValueError),
+    (dict(grad_scale=lambda a: -1.0), ValueError), (dict(block_size=lambda a: 0), ValueError),
+    (dict(block_size=lambda a: 2048), ValueError),
+])
+def test_adamw_launcher_rejects_bad_input(bad, err):
+    args = _ok()
+    for k, f in bad.items():
+        args[k] = f(args.get(k))
+    with pytest.raises(err):
+        adamw_update_cuda(**args)
+
+
+def test_global_norm_launcher_rejects_bad_input():
+    with pytest.raises(TypeError):
+        global_norm_cuda([device.xp.ones(4, dtype=np.float64)])
+    with pytest.raises(ValueError):
+        global_norm_cuda(device.xp.ones(4, dtype=np.float32), block_size=48)
+    with pytest.raises(ValueError):
+        global_norm_cuda(device.xp.ones(4, dtype=np.float32), max_blocks=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise checks
+
+
+def test_check_9_1_passes_on_the_reference():
+    checks.check_adamw_update(adamw_update)
+
+
+def _wrong(**flags):
+    def fn(param, grad, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0):
+        return checks._variant(param, grad, m, v, t, lr, beta1, beta2, eps, weight_decay, **flags)
+    return fn
+
+
+def _stub(param, grad, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0):
+    raise NotImplementedError("Exercise 9.1: write adamw_update")
+
+
+def _swapped(param, grad, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0):
+    return adamw_update(param, grad, m, v, t, lr, beta2, beta1, eps, weight_decay)
+
+
+def _in_place(param, grad, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0):
+    new = adamw_update(param, grad, m, v, t, lr, beta1, beta2, eps, weight_decay)
+    m[...] = new[1]
+    return new
+
+
+def _no_defaults(param, grad, m, v, t, lr, beta1, beta2, eps, weight_decay):
+    return adamw_update(param, grad, m, v, t, lr, beta1, beta2, eps, weight_decay)
+
+
+def _wrong_default(param, grad, m, v, t, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    return adamw_update(param, grad, m, v, t, lr, beta1, beta2, eps, weight_decay)
+
+
+WRONG_9_1 = {
+    "not done yet": _stub,
+    "bias correction is missing": _wrong(bias_correction=False),
+    "added to the gradient": _wrong(l2=True),
+    "eps is inside the square root": _wrong(eps_inside=True),
+    "swapped": _swapped,
+    "were stored as m and v": _wrong(store_corrected=True),
+    "already-updated parameter": _wrong(wd_after=True),
+    "changed its input arrays": _in_place,
+    "default hyperparameters failed": _no_defaults,
+    "the defaults are": _wrong_default,
+    "return the tuple": lambda *a, **k: adamw_update(*a, **k)[0],
+}
+
+
+@pytest.mark.parametrize("why", list(WRONG_9_1))
+def test_check_9_1_fails_on_wrong_answers_and_names_the_mistake(why):
+    with pytest.raises(AssertionError) as info:
+        checks.check_adamw_update(WRONG_9_1[why])
+    msg = str(info.value)
+    assert "Exercise 9.1" in msg
+    assert why in msg, msg
+
+
+ADAMW_SRC = kernel_source("adamw.cu")
+BODY_START = "    if (i < N) {  // the last block sticks out past the end"
+UPDATE = "params[i] = p - lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p);"
+
+
+def test_the_kernel_body_is_where_the_tests_expect_it():
+    assert BODY_START in ADAMW_SRC and UPDATE in ADAMW_SRC
+
+
+def test_check_9_2_passes_on_the_course_kernel():
+    checks.check_adamw_kernel(ADAMW_SRC)
+
+
+def _body_removed(src):
+    start = src.index(BODY_START)
+    end = src.index("// -----", start)
+    return src[:start] + "}\n\n" + src[end:]
+
+
+WRONG_9_2 = {
+    "not done yet": ADAMW_SRC.replace(BODY_START, "    // TODO (Exercise 9.2): the update\n" + BODY_START),
+    "wrote nothing": _body_removed(ADAMW_SRC),
+    "past its end": ADAMW_SRC.replace(BODY_START, "    {"),
+    "bias correction is missing": ADAMW_SRC.replace("mi / beta1_correction", "mi").replace("vi / beta2_correction",
+                                                                                          "vi"),
+    "eps is inside the square root": ADAMW_SRC.replace("sqrtf(v_hat) + eps", "sqrtf(v_hat + eps)"),
+    "grad_scale": ADAMW_SRC.replace("grads[i] * grad_scale", "grads[i]"),
+    "swapped": ADAMW_SRC.replace("beta1 * m[i] + (1.0f - beta1)", "beta2 * m[i] + (1.0f - beta2)")
+                        .replace("beta2 * v[i] + (1.0f - beta2)", "beta1 * v[i] + (1.0f - beta1)"),
+    "never written": ADAMW_SRC.replace("        v[i] = vi;\n", ""),
+    "added to the gradient": ADAMW_SRC.replace("float g = grads[i] * grad_scale;",
+                                               "float g = grads[i] * grad_scale + weight_decay * params[i];")
+                                      .replace("+ weight_decay * p)", ")"),
+}
+
+
+@pytest.mark.parametrize("why", list(WRONG_9_2))
+def test_check_9_2_fails_on_wrong_kernels(why):
+    src = WRONG_9_2[why]
+    assert src != ADAMW_SRC
+    with pytest.raises(AssertionError) as info:
+        checks.check_adamw_kernel(src)
+    msg = str(info.value)
+    assert "Exercise 9.2" in msg
+    assert why in msg, msg
