@@ -43,7 +43,7 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, out=None, accumulat
     """
     M, N, K = _operands(a, b, trans_a, trans_b, batched=False)
     out = _output(out, (M, N), accumulate)
-    if not device.on_gpu():
+    if not device.on_gpu() or K == 0:  # (cuBLAS refuses K = 0; the product of empty sums is 0)
         prod = (a.T if trans_a else a) @ (b.T if trans_b else b)
         if accumulate:
             out += prod
@@ -65,7 +65,7 @@ def gemm_batched(a, b, trans_a: bool = False, trans_b: bool = False, out=None):
     M, N, K = _operands(a, b, trans_a, trans_b, batched=True)
     L = a.shape[0]
     out = _output(out, (L, M, N), False)
-    if not device.on_gpu():
+    if not device.on_gpu() or K == 0:
         out[...] = (a.transpose(0, 2, 1) if trans_a else a) @ (b.transpose(0, 2, 1) if trans_b else b)
         return out
     if L and M and N:

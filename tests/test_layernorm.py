@@ -171,9 +171,10 @@ def test_forward_launcher(version, block_size):
         np.testing.assert_allclose(to_host(g), w, rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("block_size,param_block_size", [(32, 32), (128, 1024)])
-def test_backward_launcher(block_size, param_block_size):
-    inp, weight, bias, dout = _inputs(30 + block_size, 3, 4, 50)
+# (3, 4) rows: one row chunk; (5, 23) with param_block_size 64: 115 // 16 = 7 chunks and the reduce kernel
+@pytest.mark.parametrize("block_size,param_block_size,B,T", [(32, 32, 3, 4), (128, 1024, 3, 4), (64, 64, 5, 23)])
+def test_backward_launcher(block_size, param_block_size, B, T):
+    inp, weight, bias, dout = _inputs(30 + block_size, B, T, 50)
     _, mean, rstd = layernorm_forward(inp, weight, bias)
     dinp, dweight, dbias = layernorm_backward_cuda(*(to_device(a) for a in (dout, inp, weight, mean, rstd)),
                                                    block_size=block_size, param_block_size=param_block_size)

@@ -17,7 +17,9 @@
 // layernorm_backward_kernel is one warp per row, computing dinp (accumulated into, +=).
 // layernorm_param_backward_kernel computes dweight and dbias (accumulated into): a block owns 32 channels,
 //   its warps take every G-th row (G = warps per block) and the partial sums are added in shared memory in a
-//   fixed order. No atomics: the result is the same bits on every run.
+//   fixed order. No atomics: the result is the same bits on every run. With a 2-D grid, block row y takes
+//   only rows y*G + g, stepping G * gridDim.y, and adds into row y of (gridDim.y, C) partial sums, which
+//   layernorm_param_reduce_kernel then adds in the order 0, 1, ...: more blocks, still deterministic.
 #include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ extern "C" __global__ void layernorm_backward_kernel(float* dinp,          // (N
 }
 
 extern "C" __global__ void layernorm_param_backward_kernel(float* dweight,       // (C,) accumulated into
-                                                           float* dbias,         // (C,) accumulated into
+                                                           float* dbias,         // (C,) or (gridDim.y, C)
                                                            const float* dout,    // (N, C)
                                                            const float* inp,     // (N, C)
                                                            const float* mean,    // (N,)
@@ -139,11 +141,13 @@ extern "C" __global__ void layernorm_param_backward_kernel(float* dweight,      
     int group = threadIdx.x / 32;                     // this warp's row group: rows group, group + G, ...
     int G = blockDim.x / 32;                          // row groups (warps) per block
     int c = blockIdx.x * 32 + lane;                   // this block owns channels blockIdx.x*32 .. +31
+    int first = blockIdx.y * G + group;               // with a 2-D grid, block row y starts at row y*G + group
+    int step = G * gridDim.y;                         // ... and the gridDim.y block rows interleave
 
     float dw = 0.0f;
     float db = 0.0f;
     if (c < C) {
-        for (int r = group; r < N; r += G) {          // a warp reads 32 neighbouring floats of row r
+        for (int r = first; r < N; r += step) {       // a warp reads 32 neighbouring floats of row r
             float d = dout[r * C + c];
             float norm = (inp[r * C + c] - mean[r]) * rstd[r];
             dw += d * norm;
@@ -160,6 +164,24 @@ extern "C" __global__ void layernorm_param_backward_kernel(float* dweight,      
         for (int g = 0; g < G; g++) {
             tw += partial_dweight[g * 32 + lane];
             tb += partial_dbias[g * 32 + lane];
+        }
+        dweight[blockIdx.y * C + c] += tw;            // row y of the partial sums (row 0 = the result for a 1-D grid)
+        dbias[blockIdx.y * C + c] += tb;
+    }
+}
+
+extern "C" __global__ void layernorm_param_reduce_kernel(float* dweight,               // (C,) accumulated into
+                                                         float* dbias,                 // (C,) accumulated into
+                                                         const float* partial_dweight, // (R, C)
+                                                         const float* partial_dbias,   // (R, C)
+                                                         int R, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;    // one thread per channel; neighbours read neighbours
+    if (c < C) {
+        float tw = 0.0f;
+        float tb = 0.0f;
+        for (int r = 0; r < R; r++) {                 // a fixed order: deterministic
+            tw += partial_dweight[r * C + c];
+            tb += partial_dbias[r * C + c];
         }
         dweight[c] += tw;
         dbias[c] += tb;

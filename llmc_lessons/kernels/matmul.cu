@@ -25,6 +25,7 @@
 // kernel3 is register-blocked: a block of 16 x 16 threads owns a 128 x 128 tile of out, each thread an
 //         8 x 8 patch of it held in registers; each K step of 16 loads 128 x 16 tiles of A and B.
 // matmul_backward_bias_kernel sums dout's columns for dbias: one block per 32 columns, no atomics.
+// add_bias_kernel adds bias (N,) to every row of out (M, N) in place: the bias step after a cuBLAS product.
 //
 // Indices are int: the launchers refuse matrices with 2^31 elements or more.
 #include "common.cuh"
@@ -214,5 +215,18 @@ extern "C" __global__ void matmul_backward_bias_kernel(float* dbias,       // (O
     }
     if (ty == 0 && oc < OC) {
         dbias[oc] = partial[tx];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// add_bias_kernel: out[row, col] += bias[col], after cuBLAS computed out = A @ B (cuBLAS has no bias).
+// One thread per element; neighbouring threads touch neighbouring columns of a row (coalesced).
+
+extern "C" __global__ void add_bias_kernel(float* out,         // (M, N), updated in place
+                                           const float* bias,  // (N,)
+                                           int M, int N) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (long long)M * N) {
+        out[i] += bias[i % N];
     }
 }

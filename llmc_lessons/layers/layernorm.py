@@ -109,7 +109,8 @@ def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256
     """(B, T, C), (B, T, C), (C,), (B, T), (B, T) -> dinp (B, T, C), dweight (C,), dbias (C,), fresh arrays.
 
     dinp: layernorm_backward_kernel, a warp per row. dweight, dbias: layernorm_param_backward_kernel, a block
-    per 32 channels with param_block_size / 32 row groups, summed in a fixed order (deterministic).
+    per 32 channels and chunk of rows with param_block_size / 32 row groups, then layernorm_param_reduce_kernel
+    over the chunks; every sum in a fixed order (deterministic).
     """
     from llmc_lessons.cuda import load_kernel
 
@@ -131,6 +132,14 @@ def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256
     rows_per_block = block_size // 32
     load_kernel("layernorm.cu", "layernorm_backward_kernel")(
         (-(-N // rows_per_block),), (block_size,), (dinp, dout, inp, weight, mean, rstd, np.int32(N), np.int32(C)))
+    # Row chunks: ceil(C/32) blocks alone (24 for GPT-2) leave most of a GPU idle, so the rows are also split
+    # into R chunks, each summed into its own row of partial sums, then added in order (deterministic).
+    G = param_block_size // 32
+    R = max(1, min(64, N // (8 * G)))
+    part_w, part_b = (dweight, dbias) if R == 1 else (xp.zeros((R, C), np.float32), xp.zeros((R, C), np.float32))
     load_kernel("layernorm.cu", "layernorm_param_backward_kernel")(
-        (-(-C // 32),), (param_block_size,), (dweight, dbias, dout, inp, mean, rstd, np.int32(N), np.int32(C)))
+        (-(-C // 32), R), (param_block_size,), (part_w, part_b, dout, inp, mean, rstd, np.int32(N), np.int32(C)))
+    if R > 1:
+        load_kernel("layernorm.cu", "layernorm_param_reduce_kernel")(
+            (-(-C // 256),), (256,), (dweight, dbias, part_w, part_b, np.int32(R), np.int32(C)))
     return dinp, dweight, dbias

@@ -184,12 +184,11 @@ def gemm_cuda(a, b, bias=None, trans_a: bool = False, trans_b: bool = False, ver
     if version == "cublas":
         # cuBLAS reads the transposed operand in place and honours tf32() (llmc_lessons/cublas.py); NumPy on a CPU
         from llmc_lessons.cublas import gemm
-        if bias is None:
-            return gemm(a, b, trans_a, trans_b, out=out)
-        if out is None:
-            out = xp.empty((M, N), dtype=np.float32)
-        out[...] = bias                               # broadcast the bias, then add the product onto it
-        return gemm(a, b, trans_a, trans_b, out=out, accumulate=True)
+        out = gemm(a, b, trans_a, trans_b, out=out)
+        if bias is not None and M * N:
+            load_kernel("matmul.cu", "add_bias_kernel")((-(-(M * N) // 256),), (256,), (out, bias, np.int32(M),
+                                                                                       np.int32(N)))
+        return out
     if out is None:
         out = xp.empty((M, N), dtype=np.float32)
     if M == 0 or N == 0:
