@@ -479,7 +479,8 @@ def _kernel_backward(model, cache):
 
     c, p, g, version = model.config, model.params, model.grads, model.matmul_version
     # dlogits came out of the fused classifier in the forward
-    dlnf, dwte_head, _ = matmul_backward_cuda(cache["dlogits"], cache["lnf"], p["wte"], version=version)
+    dlnf, dwte_head, _ = matmul_backward_cuda(cache["dlogits"], cache["lnf"], p["wte"], version=version,
+                                              has_bias=False)
     g["wte"] += dwte_head
     dresidual, dlnfw, dlnfb = layernorm_backward_cuda(dlnf, cache["residual"], p["lnfw"],
                                                       cache["lnf_mean"], cache["lnf_rstd"])

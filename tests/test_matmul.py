@@ -419,3 +419,14 @@ def test_check_kernel2_catches_the_stub():
 def test_check_kernel2_reports_compile_errors():
     with pytest.raises(AssertionError, match="does not compile"):
         checks.check_matmul_kernel2(_kernel2_from_cu().replace("acc +=", "acc +== "))
+
+
+def test_backward_without_bias_skips_dbias():
+    gen = np.random.default_rng(7)
+    inp, weight = gen.standard_normal((2, 3, 5)).astype(np.float32), gen.standard_normal((4, 5)).astype(np.float32)
+    dout = gen.standard_normal((2, 3, 4)).astype(np.float32)
+    dinp, dweight, dbias = matmul_backward_cuda(to_device(dout), to_device(inp), to_device(weight), has_bias=False)
+    want = matmul_backward(dout.astype(np.float64), inp.astype(np.float64), weight.astype(np.float64))
+    assert dbias is None
+    np.testing.assert_allclose(to_host(dinp), want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_host(dweight), want[1], rtol=1e-5, atol=1e-5)

@@ -253,8 +253,11 @@ def matmul_backward_bias_cuda(dout, block_rows: int = 32, out=None):
     return dbias
 
 
-def matmul_backward_cuda(dout, inp, weight, version="cublas", tile: int = 16, block_rows: int = 32):
+def matmul_backward_cuda(dout, inp, weight, version="cublas", tile: int = 16, block_rows: int = 32,
+                         has_bias: bool = True):
     """(B, T, OC), (B, T, C), (OC, C) -> dinp (B, T, C), dweight (OC, C), dbias (OC,), fresh arrays.
+
+    has_bias=False (a layer without bias, such as GPT-2's lm_head) skips the column sum and returns dbias None.
 
     dinp = dout @ weight and dweight = dout^T @ inp through gemm_cuda with the same `version` and `tile` as
     the forward (the kernels read the transposes through strides); dbias through matmul_backward_bias_kernel.
@@ -268,5 +271,5 @@ def matmul_backward_cuda(dout, inp, weight, version="cublas", tile: int = 16, bl
     dout2, inp2 = dout.reshape(B * T, OC), inp.reshape(B * T, C)
     dinp = gemm_cuda(dout2, weight, version=version, tile=tile).reshape(B, T, C)      # (BT, OC) @ (OC, C)
     dweight = gemm_cuda(dout2, inp2, trans_a=True, version=version, tile=tile)       # (OC, BT) @ (BT, C)
-    dbias = matmul_backward_bias_cuda(dout, block_rows=block_rows)
+    dbias = matmul_backward_bias_cuda(dout, block_rows=block_rows) if has_bias else None
     return dinp, dweight, dbias
