@@ -53,23 +53,20 @@ extern "C" void llmc_ctx_start();
 #if defined(__x86_64__)
 asm(".text\n.p2align 4\n" LLMC_FUNC_BEGIN(llmc_ctx_switch)
     "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
-    "  subq $8, %rsp\n  stmxcsr (%rsp)\n  fnstcw 4(%rsp)\n"
     "  movq %rsp, (%rdi)\n  movq %rsi, %rsp\n"
-    "  ldmxcsr (%rsp)\n  fldcw 4(%rsp)\n  addq $8, %rsp\n"
     "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n  ret\n"
     LLMC_FUNC_END(llmc_ctx_switch)
     ".p2align 4\n" LLMC_FUNC_BEGIN(llmc_ctx_start)
     "  movq %r12, %rdi\n  callq *%r13\n  ud2\n"
     LLMC_FUNC_END(llmc_ctx_start));
-// Initial frame, from the saved stack pointer upward: mxcsr|x87 cw, r15, r14, r13 = entry, r12 = argument,
-// rbx, rbp, return address = llmc_ctx_start. 8 words = 64 bytes; after `ret` the stack is 16-byte aligned.
+// The floating-point control words are not switched: every fiber of a launch shares one FP environment.
+// Initial frame, from the saved stack pointer upward: r15, r14, r13 = entry, r12 = argument, rbx, rbp, return
+// address = llmc_ctx_start. 7 words = 56 bytes; after `ret` the stack is 16-byte aligned.
 static void *llmc_ctx_init(char *top, void (*entry)(void *), void *arg) {
     uintptr_t t = reinterpret_cast<uintptr_t>(top) & ~uintptr_t(15);
-    uint64_t *sp = reinterpret_cast<uint64_t *>(t - 64 - 16);
-    uint32_t csr[2] = {0x1F80u, 0x037Fu};
-    std::memcpy(&sp[0], csr, 8);
-    sp[1] = 0; sp[2] = 0; sp[3] = reinterpret_cast<uint64_t>(entry); sp[4] = reinterpret_cast<uint64_t>(arg);
-    sp[5] = 0; sp[6] = 0; sp[7] = reinterpret_cast<uint64_t>(&llmc_ctx_start);
+    uint64_t *sp = reinterpret_cast<uint64_t *>(t - 56 - 16);
+    sp[0] = 0; sp[1] = 0; sp[2] = reinterpret_cast<uint64_t>(entry); sp[3] = reinterpret_cast<uint64_t>(arg);
+    sp[4] = 0; sp[5] = 0; sp[6] = reinterpret_cast<uint64_t>(&llmc_ctx_start);
     return sp;
 }
 #elif defined(__aarch64__)
@@ -115,7 +112,8 @@ struct Fiber {
     llmc_thread t;
     Worker *w = nullptr;
     int state = kReady;
-    bool progressed = false;
+    Fiber *next = nullptr;  // the next live fiber of the block, in a ring (round-robin order)
+    Fiber *prev = nullptr;
     const char *wait_what = "", *wait_file = "";
     int wait_line = 0;
     char *stack = nullptr;
@@ -159,6 +157,8 @@ struct Worker {
     long slot_off[kMaxSlots];
     std::vector<int> touched;
     int n_threads = 0, n_exited = 0, bar_arrived = 0;
+    int stalled = 0;        // consecutive resumptions of fibers that could not go on
+    bool deadlock = false;
     unsigned long long bar_gen = 0;
     bool abort = false;
     Fiber *cur = nullptr;
@@ -203,13 +203,44 @@ void to_fiber(Worker &w, Fiber *f) {
 #endif
 }
 
+// Switch straight from fiber `from` to fiber `to` (one switch per hand-over, not two through a scheduler).
+void fiber_to_fiber(Worker &w, Fiber *from, Fiber *to) {
+    if (from == to) return;
+    w.cur = to;
+    llmc_rt_self = &to->t;
+#ifdef LLMC_USE_UCONTEXT
+    swapcontext(&from->uc, &to->uc);
+#else
+    llmc_ctx_switch(&from->sp, to->sp);
+#endif
+}
+
+// Fiber f cannot go on (it waits): hand over to the next live fiber. If every live fiber in turn was
+// resumed and could not go on, nothing can change any more: a deadlock, reported by the scheduler.
+void pass_on(Worker &w, Fiber *f, bool made_progress) {
+    w.stalled = made_progress ? 0 : w.stalled + 1;
+    if (w.stalled > w.n_threads - w.n_exited) {
+        w.deadlock = true;
+        to_scheduler(w, f);
+        __builtin_trap();  // a deadlocked block is never resumed
+    }
+    fiber_to_fiber(w, f, f->next);
+}
+
 void fiber_main(void *arg) {
     Fiber *f = static_cast<Fiber *>(arg);
     Worker &w = *f->w;
     w.L->thunk(w.L->args);
     f->state = kDone;
     w.n_exited++;
-    to_scheduler(w, f);
+    w.stalled = 0;
+    if (f->next == f) {  // the last live fiber: the block is done
+        to_scheduler(w, f);
+    } else {             // unlink from the ring and go on with the next one
+        f->prev->next = f->next;
+        f->next->prev = f->prev;
+        fiber_to_fiber(w, f, f->next);
+    }
     __builtin_trap();  // a finished fiber is never resumed
 }
 
@@ -238,14 +269,14 @@ std::string where(Worker &w) {
 
 template <typename Cond>
 void wait_until(Worker &w, Fiber *f, Cond cond, const char *what, const char *file, int line) {
-    f->progressed = true;  // arriving is progress; only waiting in vain is not
+    bool progress = true;  // arriving is progress; only being resumed and waiting again is not
     while (!cond()) {
         f->state = kWaiting;
         f->wait_what = what; f->wait_file = file; f->wait_line = line;
-        to_scheduler(w, f);
+        pass_on(w, f, progress);
+        progress = false;
     }
     f->state = kReady;
-    f->progressed = true;
 }
 
 void ensure_fibers(Worker &w, int n, size_t stack_size) {
@@ -329,23 +360,16 @@ void run_block(Worker &w, long b) {
         f->sp = llmc_ctx_init(f->stack + w.stack_size, fiber_main, f);
 #endif
     }
-    int live = n;
-    while (live > 0) {
-        bool progress = false;
-        for (int i = 0; i < n; i++) {
-            Fiber *f = w.fibers[i].get();
-            if (f->state == kDone) continue;
-            f->progressed = false;
-            to_fiber(w, f);
-            if (w.abort) return;
-            if (f->state == kDone) { live--; progress = true; }
-            else if (f->progressed) progress = true;
-        }
-        if (!progress && live > 0) {
-            report_deadlock(w, n);
-            w.abort = true;
-            return;
-        }
+    for (int i = 0; i < n; i++) {  // the ring of live fibers, in thread order
+        w.fibers[i]->next = w.fibers[(i + 1) % n].get();
+        w.fibers[i]->prev = w.fibers[(i + n - 1) % n].get();
+    }
+    w.stalled = 0;
+    w.deadlock = false;
+    to_fiber(w, w.fibers[0].get());  // returns when every fiber has exited, on a deadlock, or on a failure
+    if (w.deadlock && !w.abort) {
+        report_deadlock(w, n);
+        w.abort = true;
     }
 }
 
@@ -374,7 +398,6 @@ void llmc_rt_syncthreads(const char *file, int line) {
     if (++w.bar_arrived == w.n_threads) {
         w.bar_arrived = 0;
         w.bar_gen++;
-        w.cur->progressed = true;
         return;
     }
     wait_until(w, w.cur, [&] { return w.bar_gen != g; }, "__syncthreads", file, line);
@@ -416,7 +439,6 @@ static unsigned warp_collective(Worker &w, unsigned mask, int op, unsigned long 
     if (wp.arrived == wp.target) {
         wp.arrived = 0;
         wp.gen++;
-        f->progressed = true;
     } else {
         wait_until(w, f, [&] { return wp.gen != g; }, kOpNames[op], file, line);
     }
