@@ -30,7 +30,7 @@ from llmc_lessons.model import GPT2, GPT2Config, generate
 DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, lr=6e-4, warmup=None,
                 final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, eval_every=None, eval_batches=4,
                 sample_every=None, sample_tokens=32, checkpoint_every=None, seed=1337, out=None,
-                train_bin=None, val_bin=None, reference=False)
+                train_bin=None, val_bin=None, reference=False, tf32=1)
 EOT = 50256
 
 
@@ -129,6 +129,8 @@ class Trainer:
             a["steps"] = int(a["epochs"] * len(self.train_loader))
         backend = "numpy" if a["reference"] else "kernels"
         self.model = GPT2(config, seed=a["seed"], backend=backend)
+        from llmc_lessons.layers.matmul import set_tf32
+        set_tf32(bool(a["tf32"]))  # as llm.c's fp32 trainer: TF32 tensor cores for the matmuls (a no-op on a CPU)
         self.rng = np.random.default_rng(a["seed"])
         self.step = 0
         self.peak_bytes = 0
@@ -271,6 +273,7 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
     p.add_argument("--train-bin", dest="train_bin", help="llm.c token file to train on (default: Shakespeare)")
     p.add_argument("--val-bin", dest="val_bin", help="llm.c token file for validation")
     p.add_argument("--reference", action="store_true", help="use the NumPy reference layers, not the kernels")
+    p.add_argument("--tf32", type=int, choices=[0, 1], help="float32 matmuls on TF32 tensor cores (GPU; default 1)")
     given = vars(p.parse_args(argv))
     resume = given.pop("resume", None)
     stop_at = given.pop("stop_at", None)
