@@ -1,0 +1,377 @@
+"""Build the student notebooks (notebooks/) from the solution notebooks (solutions/), and check they agree.
+
+    python -m llmc_lessons.exercises build       # write notebooks/NN_name.ipynb for every solutions/*.ipynb
+    python -m llmc_lessons.exercises check       # exit 1, naming the files, if notebooks/ is out of date
+    python -m llmc_lessons.exercises normalize   # strip outputs and normalise solutions/*.ipynb in place
+    python -m llmc_lessons.exercises list        # every exercise of every lesson
+
+An exercise is a code cell of a solution notebook with one line `# Exercise N.k: <what to write>` (N the
+lesson's number, the NN of its file name; k = 1, 2, ... in order of appearance) and one or more regions
+
+    ### BEGIN SOLUTION          (Python: becomes `raise NotImplementedError("Exercise N.k: ...")`)
+    ...
+    ### END SOLUTION
+
+    // BEGIN SOLUTION           (inside a CUDA source string: becomes `// TODO (Exercise N.k): ...`)
+    ...
+    // END SOLUTION
+
+each replaced at the indentation of its BEGIN line. Everything else is kept. Outputs and execution counts
+are cleared, cell ids are derived from the notebook's name and the cell's position, and metadata is cut to
+what Jupyter needs, so that the generated files (and their diffs) depend on the solution's text only.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+__all__ = ["ExerciseError", "Exercise", "exercise_cells", "to_student", "normalize", "dumps", "lesson_number",
+           "build", "check", "normalize_solutions", "find_root", "main"]
+
+EXERCISE_RE = re.compile(r"^[ \t]*#[ \t]*Exercise[ \t]+(\d+)\.(\d+)[ \t]*:[ \t]*(\S.*?)[ \t]*$")
+LOOSE_EXERCISE_RE = re.compile(r"^[ \t]*#+[ \t]*Exercise\b", re.IGNORECASE)
+MARKER_RE = re.compile(r"^([ \t]*)(###|//)[ \t]*(BEGIN|END)[ \t]+SOLUTION\b(.*)$")
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
+class ExerciseError(ValueError):
+    """A solution notebook breaks the exercise rules; the message names the notebook and the cell."""
+
+
+class Exercise(tuple):
+    """(cell index, "N.k", description): one exercise of a notebook."""
+    __slots__ = ()
+
+    def __new__(cls, index: int, number: str, description: str):
+        return super().__new__(cls, (index, number, description))
+
+    index = property(lambda self: self[0])
+    number = property(lambda self: self[1])
+    description = property(lambda self: self[2])
+
+    def __repr__(self):
+        return f"Exercise(index={self[0]}, number={self[1]!r}, description={self[2]!r})"
+
+
+def _source(cell) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def _where(name: str, index: int, cell, line: int | None = None) -> str:
+    first = next((ln.strip() for ln in _source(cell).splitlines() if ln.strip()), "")
+    first = first if len(first) <= 60 else first[:57] + "..."
+    at = f", line {line}" if line is not None else ""
+    return f"{name}, cell {index} ({cell.get('cell_type', '?')} cell starting {first!r}){at}"
+
+
+def lesson_number(name: str) -> int | None:
+    """The lesson number of a notebook file name: 3 for '03_layernorm.ipynb', None without an NN_ prefix."""
+    m = re.match(r"^(\d+)_", Path(name).name)
+    return int(m.group(1)) if m else None
+
+
+def _parse_cell(name: str, index: int, cell):
+    """Return (header or None, regions) of a code cell, raising ExerciseError on malformed markers.
+
+    header: (line number, N, k, description); regions: [(kind, begin line, end line, indent)] with 0-based lines.
+    """
+    lines = _source(cell).split("\n")
+    headers, regions, open_region = [], [], None
+    for i, line in enumerate(lines):
+        m = EXERCISE_RE.match(line)
+        if m:
+            headers.append((i, int(m.group(1)), int(m.group(2)), m.group(3)))
+        m = MARKER_RE.match(line)
+        if not m:
+            continue
+        indent, comment, which, rest = m.groups()
+        kind = "python" if comment == "###" else "cuda"
+        label = f"{comment} {which} SOLUTION"
+        if rest.strip():
+            raise ExerciseError(f"{_where(name, index, cell, i + 1)}: '{label}' must stand alone on its line, "
+                                f"found extra text {rest.strip()!r}")
+        if which == "BEGIN":
+            if open_region is not None:
+                raise ExerciseError(f"{_where(name, index, cell, i + 1)}: '{label}' opens a region inside the "
+                                    f"region opened at line {open_region[1] + 1}: regions cannot be nested "
+                                    f"(close the first one with its END SOLUTION line)")
+            open_region = (kind, i, indent)
+        else:
+            if open_region is None:
+                raise ExerciseError(f"{_where(name, index, cell, i + 1)}: '{label}' has no BEGIN SOLUTION "
+                                    f"line before it")
+            if open_region[0] != kind:
+                want = "### END SOLUTION" if open_region[0] == "python" else "// END SOLUTION"
+                raise ExerciseError(f"{_where(name, index, cell, i + 1)}: '{label}' closes the region opened "
+                                    f"at line {open_region[1] + 1}, which needs '{want}'")
+            regions.append((kind, open_region[1], i, open_region[2]))
+            open_region = None
+    if open_region is not None:
+        label = "### BEGIN SOLUTION" if open_region[0] == "python" else "// BEGIN SOLUTION"
+        raise ExerciseError(f"{_where(name, index, cell, open_region[1] + 1)}: '{label}' is never closed "
+                            f"(its END SOLUTION line is missing)")
+    if len(headers) > 1:
+        nums = ", ".join(f"{h[1]}.{h[2]}" for h in headers)
+        raise ExerciseError(f"{_where(name, index, cell)}: one cell holds several exercise headers ({nums}); "
+                            f"give each exercise its own cell, followed by its check cell")
+    header = headers[0] if headers else None
+    if regions and header is None:
+        near = next((ln.strip() for ln in lines if LOOSE_EXERCISE_RE.match(ln)), None)
+        extra = f" ({near!r} is not of that form)" if near else ""
+        raise ExerciseError(f"{_where(name, index, cell, regions[0][1] + 1)}: a SOLUTION region in a cell "
+                            f"without a '# Exercise N.k: <description>' line{extra}; add that line to the cell")
+    if header is not None and not regions:
+        raise ExerciseError(f"{_where(name, index, cell, header[0] + 1)}: 'Exercise {header[1]}.{header[2]}' "
+                            f"has no '### BEGIN SOLUTION' / '// BEGIN SOLUTION' region for students to fill in")
+    return header, regions
+
+
+def _scan(nb, name: str):
+    """Validate every cell of `nb`; return [(index, header, regions)] for its exercise cells, in order."""
+    lesson = lesson_number(name)
+    found = []
+    expected_k = 1
+    for index, cell in enumerate(nb.get("cells", [])):
+        if cell.get("cell_type") != "code":
+            continue
+        header, regions = _parse_cell(name, index, cell)
+        if header is None:
+            continue
+        _, n, k, _ = header
+        if lesson is None:
+            raise ExerciseError(f"{_where(name, index, cell)}: exercise {n}.{k} is in a notebook whose name "
+                                f"does not start with a lesson number 'NN_'")
+        if n != lesson:
+            raise ExerciseError(f"{_where(name, index, cell)}: exercise {n}.{k} is numbered for lesson {n}, but "
+                                f"this notebook is lesson {lesson}: call it Exercise {lesson}.{expected_k}")
+        if k != expected_k:
+            why = "duplicates an earlier number" if k < expected_k else "skips a number"
+            raise ExerciseError(f"{_where(name, index, cell)}: exercise {n}.{k} {why}; exercises are numbered "
+                                f"{lesson}.1, {lesson}.2, ... in order of appearance, so this one should be "
+                                f"Exercise {lesson}.{expected_k}")
+        expected_k += 1
+        found.append((index, header, regions))
+    return found
+
+
+def exercise_cells(nb, name: str = "notebook") -> list[Exercise]:
+    """Every exercise of `nb` as (cell index, "N.k", description), validating the notebook on the way.
+
+    `name` (the file name, e.g. '03_layernorm.ipynb') gives the lesson number and names the notebook in errors.
+    """
+    return [Exercise(index, f"{h[1]}.{h[2]}", h[3]) for index, h, _ in _scan(nb, name)]
+
+
+def _stub(kind: str, indent: str, number: str, description: str) -> str:
+    if kind == "python":
+        return f"{indent}raise NotImplementedError({json.dumps(f'Exercise {number}: {description}', ensure_ascii=False)})"
+    return f"{indent}// TODO (Exercise {number}): {description}"
+
+
+def _cell_id(stem: str, index: int) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_-]", "-", stem)[:54] or "cell"
+    return f"{safe}-{index:03d}"
+
+
+def normalize(nb, name: str = "notebook"):
+    """A copy of `nb` with outputs and execution counts cleared, deterministic cell ids, and trimmed metadata.
+
+    Notebook metadata keeps the kernelspec and the language name; cell metadata keeps only `tags`.
+    """
+    nb = copy.deepcopy(nb)
+    stem = Path(name).stem
+    meta = nb.get("metadata", {})
+    lang = (meta.get("language_info") or {}).get("name", "python")
+    kernelspec = meta.get("kernelspec") or KERNELSPEC
+    nb["metadata"] = {"kernelspec": {k: kernelspec[k] for k in ("display_name", "language", "name") if k in kernelspec},
+                      "language_info": {"name": lang}}
+    nb["nbformat"], nb["nbformat_minor"] = 4, 5
+    cells = []
+    for index, cell in enumerate(nb.get("cells", [])):
+        new = {"cell_type": cell["cell_type"], "id": _cell_id(stem, index),
+               "metadata": {"tags": list(cell["metadata"]["tags"])} if cell.get("metadata", {}).get("tags") else {},
+               "source": _source(cell)}
+        if cell["cell_type"] == "code":
+            new["execution_count"], new["outputs"] = None, []
+        elif cell.get("attachments"):
+            new["attachments"] = cell["attachments"]
+        cells.append(nbformat.from_dict(new))
+    nb["cells"] = cells
+    return nbformat.from_dict(nb)
+
+
+def to_student(nb, name: str = "notebook"):
+    """The student version of a solution notebook: every SOLUTION region replaced by its stub, normalised."""
+    exercises = {index: (h, regions) for index, h, regions in _scan(nb, name)}
+    nb = normalize(nb, name)
+    for index, (header, regions) in exercises.items():
+        _, n, k, description = header
+        lines = _source(nb.cells[index]).split("\n")
+        for kind, begin, end, indent in reversed(regions):
+            lines[begin:end + 1] = [_stub(kind, indent, f"{n}.{k}", description)]
+        nb.cells[index]["source"] = "\n".join(lines)
+    return nb
+
+
+def dumps(nb) -> str:
+    """The notebook as the text written to disk: nbformat's JSON (indent 1, sorted keys), one trailing newline."""
+    text = nbformat.writes(nb, version=4)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _read(path: Path):
+    try:
+        return nbformat.read(str(path), as_version=4)
+    except Exception as e:
+        raise ExerciseError(f"{path}: not a readable notebook ({type(e).__name__}: {e})") from None
+
+
+def has_outputs(nb) -> bool:
+    """True when any code cell of `nb` stores outputs or an execution count."""
+    return any(c.get("cell_type") == "code" and (c.get("outputs") or c.get("execution_count") is not None)
+               for c in nb.get("cells", []))
+
+
+def find_root(root: str | Path | None = None) -> Path:
+    """The repository root: `root` if given, else the current directory or the package's parent, with solutions/."""
+    if root is not None:
+        root = Path(root)
+        if not (root / "solutions").is_dir():
+            raise FileNotFoundError(f"{root} has no solutions/ directory")
+        return root
+    for cand in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (cand / "solutions").is_dir():
+            return cand
+    raise FileNotFoundError("no solutions/ directory here or beside the package: run this from the repository "
+                            "root, or pass --root")
+
+
+def _solutions(root: Path) -> list[Path]:
+    return sorted((root / "solutions").glob("*.ipynb"))
+
+
+def _student_text(path: Path) -> str:
+    nb = to_student(_read(path), path.name)
+    nbformat.validate(nb)
+    return dumps(nb)
+
+
+def build(root: str | Path | None = None) -> list[Path]:
+    """Write notebooks/<name> for every solutions/<name>; remove notebooks/*.ipynb without a solution.
+
+    All solutions are converted before anything is written, so an error leaves notebooks/ untouched.
+    Returns the paths that changed.
+    """
+    root = find_root(root)
+    out_dir = root / "notebooks"
+    texts = {p.name: _student_text(p) for p in _solutions(root)}
+    out_dir.mkdir(exist_ok=True)
+    changed = []
+    for name, text in texts.items():
+        target = out_dir / name
+        if not target.exists() or target.read_text(encoding="utf-8") != text:
+            target.write_text(text, encoding="utf-8", newline="\n")
+            changed.append(target)
+    for extra in sorted(out_dir.glob("*.ipynb")):
+        if extra.name not in texts:
+            extra.unlink()
+            changed.append(extra)
+    return changed
+
+
+def check(root: str | Path | None = None) -> list[str]:
+    """Problems that keep notebooks/ and solutions/ from being in sync, one sentence each (empty: all good).
+
+    A problem: a student notebook missing, different from what `build` would write, or without a solution; a
+    solution notebook that stores outputs; a solution notebook that breaks the exercise rules.
+    """
+    root = find_root(root)
+    problems = []
+    names = set()
+    for path in _solutions(root):
+        names.add(path.name)
+        rel = f"solutions/{path.name}"
+        try:
+            nb = _read(path)
+            if has_outputs(nb):
+                problems.append(f"{rel} stores outputs or execution counts: run "
+                                f"`python -m llmc_lessons.exercises normalize` (solutions are kept without outputs)")
+            text = _student_text(path)
+        except ExerciseError as e:
+            problems.append(str(e))
+            continue
+        target = root / "notebooks" / path.name
+        if not target.exists():
+            problems.append(f"notebooks/{path.name} is missing: run `python -m llmc_lessons.exercises build`")
+        elif target.read_text(encoding="utf-8") != text:
+            problems.append(f"notebooks/{path.name} is out of date with {rel} (or was edited by hand): run "
+                            f"`python -m llmc_lessons.exercises build`")
+    for extra in sorted((root / "notebooks").glob("*.ipynb")):
+        if extra.name not in names:
+            problems.append(f"notebooks/{extra.name} has no solutions/{extra.name}: remove it, or run "
+                            f"`python -m llmc_lessons.exercises build`, which removes it")
+    return problems
+
+
+def normalize_solutions(root: str | Path | None = None) -> list[Path]:
+    """Rewrite every solutions/*.ipynb normalised (no outputs, deterministic ids); return the paths that changed."""
+    root = find_root(root)
+    changed = []
+    for path in _solutions(root):
+        nb = _read(path)
+        _scan(nb, path.name)  # validate the exercise markers too
+        text = dumps(normalize(nb, path.name))
+        if path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8", newline="\n")
+            changed.append(path)
+    return changed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmc_lessons.exercises",
+                                     description="Generate the student notebooks from the solution notebooks.")
+    parser.add_argument("command", choices=["build", "check", "normalize", "list"],
+                        help="build: write notebooks/ from solutions/; check: exit 1 if notebooks/ is out of "
+                             "date; normalize: strip outputs from solutions/; list: show every exercise")
+    parser.add_argument("--root", default=None, help="the repository root (default: the current directory)")
+    args = parser.parse_args(argv)
+    try:
+        root = find_root(args.root)
+        if args.command == "build":
+            changed = build(root)
+            n = len(_solutions(root))
+            print(f"{n} notebook(s) in solutions/; {len(changed)} file(s) in notebooks/ changed")
+            for p in changed:
+                print(f"  {p.relative_to(root)}")
+        elif args.command == "normalize":
+            changed = normalize_solutions(root)
+            print(f"{len(changed)} solution notebook(s) rewritten")
+            for p in changed:
+                print(f"  {p.relative_to(root)}")
+        elif args.command == "list":
+            for path in _solutions(root):
+                for ex in exercise_cells(_read(path), path.name):
+                    print(f"{path.name}  cell {ex.index:>3}  Exercise {ex.number}: {ex.description}")
+        else:
+            problems = check(root)
+            if problems:
+                print(f"notebooks/ is NOT in sync with solutions/ ({len(problems)} problem(s)):", file=sys.stderr)
+                for p in problems:
+                    print(f"  - {p}", file=sys.stderr)
+                return 1
+            print(f"notebooks/ is in sync with solutions/ ({len(_solutions(root))} notebook(s))")
+    except (ExerciseError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Shared fixtures.
+
+The backend comes from the environment only: LLMC_DEVICE=cpu|gpu as the user set it (unset: the GPU when
+CuPy finds one, else the CPU). Nothing here sets it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_report_header(config):
+    try:
+        from llmc_lessons import device
+        return f"llmc_lessons backend: {device.describe()}"
+    except Exception as e:  # noqa: BLE001  (e.g. a bad LLMC_DEVICE: the tests will say so too)
+        return f"llmc_lessons backend: unavailable ({type(e).__name__}: {e})"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root (holds solutions/, notebooks/, README.md)."""
+    return ROOT
+
+
+@pytest.fixture
+def current_env_kernel(tmp_path_factory, monkeypatch) -> str:
+    """A kernelspec named 'python3' that runs this very interpreter, found before any user-installed one.
+
+    A user-level 'python3' kernelspec (common after `pip install --user jupyter`) may point at another Python
+    that lacks this package; JUPYTER_PATH comes first in Jupyter's search path, so this one wins.
+    Returns the kernel name to pass to nbclient.
+    """
+    base = tmp_path_factory.mktemp("jupyter")
+    spec_dir = base / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3", "language": "python"}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(base))
+    return "python3"

@@ -1,0 +1,371 @@
+"""The exercise generator: solutions/*.ipynb -> notebooks/*.ipynb, on small synthetic notebooks."""
+from __future__ import annotations
+
+import ast
+import json
+
+import nbformat
+import pytest
+
+from llmc_lessons import exercises as ex
+from llmc_lessons.exercises import ExerciseError
+
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
+def notebook(*cells):
+    """A notebook from ('md', text) / ('code', text) pairs, with outputs and noisy metadata like a real one."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python", "version": "3.11.7"},
+                   "widgets": {"state": {}}}
+    for i, (kind, text) in enumerate(cells):
+        if kind == "md":
+            nb.cells.append(nbformat.v4.new_markdown_cell(text))
+        else:
+            c = nbformat.v4.new_code_cell(text, execution_count=i + 1)
+            c.outputs = [nbformat.v4.new_output("stream", name="stdout", text="hi\n")]
+            c.metadata = {"collapsed": False, "tags": ["keep"]} if i == 1 else {"scrolled": True}
+            nb.cells.append(c)
+    return nb
+
+
+PY_EXERCISE = '''\
+def layernorm_forward(inp, weight, bias, eps=1e-5):
+    # Exercise 3.1: compute mean and rstd over the last axis
+    mean = inp.mean(-1, keepdims=True)
+    ### BEGIN SOLUTION
+    var = ((inp - mean) ** 2).mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    ### END SOLUTION
+    return (inp - mean) * rstd * weight + bias'''
+
+CUDA_EXERCISE = '''\
+# Exercise 3.2: write the body of the kernel
+src = r"""
+extern "C" __global__ void scale(float* out, const float* inp, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        // BEGIN SOLUTION
+        out[i] = 2.0f * inp[i];
+        // END SOLUTION
+    }
+}
+"""'''
+
+
+def lesson():
+    return notebook(("md", "# Lesson 3\n\n`### BEGIN SOLUTION` in Markdown is only text."),
+                    ("code", "import numpy as np"),
+                    ("code", PY_EXERCISE),
+                    ("code", "check_layernorm_forward(layernorm_forward)"),
+                    ("md", "Now the kernel."),
+                    ("code", CUDA_EXERCISE),
+                    ("code", "check_scale(src)"))
+
+
+def student_source(nb, index):
+    return nb.cells[index].source
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding exercises and replacing regions
+
+def test_exercise_cells_lists_index_number_description():
+    found = ex.exercise_cells(lesson(), "03_layernorm.ipynb")
+    assert found == [(2, "3.1", "compute mean and rstd over the last axis"), (5, "3.2", "write the body of the kernel")]
+    assert found[1].index == 5 and found[1].number == "3.2" and found[1].description.startswith("write")
+
+
+def test_python_region_becomes_raise_at_its_indentation():
+    nb = ex.to_student(lesson(), "03_layernorm.ipynb")
+    src = student_source(nb, 2)
+    assert src.splitlines() == [
+        "def layernorm_forward(inp, weight, bias, eps=1e-5):",
+        "    # Exercise 3.1: compute mean and rstd over the last axis",
+        "    mean = inp.mean(-1, keepdims=True)",
+        '    raise NotImplementedError("Exercise 3.1: compute mean and rstd over the last axis")',
+        "    return (inp - mean) * rstd * weight + bias",
+    ]
+    assert "var" not in src and "SOLUTION" not in src
+    ast.parse(src)
+
+
+def test_cuda_region_becomes_todo_comment_at_its_indentation():
+    nb = ex.to_student(lesson(), "03_layernorm.ipynb")
+    lines = student_source(nb, 5).splitlines()
+    assert "        // TODO (Exercise 3.2): write the body of the kernel" in lines
+    assert not any("2.0f" in ln or "SOLUTION" in ln for ln in lines)
+    assert lines[0] == "# Exercise 3.2: write the body of the kernel"
+    assert lines[-3:] == ["    }", "}", '"""']
+    ast.parse(student_source(nb, 5))
+
+
+def test_top_level_region_and_several_regions_in_one_cell():
+    code = ("# Exercise 1.1: encode and decode\n"
+            "### BEGIN SOLUTION\n"
+            "ids = enc.encode(text)\n"
+            "### END SOLUTION\n"
+            "print(len(ids))\n"
+            "for t in ids[:3]:\n"
+            "    ### BEGIN SOLUTION\n"
+            "    print(enc.decode([t]))\n"
+            "    ### END SOLUTION\n"
+            "k = r'''\n"
+            "  // BEGIN SOLUTION\n"
+            "  x = 1;\n"
+            "  // END SOLUTION\n"
+            "'''\n")
+    nb = ex.to_student(notebook(("code", code)), "01_tokens.ipynb")
+    assert nb.cells[0].source == (
+        "# Exercise 1.1: encode and decode\n"
+        'raise NotImplementedError("Exercise 1.1: encode and decode")\n'
+        "print(len(ids))\n"
+        "for t in ids[:3]:\n"
+        '    raise NotImplementedError("Exercise 1.1: encode and decode")\n'
+        "k = r'''\n"
+        "  // TODO (Exercise 1.1): encode and decode\n"
+        "'''\n")
+    ast.parse(nb.cells[0].source)
+
+
+def test_description_with_quotes_and_backslashes_gives_valid_python():
+    code = '# Exercise 2.1: return "dwte" and \\ "dwpe" — both\n### BEGIN SOLUTION\nx = 1\n### END SOLUTION'
+    nb = ex.to_student(notebook(("code", code)), "02_embeddings.ipynb")
+    tree = ast.parse(nb.cells[0].source)
+    raise_node = tree.body[0]
+    assert isinstance(raise_node, ast.Raise)
+    assert raise_node.exc.args[0].value == 'Exercise 2.1: return "dwte" and \\ "dwpe" — both'
+
+
+def test_markers_tolerate_spacing_and_tabs():
+    code = "# Exercise 4.1:   tidy  \n\t###   BEGIN SOLUTION\n\tx = 1\n\t### END   SOLUTION\n"
+    nb = ex.to_student(notebook(("code", code)), "04_matmul.ipynb")
+    assert nb.cells[0].source == '# Exercise 4.1:   tidy  \n\traise NotImplementedError("Exercise 4.1: tidy")\n'
+
+
+def test_markdown_cells_and_non_exercise_cells_are_kept_verbatim():
+    sol = lesson()
+    nb = ex.to_student(sol, "03_layernorm.ipynb")
+    for i in (0, 1, 3, 4, 6):
+        assert nb.cells[i].source == sol.cells[i].source
+    assert len(nb.cells) == len(sol.cells)
+    assert [c.cell_type for c in nb.cells] == [c.cell_type for c in sol.cells]
+
+
+def test_to_student_does_not_modify_the_solution():
+    sol = lesson()
+    before = json.dumps(sol, sort_keys=True)
+    ex.to_student(sol, "03_layernorm.ipynb")
+    assert json.dumps(sol, sort_keys=True) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Normalisation and the written text
+
+def test_outputs_counts_metadata_and_ids_are_normalised():
+    nb = ex.to_student(lesson(), "03_layernorm.ipynb")
+    assert nb.metadata == {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
+    assert nb.nbformat == 4 and nb.nbformat_minor == 5
+    for c in nb.cells:
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None
+    assert nb.cells[1].metadata == {"tags": ["keep"]}
+    assert all(c.metadata == {} for i, c in enumerate(nb.cells) if i != 1)
+    ids = [c.id for c in nb.cells]
+    assert ids == [f"03_layernorm-{i:03d}" for i in range(len(nb.cells))]
+    nbformat.validate(nb)
+
+
+def test_missing_kernelspec_gets_the_default():
+    nb = notebook(("code", "x = 1"))
+    nb.metadata = {}
+    assert ex.normalize(nb, "05_attention.ipynb").metadata["kernelspec"] == KERNELSPEC
+
+
+def test_dumps_is_deterministic_indent_1_with_trailing_newline():
+    a = ex.dumps(ex.to_student(lesson(), "03_layernorm.ipynb"))
+    b = ex.dumps(ex.to_student(lesson(), "03_layernorm.ipynb"))
+    assert a == b
+    assert a.endswith("}\n") and not a.endswith("\n\n")
+    assert a.startswith('{\n "cells": [\n  {\n')
+    assert json.loads(a)["cells"][2]["id"] == "03_layernorm-002"
+
+
+def test_normalize_keeps_solutions_complete_and_strips_outputs():
+    sol = lesson()
+    assert ex.has_outputs(sol)
+    nb = ex.normalize(sol, "03_layernorm.ipynb")
+    assert not ex.has_outputs(nb)
+    assert nb.cells[2].source == PY_EXERCISE
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors: each names the notebook and the cell
+
+def error_for(code, name="03_layernorm.ipynb", *more):
+    nb = notebook(("md", "intro"), ("code", code), *more)
+    with pytest.raises(ExerciseError) as info:
+        ex.to_student(nb, name)
+    msg = str(info.value)
+    assert name in msg and "cell 1" in msg, msg
+    return msg
+
+
+def test_error_begin_without_end():
+    msg = error_for("# Exercise 3.1: a\n### BEGIN SOLUTION\nx = 1\n")
+    assert "never closed" in msg and "line 2" in msg
+
+
+def test_error_end_without_begin():
+    msg = error_for("# Exercise 3.1: a\nx = 1\n### END SOLUTION\n")
+    assert "no BEGIN SOLUTION" in msg and "line 3" in msg
+
+
+def test_error_nested_regions():
+    msg = error_for("# Exercise 3.1: a\n### BEGIN SOLUTION\n// BEGIN SOLUTION\n// END SOLUTION\n### END SOLUTION")
+    assert "nested" in msg
+
+
+def test_error_python_begin_closed_by_cuda_end():
+    msg = error_for("# Exercise 3.1: a\n### BEGIN SOLUTION\nx = 1\n// END SOLUTION\n")
+    assert "### END SOLUTION" in msg
+
+
+def test_error_region_without_exercise_line():
+    msg = error_for("### BEGIN SOLUTION\nx = 1\n### END SOLUTION\n")
+    assert "# Exercise N.k: <description>" in msg
+
+
+def test_error_region_with_malformed_exercise_line_names_it():
+    msg = error_for("# Exercise 3.1 compute x\n### BEGIN SOLUTION\nx = 1\n### END SOLUTION\n")
+    assert "'# Exercise 3.1 compute x' is not of that form" in msg
+
+
+def test_error_exercise_line_without_region():
+    msg = error_for("# Exercise 3.1: a\nx = 1\n")
+    assert "no '### BEGIN SOLUTION'" in msg
+
+
+def test_error_two_exercises_in_one_cell():
+    msg = error_for("# Exercise 3.1: a\n# Exercise 3.2: b\n### BEGIN SOLUTION\n### END SOLUTION")
+    assert "several exercise headers" in msg
+
+
+def test_error_extra_text_on_marker_line():
+    msg = error_for("# Exercise 3.1: a\n### BEGIN SOLUTION here\nx = 1\n### END SOLUTION")
+    assert "alone on its line" in msg
+
+
+def test_error_lesson_number_differs_from_file_prefix():
+    msg = error_for("# Exercise 4.1: a\n### BEGIN SOLUTION\n### END SOLUTION", "03_layernorm.ipynb")
+    assert "lesson 4" in msg and "lesson 3" in msg and "Exercise 3.1" in msg
+
+
+def test_error_numbers_out_of_order():
+    msg = error_for("# Exercise 3.2: a\n### BEGIN SOLUTION\n### END SOLUTION")
+    assert "skips a number" in msg and "Exercise 3.1" in msg
+
+
+def test_error_duplicated_number():
+    code = "# Exercise 3.1: a\n### BEGIN SOLUTION\n### END SOLUTION"
+    nb = notebook(("code", code), ("code", "check()"), ("code", code))
+    with pytest.raises(ExerciseError, match=r"03_x.ipynb, cell 2 .*duplicates an earlier number.*Exercise 3.2"):
+        ex.to_student(nb, "03_x.ipynb")
+
+
+def test_error_exercise_in_notebook_without_lesson_number():
+    msg = error_for("# Exercise 3.1: a\n### BEGIN SOLUTION\n### END SOLUTION", "scratch.ipynb")
+    assert "NN_" in msg
+
+
+def test_notebook_without_exercises_needs_no_lesson_number():
+    nb = ex.to_student(notebook(("code", "x = 1")), "scratch.ipynb")
+    assert nb.cells[0].source == "x = 1"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# build / check / normalize on a repository laid out in a temporary directory
+
+@pytest.fixture
+def repo(tmp_path):
+    (tmp_path / "solutions").mkdir()
+    nbformat.write(lesson(), str(tmp_path / "solutions" / "03_layernorm.ipynb"))
+    nbformat.write(notebook(("code", "print('welcome')")), str(tmp_path / "solutions" / "00_welcome.ipynb"))
+    return tmp_path
+
+
+def test_build_then_check_is_clean_and_build_is_idempotent(repo):
+    changed = ex.build(repo)
+    assert sorted(p.name for p in changed) == ["00_welcome.ipynb", "03_layernorm.ipynb"]
+    text = (repo / "notebooks" / "03_layernorm.ipynb").read_text()
+    assert "raise NotImplementedError" in text and "rstd = 1.0" not in text
+    ex.normalize_solutions(repo)
+    assert ex.check(repo) == []
+    assert ex.build(repo) == []
+
+
+def test_check_reports_stale_missing_extra_and_outputs(repo):
+    ex.build(repo)
+    ex.normalize_solutions(repo)
+    stale = repo / "notebooks" / "03_layernorm.ipynb"
+    stale.write_text(stale.read_text().replace("Exercise 3.1", "Exercise 3.9"))
+    (repo / "notebooks" / "00_welcome.ipynb").unlink()
+    (repo / "notebooks" / "99_old.ipynb").write_text("{}")
+    nbformat.write(lesson(), str(repo / "solutions" / "03_layernorm.ipynb"))  # with outputs again
+    problems = ex.check(repo)
+    text = "\n".join(problems)
+    assert len(problems) == 4, text
+    assert "notebooks/03_layernorm.ipynb is out of date" in text
+    assert "notebooks/00_welcome.ipynb is missing" in text
+    assert "notebooks/99_old.ipynb has no solutions/99_old.ipynb" in text
+    assert "solutions/03_layernorm.ipynb stores outputs" in text
+    ex.build(repo)
+    assert not (repo / "notebooks" / "99_old.ipynb").exists()
+
+
+def test_check_reports_a_broken_solution(repo):
+    ex.build(repo)
+    ex.normalize_solutions(repo)
+    bad = notebook(("code", "# Exercise 3.1: a\n### BEGIN SOLUTION\n"))
+    nbformat.write(ex.normalize(bad, "03_layernorm.ipynb"), str(repo / "solutions" / "03_layernorm.ipynb"))
+    problems = ex.check(repo)
+    assert len(problems) == 1 and "never closed" in problems[0] and "03_layernorm.ipynb" in problems[0]
+
+
+def test_build_with_a_broken_solution_writes_nothing(repo):
+    nbformat.write(notebook(("code", "// END SOLUTION")), str(repo / "solutions" / "05_attention.ipynb"))
+    with pytest.raises(ExerciseError, match="05_attention.ipynb, cell 0"):
+        ex.build(repo)
+    assert not (repo / "notebooks").exists() or not list((repo / "notebooks").iterdir())
+
+
+def test_normalize_solutions_strips_outputs_in_place(repo):
+    changed = ex.normalize_solutions(repo)
+    assert len(changed) == 2
+    nb = nbformat.read(str(repo / "solutions" / "03_layernorm.ipynb"), as_version=4)
+    assert not ex.has_outputs(nb) and nb.cells[2].source == PY_EXERCISE
+    assert ex.normalize_solutions(repo) == []
+
+
+def test_cli_exit_codes_and_messages(repo, capsys):
+    root = ["--root", str(repo)]
+    assert ex.main(["build", *root]) == 0
+    assert "2 file(s) in notebooks/ changed" in capsys.readouterr().out
+    assert ex.main(["check", *root]) == 1  # the solutions still store outputs
+    assert "stores outputs" in capsys.readouterr().err
+    assert ex.main(["normalize", *root]) == 0
+    assert ex.main(["check", *root]) == 0
+    assert "in sync" in capsys.readouterr().out
+    assert ex.main(["list", *root]) == 0
+    assert "Exercise 3.2: write the body of the kernel" in capsys.readouterr().out
+    (repo / "notebooks" / "00_welcome.ipynb").unlink()
+    assert ex.main(["check", *root]) == 1
+    assert "00_welcome.ipynb is missing" in capsys.readouterr().err
+    nbformat.write(notebook(("code", "### END SOLUTION")), str(repo / "solutions" / "04_matmul.ipynb"))
+    assert ex.main(["build", *root]) == 2
+    assert "error: " in capsys.readouterr().err
+
+
+def test_find_root_without_solutions_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no solutions/ directory"):
+        ex.find_root(tmp_path)
