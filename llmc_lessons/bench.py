@@ -46,6 +46,7 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
     _free_gpu_memory()
     pool = device.xp.get_default_memory_pool()
     model = GPT2(config, seed=0, backend="kernels")
+    model.keep_logits = False  # as the trainer: the fused classifier overwrites the logits in place
     times, peak = [], 0
     with tf32_mode(tf32):
         for i, (x, y) in enumerate(_batches(config, B, T, warmup + steps)):
@@ -102,6 +103,7 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25) -> str:
     from llmc_lessons.layers.matmul import tf32 as tf32_mode
     _free_gpu_memory()
     model = GPT2(config, seed=0, backend="kernels")
+    model.keep_logits = False
     batches = _batches(config, B, T, 3)
     with tf32_mode(True):
         for i, (x, y) in enumerate(batches[:2]):

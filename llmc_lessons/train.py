@@ -129,6 +129,7 @@ class Trainer:
             a["steps"] = int(a["epochs"] * len(self.train_loader))
         backend = "numpy" if a["reference"] else "kernels"
         self.model = GPT2(config, seed=a["seed"], backend=backend)
+        self.model.keep_logits = False  # the loop never reads the logits of a training forward
         from llmc_lessons.layers.matmul import set_tf32
         set_tf32(bool(a["tf32"]))  # as llm.c's fp32 trainer: TF32 tensor cores for the matmuls (a no-op on a CPU)
         self.rng = np.random.default_rng(a["seed"])

@@ -514,3 +514,16 @@ def test_decay_runs_cover_the_buffer_and_grad_scale():
     np.testing.assert_allclose(a.params_memory, b.params_memory, rtol=0, atol=1e-7)
     with pytest.raises(ValueError, match="counts AdamW steps from 1"):
         a.update(1e-3, t=0)
+
+
+def test_keep_logits_false_skips_the_copy_and_changes_nothing_else():
+    kept, dropped = GPT2(SMALL, seed=4, backend="kernels"), GPT2(SMALL, seed=4, backend="kernels")
+    dropped.keep_logits = False
+    idx, targets = _batch(SMALL)
+    for m in (kept, dropped):
+        m.forward(idx, targets)
+        m.zero_grad()
+        m.backward()
+    assert dropped.logits is None and kept.logits is not None
+    assert kept.mean_loss == dropped.mean_loss
+    np.testing.assert_array_equal(device.to_host(kept.grads_memory), device.to_host(dropped.grads_memory))

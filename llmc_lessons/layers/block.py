@@ -173,7 +173,7 @@ def block_forward_cuda(x, p: dict, NH: int, matmul_version="cublas"):
     residual2 = residual_forward_cuda(x, attproj)
     ln2, ln2_mean, ln2_rstd = layernorm_forward_cuda(residual2, p["ln2w"], p["ln2b"])
     fch = matmul_forward_cuda(ln2, p["fcw"], p["fcb"], version=matmul_version)
-    fch_gelu = gelu_forward_cuda(fch)
+    fch_gelu = gelu_forward_cuda(fch, version=2 if fch.size % 4 == 0 else 1)   # float4 loads where they fit
     fcproj = matmul_forward_cuda(fch_gelu, p["fcprojw"], p["fcprojb"], version=matmul_version)
     residual3 = residual_forward_cuda(residual2, fcproj)
     cache = dict(x=x, ln1=ln1, ln1_mean=ln1_mean, ln1_rstd=ln1_rstd, qkv=qkv, atty=atty, att=att,
