@@ -62,7 +62,7 @@ def learning_rate(step: int, total: int, lr: float, warmup: int, final_frac: flo
 def _first_nonfinite(model, which: str) -> str:
     tensors = model.grads if which == "gradient" else model.params
     for name, t in tensors.items():
-        if not bool(device.xp.isfinite(t).all()):
+        if not bool(model.xp.isfinite(t).all()):
             return f"{which} of {name}"
     return f"a {which}"
 
@@ -159,9 +159,9 @@ class Trainer:
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
             m = self.model
-            m.params_memory[...] = device.to_device(z["params"])
+            m.params_memory[...] = m.xp.asarray(z["params"])  # the model's own array module (NumPy path too)
             if "m" in z:
-                m.m_memory, m.v_memory = device.to_device(z["m"]), device.to_device(z["v"])
+                m.m_memory, m.v_memory = m.xp.asarray(z["m"]), m.xp.asarray(z["v"])
         m.step = meta["adamw_t"]
         self.step = meta["step"]
         self.train_loader.load_state(meta["train_loader"])
