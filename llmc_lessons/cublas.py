@@ -43,6 +43,7 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, out=None, accumulat
     """
     M, N, K = _operands(a, b, trans_a, trans_b, batched=False)
     out = _output(out, (M, N), accumulate)
+    _announce("cublas gemm")
     if not device.on_gpu() or K == 0:  # (cuBLAS refuses K = 0; the product of empty sums is 0)
         prod = (a.T if trans_a else a) @ (b.T if trans_b else b)
         if accumulate:
@@ -65,6 +66,7 @@ def gemm_batched(a, b, trans_a: bool = False, trans_b: bool = False, out=None):
     M, N, K = _operands(a, b, trans_a, trans_b, batched=True)
     L = a.shape[0]
     out = _output(out, (L, M, N), False)
+    _announce("cublas gemm_batched")
     if not device.on_gpu() or K == 0:
         out[...] = (a.transpose(0, 2, 1) if trans_a else a) @ (b.transpose(0, 2, 1) if trans_b else b)
         return out
@@ -77,6 +79,12 @@ def gemm_batched(a, b, trans_a: bool = False, trans_b: bool = False, out=None):
             a.data.ptr, CUDA_R_32F, M if trans_a else K, M * K,
             _ZERO.ctypes.data, out.data.ptr, CUDA_R_32F, N, M * N, L, _compute_type(), CUBLAS_GEMM_DEFAULT)
     return out
+
+
+def _announce(name: str) -> None:
+    from llmc_lessons.cuda import launch_listeners
+    for listener in launch_listeners:
+        listener(name)
 
 
 def _output(out, shape, accumulate: bool):

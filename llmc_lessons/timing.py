@@ -17,14 +17,21 @@ def _require_gpu(what: str):
         raise RuntimeError(f"{what} needs a GPU: the CPU emulator's timings say nothing about GPU speed")
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 20) -> float:
-    """Median wall time of fn() in milliseconds, measured with CUDA events around each call."""
+def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 20, flush_l2: bool = False) -> float:
+    """Median wall time of fn() in milliseconds, measured with CUDA events around each call.
+
+    flush_l2: before each timed call, overwrite a buffer larger than the L2 cache (outside the timed region),
+    so that fn reads its inputs from memory, not from a cache warmed by the previous repeat.
+    """
     _require_gpu("time_ms")
     for _ in range(warmup):
         fn()
+    scratch = xp.empty(64 * 2**20, dtype=xp.float32) if flush_l2 else None  # 256 MB > any L2 (H100: 50 MB)
     start, end = xp.cuda.Event(), xp.cuda.Event()
     times = []
     for _ in range(repeat):
+        if scratch is not None:
+            scratch.fill(0)
         start.record()
         fn()
         end.record()

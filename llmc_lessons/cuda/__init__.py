@@ -25,6 +25,9 @@ __all__ = ["RawKernel", "load_kernel", "kernel_source", "CompileError", "KernelE
 
 DEFAULT_SHARED_LIMIT = 48 * 1024
 
+launch_listeners: list = []
+"""Callables f(kernel_name) called before every launch (llmc_lessons.perf.count_launches uses it)."""
+
 
 def _dims(name: str, value, limits) -> tuple[int, int, int]:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
@@ -130,6 +133,8 @@ class RawKernel:
                              f"kernel.max_dynamic_shared_size_bytes first to use more, as on a GPU")
         args = _check_args(self.signature, args)
         impl = self._compiled()
+        for listener in launch_listeners:
+            listener(self.name)
         if device.on_gpu():
             if self.max_dynamic_shared_size_bytes:
                 impl.max_dynamic_shared_size_bytes = int(self.max_dynamic_shared_size_bytes)
