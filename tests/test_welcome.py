@@ -40,7 +40,8 @@ def test_num_blocks_stub():
 
 
 @pytest.mark.parametrize("body, msg", [
-    ("    // TODO (Exercise 0.2): write the body", r"Exercise 0.2 \(out\)[\s\S]*elements are NaN"),
+    ("    // TODO (Exercise 0.2): write the body", r"Exercise 0.2 is not done yet"),
+    ("    // the body is missing", r"Exercise 0.2 \(out\)[\s\S]*elements are NaN"),
     ("    int i = blockIdx.x * blockDim.x + threadIdx.x;\n    out[i] = a * x[i] + y[i];", "wrote past the end of out"),
     ("    int i = threadIdx.x;\n    if (i < n) out[i] = a * x[i] + y[i];", "add blockIdx.x \\* blockDim.x"),
     ("    int i = blockIdx.x * blockDim.x + threadIdx.x;\n    if (i < n) out[i] = a * (x[i] + y[i]);", r"a \* \(x \+ y\)"),

@@ -38,6 +38,16 @@ def run_exercise(exercise: str, fn: Callable, *args, **kwargs):
                              f"above, run that cell, then run this check again.") from None
 
 
+def exercise_kernel(exercise: str, source: str, name: str):
+    """The student's kernel from the CUDA `source` of an exercise cell, as a RawKernel. An untouched stub (its
+    `// TODO (Exercise N.k)` still there) becomes a failure that says what to do."""
+    from llmc_lessons.cuda import RawKernel
+    if f"TODO ({exercise})" in source:
+        raise AssertionError(f"{exercise} is not done yet: the kernel still has its TODO. Write your code in the CUDA "
+                             f"source above, run that cell, then run this check again.")
+    return RawKernel(source, name)
+
+
 def _fmt_index(idx) -> str:
     return "[" + ", ".join(str(int(i)) for i in idx) + "]"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, passed, rng, run_exercise
+from llmc_lessons.checks import assert_close, exercise_kernel, passed, rng, run_exercise
 from llmc_lessons.layers.adamw import adamw_update
 
 
@@ -115,13 +115,8 @@ def check_adamw_update(adamw_fn) -> None:
 def check_adamw_kernel(source: str, block_sizes=(128, 96)) -> None:
     """Exercise 9.2: adamw_kernel(params, grads, m, v, N, lr, beta1, beta2, beta1_correction, beta2_correction,
     eps, weight_decay, grad_scale) in `source`, against the reference, at an awkward N and two block sizes."""
-    from llmc_lessons.cuda import RawKernel
-
     ex = "Exercise 9.2"
-    if "TODO (Exercise 9.2)" in source:
-        raise AssertionError(f"{ex} is not done yet: the kernel body is still a TODO. Write it in the CUDA source "
-                             f"above, run that cell, then run this check again.")
-    kernel = RawKernel(source, "adamw_kernel")
+    kernel = exercise_kernel(ex, source, "adamw_kernel")
     gen = rng()
     hint = ("one thread per element: i = blockIdx.x * blockDim.x + threadIdx.x; if (i < N) { g = grads[i] * "
             "grad_scale; update m[i], v[i]; params[i] -= lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p); }")

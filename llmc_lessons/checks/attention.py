@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from llmc_lessons.checks import assert_close, passed, poisoned, randn, rng, run_exercise
+from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, randn, rng, run_exercise
 from llmc_lessons.device import to_host, xp
 from llmc_lessons.layers.attention import attention_backward, attention_forward, causal_softmax
 
@@ -217,11 +217,7 @@ def check_softmax_forward_kernel(source) -> None:
     """Exercise 5.2: softmax_forward_kernel in `source` (CUDA text, or a loaded kernel) must compute the causal
     softmax of each row, launched as kernel(grid, block, (out, inv_temperature, inp, N, T))."""
     if isinstance(source, str):
-        from llmc_lessons.cuda import RawKernel
-        if "TODO (Exercise 5.2)" in source:
-            raise AssertionError(f"{EX2} is not done yet: the kernel still has its TODO. Write the body in the "
-                                 f"CUDA source above, run that cell, then run this check again.")
-        kernel = RawKernel(source, "softmax_forward_kernel")
+        kernel = exercise_kernel(EX2, source, "softmax_forward_kernel")
     else:
         kernel = source
     gen = rng()

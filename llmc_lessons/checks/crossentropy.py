@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
 from llmc_lessons.layers.crossentropy import crossentropy_softmax_backward, softmax_forward
 
 
@@ -104,13 +104,8 @@ def _softmax_mistakes(logits, V) -> dict:
 def check_softmax_forward_kernel(source: str, block_sizes=(32, 96)) -> None:
     """Exercise 8.2: softmax_forward_kernel(float* probs, const float* logits, int N, int V, int Vp) in `source`,
     one block per row, against the reference; padded logits are NaN so any use of them shows."""
-    from llmc_lessons.cuda import RawKernel
-
     ex = "Exercise 8.2"
-    if "TODO (Exercise 8.2)" in source:
-        raise AssertionError(f"{ex} is not done yet: the kernel still has its TODO. Write the two loops in the "
-                             f"CUDA source above, run that cell, then run this check again.")
-    kernel = RawKernel(source, "softmax_forward_kernel")
+    kernel = exercise_kernel(ex, source, "softmax_forward_kernel")
     gen = rng()
     for block_size in block_sizes:
         for V in (int(gen.integers(2, 5)) * block_size + int(gen.integers(1, block_size)),  # several per thread

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
 from llmc_lessons.layers.encoder import encoder_backward, encoder_forward
 
 
@@ -57,13 +57,8 @@ def check_encoder_backward(fn) -> None:
 
 def check_encoder_forward_kernel(source: str) -> None:
     """Exercise 2.2: the body of encoder_forward_kernel1 in `source`, launched at awkward sizes and two block sizes."""
-    from llmc_lessons.cuda import RawKernel
-
     ex = "Exercise 2.2"
-    if "TODO (Exercise 2.2)" in source:
-        raise AssertionError(f"{ex} is not done yet: the kernel still has its TODO. Write the body in the CUDA "
-                             f"source above, run that cell, then run this check again.")
-    kernel = RawKernel(source, "encoder_forward_kernel1")
+    kernel = exercise_kernel(ex, source, "encoder_forward_kernel1")
     gen = rng()
     B, T, C, V, maxT = 3, 7, 37, 50, 9          # C is not a multiple of anything; B*T*C = 777 elements
     inp = gen.integers(0, V, size=(B, T)).astype(np.int32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
 from llmc_lessons.layers.gelu import (GELU_CUBE_COEF, GELU_SCALING_FACTOR, gelu_backward, gelu_erf_backward,
                                       gelu_forward)
 
@@ -69,13 +69,8 @@ def check_gelu_backward(gelu_backward_fn) -> None:
 def check_gelu_backward_kernel(source: str, block_sizes=(32, 128)) -> None:
     """Exercise 6.2: gelu_backward_kernel(float* dinp, const float* inp, const float* dout, int N) in `source`,
     against the reference, with NaN-poisoned output, an awkward N and several block sizes."""
-    from llmc_lessons.cuda import RawKernel
-
     ex = "Exercise 6.2"
-    if "TODO (Exercise 6.2)" in source:
-        raise AssertionError(f"{ex} is not done yet: the kernel still has its TODO. Write the body in the CUDA "
-                             f"source above, run that cell, then run this check again.")
-    kernel = RawKernel(source, "gelu_backward_kernel")
+    kernel = exercise_kernel(ex, source, "gelu_backward_kernel")
     gen = rng()
     for block_size in block_sizes:
         N = int(gen.integers(3, 12)) * block_size + int(gen.integers(1, block_size))  # not a multiple

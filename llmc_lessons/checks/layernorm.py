@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
 from llmc_lessons.layers.layernorm import layernorm_backward, layernorm_forward
 
 
@@ -60,13 +60,8 @@ def check_layernorm_backward(fn) -> None:
 
 def check_layernorm_forward_kernel2(source: str) -> None:
     """Exercise 3.2: the warp reductions of layernorm_forward_kernel2 in `source`, at awkward sizes."""
-    from llmc_lessons.cuda import RawKernel
-
     ex = "Exercise 3.2"
-    if "TODO (Exercise 3.2)" in source:
-        raise AssertionError(f"{ex} is not done yet: the kernel still has its TODO. Write the two reductions in the "
-                             f"CUDA source above, run that cell, then run this check again.")
-    kernel = RawKernel(source, "layernorm_forward_kernel2")
+    kernel = exercise_kernel(ex, source, "layernorm_forward_kernel2")
     gen = rng()
     B, T, C = 3, 5, 77                        # 15 rows; C = 77 is 2 full passes of 32 lanes plus 13
     N = B * T

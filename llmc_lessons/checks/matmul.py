@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
 from llmc_lessons.layers.matmul import gemm_cuda, matmul_backward
 
 _DINP_HINT = "dinp (B, T, C) = dout (B, T, OC) @ weight (OC, C): weight is used as stored, no transpose."
@@ -77,9 +77,7 @@ def check_matmul_kernel2(source: str) -> None:
     from llmc_lessons.cuda import CompileError, RawKernel
 
     ex = "Exercise 4.2"
-    if "TODO (Exercise 4.2)" in source:
-        raise AssertionError(f"{ex} is not done yet: the kernel still has its TODO. Write the tile loads and the "
-                             f"accumulation in the CUDA source above, run that cell, then run this check again.")
+    exercise_kernel(ex, source, "matmul_kernel2")  # an untouched TODO fails here with what to do
     def compile_failure(e):
         # The emulator compiles in compile(); CuPy compiles at the first launch and raises its CompileException.
         if isinstance(e, CompileError) or type(e).__name__ == "CompileException":

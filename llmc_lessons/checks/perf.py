@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc_lessons.checks import assert_close, passed, poisoned, randn, rng, run_exercise
-from llmc_lessons.cuda import RawKernel
+from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, randn, rng, run_exercise
 from llmc_lessons.device import to_host
 from llmc_lessons.layers.fused import fused_residual_layernorm_forward
 
@@ -34,7 +33,7 @@ def check_layernorm_bytes(fn) -> None:
 def check_fused_residual_layernorm_kernel(src: str, name: str = "fused_residual_layernorm_forward_kernel") -> None:
     """Exercise 12.2: the student's fused kernel against the composed reference, outputs poisoned with NaN."""
     ex = "Exercise 12.2"
-    kernel = run_exercise(ex, RawKernel, src, name)
+    kernel = exercise_kernel(ex, src, name)
     gen = rng()
     for (B, T, C), block in [((2, 7, 45), 64), ((3, 5, 100), 128), ((1, 3, 31), 96)]:
         a, b = randn(gen, B, T, C), randn(gen, B, T, C)

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc_lessons.checks import assert_close, passed, randn, rng, run_exercise
-from llmc_lessons.cuda import RawKernel
+from llmc_lessons.checks import assert_close, exercise_kernel, passed, randn, rng, run_exercise
 from llmc_lessons.device import to_host, xp
 
 GUARD = 64  # NaN-filled elements after the output: a kernel that writes there has no working bounds check
@@ -18,7 +17,7 @@ def saxpy_reference(a: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def check_saxpy_kernel(src: str, name: str = "saxpy_kernel") -> None:
     """Exercise 0.2: compile the student's kernel; launch it at awkward sizes and two block sizes."""
     ex = "Exercise 0.2"
-    kernel = run_exercise(ex, RawKernel, src, name)
+    kernel = exercise_kernel(ex, src, name)
     gen = rng()
     for n, block in [(1000, 128), (37, 32), (3000, 256)]:
         x, y = randn(gen, n), randn(gen, n)
