@@ -2,6 +2,7 @@
 
     python tools/run_notebook.py solutions/12_kernel_performance.ipynb [OUT.ipynb]
 """
+import os
 import sys
 
 import nbformat
@@ -9,7 +10,7 @@ from nbclient import NotebookClient
 
 path = sys.argv[1]
 nb = nbformat.read(path, as_version=4)
-NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": "solutions"}}).execute()
+NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}}).execute()
 for i, cell in enumerate(nb.cells):
     if cell.cell_type != "code":
         continue

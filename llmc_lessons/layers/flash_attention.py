@@ -1,0 +1,111 @@
+"""Flash attention (lesson 13): causal self-attention without the (B, NH, T, T) matrices.
+
+The forward walks the keys in tiles and keeps, per query row, a running maximum m, a running sum l and an
+output accumulator o (the online softmax); it returns out (B, T, C), as lesson 05's attention, and
+L = m + log(l) (B, NH, T) instead of att. The backward recomputes each probability from L.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from llmc_lessons import device
+from llmc_lessons.layers.attention import _sizes, merge_heads, split_heads
+
+HS_MAX = 64  # flash_attention.cu keeps hs floats per thread in registers
+
+
+def online_softmax_update(m, l, o, s, v):
+    """One tile of the online softmax: running max m (R,), sum l (R,), accumulator o (R, hs); scores s (R, n)
+    of this tile's n keys (-inf where masked) and their values v (n, hs) -> the updated (m, l, o)."""
+    m_new = np.maximum(m, s.max(axis=-1))
+    correction = np.exp(m - m_new)               # rescales what was summed against the old maximum
+    p = np.exp(s - m_new[:, None])
+    return m_new, l * correction + p.sum(axis=-1), o * correction[:, None] + p @ v
+
+
+def flash_attention_forward(qkv, NH, Bc: int = 16):
+    """(B, T, 3C) -> out (B, T, C), L (B, NH, T), walking the keys in tiles of Bc (NumPy reference)."""
+    B, T, C, hs = _sizes(qkv, NH, "flash_attention_forward")
+    q, k, v = (split_heads(qkv[..., i * C:(i + 1) * C], NH) for i in range(3))   # (B, NH, T, hs)
+    dtype = np.result_type(qkv.dtype, np.float32)
+    out_h = np.zeros((B, NH, T, hs), dtype)
+    L = np.zeros((B, NH, T), dtype)
+    rows = np.arange(T)
+    for b in range(B):
+        for h in range(NH):
+            m, l, o = np.full(T, -np.inf, dtype), np.zeros(T, dtype), np.zeros((T, hs), dtype)
+            for j0 in range(0, T, Bc):
+                cols = np.arange(j0, min(j0 + Bc, T))
+                s = (q[b, h] @ k[b, h, cols].T) / math.sqrt(hs)                  # (T, n): one tile, not T x T
+                s = np.where(cols[None, :] <= rows[:, None], s, -np.inf)         # causal mask
+                seen = cols[0] <= rows                                           # rows with a key in this tile
+                m[seen], l[seen], o[seen] = online_softmax_update(m[seen], l[seen], o[seen], s[seen], v[b, h, cols])
+            out_h[b, h] = o / l[:, None]
+            L[b, h] = m + np.log(l)
+    return merge_heads(out_h), L
+
+
+def flash_attention_backward(dout, qkv, out, L, NH):
+    """(B, T, C), (B, T, 3C), (B, T, C), (B, NH, T) -> dqkv (B, T, 3C), recomputing P = exp(S - L) (NumPy)."""
+    B, T, C, hs = _sizes(qkv, NH, "flash_attention_backward")
+    q, k, v = (split_heads(qkv[..., i * C:(i + 1) * C], NH) for i in range(3))
+    do, o = split_heads(dout, NH), split_heads(out, NH)
+    scale = 1.0 / math.sqrt(hs)
+    s = (q @ k.swapaxes(-1, -2)) * scale                                      # (B, NH, T, T), NumPy only
+    p = np.where(np.tril(np.ones((T, T), bool)), np.exp(s - L[..., None]), 0.0)
+    D = (do * o).sum(-1)                                                      # = sum_j p_ij dp_ij
+    dp = do @ v.swapaxes(-1, -2)
+    ds = p * (dp - D[..., None])
+    dq, dk, dv = ds @ k * scale, ds.swapaxes(-1, -2) @ q * scale, p.swapaxes(-1, -2) @ do
+    return np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
+
+
+def _check(qkv, NH, block_size, where):
+    device.require_array("qkv", qkv, shape=(None, None, None))
+    B, T, C, hs = _sizes(qkv, NH, where)
+    if hs > HS_MAX:
+        raise ValueError(f"{where}: head size hs = {hs} exceeds {HS_MAX}, the most a thread of the kernel holds in "
+                         f"registers (GPT-2 uses 64)")
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or not 1 <= block_size <= 1024:
+        raise ValueError(f"{where}: block_size must be an int in 1..1024, got {block_size!r}")
+    return B, T, C, hs
+
+
+def flash_attention_forward_cuda(qkv, NH, block_size: int = 32, kernel=None):
+    """(B, T, 3C) -> out (B, T, C), L (B, NH, T) through flash_attention_forward_kernel.
+
+    block_size: query rows per block, and key rows per tile. kernel: a RawKernel with the same parameters
+    to launch instead (the lesson's exercise check uses it).
+    """
+    from llmc_lessons.cuda import load_kernel
+    B, T, C, hs = _check(qkv, NH, block_size, "flash_attention_forward_cuda")
+    NH, xp = int(NH), device.xp
+    out, L = xp.empty((B, T, C), np.float32), xp.empty((B, NH, T), np.float32)
+    if B * T:
+        (kernel or load_kernel("flash_attention.cu", "flash_attention_forward_kernel"))(
+            (-(-T // block_size), B * NH), (block_size,),
+            (out, L, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs), np.float32(1.0 / math.sqrt(hs))),
+            shared_mem=2 * block_size * hs * 4)
+    return out, L
+
+
+def flash_attention_backward_cuda(dout, qkv, out, L, NH, block_size: int = 32):
+    """(B, T, C), (B, T, 3C), (B, T, C), (B, NH, T) -> dqkv (B, T, 3C) through the two backward kernels."""
+    from llmc_lessons.cuda import load_kernel
+    B, T, C, hs = _check(qkv, NH, block_size, "flash_attention_backward_cuda")
+    NH, xp = int(NH), device.xp
+    device.require_array("dout", dout, shape=(B, T, C))
+    device.require_array("out", out, shape=(B, T, C))
+    device.require_array("L", L, shape=(B, NH, T))
+    D = xp.ascontiguousarray((dout * out).reshape(B, T, NH, hs).sum(-1).transpose(0, 2, 1))   # (B, NH, T)
+    dqkv = xp.empty((B, T, 3 * C), np.float32)
+    if B * T:
+        grid, args = (-(-T // block_size), B * NH), (dqkv, dout, qkv, L, D, np.int32(B), np.int32(T), np.int32(NH),
+                                                      np.int32(hs), np.float32(1.0 / math.sqrt(hs)))
+        load_kernel("flash_attention.cu", "flash_attention_backward_kv_kernel")(
+            grid, (block_size,), args, shared_mem=(2 * block_size * hs + 2 * block_size) * 4)
+        load_kernel("flash_attention.cu", "flash_attention_backward_q_kernel")(
+            grid, (block_size,), args, shared_mem=2 * block_size * hs * 4)
+    return dqkv

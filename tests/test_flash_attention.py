@@ -1,0 +1,156 @@
+"""Flash attention: the NumPy reference and the kernels against lesson 05's attention; the exercise checks."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmc_lessons.checks import poisoned
+from llmc_lessons.checks.flash_attention import check_flash_forward_kernel, check_online_softmax_update
+from llmc_lessons.cuda import kernel_source
+from llmc_lessons.device import to_device, to_host
+from llmc_lessons.layers.attention import attention_backward, attention_forward
+from llmc_lessons.layers.flash_attention import (flash_attention_backward, flash_attention_backward_cuda,
+                                                 flash_attention_forward, flash_attention_forward_cuda,
+                                                 online_softmax_update)
+
+SRC = kernel_source("flash_attention.cu")
+RESCALE = """            float m_new = fmaxf(m, tile_max);
+            float correction = expf(m - m_new);       // exp(-inf) = 0 on the first tile
+            l *= correction;
+            for (int d = 0; d < hs; d++) o[d] *= correction;
+            m = m_new;"""
+SHAPES = [(2, 13, 3, 8), (1, 37, 2, 5), (1, 1, 1, 4), (2, 70, 3, 16), (1, 33, 1, 64)]
+
+
+def qkv_of(B, T, NH, hs, seed=0, dtype=np.float64):
+    return (np.random.default_rng(seed).standard_normal((B, T, 3 * NH * hs)) * 2).astype(dtype)
+
+
+@pytest.mark.parametrize("B,T,NH,hs", SHAPES)
+@pytest.mark.parametrize("Bc", [1, 4, 16])
+def test_reference_equals_lesson_05_in_float64(B, T, NH, hs, Bc):
+    qkv = qkv_of(B, T, NH, hs)
+    out, att = attention_forward(qkv, NH)
+    fout, L = flash_attention_forward(qkv, NH, Bc=Bc)
+    np.testing.assert_allclose(fout, out, rtol=1e-12, atol=1e-12)
+    rows = att.sum(-1)  # each causal row sums to 1; L is its log-normaliser, so exp(S - L) gives att back
+    np.testing.assert_allclose(rows, 1.0)
+    dout = np.random.default_rng(1).standard_normal(out.shape)
+    np.testing.assert_allclose(flash_attention_backward(dout, qkv, fout, L, NH),
+                               attention_backward(dout, qkv, att, NH), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("B,T,NH,hs", SHAPES)
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_kernels_match_lesson_05(B, T, NH, hs, block_size):
+    qkv = qkv_of(B, T, NH, hs, seed=T)
+    out, att = attention_forward(qkv, NH)
+    _, L = flash_attention_forward(qkv, NH)
+    got_out, got_L = flash_attention_forward_cuda(to_device(qkv.astype(np.float32)), NH, block_size=block_size)
+    np.testing.assert_allclose(to_host(got_out), out, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(to_host(got_L), L, rtol=1e-5, atol=2e-5)
+    dout = np.random.default_rng(2).standard_normal(out.shape)
+    dqkv = flash_attention_backward_cuda(*(to_device(a.astype(np.float32)) for a in (dout, qkv, out, L)), NH,
+                                         block_size=block_size)
+    np.testing.assert_allclose(to_host(dqkv), attention_backward(dout, qkv, att, NH), rtol=1e-4, atol=5e-5)
+
+
+def test_every_output_is_written():
+    B, T, NH, hs = 2, 19, 3, 4
+    C = NH * hs
+    qkv = to_device(qkv_of(B, T, NH, hs, dtype=np.float32))
+    out, L = poisoned((B, T, C)), poisoned((B, NH, T))
+    from llmc_lessons.cuda import load_kernel
+    load_kernel("flash_attention.cu", "flash_attention_forward_kernel")(
+        (3, B * NH), (8,), (out, L, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs), np.float32(0.5)),
+        shared_mem=2 * 8 * hs * 4)
+    assert not np.isnan(to_host(out)).any() and not np.isnan(to_host(L)).any()
+    dqkv = flash_attention_backward_cuda(to_device(np.ones((B, T, C), np.float32)), qkv, out, L, NH, block_size=8)
+    assert not np.isnan(to_host(dqkv)).any()
+
+
+def test_bad_input():
+    qkv = to_device(np.zeros((1, 4, 3 * 130), np.float32))
+    with pytest.raises(ValueError, match="hs = 130 exceeds 64"):
+        flash_attention_forward_cuda(qkv, 1)
+    with pytest.raises(ValueError, match="do not split into NH"):
+        flash_attention_forward_cuda(to_device(np.zeros((1, 4, 3 * 10), np.float32)), 3)
+    with pytest.raises(ValueError, match="block_size"):
+        flash_attention_forward_cuda(to_device(np.zeros((1, 4, 12), np.float32)), 1, block_size=0)
+    with pytest.raises(TypeError, match="float32"):
+        flash_attention_forward_cuda(to_device(np.zeros((1, 4, 12))), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise checks
+
+def test_online_update_check(capsys):
+    check_online_softmax_update(online_softmax_update)
+    assert "Exercise 13.1: correct" in capsys.readouterr().out
+
+    def stub(*a):
+        raise NotImplementedError("Exercise 13.1: write it")
+    with pytest.raises(AssertionError, match="Exercise 13.1 is not done yet"):
+        check_online_softmax_update(stub)
+
+
+def no_rescale_l(m, l, o, s, v):
+    m_new = np.maximum(m, s.max(-1))
+    c, p = np.exp(m - m_new), np.exp(s - m_new[:, None])
+    return m_new, l + p.sum(-1), o * c[:, None] + p @ v
+
+
+def no_rescale_o(m, l, o, s, v):
+    m_new = np.maximum(m, s.max(-1))
+    c, p = np.exp(m - m_new), np.exp(s - m_new[:, None])
+    return m_new, l * c + p.sum(-1), o + p @ v
+
+
+def tile_max_only(m, l, o, s, v):
+    m_new = s.max(-1)
+    c, p = np.exp(m - m_new), np.exp(s - m_new[:, None])
+    return m_new, l * c + p.sum(-1), o * c[:, None] + p @ v
+
+
+def wrong_direction(m, l, o, s, v):
+    m_new = np.maximum(m, s.max(-1))
+    c, p = np.exp(m_new - m), np.exp(s - m_new[:, None])
+    c = np.where(np.isfinite(c), c, 0.0)
+    return m_new, l * c + p.sum(-1), o * c[:, None] + p @ v
+
+
+@pytest.mark.parametrize("wrong, field", [(no_rescale_l, "o / l"), (no_rescale_o, "o / l"),
+                                          (tile_max_only, "m \\(running max\\)"), (wrong_direction, "o / l")])
+def test_online_update_wrong_answers(wrong, field):
+    with pytest.raises(AssertionError, match=field):
+        check_online_softmax_update(wrong)
+
+
+def test_kernel_check(capsys):
+    assert RESCALE in SRC
+    check_flash_forward_kernel(SRC)
+    assert "Exercise 13.2: correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("body, message", [
+    ("            // TODO (Exercise 13.2): rescale", "Exercise 13.2 is not done yet"),
+    ("            // the rescaling is missing", r"\(out\)"),
+    (RESCALE.replace("            l *= correction;\n", ""), r"\(out\)"),
+    (RESCALE.replace("            for (int d = 0; d < hs; d++) o[d] *= correction;\n", ""), r"\(out\)"),
+    (RESCALE.replace("            m = m_new;", ""), r"\(out\)"),
+    (RESCALE.replace("expf(m - m_new)", "expf(m_new - m)"), r"\(out\)"),
+])
+def test_kernel_check_catches_wrong_rescaling(body, message):
+    with pytest.raises(AssertionError, match=message):
+        check_flash_forward_kernel(SRC.replace(RESCALE, body))
+
+
+def test_the_notebook_kernel_is_the_package_kernel():
+    nb = json.loads((Path(__file__).resolve().parents[1] / "solutions" / "13_flash_attention.ipynb").read_text())
+    cell = next("".join(c["source"]) for c in nb["cells"] if "flash_src = r'''" in "".join(c["source"]))
+    body = re.sub(r"\n *// (BEGIN|END) SOLUTION", "", re.search(r"flash_src = r'''(.*)'''", cell, re.S).group(1))
+    start = 'extern "C" __global__ void flash_attention_forward_kernel'
+    end = "extern \"C\" __global__ void flash_attention_backward_kv_kernel"
+    assert body[body.index(start):].strip() == SRC[SRC.index(start):SRC.index(end)].strip()
