@@ -12,6 +12,7 @@ import numpy as np
 from llmc_lessons import device
 
 CUDA_R_32F = 0
+CUDA_R_16BF = 14
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
 CUBLAS_GEMM_DEFAULT = -1
@@ -78,6 +79,21 @@ def gemm_batched(a, b, trans_a: bool = False, trans_b: bool = False, out=None):
             _ONE.ctypes.data, b.data.ptr, CUDA_R_32F, K if trans_b else N, K * N,
             a.data.ptr, CUDA_R_32F, M if trans_a else K, M * K,
             _ZERO.ctypes.data, out.data.ptr, CUDA_R_32F, N, M * N, L, _compute_type(), CUBLAS_GEMM_DEFAULT)
+    return out
+
+
+def gemm_bf16(a, b, trans_b: bool, M: int, N: int, K: int):
+    """GPU only: (M, K) bf16 @ (K, N) or (N, K)^T bf16 -> (M, N) float32, fp32 accumulation on tensor cores."""
+    out = device.xp.empty((M, N), dtype=np.float32)
+    _announce("cublas gemm bf16")
+    if M and N and K:
+        from cupy_backends.cuda.libs import cublas
+        handle = device.xp.cuda.device.get_cublas_handle()
+        cublas.gemmEx(handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, _ONE.ctypes.data,
+                      b.data.ptr, CUDA_R_16BF, K if trans_b else N, a.data.ptr, CUDA_R_16BF, K,
+                      _ZERO.ctypes.data, out.data.ptr, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+    elif M and N:
+        out.fill(0)
     return out
 
 

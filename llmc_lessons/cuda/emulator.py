@@ -83,8 +83,9 @@ def _flags(checked: bool) -> list[str]:
 
 def _build(tag: str, key_parts: list[str], src_text: str, extra: list[str], checked: bool) -> Path:
     """Compile `src_text` into a cached shared library; return its path."""
+    headers = [p.read_text() for p in sorted(HERE.glob("*.h")) + sorted(KERNELS_DIR.glob("*.cuh"))]
     key = hashlib.sha256("\0".join([*key_parts, src_text, compiler_version(), " ".join(_flags(checked)),
-                                    " ".join(extra), HEADER.read_text()]).encode()).hexdigest()[:24]
+                                    " ".join(extra), *headers]).encode()).hexdigest()[:24]
     d = cache_dir()
     lib = d / f"{tag}-{key}{'-asan' if checked else ''}.so"
     if lib.exists():

@@ -21,6 +21,7 @@ _DTYPES = {
     "short": np.int16, "int16_t": np.int16, "unsigned short": np.uint16, "uint16_t": np.uint16,
     "char": np.int8, "signed char": np.int8, "int8_t": np.int8,
     "unsigned char": np.uint8, "uint8_t": np.uint8, "bool": np.bool_,
+    "bf16": np.uint16, "__nv_bfloat16": np.uint16, "nv_bfloat16": np.uint16,  # bf16 arrays hold uint16 bits
 }
 # Vector element types: (NumPy dtype of one lane, lanes, alignment in bytes).
 _VECTORS = {"float2": (np.float32, 2, 8), "float4": (np.float32, 4, 16), "int2": (np.int32, 2, 8),
@@ -36,7 +37,7 @@ UNSUPPORTED = {
     r"\b__constant__\b": "__constant__ memory (pass the values as a kernel argument)",
     r"\b__managed__\b": "__managed__ memory",
     r"\btexture\s*<": "textures",
-    r"\b(?:__half|__nv_bfloat16|__half2)\b": "half-precision types (__half, __nv_bfloat16)",
+    r"\b(?:__half|__half2|__nv_bfloat162)\b": "half-precision types other than __nv_bfloat16 (__half, __half2, __nv_bfloat162)",
     r"\bclock(?:64)?\s*\(": "clock()/clock64() (timing inside a kernel means nothing on the CPU)",
     r"<<<": "launching a kernel from a kernel (dynamic parallelism)",
     r"\b__(?:ldcs|ldcg|ldca|ldlu|ldcv|stcs|stcg|stwb|stwt)\s*\(": "cache-hinted loads/stores (use a plain access)",

@@ -1,0 +1,24 @@
+// bf16.cuh: bfloat16 as plain 16-bit integers, with the conversions written out (lesson 14).
+//
+// A bf16 number is the top half of a float32: 1 sign bit, the same 8 exponent bits, 7 mantissa bits. The
+// course stores bf16 arrays as `unsigned short` (NumPy uint16 on the host) and converts with the two
+// functions below, so the same source runs on a GPU and in the CPU emulator bit for bit. (CUDA's own type,
+// __nv_bfloat16 from <cuda_bf16.h>, does the same with hardware instructions; the emulator provides a
+// software version of it too.)
+#pragma once
+
+typedef unsigned short bf16;
+
+// bf16 -> float32: put the 16 bits back on top, zeros below. Exact.
+__device__ __forceinline__ float bf16_to_float(bf16 h) {
+    return __uint_as_float(((unsigned int)h) << 16);
+}
+
+// float32 -> bf16, rounding to nearest, ties to even: add 0x7FFF plus the lowest kept bit, then drop the low
+// 16 bits. A NaN stays a NaN (0x7FFF); values too large for bf16 round to infinity, as on the GPU.
+__device__ __forceinline__ bf16 bf16_from_float(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (bf16)0x7FFF;
+    unsigned int lsb = (u >> 16) & 1u;
+    return (bf16)((u + 0x7FFFu + lsb) >> 16);
+}
