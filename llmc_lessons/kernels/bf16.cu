@@ -1,6 +1,7 @@
 // bf16.cu: kernels that store activations and weights in bfloat16 but compute in float32 (lesson 14).
 //
 // gelu_forward_bf16_kernel: one thread per element; load bf16, compute in float32, round once on the store.
+// gelu_forward_bf16_kernel2: the same, 8 values per thread through 128-bit (int4) loads and stores.
 // layernorm_forward_bf16_kernel: one warp per row (as layernorm_forward_kernel2); bf16 input and output, the
 //   mean and the variance accumulated and kept in float32 (a bf16 sum of 768 terms would lose 2-3 digits).
 // adamw_bf16_kernel: the update on float32 master weights and moments, then a bf16 copy of each weight for
@@ -15,6 +16,28 @@ extern "C" __global__ void gelu_forward_bf16_kernel(bf16* out, const bf16* inp, 
         float x = bf16_to_float(inp[i]);
         float cube = 0.044715f * x * x * x;
         out[i] = bf16_from_float(0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + cube))));
+    }
+}
+
+// The same with 128-bit accesses: each thread loads 8 bf16 values as one int4 (16 bytes), as lesson 12's
+// float4 GELU does. Two-byte loads leave a bf16 kernel limited by load instructions, not by bandwidth.
+__device__ __forceinline__ unsigned int gelu_bf16_pair(unsigned int two) {
+    float lo = bf16_to_float((bf16)(two & 0xFFFFu)), hi = bf16_to_float((bf16)(two >> 16));
+    float glo = 0.5f * lo * (1.0f + tanhf(0.7978845608028654f * (lo + 0.044715f * lo * lo * lo)));
+    float ghi = 0.5f * hi * (1.0f + tanhf(0.7978845608028654f * (hi + 0.044715f * hi * hi * hi)));
+    return (unsigned int)bf16_from_float(glo) | ((unsigned int)bf16_from_float(ghi) << 16);
+}
+
+extern "C" __global__ void gelu_forward_bf16_kernel2(int4* out, const int4* inp, int N8) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;   // one thread per 8 values
+    if (i < N8) {
+        int4 v = inp[i];
+        int4 r;
+        r.x = (int)gelu_bf16_pair((unsigned int)v.x);
+        r.y = (int)gelu_bf16_pair((unsigned int)v.y);
+        r.z = (int)gelu_bf16_pair((unsigned int)v.z);
+        r.w = (int)gelu_bf16_pair((unsigned int)v.w);
+        out[i] = r;
     }
 }
 

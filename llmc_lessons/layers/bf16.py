@@ -75,15 +75,29 @@ def _block(block_size):
     return int(block_size)
 
 
-def gelu_forward_bf16_cuda(inp, block_size: int = 256, kernel=None):
-    """uint16 bf16 bits (any shape) -> gelu of them, bf16 bits, through gelu_forward_bf16_kernel."""
+def gelu_forward_bf16_cuda(inp, block_size: int = 256, version: int = 1):
+    """uint16 bf16 bits (any shape) -> gelu of them, bf16 bits, through gelu_forward_bf16_kernel (version 1,
+    a thread per value) or gelu_forward_bf16_kernel2 (version 2, 8 values per thread in 128-bit accesses;
+    needs inp.size % 8 == 0)."""
     from llmc_lessons.cuda import load_kernel
     device.require_array("inp", inp, dtype=np.uint16)
     block_size = _block(block_size)
     out = device.xp.empty_like(inp)
-    if inp.size:
-        (kernel or load_kernel("bf16.cu", "gelu_forward_bf16_kernel"))(
-            (-(-inp.size // block_size),), (block_size,), (out, inp, np.int32(inp.size)))
+    if version == 1:
+        if inp.size:
+            load_kernel("bf16.cu", "gelu_forward_bf16_kernel")(
+                (-(-inp.size // block_size),), (block_size,), (out, inp, np.int32(inp.size)))
+    elif version == 2:
+        if inp.size % 8:
+            raise ValueError(f"version=2 moves 8 bf16 values (16 bytes) at a time: inp.size must be a multiple of 8, "
+                             f"got {inp.size}; use version=1")
+        n8 = inp.size // 8
+        if n8:  # the kernel sees the bits as int4: 4 int32 = 8 bf16
+            load_kernel("bf16.cu", "gelu_forward_bf16_kernel2")(
+                (-(-n8 // block_size),), (block_size,), (out.reshape(-1).view(np.int32), inp.reshape(-1).view(np.int32),
+                                                         np.int32(n8)))
+    else:
+        raise ValueError(f"version must be 1 or 2, got {version!r}")
     return out
 
 
