@@ -44,3 +44,12 @@ def current_env_kernel(tmp_path_factory, monkeypatch) -> str:
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", str(base))
     return "python3"
+
+
+def notebook_cuda_source(notebook: str, variable: str) -> str:
+    """The CUDA source a solution notebook assigns to `variable` (a raw string), solution markers removed."""
+    import re
+    nb = json.loads((ROOT / "solutions" / notebook).read_text())
+    cell = next("".join(c["source"]) for c in nb["cells"] if f"{variable} = r'''" in "".join(c["source"]))
+    body = re.search(variable + r" = r'''(.*)'''", cell, re.S).group(1)
+    return re.sub(r"\n *// (BEGIN|END) SOLUTION", "", body)

@@ -1,8 +1,4 @@
 """Flash attention: the NumPy reference and the kernels against lesson 05's attention; the exercise checks."""
-import json
-import re
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -148,9 +144,8 @@ def test_kernel_check_catches_wrong_rescaling(body, message):
 
 
 def test_the_notebook_kernel_is_the_package_kernel():
-    nb = json.loads((Path(__file__).resolve().parents[1] / "solutions" / "13_flash_attention.ipynb").read_text())
-    cell = next("".join(c["source"]) for c in nb["cells"] if "flash_src = r'''" in "".join(c["source"]))
-    body = re.sub(r"\n *// (BEGIN|END) SOLUTION", "", re.search(r"flash_src = r'''(.*)'''", cell, re.S).group(1))
+    from conftest import notebook_cuda_source
+    body = notebook_cuda_source("13_flash_attention.ipynb", "flash_src")
     start = 'extern "C" __global__ void flash_attention_forward_kernel'
-    end = "extern \"C\" __global__ void flash_attention_backward_kv_kernel"
+    end = 'extern "C" __global__ void flash_attention_backward_kv_kernel'
     assert body[body.index(start):].strip() == SRC[SRC.index(start):SRC.index(end)].strip()

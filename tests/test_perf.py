@@ -1,5 +1,4 @@
 """Lesson 12's tools and checks: launch counting, CUDA-graph capture, the roofline plot, the exercises."""
-import re
 
 import numpy as np
 import pytest
@@ -91,11 +90,7 @@ def test_fused_kernel_check_catches_wrong_loops(loop, message):
 
 
 def test_the_notebook_kernel_is_the_package_kernel():
-    import json
-    from pathlib import Path
-    nb = json.loads((Path(__file__).resolve().parents[1] / "solutions" / "12_kernel_performance.ipynb").read_text())
-    cell = next("".join(c["source"]) for c in nb["cells"] if "fused_src = r'''" in "".join(c["source"]))
-    body = re.search(r"fused_src = r'''(.*)'''", cell, re.S).group(1)
-    body = re.sub(r"\n *// (BEGIN|END) SOLUTION", "", body)
+    from conftest import notebook_cuda_source
+    body = notebook_cuda_source("12_kernel_performance.ipynb", "fused_src")
     start = 'extern "C" __global__ void fused_residual_layernorm_forward_kernel'
     assert body[body.index(start):].strip() == SRC[SRC.index(start):].strip()

@@ -10,22 +10,23 @@
 #include "common.cuh"
 #include "bf16.cuh"
 
+__device__ __forceinline__ float gelu_f32(float x) {  // the tanh GELU of lesson 06, in float32
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
 extern "C" __global__ void gelu_forward_bf16_kernel(bf16* out, const bf16* inp, int N) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < N) {
-        float x = bf16_to_float(inp[i]);
-        float cube = 0.044715f * x * x * x;
-        out[i] = bf16_from_float(0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + cube))));
+        out[i] = bf16_from_float(gelu_f32(bf16_to_float(inp[i])));
     }
 }
 
 // The same with 128-bit accesses: each thread loads 8 bf16 values as one int4 (16 bytes), as lesson 12's
 // float4 GELU does. Two-byte loads leave a bf16 kernel limited by load instructions, not by bandwidth.
-__device__ __forceinline__ unsigned int gelu_bf16_pair(unsigned int two) {
-    float lo = bf16_to_float((bf16)(two & 0xFFFFu)), hi = bf16_to_float((bf16)(two >> 16));
-    float glo = 0.5f * lo * (1.0f + tanhf(0.7978845608028654f * (lo + 0.044715f * lo * lo * lo)));
-    float ghi = 0.5f * hi * (1.0f + tanhf(0.7978845608028654f * (hi + 0.044715f * hi * hi * hi)));
-    return (unsigned int)bf16_from_float(glo) | ((unsigned int)bf16_from_float(ghi) << 16);
+__device__ __forceinline__ unsigned int gelu_bf16_pair(unsigned int two) {  // two bf16 in one 32-bit word
+    float lo = gelu_f32(bf16_to_float((bf16)(two & 0xFFFFu)));
+    float hi = gelu_f32(bf16_to_float((bf16)(two >> 16)));
+    return (unsigned int)bf16_from_float(lo) | ((unsigned int)bf16_from_float(hi) << 16);
 }
 
 extern "C" __global__ void gelu_forward_bf16_kernel2(int4* out, const int4* inp, int N8) {
