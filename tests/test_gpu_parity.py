@@ -25,7 +25,7 @@ def cases():
     out["encoder_forward"] = encoder.encoder_forward_cuda(ids, wte, wpe)
     out["encoder_backward"] = encoder.encoder_backward_cuda(d(B, T, C), ids, Vp, T + 5)
     x, w, b = d(B, T, C), d(C), d(C)
-    for v in (1, 2):
+    for v in (1, 2, 3):
         out[f"layernorm_forward{v}"] = layernorm.layernorm_forward_cuda(x, w, b, version=v)
     _, mean, rstd = out["layernorm_forward2"]
     out["layernorm_backward"] = layernorm.layernorm_backward_cuda(d(B, T, C), x, w, mean, rstd)

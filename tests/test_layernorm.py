@@ -98,7 +98,8 @@ def _nan_tail(n, pad):
     return buf, buf[:n]
 
 
-@pytest.mark.parametrize("version,block_size,C", [(1, 32, 77), (1, 50, 5), (2, 32, 77), (2, 96, 5), (2, 256, 130)])
+@pytest.mark.parametrize("version,block_size,C", [(1, 32, 77), (1, 50, 5), (2, 32, 77), (2, 96, 5), (2, 256, 130),
+                                                  (3, 32, 77), (3, 96, 5), (3, 256, 1024)])
 def test_forward_kernels(version, block_size, C):
     B, T = 3, 5                                               # 15 rows: no block size here divides it
     inp, weight, bias, _ = _inputs(version * 100 + block_size, B, T, C)
@@ -160,7 +161,7 @@ def test_param_backward_kernel_accumulates_within_rounding_bound(block_size, B, 
     assert np.all(np.abs(to_host(dbias) - (init_b + want_b)) <= bound_b + U * np.abs(init_b + want_b) * 2)
 
 
-@pytest.mark.parametrize("version,block_size", [(1, 32), (1, 100), (2, 64), (2, 512)])
+@pytest.mark.parametrize("version,block_size", [(1, 32), (1, 100), (2, 64), (2, 512), (3, 64), (3, 512)])
 def test_forward_launcher(version, block_size):
     inp, weight, bias, _ = _inputs(20 + block_size, 2, 7, 45)
     got = layernorm_forward_cuda(to_device(inp), to_device(weight), to_device(bias), block_size=block_size,
@@ -206,7 +207,10 @@ def test_launchers_reject_bad_input():
     with pytest.raises(TypeError, match="block_size must be an int"):
         layernorm_forward_cuda(x, w, w, block_size=64.0)
     with pytest.raises(ValueError, match="version"):
-        layernorm_forward_cuda(x, w, w, version=3)
+        layernorm_forward_cuda(x, w, w, version=4)
+    big = to_device(np.ones(1025, np.float32))
+    with pytest.raises(ValueError, match="C must be <= 1024"):
+        layernorm_forward_cuda(to_device(np.ones((1, 2, 1025), np.float32)), big, big, version=3)
     with pytest.raises(ValueError, match="eps"):
         layernorm_forward_cuda(x, w, w, eps=-1.0)
     with pytest.raises(TypeError):

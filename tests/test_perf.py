@@ -24,7 +24,7 @@ def test_count_launches_of_a_training_step():
     x = np.random.default_rng(0).integers(0, 37, (2, 8)).astype(np.int32)
     with count_launches() as counts:
         training_step(model, x, x, 1e-3, 0.1, 1.0, 1)
-    assert counts["layernorm_forward_kernel2"] == 2 * 2 + 1          # ln1, ln2 per layer, lnf
+    assert counts["layernorm_forward_kernel3"] == 2 * 2 + 1          # ln1, ln2 per layer, lnf
     assert counts["cublas gemm"] == 3 * (4 * 2 + 1)                   # 4 linear layers per block + lm_head, x3
     assert counts["adamw_kernel"] >= 1 and sum(counts.values()) > 60
     with count_launches() as none:

@@ -14,6 +14,8 @@
 // layernorm_forward_kernel2 is one warp (32 threads) per row: lane l reads channels l, l+32, l+64, ... so the
 //   32 lanes of a load read 32 neighbouring floats (one 128-byte transaction), and the partial sums are
 //   combined with warp shuffles (warpReduceSum). 32 * N threads.
+// layernorm_forward_kernel3 is kernel2 with each lane's share of the row held in registers (C <= 1024), so
+//   the row is read from memory once.
 // layernorm_backward_kernel is one warp per row, computing dinp (accumulated into, +=).
 // layernorm_param_backward_kernel computes dweight and dbias (accumulated into): a block owns 32 channels,
 //   its warps take every G-th row (G = warps per block) and the partial sums are added in shared memory in a
@@ -85,6 +87,47 @@ extern "C" __global__ void layernorm_forward_kernel2(float* out,           // (N
         o[c] = (x[c] - m) * s * weight[c] + bias[c];
     }
     if (lane == 0) {                                  // one lane writes the row's statistics
+        mean[row] = m;
+        rstd[row] = s;
+    }
+}
+
+// layernorm_forward_kernel3: kernel2 with the row held in registers. Kernel2 reads each row three times
+// (sum, variance, output); the later reads often come from the cache, but not always. Here each lane loads
+// its C / 32 values once (C <= 32 * LN3_MAX = 1024) and the three passes run on registers: one read and one
+// write of the row, the fewest bytes possible.
+#define LN3_MAX 32
+extern "C" __global__ void layernorm_forward_kernel3(float* out,           // (N, C)
+                                                     float* mean,          // (N,)
+                                                     float* rstd,          // (N,)
+                                                     const float* inp,     // (N, C)
+                                                     const float* weight,  // (C,)
+                                                     const float* bias,    // (C,)
+                                                     int N, int C, float eps) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // one warp per row
+    if (row >= N) { return; }
+    const float* x = inp + row * C;
+    float v[LN3_MAX];                                 // this lane's values: x[lane], x[lane + 32], ...
+    float sum = 0.0f;
+    for (int k = 0; k < LN3_MAX; k++) {
+        int c = lane + 32 * k;
+        v[k] = c < C ? x[c] : 0.0f;
+        sum += v[k];
+    }
+    float m = warpReduceSum(sum) / C;
+    float sumsq = 0.0f;
+    for (int k = 0; k < LN3_MAX; k++) {
+        float d = lane + 32 * k < C ? v[k] - m : 0.0f;
+        sumsq += d * d;
+    }
+    float s = rsqrtf(warpReduceSum(sumsq) / C + eps);
+    float* o = out + row * C;
+    for (int k = 0; k < LN3_MAX; k++) {
+        int c = lane + 32 * k;
+        if (c < C) { o[c] = (v[k] - m) * s * weight[c] + bias[c]; }
+    }
+    if (lane == 0) {
         mean[row] = m;
         rstd[row] = s;
     }

@@ -75,18 +75,23 @@ def _check_block_size(block_size, warps: bool, name: str = "block_size") -> int:
     return int(block_size)
 
 
-def layernorm_forward_cuda(inp, weight, bias, block_size: int = 256, version: int = 2, eps: float = 1e-5):
+def layernorm_forward_cuda(inp, weight, bias, block_size: int = 256, version: int | None = None, eps: float = 1e-5):
     """(B, T, C), (C,), (C,) -> out (B, T, C), mean (B, T), rstd (B, T) through layernorm_forward_kernel<version>.
 
     version 1: one thread per row. version 2: one warp per row (block_size must be a multiple of 32).
+    version 3: version 2 with the row in registers, read once (C <= 1024). Default: 3 when C <= 1024, else 2.
     """
     from llmc_lessons.cuda import load_kernel
 
-    if version not in (1, 2):
-        raise ValueError(f"version must be 1 or 2, got {version!r}")
-    block_size = _check_block_size(block_size, warps=(version == 2))
     device.require_array("inp", inp, shape=(None, None, None))
     B, T, C = inp.shape
+    if version is None:
+        version = 3 if C <= 1024 else 2
+    if version not in (1, 2, 3):
+        raise ValueError(f"version must be 1, 2 or 3, got {version!r}")
+    block_size = _check_block_size(block_size, warps=(version != 1))
+    if version == 3 and C > 1024:
+        raise ValueError(f"version 3 keeps a row in registers, 32 floats per lane: C must be <= 1024, got {C}")
     device.require_array("weight", weight, shape=(C,))
     device.require_array("bias", bias, shape=(C,))
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not eps > 0:
