@@ -1,8 +1,10 @@
 """Benchmark a GPT-2 training step (forward + backward + AdamW) of the course against PyTorch, in one process
 on one GPU: `python -m llmc_lessons.bench [--model d12 --batch-size 16 --seq-len 1024]`.
 
-Rows: the course's kernels (float32 storage, TF32 matmuls through cuBLAS); PyTorch eager in float32 with
-TF32 matmuls; PyTorch with bf16 autocast + scaled_dot_product_attention + torch.compile + fused AdamW.
+Rows: the course's kernels in float32 (TF32 matmuls through cuBLAS) and in bf16 (GPT2(precision="bf16"),
+lesson 14); PyTorch eager in float32 with TF32 matmuls; PyTorch with bf16 autocast +
+scaled_dot_product_attention + torch.compile + fused AdamW. Each course row is compared with the PyTorch row
+of its precision.
 Each: median ms per step over --steps steps after --warmup steps, tokens/s, and peak reserved GPU memory.
 `--profile` adds a per-kernel table of one course step (PyTorch's profiler sees CuPy's kernels too).
 """
@@ -40,12 +42,13 @@ def _free_gpu_memory():
         pass
 
 
-def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf32: bool = True) -> dict:
+def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf32: bool = True,
+                 precision: str = "fp32") -> dict:
     """The course's training step through its kernels; ms are wall-clock per step (each step ends synchronised)."""
     from llmc_lessons.layers.matmul import tf32 as tf32_mode
     _free_gpu_memory()
     pool = device.xp.get_default_memory_pool()
-    model = GPT2(config, seed=0, backend="kernels")
+    model = GPT2(config, seed=0, backend="kernels", precision=precision)
     model.keep_logits = False  # as the trainer: the fused classifier overwrites the logits in place
     times, peak = [], 0
     with tf32_mode(tf32):
@@ -57,7 +60,8 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
             peak = max(peak, pool.total_bytes())
     del model
     ms = float(np.median(times)) * 1e3
-    return dict(name=f"course kernels, fp32{' + TF32 matmuls' if tf32 else ''}", ms=ms,
+    name = "course kernels, bf16" if precision == "bf16" else f"course kernels, fp32{' + TF32 matmuls' if tf32 else ''}"
+    return dict(name=name, precision=precision, ms=ms,
                 tokens_per_s=B * T / (ms / 1e3), peak_bytes=int(peak))
 
 
@@ -93,16 +97,17 @@ def bench_torch(config: GPT2Config, B: int, T: int, steps: int, warmup: int, mod
     ms = float(np.median(times)) * 1e3
     name = {"eager-tf32": "PyTorch eager, fp32 + TF32 matmuls",
             "compiled-bf16": "PyTorch bf16 autocast + SDPA + compile + fused AdamW"}[mode]
-    return dict(name=name, ms=ms, tokens_per_s=B * T / (ms / 1e3), peak_bytes=int(peak))
+    return dict(name=name, precision="bf16" if compiled else "fp32", ms=ms, tokens_per_s=B * T / (ms / 1e3),
+                peak_bytes=int(peak))
 
 
-def profile_course(config: GPT2Config, B: int, T: int, top: int = 25) -> str:
+def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision: str = "fp32") -> str:
     """Per-kernel CUDA time of one course training step (after two warm-up steps), via torch.profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from llmc_lessons.layers.matmul import tf32 as tf32_mode
     _free_gpu_memory()
-    model = GPT2(config, seed=0, backend="kernels")
+    model = GPT2(config, seed=0, backend="kernels", precision=precision)
     model.keep_logits = False
     batches = _batches(config, B, T, 3)
     with tf32_mode(True):
@@ -137,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                   help="the course rows (default both)")
     p.add_argument("--profile", action="store_true", help="print a per-kernel table of one course step")
     p.add_argument("--json", help="also write the results to this JSON file")
     a = p.parse_args(argv)
@@ -148,8 +155,10 @@ def main(argv=None) -> int:
     info = versions()
     print(f"{info}\nGPT-2 {a.model}, B={B}, T={T}: {B * T} tokens per step; median of {a.steps} steps after "
           f"{a.warmup} warm-up steps", flush=True)
-    rows = [bench_course(config, B, T, a.steps, a.warmup)]
-    print(f"  {rows[-1]}", flush=True)
+    rows = []
+    for precision in a.precision:
+        rows.append(bench_course(config, B, T, a.steps, a.warmup, precision=precision))
+        print(f"  {rows[-1]}", flush=True)
     try:
         import torch  # noqa: F401
         has_torch = not a.no_torch
@@ -160,13 +169,17 @@ def main(argv=None) -> int:
         for mode in ["eager-tf32"] + ([] if a.no_compile else ["compiled-bf16"]):
             rows.append(bench_torch(config, B, T, a.steps, a.warmup, mode))
             print(f"  {rows[-1]}", flush=True)
-    course = rows[0]["tokens_per_s"]
+    course = {r["precision"]: r for r in rows if r["name"].startswith("course")}
     print(f"\n{'':<56}{'ms/step':>9}{'tokens/s':>11}{'peak GiB':>10}{'course / it':>13}")
     for r in rows:
-        print(f"{r['name']:<56}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_bytes'] / 2**30:>10.2f}"
-              f"{course / r['tokens_per_s']:>12.2f}x")
+        mine = course.get(r["precision"])
+        ratio = f"{mine['tokens_per_s'] / r['tokens_per_s']:>12.2f}x" if mine else ""
+        print(f"{r['name']:<56}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_bytes'] / 2**30:>10.2f}{ratio}")
+    print("(course / it: the course row of the same precision, fp32 or bf16, against this row)")
     if a.profile and has_torch:
-        print("\nWhere one course step's GPU time goes:\n" + profile_course(config, B, T))
+        for precision in a.precision:
+            print(f"\nWhere one course step's GPU time goes ({precision}):\n"
+                  + profile_course(config, B, T, precision=precision))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(info=info, model=a.model, B=B, T=T, rows=rows), f, indent=1)

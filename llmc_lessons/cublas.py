@@ -4,6 +4,7 @@ CuPy's `matmul` copies a transposed operand before calling cuBLAS and its batche
 setting, which cost the training step a fifth of its time. These two functions call cuBLAS directly, as
 llm.c does: cuBLAS is column-major, and a row-major (M, N) matrix is the column-major (N, M) matrix, so
 C = op(A) @ op(B) is computed as C^T = op(B)^T @ op(A)^T with no data moved. On a CPU they are NumPy.
+Operands are float32, or bf16 (lesson 14: uint16 arrays holding the bits) with float32 accumulation.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ _ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)
 
 def _operands(a, b, trans_a: bool, trans_b: bool, batched: bool):
     nd = 3 if batched else 2
-    device.require_array("a", a, shape=(None,) * nd)
-    device.require_array("b", b, shape=(None,) * nd)
+    device.require_array("a", a, shape=(None,) * nd, dtype=(np.float32, np.uint16))
+    device.require_array("b", b, shape=(None,) * nd, dtype=(np.float32, np.uint16))
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must have the same dtype (float32, or uint16 holding bf16), got {a.dtype} and {b.dtype}")
     M, K = a.shape[-1:-3:-1] if trans_a else a.shape[-2:]
     Kb, N = b.shape[-1:-3:-1] if trans_b else b.shape[-2:]
     if K != Kb:
@@ -32,67 +35,84 @@ def _operands(a, b, trans_a: bool, trans_b: bool, batched: bool):
     return M, N, K
 
 
-def _compute_type() -> int:
+def _compute_type(dtype) -> int:
+    """bf16 inputs: float32 accumulation on the tensor cores. float32 inputs: float32, or TF32 when it is on."""
     from llmc_lessons.layers.matmul import tf32_enabled
+    if dtype == np.uint16:
+        return CUBLAS_COMPUTE_32F
     return CUBLAS_COMPUTE_32F_FAST_TF32 if tf32_enabled() else CUBLAS_COMPUTE_32F
 
 
-def gemm(a, b, trans_a: bool = False, trans_b: bool = False, out=None, accumulate: bool = False):
+def _cuda_type(dtype) -> int:
+    return CUDA_R_16BF if dtype == np.uint16 else CUDA_R_32F
+
+
+def _host_product(a, b, trans_a, trans_b, out, accumulate):
+    """The CPU path (and K = 0): NumPy in float32, bf16 operands widened exactly, a bf16 result rounded to
+    nearest-even once at the end, as cuBLAS does with its float32 accumulator."""
+    from llmc_lessons.layers.bf16 import from_bf16, to_bf16
+    wide = (lambda x: from_bf16(x)) if a.dtype == np.uint16 else (lambda x: x)
+    t = (lambda x: x.swapaxes(-1, -2))
+    prod = (t(wide(a)) if trans_a else wide(a)) @ (t(wide(b)) if trans_b else wide(b))
+    if out.dtype == np.uint16:
+        out[...] = to_bf16((from_bf16(out) + prod) if accumulate else prod)
+    elif accumulate:
+        out += prod
+    else:
+        out[...] = prod
+    return out
+
+
+def gemm(a, b, trans_a: bool = False, trans_b: bool = False, out=None, accumulate: bool = False,
+         out_dtype=None):
     """out (M, N) = op(a) @ op(b), or out += op(a) @ op(b) with accumulate; op(x) = x.T when trans_x.
 
-    a: (M, K), or (K, M) with trans_a; b: (K, N), or (N, K) with trans_b; float32, C-contiguous.
+    a: (M, K), or (K, M) with trans_a; b: (K, N), or (N, K) with trans_b; C-contiguous, both float32 or both
+    uint16 holding bf16 bits (lesson 14). out: float32 or bf16 (uint16); a new one of out_dtype (default: the
+    inputs' dtype) when None. bf16 products accumulate in float32 and round once, into out's type.
     """
     M, N, K = _operands(a, b, trans_a, trans_b, batched=False)
-    out = _output(out, (M, N), accumulate)
+    out = _output(out, (M, N), accumulate, a.dtype if out_dtype is None else out_dtype)
     _announce("cublas gemm")
     if not device.on_gpu() or K == 0:  # (cuBLAS refuses K = 0; the product of empty sums is 0)
-        prod = (a.T if trans_a else a) @ (b.T if trans_b else b)
-        if accumulate:
-            out += prod
-        else:
-            out[...] = prod
-        return out
+        return _host_product(device.to_host(a), device.to_host(b), trans_a, trans_b, out, accumulate) \
+            if not device.on_gpu() else _zero_k(out, accumulate)
     if M and N:
         from cupy_backends.cuda.libs import cublas
         handle = device.xp.cuda.device.get_cublas_handle()
+        t_in, t_out = _cuda_type(a.dtype), _cuda_type(out.dtype)
         cublas.gemmEx(handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
-                      N, M, K, _ONE.ctypes.data, b.data.ptr, CUDA_R_32F, K if trans_b else N,
-                      a.data.ptr, CUDA_R_32F, M if trans_a else K, (_ONE if accumulate else _ZERO).ctypes.data,
-                      out.data.ptr, CUDA_R_32F, N, _compute_type(), CUBLAS_GEMM_DEFAULT)
+                      N, M, K, _ONE.ctypes.data, b.data.ptr, t_in, K if trans_b else N,
+                      a.data.ptr, t_in, M if trans_a else K, (_ONE if accumulate else _ZERO).ctypes.data,
+                      out.data.ptr, t_out, N, _compute_type(a.dtype), CUBLAS_GEMM_DEFAULT)
     return out
 
 
-def gemm_batched(a, b, trans_a: bool = False, trans_b: bool = False, out=None):
-    """out[i] = op(a[i]) @ op(b[i]) for each i of the leading axis: (L, M, K) @ (L, K, N) -> (L, M, N)."""
+def gemm_batched(a, b, trans_a: bool = False, trans_b: bool = False, out=None, out_dtype=None):
+    """out[i] = op(a[i]) @ op(b[i]) for each i of the leading axis: (L, M, K) @ (L, K, N) -> (L, M, N).
+    Types as gemm's."""
     M, N, K = _operands(a, b, trans_a, trans_b, batched=True)
     L = a.shape[0]
-    out = _output(out, (L, M, N), False)
+    out = _output(out, (L, M, N), False, a.dtype if out_dtype is None else out_dtype)
     _announce("cublas gemm_batched")
-    if not device.on_gpu() or K == 0:
-        out[...] = (a.transpose(0, 2, 1) if trans_a else a) @ (b.transpose(0, 2, 1) if trans_b else b)
-        return out
+    if not device.on_gpu():
+        return _host_product(a, b, trans_a, trans_b, out, False)
+    if K == 0:
+        return _zero_k(out, False)
     if L and M and N:
         from cupy_backends.cuda.libs import cublas
         handle = device.xp.cuda.device.get_cublas_handle()
+        t_in, t_out = _cuda_type(a.dtype), _cuda_type(out.dtype)
         cublas.gemmStridedBatchedEx(
             handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N, N, M, K,
-            _ONE.ctypes.data, b.data.ptr, CUDA_R_32F, K if trans_b else N, K * N,
-            a.data.ptr, CUDA_R_32F, M if trans_a else K, M * K,
-            _ZERO.ctypes.data, out.data.ptr, CUDA_R_32F, N, M * N, L, _compute_type(), CUBLAS_GEMM_DEFAULT)
+            _ONE.ctypes.data, b.data.ptr, t_in, K if trans_b else N, K * N,
+            a.data.ptr, t_in, M if trans_a else K, M * K,
+            _ZERO.ctypes.data, out.data.ptr, t_out, N, M * N, L, _compute_type(a.dtype), CUBLAS_GEMM_DEFAULT)
     return out
 
 
-def gemm_bf16(a, b, trans_b: bool, M: int, N: int, K: int):
-    """GPU only: (M, K) bf16 @ (K, N) or (N, K)^T bf16 -> (M, N) float32, fp32 accumulation on tensor cores."""
-    out = device.xp.empty((M, N), dtype=np.float32)
-    _announce("cublas gemm bf16")
-    if M and N and K:
-        from cupy_backends.cuda.libs import cublas
-        handle = device.xp.cuda.device.get_cublas_handle()
-        cublas.gemmEx(handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, _ONE.ctypes.data,
-                      b.data.ptr, CUDA_R_16BF, K if trans_b else N, a.data.ptr, CUDA_R_16BF, K,
-                      _ZERO.ctypes.data, out.data.ptr, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
-    elif M and N:
+def _zero_k(out, accumulate: bool):
+    if not accumulate:
         out.fill(0)
     return out
 
@@ -103,9 +123,11 @@ def _announce(name: str) -> None:
         listener(name)
 
 
-def _output(out, shape, accumulate: bool):
+def _output(out, shape, accumulate: bool, dtype):
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True needs an `out` to add into")
-        return device.xp.empty(shape, dtype=np.float32)
-    return device.require_array("out", out, shape=shape)
+        if np.dtype(dtype) not in (np.float32, np.uint16):
+            raise TypeError(f"out_dtype must be float32 or uint16 (bf16 bits), got {dtype}")
+        return device.xp.empty(shape, dtype=dtype)
+    return device.require_array("out", out, shape=shape, dtype=(np.float32, np.uint16))

@@ -70,7 +70,7 @@ def synchronize() -> None:
 def require_array(name: str, a, shape=None, dtype=np.float32):
     """Raise a clear TypeError/ValueError unless `a` is a C-contiguous backend array of `dtype` and `shape`.
 
-    `shape` may hold None for a free dimension. Returns `a` so a launcher can write `x = require_array(...)`.
+    `shape` may hold None for a free dimension; `dtype` may be a tuple of allowed dtypes. Returns `a` so a launcher can write `x = require_array(...)`.
     """
     if not isinstance(a, xp.ndarray):
         where = "a CuPy array on the GPU" if on_gpu() else "a NumPy array"
@@ -78,8 +78,11 @@ def require_array(name: str, a, shape=None, dtype=np.float32):
             raise TypeError(f"{name} must be {where}, got a NumPy array in host memory "
                             f"(move it with llmc_lessons.device.to_device)")
         raise TypeError(f"{name} must be {where}, got {type(a).__module__}.{type(a).__name__}")
-    if dtype is not None and a.dtype != np.dtype(dtype):
-        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype} (use .astype(np.{np.dtype(dtype)}))")
+    allowed = () if dtype is None else tuple(np.dtype(d) for d in (dtype if isinstance(dtype, tuple) else (dtype,)))
+    if allowed and a.dtype not in allowed:
+        if len(allowed) == 1:
+            raise TypeError(f"{name} must have dtype {allowed[0]}, got {a.dtype} (use .astype(np.{allowed[0]}))")
+        raise TypeError(f"{name} must have one of the dtypes {', '.join(map(str, allowed))}, got {a.dtype}")
     if shape is not None:
         ok = a.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, a.shape))
         if not ok:

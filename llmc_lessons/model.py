@@ -152,19 +152,34 @@ _HEADER_INTS = 256
 class GPT2:
     """GPT-2 with llm.c's memory layout: forward(idx, targets) -> mean loss, backward(), update(...)."""
 
-    def __init__(self, config: GPT2Config, seed: int | None = 0, backend: str | None = None):
+    def __init__(self, config: GPT2Config, seed: int | None = 0, backend: str | None = None,
+                 precision: str = "fp32"):
         """Build a model with GPT-2's initialisation (seeded), or with zeros when seed is None.
 
         backend: "numpy" (reference layers on the host), "kernels" (the course's CUDA kernels, through CuPy
         on a GPU or the emulator on a CPU), or None for the default: kernels on a GPU, NumPy on a CPU.
+        precision: "fp32", or "bf16" (lesson 14, kernels only): bf16 activations and bf16 copies of the
+        weights for the forward and backward, float32 master weights, gradients and AdamW moments.
         """
         if not isinstance(config, GPT2Config):
             raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if precision == "bf16":
+            if backend == "numpy":
+                raise ValueError("precision='bf16' runs the bf16 kernels: use backend='kernels' (or None)")
+            if config.channels % 8 or config.head_size % 8 or config.padded_vocab_size % 8:
+                raise ValueError(f"precision='bf16' moves 8 bf16 values at a time: C ({config.channels}), the head "
+                                 f"size ({config.head_size}) and Vp ({config.padded_vocab_size}) must be multiples of 8")
+            backend = "kernels"
         if backend is None:
             backend = "kernels" if device.on_gpu() else "numpy"
         if backend not in ("numpy", "kernels"):
             raise ValueError(f"backend must be 'numpy' or 'kernels' (or None), got {backend!r}")
         self.config = config
+        self.precision = precision
+        self.step = 0               # AdamW steps taken (t of the last update)
+        self.params_bf16_memory = self.params_bf16 = None   # precision "bf16": the weights' bf16 copy
         self.param_shapes = parameter_shapes(config)
         self.num_parameters = num_parameters(config, padded=True)
         self._use_kernels = backend == "kernels"
@@ -176,7 +191,6 @@ class GPT2:
         self.grads_memory = None    # allocated by the first zero_grad() or backward(), as in llm.c
         self.grads = None
         self.m_memory = self.v_memory = None  # AdamW moments, allocated by the first update()
-        self.step = 0               # AdamW steps taken (t of the last update)
         self.logits = None          # (B, T, Vp) from the last forward
         self.keep_logits = True     # False: on the kernel path a forward with targets lets the fused classifier
                                     # overwrite the logits with dlogits (no copy; self.logits is then None)
@@ -199,6 +213,22 @@ class GPT2:
     def _set_params_memory(self, flat):
         self.params_memory = self._asarray(flat)
         self.params = _point_views(self.params_memory, self.param_shapes)
+        self.sync_params()
+
+    def sync_params(self):
+        """precision "bf16": make the bf16 copy of the weights match params_memory again (call it after writing
+        into params_memory in place). Each tensor run is rounded as the last AdamW step rounded it
+        (stochastically, with that step's seed), so a run resumed from a checkpoint continues bit for bit.
+        A no-op in fp32."""
+        if self.precision != "bf16":
+            return
+        from llmc_lessons.layers.bf16 import float_to_bf16_cuda
+        if self.params_bf16_memory is None:
+            self.params_bf16_memory = device.xp.empty(self.num_parameters, dtype=np.uint16)
+            self.params_bf16 = _point_views(self.params_bf16_memory, self.param_shapes)
+        for start, stop, _ in decay_runs(self.config):
+            float_to_bf16_cuda(self.params_memory[start:stop], out=self.params_bf16_memory[start:stop],
+                               stochastic=self.step > 0, seed=_rounding_seed(self.step, start))
 
     @property
     def use_kernels(self) -> bool:
@@ -210,6 +240,8 @@ class GPT2:
         value = bool(value)
         if value == self._use_kernels:
             return
+        if self.precision == "bf16":
+            raise ValueError("a precision='bf16' model runs the bf16 kernels only")
         self._use_kernels = value
         # Move every buffer to the new path's array module (a no-op on the CPU, where both are NumPy).
         self._set_params_memory(self.params_memory)
@@ -252,7 +284,10 @@ class GPT2:
             targets = self._tokens("targets", targets)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        run = _kernel_forward if self._use_kernels else _numpy_forward
+        run = _bf16_forward if self.precision == "bf16" else _kernel_forward if self._use_kernels else _numpy_forward
+        # Let go of the previous forward's activations first: holding them while the new ones are made would
+        # double the peak memory (two steps' activations at once).
+        self.logits = self.losses = self._cache = self.mean_loss = None
         self.logits, self.losses, self._cache = run(self, idx, targets)
         if targets is None:
             self.mean_loss = None
@@ -278,7 +313,9 @@ class GPT2:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
         if self.grads_memory is None:
             self.zero_grad()
-        (_kernel_backward if self._use_kernels else _numpy_backward)(self, self._cache)
+        backward = _bf16_backward if self.precision == "bf16" else _kernel_backward if self._use_kernels \
+            else _numpy_backward
+        backward(self, self._cache)
 
     # -- AdamW ----------------------------------------------------------------------------------------------
 
@@ -302,7 +339,12 @@ class GPT2:
             wd = float(weight_decay) if decays else 0.0
             p, g = self.params_memory[start:stop], self.grads_memory[start:stop]
             m, v = self.m_memory[start:stop], self.v_memory[start:stop]
-            if self._use_kernels:
+            if self.precision == "bf16":  # the float32 master weights, then their bf16 copy, stochastically rounded
+                from llmc_lessons.layers.bf16 import adamw_update_bf16_cuda
+                adamw_update_bf16_cuda(p, self.params_bf16_memory[start:stop], g, m, v, t, learning_rate, beta1,
+                                       beta2, eps, wd, stochastic=True, seed=_rounding_seed(t, start),
+                                       grad_scale=grad_scale)
+            elif self._use_kernels:
                 from llmc_lessons.layers.adamw import adamw_update_cuda
                 adamw_update_cuda(p, g, m, v, t, learning_rate, beta1, beta2, eps, wd, grad_scale=grad_scale)
             else:
@@ -315,7 +357,7 @@ class GPT2:
     # -- llm.c checkpoint files -----------------------------------------------------------------------------
 
     @classmethod
-    def from_llmc_checkpoint(cls, path, backend: str | None = None) -> "GPT2":
+    def from_llmc_checkpoint(cls, path, backend: str | None = None, precision: str = "fp32") -> "GPT2":
         """Load an llm.c model file (256 int32 header, magic 20240326; version 3 = fp32, 5 = bf16 widened)."""
         with open(path, "rb") as f:
             header = np.frombuffer(f.read(_HEADER_INTS * 4), dtype="<i4")
@@ -338,7 +380,7 @@ class GPT2:
             if flat.size != n or f.read(1):
                 raise ValueError(f"{path}: the header describes {n:,} parameters but the file holds a different "
                                  f"amount of data")
-        model = cls(config, seed=None, backend=backend)
+        model = cls(config, seed=None, backend=backend, precision=precision)
         model._set_params_memory(flat.astype(np.float32, copy=False))
         return model
 
@@ -357,7 +399,13 @@ class GPT2:
         return (f"GPT2(L={c.num_layers}, NH={c.num_heads}, C={c.channels}, maxT={c.max_seq_len}, V={c.vocab_size}, "
                 f"Vp={c.padded_vocab_size}; {num_parameters(c, padded=False):,} parameters, "
                 f"{self.num_parameters:,} with the padded vocab; "
-                f"{'kernels' if self._use_kernels else 'NumPy reference'} path)")
+                f"{'kernels' if self._use_kernels else 'NumPy reference'} path"
+                f"{', bf16' if self.precision == 'bf16' else ''})")
+
+
+def _rounding_seed(t: int, start: int) -> int:
+    """The stochastic-rounding seed of AdamW step t for the tensor run starting at offset `start`."""
+    return (t * 0x9E3779B1 + start) & 0xFFFFFFFF
 
 
 def _gpt2_init(p: dict, config: GPT2Config, seed: int):
@@ -499,6 +547,109 @@ def _kernel_backward(model, cache):
             g[name][l] += block_grads[name]
     dwte_enc, dwpe = encoder_backward_cuda(dresidual, cache["idx"], c.padded_vocab_size, c.max_seq_len)
     g["wte"] += dwte_enc                                           # tied weights: both shares add up
+    g["wpe"] += dwpe
+
+
+def _bf16_forward(model, idx, targets):
+    """The forward in bf16 (lesson 14): llm.c's train_gpt2.cu order, the biases fused into the kernels after
+    each cuBLAS product, each residual add fused with the layernorm that reads it. -> (logits as float32 or
+    None, losses, cache)."""
+    from llmc_lessons.cublas import gemm
+    from llmc_lessons.layers import bf16 as k
+
+    c, p, w = model.config, model.params, model.params_bf16       # float32 masters, bf16 copies
+    B, T = idx.shape
+    T_run = -(-T // 8) * 8
+    if T_run != T:
+        if targets is not None:
+            raise ValueError(f"precision='bf16' trains on T that is a multiple of 8 (the kernels move 8 values at "
+                             f"a time), got T = {T}")
+        # no targets (sampling): pad on the right; causal attention keeps the first T positions unchanged
+        idx = device.xp.concatenate([idx, device.xp.zeros((B, T_run - T), dtype=np.int32)], axis=1)
+    BT, C, L, NH = B * T_run, c.channels, c.num_layers, c.num_heads
+
+    def linear(x, weight):               # (..., in) bf16 @ weight^T -> (BT, out) bf16, no bias
+        return gemm(x.reshape(BT, -1), weight, trans_b=True).reshape(B, T_run, -1)
+
+    residual = k.encoder_forward_bf16_cuda(idx, w["wte"], w["wpe"])
+    ln, mean, rstd = k.layernorm_forward_bf16_cuda(residual, p["ln1w"][0], p["ln1b"][0])
+    block_caches = []
+    for l in range(L):
+        qkv = linear(ln, w["qkvw"][l])                                           # (B, T, 3C), no bias
+        atty, qkvh, att = k.attention_forward_bf16_cuda(qkv, p["qkvb"][l], NH)   # qkv bias added in the split
+        del qkv
+        attproj = linear(atty, w["attprojw"][l])
+        residual2, ln2, ln2_mean, ln2_rstd = k.residual_layernorm_forward_bf16_cuda(
+            residual, attproj, p["attprojb"][l], p["ln2w"][l], p["ln2b"][l])
+        del attproj
+        fch = linear(ln2, w["fcw"][l])                                           # (B, T, 4C), no bias
+        fch_gelu = k.gelu_bias_forward_bf16_cuda(fch, p["fcb"][l])
+        fcproj = linear(fch_gelu, w["fcprojw"][l])
+        next_w, next_b = (p["ln1w"][l + 1], p["ln1b"][l + 1]) if l + 1 < L else (p["lnfw"], p["lnfb"])
+        residual3, ln_next, mean_next, rstd_next = k.residual_layernorm_forward_bf16_cuda(
+            residual2, fcproj, p["fcprojb"][l], next_w, next_b)
+        del fcproj
+        block_caches.append(dict(x=residual, ln1=ln, ln1_mean=mean, ln1_rstd=rstd, qkvh=qkvh, att=att, atty=atty,
+                                 residual2=residual2, ln2=ln2, ln2_mean=ln2_mean, ln2_rstd=ln2_rstd, fch=fch,
+                                 fch_gelu=fch_gelu))
+        residual, ln, mean, rstd = residual3, ln_next, mean_next, rstd_next
+    logits = linear(ln, w["wte"])                                                # (B, T, Vp) bf16
+    losses = dlogits = None
+    if targets is not None:
+        kept = _widen(logits) if model.keep_logits else None
+        losses = k.fused_classifier_bf16_cuda(logits, targets, c.vocab_size, 1.0 / (B * T))  # logits -> dlogits
+        logits, dlogits = kept, logits
+    else:
+        logits = _widen(logits[:, :T])
+    cache = dict(idx=idx, targets=targets, block_caches=block_caches, residual=residual, lnf=ln, lnf_mean=mean,
+                 lnf_rstd=rstd, dlogits=dlogits)
+    return logits, losses, cache
+
+
+def _widen(bits):
+    """bf16 bits (uint16) -> float32 values, on the backend."""
+    return (device.xp.ascontiguousarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def _bf16_backward(model, cache):
+    """The backward in bf16: activation gradients in bf16, except the residual stream's, which accumulates in
+    float32 (dres); weight gradients accumulate in float32 straight out of cuBLAS (bf16 in, float32 out)."""
+    from llmc_lessons.cublas import gemm
+    from llmc_lessons.layers import bf16 as k
+    from llmc_lessons.layers.encoder import encoder_backward_cuda
+
+    c, p, w, g = model.config, model.params, model.params_bf16, model.grads
+    B, T = cache["idx"].shape
+    BT, C, NH = B * T, c.channels, c.num_heads
+
+    def linear_backward(dout, inp, weight, dweight, dbias=None):
+        """out = inp @ weight^T (+ bias): returns dinp (B, T, in) bf16; dweight (and dbias) += theirs."""
+        d2 = dout.reshape(BT, -1)
+        gemm(d2, inp.reshape(BT, -1), trans_a=True, out=dweight, accumulate=True)   # float32 out
+        if dbias is not None:
+            k.matmul_backward_bias_bf16_cuda(dbias, dout)
+        return gemm(d2, weight).reshape(B, T, -1)
+
+    dres = device.xp.zeros((B, T, C), dtype=np.float32)     # d loss / d residual stream, float32
+    dlnf = linear_backward(cache["dlogits"], cache["lnf"], w["wte"], g["wte"])
+    dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dlnf, cache["residual"], p["lnfw"], cache["lnf_mean"],
+                                               cache["lnf_rstd"], g["lnfw"], g["lnfb"])
+    for l in reversed(range(c.num_layers)):
+        a = cache["block_caches"][l]
+        # residual3 = residual2 + fcproj: dres is also d loss / d fcproj
+        dfch_gelu = linear_backward(dres_bf16, a["fch_gelu"], w["fcprojw"][l], g["fcprojw"][l], g["fcprojb"][l])
+        dfch = k.gelu_bias_backward_bf16_cuda(dfch_gelu, a["fch"], p["fcb"][l], out=dfch_gelu)
+        dln2 = linear_backward(dfch, a["ln2"], w["fcw"][l], g["fcw"][l], g["fcb"][l])
+        dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dln2, a["residual2"], p["ln2w"][l], a["ln2_mean"],
+                                                   a["ln2_rstd"], g["ln2w"][l], g["ln2b"][l])
+        # residual2 = x + attproj
+        datty = linear_backward(dres_bf16, a["atty"], w["attprojw"][l], g["attprojw"][l], g["attprojb"][l])
+        dqkv = k.attention_backward_bf16_cuda(datty, a["qkvh"], a["att"])
+        dln1 = linear_backward(dqkv, a["ln1"], w["qkvw"][l], g["qkvw"][l], g["qkvb"][l])
+        dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dln1, a["x"], p["ln1w"][l], a["ln1_mean"],
+                                                   a["ln1_rstd"], g["ln1w"][l], g["ln1b"][l])
+    dwte_enc, dwpe = encoder_backward_cuda(dres, cache["idx"], c.padded_vocab_size, c.max_seq_len)
+    g["wte"] += dwte_enc
     g["wpe"] += dwpe
 
 

@@ -30,7 +30,7 @@ from llmc_lessons.model import GPT2, GPT2Config, generate
 DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, lr=6e-4, warmup=None,
                 final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, eval_every=None, eval_batches=4,
                 sample_every=None, sample_tokens=32, checkpoint_every=None, seed=1337, out=None,
-                train_bin=None, val_bin=None, reference=False, tf32=1)
+                train_bin=None, val_bin=None, reference=False, tf32=1, precision="fp32")
 EOT = 50256
 
 
@@ -128,7 +128,9 @@ class Trainer:
         if a["epochs"] is not None:
             a["steps"] = int(a["epochs"] * len(self.train_loader))
         backend = "numpy" if a["reference"] else "kernels"
-        self.model = GPT2(config, seed=a["seed"], backend=backend)
+        if a["reference"] and a["precision"] != "fp32":
+            raise ValueError("--reference runs the NumPy layers in float32: it cannot be combined with --precision bf16")
+        self.model = GPT2(config, seed=a["seed"], backend=backend, precision=a["precision"])
         self.model.keep_logits = False  # the loop never reads the logits of a training forward
         from llmc_lessons.layers.matmul import set_tf32
         set_tf32(bool(a["tf32"]))  # as llm.c's fp32 trainer: TF32 tensor cores for the matmuls (a no-op on a CPU)
@@ -163,6 +165,7 @@ class Trainer:
             if "m" in z:
                 m.m_memory, m.v_memory = m.xp.asarray(z["m"]), m.xp.asarray(z["v"])
         m.step = meta["adamw_t"]
+        m.sync_params()          # bf16: the weights' bf16 copy, rounded as the last update rounded it
         self.step = meta["step"]
         self.train_loader.load_state(meta["train_loader"])
         self.val_loader.load_state(meta["val_loader"])
@@ -275,6 +278,8 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
     p.add_argument("--val-bin", dest="val_bin", help="llm.c token file for validation")
     p.add_argument("--reference", action="store_true", help="use the NumPy reference layers, not the kernels")
     p.add_argument("--tf32", type=int, choices=[0, 1], help="float32 matmuls on TF32 tensor cores (GPU; default 1)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default), or bf16 activations and "
+                   "matmuls with float32 master weights (lesson 14)")
     given = vars(p.parse_args(argv))
     resume = given.pop("resume", None)
     stop_at = given.pop("stop_at", None)

@@ -229,8 +229,8 @@ def test_compile_error_points_at_the_source_line():
 def test_unsupported_constructs_are_named():
     for code, what in [("#include <cooperative_groups.h>\n", "cooperative_groups"),
                        ("__constant__ float c[4];\n", "__constant__"),
-                       ("", "inline PTX")]:
-        body = 'asm("nop;");' if what == "inline PTX" else ""
+                       ("", "inline PTX"), ("", "math.h")]:
+        body = {"inline PTX": 'asm("nop;");', "math.h": "o[1] = -INFINITY;"}.get(what, "")
         src = code + 'extern "C" __global__ void k(float* o) { ' + body + ' o[0] = 1; }'
         with pytest.raises(NotImplementedError, match=what):
             RawKernel(src, "k").compile()

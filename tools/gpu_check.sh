@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the course checks on a real GPU, in one call (device time is scarce): the test suite on the GPU
 # backend (which include the GPU-vs-emulator parity test), every solution notebook under nbval, the training-step
-# benchmark against PyTorch and a 500-step GPT-2 124M training run.
+# benchmark against PyTorch (both course precisions) and a 500-step GPT-2 124M training run in fp32 and in bf16.
 #
 #   bash tools/gpu_check.sh [stage ...]      stages: env tests nbval bench train (default: all)
 #
@@ -44,10 +44,14 @@ except ImportError: print(\"torch missing\")"' ;;
     tests) run tests python3 -m pytest -q -p no:cacheprovider --durations=15 ${TEST_ARGS:-} tests ;;
     nbval) run nbval python3 -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --durations=15 solutions ;;
     bench) run bench python3 -m llmc_lessons.bench --profile --json "$out/bench.json" ${BENCH_ARGS:-} ;;
-    train) rm -rf /tmp/runs/d12
-           run train python3 -m llmc_lessons.train --model d12 --batch-size 16 --seq-len 1024 --steps 500 \
-             --eval-every 50 --eval-batches 8 --sample-every 100 --sample-tokens 48 --out /tmp/runs/d12
-           cp /tmp/runs/d12/log.jsonl "$out/train-log.jsonl"; cp /tmp/runs/d12/summary.json "$out/train-summary.json" ;;
+    train) for precision in ${TRAIN_PRECISIONS:-fp32 bf16}; do  # the same 500-step run in each precision
+             rm -rf /tmp/runs/$precision
+             run train-$precision python3 -m llmc_lessons.train --model d12 --batch-size 16 --seq-len 1024 \
+               --steps 500 --eval-every 50 --eval-batches 8 --sample-every 100 --sample-tokens 48 \
+               --precision $precision --out /tmp/runs/$precision
+             cp /tmp/runs/$precision/log.jsonl "$out/train-$precision-log.jsonl"
+             cp /tmp/runs/$precision/summary.json "$out/train-$precision-summary.json"
+           done ;;
     *) echo "unknown stage $s"; status=1 ;;
   esac
 done

@@ -41,6 +41,8 @@ UNSUPPORTED = {
     r"\bclock(?:64)?\s*\(": "clock()/clock64() (timing inside a kernel means nothing on the CPU)",
     r"<<<": "launching a kernel from a kernel (dynamic parallelism)",
     r"\b__(?:ldcs|ldcg|ldca|ldlu|ldcv|stcs|stcg|stwb|stwt)\s*\(": "cache-hinted loads/stores (use a plain access)",
+    r"\b(?:INFINITY|NAN|HUGE_VALF?|FLT_MAX|FLT_MIN|M_PI)\b": "the host's <math.h>/<float.h> macros (NVRTC, which "
+        "compiles the kernels on a GPU, has none: use NEG_INF from common.cuh or write the number)",
 }
 
 

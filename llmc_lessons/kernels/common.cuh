@@ -2,6 +2,9 @@
 // Included with #include "common.cuh"; the package adds this folder to the include path on GPU and CPU.
 #pragma once
 
+// -infinity as a float (NVRTC has no INFINITY macro): the start of a running maximum.
+#define NEG_INF __int_as_float(0xff800000)
+
 // ceil(M / N) for positive integers: how many blocks of N threads cover M elements.
 #define CEIL_DIV(M, N) (((M) + (N) - 1) / (N))
 

@@ -17,7 +17,6 @@
 #include "common.cuh"
 
 #define HS_MAX 64
-#define NEG_INF __int_as_float(0xff800000)
 
 extern "C" __global__ void flash_attention_forward_kernel(float* out,        // (B, T, C)
                                                           float* L,          // (B, NH, T)

@@ -122,8 +122,9 @@ def layernorm_forward_bf16_cuda(inp, weight, bias, block_size: int = 256):
 
 def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1: float = 0.9,
                            beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
-                           stochastic: bool = False, seed: int = 0, block_size: int = 512):
-    """AdamW on float32 `master` weights and moments in place, then `params` (uint16) = their bf16 copy."""
+                           stochastic: bool = False, seed: int = 0, block_size: int = 512, grad_scale: float = 1.0):
+    """AdamW on float32 `master` weights and moments in place, then `params` (uint16) = their bf16 copy.
+    grad_scale multiplies every gradient first (the clip factor)."""
     from llmc_lessons.cuda import load_kernel
     device.require_array("master", master)
     n = master.size
@@ -138,7 +139,7 @@ def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1
             (-(-n // block_size),), (block_size,),
             (master, params, grads, m, v, np.int32(n), np.float32(lr), np.float32(beta1), np.float32(beta2),
              np.float32(1 - beta1 ** t), np.float32(1 - beta2 ** t), np.float32(eps), np.float32(weight_decay),
-             np.int32(bool(stochastic)), np.uint32(seed)))
+             np.float32(grad_scale), np.int32(bool(stochastic)), np.uint32(seed)))
 
 
 def matmul_bf16(a, b, trans_b: bool = False):
@@ -149,12 +150,306 @@ def matmul_bf16(a, b, trans_b: bool = False):
     from llmc_lessons import cublas
     device.require_array("a", a, shape=(None, None), dtype=np.uint16)
     device.require_array("b", b, shape=(None, None), dtype=np.uint16)
-    M, K = a.shape
-    N = b.shape[0] if trans_b else b.shape[1]
-    if (b.shape[1] if trans_b else b.shape[0]) != K:
-        raise ValueError(f"inner dimensions differ: a is {a.shape}, b is {b.shape} (trans_b={trans_b})")
-    if not device.on_gpu():
-        bf = from_bf16(b)
-        return from_bf16(a) @ (bf.T if trans_b else bf)
-    return cublas.gemm_bf16(a, b, trans_b, M, N, K)
+    return cublas.gemm(a, b, trans_b=trans_b, out_dtype=np.float32)
 
+
+# ---------------------------------------------------------------------------------------------------------
+# The bf16 training step (GPT2(precision="bf16")): launchers of the second half of kernels/bf16.cu.
+# bf16 arrays are uint16; float32 stays float32 (layernorm parameters, biases, statistics, weight gradients).
+# The kernels move 8 bf16 values (16 bytes) at a time: the sizes named below must be multiples of 8.
+
+def _eight(name: str, n: int) -> int:
+    if n % 8:
+        raise ValueError(f"{name} = {n} must be a multiple of 8: the bf16 kernels move 8 values (16 bytes) "
+                         f"at a time")
+    return int(n)
+
+
+def _aligned(name: str, a):
+    """A bf16 array whose start is 16-byte aligned (a view at an odd offset into a buffer may not be)."""
+    ptr = a.data.ptr if device.on_gpu() else a.ctypes.data
+    if ptr % 16:
+        raise ValueError(f"{name} must start at a 16-byte aligned address for the 16-byte loads; "
+                         f"pass xp.ascontiguousarray(...) of a fresh array")
+    return a
+
+
+def _bf16_array(name: str, a, shape):
+    return _aligned(name, device.require_array(name, a, shape=shape, dtype=np.uint16))
+
+
+def _warps(block_size):
+    block_size = _block(block_size)
+    if block_size % 32:
+        raise ValueError(f"block_size must be a multiple of 32 (a warp per row), got {block_size}")
+    return block_size
+
+
+def _launch(kernel: str, n: int, block_size: int, args, shared_mem: int = 0):
+    """One thread per unit of n (rounded up to whole blocks)."""
+    from llmc_lessons.cuda import load_kernel
+    if n:
+        load_kernel("bf16.cu", kernel)((-(-n // block_size),), (block_size,), args, shared_mem=shared_mem)
+
+
+def float_to_bf16_cuda(inp, out=None, stochastic: bool = False, seed: int = 0, block_size: int = 256):
+    """float32 array -> bf16 bits of the same shape (into `out` if given), to nearest-even, or stochastically
+    with the hash that adamw_bf16_kernel uses (same seed, same bits)."""
+    device.require_array("inp", inp)
+    out = device.xp.empty(inp.shape, np.uint16) if out is None else \
+        device.require_array("out", out, shape=inp.shape, dtype=np.uint16)
+    _launch("float_to_bf16_kernel", inp.size, _block(block_size),
+            (out, inp, np.int32(inp.size), np.int32(bool(stochastic)), np.uint32(seed)))
+    return out
+
+
+def encoder_forward_bf16_cuda(inp, wte, wpe, block_size: int = 256):
+    """Token ids (B, T) int32, wte (Vp, C), wpe (maxT, C) bf16 -> encoded (B, T, C) bf16. Ids must be valid
+    (GPT2.forward checks them on the host)."""
+    device.require_array("inp", inp, shape=(None, None), dtype=np.int32)
+    B, T = inp.shape
+    _bf16_array("wte", wte, (None, None))
+    C = _eight("C", wte.shape[1])
+    _bf16_array("wpe", wpe, (None, C))
+    if T > wpe.shape[0]:
+        raise ValueError(f"T = {T} is longer than wpe's {wpe.shape[0]} positions")
+    out = device.xp.empty((B, T, C), np.uint16)
+    _launch("encoder_forward_bf16_kernel", B * T * C // 8, _block(block_size),
+            (out, inp, wte, wpe, np.int32(B), np.int32(T), np.int32(C)))
+    return out
+
+
+def residual_layernorm_forward_bf16_cuda(inp1, inp2, bias2, weight, bias, block_size: int = 256):
+    """residual = inp1 + (inp2 + bias2), out = layernorm(residual) with weight, bias.
+    inp1, inp2 (B, T, C) bf16; bias2, weight, bias (C,) float32 -> residual, out (B, T, C) bf16, mean, rstd
+    (B, T) float32."""
+    _bf16_array("inp1", inp1, (None, None, None))
+    B, T, C = inp1.shape
+    _eight("C", C)
+    _bf16_array("inp2", inp2, (B, T, C))
+    for name, a in (("bias2", bias2), ("weight", weight), ("bias", bias)):
+        device.require_array(name, a, shape=(C,))
+    block_size = _warps(block_size)
+    xp = device.xp
+    residual, out = xp.empty((B, T, C), np.uint16), xp.empty((B, T, C), np.uint16)
+    mean, rstd = xp.empty((B, T), np.float32), xp.empty((B, T), np.float32)
+    _launch("residual_layernorm_forward_bf16_kernel", B * T * 32, block_size,
+            (residual, out, mean, rstd, inp1, inp2, bias2, weight, bias, np.int32(B * T), np.int32(C)))
+    return residual, out, mean, rstd
+
+
+def _int(name: str, v, lo: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return int(v)
+
+
+def split_heads_bf16_cuda(inp, n: int, NH: int, bias=None, block_size: int = 256):
+    """(B, T, n*C) bf16 [+ bias (n*C,) float32] -> (n, B, NH, T, hs) bf16: q, k, v as one matrix per head
+    (n = 3, from qkv with its bias) or the gradient of attention's output (n = 1, no bias)."""
+    _bf16_array("inp", inp, (None, None, None))
+    B, T, nC = inp.shape
+    n, NH = _int("n", n), _int("NH", NH)
+    if nC % (n * NH):
+        raise ValueError(f"the last axis ({nC}) must be n * C with C a multiple of NH = {NH} (n = {n})")
+    hs = _eight("the head size", nC // (n * NH))
+    if bias is None:
+        bias = device.xp.zeros((nC,), np.float32)
+    device.require_array("bias", bias, shape=(nC,))
+    out = device.xp.empty((n, B, NH, T, hs), np.uint16)
+    _launch("split_heads_bf16_kernel", out.size // 8, _block(block_size),
+            (out, inp, bias, np.int32(n), np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    return out
+
+
+def merge_heads_bf16_cuda(inp, block_size: int = 256):
+    """(n, B, NH, T, hs) bf16 -> (B, T, n*NH*hs) bf16, the inverse of split_heads_bf16_cuda (no bias)."""
+    _bf16_array("inp", inp, (None, None, None, None, None))
+    n, B, NH, T, hs = inp.shape
+    _eight("the head size", hs)
+    out = device.xp.empty((B, T, n * NH * hs), np.uint16)
+    _launch("merge_heads_bf16_kernel", out.size // 8, _block(block_size),
+            (out, inp, np.int32(n), np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    return out
+
+
+def softmax_forward_bf16_cuda(preatt, scale: float, out=None, block_size: int = 256):
+    """(N, T, T) bf16 scores -> causal softmax(scale * scores) (N, T, T) bf16; out may be preatt (in place)."""
+    _bf16_array("preatt", preatt, (None, None, None))
+    N, T, T2 = preatt.shape
+    if T != T2:
+        raise ValueError(f"preatt must be (N, T, T), got {tuple(preatt.shape)}")
+    _eight("T", T)
+    out = device.xp.empty_like(preatt) if out is None else _bf16_array("out", out, preatt.shape)
+    _launch("softmax_forward_bf16_kernel", N * T * 32, _warps(block_size),
+            (out, preatt, np.float32(scale), np.int32(N), np.int32(T)))
+    return out
+
+
+def softmax_backward_bf16_cuda(datt, att, scale: float, out=None, block_size: int = 256):
+    """(N, T, T) bf16 datt and att -> dpreatt (N, T, T) bf16 (causal, times scale); out may be datt."""
+    _bf16_array("att", att, (None, None, None))
+    N, T, _ = att.shape
+    _eight("T", T)
+    _bf16_array("datt", datt, att.shape)
+    out = device.xp.empty_like(att) if out is None else _bf16_array("out", out, att.shape)
+    _launch("softmax_backward_bf16_kernel", N * T * 32, _warps(block_size),
+            (out, datt, att, np.float32(scale), np.int32(N), np.int32(T)))
+    return out
+
+
+def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
+    """(B, T, OC) bf16 product, (OC,) float32 bias -> gelu(inp + bias) (B, T, OC) bf16."""
+    _bf16_array("inp", inp, (None, None, None))
+    OC = _eight("OC", inp.shape[-1])
+    device.require_array("bias", bias, shape=(OC,))
+    out = device.xp.empty_like(inp)
+    _launch("gelu_bias_forward_bf16_kernel", inp.size // 8, _block(block_size),
+            (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
+    return out
+
+
+def gelu_bias_backward_bf16_cuda(dout, inp, bias, out=None, block_size: int = 256):
+    """dout, inp (B, T, OC) bf16, bias (OC,) -> dinp = dout * gelu'(inp + bias) bf16; out may be dout."""
+    _bf16_array("inp", inp, (None, None, None))
+    OC = _eight("OC", inp.shape[-1])
+    _bf16_array("dout", dout, inp.shape)
+    device.require_array("bias", bias, shape=(OC,))
+    out = device.xp.empty_like(inp) if out is None else _bf16_array("out", out, inp.shape)
+    _launch("gelu_bias_backward_bf16_kernel", inp.size // 8, _block(block_size),
+            (out, dout, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
+    return out
+
+
+def _column_sum_add(out, partial, rows_per_block: int = 32):
+    """out (C,) += partial (R, C) summed over R, in a fixed order (column_sum_add_kernel)."""
+    from llmc_lessons.cuda import load_kernel
+    R, C = partial.shape
+    if C:
+        load_kernel("bf16.cu", "column_sum_add_kernel")((-(-C // 32),), (32, rows_per_block),
+                                                         (out, partial, np.int32(R), np.int32(C)),
+                                                         shared_mem=4 * 32 * rows_per_block)
+
+
+def matmul_backward_bias_bf16_cuda(dbias, dout, block_rows: int = 8, grid_rows: int | None = None):
+    """dbias (OC,) float32 += dout (B, T, OC) bf16 summed over B and T, deterministically.
+
+    block_rows: Y of the (32, Y) blocks (1..32); grid_rows: how many blocks split the rows (R partial sums);
+    by default about 256 blocks in all (a few per multiprocessor), each thread summing at least 16 rows."""
+    from llmc_lessons.cuda import load_kernel
+    _bf16_array("dout", dout, (None, None, None))
+    OC = _eight("OC", dout.shape[-1])
+    device.require_array("dbias", dbias, shape=(OC,))
+    N, Y = dout.size // OC, _int("block_rows", block_rows)
+    R = max(1, min(-(-N // (16 * Y)), 256 // -(-OC // 256))) if grid_rows is None else _int("grid_rows", grid_rows)
+    if Y > 32:
+        raise ValueError(f"block_rows must be at most 32 (32 x block_rows threads per block), got {Y}")
+    partial = device.xp.empty((R, OC), np.float32)
+    load_kernel("bf16.cu", "matmul_backward_bias_bf16_kernel")(
+        (-(-OC // 256), R), (32, Y), (partial, dout, np.int32(N), np.int32(OC)),
+        shared_mem=4 * 256 * Y)
+    _column_sum_add(dbias, partial)
+
+
+LN_BWD_MAX_C = 1024
+"""layernorm_backward_bf16_kernel keeps a row in registers: C <= 1024 (GPT-2 124M and 350M)."""
+
+
+def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, dbias, block_size: int = 256,
+                                 max_blocks: int = 264):
+    """The layernorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient,
+    dweight, dbias (C,) float32 += theirs. Returns dinp's new value in bf16 (for the next matmul backward).
+
+    max_blocks caps the grid (default: two blocks per multiprocessor of an H100): each warp loops over rows,
+    each block leaves one row of partial sums of dweight and dbias, which a second kernel adds in order."""
+    from llmc_lessons.cuda import load_kernel
+    _bf16_array("inp", inp, (None, None, None))
+    B, T, C = inp.shape
+    _eight("C", C)
+    if C > LN_BWD_MAX_C:
+        raise ValueError(f"the bf16 layernorm backward keeps a row in registers: C must be <= {LN_BWD_MAX_C}, "
+                         f"got {C}")
+    _bf16_array("dout", dout, (B, T, C))
+    device.require_array("dinp", dinp, shape=(B, T, C))
+    for name, a in (("weight", weight), ("dweight", dweight), ("dbias", dbias)):
+        device.require_array(name, a, shape=(C,))
+    for name, a in (("mean", mean), ("rstd", rstd)):
+        device.require_array(name, a, shape=(B, T))
+    block_size = _warps(block_size)
+    N, wpb = B * T, block_size // 32
+    from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT
+    if 4 * wpb * C > DEFAULT_SHARED_LIMIT:
+        raise ValueError(f"block_size {block_size} needs {4 * wpb * C} bytes of shared memory for C = {C}; "
+                         f"use fewer warps per block")
+    blocks = max(1, min(_int("max_blocks", max_blocks), -(-N // wpb)))
+    xp = device.xp
+    dinp_bf16 = xp.empty((B, T, C), np.uint16)
+    partial_dweight, partial_dbias = xp.empty((blocks, C), np.float32), xp.empty((blocks, C), np.float32)
+    if N:
+        load_kernel("bf16.cu", "layernorm_backward_bf16_kernel")(
+            (blocks,), (block_size,), (dinp, dinp_bf16, partial_dweight, partial_dbias, dout, inp, weight, mean,
+                                       rstd, np.int32(N), np.int32(C)), shared_mem=4 * wpb * C)
+        _column_sum_add(dweight, partial_dweight)
+        _column_sum_add(dbias, partial_dbias)
+    return dinp_bf16
+
+
+def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size: int = 512):
+    """logits (B, T, Vp) bf16, overwritten in place with dlogits = dloss * (softmax - onehot(target));
+    targets (B, T) int32 in [0, V) -> losses (B, T) float32."""
+    _bf16_array("logits", logits, (None, None, None))
+    B, T, Vp = logits.shape
+    _eight("Vp", Vp)
+    V = _int("V", V)
+    if V > Vp:
+        raise ValueError(f"V = {V} is larger than the logits' Vp = {Vp}")
+    device.require_array("targets", targets, shape=(B, T), dtype=np.int32)
+    block_size = _warps(block_size)
+    losses = device.xp.empty((B, T), np.float32)
+    if B * T:
+        from llmc_lessons.cuda import load_kernel
+        load_kernel("bf16.cu", "fused_classifier_bf16_kernel")(
+            (B * T,), (block_size,), (logits, losses, targets, np.float32(dloss), np.int32(B * T), np.int32(V),
+                                      np.int32(Vp)))
+    return losses
+
+
+def attention_forward_bf16_cuda(qkv, qkvb, NH: int, block_size: int = 256):
+    """qkv (B, T, 3C) bf16 (the product, no bias), qkvb (3C,) float32 -> atty (B, T, C) bf16, and for the
+    backward qkvh (3, B, NH, T, hs) (q, k, v per head) and att (B, NH, T, T), all bf16.
+
+    split heads (+ bias) -> preatt = q @ k^T (cuBLAS, bf16 out) -> causal softmax in place -> att @ v -> merge.
+    """
+    from llmc_lessons.cublas import gemm_batched
+    _bf16_array("qkv", qkv, (None, None, None))
+    B, T, C3 = qkv.shape
+    qkvh = split_heads_bf16_cuda(qkv, 3, NH, qkvb, block_size)
+    _, _, NH, _, hs = qkvh.shape
+    N = B * NH
+    q, k, v = (qkvh[i].reshape(N, T, hs) for i in range(3))
+    att = gemm_batched(q, k, trans_b=True)                                # (N, T, T) unscaled scores
+    softmax_forward_bf16_cuda(att, 1.0 / np.sqrt(hs), out=att, block_size=block_size)
+    y = gemm_batched(att, v)                                              # (N, T, hs)
+    atty = merge_heads_bf16_cuda(y.reshape(1, B, NH, T, hs), block_size)
+    return atty, qkvh, att.reshape(B, NH, T, T)
+
+
+def attention_backward_bf16_cuda(datty, qkvh, att, block_size: int = 256):
+    """datty (B, T, C), qkvh (3, B, NH, T, hs), att (B, NH, T, T) bf16 -> dqkv (B, T, 3C) bf16 (no bias
+    gradient: matmul_backward_bias_bf16_cuda takes dqkv)."""
+    from llmc_lessons.cublas import gemm_batched
+    _bf16_array("qkvh", qkvh, (3, None, None, None, None))
+    _, B, NH, T, hs = qkvh.shape
+    _bf16_array("datty", datty, (B, T, NH * hs))
+    _bf16_array("att", att, (B, NH, T, T))
+    N = B * NH
+    dy = split_heads_bf16_cuda(datty, 1, NH, block_size=block_size).reshape(N, T, hs)
+    q, k, v = (qkvh[i].reshape(N, T, hs) for i in range(3))
+    att3 = att.reshape(N, T, T)
+    dqkvh = device.xp.empty((3, N, T, hs), np.uint16)
+    datt = gemm_batched(dy, v, trans_b=True)                              # (N, T, T)
+    gemm_batched(att3, dy, trans_a=True, out=dqkvh[2])                    # dv = att^T @ dy
+    softmax_backward_bf16_cuda(datt, att3, 1.0 / np.sqrt(hs), out=datt, block_size=block_size)
+    gemm_batched(datt, k, out=dqkvh[0])                                   # dq = dpreatt @ k
+    gemm_batched(datt, q, trans_a=True, out=dqkvh[1])                     # dk = dpreatt^T @ q
+    return merge_heads_bf16_cuda(dqkvh.reshape(3, B, NH, T, hs), block_size)

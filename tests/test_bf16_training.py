@@ -1,0 +1,322 @@
+"""The bf16 training step (GPT2(precision="bf16")): every kernel of kernels/bf16.cu's second half against a
+float64 reference on awkward sizes, at two or more launch configurations, with every fresh output poisoned;
+bf16 products through cuBLAS; then the whole model against the fp32 kernel path."""
+import math
+
+import numpy as np
+import pytest
+
+from llmc_lessons import device
+from llmc_lessons.cublas import gemm, gemm_batched
+from llmc_lessons.device import to_device, to_host
+from llmc_lessons.layers import bf16 as k
+from llmc_lessons.layers.attention import attention_backward, attention_forward
+from llmc_lessons.layers.bf16 import from_bf16, stochastic_to_bf16, to_bf16
+from llmc_lessons.layers.gelu import gelu_backward, gelu_forward
+from llmc_lessons.layers.layernorm import layernorm_backward, layernorm_forward
+from llmc_lessons.model import GPT2, GPT2Config, generate
+
+BF16_STEP = 2.0 ** -7   # relative spacing of bf16 numbers: one rounding is at most half of it
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every array a launcher allocates with empty/empty_like starts as NaN (bf16 NaN is 0x7FC0), so an element
+    a kernel forgets to write shows up."""
+    xp = device.xp
+    empty, empty_like = xp.empty, xp.empty_like
+
+    def fill(a):
+        a[...] = 0x7FC0 if a.dtype == np.uint16 else np.nan if a.dtype.kind == "f" else -1
+        return a
+
+    monkeypatch.setattr(xp, "empty", lambda *a, **kw: fill(empty(*a, **kw)))
+    monkeypatch.setattr(xp, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))
+
+
+def bits(gen, *shape, scale=1.0):
+    """Random bf16 bits (host)."""
+    return to_bf16((gen.standard_normal(shape) * scale).astype(np.float32))
+
+
+def wide(a):
+    """Device or host bf16 bits -> float64 values (host)."""
+    return from_bf16(to_host(a)).astype(np.float64)
+
+
+def rand32(gen, *shape, scale=1.0):
+    return (gen.standard_normal(shape) * scale).astype(np.float32)
+
+
+def close_bf16(got_bits, want, what):
+    """bf16 results against a float64 reference: within one rounding (plus a little for float32 math)."""
+    want = np.asarray(want, np.float64)
+    np.testing.assert_allclose(wide(got_bits), want, rtol=BF16_STEP, atol=1e-6 * max(1.0, np.abs(want).max()),
+                               err_msg=what)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels one by one
+
+
+@pytest.mark.parametrize("n,block", [(1, 32), (1001, 256), (77, 64)])
+def test_float_to_bf16_kernel_matches_numpy_bit_for_bit(n, block):
+    x = rand32(np.random.default_rng(n), n, scale=100.0)
+    np.testing.assert_array_equal(to_host(k.float_to_bf16_cuda(to_device(x), block_size=block)), to_bf16(x))
+    np.testing.assert_array_equal(to_host(k.float_to_bf16_cuda(to_device(x), stochastic=True, seed=9, block_size=block)),
+                                  stochastic_to_bf16(x, seed=9))
+
+
+@pytest.mark.parametrize("B,T,C,block", [(3, 5, 24, 32), (2, 9, 40, 96)])
+def test_encoder_forward_bf16(B, T, C, block):
+    gen = np.random.default_rng(B * T)
+    Vp, maxT = 40, 11
+    wte, wpe = bits(gen, Vp, C), bits(gen, maxT, C)
+    ids = gen.integers(0, Vp, (B, T)).astype(np.int32)
+    out = k.encoder_forward_bf16_cuda(to_device(ids), to_device(wte), to_device(wpe), block_size=block)
+    want = to_bf16(from_bf16(wte)[ids] + from_bf16(wpe)[:T])   # one float32 add, one rounding: exact
+    np.testing.assert_array_equal(to_host(out), want)
+
+
+@pytest.mark.parametrize("B,T,C,block", [(3, 7, 40, 32), (2, 3, 264, 96), (1, 5, 768, 256)])
+def test_residual_layernorm_forward_bf16(B, T, C, block):
+    gen = np.random.default_rng(C)
+    a, b = bits(gen, B, T, C), bits(gen, B, T, C, scale=2.0)
+    bias2, w, bb = rand32(gen, C), 1 + rand32(gen, C, scale=0.1), rand32(gen, C)
+    res, out, mean, rstd = k.residual_layernorm_forward_bf16_cuda(*(to_device(x) for x in (a, b, bias2, w, bb)),
+                                                                  block_size=block)
+    want_res = to_bf16(from_bf16(a) + (from_bf16(b) + bias2))
+    np.testing.assert_array_equal(to_host(res), want_res)
+    ref, rm, rr = layernorm_forward(from_bf16(want_res).astype(np.float64), w.astype(np.float64), bb.astype(np.float64))
+    np.testing.assert_allclose(to_host(mean), rm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_host(rstd), rr, rtol=1e-5)
+    close_bf16(out, ref, "layernorm output")
+
+
+def test_split_and_merge_heads_bf16():
+    gen = np.random.default_rng(1)
+    B, T, NH, hs = 2, 5, 3, 16
+    C = NH * hs
+    qkv, bias = bits(gen, B, T, 3 * C), rand32(gen, 3 * C)
+    for block in (32, 100):
+        h = k.split_heads_bf16_cuda(to_device(qkv), 3, NH, to_device(bias), block_size=block)
+        want = to_bf16(from_bf16(qkv) + bias).reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
+        np.testing.assert_array_equal(to_host(h), want)
+        np.testing.assert_array_equal(to_host(k.merge_heads_bf16_cuda(to_device(np.ascontiguousarray(want)),
+                                                                      block_size=block)),
+                                      to_bf16(from_bf16(qkv) + bias))
+        one = k.split_heads_bf16_cuda(to_device(qkv[:, :, :C].copy()), 1, NH, block_size=block)  # no bias
+        np.testing.assert_array_equal(to_host(one)[0], qkv[:, :, :C].reshape(B, T, NH, hs).transpose(0, 2, 1, 3))
+
+
+def causal_softmax(scores):
+    T = scores.shape[-1]
+    s = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("N,T,block,in_place", [(3, 24, 32, False), (2, 40, 64, True), (1, 264, 96, False)])
+def test_softmax_forward_bf16(N, T, block, in_place):
+    gen = np.random.default_rng(T)
+    pre = bits(gen, N, T, T, scale=4.0)
+    scale = 1 / math.sqrt(16)
+    d_pre = to_device(pre.copy())   # (on a CPU to_device returns the same array: in place would overwrite pre)
+    att = k.softmax_forward_bf16_cuda(d_pre, scale, out=d_pre if in_place else None, block_size=block)
+    got = wide(att)
+    close_bf16(att, causal_softmax(from_bf16(pre).astype(np.float64) * scale), "att")
+    assert not np.triu(got, 1).any(), "the future (j > t) must be exactly 0"
+
+
+@pytest.mark.parametrize("N,T,block,in_place", [(3, 24, 32, True), (2, 48, 64, False)])
+def test_softmax_backward_bf16(N, T, block, in_place):
+    gen = np.random.default_rng(T + 1)
+    att = to_bf16(causal_softmax(rand32(gen, N, T, T, scale=3.0)).astype(np.float32))
+    datt = bits(gen, N, T, T)
+    a, d = from_bf16(att).astype(np.float64), from_bf16(datt).astype(np.float64) * np.tril(np.ones((T, T)))
+    want = 0.25 * a * (d - (a * d).sum(-1, keepdims=True))
+    d_datt = to_device(datt.copy())
+    got = k.softmax_backward_bf16_cuda(d_datt, to_device(att), 0.25, out=d_datt if in_place else None,
+                                       block_size=block)
+    np.testing.assert_allclose(wide(got), want, rtol=BF16_STEP, atol=1e-6)
+    assert not np.triu(wide(got), 1).any()
+
+
+@pytest.mark.parametrize("shape,block", [((2, 3, 40), 32), ((1, 7, 264), 128)])
+def test_gelu_bias_forward_and_backward_bf16(shape, block):
+    gen = np.random.default_rng(shape[-1])
+    x, dout, bias = bits(gen, *shape, scale=2.0), bits(gen, *shape), rand32(gen, shape[-1])
+    pre = from_bf16(x).astype(np.float64) + bias
+    close_bf16(k.gelu_bias_forward_bf16_cuda(to_device(x), to_device(bias), block_size=block), gelu_forward(pre),
+               "gelu(x + bias)")
+    d_dout = to_device(dout.copy())
+    got = k.gelu_bias_backward_bf16_cuda(d_dout, to_device(x), to_device(bias), out=d_dout, block_size=block)
+    close_bf16(got, gelu_backward(from_bf16(dout).astype(np.float64), pre), "dinp")
+
+
+@pytest.mark.parametrize("OC,block_rows,grid_rows", [(40, 8, 32), (272, 3, 5), (264, 32, 1)])
+def test_matmul_backward_bias_bf16_accumulates(OC, block_rows, grid_rows):
+    gen = np.random.default_rng(OC)
+    dout, start = bits(gen, 3, 37, OC), rand32(gen, OC)
+    dbias = to_device(start.copy())
+    k.matmul_backward_bias_bf16_cuda(dbias, to_device(dout), block_rows=block_rows, grid_rows=grid_rows)
+    np.testing.assert_allclose(to_host(dbias), start + from_bf16(dout).astype(np.float64).sum((0, 1)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("B,T,C,block,max_blocks", [(2, 7, 40, 64, 264), (3, 11, 264, 96, 2), (1, 5, 1024, 256, 1)])
+def test_layernorm_backward_bf16(B, T, C, block, max_blocks):
+    gen = np.random.default_rng(C + B)
+    x, dout = bits(gen, B, T, C, scale=2.0), bits(gen, B, T, C)
+    w, b = 1 + rand32(gen, C, scale=0.1), rand32(gen, C)
+    _, mean, rstd = layernorm_forward(from_bf16(x).astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    dinp0, dw0, db0 = rand32(gen, B, T, C), rand32(gen, C), rand32(gen, C)
+    dinp, dw, db = to_device(dinp0.copy()), to_device(dw0.copy()), to_device(db0.copy())
+    d16 = k.layernorm_backward_bf16_cuda(dinp, to_device(dout), to_device(x), to_device(w),
+                                         to_device(mean.astype(np.float32)), to_device(rstd.astype(np.float32)),
+                                         dw, db, block_size=block, max_blocks=max_blocks)
+    rdx, rdw, rdb = layernorm_backward(from_bf16(dout).astype(np.float64), from_bf16(x).astype(np.float64),
+                                       w.astype(np.float64), mean, rstd)
+    np.testing.assert_allclose(to_host(dinp), dinp0 + rdx, rtol=1e-4, atol=1e-4)   # accumulated in float32
+    np.testing.assert_array_equal(to_host(d16), to_bf16(to_host(dinp)))             # and its bf16 copy
+    np.testing.assert_allclose(to_host(dw), dw0 + rdw, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(to_host(db), db0 + rdb, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("V,Vp,block", [(37, 40, 32), (1000, 1008, 512), (1001, 1008, 96)])
+def test_fused_classifier_bf16(V, Vp, block):
+    gen = np.random.default_rng(V)
+    B, T = 2, 3
+    logits = bits(gen, B, T, Vp, scale=3.0)
+    targets = gen.integers(0, V, (B, T)).astype(np.int32)
+    d_logits = to_device(logits.copy())
+    losses = k.fused_classifier_bf16_cuda(d_logits, to_device(targets), V, 1 / (B * T), block_size=block)
+    z = from_bf16(logits).astype(np.float64)[..., :V]
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    np.testing.assert_allclose(to_host(losses), -np.take_along_axis(logp, targets[..., None], -1)[..., 0], rtol=1e-5)
+    want = np.exp(logp)
+    np.put_along_axis(want, targets[..., None], np.take_along_axis(want, targets[..., None], -1) - 1, -1)
+    got = wide(d_logits)
+    np.testing.assert_allclose(got[..., :V], want / (B * T), rtol=BF16_STEP, atol=1e-7)
+    assert not got[..., V:].any(), "the padded columns get no gradient"
+
+
+def test_attention_forward_and_backward_bf16_match_lesson_05():
+    gen = np.random.default_rng(5)
+    B, T, NH, hs = 2, 16, 2, 8
+    C = NH * hs
+    qkv, qkvb, dout = bits(gen, B, T, 3 * C), rand32(gen, 3 * C, scale=0.1), bits(gen, B, T, C)
+    atty, qkvh, att = k.attention_forward_bf16_cuda(to_device(qkv), to_device(qkvb), NH)
+    q64 = from_bf16(to_bf16(from_bf16(qkv) + qkvb)).astype(np.float64)      # the bias is added, then rounded
+    ref_out, ref_att = attention_forward(q64, NH)
+    np.testing.assert_allclose(wide(att), ref_att, atol=4e-3)
+    np.testing.assert_allclose(wide(atty), ref_out, atol=3e-2 * np.abs(ref_out).max())
+    dqkv = k.attention_backward_bf16_cuda(to_device(dout), qkvh, att)
+    ref_d = attention_backward(from_bf16(dout).astype(np.float64), q64, ref_att, NH)
+    np.testing.assert_allclose(wide(dqkv), ref_d, atol=3e-2 * np.abs(ref_d).max())
+
+
+def test_gemm_bf16_outputs_and_float32_accumulation():
+    gen = np.random.default_rng(2)
+    a, b = bits(gen, 37, 24), bits(gen, 29, 24)
+    exact = from_bf16(a).astype(np.float64) @ from_bf16(b).astype(np.float64).T
+    close_bf16(gemm(to_device(a), to_device(b), trans_b=True), exact, "bf16 out")
+    acc = rand32(gen, 24, 24)
+    out = to_device(acc.copy())
+    gemm(to_device(a), to_device(a), trans_a=True, out=out, accumulate=True)   # bf16 in, float32 +=
+    np.testing.assert_allclose(to_host(out), acc + from_bf16(a).astype(np.float64).T @ from_bf16(a), rtol=1e-5,
+                               atol=1e-4)
+    x, y = bits(gen, 3, 8, 16), bits(gen, 3, 16, 8)
+    close_bf16(gemm_batched(to_device(x), to_device(y)), from_bf16(x).astype(np.float64) @ from_bf16(y), "batched")
+    with pytest.raises(TypeError, match="same dtype"):
+        gemm(to_device(a), to_device(from_bf16(b)), trans_b=True)
+
+
+def test_bad_input_is_refused():
+    f32 = to_device(np.zeros((2, 8, 16), np.float32))
+    with pytest.raises(TypeError, match="uint16"):
+        k.gelu_bias_forward_bf16_cuda(f32, to_device(np.zeros(16, np.float32)))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        k.gelu_bias_forward_bf16_cuda(to_device(np.zeros((2, 3, 12), np.uint16)), to_device(np.zeros(12, np.float32)))
+    with pytest.raises(ValueError, match="aligned"):
+        k.gelu_bias_forward_bf16_cuda(to_device(np.zeros(8 * 9 + 1, np.uint16))[1:].reshape(1, 9, 8),
+                                      to_device(np.zeros(8, np.float32)))
+    with pytest.raises(ValueError, match="C must be <= 1024"):
+        z = to_device(np.zeros((1, 1, 1032), np.uint16))
+        f = to_device(np.zeros(1032, np.float32))
+        k.layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 1032), np.float32)), z, z, f,
+                                       to_device(np.zeros((1, 1), np.float32)), to_device(np.zeros((1, 1), np.float32)),
+                                       f, f)
+    with pytest.raises(ValueError, match="shared memory"):
+        z, f = to_device(np.zeros((1, 1, 1024), np.uint16)), to_device(np.zeros(1024, np.float32))
+        k.layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 1024), np.float32)), z, z, f,
+                                       to_device(np.zeros((1, 1), np.float32)), to_device(np.zeros((1, 1), np.float32)),
+                                       f, f, block_size=512)
+    with pytest.raises(ValueError, match="shape"):
+        k.residual_layernorm_forward_bf16_cuda(*(to_device(np.zeros((1, 2, 8), np.uint16)),) * 2,
+                                               *(to_device(np.zeros(16, np.float32)),) * 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole model
+
+SMALL = GPT2Config(max_seq_len=32, vocab_size=100, padded_vocab_size=128, num_layers=2, num_heads=2, channels=32)
+
+
+def batch(T=16, seed=0):
+    gen = np.random.default_rng(seed)
+    return gen.integers(0, 100, (2, T)).astype(np.int32), gen.integers(0, 100, (2, T)).astype(np.int32)
+
+
+def test_bf16_model_matches_the_fp32_kernel_path():
+    x, y = batch()
+    m32, m16 = GPT2(SMALL, seed=1, backend="kernels"), GPT2(SMALL, seed=1, precision="bf16")
+    l32, l16 = m32.forward(x, y), m16.forward(x, y)
+    assert abs(l16 - l32) < 1e-2 * l32
+    np.testing.assert_allclose(to_host(m16.logits), to_host(m32.logits), atol=2e-2)
+    for m in (m32, m16):
+        m.zero_grad()
+        m.backward()
+    for name in m32.grads:
+        a, b = to_host(m32.grads[name]), to_host(m16.grads[name])
+        err = np.linalg.norm(a - b) / np.linalg.norm(a)
+        assert err < 3e-2, f"{name}: the bf16 gradient is {err:.1e} away (relative) from the fp32 one"
+
+
+def test_bf16_model_is_deterministic_and_learns():
+    x, y = batch()
+    runs = []
+    for _ in range(2):
+        m = GPT2(SMALL, seed=3, precision="bf16")
+        losses = []
+        for t in range(1, 6):
+            losses.append(m.forward(x, y))
+            m.zero_grad()
+            m.backward()
+            m.update(3e-3, weight_decay=0.1, grad_scale=0.5)
+        runs.append((losses, to_host(m.params_memory), to_host(m.params_bf16_memory)))
+    (l1, p1, c1), (l2, p2, c2) = runs
+    assert l1 == l2 and np.array_equal(p1, p2) and np.array_equal(c1, c2)
+    assert l1[-1] < l1[0] - 0.5, l1
+    # the bf16 copy is the stochastic rounding of the master weights, and sync_params rebuilds it exactly
+    m.sync_params()
+    np.testing.assert_array_equal(to_host(m.params_bf16_memory), c2)
+    assert np.abs(from_bf16(c2) - p2).max() <= np.abs(p2).max() * BF16_STEP
+
+
+def test_bf16_model_generates_and_refuses_what_it_cannot_do():
+    m = GPT2(SMALL, seed=1, precision="bf16")
+    tokens = generate(m, [1, 2, 3], 4, temperature=0)        # forwards on T = 3..6: padded to 8 internally
+    assert len(tokens) == 7 and all(0 <= t < 100 for t in tokens)
+    m.forward(np.array([[5, 6, 7]], np.int32))
+    assert m.logits.shape == (1, 3, 128) and m.logits.dtype == np.float32
+    with pytest.raises(ValueError, match="multiple of 8"):
+        m.forward(*batch(T=12))
+    with pytest.raises(ValueError, match="backend='kernels'"):
+        GPT2(SMALL, backend="numpy", precision="bf16")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        GPT2(GPT2Config(max_seq_len=8, vocab_size=10, padded_vocab_size=12, num_layers=1, num_heads=1, channels=8),
+             precision="bf16")
+    with pytest.raises(ValueError, match="bf16 kernels only"):
+        m.use_kernels = False
