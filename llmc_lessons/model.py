@@ -308,9 +308,15 @@ class GPT2:
             self.grads_memory[...] = 0
 
     def backward(self):
-        """Add d(mean loss)/d(parameter) into self.grads (gradients accumulate, as in llm.c: zero_grad first)."""
+        """Add d(mean loss)/d(parameter) into self.grads (gradients accumulate, as in llm.c: zero_grad first).
+
+        On the kernel paths a forward allows one backward: the backward lets go of dlogits, the largest
+        activation, as soon as it has used them (the peak memory is lower by (B, T, Vp) floats)."""
         if self._cache is None or self.mean_loss is None:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
+        if self._use_kernels and self._cache["dlogits"] is None:
+            raise RuntimeError("on the kernel path each forward allows one backward (it frees the dlogits that the "
+                               "fused classifier wrote): run forward(idx, targets) again first")
         if self.grads_memory is None:
             self.zero_grad()
         backward = _bf16_backward if self.precision == "bf16" else _kernel_backward if self._use_kernels \
@@ -532,9 +538,10 @@ def _kernel_backward(model, cache):
     from llmc_lessons.layers.matmul import matmul_backward_cuda
 
     c, p, g, version = model.config, model.params, model.grads, model.matmul_version
-    # dlogits came out of the fused classifier in the forward
-    dlnf, dwte_head, _ = matmul_backward_cuda(cache["dlogits"], cache["lnf"], p["wte"], version=version,
+    # dlogits came out of the fused classifier in the forward; used once, then freed
+    dlnf, dwte_head, _ = matmul_backward_cuda(cache.pop("dlogits"), cache["lnf"], p["wte"], version=version,
                                               has_bias=False)
+    cache["dlogits"] = None
     g["wte"] += dwte_head
     dresidual, dlnfw, dlnfb = layernorm_backward_cuda(dlnf, cache["residual"], p["lnfw"],
                                                       cache["lnf_mean"], cache["lnf_rstd"])
@@ -631,7 +638,8 @@ def _bf16_backward(model, cache):
         return gemm(d2, weight).reshape(B, T, -1)
 
     dres = device.xp.zeros((B, T, C), dtype=np.float32)     # d loss / d residual stream, float32
-    dlnf = linear_backward(cache["dlogits"], cache["lnf"], w["wte"], g["wte"])
+    dlnf = linear_backward(cache.pop("dlogits"), cache["lnf"], w["wte"], g["wte"])   # dlogits used once, freed
+    cache["dlogits"] = None
     dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dlnf, cache["residual"], p["lnfw"], cache["lnf_mean"],
                                                cache["lnf_rstd"], g["lnfw"], g["lnfb"])
     for l in reversed(range(c.num_layers)):

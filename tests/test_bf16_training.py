@@ -320,3 +320,7 @@ def test_bf16_model_generates_and_refuses_what_it_cannot_do():
              precision="bf16")
     with pytest.raises(ValueError, match="bf16 kernels only"):
         m.use_kernels = False
+    m.forward(*batch())
+    m.backward()
+    with pytest.raises(RuntimeError, match="one backward"):
+        m.backward()
