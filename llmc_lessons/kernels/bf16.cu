@@ -167,10 +167,12 @@ extern "C" __global__ void encoder_forward_bf16_kernel(bf16* out,         // (B,
     store8(out + (size_t)bt * C + c, a);
 }
 
+#define ROW_CHUNKS 4   // 8-value chunks per lane when a warp keeps a row in registers: C <= 4 * 32 * 8 = 1024
+
 // residual = inp1 + (inp2 + bias2), then out = layernorm(residual): the residual connection after a
-// projection (whose bias is bias2) fused with the layernorm that reads its result. One warp per row; the
-// statistics are of the bf16-rounded residual that is stored, and kept in float32. The row is re-read from
-// the cache for the variance and the output.
+// projection (whose bias is bias2) fused with the layernorm that reads its result. One warp per row, kept in
+// registers: read once, written twice. The statistics are of the bf16-rounded residual that is stored, and
+// kept in float32.
 extern "C" __global__ void residual_layernorm_forward_bf16_kernel(bf16* residual,       // (N, C)
                                                                   bf16* out,            // (N, C)
                                                                   float* mean,          // (N,)
@@ -185,30 +187,41 @@ extern "C" __global__ void residual_layernorm_forward_bf16_kernel(bf16* residual
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;                       // the whole warp leaves together
     size_t base = (size_t)row * C;
-    float sum = 0.0f;
-    for (int c = lane * 8; c < C; c += 32 * 8) {
-        float a[8], b[8];
-        load8(a, inp1 + base + c);
-        load8(b, inp2 + base + c);
-        for (int k = 0; k < 8; k++) {
-            a[k] = round_bf16(a[k] + (b[k] + bias2[c + k]));
-            sum += a[k];
+    int4 raw1[ROW_CHUNKS], raw2[ROW_CHUNKS];
+    for (int i = 0; i < ROW_CHUNKS; i++) {      // all loads first: one wait for memory per row
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            raw1[i] = *(const int4*)(inp1 + base + c);
+            raw2[i] = *(const int4*)(inp2 + base + c);
         }
-        store8(residual + base + c, a);
+    }
+    float x[ROW_CHUNKS * 8];
+    float sum = 0.0f;
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c >= C) break;
+        float a[8], b[8];
+        unpack8(a, raw1[i]);
+        unpack8(b, raw2[i]);
+        for (int k = 0; k < 8; k++) {
+            x[i * 8 + k] = round_bf16(a[k] + (b[k] + bias2[c + k]));
+            sum += x[i * 8 + k];
+        }
+        store8(residual + base + c, x + i * 8);
     }
     float m = warpReduceSum(sum) / C;
     float var = 0.0f;
-    for (int c = lane * 8; c < C; c += 32 * 8) {   // each lane re-reads only the chunks it wrote
-        float a[8];
-        load8(a, residual + base + c);
-        for (int k = 0; k < 8; k++) var += (a[k] - m) * (a[k] - m);
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        if ((lane + 32 * i) * 8 >= C) break;
+        for (int k = 0; k < 8; k++) var += (x[i * 8 + k] - m) * (x[i * 8 + k] - m);
     }
     float s = rsqrtf(warpReduceSum(var) / C + 1e-5f);
-    for (int c = lane * 8; c < C; c += 32 * 8) {
-        float a[8];
-        load8(a, residual + base + c);
-        for (int k = 0; k < 8; k++) a[k] = (a[k] - m) * s * weight[c + k] + bias[c + k];
-        store8(out + base + c, a);
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c >= C) break;
+        float o[8];
+        for (int k = 0; k < 8; k++) o[k] = (x[i * 8 + k] - m) * s * weight[c + k] + bias[c + k];
+        store8(out + base + c, o);
     }
     if (lane == 0) {
         mean[row] = m;
@@ -278,17 +291,17 @@ extern "C" __global__ void softmax_forward_bf16_kernel(bf16* att,           // (
             chunk_max = fmaxf(chunk_max, x[k]);
         }
         float new_max = fmaxf(maxval, chunk_max);  // finite: every chunk holds column ch * 8 <= t
-        sum *= expf(maxval - new_max);             // rescale what was summed so far (once per chunk)
-        for (int k = 0; k < 8; k++) sum += expf(x[k] - new_max);
+        sum *= __expf(maxval - new_max);           // rescale what was summed so far (once per chunk)
+        for (int k = 0; k < 8; k++) sum += __expf(x[k] - new_max);   // (the fast exp: the output is bf16)
         maxval = new_max;
     }
     float row_max = warpReduceMax(maxval);
-    float row_sum = warpReduceSum(maxval == NEG_INF ? 0.0f : sum * expf(maxval - row_max));
+    float row_sum = warpReduceSum(maxval == NEG_INF ? 0.0f : sum * __expf(maxval - row_max));
     float inv = 1.0f / row_sum;
     for (int ch = lane; ch < T / 8; ch += 32) {
         float x[8];
         if (ch < chunks) load8(x, preatt + base + ch * 8);
-        for (int k = 0; k < 8; k++) x[k] = (ch * 8 + k <= t) ? expf(x[k] * scale - row_max) * inv : 0.0f;
+        for (int k = 0; k < 8; k++) x[k] = (ch * 8 + k <= t) ? __expf(x[k] * scale - row_max) * inv : 0.0f;
         store8(att + base + ch * 8, x);
     }
 }
@@ -371,7 +384,18 @@ extern "C" __global__ void matmul_backward_bias_bf16_kernel(float* partial,     
     int c = (blockIdx.x * 32 + threadIdx.x) * 8;
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     if (c < OC) {
-        for (int row = blockIdx.y * blockDim.y + threadIdx.y; row < N; row += gridDim.y * blockDim.y) {
+        int stride = gridDim.y * blockDim.y;
+        int row = blockIdx.y * blockDim.y + threadIdx.y;
+        for (; row + 3 * stride < N; row += 4 * stride) {   // four independent loads in flight, then add
+            int4 v[4];
+            for (int j = 0; j < 4; j++) v[j] = *(const int4*)(dout + (size_t)(row + j * stride) * OC + c);
+            for (int j = 0; j < 4; j++) {
+                float d[8];
+                unpack8(d, v[j]);
+                for (int k = 0; k < 8; k++) acc[k] += d[k];
+            }
+        }
+        for (; row < N; row += stride) {
             float d[8];
             load8(d, dout + (size_t)row * OC + c);
             for (int k = 0; k < 8; k++) acc[k] += d[k];
@@ -408,8 +432,6 @@ extern "C" __global__ void column_sum_add_kernel(float* out,             // (C,)
     }
 }
 
-#define LN_BWD_CHUNKS 4   // 8-value chunks per lane: C <= 4 * 32 * 8 = 1024
-
 // The layernorm backward of lesson 03 on bf16 dout and inp: one warp per row, looping over rows
 // (row = warp, warp + W, ...). dinp is the float32 gradient of the residual stream and is ACCUMULATED into
 // (the two readers of a residual add up); dinp_bf16 gets its new value in bf16 for the next matmul's
@@ -431,14 +453,14 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
     int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
     int warp = blockIdx.x * warps + w;
     int W = gridDim.x * warps;
-    float dw[LN_BWD_CHUNKS * 8], db[LN_BWD_CHUNKS * 8];
-    for (int k = 0; k < LN_BWD_CHUNKS * 8; k++) dw[k] = db[k] = 0.0f;
+    float dw[ROW_CHUNKS * 8], db[ROW_CHUNKS * 8];
+    for (int k = 0; k < ROW_CHUNKS * 8; k++) dw[k] = db[k] = 0.0f;
     for (int row = warp; row < N; row += W) {
         size_t base = (size_t)row * C;
         float m = mean[row], s = rstd[row];
-        int4 raw_dout[LN_BWD_CHUNKS], raw_inp[LN_BWD_CHUNKS];   // the row stays in registers, packed
-        float4 old[LN_BWD_CHUNKS][2];                           // and the gradient it adds to
-        for (int i = 0; i < LN_BWD_CHUNKS; i++) {
+        int4 raw_dout[ROW_CHUNKS], raw_inp[ROW_CHUNKS];   // the row stays in registers, packed
+        float4 old[ROW_CHUNKS][2];                           // and the gradient it adds to
+        for (int i = 0; i < ROW_CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
             if (c < C) {
                 raw_dout[i] = *(const int4*)(dout + base + c);
@@ -448,7 +470,7 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
             }
         }
         float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
-        for (int i = 0; i < LN_BWD_CHUNKS; i++) {
+        for (int i = 0; i < ROW_CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
             if (c >= C) break;
             float d[8], x[8];
@@ -465,7 +487,7 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
         }
         dnorm_mean = warpReduceSum(dnorm_mean) / C;
         dnorm_norm_mean = warpReduceSum(dnorm_norm_mean) / C;
-        for (int i = 0; i < LN_BWD_CHUNKS; i++) {
+        for (int i = 0; i < ROW_CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
             if (c >= C) break;
             float d[8], x[8];
@@ -485,7 +507,7 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
     // the block's warps add their sums in order: dweight, then dbias, through the same shared buffer
     for (int pass = 0; pass < 2; pass++) {
         float* mine = pass == 0 ? dw : db;
-        for (int i = 0; i < LN_BWD_CHUNKS; i++) {
+        for (int i = 0; i < ROW_CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
             if (c >= C) break;
             for (int k = 0; k < 8; k++) buf[w * C + c + k] = mine[i * 8 + k];

@@ -174,6 +174,15 @@ def _aligned(name: str, a):
     return a
 
 
+ROW_MAX_C = 1024
+"""The bf16 layernorm kernels keep a row in registers: C <= 1024 (GPT-2 124M and 350M)."""
+
+
+def _row_in_registers(C: int):
+    if C > ROW_MAX_C:
+        raise ValueError(f"the bf16 layernorm kernels keep a row in registers: C must be <= {ROW_MAX_C}, got {C}")
+
+
 def _bf16_array(name: str, a, shape):
     return _aligned(name, device.require_array(name, a, shape=shape, dtype=np.uint16))
 
@@ -226,6 +235,7 @@ def residual_layernorm_forward_bf16_cuda(inp1, inp2, bias2, weight, bias, block_
     _bf16_array("inp1", inp1, (None, None, None))
     B, T, C = inp1.shape
     _eight("C", C)
+    _row_in_registers(C)
     _bf16_array("inp2", inp2, (B, T, C))
     for name, a in (("bias2", bias2), ("weight", weight), ("bias", bias)):
         device.require_array(name, a, shape=(C,))
@@ -351,10 +361,6 @@ def matmul_backward_bias_bf16_cuda(dbias, dout, block_rows: int = 8, grid_rows: 
     _column_sum_add(dbias, partial)
 
 
-LN_BWD_MAX_C = 1024
-"""layernorm_backward_bf16_kernel keeps a row in registers: C <= 1024 (GPT-2 124M and 350M)."""
-
-
 def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, dbias, block_size: int = 256,
                                  max_blocks: int = 264):
     """The layernorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient,
@@ -366,9 +372,7 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     _bf16_array("inp", inp, (None, None, None))
     B, T, C = inp.shape
     _eight("C", C)
-    if C > LN_BWD_MAX_C:
-        raise ValueError(f"the bf16 layernorm backward keeps a row in registers: C must be <= {LN_BWD_MAX_C}, "
-                         f"got {C}")
+    _row_in_registers(C)
     _bf16_array("dout", dout, (B, T, C))
     device.require_array("dinp", dinp, shape=(B, T, C))
     for name, a in (("weight", weight), ("dweight", dweight), ("dbias", dbias)):
