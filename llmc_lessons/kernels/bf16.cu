@@ -167,12 +167,11 @@ extern "C" __global__ void encoder_forward_bf16_kernel(bf16* out,         // (B,
     store8(out + (size_t)bt * C + c, a);
 }
 
-#define ROW_CHUNKS 4   // 8-value chunks per lane when a warp keeps a row in registers: C <= 4 * 32 * 8 = 1024
-
 // residual = inp1 + (inp2 + bias2), then out = layernorm(residual): the residual connection after a
-// projection (whose bias is bias2) fused with the layernorm that reads its result. One warp per row, kept in
-// registers: read once, written twice. The statistics are of the bf16-rounded residual that is stored, and
-// kept in float32.
+// projection (whose bias is bias2) fused with the layernorm that reads its result. One warp per row; the
+// statistics are of the bf16-rounded residual that is stored, and kept in float32. The row is re-read from
+// the cache for the variance and the output (keeping it in registers instead measured slower on the H100:
+// fewer warps fit).
 extern "C" __global__ void residual_layernorm_forward_bf16_kernel(bf16* residual,       // (N, C)
                                                                   bf16* out,            // (N, C)
                                                                   float* mean,          // (N,)
@@ -187,41 +186,30 @@ extern "C" __global__ void residual_layernorm_forward_bf16_kernel(bf16* residual
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;                       // the whole warp leaves together
     size_t base = (size_t)row * C;
-    int4 raw1[ROW_CHUNKS], raw2[ROW_CHUNKS];
-    for (int i = 0; i < ROW_CHUNKS; i++) {      // all loads first: one wait for memory per row
-        int c = (lane + 32 * i) * 8;
-        if (c < C) {
-            raw1[i] = *(const int4*)(inp1 + base + c);
-            raw2[i] = *(const int4*)(inp2 + base + c);
-        }
-    }
-    float x[ROW_CHUNKS * 8];
     float sum = 0.0f;
-    for (int i = 0; i < ROW_CHUNKS; i++) {
-        int c = (lane + 32 * i) * 8;
-        if (c >= C) break;
+    for (int c = lane * 8; c < C; c += 32 * 8) {
         float a[8], b[8];
-        unpack8(a, raw1[i]);
-        unpack8(b, raw2[i]);
+        load8(a, inp1 + base + c);
+        load8(b, inp2 + base + c);
         for (int k = 0; k < 8; k++) {
-            x[i * 8 + k] = round_bf16(a[k] + (b[k] + bias2[c + k]));
-            sum += x[i * 8 + k];
+            a[k] = round_bf16(a[k] + (b[k] + bias2[c + k]));
+            sum += a[k];
         }
-        store8(residual + base + c, x + i * 8);
+        store8(residual + base + c, a);
     }
     float m = warpReduceSum(sum) / C;
     float var = 0.0f;
-    for (int i = 0; i < ROW_CHUNKS; i++) {
-        if ((lane + 32 * i) * 8 >= C) break;
-        for (int k = 0; k < 8; k++) var += (x[i * 8 + k] - m) * (x[i * 8 + k] - m);
+    for (int c = lane * 8; c < C; c += 32 * 8) {   // each lane re-reads only the chunks it wrote
+        float a[8];
+        load8(a, residual + base + c);
+        for (int k = 0; k < 8; k++) var += (a[k] - m) * (a[k] - m);
     }
     float s = rsqrtf(warpReduceSum(var) / C + 1e-5f);
-    for (int i = 0; i < ROW_CHUNKS; i++) {
-        int c = (lane + 32 * i) * 8;
-        if (c >= C) break;
-        float o[8];
-        for (int k = 0; k < 8; k++) o[k] = (x[i * 8 + k] - m) * s * weight[c + k] + bias[c + k];
-        store8(out + base + c, o);
+    for (int c = lane * 8; c < C; c += 32 * 8) {
+        float a[8];
+        load8(a, residual + base + c);
+        for (int k = 0; k < 8; k++) a[k] = (a[k] - m) * s * weight[c + k] + bias[c + k];
+        store8(out + base + c, a);
     }
     if (lane == 0) {
         mean[row] = m;
@@ -431,6 +419,8 @@ extern "C" __global__ void column_sum_add_kernel(float* out,             // (C,)
         out[c] += s;
     }
 }
+
+#define ROW_CHUNKS 4   // 8-value chunks per lane when a warp keeps a row in registers: C <= 4 * 32 * 8 = 1024
 
 // The layernorm backward of lesson 03 on bf16 dout and inp: one warp per row, looping over rows
 // (row = warp, warp + W, ...). dinp is the float32 gradient of the residual stream and is ACCUMULATED into
