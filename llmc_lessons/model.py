@@ -510,7 +510,9 @@ def _kernel_forward(model, idx, targets):
     from llmc_lessons.layers.matmul import matmul_forward_cuda
 
     c, p, version = model.config, model.params, model.matmul_version
-    encoded = encoder_forward_cuda(idx, p["wte"], p["wpe"])             # (B, T, C)
+    # ids were checked on the host (_tokens): no range check that would wait for the GPU; float4 where C allows
+    encoded = encoder_forward_cuda(idx, p["wte"], p["wpe"], version=2 if c.channels % 4 == 0 else 1,
+                                   check_ids=False)                     # (B, T, C)
     residual, block_caches = encoded, []
     for l in range(c.num_layers):
         residual, cache = block_forward_cuda(residual, model.layer_params(l), c.num_heads, matmul_version=version)

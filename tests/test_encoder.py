@@ -210,6 +210,8 @@ def test_launchers_reject_bad_input():
         encoder_forward_cuda(inp, to_device(np.ones((5, 16), np.float32))[:, ::2], wpe)
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 5\)"):
         encoder_forward_cuda(to_device(np.full((2, 3), 5, np.int32)), wte, wpe)
+    with pytest.raises(TypeError, match="int32"):   # check_ids=False skips only the range check
+        encoder_forward_cuda(to_device(np.zeros((2, 3), np.int64)), wte, wpe, check_ids=False)
     with pytest.raises(ValueError, match="longer than"):
         encoder_forward_cuda(to_device(np.zeros((1, 5), np.int32)), wte, wpe)
     with pytest.raises(ValueError, match="C % 4 == 0"):
