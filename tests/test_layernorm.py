@@ -190,6 +190,27 @@ def test_backward_launcher(block_size, param_block_size, B, T):
     assert all(np.array_equal(to_host(a), to_host(b)) for a, b in zip((dinp, dweight, dbias), again))
 
 
+@pytest.mark.parametrize("block_size,max_blocks,B,T,C", [(32, 264, 5, 23, 44), (256, 1, 3, 7, 1024), (96, 3, 2, 9, 768)])
+def test_backward_kernel2_launcher(block_size, max_blocks, B, T, C, monkeypatch):
+    inp, weight, bias, dout = _inputs(C + block_size, B, T, C)
+    _, mean, rstd = layernorm_forward(inp, weight, bias)
+    xp = device.xp
+    empty = xp.empty
+    monkeypatch.setattr(xp, "empty", lambda shape, dtype=np.float32: xp.full(shape, np.nan, dtype))  # NaN outputs
+    args = [to_device(a) for a in (dout, inp, weight, mean, rstd)]
+    dinp, dweight, dbias = layernorm_backward_cuda(*args, block_size=block_size, version=2, max_blocks=max_blocks)
+    monkeypatch.setattr(xp, "empty", empty)
+    want = layernorm_backward(*_f64(dout, inp, weight, mean, rstd))
+    np.testing.assert_allclose(to_host(dinp), want[0], rtol=1e-5, atol=1e-5)
+    bound_w, bound_b = _param_bound(dout, inp, mean, rstd)
+    assert np.all(np.abs(to_host(dweight) - want[1]) <= bound_w)
+    assert np.all(np.abs(to_host(dbias) - want[2]) <= bound_b)
+    again = layernorm_backward_cuda(*args, block_size=block_size, version=2, max_blocks=max_blocks)
+    assert all(np.array_equal(to_host(a), to_host(b)) for a, b in zip((dinp, dweight, dbias), again))
+    default = layernorm_backward_cuda(*args, block_size=block_size, max_blocks=max_blocks)   # version 2 where it fits
+    assert all(np.array_equal(to_host(a), to_host(b)) for a, b in zip((dinp, dweight, dbias), default))
+
+
 def test_launchers_reject_bad_input():
     x = to_device(np.ones((2, 3, 4), np.float32))
     w = to_device(np.ones(4, np.float32))
@@ -221,6 +242,11 @@ def test_launchers_reject_bad_input():
         layernorm_backward_cuda(x, x, w, m, to_device(np.ones((3, 2), np.float32)))
     with pytest.raises(ValueError, match="param_block_size"):
         layernorm_backward_cuda(x, x, w, m, m, param_block_size=48)
+    with pytest.raises(ValueError, match="use version=1"):
+        x6, w6 = to_device(np.ones((2, 3, 6), np.float32)), to_device(np.ones(6, np.float32))
+        layernorm_backward_cuda(x6, x6, w6, m, m, version=2)   # C = 6: not a multiple of 4
+    with pytest.raises(ValueError, match="version must be"):
+        layernorm_backward_cuda(x, x, w, m, m, version=3)
 
 
 @pytest.mark.skipif(not device.on_gpu(), reason="only a GPU backend refuses NumPy arrays")

@@ -22,6 +22,8 @@
 //   fixed order. No atomics: the result is the same bits on every run. With a 2-D grid, block row y takes
 //   only rows y*G + g, stepping G * gridDim.y, and adds into row y of (gridDim.y, C) partial sums, which
 //   layernorm_param_reduce_kernel then adds in the order 0, 1, ...: more blocks, still deterministic.
+// layernorm_backward_kernel2 does all three in one pass, a row per warp held in registers (C <= 1024,
+//   C % 4 == 0): the launcher's default where it fits.
 #include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -228,5 +230,84 @@ extern "C" __global__ void layernorm_param_reduce_kernel(float* dweight,        
         }
         dweight[c] += tw;
         dbias[c] += tb;
+    }
+}
+
+// layernorm_backward_kernel2: dinp, dweight and dbias in one pass over dout and inp (lesson 12's fusion).
+// One warp per row, looping over rows (row = warp, warp + W, ...); the lane's share of dout and inp is loaded
+// as float4s into registers, all at once (C <= 4 * 32 * LN_BWD_CHUNKS = 1024 and C % 4 == 0), so a row costs
+// one wait for memory and dout and inp are read once. dinp is WRITTEN (not accumulated). Each warp sums its
+// rows' dweight and dbias terms in registers; at the end the block's warps add theirs in order through shared
+// memory into row blockIdx.x of (gridDim.x, C) partial sums, which layernorm_param_reduce_kernel adds in
+// order: deterministic, like kernel 1 + the param kernels, with 12 bytes moved per element instead of 28.
+#define LN_BWD_CHUNKS 8
+
+extern "C" __global__ void layernorm_backward_kernel2(float* dinp,             // (N, C) written
+                                                      float* partial_dweight,  // (gridDim.x, C)
+                                                      float* partial_dbias,    // (gridDim.x, C)
+                                                      const float* dout,       // (N, C)
+                                                      const float* inp,        // (N, C)
+                                                      const float* weight,     // (C,)
+                                                      const float* mean,       // (N,)
+                                                      const float* rstd,       // (N,)
+                                                      int N, int C) {
+    extern __shared__ float buf[];              // (warps per block, C): one warp's sums per row of buf
+    int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
+    int W = gridDim.x * warps;
+    float4 dw[LN_BWD_CHUNKS], db[LN_BWD_CHUNKS];
+    for (int i = 0; i < LN_BWD_CHUNKS; i++) dw[i] = db[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int row = blockIdx.x * warps + w; row < N; row += W) {
+        const float4* dy = (const float4*)(dout + (size_t)row * C);
+        const float4* x = (const float4*)(inp + (size_t)row * C);
+        float m = mean[row], s = rstd[row];
+        float4 d[LN_BWD_CHUNKS], n[LN_BWD_CHUNKS];
+        for (int i = 0; i < LN_BWD_CHUNKS; i++) {   // every load of the row first
+            int c4 = lane + 32 * i;
+            if (c4 * 4 < C) {
+                d[i] = dy[c4];
+                n[i] = x[c4];
+            }
+        }
+        float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+        for (int i = 0; i < LN_BWD_CHUNKS; i++) {
+            int c4 = lane + 32 * i;
+            if (c4 * 4 >= C) break;
+            float4 wt = ((const float4*)weight)[c4];
+            n[i] = make_float4((n[i].x - m) * s, (n[i].y - m) * s, (n[i].z - m) * s, (n[i].w - m) * s);  // norm
+            dnorm_mean += wt.x * d[i].x + wt.y * d[i].y + wt.z * d[i].z + wt.w * d[i].w;
+            dnorm_norm_mean += wt.x * d[i].x * n[i].x + wt.y * d[i].y * n[i].y + wt.z * d[i].z * n[i].z
+                               + wt.w * d[i].w * n[i].w;
+            db[i].x += d[i].x; db[i].y += d[i].y; db[i].z += d[i].z; db[i].w += d[i].w;
+            dw[i].x += d[i].x * n[i].x; dw[i].y += d[i].y * n[i].y;
+            dw[i].z += d[i].z * n[i].z; dw[i].w += d[i].w * n[i].w;
+        }
+        dnorm_mean = warpReduceSum(dnorm_mean) / C;
+        dnorm_norm_mean = warpReduceSum(dnorm_norm_mean) / C;
+        float4* dx = (float4*)(dinp + (size_t)row * C);
+        for (int i = 0; i < LN_BWD_CHUNKS; i++) {
+            int c4 = lane + 32 * i;
+            if (c4 * 4 >= C) break;
+            float4 wt = ((const float4*)weight)[c4];
+            dx[c4] = make_float4(s * (wt.x * d[i].x - dnorm_mean - n[i].x * dnorm_norm_mean),
+                                 s * (wt.y * d[i].y - dnorm_mean - n[i].y * dnorm_norm_mean),
+                                 s * (wt.z * d[i].z - dnorm_mean - n[i].z * dnorm_norm_mean),
+                                 s * (wt.w * d[i].w - dnorm_mean - n[i].w * dnorm_norm_mean));
+        }
+    }
+    for (int pass = 0; pass < 2; pass++) {      // dweight, then dbias, through the same shared buffer
+        float4* mine = pass == 0 ? dw : db;
+        for (int i = 0; i < LN_BWD_CHUNKS; i++) {
+            int c4 = lane + 32 * i;
+            if (c4 * 4 >= C) break;
+            ((float4*)(buf + w * C))[c4] = mine[i];
+        }
+        __syncthreads();
+        float* out = pass == 0 ? partial_dweight : partial_dbias;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            float sum = 0.0f;
+            for (int j = 0; j < warps; j++) sum += buf[j * C + c];   // the warps in order
+            out[(size_t)blockIdx.x * C + c] = sum;
+        }
+        __syncthreads();
     }
 }

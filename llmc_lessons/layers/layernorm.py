@@ -110,12 +110,21 @@ def layernorm_forward_cuda(inp, weight, bias, block_size: int = 256, version: in
     return out, mean, rstd
 
 
-def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256, param_block_size: int = 512):
+def _aligned16(a) -> bool:
+    return (a.data.ptr if device.on_gpu() else a.ctypes.data) % 16 == 0
+
+
+def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256, param_block_size: int = 512,
+                            version: int | None = None, max_blocks: int = 264):
     """(B, T, C), (B, T, C), (C,), (B, T), (B, T) -> dinp (B, T, C), dweight (C,), dbias (C,), fresh arrays.
 
-    dinp: layernorm_backward_kernel, a warp per row. dweight, dbias: layernorm_param_backward_kernel, a block
-    per 32 channels and chunk of rows with param_block_size / 32 row groups, then layernorm_param_reduce_kernel
-    over the chunks; every sum in a fixed order (deterministic).
+    version 1: dinp through layernorm_backward_kernel, a warp per row. dweight, dbias through
+    layernorm_param_backward_kernel, a block per 32 channels and chunk of rows with param_block_size / 32 row
+    groups, then layernorm_param_reduce_kernel over the chunks.
+    version 2: all three in one pass, layernorm_backward_kernel2 (a warp per row held in registers; at most
+    max_blocks blocks, each leaving a row of partial sums), then layernorm_param_reduce_kernel. Needs
+    C % 4 == 0, C <= 1024 and 16-byte aligned arrays.
+    None: version 2 where it fits, else 1. Every sum is in a fixed order (deterministic).
     """
     from llmc_lessons.cuda import load_kernel
 
@@ -128,10 +137,33 @@ def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256
     device.require_array("mean", mean, shape=(B, T))
     device.require_array("rstd", rstd, shape=(B, T))
     xp = device.xp
+    N = B * T
+    warps = block_size // 32
+    fits = C % 4 == 0 and C <= 1024 and 4 * warps * C <= 48 * 1024 and all(_aligned16(a) for a in (dout, inp, weight))
+    if version is None:
+        version = 2 if fits and N and C else 1
+    if version == 2:
+        if not fits:
+            raise ValueError(f"version 2 keeps a row in registers as float4s: it needs C % 4 == 0, C <= 1024, "
+                             f"16-byte aligned arrays and 4 * (block_size / 32) * C <= 49152 bytes of shared memory "
+                             f"(C = {C}, block_size = {block_size}); use version=1")
+        if isinstance(max_blocks, bool) or not isinstance(max_blocks, (int, np.integer)) or max_blocks < 1:
+            raise ValueError(f"max_blocks must be a positive int, got {max_blocks!r}")
+        blocks = max(1, min(int(max_blocks), -(-N // warps)))
+        dinp = xp.empty((B, T, C), dtype=np.float32)
+        dweight, dbias = xp.zeros((C,), dtype=np.float32), xp.zeros((C,), dtype=np.float32)
+        part_w, part_b = xp.empty((blocks, C), np.float32), xp.empty((blocks, C), np.float32)
+        load_kernel("layernorm.cu", "layernorm_backward_kernel2")(
+            (blocks,), (block_size,), (dinp, part_w, part_b, dout, inp, weight, mean, rstd, np.int32(N), np.int32(C)),
+            shared_mem=4 * warps * C)
+        load_kernel("layernorm.cu", "layernorm_param_reduce_kernel")(
+            (-(-C // 256),), (256,), (dweight, dbias, part_w, part_b, np.int32(blocks), np.int32(C)))
+        return dinp, dweight, dbias
+    if version != 1:
+        raise ValueError(f"version must be 1, 2 or None, got {version!r}")
     dinp = xp.zeros((B, T, C), dtype=np.float32)     # the kernels accumulate (+=), so start from zero
     dweight = xp.zeros((C,), dtype=np.float32)
     dbias = xp.zeros((C,), dtype=np.float32)
-    N = B * T
     if N == 0 or C == 0:
         return dinp, dweight, dbias
     rows_per_block = block_size // 32
