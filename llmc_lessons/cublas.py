@@ -48,12 +48,12 @@ def _cuda_type(dtype) -> int:
 
 
 def _host_product(a, b, trans_a, trans_b, out, accumulate):
-    """The CPU path (and K = 0): NumPy in float32, bf16 operands widened exactly, a bf16 result rounded to
-    nearest-even once at the end, as cuBLAS does with its float32 accumulator."""
+    """The CPU path: NumPy in float32, bf16 operands widened exactly, a bf16 result rounded to nearest-even
+    once at the end, as cuBLAS does with its float32 accumulator."""
     from llmc_lessons.layers.bf16 import from_bf16, to_bf16
-    wide = (lambda x: from_bf16(x)) if a.dtype == np.uint16 else (lambda x: x)
-    t = (lambda x: x.swapaxes(-1, -2))
-    prod = (t(wide(a)) if trans_a else wide(a)) @ (t(wide(b)) if trans_b else wide(b))
+    if a.dtype == np.uint16:
+        a, b = from_bf16(a), from_bf16(b)
+    prod = (a.swapaxes(-1, -2) if trans_a else a) @ (b.swapaxes(-1, -2) if trans_b else b)
     if out.dtype == np.uint16:
         out[...] = to_bf16((from_bf16(out) + prod) if accumulate else prod)
     elif accumulate:
@@ -72,11 +72,12 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, out=None, accumulat
     inputs' dtype) when None. bf16 products accumulate in float32 and round once, into out's type.
     """
     M, N, K = _operands(a, b, trans_a, trans_b, batched=False)
-    out = _output(out, (M, N), accumulate, a.dtype if out_dtype is None else out_dtype)
+    out = _output(out, (M, N), accumulate, a.dtype if out_dtype is None else out_dtype, a.dtype)
     _announce("cublas gemm")
-    if not device.on_gpu() or K == 0:  # (cuBLAS refuses K = 0; the product of empty sums is 0)
-        return _host_product(device.to_host(a), device.to_host(b), trans_a, trans_b, out, accumulate) \
-            if not device.on_gpu() else _zero_k(out, accumulate)
+    if not device.on_gpu():
+        return _host_product(a, b, trans_a, trans_b, out, accumulate)
+    if K == 0:  # cuBLAS refuses K = 0; the product of empty sums is 0
+        return _zero_k(out, accumulate)
     if M and N:
         from cupy_backends.cuda.libs import cublas
         handle = device.xp.cuda.device.get_cublas_handle()
@@ -93,11 +94,11 @@ def gemm_batched(a, b, trans_a: bool = False, trans_b: bool = False, out=None, o
     Types as gemm's."""
     M, N, K = _operands(a, b, trans_a, trans_b, batched=True)
     L = a.shape[0]
-    out = _output(out, (L, M, N), False, a.dtype if out_dtype is None else out_dtype)
+    out = _output(out, (L, M, N), False, a.dtype if out_dtype is None else out_dtype, a.dtype)
     _announce("cublas gemm_batched")
     if not device.on_gpu():
         return _host_product(a, b, trans_a, trans_b, out, False)
-    if K == 0:
+    if K == 0:  # cuBLAS refuses K = 0; the product of empty sums is 0
         return _zero_k(out, False)
     if L and M and N:
         from cupy_backends.cuda.libs import cublas
@@ -123,11 +124,14 @@ def _announce(name: str) -> None:
         listener(name)
 
 
-def _output(out, shape, accumulate: bool, dtype):
+def _output(out, shape, accumulate: bool, dtype, in_dtype):
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True needs an `out` to add into")
         if np.dtype(dtype) not in (np.float32, np.uint16):
             raise TypeError(f"out_dtype must be float32 or uint16 (bf16 bits), got {dtype}")
-        return device.xp.empty(shape, dtype=dtype)
-    return device.require_array("out", out, shape=shape, dtype=(np.float32, np.uint16))
+        out = device.xp.empty(shape, dtype=dtype)
+    device.require_array("out", out, shape=shape, dtype=(np.float32, np.uint16))
+    if out.dtype == np.uint16 and in_dtype != np.uint16:
+        raise TypeError("a bf16 (uint16) output needs bf16 inputs: cuBLAS has no float32 x float32 -> bf16 product")
+    return out

@@ -565,6 +565,7 @@ def _bf16_forward(model, idx, targets):
     None, losses, cache)."""
     from llmc_lessons.cublas import gemm
     from llmc_lessons.layers import bf16 as k
+    from llmc_lessons.layers.bf16 import from_bf16
 
     c, p, w = model.config, model.params, model.params_bf16       # float32 masters, bf16 copies
     B, T = idx.shape
@@ -605,19 +606,14 @@ def _bf16_forward(model, idx, targets):
     logits = linear(ln, w["wte"])                                                # (B, T, Vp) bf16
     losses = dlogits = None
     if targets is not None:
-        kept = _widen(logits) if model.keep_logits else None
+        kept = from_bf16(logits) if model.keep_logits else None
         losses = k.fused_classifier_bf16_cuda(logits, targets, c.vocab_size, 1.0 / (B * T))  # logits -> dlogits
         logits, dlogits = kept, logits
     else:
-        logits = _widen(logits[:, :T])
+        logits = from_bf16(logits[:, :T])
     cache = dict(idx=idx, targets=targets, block_caches=block_caches, residual=residual, lnf=ln, lnf_mean=mean,
                  lnf_rstd=rstd, dlogits=dlogits)
     return logits, losses, cache
-
-
-def _widen(bits):
-    """bf16 bits (uint16) -> float32 values, on the backend."""
-    return (device.xp.ascontiguousarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
 def _bf16_backward(model, cache):

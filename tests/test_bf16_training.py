@@ -231,6 +231,8 @@ def test_gemm_bf16_outputs_and_float32_accumulation():
     close_bf16(gemm_batched(to_device(x), to_device(y)), from_bf16(x).astype(np.float64) @ from_bf16(y), "batched")
     with pytest.raises(TypeError, match="same dtype"):
         gemm(to_device(a), to_device(from_bf16(b)), trans_b=True)
+    with pytest.raises(TypeError, match="needs bf16 inputs"):
+        gemm(to_device(from_bf16(a)), to_device(from_bf16(b)), trans_b=True, out_dtype=np.uint16)
 
 
 def test_bad_input_is_refused():

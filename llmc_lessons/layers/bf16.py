@@ -24,9 +24,10 @@ def to_bf16(x) -> np.ndarray:
     return np.where((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000), np.uint16(0x7FFF), rounded)
 
 
-def from_bf16(h) -> np.ndarray:
-    """uint16 bf16 bits -> float32 values (exact)."""
-    return (np.asarray(h, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+def from_bf16(h):
+    """uint16 bf16 bits -> float32 values (exact). A backend (GPU) array stays on its device."""
+    xp = device.xp if isinstance(h, device.xp.ndarray) else np
+    return (xp.asarray(h, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def round_bf16(x) -> np.ndarray:
