@@ -183,16 +183,14 @@ def test_layernorm_backward_bf16(B, T, C, block, max_blocks):
     np.testing.assert_allclose(to_host(db), db0 + rdb, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize("V,Vp,block", [(37, 40, 32), (1000, 1008, 512), (1001, 1008, 96), (30001, 30008, 256)])
-def test_fused_classifier_bf16(V, Vp, block, version):
+@pytest.mark.parametrize("V,Vp,block", [(37, 40, 32), (1000, 1008, 512), (1001, 1008, 96)])
+def test_fused_classifier_bf16(V, Vp, block):
     gen = np.random.default_rng(V)
     B, T = 2, 3
     logits = bits(gen, B, T, Vp, scale=3.0)
     targets = gen.integers(0, V, (B, T)).astype(np.int32)
     d_logits = to_device(logits.copy())
-    losses = k.fused_classifier_bf16_cuda(d_logits, to_device(targets), V, 1 / (B * T), block_size=block,
-                                          version=version)   # Vp = 30008: 60 KB of shared memory in version 2
+    losses = k.fused_classifier_bf16_cuda(d_logits, to_device(targets), V, 1 / (B * T), block_size=block)
     z = from_bf16(logits).astype(np.float64)[..., :V]
     logp = z - z.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -257,9 +255,6 @@ def test_bad_input_is_refused():
         k.layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 1024), np.float32)), z, z, f,
                                        to_device(np.zeros((1, 1), np.float32)), to_device(np.zeros((1, 1), np.float32)),
                                        f, f, block_size=512)
-    with pytest.raises(ValueError, match="use version=1"):
-        k.fused_classifier_bf16_cuda(to_device(np.zeros((1, 1, 200000), np.uint16)),
-                                     to_device(np.zeros((1, 1), np.int32)), 5, 1.0, version=2)
     with pytest.raises(ValueError, match="shape"):
         k.residual_layernorm_forward_bf16_cuda(*(to_device(np.zeros((1, 2, 8), np.uint16)),) * 2,
                                                *(to_device(np.zeros(16, np.float32)),) * 3)

@@ -513,27 +513,32 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
     }
 }
 
-// The classifier's softmax, loss and gradient in one kernel (lesson 08's fused classifier) on bf16 logits,
+// The classifier's softmax, loss and gradient in one kernel (lesson 08's fused classifier) on bf16 logits:
 // one block per row (b, t). Pass 1: online max and sum over the V real columns, 8 at a time, combined over
 // the block. Pass 2: logits are overwritten with dlogits = dloss * (softmax - onehot(target)), 0 in the
 // padded columns V..Vp-1. losses[row] = -log softmax[target] in float32.
-// fused_classifier_bf16_kernel reads the row from memory in both passes; fused_classifier_bf16_kernel2 copies
-// it into shared memory first (Vp * 2 bytes: 100 KB for GPT-2, which an H100 block can have), so memory sees
-// one read and one write. The launcher takes kernel2 where the GPU allows that much shared memory.
-
-// Pass 1's update of (max, sum) with one chunk of 8 logits starting at column j0 (only columns < V count).
-__device__ __forceinline__ void online_update8(float& maxval, float& sum, const float* x, int j0, int V) {
-    for (int k = 0; k < 8 && j0 + k < V; k++) {
-        if (x[k] > maxval) {
-            sum *= expf(maxval - x[k]);
-            maxval = x[k];
+extern "C" __global__ void fused_classifier_bf16_kernel(bf16* logits,        // (N, Vp) in: logits, out: dlogits
+                                                        float* losses,       // (N,)
+                                                        const int* targets,  // (N,)
+                                                        float dloss, int N, int V, int Vp) {
+    __shared__ float warp_max[32];
+    __shared__ float warp_sum[32];
+    int row = blockIdx.x;
+    size_t base = (size_t)row * Vp;
+    int target = targets[row];
+    float target_logit = bf16_to_float(logits[base + target]);   // read before pass 2 overwrites it
+    float maxval = NEG_INF, sum = 0.0f;
+    for (int ch = threadIdx.x; ch * 8 < V; ch += blockDim.x) {
+        float x[8];
+        load8(x, logits + base + ch * 8);
+        for (int k = 0; k < 8 && ch * 8 + k < V; k++) {
+            if (x[k] > maxval) {
+                sum *= expf(maxval - x[k]);
+                maxval = x[k];
+            }
+            sum += expf(x[k] - maxval);
         }
-        sum += expf(x[k] - maxval);
     }
-}
-
-// Every thread's (max, sum) combined over the block: the row's max and its sum of exp(x - max).
-__device__ __forceinline__ void block_online_combine(float& maxval, float& sum, float* warp_max, float* warp_sum) {
     int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
     float wmax = warpReduceMax(maxval);
     float wsum = warpReduceSum(maxval == NEG_INF ? 0.0f : sum * expf(maxval - wmax));
@@ -542,74 +547,21 @@ __device__ __forceinline__ void block_online_combine(float& maxval, float& sum, 
         warp_sum[w] = wsum;
     }
     __syncthreads();
-    maxval = NEG_INF;
-    for (int i = 0; i < warps; i++) maxval = fmaxf(maxval, warp_max[i]);
-    sum = 0.0f;
+    float row_max = NEG_INF;
+    for (int i = 0; i < warps; i++) row_max = fmaxf(row_max, warp_max[i]);
+    float row_sum = 0.0f;
     for (int i = 0; i < warps; i++) {
-        if (warp_max[i] != NEG_INF) sum += warp_sum[i] * expf(warp_max[i] - maxval);
+        if (warp_max[i] != NEG_INF) row_sum += warp_sum[i] * expf(warp_max[i] - row_max);
     }
-}
-
-// Pass 2's outputs for one chunk of 8 logits starting at column j0.
-__device__ __forceinline__ void dlogits8(float* x, int j0, int V, int target, float row_max, float inv, float dloss) {
-    for (int k = 0; k < 8; k++) {
-        int j = j0 + k;
-        x[k] = j < V ? dloss * (expf(x[k] - row_max) * inv - (j == target ? 1.0f : 0.0f)) : 0.0f;
-    }
-}
-
-extern "C" __global__ void fused_classifier_bf16_kernel(bf16* logits,        // (N, Vp) in: logits, out: dlogits
-                                                        float* losses,       // (N,)
-                                                        const int* targets,  // (N,)
-                                                        float dloss, int N, int V, int Vp) {
-    __shared__ float warp_max[32];
-    __shared__ float warp_sum[32];
-    size_t base = (size_t)blockIdx.x * Vp;
-    int target = targets[blockIdx.x];
-    float target_logit = bf16_to_float(logits[base + target]);   // read before pass 2 overwrites it
-    float maxval = NEG_INF, sum = 0.0f;
-    for (int ch = threadIdx.x; ch * 8 < V; ch += blockDim.x) {
-        float x[8];
-        load8(x, logits + base + ch * 8);
-        online_update8(maxval, sum, x, ch * 8, V);
-    }
-    block_online_combine(maxval, sum, warp_max, warp_sum);
-    if (threadIdx.x == 0) losses[blockIdx.x] = logf(sum) + maxval - target_logit;
+    if (threadIdx.x == 0) losses[row] = logf(row_sum) + row_max - target_logit;
+    float inv = 1.0f / row_sum;
     for (int ch = threadIdx.x; ch * 8 < Vp; ch += blockDim.x) {
         float x[8];
         load8(x, logits + base + ch * 8);
-        dlogits8(x, ch * 8, V, target, maxval, 1.0f / sum, dloss);
-        store8(logits + base + ch * 8, x);
-    }
-}
-
-extern "C" __global__ void fused_classifier_bf16_kernel2(bf16* logits,        // (N, Vp) in: logits, out: dlogits
-                                                         float* losses,       // (N,)
-                                                         const int* targets,  // (N,)
-                                                         float dloss, int N, int V, int Vp) {
-    extern __shared__ int4 row[];                // (Vp / 8,) the row, 8 bf16 per int4
-    __shared__ float warp_max[32];
-    __shared__ float warp_sum[32];
-    size_t base = (size_t)blockIdx.x * Vp;
-    int target = targets[blockIdx.x];
-    const int4* src = (const int4*)(logits + base);
-    float maxval = NEG_INF, sum = 0.0f;
-    for (int ch = threadIdx.x; ch * 8 < Vp; ch += blockDim.x) {
-        row[ch] = src[ch];                       // each thread keeps the chunks it reads, so no barrier is needed
-        float x[8];
-        unpack8(x, row[ch]);
-        online_update8(maxval, sum, x, ch * 8, V);
-    }
-    block_online_combine(maxval, sum, warp_max, warp_sum);   // (its barrier also publishes row[])
-    if (threadIdx.x == 0) {
-        float t[8];
-        unpack8(t, row[target / 8]);
-        losses[blockIdx.x] = logf(sum) + maxval - t[target % 8];
-    }
-    for (int ch = threadIdx.x; ch * 8 < Vp; ch += blockDim.x) {
-        float x[8];
-        unpack8(x, row[ch]);
-        dlogits8(x, ch * 8, V, target, maxval, 1.0f / sum, dloss);
+        for (int k = 0; k < 8; k++) {
+            int j = ch * 8 + k;
+            x[k] = j < V ? dloss * (expf(x[k] - row_max) * inv - (j == target ? 1.0f : 0.0f)) : 0.0f;
+        }
         store8(logits + base + ch * 8, x);
     }
 }

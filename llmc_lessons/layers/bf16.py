@@ -398,22 +398,9 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     return dinp_bf16
 
 
-def _shared_memory_optin() -> int:
-    """The most shared memory one block may ask for: the GPU's opt-in limit (227 KB on an H100, 99 KB on
-    many consumer GPUs); the emulator is given the H100's."""
-    if device.on_gpu():
-        return int(device.xp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
-    return 227 * 1024
-
-
-def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size: int = 512,
-                               version: int | None = None):
+def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size: int = 512):
     """logits (B, T, Vp) bf16, overwritten in place with dlogits = dloss * (softmax - onehot(target));
-    targets (B, T) int32 in [0, V) -> losses (B, T) float32.
-
-    version 1 reads each row from memory twice; version 2 keeps it in shared memory (Vp * 2 bytes); None:
-    version 2 where the GPU allows that much shared memory per block, else 1."""
-    from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, load_kernel
+    targets (B, T) int32 in [0, V) -> losses (B, T) float32."""
     _bf16_array("logits", logits, (None, None, None))
     B, T, Vp = logits.shape
     _eight("Vp", Vp)
@@ -422,24 +409,12 @@ def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size
         raise ValueError(f"V = {V} is larger than the logits' Vp = {Vp}")
     device.require_array("targets", targets, shape=(B, T), dtype=np.int32)
     block_size = _warps(block_size)
-    row_bytes, optin = 2 * Vp, _shared_memory_optin() - 256     # (256 bytes for the two warp arrays)
-    if version is None:
-        version = 2 if row_bytes <= optin else 1
-    if version not in (1, 2):
-        raise ValueError(f"version must be 1, 2 or None, got {version!r}")
-    if version == 2 and row_bytes > optin:
-        raise ValueError(f"version 2 keeps a row of {row_bytes} bytes in shared memory; this GPU allows "
-                         f"{optin} per block: use version=1")
     losses = device.xp.empty((B, T), np.float32)
     if B * T:
-        args = (logits, losses, targets, np.float32(dloss), np.int32(B * T), np.int32(V), np.int32(Vp))
-        if version == 1:
-            load_kernel("bf16.cu", "fused_classifier_bf16_kernel")((B * T,), (block_size,), args)
-        else:
-            kernel = load_kernel("bf16.cu", "fused_classifier_bf16_kernel2")
-            if row_bytes + 256 > DEFAULT_SHARED_LIMIT:   # the row plus the kernel's two warp arrays
-                kernel.max_dynamic_shared_size_bytes = row_bytes + 256
-            kernel((B * T,), (block_size,), args, shared_mem=row_bytes)
+        from llmc_lessons.cuda import load_kernel
+        load_kernel("bf16.cu", "fused_classifier_bf16_kernel")(
+            (B * T,), (block_size,), (logits, losses, targets, np.float32(dloss), np.int32(B * T), np.int32(V),
+                                      np.int32(Vp)))
     return losses
 
 
