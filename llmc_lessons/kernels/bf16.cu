@@ -168,19 +168,10 @@ extern "C" __global__ void encoder_forward_bf16_kernel(bf16* out,         // (B,
 }
 
 // residual = inp1 + (inp2 + bias2), then out = layernorm(residual): the residual connection after a
-// projection (whose bias is bias2) fused with the layernorm that reads its result. One warp per row. The
-// lane's chunks of inp1 and inp2 are all loaded at once and kept packed in registers (C <= 1024), so a row
-// costs one wait for memory; each pass recomputes the residual from them. The statistics are of the
-// bf16-rounded residual that is stored, and kept in float32.
-#define ROW_CHUNKS 4   // 8-value chunks per lane when a warp keeps a row in registers: C <= 4 * 32 * 8 = 1024
-
-__device__ __forceinline__ void residual8(float* r, int4 a, int4 b, const float* bias2) {
-    float x[8];
-    unpack8(r, a);
-    unpack8(x, b);
-    for (int k = 0; k < 8; k++) r[k] = round_bf16(r[k] + (x[k] + bias2[k]));
-}
-
+// projection (whose bias is bias2) fused with the layernorm that reads its result. One warp per row; the
+// statistics are of the bf16-rounded residual that is stored, and kept in float32. The row is re-read from
+// the cache for the variance and the output (keeping it in registers instead measured slower on the H100:
+// fewer warps fit).
 extern "C" __global__ void residual_layernorm_forward_bf16_kernel(bf16* residual,       // (N, C)
                                                                   bf16* out,            // (N, C)
                                                                   float* mean,          // (N,)
@@ -195,40 +186,30 @@ extern "C" __global__ void residual_layernorm_forward_bf16_kernel(bf16* residual
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;                       // the whole warp leaves together
     size_t base = (size_t)row * C;
-    int4 raw1[ROW_CHUNKS], raw2[ROW_CHUNKS];
-    for (int i = 0; i < ROW_CHUNKS; i++) {
-        int c = (lane + 32 * i) * 8;
-        if (c < C) {
-            raw1[i] = *(const int4*)(inp1 + base + c);
-            raw2[i] = *(const int4*)(inp2 + base + c);
-        }
-    }
     float sum = 0.0f;
-    for (int i = 0; i < ROW_CHUNKS; i++) {
-        int c = (lane + 32 * i) * 8;
-        if (c >= C) break;
-        float r[8];
-        residual8(r, raw1[i], raw2[i], bias2 + c);
-        for (int k = 0; k < 8; k++) sum += r[k];
-        store8(residual + base + c, r);
+    for (int c = lane * 8; c < C; c += 32 * 8) {
+        float a[8], b[8];
+        load8(a, inp1 + base + c);
+        load8(b, inp2 + base + c);
+        for (int k = 0; k < 8; k++) {
+            a[k] = round_bf16(a[k] + (b[k] + bias2[c + k]));
+            sum += a[k];
+        }
+        store8(residual + base + c, a);
     }
     float m = warpReduceSum(sum) / C;
     float var = 0.0f;
-    for (int i = 0; i < ROW_CHUNKS; i++) {
-        int c = (lane + 32 * i) * 8;
-        if (c >= C) break;
-        float r[8];
-        residual8(r, raw1[i], raw2[i], bias2 + c);
-        for (int k = 0; k < 8; k++) var += (r[k] - m) * (r[k] - m);
+    for (int c = lane * 8; c < C; c += 32 * 8) {   // each lane re-reads only the chunks it wrote
+        float a[8];
+        load8(a, residual + base + c);
+        for (int k = 0; k < 8; k++) var += (a[k] - m) * (a[k] - m);
     }
     float s = rsqrtf(warpReduceSum(var) / C + 1e-5f);
-    for (int i = 0; i < ROW_CHUNKS; i++) {
-        int c = (lane + 32 * i) * 8;
-        if (c >= C) break;
-        float r[8];
-        residual8(r, raw1[i], raw2[i], bias2 + c);
-        for (int k = 0; k < 8; k++) r[k] = (r[k] - m) * s * weight[c + k] + bias[c + k];
-        store8(out + base + c, r);
+    for (int c = lane * 8; c < C; c += 32 * 8) {
+        float a[8];
+        load8(a, residual + base + c);
+        for (int k = 0; k < 8; k++) a[k] = (a[k] - m) * s * weight[c + k] + bias[c + k];
+        store8(out + base + c, a);
     }
     if (lane == 0) {
         mean[row] = m;
@@ -438,6 +419,8 @@ extern "C" __global__ void column_sum_add_kernel(float* out,             // (C,)
         out[c] += s;
     }
 }
+
+#define ROW_CHUNKS 4   // 8-value chunks per lane when a warp keeps a row in registers: C <= 4 * 32 * 8 = 1024
 
 // The layernorm backward of lesson 03 on bf16 dout and inp: one warp per row, looping over rows
 // (row = warp, warp + W, ...). dinp is the float32 gradient of the residual stream and is ACCUMULATED into
