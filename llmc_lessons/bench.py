@@ -119,6 +119,31 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
 
 
+def latest_record(results_dir=None):
+    """The newest committed benchmark record (results/bench-*.json, by the date inside) with the compiled
+    PyTorch row and a per-kernel profile in its .log: (path, record), or None when there is none."""
+    from pathlib import Path
+    root = Path(results_dir) if results_dir is not None else Path(__file__).resolve().parent.parent / "results"
+    found = []
+    for path in root.glob("bench-*.json"):
+        rec = json.loads(path.read_text())
+        log = path.with_suffix(".log")
+        if any("compile" in r["name"] for r in rec["rows"]) and log.exists() and "GPU time goes" in log.read_text():
+            found.append((rec["info"]["date"], path, rec))
+    return max(found, key=lambda f: f[0])[1:] if found else None
+
+
+def ratio_rows(rec: dict) -> list:
+    """(row, course tokens/s / its tokens/s) for each row of a record: each row against the course row of its
+    precision, None without one (records older than the bf16 path have one course row, in fp32)."""
+    course = {}
+    for r in rec["rows"]:
+        if r["name"].startswith("course"):
+            course[r.get("precision", "fp32")] = r["tokens_per_s"]
+    return [(r, course[p] / r["tokens_per_s"] if (p := r.get("precision", "fp32")) in course else None)
+            for r in rec["rows"]]
+
+
 def versions() -> dict:
     out = dict(python=platform.python_version(), numpy=np.__version__, device=device.describe(),
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
@@ -169,12 +194,10 @@ def main(argv=None) -> int:
         for mode in ["eager-tf32"] + ([] if a.no_compile else ["compiled-bf16"]):
             rows.append(bench_torch(config, B, T, a.steps, a.warmup, mode))
             print(f"  {rows[-1]}", flush=True)
-    course = {r["precision"]: r for r in rows if r["name"].startswith("course")}
     print(f"\n{'':<56}{'ms/step':>9}{'tokens/s':>11}{'peak GiB':>10}{'course / it':>13}")
-    for r in rows:
-        mine = course.get(r["precision"])
-        ratio = f"{mine['tokens_per_s'] / r['tokens_per_s']:>12.2f}x" if mine else ""
-        print(f"{r['name']:<56}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_bytes'] / 2**30:>10.2f}{ratio}")
+    for r, ratio in ratio_rows(dict(rows=rows)):
+        print(f"{r['name']:<56}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_bytes'] / 2**30:>10.2f}"
+              + (f"{ratio:>12.2f}x" if ratio is not None else ""))
     print("(course / it: the course row of the same precision, fp32 or bf16, against this row)")
     if a.profile and has_torch:
         for precision in a.precision:
