@@ -76,6 +76,8 @@ def test_encoder_forward_bf16(B, T, C, block):
     out = k.encoder_forward_bf16_cuda(to_device(ids), to_device(wte), to_device(wpe), block_size=block)
     want = to_bf16(from_bf16(wte)[ids] + from_bf16(wpe)[:T])   # one float32 add, one rounding: exact
     np.testing.assert_array_equal(to_host(out), want)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 40\)"):
+        k.encoder_forward_bf16_cuda(to_device(np.full((B, T), 40, np.int32)), to_device(wte), to_device(wpe))
 
 
 @pytest.mark.parametrize("B,T,C,block", [(3, 7, 40, 32), (2, 3, 264, 96), (1, 5, 768, 256)])

@@ -195,11 +195,11 @@ def _warps(block_size):
     return block_size
 
 
-def _launch(kernel: str, n: int, block_size: int, args, shared_mem: int = 0):
+def _launch(kernel: str, n: int, block_size: int, args):
     """One thread per unit of n (rounded up to whole blocks)."""
     from llmc_lessons.cuda import load_kernel
     if n:
-        load_kernel("bf16.cu", kernel)((-(-n // block_size),), (block_size,), args, shared_mem=shared_mem)
+        load_kernel("bf16.cu", kernel)((-(-n // block_size),), (block_size,), args)
 
 
 def float_to_bf16_cuda(inp, out=None, stochastic: bool = False, seed: int = 0, block_size: int = 256):
@@ -213,12 +213,15 @@ def float_to_bf16_cuda(inp, out=None, stochastic: bool = False, seed: int = 0, b
     return out
 
 
-def encoder_forward_bf16_cuda(inp, wte, wpe, block_size: int = 256):
-    """Token ids (B, T) int32, wte (Vp, C), wpe (maxT, C) bf16 -> encoded (B, T, C) bf16. Ids must be valid
-    (GPT2.forward checks them on the host)."""
-    device.require_array("inp", inp, shape=(None, None), dtype=np.int32)
-    B, T = inp.shape
+def encoder_forward_bf16_cuda(inp, wte, wpe, block_size: int = 256, check_ids: bool = True):
+    """Token ids (B, T) int32, wte (Vp, C), wpe (maxT, C) bf16 -> encoded (B, T, C) bf16.
+
+    check_ids=False skips the range check of the ids (it waits for the GPU), for a caller that checked them
+    already, as GPT2.forward does on the host."""
+    from llmc_lessons.layers.encoder import _require_ids
     _bf16_array("wte", wte, (None, None))
+    _require_ids(inp, wte.shape[0], check_range=check_ids)
+    B, T = inp.shape
     C = _eight("C", wte.shape[1])
     _bf16_array("wpe", wpe, (None, C))
     if T > wpe.shape[0]:
