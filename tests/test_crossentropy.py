@@ -190,9 +190,10 @@ def test_backward_kernel_matches_reference_with_poisoned_output(B, T, V, Vp, blo
     np.testing.assert_allclose(to_host(got), expected, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("B, T, V, Vp", SIZES)
+@pytest.mark.parametrize("B, T, V, Vp, version", [s + (1,) for s in SIZES] + [(2, 3, 100, 132, 2), (1, 5, 37, 44, 2),
+                                                                             (3, 2, 257, 300, 2), (2, 2, 257, 300, None)])
 @pytest.mark.parametrize("block_size", [32, 96, 512])
-def test_fused_classifier_matches_unfused_reference_in_place(B, T, V, Vp, block_size):
+def test_fused_classifier_matches_unfused_reference_in_place(B, T, V, Vp, version, block_size):
     logits, targets = _inputs(10 + block_size, B, T, V, Vp, scale=5.0, dtype=np.float32)
     logits[-1, -1, 3] = 95.0                                 # overflow without the max
     logits[..., V:] = np.nan                                 # padding: never read into the max, sum or loss
@@ -200,7 +201,7 @@ def test_fused_classifier_matches_unfused_reference_in_place(B, T, V, Vp, block_
     ref_losses = crossentropy_forward(ref_probs, targets)
     ref_dlogits = crossentropy_softmax_backward(np.full((B, T), 1 / (B * T)), ref_probs, targets, V)
     buf = to_device(logits)
-    losses, dlogits = fused_classifier_cuda(buf, to_device(targets), V, block_size=block_size)
+    losses, dlogits = fused_classifier_cuda(buf, to_device(targets), V, block_size=block_size, version=version)
     assert dlogits is buf                                    # in place, as documented
     np.testing.assert_allclose(to_host(losses), ref_losses, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(to_host(dlogits), ref_dlogits, atol=1e-8, rtol=1e-4)
@@ -254,6 +255,7 @@ def test_launchers_reject_bad_logits(launcher, mutate, err):
     (dict(V=46), ValueError), (dict(V=0), ValueError),
     (dict(block_size=48), ValueError), (dict(block_size=2048), ValueError), (dict(block_size=64.0), ValueError),
     (dict(dloss="mean"), TypeError), (dict(dloss=float("nan")), TypeError),
+    (dict(version=3), ValueError), (dict(version=2), ValueError),   # Vp = 45: no float4s
 ])
 def test_fused_classifier_rejects_bad_arguments(kwargs, err):
     logits, targets = _ok_args()

@@ -167,8 +167,10 @@ def crossentropy_softmax_backward_cuda(dlosses, probs, targets, V, block_size: i
     return dlogits
 
 
-def fused_classifier_cuda(logits, targets, V, block_size: int = 512, dloss=None):
-    """(B, T, Vp), (B, T) int32, V -> (losses (B, T), dlogits (B, T, Vp)) in one kernel, fused_classifier_kernel.
+def fused_classifier_cuda(logits, targets, V, block_size: int = 512, dloss=None, version: int | None = None):
+    """(B, T, Vp), (B, T) int32, V -> (losses (B, T), dlogits (B, T, Vp)) in one kernel: fused_classifier_kernel
+    (version 1), or fused_classifier_kernel2 (version 2: float4 accesses, needs Vp % 4 == 0 and a 16-byte
+    aligned array; None: version 2 where it fits).
 
     IN PLACE: dlogits IS `logits` -- the kernel overwrites the logits with the gradient, as llm.c does, so the
     (B, T, Vp) probs buffer never exists. After the call the logits are gone; copy them first if you need them.
@@ -185,8 +187,16 @@ def fused_classifier_cuda(logits, targets, V, block_size: int = 512, dloss=None)
         dloss = 1.0 / max(N, 1)
     if isinstance(dloss, bool) or not isinstance(dloss, (int, float, np.floating, np.integer)) or not np.isfinite(dloss):
         raise TypeError(f"dloss must be a finite float (the same d L / d loss for every row) or None, got {dloss!r}")
+    fits = Vp % 4 == 0 and (logits.data.ptr if device.on_gpu() else logits.ctypes.data) % 16 == 0
+    if version is None:
+        version = 2 if fits else 1
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1, 2 or None, got {version!r}")
+    if version == 2 and not fits:
+        raise ValueError(f"version 2 moves float4s: it needs Vp % 4 == 0 and a 16-byte aligned array (Vp = {Vp}); "
+                         f"use version=1")
     losses = device.xp.empty((B, T), dtype=np.float32)
     if N:
-        load_kernel("crossentropy.cu", "fused_classifier_kernel")(
+        load_kernel("crossentropy.cu", "fused_classifier_kernel" if version == 1 else "fused_classifier_kernel2")(
             (N,), (block_size,), (logits, losses, targets, np.float32(dloss), np.int32(N), np.int32(V), np.int32(Vp)))
     return losses, logits
