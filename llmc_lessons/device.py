@@ -67,6 +67,11 @@ def synchronize() -> None:
         xp.cuda.get_current_stream().synchronize()
 
 
+def address(a) -> int:
+    """The address of a backend array's first element in its device's memory (for alignment checks)."""
+    return a.data.ptr if on_gpu() else a.ctypes.data
+
+
 def require_array(name: str, a, shape=None, dtype=np.float32):
     """Raise a clear TypeError/ValueError unless `a` is a C-contiguous backend array of `dtype` and `shape`.
 

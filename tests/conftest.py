@@ -53,3 +53,21 @@ def notebook_cuda_source(notebook: str, variable: str) -> str:
     cell = next("".join(c["source"]) for c in nb["cells"] if f"{variable} = r'''" in "".join(c["source"]))
     body = re.search(variable + r" = r'''(.*)'''", cell, re.S).group(1)
     return re.sub(r"\n *// (BEGIN|END) SOLUTION", "", body)
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """While the test runs, every array allocated with the backend's empty/empty_like starts as NaN (bf16 NaN,
+    0x7FC0, for uint16; -1 for other integers), so an output element a kernel forgets to write shows up."""
+    import numpy as np
+
+    from llmc_lessons import device
+    xp = device.xp
+    empty, empty_like = xp.empty, xp.empty_like
+
+    def fill(a):
+        a[...] = 0x7FC0 if a.dtype == np.uint16 else np.nan if a.dtype.kind == "f" else -1
+        return a
+
+    monkeypatch.setattr(xp, "empty", lambda *a, **kw: fill(empty(*a, **kw)))
+    monkeypatch.setattr(xp, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))

@@ -193,7 +193,7 @@ def test_backward_kernel_matches_reference_with_poisoned_output(B, T, V, Vp, blo
 @pytest.mark.parametrize("B, T, V, Vp, version", [s + (1,) for s in SIZES] + [(2, 3, 100, 132, 2), (1, 5, 37, 44, 2),
                                                                              (3, 2, 257, 300, 2), (2, 2, 257, 300, None)])
 @pytest.mark.parametrize("block_size", [32, 96, 512])
-def test_fused_classifier_matches_unfused_reference_in_place(B, T, V, Vp, version, block_size):
+def test_fused_classifier_matches_unfused_reference_in_place(B, T, V, Vp, version, block_size, poisoned_allocations):
     logits, targets = _inputs(10 + block_size, B, T, V, Vp, scale=5.0, dtype=np.float32)
     logits[-1, -1, 3] = 95.0                                 # overflow without the max
     logits[..., V:] = np.nan                                 # padding: never read into the max, sum or loss

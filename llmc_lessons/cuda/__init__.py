@@ -69,8 +69,7 @@ def _check_args(sig: cu_source.KernelSignature, args) -> list:
             vec = cu_source.vector_info(p.base)
             if vec:
                 lanes, align = vec
-                ptr = a.data.ptr if device.on_gpu() else a.ctypes.data
-                if ptr % align or a.size % lanes:
+                if device.address(a) % align or a.size % lanes:
                     raise ValueError(f"{where}: a {p.base} pointer needs an array whose start is {align}-byte "
                                      f"aligned and whose size is a multiple of {lanes}")
             out.append(a)

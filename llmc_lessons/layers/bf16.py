@@ -168,8 +168,7 @@ def _eight(name: str, n: int) -> int:
 
 def _aligned(name: str, a):
     """A bf16 array whose start is 16-byte aligned (a view at an odd offset into a buffer may not be)."""
-    ptr = a.data.ptr if device.on_gpu() else a.ctypes.data
-    if ptr % 16:
+    if device.address(a) % 16:
         raise ValueError(f"{name} must start at a 16-byte aligned address for the 16-byte loads; "
                          f"pass xp.ascontiguousarray(...) of a fresh array")
     return a

@@ -187,7 +187,7 @@ def fused_classifier_cuda(logits, targets, V, block_size: int = 512, dloss=None,
         dloss = 1.0 / max(N, 1)
     if isinstance(dloss, bool) or not isinstance(dloss, (int, float, np.floating, np.integer)) or not np.isfinite(dloss):
         raise TypeError(f"dloss must be a finite float (the same d L / d loss for every row) or None, got {dloss!r}")
-    fits = Vp % 4 == 0 and (logits.data.ptr if device.on_gpu() else logits.ctypes.data) % 16 == 0
+    fits = Vp % 4 == 0 and device.address(logits) % 16 == 0
     if version is None:
         version = 2 if fits else 1
     if version not in (1, 2):

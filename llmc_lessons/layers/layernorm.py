@@ -110,10 +110,6 @@ def layernorm_forward_cuda(inp, weight, bias, block_size: int = 256, version: in
     return out, mean, rstd
 
 
-def _aligned16(a) -> bool:
-    return (a.data.ptr if device.on_gpu() else a.ctypes.data) % 16 == 0
-
-
 def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256, param_block_size: int = 512,
                             version: int | None = None, max_blocks: int = 264):
     """(B, T, C), (B, T, C), (C,), (B, T), (B, T) -> dinp (B, T, C), dweight (C,), dbias (C,), fresh arrays.
@@ -126,7 +122,7 @@ def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256
     C % 4 == 0, C <= 1024 and 16-byte aligned arrays.
     None: version 2 where it fits, else 1. Every sum is in a fixed order (deterministic).
     """
-    from llmc_lessons.cuda import load_kernel
+    from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, load_kernel
 
     block_size = _check_block_size(block_size, warps=True)
     param_block_size = _check_block_size(param_block_size, warps=True, name="param_block_size")
@@ -139,13 +135,14 @@ def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256
     xp = device.xp
     N = B * T
     warps = block_size // 32
-    fits = C % 4 == 0 and C <= 1024 and 4 * warps * C <= 48 * 1024 and all(_aligned16(a) for a in (dout, inp, weight))
+    fits = (C % 4 == 0 and C <= 1024 and 4 * warps * C <= DEFAULT_SHARED_LIMIT
+            and all(device.address(a) % 16 == 0 for a in (dout, inp, weight)))
     if version is None:
         version = 2 if fits and N and C else 1
     if version == 2:
         if not fits:
             raise ValueError(f"version 2 keeps a row in registers as float4s: it needs C % 4 == 0, C <= 1024, "
-                             f"16-byte aligned arrays and 4 * (block_size / 32) * C <= 49152 bytes of shared memory "
+                             f"16-byte aligned arrays and 4 * (block_size / 32) * C <= {DEFAULT_SHARED_LIMIT} bytes of shared memory "
                              f"(C = {C}, block_size = {block_size}); use version=1")
         if isinstance(max_blocks, bool) or not isinstance(max_blocks, (int, np.integer)) or max_blocks < 1:
             raise ValueError(f"max_blocks must be a positive int, got {max_blocks!r}")
