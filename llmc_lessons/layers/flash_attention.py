@@ -3,6 +3,8 @@
 The forward walks the keys in tiles and keeps, per query row, a running maximum m, a running sum l and an
 output accumulator o (the online softmax); it returns out (B, T, C), as lesson 05's attention, and
 L = m + log(l) (B, NH, T) instead of att. The backward recomputes each probability from L.
+
+Version 2 (the last section) runs the same algorithm in bf16 on the tensor cores; the bf16 model uses it.
 """
 from __future__ import annotations
 
@@ -108,4 +110,64 @@ def flash_attention_backward_cuda(dout, qkv, out, L, NH, block_size: int = 32):
             grid, (block_size,), args, shared_mem=(2 * block_size * hs + 2 * block_size) * 4)
         load_kernel("flash_attention.cu", "flash_attention_backward_q_kernel")(
             grid, (block_size,), args, shared_mem=2 * block_size * hs * 4)
+    return dqkv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Version 2: bf16 on the tensor cores (flash_attention.cu's second half; GPT2(precision="bf16") uses it).
+
+FA_ROWS = 64          # rows a block owns and rows per staged tile
+FA_THREADS = 128      # 4 warps of 16 rows
+BF16_HEAD_SIZES = (16, 32, 48, 64)   # hs is compiled in (-DHS); shared memory fits these
+
+
+def _check_bf16(qkv, qkvb, NH, where):
+    from llmc_lessons.layers.bf16 import _bf16_array
+    _bf16_array("qkv", qkv, (None, None, None))
+    B, T, C3 = qkv.shape
+    if isinstance(NH, bool) or not isinstance(NH, (int, np.integer)) or NH < 1 or C3 % (3 * NH):
+        raise ValueError(f"{where}: NH must be an int >= 1 that divides C = {C3 // 3} (qkv is (B, T, 3C)), "
+                         f"got {NH!r}")
+    C = C3 // 3
+    hs = C // int(NH)
+    if hs not in BF16_HEAD_SIZES:
+        raise ValueError(f"{where}: head size hs = {hs} is not one of {BF16_HEAD_SIZES}: the tensor-core kernels "
+                         f"work on 16-wide pieces of a head and keep whole tiles in 48 KiB of shared memory")
+    device.require_array("qkvb", qkvb, shape=(C3,))
+    return B, T, C, hs
+
+
+def _bf16_kernel(name, hs):
+    from llmc_lessons.cuda import load_kernel
+    return load_kernel("flash_attention.cu", name, (f"-DHS={hs}",))
+
+
+def flash_attention_forward_bf16_cuda(qkv, qkvb, NH):
+    """qkv (B, T, 3C) bf16 (the product, without its bias), qkvb (3C,) float32 -> out (B, T, C) bf16 and
+    lse (B, NH, T) float32, on the tensor cores; nothing of size T x T is made."""
+    B, T, C, hs = _check_bf16(qkv, qkvb, NH, "flash_attention_forward_bf16_cuda")
+    xp = device.xp
+    out, lse = xp.empty((B, T, C), np.uint16), xp.empty((B, int(NH), T), np.float32)
+    if B * T:
+        _bf16_kernel("flash_attention_forward_bf16_kernel", hs)(
+            (-(-T // FA_ROWS), int(NH), B), (FA_THREADS,), (out, lse, qkv, qkvb, np.int32(B), np.int32(T), np.int32(NH)))
+    return out, lse
+
+
+def flash_attention_backward_bf16_cuda(dout, qkv, qkvb, out, lse, NH):
+    """dout (B, T, C) bf16, and the forward's qkv, qkvb, out, lse -> dqkv (B, T, 3C) bf16 (dq, dk, dv; the
+    bias gradient is the column sum of dqkv, left to the qkv matmul's backward)."""
+    from llmc_lessons.layers.bf16 import _bf16_array
+    B, T, C, hs = _check_bf16(qkv, qkvb, NH, "flash_attention_backward_bf16_cuda")
+    _bf16_array("dout", dout, (B, T, C))
+    _bf16_array("out", out, (B, T, C))
+    device.require_array("lse", lse, shape=(B, NH, T))
+    xp = device.xp
+    dqkv, D = xp.empty((B, T, 3 * C), np.uint16), xp.empty((B, int(NH), T), np.float32)
+    if B * T:
+        grid, sizes = (-(-T // FA_ROWS), int(NH), B), (np.int32(B), np.int32(T), np.int32(NH))
+        _bf16_kernel("flash_attention_backward_dq_bf16_kernel", hs)(
+            grid, (FA_THREADS,), (dqkv, D, dout, qkv, qkvb, out, lse, *sizes))
+        _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel", hs)(
+            grid, (FA_THREADS,), (dqkv, dout, qkv, qkvb, lse, D, *sizes))
     return dqkv

@@ -1,0 +1,67 @@
+// mma.cuh: one tensor-core instruction, mma.sync m16n8k16 with bf16 inputs and float32 accumulators (lesson 13).
+//
+// D (16 x 8) += A (16 x 16) @ B (16 x 8), computed by the 32 lanes of a warp together. No lane holds a whole
+// matrix: each holds a fixed piece (its "fragment"), as the PTX manual lays out. With g = lane / 4 (0..7)
+// and t = lane % 4 (0..3), each 32-bit register holding two bf16 values, the lower 16 bits the first:
+//
+//   A, 4 registers:  a[0] = A[g][2t, 2t+1]     a[1] = A[g+8][2t, 2t+1]
+//                    a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   B, 2 registers:  b[0] = B[2t, 2t+1][g]     b[1] = B[2t+8, 2t+9][g]       (two rows of column g)
+//   D, 4 floats:     d[0], d[1] = D[g][2t, 2t+1]    d[2], d[3] = D[g+8][2t, 2t+1]
+//
+// So the lane that owns row g of D also holds row g of A, and the four lanes 4g .. 4g+3 share rows g and g+8.
+// The D layout of two neighbouring 16 x 8 products is the A layout of one 16 x 16 operand: flash attention
+// feeds its probabilities P from one product straight into the next without moving them between lanes.
+//
+// On a GPU the product is the PTX instruction. In the CPU emulator (no __CUDA_ARCH__), or on a GPU with
+// -DLLMC_MMA_SHUFFLE, it is computed with warp shuffles: each lane fetches the rows of A and the columns of B
+// it needs from the lanes that hold them. That version is plain CUDA, and states the layout as code.
+// Every lane of the warp must call it together (it is a warp collective), in a 1-D block.
+#pragma once
+#include "bf16.cuh"
+
+// Two floats -> one 32-bit register of two bf16 (lo in the lower half), each rounded to nearest, ties to even.
+__device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__)
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // the first operand goes on top
+    return r;
+#else
+    return (unsigned int)bf16_from_float(lo) | ((unsigned int)bf16_from_float(hi) << 16);
+#endif
+}
+
+__device__ __forceinline__ float bf16_lo(unsigned int two) { return __uint_as_float(two << 16); }
+__device__ __forceinline__ float bf16_hi(unsigned int two) { return __uint_as_float(two & 0xFFFF0000u); }
+
+// d += A @ B for the warp's 16 x 16 A and 16 x 8 B fragments (layouts above).
+__device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned int a[4], const unsigned int b[2]) {
+#if defined(__CUDA_ARCH__) && !defined(LLMC_MMA_SHUFFLE)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    unsigned long long a01 = ((unsigned long long)a[1] << 32) | a[0];
+    unsigned long long a23 = ((unsigned long long)a[3] << 32) | a[2];
+    unsigned long long b01 = ((unsigned long long)b[1] << 32) | b[0];
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int s = 0; s < 4; s++) {  // lane 4g + s holds A's rows g, g+8 at columns 2s, 2s+1, 2s+8, 2s+9
+        unsigned long long ra01 = __shfl_sync(0xffffffffu, a01, 4 * g + s);
+        unsigned long long ra23 = __shfl_sync(0xffffffffu, a23, 4 * g + s);
+        // lane 4n + s holds B's column n at rows 2s, 2s+1 (low word) and 2s+8, 2s+9 (high word)
+        unsigned long long c0 = __shfl_sync(0xffffffffu, b01, 4 * (2 * t) + s);      // column 2t
+        unsigned long long c1 = __shfl_sync(0xffffffffu, b01, 4 * (2 * t + 1) + s);  // column 2t + 1
+        unsigned int A0 = (unsigned int)ra01, A1 = (unsigned int)(ra01 >> 32);      // row g, row g+8: k = 2s, 2s+1
+        unsigned int A2 = (unsigned int)ra23, A3 = (unsigned int)(ra23 >> 32);      // row g, row g+8: k = 2s+8, 2s+9
+        unsigned int B0lo = (unsigned int)c0, B0hi = (unsigned int)(c0 >> 32);
+        unsigned int B1lo = (unsigned int)c1, B1hi = (unsigned int)(c1 >> 32);
+        acc[0] += bf16_lo(A0) * bf16_lo(B0lo) + bf16_hi(A0) * bf16_hi(B0lo) + bf16_lo(A2) * bf16_lo(B0hi) + bf16_hi(A2) * bf16_hi(B0hi);
+        acc[1] += bf16_lo(A0) * bf16_lo(B1lo) + bf16_hi(A0) * bf16_hi(B1lo) + bf16_lo(A2) * bf16_lo(B1hi) + bf16_hi(A2) * bf16_hi(B1hi);
+        acc[2] += bf16_lo(A1) * bf16_lo(B0lo) + bf16_hi(A1) * bf16_hi(B0lo) + bf16_lo(A3) * bf16_lo(B0hi) + bf16_hi(A3) * bf16_hi(B0hi);
+        acc[3] += bf16_lo(A1) * bf16_lo(B1lo) + bf16_hi(A1) * bf16_hi(B1lo) + bf16_lo(A3) * bf16_lo(B1hi) + bf16_hi(A3) * bf16_hi(B1hi);
+    }
+    for (int i = 0; i < 4; i++) d[i] += acc[i];
+#endif
+}
