@@ -119,6 +119,50 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
 
 
+def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64) -> list:
+    """Causal attention in bf16 at one shape, forward and backward, three ways: the course's cuBLAS path (it
+    writes the T x T scores), the course's flash kernels on the tensor cores, and PyTorch's
+    scaled_dot_product_attention (its flash kernel). Rows: name, forward ms, backward ms, TFLOP/s of the two
+    together counting the causal half of the products (forward 2, backward 5 of size B NH T T hs), and the
+    bytes each keeps between forward and backward beyond q, k, v and the output."""
+    from llmc_lessons import timing
+    from llmc_lessons.layers import bf16 as k16
+    from llmc_lessons.layers.flash_attention import (flash_attention_backward_bf16_cuda,
+                                                     flash_attention_forward_bf16_cuda)
+    xp, gen = device.xp, np.random.default_rng(0)
+    C = NH * hs
+    qkv = k16.float_to_bf16_cuda(xp.asarray(gen.standard_normal((B, T, 3 * C), dtype=np.float32)))
+    qkvb = xp.asarray(0.1 * gen.standard_normal(3 * C, dtype=np.float32))
+    dout = k16.float_to_bf16_cuda(xp.asarray(gen.standard_normal((B, T, C), dtype=np.float32)))
+    flops = 7 * B * NH * T * T * hs   # 2 B NH T T hs per product, half of it under the causal mask
+
+    def row(name, fwd, bwd, kept):
+        f, b = timing.time_ms(fwd, repeat=10), timing.time_ms(bwd, repeat=10)
+        return dict(name=name, forward_ms=f, backward_ms=b, tflops=flops / ((f + b) * 1e-3) / 1e12, kept_bytes=kept)
+
+    rows = []
+    atty, qkvh, att = k16.attention_forward_bf16_cuda(qkv, qkvb, NH)
+    rows.append(row("course, cuBLAS + softmax (T x T scores)", lambda: k16.attention_forward_bf16_cuda(qkv, qkvb, NH),
+                    lambda: k16.attention_backward_bf16_cuda(dout, qkvh, att), att.nbytes))
+    del atty, qkvh, att
+    qkv_b = k16.add_bias_bf16_cuda(qkv, qkvb)
+    out, lse = flash_attention_forward_bf16_cuda(qkv_b, NH)
+    rows.append(row("course, flash attention on the tensor cores",
+                    lambda: flash_attention_forward_bf16_cuda(k16.add_bias_bf16_cuda(qkv, qkvb, out=qkv_b), NH),
+                    lambda: flash_attention_backward_bf16_cuda(dout, qkv_b, out, lse, NH), lse.nbytes))
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return rows
+    q, k, v = (torch.randn(B, NH, T, hs, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn(B, NH, T, hs, device="cuda", dtype=torch.bfloat16)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    rows.append(row("PyTorch scaled_dot_product_attention", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                    lambda: torch.autograd.grad(y, (q, k, v), do, retain_graph=True), B * NH * T * 4))
+    return rows
+
+
 def latest_record(results_dir=None):
     """The newest committed benchmark record (results/bench-*.json, by the date inside) with the compiled
     PyTorch row and a per-kernel profile in its .log: (path, record), or None when there is none."""
@@ -170,11 +214,23 @@ def main(argv=None) -> int:
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                    help="the course rows (default both)")
     p.add_argument("--profile", action="store_true", help="print a per-kernel table of one course step")
+    p.add_argument("--attention", action="store_true", help="also time causal attention alone (bf16, the model's "
+                   "shape: B, T, NH, hs): the cuBLAS path, the flash kernels, PyTorch's SDPA")
     p.add_argument("--json", help="also write the results to this JSON file")
     a = p.parse_args(argv)
     if not device.on_gpu():
         print("The benchmark needs a GPU: the CPU emulator's speed says nothing about a GPU's.", file=sys.stderr)
         return 1
+    attention = []
+    if a.attention:
+        c = GPT2Config.from_name(a.model)
+        attention = bench_attention(a.batch_size, a.seq_len, c.num_heads, c.head_size)
+        print(f"\nCausal attention, bf16, B={a.batch_size}, T={a.seq_len}, NH={c.num_heads}, hs={c.head_size}:")
+        print(f"{'':<48}{'fwd ms':>8}{'bwd ms':>8}{'TFLOP/s':>9}{'kept MiB':>10}")
+        for r in attention:
+            print(f"{r['name']:<48}{r['forward_ms']:>8.3f}{r['backward_ms']:>8.3f}{r['tflops']:>9.1f}"
+                  f"{r['kept_bytes'] / 2**20:>10.1f}")
+        print(flush=True)
     config = GPT2Config.from_name(a.model)
     B, T = a.batch_size, a.seq_len
     info = versions()
@@ -205,7 +261,7 @@ def main(argv=None) -> int:
                   + profile_course(config, B, T, precision=precision))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(info=info, model=a.model, B=B, T=T, rows=rows), f, indent=1)
+            json.dump(dict(info=info, model=a.model, B=B, T=T, rows=rows, attention=attention), f, indent=1)
     return 0
 
 

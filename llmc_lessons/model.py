@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.layers.flash_attention import BF16_HEAD_SIZES
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration and parameter layout
@@ -168,9 +169,12 @@ class GPT2:
         if precision == "bf16":
             if backend == "numpy":
                 raise ValueError("precision='bf16' runs the bf16 kernels: use backend='kernels' (or None)")
-            if config.channels % 8 or config.head_size % 8 or config.padded_vocab_size % 8:
-                raise ValueError(f"precision='bf16' moves 8 bf16 values at a time: C ({config.channels}), the head "
-                                 f"size ({config.head_size}) and Vp ({config.padded_vocab_size}) must be multiples of 8")
+            if config.channels % 8 or config.padded_vocab_size % 8:
+                raise ValueError(f"precision='bf16' moves 8 bf16 values at a time: C ({config.channels}) and Vp "
+                                 f"({config.padded_vocab_size}) must be multiples of 8")
+            if config.head_size not in BF16_HEAD_SIZES:
+                raise ValueError(f"precision='bf16' runs attention on the tensor cores, for a head size in "
+                                 f"{BF16_HEAD_SIZES}; this config has {config.head_size}")
             backend = "kernels"
         if backend is None:
             backend = "kernels" if device.on_gpu() else "numpy"
@@ -566,6 +570,7 @@ def _bf16_forward(model, idx, targets):
     from llmc_lessons.cublas import gemm
     from llmc_lessons.layers import bf16 as k
     from llmc_lessons.layers.bf16 import from_bf16
+    from llmc_lessons.layers.flash_attention import flash_attention_forward_bf16_cuda
 
     c, p, w = model.config, model.params, model.params_bf16       # float32 masters, bf16 copies
     B, T = idx.shape
@@ -586,8 +591,8 @@ def _bf16_forward(model, idx, targets):
     block_caches = []
     for l in range(L):
         qkv = linear(ln, w["qkvw"][l])                                           # (B, T, 3C), no bias
-        atty, qkvh, att = k.attention_forward_bf16_cuda(qkv, p["qkvb"][l], NH)   # qkv bias added in the split
-        del qkv
+        k.add_bias_bf16_cuda(qkv, p["qkvb"][l], out=qkv)
+        atty, lse = flash_attention_forward_bf16_cuda(qkv, NH)                   # on the tensor cores
         attproj = linear(atty, w["attprojw"][l])
         residual2, ln2, ln2_mean, ln2_rstd = k.residual_layernorm_forward_bf16_cuda(
             residual, attproj, p["attprojb"][l], p["ln2w"][l], p["ln2b"][l])
@@ -599,7 +604,7 @@ def _bf16_forward(model, idx, targets):
         residual3, ln_next, mean_next, rstd_next = k.residual_layernorm_forward_bf16_cuda(
             residual2, fcproj, p["fcprojb"][l], next_w, next_b)
         del fcproj
-        block_caches.append(dict(x=residual, ln1=ln, ln1_mean=mean, ln1_rstd=rstd, qkvh=qkvh, att=att, atty=atty,
+        block_caches.append(dict(x=residual, ln1=ln, ln1_mean=mean, ln1_rstd=rstd, qkv=qkv, lse=lse, atty=atty,
                                  residual2=residual2, ln2=ln2, ln2_mean=ln2_mean, ln2_rstd=ln2_rstd, fch=fch,
                                  fch_gelu=fch_gelu))
         residual, ln, mean, rstd = residual3, ln_next, mean_next, rstd_next
@@ -622,6 +627,7 @@ def _bf16_backward(model, cache):
     from llmc_lessons.cublas import gemm
     from llmc_lessons.layers import bf16 as k
     from llmc_lessons.layers.encoder import encoder_backward_cuda
+    from llmc_lessons.layers.flash_attention import flash_attention_backward_bf16_cuda
 
     c, p, w, g = model.config, model.params, model.params_bf16, model.grads
     B, T = cache["idx"].shape
@@ -650,7 +656,7 @@ def _bf16_backward(model, cache):
                                                    a["ln2_rstd"], g["ln2w"][l], g["ln2b"][l])
         # residual2 = x + attproj
         datty = linear_backward(dres_bf16, a["atty"], w["attprojw"][l], g["attprojw"][l], g["attprojb"][l])
-        dqkv = k.attention_backward_bf16_cuda(datty, a["qkvh"], a["att"])
+        dqkv = flash_attention_backward_bf16_cuda(datty, a["qkv"], a["atty"], a["lse"], NH)
         dln1 = linear_backward(dqkv, a["ln1"], w["qkvw"][l], g["qkvw"][l], g["qkvb"][l])
         dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dln1, a["x"], p["ln1w"][l], a["ln1_mean"],
                                                    a["ln1_rstd"], g["ln1w"][l], g["ln1b"][l])

@@ -146,6 +146,16 @@ def test_gelu_bias_forward_and_backward_bf16(shape, block):
     close_bf16(got, gelu_backward(from_bf16(dout).astype(np.float64), pre), "dinp")
 
 
+@pytest.mark.parametrize("shape,block,in_place", [((2, 3, 40), 32, False), ((1, 7, 264), 128, True)])
+def test_add_bias_bf16(shape, block, in_place):
+    gen = np.random.default_rng(shape[-1] + 1)
+    x, bias = bits(gen, *shape, scale=2.0), rand32(gen, shape[-1])
+    d_x = to_device(x.copy())
+    got = k.add_bias_bf16_cuda(d_x, to_device(bias), out=d_x if in_place else None, block_size=block)
+    assert (got is d_x) == in_place
+    close_bf16(got, from_bf16(x).astype(np.float64) + bias, "x + bias")
+
+
 @pytest.mark.parametrize("OC,block_rows,grid_rows", [(40, 8, 32), (272, 3, 5), (264, 32, 1)])
 def test_matmul_backward_bias_bf16_accumulates(OC, block_rows, grid_rows):
     gen = np.random.default_rng(OC)

@@ -149,3 +149,114 @@ def test_the_notebook_kernel_is_the_package_kernel():
     start = 'extern "C" __global__ void flash_attention_forward_kernel'
     end = 'extern "C" __global__ void flash_attention_backward_kv_kernel'
     assert body[body.index(start):].strip() == SRC[SRC.index(start):SRC.index(end)].strip()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Version 2: bf16 on the tensor cores
+
+from llmc_lessons import device  # noqa: E402
+from llmc_lessons.cuda import RawKernel  # noqa: E402
+from llmc_lessons.layers.bf16 import from_bf16, to_bf16  # noqa: E402
+from llmc_lessons.layers.flash_attention import (flash_attention_backward_bf16_cuda,  # noqa: E402
+                                                 flash_attention_forward_bf16_cuda)
+
+MMA_TEST = r'''
+#include "mma.cuh"
+// One warp: D (16 x 8) = A (16 x 16) @ B (16 x 8) + C, fragments gathered from row-major A, B, C as mma.cuh says.
+extern "C" __global__ void mma_test_kernel(float* D, const bf16* A, const bf16* B, const float* C) {
+    int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    auto pair = [](bf16 lo, bf16 hi) { return (unsigned int)lo | ((unsigned int)hi << 16); };
+    unsigned int a[4] = {pair(A[g * 16 + 2 * t], A[g * 16 + 2 * t + 1]),
+                         pair(A[(g + 8) * 16 + 2 * t], A[(g + 8) * 16 + 2 * t + 1]),
+                         pair(A[g * 16 + 2 * t + 8], A[g * 16 + 2 * t + 9]),
+                         pair(A[(g + 8) * 16 + 2 * t + 8], A[(g + 8) * 16 + 2 * t + 9])};
+    unsigned int b[2] = {pair(B[(2 * t) * 8 + g], B[(2 * t + 1) * 8 + g]),
+                         pair(B[(2 * t + 8) * 8 + g], B[(2 * t + 9) * 8 + g])};
+    float d[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]};
+    mma_bf16_16816(d, a, b);
+    D[g * 8 + 2 * t] = d[0]; D[g * 8 + 2 * t + 1] = d[1]; D[(g + 8) * 8 + 2 * t] = d[2]; D[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+'''
+MMA_VERSIONS = [(), ("-DLLMC_MMA_SHUFFLE",)]   # on a GPU: the PTX instruction, and the shuffles the emulator runs
+
+
+@pytest.mark.parametrize("options", MMA_VERSIONS)
+def test_mma_fragment_layout(options):
+    gen = np.random.default_rng(3)
+    A, B, C = to_bf16(gen.standard_normal((16, 16))), to_bf16(gen.standard_normal((16, 8))), gen.standard_normal((16, 8))
+    D = poisoned((16, 8))
+    RawKernel(MMA_TEST, "mma_test_kernel", options)((1,), (32,), (D, *(to_device(x) for x in (A, B)),
+                                                               to_device(C.astype(np.float32))))
+    want = from_bf16(A).astype(np.float64) @ from_bf16(B).astype(np.float64) + C.astype(np.float32)
+    np.testing.assert_allclose(to_host(D), want, rtol=1e-5, atol=1e-5)
+
+
+BF16_SHAPES = [(1, 1, 1, 16), (2, 70, 2, 16), (1, 131, 1, 32), (1, 65, 3, 48), (2, 77, 2, 64)]
+
+
+def bf16_case(B, T, NH, hs, seed):
+    """qkv (B, T, 3C) and dout (B, T, C) as bf16 bits, and qkv's values in float64."""
+    gen = np.random.default_rng(seed)
+    qkv = to_bf16(gen.standard_normal((B, T, 3 * NH * hs)).astype(np.float32))
+    dout = to_bf16(gen.standard_normal((B, T, NH * hs)).astype(np.float32))
+    return qkv, dout, from_bf16(qkv).astype(np.float64)
+
+
+def rel(got, want):
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+@pytest.mark.parametrize("B,T,NH,hs", BF16_SHAPES)
+def test_bf16_tensor_core_kernels_match_lesson_05(B, T, NH, hs, poisoned_allocations):
+    qkv, dout, x = bf16_case(B, T, NH, hs, seed=T + hs)
+    ref_out, att = attention_forward(x, NH)
+    _, ref_L = flash_attention_forward(x, NH)
+    out, lse = flash_attention_forward_bf16_cuda(to_device(qkv), NH)
+    got = from_bf16(to_host(out)).astype(np.float64)
+    assert not np.isnan(got).any() and not np.isnan(to_host(lse)).any(), "some outputs were never written"
+    assert rel(got, ref_out) < 4e-3, rel(got, ref_out)          # about one bf16 rounding (2^-9 relative)
+    np.testing.assert_allclose(to_host(lse), ref_L, atol=2e-5, rtol=1e-5)
+    # the backward from the kernel's own out and lse, against the float64 backward of the same inputs
+    dqkv = flash_attention_backward_bf16_cuda(to_device(dout), to_device(qkv), out, lse, NH)
+    got_d = from_bf16(to_host(dqkv)).astype(np.float64)
+    want_d = attention_backward(from_bf16(dout).astype(np.float64), x, att, NH)
+    assert not np.isnan(got_d).any(), "some gradients were never written"
+    C = NH * hs
+    scale = np.linalg.norm(want_d) / 10   # dq and dk are 0 at T = 1 (one key: the softmax is constant)
+    for i, name in enumerate(("dq", "dk", "dv")):
+        part, ref = got_d[..., i * C:(i + 1) * C], want_d[..., i * C:(i + 1) * C]
+        e = np.linalg.norm(part - ref) / max(np.linalg.norm(ref), scale)
+        assert e < 1e-2, f"{name}: relative error {e:.1e}"
+
+
+@pytest.mark.skipif(not device.on_gpu(), reason="on a CPU both versions are the shuffle version")
+def test_bf16_kernels_same_with_shuffle_mma_on_the_gpu():
+    from llmc_lessons.cuda import load_kernel
+    B, T, NH, hs = 2, 100, 2, 64
+    qkv = to_device(bf16_case(B, T, NH, hs, seed=7)[0])
+    out, lse = flash_attention_forward_bf16_cuda(qkv, NH)
+    out2, lse2 = device.xp.full((B, T, NH * hs), 0x7FC0, np.uint16), poisoned((B, NH, T))
+    load_kernel("flash_attention.cu", "flash_attention_forward_bf16_kernel", (f"-DHS={hs}", "-DLLMC_MMA_SHUFFLE"))(
+        (2, NH, B), (128,), (out2, lse2, qkv, np.int32(B), np.int32(T), np.int32(NH)))
+    assert rel(from_bf16(to_host(out2)).astype(np.float64), from_bf16(to_host(out)).astype(np.float64)) < 2e-3
+    np.testing.assert_allclose(to_host(lse2), to_host(lse), atol=1e-5)
+
+
+def test_bf16_flash_attention_refuses_bad_input():
+    qkv, dout, _ = bf16_case(1, 8, 2, 16, seed=0)
+    q, d = to_device(qkv), to_device(dout)
+    with pytest.raises(TypeError, match="uint16"):
+        flash_attention_forward_bf16_cuda(to_device(from_bf16(qkv)), 2)
+    with pytest.raises(ValueError, match="head size hs = 8"):
+        flash_attention_forward_bf16_cuda(q, 4)
+    with pytest.raises(ValueError, match="NH must be an int"):
+        flash_attention_forward_bf16_cuda(q, 5)
+    with pytest.raises(ValueError, match="NH must be an int"):
+        flash_attention_forward_bf16_cuda(q, 2.0)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        flash_attention_forward_bf16_cuda(to_device(np.zeros(8 * 96 + 1, np.uint16))[1:].reshape(1, 8, 96), 2)
+    out, lse = flash_attention_forward_bf16_cuda(q, 2)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        flash_attention_backward_bf16_cuda(d, q, out, lse[:, :1].copy(), 2)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        flash_attention_backward_bf16_cuda(d[:, :4].copy(), q, out, lse, 2)

@@ -331,6 +331,21 @@ __device__ __forceinline__ float gelu_grad_f32(float x) {  // d gelu / dx, lesso
     return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
 }
 
+// out = inp + bias: the qkv layer's bias, added in place before the flash attention kernels read qkv (they
+// copy it straight into shared memory). One thread per 8 values; out may be inp.
+extern "C" __global__ void add_bias_bf16_kernel(bf16* out,          // (N, OC)
+                                                const bf16* inp,    // (N, OC) the product, no bias
+                                                const float* bias,  // (OC,)
+                                                int N, int OC) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N * (OC / 8)) return;
+    int c = (i % (OC / 8)) * 8;
+    float x[8];
+    load8(x, inp + (size_t)i * 8);
+    for (int k = 0; k < 8; k++) x[k] += bias[c + k];
+    store8(out + (size_t)i * 8, x);
+}
+
 // out = gelu(inp + bias): the fc layer's bias added on the way into the GELU. One thread per 8 values.
 extern "C" __global__ void gelu_bias_forward_bf16_kernel(bf16* out,          // (N, OC)
                                                          const bf16* inp,    // (N, OC) the product, no bias

@@ -183,98 +183,82 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 // ---------------------------------------------------------------------------------------------------------
 // Version 2: bf16 on the tensor cores (GPT2(precision="bf16") uses it).
 //
-// The same algorithm with the products on the tensor cores (mma.cuh: one warp computes a 16 x 8 tile of a
-// product per instruction). A block of 4 warps owns 64 rows (queries in the forward and the dq kernel, keys
-// in the dk/dv kernel); each warp owns 16 of them and keeps their q (or k, v) as A fragments in registers.
-// The other side walks in tiles of 64 rows staged in shared memory. The head size HS is a compile-time
-// constant (-DHS=64 for GPT-2; any multiple of 16), so every loop over it unrolls into registers.
+// The same algorithm, with every product on the tensor cores (mma.cuh: a warp computes a 16 x 8 tile of a
+// product per instruction). A block of 4 warps owns 64 rows: queries in the forward and the dq kernel, keys
+// in the dk/dv kernel. Each warp owns 16 of them and keeps their q (or k and v, or dout) as A fragments in
+// registers for the whole kernel. The other side walks in tiles of 64 rows through shared memory, two
+// buffers deep: cp.async brings in tile i + 1 while the warps compute on tile i. ldmatrix reads the
+// fragments from the tiles, transposed where a product needs a tile along its other axis (p v, ds k, ...),
+// so nothing is ever transposed in memory. The head size HS is a compile-time constant (-DHS=64 for GPT-2;
+// a multiple of 16), so every loop over it unrolls into registers.
 //
-// q, k and v are read straight from qkv (B, T, 3C) as the product left it, without bias: the bias is added
-// as each row is staged (then rounded to bf16, as split_heads_bf16_kernel does), so no (3, B, NH, T, hs)
-// copy is made. out and dout are (B, T, C); dqkv (B, T, 3C) gets dq, dk, dv in place, ready for the qkv
-// matmul's backward. lse (B, NH, T) = log of each row's softmax denominator (natural log, as L above).
+// Layouts as version 1, in bf16: qkv (B, T, 3C) with its bias already added; out and dout (B, T, C); dqkv
+// (B, T, 3C) gets dq, dk and dv in place, ready for the qkv matmul's backward; lse (B, NH, T) float32 is L.
 //
-// flash_attention_forward_bf16_kernel:      out, lse from qkv.
-// flash_attention_backward_dq_bf16_kernel:  dq, and D_i = dout_i . out_i (written for the next kernel).
-// flash_attention_backward_dkdv_bf16_kernel: dk, dv (run second: it reads D).
+// flash_attention_forward_bf16_kernel:       out, lse.
+// flash_attention_backward_dq_bf16_kernel:   dq, and D_i = dout_i . out_i, written for the next kernel.
+// flash_attention_backward_dkdv_bf16_kernel: dk, dv (launched second: it reads D).
 #include "mma.cuh"
 
 #ifndef HS
 #define HS 64
 #endif
-#define FA_ROWS 64                  // rows a block owns, and rows per staged tile
+#define FA_ROWS 64                  // rows a block owns, and rows per tile
 #define FA_THREADS 128              // 4 warps x 16 rows
-#define S_LD (HS + 8)               // row stride of a staged tile: 16 bytes of padding put the 8 rows that a
-#define T_LD (FA_ROWS + 8)          //   warp's fragment load touches in 8 different banks; a transposed tile
-#define LOG2E 1.4426950408889634f   //   (column-major copy, for operands read along the other axis) likewise
+#define S_LD (HS + 8)               // row stride of a tile in shared memory: 16 bytes of padding put the 8
+                                    //   rows that one ldmatrix reads in 8 different banks
+#define TILE (FA_ROWS * S_LD)       // bf16 values per tile
+#define LOG2E 1.4426950408889634f
 
-__device__ __forceinline__ unsigned int ld32(const bf16* p) { return *reinterpret_cast<const unsigned int*>(p); }
-
-// Stage rows row0 .. row0+63 of one head's q, k, v or dout into shared memory, + bias (nullptr: none), rows
-// at or past T as zeros. src: row 0 of this (b, h), ld: elements between rows. dst (64, S_LD) row-major
-// and/or dst_t (HS, T_LD) transposed; nullptr skips one. Thread i moves 16 bytes (8 values) at a time;
-// consecutive threads take consecutive rows, so the transposed 2-byte stores of a warp hit different banks.
-__device__ void stage_rows(bf16* dst, bf16* dst_t, const bf16* src, const float* bias, int row0, int T, int ld) {
+// Start copying rows row0 .. row0+63 of one head into a tile: src is row 0 of this (b, h), ld elements
+// apart; rows at or past T become zeros. Consecutive threads copy consecutive 16-byte pieces of a row.
+__device__ __forceinline__ void stage_rows(bf16* tile, const bf16* src, int row0, int T, int ld) {
     for (int c = threadIdx.x; c < FA_ROWS * HS / 8; c += FA_THREADS) {
-        int r = c % FA_ROWS, d0 = (c / FA_ROWS) * 8, row = row0 + r;
-        int4 v = make_int4(0, 0, 0, 0);
-        if (row < T) {
-            v = *reinterpret_cast<const int4*>(src + (long long)row * ld + d0);
-            if (bias) {
-                unsigned int w[4] = {(unsigned int)v.x, (unsigned int)v.y, (unsigned int)v.z, (unsigned int)v.w};
-                for (int i = 0; i < 4; i++)
-                    w[i] = pack_bf16x2(bf16_lo(w[i]) + bias[d0 + 2 * i], bf16_hi(w[i]) + bias[d0 + 2 * i + 1]);
-                v = make_int4((int)w[0], (int)w[1], (int)w[2], (int)w[3]);
-            }
-        }
-        if (dst) *reinterpret_cast<int4*>(dst + r * S_LD + d0) = v;
-        if (dst_t) {
-            const bf16* e = reinterpret_cast<const bf16*>(&v);
-            for (int i = 0; i < 8; i++) dst_t[(d0 + i) * T_LD + r] = e[i];
-        }
+        int r = c / (HS / 8), d0 = (c % (HS / 8)) * 8, row = row0 + r;
+        cp_async16(tile + r * S_LD + d0, src + (long long)min(row, T - 1) * ld + d0, row < T);
     }
 }
 
-// The A fragments of the 16 rows starting at `rows` of a staged row-major tile: frag[kk] covers columns
-// 16kk .. 16kk+15.
+// The warp's A fragments of 16 rows of a tile, `rows` pointing at the first: frag[kk] covers columns
+// 16kk .. 16kk+15 (ldmatrix matrices: rows 0-7 | 8-15 x columns 0-7 | 8-15).
 __device__ __forceinline__ void load_a_frags(unsigned int frag[HS / 16][4], const bf16* rows) {
-    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    for (int kk = 0; kk < HS / 16; kk++) {
-        frag[kk][0] = ld32(rows + g * S_LD + 16 * kk + 2 * t);
-        frag[kk][1] = ld32(rows + (g + 8) * S_LD + 16 * kk + 2 * t);
-        frag[kk][2] = ld32(rows + g * S_LD + 16 * kk + 2 * t + 8);
-        frag[kk][3] = ld32(rows + (g + 8) * S_LD + 16 * kk + 2 * t + 8);
-    }
+    int lane = threadIdx.x % 32;
+    for (int kk = 0; kk < HS / 16; kk++)
+        ldmatrix_x4(frag[kk], rows + (lane % 8 + 8 * ((lane / 8) % 2)) * S_LD + 16 * kk + 8 * (lane / 16));
 }
 
-// acc[n][.] (16 x 8N) = A (16 x HS, fragments) @ tile^T, for N consecutive rows of a staged row-major tile
-// starting at `rows` (so B[k][n] = tile[n][k]: q k^T, do v^T, k q^T, v do^T).
+// acc[n] (16 x 8 each, N of them) = A (16 x HS) @ tile^T over N*8 rows of a tile from `rows`: B[k][n] is
+// tile[n][k], so each ldmatrix gives the B fragments of two 8-row groups (q k^T, do v^T, k q^T, v do^T).
 template <int N>
 __device__ __forceinline__ void mma_rows(float acc[N][4], const unsigned int a[HS / 16][4], const bf16* rows) {
-    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    for (int n = 0; n < N; n++) {
+    int lane = threadIdx.x % 32;
+    for (int n = 0; n < N; n++)
         for (int i = 0; i < 4; i++) acc[n][i] = 0.0f;
+    for (int n = 0; n < N; n += 2) {
         for (int kk = 0; kk < HS / 16; kk++) {
-            unsigned int b[2] = {ld32(rows + (8 * n + g) * S_LD + 16 * kk + 2 * t),
-                                 ld32(rows + (8 * n + g) * S_LD + 16 * kk + 2 * t + 8)};
+            unsigned int b[4];
+            ldmatrix_x4(b, rows + (8 * n + lane % 8 + 8 * (lane / 16)) * S_LD + 16 * kk + 8 * ((lane / 8) % 2));
             mma_bf16_16816(acc[n], a[kk], b);
+            mma_bf16_16816(acc[n + 1], a[kk], b + 2);
         }
     }
 }
 
-// acc (16 x HS) += P (16 x 16K, in the D layout of K*2 products of 16 x 8) @ rows k0 .. k0+16K-1 of a tile,
-// read from its transposed copy tile_t (HS, T_LD): p v, p^T do, ds k, ds^T q.
+// acc (16 x HS) += P (16 x 16K, held as 2K accumulators of 16 x 8) @ rows k0 .. k0+16K-1 of a tile: B[k][n]
+// is tile[k0 + k][n], read with the transposed ldmatrix (p v, p^T do, ds k, ds^T q). P is rounded to bf16
+// here: the accumulator layout of two neighbouring 16 x 8 tiles is the A layout of one 16 x 16 operand.
 template <int K>
-__device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[2 * K][4], const bf16* tile_t, int k0) {
-    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+__device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[2 * K][4], const bf16* tile, int k0) {
+    int lane = threadIdx.x % 32;
     for (int kk = 0; kk < K; kk++) {
         unsigned int a[4] = {pack_bf16x2(p[2 * kk][0], p[2 * kk][1]), pack_bf16x2(p[2 * kk][2], p[2 * kk][3]),
                              pack_bf16x2(p[2 * kk + 1][0], p[2 * kk + 1][1]),
                              pack_bf16x2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-        for (int n = 0; n < HS / 8; n++) {
-            unsigned int b[2] = {ld32(tile_t + (8 * n + g) * T_LD + k0 + 16 * kk + 2 * t),
-                                 ld32(tile_t + (8 * n + g) * T_LD + k0 + 16 * kk + 2 * t + 8)};
+        for (int n = 0; n < HS / 8; n += 2) {
+            unsigned int b[4];
+            ldmatrix_x4_trans(b, tile + (k0 + 16 * kk + lane % 8 + 8 * ((lane / 8) % 2)) * S_LD + 8 * n + 8 * (lane / 16));
             mma_bf16_16816(acc[n], a, b);
+            mma_bf16_16816(acc[n + 1], a, b + 2);
         }
     }
 }
@@ -285,8 +269,8 @@ __device__ __forceinline__ float row_sum4(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// Write the warp's 16 x HS accumulator, times `scale`, as bf16 rows row0 .. row0+15 of dst (ld apart), rows
-// at or past T skipped.
+// Write the warp's 16 x HS accumulator as bf16 rows row0 .. row0+15 of dst (ld apart), row g times scale0
+// and row g+8 times scale1; rows at or past T are skipped.
 __device__ __forceinline__ void store_rows(bf16* dst, const float acc[HS / 8][4], float scale0, float scale1,
                                            int row0, int T, int ld) {
     int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
@@ -301,27 +285,37 @@ __device__ __forceinline__ void store_rows(bf16* dst, const float acc[HS / 8][4]
 }
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
-flash_attention_forward_bf16_kernel(bf16* out,           // (B, T, C)
-                                    float* lse,          // (B, NH, T)
-                                    const bf16* qkv,     // (B, T, 3C), no bias
-                                    const float* qkvb,   // (3C,)
+flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
+                                    float* lse,         // (B, NH, T)
+                                    const bf16* qkv,    // (B, T, 3C)
                                     int B, int T, int NH) {
-    __shared__ int4 q_smem[FA_ROWS * S_LD / 8], k_smem[FA_ROWS * S_LD / 8], vt_smem[HS * T_LD / 8];
-    bf16 *Qs = (bf16*)q_smem, *Ks = (bf16*)k_smem, *Vt = (bf16*)vt_smem;
-    int C = NH * HS, tile = gridDim.x - 1 - blockIdx.x;   // the longest rows first (they see the most keys)
+    __shared__ int4 smem[5 * TILE / 8];                 // q, then two buffers of (k, v)
+    bf16* Qs = (bf16*)smem;
+    int C = NH * HS, tile = gridDim.x - 1 - blockIdx.x;  // the last rows first: they see the most keys
     int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;       // q of (b, 0, h); k at +C, v at +2C
-    int row0 = tile * FA_ROWS + warp * 16 + g, row1 = row0 + 8;       // my two query rows
-    stage_rows(Qs, nullptr, base, qkvb + h * HS, tile * FA_ROWS, T, 3 * C);
+    const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;      // q of (b, 0, h); k at +C, v at +2C
+    int row0 = tile * FA_ROWS + warp * 16 + g, row1 = row0 + 8;      // my two query rows
+    stage_rows(Qs, base, tile * FA_ROWS, T, 3 * C);
+    cp_async_commit();
+    stage_rows(Qs + TILE, base + C, 0, T, 3 * C);                     // key tile 0 into buffer 0
+    stage_rows(Qs + 2 * TILE, base + 2 * C, 0, T, 3 * C);
+    cp_async_commit();
+    cp_async_wait<1>();                                              // q has arrived
     __syncthreads();
     unsigned int qa[HS / 16][4];
     load_a_frags(qa, Qs + warp * 16 * S_LD);
     const float sl2 = LOG2E / sqrtf((float)HS);   // scores in base 2: exp(x / sqrt(HS)) = exp2(x * sl2)
     float o[HS / 8][4] = {}, m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};  // per row: running max and sum
     for (int kt = 0; kt <= tile; kt++) {
-        __syncthreads();                          // every warp is done with the previous tile
-        stage_rows(Ks, nullptr, base + C, qkvb + C + h * HS, kt * FA_ROWS, T, 3 * C);
-        stage_rows(nullptr, Vt, base + 2 * C, qkvb + 2 * C + h * HS, kt * FA_ROWS, T, 3 * C);
+        const bf16* Ks = Qs + (1 + 2 * (kt % 2)) * TILE;
+        const bf16* Vs = Ks + TILE;
+        if (kt < tile) {                          // start bringing in the next tile
+            bf16* next = Qs + (1 + 2 * ((kt + 1) % 2)) * TILE;
+            stage_rows(next, base + C, (kt + 1) * FA_ROWS, T, 3 * C);
+            stage_rows(next + TILE, base + 2 * C, (kt + 1) * FA_ROWS, T, 3 * C);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();                       // this tile has arrived (the next may still be in flight)
         __syncthreads();
         float s[FA_ROWS / 8][4];
         mma_rows<FA_ROWS / 8>(s, qa, Ks);          // s (16 x 64) = q k^T
@@ -349,7 +343,8 @@ flash_attention_forward_bf16_kernel(bf16* out,           // (B, T, C)
                 l[i / 2] += s[n][i];                    // this lane's part of the row sum
             }
         }
-        mma_cols<FA_ROWS / 16>(o, s, Vt, 0);      // o += p v
+        mma_cols<FA_ROWS / 16>(o, s, Vs, 0);      // o += p v
+        __syncthreads();                          // every warp is done with this buffer before it is refilled
     }
     for (int r = 0; r < 2; r++) l[r] = row_sum4(l[r]);
     store_rows(out + (long long)b * T * C + h * HS, o, 1.0f / l[0], 1.0f / l[1], tile * FA_ROWS + warp * 16, T, C);
@@ -360,13 +355,13 @@ flash_attention_forward_bf16_kernel(bf16* out,           // (B, T, C)
     }
 }
 
-// The probabilities and their gradient for one 16 x 8N tile, in place: s holds q k^T, dp holds do v^T on
-// entry; on exit s holds p = exp(s / sqrt(HS) - L) (0 where masked) and dp holds ds = p (dp - D).
-// Lane element i is at row r(i), column c(i) of the tile; masked(i) says the causal mask hides it.
-template <int N, typename Masked, typename RowL, typename RowD>
-__device__ __forceinline__ void softmax_grad(float s[N][4], float dp[N][4], Masked masked, RowL L2, RowD D) {
+// One 16 x 32 piece of the backward, in place: s holds q k^T and dp holds do v^T on entry; on exit s holds
+// p = exp(s / sqrt(HS) - L) (0 where masked) and dp holds ds = p (dp - D). masked(n, i), L2(n, i) (L in
+// base 2) and D(n, i) describe lane element i of 16 x 8 tile n.
+template <typename Masked, typename RowL, typename RowD>
+__device__ __forceinline__ void softmax_grad(float s[4][4], float dp[4][4], Masked masked, RowL L2, RowD D) {
     const float sl2 = LOG2E / sqrtf((float)HS);
-    for (int n = 0; n < N; n++) {
+    for (int n = 0; n < 4; n++) {
         for (int i = 0; i < 4; i++) {
             float p = masked(n, i) ? 0.0f : exp2f(s[n][i] * sl2 - L2(n, i));
             s[n][i] = p;
@@ -379,35 +374,37 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
 flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the dq part
                                         float* Dout,         // (B, NH, T): D_i = dout_i . out_i
                                         const bf16* dout,    // (B, T, C)
-                                        const bf16* qkv,     // (B, T, 3C), no bias
-                                        const float* qkvb,   // (3C,)
+                                        const bf16* qkv,     // (B, T, 3C)
                                         const bf16* out,     // (B, T, C)
                                         const float* lse,    // (B, NH, T)
                                         int B, int T, int NH) {
-    __shared__ int4 k_smem[FA_ROWS * S_LD / 8], v_smem[FA_ROWS * S_LD / 8], kt_smem[HS * T_LD / 8];
-    bf16 *Ks = (bf16*)k_smem, *Vs = (bf16*)v_smem, *Kt = (bf16*)kt_smem;
+    __shared__ int4 smem[4 * TILE / 8];                 // two buffers of (k, v)
+    bf16* S = (bf16*)smem;
     int C = NH * HS, tile = gridDim.x - 1 - blockIdx.x;
     int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;
+    const bf16* dbase = dout + (long long)b * T * C + h * HS;
     long long bhT = ((long long)b * NH + h) * T;
     int first = tile * FA_ROWS + warp * 16, row0 = first + g, row1 = row0 + 8;
-    // my rows of q, dout and out as A fragments (staged through the k and v buffers, free until the loop)
+    // my rows of q, dout and out as A fragments, staged through the buffers before the loop needs them
     unsigned int qa[HS / 16][4], doa[HS / 16][4], oa[HS / 16][4];
-    stage_rows(Ks, nullptr, base, qkvb + h * HS, tile * FA_ROWS, T, 3 * C);
-    stage_rows(Vs, nullptr, dout + (long long)b * T * C + h * HS, nullptr, tile * FA_ROWS, T, C);
+    stage_rows(S, base, tile * FA_ROWS, T, 3 * C);
+    stage_rows(S + TILE, dbase, tile * FA_ROWS, T, C);
+    stage_rows(S + 2 * TILE, out + (long long)b * T * C + h * HS, tile * FA_ROWS, T, C);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
-    load_a_frags(qa, Ks + warp * 16 * S_LD);
-    load_a_frags(doa, Vs + warp * 16 * S_LD);
+    load_a_frags(qa, S + warp * 16 * S_LD);
+    load_a_frags(doa, S + TILE + warp * 16 * S_LD);
+    load_a_frags(oa, S + 2 * TILE + warp * 16 * S_LD);
     __syncthreads();
-    stage_rows(Ks, nullptr, out + (long long)b * T * C + h * HS, nullptr, tile * FA_ROWS, T, C);
-    __syncthreads();
-    load_a_frags(oa, Ks + warp * 16 * S_LD);
-    float D[2] = {0.0f, 0.0f};                   // D = rowsum(dout * out): lanes hold rows g (regs 0, 2), g+8 (1, 3)
-    for (int kk = 0; kk < HS / 16; kk++) {
-        for (int j = 0; j < 4; j++) {
+    stage_rows(S, base + C, 0, T, 3 * C);         // key tile 0 into buffer 0
+    stage_rows(S + TILE, base + 2 * C, 0, T, 3 * C);
+    cp_async_commit();
+    float D[2] = {0.0f, 0.0f};                    // rowsum(dout * out): registers 0, 2 hold row g, 1, 3 row g+8
+    for (int kk = 0; kk < HS / 16; kk++)
+        for (int j = 0; j < 4; j++)
             D[j % 2] += bf16_lo(doa[kk][j]) * bf16_lo(oa[kk][j]) + bf16_hi(doa[kk][j]) * bf16_hi(oa[kk][j]);
-        }
-    }
     float L2[2];
     for (int r = 0; r < 2; r++) {
         D[r] = row_sum4(D[r]);
@@ -417,20 +414,27 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the 
     }
     float dq[HS / 8][4] = {};
     for (int kt = 0; kt <= tile; kt++) {
+        const bf16* Ks = S + 2 * (kt % 2) * TILE;
+        const bf16* Vs = Ks + TILE;
+        if (kt < tile) {
+            bf16* next = S + 2 * ((kt + 1) % 2) * TILE;
+            stage_rows(next, base + C, (kt + 1) * FA_ROWS, T, 3 * C);
+            stage_rows(next + TILE, base + 2 * C, (kt + 1) * FA_ROWS, T, 3 * C);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-        stage_rows(Ks, Kt, base + C, qkvb + C + h * HS, kt * FA_ROWS, T, 3 * C);
-        stage_rows(Vs, nullptr, base + 2 * C, qkvb + 2 * C + h * HS, kt * FA_ROWS, T, 3 * C);
-        __syncthreads();
-        for (int half = 0; half < 2; half++) {   // 32 keys at a time keeps s and dp in registers
+        for (int half = 0; half < 2; half++) {    // 32 keys at a time keeps s and dp in registers
             int k0 = 32 * half;
             float s[4][4], dp[4][4];
-            mma_rows<4>(s, qa, Ks + k0 * S_LD);   // s = q k^T
-            mma_rows<4>(dp, doa, Vs + k0 * S_LD); // dp = do v^T
-            softmax_grad<4>(s, dp,
+            mma_rows<4>(s, qa, Ks + k0 * S_LD);    // s = q k^T
+            mma_rows<4>(dp, doa, Vs + k0 * S_LD);  // dp = do v^T
+            softmax_grad(s, dp,
                 [&](int n, int i) { return kt == tile && kt * FA_ROWS + k0 + 8 * n + 2 * t + (i & 1) > (i < 2 ? row0 : row1); },
                 [&](int, int i) { return L2[i / 2]; }, [&](int, int i) { return D[i / 2]; });
-            mma_cols<2>(dq, dp, Kt, k0);          // dq += ds k
+            mma_cols<2>(dq, dp, Ks, k0);           // dq += ds k
         }
+        __syncthreads();
     }
     const float scale = 1.0f / sqrtf((float)HS);
     store_rows(dqkv + (long long)b * T * 3 * C + h * HS, dq, scale, scale, first, T, 3 * C);
@@ -439,15 +443,13 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the 
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
 flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the dk and dv parts
                                           const bf16* dout,    // (B, T, C)
-                                          const bf16* qkv,     // (B, T, 3C), no bias
-                                          const float* qkvb,   // (3C,)
+                                          const bf16* qkv,     // (B, T, 3C)
                                           const float* lse,    // (B, NH, T)
                                           const float* Dq,     // (B, NH, T), from the dq kernel
                                           int B, int T, int NH) {
-    __shared__ int4 q_smem[FA_ROWS * S_LD / 8], qt_smem[HS * T_LD / 8], do_smem[FA_ROWS * S_LD / 8],
-        dot_smem[HS * T_LD / 8];
-    __shared__ float Ls[FA_ROWS], Ds[FA_ROWS];
-    bf16 *Qs = (bf16*)q_smem, *Qt = (bf16*)qt_smem, *dOs = (bf16*)do_smem, *dOt = (bf16*)dot_smem;
+    __shared__ int4 smem[4 * TILE / 8];                 // two buffers of (q, dout)
+    __shared__ float Ls[2][FA_ROWS], Ds[2][FA_ROWS];    // and of their rows' L (base 2) and D
+    bf16* S = (bf16*)smem;
     int C = NH * HS, tile = blockIdx.x;           // key tile; the first ones see the most queries
     int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;
@@ -455,35 +457,48 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, 3C): th
     long long bhT = ((long long)b * NH + h) * T;
     int first = tile * FA_ROWS + warp * 16, key0 = first + g, key1 = key0 + 8;   // my two key rows
     unsigned int ka[HS / 16][4], va[HS / 16][4];
-    stage_rows(Qs, nullptr, base + C, qkvb + C + h * HS, tile * FA_ROWS, T, 3 * C);
-    stage_rows(dOs, nullptr, base + 2 * C, qkvb + 2 * C + h * HS, tile * FA_ROWS, T, 3 * C);
+    stage_rows(S, base + C, tile * FA_ROWS, T, 3 * C);
+    stage_rows(S + TILE, base + 2 * C, tile * FA_ROWS, T, 3 * C);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
-    load_a_frags(ka, Qs + warp * 16 * S_LD);
-    load_a_frags(va, dOs + warp * 16 * S_LD);
-    float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
-    for (int qt = tile; qt < (int)gridDim.x; qt++) {
-        int q0 = qt * FA_ROWS;
-        __syncthreads();
-        stage_rows(Qs, Qt, base, qkvb + h * HS, q0, T, 3 * C);
-        stage_rows(dOs, dOt, dbase, nullptr, q0, T, C);
+    load_a_frags(ka, S + warp * 16 * S_LD);
+    load_a_frags(va, S + TILE + warp * 16 * S_LD);
+    __syncthreads();
+    auto stage = [&](int qt) {                    // query tile qt (q, dout, L, D) into buffer (qt - tile) % 2
+        int buf = (qt - tile) % 2, q0 = qt * FA_ROWS;
+        stage_rows(S + 2 * buf * TILE, base, q0, T, 3 * C);
+        stage_rows(S + (2 * buf + 1) * TILE, dbase, q0, T, C);
         if (threadIdx.x < FA_ROWS) {
             int row = q0 + threadIdx.x;
-            Ls[threadIdx.x] = row < T ? lse[bhT + row] * LOG2E : 0.0f;
-            Ds[threadIdx.x] = row < T ? Dq[bhT + row] : 0.0f;
+            Ls[buf][threadIdx.x] = row < T ? lse[bhT + row] * LOG2E : 0.0f;
+            Ds[buf][threadIdx.x] = row < T ? Dq[bhT + row] : 0.0f;
         }
+    };
+    stage(tile);
+    cp_async_commit();
+    float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
+    for (int qt = tile; qt < (int)gridDim.x; qt++) {
+        int buf = (qt - tile) % 2, q0 = qt * FA_ROWS;
+        const bf16* Qs = S + 2 * buf * TILE;
+        const bf16* dOs = Qs + TILE;
+        if (qt + 1 < (int)gridDim.x) stage(qt + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-        for (int half = 0; half < 2; half++) {   // 32 queries at a time
+        for (int half = 0; half < 2; half++) {    // 32 queries at a time
             int c0 = 32 * half;
-            float st[4][4], dpt[4][4];           // s^T (my 16 keys x 32 queries) and dp^T
+            float st[4][4], dpt[4][4];            // s^T (my 16 keys x 32 queries) and dp^T
             mma_rows<4>(st, ka, Qs + c0 * S_LD);   // s^T = k q^T
             mma_rows<4>(dpt, va, dOs + c0 * S_LD); // dp^T = v do^T
             auto col = [&](int n, int i) { return c0 + 8 * n + 2 * t + (i & 1); };   // query within the tile
-            softmax_grad<4>(st, dpt,
+            softmax_grad(st, dpt,
                 [&](int n, int i) { int q = q0 + col(n, i); return q >= T || q < (i < 2 ? key0 : key1); },
-                [&](int n, int i) { return Ls[col(n, i)]; }, [&](int n, int i) { return Ds[col(n, i)]; });
-            mma_cols<2>(dv, st, dOt, c0);        // dv += p^T do
-            mma_cols<2>(dk, dpt, Qt, c0);        // dk += ds^T q
+                [&](int n, int i) { return Ls[buf][col(n, i)]; }, [&](int n, int i) { return Ds[buf][col(n, i)]; });
+            mma_cols<2>(dv, st, dOs, c0);         // dv += p^T do
+            mma_cols<2>(dk, dpt, Qs, c0);         // dk += ds^T q
         }
+        __syncthreads();
     }
     const float scale = 1.0f / sqrtf((float)HS);
     bf16* drow = dqkv + (long long)b * T * 3 * C + h * HS;

@@ -1,4 +1,6 @@
-// mma.cuh: one tensor-core instruction, mma.sync m16n8k16 with bf16 inputs and float32 accumulators (lesson 13).
+// mma.cuh: the warp-level instructions of the tensor-core flash attention (lesson 13): mma.sync m16n8k16 (bf16
+// inputs, float32 accumulators), ldmatrix (fragments from shared memory) and cp.async (global -> shared copies
+// that run while the warp computes).
 //
 // D (16 x 8) += A (16 x 16) @ B (16 x 8), computed by the 32 lanes of a warp together. No lane holds a whole
 // matrix: each holds a fixed piece (its "fragment"), as the PTX manual lays out. With g = lane / 4 (0..7)
@@ -13,12 +15,16 @@
 // The D layout of two neighbouring 16 x 8 products is the A layout of one 16 x 16 operand: flash attention
 // feeds its probabilities P from one product straight into the next without moving them between lanes.
 //
-// On a GPU the product is the PTX instruction. In the CPU emulator (no __CUDA_ARCH__), or on a GPU with
-// -DLLMC_MMA_SHUFFLE, it is computed with warp shuffles: each lane fetches the rows of A and the columns of B
-// it needs from the lanes that hold them. That version is plain CUDA, and states the layout as code.
-// Every lane of the warp must call it together (it is a warp collective), in a 1-D block.
+// On a GPU each function is its PTX instruction. In the CPU emulator (no __CUDA_ARCH__), or on a GPU with
+// -DLLMC_MMA_SHUFFLE, mma and ldmatrix are computed with warp shuffles: each lane fetches what it needs from
+// the lanes that hold it. That version is plain CUDA, and states the layouts as code. Every lane of the warp
+// must call them together (they are warp collectives), in a 1-D block.
 #pragma once
 #include "bf16.cuh"
+
+#if defined(__CUDA_ARCH__) && !defined(LLMC_MMA_SHUFFLE)
+#define LLMC_PTX 1
+#endif
 
 // Two floats -> one 32-bit register of two bf16 (lo in the lower half), each rounded to nearest, ties to even.
 __device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
@@ -36,7 +42,7 @@ __device__ __forceinline__ float bf16_hi(unsigned int two) { return __uint_as_fl
 
 // d += A @ B for the warp's 16 x 16 A and 16 x 8 B fragments (layouts above).
 __device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned int a[4], const unsigned int b[2]) {
-#if defined(__CUDA_ARCH__) && !defined(LLMC_MMA_SHUFFLE)
+#if LLMC_PTX
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -63,5 +69,63 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned int a[
         acc[3] += bf16_lo(A1) * bf16_lo(B1lo) + bf16_hi(A1) * bf16_hi(B1lo) + bf16_lo(A3) * bf16_lo(B1hi) + bf16_hi(A3) * bf16_hi(B1hi);
     }
     for (int i = 0; i < 4; i++) d[i] += acc[i];
+#endif
+}
+
+// ldmatrix: four 8 x 8 bf16 matrices M_0 .. M_3 from shared memory into fragments. Lane l passes the address
+// of row l % 8 of M_{l / 8} (16 contiguous bytes). Lane (g, t) receives r[j] = M_j[g][2t, 2t+1]; with
+// _trans it receives the transposed fragment, r[j] = M_j[2t, 2t+1][g] (two rows, one column: what a B operand
+// stored row by row along k needs).
+__device__ __forceinline__ void ldmatrix_x4(unsigned int r[4], const bf16* row) {
+#if LLMC_PTX
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"((unsigned int)__cvta_generic_to_shared(row)));
+#else
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    for (int j = 0; j < 4; j++) {
+        const bf16* p = (const bf16*)__shfl_sync(0xffffffffu, (unsigned long long)row, 8 * j + g);  // row g of M_j
+        r[j] = (unsigned int)p[2 * t] | ((unsigned int)p[2 * t + 1] << 16);
+    }
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int r[4], const bf16* row) {
+#if LLMC_PTX
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"((unsigned int)__cvta_generic_to_shared(row)));
+#else
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    for (int j = 0; j < 4; j++) {
+        const bf16* p0 = (const bf16*)__shfl_sync(0xffffffffu, (unsigned long long)row, 8 * j + 2 * t);
+        const bf16* p1 = (const bf16*)__shfl_sync(0xffffffffu, (unsigned long long)row, 8 * j + 2 * t + 1);
+        r[j] = (unsigned int)p0[g] | ((unsigned int)p1[g] << 16);   // rows 2t and 2t+1 of M_j, column g
+    }
+#endif
+}
+
+// cp.async: copy 16 bytes from global to shared memory without passing through registers, so the loads of
+// the next tile run while the warp computes on this one; valid = false writes 16 zero bytes instead (a row
+// past the end). A thread's copies are grouped by cp_async_commit(); cp_async_wait<N>() waits until at most
+// the N newest groups are still in flight, and a __syncthreads() after it shows the data to the whole block.
+// (The emulator copies at once: the data just arrives early, which is one of the orders a GPU may take.)
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"((unsigned int)__cvta_generic_to_shared(smem)), "l"(gmem), "r"(valid ? 16 : 0));
+#else
+    *reinterpret_cast<int4*>(smem) = valid ? *reinterpret_cast<const int4*>(gmem) : make_int4(0, 0, 0, 0);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.commit_group;");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.wait_group %0;" :: "n"(N));
 #endif
 }

@@ -310,6 +310,17 @@ def softmax_backward_bf16_cuda(datt, att, scale: float, out=None, block_size: in
     return out
 
 
+def add_bias_bf16_cuda(inp, bias, out=None, block_size: int = 256):
+    """(B, T, OC) bf16 product, (OC,) float32 bias -> inp + bias (B, T, OC) bf16; out may be inp (in place)."""
+    _bf16_array("inp", inp, (None, None, None))
+    OC = _eight("OC", inp.shape[-1])
+    device.require_array("bias", bias, shape=(OC,))
+    out = device.xp.empty_like(inp) if out is None else _bf16_array("out", out, inp.shape)
+    _launch("add_bias_bf16_kernel", inp.size // 8, _block(block_size),
+            (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
+    return out
+
+
 def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
     """(B, T, OC) bf16 product, (OC,) float32 bias -> gelu(inp + bias) (B, T, OC) bf16."""
     _bf16_array("inp", inp, (None, None, None))

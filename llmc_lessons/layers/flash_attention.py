@@ -121,7 +121,7 @@ FA_THREADS = 128      # 4 warps of 16 rows
 BF16_HEAD_SIZES = (16, 32, 48, 64)   # hs is compiled in (-DHS); shared memory fits these
 
 
-def _check_bf16(qkv, qkvb, NH, where):
+def _check_bf16(qkv, NH, where):
     from llmc_lessons.layers.bf16 import _bf16_array
     _bf16_array("qkv", qkv, (None, None, None))
     B, T, C3 = qkv.shape
@@ -132,8 +132,7 @@ def _check_bf16(qkv, qkvb, NH, where):
     hs = C // int(NH)
     if hs not in BF16_HEAD_SIZES:
         raise ValueError(f"{where}: head size hs = {hs} is not one of {BF16_HEAD_SIZES}: the tensor-core kernels "
-                         f"work on 16-wide pieces of a head and keep whole tiles in 48 KiB of shared memory")
-    device.require_array("qkvb", qkvb, shape=(C3,))
+                         f"work on 16-wide pieces of a head and keep their tiles in 48 KiB of shared memory")
     return B, T, C, hs
 
 
@@ -142,23 +141,23 @@ def _bf16_kernel(name, hs):
     return load_kernel("flash_attention.cu", name, (f"-DHS={hs}",))
 
 
-def flash_attention_forward_bf16_cuda(qkv, qkvb, NH):
-    """qkv (B, T, 3C) bf16 (the product, without its bias), qkvb (3C,) float32 -> out (B, T, C) bf16 and
-    lse (B, NH, T) float32, on the tensor cores; nothing of size T x T is made."""
-    B, T, C, hs = _check_bf16(qkv, qkvb, NH, "flash_attention_forward_bf16_cuda")
+def flash_attention_forward_bf16_cuda(qkv, NH):
+    """qkv (B, T, 3C) bf16, its bias added -> out (B, T, C) bf16 and lse (B, NH, T) float32 (L), on the
+    tensor cores; nothing of size T x T is made."""
+    B, T, C, hs = _check_bf16(qkv, NH, "flash_attention_forward_bf16_cuda")
     xp = device.xp
     out, lse = xp.empty((B, T, C), np.uint16), xp.empty((B, int(NH), T), np.float32)
     if B * T:
         _bf16_kernel("flash_attention_forward_bf16_kernel", hs)(
-            (-(-T // FA_ROWS), int(NH), B), (FA_THREADS,), (out, lse, qkv, qkvb, np.int32(B), np.int32(T), np.int32(NH)))
+            (-(-T // FA_ROWS), int(NH), B), (FA_THREADS,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH)))
     return out, lse
 
 
-def flash_attention_backward_bf16_cuda(dout, qkv, qkvb, out, lse, NH):
-    """dout (B, T, C) bf16, and the forward's qkv, qkvb, out, lse -> dqkv (B, T, 3C) bf16 (dq, dk, dv; the
-    bias gradient is the column sum of dqkv, left to the qkv matmul's backward)."""
+def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH):
+    """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv (B, T, 3C) bf16: dq, dk, dv (the bias
+    gradient is the column sum of dqkv, which the qkv matmul's backward takes)."""
     from llmc_lessons.layers.bf16 import _bf16_array
-    B, T, C, hs = _check_bf16(qkv, qkvb, NH, "flash_attention_backward_bf16_cuda")
+    B, T, C, hs = _check_bf16(qkv, NH, "flash_attention_backward_bf16_cuda")
     _bf16_array("dout", dout, (B, T, C))
     _bf16_array("out", out, (B, T, C))
     device.require_array("lse", lse, shape=(B, NH, T))
@@ -167,7 +166,7 @@ def flash_attention_backward_bf16_cuda(dout, qkv, qkvb, out, lse, NH):
     if B * T:
         grid, sizes = (-(-T // FA_ROWS), int(NH), B), (np.int32(B), np.int32(T), np.int32(NH))
         _bf16_kernel("flash_attention_backward_dq_bf16_kernel", hs)(
-            grid, (FA_THREADS,), (dqkv, D, dout, qkv, qkvb, out, lse, *sizes))
+            grid, (FA_THREADS,), (dqkv, D, dout, qkv, out, lse, *sizes))
         _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel", hs)(
-            grid, (FA_THREADS,), (dqkv, dout, qkv, qkvb, lse, D, *sizes))
+            grid, (FA_THREADS,), (dqkv, dout, qkv, lse, D, *sizes))
     return dqkv
