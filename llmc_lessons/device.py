@@ -6,6 +6,7 @@ Everything else in the package uses `xp` (cupy or numpy) and the helpers below, 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import numpy as np
 
@@ -72,6 +73,13 @@ def address(a) -> int:
     return a.data.ptr if on_gpu() else a.ctypes.data
 
 
+@lru_cache(maxsize=None)
+def _dtypes(dtype) -> tuple:
+    """The allowed dtypes of require_array's `dtype` argument, as a tuple of np.dtype (made once per argument:
+    the launchers call require_array several times per launch)."""
+    return () if dtype is None else tuple(np.dtype(d) for d in (dtype if isinstance(dtype, tuple) else (dtype,)))
+
+
 def require_array(name: str, a, shape=None, dtype=np.float32):
     """Raise a clear TypeError/ValueError unless `a` is a C-contiguous backend array of `dtype` and `shape`.
 
@@ -83,13 +91,14 @@ def require_array(name: str, a, shape=None, dtype=np.float32):
             raise TypeError(f"{name} must be {where}, got a NumPy array in host memory "
                             f"(move it with llmc_lessons.device.to_device)")
         raise TypeError(f"{name} must be {where}, got {type(a).__module__}.{type(a).__name__}")
-    allowed = () if dtype is None else tuple(np.dtype(d) for d in (dtype if isinstance(dtype, tuple) else (dtype,)))
+    allowed = _dtypes(dtype)
     if allowed and a.dtype not in allowed:
         if len(allowed) == 1:
             raise TypeError(f"{name} must have dtype {allowed[0]}, got {a.dtype} (use .astype(np.{allowed[0]}))")
         raise TypeError(f"{name} must have one of the dtypes {', '.join(map(str, allowed))}, got {a.dtype}")
     if shape is not None:
-        ok = a.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, a.shape))
+        have = a.shape
+        ok = len(have) == len(shape) and all(s is None or s == d for s, d in zip(shape, have))
         if not ok:
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(a.shape)}")

@@ -30,62 +30,80 @@ launch_listeners: list = []
 
 
 def _dims(name: str, value, limits) -> tuple[int, int, int]:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if type(value) is int:
         value = (value,)
-    if not isinstance(value, tuple) or not 1 <= len(value) <= 3 or not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+    if type(value) is not tuple or not all(type(v) is int for v in value):   # the slow path: other int types
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            value = (value,)
+        if not isinstance(value, tuple) or not all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+            raise TypeError(f"{name} must be an int or a tuple of 1 to 3 ints, got {value!r}")
+        value = tuple(int(v) for v in value)
+    if not 1 <= len(value) <= 3:
         raise TypeError(f"{name} must be an int or a tuple of 1 to 3 ints, got {value!r}")
-    dims = tuple(int(v) for v in value) + (1,) * (3 - len(value))
+    dims = value + (1,) * (3 - len(value))
     for axis, (v, lim) in enumerate(zip(dims, limits)):
         if not 1 <= v <= lim:
             raise ValueError(f"{name}[{axis}] = {v} is outside 1..{lim}")
     return dims
 
 
+@lru_cache(maxsize=None)
+def _plan(sig: cu_source.KernelSignature) -> tuple:
+    """Per parameter: (param, the dtype its argument must have or None, (lanes, alignment) of a vector type)."""
+    return tuple((p, cu_source.numpy_dtype(p.base), cu_source.vector_info(p.base)) for p in sig.params)
+
+
 def _check_args(sig: cu_source.KernelSignature, args) -> list:
-    """Validate `args` against the kernel's parameters; return them as NumPy/CuPy arrays and NumPy scalars."""
+    """Validate `args` against the kernel's parameters; return them as NumPy/CuPy arrays and NumPy scalars.
+
+    Runs before every launch, so the common case is kept short; messages are built only on an error."""
     if not isinstance(args, tuple):
         raise TypeError(f"args must be a tuple, got {type(args).__name__} (write (a, b, n) or (a,) for one)")
     if len(args) != len(sig.params):
         want = ", ".join(p.describe() for p in sig.params)
         raise TypeError(f"kernel '{sig.name}' takes {len(sig.params)} arguments ({want}), got {len(args)}")
+    gpu, array = device.on_gpu(), device.xp.ndarray
     out = []
-    for i, (p, a) in enumerate(zip(sig.params, args)):
-        where = f"argument {i} ({p.describe()}) of kernel '{sig.name}'"
-        want = cu_source.numpy_dtype(p.base)
+    for i, (p, want, vec) in enumerate(_plan(sig)):
+        a = args[i]
+        def where():
+            return f"argument {i} ({p.describe()}) of kernel '{sig.name}'"
         if p.pointer:
-            if isinstance(a, np.ndarray) and device.on_gpu():
-                raise TypeError(f"{where}: got a NumPy array, but kernels run on the GPU: move it there with "
-                                f"llmc_lessons.device.to_device")
-            if not isinstance(a, device.xp.ndarray):
-                raise TypeError(f"{where}: expected an array, got {type(a).__name__}")
+            if not isinstance(a, array):
+                if isinstance(a, np.ndarray) and gpu:
+                    raise TypeError(f"{where()}: got a NumPy array, but kernels run on the GPU: move it there "
+                                    f"with llmc_lessons.device.to_device")
+                raise TypeError(f"{where()}: expected an array, got {type(a).__name__}")
             if want is not None and a.dtype != want:
-                raise TypeError(f"{where}: expected an array of {want}, got {a.dtype}")
-            if not a.flags.c_contiguous:
-                raise ValueError(f"{where}: the array is not C-contiguous (a kernel sees only a pointer to its "
+                raise TypeError(f"{where()}: expected an array of {want}, got {a.dtype}")
+            flags = a.flags
+            if not flags.c_contiguous:
+                raise ValueError(f"{where()}: the array is not C-contiguous (a kernel sees only a pointer to its "
                                  f"first element); pass xp.ascontiguousarray(...)")
-            if not p.const and not device.on_gpu() and not a.flags.writeable:
-                raise ValueError(f"{where}: the array is read-only but the parameter is not const")
-            vec = cu_source.vector_info(p.base)
+            if not gpu and not p.const and not flags.writeable:
+                raise ValueError(f"{where()}: the array is read-only but the parameter is not const")
             if vec:
                 lanes, align = vec
                 if device.address(a) % align or a.size % lanes:
-                    raise ValueError(f"{where}: a {p.base} pointer needs an array whose start is {align}-byte "
+                    raise ValueError(f"{where()}: a {p.base} pointer needs an array whose start is {align}-byte "
                                      f"aligned and whose size is a multiple of {lanes}")
             out.append(a)
+        elif isinstance(a, np.generic) and not isinstance(a, np.bool_) and a.dtype == want:
+            out.append(a)                                   # the common case: np.int32(n), np.float32(x)
         else:
             if isinstance(a, (bool, np.bool_)) and p.base != "bool":
-                raise TypeError(f"{where}: got a bool")
+                raise TypeError(f"{where()}: got a bool")
             if isinstance(a, (int, float)) and not isinstance(a, bool):
                 if (isinstance(a, int) and want == np.int64) or (isinstance(a, float) and want == np.float64):
                     out.append(want.type(a))
                     continue
-                raise TypeError(f"{where}: got a Python {type(a).__name__}; pass np.{want.name}({a!r}). CuPy passes "
-                                f"a Python int as a 64-bit integer and a float as a double, which the kernel "
-                                f"would misread as its {p.base}")
+                raise TypeError(f"{where()}: got a Python {type(a).__name__}; pass np.{want.name}({a!r}). CuPy "
+                                f"passes a Python int as a 64-bit integer and a float as a double, which the "
+                                f"kernel would misread as its {p.base}")
             if not isinstance(a, np.generic) or a.dtype != want:
                 got = a.dtype if isinstance(a, np.generic) else type(a).__name__
-                raise TypeError(f"{where}: expected np.{want.name}, got {got}")
+                raise TypeError(f"{where()}: expected np.{want.name}, got {got}")
             out.append(a)
     return out
 
@@ -135,7 +153,7 @@ class RawKernel:
         for listener in launch_listeners:
             listener(self.name)
         if device.on_gpu():
-            if self.max_dynamic_shared_size_bytes:
+            if self.max_dynamic_shared_size_bytes != impl.max_dynamic_shared_size_bytes:   # a driver call: once
                 impl.max_dynamic_shared_size_bytes = int(self.max_dynamic_shared_size_bytes)
             impl(grid, block, tuple(args), shared_mem=int(shared_mem))
             return

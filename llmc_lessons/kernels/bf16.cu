@@ -376,11 +376,40 @@ extern "C" __global__ void gelu_bias_backward_bf16_kernel(bf16* dinp,         //
     store8(dinp + (size_t)i * 8, d);
 }
 
-// Column sums of dout (N, OC) in two deterministic steps, as a bias gradient needs. Step 1: block (32, Y),
-// grid (ceil(OC / 256), R): thread x owns 8 neighbouring columns, the Y * R threads of a column split the
-// rows, the Y threads of a block add their sums in order through shared memory, and partial[r] gets each
-// block row's sums. Step 2 (column_sum_add_kernel) adds the R partial rows into the gradient.
-extern "C" __global__ void matmul_backward_bias_bf16_kernel(float* partial,     // (R, OC), R = gridDim.y
+// The last of `blocks` blocks to call this returns true; *counter counts the arrivals and is reset by that
+// block for the next launch. Each block calls it after writing its row of partial sums: the fence makes the
+// row visible to the block that will add the rows (the "last block" reduction of CUDA's threadFenceReduction
+// sample). One launch instead of two, and still deterministic: one block adds the rows, in order.
+__device__ bool last_block(unsigned int* counter, unsigned int blocks) {
+    __shared__ unsigned int arrived;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        arrived = atomicAdd(counter, 1u);
+        if (arrived == blocks - 1) *counter = 0u;
+    }
+    __syncthreads();
+    return arrived == blocks - 1;
+}
+
+// out[c] += sum over r of partial[r][c], rows in order, for columns c0 <= c < c1, by the threads of a block.
+__device__ void add_partial_rows(float* out, const float* partial, int R, int C, int c0, int c1) {
+    __threadfence();                          // read the rows the other blocks wrote, not a stale copy
+    int nthreads = blockDim.x * blockDim.y;
+    for (int c = c0 + threadIdx.y * blockDim.x + threadIdx.x; c < c1; c += nthreads) {
+        float s = 0.0f;
+        for (int r = 0; r < R; r++) s += partial[(size_t)r * C + c];
+        out[c] += s;
+    }
+}
+
+// dbias (OC,) += the column sums of dout (N, OC), deterministically. Block (32, Y), grid (ceil(OC / 256), R):
+// thread x owns 8 neighbouring columns, the Y * R threads of a column split the rows, the Y threads of a
+// block add their sums in order through shared memory and partial[r] gets each block row's sums; the last
+// block of a column group adds its R rows into dbias.
+extern "C" __global__ void matmul_backward_bias_bf16_kernel(float* dbias,       // (OC,) accumulated into
+                                                            float* partial,     // (R, OC), R = gridDim.y
+                                                            unsigned int* counters,  // (gridDim.x,) zeros
                                                             const bf16* dout,   // (N, OC)
                                                             int N, int OC) {
     extern __shared__ float buf[];              // (Y, 256)
@@ -413,25 +442,9 @@ extern "C" __global__ void matmul_backward_bias_bf16_kernel(float* partial,     
             partial[(size_t)blockIdx.y * OC + c + k] = s;
         }
     }
-}
-
-// out[c] += sum over r of partial[r, c], always in the same order. Block (32, Y): 32 neighbouring columns,
-// the Y rows of threads split the R partial rows, then thread row 0 adds their Y sums in order.
-extern "C" __global__ void column_sum_add_kernel(float* out,             // (C,) accumulated into
-                                                 const float* partial,   // (R, C)
-                                                 int R, int C) {
-    extern __shared__ float buf[];              // (Y, 32)
-    int c = blockIdx.x * 32 + threadIdx.x;
-    float acc = 0.0f;
-    if (c < C) {
-        for (int r = threadIdx.y; r < R; r += blockDim.y) acc += partial[(size_t)r * C + c];
-    }
-    buf[threadIdx.y * 32 + threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-        float s = 0.0f;
-        for (int y = 0; y < blockDim.y; y++) s += buf[y * 32 + threadIdx.x];
-        out[c] += s;
+    if (last_block(counters + blockIdx.x, gridDim.y)) {
+        int c0 = blockIdx.x * 256;
+        add_partial_rows(dbias, partial, gridDim.y, OC, c0, min(OC, c0 + 256));
     }
 }
 
@@ -442,12 +455,15 @@ extern "C" __global__ void column_sum_add_kernel(float* out,             // (C,)
 // (the two readers of a residual add up); dinp_bf16 gets its new value in bf16 for the next matmul's
 // backward. A row's dout, inp and old dinp are all loaded at once into registers, so each row costs one wait
 // for memory. Each warp sums its rows' dweight and dbias terms in registers; at the end the warps of a block
-// add theirs in order through shared memory into row blockIdx.x of the partial arrays, and
-// column_sum_add_kernel adds those rows in order: the result is deterministic.
+// add theirs in order through shared memory into row blockIdx.x of the partial arrays, and the last block
+// adds those rows in order into dweight and dbias: the result is deterministic.
 extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,             // (N, C) accumulated into
                                                          bf16* dinp_bf16,         // (N, C)
+                                                         float* dweight,          // (C,) accumulated into
+                                                         float* dbias,            // (C,) accumulated into
                                                          float* partial_dweight,  // (gridDim.x, C)
                                                          float* partial_dbias,    // (gridDim.x, C)
+                                                         unsigned int* counter,   // (1,) zero
                                                          const bf16* dout,        // (N, C)
                                                          const bf16* inp,         // (N, C)
                                                          const float* weight,     // (C,)
@@ -525,6 +541,10 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
             out[(size_t)blockIdx.x * C + c] = sum;
         }
         __syncthreads();
+    }
+    if (last_block(counter, gridDim.x)) {
+        add_partial_rows(dweight, partial_dweight, gridDim.x, C, 0, C);
+        add_partial_rows(dbias, partial_dbias, gridDim.x, C, 0, C);
     }
 }
 

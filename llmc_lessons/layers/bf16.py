@@ -344,14 +344,16 @@ def gelu_bias_backward_bf16_cuda(dout, inp, bias, out=None, block_size: int = 25
     return out
 
 
-def _column_sum_add(out, partial, rows_per_block: int = 32):
-    """out (C,) += partial (R, C) summed over R, in a fixed order (column_sum_add_kernel)."""
-    from llmc_lessons.cuda import load_kernel
-    R, C = partial.shape
-    if C:
-        load_kernel("bf16.cu", "column_sum_add_kernel")((-(-C // 32),), (32, rows_per_block),
-                                                         (out, partial, np.int32(R), np.int32(C)),
-                                                         shared_mem=4 * 32 * rows_per_block)
+_counters = {}
+
+
+def _zero_counters(n: int):
+    """A device array of at least n uint32 zeros for the kernels' last-block reductions (which leave them
+    zero again), made once per process."""
+    a = _counters.get("array")
+    if a is None or a.size < n:
+        a = _counters["array"] = device.xp.zeros(max(n, 1024), np.uint32)
+    return a
 
 
 def matmul_backward_bias_bf16_cuda(dbias, dout, block_rows: int = 8, grid_rows: int | None = None):
@@ -367,11 +369,10 @@ def matmul_backward_bias_bf16_cuda(dbias, dout, block_rows: int = 8, grid_rows: 
     R = max(1, min(-(-N // (16 * Y)), 256 // -(-OC // 256))) if grid_rows is None else _int("grid_rows", grid_rows)
     if Y > 32:
         raise ValueError(f"block_rows must be at most 32 (32 x block_rows threads per block), got {Y}")
-    partial = device.xp.empty((R, OC), np.float32)
+    partial, groups = device.xp.empty((R, OC), np.float32), -(-OC // 256)
     load_kernel("bf16.cu", "matmul_backward_bias_bf16_kernel")(
-        (-(-OC // 256), R), (32, Y), (partial, dout, np.int32(N), np.int32(OC)),
+        (groups, R), (32, Y), (dbias, partial, _zero_counters(groups), dout, np.int32(N), np.int32(OC)),
         shared_mem=4 * 256 * Y)
-    _column_sum_add(dbias, partial)
 
 
 def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, dbias, block_size: int = 256,
@@ -380,7 +381,7 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     dweight, dbias (C,) float32 += theirs. Returns dinp's new value in bf16 (for the next matmul backward).
 
     max_blocks caps the grid (default: two blocks per multiprocessor of an H100): each warp loops over rows,
-    each block leaves one row of partial sums of dweight and dbias, which a second kernel adds in order."""
+    each block leaves one row of partial sums of dweight and dbias, which the last block adds in order."""
     from llmc_lessons.cuda import load_kernel
     _bf16_array("inp", inp, (None, None, None))
     B, T, C = inp.shape
@@ -404,10 +405,9 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     partial_dweight, partial_dbias = xp.empty((blocks, C), np.float32), xp.empty((blocks, C), np.float32)
     if N:
         load_kernel("bf16.cu", "layernorm_backward_bf16_kernel")(
-            (blocks,), (block_size,), (dinp, dinp_bf16, partial_dweight, partial_dbias, dout, inp, weight, mean,
-                                       rstd, np.int32(N), np.int32(C)), shared_mem=4 * wpb * C)
-        _column_sum_add(dweight, partial_dweight)
-        _column_sum_add(dbias, partial_dbias)
+            (blocks,), (block_size,), (dinp, dinp_bf16, dweight, dbias, partial_dweight, partial_dbias,
+                                       _zero_counters(1), dout, inp, weight, mean, rstd, np.int32(N), np.int32(C)),
+            shared_mem=4 * wpb * C)
     return dinp_bf16
 
 
