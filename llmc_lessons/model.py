@@ -264,7 +264,8 @@ class GPT2:
     # -- forward --------------------------------------------------------------------------------------------
 
     def _tokens(self, name, a):
-        """Check (B, T) token ids in [0, V) and return them as int32 arrays of this model's path."""
+        """Check (B, T) token ids in [0, V) on the host; return them as int32 arrays: (on the host, of this
+        model's path)."""
         host = np.asarray(device.to_host(a))
         if host.ndim != 2:
             raise ValueError(f"{name} must have shape (B, T), got {host.shape}")
@@ -275,7 +276,8 @@ class GPT2:
         if host.size and (host.min() < 0 or host.max() >= self.config.vocab_size):
             raise ValueError(f"{name} must hold token ids in [0, {self.config.vocab_size}), "
                              f"found {host.min()}..{host.max()}")
-        return self._asarray(host, dtype=np.int32)
+        host = np.ascontiguousarray(host, dtype=np.int32)
+        return host, self._asarray(host, dtype=np.int32)
 
     def forward(self, idx, targets=None):
         """idx, targets: integer (B, T). Returns the mean cross-entropy loss (a float), or None without targets.
@@ -283,9 +285,9 @@ class GPT2:
         Keeps what backward needs; self.logits is (B, T, Vp) (columns V..Vp-1 are real matmul outputs of the
         zero padded rows of wte; softmax and the loss never see them).
         """
-        idx = self._tokens("idx", idx)
+        host_idx, idx = self._tokens("idx", idx)
         if targets is not None:
-            targets = self._tokens("targets", targets)
+            _, targets = self._tokens("targets", targets)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
         run = _bf16_forward if self.precision == "bf16" else _kernel_forward if self._use_kernels else _numpy_forward
@@ -293,6 +295,10 @@ class GPT2:
         # double the peak memory (two steps' activations at once).
         self.logits = self.losses = self._cache = self.mean_loss = None
         self.logits, self.losses, self._cache = run(self, idx, targets)
+        if targets is not None and self._use_kernels:
+            # the encoder backward's token buckets, sorted here on the host so that the backward never waits
+            from llmc_lessons.layers.encoder import _token_buckets
+            self._cache["buckets"] = tuple(self._asarray(a, dtype=np.int32) for a in _token_buckets(host_idx))
         if targets is None:
             self.mean_loss = None
             return None
@@ -558,7 +564,8 @@ def _kernel_backward(model, cache):
                                                      c.num_heads, matmul_version=version)
         for name in BLOCK_PARAMETER_NAMES:
             g[name][l] += block_grads[name]
-    dwte_enc, dwpe = encoder_backward_cuda(dresidual, cache["idx"], c.padded_vocab_size, c.max_seq_len)
+    dwte_enc, dwpe = encoder_backward_cuda(dresidual, cache["idx"], c.padded_vocab_size, c.max_seq_len,
+                                           buckets=cache["buckets"])
     g["wte"] += dwte_enc                                           # tied weights: both shares add up
     g["wpe"] += dwpe
 
@@ -660,7 +667,8 @@ def _bf16_backward(model, cache):
         dln1 = linear_backward(dqkv, a["ln1"], w["qkvw"][l], g["qkvw"][l], g["qkvb"][l])
         dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dln1, a["x"], p["ln1w"][l], a["ln1_mean"],
                                                    a["ln1_rstd"], g["ln1w"][l], g["ln1b"][l])
-    dwte_enc, dwpe = encoder_backward_cuda(dres, cache["idx"], c.padded_vocab_size, c.max_seq_len)
+    dwte_enc, dwpe = encoder_backward_cuda(dres, cache["idx"], c.padded_vocab_size, c.max_seq_len,
+                                           buckets=cache["buckets"])
     g["wte"] += dwte_enc
     g["wpe"] += dwpe
 

@@ -157,13 +157,27 @@ def test_backward_kernel2_deterministic_pair_accumulates(block_size):
     np.testing.assert_allclose(to_host(dwpe), want_wpe, rtol=1e-6, atol=1e-6)
 
 
-def test_token_buckets():
+@pytest.mark.parametrize("on_host", [False, True])   # host ids: what GPT2.forward makes them from
+def test_token_buckets(on_host):
     inp = np.array([[5, 2, 5, 7], [2, 5, 1, 2]], dtype=np.int32)
-    positions, start, token = (to_host(a) for a in _token_buckets(to_device(inp)))
+    buckets = _token_buckets(inp if on_host else to_device(inp))
+    assert all(isinstance(a, np.ndarray if on_host else device.xp.ndarray) for a in buckets)
+    positions, start, token = (to_host(a) for a in buckets)
     assert positions.dtype == start.dtype == token.dtype == np.int32
     assert token.tolist() == [1, 2, 5, 7]
     assert start.tolist() == [0, 1, 4, 7, 8]
     assert positions.tolist() == [6, 1, 4, 7, 0, 2, 5, 3]   # ascending inside each bucket
+
+
+def test_backward_with_buckets_made_ahead():
+    inp, dout, _, _, _, _ = _backward_case(3, B=2, T=6, C=23, V=15, maxT=8)
+    buckets = tuple(to_device(a) for a in _token_buckets(inp))
+    got = encoder_backward_cuda(to_device(dout), to_device(inp), 15, 8, buckets=buckets)
+    want = encoder_backward_cuda(to_device(dout), to_device(inp), 15, 8)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(to_host(a), to_host(b))
+    with pytest.raises(ValueError, match="buckets do not fit"):
+        encoder_backward_cuda(to_device(dout), to_device(inp), 15, 8, buckets=(buckets[0][:-1].copy(), *buckets[1:]))
 
 
 @pytest.mark.parametrize("version,block_size", [(1, 32), (1, 128), (2, 64), (2, 256)])

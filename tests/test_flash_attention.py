@@ -2,13 +2,16 @@
 import numpy as np
 import pytest
 
+from llmc_lessons import device
 from llmc_lessons.checks import poisoned
 from llmc_lessons.checks.flash_attention import check_flash_forward_kernel, check_online_softmax_update
 from llmc_lessons.cuda import kernel_source
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.layers.attention import attention_backward, attention_forward
-from llmc_lessons.layers.flash_attention import (flash_attention_backward, flash_attention_backward_cuda,
-                                                 flash_attention_forward, flash_attention_forward_cuda,
+from llmc_lessons.layers.bf16 import from_bf16, to_bf16
+from llmc_lessons.layers.flash_attention import (flash_attention_backward, flash_attention_backward_bf16_cuda,
+                                                 flash_attention_backward_cuda, flash_attention_forward,
+                                                 flash_attention_forward_bf16_cuda, flash_attention_forward_cuda,
                                                  online_softmax_update)
 
 SRC = kernel_source("flash_attention.cu")
@@ -154,41 +157,21 @@ def test_the_notebook_kernel_is_the_package_kernel():
 # ---------------------------------------------------------------------------------------------------------
 # Version 2: bf16 on the tensor cores
 
-from llmc_lessons import device  # noqa: E402
-from llmc_lessons.cuda import RawKernel  # noqa: E402
-from llmc_lessons.layers.bf16 import from_bf16, to_bf16  # noqa: E402
-from llmc_lessons.layers.flash_attention import (flash_attention_backward_bf16_cuda,  # noqa: E402
-                                                 flash_attention_forward_bf16_cuda)
 
-MMA_TEST = r'''
-#include "mma.cuh"
-// One warp: D (16 x 8) = A (16 x 16) @ B (16 x 8) + C, fragments gathered from row-major A, B, C as mma.cuh says.
-extern "C" __global__ void mma_test_kernel(float* D, const bf16* A, const bf16* B, const float* C) {
-    int lane = threadIdx.x, g = lane / 4, t = lane % 4;
-    auto pair = [](bf16 lo, bf16 hi) { return (unsigned int)lo | ((unsigned int)hi << 16); };
-    unsigned int a[4] = {pair(A[g * 16 + 2 * t], A[g * 16 + 2 * t + 1]),
-                         pair(A[(g + 8) * 16 + 2 * t], A[(g + 8) * 16 + 2 * t + 1]),
-                         pair(A[g * 16 + 2 * t + 8], A[g * 16 + 2 * t + 9]),
-                         pair(A[(g + 8) * 16 + 2 * t + 8], A[(g + 8) * 16 + 2 * t + 9])};
-    unsigned int b[2] = {pair(B[(2 * t) * 8 + g], B[(2 * t + 1) * 8 + g]),
-                         pair(B[(2 * t + 8) * 8 + g], B[(2 * t + 9) * 8 + g])};
-    float d[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]};
-    mma_bf16_16816(d, a, b);
-    D[g * 8 + 2 * t] = d[0]; D[g * 8 + 2 * t + 1] = d[1]; D[(g + 8) * 8 + 2 * t] = d[2]; D[(g + 8) * 8 + 2 * t + 1] = d[3];
-}
-'''
-MMA_VERSIONS = [(), ("-DLLMC_MMA_SHUFFLE",)]   # on a GPU: the PTX instruction, and the shuffles the emulator runs
-
-
-@pytest.mark.parametrize("options", MMA_VERSIONS)
-def test_mma_fragment_layout(options):
+@pytest.mark.parametrize("options", [(), ("-DLLMC_MMA_SHUFFLE",)])   # on a GPU: the PTX instruction, and
+def test_mma_fragment_layout(options):                                   # the shuffles the emulator runs
+    from llmc_lessons.cuda import load_kernel
     gen = np.random.default_rng(3)
-    A, B, C = to_bf16(gen.standard_normal((16, 16))), to_bf16(gen.standard_normal((16, 8))), gen.standard_normal((16, 8))
-    D = poisoned((16, 8))
-    RawKernel(MMA_TEST, "mma_test_kernel", options)((1,), (32,), (D, *(to_device(x) for x in (A, B)),
-                                                               to_device(C.astype(np.float32))))
-    want = from_bf16(A).astype(np.float64) @ from_bf16(B).astype(np.float64) + C.astype(np.float32)
+    A, B = to_bf16(gen.standard_normal((16, 16))), to_bf16(gen.standard_normal((16, 8)))
+    C = gen.standard_normal((16, 8)).astype(np.float32)
+    D, regs = poisoned((16, 8)), poisoned((32, 4))
+    load_kernel("flash_attention.cu", "mma_bf16_16816_kernel", ("-DHS=64", *options))(
+        (1,), (32,), (D, regs, *(to_device(x) for x in (A, B, C))))
+    want = from_bf16(A).astype(np.float64) @ from_bf16(B).astype(np.float64) + C
     np.testing.assert_allclose(to_host(D), want, rtol=1e-5, atol=1e-5)
+    lane = np.arange(32)[:, None]
+    rows, cols = lane // 4 + 8 * (np.arange(4) >= 2), 2 * (lane % 4) + np.arange(4) % 2
+    np.testing.assert_array_equal(to_host(regs), to_host(D)[rows, cols])
 
 
 BF16_SHAPES = [(1, 1, 1, 16), (2, 70, 2, 16), (1, 131, 1, 32), (1, 65, 3, 48), (2, 77, 2, 64)]

@@ -119,6 +119,7 @@ class RawKernel:
         self.signature = cu_source.signature(code, name)
         self.max_dynamic_shared_size_bytes = 0  # raise it to allow more than 48 KiB of shared memory
         self._impl = None
+        self._applied_shared = 0   # the limit last passed to the GPU's copy of the kernel
 
     def _compiled(self):
         if self._impl is None:
@@ -153,8 +154,10 @@ class RawKernel:
         for listener in launch_listeners:
             listener(self.name)
         if device.on_gpu():
-            if self.max_dynamic_shared_size_bytes != impl.max_dynamic_shared_size_bytes:   # a driver call: once
-                impl.max_dynamic_shared_size_bytes = int(self.max_dynamic_shared_size_bytes)
+            wanted = int(self.max_dynamic_shared_size_bytes)
+            if wanted and wanted != self._applied_shared:   # a driver call (cuFuncSetAttribute): once per value
+                impl.max_dynamic_shared_size_bytes = wanted
+                self._applied_shared = wanted
             impl(grid, block, tuple(args), shared_mem=int(shared_mem))
             return
         from llmc_lessons.cuda import emulator

@@ -210,6 +210,28 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 #define TILE (FA_ROWS * S_LD)       // bf16 values per tile
 #define LOG2E 1.4426950408889634f
 
+// One warp, one instruction (lesson 13's picture of the fragments): D (16 x 8) = A (16 x 16) @ B (16 x 8) + C
+// from row-major matrices, each lane gathering its fragments as mma.cuh lays them out. D comes back
+// row-major, and regs (32, 4) holds what each lane's 4 accumulator registers held.
+__device__ __forceinline__ unsigned int two_bf16(bf16 lo, bf16 hi) { return (unsigned int)lo | ((unsigned int)hi << 16); }
+
+extern "C" __global__ void mma_bf16_16816_kernel(float* D, float* regs, const bf16* A, const bf16* B, const float* C) {
+    int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    unsigned int a[4] = {two_bf16(A[g * 16 + 2 * t], A[g * 16 + 2 * t + 1]),
+                         two_bf16(A[(g + 8) * 16 + 2 * t], A[(g + 8) * 16 + 2 * t + 1]),
+                         two_bf16(A[g * 16 + 2 * t + 8], A[g * 16 + 2 * t + 9]),
+                         two_bf16(A[(g + 8) * 16 + 2 * t + 8], A[(g + 8) * 16 + 2 * t + 9])};
+    unsigned int b[2] = {two_bf16(B[(2 * t) * 8 + g], B[(2 * t + 1) * 8 + g]),
+                         two_bf16(B[(2 * t + 8) * 8 + g], B[(2 * t + 9) * 8 + g])};
+    float d[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]};
+    mma_bf16_16816(d, a, b);
+    for (int i = 0; i < 4; i++) regs[lane * 4 + i] = d[i];
+    D[g * 8 + 2 * t] = d[0];
+    D[g * 8 + 2 * t + 1] = d[1];
+    D[(g + 8) * 8 + 2 * t] = d[2];
+    D[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
 // Start copying rows row0 .. row0+63 of one head into a tile: src is row 0 of this (b, h), ld elements
 // apart; rows at or past T become zeros. Consecutive threads copy consecutive 16-byte pieces of a row.
 __device__ __forceinline__ void stage_rows(bf16* tile, const bf16* src, int row0, int T, int ld) {

@@ -126,8 +126,9 @@ def _token_buckets(inp):
     positions lists the flat positions b*T+t sorted by (token id, position); bucket k holds the positions
     positions[bucket_start[k]:bucket_start[k+1]], all with token id bucket_token[k]. The sort key
     token * (B*T) + position is unique, so the result does not depend on how the sort breaks ties.
+    NumPy ids give NumPy arrays: on the host nothing waits for the GPU (on a GPU, nonzero does).
     """
-    xp = device.xp
+    xp = np if isinstance(inp, np.ndarray) else device.xp   # host ids (GPT2.forward) or backend ids
     flat = inp.reshape(-1)
     n = flat.size
     key = flat.astype(xp.int64) * n + xp.arange(n, dtype=xp.int64)
@@ -142,11 +143,14 @@ def _token_buckets(inp):
     return xp.ascontiguousarray(positions), bucket_start, bucket_token
 
 
-def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = True, block_size: int = 256):
+def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = True, block_size: int = 256,
+                          buckets=None):
     """(B, T, C), (B, T) int32 -> dwte (V, C), dwpe (maxT, C), fresh zero-initialised gradients.
 
     deterministic=False: encoder_backward_kernel1, atomicAdd (the last bits may differ between runs).
     deterministic=True: token buckets + encoder_backward_wte_kernel2 and encoder_backward_wpe_kernel2.
+    buckets: _token_buckets of the ids made ahead (GPT2.forward makes them on the host, where it checked the
+    ids), as backend arrays: then nothing here waits for the GPU.
     """
     from llmc_lessons.cuda import load_kernel
 
@@ -156,7 +160,7 @@ def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = Tr
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(deterministic, (bool, np.bool_)):
         raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
-    _require_ids(inp, int(V))
+    _require_ids(inp, int(V), check_range=buckets is None)
     B, T = inp.shape
     device.require_array("dout", dout, shape=(B, T, None))
     C = dout.shape[2]
@@ -172,7 +176,13 @@ def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = Tr
         load_kernel("encoder.cu", "encoder_backward_kernel1")(
             (-(-n // block_size),), (block_size,), (dwte, dwpe, dout, inp, np.int32(B), np.int32(T), np.int32(C)))
         return dwte, dwpe
-    positions, bucket_start, bucket_token = _token_buckets(inp)
+    if buckets is None:
+        buckets = _token_buckets(inp)
+    positions, bucket_start, bucket_token = buckets
+    for name, a in zip(("positions", "bucket_start", "bucket_token"), buckets):
+        device.require_array(name, a, shape=(None,), dtype=np.int32)
+    if positions.size != B * T or bucket_start.size != bucket_token.size + 1:
+        raise ValueError(f"buckets do not fit ids of shape {(B, T)}: make them with _token_buckets(ids)")
     n_buckets = int(bucket_token.size)
     n = n_buckets * C
     load_kernel("encoder.cu", "encoder_backward_wte_kernel2")(

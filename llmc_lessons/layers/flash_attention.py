@@ -121,6 +121,18 @@ FA_THREADS = 128      # 4 warps of 16 rows
 BF16_HEAD_SIZES = (16, 32, 48, 64)   # hs is compiled in (-DHS); shared memory fits these
 
 
+def mma_bf16_16816_cuda(A, B, C):
+    """One tensor-core instruction through mma_bf16_16816_kernel: A (16, 16) and B (16, 8) bf16 bits, C (16, 8)
+    float32 -> D = A @ B + C (16, 8) float32, and regs (32, 4): what each lane's accumulator registers held."""
+    from llmc_lessons.layers.bf16 import _bf16_array
+    _bf16_array("A", A, (16, 16))
+    _bf16_array("B", B, (16, 8))
+    device.require_array("C", C, shape=(16, 8))
+    D, regs = device.xp.empty((16, 8), np.float32), device.xp.empty((32, 4), np.float32)
+    _bf16_kernel("mma_bf16_16816_kernel", 64)((1,), (32,), (D, regs, A, B, C))
+    return D, regs
+
+
 def _check_bf16(qkv, NH, where):
     from llmc_lessons.layers.bf16 import _bf16_array
     _bf16_array("qkv", qkv, (None, None, None))
