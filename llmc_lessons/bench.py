@@ -163,6 +163,15 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64) -> l
     return rows
 
 
+def attention_table(rows) -> str:
+    """bench_attention's rows as a text table."""
+    lines = [f"{'':<48}{'fwd ms':>8}{'bwd ms':>8}{'TFLOP/s':>9}{'kept MiB':>10}"]
+    for r in rows:
+        lines.append(f"{r['name']:<48}{r['forward_ms']:>8.3f}{r['backward_ms']:>8.3f}{r['tflops']:>9.1f}"
+                     f"{r['kept_bytes'] / 2**20:>10.1f}")
+    return "\n".join(lines)
+
+
 def latest_record(results_dir=None):
     """The newest committed benchmark record (results/bench-*.json, by the date inside) with the compiled
     PyTorch row and a per-kernel profile in its .log: (path, record), or None when there is none."""
@@ -225,12 +234,8 @@ def main(argv=None) -> int:
     if a.attention:
         c = GPT2Config.from_name(a.model)
         attention = bench_attention(a.batch_size, a.seq_len, c.num_heads, c.head_size)
-        print(f"\nCausal attention, bf16, B={a.batch_size}, T={a.seq_len}, NH={c.num_heads}, hs={c.head_size}:")
-        print(f"{'':<48}{'fwd ms':>8}{'bwd ms':>8}{'TFLOP/s':>9}{'kept MiB':>10}")
-        for r in attention:
-            print(f"{r['name']:<48}{r['forward_ms']:>8.3f}{r['backward_ms']:>8.3f}{r['tflops']:>9.1f}"
-                  f"{r['kept_bytes'] / 2**20:>10.1f}")
-        print(flush=True)
+        print(f"\nCausal attention, bf16, B={a.batch_size}, T={a.seq_len}, NH={c.num_heads}, hs={c.head_size}:\n"
+              f"{attention_table(attention)}\n", flush=True)
     config = GPT2Config.from_name(a.model)
     B, T = a.batch_size, a.seq_len
     info = versions()

@@ -243,3 +243,27 @@ def test_bf16_flash_attention_refuses_bad_input():
         flash_attention_backward_bf16_cuda(d, q, out, lse[:, :1].copy(), 2)
     with pytest.raises(ValueError, match="dout must have shape"):
         flash_attention_backward_bf16_cuda(d[:, :4].copy(), q, out, lse, 2)
+
+
+def test_d_fragment_check(capsys):
+    from llmc_lessons.checks.flash_attention import check_d_fragment
+    check_d_fragment(lambda lane, i: (lane // 4 + 8 * (i // 2), 2 * (lane % 4) + i % 2))
+    assert "correct" in capsys.readouterr().out
+
+
+def _stub(lane, i):
+    raise NotImplementedError("Exercise 13.3: where the accumulators live")
+
+
+@pytest.mark.parametrize("wrong,message", [
+    (_stub, "not done yet"),
+    (lambda lane, i: (lane % 4 + 8 * (i // 2), 2 * (lane // 4) + i % 2), "the row: lane 1 is in group g"),  # g, t swapped
+    (lambda lane, i: (lane // 4, 2 * (lane % 4) + i % 2), "registers 2, 3 row g \\+ 8"),                  # no + 8
+    (lambda lane, i: (lane // 4 + 8 * (i // 2), 2 * (lane % 4) + i), "register i holds column 2t \\+ i % 2"),
+    (lambda lane, i: (lane // 4 + 8 * (i % 2), 2 * (lane % 4) + i // 2), "you said D\\[8\\]\\[0\\]"),        # axes swapped
+    (lambda lane, i: [lane // 4 + 8 * (i // 2), 2 * (lane % 4) + i % 2], "return a tuple"),
+])
+def test_d_fragment_check_catches_wrong_answers(wrong, message):
+    from llmc_lessons.checks.flash_attention import check_d_fragment
+    with pytest.raises(AssertionError, match=message):
+        check_d_fragment(wrong)

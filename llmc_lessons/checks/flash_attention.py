@@ -1,4 +1,5 @@
-"""Checks for lesson 13: the online-softmax update, and the rescaling step of the flash attention kernel."""
+"""Checks for lesson 13: the online-softmax update, the rescaling step of the flash attention kernel, and where
+the tensor core's accumulator fragment lives."""
 from __future__ import annotations
 
 import math
@@ -6,9 +7,11 @@ import math
 import numpy as np
 
 from llmc_lessons.checks import assert_close, exercise_kernel, passed, rng, run_exercise
-from llmc_lessons.device import to_device
+from llmc_lessons.device import to_device, to_host
 from llmc_lessons.layers.attention import attention_forward
-from llmc_lessons.layers.flash_attention import flash_attention_forward, flash_attention_forward_cuda
+from llmc_lessons.layers.bf16 import to_bf16
+from llmc_lessons.layers.flash_attention import (flash_attention_forward, flash_attention_forward_cuda,
+                                                 mma_bf16_16816_cuda)
 
 
 def check_online_softmax_update(fn) -> None:
@@ -55,3 +58,32 @@ def check_flash_forward_kernel(src: str) -> None:
         assert_close(ex, "out", out, want_out, atol=2e-5, rtol=1e-4, hint=hint)
         assert_close(ex, "L (log of the softmax denominator)", L, want_L, atol=2e-5, rtol=1e-5, hint=hint)
     passed(ex, "the kernel matches lesson 05's attention at T = 13, 37 and 70 with 16, 8 and 32 rows per block")
+
+
+def check_d_fragment(fn) -> None:
+    """Exercise 13.3: fn(lane, i) -> (row, col) of the 16 x 8 accumulator D that register i (0..3) of `lane`
+    (0..31) holds after mma.sync m16n8k16. Checked against the instruction itself (on a CPU, its emulation):
+    with A = the identity, D = B, and B[k][n] = 8k + n says where each register's value came from."""
+    ex = "Exercise 13.3"
+    A = to_bf16(np.eye(16, dtype=np.float32))
+    B = to_bf16(np.arange(128, dtype=np.float32).reshape(16, 8))   # integers below 256 are exact in bf16
+    _, regs = mma_bf16_16816_cuda(to_device(A), to_device(B), to_device(np.zeros((16, 8), np.float32)))
+    regs = to_host(regs).astype(int)
+    for lane in range(32):
+        for i in range(4):
+            got = run_exercise(ex, fn, lane, i)
+            want = divmod(int(regs[lane, i]), 8)
+            if not (isinstance(got, tuple) and len(got) == 2):
+                raise AssertionError(f"{ex}: return a tuple (row, col), got {got!r} for lane {lane}, register {i}")
+            if tuple(int(v) for v in got) != want:
+                g, t = lane // 4, lane % 4
+                hints = []
+                if got[0] != want[0]:
+                    hints.append(f"the row: lane {lane} is in group g = lane // 4 = {g}; registers 0, 1 hold row g, "
+                                 f"registers 2, 3 row g + 8")
+                if got[1] != want[1]:
+                    hints.append(f"the column: t = lane % 4 = {t}; each lane holds two neighbouring columns, "
+                                 f"2t and 2t + 1 (register i holds column 2t + i % 2)")
+                raise AssertionError(f"{ex}: lane {lane}, register {i}: you said D[{got[0]}][{got[1]}], the tensor "
+                                     f"core puts D[{want[0]}][{want[1]}] there. Check " + "; and ".join(hints))
+    passed(ex, "all 128 accumulator registers of the warp are where the tensor core puts them")
