@@ -564,10 +564,8 @@ def _kernel_backward(model, cache):
                                                      c.num_heads, matmul_version=version)
         for name in BLOCK_PARAMETER_NAMES:
             g[name][l] += block_grads[name]
-    dwte_enc, dwpe = encoder_backward_cuda(dresidual, cache["idx"], c.padded_vocab_size, c.max_seq_len,
-                                           buckets=cache["buckets"])
-    g["wte"] += dwte_enc                                           # tied weights: both shares add up
-    g["wpe"] += dwpe
+    encoder_backward_cuda(dresidual, cache["idx"], c.padded_vocab_size, c.max_seq_len, buckets=cache["buckets"],
+                          dwte=g["wte"], dwpe=g["wpe"])        # adds into them: tied weights, both shares add up
 
 
 def _bf16_forward(model, idx, targets):
@@ -667,10 +665,8 @@ def _bf16_backward(model, cache):
         dln1 = linear_backward(dqkv, a["ln1"], w["qkvw"][l], g["qkvw"][l], g["qkvb"][l])
         dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dln1, a["x"], p["ln1w"][l], a["ln1_mean"],
                                                    a["ln1_rstd"], g["ln1w"][l], g["ln1b"][l])
-    dwte_enc, dwpe = encoder_backward_cuda(dres, cache["idx"], c.padded_vocab_size, c.max_seq_len,
-                                           buckets=cache["buckets"])
-    g["wte"] += dwte_enc
-    g["wpe"] += dwpe
+    encoder_backward_cuda(dres, cache["idx"], c.padded_vocab_size, c.max_seq_len, buckets=cache["buckets"],
+                          dwte=g["wte"], dwpe=g["wpe"])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -176,6 +176,14 @@ def test_backward_with_buckets_made_ahead():
     want = encoder_backward_cuda(to_device(dout), to_device(inp), 15, 8)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(to_host(a), to_host(b))
+    start = [np.full((15, 23), 0.5, np.float32), np.full((8, 23), -1.0, np.float32)]
+    into = [to_device(a.copy()) for a in start]
+    back = encoder_backward_cuda(to_device(dout), to_device(inp), 15, 8, buckets=buckets, dwte=into[0], dwpe=into[1])
+    assert back[0] is into[0] and back[1] is into[1]
+    for a, b, s0 in zip(into, want, start):
+        np.testing.assert_allclose(to_host(a), to_host(b) + s0, rtol=1e-6, atol=1e-6)   # added into, not overwritten
+    with pytest.raises(ValueError, match="dwte must have shape"):
+        encoder_backward_cuda(to_device(dout), to_device(inp), 15, 8, dwte=into[0][:-1].copy())
     with pytest.raises(ValueError, match="buckets do not fit"):
         encoder_backward_cuda(to_device(dout), to_device(inp), 15, 8, buckets=(buckets[0][:-1].copy(), *buckets[1:]))
 

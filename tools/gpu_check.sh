@@ -5,6 +5,9 @@
 #
 #   bash tools/gpu_check.sh [stage ...]      stages: env tests nbval bench train (default: all)
 #
+# Narrower runs, when device time is short: TEST_ARGS (extra pytest arguments, e.g. --ignore=...),
+# NBVAL_PATHS (default: solutions), BENCH_ARGS (e.g. --attention), TRAIN_PRECISIONS (default: fp32 bf16).
+#
 # Run from the repository root on a machine with an NVIDIA GPU and CuPy. If nbval and the Jupyter kernel stack
 # are missing (an offline GPU machine), carry wheels in .whl/ (see README, "Teachers") and they are installed
 # first. Logs go to $OUT (or results/gpu-run/) as <stage>.log; copy the ones worth keeping to
@@ -42,7 +45,8 @@ try:
     import torch; print(\"torch\", torch.__version__, torch.version.cuda)
 except ImportError: print(\"torch missing\")"' ;;
     tests) run tests python3 -m pytest -q -p no:cacheprovider --durations=15 ${TEST_ARGS:-} tests ;;
-    nbval) run nbval python3 -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --durations=15 solutions ;;
+    nbval) run nbval python3 -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --durations=15 \
+             ${NBVAL_PATHS:-solutions} ;;
     bench) run bench python3 -m llmc_lessons.bench --profile --json "$out/bench.json" ${BENCH_ARGS:-} ;;
     train) for precision in ${TRAIN_PRECISIONS:-fp32 bf16}; do  # the same 500-step run in each precision
              rm -rf /tmp/runs/$precision

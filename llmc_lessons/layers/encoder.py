@@ -144,8 +144,9 @@ def _token_buckets(inp):
 
 
 def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = True, block_size: int = 256,
-                          buckets=None):
-    """(B, T, C), (B, T) int32 -> dwte (V, C), dwpe (maxT, C), fresh zero-initialised gradients.
+                          buckets=None, dwte=None, dwpe=None):
+    """(B, T, C), (B, T) int32 -> dwte (V, C), dwpe (maxT, C): fresh zero-initialised gradients, or the given
+    dwte and dwpe added into (the kernels accumulate, as every backward does).
 
     deterministic=False: encoder_backward_kernel1, atomicAdd (the last bits may differ between runs).
     deterministic=True: token buckets + encoder_backward_wte_kernel2 and encoder_backward_wpe_kernel2.
@@ -167,8 +168,10 @@ def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = Tr
     if T > maxT:
         raise ValueError(f"T = {T} is longer than maxT = {maxT}")
     xp = device.xp
-    dwte = xp.zeros((int(V), C), dtype=np.float32)
-    dwpe = xp.zeros((int(maxT), C), dtype=np.float32)
+    dwte = xp.zeros((int(V), C), dtype=np.float32) if dwte is None else \
+        device.require_array("dwte", dwte, shape=(int(V), C))
+    dwpe = xp.zeros((int(maxT), C), dtype=np.float32) if dwpe is None else \
+        device.require_array("dwpe", dwpe, shape=(int(maxT), C))
     if B * T * C == 0:
         return dwte, dwpe
     if not deterministic:
