@@ -344,6 +344,16 @@ def gelu_bias_backward_bf16_cuda(dout, inp, bias, out=None, block_size: int = 25
     return out
 
 
+def _column_sum_add(out, partial, rows_per_block: int = 32):
+    """out (C,) += partial (R, C) summed over R, in a fixed order (column_sum_add_kernel)."""
+    from llmc_lessons.cuda import load_kernel
+    R, C = partial.shape
+    if C:
+        load_kernel("bf16.cu", "column_sum_add_kernel")((-(-C // 32),), (32, rows_per_block),
+                                                         (out, partial, np.int32(R), np.int32(C)),
+                                                         shared_mem=4 * 32 * rows_per_block)
+
+
 _counters = {}
 
 
@@ -381,7 +391,7 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     dweight, dbias (C,) float32 += theirs. Returns dinp's new value in bf16 (for the next matmul backward).
 
     max_blocks caps the grid (default: two blocks per multiprocessor of an H100): each warp loops over rows,
-    each block leaves one row of partial sums of dweight and dbias, which the last block adds in order."""
+    each block leaves one row of partial sums of dweight and dbias, which a second kernel adds in order."""
     from llmc_lessons.cuda import load_kernel
     _bf16_array("inp", inp, (None, None, None))
     B, T, C = inp.shape
@@ -405,9 +415,10 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     partial_dweight, partial_dbias = xp.empty((blocks, C), np.float32), xp.empty((blocks, C), np.float32)
     if N:
         load_kernel("bf16.cu", "layernorm_backward_bf16_kernel")(
-            (blocks,), (block_size,), (dinp, dinp_bf16, dweight, dbias, partial_dweight, partial_dbias,
-                                       _zero_counters(1), dout, inp, weight, mean, rstd, np.int32(N), np.int32(C)),
-            shared_mem=4 * wpb * C)
+            (blocks,), (block_size,), (dinp, dinp_bf16, partial_dweight, partial_dbias, dout, inp, weight, mean,
+                                       rstd, np.int32(N), np.int32(C)), shared_mem=4 * wpb * C)
+        _column_sum_add(dweight, partial_dweight)
+        _column_sum_add(dbias, partial_dbias)
     return dinp_bf16
 
 
