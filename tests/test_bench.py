@@ -1,7 +1,7 @@
 """The benchmark's record helpers (the benchmark itself needs a GPU: its records are under results/)."""
 import json
 
-from llmc_lessons.bench import latest_record, main, ratio_rows
+from llmc_lessons.bench import attention_table, latest_record, main, ratio_rows
 
 
 def row(name, precision, tokens_per_s):
@@ -41,3 +41,13 @@ def test_the_benchmark_refuses_to_time_the_emulator(capsys):
     if not device.on_gpu():
         assert main(["--steps", "1"]) == 1
         assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_attention_table_has_a_line_per_row():
+    rows = [dict(name="course, flash attention on the tensor cores", forward_ms=0.219, backward_ms=0.518,
+                 tflops=122.4, kept_bytes=786432), dict(name="PyTorch", forward_ms=0.1, backward_ms=0.4, tflops=190.0,
+                                                        kept_bytes=786432)]
+    lines = attention_table(rows).splitlines()
+    assert len(lines) == 3 and "TFLOP/s" in lines[0]
+    assert lines[1].split()[-4:] == ["0.219", "0.518", "122.4", "0.8"]
+
