@@ -26,8 +26,8 @@ extern "C" __global__ void gelu_forward_bf16_kernel(bf16* out, const bf16* inp, 
 // The same with 128-bit accesses: each thread loads 8 bf16 values as one int4 (16 bytes), as lesson 12's
 // float4 GELU does. Two-byte loads leave a bf16 kernel limited by load instructions, not by bandwidth.
 __device__ __forceinline__ unsigned int gelu_bf16_pair(unsigned int two) {  // two bf16 in one 32-bit word
-    float lo = gelu_f32(bf16_to_float((bf16)(two & 0xFFFFu)));
-    float hi = gelu_f32(bf16_to_float((bf16)(two >> 16)));
+    float lo = gelu_f32(bf16_lo(two));
+    float hi = gelu_f32(bf16_hi(two));
     return (unsigned int)bf16_from_float(lo) | ((unsigned int)bf16_from_float(hi) << 16);
 }
 
@@ -120,17 +120,20 @@ extern "C" __global__ void float_to_bf16_kernel(bf16* out, const float* inp, int
 // parameters, biases, statistics, the loss and every weight gradient stay float32. The matrix products are
 // cuBLAS's (bf16 in, float32 accumulation). Every kernel below computes in float32 and moves bf16 EIGHT
 // values at a time, one 16-byte access (two-byte loads leave a kernel short of bandwidth, as lesson 14's
-// GELU showed), so C, the head size, T and Vp must be multiples of 8 and arrays 16-byte aligned.
-// Biases are added on the way inside the kernel that reads a product next (cuBLAS gives no bias): the qkv
-// bias in the head split, the fc bias in the GELU, the two projection biases in the residual adds.
+// GELU showed), so C, T and Vp must be multiples of 8 and arrays 16-byte aligned.
+// Biases are added on the way inside the kernel that reads a product next (cuBLAS gives no bias): the fc
+// bias in the GELU, the two projection biases in the residual adds. The qkv bias has a pass of its own
+// (add_bias_bf16_kernel): the step's attention is flash_attention.cu's version 2, which copies qkv straight
+// into shared memory. The head split, the softmax kernels and the merge are the attention that writes the
+// T x T scores (attention_forward_bf16_cuda), which `python -m llmc_lessons.bench --attention` compares with.
 // =========================================================================================================
 
 // 8 bf16 values <-> 8 floats through one 16-byte access; p must be 16-byte aligned.
 __device__ __forceinline__ void unpack8(float* f, int4 v) {
     unsigned int w[4] = {(unsigned int)v.x, (unsigned int)v.y, (unsigned int)v.z, (unsigned int)v.w};
     for (int i = 0; i < 4; i++) {
-        f[2 * i] = __uint_as_float(w[i] << 16);             // the low half of a word is the lower index
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+        f[2 * i] = bf16_lo(w[i]);
+        f[2 * i + 1] = bf16_hi(w[i]);
     }
 }
 

@@ -22,3 +22,7 @@ __device__ __forceinline__ bf16 bf16_from_float(float f) {
     unsigned int lsb = (u >> 16) & 1u;
     return (bf16)((u + 0x7FFFu + lsb) >> 16);
 }
+
+// The two bf16 values packed in one 32-bit word (the lower index in the lower half), as float32. Exact.
+__device__ __forceinline__ float bf16_lo(unsigned int two) { return __uint_as_float(two << 16); }
+__device__ __forceinline__ float bf16_hi(unsigned int two) { return __uint_as_float(two & 0xFFFF0000u); }

@@ -37,9 +37,6 @@ __device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
 #endif
 }
 
-__device__ __forceinline__ float bf16_lo(unsigned int two) { return __uint_as_float(two << 16); }
-__device__ __forceinline__ float bf16_hi(unsigned int two) { return __uint_as_float(two & 0xFFFF0000u); }
-
 // d += A @ B for the warp's 16 x 16 A and 16 x 8 B fragments (layouts above).
 __device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned int a[4], const unsigned int b[2]) {
 #if LLMC_PTX

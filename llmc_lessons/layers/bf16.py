@@ -354,16 +354,16 @@ def _column_sum_add(out, partial, rows_per_block: int = 32):
                                                          shared_mem=4 * 32 * rows_per_block)
 
 
-_counters = {}
+_counters = None
 
 
 def _zero_counters(n: int):
     """A device array of at least n uint32 zeros for the kernels' last-block reductions (which leave them
     zero again), made once per process."""
-    a = _counters.get("array")
-    if a is None or a.size < n:
-        a = _counters["array"] = device.xp.zeros(max(n, 1024), np.uint32)
-    return a
+    global _counters
+    if _counters is None or _counters.size < n:
+        _counters = device.xp.zeros(max(n, 1024), np.uint32)
+    return _counters
 
 
 def matmul_backward_bias_bf16_cuda(dbias, dout, block_rows: int = 8, grid_rows: int | None = None):
@@ -447,6 +447,8 @@ def attention_forward_bf16_cuda(qkv, qkvb, NH: int, block_size: int = 256):
     backward qkvh (3, B, NH, T, hs) (q, k, v per head) and att (B, NH, T, T), all bf16.
 
     split heads (+ bias) -> preatt = q @ k^T (cuBLAS, bf16 out) -> causal softmax in place -> att @ v -> merge.
+    The model runs flash attention instead (layers/flash_attention.py, version 2); this is the baseline it is
+    measured against (bench.bench_attention).
     """
     from llmc_lessons.cublas import gemm_batched
     _bf16_array("qkv", qkv, (None, None, None))

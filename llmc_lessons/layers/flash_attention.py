@@ -136,12 +136,7 @@ def mma_bf16_16816_cuda(A, B, C):
 def _check_bf16(qkv, NH, where):
     from llmc_lessons.layers.bf16 import _bf16_array
     _bf16_array("qkv", qkv, (None, None, None))
-    B, T, C3 = qkv.shape
-    if isinstance(NH, bool) or not isinstance(NH, (int, np.integer)) or NH < 1 or C3 % (3 * NH):
-        raise ValueError(f"{where}: NH must be an int >= 1 that divides C = {C3 // 3} (qkv is (B, T, 3C)), "
-                         f"got {NH!r}")
-    C = C3 // 3
-    hs = C // int(NH)
+    B, T, C, hs = _sizes(qkv, NH, where)
     if hs not in BF16_HEAD_SIZES:
         raise ValueError(f"{where}: head size hs = {hs} is not one of {BF16_HEAD_SIZES}: the tensor-core kernels "
                          f"work on 16-wide pieces of a head and keep their tiles in 48 KiB of shared memory")
