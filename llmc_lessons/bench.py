@@ -43,13 +43,15 @@ def _free_gpu_memory():
 
 
 def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf32: bool = True,
-                 precision: str = "fp32") -> dict:
-    """The course's training step through its kernels; ms are wall-clock per step (each step ends synchronised)."""
+                 precision: str = "fp32", cuda_graph: bool = True) -> dict:
+    """The course's training step through its kernels; ms are wall-clock per step (each step ends synchronised).
+    cuda_graph: the forward and backward replayed from CUDA graphs (GPT2.cuda_graph), as the trainer runs."""
     from llmc_lessons.layers.matmul import tf32 as tf32_mode
     _free_gpu_memory()
     pool = device.xp.get_default_memory_pool()
     model = GPT2(config, seed=0, backend="kernels", precision=precision)
     model.keep_logits = False  # as the trainer: the fused classifier overwrites the logits in place
+    model.cuda_graph = cuda_graph
     times, peak = [], 0
     with tf32_mode(tf32):
         for i, (x, y) in enumerate(_batches(config, B, T, warmup + steps)):
@@ -61,6 +63,7 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
     del model
     ms = float(np.median(times)) * 1e3
     name = "course kernels, bf16" if precision == "bf16" else f"course kernels, fp32{' + TF32 matmuls' if tf32 else ''}"
+    name += " + CUDA graphs" if cuda_graph else ", one launch at a time"
     return dict(name=name, precision=precision, ms=ms,
                 tokens_per_s=B * T / (ms / 1e3), peak_bytes=int(peak))
 
@@ -187,12 +190,12 @@ def latest_record(results_dir=None):
 
 
 def ratio_rows(rec: dict) -> list:
-    """(row, course tokens/s / its tokens/s) for each row of a record: each row against the course row of its
-    precision, None without one (records older than the bf16 path have one course row, in fp32)."""
+    """(row, course tokens/s / its tokens/s) for each row of a record: each row against the first course row of
+    its precision, None without one (records older than the bf16 path have one course row, in fp32)."""
     course = {}
     for r in rec["rows"]:
         if r["name"].startswith("course"):
-            course[r.get("precision", "fp32")] = r["tokens_per_s"]
+            course.setdefault(r.get("precision", "fp32"), r["tokens_per_s"])
     return [(r, course[p] / r["tokens_per_s"] if (p := r.get("precision", "fp32")) in course else None)
             for r in rec["rows"]]
 
@@ -245,6 +248,9 @@ def main(argv=None) -> int:
     for precision in a.precision:
         rows.append(bench_course(config, B, T, a.steps, a.warmup, precision=precision))
         print(f"  {rows[-1]}", flush=True)
+    if "bf16" in a.precision:   # what the graphs save: the same step, each kernel launched from Python
+        rows.append(bench_course(config, B, T, a.steps, a.warmup, precision="bf16", cuda_graph=False))
+        print(f"  {rows[-1]}", flush=True)
     try:
         import torch  # noqa: F401
         has_torch = not a.no_torch
@@ -259,7 +265,7 @@ def main(argv=None) -> int:
     for r, ratio in ratio_rows(dict(rows=rows)):
         print(f"{r['name']:<56}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_bytes'] / 2**30:>10.2f}"
               + (f"{ratio:>12.2f}x" if ratio is not None else ""))
-    print("(course / it: the course row of the same precision, fp32 or bf16, against this row)")
+    print("(course / it: the first course row of the same precision, fp32 or bf16, against this row)")
     if a.profile and has_torch:
         for precision in a.precision:
             print(f"\nWhere one course step's GPU time goes ({precision}):\n"

@@ -79,13 +79,13 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, out=None, accumulat
     if K == 0:  # cuBLAS refuses K = 0; the product of empty sums is 0
         return _zero_k(out, accumulate)
     if M and N:
-        from cupy_backends.cuda.libs import cublas
-        handle = device.xp.cuda.device.get_cublas_handle()
+        lib, handle = _library()
         t_in, t_out = _cuda_type(a.dtype), _cuda_type(out.dtype)
-        cublas.gemmEx(handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
-                      N, M, K, _ONE.ctypes.data, b.data.ptr, t_in, K if trans_b else N,
-                      a.data.ptr, t_in, M if trans_a else K, (_ONE if accumulate else _ZERO).ctypes.data,
-                      out.data.ptr, t_out, N, _compute_type(a.dtype), CUBLAS_GEMM_DEFAULT)
+        _check("cublasGemmEx", lib.cublasGemmEx(
+            handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
+            N, M, K, _ONE.ctypes.data, b.data.ptr, t_in, K if trans_b else N,
+            a.data.ptr, t_in, M if trans_a else K, (_ONE if accumulate else _ZERO).ctypes.data,
+            out.data.ptr, t_out, N, _compute_type(a.dtype), CUBLAS_GEMM_DEFAULT))
     return out
 
 
@@ -101,15 +101,51 @@ def gemm_batched(a, b, trans_a: bool = False, trans_b: bool = False, out=None, o
     if K == 0:  # cuBLAS refuses K = 0; the product of empty sums is 0
         return _zero_k(out, False)
     if L and M and N:
-        from cupy_backends.cuda.libs import cublas
-        handle = device.xp.cuda.device.get_cublas_handle()
+        lib, handle = _library()
         t_in, t_out = _cuda_type(a.dtype), _cuda_type(out.dtype)
-        cublas.gemmStridedBatchedEx(
+        _check("cublasGemmStridedBatchedEx", lib.cublasGemmStridedBatchedEx(
             handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N, N, M, K,
             _ONE.ctypes.data, b.data.ptr, t_in, K if trans_b else N, K * N,
             a.data.ptr, t_in, M if trans_a else K, M * K,
-            _ZERO.ctypes.data, out.data.ptr, t_out, N, M * N, L, _compute_type(a.dtype), CUBLAS_GEMM_DEFAULT)
+            _ZERO.ctypes.data, out.data.ptr, t_out, N, M * N, L, _compute_type(a.dtype), CUBLAS_GEMM_DEFAULT))
     return out
+
+
+_lib = {}   # the cuBLAS library CuPy loaded, the course's handle, and the stream that handle is bound to
+
+
+def _library():
+    """(cuBLAS through ctypes, the course's handle bound to the current stream).
+
+    The products call cuBLAS's C functions directly: CuPy's wrappers bind the handle to the current stream at
+    every call, and CuPy refuses that while a stream records a CUDA graph (lesson 12), which would keep every
+    product out of a graph. The handle is the course's own, so the stream it is bound to is always known."""
+    if not _lib:
+        import ctypes
+        import ctypes.util
+        from cupy_backends.cuda.libs import cublas   # noqa: F401  (loads libcublas into the process)
+        path = next((line.split()[-1] for line in open("/proc/self/maps")
+                     if "/libcublas.so" in line), None) or ctypes.util.find_library("cublas")
+        lib = ctypes.CDLL(path)
+        ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        lib.cublasGemmEx.argtypes = [ptr, i32, i32, i32, i32, i32, ptr, ptr, i32, i32, ptr, i32, i32, ptr, ptr,
+                                     i32, i32, i32, i32]
+        lib.cublasGemmStridedBatchedEx.argtypes = [ptr, i32, i32, i32, i32, i32, ptr, ptr, i32, i32, i64, ptr, i32,
+                                                   i32, i64, ptr, ptr, i32, i32, i64, i32, i32, i32]
+        lib.cublasSetStream_v2.argtypes = [ptr, ptr]
+        handle = ptr()
+        _check("cublasCreate_v2", lib.cublasCreate_v2(ctypes.byref(handle)))
+        _lib.update(lib=lib, handle=handle.value, stream=None)
+    stream = device.xp.cuda.get_current_stream().ptr
+    if _lib["stream"] != stream:
+        _check("cublasSetStream_v2", _lib["lib"].cublasSetStream_v2(_lib["handle"], stream))
+        _lib["stream"] = stream
+    return _lib["lib"], _lib["handle"]
+
+
+def _check(name: str, status: int) -> None:
+    if status:
+        raise RuntimeError(f"{name} failed with cuBLAS status {status} (see cublasStatus_t in the cuBLAS docs)")
 
 
 def _zero_k(out, accumulate: bool):

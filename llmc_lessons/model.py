@@ -201,6 +201,11 @@ class GPT2:
         self.losses = None          # (B, T) from the last forward with targets
         self.mean_loss = None       # float, or None after a forward without targets
         self._cache = None
+        self._backward_ready = None   # after a forward with targets and before its backward: "launches", or
+                                      # "graph" when the forward was a graph's replay
+        self.cuda_graph = False     # True (on a GPU, kernel paths): record forward-with-loss and backward into
+                                    # CUDA graphs at the second step of a (B, T) and replay them after that
+        self._graphs = None         # those graphs and the arrays they read and write (see _graph_forward)
 
     # -- memory ---------------------------------------------------------------------------------------------
 
@@ -215,6 +220,7 @@ class GPT2:
         return device.xp.ascontiguousarray(device.xp.asarray(a, dtype=dtype))
 
     def _set_params_memory(self, flat):
+        self._graphs = None         # a recorded graph would read the old buffer
         self.params_memory = self._asarray(flat)
         self.params = _point_views(self.params_memory, self.param_shapes)
         self.sync_params()
@@ -254,7 +260,8 @@ class GPT2:
             self.grads = _point_views(self.grads_memory, self.param_shapes)
         if self.m_memory is not None:
             self.m_memory, self.v_memory = self._asarray(self.m_memory), self._asarray(self.v_memory)
-        self.logits = self.losses = self.mean_loss = self._cache = None
+        self.logits = self.losses = self.mean_loss = self._cache = self._graphs = None
+        self._backward_ready = None
 
     def layer_params(self, l: int, grads: bool = False) -> dict:
         """Layer l's 12 tensors as the dict block_forward/block_backward take (views, no copies)."""
@@ -263,9 +270,8 @@ class GPT2:
 
     # -- forward --------------------------------------------------------------------------------------------
 
-    def _tokens(self, name, a):
-        """Check (B, T) token ids in [0, V) on the host; return them as int32 arrays: (on the host, of this
-        model's path)."""
+    def _host_tokens(self, name, a):
+        """Check (B, T) token ids in [0, V) on the host; return them as a C-contiguous int32 host array."""
         host = np.asarray(device.to_host(a))
         if host.ndim != 2:
             raise ValueError(f"{name} must have shape (B, T), got {host.shape}")
@@ -276,8 +282,7 @@ class GPT2:
         if host.size and (host.min() < 0 or host.max() >= self.config.vocab_size):
             raise ValueError(f"{name} must hold token ids in [0, {self.config.vocab_size}), "
                              f"found {host.min()}..{host.max()}")
-        host = np.ascontiguousarray(host, dtype=np.int32)
-        return host, self._asarray(host, dtype=np.int32)
+        return np.ascontiguousarray(host, dtype=np.int32)
 
     def forward(self, idx, targets=None):
         """idx, targets: integer (B, T). Returns the mean cross-entropy loss (a float), or None without targets.
@@ -285,24 +290,32 @@ class GPT2:
         Keeps what backward needs; self.logits is (B, T, Vp) (columns V..Vp-1 are real matmul outputs of the
         zero padded rows of wte; softmax and the loss never see them).
         """
-        host_idx, idx = self._tokens("idx", idx)
+        host_idx = self._host_tokens("idx", idx)
         if targets is not None:
-            _, targets = self._tokens("targets", targets)
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        run = _bf16_forward if self.precision == "bf16" else _kernel_forward if self._use_kernels else _numpy_forward
+            host_targets = self._host_tokens("targets", targets)
+            if host_targets.shape != host_idx.shape:
+                raise ValueError(f"targets must have the shape of idx {host_idx.shape}, got {host_targets.shape}")
         # Let go of the previous forward's activations first: holding them while the new ones are made would
         # double the peak memory (two steps' activations at once).
-        self.logits = self.losses = self._cache = self.mean_loss = None
-        self.logits, self.losses, self._cache = run(self, idx, targets)
-        if targets is not None and self._use_kernels:
+        self.logits = self.losses = self._cache = self.mean_loss = self._backward_ready = None
+        if targets is not None and self._graph_ready(host_idx.shape):
+            mean = self._graph_forward(host_idx, host_targets)
+            ready = "graph"
+        else:
+            run = _bf16_forward if self.precision == "bf16" else _kernel_forward if self._use_kernels \
+                else _numpy_forward
+            idx = self._asarray(host_idx, dtype=np.int32)
+            self.logits, self.losses, self._cache = run(
+                self, idx, None if targets is None else self._asarray(host_targets, dtype=np.int32))
+            if targets is None:
+                return None
+            mean, ready = self.losses.mean(), "launches"
+        if self._use_kernels:
             # the encoder backward's token buckets, sorted here on the host so that the backward never waits
             from llmc_lessons.layers.encoder import _token_buckets
             self._cache["buckets"] = tuple(self._asarray(a, dtype=np.int32) for a in _token_buckets(host_idx))
-        if targets is None:
-            self.mean_loss = None
-            return None
-        self.mean_loss = float(self.losses.mean())
+        self._backward_ready = ready
+        self.mean_loss = float(mean)
         return self.mean_loss
 
     __call__ = forward
@@ -324,14 +337,95 @@ class GPT2:
         activation, as soon as it has used them (the peak memory is lower by (B, T, Vp) floats)."""
         if self._cache is None or self.mean_loss is None:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
-        if self._use_kernels and self._cache["dlogits"] is None:
+        if self._use_kernels and not self._backward_ready:
             raise RuntimeError("on the kernel path each forward allows one backward (it frees the dlogits that the "
                                "fused classifier wrote): run forward(idx, targets) again first")
+        ready, self._backward_ready = self._backward_ready, None
         if self.grads_memory is None:
             self.zero_grad()
-        backward = _bf16_backward if self.precision == "bf16" else _kernel_backward if self._use_kernels \
-            else _numpy_backward
-        backward(self, self._cache)
+        if not self._use_kernels:
+            return _numpy_backward(self, self._cache)
+        if ready == "graph":
+            dres = self._graph_backward()
+        else:
+            dres = (_bf16_backward if self.precision == "bf16" else _kernel_backward)(self, self._cache)
+        # The encoder's backward stays outside any graph: its token buckets change size with every batch.
+        from llmc_lessons.layers.encoder import encoder_backward_cuda
+        c = self.config
+        encoder_backward_cuda(dres, self._cache["idx"], c.padded_vocab_size, c.max_seq_len,
+                              buckets=self._cache["buckets"], dwte=self.grads["wte"], dwpe=self.grads["wpe"])
+
+    # -- CUDA graphs ----------------------------------------------------------------------------------------
+    #
+    # A training step launches about 380 kernels from Python, tens of microseconds of host work each; where
+    # kernels are short the GPU waits for Python. A CUDA graph records the launches once and replays them all
+    # with one call (lesson 12). The recording needs fixed addresses: the token ids are copied into the same
+    # two buffers at every step, and the activations live where the recording allocated them. Replays run on
+    # the current stream, in order with everything else the step does.
+
+    def _graph_ready(self, shape) -> bool:
+        """Whether this forward (with targets, ids of this shape) goes through a graph.
+
+        What a recording depends on makes its key: the shape, the path, the TF32 switch, and the addresses of
+        the parameters and gradients. The first forward at a key runs as usual (every kernel gets compiled, cuBLAS picks its
+        algorithms; the first step also allocates the gradients, which changes the key once). The second
+        records, every later one replays."""
+        if not (self.cuda_graph and self._use_kernels and device.on_gpu()):
+            return False
+
+        from llmc_lessons.layers.matmul import tf32_enabled
+
+        def ptr(a):
+            return None if a is None else device.address(a)
+        key = (shape, self.precision, self.matmul_version, tf32_enabled(), self.keep_logits,
+               ptr(self.params_memory), ptr(self.params_bf16_memory), ptr(self.grads_memory))
+        if self._graphs is None or self._graphs["key"] != key:
+            self._graphs = dict(key=key, forward_graph=None)   # drops an older recording
+            return False
+        return True
+
+    def _graph_forward(self, host_idx, host_targets):
+        """The forward with its loss through a CUDA graph (recorded at the first call); returns the mean loss,
+        a device scalar."""
+        xp = device.xp
+        g = self._graphs
+        if g["forward_graph"] is None:
+            # The recording allocates on a stream of its own, from memory that nothing else is given: free
+            # what the first step left in the pool so that the step's memory is not held twice.
+            xp.get_default_memory_pool().free_all_blocks()
+            g["idx"], g["targets"] = xp.empty(host_idx.shape, np.int32), xp.empty(host_idx.shape, np.int32)
+            run = _bf16_forward if self.precision == "bf16" else _kernel_forward
+
+            def forward():
+                logits, losses, cache = run(self, g["idx"], g["targets"])
+                g["outputs"] = logits, losses, cache, losses.mean()
+
+            from llmc_lessons.perf import capture_graph
+            g["forward_graph"], g["stream"] = capture_graph(forward)
+            g["backward_graph"] = None
+        g["idx"].set(host_idx)
+        g["targets"].set(host_targets)
+        g["forward_graph"].launch()
+        logits, self.losses, cache, mean = g["outputs"]
+        self.logits = logits
+        # forward() adds this step's token buckets; dlogits stay with the recording, whose backward frees them
+        self._cache = {name: a for name, a in cache.items() if name != "dlogits"}
+        return mean
+
+    def _graph_backward(self):
+        """The backward of a recorded forward (all but the encoder's): recorded at its first call, replayed
+        after. Returns the gradient of the residual stream at the encoder's output."""
+        g = self._graphs
+        if g["backward_graph"] is None:
+            cache = g["outputs"][2]        # the recording's own activations (its dlogits are freed inside)
+
+            def backward():
+                g["dres"] = (_bf16_backward if self.precision == "bf16" else _kernel_backward)(self, cache)
+
+            from llmc_lessons.perf import capture_graph
+            g["backward_graph"], _ = capture_graph(backward, stream=g["stream"])
+        g["backward_graph"].launch()
+        return g["dres"]
 
     # -- AdamW ----------------------------------------------------------------------------------------------
 
@@ -545,7 +639,6 @@ def _kernel_forward(model, idx, targets):
 
 def _kernel_backward(model, cache):
     from llmc_lessons.layers.block import block_backward_cuda
-    from llmc_lessons.layers.encoder import encoder_backward_cuda
     from llmc_lessons.layers.layernorm import layernorm_backward_cuda
     from llmc_lessons.layers.matmul import matmul_backward_cuda
 
@@ -564,8 +657,7 @@ def _kernel_backward(model, cache):
                                                      c.num_heads, matmul_version=version)
         for name in BLOCK_PARAMETER_NAMES:
             g[name][l] += block_grads[name]
-    encoder_backward_cuda(dresidual, cache["idx"], c.padded_vocab_size, c.max_seq_len, buckets=cache["buckets"],
-                          dwte=g["wte"], dwpe=g["wpe"])        # adds into them: tied weights, both shares add up
+    return dresidual       # the encoder's dout: GPT2.backward adds the encoder's gradients into wte and wpe
 
 
 def _bf16_forward(model, idx, targets):
@@ -631,7 +723,6 @@ def _bf16_backward(model, cache):
     float32 (dres); weight gradients accumulate in float32 straight out of cuBLAS (bf16 in, float32 out)."""
     from llmc_lessons.cublas import gemm
     from llmc_lessons.layers import bf16 as k
-    from llmc_lessons.layers.encoder import encoder_backward_cuda
     from llmc_lessons.layers.flash_attention import flash_attention_backward_bf16_cuda
 
     c, p, w, g = model.config, model.params, model.params_bf16, model.grads
@@ -665,8 +756,7 @@ def _bf16_backward(model, cache):
         dln1 = linear_backward(dqkv, a["ln1"], w["qkvw"][l], g["qkvw"][l], g["qkvb"][l])
         dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dln1, a["x"], p["ln1w"][l], a["ln1_mean"],
                                                    a["ln1_rstd"], g["ln1w"][l], g["ln1b"][l])
-    encoder_backward_cuda(dres, cache["idx"], c.padded_vocab_size, c.max_seq_len, buckets=cache["buckets"],
-                          dwte=g["wte"], dwpe=g["wpe"])
+    return dres            # the encoder's dout: GPT2.backward adds the encoder's gradients into wte and wpe
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,17 +22,20 @@ def count_launches():
         launch_listeners.pop()
 
 
-def capture_graph(fn):
+def capture_graph(fn, stream=None):
     """Record everything fn() launches on the GPU into a CUDA graph; returns (graph, stream).
 
     `graph.launch(stream)` then replays all of it with one call. fn must not synchronise with the host
     (no .item(), float(), to_host, xp.nonzero) and must not allocate outside CuPy's memory pool; the replay
-    uses the same pointers, so the arrays fn read and wrote must stay alive.
+    uses the same pointers, so the arrays fn read and wrote must stay alive. fn runs on `stream` (default: a
+    new non-blocking one): CuPy's pool gives the arrays fn allocates memory of that stream, which other
+    streams' allocations never reuse, so arrays fn freed may be reused by a later recording on the same
+    stream but not by work between replays.
     """
     if not device.on_gpu():
         raise RuntimeError("CUDA graphs need a GPU: the emulator runs each kernel at once, there is nothing to record")
     xp = device.xp
-    stream = xp.cuda.Stream(non_blocking=True)
+    stream = xp.cuda.Stream(non_blocking=True) if stream is None else stream
     with stream:
         stream.begin_capture()
         try:

@@ -30,7 +30,7 @@ from llmc_lessons.model import GPT2, GPT2Config, generate
 DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, lr=6e-4, warmup=None,
                 final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, eval_every=None, eval_batches=4,
                 sample_every=None, sample_tokens=32, checkpoint_every=None, seed=1337, out=None,
-                train_bin=None, val_bin=None, reference=False, tf32=1, precision="fp32")
+                train_bin=None, val_bin=None, reference=False, tf32=1, precision="fp32", cuda_graph=1)
 EOT = 50256
 
 
@@ -132,6 +132,7 @@ class Trainer:
             raise ValueError("--reference runs the NumPy layers in float32: it cannot be combined with --precision bf16")
         self.model = GPT2(config, seed=a["seed"], backend=backend, precision=a["precision"])
         self.model.keep_logits = False  # the loop never reads the logits of a training forward
+        self.model.cuda_graph = bool(a["cuda_graph"])   # replay the forward and backward (GPU only)
         from llmc_lessons.layers.matmul import set_tf32
         set_tf32(bool(a["tf32"]))  # as llm.c's fp32 trainer: TF32 tensor cores for the matmuls (a no-op on a CPU)
         self.rng = np.random.default_rng(a["seed"])
@@ -280,6 +281,8 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
     p.add_argument("--tf32", type=int, choices=[0, 1], help="float32 matmuls on TF32 tensor cores (GPU; default 1)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default), or bf16 activations and "
                    "matmuls with float32 master weights (lesson 14)")
+    p.add_argument("--cuda-graph", type=int, choices=[0, 1], dest="cuda_graph", help="record the forward and "
+                   "backward into CUDA graphs and replay them (GPU; default 1)")
     given = vars(p.parse_args(argv))
     resume = given.pop("resume", None)
     stop_at = given.pop("stop_at", None)

@@ -3,7 +3,8 @@
 Prints, per phase of the step (forward with its loss, backward, norm + AdamW), the wall time, the GPU time
 between CUDA events, and how long Python took to enqueue the phase's work; then the Python functions that
 take the most time (cProfile, tottime) over three steps. A phase whose enqueue time is close to its wall time
-is bound by the host, not the GPU.
+is bound by the host, not the GPU. Last, the longest host gaps between consecutive launches of one step: a gap
+far longer than a launch is Python work or a wait for the GPU, and the launch after it says where.
 """
 import cProfile
 import pstats
@@ -54,3 +55,16 @@ with tf32(True):
         training_step(model, *batches[i], LR, WEIGHT_DECAY, GRAD_CLIP, i + 1)
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    from llmc_lessons.cuda import launch_listeners
+    stamps = []
+    launch_listeners.append(lambda name: stamps.append((time.perf_counter(), name)))
+    t0 = time.perf_counter()
+    training_step(model, *batches[11], LR, WEIGHT_DECAY, GRAD_CLIP, 12)
+    t_end = time.perf_counter()
+    launch_listeners.pop()
+    gaps = sorted(((b[0] - a[0], i, a[1], b[1]) for i, (a, b) in enumerate(zip(stamps, stamps[1:]))), reverse=True)
+    print(f"one step: {len(stamps)} launches in {(t_end - t0) * 1e3:.2f} ms of wall time; first launch after "
+          f"{(stamps[0][0] - t0) * 1e3:.2f} ms, {(t_end - stamps[-1][0]) * 1e3:.2f} ms from the last to the end")
+    print(f"median host time between launches {np.median([g[0] for g in gaps]) * 1e6:.1f} us; the longest gaps:")
+    for gap, i, before, after in gaps[:15]:
+        print(f"  {gap * 1e3:7.3f} ms  before launch {i + 1:4d} {after:45s} (after {before})")
