@@ -260,8 +260,7 @@ class GPT2:
             self.grads = _point_views(self.grads_memory, self.param_shapes)
         if self.m_memory is not None:
             self.m_memory, self.v_memory = self._asarray(self.m_memory), self._asarray(self.v_memory)
-        self.logits = self.losses = self.mean_loss = self._cache = self._graphs = None
-        self._backward_ready = None
+        self.logits = self.losses = self.mean_loss = self._cache = self._backward_ready = None
 
     def layer_params(self, l: int, grads: bool = False) -> dict:
         """Layer l's 12 tensors as the dict block_forward/block_backward take (views, no copies)."""
@@ -302,10 +301,8 @@ class GPT2:
             mean = self._graph_forward(host_idx, host_targets)
             ready = "graph"
         else:
-            run = _bf16_forward if self.precision == "bf16" else _kernel_forward if self._use_kernels \
-                else _numpy_forward
             idx = self._asarray(host_idx, dtype=np.int32)
-            self.logits, self.losses, self._cache = run(
+            self.logits, self.losses, self._cache = self._passes()[0](
                 self, idx, None if targets is None else self._asarray(host_targets, dtype=np.int32))
             if targets is None:
                 return None
@@ -345,10 +342,7 @@ class GPT2:
             self.zero_grad()
         if not self._use_kernels:
             return _numpy_backward(self, self._cache)
-        if ready == "graph":
-            dres = self._graph_backward()
-        else:
-            dres = (_bf16_backward if self.precision == "bf16" else _kernel_backward)(self, self._cache)
+        dres = self._graph_backward() if ready == "graph" else self._passes()[1](self, self._cache)
         # The encoder's backward stays outside any graph: its token buckets change size with every batch.
         from llmc_lessons.layers.encoder import encoder_backward_cuda
         c = self.config
@@ -363,13 +357,19 @@ class GPT2:
     # two buffers at every step, and the activations live where the recording allocated them. Replays run on
     # the current stream, in order with everything else the step does.
 
+    def _passes(self):
+        """(forward, backward) of this model's path: the module functions below."""
+        if self.precision == "bf16":
+            return _bf16_forward, _bf16_backward
+        return (_kernel_forward, _kernel_backward) if self._use_kernels else (_numpy_forward, _numpy_backward)
+
     def _graph_ready(self, shape) -> bool:
         """Whether this forward (with targets, ids of this shape) goes through a graph.
 
         What a recording depends on makes its key: the shape, the path, the TF32 switch, and the addresses of
-        the parameters and gradients. The first forward at a key runs as usual (every kernel gets compiled, cuBLAS picks its
-        algorithms; the first step also allocates the gradients, which changes the key once). The second
-        records, every later one replays."""
+        the parameters and gradients. The first forward at a key runs as usual (every kernel gets compiled,
+        cuBLAS picks its algorithms; the first step also allocates the gradients, which changes the key once).
+        The second records, every later one replays."""
         if not (self.cuda_graph and self._use_kernels and device.on_gpu()):
             return False
 
@@ -394,7 +394,7 @@ class GPT2:
             # what the first step left in the pool so that the step's memory is not held twice.
             xp.get_default_memory_pool().free_all_blocks()
             g["idx"], g["targets"] = xp.empty(host_idx.shape, np.int32), xp.empty(host_idx.shape, np.int32)
-            run = _bf16_forward if self.precision == "bf16" else _kernel_forward
+            run = self._passes()[0]
 
             def forward():
                 logits, losses, cache = run(self, g["idx"], g["targets"])
@@ -418,9 +418,10 @@ class GPT2:
         g = self._graphs
         if g["backward_graph"] is None:
             cache = g["outputs"][2]        # the recording's own activations (its dlogits are freed inside)
+            run = self._passes()[1]
 
             def backward():
-                g["dres"] = (_bf16_backward if self.precision == "bf16" else _kernel_backward)(self, cache)
+                g["dres"] = run(self, cache)
 
             from llmc_lessons.perf import capture_graph
             g["backward_graph"], _ = capture_graph(backward, stream=g["stream"])
