@@ -175,6 +175,91 @@ def attention_table(rows) -> str:
     return "\n".join(lines)
 
 
+def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, Vp: int = 50304,
+                      n_params: int = 124_475_904) -> list:
+    """The elementwise, normalisation and reduction kernels of the bf16 training step, at its shapes, on fresh
+    random inputs: (name, callable, bytes) with the fewest bytes each must move (every input read once, every
+    output written once), as GPT2(precision="bf16") calls them."""
+    from llmc_lessons.layers import bf16 as k16
+    from llmc_lessons.layers.adamw import global_norm_squared_cuda
+    xp, g = device.xp, device.xp.random.default_rng(2)
+    r32 = lambda *s: g.standard_normal(s, dtype=np.float32)
+    r16 = lambda *s: k16.float_to_bf16_cuda(r32(*s))
+    BT = B * T
+    x, x2, h, dh = r16(B, T, C), r16(B, T, C), r16(B, T, 4 * C), r16(B, T, 4 * C)
+    w, b, b4 = 1 + r32(C), r32(C), r32(4 * C)
+    ids = g.integers(0, V, (B, T)).astype(np.int32)
+    wte, wpe = r16(Vp, C), r16(T, C)
+    qkv, qkvb = r16(B, T, 3 * C), r32(3 * C)
+    mean, rstd = k16.residual_layernorm_forward_bf16_cuda(x, x2, b, w, b)[2:]
+    dres = xp.zeros((B, T, C), np.float32)
+    dw, db = xp.zeros(C, np.float32), xp.zeros(C, np.float32)
+    dbias = {n: xp.zeros(n * C, np.float32) for n in (1, 3, 4)}
+    douts = {1: x, 3: qkv, 4: h}
+    logits, targets = r16(B, T, Vp), g.integers(0, V, (B, T)).astype(np.int32)
+    p, gr, m, v, p16 = r32(n_params), r32(n_params), r32(n_params), xp.abs(r32(n_params)), xp.empty(n_params, np.uint16)
+    rows = [
+        ("encoder forward", lambda: k16.encoder_forward_bf16_cuda(ids, wte, wpe, check_ids=False),
+         2 * BT * C + 2 * T * C + 2 * BT * C + 4 * BT),
+        ("layernorm forward (first)", lambda: k16.layernorm_forward_bf16_cuda(x, w, b, version=2),
+         4 * BT * C + 8 * BT),
+        ("residual + layernorm", lambda: k16.residual_layernorm_forward_bf16_cuda(x, x2, b, w, b), 8 * BT * C + 8 * BT),
+        ("qkv + bias (in place)", lambda: k16.add_bias_bf16_cuda(qkv, qkvb, out=qkv), 2 * 2 * 3 * BT * C),
+        ("gelu forward (+ bias)", lambda: k16.gelu_bias_forward_bf16_cuda(h, b4), 2 * 2 * BT * 4 * C),
+        ("gelu backward (+ bias)", lambda: k16.gelu_bias_backward_bf16_cuda(dh, h, b4), 3 * 2 * BT * 4 * C),
+    ]
+    for n in (1, 3, 4):
+        rows.append((f"bias backward ({n if n > 1 else ''}C)",
+                     lambda n=n: k16.matmul_backward_bias_bf16_cuda(dbias[n], douts[n]), 2 * BT * n * C))
+    rows += [
+        ("layernorm backward", lambda: k16.layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db),
+         14 * BT * C + 8 * BT),
+        ("fused classifier", lambda: k16.fused_classifier_bf16_cuda(logits, targets, V, 1 / BT), 2 * 2 * BT * Vp),
+        ("global norm (124M)", lambda: global_norm_squared_cuda(gr), 4 * n_params),   # no copy to the host
+        ("adamw (124M, bf16 copy)", lambda: k16.adamw_update_bf16_cuda(p, p16, gr, m, v, 1, 1e-4), 30 * n_params),
+    ]
+    return rows
+
+
+def bench_kernels(rows=None, repeat: int = 10) -> dict:
+    """Each kernel of bf16_step_kernels() timed alone on the GPU (L2 flushed, Python's enqueue hidden: the
+    kernel's own time, as in the step's CUDA graph) against two copies: the 1 GiB copy of
+    timing.copy_bandwidth_gbps, and a copy that moves the same bytes as the kernel (a short kernel pays the
+    same start and finish as a short copy: a 50 MB copy reaches about three quarters of a 1 GiB copy's
+    bandwidth). -> {copy_gbps, rows: [{name, us, gbps, of_copy, same_size_copy_gbps, of_same_size_copy}]}."""
+    from llmc_lessons import timing
+    copy = timing.copy_bandwidth_gbps()
+    out = []
+    for name, fn, nbytes in rows if rows is not None else bf16_step_kernels():
+        ms = timing.time_ms(fn, warmup=2, repeat=repeat, flush_l2=True, hide_host=True)
+        same = _copy_gbps(nbytes)
+        bw = timing.gbps(nbytes, ms)
+        out.append(dict(name=name, us=ms * 1e3, gbps=bw, of_copy=bw / copy, same_size_copy_gbps=same,
+                        of_same_size_copy=bw / same))
+    return dict(copy_gbps=copy, rows=out)
+
+
+def _copy_gbps(nbytes: int) -> float:
+    """The bandwidth of a device-to-device copy moving nbytes in all (read plus written), timed as
+    bench_kernels times a kernel."""
+    from llmc_lessons import timing
+    a = device.xp.ones(max(1, nbytes // 8), np.float32)
+    b = device.xp.empty_like(a)
+    ms = timing.time_ms(lambda: b.__setitem__(Ellipsis, a), warmup=2, repeat=10, flush_l2=True, hide_host=True)
+    return timing.gbps(2 * a.nbytes, ms)
+
+
+def kernel_table(result: dict) -> str:
+    """bench_kernels' result as a text table."""
+    lines = [f"copy bandwidth {result['copy_gbps']:,.0f} GB/s (1 GiB); 'same-size copy': a copy moving the "
+             f"kernel's bytes",
+             f"{'kernel':<28}{'us':>9}{'GB/s':>8}{'of copy':>9}{'same-size copy':>16}{'of it':>7}"]
+    for r in result["rows"]:
+        lines.append(f"{r['name']:<28}{r['us']:>9.1f}{r['gbps']:>8.0f}{r['of_copy']:>9.0%}"
+                     f"{r['same_size_copy_gbps']:>16.0f}{r['of_same_size_copy']:>7.0%}")
+    return "\n".join(lines)
+
+
 def latest_record(results_dir=None):
     """The newest committed benchmark record (results/bench-*.json, by the date inside) with the compiled
     PyTorch row and a per-kernel profile in its .log: (path, record), or None when there is none."""
@@ -228,11 +313,27 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="print a per-kernel table of one course step")
     p.add_argument("--attention", action="store_true", help="also time causal attention alone (bf16, the model's "
                    "shape: B, T, NH, hs): the cuBLAS path, the flash kernels, PyTorch's SDPA")
+    p.add_argument("--kernels", action="store_true", help="also time the bf16 step's elementwise, normalisation "
+                   "and reduction kernels alone, against the copy bandwidth")
+    p.add_argument("--only-kernels", action="store_true", help="time those kernels and nothing else")
     p.add_argument("--json", help="also write the results to this JSON file")
     a = p.parse_args(argv)
     if not device.on_gpu():
         print("The benchmark needs a GPU: the CPU emulator's speed says nothing about a GPU's.", file=sys.stderr)
         return 1
+    kernels = None
+    if a.kernels or a.only_kernels:
+        from llmc_lessons.model import num_parameters
+        c = GPT2Config.from_name(a.model)
+        kernels = bench_kernels(bf16_step_kernels(a.batch_size, a.seq_len, c.channels, c.vocab_size,
+                                                  c.padded_vocab_size, num_parameters(c)))
+        print(f"The bf16 step's kernels alone (GPT-2 {a.model}, B={a.batch_size}, T={a.seq_len}):\n"
+              f"{kernel_table(kernels)}\n", flush=True)
+        if a.only_kernels:
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(dict(info=versions(), kernels=kernels), f, indent=1)
+            return 0
     attention = []
     if a.attention:
         c = GPT2Config.from_name(a.model)
@@ -272,7 +373,8 @@ def main(argv=None) -> int:
                   + profile_course(config, B, T, precision=precision))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(info=info, model=a.model, B=B, T=T, rows=rows, attention=attention), f, indent=1)
+            json.dump(dict(info=info, model=a.model, B=B, T=T, rows=rows, attention=attention, kernels=kernels), f,
+                      indent=1)
     return 0
 
 

@@ -685,7 +685,7 @@ def _bf16_forward(model, idx, targets):
         return gemm(x.reshape(BT, -1), weight, trans_b=True).reshape(B, T_run, -1)
 
     residual = k.encoder_forward_bf16_cuda(idx, w["wte"], w["wpe"], check_ids=False)   # checked by _tokens
-    ln, mean, rstd = k.layernorm_forward_bf16_cuda(residual, p["ln1w"][0], p["ln1b"][0])
+    ln, mean, rstd = k.layernorm_forward_bf16_cuda(residual, p["ln1w"][0], p["ln1b"][0], version=2)
     block_caches = []
     for l in range(L):
         qkv = linear(ln, w["qkvw"][l])                                           # (B, T, 3C), no bias

@@ -17,11 +17,16 @@ def _require_gpu(what: str):
         raise RuntimeError(f"{what} needs a GPU: the CPU emulator's timings say nothing about GPU speed")
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 20, flush_l2: bool = False) -> float:
+def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 20, flush_l2: bool = False,
+            hide_host: bool = False) -> float:
     """Median wall time of fn() in milliseconds, measured with CUDA events around each call.
 
     flush_l2: before each timed call, overwrite a buffer larger than the L2 cache (outside the timed region),
     so that fn reads its inputs from memory, not from a cache warmed by the previous repeat.
+    hide_host: before each timed call, hold the GPU in a 1 ms wait (one thread spinning), so that everything
+    Python does to enqueue fn's work (argument checks, allocations, launches) is done before the GPU reaches
+    the start event: the events then time the GPU's work alone, as a profiler would, and as the kernels run
+    inside a CUDA graph. Without it, a call that takes Python longer than its kernels measures Python.
     """
     _require_gpu("time_ms")
     for _ in range(warmup):
@@ -32,12 +37,36 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 20, flush_l
     for _ in range(repeat):
         if scratch is not None:
             scratch.fill(0)
+        if hide_host:
+            _gpu_wait(1_000_000)
         start.record()
         fn()
         end.record()
         end.synchronize()
         times.append(xp.cuda.get_elapsed_time(start, end))
     return float(np.median(times))
+
+
+_WAIT_SOURCE = r"""
+extern "C" __global__ void gpu_wait(unsigned long long ns) {   // one thread spins for ns nanoseconds
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+"""
+
+
+def _gpu_wait(ns: int):
+    """Enqueue a kernel that keeps the current stream busy for about ns nanoseconds."""
+    kernel = _wait_kernel()
+    kernel((1,), (1,), (np.uint64(ns),))
+
+
+@lru_cache(maxsize=None)
+def _wait_kernel():
+    return xp.RawKernel(_WAIT_SOURCE, "gpu_wait")
 
 
 def gbps(nbytes: float, ms: float) -> float:

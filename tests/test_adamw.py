@@ -158,6 +158,18 @@ def test_global_norm_kernel_matches_reference(block_size, max_blocks):
     assert global_norm_cuda(arrays[0], block_size=block_size) == pytest.approx(global_norm(grads[0]), rel=1e-5)
 
 
+@pytest.mark.parametrize("offset,n", [(0, 4003), (1, 4003), (3, 17), (0, 3)])
+def test_global_norm_float4_path_and_its_tail(offset, n):
+    """16-byte loads where the array starts on a 16-byte boundary, 4-byte loads where it does not (a view at
+    an odd offset) and for the last N % 4 values: the same sum either way."""
+    g = (np.random.default_rng(n + offset).standard_normal(n + offset) * 3).astype(np.float32)
+    view = to_device(g)[offset:]
+    assert (device.address(view) % 16 == 0) == (offset == 0)
+    for block_size, max_blocks in ((64, 3), (256, 1024)):
+        assert global_norm_cuda(view, block_size=block_size, max_blocks=max_blocks) == \
+            pytest.approx(global_norm(g[offset:]), rel=1e-5)
+
+
 def test_global_norm_kernel_with_poisoned_accumulator_is_not_used_by_launcher():
     # the launcher zeroes its accumulator; the raw kernel adds to whatever is there
     g = to_device(np.full(100, 2.0, np.float32))

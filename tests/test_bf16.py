@@ -80,16 +80,21 @@ def test_gelu_bf16_kernel(n, block, version):
     h = to_bf16((gen.standard_normal(n) * 3).astype(np.float32))
     out = to_host(gelu_forward_bf16_cuda(to_device(h), block_size=block, version=version))
     ref = gelu_forward_bf16(h)
-    # float32 math in another order may cross a rounding boundary: then the two differ by one bf16 step
+    # the kernel's float32 result may lie on the other side of a rounding boundary than the float64 one: then
+    # the two differ by one bf16 step; that happens rarely (a float32 GELU as 0.5 x (1 + tanh u) loses digits
+    # to cancellation for x < 0 and lands on the other side 2% of the time, the kernel's form well under 1%)
     np.testing.assert_allclose(from_bf16(out), from_bf16(ref), rtol=2**-7, atol=1e-5)
-    assert n < 100 or np.mean(out == ref) > 0.95
+    assert n < 100 or np.mean(out == ref) > 0.99
 
 
-@pytest.mark.parametrize("B,T,C,block", [(2, 7, 45, 32), (1, 5, 768, 128), (3, 3, 31, 64)])
-def test_layernorm_bf16_kernel(B, T, C, block):
+@pytest.mark.parametrize("B,T,C,block,version", [(2, 7, 45, 32, 1), (1, 5, 768, 128, 1), (3, 3, 31, 64, 1),
+                                                   (2, 7, 40, 32, 2), (1, 5, 768, 128, 2), (3, 3, 1024, 96, 2),
+                                                   (1, 9, 264, 256, 2)])
+def test_layernorm_bf16_kernel(B, T, C, block, version, poisoned_allocations):
     x = to_bf16(gen.standard_normal((B, T, C)).astype(np.float32) * 2 + 1)
     w, b = gen.standard_normal(C).astype(np.float32), gen.standard_normal(C).astype(np.float32)
-    out, mean, rstd = layernorm_forward_bf16_cuda(*(to_device(a) for a in (x, w, b)), block_size=block)
+    out, mean, rstd = layernorm_forward_bf16_cuda(*(to_device(a) for a in (x, w, b)), block_size=block,
+                                                  version=version)
     ro, rm, rr = layernorm_forward_bf16(x, w, b)
     np.testing.assert_allclose(to_host(mean), rm, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(to_host(rstd), rr, rtol=1e-5)

@@ -156,14 +156,16 @@ def test_add_bias_bf16(shape, block, in_place):
     close_bf16(got, from_bf16(x).astype(np.float64) + bias, "x + bias")
 
 
-@pytest.mark.parametrize("OC,block_rows,grid_rows", [(40, 8, 32), (272, 3, 5), (264, 32, 1)])
-def test_matmul_backward_bias_bf16_accumulates(OC, block_rows, grid_rows):
+@pytest.mark.parametrize("OC,block_columns,block_rows,grid_rows", [(40, 8, 8, 32), (272, 32, 3, 5), (264, 8, 32, 1),
+                                                                   (776, 3, 7, None), (2312, 8, 32, None)])
+def test_matmul_backward_bias_bf16_accumulates(OC, block_columns, block_rows, grid_rows):
     gen = np.random.default_rng(OC)
     dout, start = bits(gen, 3, 37, OC), rand32(gen, OC)
     dbias = to_device(start.copy())
     want = start.astype(np.float64)
     for _ in range(2):   # the second launch finds the last-block counters reset by the first
-        k.matmul_backward_bias_bf16_cuda(dbias, to_device(dout), block_rows=block_rows, grid_rows=grid_rows)
+        k.matmul_backward_bias_bf16_cuda(dbias, to_device(dout), block_columns=block_columns, block_rows=block_rows,
+                                         grid_rows=grid_rows)
         want += from_bf16(dout).astype(np.float64).sum((0, 1))
         np.testing.assert_allclose(to_host(dbias), want, rtol=1e-5, atol=1e-5)
     assert not to_host(k._zero_counters(1)).any()
@@ -259,7 +261,7 @@ def test_bad_input_is_refused():
         z, f = to_device(np.zeros((1, 1, 1024), np.uint16)), to_device(np.zeros(1024, np.float32))
         k.layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 1024), np.float32)), z, z, f,
                                        to_device(np.zeros((1, 1), np.float32)), to_device(np.zeros((1, 1), np.float32)),
-                                       f, f, block_size=512)
+                                       f, f, block_size=1024)
     with pytest.raises(ValueError, match="shape"):
         k.residual_layernorm_forward_bf16_cuda(*(to_device(np.zeros((1, 2, 8), np.uint16)),) * 2,
                                                *(to_device(np.zeros(16, np.float32)),) * 3)

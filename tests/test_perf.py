@@ -94,3 +94,23 @@ def test_the_notebook_kernel_is_the_package_kernel():
     body = notebook_cuda_source("12_kernel_performance.ipynb", "fused_src")
     start = 'extern "C" __global__ void fused_residual_layernorm_forward_kernel'
     assert body[body.index(start):].strip() == SRC[SRC.index(start):].strip()
+
+
+def test_time_ms_refuses_the_cpu_and_hide_host_hides_python():
+    import time
+
+    from llmc_lessons import device, timing
+    if not device.on_gpu():
+        with pytest.raises(RuntimeError, match="needs a GPU"):
+            timing.time_ms(lambda: None, hide_host=True)
+        return
+    a = device.xp.ones(1 << 20, np.float32)
+
+    def slow_python():          # 0.5 ms of Python (less than the 1 ms hold), then a kernel of a few microseconds
+        time.sleep(0.0005)
+        a.fill(1.0)
+
+    shown = timing.time_ms(slow_python, warmup=1, repeat=5)
+    hidden = timing.time_ms(slow_python, warmup=1, repeat=5, hide_host=True)
+    assert shown > 0.45, f"without hide_host the events span Python's 0.5 ms, got {shown:.3f} ms"
+    assert hidden < 0.2, f"with hide_host the events time the kernel alone, got {hidden:.3f} ms"

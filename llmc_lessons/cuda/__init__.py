@@ -24,6 +24,11 @@ from llmc_lessons.cuda.emulator import KERNELS_DIR, CompileError, KernelError
 __all__ = ["RawKernel", "load_kernel", "kernel_source", "CompileError", "KernelError", "KERNELS_DIR"]
 
 DEFAULT_SHARED_LIMIT = 48 * 1024
+"""Shared memory a block may use (static plus dynamic) unless the kernel asks for more."""
+
+SHARED_LIMIT_OPT_IN = 227 * 1024
+"""Shared memory a block may use (static plus dynamic) on an H100 or H200 once the kernel's
+max_dynamic_shared_size_bytes is raised above 48 KiB; the dynamic part may not exceed that attribute."""
 
 launch_listeners: list = []
 """Callables f(kernel_name) called before every launch (llmc_lessons.perf.count_launches uses it)."""
@@ -146,6 +151,7 @@ class RawKernel:
         if not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
             raise ValueError(f"shared_mem must be a non-negative int (bytes), got {shared_mem!r}")
         limit = max(DEFAULT_SHARED_LIMIT, int(self.max_dynamic_shared_size_bytes))
+        total_limit = SHARED_LIMIT_OPT_IN if limit > DEFAULT_SHARED_LIMIT else DEFAULT_SHARED_LIMIT
         if shared_mem > limit:
             raise ValueError(f"shared_mem = {shared_mem} bytes exceeds the {limit}-byte limit; set "
                              f"kernel.max_dynamic_shared_size_bytes first to use more, as on a GPU")
@@ -163,9 +169,9 @@ class RawKernel:
         from llmc_lessons.cuda import emulator
         if impl == "checked":
             from llmc_lessons.cuda import checked
-            out = checked.launch(self, grid, block, args, int(shared_mem), limit)
+            out = checked.launch(self, grid, block, args, int(shared_mem), total_limit)
         else:
-            out = emulator.launch(impl, self.signature, grid, block, args, int(shared_mem), limit)
+            out = emulator.launch(impl, self.signature, grid, block, args, int(shared_mem), total_limit)
         if out:
             print(out, end="" if out.endswith("\n") else "\n")
 

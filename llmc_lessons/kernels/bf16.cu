@@ -12,8 +12,18 @@
 #include "common.cuh"
 #include "bf16.cuh"
 
-__device__ __forceinline__ float gelu_f32(float x) {  // the tanh GELU of lesson 06, in float32
-    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+// The tanh GELU of lesson 06, in float32, written through the identity (1 + tanh(u)) / 2 = 1 / (1 + exp(-2u)):
+// gelu(x) = x * sigmoid(2u) with u = sqrt(2/pi) (x + 0.044715 x^3). The same function with one fast exponential
+// (__expf) and one fast division (__fdividef) instead of tanhf, whose 20-odd instructions made the bf16 GELU
+// wait on arithmetic, not memory (lesson 14). Both are accurate to a few float32 units in the last place, far
+// below the bf16 rounding of the result. For x -> -inf the exponential overflows to inf and the sigmoid is 0.
+__device__ __forceinline__ float gelu_sigmoid(float x) {  // sigmoid(2u) = (1 + tanh(u)) / 2
+    float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return __fdividef(1.0f, 1.0f + __expf(-2.0f * u));
+}
+
+__device__ __forceinline__ float gelu_f32(float x) {
+    return x * gelu_sigmoid(x);
 }
 
 extern "C" __global__ void gelu_forward_bf16_kernel(bf16* out, const bf16* inp, int N) {
@@ -26,9 +36,7 @@ extern "C" __global__ void gelu_forward_bf16_kernel(bf16* out, const bf16* inp, 
 // The same with 128-bit accesses: each thread loads 8 bf16 values as one int4 (16 bytes), as lesson 12's
 // float4 GELU does. Two-byte loads leave a bf16 kernel limited by load instructions, not by bandwidth.
 __device__ __forceinline__ unsigned int gelu_bf16_pair(unsigned int two) {  // two bf16 in one 32-bit word
-    float lo = gelu_f32(bf16_lo(two));
-    float hi = gelu_f32(bf16_hi(two));
-    return (unsigned int)bf16_from_float(lo) | ((unsigned int)bf16_from_float(hi) << 16);
+    return pack_bf16x2(gelu_f32(bf16_lo(two)), gelu_f32(bf16_hi(two)));
 }
 
 extern "C" __global__ void gelu_forward_bf16_kernel2(int4* out, const int4* inp, int N8) {
@@ -142,11 +150,16 @@ __device__ __forceinline__ void load8(float* f, const bf16* p) {
 }
 
 __device__ __forceinline__ void store8(bf16* p, const float* f) {
-    int w[4];
-    for (int i = 0; i < 4; i++) {
-        w[i] = (int)((unsigned int)bf16_from_float(f[2 * i]) | ((unsigned int)bf16_from_float(f[2 * i + 1]) << 16));
-    }
-    *(int4*)p = make_int4(w[0], w[1], w[2], w[3]);
+    *(int4*)p = make_int4((int)pack_bf16x2(f[0], f[1]), (int)pack_bf16x2(f[2], f[3]), (int)pack_bf16x2(f[4], f[5]),
+                          (int)pack_bf16x2(f[6], f[7]));
+}
+
+// 8 floats of a float32 vector (a bias, a layernorm weight) through two 16-byte loads; p must be 16-byte
+// aligned (the launchers check). Eight 4-byte loads per 8 values measured as a cost of its own.
+__device__ __forceinline__ void load8f(float* f, const float* p) {
+    float4 a = *(const float4*)p, b = *(const float4*)(p + 4);
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 
 __device__ __forceinline__ float round_bf16(float f) {  // the float32 value of f's nearest bf16
@@ -170,11 +183,76 @@ extern "C" __global__ void encoder_forward_bf16_kernel(bf16* out,         // (B,
     store8(out + (size_t)bt * C + c, a);
 }
 
+#define ROW_CHUNKS 4   // 8-value chunks per lane when a warp keeps a row in registers: C <= 4 * 32 * 8 = 1024
+
+// The layernorm of one row that a warp holds in registers, lane `lane` the 8-value chunks (lane + 32 i) * 8
+// (those below C): the mean and the variance from the registers (two passes over them, no trip to memory),
+// then out = (x - mean) * rstd * weight + bias stored 16 bytes at a time. The statistics stay float32.
+__device__ __forceinline__ void layernorm_row_bf16(float r[ROW_CHUNKS][8], bf16* out, float* mean, float* rstd,
+                                                   const float* weight, const float* bias, int row, int C,
+                                                   int lane) {
+    float sum = 0.0f;
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        if ((lane + 32 * i) * 8 < C) {
+            for (int k = 0; k < 8; k++) sum += r[i][k];
+        }
+    }
+    float m = warpReduceSum(sum) / C;
+    float var = 0.0f;
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        if ((lane + 32 * i) * 8 < C) {
+            for (int k = 0; k < 8; k++) var += (r[i][k] - m) * (r[i][k] - m);
+        }
+    }
+    float s = rsqrtf(warpReduceSum(var) / C + 1e-5f);
+    size_t base = (size_t)row * C;
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            float w[8], b[8];
+            load8f(w, weight + c);
+            load8f(b, bias + c);
+            for (int k = 0; k < 8; k++) r[i][k] = (r[i][k] - m) * s * w[k] + b[k];
+            store8(out + base + c, r[i]);
+        }
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = s;
+    }
+}
+
+// The layernorm forward of the step's first layer (the later ones are fused with a residual add, below): one
+// warp per row, the row read once into registers through 16-byte loads. layernorm_forward_bf16_kernel above
+// is the same function with two-byte loads, a value at a time (any C); this one needs C a multiple of 8 and
+// at most 1024.
+extern "C" __global__ void layernorm_forward_bf16_kernel2(bf16* out,           // (N, C)
+                                                          float* mean,         // (N,)
+                                                          float* rstd,         // (N,)
+                                                          const bf16* inp,     // (N, C)
+                                                          const float* weight, // (C,)
+                                                          const float* bias,   // (C,)
+                                                          int N, int C) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) return;
+    int4 raw[ROW_CHUNKS];
+    for (int i = 0; i < ROW_CHUNKS; i++) {      // every load of the row first, then the arithmetic
+        int c = (lane + 32 * i) * 8;
+        if (c < C) raw[i] = *(const int4*)(inp + (size_t)row * C + c);
+    }
+    float r[ROW_CHUNKS][8];
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        if ((lane + 32 * i) * 8 < C) unpack8(r[i], raw[i]);
+    }
+    layernorm_row_bf16(r, out, mean, rstd, weight, bias, row, C, lane);
+}
+
 // residual = inp1 + (inp2 + bias2), then out = layernorm(residual): the residual connection after a
-// projection (whose bias is bias2) fused with the layernorm that reads its result. One warp per row; the
-// statistics are of the bf16-rounded residual that is stored, and kept in float32. The row is re-read from
-// the cache for the variance and the output (keeping it in registers instead measured slower on the H100:
-// fewer warps fit).
+// projection (whose bias is bias2) fused with the layernorm that reads its result. One warp per row, the row
+// read once into registers, all its loads in flight together; the statistics are of the bf16-rounded
+// residual that is stored. (A first version re-read the row from the cache for the variance and the output:
+// three dependent trips to memory per row, 35% of the copy bandwidth on the H200.)
 extern "C" __global__ void residual_layernorm_forward_bf16_kernel(bf16* residual,       // (N, C)
                                                                   bf16* out,            // (N, C)
                                                                   float* mean,          // (N,)
@@ -189,35 +267,27 @@ extern "C" __global__ void residual_layernorm_forward_bf16_kernel(bf16* residual
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;                       // the whole warp leaves together
     size_t base = (size_t)row * C;
-    float sum = 0.0f;
-    for (int c = lane * 8; c < C; c += 32 * 8) {
-        float a[8], b[8];
-        load8(a, inp1 + base + c);
-        load8(b, inp2 + base + c);
-        for (int k = 0; k < 8; k++) {
-            a[k] = round_bf16(a[k] + (b[k] + bias2[c + k]));
-            sum += a[k];
+    int4 raw1[ROW_CHUNKS], raw2[ROW_CHUNKS];
+    for (int i = 0; i < ROW_CHUNKS; i++) {      // every load of the row first, then the arithmetic
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            raw1[i] = *(const int4*)(inp1 + base + c);
+            raw2[i] = *(const int4*)(inp2 + base + c);
         }
-        store8(residual + base + c, a);
     }
-    float m = warpReduceSum(sum) / C;
-    float var = 0.0f;
-    for (int c = lane * 8; c < C; c += 32 * 8) {   // each lane re-reads only the chunks it wrote
-        float a[8];
-        load8(a, residual + base + c);
-        for (int k = 0; k < 8; k++) var += (a[k] - m) * (a[k] - m);
+    float r[ROW_CHUNKS][8];
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            float b[8], pb[8];
+            unpack8(r[i], raw1[i]);
+            unpack8(b, raw2[i]);
+            load8f(pb, bias2 + c);
+            for (int k = 0; k < 8; k++) r[i][k] = round_bf16(r[i][k] + (b[k] + pb[k]));
+            store8(residual + base + c, r[i]);
+        }
     }
-    float s = rsqrtf(warpReduceSum(var) / C + 1e-5f);
-    for (int c = lane * 8; c < C; c += 32 * 8) {
-        float a[8];
-        load8(a, residual + base + c);
-        for (int k = 0; k < 8; k++) a[k] = (a[k] - m) * s * weight[c + k] + bias[c + k];
-        store8(out + base + c, a);
-    }
-    if (lane == 0) {
-        mean[row] = m;
-        rstd[row] = s;
-    }
+    layernorm_row_bf16(r, out, mean, rstd, weight, bias, row, C, lane);
 }
 
 // The heads of attention as separate matrices: inp (B, T, n, NH, hs), as qkv (n = 3) or atty's gradient
@@ -328,10 +398,11 @@ extern "C" __global__ void softmax_backward_bf16_kernel(bf16* dpreatt,       // 
     }
 }
 
-__device__ __forceinline__ float gelu_grad_f32(float x) {  // d gelu / dx, lesson 06
-    float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    float th = tanhf(u);
-    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
+// d gelu / dx (lesson 06) in the sigmoid form: with s = sigmoid(2u), d/dx [x s] = s + 2 x s (1 - s) du/dx,
+// du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2). (0.5 (1 - tanh^2) = 2 s (1 - s).)
+__device__ __forceinline__ float gelu_grad_f32(float x) {
+    float s = gelu_sigmoid(x);
+    return s + 2.0f * x * s * (1.0f - s) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
 }
 
 // out = inp + bias: the qkv layer's bias, added in place before the flash attention kernels read qkv (they
@@ -343,9 +414,10 @@ extern "C" __global__ void add_bias_bf16_kernel(bf16* out,          // (N, OC)
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N * (OC / 8)) return;
     int c = (i % (OC / 8)) * 8;
-    float x[8];
+    float x[8], b[8];
     load8(x, inp + (size_t)i * 8);
-    for (int k = 0; k < 8; k++) x[k] += bias[c + k];
+    load8f(b, bias + c);
+    for (int k = 0; k < 8; k++) x[k] += b[k];
     store8(out + (size_t)i * 8, x);
 }
 
@@ -357,9 +429,10 @@ extern "C" __global__ void gelu_bias_forward_bf16_kernel(bf16* out,          // 
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N * (OC / 8)) return;
     int c = (i % (OC / 8)) * 8;
-    float x[8];
+    float x[8], b[8];
     load8(x, inp + (size_t)i * 8);
-    for (int k = 0; k < 8; k++) x[k] = gelu_f32(x[k] + bias[c + k]);
+    load8f(b, bias + c);
+    for (int k = 0; k < 8; k++) x[k] = gelu_f32(x[k] + b[k]);
     store8(out + (size_t)i * 8, x);
 }
 
@@ -372,17 +445,18 @@ extern "C" __global__ void gelu_bias_backward_bf16_kernel(bf16* dinp,         //
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N * (OC / 8)) return;
     int c = (i % (OC / 8)) * 8;
-    float x[8], d[8];
+    float x[8], d[8], b[8];
     load8(x, inp + (size_t)i * 8);
     load8(d, dout + (size_t)i * 8);
-    for (int k = 0; k < 8; k++) d[k] *= gelu_grad_f32(x[k] + bias[c + k]);
+    load8f(b, bias + c);
+    for (int k = 0; k < 8; k++) d[k] *= gelu_grad_f32(x[k] + b[k]);
     store8(dinp + (size_t)i * 8, d);
 }
 
 // The last of `blocks` blocks to call this returns true; *counter counts the arrivals and is reset by that
 // block for the next launch. Each block calls it after writing its row of partial sums: the fence makes the
 // row visible to the block that will add the rows (the "last block" reduction of CUDA's threadFenceReduction
-// sample). One launch instead of two, and still deterministic: one block adds the rows, in order.
+// sample). One launch instead of two, and still deterministic: one block adds the rows, in a fixed order.
 __device__ bool last_block(unsigned int* counter, unsigned int blocks) {
     __shared__ unsigned int arrived;
     __threadfence();
@@ -395,224 +469,280 @@ __device__ bool last_block(unsigned int* counter, unsigned int blocks) {
     return arrived == blocks - 1;
 }
 
-// out[c] += sum over r of partial[r][c], rows in order, for columns c0 <= c < c1, by the threads of a block.
-__device__ void add_partial_rows(float* out, const float* partial, int R, int C, int c0, int c1) {
-    __threadfence();                          // read the rows the other blocks wrote, not a stale copy
-    int nthreads = blockDim.x * blockDim.y;
-    for (int c = c0 + threadIdx.y * blockDim.x + threadIdx.x; c < c1; c += nthreads) {
-        float s = 0.0f;
-        for (int r = 0; r < R; r++) s += partial[(size_t)r * C + c];
-        out[c] += s;
-    }
-}
-
-// dbias (OC,) += the column sums of dout (N, OC), deterministically. Block (32, Y), grid (ceil(OC / 256), R):
-// thread x owns 8 neighbouring columns, the Y * R threads of a column split the rows, the Y threads of a
-// block add their sums in order through shared memory and partial[r] gets each block row's sums; the last
-// block of a column group adds its R rows into dbias.
+// dbias (OC,) += the column sums of dout (N, OC), deterministically. Block (X, Y), grid (ceil(OC / 8X), R):
+// thread x owns 8 neighbouring columns (X threads side by side cover a group of 8X columns, 16X bytes of a
+// row), the Y * R threads of a group split the rows, each loading eight rows before adding them; the Y
+// threads of a column add their sums in order through shared memory and partial[r] gets each block's sums;
+// the last block of a group adds the group's R rows of partials into dbias, its threads splitting the rows
+// again. Narrow groups (X = 8: 64 columns) give many blocks for the reading and little for each last block to
+// add (with X = 32, three last blocks each added R rows of 256 columns for C = 768, and the kernel ran at
+// half the copy bandwidth).
 extern "C" __global__ void matmul_backward_bias_bf16_kernel(float* dbias,       // (OC,) accumulated into
                                                             float* partial,     // (R, OC), R = gridDim.y
                                                             unsigned int* counters,  // (gridDim.x,) zeros
                                                             const bf16* dout,   // (N, OC)
                                                             int N, int OC) {
-    extern __shared__ float buf[];              // (Y, 256)
-    int c = (blockIdx.x * 32 + threadIdx.x) * 8;
+    extern __shared__ float buf[];              // (Y, 8X)
+    int X = blockDim.x, Y = blockDim.y, W = 8 * X;   // W: the group's width in columns
+    int c0 = blockIdx.x * W;
+    int c = c0 + threadIdx.x * 8;
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     if (c < OC) {
-        int stride = gridDim.y * blockDim.y;
-        int row = blockIdx.y * blockDim.y + threadIdx.y;
-        for (; row + 3 * stride < N; row += 4 * stride) {   // four independent loads in flight, then add
-            int4 v[4];
-            for (int j = 0; j < 4; j++) v[j] = *(const int4*)(dout + (size_t)(row + j * stride) * OC + c);
-            for (int j = 0; j < 4; j++) {
+        int stride = gridDim.y * Y;
+        for (int row = blockIdx.y * Y + threadIdx.y; row < N; row += 8 * stride) {
+            int4 v[8];                          // eight independent loads in flight (zeros past the end), then add
+            for (int j = 0; j < 8; j++) {
+                v[j] = row + j * stride < N ? *(const int4*)(dout + (size_t)(row + j * stride) * OC + c)
+                                            : make_int4(0, 0, 0, 0);
+            }
+            for (int j = 0; j < 8; j++) {
                 float d[8];
                 unpack8(d, v[j]);
                 for (int k = 0; k < 8; k++) acc[k] += d[k];
             }
         }
-        for (; row < N; row += stride) {
-            float d[8];
-            load8(d, dout + (size_t)row * OC + c);
-            for (int k = 0; k < 8; k++) acc[k] += d[k];
-        }
     }
-    for (int k = 0; k < 8; k++) buf[threadIdx.y * 256 + threadIdx.x * 8 + k] = acc[k];
+    for (int k = 0; k < 8; k++) buf[threadIdx.y * W + threadIdx.x * 8 + k] = acc[k];
     __syncthreads();
-    if (threadIdx.y == 0 && c < OC) {
-        for (int k = 0; k < 8; k++) {
+    int tid = threadIdx.y * X + threadIdx.x;
+    for (int j = tid; j < W; j += X * Y) {      // one thread per column adds the Y sums in order
+        if (c0 + j < OC) {
             float s = 0.0f;
-            for (int y = 0; y < blockDim.y; y++) s += buf[y * 256 + threadIdx.x * 8 + k];
-            partial[(size_t)blockIdx.y * OC + c + k] = s;
+            for (int y = 0; y < Y; y++) s += buf[y * W + j];
+            partial[(size_t)blockIdx.y * OC + c0 + j] = s;
         }
     }
-    if (last_block(counters + blockIdx.x, gridDim.y)) {
-        int c0 = blockIdx.x * 256;
-        add_partial_rows(dbias, partial, gridDim.y, OC, c0, min(OC, c0 + 256));
-    }
-}
-
-// out[c] += sum over r of partial[r, c], always in the same order. Block (32, Y): 32 neighbouring columns,
-// the Y rows of threads split the R partial rows, then thread row 0 adds their Y sums in order.
-extern "C" __global__ void column_sum_add_kernel(float* out,             // (C,) accumulated into
-                                                 const float* partial,   // (R, C)
-                                                 int R, int C) {
-    extern __shared__ float buf[];              // (Y, 32)
-    int c = blockIdx.x * 32 + threadIdx.x;
-    float acc = 0.0f;
-    if (c < C) {
-        for (int r = threadIdx.y; r < R; r += blockDim.y) acc += partial[(size_t)r * C + c];
-    }
-    buf[threadIdx.y * 32 + threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
+    if (!last_block(counters + blockIdx.x, gridDim.y)) return;
+    __threadfence();                            // read the rows the other blocks wrote, not a stale copy
+    int threads = X * Y, slices = threads >= W ? threads / W : 1;   // thread (j, slice): column j of the group,
+    int slice = tid / W;                                               // partial rows slice, slice + slices, ...
+    __syncthreads();                            // buf is free again
+    for (int j = tid % W; j < W; j += threads) {
+        if (slice >= slices) break;
         float s = 0.0f;
-        for (int y = 0; y < blockDim.y; y++) s += buf[y * 32 + threadIdx.x];
-        out[c] += s;
+        if (c0 + j < OC) {
+            for (int r = slice; r < (int)gridDim.y; r += 4 * slices) {
+                float p[4];                     // four rows in flight, then added in order
+                for (int q = 0; q < 4; q++) {
+                    int rr = r + q * slices;
+                    p[q] = rr < (int)gridDim.y ? partial[(size_t)rr * OC + c0 + j] : 0.0f;
+                }
+                for (int q = 0; q < 4; q++) s += p[q];
+            }
+        }
+        buf[slice * W + j] = s;
+    }
+    __syncthreads();
+    for (int j = tid; j < W; j += threads) {
+        if (c0 + j < OC) {
+            float total = 0.0f;
+            for (int q = 0; q < slices; q++) total += buf[q * W + j];
+            dbias[c0 + j] += total;
+        }
     }
 }
 
-#define ROW_CHUNKS 4   // 8-value chunks per lane when a warp keeps a row in registers: C <= 4 * 32 * 8 = 1024
+// The column sums of partial (R, 2C), always in the same order, added into two vectors: columns 0..C-1 into
+// out1, columns C..2C-1 into out2 (the layernorm backward's dweight and dbias, in one launch). Block (X, Y): X
+// neighbouring columns, the Y rows of threads split the R partial rows, then thread row 0 adds their Y sums in
+// order. Each thread loads four of its rows before adding them (in row order). Narrow blocks (X = 8) spread
+// the 2C columns over many blocks: with X = 32, 48 blocks for C = 768 left most multiprocessors idle.
+extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,) accumulated into
+                                                 float* out2,            // (C,) accumulated into
+                                                 const float* partial,   // (R, 2C)
+                                                 int R, int C) {
+    extern __shared__ float buf[];              // (Y, X)
+    int X = blockDim.x, Y = blockDim.y;
+    int c = blockIdx.x * X + threadIdx.x;
+    float acc = 0.0f;
+    if (c < 2 * C) {
+        int r = threadIdx.y;
+        for (; r + 3 * Y < R; r += 4 * Y) {
+            float v[4];
+            for (int j = 0; j < 4; j++) v[j] = partial[(size_t)(r + j * Y) * 2 * C + c];
+            for (int j = 0; j < 4; j++) acc += v[j];
+        }
+        for (; r < R; r += Y) acc += partial[(size_t)r * 2 * C + c];
+    }
+    buf[threadIdx.y * X + threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < 2 * C) {
+        float s = 0.0f;
+        for (int y = 0; y < Y; y++) s += buf[y * X + threadIdx.x];
+        if (c < C) out1[c] += s;
+        else out2[c - C] += s;
+    }
+}
 
 // The layernorm backward of lesson 03 on bf16 dout and inp: one warp per row, looping over rows
 // (row = warp, warp + W, ...). dinp is the float32 gradient of the residual stream and is ACCUMULATED into
 // (the two readers of a residual add up); dinp_bf16 gets its new value in bf16 for the next matmul's
-// backward. A row's dout, inp and old dinp are all loaded at once into registers, so each row costs one wait
-// for memory. Each warp sums its rows' dweight and dbias terms in registers; at the end the warps of a block
-// add theirs in order through shared memory into row blockIdx.x of the partial arrays, and
-// column_sum_add_kernel adds those rows in order: the result is deterministic. (A last-block reduction, as
-// the bias gradient's, measured slower here: one block adding 264 rows of 2C columns took 60 us a call.)
+// backward. A row's dout and inp are loaded at once into registers (the loads in flight together), its old
+// dinp once the two reductions are done.
+// dweight and dbias: lane `lane` handles the same columns (lane + 32 i) * 8 .. + 7 of every row, so it adds
+// its rows' terms into its own slots of its warp's sums in shared memory: no other thread touches them, no
+// atomics. At the end the warps of a block add theirs in order into row blockIdx.x of partial, and
+// column_sum_add_kernel adds those rows in order: the result is deterministic. (Keeping these sums in
+// registers took 162 registers a thread: one block of 8 warps fitted on a multiprocessor, too few loads in
+// flight, 45% of the copy bandwidth on the H200.)
 extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,             // (N, C) accumulated into
                                                          bf16* dinp_bf16,         // (N, C)
-                                                         float* partial_dweight,  // (gridDim.x, C)
-                                                         float* partial_dbias,    // (gridDim.x, C)
+                                                         float* partial,          // (gridDim.x, 2C)
                                                          const bf16* dout,        // (N, C)
                                                          const bf16* inp,         // (N, C)
                                                          const float* weight,     // (C,)
                                                          const float* mean,       // (N,)
                                                          const float* rstd,       // (N,)
                                                          int N, int C) {
-    extern __shared__ float buf[];            // (warps per block, C): one warp's partial sums at a time
+    extern __shared__ float buf[];            // (warps per block, 2C): each warp's dweight sums, then dbias's
     int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
-    int warp = blockIdx.x * warps + w;
     int W = gridDim.x * warps;
-    float dw[ROW_CHUNKS * 8], db[ROW_CHUNKS * 8];
-    for (int k = 0; k < ROW_CHUNKS * 8; k++) dw[k] = db[k] = 0.0f;
-    for (int row = warp; row < N; row += W) {
+    float* dw = buf + (size_t)w * 2 * C;
+    float* db = dw + C;
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            for (int k = 0; k < 8; k++) dw[c + k] = db[c + k] = 0.0f;
+        }
+    }
+    for (int row = blockIdx.x * warps + w; row < N; row += W) {
         size_t base = (size_t)row * C;
         float m = mean[row], s = rstd[row];
         int4 raw_dout[ROW_CHUNKS], raw_inp[ROW_CHUNKS];   // the row stays in registers, packed
-        float4 old[ROW_CHUNKS][2];                           // and the gradient it adds to
         for (int i = 0; i < ROW_CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
             if (c < C) {
                 raw_dout[i] = *(const int4*)(dout + base + c);
                 raw_inp[i] = *(const int4*)(inp + base + c);
-                old[i][0] = *(const float4*)(dinp + base + c);
-                old[i][1] = *(const float4*)(dinp + base + c + 4);
             }
         }
         float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
         for (int i = 0; i < ROW_CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
-            if (c >= C) break;
-            float d[8], x[8];
-            unpack8(d, raw_dout[i]);
-            unpack8(x, raw_inp[i]);
-            for (int k = 0; k < 8; k++) {
-                float norm = (x[k] - m) * s;
-                float dnorm = weight[c + k] * d[k];
-                dnorm_mean += dnorm;
-                dnorm_norm_mean += dnorm * norm;
-                db[i * 8 + k] += d[k];
-                dw[i * 8 + k] += norm * d[k];
+            if (c < C) {
+                float d[8], x[8], wt[8], sw[8], sb[8];
+                unpack8(d, raw_dout[i]);
+                unpack8(x, raw_inp[i]);
+                load8f(wt, weight + c);
+                load8f(sw, dw + c);
+                load8f(sb, db + c);
+                for (int k = 0; k < 8; k++) {
+                    float norm = (x[k] - m) * s;
+                    float dnorm = wt[k] * d[k];
+                    dnorm_mean += dnorm;
+                    dnorm_norm_mean += dnorm * norm;
+                    sb[k] += d[k];
+                    sw[k] += norm * d[k];
+                }
+                *(float4*)(dw + c) = make_float4(sw[0], sw[1], sw[2], sw[3]);
+                *(float4*)(dw + c + 4) = make_float4(sw[4], sw[5], sw[6], sw[7]);
+                *(float4*)(db + c) = make_float4(sb[0], sb[1], sb[2], sb[3]);
+                *(float4*)(db + c + 4) = make_float4(sb[4], sb[5], sb[6], sb[7]);
             }
         }
         dnorm_mean = warpReduceSum(dnorm_mean) / C;
         dnorm_norm_mean = warpReduceSum(dnorm_norm_mean) / C;
         for (int i = 0; i < ROW_CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
-            if (c >= C) break;
-            float d[8], x[8];
-            unpack8(d, raw_dout[i]);
-            unpack8(x, raw_inp[i]);
-            float g[8] = {old[i][0].x, old[i][0].y, old[i][0].z, old[i][0].w,
-                          old[i][1].x, old[i][1].y, old[i][1].z, old[i][1].w};
-            for (int k = 0; k < 8; k++) {
-                float norm = (x[k] - m) * s;
-                g[k] += s * (weight[c + k] * d[k] - dnorm_mean - norm * dnorm_norm_mean);
+            if (c < C) {
+                float d[8], x[8], wt[8], g[8];
+                unpack8(d, raw_dout[i]);
+                unpack8(x, raw_inp[i]);
+                load8f(wt, weight + c);
+                load8f(g, dinp + base + c);
+                for (int k = 0; k < 8; k++) {
+                    float norm = (x[k] - m) * s;
+                    g[k] += s * (wt[k] * d[k] - dnorm_mean - norm * dnorm_norm_mean);
+                }
+                *(float4*)(dinp + base + c) = make_float4(g[0], g[1], g[2], g[3]);
+                *(float4*)(dinp + base + c + 4) = make_float4(g[4], g[5], g[6], g[7]);
+                store8(dinp_bf16 + base + c, g);
             }
-            *(float4*)(dinp + base + c) = make_float4(g[0], g[1], g[2], g[3]);
-            *(float4*)(dinp + base + c + 4) = make_float4(g[4], g[5], g[6], g[7]);
-            store8(dinp_bf16 + base + c, g);
         }
     }
-    // the block's warps add their sums in order: dweight, then dbias, through the same shared buffer
-    for (int pass = 0; pass < 2; pass++) {
-        float* mine = pass == 0 ? dw : db;
-        for (int i = 0; i < ROW_CHUNKS; i++) {
-            int c = (lane + 32 * i) * 8;
-            if (c >= C) break;
-            for (int k = 0; k < 8; k++) buf[w * C + c + k] = mine[i * 8 + k];
-        }
-        __syncthreads();
-        float* out = pass == 0 ? partial_dweight : partial_dbias;
-        for (int c = threadIdx.x; c < C; c += blockDim.x) {
-            float sum = 0.0f;
-            for (int j = 0; j < warps; j++) sum += buf[j * C + c];
-            out[(size_t)blockIdx.x * C + c] = sum;
-        }
-        __syncthreads();
+    __syncthreads();                          // the block's warps add their sums in order
+    for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) {
+        float sum = 0.0f;
+        for (int j = 0; j < warps; j++) sum += buf[(size_t)j * 2 * C + c];
+        partial[(size_t)blockIdx.x * 2 * C + c] = sum;
     }
 }
 
+// One 8-value chunk (columns j0 .. j0 + 7) into a running max and sum: the chunk's max first, then the sum
+// rescaled once to it, then the chunk's exponentials added. Columns >= V (the padding) count as exp(-inf) = 0.
+__device__ __forceinline__ void online_softmax_chunk(const float* x, int j0, int V, float& maxval, float& sum) {
+    float chunk_max = NEG_INF;
+    for (int k = 0; k < 8; k++) chunk_max = fmaxf(chunk_max, j0 + k < V ? x[k] : NEG_INF);
+    float new_max = fmaxf(maxval, chunk_max);   // finite: column j0 < V is real
+    sum *= __expf(maxval - new_max);
+    for (int k = 0; k < 8; k++) sum += j0 + k < V ? __expf(x[k] - new_max) : 0.0f;
+    maxval = new_max;
+}
+
 // The classifier's softmax, loss and gradient in one kernel (lesson 08's fused classifier) on bf16 logits:
-// one block per row (b, t). Pass 1: online max and sum over the V real columns, 8 at a time, combined over
-// the block. Pass 2: logits are overwritten with dlogits = dloss * (softmax - onehot(target)), 0 in the
-// padded columns V..Vp-1. losses[row] = -log softmax[target] in float32.
+// one block per row (b, t), the row kept in shared memory (Vp * 2 bytes: 100 KB at GPT-2's vocabulary, two
+// blocks per multiprocessor), so that it is read from memory once and written once.
+// Pass 1: each thread loads four 8-value chunks at a time (the loads in flight together), copies them to
+// shared memory and folds them into its online max and sum; the block combines those. Pass 2, from shared
+// memory: logits are overwritten with dlogits = dloss * (softmax - onehot(target)), 0 in the padded columns
+// V..Vp-1. losses[row] = -log softmax[target] in float32. The exponentials are __expf, the fast one (a few
+// float32 units in the last place for the arguments <= 0 here): two accurate expf per column made the kernel
+// wait on arithmetic. (Reading the row from memory again for pass 2, mostly from the L2 cache, measured 69%
+// of the copy bandwidth on the H200; this version 80%.)
 extern "C" __global__ void fused_classifier_bf16_kernel(bf16* logits,        // (N, Vp) in: logits, out: dlogits
                                                         float* losses,       // (N,)
                                                         const int* targets,  // (N,)
                                                         float dloss, int N, int V, int Vp) {
+    extern __shared__ int4 row_chunks[];       // (Vp / 8,) the row, 8 bf16 values per int4
     __shared__ float warp_max[32];
     __shared__ float warp_sum[32];
     int row = blockIdx.x;
     size_t base = (size_t)row * Vp;
     int target = targets[row];
-    float target_logit = bf16_to_float(logits[base + target]);   // read before pass 2 overwrites it
+    float target_logit = bf16_to_float(logits[base + target]);
+    const int4* src = (const int4*)(logits + base);
+    int bd = blockDim.x, real_chunks = (V + 7) / 8;
     float maxval = NEG_INF, sum = 0.0f;
-    for (int ch = threadIdx.x; ch * 8 < V; ch += blockDim.x) {
-        float x[8];
-        load8(x, logits + base + ch * 8);
-        for (int k = 0; k < 8 && ch * 8 + k < V; k++) {
-            if (x[k] > maxval) {
-                sum *= expf(maxval - x[k]);
-                maxval = x[k];
-            }
-            sum += expf(x[k] - maxval);
+    int ch = threadIdx.x;
+    for (; ch + 3 * bd < real_chunks; ch += 4 * bd) {
+        int4 v[4];
+        for (int j = 0; j < 4; j++) v[j] = src[ch + j * bd];
+        for (int j = 0; j < 4; j++) {
+            float x[8];
+            row_chunks[ch + j * bd] = v[j];
+            unpack8(x, v[j]);
+            online_softmax_chunk(x, (ch + j * bd) * 8, V, maxval, sum);
         }
+    }
+    for (; ch < real_chunks; ch += bd) {
+        float x[8];
+        int4 v = src[ch];
+        row_chunks[ch] = v;
+        unpack8(x, v);
+        online_softmax_chunk(x, ch * 8, V, maxval, sum);
     }
     int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
     float wmax = warpReduceMax(maxval);
-    float wsum = warpReduceSum(maxval == NEG_INF ? 0.0f : sum * expf(maxval - wmax));
+    float wsum = warpReduceSum(maxval == NEG_INF ? 0.0f : sum * __expf(maxval - wmax));
     if (lane == 0) {
         warp_max[w] = wmax;
         warp_sum[w] = wsum;
     }
-    __syncthreads();
+    __syncthreads();                           // also: the whole row is in shared memory
     float row_max = NEG_INF;
     for (int i = 0; i < warps; i++) row_max = fmaxf(row_max, warp_max[i]);
     float row_sum = 0.0f;
     for (int i = 0; i < warps; i++) {
-        if (warp_max[i] != NEG_INF) row_sum += warp_sum[i] * expf(warp_max[i] - row_max);
+        if (warp_max[i] != NEG_INF) row_sum += warp_sum[i] * __expf(warp_max[i] - row_max);
     }
     if (threadIdx.x == 0) losses[row] = logf(row_sum) + row_max - target_logit;
-    float inv = 1.0f / row_sum;
-    for (int ch = threadIdx.x; ch * 8 < Vp; ch += blockDim.x) {
+    float scale = dloss / row_sum;
+    for (ch = threadIdx.x; ch < Vp / 8; ch += bd) {
         float x[8];
-        load8(x, logits + base + ch * 8);
+        if (ch < real_chunks) unpack8(x, row_chunks[ch]);
         for (int k = 0; k < 8; k++) {
             int j = ch * 8 + k;
-            x[k] = j < V ? dloss * (expf(x[k] - row_max) * inv - (j == target ? 1.0f : 0.0f)) : 0.0f;
+            x[k] = j < V ? __expf(x[k] - row_max) * scale - (j == target ? dloss : 0.0f) : 0.0f;
         }
         store8(logits + base + ch * 8, x);
     }

@@ -15,12 +15,32 @@ __device__ __forceinline__ float bf16_to_float(bf16 h) {
 }
 
 // float32 -> bf16, rounding to nearest, ties to even: add 0x7FFF plus the lowest kept bit, then drop the low
-// 16 bits. A NaN stays a NaN (0x7FFF); values too large for bf16 round to infinity, as on the GPU.
+// 16 bits. A NaN stays a NaN (0x7FFF); values too large for bf16 round to infinity, as on the GPU. On a GPU the
+// conversion is one instruction (cvt.rn.bf16.f32) that gives these same bits; the integer version, 8
+// instructions, is what the CPU emulator runs (and what made a bf16 store cost more than the arithmetic).
 __device__ __forceinline__ bf16 bf16_from_float(float f) {
+#if defined(__CUDA_ARCH__)
+    bf16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+#else
     unsigned int u = __float_as_uint(f);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (bf16)0x7FFF;
     unsigned int lsb = (u >> 16) & 1u;
     return (bf16)((u + 0x7FFFu + lsb) >> 16);
+#endif
+}
+
+// Two floats -> one 32-bit word of two bf16 (lo in the lower half), each rounded as bf16_from_float does: on a
+// GPU one instruction for the pair (cvt.rn.bf16x2.f32).
+__device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__)
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // the first operand goes on top
+    return r;
+#else
+    return (unsigned int)bf16_from_float(lo) | ((unsigned int)bf16_from_float(hi) << 16);
+#endif
 }
 
 // The two bf16 values packed in one 32-bit word (the lower index in the lower half), as float32. Exact.

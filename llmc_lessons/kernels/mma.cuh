@@ -26,17 +26,6 @@
 #define LLMC_PTX 1
 #endif
 
-// Two floats -> one 32-bit register of two bf16 (lo in the lower half), each rounded to nearest, ties to even.
-__device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
-#if defined(__CUDA_ARCH__)
-    unsigned int r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // the first operand goes on top
-    return r;
-#else
-    return (unsigned int)bf16_from_float(lo) | ((unsigned int)bf16_from_float(hi) << 16);
-#endif
-}
-
 // d += A @ B for the warp's 16 x 16 A and 16 x 8 B fragments (layouts above).
 __device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned int a[4], const unsigned int b[2]) {
 #if LLMC_PTX

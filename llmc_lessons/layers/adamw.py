@@ -119,12 +119,13 @@ def adamw_update_cuda(param, grad, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8,
     return None
 
 
-def global_norm_cuda(grads, block_size: int = 512, max_blocks: int = 1024) -> float:
-    """One float32 array or a list of them -> the global L2 norm, a float (copied to the host).
+def global_norm_squared_cuda(grads, block_size: int = 512, max_blocks: int = 1024):
+    """One float32 array or a list of them -> the sum of all their squares, as a (1,) device array (no wait
+    for the GPU: the caller reads it when it needs it).
 
     global_norm_squared_kernel: each block sums the squares of a grid-stride slice and atomicAdds its total
-    into one float; every array adds into the same accumulator; the square root is taken on the host.
-    The order of the atomic additions varies, so the last bits may differ from run to run.
+    into one float; every array adds into the same accumulator. The order of the atomic additions varies, so
+    the last bits may differ from run to run.
     """
     from llmc_lessons.cuda import load_kernel
 
@@ -143,4 +144,10 @@ def global_norm_cuda(grads, block_size: int = 512, max_blocks: int = 1024) -> fl
         if N:
             grid = min(-(-N // block_size), int(max_blocks))
             kernel((grid,), (block_size,), (out, g, np.int32(N)))
-    return math.sqrt(float(device.to_host(out)[0]))
+    return out
+
+
+def global_norm_cuda(grads, block_size: int = 512, max_blocks: int = 1024) -> float:
+    """One float32 array or a list of them -> the global L2 norm, a float: the square root, on the host, of
+    global_norm_squared_cuda's sum (copying it to the host waits for the GPU)."""
+    return math.sqrt(float(device.to_host(global_norm_squared_cuda(grads, block_size, max_blocks))[0]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.layers.gelu import gelu_forward
 from llmc_lessons.layers.layernorm import layernorm_forward
 
 
@@ -56,8 +55,14 @@ def stochastic_to_bf16(x, seed: int) -> np.ndarray:
 
 
 def gelu_forward_bf16(inp_bits) -> np.ndarray:
-    """Reference of gelu_forward_bf16_kernel: bf16 in, float32 math, bf16 out."""
-    return to_bf16(gelu_forward(from_bf16(inp_bits)))
+    """Reference of gelu_forward_bf16_kernel: bf16 in, the GELU in float64, rounded once to bf16.
+
+    Computed as x / (1 + exp(-2u)), the same function as 0.5 x (1 + tanh u): the tanh form cancels for
+    x < -7 even in float64 (1 + tanh u is then below float64's 1e-16 spacing near 1)."""
+    x = from_bf16(inp_bits).astype(np.float64)
+    u = np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)
+    with np.errstate(over="ignore"):
+        return to_bf16((x / (1.0 + np.exp(-2.0 * u))).astype(np.float32))
 
 
 def layernorm_forward_bf16(inp_bits, weight, bias):
@@ -102,20 +107,30 @@ def gelu_forward_bf16_cuda(inp, block_size: int = 256, version: int = 1):
     return out
 
 
-def layernorm_forward_bf16_cuda(inp, weight, bias, block_size: int = 256):
-    """(B, T, C) bf16 bits, (C,), (C,) float32 -> out (B, T, C) bf16 bits, mean, rstd (B, T) float32."""
+def layernorm_forward_bf16_cuda(inp, weight, bias, block_size: int = 256, version: int = 1):
+    """(B, T, C) bf16 bits, (C,), (C,) float32 -> out (B, T, C) bf16 bits, mean, rstd (B, T) float32.
+
+    version 1: layernorm_forward_bf16_kernel, two-byte loads (any C). version 2: layernorm_forward_bf16_kernel2,
+    the row in registers through 16-byte loads (the training step's; C a multiple of 8, at most 1024)."""
     from llmc_lessons.cuda import load_kernel
     device.require_array("inp", inp, shape=(None, None, None), dtype=np.uint16)
     B, T, C = inp.shape
-    device.require_array("weight", weight, shape=(C,))
-    device.require_array("bias", bias, shape=(C,))
-    block_size = _block(block_size)
-    if block_size % 32:
-        raise ValueError(f"block_size must be a multiple of 32 (a warp per row), got {block_size}")
+    if version == 2:
+        _aligned("inp", inp)
+        _eight("C", C)
+        _row_in_registers(C)
+        _float_vector("weight", weight, C)
+        _float_vector("bias", bias, C)
+    elif version == 1:
+        device.require_array("weight", weight, shape=(C,))
+        device.require_array("bias", bias, shape=(C,))
+    else:
+        raise ValueError(f"version must be 1 or 2, got {version!r}")
+    block_size = _warps(block_size)
     xp = device.xp
     out, mean, rstd = xp.empty((B, T, C), np.uint16), xp.empty((B, T), np.float32), xp.empty((B, T), np.float32)
     if B * T:
-        load_kernel("bf16.cu", "layernorm_forward_bf16_kernel")(
+        load_kernel("bf16.cu", "layernorm_forward_bf16_kernel" + ("2" if version == 2 else ""))(
             (-(-(B * T) // (block_size // 32)),), (block_size,),
             (out, mean, rstd, inp, weight, bias, np.int32(B * T), np.int32(C)))
     return out, mean, rstd
@@ -174,17 +189,27 @@ def _aligned(name: str, a):
     return a
 
 
+LAYERNORM_BACKWARD_BLOCKS = 396
+"""The bf16 layernorm backward's default grid: 3 blocks of 8 warps per multiprocessor of an H100 or H200, as
+many as fit at once (77 registers a thread); more blocks mean more partial rows for the column sums to add
+(tools/tune_bf16_kernels.py times the choices)."""
+
 ROW_MAX_C = 1024
-"""The bf16 layernorm backward keeps a row in registers: C <= 1024 (GPT-2 124M and 350M)."""
+"""The bf16 layernorm kernels keep a row in registers: C <= 1024 (GPT-2 124M and 350M)."""
 
 
 def _row_in_registers(C: int):
     if C > ROW_MAX_C:
-        raise ValueError(f"the bf16 layernorm backward keeps a row in registers: C must be <= {ROW_MAX_C}, got {C}")
+        raise ValueError(f"the bf16 layernorm kernels keep a row in registers: C must be <= {ROW_MAX_C}, got {C}")
 
 
 def _bf16_array(name: str, a, shape):
     return _aligned(name, device.require_array(name, a, shape=shape, dtype=np.uint16))
+
+
+def _float_vector(name: str, a, n: int):
+    """A float32 (n,) vector the kernels read 8 values at a time (two 16-byte loads): 16-byte aligned."""
+    return _aligned(name, device.require_array(name, a, shape=(n,)))
 
 
 def _warps(block_size):
@@ -238,9 +263,10 @@ def residual_layernorm_forward_bf16_cuda(inp1, inp2, bias2, weight, bias, block_
     _bf16_array("inp1", inp1, (None, None, None))
     B, T, C = inp1.shape
     _eight("C", C)
+    _row_in_registers(C)
     _bf16_array("inp2", inp2, (B, T, C))
     for name, a in (("bias2", bias2), ("weight", weight), ("bias", bias)):
-        device.require_array(name, a, shape=(C,))
+        _float_vector(name, a, C)
     block_size = _warps(block_size)
     xp = device.xp
     residual, out = xp.empty((B, T, C), np.uint16), xp.empty((B, T, C), np.uint16)
@@ -314,7 +340,7 @@ def add_bias_bf16_cuda(inp, bias, out=None, block_size: int = 256):
     """(B, T, OC) bf16 product, (OC,) float32 bias -> inp + bias (B, T, OC) bf16; out may be inp (in place)."""
     _bf16_array("inp", inp, (None, None, None))
     OC = _eight("OC", inp.shape[-1])
-    device.require_array("bias", bias, shape=(OC,))
+    _float_vector("bias", bias, OC)
     out = device.xp.empty_like(inp) if out is None else _bf16_array("out", out, inp.shape)
     _launch("add_bias_bf16_kernel", inp.size // 8, _block(block_size),
             (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
@@ -325,7 +351,7 @@ def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
     """(B, T, OC) bf16 product, (OC,) float32 bias -> gelu(inp + bias) (B, T, OC) bf16."""
     _bf16_array("inp", inp, (None, None, None))
     OC = _eight("OC", inp.shape[-1])
-    device.require_array("bias", bias, shape=(OC,))
+    _float_vector("bias", bias, OC)
     out = device.xp.empty_like(inp)
     _launch("gelu_bias_forward_bf16_kernel", inp.size // 8, _block(block_size),
             (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
@@ -337,21 +363,23 @@ def gelu_bias_backward_bf16_cuda(dout, inp, bias, out=None, block_size: int = 25
     _bf16_array("inp", inp, (None, None, None))
     OC = _eight("OC", inp.shape[-1])
     _bf16_array("dout", dout, inp.shape)
-    device.require_array("bias", bias, shape=(OC,))
+    _float_vector("bias", bias, OC)
     out = device.xp.empty_like(inp) if out is None else _bf16_array("out", out, inp.shape)
     _launch("gelu_bias_backward_bf16_kernel", inp.size // 8, _block(block_size),
             (out, dout, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
     return out
 
 
-def _column_sum_add(out, partial, rows_per_block: int = 32):
-    """out (C,) += partial (R, C) summed over R, in a fixed order (column_sum_add_kernel)."""
+def _column_sum_add(out1, out2, partial, columns_per_block: int = 8, rows_per_block: int = 32):
+    """out1 (C,) += partial[:, :C] and out2 (C,) += partial[:, C:] summed over R, for partial (R, 2C), in a
+    fixed order (column_sum_add_kernel, one launch, blocks of (columns_per_block, rows_per_block) threads)."""
     from llmc_lessons.cuda import load_kernel
-    R, C = partial.shape
-    if C:
-        load_kernel("bf16.cu", "column_sum_add_kernel")((-(-C // 32),), (32, rows_per_block),
-                                                         (out, partial, np.int32(R), np.int32(C)),
-                                                         shared_mem=4 * 32 * rows_per_block)
+    R, C2 = partial.shape
+    X, Y = columns_per_block, rows_per_block
+    if C2:
+        load_kernel("bf16.cu", "column_sum_add_kernel")((-(-C2 // X),), (X, Y),
+                                                         (out1, out2, partial, np.int32(R), np.int32(C2 // 2)),
+                                                         shared_mem=4 * X * Y)
 
 
 _counters = None
@@ -366,79 +394,93 @@ def _zero_counters(n: int):
     return _counters
 
 
-def matmul_backward_bias_bf16_cuda(dbias, dout, block_rows: int = 8, grid_rows: int | None = None):
+def matmul_backward_bias_bf16_cuda(dbias, dout, block_columns: int = 8, block_rows: int = 32,
+                                   grid_rows: int | None = None):
     """dbias (OC,) float32 += dout (B, T, OC) bf16 summed over B and T, deterministically.
 
-    block_rows: Y of the (32, Y) blocks (1..32); grid_rows: how many blocks split the rows (R partial sums);
-    by default about 256 blocks in all (a few per multiprocessor), each thread summing at least 16 rows."""
+    Blocks of (block_columns, block_rows) threads, each thread 8 columns, so a block covers 8 * block_columns
+    columns; grid_rows: how many blocks split the rows of one column group (R partial sums), by default
+    enough for each thread to sum 16 rows."""
     from llmc_lessons.cuda import load_kernel
     _bf16_array("dout", dout, (None, None, None))
     OC = _eight("OC", dout.shape[-1])
     device.require_array("dbias", dbias, shape=(OC,))
-    N, Y = dout.size // OC, _int("block_rows", block_rows)
-    R = max(1, min(-(-N // (16 * Y)), 256 // -(-OC // 256))) if grid_rows is None else _int("grid_rows", grid_rows)
-    if Y > 32:
-        raise ValueError(f"block_rows must be at most 32 (32 x block_rows threads per block), got {Y}")
-    partial, groups = device.xp.empty((R, OC), np.float32), -(-OC // 256)
+    N, X, Y = dout.size // OC, _int("block_columns", block_columns), _int("block_rows", block_rows)
+    if X * Y > 1024:
+        raise ValueError(f"block_columns * block_rows must be at most 1024 threads, got {X} * {Y}")
+    R = max(1, -(-N // (16 * Y))) if grid_rows is None else _int("grid_rows", grid_rows)
+    groups = -(-OC // (8 * X))
+    partial = device.xp.empty((R, OC), np.float32)
     load_kernel("bf16.cu", "matmul_backward_bias_bf16_kernel")(
-        (groups, R), (32, Y), (dbias, partial, _zero_counters(groups), dout, np.int32(N), np.int32(OC)),
-        shared_mem=4 * 256 * Y)
+        (groups, R), (X, Y), (dbias, partial, _zero_counters(groups), dout, np.int32(N), np.int32(OC)),
+        shared_mem=4 * 8 * X * Y)
 
 
 def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, dbias, block_size: int = 256,
-                                 max_blocks: int = 264):
+                                 max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
     """The layernorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient,
     dweight, dbias (C,) float32 += theirs. Returns dinp's new value in bf16 (for the next matmul backward).
 
-    max_blocks caps the grid (default: two blocks per multiprocessor of an H100): each warp loops over rows,
-    each block leaves one row of partial sums of dweight and dbias, which a second kernel adds in order."""
-    from llmc_lessons.cuda import load_kernel
+    max_blocks caps the grid: each warp loops over rows, each block leaves one row of partial sums of dweight
+    and dbias (its warps' sums, kept in 8 * block_size * C bytes of shared memory), which a second kernel adds
+    in order."""
+    from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, SHARED_LIMIT_OPT_IN, load_kernel
     _bf16_array("inp", inp, (None, None, None))
     B, T, C = inp.shape
     _eight("C", C)
     _row_in_registers(C)
     _bf16_array("dout", dout, (B, T, C))
-    device.require_array("dinp", dinp, shape=(B, T, C))
-    for name, a in (("weight", weight), ("dweight", dweight), ("dbias", dbias)):
+    _aligned("dinp", device.require_array("dinp", dinp, shape=(B, T, C)))
+    _float_vector("weight", weight, C)
+    for name, a in (("dweight", dweight), ("dbias", dbias)):
         device.require_array(name, a, shape=(C,))
     for name, a in (("mean", mean), ("rstd", rstd)):
         device.require_array(name, a, shape=(B, T))
     block_size = _warps(block_size)
     N, wpb = B * T, block_size // 32
-    from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT
-    if 4 * wpb * C > DEFAULT_SHARED_LIMIT:
-        raise ValueError(f"block_size {block_size} needs {4 * wpb * C} bytes of shared memory for C = {C}; "
-                         f"use fewer warps per block")
+    shared = 4 * wpb * 2 * C
+    if shared > SHARED_LIMIT_OPT_IN:
+        raise ValueError(f"block_size {block_size} needs {shared} bytes of shared memory for C = {C} (a block may "
+                         f"have at most {SHARED_LIMIT_OPT_IN}); use fewer warps per block")
     blocks = max(1, min(_int("max_blocks", max_blocks), -(-N // wpb)))
     xp = device.xp
     dinp_bf16 = xp.empty((B, T, C), np.uint16)
-    partial_dweight, partial_dbias = xp.empty((blocks, C), np.float32), xp.empty((blocks, C), np.float32)
+    partial = xp.empty((blocks, 2 * C), np.float32)
     if N:
-        load_kernel("bf16.cu", "layernorm_backward_bf16_kernel")(
-            (blocks,), (block_size,), (dinp, dinp_bf16, partial_dweight, partial_dbias, dout, inp, weight, mean,
-                                       rstd, np.int32(N), np.int32(C)), shared_mem=4 * wpb * C)
-        _column_sum_add(dweight, partial_dweight)
-        _column_sum_add(dbias, partial_dbias)
+        kernel = load_kernel("bf16.cu", "layernorm_backward_bf16_kernel")
+        if shared > DEFAULT_SHARED_LIMIT:     # more than 48 KiB a block must be asked for, as on a GPU
+            kernel.max_dynamic_shared_size_bytes = max(shared, kernel.max_dynamic_shared_size_bytes)
+        kernel(
+            (blocks,), (block_size,), (dinp, dinp_bf16, partial, dout, inp, weight, mean, rstd, np.int32(N),
+                                       np.int32(C)), shared_mem=shared)
+        _column_sum_add(dweight, dbias, partial)
     return dinp_bf16
 
 
 def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size: int = 512):
     """logits (B, T, Vp) bf16, overwritten in place with dlogits = dloss * (softmax - onehot(target));
-    targets (B, T) int32 in [0, V) -> losses (B, T) float32."""
+    targets (B, T) int32 in [0, V) -> losses (B, T) float32. A block keeps its row in Vp * 2 bytes of shared
+    memory (Vp <= 116,096 on an H100 or H200)."""
+    from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, SHARED_LIMIT_OPT_IN, load_kernel
     _bf16_array("logits", logits, (None, None, None))
     B, T, Vp = logits.shape
     _eight("Vp", Vp)
     V = _int("V", V)
     if V > Vp:
         raise ValueError(f"V = {V} is larger than the logits' Vp = {Vp}")
+    shared = 2 * Vp
+    if shared + 256 > SHARED_LIMIT_OPT_IN:    # + the kernel's two 32-float arrays
+        raise ValueError(f"Vp = {Vp} needs {shared} bytes of shared memory for a row; a block may have at most "
+                         f"{SHARED_LIMIT_OPT_IN}")
     device.require_array("targets", targets, shape=(B, T), dtype=np.int32)
     block_size = _warps(block_size)
     losses = device.xp.empty((B, T), np.float32)
     if B * T:
-        from llmc_lessons.cuda import load_kernel
-        load_kernel("bf16.cu", "fused_classifier_bf16_kernel")(
-            (B * T,), (block_size,), (logits, losses, targets, np.float32(dloss), np.int32(B * T), np.int32(V),
-                                      np.int32(Vp)))
+        kernel = load_kernel("bf16.cu", "fused_classifier_bf16_kernel")
+        if shared > DEFAULT_SHARED_LIMIT:     # more than 48 KiB a block must be asked for, as on a GPU
+            kernel.max_dynamic_shared_size_bytes = max(shared, kernel.max_dynamic_shared_size_bytes)
+        kernel((B * T,), (block_size,), (logits, losses, targets, np.float32(dloss), np.int32(B * T), np.int32(V),
+                                         np.int32(Vp)), shared_mem=shared)
     return losses
 
 

@@ -1,0 +1,51 @@
+"""Launch configurations of the bf16 step's memory-bound kernels, timed at GPT-2 124M's shapes on a GPU:
+`python tools/tune_bf16_kernels.py`. Each row: the kernel, its configuration, microseconds (the GPU's time
+alone: L2 flushed, Python's enqueue hidden) and the fraction of the 1 GiB copy bandwidth. The defaults of the
+launchers in llmc_lessons/layers/bf16.py are the fastest rows seen on the H200; rerun this after changing a
+kernel, then `python -m llmc_lessons.bench --only-kernels` for the table at the defaults.
+"""
+from llmc_lessons import device, timing
+from llmc_lessons.layers import bf16 as k16
+
+if not device.on_gpu():
+    raise SystemExit("tuning needs a GPU")
+xp = device.xp
+g = xp.random.default_rng(3)
+B, T, C, V, Vp = 16, 1024, 768, 50257, 50304
+BT = B * T
+r32 = lambda *s: g.standard_normal(s, dtype=xp.float32)
+r16 = lambda *s: k16.float_to_bf16_cuda(r32(*s))
+x, x2, h, dh = r16(B, T, C), r16(B, T, C), r16(B, T, 4 * C), r16(B, T, 4 * C)
+w, b, b4 = 1 + r32(C), r32(C), r32(4 * C)
+mean, rstd = k16.residual_layernorm_forward_bf16_cuda(x, x2, b, w, b)[2:]
+dres, dw, db = xp.zeros((B, T, C), xp.float32), xp.zeros(C, xp.float32), xp.zeros(C, xp.float32)
+logits, targets = r16(B, T, Vp), g.integers(0, V, (B, T)).astype(xp.int32)
+copy = timing.copy_bandwidth_gbps()
+print(f"copy bandwidth {copy:,.0f} GB/s (1 GiB)")
+
+
+def row(name, config, fn, nbytes):
+    ms = timing.time_ms(fn, warmup=2, repeat=10, flush_l2=True, hide_host=True)
+    print(f"{name:<24}{config:<32}{ms * 1e3:9.1f} us{timing.gbps(nbytes, ms) / copy:7.0%}", flush=True)
+
+
+for bs in (64, 128, 256):
+    row("residual + layernorm", f"block {bs}",
+        lambda: k16.residual_layernorm_forward_bf16_cuda(x, x2, b, w, b, block_size=bs), 8 * BT * C + 8 * BT)
+for bs in (128, 256, 512):
+    row("gelu forward", f"block {bs}", lambda: k16.gelu_bias_forward_bf16_cuda(h, b4, block_size=bs), 4 * BT * 4 * C)
+    row("gelu backward", f"block {bs}", lambda: k16.gelu_bias_backward_bf16_cuda(dh, h, b4, block_size=bs),
+        6 * BT * 4 * C)
+for bs, blocks in ((128, 792), (256, 264), (256, 396), (256, 528)):
+    row("layernorm backward", f"block {bs}, {blocks} blocks",
+        lambda: k16.layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db, block_size=bs, max_blocks=blocks),
+        14 * BT * C + 8 * BT)
+for bs in (256, 512, 1024):
+    row("fused classifier", f"block {bs}",
+        lambda: k16.fused_classifier_bf16_cuda(logits, targets, V, 1 / BT, block_size=bs), 4 * BT * Vp)
+for n, dout in ((1, x), (3, r16(B, T, 3 * C)), (4, h)):
+    dbias = xp.zeros(n * C, xp.float32)
+    for X, Y, R in ((8, 32, None), (8, 32, 16), (8, 16, 32), (16, 32, None), (32, 8, 85)):
+        row(f"bias backward ({n}C)", f"block ({X}, {Y}), grid rows {R or 'default'}",
+            lambda: k16.matmul_backward_bias_bf16_cuda(dbias, dout, block_columns=X, block_rows=Y, grid_rows=R),
+            2 * BT * n * C)
