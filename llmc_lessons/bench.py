@@ -274,6 +274,19 @@ def latest_record(results_dir=None):
     return max(found, key=lambda f: f[0])[1:] if found else None
 
 
+def latest_kernel_record(results_dir=None):
+    """The newest committed table of the bf16 step's kernels (results/kernels-*.json, from `--only-kernels
+    --json`, or a benchmark record made with --kernels): (path, the bench_kernels result), or None."""
+    from pathlib import Path
+    root = Path(results_dir) if results_dir is not None else Path(__file__).resolve().parent.parent / "results"
+    found = []
+    for path in list(root.glob("kernels-*.json")) + list(root.glob("bench-*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("kernels"):
+            found.append((rec["info"]["date"], path, rec["kernels"]))
+    return max(found, key=lambda f: f[0])[1:] if found else None
+
+
 def ratio_rows(rec: dict) -> list:
     """(row, course tokens/s / its tokens/s) for each row of a record: each row against the first course row of
     its precision, None without one (records older than the bf16 path have one course row, in fp32)."""

@@ -1,7 +1,7 @@
 """The benchmark's record helpers (the benchmark itself needs a GPU: its records are under results/)."""
 import json
 
-from llmc_lessons.bench import attention_table, latest_record, main, ratio_rows
+from llmc_lessons.bench import attention_table, kernel_table, latest_kernel_record, latest_record, main, ratio_rows
 
 
 def row(name, precision, tokens_per_s):
@@ -51,3 +51,19 @@ def test_attention_table_has_a_line_per_row():
     assert len(lines) == 3 and "TFLOP/s" in lines[0]
     assert lines[1].split()[-4:] == ["0.219", "0.518", "122.4", "0.8"]
 
+
+
+def test_latest_kernel_record_and_its_table(tmp_path):
+    row = dict(name="gelu forward (+ bias)", us=56.0, gbps=3600.0, of_copy=0.86, same_size_copy_gbps=3900.0,
+               of_same_size_copy=0.92)
+    old = dict(info=dict(date="2026-12-01 10:00 UTC"), kernels=dict(copy_gbps=4100.0, rows=[row]))
+    new = dict(info=dict(date="2026-12-02 10:00 UTC"), kernels=dict(copy_gbps=4200.0, rows=[row]))
+    (tmp_path / "kernels-a.json").write_text(json.dumps(new))
+    (tmp_path / "kernels-b.json").write_text(json.dumps(old))
+    (tmp_path / "bench-c.json").write_text(json.dumps(dict(info=dict(date="2026-12-03 10:00 UTC"), rows=[],
+                                                           kernels=None)))   # a benchmark run without --kernels
+    path, result = latest_kernel_record(tmp_path)
+    assert path.name == "kernels-a.json" and result["copy_gbps"] == 4200.0
+    table = kernel_table(result).splitlines()
+    assert "4,200 GB/s" in table[0] and "gelu forward (+ bias)" in table[2] and "92%" in table[2]
+    assert latest_kernel_record(tmp_path / "missing") is None
