@@ -223,30 +223,20 @@ def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, 
 
 def bench_kernels(rows=None, repeat: int = 10) -> dict:
     """Each kernel of bf16_step_kernels() timed alone on the GPU (L2 flushed, Python's enqueue hidden: the
-    kernel's own time, as in the step's CUDA graph) against two copies: the 1 GiB copy of
-    timing.copy_bandwidth_gbps, and a copy that moves the same bytes as the kernel (a short kernel pays the
-    same start and finish as a short copy: a 50 MB copy reaches about three quarters of a 1 GiB copy's
-    bandwidth). -> {copy_gbps, rows: [{name, us, gbps, of_copy, same_size_copy_gbps, of_same_size_copy}]}."""
+    kernel's own time, as in the step's CUDA graph) against two copies (timing.copy_bandwidth_gbps): a 1 GiB
+    copy, and a copy that moves the same bytes as the kernel (a short kernel pays the same start and finish
+    as a short copy). -> {copy_gbps, rows: [{name, us, gbps, of_copy, same_size_copy_gbps,
+    of_same_size_copy}]}."""
     from llmc_lessons import timing
     copy = timing.copy_bandwidth_gbps()
     out = []
     for name, fn, nbytes in rows if rows is not None else bf16_step_kernels():
         ms = timing.time_ms(fn, warmup=2, repeat=repeat, flush_l2=True, hide_host=True)
-        same = _copy_gbps(nbytes)
+        same = timing.copy_bandwidth_gbps(nbytes // 8 * 4)   # reads and writes nbytes in all
         bw = timing.gbps(nbytes, ms)
         out.append(dict(name=name, us=ms * 1e3, gbps=bw, of_copy=bw / copy, same_size_copy_gbps=same,
                         of_same_size_copy=bw / same))
     return dict(copy_gbps=copy, rows=out)
-
-
-def _copy_gbps(nbytes: int) -> float:
-    """The bandwidth of a device-to-device copy moving nbytes in all (read plus written), timed as
-    bench_kernels times a kernel."""
-    from llmc_lessons import timing
-    a = device.xp.ones(max(1, nbytes // 8), np.float32)
-    b = device.xp.empty_like(a)
-    ms = timing.time_ms(lambda: b.__setitem__(Ellipsis, a), warmup=2, repeat=10, flush_l2=True, hide_host=True)
-    return timing.gbps(2 * a.nbytes, ms)
 
 
 def kernel_table(result: dict) -> str:

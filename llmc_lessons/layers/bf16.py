@@ -219,6 +219,19 @@ def _warps(block_size):
     return block_size
 
 
+def _kernel_with_shared(kernel: str, shared: int, what: str):
+    """The kernel, allowed `shared` bytes of dynamic shared memory (above 48 KiB a kernel must ask for it, on a
+    GPU as in the emulator); a clear error beyond what a block may have. `what` names the need in it."""
+    from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, SHARED_LIMIT_OPT_IN, load_kernel
+    if shared > SHARED_LIMIT_OPT_IN:
+        raise ValueError(f"{what} needs {shared} bytes of shared memory; a block may have at most "
+                         f"{SHARED_LIMIT_OPT_IN}")
+    k = load_kernel("bf16.cu", kernel)
+    if shared > DEFAULT_SHARED_LIMIT:
+        k.max_dynamic_shared_size_bytes = max(shared, k.max_dynamic_shared_size_bytes)
+    return k
+
+
 def _launch(kernel: str, n: int, block_size: int, args):
     """One thread per unit of n (rounded up to whole blocks)."""
     from llmc_lessons.cuda import load_kernel
@@ -422,9 +435,8 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     dweight, dbias (C,) float32 += theirs. Returns dinp's new value in bf16 (for the next matmul backward).
 
     max_blocks caps the grid: each warp loops over rows, each block leaves one row of partial sums of dweight
-    and dbias (its warps' sums, kept in 8 * block_size * C bytes of shared memory), which a second kernel adds
-    in order."""
-    from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, SHARED_LIMIT_OPT_IN, load_kernel
+    and dbias (its warps' sums: 2C floats a warp, block_size * C / 4 bytes of shared memory), which a second
+    kernel adds in order."""
     _bf16_array("inp", inp, (None, None, None))
     B, T, C = inp.shape
     _eight("C", C)
@@ -439,17 +451,13 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     block_size = _warps(block_size)
     N, wpb = B * T, block_size // 32
     shared = 4 * wpb * 2 * C
-    if shared > SHARED_LIMIT_OPT_IN:
-        raise ValueError(f"block_size {block_size} needs {shared} bytes of shared memory for C = {C} (a block may "
-                         f"have at most {SHARED_LIMIT_OPT_IN}); use fewer warps per block")
+    kernel = _kernel_with_shared("layernorm_backward_bf16_kernel", shared,
+                                 f"block_size {block_size} (use fewer warps per block) for C = {C}")
     blocks = max(1, min(_int("max_blocks", max_blocks), -(-N // wpb)))
     xp = device.xp
     dinp_bf16 = xp.empty((B, T, C), np.uint16)
     partial = xp.empty((blocks, 2 * C), np.float32)
     if N:
-        kernel = load_kernel("bf16.cu", "layernorm_backward_bf16_kernel")
-        if shared > DEFAULT_SHARED_LIMIT:     # more than 48 KiB a block must be asked for, as on a GPU
-            kernel.max_dynamic_shared_size_bytes = max(shared, kernel.max_dynamic_shared_size_bytes)
         kernel(
             (blocks,), (block_size,), (dinp, dinp_bf16, partial, dout, inp, weight, mean, rstd, np.int32(N),
                                        np.int32(C)), shared_mem=shared)
@@ -461,7 +469,6 @@ def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size
     """logits (B, T, Vp) bf16, overwritten in place with dlogits = dloss * (softmax - onehot(target));
     targets (B, T) int32 in [0, V) -> losses (B, T) float32. A block keeps its row in Vp * 2 bytes of shared
     memory (Vp <= 116,096 on an H100 or H200)."""
-    from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, SHARED_LIMIT_OPT_IN, load_kernel
     _bf16_array("logits", logits, (None, None, None))
     B, T, Vp = logits.shape
     _eight("Vp", Vp)
@@ -469,16 +476,12 @@ def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size
     if V > Vp:
         raise ValueError(f"V = {V} is larger than the logits' Vp = {Vp}")
     shared = 2 * Vp
-    if shared + 256 > SHARED_LIMIT_OPT_IN:    # + the kernel's two 32-float arrays
-        raise ValueError(f"Vp = {Vp} needs {shared} bytes of shared memory for a row; a block may have at most "
-                         f"{SHARED_LIMIT_OPT_IN}")
+    kernel = _kernel_with_shared("fused_classifier_bf16_kernel", shared + 256,   # + its two 32-float arrays
+                                 f"a row of Vp = {Vp} logits")
     device.require_array("targets", targets, shape=(B, T), dtype=np.int32)
     block_size = _warps(block_size)
     losses = device.xp.empty((B, T), np.float32)
     if B * T:
-        kernel = load_kernel("bf16.cu", "fused_classifier_bf16_kernel")
-        if shared > DEFAULT_SHARED_LIMIT:     # more than 48 KiB a block must be asked for, as on a GPU
-            kernel.max_dynamic_shared_size_bytes = max(shared, kernel.max_dynamic_shared_size_bytes)
         kernel((B * T,), (block_size,), (logits, losses, targets, np.float32(dloss), np.int32(B * T), np.int32(V),
                                          np.int32(Vp)), shared_mem=shared)
     return losses
