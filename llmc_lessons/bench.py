@@ -195,7 +195,6 @@ def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, 
     dres = xp.zeros((B, T, C), np.float32)
     dw, db = xp.zeros(C, np.float32), xp.zeros(C, np.float32)
     dbias = {n: xp.zeros(n * C, np.float32) for n in (1, 3, 4)}
-    douts = {1: x, 3: qkv, 4: h}
     logits, targets = r16(B, T, Vp), g.integers(0, V, (B, T)).astype(np.int32)
     p, gr, m, v, p16 = r32(n_params), r32(n_params), r32(n_params), xp.abs(r32(n_params)), xp.empty(n_params, np.uint16)
     rows = [
@@ -206,14 +205,13 @@ def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, 
         ("residual + layernorm", lambda: k16.residual_layernorm_forward_bf16_cuda(x, x2, b, w, b), 8 * BT * C + 8 * BT),
         ("qkv + bias (in place)", lambda: k16.add_bias_bf16_cuda(qkv, qkvb, out=qkv), 2 * 2 * 3 * BT * C),
         ("gelu forward (+ bias)", lambda: k16.gelu_bias_forward_bf16_cuda(h, b4), 2 * 2 * BT * 4 * C),
-        ("gelu backward (+ bias)", lambda: k16.gelu_bias_backward_bf16_cuda(dh, h, b4), 3 * 2 * BT * 4 * C),
+        ("gelu backward (+ bias, dbias)", lambda: k16.gelu_bias_backward_bf16_cuda(dh, h, b4, dbias[4]),
+         3 * 2 * BT * 4 * C),
     ]
-    for n in (1, 3, 4):
-        rows.append((f"bias backward ({n if n > 1 else ''}C)",
-                     lambda n=n: k16.matmul_backward_bias_bf16_cuda(dbias[n], douts[n]), 2 * BT * n * C))
-    rows += [
-        ("layernorm backward", lambda: k16.layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db),
-         14 * BT * C + 8 * BT),
+    rows += [   # the fc bias's gradient comes with the GELU backward, the projections' with the LayerNorm's
+        ("qkv bias backward (3C)", lambda: k16.matmul_backward_bias_bf16_cuda(dbias[3], qkv), 2 * BT * 3 * C),
+        ("layernorm backward (+ dbias)",
+         lambda: k16.layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db, dbias[1]), 14 * BT * C + 8 * BT),
         ("fused classifier", lambda: k16.fused_classifier_bf16_cuda(logits, targets, V, 1 / BT), 2 * 2 * BT * Vp),
         ("global norm (124M)", lambda: global_norm_squared_cuda(gr), 4 * n_params),   # no copy to the host
         ("adamw (124M, bf16 copy)", lambda: k16.adamw_update_bf16_cuda(p, p16, gr, m, v, 1, 1e-4), 30 * n_params),

@@ -741,22 +741,28 @@ def _bf16_backward(model, cache):
     dres = device.xp.zeros((B, T, C), dtype=np.float32)     # d loss / d residual stream, float32
     dlnf = linear_backward(cache.pop("dlogits"), cache["lnf"], w["wte"], g["wte"])   # dlogits used once, freed
     cache["dlogits"] = None
+    # Each LayerNorm backward also sums its bf16 output over the rows: that is the bias gradient of the
+    # projection whose output joined the residual stream there (fcproj after lnf and after ln1, attproj after
+    # ln2), so those linear_backward calls take no bias.
+    L = c.num_layers
     dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dlnf, cache["residual"], p["lnfw"], cache["lnf_mean"],
-                                               cache["lnf_rstd"], g["lnfw"], g["lnfb"])
-    for l in reversed(range(c.num_layers)):
+                                               cache["lnf_rstd"], g["lnfw"], g["lnfb"], g["fcprojb"][L - 1])
+    for l in reversed(range(L)):
         a = cache["block_caches"][l]
         # residual3 = residual2 + fcproj: dres is also d loss / d fcproj
-        dfch_gelu = linear_backward(dres_bf16, a["fch_gelu"], w["fcprojw"][l], g["fcprojw"][l], g["fcprojb"][l])
-        dfch = k.gelu_bias_backward_bf16_cuda(dfch_gelu, a["fch"], p["fcb"][l], out=dfch_gelu)
-        dln2 = linear_backward(dfch, a["ln2"], w["fcw"][l], g["fcw"][l], g["fcb"][l])
+        dfch_gelu = linear_backward(dres_bf16, a["fch_gelu"], w["fcprojw"][l], g["fcprojw"][l])
+        # the GELU backward adds the fc bias's gradient (the column sums of dfch) on the way
+        dfch = k.gelu_bias_backward_bf16_cuda(dfch_gelu, a["fch"], p["fcb"][l], g["fcb"][l], out=dfch_gelu)
+        dln2 = linear_backward(dfch, a["ln2"], w["fcw"][l], g["fcw"][l])
         dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dln2, a["residual2"], p["ln2w"][l], a["ln2_mean"],
-                                                   a["ln2_rstd"], g["ln2w"][l], g["ln2b"][l])
+                                                   a["ln2_rstd"], g["ln2w"][l], g["ln2b"][l], g["attprojb"][l])
         # residual2 = x + attproj
-        datty = linear_backward(dres_bf16, a["atty"], w["attprojw"][l], g["attprojw"][l], g["attprojb"][l])
+        datty = linear_backward(dres_bf16, a["atty"], w["attprojw"][l], g["attprojw"][l])
         dqkv = flash_attention_backward_bf16_cuda(datty, a["qkv"], a["atty"], a["lse"], NH)
         dln1 = linear_backward(dqkv, a["ln1"], w["qkvw"][l], g["qkvw"][l], g["qkvb"][l])
         dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dln1, a["x"], p["ln1w"][l], a["ln1_mean"],
-                                                   a["ln1_rstd"], g["ln1w"][l], g["ln1b"][l])
+                                                   a["ln1_rstd"], g["ln1w"][l], g["ln1b"][l],
+                                                   g["fcprojb"][l - 1] if l > 0 else None)
     return dres            # the encoder's dout: GPT2.backward adds the encoder's gradients into wte and wpe
 
 

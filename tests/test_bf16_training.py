@@ -134,16 +134,26 @@ def test_softmax_backward_bf16(N, T, block, in_place):
     assert not np.triu(wide(got), 1).any()
 
 
-@pytest.mark.parametrize("shape,block", [((2, 3, 40), 32), ((1, 7, 264), 128)])
-def test_gelu_bias_forward_and_backward_bf16(shape, block):
+@pytest.mark.parametrize("shape,block,launch,in_place", [((2, 3, 40), 32, (8, 32, None), True),
+                                                         ((1, 7, 264), 128, (3, 5, 2), False),
+                                                         ((5, 33, 784), 64, (8, 4, None), True)])
+def test_gelu_bias_forward_and_backward_bf16(shape, block, launch, in_place):
     gen = np.random.default_rng(shape[-1])
     x, dout, bias = bits(gen, *shape, scale=2.0), bits(gen, *shape), rand32(gen, shape[-1])
     pre = from_bf16(x).astype(np.float64) + bias
     close_bf16(k.gelu_bias_forward_bf16_cuda(to_device(x), to_device(bias), block_size=block), gelu_forward(pre),
                "gelu(x + bias)")
-    d_dout = to_device(dout.copy())
-    got = k.gelu_bias_backward_bf16_cuda(d_dout, to_device(x), to_device(bias), out=d_dout, block_size=block)
+    d_dout, start = to_device(dout.copy()), rand32(gen, shape[-1])
+    dbias = to_device(start.copy())
+    X, Y, R = launch
+    got = k.gelu_bias_backward_bf16_cuda(d_dout, to_device(x), to_device(bias), dbias, out=d_dout if in_place else None,
+                                         block_columns=X, block_rows=Y, grid_rows=R)
+    assert (got is d_dout) == in_place
     close_bf16(got, gelu_backward(from_bf16(dout).astype(np.float64), pre), "dinp")
+    # the fc bias's gradient: the column sums of dinp as stored, added to what dbias held
+    want = start + wide(got).sum(axis=(0, 1))
+    np.testing.assert_allclose(to_host(dbias), want, rtol=1e-5, atol=1e-5, err_msg="dbias")
+    assert not to_host(k._zero_counters(1)).any()
 
 
 @pytest.mark.parametrize("shape,block,in_place", [((2, 3, 40), 32, False), ((1, 7, 264), 128, True)])
@@ -177,17 +187,19 @@ def test_layernorm_backward_bf16(B, T, C, block, max_blocks):
     x, dout = bits(gen, B, T, C, scale=2.0), bits(gen, B, T, C)
     w, b = 1 + rand32(gen, C, scale=0.1), rand32(gen, C)
     _, mean, rstd = layernorm_forward(from_bf16(x).astype(np.float64), w.astype(np.float64), b.astype(np.float64))
-    dinp0, dw0, db0 = rand32(gen, B, T, C), rand32(gen, C), rand32(gen, C)
-    dinp, dw, db = to_device(dinp0.copy()), to_device(dw0.copy()), to_device(db0.copy())
+    dinp0, dw0, db0, dr0 = rand32(gen, B, T, C), rand32(gen, C), rand32(gen, C), rand32(gen, C)
+    dinp, dw, db, dr = to_device(dinp0.copy()), to_device(dw0.copy()), to_device(db0.copy()), to_device(dr0.copy())
     d16 = k.layernorm_backward_bf16_cuda(dinp, to_device(dout), to_device(x), to_device(w),
                                          to_device(mean.astype(np.float32)), to_device(rstd.astype(np.float32)),
-                                         dw, db, block_size=block, max_blocks=max_blocks)
+                                         dw, db, dr, block_size=block, max_blocks=max_blocks)
     rdx, rdw, rdb = layernorm_backward(from_bf16(dout).astype(np.float64), from_bf16(x).astype(np.float64),
                                        w.astype(np.float64), mean, rstd)
     np.testing.assert_allclose(to_host(dinp), dinp0 + rdx, rtol=1e-4, atol=1e-4)   # accumulated in float32
     np.testing.assert_array_equal(to_host(d16), to_bf16(to_host(dinp)))             # and its bf16 copy
     np.testing.assert_allclose(to_host(dw), dw0 + rdw, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(to_host(db), db0 + rdb, rtol=1e-4, atol=1e-4)
+    # the bias gradient of the projection before: the column sums of the bf16 copy, added to what it held
+    np.testing.assert_allclose(to_host(dr), dr0 + wide(d16).sum(axis=(0, 1)), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("V,Vp,block", [(37, 40, 32), (1000, 1008, 512), (1001, 1008, 96)])

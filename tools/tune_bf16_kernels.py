@@ -18,7 +18,7 @@ r16 = lambda *s: k16.float_to_bf16_cuda(r32(*s))
 x, x2, h, dh = r16(B, T, C), r16(B, T, C), r16(B, T, 4 * C), r16(B, T, 4 * C)
 w, b, b4 = 1 + r32(C), r32(C), r32(4 * C)
 mean, rstd = k16.residual_layernorm_forward_bf16_cuda(x, x2, b, w, b)[2:]
-dres, dw, db = xp.zeros((B, T, C), xp.float32), xp.zeros(C, xp.float32), xp.zeros(C, xp.float32)
+dres, dw, db, dr = xp.zeros((B, T, C), xp.float32), *(xp.zeros(C, xp.float32) for _ in range(3))
 logits, targets = r16(B, T, Vp), g.integers(0, V, (B, T)).astype(xp.int32)
 copy = timing.copy_bandwidth_gbps()
 print(f"copy bandwidth {copy:,.0f} GB/s (1 GiB)")
@@ -32,18 +32,22 @@ def row(name, config, fn, nbytes):
 for bs in (64, 128, 256):
     row("residual + layernorm", f"block {bs}",
         lambda: k16.residual_layernorm_forward_bf16_cuda(x, x2, b, w, b, block_size=bs), 8 * BT * C + 8 * BT)
+db4 = xp.zeros(4 * C, xp.float32)
 for bs in (128, 256, 512):
     row("gelu forward", f"block {bs}", lambda: k16.gelu_bias_forward_bf16_cuda(h, b4, block_size=bs), 4 * BT * 4 * C)
-    row("gelu backward", f"block {bs}", lambda: k16.gelu_bias_backward_bf16_cuda(dh, h, b4, block_size=bs),
+for X, Y, R in ((8, 32, None), (8, 16, None), (16, 16, None), (8, 32, 64)):
+    row("gelu backward + dbias", f"block ({X}, {Y}), grid rows {R or 'default'}",
+        lambda: k16.gelu_bias_backward_bf16_cuda(dh, h, b4, db4, block_columns=X, block_rows=Y, grid_rows=R),
         6 * BT * 4 * C)
 for bs, blocks in ((128, 792), (256, 264), (256, 396), (256, 528)):
     row("layernorm backward", f"block {bs}, {blocks} blocks",
-        lambda: k16.layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db, block_size=bs, max_blocks=blocks),
+        lambda: k16.layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db, dr, block_size=bs,
+                                                 max_blocks=blocks),
         14 * BT * C + 8 * BT)
 for bs in (256, 512, 1024):
     row("fused classifier", f"block {bs}",
         lambda: k16.fused_classifier_bf16_cuda(logits, targets, V, 1 / BT, block_size=bs), 4 * BT * Vp)
-for n, dout in ((1, x), (3, r16(B, T, 3 * C)), (4, h)):
+for n, dout in ((3, r16(B, T, 3 * C)),):   # the qkv bias (the others come with other kernels)
     dbias = xp.zeros(n * C, xp.float32)
     for X, Y, R in ((8, 32, None), (8, 32, 16), (8, 16, 32), (16, 32, None), (32, 8, 85)):
         row(f"bias backward ({n}C)", f"block ({X}, {Y}), grid rows {R or 'default'}",

@@ -132,7 +132,9 @@ extern "C" __global__ void float_to_bf16_kernel(bf16* out, const float* inp, int
 // Biases are added on the way inside the kernel that reads a product next (cuBLAS gives no bias): the fc
 // bias in the GELU, the two projection biases in the residual adds. The qkv bias has a pass of its own
 // (add_bias_bf16_kernel): the step's attention is flash_attention.cu's version 2, which copies qkv straight
-// into shared memory. The head split, the softmax kernels and the merge are the attention that writes the
+// into shared memory. The bias gradients come the same way: the fc bias's out of the GELU backward, the two
+// projection biases' out of the LayerNorm backward that writes their dout; the qkv bias's alone has a kernel
+// of its own (matmul_backward_bias_bf16_kernel). The head split, the softmax kernels and the merge are the attention that writes the
 // T x T scores (attention_forward_bf16_cuda), which `python -m llmc_lessons.bench --attention` compares with.
 // =========================================================================================================
 
@@ -436,23 +438,6 @@ extern "C" __global__ void gelu_bias_forward_bf16_kernel(bf16* out,          // 
     store8(out + (size_t)i * 8, x);
 }
 
-// dinp = dout * gelu'(inp + bias); dinp may be dout (in place).
-extern "C" __global__ void gelu_bias_backward_bf16_kernel(bf16* dinp,         // (N, OC)
-                                                          const bf16* dout,   // (N, OC)
-                                                          const bf16* inp,    // (N, OC) the product, no bias
-                                                          const float* bias,  // (OC,)
-                                                          int N, int OC) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= N * (OC / 8)) return;
-    int c = (i % (OC / 8)) * 8;
-    float x[8], d[8], b[8];
-    load8(x, inp + (size_t)i * 8);
-    load8(d, dout + (size_t)i * 8);
-    load8f(b, bias + c);
-    for (int k = 0; k < 8; k++) d[k] *= gelu_grad_f32(x[k] + b[k]);
-    store8(dinp + (size_t)i * 8, d);
-}
-
 // The last of `blocks` blocks to call this returns true; *counter counts the arrivals and is reset by that
 // block for the next launch. Each block calls it after writing its row of partial sums: the fence makes the
 // row visible to the block that will add the rows (the "last block" reduction of CUDA's threadFenceReduction
@@ -469,39 +454,16 @@ __device__ bool last_block(unsigned int* counter, unsigned int blocks) {
     return arrived == blocks - 1;
 }
 
-// dbias (OC,) += the column sums of dout (N, OC), deterministically. Block (X, Y), grid (ceil(OC / 8X), R):
-// thread x owns 8 neighbouring columns (X threads side by side cover a group of 8X columns, 16X bytes of a
-// row), the Y * R threads of a group split the rows, each loading eight rows before adding them; the Y
-// threads of a column add their sums in order through shared memory and partial[r] gets each block's sums;
-// the last block of a group adds the group's R rows of partials into dbias, its threads splitting the rows
-// again. Narrow groups (X = 8: 64 columns) give many blocks for the reading and little for each last block to
-// add (with X = 32, three last blocks each added R rows of 256 columns for C = 768: 24 us a call against
-// 15.5 now on the H200).
-extern "C" __global__ void matmul_backward_bias_bf16_kernel(float* dbias,       // (OC,) accumulated into
-                                                            float* partial,     // (R, OC), R = gridDim.y
-                                                            unsigned int* counters,  // (gridDim.x,) zeros
-                                                            const bf16* dout,   // (N, OC)
-                                                            int N, int OC) {
-    extern __shared__ float buf[];              // (Y, 8X)
+// The end of a column sum over the rows of an (N, OC) array, in blocks of (X, Y) threads and a grid of
+// (ceil(OC / 8X), R) blocks, thread x of a block owning the 8 columns c = (blockIdx.x * X + x) * 8 ..:
+// acc holds the thread's sums over its rows. The Y threads of a column add their sums in order through
+// shared memory (buf, Y * 8X floats), partial[blockIdx.y] gets the block's sums, and the last block of the
+// column group adds the group's R rows of partials into dbias, its threads splitting the rows again.
+// Deterministic: every sum is taken in a fixed order.
+__device__ void column_group_sum_finish(float* buf, const float* acc, float* dbias, float* partial,
+                                        unsigned int* counters, int OC) {
     int X = blockDim.x, Y = blockDim.y, W = 8 * X;   // W: the group's width in columns
     int c0 = blockIdx.x * W;
-    int c = c0 + threadIdx.x * 8;
-    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    if (c < OC) {
-        int stride = gridDim.y * Y;
-        for (int row = blockIdx.y * Y + threadIdx.y; row < N; row += 8 * stride) {
-            int4 v[8];                          // eight independent loads in flight (zeros past the end), then add
-            for (int j = 0; j < 8; j++) {
-                v[j] = row + j * stride < N ? *(const int4*)(dout + (size_t)(row + j * stride) * OC + c)
-                                            : make_int4(0, 0, 0, 0);
-            }
-            for (int j = 0; j < 8; j++) {
-                float d[8];
-                unpack8(d, v[j]);
-                for (int k = 0; k < 8; k++) acc[k] += d[k];
-            }
-        }
-    }
     for (int k = 0; k < 8; k++) buf[threadIdx.y * W + threadIdx.x * 8 + k] = acc[k];
     __syncthreads();
     int tid = threadIdx.y * X + threadIdx.x;
@@ -542,35 +504,115 @@ extern "C" __global__ void matmul_backward_bias_bf16_kernel(float* dbias,       
     }
 }
 
-// The column sums of partial (R, 2C), always in the same order, added into two vectors: columns 0..C-1 into
-// out1, columns C..2C-1 into out2 (the layernorm backward's dweight and dbias, in one launch). Block (X, Y): X
-// neighbouring columns, the Y rows of threads split the R partial rows, then thread row 0 adds their Y sums in
-// order. Each thread loads four of its rows before adding them (in row order): the launch is short, and its
-// time is mostly its start and the chain of loads each thread waits for.
+// dbias (OC,) += the column sums of dout (N, OC), deterministically. Block (X, Y), grid (ceil(OC / 8X), R):
+// thread x owns 8 neighbouring columns (X threads side by side cover a group of 8X columns, 16X bytes of a
+// row), the Y * R threads of a group split the rows, each loading eight rows before adding them; then
+// column_group_sum_finish. Narrow groups (X = 8: 64 columns) give many blocks for the reading and little for
+// each last block to add (with X = 32, three last blocks each added R rows of 256 columns for C = 768: 24 us
+// a call against 15.5 now on the H200).
+extern "C" __global__ void matmul_backward_bias_bf16_kernel(float* dbias,       // (OC,) accumulated into
+                                                            float* partial,     // (R, OC), R = gridDim.y
+                                                            unsigned int* counters,  // (gridDim.x,) zeros
+                                                            const bf16* dout,   // (N, OC)
+                                                            int N, int OC) {
+    extern __shared__ float buf[];              // (Y, 8X)
+    int X = blockDim.x, Y = blockDim.y, W = 8 * X;   // W: the group's width in columns
+    int c0 = blockIdx.x * W;
+    int c = c0 + threadIdx.x * 8;
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (c < OC) {
+        int stride = gridDim.y * Y;
+        for (int row = blockIdx.y * Y + threadIdx.y; row < N; row += 8 * stride) {
+            int4 v[8];                          // eight independent loads in flight (zeros past the end), then add
+            for (int j = 0; j < 8; j++) {
+                v[j] = row + j * stride < N ? *(const int4*)(dout + (size_t)(row + j * stride) * OC + c)
+                                            : make_int4(0, 0, 0, 0);
+            }
+            for (int j = 0; j < 8; j++) {
+                float d[8];
+                unpack8(d, v[j]);
+                for (int k = 0; k < 8; k++) acc[k] += d[k];
+            }
+        }
+    }
+    column_group_sum_finish(buf, acc, dbias, partial, counters, OC);
+}
+
+// dinp = dout * gelu'(inp + bias), and dbias (OC,) += the column sums of dinp as stored (bf16): the GELU's
+// backward fused with the bias gradient of the fc layer before it, which reads exactly these values. Laid out
+// as matmul_backward_bias_bf16_kernel (block (X, Y), grid (ceil(OC / 8X), R), 8 columns a thread), each
+// thread taking four rows at a time (eight 16-byte loads in flight). dinp may be dout (in place): each value
+// is read and then written by the same thread.
+extern "C" __global__ void gelu_bias_backward_bf16_kernel(bf16* dinp,              // (N, OC)
+                                                          float* dbias,            // (OC,) accumulated into
+                                                          float* partial,          // (R, OC), R = gridDim.y
+                                                          unsigned int* counters,  // (gridDim.x,) zeros
+                                                          const bf16* dout,        // (N, OC)
+                                                          const bf16* inp,         // (N, OC) the product, no bias
+                                                          const float* bias,       // (OC,)
+                                                          int N, int OC) {
+    extern __shared__ float buf[];              // (Y, 8X)
+    int c = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (c < OC) {
+        float b[8];
+        load8f(b, bias + c);
+        int stride = gridDim.y * blockDim.y;
+        for (int row = blockIdx.y * blockDim.y + threadIdx.y; row < N; row += 4 * stride) {
+            int4 vd[4], vx[4];
+            for (int j = 0; j < 4; j++) {
+                size_t at = (size_t)(row + j * stride) * OC + c;
+                bool in = row + j * stride < N;
+                vd[j] = in ? *(const int4*)(dout + at) : make_int4(0, 0, 0, 0);
+                vx[j] = in ? *(const int4*)(inp + at) : make_int4(0, 0, 0, 0);
+            }
+            for (int j = 0; j < 4; j++) {
+                if (row + j * stride >= N) break;
+                float d[8], x[8];
+                unpack8(d, vd[j]);
+                unpack8(x, vx[j]);
+                for (int k = 0; k < 8; k++) {
+                    d[k] = round_bf16(d[k] * gelu_grad_f32(x[k] + b[k]));   // the value stored
+                    acc[k] += d[k];
+                }
+                store8(dinp + (size_t)(row + j * stride) * OC + c, d);
+            }
+        }
+    }
+    column_group_sum_finish(buf, acc, dbias, partial, counters, OC);
+}
+
+// The column sums of partial (R, 3C), always in the same order, added into three vectors: columns 0..C-1 into
+// out1, C..2C-1 into out2, 2C..3C-1 into out3 (the layernorm backward's dweight, dbias and the bias gradient
+// of the projection before it, in one launch). Block (X, Y): X neighbouring columns, the Y rows of threads
+// split the R partial rows, then thread row 0 adds their Y sums in order. Each thread loads four of its rows
+// before adding them (in row order): the launch is short, and its time is mostly its start and the chain of
+// loads each thread waits for.
 extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,) accumulated into
                                                  float* out2,            // (C,) accumulated into
-                                                 const float* partial,   // (R, 2C)
+                                                 float* out3,            // (C,) accumulated into
+                                                 const float* partial,   // (R, 3C)
                                                  int R, int C) {
     extern __shared__ float buf[];              // (Y, X)
     int X = blockDim.x, Y = blockDim.y;
     int c = blockIdx.x * X + threadIdx.x;
     float acc = 0.0f;
-    if (c < 2 * C) {
+    if (c < 3 * C) {
         int r = threadIdx.y;
         for (; r + 3 * Y < R; r += 4 * Y) {
             float v[4];
-            for (int j = 0; j < 4; j++) v[j] = partial[(size_t)(r + j * Y) * 2 * C + c];
+            for (int j = 0; j < 4; j++) v[j] = partial[(size_t)(r + j * Y) * 3 * C + c];
             for (int j = 0; j < 4; j++) acc += v[j];
         }
-        for (; r < R; r += Y) acc += partial[(size_t)r * 2 * C + c];
+        for (; r < R; r += Y) acc += partial[(size_t)r * 3 * C + c];
     }
     buf[threadIdx.y * X + threadIdx.x] = acc;
     __syncthreads();
-    if (threadIdx.y == 0 && c < 2 * C) {
+    if (threadIdx.y == 0 && c < 3 * C) {
         float s = 0.0f;
         for (int y = 0; y < Y; y++) s += buf[y * X + threadIdx.x];
-        if (c < C) out1[c] += s;
-        else out2[c - C] += s;
+        float* out = c < C ? out1 : (c < 2 * C ? out2 : out3);
+        out[c % C] += s;
     }
 }
 
@@ -578,31 +620,34 @@ extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,)
 // (row = warp, warp + W, ...). dinp is the float32 gradient of the residual stream and is ACCUMULATED into
 // (the two readers of a residual add up); dinp_bf16 gets its new value in bf16 for the next matmul's
 // backward. A row's dout and inp are loaded at once into registers (the loads in flight together), its old
-// dinp once the two reductions are done.
-// dweight and dbias: lane `lane` handles the same columns (lane + 32 i) * 8 .. + 7 of every row, so it adds
-// its rows' terms into its own slots of its warp's sums in shared memory: no other thread touches them, no
+// dinp once the two reductions are done. dresidual_bias (C,) += the column sums of dinp_bf16: the bias
+// gradient of the projection whose output was added into this residual stream (it reads exactly dinp_bf16),
+// in the same pass.
+// The three column sums: lane `lane` handles the same columns (lane + 32 i) * 8 .. + 7 of every row, so it
+// adds its rows' terms into its own slots of its warp's sums in shared memory: no other thread touches them, no
 // atomics. At the end the warps of a block add theirs in order into row blockIdx.x of partial, and
 // column_sum_add_kernel adds those rows in order: the result is deterministic. (Keeping these sums in
 // registers took 162 registers a thread: one block of 8 warps fitted on a multiprocessor, too few loads in
 // flight: 63 us a call in the H200's profile of the step; this one 52 us.)
 extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,             // (N, C) accumulated into
                                                          bf16* dinp_bf16,         // (N, C)
-                                                         float* partial,          // (gridDim.x, 2C)
+                                                         float* partial,          // (gridDim.x, 3C)
                                                          const bf16* dout,        // (N, C)
                                                          const bf16* inp,         // (N, C)
                                                          const float* weight,     // (C,)
                                                          const float* mean,       // (N,)
                                                          const float* rstd,       // (N,)
                                                          int N, int C) {
-    extern __shared__ float buf[];            // (warps per block, 2C): each warp's dweight sums, then dbias's
+    extern __shared__ float buf[];            // (warps per block, 3C): each warp's dweight, dbias, dres sums
     int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
     int W = gridDim.x * warps;
-    float* dw = buf + (size_t)w * 2 * C;
+    float* dw = buf + (size_t)w * 3 * C;
     float* db = dw + C;
+    float* dr = db + C;
     for (int i = 0; i < ROW_CHUNKS; i++) {
         int c = (lane + 32 * i) * 8;
         if (c < C) {
-            for (int k = 0; k < 8; k++) dw[c + k] = db[c + k] = 0.0f;
+            for (int k = 0; k < 8; k++) dw[c + k] = db[c + k] = dr[c + k] = 0.0f;
         }
     }
     for (int row = blockIdx.x * warps + w; row < N; row += W) {
@@ -645,26 +690,30 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
         for (int i = 0; i < ROW_CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
             if (c < C) {
-                float d[8], x[8], wt[8], g[8];
+                float d[8], x[8], wt[8], g[8], sr[8];
                 unpack8(d, raw_dout[i]);
                 unpack8(x, raw_inp[i]);
                 load8f(wt, weight + c);
                 load8f(g, dinp + base + c);
+                load8f(sr, dr + c);
                 for (int k = 0; k < 8; k++) {
                     float norm = (x[k] - m) * s;
                     g[k] += s * (wt[k] * d[k] - dnorm_mean - norm * dnorm_norm_mean);
+                    sr[k] += round_bf16(g[k]);     // the value dinp_bf16 gets
                 }
                 *(float4*)(dinp + base + c) = make_float4(g[0], g[1], g[2], g[3]);
                 *(float4*)(dinp + base + c + 4) = make_float4(g[4], g[5], g[6], g[7]);
+                *(float4*)(dr + c) = make_float4(sr[0], sr[1], sr[2], sr[3]);
+                *(float4*)(dr + c + 4) = make_float4(sr[4], sr[5], sr[6], sr[7]);
                 store8(dinp_bf16 + base + c, g);
             }
         }
     }
     __syncthreads();                          // the block's warps add their sums in order
-    for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) {
+    for (int c = threadIdx.x; c < 3 * C; c += blockDim.x) {
         float sum = 0.0f;
-        for (int j = 0; j < warps; j++) sum += buf[(size_t)j * 2 * C + c];
-        partial[(size_t)blockIdx.x * 2 * C + c] = sum;
+        for (int j = 0; j < warps; j++) sum += buf[(size_t)j * 3 * C + c];
+        partial[(size_t)blockIdx.x * 3 * C + c] = sum;
     }
 }
 

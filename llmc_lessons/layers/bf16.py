@@ -371,27 +371,35 @@ def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
     return out
 
 
-def gelu_bias_backward_bf16_cuda(dout, inp, bias, out=None, block_size: int = 256):
-    """dout, inp (B, T, OC) bf16, bias (OC,) -> dinp = dout * gelu'(inp + bias) bf16; out may be dout."""
+def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns: int = 8, block_rows: int = 32,
+                                 grid_rows: int | None = None):
+    """dout, inp (B, T, OC) bf16, bias (OC,) -> dinp = dout * gelu'(inp + bias) bf16 (out may be dout), and
+    dbias (OC,) float32 += the column sums of dinp: the fc bias's gradient, in the same pass. Blocks and grid
+    as matmul_backward_bias_bf16_cuda's."""
+    from llmc_lessons.cuda import load_kernel
     _bf16_array("inp", inp, (None, None, None))
     OC = _eight("OC", inp.shape[-1])
     _bf16_array("dout", dout, inp.shape)
     _float_vector("bias", bias, OC)
+    device.require_array("dbias", dbias, shape=(OC,))
     out = device.xp.empty_like(inp) if out is None else _bf16_array("out", out, inp.shape)
-    _launch("gelu_bias_backward_bf16_kernel", inp.size // 8, _block(block_size),
-            (out, dout, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
+    N, groups, R, X, Y = _column_groups(inp.size // OC, OC, block_columns, block_rows, grid_rows)
+    partial = device.xp.empty((R, OC), np.float32)
+    load_kernel("bf16.cu", "gelu_bias_backward_bf16_kernel")(
+        (groups, R), (X, Y), (out, dbias, partial, _zero_counters(groups), dout, inp, bias, np.int32(N), np.int32(OC)),
+        shared_mem=4 * 8 * X * Y)
     return out
 
 
-def _column_sum_add(out1, out2, partial, columns_per_block: int = 8, rows_per_block: int = 32):
-    """out1 (C,) += partial[:, :C] and out2 (C,) += partial[:, C:] summed over R, for partial (R, 2C), in a
+def _column_sum_add(out1, out2, out3, partial, columns_per_block: int = 8, rows_per_block: int = 32):
+    """out1, out2, out3 (C,) += the column sums of partial[:, :C], [:, C:2C], [:, 2C:] for partial (R, 3C), in a
     fixed order (column_sum_add_kernel, one launch, blocks of (columns_per_block, rows_per_block) threads)."""
     from llmc_lessons.cuda import load_kernel
-    R, C2 = partial.shape
+    R, C3 = partial.shape
     X, Y = columns_per_block, rows_per_block
-    if C2:
-        load_kernel("bf16.cu", "column_sum_add_kernel")((-(-C2 // X),), (X, Y),
-                                                         (out1, out2, partial, np.int32(R), np.int32(C2 // 2)),
+    if C3:
+        load_kernel("bf16.cu", "column_sum_add_kernel")((-(-C3 // X),), (X, Y),
+                                                         (out1, out2, out3, partial, np.int32(R), np.int32(C3 // 3)),
                                                          shared_mem=4 * X * Y)
 
 
@@ -407,6 +415,16 @@ def _zero_counters(n: int):
     return _counters
 
 
+def _column_groups(N: int, OC: int, block_columns, block_rows, grid_rows):
+    """The launch shape of the column-sum kernels: -> (N, column groups, R, X, Y) for blocks of (X, Y)
+    threads, each thread 8 columns, R blocks splitting the N rows of a group (by default, 16 rows a thread)."""
+    X, Y = _int("block_columns", block_columns), _int("block_rows", block_rows)
+    if X * Y > 1024:
+        raise ValueError(f"block_columns * block_rows must be at most 1024 threads, got {X} * {Y}")
+    R = max(1, -(-N // (16 * Y))) if grid_rows is None else _int("grid_rows", grid_rows)
+    return N, -(-OC // (8 * X)), R, X, Y
+
+
 def matmul_backward_bias_bf16_cuda(dbias, dout, block_columns: int = 8, block_rows: int = 32,
                                    grid_rows: int | None = None):
     """dbias (OC,) float32 += dout (B, T, OC) bf16 summed over B and T, deterministically.
@@ -418,25 +436,23 @@ def matmul_backward_bias_bf16_cuda(dbias, dout, block_columns: int = 8, block_ro
     _bf16_array("dout", dout, (None, None, None))
     OC = _eight("OC", dout.shape[-1])
     device.require_array("dbias", dbias, shape=(OC,))
-    N, X, Y = dout.size // OC, _int("block_columns", block_columns), _int("block_rows", block_rows)
-    if X * Y > 1024:
-        raise ValueError(f"block_columns * block_rows must be at most 1024 threads, got {X} * {Y}")
-    R = max(1, -(-N // (16 * Y))) if grid_rows is None else _int("grid_rows", grid_rows)
-    groups = -(-OC // (8 * X))
+    N, groups, R, X, Y = _column_groups(dout.size // OC, OC, block_columns, block_rows, grid_rows)
     partial = device.xp.empty((R, OC), np.float32)
     load_kernel("bf16.cu", "matmul_backward_bias_bf16_kernel")(
         (groups, R), (X, Y), (dbias, partial, _zero_counters(groups), dout, np.int32(N), np.int32(OC)),
         shared_mem=4 * 8 * X * Y)
 
 
-def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, dbias, block_size: int = 256,
-                                 max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
+def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, dbias, dresidual_bias=None,
+                                 block_size: int = 256, max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
     """The layernorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient,
     dweight, dbias (C,) float32 += theirs. Returns dinp's new value in bf16 (for the next matmul backward).
+    dresidual_bias (C,) float32, if given, += the column sums of that bf16 value: the bias gradient of the
+    projection whose output was added into this residual stream, in the same pass.
 
-    max_blocks caps the grid: each warp loops over rows, each block leaves one row of partial sums of dweight
-    and dbias (its warps' sums: 2C floats a warp, block_size * C / 4 bytes of shared memory), which a second
-    kernel adds in order."""
+    max_blocks caps the grid: each warp loops over rows, each block leaves one row of partial sums of the
+    three (its warps' sums: 3C floats a warp, 3 * block_size * C / 8 bytes of shared memory), which a
+    second kernel adds in order."""
     _bf16_array("inp", inp, (None, None, None))
     B, T, C = inp.shape
     _eight("C", C)
@@ -446,22 +462,25 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     _float_vector("weight", weight, C)
     for name, a in (("dweight", dweight), ("dbias", dbias)):
         device.require_array(name, a, shape=(C,))
+    xp = device.xp
+    if dresidual_bias is None:
+        dresidual_bias = xp.zeros(C, np.float32)     # computed and dropped
+    device.require_array("dresidual_bias", dresidual_bias, shape=(C,))
     for name, a in (("mean", mean), ("rstd", rstd)):
         device.require_array(name, a, shape=(B, T))
     block_size = _warps(block_size)
     N, wpb = B * T, block_size // 32
-    shared = 4 * wpb * 2 * C
+    shared = 4 * wpb * 3 * C
     kernel = _kernel_with_shared("layernorm_backward_bf16_kernel", shared,
                                  f"block_size {block_size} (use fewer warps per block) for C = {C}")
     blocks = max(1, min(_int("max_blocks", max_blocks), -(-N // wpb)))
-    xp = device.xp
     dinp_bf16 = xp.empty((B, T, C), np.uint16)
-    partial = xp.empty((blocks, 2 * C), np.float32)
+    partial = xp.empty((blocks, 3 * C), np.float32)
     if N:
         kernel(
             (blocks,), (block_size,), (dinp, dinp_bf16, partial, dout, inp, weight, mean, rstd, np.int32(N),
                                        np.int32(C)), shared_mem=shared)
-        _column_sum_add(dweight, dbias, partial)
+        _column_sum_add(dweight, dbias, dresidual_bias, partial)
     return dinp_bf16
 
 
