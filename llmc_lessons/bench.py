@@ -195,6 +195,7 @@ def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, 
     dres = xp.zeros((B, T, C), np.float32)
     dw, db = xp.zeros(C, np.float32), xp.zeros(C, np.float32)
     dbias = {n: xp.zeros(n * C, np.float32) for n in (1, 3, 4)}
+    flash_partial = r32(B * -(-T // 64), 3 * C)      # a row a (b, 64-row tile) of the flash backward's blocks
     logits, targets = r16(B, T, Vp), g.integers(0, V, (B, T)).astype(np.int32)
     p, gr, m, v, p16 = r32(n_params), r32(n_params), r32(n_params), xp.abs(r32(n_params)), xp.empty(n_params, np.uint16)
     rows = [
@@ -208,8 +209,9 @@ def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, 
         ("gelu backward (+ bias, dbias)", lambda: k16.gelu_bias_backward_bf16_cuda(dh, h, b4, dbias[4]),
          3 * 2 * BT * 4 * C),
     ]
-    rows += [   # the fc bias's gradient comes with the GELU backward, the projections' with the LayerNorm's
-        ("qkv bias backward (3C)", lambda: k16.matmul_backward_bias_bf16_cuda(dbias[3], qkv), 2 * BT * 3 * C),
+    rows += [   # the bias gradients come with the GELU, LayerNorm and flash attention backwards
+        ("qkv dbias (flash partials)", lambda: k16.column_sum_add_cuda(
+            dbias[3][:C], dbias[3][C:2 * C], dbias[3][2 * C:], flash_partial), 4 * flash_partial.size + 8 * 3 * C),
         ("layernorm backward (+ dbias)",
          lambda: k16.layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db, dbias[1]), 14 * BT * C + 8 * BT),
         ("fused classifier", lambda: k16.fused_classifier_bf16_cuda(logits, targets, V, 1 / BT), 2 * 2 * BT * Vp),

@@ -730,12 +730,11 @@ def _bf16_backward(model, cache):
     B, T = cache["idx"].shape
     BT, C, NH = B * T, c.channels, c.num_heads
 
-    def linear_backward(dout, inp, weight, dweight, dbias=None):
-        """out = inp @ weight^T (+ bias): returns dinp (B, T, in) bf16; dweight (and dbias) += theirs."""
+    def linear_backward(dout, inp, weight, dweight):
+        """out = inp @ weight^T (+ bias): returns dinp (B, T, in) bf16; dweight += its gradient (the bias
+        gradients come out of the kernels that write dout, below)."""
         d2 = dout.reshape(BT, -1)
         gemm(d2, inp.reshape(BT, -1), trans_a=True, out=dweight, accumulate=True)   # float32 out
-        if dbias is not None:
-            k.matmul_backward_bias_bf16_cuda(dbias, dout)
         return gemm(d2, weight).reshape(B, T, -1)
 
     dres = device.xp.zeros((B, T, C), dtype=np.float32)     # d loss / d residual stream, float32
@@ -758,8 +757,9 @@ def _bf16_backward(model, cache):
                                                    a["ln2_rstd"], g["ln2w"][l], g["ln2b"][l], g["attprojb"][l])
         # residual2 = x + attproj
         datty = linear_backward(dres_bf16, a["atty"], w["attprojw"][l], g["attprojw"][l])
-        dqkv = flash_attention_backward_bf16_cuda(datty, a["qkv"], a["atty"], a["lse"], NH)
-        dln1 = linear_backward(dqkv, a["ln1"], w["qkvw"][l], g["qkvw"][l], g["qkvb"][l])
+        # the flash backward sums the qkv bias's gradient from the dqkv it writes
+        dqkv = flash_attention_backward_bf16_cuda(datty, a["qkv"], a["atty"], a["lse"], NH, g["qkvb"][l])
+        dln1 = linear_backward(dqkv, a["ln1"], w["qkvw"][l], g["qkvw"][l])
         dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dln1, a["x"], p["ln1w"][l], a["ln1_mean"],
                                                    a["ln1_rstd"], g["ln1w"][l], g["ln1b"][l],
                                                    g["fcprojb"][l - 1] if l > 0 else None)

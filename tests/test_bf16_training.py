@@ -136,7 +136,11 @@ def test_softmax_backward_bf16(N, T, block, in_place):
 
 @pytest.mark.parametrize("shape,block,launch,in_place", [((2, 3, 40), 32, (8, 32, None), True),
                                                          ((1, 7, 264), 128, (3, 5, 2), False),
-                                                         ((5, 33, 784), 64, (8, 4, None), True)])
+                                                         ((5, 33, 784), 64, (8, 4, None), True),
+                                                         ((3, 37, 40), 32, (8, 8, 32), False),
+                                                         ((3, 37, 272), 64, (32, 3, 5), True),
+                                                         ((3, 37, 264), 64, (8, 32, 1), False),
+                                                         ((3, 37, 2312), 256, (8, 32, None), True)])
 def test_gelu_bias_forward_and_backward_bf16(shape, block, launch, in_place):
     gen = np.random.default_rng(shape[-1])
     x, dout, bias = bits(gen, *shape, scale=2.0), bits(gen, *shape), rand32(gen, shape[-1])
@@ -166,21 +170,6 @@ def test_add_bias_bf16(shape, block, in_place):
     close_bf16(got, from_bf16(x).astype(np.float64) + bias, "x + bias")
 
 
-@pytest.mark.parametrize("OC,block_columns,block_rows,grid_rows", [(40, 8, 8, 32), (272, 32, 3, 5), (264, 8, 32, 1),
-                                                                   (776, 3, 7, None), (2312, 8, 32, None)])
-def test_matmul_backward_bias_bf16_accumulates(OC, block_columns, block_rows, grid_rows):
-    gen = np.random.default_rng(OC)
-    dout, start = bits(gen, 3, 37, OC), rand32(gen, OC)
-    dbias = to_device(start.copy())
-    want = start.astype(np.float64)
-    for _ in range(2):   # the second launch finds the last-block counters reset by the first
-        k.matmul_backward_bias_bf16_cuda(dbias, to_device(dout), block_columns=block_columns, block_rows=block_rows,
-                                         grid_rows=grid_rows)
-        want += from_bf16(dout).astype(np.float64).sum((0, 1))
-        np.testing.assert_allclose(to_host(dbias), want, rtol=1e-5, atol=1e-5)
-    assert not to_host(k._zero_counters(1)).any()
-
-
 @pytest.mark.parametrize("B,T,C,block,max_blocks", [(2, 7, 40, 64, 264), (3, 11, 264, 96, 2), (1, 5, 1024, 256, 1)])
 def test_layernorm_backward_bf16(B, T, C, block, max_blocks):
     gen = np.random.default_rng(C + B)
@@ -202,11 +191,12 @@ def test_layernorm_backward_bf16(B, T, C, block, max_blocks):
     np.testing.assert_allclose(to_host(dr), dr0 + wide(d16).sum(axis=(0, 1)), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("V,Vp,block", [(37, 40, 32), (1000, 1008, 512), (1001, 1008, 96)])
+@pytest.mark.parametrize("V,Vp,block", [(37, 40, 32), (1000, 1008, 512), (1001, 1008, 96), (48, 48, 64)])
 def test_fused_classifier_bf16(V, Vp, block):
     gen = np.random.default_rng(V)
     B, T = 2, 3
     logits = bits(gen, B, T, Vp, scale=3.0)
+    logits[..., V:] = 0x7FC0          # NaN in the padded columns: they must not reach the max, the sum or the loss
     targets = gen.integers(0, V, (B, T)).astype(np.int32)
     d_logits = to_device(logits.copy())
     losses = k.fused_classifier_bf16_cuda(d_logits, to_device(targets), V, 1 / (B * T), block_size=block)

@@ -200,8 +200,13 @@ def test_bf16_tensor_core_kernels_match_lesson_05(B, T, NH, hs, poisoned_allocat
     assert rel(got, ref_out) < 4e-3, rel(got, ref_out)          # about one bf16 rounding (2^-9 relative)
     np.testing.assert_allclose(to_host(lse), ref_L, atol=2e-5, rtol=1e-5)
     # the backward from the kernel's own out and lse, against the float64 backward of the same inputs
-    dqkv = flash_attention_backward_bf16_cuda(to_device(dout), to_device(qkv), out, lse, NH)
+    start = np.random.default_rng(hs).standard_normal(3 * NH * hs).astype(np.float32)
+    dbias = to_device(start.copy())
+    dqkv = flash_attention_backward_bf16_cuda(to_device(dout), to_device(qkv), out, lse, NH, dbias=dbias)
     got_d = from_bf16(to_host(dqkv)).astype(np.float64)
+    # the qkv bias's gradient, summed in the kernels: the column sums of dqkv as stored, added to what it held
+    np.testing.assert_allclose(to_host(dbias), start + got_d.sum(axis=(0, 1)), rtol=1e-5, atol=1e-5,
+                               err_msg="dbias: the column sums of dqkv")
     want_d = attention_backward(from_bf16(dout).astype(np.float64), x, att, NH)
     assert not np.isnan(got_d).any(), "some gradients were never written"
     C = NH * hs
@@ -243,6 +248,8 @@ def test_bf16_flash_attention_refuses_bad_input():
         flash_attention_backward_bf16_cuda(d, q, out, lse[:, :1].copy(), 2)
     with pytest.raises(ValueError, match="dout must have shape"):
         flash_attention_backward_bf16_cuda(d[:, :4].copy(), q, out, lse, 2)
+    with pytest.raises(ValueError, match="dbias must have shape"):
+        flash_attention_backward_bf16_cuda(d, q, out, lse, 2, dbias=device.xp.zeros(32, np.float32))
 
 
 def test_d_fragment_check(capsys):

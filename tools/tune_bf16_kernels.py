@@ -39,7 +39,8 @@ for X, Y, R in ((8, 32, None), (8, 16, None), (16, 16, None), (8, 32, 64)):
     row("gelu backward + dbias", f"block ({X}, {Y}), grid rows {R or 'default'}",
         lambda: k16.gelu_bias_backward_bf16_cuda(dh, h, b4, db4, block_columns=X, block_rows=Y, grid_rows=R),
         6 * BT * 4 * C)
-for bs, blocks in ((128, 792), (256, 264), (256, 396), (256, 528)):
+for bs, blocks in ((128, 792), (256, 256), (256, 264), (256, 342), (256, 396), (384, 264), (512, 128),
+                   (768, 132)):
     row("layernorm backward", f"block {bs}, {blocks} blocks",
         lambda: k16.layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db, dr, block_size=bs,
                                                  max_blocks=blocks),
@@ -47,9 +48,9 @@ for bs, blocks in ((128, 792), (256, 264), (256, 396), (256, 528)):
 for bs in (256, 512, 1024):
     row("fused classifier", f"block {bs}",
         lambda: k16.fused_classifier_bf16_cuda(logits, targets, V, 1 / BT, block_size=bs), 4 * BT * Vp)
-for n, dout in ((3, r16(B, T, 3 * C)),):   # the qkv bias (the others come with other kernels)
-    dbias = xp.zeros(n * C, xp.float32)
-    for X, Y, R in ((8, 32, None), (8, 32, 16), (8, 16, 32), (16, 32, None), (32, 8, 85)):
-        row(f"bias backward ({n}C)", f"block ({X}, {Y}), grid rows {R or 'default'}",
-            lambda: k16.matmul_backward_bias_bf16_cuda(dbias, dout, block_columns=X, block_rows=Y, grid_rows=R),
-            2 * BT * n * C)
+for R in (132, 256, 396):   # the end of the layernorm and flash attention backwards' bias sums
+    partial = r32(R, 3 * C)
+    for X, Y in ((8, 32), (16, 16), (32, 8), (8, 64)):
+        row("column sums", f"{R} rows, block ({X}, {Y})",
+            lambda: k16.column_sum_add_cuda(dw, db, dr, partial, columns_per_block=X, rows_per_block=Y),
+            4 * partial.size + 24 * C)

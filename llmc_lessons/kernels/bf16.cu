@@ -133,9 +133,10 @@ extern "C" __global__ void float_to_bf16_kernel(bf16* out, const float* inp, int
 // bias in the GELU, the two projection biases in the residual adds. The qkv bias has a pass of its own
 // (add_bias_bf16_kernel): the step's attention is flash_attention.cu's version 2, which copies qkv straight
 // into shared memory. The bias gradients come the same way: the fc bias's out of the GELU backward, the two
-// projection biases' out of the LayerNorm backward that writes their dout; the qkv bias's alone has a kernel
-// of its own (matmul_backward_bias_bf16_kernel). The head split, the softmax kernels and the merge are the attention that writes the
-// T x T scores (attention_forward_bf16_cuda), which `python -m llmc_lessons.bench --attention` compares with.
+// projection biases' out of the LayerNorm backward that writes their dout, the qkv bias's out of the flash
+// attention backward (flash_attention.cu): no kernel reads a product a second time for its bias gradient.
+// The head split, the softmax kernels and the merge are the attention that writes the T x T scores
+// (attention_forward_bf16_cuda), which `python -m llmc_lessons.bench --attention` compares with.
 // =========================================================================================================
 
 // 8 bf16 values <-> 8 floats through one 16-byte access; p must be 16-byte aligned.
@@ -504,45 +505,12 @@ __device__ void column_group_sum_finish(float* buf, const float* acc, float* dbi
     }
 }
 
-// dbias (OC,) += the column sums of dout (N, OC), deterministically. Block (X, Y), grid (ceil(OC / 8X), R):
-// thread x owns 8 neighbouring columns (X threads side by side cover a group of 8X columns, 16X bytes of a
-// row), the Y * R threads of a group split the rows, each loading eight rows before adding them; then
-// column_group_sum_finish. Narrow groups (X = 8: 64 columns) give many blocks for the reading and little for
-// each last block to add (with X = 32, three last blocks each added R rows of 256 columns for C = 768: 24 us
-// a call against 15.5 now on the H200).
-extern "C" __global__ void matmul_backward_bias_bf16_kernel(float* dbias,       // (OC,) accumulated into
-                                                            float* partial,     // (R, OC), R = gridDim.y
-                                                            unsigned int* counters,  // (gridDim.x,) zeros
-                                                            const bf16* dout,   // (N, OC)
-                                                            int N, int OC) {
-    extern __shared__ float buf[];              // (Y, 8X)
-    int X = blockDim.x, Y = blockDim.y, W = 8 * X;   // W: the group's width in columns
-    int c0 = blockIdx.x * W;
-    int c = c0 + threadIdx.x * 8;
-    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    if (c < OC) {
-        int stride = gridDim.y * Y;
-        for (int row = blockIdx.y * Y + threadIdx.y; row < N; row += 8 * stride) {
-            int4 v[8];                          // eight independent loads in flight (zeros past the end), then add
-            for (int j = 0; j < 8; j++) {
-                v[j] = row + j * stride < N ? *(const int4*)(dout + (size_t)(row + j * stride) * OC + c)
-                                            : make_int4(0, 0, 0, 0);
-            }
-            for (int j = 0; j < 8; j++) {
-                float d[8];
-                unpack8(d, v[j]);
-                for (int k = 0; k < 8; k++) acc[k] += d[k];
-            }
-        }
-    }
-    column_group_sum_finish(buf, acc, dbias, partial, counters, OC);
-}
-
 // dinp = dout * gelu'(inp + bias), and dbias (OC,) += the column sums of dinp as stored (bf16): the GELU's
-// backward fused with the bias gradient of the fc layer before it, which reads exactly these values. Laid out
-// as matmul_backward_bias_bf16_kernel (block (X, Y), grid (ceil(OC / 8X), R), 8 columns a thread), each
-// thread taking four rows at a time (eight 16-byte loads in flight). dinp may be dout (in place): each value
-// is read and then written by the same thread.
+// backward fused with the bias gradient of the fc layer before it, which reads exactly these values.
+// Block (X, Y), grid (ceil(OC / 8X), R): thread x owns 8 neighbouring columns (X threads side by side cover a
+// group of 8X columns, 16X bytes of a row), the Y * R threads of a group split the rows, each taking four rows
+// at a time (eight 16-byte loads in flight); then column_group_sum_finish. dinp may be dout (in place): each
+// value is read and then written by the same thread.
 extern "C" __global__ void gelu_bias_backward_bf16_kernel(bf16* dinp,              // (N, OC)
                                                           float* dbias,            // (OC,) accumulated into
                                                           float* partial,          // (R, OC), R = gridDim.y
@@ -717,27 +685,26 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
     }
 }
 
-// One 8-value chunk (columns j0 .. j0 + 7) into a running max and sum: the chunk's max first, then the sum
-// rescaled once to it, then the chunk's exponentials added. Columns >= V (the padding) count as exp(-inf) = 0.
-__device__ __forceinline__ void online_softmax_chunk(const float* x, int j0, int V, float& maxval, float& sum) {
-    float chunk_max = NEG_INF;
-    for (int k = 0; k < 8; k++) chunk_max = fmaxf(chunk_max, j0 + k < V ? x[k] : NEG_INF);
-    float new_max = fmaxf(maxval, chunk_max);   // finite: column j0 < V is real
-    sum *= __expf(maxval - new_max);
-    for (int k = 0; k < 8; k++) sum += j0 + k < V ? __expf(x[k] - new_max) : 0.0f;
-    maxval = new_max;
+// The largest of 8 bf16 values: three bf16-pair maxima (max_bf16x2), then the larger half.
+__device__ __forceinline__ float max8(int4 v) {
+    unsigned int m = max_bf16x2(max_bf16x2((unsigned int)v.x, (unsigned int)v.y),
+                                max_bf16x2((unsigned int)v.z, (unsigned int)v.w));
+    return fmaxf(bf16_lo(m), bf16_hi(m));
 }
 
 // The classifier's softmax, loss and gradient in one kernel (lesson 08's fused classifier) on bf16 logits:
 // one block per row (b, t), the row kept in shared memory (Vp * 2 bytes: 100 KB at GPT-2's vocabulary, two
-// blocks per multiprocessor), so that it is read from memory once and written once.
-// Pass 1: each thread loads four 8-value chunks at a time (the loads in flight together), copies them to
-// shared memory and folds them into its online max and sum; the block combines those. Pass 2, from shared
-// memory: logits are overwritten with dlogits = dloss * (softmax - onehot(target)), 0 in the padded columns
-// V..Vp-1. losses[row] = -log softmax[target] in float32. The exponentials are __expf, the fast one (a few
-// float32 units in the last place for the arguments <= 0 here): two accurate expf per column made the kernel
-// wait on arithmetic. (Reading the row from memory again for pass 2, mostly from the L2 cache, took 1.14 ms
-// alone on the H200; this version about 1.0 ms.)
+// blocks per multiprocessor), so that it is read from memory once and written once. Three passes:
+//   1. memory -> shared memory, and the row's max m (four 16-byte loads in flight per thread). The columns
+//      V..Vp-1 are padding: a partial last chunk is stored with -inf there (exp(-inf) = 0), whole padding
+//      chunks are not read.
+//   2. shared memory: s = sum_j exp(x_j - m), as exp2(x_j log2(e) - m log2(e)) (one FFMA and one ex2).
+//   3. shared memory -> memory: logits are overwritten with dlogits = dloss * (softmax - onehot(target)),
+//      0 in the padding; losses[row] = -log softmax[target] = log s + m - x_target, in float32.
+// Every thread does the same few instructions per value: no per-value test of the padding or the target
+// (the one chunk holding the target is fixed afterwards by its thread). The version before (an online max and
+// sum in one pass, both tests on every value) issued about three times as many instructions and waited on
+// them, not on memory: 76% of a same-size copy on the H200.
 extern "C" __global__ void fused_classifier_bf16_kernel(bf16* logits,        // (N, Vp) in: logits, out: dlogits
                                                         float* losses,       // (N,)
                                                         const int* targets,  // (N,)
@@ -748,50 +715,61 @@ extern "C" __global__ void fused_classifier_bf16_kernel(bf16* logits,        // 
     int row = blockIdx.x;
     size_t base = (size_t)row * Vp;
     int target = targets[row];
-    float target_logit = bf16_to_float(logits[base + target]);
     const int4* src = (const int4*)(logits + base);
-    int bd = blockDim.x, real_chunks = (V + 7) / 8;
-    float maxval = NEG_INF, sum = 0.0f;
+    int bd = blockDim.x, full = V / 8, real_chunks = (V + 7) / 8;
+    int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
+    float maxval = NEG_INF;
     int ch = threadIdx.x;
-    for (; ch + 3 * bd < real_chunks; ch += 4 * bd) {
+    for (; ch + 3 * bd < full; ch += 4 * bd) {
         int4 v[4];
         for (int j = 0; j < 4; j++) v[j] = src[ch + j * bd];
         for (int j = 0; j < 4; j++) {
-            float x[8];
             row_chunks[ch + j * bd] = v[j];
-            unpack8(x, v[j]);
-            online_softmax_chunk(x, (ch + j * bd) * 8, V, maxval, sum);
+            maxval = fmaxf(maxval, max8(v[j]));
         }
     }
-    for (; ch < real_chunks; ch += bd) {
-        float x[8];
+    for (; ch < full; ch += bd) {
         int4 v = src[ch];
         row_chunks[ch] = v;
-        unpack8(x, v);
-        online_softmax_chunk(x, ch * 8, V, maxval, sum);
+        maxval = fmaxf(maxval, max8(v));
     }
-    int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
+    if (full < real_chunks && threadIdx.x == (full % bd)) {   // the chunk V lies in: padding -> -inf
+        float x[8];
+        unpack8(x, src[full]);
+        for (int k = V % 8; k < 8; k++) x[k] = NEG_INF;
+        for (int k = 0; k < V % 8; k++) maxval = fmaxf(maxval, x[k]);
+        store8((bf16*)(row_chunks + full), x);
+    }
     float wmax = warpReduceMax(maxval);
-    float wsum = warpReduceSum(maxval == NEG_INF ? 0.0f : sum * __expf(maxval - wmax));
-    if (lane == 0) {
-        warp_max[w] = wmax;
-        warp_sum[w] = wsum;
-    }
+    if (lane == 0) warp_max[w] = wmax;
     __syncthreads();                           // also: the whole row is in shared memory
     float row_max = NEG_INF;
     for (int i = 0; i < warps; i++) row_max = fmaxf(row_max, warp_max[i]);
-    float row_sum = 0.0f;
-    for (int i = 0; i < warps; i++) {
-        if (warp_max[i] != NEG_INF) row_sum += warp_sum[i] * __expf(warp_max[i] - row_max);
+    const float m2 = row_max * LOG2E;        // the max in base 2
+    float sum = 0.0f;
+    for (ch = threadIdx.x; ch < real_chunks; ch += bd) {
+        float x[8];
+        unpack8(x, row_chunks[ch]);
+        for (int k = 0; k < 8; k++) sum += fast_exp2(fmaf(x[k], LOG2E, -m2));
     }
+    float wsum = warpReduceSum(sum);
+    if (lane == 0) warp_sum[w] = wsum;
+    __syncthreads();
+    float row_sum = 0.0f;
+    for (int i = 0; i < warps; i++) row_sum += warp_sum[i];   // in order: deterministic
+    float target_logit = (unsigned)target < (unsigned)V ? bf16_to_float(((const bf16*)row_chunks)[target]) : __int_as_float(0x7fc00000);   // NaN: a bad target
     if (threadIdx.x == 0) losses[row] = logf(row_sum) + row_max - target_logit;
     float scale = dloss / row_sum;
     for (ch = threadIdx.x; ch < Vp / 8; ch += bd) {
         float x[8];
-        if (ch < real_chunks) unpack8(x, row_chunks[ch]);
-        for (int k = 0; k < 8; k++) {
-            int j = ch * 8 + k;
-            x[k] = j < V ? __expf(x[k] - row_max) * scale - (j == target ? dloss : 0.0f) : 0.0f;
+        if (ch < real_chunks) {
+            unpack8(x, row_chunks[ch]);
+            for (int k = 0; k < 8; k++) x[k] = fast_exp2(fmaf(x[k], LOG2E, -m2)) * scale;
+            if (ch == target / 8) {
+                for (int k = 0; k < 8; k++) if (k == target % 8) x[k] -= dloss;
+            }
+        } else {
+            for (int k = 0; k < 8; k++) x[k] = 0.0f;
         }
         store8(logits + base + ch * 8, x);
     }

@@ -46,3 +46,15 @@ __device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
 // The two bf16 values packed in one 32-bit word (the lower index in the lower half), as float32. Exact.
 __device__ __forceinline__ float bf16_lo(unsigned int two) { return __uint_as_float(two << 16); }
 __device__ __forceinline__ float bf16_hi(unsigned int two) { return __uint_as_float(two & 0xFFFF0000u); }
+
+// The larger of each pair of bf16 values in two 32-bit words (a max is exact in any precision): on a GPU one
+// instruction (max.bf16x2), in the emulator the same through float32.
+__device__ __forceinline__ unsigned int max_bf16x2(unsigned int a, unsigned int b) {
+#if defined(__CUDA_ARCH__)
+    unsigned int r;
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+#else
+    return pack_bf16x2(fmaxf(bf16_lo(a), bf16_lo(b)), fmaxf(bf16_hi(a), bf16_hi(b)));
+#endif
+}

@@ -5,6 +5,21 @@
 // -infinity as a float (NVRTC has no INFINITY macro): the start of a running maximum.
 #define NEG_INF __int_as_float(0xff800000)
 
+// log2(e): exp(x) = exp2(x * LOG2E), the form the GPU's exponential instruction (ex2) takes.
+#define LOG2E 1.4426950408889634f
+
+// 2^x: on a GPU the one instruction ex2.approx (about 2 float32 units in the last place; __expf(x) is this
+// instruction after a multiply by LOG2E), exp2f in the CPU emulator.
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#else
+    return exp2f(x);
+#endif
+}
+
 // ceil(M / N) for positive integers: how many blocks of N threads cover M elements.
 #define CEIL_DIV(M, N) (((M) + (N) - 1) / (N))
 

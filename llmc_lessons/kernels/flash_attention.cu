@@ -198,6 +198,9 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 // flash_attention_forward_bf16_kernel:       out, lse.
 // flash_attention_backward_dq_bf16_kernel:   dq, and D_i = dout_i . out_i, written for the next kernel.
 // flash_attention_backward_dkdv_bf16_kernel: dk, dv (launched second: it reads D).
+// Both also leave the column sums of the dqkv values they store (a row of partial (B * tiles, 3C) per block
+// and part): summed over the rows by column_sum_add_kernel (bf16.cu), that is the qkv bias's gradient, taken
+// without reading dqkv again.
 #include "mma.cuh"
 
 #ifndef HS
@@ -208,7 +211,6 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 #define S_LD (HS + 8)               // row stride of a tile in shared memory: 16 bytes of padding put the 8
                                     //   rows that one ldmatrix reads in 8 different banks
 #define TILE (FA_ROWS * S_LD)       // bf16 values per tile
-#define LOG2E 1.4426950408889634f
 
 // One warp, one instruction (lesson 13's picture of the fragments): D (16 x 8) = A (16 x 16) @ B (16 x 8) + C
 // from row-major matrices, each lane gathering its fragments as mma.cuh lays them out. D comes back
@@ -292,18 +294,43 @@ __device__ __forceinline__ float row_sum4(float x) {
 }
 
 // Write the warp's 16 x HS accumulator as bf16 rows row0 .. row0+15 of dst (ld apart), row g times scale0
-// and row g+8 times scale1; rows at or past T are skipped.
+// and row g+8 times scale1; rows at or past T are skipped. colsum[n][e] gets the thread's share of the column
+// sums of what was written (column 8n + 2t + e, its two rows, the values as stored in bf16).
 __device__ __forceinline__ void store_rows(bf16* dst, const float acc[HS / 8][4], float scale0, float scale1,
-                                           int row0, int T, int ld) {
+                                           int row0, int T, int ld, float colsum[HS / 8][2]) {
     int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     for (int n = 0; n < HS / 8; n++) {
-        if (row0 + g < T)
-            *reinterpret_cast<unsigned int*>(dst + (long long)(row0 + g) * ld + 8 * n + 2 * t) =
-                pack_bf16x2(acc[n][0] * scale0, acc[n][1] * scale0);
-        if (row0 + g + 8 < T)
-            *reinterpret_cast<unsigned int*>(dst + (long long)(row0 + g + 8) * ld + 8 * n + 2 * t) =
-                pack_bf16x2(acc[n][2] * scale1, acc[n][3] * scale1);
+        colsum[n][0] = colsum[n][1] = 0.0f;
+        if (row0 + g < T) {
+            unsigned int two = pack_bf16x2(acc[n][0] * scale0, acc[n][1] * scale0);
+            *reinterpret_cast<unsigned int*>(dst + (long long)(row0 + g) * ld + 8 * n + 2 * t) = two;
+            colsum[n][0] += bf16_lo(two);
+            colsum[n][1] += bf16_hi(two);
+        }
+        if (row0 + g + 8 < T) {
+            unsigned int two = pack_bf16x2(acc[n][2] * scale1, acc[n][3] * scale1);
+            *reinterpret_cast<unsigned int*>(dst + (long long)(row0 + g + 8) * ld + 8 * n + 2 * t) = two;
+            colsum[n][0] += bf16_lo(two);
+            colsum[n][1] += bf16_hi(two);
+        }
     }
+}
+
+// The block's column sums of a 64 x HS piece that its 4 warps wrote with store_rows, into partial[0 .. HS-1]:
+// each warp adds its 8 row groups (lanes t, t + 4, ..., shuffles), then warp 0's, 1's, 2's and 3's sums are
+// added in that order. Deterministic. sums: (4, HS) floats of shared memory.
+__device__ __forceinline__ void block_column_sums(float* partial, float colsum[HS / 8][2], float* sums) {
+    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    for (int n = 0; n < HS / 8; n++) {
+        for (int e = 0; e < 2; e++) {
+            float v = colsum[n][e];
+            for (int offset = 4; offset < 32; offset *= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+            if (g == 0) sums[warp * HS + 8 * n + 2 * t + e] = v;
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < HS; c += blockDim.x)
+        partial[c] = sums[c] + sums[HS + c] + sums[2 * HS + c] + sums[3 * HS + c];
 }
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
@@ -369,7 +396,9 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
         __syncthreads();                          // every warp is done with this buffer before it is refilled
     }
     for (int r = 0; r < 2; r++) l[r] = row_sum4(l[r]);
-    store_rows(out + (long long)b * T * C + h * HS, o, 1.0f / l[0], 1.0f / l[1], tile * FA_ROWS + warp * 16, T, C);
+    float unused[HS / 8][2];
+    store_rows(out + (long long)b * T * C + h * HS, o, 1.0f / l[0], 1.0f / l[1], tile * FA_ROWS + warp * 16, T, C,
+               unused);
     if (t == 0) {
         float* L = lse + ((long long)b * NH + h) * T;
         if (row0 < T) L[row0] = (m[0] + log2f(l[0])) / LOG2E;
@@ -394,6 +423,7 @@ __device__ __forceinline__ void softmax_grad(float s[4][4], float dp[4][4], Mask
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
 flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the dq part
+                                        float* partial,      // (B * tiles, 3C): the dq part's column sums
                                         float* Dout,         // (B, NH, T): D_i = dout_i . out_i
                                         const bf16* dout,    // (B, T, C)
                                         const bf16* qkv,     // (B, T, 3C)
@@ -459,11 +489,14 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the 
         __syncthreads();
     }
     const float scale = 1.0f / sqrtf((float)HS);
-    store_rows(dqkv + (long long)b * T * 3 * C + h * HS, dq, scale, scale, first, T, 3 * C);
+    float colsum[HS / 8][2];
+    store_rows(dqkv + (long long)b * T * 3 * C + h * HS, dq, scale, scale, first, T, 3 * C, colsum);
+    block_column_sums(partial + ((long long)b * gridDim.x + tile) * 3 * C + h * HS, colsum, (float*)smem);
 }
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
 flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the dk and dv parts
+                                          float* partial,      // (B * tiles, 3C): their column sums
                                           const bf16* dout,    // (B, T, C)
                                           const bf16* qkv,     // (B, T, 3C)
                                           const float* lse,    // (B, NH, T)
@@ -524,6 +557,11 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, 3C): th
     }
     const float scale = 1.0f / sqrtf((float)HS);
     bf16* drow = dqkv + (long long)b * T * 3 * C + h * HS;
-    store_rows(drow + C, dk, scale, scale, first, T, 3 * C);
-    store_rows(drow + 2 * C, dv, 1.0f, 1.0f, first, T, 3 * C);
+    float colsum[HS / 8][2];
+    float* prow = partial + ((long long)b * gridDim.x + tile) * 3 * C + h * HS;
+    store_rows(drow + C, dk, scale, scale, first, T, 3 * C, colsum);
+    block_column_sums(prow + C, colsum, (float*)smem);
+    __syncthreads();                              // the shared sums are read before they are written again
+    store_rows(drow + 2 * C, dv, 1.0f, 1.0f, first, T, 3 * C, colsum);
+    block_column_sums(prow + 2 * C, colsum, (float*)smem);
 }

@@ -374,8 +374,11 @@ def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
 def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns: int = 8, block_rows: int = 32,
                                  grid_rows: int | None = None):
     """dout, inp (B, T, OC) bf16, bias (OC,) -> dinp = dout * gelu'(inp + bias) bf16 (out may be dout), and
-    dbias (OC,) float32 += the column sums of dinp: the fc bias's gradient, in the same pass. Blocks and grid
-    as matmul_backward_bias_bf16_cuda's."""
+    dbias (OC,) float32 += the column sums of dinp: the fc bias's gradient, in the same pass.
+
+    Blocks of (block_columns, block_rows) threads, each thread 8 columns, so a block covers 8 * block_columns
+    columns; grid_rows: how many blocks split the rows of one column group (R partial sums, the last block of
+    the group adds them), by default enough for each thread to sum 16 rows."""
     from llmc_lessons.cuda import load_kernel
     _bf16_array("inp", inp, (None, None, None))
     OC = _eight("OC", inp.shape[-1])
@@ -391,11 +394,17 @@ def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns
     return out
 
 
-def _column_sum_add(out1, out2, out3, partial, columns_per_block: int = 8, rows_per_block: int = 32):
-    """out1, out2, out3 (C,) += the column sums of partial[:, :C], [:, C:2C], [:, 2C:] for partial (R, 3C), in a
-    fixed order (column_sum_add_kernel, one launch, blocks of (columns_per_block, rows_per_block) threads)."""
+def column_sum_add_cuda(out1, out2, out3, partial, columns_per_block: int = 8, rows_per_block: int = 32):
+    """out1, out2, out3 (C,) float32 += the column sums of partial[:, :C], [:, C:2C], [:, 2C:] for partial
+    (R, 3C) float32, in a fixed order (column_sum_add_kernel, one launch, blocks of (columns_per_block,
+    rows_per_block) threads): the end of the reductions that leave a row of partial sums per block."""
     from llmc_lessons.cuda import load_kernel
+    device.require_array("partial", partial, shape=(None, None))
     R, C3 = partial.shape
+    if C3 % 3:
+        raise ValueError(f"partial must have 3C columns, got {C3}")
+    for name, a in (("out1", out1), ("out2", out2), ("out3", out3)):
+        device.require_array(name, a, shape=(C3 // 3,))
     X, Y = columns_per_block, rows_per_block
     if C3:
         load_kernel("bf16.cu", "column_sum_add_kernel")((-(-C3 // X),), (X, Y),
@@ -423,24 +432,6 @@ def _column_groups(N: int, OC: int, block_columns, block_rows, grid_rows):
         raise ValueError(f"block_columns * block_rows must be at most 1024 threads, got {X} * {Y}")
     R = max(1, -(-N // (16 * Y))) if grid_rows is None else _int("grid_rows", grid_rows)
     return N, -(-OC // (8 * X)), R, X, Y
-
-
-def matmul_backward_bias_bf16_cuda(dbias, dout, block_columns: int = 8, block_rows: int = 32,
-                                   grid_rows: int | None = None):
-    """dbias (OC,) float32 += dout (B, T, OC) bf16 summed over B and T, deterministically.
-
-    Blocks of (block_columns, block_rows) threads, each thread 8 columns, so a block covers 8 * block_columns
-    columns; grid_rows: how many blocks split the rows of one column group (R partial sums), by default
-    enough for each thread to sum 16 rows."""
-    from llmc_lessons.cuda import load_kernel
-    _bf16_array("dout", dout, (None, None, None))
-    OC = _eight("OC", dout.shape[-1])
-    device.require_array("dbias", dbias, shape=(OC,))
-    N, groups, R, X, Y = _column_groups(dout.size // OC, OC, block_columns, block_rows, grid_rows)
-    partial = device.xp.empty((R, OC), np.float32)
-    load_kernel("bf16.cu", "matmul_backward_bias_bf16_kernel")(
-        (groups, R), (X, Y), (dbias, partial, _zero_counters(groups), dout, np.int32(N), np.int32(OC)),
-        shared_mem=4 * 8 * X * Y)
 
 
 def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, dbias, dresidual_bias=None,
@@ -480,7 +471,7 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
         kernel(
             (blocks,), (block_size,), (dinp, dinp_bf16, partial, dout, inp, weight, mean, rstd, np.int32(N),
                                        np.int32(C)), shared_mem=shared)
-        _column_sum_add(dweight, dbias, dresidual_bias, partial)
+        column_sum_add_cuda(dweight, dbias, dresidual_bias, partial)
     return dinp_bf16
 
 
@@ -530,7 +521,7 @@ def attention_forward_bf16_cuda(qkv, qkvb, NH: int, block_size: int = 256):
 
 def attention_backward_bf16_cuda(datty, qkvh, att, block_size: int = 256):
     """datty (B, T, C), qkvh (3, B, NH, T, hs), att (B, NH, T, T) bf16 -> dqkv (B, T, 3C) bf16 (no bias
-    gradient: matmul_backward_bias_bf16_cuda takes dqkv)."""
+    gradient: the step's flash attention backward sums it, flash_attention_backward_bf16_cuda(dbias=))."""
     from llmc_lessons.cublas import gemm_batched
     _bf16_array("qkvh", qkvh, (3, None, None, None, None))
     _, B, NH, T, hs = qkvh.shape

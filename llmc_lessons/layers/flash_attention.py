@@ -160,20 +160,27 @@ def flash_attention_forward_bf16_cuda(qkv, NH):
     return out, lse
 
 
-def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH):
-    """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv (B, T, 3C) bf16: dq, dk, dv (the bias
-    gradient is the column sum of dqkv, which the qkv matmul's backward takes)."""
-    from llmc_lessons.layers.bf16 import _bf16_array
+def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None):
+    """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv (B, T, 3C) bf16: dq, dk, dv. dbias (3C,)
+    float32, if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the values
+    they store, a row of partial sums per block, and one column_sum_add_cuda launch adds the rows in order."""
+    from llmc_lessons.layers.bf16 import _bf16_array, column_sum_add_cuda
     B, T, C, hs = _check_bf16(qkv, NH, "flash_attention_backward_bf16_cuda")
     _bf16_array("dout", dout, (B, T, C))
     _bf16_array("out", out, (B, T, C))
     device.require_array("lse", lse, shape=(B, NH, T))
+    if dbias is not None:
+        device.require_array("dbias", dbias, shape=(3 * C,))
     xp = device.xp
+    tiles = -(-T // FA_ROWS)
     dqkv, D = xp.empty((B, T, 3 * C), np.uint16), xp.empty((B, int(NH), T), np.float32)
+    partial = xp.empty((B * tiles, 3 * C), np.float32)
     if B * T:
-        grid, sizes = (-(-T // FA_ROWS), int(NH), B), (np.int32(B), np.int32(T), np.int32(NH))
+        grid, sizes = (tiles, int(NH), B), (np.int32(B), np.int32(T), np.int32(NH))
         _bf16_kernel("flash_attention_backward_dq_bf16_kernel", hs)(
-            grid, (FA_THREADS,), (dqkv, D, dout, qkv, out, lse, *sizes))
+            grid, (FA_THREADS,), (dqkv, partial, D, dout, qkv, out, lse, *sizes))
         _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel", hs)(
-            grid, (FA_THREADS,), (dqkv, dout, qkv, lse, D, *sizes))
+            grid, (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
+        if dbias is not None:
+            column_sum_add_cuda(dbias[:C], dbias[C:2 * C], dbias[2 * C:], partial)
     return dqkv
