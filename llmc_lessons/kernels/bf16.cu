@@ -584,19 +584,22 @@ extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,)
     }
 }
 
-// The layernorm backward of lesson 03 on bf16 dout and inp: one warp per row, looping over rows
-// (row = warp, warp + W, ...). dinp is the float32 gradient of the residual stream and is ACCUMULATED into
-// (the two readers of a residual add up); dinp_bf16 gets its new value in bf16 for the next matmul's
-// backward. A row's dout and inp are loaded at once into registers (the loads in flight together), its old
-// dinp once the two reductions are done. dresidual_bias (C,) += the column sums of dinp_bf16: the bias
-// gradient of the projection whose output was added into this residual stream (it reads exactly dinp_bf16),
-// in the same pass.
+// The layernorm backward of lesson 03 on bf16 dout and inp, a warp per row, each warp taking LN_ROWS rows at
+// a time (rows r, r + W, with W the grid's warps; then r + 2W, ...). dinp is the float32 gradient of the
+// residual stream and is ACCUMULATED into (the two readers of a residual add up); dinp_bf16 gets its new
+// value in bf16 for the next matmul's backward. The rows' dout and inp are loaded at once into registers
+// (all their loads in flight together), their old dinp once the two reductions are done. dresidual_bias
+// (C,) += the column sums of dinp_bf16: the bias gradient of the projection whose output was added into this
+// residual stream (it reads exactly dinp_bf16), in the same pass.
 // The three column sums: lane `lane` handles the same columns (lane + 32 i) * 8 .. + 7 of every row, so it
 // adds its rows' terms into its own slots of its warp's sums in shared memory: no other thread touches them, no
 // atomics. At the end the warps of a block add theirs in order into row blockIdx.x of partial, and
-// column_sum_add_kernel adds those rows in order: the result is deterministic. (Keeping these sums in
-// registers took 162 registers a thread: one block of 8 warps fitted on a multiprocessor, too few loads in
-// flight: 63 us a call in the H200's profile of the step; this one 52 us.)
+// column_sum_add_kernel adds those rows in order: the result is deterministic.
+// Why two rows at a time (H200, GPT-2's shapes, the kernel alone): one row at a time fitted 24 warps on a
+// multiprocessor (79 registers; 24 rows in flight), 63-64 us; two rows take 128 registers, so 16 warps fit,
+// but 32 rows are in flight and each shared-memory update serves two rows: 57 us. (Keeping the sums in
+// registers instead took 162 registers a thread: one block of 8 warps fitted, 63 us with two sums.)
+#define LN_ROWS 2
 extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,             // (N, C) accumulated into
                                                          bf16* dinp_bf16,         // (N, C)
                                                          float* partial,          // (gridDim.x, 3C)
@@ -618,34 +621,42 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
             for (int k = 0; k < 8; k++) dw[c + k] = db[c + k] = dr[c + k] = 0.0f;
         }
     }
-    for (int row = blockIdx.x * warps + w; row < N; row += W) {
-        size_t base = (size_t)row * C;
-        float m = mean[row], s = rstd[row];
-        int4 raw_dout[ROW_CHUNKS], raw_inp[ROW_CHUNKS];   // the row stays in registers, packed
-        for (int i = 0; i < ROW_CHUNKS; i++) {
-            int c = (lane + 32 * i) * 8;
-            if (c < C) {
-                raw_dout[i] = *(const int4*)(dout + base + c);
-                raw_inp[i] = *(const int4*)(inp + base + c);
+    for (int row0 = blockIdx.x * warps + w; row0 < N; row0 += LN_ROWS * W) {
+        int4 raw_dout[LN_ROWS][ROW_CHUNKS], raw_inp[LN_ROWS][ROW_CHUNKS];   // the rows stay in registers, packed
+        float m[LN_ROWS], s[LN_ROWS], dnorm_mean[LN_ROWS], dnorm_norm_mean[LN_ROWS];
+        for (int r = 0; r < LN_ROWS; r++) {   // a row past N is zeros (m = s = 0): it adds 0 to every sum
+            int row = row0 + r * W;
+            bool in = row < N;
+            m[r] = in ? mean[row] : 0.0f;
+            s[r] = in ? rstd[row] : 0.0f;
+            dnorm_mean[r] = dnorm_norm_mean[r] = 0.0f;
+            for (int i = 0; i < ROW_CHUNKS; i++) {
+                int c = (lane + 32 * i) * 8;
+                if (c < C) {
+                    raw_dout[r][i] = in ? *(const int4*)(dout + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
+                    raw_inp[r][i] = in ? *(const int4*)(inp + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
+                }
             }
         }
-        float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
         for (int i = 0; i < ROW_CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
             if (c < C) {
-                float d[8], x[8], wt[8], sw[8], sb[8];
-                unpack8(d, raw_dout[i]);
-                unpack8(x, raw_inp[i]);
+                float wt[8], sw[8], sb[8];
                 load8f(wt, weight + c);
                 load8f(sw, dw + c);
                 load8f(sb, db + c);
-                for (int k = 0; k < 8; k++) {
-                    float norm = (x[k] - m) * s;
-                    float dnorm = wt[k] * d[k];
-                    dnorm_mean += dnorm;
-                    dnorm_norm_mean += dnorm * norm;
-                    sb[k] += d[k];
-                    sw[k] += norm * d[k];
+                for (int r = 0; r < LN_ROWS; r++) {
+                    float d[8], x[8];
+                    unpack8(d, raw_dout[r][i]);
+                    unpack8(x, raw_inp[r][i]);
+                    for (int k = 0; k < 8; k++) {
+                        float norm = (x[k] - m[r]) * s[r];
+                        float dnorm = wt[k] * d[k];
+                        dnorm_mean[r] += dnorm;
+                        dnorm_norm_mean[r] += dnorm * norm;
+                        sb[k] += d[k];
+                        sw[k] += norm * d[k];
+                    }
                 }
                 *(float4*)(dw + c) = make_float4(sw[0], sw[1], sw[2], sw[3]);
                 *(float4*)(dw + c + 4) = make_float4(sw[4], sw[5], sw[6], sw[7]);
@@ -653,27 +664,35 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
                 *(float4*)(db + c + 4) = make_float4(sb[4], sb[5], sb[6], sb[7]);
             }
         }
-        dnorm_mean = warpReduceSum(dnorm_mean) / C;
-        dnorm_norm_mean = warpReduceSum(dnorm_norm_mean) / C;
+        for (int r = 0; r < LN_ROWS; r++) {
+            dnorm_mean[r] = warpReduceSum(dnorm_mean[r]) / C;
+            dnorm_norm_mean[r] = warpReduceSum(dnorm_norm_mean[r]) / C;
+        }
         for (int i = 0; i < ROW_CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
             if (c < C) {
-                float d[8], x[8], wt[8], g[8], sr[8];
-                unpack8(d, raw_dout[i]);
-                unpack8(x, raw_inp[i]);
+                float wt[8], sr[8];
                 load8f(wt, weight + c);
-                load8f(g, dinp + base + c);
                 load8f(sr, dr + c);
-                for (int k = 0; k < 8; k++) {
-                    float norm = (x[k] - m) * s;
-                    g[k] += s * (wt[k] * d[k] - dnorm_mean - norm * dnorm_norm_mean);
-                    sr[k] += round_bf16(g[k]);     // the value dinp_bf16 gets
+                for (int r = 0; r < LN_ROWS; r++) {
+                    int row = row0 + r * W;
+                    if (row >= N) break;
+                    size_t at = (size_t)row * C + c;
+                    float d[8], x[8], g[8];
+                    unpack8(d, raw_dout[r][i]);
+                    unpack8(x, raw_inp[r][i]);
+                    load8f(g, dinp + at);
+                    for (int k = 0; k < 8; k++) {
+                        float norm = (x[k] - m[r]) * s[r];
+                        g[k] += s[r] * (wt[k] * d[k] - dnorm_mean[r] - norm * dnorm_norm_mean[r]);
+                        sr[k] += round_bf16(g[k]);     // the value dinp_bf16 gets
+                    }
+                    *(float4*)(dinp + at) = make_float4(g[0], g[1], g[2], g[3]);
+                    *(float4*)(dinp + at + 4) = make_float4(g[4], g[5], g[6], g[7]);
+                    store8(dinp_bf16 + at, g);
                 }
-                *(float4*)(dinp + base + c) = make_float4(g[0], g[1], g[2], g[3]);
-                *(float4*)(dinp + base + c + 4) = make_float4(g[4], g[5], g[6], g[7]);
                 *(float4*)(dr + c) = make_float4(sr[0], sr[1], sr[2], sr[3]);
                 *(float4*)(dr + c + 4) = make_float4(sr[4], sr[5], sr[6], sr[7]);
-                store8(dinp_bf16 + base + c, g);
             }
         }
     }
@@ -703,8 +722,9 @@ __device__ __forceinline__ float max8(int4 v) {
 //      0 in the padding; losses[row] = -log softmax[target] = log s + m - x_target, in float32.
 // Every thread does the same few instructions per value: no per-value test of the padding or the target
 // (the one chunk holding the target is fixed afterwards by its thread). The version before (an online max and
-// sum in one pass, both tests on every value) issued about three times as many instructions and waited on
-// them, not on memory: 76% of a same-size copy on the H200.
+// sum in one pass, both tests on every value: about 17 operations per value against 10, counted from the
+// source) waited on its instructions, not on memory: 1.05 ms a call in the H200's profile of the step
+// (76% of a same-size copy), this one 0.90 ms (89%).
 extern "C" __global__ void fused_classifier_bf16_kernel(bf16* logits,        // (N, Vp) in: logits, out: dlogits
                                                         float* losses,       // (N,)
                                                         const int* targets,  // (N,)

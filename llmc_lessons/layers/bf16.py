@@ -189,9 +189,10 @@ def _aligned(name: str, a):
     return a
 
 
-LAYERNORM_BACKWARD_BLOCKS = 396
-"""The bf16 layernorm backward's default grid: 3 blocks of 8 warps per multiprocessor of an H100 or H200, as
-many as fit at once (77 registers a thread); more blocks mean more partial rows for the column sums to add
+LAYERNORM_BACKWARD_BLOCKS = 256
+"""The bf16 layernorm backward's default grid: 2 blocks of 8 warps per multiprocessor of an H100 or H200 fit
+at once (128 registers a thread), and 256 blocks give each warp of GPT-2's 16,384 rows exactly 8 (no
+ragged last round); more blocks also mean more partial rows for the column sums to add
 (tools/tune_bf16_kernels.py times the choices)."""
 
 ROW_MAX_C = 1024
@@ -371,7 +372,7 @@ def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
     return out
 
 
-def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns: int = 8, block_rows: int = 32,
+def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns: int = 16, block_rows: int = 16,
                                  grid_rows: int | None = None):
     """dout, inp (B, T, OC) bf16, bias (OC,) -> dinp = dout * gelu'(inp + bias) bf16 (out may be dout), and
     dbias (OC,) float32 += the column sums of dinp: the fc bias's gradient, in the same pass.
