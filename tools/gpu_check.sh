@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything the course checks on a real GPU, in one call (device time is scarce): the test suite on the GPU
 # backend (which include the GPU-vs-emulator parity test), every solution notebook under nbval, the training-step
-# benchmark against PyTorch (both course precisions) and a 500-step GPT-2 124M training run in fp32 and in bf16.
+# benchmark against PyTorch (both course precisions), the bf16 step's memory-bound kernels against the copy
+# bandwidth, and a 500-step GPT-2 124M training run in fp32 and in bf16.
 #
-#   bash tools/gpu_check.sh [stage ...]      stages: env tests nbval bench train (default: all)
+#   bash tools/gpu_check.sh [stage ...]      stages: env tests nbval bench kernels train (default: all)
 #
 # Narrower runs, when device time is short: TEST_ARGS (extra pytest arguments, e.g. --ignore=...),
 # NBVAL_PATHS (default: solutions), BENCH_ARGS (e.g. --attention), TRAIN_PRECISIONS (default: fp32 bf16).
@@ -15,7 +16,7 @@
 set -u
 out=${OUT:-results/gpu-run}
 mkdir -p "$out"
-stages=${*:-env tests nbval bench train}
+stages=${*:-env tests nbval bench kernels train}
 export PYTHONUNBUFFERED=1 LLMC_DEVICE=gpu
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -48,6 +49,7 @@ except ImportError: print(\"torch missing\")"' ;;
     nbval) run nbval python3 -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --durations=15 \
              ${NBVAL_PATHS:-solutions} ;;
     bench) run bench python3 -m llmc_lessons.bench --profile --json "$out/bench.json" ${BENCH_ARGS:-} ;;
+    kernels) run kernels python3 -m llmc_lessons.bench --only-kernels --json "$out/kernels.json" ;;
     train) for precision in ${TRAIN_PRECISIONS:-fp32 bf16}; do  # the same 500-step run in each precision
              rm -rf /tmp/runs/$precision
              run train-$precision python3 -m llmc_lessons.train --model d12 --batch-size 16 --seq-len 1024 \
