@@ -170,7 +170,7 @@ def test_add_bias_bf16(shape, block, in_place):
     close_bf16(got, from_bf16(x).astype(np.float64) + bias, "x + bias")
 
 
-@pytest.mark.parametrize("B,T,C,block,max_blocks", [(2, 7, 40, 64, 264), (3, 11, 264, 96, 2), (1, 5, 1024, None, 1), (2, 9, 776, 32, 3)])
+@pytest.mark.parametrize("B,T,C,block,max_blocks", [(2, 7, 40, 64, 264), (3, 11, 264, 96, 2), (1, 5, 1024, 256, 1)])
 def test_layernorm_backward_bf16(B, T, C, block, max_blocks):
     gen = np.random.default_rng(C + B)
     x, dout = bits(gen, B, T, C, scale=2.0), bits(gen, B, T, C)

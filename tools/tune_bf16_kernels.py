@@ -39,7 +39,7 @@ for X, Y, R in ((8, 32, None), (8, 16, None), (16, 16, None), (8, 32, 64)):
     row("gelu backward + dbias", f"block ({X}, {Y}), grid rows {R or 'default'}",
         lambda: k16.gelu_bias_backward_bf16_cuda(dh, h, b4, db4, block_columns=X, block_rows=Y, grid_rows=R),
         6 * BT * 4 * C)
-for bs, blocks in ((128, 264), (128, 528), (192, 132), (192, 264), (256, 132), (256, 256), (256, 264)):
+for bs, blocks in ((128, 512), (128, 528), (256, 256), (256, 264), (256, 396), (512, 128), (512, 132)):
     row("layernorm backward", f"block {bs}, {blocks} blocks",
         lambda: k16.layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db, dr, block_size=bs,
                                                  max_blocks=blocks),

@@ -11,7 +11,6 @@
 // The rest of the file is the bf16 training step of GPT2(precision="bf16"): see the section header below.
 #include "common.cuh"
 #include "bf16.cuh"
-#include "mma.cuh"                  // cp_async16: the layernorm backward's pipeline
 
 // The tanh GELU of lesson 06, in float32, written through the identity (1 + tanh(u)) / 2 = 1 / (1 + exp(-2u)):
 // gelu(x) = x * sigmoid(2u) with u = sqrt(2/pi) (x + 0.044715 x^3). The same function with one fast exponential
@@ -585,46 +584,22 @@ extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,)
     }
 }
 
-// The layernorm backward of lesson 03 on bf16 dout and inp, a warp per row (rows r, r + W, r + 2W, ... with W
-// the grid's warps). dinp is the float32 gradient of the residual stream and is ACCUMULATED into (the two
-// readers of a residual add up); dinp_bf16 gets its new value in bf16 for the next matmul's backward.
-// dresidual_bias (C,) += the column sums of dinp_bf16: the bias gradient of the projection whose output was
-// added into this residual stream (it reads exactly dinp_bf16), in the same pass.
-// A pipeline, LNB_STAGES rows deep: while a warp computes one row, cp.async brings its next rows' dout, inp and
-// old dinp into the warp's part of shared memory. A lane copies the same columns (lane + 32 i) * 8 .. + 7 that
-// it later reads, so cp_async_wait alone (no barrier) shows it its data.
-// The three column sums (dweight, dbias, dresidual_bias) stay in registers: a lane adds its rows' terms for
-// its own columns, 3 * 8 * LNB_CHUNKS floats (LNB_CHUNKS = ceil(C / 256), given by the launcher when it
-// compiles the kernel: 72 registers at C = 768). No other thread touches them, no atomics. At the end the
-// warps of a block add theirs in order into row blockIdx.x of partial, and column_sum_add_kernel adds those
-// rows in order: the result is deterministic.
-// Why this shape (H200, GPT-2's shapes, the kernel alone): with the row and its old dinp loaded into registers
-// one after the other, each row took two trips to memory with nothing else in flight between them; the best
-// such version (two rows a warp, the sums in shared memory) took 57 us, and the same loads and stores with no
-// arithmetic at all 55 us. The pipeline keeps memory busy during the arithmetic.
-#ifndef LNB_CHUNKS                          // the launcher sets both (layernorm_backward_bf16_cuda)
-#define LNB_CHUNKS 4
-#endif
-#ifndef LNB_STAGES
-#define LNB_STAGES 2
-#endif
-__device__ __forceinline__ void layernorm_backward_fetch(int4* stage, const bf16* dout, const bf16* inp,
-                                                         const float* dinp, int row, int N, int C, int lane) {
-    if (row < N) {
-        for (int i = 0; i < LNB_CHUNKS; i++) {
-            int c = (lane + 32 * i) * 8;
-            if (c < C) {
-                size_t at = (size_t)row * C + c;
-                cp_async16(stage + c / 8, dout + at, true);            // stage: (dout row, inp row, dinp row)
-                cp_async16(stage + C / 8 + c / 8, inp + at, true);
-                cp_async16(stage + C / 4 + c / 4, dinp + at, true);
-                cp_async16(stage + C / 4 + c / 4 + 1, dinp + at + 4, true);
-            }
-        }
-    }
-    cp_async_commit();                          // a group even when empty: the waits count groups
-}
-
+// The layernorm backward of lesson 03 on bf16 dout and inp, a warp per row, each warp taking LN_ROWS rows at
+// a time (rows r, r + W, with W the grid's warps; then r + 2W, ...). dinp is the float32 gradient of the
+// residual stream and is ACCUMULATED into (the two readers of a residual add up); dinp_bf16 gets its new
+// value in bf16 for the next matmul's backward. The rows' dout and inp are loaded at once into registers
+// (all their loads in flight together), their old dinp once the two reductions are done. dresidual_bias
+// (C,) += the column sums of dinp_bf16: the bias gradient of the projection whose output was added into this
+// residual stream (it reads exactly dinp_bf16), in the same pass.
+// The three column sums: lane `lane` handles the same columns (lane + 32 i) * 8 .. + 7 of every row, so it
+// adds its rows' terms into its own slots of its warp's sums in shared memory: no other thread touches them, no
+// atomics. At the end the warps of a block add theirs in order into row blockIdx.x of partial, and
+// column_sum_add_kernel adds those rows in order: the result is deterministic.
+// Why two rows at a time (H200, GPT-2's shapes, the kernel alone): one row at a time fitted 24 warps on a
+// multiprocessor (79 registers; 24 rows in flight), 63-64 us; two rows take 128 registers, so 16 warps fit,
+// but 32 rows are in flight and each shared-memory update serves two rows: 57 us. (Keeping the sums in
+// registers instead took 162 registers a thread: one block of 8 warps fitted, 63 us with two sums.)
+#define LN_ROWS 2
 extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,             // (N, C) accumulated into
                                                          bf16* dinp_bf16,         // (N, C)
                                                          float* partial,          // (gridDim.x, 3C)
@@ -634,89 +609,94 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
                                                          const float* mean,       // (N,)
                                                          const float* rstd,       // (N,)
                                                          int N, int C) {
-    extern __shared__ int4 smem[];              // (warps, LNB_STAGES, C / 2): 16 C bytes a stage
+    extern __shared__ float buf[];            // (warps per block, 3C): each warp's dweight, dbias, dres sums
     int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
-    int W = gridDim.x * warps, S = C / 2;
-    int4* stages = smem + (size_t)w * LNB_STAGES * S;
-    float sw[LNB_CHUNKS][8], sb[LNB_CHUNKS][8], sr[LNB_CHUNKS][8];   // this lane's columns of the three sums
-    for (int i = 0; i < LNB_CHUNKS; i++)
-        for (int k = 0; k < 8; k++) sw[i][k] = sb[i][k] = sr[i][k] = 0.0f;
-    float mq[LNB_STAGES], sq[LNB_STAGES];       // the mean and rstd of the rows in flight, this row's first
-    int row = blockIdx.x * warps + w;
-    for (int p = 0; p < LNB_STAGES - 1; p++) {
-        int ahead = row + p * W;
-        mq[p] = ahead < N ? mean[ahead] : 0.0f;
-        sq[p] = ahead < N ? rstd[ahead] : 0.0f;
-        layernorm_backward_fetch(stages + p * S, dout, inp, dinp, ahead, N, C, lane);
-    }
-    for (int it = 0; row < N; row += W, it = (it + 1) % LNB_STAGES) {
-        int ahead = row + (LNB_STAGES - 1) * W;
-        mq[LNB_STAGES - 1] = ahead < N ? mean[ahead] : 0.0f;
-        sq[LNB_STAGES - 1] = ahead < N ? rstd[ahead] : 0.0f;
-        layernorm_backward_fetch(stages + (it + LNB_STAGES - 1) % LNB_STAGES * S, dout, inp, dinp, ahead, N, C,
-                                 lane);
-        float m = mq[0], s = sq[0];
-        for (int p = 0; p < LNB_STAGES - 1; p++) {
-            mq[p] = mq[p + 1];
-            sq[p] = sq[p + 1];
-        }
-        cp_async_wait<LNB_STAGES - 1>();        // this row's group has landed
-        const int4* st = stages + it * S;
-        float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
-        for (int i = 0; i < LNB_CHUNKS; i++) {
-            int c = (lane + 32 * i) * 8;
-            if (c < C) {
-                float wt[8], d[8], x[8];
-                load8f(wt, weight + c);
-                unpack8(d, st[c / 8]);
-                unpack8(x, st[C / 8 + c / 8]);
-                for (int k = 0; k < 8; k++) {
-                    float norm = (x[k] - m) * s;
-                    float dnorm = wt[k] * d[k];
-                    dnorm_mean += dnorm;
-                    dnorm_norm_mean += dnorm * norm;
-                    sb[i][k] += d[k];
-                    sw[i][k] += norm * d[k];
-                }
-            }
-        }
-        dnorm_mean = warpReduceSum(dnorm_mean) / C;
-        dnorm_norm_mean = warpReduceSum(dnorm_norm_mean) / C;
-        for (int i = 0; i < LNB_CHUNKS; i++) {
-            int c = (lane + 32 * i) * 8;
-            if (c < C) {
-                size_t at = (size_t)row * C + c;
-                float wt[8], d[8], x[8], g[8];
-                load8f(wt, weight + c);
-                unpack8(d, st[c / 8]);
-                unpack8(x, st[C / 8 + c / 8]);
-                load8f(g, (const float*)(st + C / 4 + c / 4));     // the old dinp
-                for (int k = 0; k < 8; k++) {
-                    float norm = (x[k] - m) * s;
-                    g[k] += s * (wt[k] * d[k] - dnorm_mean - norm * dnorm_norm_mean);
-                    sr[i][k] += round_bf16(g[k]);  // the value dinp_bf16 gets
-                }
-                *(float4*)(dinp + at) = make_float4(g[0], g[1], g[2], g[3]);
-                *(float4*)(dinp + at + 4) = make_float4(g[4], g[5], g[6], g[7]);
-                store8(dinp_bf16 + at, g);
-            }
-        }
-    }
-    cp_async_wait<0>();                         // the empty groups past the last row
-    __syncthreads();                            // the stages are free: (warps, 3C) floats of sums now
-    float* buf = (float*)smem;
-    float* mine = buf + (size_t)w * 3 * C;
-    for (int i = 0; i < LNB_CHUNKS; i++) {
+    int W = gridDim.x * warps;
+    float* dw = buf + (size_t)w * 3 * C;
+    float* db = dw + C;
+    float* dr = db + C;
+    for (int i = 0; i < ROW_CHUNKS; i++) {
         int c = (lane + 32 * i) * 8;
         if (c < C) {
-            for (int k = 0; k < 8; k++) {
-                mine[c + k] = sw[i][k];
-                mine[C + c + k] = sb[i][k];
-                mine[2 * C + c + k] = sr[i][k];
+            for (int k = 0; k < 8; k++) dw[c + k] = db[c + k] = dr[c + k] = 0.0f;
+        }
+    }
+    for (int row0 = blockIdx.x * warps + w; row0 < N; row0 += LN_ROWS * W) {
+        int4 raw_dout[LN_ROWS][ROW_CHUNKS], raw_inp[LN_ROWS][ROW_CHUNKS];   // the rows stay in registers, packed
+        float m[LN_ROWS], s[LN_ROWS], dnorm_mean[LN_ROWS], dnorm_norm_mean[LN_ROWS];
+        for (int r = 0; r < LN_ROWS; r++) {   // a row past N is zeros (m = s = 0): it adds 0 to every sum
+            int row = row0 + r * W;
+            bool in = row < N;
+            m[r] = in ? mean[row] : 0.0f;
+            s[r] = in ? rstd[row] : 0.0f;
+            dnorm_mean[r] = dnorm_norm_mean[r] = 0.0f;
+            for (int i = 0; i < ROW_CHUNKS; i++) {
+                int c = (lane + 32 * i) * 8;
+                if (c < C) {
+                    raw_dout[r][i] = in ? *(const int4*)(dout + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
+                    raw_inp[r][i] = in ? *(const int4*)(inp + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
+                }
+            }
+        }
+        for (int i = 0; i < ROW_CHUNKS; i++) {
+            int c = (lane + 32 * i) * 8;
+            if (c < C) {
+                float wt[8], sw[8], sb[8];
+                load8f(wt, weight + c);
+                load8f(sw, dw + c);
+                load8f(sb, db + c);
+                for (int r = 0; r < LN_ROWS; r++) {
+                    float d[8], x[8];
+                    unpack8(d, raw_dout[r][i]);
+                    unpack8(x, raw_inp[r][i]);
+                    for (int k = 0; k < 8; k++) {
+                        float norm = (x[k] - m[r]) * s[r];
+                        float dnorm = wt[k] * d[k];
+                        dnorm_mean[r] += dnorm;
+                        dnorm_norm_mean[r] += dnorm * norm;
+                        sb[k] += d[k];
+                        sw[k] += norm * d[k];
+                    }
+                }
+                *(float4*)(dw + c) = make_float4(sw[0], sw[1], sw[2], sw[3]);
+                *(float4*)(dw + c + 4) = make_float4(sw[4], sw[5], sw[6], sw[7]);
+                *(float4*)(db + c) = make_float4(sb[0], sb[1], sb[2], sb[3]);
+                *(float4*)(db + c + 4) = make_float4(sb[4], sb[5], sb[6], sb[7]);
+            }
+        }
+        for (int r = 0; r < LN_ROWS; r++) {
+            dnorm_mean[r] = warpReduceSum(dnorm_mean[r]) / C;
+            dnorm_norm_mean[r] = warpReduceSum(dnorm_norm_mean[r]) / C;
+        }
+        for (int i = 0; i < ROW_CHUNKS; i++) {
+            int c = (lane + 32 * i) * 8;
+            if (c < C) {
+                float wt[8], sr[8];
+                load8f(wt, weight + c);
+                load8f(sr, dr + c);
+                for (int r = 0; r < LN_ROWS; r++) {
+                    int row = row0 + r * W;
+                    if (row >= N) break;
+                    size_t at = (size_t)row * C + c;
+                    float d[8], x[8], g[8];
+                    unpack8(d, raw_dout[r][i]);
+                    unpack8(x, raw_inp[r][i]);
+                    load8f(g, dinp + at);
+                    for (int k = 0; k < 8; k++) {
+                        float norm = (x[k] - m[r]) * s[r];
+                        g[k] += s[r] * (wt[k] * d[k] - dnorm_mean[r] - norm * dnorm_norm_mean[r]);
+                        sr[k] += round_bf16(g[k]);     // the value dinp_bf16 gets
+                    }
+                    *(float4*)(dinp + at) = make_float4(g[0], g[1], g[2], g[3]);
+                    *(float4*)(dinp + at + 4) = make_float4(g[4], g[5], g[6], g[7]);
+                    store8(dinp_bf16 + at, g);
+                }
+                *(float4*)(dr + c) = make_float4(sr[0], sr[1], sr[2], sr[3]);
+                *(float4*)(dr + c + 4) = make_float4(sr[4], sr[5], sr[6], sr[7]);
             }
         }
     }
-    __syncthreads();                            // the block's warps add their sums in order
+    __syncthreads();                          // the block's warps add their sums in order
     for (int c = threadIdx.x; c < 3 * C; c += blockDim.x) {
         float sum = 0.0f;
         for (int j = 0; j < warps; j++) sum += buf[(size_t)j * 3 * C + c];

@@ -189,13 +189,11 @@ def _aligned(name: str, a):
     return a
 
 
-LAYERNORM_BACKWARD_BLOCKS = 132
-"""The bf16 layernorm backward's default grid: one block per multiprocessor of an H100 or H200 (132 of them),
-since a block of 8 warps with its pipeline's stages takes 192 KiB of shared memory at C = 768; fewer
-blocks also mean fewer partial rows for the column sums to add (tools/tune_bf16_kernels.py times the
-choices)."""
-LAYERNORM_BACKWARD_STAGES = 2
-"""Rows in flight a warp in the bf16 layernorm backward: one computed while the next arrives."""
+LAYERNORM_BACKWARD_BLOCKS = 256
+"""The bf16 layernorm backward's default grid: 2 blocks of 8 warps per multiprocessor of an H100 or H200 fit
+at once (128 registers a thread), and 256 blocks give each warp of GPT-2's 16,384 rows exactly 8 (no
+ragged last round); more blocks also mean more partial rows for the column sums to add
+(tools/tune_bf16_kernels.py times the choices)."""
 
 ROW_MAX_C = 1024
 """The bf16 layernorm kernels keep a row in registers: C <= 1024 (GPT-2 124M and 350M)."""
@@ -222,15 +220,14 @@ def _warps(block_size):
     return block_size
 
 
-def _kernel_with_shared(kernel: str, shared: int, what: str, options: tuple = ()):
-    """The kernel (compiled with `options`), allowed `shared` bytes of dynamic shared memory (above 48 KiB a
-    kernel must ask for it, on a GPU as in the emulator); a clear error beyond what a block may have. `what`
-    names the need in it."""
+def _kernel_with_shared(kernel: str, shared: int, what: str):
+    """The kernel, allowed `shared` bytes of dynamic shared memory (above 48 KiB a kernel must ask for it, on a
+    GPU as in the emulator); a clear error beyond what a block may have. `what` names the need in it."""
     from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, SHARED_LIMIT_OPT_IN, load_kernel
     if shared > SHARED_LIMIT_OPT_IN:
         raise ValueError(f"{what} needs {shared} bytes of shared memory; a block may have at most "
                          f"{SHARED_LIMIT_OPT_IN}")
-    k = load_kernel("bf16.cu", kernel, options)
+    k = load_kernel("bf16.cu", kernel)
     if shared > DEFAULT_SHARED_LIMIT:
         k.max_dynamic_shared_size_bytes = max(shared, k.max_dynamic_shared_size_bytes)
     return k
@@ -439,16 +436,15 @@ def _column_groups(N: int, OC: int, block_columns, block_rows, grid_rows):
 
 
 def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, dbias, dresidual_bias=None,
-                                 block_size: int | None = None, max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
+                                 block_size: int = 256, max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
     """The layernorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient,
     dweight, dbias (C,) float32 += theirs. Returns dinp's new value in bf16 (for the next matmul backward).
     dresidual_bias (C,) float32, if given, += the column sums of that bf16 value: the bias gradient of the
     projection whose output was added into this residual stream, in the same pass.
 
-    max_blocks caps the grid: each warp loops over rows, LAYERNORM_BACKWARD_STAGES rows in flight (16 C
-    bytes of shared memory each), and each block leaves one row of partial sums of the three, which a second
-    kernel adds in order. The kernel is compiled for ceil(C / 256) 8-value chunks a lane (its sums live in
-    registers). block_size None: 8 warps, or as many as the shared memory holds (7 at C = 1024)."""
+    max_blocks caps the grid: each warp loops over rows, each block leaves one row of partial sums of the
+    three (its warps' sums: 3C floats a warp, 3 * block_size * C / 8 bytes of shared memory), which a
+    second kernel adds in order."""
     _bf16_array("inp", inp, (None, None, None))
     B, T, C = inp.shape
     _eight("C", C)
@@ -464,16 +460,11 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     device.require_array("dresidual_bias", dresidual_bias, shape=(C,))
     for name, a in (("mean", mean), ("rstd", rstd)):
         device.require_array(name, a, shape=(B, T))
-    from llmc_lessons.cuda import SHARED_LIMIT_OPT_IN
-    per_warp = max(16 * C * LAYERNORM_BACKWARD_STAGES, 12 * C)      # the stages, then the warps' sums
-    if block_size is None:
-        block_size = 32 * max(1, min(8, SHARED_LIMIT_OPT_IN // per_warp))
     block_size = _warps(block_size)
     N, wpb = B * T, block_size // 32
-    shared = wpb * per_warp
-    options = (f"-DLNB_CHUNKS={-(-C // 256)}", f"-DLNB_STAGES={LAYERNORM_BACKWARD_STAGES}")
+    shared = 4 * wpb * 3 * C
     kernel = _kernel_with_shared("layernorm_backward_bf16_kernel", shared,
-                                 f"block_size {block_size} (use fewer warps per block) for C = {C}", options)
+                                 f"block_size {block_size} (use fewer warps per block) for C = {C}")
     blocks = max(1, min(_int("max_blocks", max_blocks), -(-N // wpb)))
     dinp_bf16 = xp.empty((B, T, C), np.uint16)
     partial = xp.empty((blocks, 3 * C), np.float32)
