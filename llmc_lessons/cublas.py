@@ -111,11 +111,16 @@ def gemm_batched(a, b, trans_a: bool = False, trans_b: bool = False, out=None, o
     return out
 
 
-_lib = {}   # the cuBLAS library CuPy loaded, the course's handle, and the stream that handle is bound to
+_lib = {}   # the cuBLAS library CuPy loaded, the course's handle, its workspace, and the stream it is bound to
+
+WORKSPACE_BYTES = 32 * 2**20
+"""The course's cuBLAS workspace (NVIDIA's advice for Hopper: 32 MiB). cuBLAS picks its algorithm partly by the
+workspace it has; without one of its own a handle gets none while a stream records a CUDA graph, so a recorded
+product could round differently from the same product launched alone."""
 
 
 def _library():
-    """(cuBLAS through ctypes, the course's handle bound to the current stream).
+    """(cuBLAS through ctypes, the course's handle bound to the current stream, with its own workspace).
 
     The products call cuBLAS's C functions directly: CuPy's wrappers bind the handle to the current stream at
     every call, and CuPy refuses that while a stream records a CUDA graph (lesson 12), which would keep every
@@ -133,12 +138,18 @@ def _library():
         lib.cublasGemmStridedBatchedEx.argtypes = [ptr, i32, i32, i32, i32, i32, ptr, ptr, i32, i32, i64, ptr, i32,
                                                    i32, i64, ptr, ptr, i32, i32, i64, i32, i32, i32]
         lib.cublasSetStream_v2.argtypes = [ptr, ptr]
+        lib.cublasSetWorkspace_v2.argtypes = [ptr, ptr, ctypes.c_size_t]
         handle = ptr()
         _check("cublasCreate_v2", lib.cublasCreate_v2(ctypes.byref(handle)))
-        _lib.update(lib=lib, handle=handle.value, stream=None)
+        _lib.update(lib=lib, handle=handle.value, stream=None,
+                    workspace=device.xp.empty(WORKSPACE_BYTES, dtype=np.uint8))
     stream = device.xp.cuda.get_current_stream().ptr
     if _lib["stream"] != stream:
-        _check("cublasSetStream_v2", _lib["lib"].cublasSetStream_v2(_lib["handle"], stream))
+        lib, handle, ws = _lib["lib"], _lib["handle"], _lib["workspace"]
+        _check("cublasSetStream_v2", lib.cublasSetStream_v2(handle, stream))
+        # Setting the stream resets the workspace to cuBLAS's own pool: give it ours again, the same buffer on
+        # every stream (the course's streams never run at the same time: a recording only records).
+        _check("cublasSetWorkspace_v2", lib.cublasSetWorkspace_v2(handle, ws.data.ptr, ws.nbytes))
         _lib["stream"] = stream
     return _lib["lib"], _lib["handle"]
 
