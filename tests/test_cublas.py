@@ -50,6 +50,35 @@ def test_tf32_switch_changes_the_arithmetic():
     assert errs[False] < 1e-5 < 1e-4 < errs[True], errs
 
 
+@pytest.mark.skipif(not device.on_gpu(), reason="CUDA graphs record GPU launches")
+@pytest.mark.parametrize("M,N,K,trans_a,trans_b,accumulate", [(72, 192, 64, False, True, False),
+                                                              (4096, 2304, 768, False, True, False),
+                                                              (768, 3072, 4096, True, False, True)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_recorded_product_has_the_bits_of_one_launched_alone(M, N, K, trans_a, trans_b, accumulate, precision):
+    # cuBLAS picks its algorithm partly by the workspace it has; the course's handle has its own on every stream,
+    # so a product recorded into a CUDA graph (lesson 12) is the same computation as the product launched alone.
+    from llmc_lessons.layers.bf16 import to_bf16
+    from llmc_lessons.perf import capture_graph
+    a, b = rand(*((K, M) if trans_a else (M, K))), rand(*((N, K) if trans_b else (K, N)))
+    if precision == "bf16":
+        a, b = to_bf16(a), to_bf16(b)
+    a, b, start = device.to_device(a), device.to_device(b), rand(M, N)
+
+    def output():   # the sum to add into, or NaN (0xFFFF is a bf16 NaN) where every value must be written
+        if accumulate:
+            return device.to_device(start.copy())
+        return device.xp.full((M, N), np.nan if a.dtype == np.float32 else 0xFFFF, dtype=a.dtype)
+
+    plain, recorded = output(), output()
+    gemm(a, b, trans_a, trans_b, out=plain, accumulate=accumulate)
+    graph, _ = capture_graph(lambda: gemm(a, b, trans_a, trans_b, out=recorded, accumulate=accumulate))
+    graph.launch()
+    got, want = (device.to_host(x).view(np.uint8).reshape(M, -1) for x in (recorded, plain))   # the bits
+    differ = (got != want).reshape(M, N, -1).any(-1)
+    assert not differ.any(), f"the recorded product differs from the plain one in {differ.mean():.2%} of its values"
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="inner dimensions differ"):
         gemm(device.to_device(rand(3, 4)), device.to_device(rand(5, 6)))

@@ -70,6 +70,14 @@ def test_replayed_steps_train_as_plain_launches(precision):
 
 
 @gpu
+def test_plain_steps_repeat():
+    # The check above holds only if launching the same steps twice, with no graph, trains the same weights: the
+    # bf16 step's kernels take every sum in a fixed order (only the global norm's atomics may land in another).
+    first, second = (GPT2(CONFIG, seed=3, backend="kernels", precision="bf16") for _ in range(2))
+    assert_same_training(first, second, batches(6, 3, 24))
+
+
+@gpu
 def test_a_new_shape_tf32_switch_or_parameter_buffer_records_again():
     from llmc_lessons.layers.matmul import tf32
     plain, graphed = twins("fp32")
