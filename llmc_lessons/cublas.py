@@ -115,8 +115,8 @@ _lib = {}   # the cuBLAS library CuPy loaded, the course's handle, its workspace
 
 WORKSPACE_BYTES = 32 * 2**20
 """The course's cuBLAS workspace (NVIDIA's advice for Hopper: 32 MiB). cuBLAS picks its algorithm partly by the
-workspace it has; without one of its own a handle gets none while a stream records a CUDA graph, so a recorded
-product could round differently from the same product launched alone."""
+workspace it has; a handle without one of its own draws on cuBLAS's pool, which may offer another while a stream
+records a CUDA graph, so a recorded product could round differently from the same product launched alone."""
 
 
 def _library():
