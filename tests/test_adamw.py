@@ -12,7 +12,7 @@ from llmc_lessons.checks import adamw as checks
 from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.layers.adamw import (adamw_update, adamw_update_cuda, clip_grad_norm, global_norm,
-                                       global_norm_cuda)
+                                       global_norm_cuda, global_norm_squared_cuda)
 
 
 def _state(seed, shape=(7, 13), dtype=np.float64):
@@ -170,13 +170,33 @@ def test_global_norm_float4_path_and_its_tail(offset, n):
             pytest.approx(global_norm(g[offset:]), rel=1e-5)
 
 
-def test_global_norm_kernel_with_poisoned_accumulator_is_not_used_by_launcher():
-    # the launcher zeroes its accumulator; the raw kernel adds to whatever is there
-    g = to_device(np.full(100, 2.0, np.float32))
-    out = to_device(np.array([5.0], np.float32))
-    load_kernel("adamw.cu", "global_norm_squared_kernel")((2,), (64,), (out, g, np.int32(100)))
-    assert float(to_host(out)[0]) == pytest.approx(405.0)
-    assert global_norm_cuda(g) == pytest.approx(20.0)
+def test_global_norm_kernel_adds_into_its_blocks_slots_and_the_launcher_zeroes_them():
+    # the raw kernel adds each block's sum into that block's slot, whatever is there; the launcher starts at 0
+    g = to_device(np.full(1000, 2.0, np.float32))
+    partial = to_device(np.array([5.0, 7.0, -1.0], np.float32))
+    load_kernel("adamw.cu", "global_norm_squared_kernel")((2,), (64,), (partial, g, np.int32(1000)))
+    got = to_host(partial)
+    assert got[2] == -1.0, "a slot past the grid was written"
+    # 250 float4s of 4 * 2.0^2 = 16 over 128 threads: block 0 takes float4s 0-63 and 128-191, block 1 the rest
+    assert got[0] - 5.0 == 128 * 16.0 and got[1] - 7.0 == 122 * 16.0
+    assert global_norm_cuda(g) == pytest.approx(math.sqrt(4000.0))
+
+
+@pytest.mark.parametrize("n", [1, 31, 33, 1000, 1025])
+def test_global_sum_adds_every_partial_sum_once(n):
+    partial = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    out = to_device(np.array([np.nan], np.float32))
+    load_kernel("adamw.cu", "global_sum_deterministic_kernel")((1,), (32,), (out, to_device(partial), np.int32(n)))
+    assert float(to_host(out)[0]) == pytest.approx(float(partial.astype(np.float64).sum()), rel=1e-5, abs=1e-5)
+
+
+def test_global_norm_gives_the_same_bits_every_time():
+    # Atomics from 1024 blocks would land in a different order at each call; a fixed-order sum does not.
+    # (On the CPU emulator blocks run in order anyway; on a GPU this fails for an atomicAdd accumulator.)
+    g = to_device((np.random.default_rng(5).standard_normal(1_000_003) * 3).astype(np.float32))
+    first = to_host(global_norm_squared_cuda(g))
+    for _ in range(20 if device.on_gpu() else 1):
+        assert np.array_equal(to_host(global_norm_squared_cuda(g)), first)
 
 
 def _ok():

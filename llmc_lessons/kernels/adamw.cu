@@ -12,10 +12,13 @@
 // adamw_kernel is one thread per parameter element: it reads param, grad, m, v and writes param, m, v in
 //   place. Nothing is shared between elements, so it is a pure streaming kernel: 4 floats read and 3
 //   written per element, and its speed is set by memory bandwidth.
-// global_norm_squared_kernel adds sum(x^2) over a (N,) array into out[0]: a grid-stride loop per thread
-//   over 16-byte float4s, four loads in flight at a time, a block reduction (warp shuffles, then shared
-//   memory), and one atomicAdd per block. out[0] must be zeroed before the first launch; launching it on
-//   several arrays sums their squares together.
+// global_norm_squared_kernel adds sum(x^2) over a (N,) array into partial sums, one per block: a grid-stride
+//   loop per thread over 16-byte float4s, four loads in flight at a time, a block reduction (warp shuffles,
+//   then shared memory), and block b adds its total into partial[b]. partial must be zeroed before the first
+//   launch; launching it on several arrays adds their squares into the same slots.
+// global_sum_deterministic_kernel then adds the partial sums, in a fixed order, into out[0]. No atomicAdd:
+//   atomics from many blocks land in whatever order the blocks finish, so the last bits of the sum would
+//   change from run to run, and in bf16 training such bits grow into visibly different weights.
 #include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -45,9 +48,9 @@ extern "C" __global__ void adamw_kernel(float* params,       // (N,) in/out
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The global norm (squared): sum of x^2 over all elements, accumulated into out[0]
+// The global norm (squared): sum of x^2 over all elements, one partial sum per block, then their total
 
-extern "C" __global__ void global_norm_squared_kernel(float* out,          // (1,) accumulator, zero at start
+extern "C" __global__ void global_norm_squared_kernel(float* partial,      // (gridDim.x,) added into
                                                       const float* data,   // (N,)
                                                       int N) {
     __shared__ float buf[32];  // one partial sum per warp (a block has at most 32 warps)
@@ -77,6 +80,18 @@ extern "C" __global__ void global_norm_squared_kernel(float* out,          // (1
     if (warp == 0) {
         sum = (lane < blockDim.x / 32) ? buf[lane] : 0.0f;
         sum = warpReduceSum(sum);
-        if (lane == 0) { atomicAdd(out, sum); }  // one atomic per block, not per element
+        if (lane == 0) { partial[blockIdx.x] += sum; }  // this block's own slot: no other block writes it
     }
+}
+
+// out[0] = the sum of the n partial sums, by one warp (launch 32 threads): lane k adds partial[k],
+// partial[k + 32], ..., then warpReduceSum adds the lanes. Every launch adds in the same order, so the same
+// partial sums give the same bits.
+extern "C" __global__ void global_sum_deterministic_kernel(float* out,            // (1,)
+                                                           const float* partial,  // (n,)
+                                                           int n) {
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < n; i += 32) sum += partial[i];
+    sum = warpReduceSum(sum);
+    if (threadIdx.x == 0) { out[0] = sum; }
 }

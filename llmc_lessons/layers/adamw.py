@@ -123,9 +123,9 @@ def global_norm_squared_cuda(grads, block_size: int = 512, max_blocks: int = 102
     """One float32 array or a list of them -> the sum of all their squares, as a (1,) device array (no wait
     for the GPU: the caller reads it when it needs it).
 
-    global_norm_squared_kernel: each block sums the squares of a grid-stride slice and atomicAdds its total
-    into one float; every array adds into the same accumulator. The order of the atomic additions varies, so
-    the last bits may differ from run to run.
+    global_norm_squared_kernel: block b sums the squares of a grid-stride slice into partial[b], every array
+    into the same slots; then global_sum_deterministic_kernel adds the partial sums in a fixed order. The same
+    arrays at the same block_size and max_blocks give the same bits at every call.
     """
     from llmc_lessons.cuda import load_kernel
 
@@ -137,13 +137,14 @@ def global_norm_squared_cuda(grads, block_size: int = 512, max_blocks: int = 102
         device.require_array(f"grads[{i}]" if isinstance(grads, (list, tuple)) else "grads", g)
         if g.size >= 2**31:
             raise ValueError(f"grads[{i}] has {g.size} elements; the kernel indexes with int")
-    out = device.xp.zeros((1,), dtype=np.float32)
+    grids = [min(-(-int(g.size) // block_size), int(max_blocks)) for g in arrays]
+    partial = device.xp.zeros((max(grids, default=0) or 1,), dtype=np.float32)
     kernel = load_kernel("adamw.cu", "global_norm_squared_kernel")
-    for g in arrays:
-        N = int(g.size)
-        if N:
-            grid = min(-(-N // block_size), int(max_blocks))
-            kernel((grid,), (block_size,), (out, g, np.int32(N)))
+    for g, grid in zip(arrays, grids):
+        if grid:
+            kernel((grid,), (block_size,), (partial, g, np.int32(g.size)))
+    out = device.xp.empty((1,), dtype=np.float32)
+    load_kernel("adamw.cu", "global_sum_deterministic_kernel")((1,), (32,), (out, partial, np.int32(partial.size)))
     return out
 
 
