@@ -192,7 +192,7 @@ def test_global_sum_adds_every_partial_sum_once(n):
 
 def test_global_norm_gives_the_same_bits_every_time():
     # Atomics from 1024 blocks would land in a different order at each call; a fixed-order sum does not.
-    # (On the CPU emulator blocks run in order anyway; on a GPU this fails for an atomicAdd accumulator.)
+    # (20 calls on a GPU, where an atomicAdd accumulator fails this; on the slow CPU emulator, two.)
     g = to_device((np.random.default_rng(5).standard_normal(1_000_003) * 3).astype(np.float32))
     first = to_host(global_norm_squared_cuda(g))
     for _ in range(20 if device.on_gpu() else 1):
