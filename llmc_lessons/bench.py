@@ -250,31 +250,16 @@ def kernel_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def latest_record(results_dir=None):
-    """The newest committed benchmark record (results/bench-*.json, by the date inside) with the compiled
-    PyTorch row and a per-kernel profile in its .log: (path, record), or None when there is none."""
+def read_record(name: str, results_dir=None):
+    """A committed record by its path under results/ (`results/README.md` lists them), e.g.
+    `read_record("bench/bench-h100-2026-12-06.json")`: (path, the JSON it holds). Lessons name the record they
+    show, so what they print does not depend on which other records are there."""
     from pathlib import Path
     root = Path(results_dir) if results_dir is not None else Path(__file__).resolve().parent.parent / "results"
-    found = []
-    for path in root.glob("bench-*.json"):
-        rec = json.loads(path.read_text())
-        log = path.with_suffix(".log")
-        if any("compile" in r["name"] for r in rec["rows"]) and log.exists() and "GPU time goes" in log.read_text():
-            found.append((rec["info"]["date"], path, rec))
-    return max(found, key=lambda f: f[0])[1:] if found else None
-
-
-def latest_kernel_record(results_dir=None):
-    """The newest committed table of the bf16 step's kernels (results/kernels-*.json, from `--only-kernels
-    --json`, or a benchmark record made with --kernels): (path, the bench_kernels result), or None."""
-    from pathlib import Path
-    root = Path(results_dir) if results_dir is not None else Path(__file__).resolve().parent.parent / "results"
-    found = []
-    for path in list(root.glob("kernels-*.json")) + list(root.glob("bench-*.json")):
-        rec = json.loads(path.read_text())
-        if rec.get("kernels"):
-            found.append((rec["info"]["date"], path, rec["kernels"]))
-    return max(found, key=lambda f: f[0])[1:] if found else None
+    path = root / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no record {name} under {root} (results/README.md lists the committed ones)")
+    return path, json.loads(path.read_text())
 
 
 def ratio_rows(rec: dict) -> list:

@@ -1,31 +1,36 @@
 """The benchmark's record helpers (the benchmark itself needs a GPU: its records are under results/)."""
 import json
 
-from llmc_lessons.bench import attention_table, kernel_table, latest_kernel_record, latest_record, main, ratio_rows
+import pytest
+
+from llmc_lessons.bench import attention_table, kernel_table, main, ratio_rows, read_record
 
 
 def row(name, precision, tokens_per_s):
     return dict(name=name, precision=precision, ms=1.0, tokens_per_s=tokens_per_s, peak_bytes=0)
 
 
-def write(tmp_path, name, date, rows, profile=True):
-    (tmp_path / f"{name}.json").write_text(json.dumps(dict(info=dict(date=date, device="GPU"), model="d12", B=1,
-                                                           T=8, rows=rows)))
-    (tmp_path / f"{name}.log").write_text("Where one course step's GPU time goes" if profile else "")
-
-
 FULL = [row("course kernels, fp32", "fp32", 130.0), row("course kernels, bf16", "bf16", 320.0),
         row("PyTorch eager", "fp32", 86.0), row("PyTorch bf16 ... compile ...", "bf16", 400.0)]
 
 
-def test_latest_record_is_the_newest_complete_one(tmp_path):
-    assert latest_record(tmp_path) is None
-    write(tmp_path, "bench-a", "2026-11-23 10:00 UTC", FULL)
-    write(tmp_path, "bench-z", "2026-11-23 09:00 UTC", FULL)                   # older, though it sorts last
-    write(tmp_path, "bench-b", "2026-11-24 10:00 UTC", FULL[:3])                # no compiled row
-    write(tmp_path, "bench-c", "2026-11-24 11:00 UTC", FULL, profile=False)    # no profile
-    path, rec = latest_record(tmp_path)
-    assert path.name == "bench-a.json" and rec["rows"] == FULL
+def test_a_record_is_read_by_its_name(tmp_path):
+    (tmp_path / "bench").mkdir()
+    rec = dict(info=dict(date="2026-11-23 10:00 UTC", device="GPU"), model="d12", B=1, T=8, rows=FULL)
+    (tmp_path / "bench" / "bench-h100-2026-11-23.json").write_text(json.dumps(rec))
+    path, got = read_record("bench/bench-h100-2026-11-23.json", tmp_path)
+    assert path == tmp_path / "bench" / "bench-h100-2026-11-23.json" and got == rec
+    with pytest.raises(FileNotFoundError, match="no record bench/bench-h100-2026-11-24.json"):
+        read_record("bench/bench-h100-2026-11-24.json", tmp_path)
+
+
+def test_the_records_the_lessons_show_are_committed():
+    _, rec = read_record("bench/bench-h100-2026-12-06.json")
+    assert any("compile" in r["name"] for r in rec["rows"]) and any(r.get("precision") == "bf16" for r in rec["rows"])
+    _, rec = read_record("bench/bench-h200-2026-12-02-flash.json")
+    assert rec["attention"]
+    _, rec = read_record("kernels/kernels-h100-2026-12-06.json")
+    assert rec["kernels"]["rows"]
 
 
 def test_each_row_is_compared_with_the_course_row_of_its_precision():
@@ -52,18 +57,8 @@ def test_attention_table_has_a_line_per_row():
     assert lines[1].split()[-4:] == ["0.219", "0.518", "122.4", "0.8"]
 
 
-
-def test_latest_kernel_record_and_its_table(tmp_path):
+def test_kernel_table():
     row = dict(name="gelu forward (+ bias)", us=56.0, gbps=3600.0, of_copy=0.86, same_size_copy_gbps=3900.0,
                of_same_size_copy=0.92)
-    old = dict(info=dict(date="2026-12-01 10:00 UTC"), kernels=dict(copy_gbps=4100.0, rows=[row]))
-    new = dict(info=dict(date="2026-12-02 10:00 UTC"), kernels=dict(copy_gbps=4200.0, rows=[row]))
-    (tmp_path / "kernels-a.json").write_text(json.dumps(new))
-    (tmp_path / "kernels-b.json").write_text(json.dumps(old))
-    (tmp_path / "bench-c.json").write_text(json.dumps(dict(info=dict(date="2026-12-03 10:00 UTC"), rows=[],
-                                                           kernels=None)))   # a benchmark run without --kernels
-    path, result = latest_kernel_record(tmp_path)
-    assert path.name == "kernels-a.json" and result["copy_gbps"] == 4200.0
-    table = kernel_table(result).splitlines()
+    table = kernel_table(dict(copy_gbps=4200.0, rows=[row])).splitlines()
     assert "4,200 GB/s" in table[0] and "gelu forward (+ bias)" in table[2] and "92%" in table[2]
-    assert latest_kernel_record(tmp_path / "missing") is None

@@ -11,11 +11,16 @@
 #
 # Run from the repository root on a machine with an NVIDIA GPU and CuPy. If nbval and the Jupyter kernel stack
 # are missing (an offline GPU machine), carry wheels in .whl/ (see README, "Teachers") and they are installed
-# first. Logs go to $OUT (or results/gpu-run/) as <stage>.log; copy the ones worth keeping to
-# results/<topic>-<device>-<date>.log.
+# first. Records go to $OUT (or results/gpu-run/) in results/'s layout, <folder>/<topic>-<device>-<date>.<ext>
+# (env/, tests/, bench/, kernels/, train/; DEVICE overrides the device's short name, e.g. h100). To keep a run,
+# copy its folders into results/ (add a -<what> suffix where a name is taken) and list every file in
+# results/README.md's index.
 set -u
 out=${OUT:-results/gpu-run}
-mkdir -p "$out"
+device=${DEVICE:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | sed 's/^NVIDIA //' \
+  | awk '{print tolower($1)}' | cut -d- -f1)}
+device=${device:-gpu}
+day=$(date -u +%F)
 stages=${*:-env tests nbval bench kernels train}
 export PYTHONUNBUFFERED=1 LLMC_DEVICE=gpu
 if [ -d .whl ]; then
@@ -26,37 +31,45 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 status=0
-run() {  # run STAGE CMD...: log to $out/STAGE.log, remember failures, keep going
-  local stage=$1; shift
+name() {  # name FOLDER TOPIC [WHAT]: the record's path without its extension
+  mkdir -p "$out/$1"
+  echo "$out/$1/$2-$device-$day${3:+-$3}"
+}
+run() {  # run STAGE LOG CMD...: log to LOG, remember failures, keep going
+  local stage=$1 log=$2; shift 2
   echo "=== $stage: $*"
   local t0=$SECONDS
-  "$@" > "$out/$stage.log" 2>&1
+  "$@" > "$log" 2>&1
   local rc=$?
-  tr "\r" "\n" < "$out/$stage.log" | grep -v "step/s" | tail -n 25
+  tr "\r" "\n" < "$log" | grep -v "step/s" | tail -n 25
   echo "=== $stage: exit $rc in $((SECONDS - t0)) s"
   [ $rc -eq 0 ] || status=1
 }
 for s in $stages; do
   case $s in
-    env) run env bash -c 'date -u; nvidia-smi; nvcc --version | tail -2; python3 -c "
+    env) run env "$(name env env).log" bash -c 'date -u; nvidia-smi; nvcc --version | tail -2; python3 -c "
 import sys, numpy, cupy, llmc_lessons.device as d
 print(sys.version); print(\"numpy\", numpy.__version__, \"cupy\", cupy.__version__, \"cuda runtime\", cupy.cuda.runtime.runtimeGetVersion())
 print(d.describe())
 try:
     import torch; print(\"torch\", torch.__version__, torch.version.cuda)
 except ImportError: print(\"torch missing\")"' ;;
-    tests) run tests python3 -m pytest -q -p no:cacheprovider --durations=15 ${TEST_ARGS:-} tests ;;
-    nbval) run nbval python3 -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --durations=15 \
-             ${NBVAL_PATHS:-solutions} ;;
-    bench) run bench python3 -m llmc_lessons.bench --profile --json "$out/bench.json" ${BENCH_ARGS:-} ;;
-    kernels) run kernels python3 -m llmc_lessons.bench --only-kernels --json "$out/kernels.json" ;;
+    tests) run tests "$(name tests tests).log" python3 -m pytest -q -p no:cacheprovider --durations=15 \
+             ${TEST_ARGS:-} tests ;;
+    nbval) run nbval "$(name tests nbval).log" python3 -m pytest -q -p no:cacheprovider --nbval-lax \
+             --nbval-current-env --durations=15 ${NBVAL_PATHS:-solutions} ;;
+    bench) f=$(name bench bench); run bench "$f.log" python3 -m llmc_lessons.bench --profile --json "$f.json" \
+             ${BENCH_ARGS:-} ;;
+    kernels) f=$(name kernels kernels); run kernels "$f.log" python3 -m llmc_lessons.bench --only-kernels \
+               --json "$f.json" ;;
     train) for precision in ${TRAIN_PRECISIONS:-fp32 bf16}; do  # the same 500-step run in each precision
              rm -rf /tmp/runs/$precision
-             run train-$precision python3 -m llmc_lessons.train --model d12 --batch-size 16 --seq-len 1024 \
-               --steps 500 --eval-every 50 --eval-batches 8 --sample-every 100 --sample-tokens 48 \
+             f=$(name train train $precision)
+             run train-$precision "$f.console.txt" python3 -m llmc_lessons.train --model d12 --batch-size 16 \
+               --seq-len 1024 --steps 500 --eval-every 50 --eval-batches 8 --sample-every 100 --sample-tokens 48 \
                --precision $precision --out /tmp/runs/$precision
-             cp /tmp/runs/$precision/log.jsonl "$out/train-$precision-log.jsonl"
-             cp /tmp/runs/$precision/summary.json "$out/train-$precision-summary.json"
+             cp /tmp/runs/$precision/log.jsonl "$f.jsonl"
+             cp /tmp/runs/$precision/summary.json "$f.summary.json"
            done ;;
     *) echo "unknown stage $s"; status=1 ;;
   esac
