@@ -135,7 +135,7 @@ def write_tokens(path: str | Path, tokens) -> Path:
     """Write a 1-D sequence of token ids to `path` in llm.c's format (atomically); returns the path."""
     path = Path(path)
     data = token_file_bytes(tokens)
-    _atomic_write(path, data)
+    atomic_write(path, data)
     return path
 
 
@@ -161,18 +161,25 @@ def read_tokens(path: str | Path) -> np.ndarray:
     return tokens.astype(np.uint16, copy=False)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+def atomic_write(path: str | Path, data) -> Path:
+    """Write `data` (bytes, or a function that writes to the open binary file) to a temporary file in the same
+    folder, `.<name>.<random>.tmp`, then rename it over `path`: readers never see half a file, and a kill or a
+    full disk leaves the old file whole (and at worst that temporary file behind). Returns the path."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
 # --- tokenizing the corpus -----------------------------------------------------------------------------
@@ -218,7 +225,7 @@ def prepare_shakespeare(out_dir: str | Path | None = None, verbose: bool = False
     val = tokenize_works([w for w in works if w.split == "val"])
     write_tokens(train_path, train)
     write_tokens(val_path, val)
-    _atomic_write(stamp_path, json.dumps({**want, "train_tokens": int(train.size),
+    atomic_write(stamp_path, json.dumps({**want, "train_tokens": int(train.size),
                                           "val_tokens": int(val.size)}, indent=1).encode())
     if verbose:
         print(f"wrote {train.size:,} tokens to {train_path}\nwrote {val.size:,} tokens to {val_path}")
