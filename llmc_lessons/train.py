@@ -340,6 +340,8 @@ class Trainer:
         """Before the first step: remove the run being replaced (--overwrite) and stale temporary files."""
         self._started = True
         self.out.mkdir(parents=True, exist_ok=True)
+        if not self._replace:
+            _log_lines(self.out / "log.jsonl", warn=False)   # a damaged log stops the run before its first step
         if self._replace:
             print(f"--overwrite: replacing the run in {self.out}: " + ", ".join(p.name for p in self._replace),
                   file=sys.stderr)
@@ -426,34 +428,35 @@ class Trainer:
         return summary
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines of steps 1..`step` (drop those written after the checkpoint we resume from), atomically.
-
-    A torn last line (a disk that filled during an append) is dropped with a warning; a damaged line elsewhere
-    is an error naming the file and the line, since dropping it would lose a step's record.
-    """
+def _log_lines(path: Path, warn: bool) -> list[tuple[int, str]]:
+    """(step, line) of every record of the log. A torn last line (a disk that filled during an append) is
+    dropped, with a warning if `warn`; a damaged line elsewhere is an error naming the file and the line, since
+    dropping it would lose a step's record."""
     if not path.exists():
-        return
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")
-    keep = []
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    found = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            s = record["step"]
+            found.append((int(json.loads(line)["step"]), line))
         except (ValueError, TypeError, KeyError):
-            if all(not rest.strip() for rest in lines[i + 1:]):
+            if any(rest.strip() for rest in lines[i + 1:]):
+                raise ValueError(f"{path}, line {i + 1}: not a log record ({line[:60]!r}); repair or remove that "
+                                 f"line to continue the run") from None
+            if warn:
                 print(f"warning: {path}: dropping its torn last line {line[:60]!r} (an append cut short)",
                       file=sys.stderr)
-                continue
-            raise ValueError(f"{path}, line {i + 1}: not a log record ({line[:60]!r}); repair or remove that "
-                             f"line to continue the run") from None
-        if s <= step:
-            keep.append(line)
-    new = "".join(line + "\n" for line in keep)
-    if new != text:
+    return found
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps 1..`step` (drop those written after the checkpoint we resume from), atomically."""
+    if not path.exists():
+        return
+    new = "".join(line + "\n" for s, line in _log_lines(path, warn=True) if s <= step)
+    if new != path.read_text(encoding="utf-8", errors="replace"):
         atomic_write(path, new.encode("utf-8"))
 
 
@@ -533,6 +536,9 @@ def main(argv=None) -> int:
           + (f"; resuming at step {trainer.step} from {state['path'].name}" if state else ""))
     try:
         summary = trainer.run(stop_at=stop_at)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteError as e:
         kept = latest_checkpoint(trainer.out) if trainer.out else None
         print(f"stopped: {e}\nthe last good checkpoint is {kept}", file=sys.stderr)
