@@ -21,12 +21,12 @@ import os
 import re
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from llmc_lessons.files import atomic_write
 from llmc_lessons.tokenizer import ASSETS, EOT, EOT_TEXT, gpt2
 
 # --- the corpus -----------------------------------------------------------------------------------------
@@ -159,27 +159,6 @@ def read_tokens(path: str | Path) -> np.ndarray:
                              f"{HEADER_BYTES + 2 * n} bytes, but it is {size} bytes (truncated or corrupt)")
         tokens = np.fromfile(f, dtype="<u2", count=n)
     return tokens.astype(np.uint16, copy=False)
-
-
-def atomic_write(path: str | Path, data) -> Path:
-    """Write `data` (bytes, or a function that writes to the open binary file) to a temporary file in the same
-    folder, `.<name>.<random>.tmp`, then rename it over `path`: readers never see half a file, and a kill or a
-    full disk leaves the old file whole (and at worst that temporary file behind). Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 # --- tokenizing the corpus -----------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.data import DataLoader, atomic_write, prepare_shakespeare
+from llmc_lessons.data import DataLoader, prepare_shakespeare
+from llmc_lessons.files import atomic_write
 from llmc_lessons.model import GPT2, GPT2Config, generate
 
 DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, lr=6e-4, warmup=None,
