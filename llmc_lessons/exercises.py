@@ -43,7 +43,8 @@ EXERCISE_RE = re.compile(r"^[ \t]*#[ \t]*Exercise[ \t]+(\d+)\.(\d+)[ \t]*:[ \t]*
 LOOSE_EXERCISE_RE = re.compile(r"^[ \t]*#+[ \t]*Exercise\b", re.IGNORECASE)
 MARKER_RE = re.compile(r"^([ \t]*)(###|//)[ \t]*(BEGIN|END)[ \t]+SOLUTION\b(.*)$")
 # anything a teacher may have meant as a marker: any comment style and case, SOLUTIONS, BEGIN_SOLUTION, ...
-NEAR_MARKER_RE = re.compile(r"^[ \t]*(?:#+|/[/*]+|\*+|--|;+|%+)?[ \t]*(BEGIN|END)[ \t_-]*SOLUTIONS?\b", re.IGNORECASE)
+NEAR_MARKER_RE = re.compile(r"^[ \t]*(?:#+|/[/*]+|\*+|--|;+|%+)?[ \t]*(BEGIN|END)[ \t_-]*SOLUTIONS?\b",
+                            re.IGNORECASE)
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 
@@ -335,7 +336,8 @@ def build(root: str | Path | None = None, force: bool = False) -> list[Path]:
               if not (out_dir / name).exists() or (out_dir / name).read_text(encoding="utf-8") != text]
     removals = [p for p in sorted(out_dir.glob("*.ipynb")) if p.name not in texts]
     if not force:
-        at_risk = [(p, student_work(p, t)) for p, t in writes if p.exists()] + [(p, student_work(p)) for p in removals]
+        at_risk = [(p, student_work(p, t)) for p, t in writes if p.exists()]
+        at_risk += [(p, student_work(p)) for p in removals]
         kept = [f"  notebooks/{p.name}: {why}" for p, why in at_risk if why]
         if kept:
             raise ExerciseError("these notebooks hold a student's work, which build would replace or remove; "

@@ -42,7 +42,7 @@ EOT = 50256
 
 CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.npz$")
 RUN_FILES = ("log.jsonl", "summary.json")
-# temporaries of atomic_write (".<name>.<random>.tmp"), and of older versions of the trainer ("ckpt_*.npz<random>.tmp")
+# temporaries of atomic_write (".<name>.<random>.tmp"), and of the trainer's older versions ("ckpt_*.npz<random>.tmp")
 TEMP_GLOBS = (".ckpt_*.npz.*.tmp", ".log.jsonl.*.tmp", ".summary.json.*.tmp", "ckpt_*.npz*.tmp")
 
 
@@ -149,7 +149,8 @@ def read_checkpoint(path) -> dict:
     params, m, v = arrays.get("params"), arrays.get("m"), arrays.get("v")
     problem = None
     if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS):
-        problem = f"its metadata lacks {[k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else 'all'}"
+        lacks = [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else "all"
+        problem = f"its metadata lacks {lacks}"
     elif not isinstance(meta["step"], int) or meta["step"] < 0:
         problem = f"step {meta['step']!r} is not a step number"
     elif params.ndim != 1 or params.dtype != np.float32:
@@ -277,7 +278,8 @@ class Trainer:
         for path, loader in ((train_path, self.train_loader), (val_path, self.val_loader)):
             top = int(loader.tokens.max())   # once per run, on the host: the steps' batches need no check
             if top >= config.vocab_size:
-                raise ValueError(f"{path}: holds token id {top}, outside the model's vocabulary 0..{config.vocab_size - 1}")
+                raise ValueError(f"{path}: holds token id {top}, outside the model's vocabulary "
+                                 f"0..{config.vocab_size - 1}")
         if a["epochs"] is not None:
             a["steps"] = int(a["epochs"] * len(self.train_loader))
             if a["steps"] < 1:
@@ -330,12 +332,15 @@ class Trainer:
         m.params_memory[...] = m.xp.asarray(state["params"])  # the model's own array module (NumPy path too)
         if state["m"] is not None:
             m.m_memory, m.v_memory = m.xp.asarray(state["m"]), m.xp.asarray(state["v"])
-        m.step = meta["adamw_t"]
-        m.sync_params()          # bf16: the weights' bf16 copy, rounded as the last update rounded it
-        self.step = meta["step"]
-        self.train_loader.load_state(meta["train_loader"])
-        self.val_loader.load_state(meta["val_loader"])
-        self.rng.bit_generator.state = meta["rng"]
+        try:
+            m.step = int(meta["adamw_t"])
+            m.sync_params()          # bf16: the weights' bf16 copy, rounded as the last update rounded it
+            self.step = meta["step"]
+            self.train_loader.load_state(meta["train_loader"])
+            self.val_loader.load_state(meta["val_loader"])
+            self.rng.bit_generator.state = meta["rng"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{state['path']}: cannot resume from it ({type(e).__name__}: {e})") from None
 
     def _start(self) -> None:
         """Before the first step: remove the run being replaced (--overwrite) and stale temporary files."""

@@ -382,9 +382,10 @@ def test_launchers_range_check_targets_against_V(launcher, bad):
     logits, targets = _ok_args()
     host = to_host(targets).copy()
     host[1, 2] = bad
+    dlosses = to_device(np.full((2, 3), 1 / 6, np.float32))
     call = {"fused": lambda t, **kw: fused_classifier_cuda(logits, t, 37, **kw),
             "backward": lambda t, **kw: crossentropy_softmax_backward_cuda(
-                to_device(np.full((2, 3), 1 / 6, np.float32)), softmax_forward_cuda(logits, 37), t, 37, **kw)}[launcher]
+                dlosses, softmax_forward_cuda(logits, 37), t, 37, **kw)}[launcher]
     for kw in ({}, {"check_targets": True}):   # None checks on the CPU backend; True on a GPU too
         if kw or not device.on_gpu():
             with pytest.raises(ValueError, match=rf"every target must be a token id in 0..36, got values in "

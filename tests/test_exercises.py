@@ -497,7 +497,8 @@ def test_writes_are_atomic(repo, monkeypatch):
 
 
 def test_normalize_checks_every_notebook_before_rewriting_any(repo):
-    nbformat.write(notebook(("code", "# Exercise 5.1: a\n### BEGIN SOLUTION\n")), str(repo / "solutions" / "05_z.ipynb"))
+    broken = notebook(("code", "# Exercise 5.1: a\n### BEGIN SOLUTION\n"))
+    nbformat.write(broken, str(repo / "solutions" / "05_z.ipynb"))
     before = {p.name: p.read_text() for p in (repo / "solutions").iterdir()}
     with pytest.raises(ExerciseError, match="05_z.ipynb"):
         ex.normalize_solutions(repo)

@@ -76,7 +76,8 @@ def test_a_debug_state_with_B_0_is_diagnosed_as_a_damaged_header(tmp_path, state
 def test_a_debug_state_header_is_checked_against_the_size_before_allocating(tmp_path, state_bytes):
     path = tmp_path / "s.bin"
     path.write_bytes(_patched(state_bytes, 8, 2**30))     # B * T * V floats would be 16 GiB
-    with pytest.raises(ValueError, match=r"B = 1073741824, T = 3 .* should be 502,511,180,004 bytes, but it is 7,308: it ends inside x"):
+    with pytest.raises(ValueError, match=r"B = 1073741824, T = 3 .* should be 502,511,180,004 bytes, "
+                                         r"but it is 7,308: it ends inside x"):
         read_debug_state(path, SMALL)
     path.write_bytes(_patched(state_bytes, 12, 17))
     with pytest.raises(ValueError, match="T = 17, longer than the model's context of 16"):
