@@ -289,7 +289,8 @@ def student_work(path: Path, generated: str | None = None) -> str | None:
 
     A student's work: a file that is not a readable notebook, a notebook that stores outputs or execution
     counts, one saved by Jupyter or edited (not in the builder's normalised form), or one whose exercise
-    stub (`raise NotImplementedError("Exercise N.k ...` / `// TODO (Exercise N.k)`) has been replaced.
+    stub (`_stub`'s text up to the number: `raise NotImplementedError("Exercise N.k`, `// TODO (Exercise N.k`)
+    has been replaced.
     """
     text = path.read_text(encoding="utf-8", errors="replace")
     if text == generated:
@@ -311,8 +312,8 @@ def student_work(path: Path, generated: str | None = None) -> str | None:
             m = EXERCISE_RE.match(line)
             if m:
                 number = f"{m.group(1)}.{m.group(2)}"
-                stub = (f'NotImplementedError("Exercise {number}:', f"// TODO (Exercise {number}):")
-                if not any(s in src for s in stub):
+                stubs = [_stub(kind, "", number, "") for kind in ("python", "cuda")]
+                if not any(stub[:stub.index(number) + len(number)] in src for stub in stubs):
                     return f"the stub of Exercise {number} (cell {index}) was replaced by an answer"
     return None
 
