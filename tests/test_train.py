@@ -254,3 +254,13 @@ def test_read_checkpoint_refuses_an_archive_that_is_not_a_checkpoint(tmp_path):
     np.savez(path, params=np.zeros(3, np.float32), meta=np.array(json.dumps({"step": 1})))
     with pytest.raises(CheckpointError, match="its metadata lacks"):
         read_checkpoint(path)
+
+
+def test_out_that_is_a_file_and_resume_without_a_checkpoint_are_clear_errors(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "file")])
+    assert "exists and is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--resume", str(tmp_path)])
+    assert "no checkpoint (ckpt_<step>.npz) there to resume from" in capsys.readouterr().err
