@@ -21,12 +21,12 @@ import os
 import re
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from llmc_lessons.files import atomic_write
 from llmc_lessons.tokenizer import ASSETS, EOT, EOT_TEXT, gpt2
 
 # --- the corpus -----------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def write_tokens(path: str | Path, tokens) -> Path:
     """Write a 1-D sequence of token ids to `path` in llm.c's format (atomically); returns the path."""
     path = Path(path)
     data = token_file_bytes(tokens)
-    _atomic_write(path, data)
+    atomic_write(path, data)
     return path
 
 
@@ -159,20 +159,6 @@ def read_tokens(path: str | Path) -> np.ndarray:
                              f"{HEADER_BYTES + 2 * n} bytes, but it is {size} bytes (truncated or corrupt)")
         tokens = np.fromfile(f, dtype="<u2", count=n)
     return tokens.astype(np.uint16, copy=False)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --- tokenizing the corpus -----------------------------------------------------------------------------
@@ -218,7 +204,7 @@ def prepare_shakespeare(out_dir: str | Path | None = None, verbose: bool = False
     val = tokenize_works([w for w in works if w.split == "val"])
     write_tokens(train_path, train)
     write_tokens(val_path, val)
-    _atomic_write(stamp_path, json.dumps({**want, "train_tokens": int(train.size),
+    atomic_write(stamp_path, json.dumps({**want, "train_tokens": int(train.size),
                                           "val_tokens": int(val.size)}, indent=1).encode())
     if verbose:
         print(f"wrote {train.size:,} tokens to {train_path}\nwrote {val.size:,} tokens to {val_path}")

@@ -1,6 +1,7 @@
 """Build the student notebooks (notebooks/) from the solution notebooks (solutions/), and check they agree.
 
     python -m llmc_lessons.exercises build       # write notebooks/NN_name.ipynb for every solutions/*.ipynb
+    python -m llmc_lessons.exercises build --force   # ... even over notebooks that hold a student's work
     python -m llmc_lessons.exercises check       # exit 1, naming the files, if notebooks/ is out of date
     python -m llmc_lessons.exercises normalize   # strip outputs and normalise solutions/*.ipynb in place
     python -m llmc_lessons.exercises list        # every exercise of every lesson
@@ -16,7 +17,9 @@ lesson's number, the NN of its file name; k = 1, 2, ... in order of appearance) 
     ...
     // END SOLUTION
 
-each replaced at the indentation of its BEGIN line. Everything else is kept. Outputs and execution counts
+each replaced at the indentation of its BEGIN line. A line that looks like a marker but is not exactly one
+(`## BEGIN SOLUTION`, `// begin solution`, `BEGIN SOLUTIONS`, a marker outside a code cell, ...) is an error,
+so that a misspelled marker can never ship an answer. Everything else is kept. Outputs and execution counts
 are cleared, cell ids are derived from the notebook's name and the cell's position, and metadata is cut to
 what Jupyter needs, so that the generated files (and their diffs) depend on the solution's text only.
 """
@@ -31,12 +34,17 @@ from pathlib import Path
 
 import nbformat
 
+from llmc_lessons.files import atomic_write
+
 __all__ = ["ExerciseError", "Exercise", "exercise_cells", "to_student", "normalize", "dumps", "lesson_number",
-           "build", "check", "normalize_solutions", "find_root", "main"]
+           "build", "check", "normalize_solutions", "find_root", "student_work", "main"]
 
 EXERCISE_RE = re.compile(r"^[ \t]*#[ \t]*Exercise[ \t]+(\d+)\.(\d+)[ \t]*:[ \t]*(\S.*?)[ \t]*$")
 LOOSE_EXERCISE_RE = re.compile(r"^[ \t]*#+[ \t]*Exercise\b", re.IGNORECASE)
 MARKER_RE = re.compile(r"^([ \t]*)(###|//)[ \t]*(BEGIN|END)[ \t]+SOLUTION\b(.*)$")
+# anything a teacher may have meant as a marker: any comment style and case, SOLUTIONS, BEGIN_SOLUTION, ...
+NEAR_MARKER_RE = re.compile(r"^[ \t]*(?:#+|/[/*]+|\*+|--|;+|%+)?[ \t]*(BEGIN|END)[ \t_-]*SOLUTIONS?\b",
+                            re.IGNORECASE)
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 
@@ -90,6 +98,13 @@ def _parse_cell(name: str, index: int, cell):
             headers.append((i, int(m.group(1)), int(m.group(2)), m.group(3)))
         m = MARKER_RE.match(line)
         if not m:
+            near = NEAR_MARKER_RE.match(line)
+            if near:
+                which = near.group(1).upper()
+                raise ExerciseError(f"{_where(name, index, cell, i + 1)}: {line.strip()!r} looks like a solution "
+                                    f"marker but is not one, so the answer would reach the students; write "
+                                    f"'### {which} SOLUTION' (Python) or '// {which} SOLUTION' (CUDA source), "
+                                    f"in capitals")
             continue
         indent, comment, which, rest = m.groups()
         kind = "python" if comment == "###" else "cuda"
@@ -140,6 +155,11 @@ def _scan(nb, name: str):
     expected_k = 1
     for index, cell in enumerate(nb.get("cells", [])):
         if cell.get("cell_type") != "code":
+            for i, line in enumerate(_source(cell).split("\n")):
+                if NEAR_MARKER_RE.match(line):
+                    raise ExerciseError(f"{_where(name, index, cell, i + 1)}: a solution marker "
+                                        f"{line.strip()!r} in a {cell.get('cell_type')} cell, which the builder "
+                                        f"copies as it is: solutions belong in code cells")
             continue
         header, regions = _parse_cell(name, index, cell)
         if header is None:
@@ -263,27 +283,73 @@ def _student_text(path: Path) -> str:
     return dumps(nb)
 
 
-def build(root: str | Path | None = None) -> list[Path]:
+def student_work(path: Path, generated: str | None = None) -> str | None:
+    """Why the notebook at `path` looks like a student's work (a reason, as a phrase), or None when it is as
+    `build` writes it (or equals `generated`, the text about to be written).
+
+    A student's work: a file that is not a readable notebook, a notebook that stores outputs or execution
+    counts, one saved by Jupyter or edited (not in the builder's normalised form), or one whose exercise
+    stub (`_stub`'s text up to the number: `raise NotImplementedError("Exercise N.k`, `// TODO (Exercise N.k`)
+    has been replaced.
+    """
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text == generated:
+        return None
+    try:
+        nb = nbformat.reads(text, as_version=4)
+        normal = dumps(normalize(nb, path.name))
+    except Exception:
+        return "it is not a readable notebook"
+    if has_outputs(nb):
+        return "it stores outputs or execution counts (it was run)"
+    if text != normal:
+        return "it was saved by Jupyter or edited (its metadata or cell ids are not the builder's)"
+    for index, cell in enumerate(nb.cells):
+        if cell.get("cell_type") != "code":
+            continue
+        src = _source(cell)
+        for line in src.split("\n"):
+            m = EXERCISE_RE.match(line)
+            if m:
+                number = f"{m.group(1)}.{m.group(2)}"
+                stubs = [_stub(kind, "", number, "") for kind in ("python", "cuda")]
+                if not any(stub[:stub.index(number) + len(number)] in src for stub in stubs):
+                    return f"the stub of Exercise {number} (cell {index}) was replaced by an answer"
+    return None
+
+
+def build(root: str | Path | None = None, force: bool = False) -> list[Path]:
     """Write notebooks/<name> for every solutions/<name>; remove notebooks/*.ipynb without a solution.
 
-    All solutions are converted before anything is written, so an error leaves notebooks/ untouched.
-    Returns the paths that changed.
+    All solutions are converted, and every notebook about to be replaced or removed is inspected, before
+    anything is written: an error leaves notebooks/ untouched. A notebook holding a student's work (see
+    `student_work`) is neither replaced nor removed unless `force`; an empty solutions/ is refused. Every
+    file is written atomically. Returns the paths that changed.
     """
     root = find_root(root)
     out_dir = root / "notebooks"
-    texts = {p.name: _student_text(p) for p in _solutions(root)}
+    solutions = _solutions(root)
+    if not solutions:
+        raise ExerciseError(f"{root / 'solutions'} holds no notebooks: building from it would remove every "
+                            f"notebook in notebooks/; nothing was changed")
+    texts = {p.name: _student_text(p) for p in solutions}
+    writes = [(out_dir / name, text) for name, text in texts.items()
+              if not (out_dir / name).exists() or (out_dir / name).read_text(encoding="utf-8") != text]
+    removals = [p for p in sorted(out_dir.glob("*.ipynb")) if p.name not in texts]
+    if not force:
+        at_risk = [(p, student_work(p, t)) for p, t in writes if p.exists()]
+        at_risk += [(p, student_work(p)) for p in removals]
+        kept = [f"  notebooks/{p.name}: {why}" for p, why in at_risk if why]
+        if kept:
+            raise ExerciseError("these notebooks hold a student's work, which build would replace or remove; "
+                                "nothing was changed (save them elsewhere, or pass --force to overwrite them):\n"
+                                + "\n".join(kept))
     out_dir.mkdir(exist_ok=True)
-    changed = []
-    for name, text in texts.items():
-        target = out_dir / name
-        if not target.exists() or target.read_text(encoding="utf-8") != text:
-            target.write_text(text, encoding="utf-8", newline="\n")
-            changed.append(target)
-    for extra in sorted(out_dir.glob("*.ipynb")):
-        if extra.name not in texts:
-            extra.unlink()
-            changed.append(extra)
-    return changed
+    for target, text in writes:
+        atomic_write(target, text.encode("utf-8"))
+    for extra in removals:
+        extra.unlink()
+    return [t for t, _ in writes] + removals
 
 
 def check(root: str | Path | None = None) -> list[str]:
@@ -321,16 +387,19 @@ def check(root: str | Path | None = None) -> list[str]:
 
 
 def normalize_solutions(root: str | Path | None = None) -> list[Path]:
-    """Rewrite every solutions/*.ipynb normalised (no outputs, deterministic ids); return the paths that changed."""
+    """Rewrite every solutions/*.ipynb normalised (no outputs, deterministic ids); return the paths that changed.
+
+    Every notebook is read and validated before any is rewritten, so an error leaves solutions/ untouched.
+    """
     root = find_root(root)
-    changed = []
+    texts = {}
     for path in _solutions(root):
         nb = _read(path)
         _scan(nb, path.name)  # validate the exercise markers too
-        text = dumps(normalize(nb, path.name))
-        if path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8", newline="\n")
-            changed.append(path)
+        texts[path] = dumps(normalize(nb, path.name))
+    changed = [p for p, text in texts.items() if p.read_text(encoding="utf-8") != text]
+    for path in changed:
+        atomic_write(path, texts[path].encode("utf-8"))
     return changed
 
 
@@ -341,11 +410,13 @@ def main(argv=None) -> int:
                         help="build: write notebooks/ from solutions/; check: exit 1 if notebooks/ is out of "
                              "date; normalize: strip outputs from solutions/; list: show every exercise")
     parser.add_argument("--root", default=None, help="the repository root (default: the current directory)")
+    parser.add_argument("--force", action="store_true", help="build: replace or remove notebooks even where they "
+                        "hold a student's work (outputs, edits, answers typed in)")
     args = parser.parse_args(argv)
     try:
         root = find_root(args.root)
         if args.command == "build":
-            changed = build(root)
+            changed = build(root, force=args.force)
             n = len(_solutions(root))
             print(f"{n} notebook(s) in solutions/; {len(changed)} file(s) in notebooks/ changed")
             for p in changed:

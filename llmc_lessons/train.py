@@ -8,15 +8,20 @@ One optimizer step is llm.c's loop body: forward (with the loss), zero_grad, bac
 norm and its clip factor, AdamW with a warm-up + cosine learning rate. `--out DIR` receives `log.jsonl` (one
 JSON object per step) and checkpoints `ckpt_<step>.npz` holding the model, AdamW's moments, the step, the
 data loaders' positions and the sampler's random state, so a resumed run continues exactly where it stopped.
+
+A run is never destroyed by accident: a new run refuses an `--out` that holds a run (log.jsonl, summary.json
+or a checkpoint) unless told `--resume` (continue it) or `--overwrite` (replace it, naming the files it
+replaces). Every file is written atomically; the newest two checkpoints are kept, and `--resume` falls back
+to the older one, naming the damaged file, when the newest cannot be read. Every argument is checked before
+the model is built.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
+import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.data import DataLoader, prepare_shakespeare
+from llmc_lessons.files import atomic_write
 from llmc_lessons.model import GPT2, GPT2Config, generate
 
 DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, lr=6e-4, warmup=None,
@@ -34,8 +40,18 @@ DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, l
 EOT = 50256
 
 
+CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.npz$")
+RUN_FILES = ("log.jsonl", "summary.json")
+# temporaries of atomic_write (".<name>.<random>.tmp"), and of the trainer's older versions ("ckpt_*.npz<random>.tmp")
+TEMP_GLOBS = (".ckpt_*.npz.*.tmp", ".log.jsonl.*.tmp", ".summary.json.*.tmp", "ckpt_*.npz*.tmp")
+
+
 class NonFiniteError(RuntimeError):
     """The loss or a gradient became NaN or infinite; the message names the step and the tensor."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read (damaged, cut short, not the trainer's) or used; the message names the file."""
 
 
 @dataclass
@@ -93,43 +109,187 @@ def training_step(model: GPT2, x, y, lr: float, weight_decay: float, grad_clip: 
     return loss, norm
 
 
-def _atomic_save(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+def checkpoints(out) -> list[Path]:
+    """The run's checkpoints ckpt_<step>.npz in `out`, newest (largest step) first."""
+    found = [(int(m.group(1)), p) for p in Path(out).glob("ckpt_*.npz") if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(out) -> Path | None:
+    """The newest checkpoint of the run in `out`, or None."""
+    found = checkpoints(out)
+    return found[0] if found else None
+
+
+_META_KEYS = ("step", "args", "train_loader", "val_loader", "rng", "adamw_t")
+
+
+def read_checkpoint(path) -> dict:
+    """Read and check a checkpoint: {path, meta, params, m, v (None for a run without AdamW state yet)}.
+
+    Raises CheckpointError naming the file when it is cut short, damaged or not one of the trainer's.
+    """
+    path = Path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with open(path, "rb") as f:
+            start = f.read(4)
+        if start != b"PK\x03\x04":
+            raise CheckpointError(f"{path}: not a checkpoint (an .npz archive starts with 'PK\\x03\\x04', this "
+                                  f"file with {start!r}): damaged, or written by something else")
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("params", "meta") if k not in z.files]
+            if missing:
+                raise CheckpointError(f"{path}: not a checkpoint of this trainer (no {' or '.join(missing)} inside)")
+            arrays = {k: z[k] for k in z.files}  # reading every member checks its CRC: a damaged one fails here
+        meta = json.loads(str(arrays.pop("meta")))
+    except CheckpointError:
+        raise
+    except Exception as e:  # zipfile, zlib, NumPy and JSON each have their own ways of saying "damaged"
+        raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
+    params, m, v = arrays.get("params"), arrays.get("m"), arrays.get("v")
+    problem = None
+    if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS):
+        lacks = [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else "all"
+        problem = f"its metadata lacks {lacks}"
+    elif not isinstance(meta["step"], int) or meta["step"] < 0:
+        problem = f"step {meta['step']!r} is not a step number"
+    elif params.ndim != 1 or params.dtype != np.float32:
+        problem = f"params is {params.dtype} of shape {params.shape}, not a flat float32 buffer"
+    elif (m is None) != (v is None) or (m is not None and (m.shape != params.shape or v.shape != params.shape)):
+        problem = "AdamW's m and v do not match the parameters"
+    if problem:
+        raise CheckpointError(f"{path}: damaged checkpoint ({problem})")
+    return dict(path=path, meta=meta, params=params, m=m, v=v)
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted(out.glob("ckpt_*.npz"))
-    return ckpts[-1] if ckpts else None
+def read_latest_checkpoint(out) -> dict:
+    """read_checkpoint of the newest readable checkpoint in `out`; a damaged one is reported on stderr and the
+    next older one is tried. Raises CheckpointError when none is readable (the message names every file)."""
+    problems = []
+    for path in checkpoints(out):
+        try:
+            return read_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr)
+    if not problems:
+        raise CheckpointError(f"{out}: no checkpoint (ckpt_<step>.npz) there to resume from")
+    raise CheckpointError(f"{out}: no readable checkpoint:\n  " + "\n  ".join(problems))
+
+
+def run_files(out) -> list[Path]:
+    """The files of a run in `out` (log, summary, checkpoints): what a new run there would replace."""
+    out = Path(out)
+    return [p for p in (out / n for n in RUN_FILES) if p.exists()] + sorted(checkpoints(out))
+
+
+def _int_option(a: dict, key: str, minimum: int, optional: bool = False) -> None:
+    v = a.get(key)
+    if optional and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"--{key.replace('_', '-')} {v}: must be an integer >= {minimum}")
+
+
+def _float_option(a: dict, key: str, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+    v = a.get(key)
+    ok = not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v) \
+        and (v > lo if lo_open else v >= lo) and v <= hi
+    if not ok:
+        rng = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        raise ValueError(f"--{key.replace('_', '-')} {v}: must be a finite number {rng}"
+                         + (f" and <= {hi:g}" if hi != math.inf else ""))
+
+
+def check_args(a: dict) -> None:
+    """Raise ValueError, naming the option, for any argument out of its range (nothing is built or read)."""
+    if a.get("epochs") is None:
+        _int_option(a, "steps", 1)
+    else:
+        _float_option(a, "epochs", 0.0, lo_open=True)
+    for key in ("batch_size", "seq_len", "eval_batches", "sample_tokens"):
+        _int_option(a, key, 1)
+    for key in ("eval_every", "sample_every", "checkpoint_every"):
+        _int_option(a, key, 1, optional=True)
+    _int_option(a, "warmup", 0, optional=True)
+    _int_option(a, "seed", 0)
+    _float_option(a, "lr", 0.0, lo_open=True)
+    _float_option(a, "final_lr_frac", 0.0, 1.0)
+    _float_option(a, "weight_decay", 0.0)
+    _float_option(a, "grad_clip", 0.0)
+    for key in ("tf32", "cuda_graph"):
+        if a.get(key) not in (0, 1):
+            raise ValueError(f"--{key.replace('_', '-')} {a.get(key)!r}: must be 0 or 1")
+    if a.get("precision") not in ("fp32", "bf16"):
+        raise ValueError(f"--precision {a.get('precision')!r}: must be fp32 or bf16")
+    if a.get("reference") and a["precision"] != "fp32":
+        raise ValueError("--reference runs the NumPy layers in float32: it cannot be combined with --precision bf16")
+    config = GPT2Config.from_name(a.get("model"))
+    if a["seq_len"] > config.max_seq_len:
+        raise ValueError(f"--seq-len {a['seq_len']} exceeds the model's context of {config.max_seq_len}")
+    if a.get("out") and Path(a["out"]).exists() and not Path(a["out"]).is_dir():
+        raise ValueError(f"--out {a['out']}: exists and is not a directory")
+
+
+def _check_resume(a: dict, meta: dict, where: str) -> None:
+    """The run in a checkpoint can continue with these arguments (same model, B, T; more steps than done)."""
+    saved = meta["args"]
+    for key in ("model", "batch_size", "seq_len"):
+        if key in saved and saved[key] != a[key]:
+            raise ValueError(f"--{key.replace('_', '-')} {a[key]}: the run in {where} was trained with "
+                             f"--{key.replace('_', '-')} {saved[key]}, and a checkpoint continues only with the "
+                             f"same value (leave the option out when resuming; start a new --out to change it)")
+    if meta["step"] >= a["steps"]:
+        raise ValueError(f"--steps {a['steps']}: the run in {where} has done {meta['step']} steps already; "
+                         f"pass a larger --steps to continue it")
 
 
 class Trainer:
-    """The training loop's state: model, data loaders, sampler, log; `run()` trains to `args['steps']`."""
+    """The training loop's state: model, data loaders, sampler, log; `run()` trains to `args['steps']`.
 
-    def __init__(self, args: dict, resume_from: Path | None = None):
-        self.args = args
-        a = args
+    resume_from: a checkpoint path or read_checkpoint()'s dict, to continue that run. overwrite=True lets a new
+    run replace the run already in `out` (its files are listed, then removed when training starts); without it
+    an `out` holding a run is refused. Every argument is checked before anything is built.
+    """
+
+    def __init__(self, args: dict, resume_from=None, overwrite: bool = False):
+        self.args = a = args
+        check_args(a)
         self.out = Path(a["out"]) if a["out"] else None
+        state = resume_from
+        if state is not None and not isinstance(state, dict):
+            state = read_checkpoint(state)
+        same_dir = state is not None and self.out is not None and \
+            self.out.resolve() == state["path"].parent.resolve()
+        self._replace = []
+        if self.out is not None and not same_dir and run_files(self.out):
+            found = ", ".join(p.name for p in run_files(self.out))
+            if not overwrite:
+                raise FileExistsError(f"--out {self.out} holds a run already ({found}): continue it with --resume "
+                                      f"{self.out}, choose another --out, or replace it with --overwrite")
+            self._replace = run_files(self.out)
         config = GPT2Config.from_name(a["model"])
-        if a["seq_len"] > config.max_seq_len:
-            raise ValueError(f"--seq-len {a['seq_len']} exceeds the model's context of {config.max_seq_len}")
         if a["train_bin"]:
             train_path, val_path = Path(a["train_bin"]), Path(a["val_bin"] or a["train_bin"])
         else:
             train_path, val_path = prepare_shakespeare()
         self.train_loader = DataLoader(train_path, a["batch_size"], a["seq_len"], seed=a["seed"], shuffle=True)
         self.val_loader = DataLoader(val_path, a["batch_size"], a["seq_len"])
+        for path, loader in ((train_path, self.train_loader), (val_path, self.val_loader)):
+            top = int(loader.tokens.max())   # once per run, on the host: the steps' batches need no check
+            if top >= config.vocab_size:
+                raise ValueError(f"{path}: holds token id {top}, outside the model's vocabulary "
+                                 f"0..{config.vocab_size - 1}")
         if a["epochs"] is not None:
             a["steps"] = int(a["epochs"] * len(self.train_loader))
+            if a["steps"] < 1:
+                raise ValueError(f"--epochs {a['epochs']}: less than one step ({len(self.train_loader)} batches "
+                                 f"make an epoch)")
+        if a["warmup"] is None:
+            a["warmup"] = max(1, a["steps"] // 10)
+        if state is not None:
+            _check_resume(a, state["meta"], str(state["path"].parent))
         backend = "numpy" if a["reference"] else "kernels"
-        if a["reference"] and a["precision"] != "fp32":
-            raise ValueError("--reference runs the NumPy layers in float32: it cannot be combined with --precision bf16")
         self.model = GPT2(config, seed=a["seed"], backend=backend, precision=a["precision"])
         self.model.keep_logits = False  # the loop never reads the logits of a training forward
         self.model.cuda_graph = bool(a["cuda_graph"])   # replay the forward and backward (GPU only)
@@ -138,13 +298,17 @@ class Trainer:
         self.rng = np.random.default_rng(a["seed"])
         self.step = 0
         self.peak_bytes = 0
-        if resume_from is not None:
-            self._load(resume_from)
+        self._previous = None     # this run's newest checkpoint before the one being written: kept as a fallback
+        self._started = False     # run() has cleaned the folder and checked the log
+        if state is not None:
+            self._load(state)
+            self._previous = state["path"] if same_dir else None
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
     def save(self) -> Path:
-        """Write ckpt_<step>.npz atomically, then remove older checkpoints of this run."""
+        """Write ckpt_<step>.npz atomically, then remove this folder's other checkpoints except the previous one
+        of this run: the newest two are kept, so a damaged newest one still leaves one to resume from."""
         m = self.model
         meta = dict(step=self.step, args=self.args, train_loader=self.train_loader.state(),
                     val_loader=self.val_loader.state(), rng=self.rng.bit_generator.state, adamw_t=m.step)
@@ -152,25 +316,48 @@ class Trainer:
         arrays = dict(params=device.to_host(m.params_memory), meta=np.array(json.dumps(meta)))
         if m.m_memory is not None:
             arrays.update(m=device.to_host(m.m_memory), v=device.to_host(m.v_memory))
-        _atomic_save(path, **arrays)
-        for old in self.out.glob("ckpt_*.npz"):
-            if old != path:
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+        keep = {path.resolve()} | ({self._previous.resolve()} if self._previous is not None else set())
+        for old in checkpoints(self.out):
+            if old.resolve() not in keep:
                 old.unlink()
+        self._previous = path
         return path
 
-    def _load(self, path: Path) -> None:
-        with np.load(path) as z:
-            meta = json.loads(str(z["meta"]))
-            m = self.model
-            m.params_memory[...] = m.xp.asarray(z["params"])  # the model's own array module (NumPy path too)
-            if "m" in z:
-                m.m_memory, m.v_memory = m.xp.asarray(z["m"]), m.xp.asarray(z["v"])
-        m.step = meta["adamw_t"]
-        m.sync_params()          # bf16: the weights' bf16 copy, rounded as the last update rounded it
-        self.step = meta["step"]
-        self.train_loader.load_state(meta["train_loader"])
-        self.val_loader.load_state(meta["val_loader"])
-        self.rng.bit_generator.state = meta["rng"]
+    def _load(self, state: dict) -> None:
+        meta, m = state["meta"], self.model
+        if state["params"].shape != (m.num_parameters,):
+            raise CheckpointError(f"{state['path']}: holds {state['params'].size:,} parameters, the "
+                                  f"{self.args['model']} model has {m.num_parameters:,}")
+        m.params_memory[...] = m.xp.asarray(state["params"])  # the model's own array module (NumPy path too)
+        if state["m"] is not None:
+            m.m_memory, m.v_memory = m.xp.asarray(state["m"]), m.xp.asarray(state["v"])
+        try:
+            m.step = int(meta["adamw_t"])
+            m.sync_params()          # bf16: the weights' bf16 copy, rounded as the last update rounded it
+            self.step = meta["step"]
+            self.train_loader.load_state(meta["train_loader"])
+            self.val_loader.load_state(meta["val_loader"])
+            self.rng.bit_generator.state = meta["rng"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{state['path']}: cannot resume from it ({type(e).__name__}: {e})") from None
+
+    def _start(self) -> None:
+        """Before the first step: remove the run being replaced (--overwrite) and stale temporary files."""
+        self._started = True
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self._replace:
+            _log_lines(self.out / "log.jsonl", warn=False)   # a damaged log stops the run before its first step
+        if self._replace:
+            print(f"--overwrite: replacing the run in {self.out}: " + ", ".join(p.name for p in self._replace),
+                  file=sys.stderr)
+            for p in self._replace:
+                p.unlink(missing_ok=True)
+        for pattern in TEMP_GLOBS:   # left by a kill during a write; only the trainer's own names
+            for tmp in self.out.glob(pattern):
+                print(f"removing {tmp.name} ({tmp.stat().st_size:,} bytes), left by an interrupted write",
+                      file=sys.stderr)
+                tmp.unlink(missing_ok=True)
 
     # -- one step --------------------------------------------------------------------------------------------
 
@@ -207,9 +394,9 @@ class Trainer:
         from tqdm.auto import tqdm
         a = self.args
         log_path = self.out / "log.jsonl" if self.out else None
-        if log_path:
-            self.out.mkdir(parents=True, exist_ok=True)
-            _truncate_log(log_path, self.step)
+        if self.out and not self._started:
+            self._start()
+        log_synced = False
         speeds, last, val = [], None, None
         bar = tqdm(total=a["steps"], initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
         end = a["steps"] if stop_at is None else min(stop_at, a["steps"])
@@ -228,6 +415,9 @@ class Trainer:
                 record["sample"] = self.sample()
                 bar.write(f"step {s.step} sample: {record['sample']!r}")
             if log_path:
+                if not log_synced:   # only now that there is a new line: a run that fails first loses nothing
+                    _truncate_log(log_path, s.step - 1)
+                    log_synced = True
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if self.out and ((a["checkpoint_every"] and s.step % a["checkpoint_every"] == 0) or stopping):
@@ -239,17 +429,41 @@ class Trainer:
         summary = dict(steps=self.step, final_train_loss=last.loss if last else None, final_val_loss=val,
                        mean_tokens_per_s=float(np.mean(speeds)) if speeds else None,
                        peak_gpu_bytes=self.peak_bytes if device.on_gpu() else None, device=device.describe())
-        if self.out:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if self.out and last is not None:   # a call that trained nothing keeps the summary of the steps before
+            atomic_write(self.out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
         return summary
 
 
+def _log_lines(path: Path, warn: bool) -> list[tuple[int, str]]:
+    """(step, line) of every record of the log. A torn last line (a disk that filled during an append) is
+    dropped, with a warning if `warn`; a damaged line elsewhere is an error naming the file and the line, since
+    dropping it would lose a step's record."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    found = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            found.append((int(json.loads(line)["step"]), line))
+        except (ValueError, TypeError, KeyError):
+            if any(rest.strip() for rest in lines[i + 1:]):
+                raise ValueError(f"{path}, line {i + 1}: not a log record ({line[:60]!r}); repair or remove that "
+                                 f"line to continue the run") from None
+            if warn:
+                print(f"warning: {path}: dropping its torn last line {line[:60]!r} (an append cut short)",
+                      file=sys.stderr)
+    return found
+
+
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after `step` (written after the checkpoint we resume from)."""
+    """Keep the log lines of steps 1..`step` (drop those written after the checkpoint we resume from), atomically."""
     if not path.exists():
         return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    path.write_text("".join(l + "\n" for l in keep))
+    new = "".join(line + "\n" for s, line in _log_lines(path, warn=True) if s <= step)
+    if new != path.read_text(encoding="utf-8", errors="replace"):
+        atomic_write(path, new.encode("utf-8"))
 
 
 def parse_args(argv=None) -> tuple[dict, Path | None]:
@@ -283,37 +497,54 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
                    "matmuls with float32 master weights (lesson 14)")
     p.add_argument("--cuda-graph", type=int, choices=[0, 1], dest="cuda_graph", help="record the forward and "
                    "backward into CUDA graphs and replay them (GPU; default 1)")
+    p.add_argument("--overwrite", action="store_true", help="let a new run replace the run already in --out "
+                   "(its files are named, then removed when training starts)")
     given = vars(p.parse_args(argv))
     resume = given.pop("resume", None)
     stop_at = given.pop("stop_at", None)
-    saved = {}
-    ckpt = None
+    overwrite = given.pop("overwrite", False)
+    if "steps" in given and "epochs" in given:
+        p.error("give --steps or --epochs, not both")
+    if "steps" in given:
+        given["epochs"] = None   # a resumed run's saved --epochs gives way to the --steps given now
+    saved, state = {}, None
     if resume:
-        ckpt = latest_checkpoint(Path(resume))
-        if ckpt is None:
-            p.error(f"--resume {resume}: no ckpt_*.npz there")
-        with np.load(ckpt) as z:
-            saved = json.loads(str(z["meta"]))["args"]
+        if overwrite:
+            p.error("--resume continues a run, --overwrite replaces one: give only one of them")
+        try:
+            state = read_latest_checkpoint(resume)
+        except CheckpointError as e:
+            p.error(f"--resume {resume}: {e}")
+        saved = state["meta"]["args"]
         given.setdefault("out", resume)
     args = {**DEFAULTS, **saved, **given}
-    if args["warmup"] is None:
-        args["warmup"] = max(1, args["steps"] // 10)
-    for k in ("batch_size", "seq_len", "steps", "eval_batches", "sample_tokens"):
-        if args[k] is not None and args[k] < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
-    return args, ckpt, stop_at
+    try:
+        check_args(args)
+    except ValueError as e:
+        p.error(str(e))
+    if stop_at is not None and (stop_at < 1 or (state is not None and stop_at <= state["meta"]["step"])):
+        done = state["meta"]["step"] if state is not None else 0
+        p.error(f"--stop-at {stop_at}: must be a step after {done}, the step the run starts from")
+    return args, state, stop_at, overwrite
 
 
 def main(argv=None) -> int:
-    args, ckpt, stop_at = parse_args(argv)
-    trainer = Trainer(args, resume_from=ckpt)
+    args, state, stop_at, overwrite = parse_args(argv)
+    try:
+        trainer = Trainer(args, resume_from=state, overwrite=overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     m = trainer.model
     print(f"{device.describe()}\n{m!r}")
     print(f"B={args['batch_size']} T={args['seq_len']} steps={args['steps']} lr={args['lr']} "
           f"warmup={args['warmup']} train batches/epoch={len(trainer.train_loader)}"
-          + (f"; resuming at step {trainer.step}" if ckpt else ""))
+          + (f"; resuming at step {trainer.step} from {state['path'].name}" if state else ""))
     try:
         summary = trainer.run(stop_at=stop_at)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteError as e:
         kept = latest_checkpoint(trainer.out) if trainer.out else None
         print(f"stopped: {e}\nthe last good checkpoint is {kept}", file=sys.stderr)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.files import atomic_write
 from llmc_lessons.model import GPT2, PARAMETER_NAMES, GPT2Config, _point_views, num_parameters, parameter_shapes
 
 STATE_MAGIC, STATE_VERSION = 20240327, 2
@@ -57,42 +58,52 @@ def write_debug_state_arrays(path, x, y, logits, loss, grads) -> None:
         raise ValueError(f"logits must have shape (B, T, V) = {x.shape} + (V,), got {logits.shape}")
     header = np.zeros(_HEADER_INTS, dtype="<i4")
     header[:4] = [STATE_MAGIC, STATE_VERSION, x.shape[0], x.shape[1]]
-    with open(os.fspath(path), "wb") as f:
-        f.write(header.tobytes())
-        f.write(x.tobytes())
-        f.write(y.tobytes())
-        f.write(logits.tobytes())
-        f.write(np.array([loss], dtype="<f4").tobytes())
-        f.write(np.ascontiguousarray(np.ravel(grads), dtype="<f4").tobytes())
+    parts = (header, x, y, logits, np.array([loss], dtype="<f4"), np.ascontiguousarray(np.ravel(grads), dtype="<f4"))
+    atomic_write(os.fspath(path), lambda f: [f.write(a.tobytes()) for a in parts])
 
 
 def read_debug_state(path, config: GPT2Config) -> dict:
-    """Read llm.c's debug-state file: {x (B, T) int32, y, logits (B, T, V), loss float, grads {name: array}}."""
+    """Read llm.c's debug-state file: {x (B, T) int32, y, logits (B, T, V), loss float, grads {name: array}}.
+
+    The header's B and T are checked against the file's size (for this model's V and parameter count) before
+    anything is allocated; every error names the file.
+    """
+    size = os.path.getsize(path)
+    if size < _HEADER_INTS * 4:
+        raise ValueError(f"{path}: {size} bytes is too short for the 1024-byte header of a debug state")
+    V, n = config.vocab_size, num_parameters(config)
     with open(os.fspath(path), "rb") as f:
         header = np.frombuffer(f.read(_HEADER_INTS * 4), dtype="<i4")
-        if header.size != _HEADER_INTS:
-            raise ValueError(f"{path}: too short for the 1024-byte header")
         if header[0] != STATE_MAGIC:
             raise ValueError(f"{path}: bad magic {header[0]} (an llm.c debug-state file starts with {STATE_MAGIC})")
         if header[1] != STATE_VERSION:
             raise ValueError(f"{path}: state version {header[1]}, expected {STATE_VERSION} (the padded-vocab format)")
         B, T = int(header[2]), int(header[3])
-        V, n = config.vocab_size, num_parameters(config)
-
-        def read(dtype, count, what):
-            a = np.fromfile(f, dtype=dtype, count=count)
-            if a.size != count:
-                raise ValueError(f"{path}: ends inside {what} (wanted {count} values, found {a.size}); "
-                                 f"does the state belong to this model (V={V}, {n:,} parameters)?")
-            return a
-
-        x = read("<i4", B * T, "x").reshape(B, T)
-        y = read("<i4", B * T, "y").reshape(B, T)
-        logits = read("<f4", B * T * V, "the logits").reshape(B, T, V)
-        loss = float(read("<f4", 1, "the loss")[0])
-        grads = read("<f4", n, "the gradients")
-        if f.read(1):
-            raise ValueError(f"{path}: has data after the gradients: it belongs to a larger model")
+        if B < 1 or T < 1:
+            raise ValueError(f"{path}: the header says B = {B}, T = {T}; a debug state holds a batch of at least "
+                             f"one token (B, T >= 1): the header is damaged")
+        if T > config.max_seq_len:
+            raise ValueError(f"{path}: the header says T = {T}, longer than the model's context of "
+                             f"{config.max_seq_len}: the header is damaged, or the state belongs to another model")
+        expected = _HEADER_INTS * 4 + 4 * (2 * B * T + B * T * V + 1 + n)
+        if size != expected:
+            if size > expected:
+                why = "it belongs to a larger model, or has data appended"
+            else:
+                end, part = _HEADER_INTS * 4, None
+                for part, count in (("x", B * T), ("y", B * T), ("the logits", B * T * V), ("the loss", 1),
+                                    ("the gradients", n)):
+                    end += 4 * count
+                    if size < end:
+                        break
+                why = f"it ends inside {part}: cut short, or it belongs to a smaller model"
+            raise ValueError(f"{path}: with B = {B}, T = {T} (its header) and this model's V = {V} and {n:,} "
+                             f"parameters the file should be {expected:,} bytes, but it is {size:,}: {why}")
+        x = np.fromfile(f, dtype="<i4", count=B * T).reshape(B, T)
+        y = np.fromfile(f, dtype="<i4", count=B * T).reshape(B, T)
+        logits = np.fromfile(f, dtype="<f4", count=B * T * V).reshape(B, T, V)
+        loss = float(np.fromfile(f, dtype="<f4", count=1)[0])
+        grads = np.fromfile(f, dtype="<f4", count=n)
     return dict(B=B, T=T, x=x, y=y, logits=logits, loss=loss,
                 grads=_point_views(grads, parameter_shapes(config)))
 

@@ -211,6 +211,21 @@ def test_fused_classifier_bf16(V, Vp, block):
     assert not got[..., V:].any(), "the padded columns get no gradient"
 
 
+@pytest.mark.parametrize("bad", [-1, 37, 39, 2**31 - 1])
+def test_fused_classifier_bf16_range_checks_the_targets(bad):
+    gen = np.random.default_rng(1)
+    logits = bits(gen, 2, 3, 40)
+    targets = gen.integers(0, 37, (2, 3)).astype(np.int32)
+    targets[1, 1] = bad
+    d_logits = to_device(logits.copy())
+    with pytest.raises(ValueError, match="every target must be a token id in 0..36"):
+        k.fused_classifier_bf16_cuda(d_logits, to_device(targets), 37, 1 / 6, check_targets=True)
+    if not device.on_gpu():   # the default checks on the CPU backend
+        with pytest.raises(ValueError, match="every target must be a token id in 0..36"):
+            k.fused_classifier_bf16_cuda(d_logits, to_device(targets), 37, 1 / 6)
+    np.testing.assert_array_equal(to_host(d_logits), logits)   # refused before the launch: the logits are intact
+
+
 def test_attention_forward_and_backward_bf16_match_lesson_05():
     gen = np.random.default_rng(5)
     B, T, NH, hs = 2, 16, 2, 8

@@ -370,3 +370,90 @@ def test_check_8_2_fails_on_wrong_kernels(why):
     msg = str(info.value)
     assert "Exercise 8.2" in msg
     assert why in msg, msg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Targets out of range: an error, never a crash or a silently wrong loss (targets index a row of the logits)
+
+
+@pytest.mark.parametrize("bad", [-1, 37, 44, 2**31 - 1, -2**31])
+@pytest.mark.parametrize("launcher", ["fused", "backward"])
+def test_launchers_range_check_targets_against_V(launcher, bad):
+    logits, targets = _ok_args()
+    host = to_host(targets).copy()
+    host[1, 2] = bad
+    dlosses = to_device(np.full((2, 3), 1 / 6, np.float32))
+    call = {"fused": lambda t, **kw: fused_classifier_cuda(logits, t, 37, **kw),
+            "backward": lambda t, **kw: crossentropy_softmax_backward_cuda(
+                dlosses, softmax_forward_cuda(logits, 37), t, 37, **kw)}[launcher]
+    for kw in ({}, {"check_targets": True}):   # None checks on the CPU backend; True on a GPU too
+        if kw or not device.on_gpu():
+            with pytest.raises(ValueError, match=rf"every target must be a token id in 0..36, got values in "
+                                                 rf"{min(bad, 0)}..{max(bad, 36)}"):
+                call(to_device(host), **kw)
+
+
+@pytest.mark.parametrize("bad", [-1, 45, 2**31 - 1])
+def test_crossentropy_forward_cuda_range_checks_targets_against_Vp(bad):
+    logits, targets = _ok_args()
+    probs = softmax_forward_cuda(logits, 37)
+    host = to_host(targets).copy()
+    host[0, 1] = bad
+    with pytest.raises(ValueError, match=r"every target must be a token id in 0..44"):
+        crossentropy_forward_cuda(probs, to_device(host), check_targets=True)
+    host[0, 1] = 40   # a padded column: probability 0, loss inf, as crossentropy_forward gives
+    losses = to_host(crossentropy_forward_cuda(probs, to_device(host)))
+    with np.errstate(divide="ignore"):
+        assert np.isinf(losses[0, 1]) and np.isinf(crossentropy_forward(to_host(probs), host)[0, 1])
+
+
+def test_fused_classifier_leaves_the_logits_untouched_when_it_refuses_the_targets():
+    logits, targets = _ok_args()
+    before = to_host(logits).copy()
+    host = to_host(targets).copy()
+    host[0, 0] = 99
+    with pytest.raises(ValueError):
+        fused_classifier_cuda(logits, to_device(host), 37, check_targets=True)
+    np.testing.assert_array_equal(to_host(logits), before)
+
+
+def test_fuzz_the_argument_checks_of_the_classifier_launchers():
+    """Random targets (dtype, shape, values, extremes included) and V: either an error naming the problem, or
+    the reference's answer; never a crash, a hang or a silently wrong loss."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    logits, targets = _inputs(3, dtype=np.float32)      # (2, 3, 45), V = 37
+    value = st.one_of(st.integers(0, 36), st.integers(-3, 48), st.sampled_from([-2**31, 2**31 - 1]))
+
+    @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(dtype=st.sampled_from([np.int32, np.int32, np.int64, np.uint32, np.float32]),
+           shape=st.sampled_from([(2, 3), (2, 3), (3, 2), (6,), (2, 3, 1)]),
+           values=st.lists(value, min_size=6, max_size=6), V=st.sampled_from([37, 37, 45, 0, 46]),
+           which=st.sampled_from(["fused", "backward", "forward"]))
+    def run(dtype, shape, values, V, which):
+        t = np.array(values, dtype=np.int64).astype(dtype).reshape(shape)
+        hi = 45 if which == "forward" else V
+        valid = (dtype is np.int32 and shape == (2, 3) and (which == "forward" or 1 <= V <= 45)
+                 and min(values) >= 0 and max(values) < hi)
+        d_logits = to_device(logits.copy())
+        try:
+            if which == "fused":
+                losses, _ = fused_classifier_cuda(d_logits, to_device(t), V, check_targets=True)
+            elif which == "backward":
+                dl = crossentropy_softmax_backward_cuda(to_device(np.full((2, 3), 1 / 6, np.float32)),
+                                                        softmax_forward_cuda(d_logits, 37), to_device(t), V,
+                                                        check_targets=True)
+            else:
+                losses = crossentropy_forward_cuda(softmax_forward_cuda(d_logits, 37), to_device(t),
+                                                   check_targets=True)
+        except (TypeError, ValueError) as e:
+            assert not valid, f"valid arguments refused: {e}"
+            return
+        assert valid, f"invalid arguments accepted: dtype {np.dtype(dtype)}, shape {shape}, V {V}, {values}"
+        if which == "fused":
+            want = crossentropy_forward(softmax_forward(logits.astype(np.float64), V), t)
+            np.testing.assert_allclose(to_host(losses), want, rtol=1e-4)
+        elif which == "backward":
+            assert np.isfinite(to_host(dl)).all()
+    run()

@@ -336,3 +336,18 @@ def test_check_token_file_bytes_stub():
         raise NotImplementedError("Exercise 1.1: write token_file_bytes")
     with pytest.raises(AssertionError, match="Exercise 1.1 is not done yet"):
         check_token_file_bytes(stub)
+
+
+def test_atomic_write_keeps_the_old_file_whole_when_a_write_fails(tmp_path):
+    from llmc_lessons.files import atomic_write
+    path = tmp_path / "f.bin"
+    atomic_write(path, b"old")
+
+    def half_then_full_disk(f):
+        f.write(b"ne")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(path, half_then_full_disk)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+    atomic_write(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new"

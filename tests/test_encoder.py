@@ -373,3 +373,37 @@ def test_check_forward_kernel_catches_mistakes(old, new, cause):
     assert old in src
     with pytest.raises(AssertionError, match=f"(?s)Exercise 2.2.*{cause}"):
         checks.check_encoder_forward_kernel(src.replace(old, new))
+
+
+def test_fuzz_the_argument_checks_of_the_encoder_launchers():
+    """Random ids (dtype, shape, values, extremes included): either an error naming the problem, or the
+    reference's answer; never a read outside wte."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    gen = np.random.default_rng(4)
+    wte, wpe = gen.standard_normal((5, 8)).astype(np.float32), gen.standard_normal((4, 8)).astype(np.float32)
+    value = st.one_of(st.integers(0, 4), st.integers(-2, 7), st.sampled_from([-2**31, 2**31 - 1]))
+
+    @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(dtype=st.sampled_from([np.int32, np.int32, np.int64, np.int16, np.float32]),
+           shape=st.sampled_from([(2, 3), (2, 3), (1, 6), (6,), (1, 1, 6)]),
+           values=st.lists(value, min_size=6, max_size=6), backward=st.booleans())
+    def run(dtype, shape, values, backward):
+        ids = np.array(values, dtype=np.int64).astype(dtype).reshape(shape)
+        valid = (dtype is np.int32 and len(shape) == 2 and shape[1] <= 4 and min(values) >= 0 and max(values) < 5)
+        try:
+            if backward:
+                dout = np.ones(shape + (8,), np.float32) if len(shape) == 2 else np.ones((2, 3, 8), np.float32)
+                dwte, _ = encoder_backward_cuda(to_device(dout), to_device(ids), 5, 4)
+            else:
+                out = encoder_forward_cuda(to_device(ids), to_device(wte), to_device(wpe))
+        except (TypeError, ValueError) as e:
+            assert not valid, f"valid ids refused: {e}"
+            return
+        assert valid, f"invalid ids accepted: dtype {np.dtype(dtype)}, shape {shape}, {values}"
+        if backward:
+            np.testing.assert_allclose(to_host(dwte), encoder_backward(dout, ids, 5, 4)[0], rtol=1e-6)
+        else:
+            np.testing.assert_allclose(to_host(out), encoder_forward(ids, wte, wpe), rtol=1e-6)
+    run()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 
 import nbformat
 import pytest
@@ -310,7 +311,7 @@ def test_check_reports_stale_missing_extra_and_outputs(repo):
     stale = repo / "notebooks" / "03_layernorm.ipynb"
     stale.write_text(stale.read_text().replace("Exercise 3.1", "Exercise 3.9"))
     (repo / "notebooks" / "00_welcome.ipynb").unlink()
-    (repo / "notebooks" / "99_old.ipynb").write_text("{}")
+    (repo / "notebooks" / "99_old.ipynb").write_text(ex.dumps(ex.normalize(notebook(), "99_old.ipynb")))
     nbformat.write(lesson(), str(repo / "solutions" / "03_layernorm.ipynb"))  # with outputs again
     problems = ex.check(repo)
     text = "\n".join(problems)
@@ -319,7 +320,7 @@ def test_check_reports_stale_missing_extra_and_outputs(repo):
     assert "notebooks/00_welcome.ipynb is missing" in text
     assert "notebooks/99_old.ipynb has no solutions/99_old.ipynb" in text
     assert "solutions/03_layernorm.ipynb stores outputs" in text
-    ex.build(repo)
+    ex.build(repo)   # a notebook as the builder wrote it is not a student's work: removed
     assert not (repo / "notebooks" / "99_old.ipynb").exists()
 
 
@@ -369,3 +370,136 @@ def test_cli_exit_codes_and_messages(repo, capsys):
 def test_find_root_without_solutions_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no solutions/ directory"):
         ex.find_root(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An answer never ships; a student's work is never lost
+
+
+@pytest.mark.parametrize("marker", ["## BEGIN SOLUTION", "// begin solution", "#BEGIN SOLUTION", "# BEGIN SOLUTION",
+                                    "BEGIN SOLUTIONS", "### BEGIN SOLUTIONS", "### BEGIN_SOLUTION",
+                                    "/* BEGIN SOLUTION */", "### Begin Solution", "//BEGIN-SOLUTION"])
+def test_a_near_miss_marker_is_an_error_naming_notebook_cell_and_line(marker):
+    nb = notebook(("md", "intro"), ("code", f"def f():\n    # Exercise 3.1: f\n    {marker}\n    return 42\n"))
+    with pytest.raises(ExerciseError, match=r"03_x.ipynb, cell 1 .*, line 3: .* looks like a solution marker"):
+        ex.to_student(nb, "03_x.ipynb")
+
+
+def test_a_near_miss_end_marker_is_an_error_not_an_unclosed_region():
+    nb = notebook(("code", "# Exercise 3.1: f\n### BEGIN SOLUTION\nx = 42\n## END SOLUTION\n"))
+    with pytest.raises(ExerciseError, match=r"line 4: '## END SOLUTION' looks like a solution marker"):
+        ex.to_student(nb, "03_x.ipynb")
+
+
+def test_a_marker_outside_a_code_cell_is_an_error():
+    nb = notebook(("md", "Lesson\n### BEGIN SOLUTION\nthe answer\n### END SOLUTION"))
+    with pytest.raises(ExerciseError, match=r"cell 0 .*, line 2: a solution marker '### BEGIN SOLUTION' in a "
+                                            r"markdown cell"):
+        ex.to_student(nb, "03_x.ipynb")
+
+
+def test_marker_words_inside_code_are_fine():
+    nb = notebook(("code", 'print("BEGIN SOLUTION")\n# the END SOLUTION line closes a region'))
+    assert ex.to_student(nb, "03_x.ipynb").cells[0].source == nb.cells[0].source
+
+
+def test_build_and_check_refuse_a_near_miss_marker_and_write_nothing(repo):
+    ex.build(repo)
+    before = {p.name: p.read_text() for p in (repo / "notebooks").iterdir()}
+    nbformat.write(notebook(("code", "# Exercise 4.1: m\n// begin solution\nanswer = 1\n// end solution")),
+                   str(repo / "solutions" / "04_matmul.ipynb"))
+    with pytest.raises(ExerciseError, match="04_matmul.ipynb, cell 0"):
+        ex.build(repo)
+    assert {p.name: p.read_text() for p in (repo / "notebooks").iterdir()} == before
+    assert any("looks like a solution marker" in p for p in ex.check(repo))
+
+
+def test_build_refuses_an_empty_solutions_folder(repo):
+    ex.build(repo)
+    for p in (repo / "solutions").iterdir():
+        p.unlink()
+    with pytest.raises(ExerciseError, match="holds no notebooks"):
+        ex.build(repo, force=True)
+    assert len(list((repo / "notebooks").iterdir())) == 2
+
+
+def _answered(text):
+    nb = nbformat.reads(text, as_version=4)
+    stub = 'raise NotImplementedError("Exercise 3.1: compute mean and rstd over the last axis")'
+    assert stub in nb.cells[2].source
+    nb.cells[2].source = nb.cells[2].source.replace(stub, "rstd = 1.0  # my answer")
+    return ex.dumps(nb)
+
+
+def _run(text):
+    nb = nbformat.reads(text, as_version=4)
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="hi\n")]
+    nb.cells[1].execution_count = 1
+    return ex.dumps(nb)
+
+
+def _saved_by_jupyter(text):
+    nb = nbformat.reads(text, as_version=4)
+    nb.metadata["language_info"]["version"] = "3.11.7"
+    return ex.dumps(nb)
+
+
+@pytest.mark.parametrize("work, why", [
+    (_answered, "the stub of Exercise 3.1 (cell 2) was replaced by an answer"),
+    (_run, "it stores outputs or execution counts"),
+    (_saved_by_jupyter, "it was saved by Jupyter or edited"),
+    (lambda text: text[: len(text) // 2], "it is not a readable notebook"),
+])
+def test_build_never_overwrites_a_students_work_without_force(repo, work, why, capsys):
+    ex.build(repo)
+    student = repo / "notebooks" / "03_layernorm.ipynb"
+    student.write_text(work(student.read_text()))
+    mine = student.read_text()
+    changed = lesson()
+    changed.cells[0].source = "# Lesson 3, revised"
+    nbformat.write(changed, str(repo / "solutions" / "03_layernorm.ipynb"))
+    with pytest.raises(ExerciseError, match=re.escape(f"notebooks/03_layernorm.ipynb: {why}")) as e:
+        ex.build(repo)
+    assert "--force" in str(e.value) and student.read_text() == mine
+    assert ex.main(["build", "--root", str(repo)]) == 2 and "03_layernorm.ipynb" in capsys.readouterr().err
+    assert ex.main(["build", "--root", str(repo), "--force"]) == 0
+    assert "# Lesson 3, revised" in student.read_text() and ex.check(repo) != []   # solutions store outputs
+
+
+def test_build_replaces_a_stale_generated_notebook_and_keeps_a_worked_orphan(repo):
+    ex.build(repo)
+    changed = lesson()
+    changed.cells[0].source = "# Lesson 3, revised"
+    nbformat.write(changed, str(repo / "solutions" / "03_layernorm.ipynb"))
+    orphan = repo / "notebooks" / "07_old.ipynb"
+    orphan.write_text(_run((repo / "notebooks" / "03_layernorm.ipynb").read_text()))
+    with pytest.raises(ExerciseError, match="notebooks/07_old.ipynb: it stores outputs"):
+        ex.build(repo)
+    orphan.unlink()
+    assert [p.name for p in ex.build(repo)] == ["03_layernorm.ipynb"]   # as the builder wrote it: replaced
+
+
+def test_writes_are_atomic(repo, monkeypatch):
+    ex.build(repo)
+    student = repo / "notebooks" / "03_layernorm.ipynb"
+    before = student.read_text()
+    changed = lesson()
+    changed.cells[0].source = "# Lesson 3, revised"
+    nbformat.write(changed, str(repo / "solutions" / "03_layernorm.ipynb"))
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("os.replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ex.build(repo)
+    assert student.read_text() == before
+    assert [p.name for p in (repo / "notebooks").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_normalize_checks_every_notebook_before_rewriting_any(repo):
+    broken = notebook(("code", "# Exercise 5.1: a\n### BEGIN SOLUTION\n"))
+    nbformat.write(broken, str(repo / "solutions" / "05_z.ipynb"))
+    before = {p.name: p.read_text() for p in (repo / "solutions").iterdir()}
+    with pytest.raises(ExerciseError, match="05_z.ipynb"):
+        ex.normalize_solutions(repo)
+    assert {p.name: p.read_text() for p in (repo / "solutions").iterdir()} == before

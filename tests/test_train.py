@@ -76,3 +76,191 @@ def test_command_line_train_then_resume(token_files, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["final_val_loss"] == log[3]["val_loss"]
     assert "resuming at step 2" in capsys.readouterr().out
+
+
+# -- a run is never destroyed ---------------------------------------------------------------------------------
+
+def cli(token_files, out, *extra):
+    """A command line for a fast run on the NumPy layers."""
+    return ["--model", "tiny", "-b", "2", "-t", "16", "--train-bin", token_files[0], "--val-bin", token_files[1],
+            "--reference", "--out", str(out), *extra]
+
+
+def records(out):
+    return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_new_run_refuses_an_out_holding_a_run_and_overwrite_names_what_it_replaces(token_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli(token_files, out, "--steps", "2")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(cli(token_files, out, "--steps", "3")) == 2              # a forgotten --resume
+    err = capsys.readouterr().err
+    assert f"--out {out} holds a run already" in err and "--resume" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before    # nothing touched
+    assert main(cli(token_files, out, "--steps", "3", "--overwrite")) == 0
+    err = capsys.readouterr().err
+    assert "--overwrite: replacing the run in" in err and "log.jsonl" in err and "ckpt_000002.npz" in err
+    assert [r["step"] for r in records(out)] == [1, 2, 3]
+    assert [p.name for p in out.glob("ckpt_*.npz")] == ["ckpt_000003.npz"]
+
+
+def test_a_folder_without_a_run_is_fine_and_resume_excludes_overwrite(token_files, tmp_path, capsys):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "README.txt").write_text("my notes")
+    assert main(cli(token_files, out, "--steps", "1")) == 0
+    assert (out / "README.txt").read_text() == "my notes"
+    with pytest.raises(SystemExit):
+        main(["--resume", str(out), "--overwrite", "--steps", "2"])
+    assert "give only one of them" in capsys.readouterr().err
+
+
+def test_a_resume_that_fails_at_its_first_step_keeps_the_whole_log(token_files, tmp_path):
+    out = tmp_path / "run"
+    Trainer(make_args(token_files, out, steps=4, checkpoint_every=2, reference=True)).run(progress=False)
+    assert sorted(p.name for p in out.glob("ckpt_*.npz")) == ["ckpt_000002.npz", "ckpt_000004.npz"]  # newest two
+    t = Trainer(make_args(token_files, out, steps=6, reference=True), resume_from=out / "ckpt_000002.npz")
+    t.model.params["lnfw"][0] = np.nan
+    with pytest.raises(NonFiniteError):
+        t.run(progress=False)
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4]             # steps 3, 4 are dropped only when redone
+
+
+def test_resume_tolerates_a_torn_last_log_line(token_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli(token_files, out, "--steps", "4", "--stop-at", "2")) == 0
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')                                    # a disk that filled during an append
+    assert main(["--resume", str(out)]) == 0
+    assert "dropping its torn last line" in capsys.readouterr().err
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4]
+
+
+def test_a_damaged_line_inside_the_log_is_named(token_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli(token_files, out, "--steps", "4", "--stop-at", "2")) == 0
+    lines = (out / "log.jsonl").read_text().splitlines()
+    (out / "log.jsonl").write_text(lines[0] + "\n#garbage\n" + lines[1] + "\n")
+    assert main(["--resume", str(out)]) == 2
+    assert "log.jsonl, line 2: not a log record ('#garbage')" in capsys.readouterr().err
+    assert (out / "log.jsonl").read_text().splitlines()[1] == "#garbage"   # left as it was
+
+
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_is_used(token_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli(token_files, out, "--steps", "5", "--checkpoint-every", "1", "--stop-at", "3")) == 0
+    newest = out / "ckpt_000003.npz"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])     # a copy cut short
+    assert main(["--resume", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "ckpt_000003.npz: damaged checkpoint" in captured.err and "resuming at step 2" in captured.out
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in out.glob("ckpt_*.npz")) == ["ckpt_000004.npz", "ckpt_000005.npz"]
+    for p in out.glob("ckpt_*.npz"):
+        p.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["--resume", str(out), "--steps", "6"])
+    err = capsys.readouterr().err
+    assert "no readable checkpoint" in err and "ckpt_000004.npz" in err and "ckpt_000005.npz" in err
+
+
+def test_stale_temporaries_of_the_trainer_are_removed_and_nothing_else(token_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli(token_files, out, "--steps", "3", "--stop-at", "1")) == 0
+    stale = [out / ".ckpt_000002.npz.k3j4h5.tmp", out / "ckpt_000002.npzab12cd.tmp", out / ".log.jsonl.x1.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a file")
+    mine = out / "mine.tmp"
+    mine.write_text("not the trainer's")
+    assert main(["--resume", str(out)]) == 0
+    assert not any(p.exists() for p in stale) and mine.exists()
+    assert "left by an interrupted write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "-1"], "--epochs -1.0: must be a finite number > 0"),
+    (["--warmup", "-5"], "--warmup -5: must be an integer >= 0"),
+    (["--grad-clip", "-1"], "--grad-clip -1.0: must be a finite number >= 0"),
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+    (["--final-lr-frac", "2"], "--final-lr-frac 2.0: must be a finite number >= 0 and <= 1"),
+    (["--weight-decay", "-0.1"], "--weight-decay -0.1"),
+    (["--steps", "0"], "--steps 0: must be an integer >= 1"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--eval-every", "0"], "--eval-every 0"),
+    (["--checkpoint-every", "-2"], "--checkpoint-every -2"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--seq-len", "65"], "--seq-len 65 exceeds the model's context of 64"),
+    (["--stop-at", "0"], "--stop-at 0"),
+    (["--steps", "3", "--epochs", "1"], "give --steps or --epochs, not both"),
+    (["--precision", "bf16", "--reference"], "cannot be combined"),
+])
+def test_every_argument_is_checked_by_its_own_name_before_anything_is_built(argv, message, capsys, monkeypatch):
+    import llmc_lessons.train as train
+    monkeypatch.setattr(train, "GPT2", None)         # building a model would fail loudly
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "tiny"] + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_trainer_checks_its_arguments_before_building_the_model(token_files, tmp_path, monkeypatch):
+    import llmc_lessons.train as train
+    monkeypatch.setattr(train, "GPT2", None)
+    with pytest.raises(ValueError, match="--grad-clip -1: must be a finite number >= 0"):
+        Trainer(make_args(token_files, tmp_path, grad_clip=-1))
+    with pytest.raises(ValueError, match=r"--epochs 0.0001: less than one step"):
+        Trainer(make_args(token_files, tmp_path, epochs=1e-4))
+    bad = tmp_path / "big_ids.bin"
+    write_tokens(bad, np.full(100, 60000, dtype=np.uint16))
+    with pytest.raises(ValueError, match=r"big_ids.bin: holds token id 60000, outside the model's vocabulary"):
+        Trainer(make_args(token_files, tmp_path, train_bin=str(bad)))
+
+
+def test_resume_with_another_model_or_fewer_steps_is_refused_and_the_summary_kept(token_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli(token_files, out, "--steps", "3")) == 0
+    summary = (out / "summary.json").read_text()
+    assert main(["--resume", str(out), "--model", "d12", "--steps", "5"]) == 2
+    assert "--model d12: the run in" in capsys.readouterr().err
+    assert main(["--resume", str(out), "--steps", "2"]) == 2
+    assert "has done 3 steps already; pass a larger --steps" in capsys.readouterr().err
+    assert main(["--resume", str(out), "--steps", "3"]) == 2
+    with pytest.raises(SystemExit):
+        main(["--resume", str(out), "--steps", "6", "--stop-at", "3"])
+    assert "--stop-at 3: must be a step after 3" in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == summary
+    assert json.loads(summary)["final_train_loss"] is not None
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not a checkpoint"),
+    (b"\x80\x04\x95 a pickle", "not a checkpoint"),
+    (b"PK\x03\x04 and then nothing", "damaged checkpoint"),
+])
+def test_read_checkpoint_names_the_file(tmp_path, content, message):
+    from llmc_lessons.train import CheckpointError, read_checkpoint
+    path = tmp_path / "ckpt_000001.npz"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"ckpt_000001.npz: {message}"):
+        read_checkpoint(path)
+
+
+def test_read_checkpoint_refuses_an_archive_that_is_not_a_checkpoint(tmp_path):
+    from llmc_lessons.train import CheckpointError, read_checkpoint
+    path = tmp_path / "ckpt_000001.npz"
+    np.savez(path, weights=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a checkpoint of this trainer"):
+        read_checkpoint(path)
+    np.savez(path, params=np.zeros(3, np.float32), meta=np.array(json.dumps({"step": 1})))
+    with pytest.raises(CheckpointError, match="its metadata lacks"):
+        read_checkpoint(path)
+
+
+def test_out_that_is_a_file_and_resume_without_a_checkpoint_are_clear_errors(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "file")])
+    assert "exists and is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--resume", str(tmp_path)])
+    assert "no checkpoint (ckpt_<step>.npz) there to resume from" in capsys.readouterr().err

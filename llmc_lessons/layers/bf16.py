@@ -476,10 +476,13 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     return dinp_bf16
 
 
-def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size: int = 512):
+def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size: int = 512,
+                               check_targets: bool | None = None):
     """logits (B, T, Vp) bf16, overwritten in place with dlogits = dloss * (softmax - onehot(target));
     targets (B, T) int32 in [0, V) -> losses (B, T) float32. A block keeps its row in Vp * 2 bytes of shared
-    memory (Vp <= 116,096 on an H100 or H200)."""
+    memory (Vp <= 116,096 on an H100 or H200). check_targets: as crossentropy's _require_targets (None: checked
+    on the CPU backend, not on a GPU)."""
+    from llmc_lessons.layers.crossentropy import _require_targets
     _bf16_array("logits", logits, (None, None, None))
     B, T, Vp = logits.shape
     _eight("Vp", Vp)
@@ -489,7 +492,7 @@ def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size
     shared = 2 * Vp
     kernel = _kernel_with_shared("fused_classifier_bf16_kernel", shared + 256,   # + its two 32-float arrays
                                  f"a row of Vp = {Vp} logits")
-    device.require_array("targets", targets, shape=(B, T), dtype=np.int32)
+    _require_targets(targets, B, T, V, check_targets)
     block_size = _warps(block_size)
     losses = device.xp.empty((B, T), np.float32)
     if B * T:

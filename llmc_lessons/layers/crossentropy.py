@@ -112,8 +112,22 @@ def _require_logits(name: str, a, V):
     return B, T, Vp, V
 
 
-def _require_targets(targets, B: int, T: int):
+def _require_targets(targets, B: int, T: int, hi: int, check: bool | None):
+    """targets as a (B, T) int32 backend array with ids in 0..hi-1: a kernel indexes a row with each one, so an
+    id out of range would read (the fused classifier: write) outside the array.
+
+    The range check is one reduction on the device and a copy of two ints to the host, which on a GPU waits
+    for the GPU (and cannot run inside a CUDA graph capture). So check=None checks on the CPU backend, where
+    it costs nothing next to the emulated kernel, and not on a GPU, where GPT2.forward has checked the ids on
+    the host before copying them over; check=True checks on a GPU too, check=False never.
+    """
     device.require_array("targets", targets, shape=(B, T), dtype=np.int32)
+    if check is None:
+        check = not device.on_gpu()
+    if check and targets.size:
+        lo, top = int(targets.min()), int(targets.max())
+        if lo < 0 or top >= hi:
+            raise ValueError(f"every target must be a token id in 0..{hi - 1}, got values in {lo}..{top}")
 
 
 def softmax_forward_cuda(logits, V, block_size: int = 512):
@@ -130,11 +144,12 @@ def softmax_forward_cuda(logits, V, block_size: int = 512):
     return probs
 
 
-def crossentropy_forward_cuda(probs, targets, block_size: int = 128):
+def crossentropy_forward_cuda(probs, targets, block_size: int = 128, check_targets: bool | None = None):
     """(B, T, Vp), (B, T) int32 -> losses (B, T), a fresh array, through crossentropy_forward_kernel.
 
-    Targets are not range-checked on the device (that would cost a copy to the host); the kernel reads
-    probs at whatever column a target names, so pass ids in 0..V-1.
+    The kernel reads probs at whatever column a target names: targets must lie in 0..Vp-1 (as for
+    crossentropy_forward), and a padded column V..Vp-1 has probability 0, so its loss is inf. check_targets:
+    see _require_targets (None: checked on the CPU backend, not on a GPU).
     """
     from llmc_lessons.cuda import load_kernel
 
@@ -142,7 +157,7 @@ def crossentropy_forward_cuda(probs, targets, block_size: int = 128):
         raise ValueError(f"block_size must be an int in 1..1024, got {block_size!r}")
     device.require_array("probs", probs, shape=(None, None, None))
     B, T, Vp = probs.shape
-    _require_targets(targets, B, T)
+    _require_targets(targets, B, T, Vp, check_targets)
     losses = device.xp.empty((B, T), dtype=np.float32)
     N = B * T
     if N:
@@ -151,14 +166,16 @@ def crossentropy_forward_cuda(probs, targets, block_size: int = 128):
     return losses
 
 
-def crossentropy_softmax_backward_cuda(dlosses, probs, targets, V, block_size: int = 512):
-    """(B, T), (B, T, Vp), (B, T) int32, V -> dlogits (B, T, Vp), a fresh array (padded columns 0)."""
+def crossentropy_softmax_backward_cuda(dlosses, probs, targets, V, block_size: int = 512,
+                                       check_targets: bool | None = None):
+    """(B, T), (B, T, Vp), (B, T) int32 in 0..V-1, V -> dlogits (B, T, Vp), a fresh array (padded columns 0).
+    check_targets: see _require_targets (None: checked on the CPU backend, not on a GPU)."""
     from llmc_lessons.cuda import load_kernel
 
     block_size = _check_block_size(block_size)
     B, T, Vp, V = _require_logits("probs", probs, V)
     device.require_array("dlosses", dlosses, shape=(B, T))
-    _require_targets(targets, B, T)
+    _require_targets(targets, B, T, V, check_targets)
     dlogits = device.xp.empty((B, T, Vp), dtype=np.float32)
     N = B * T
     if N:
@@ -167,7 +184,8 @@ def crossentropy_softmax_backward_cuda(dlosses, probs, targets, V, block_size: i
     return dlogits
 
 
-def fused_classifier_cuda(logits, targets, V, block_size: int = 512, dloss=None, version: int | None = None):
+def fused_classifier_cuda(logits, targets, V, block_size: int = 512, dloss=None, version: int | None = None,
+                          check_targets: bool | None = None):
     """(B, T, Vp), (B, T) int32, V -> (losses (B, T), dlogits (B, T, Vp)) in one kernel: fused_classifier_kernel
     (version 1), or fused_classifier_kernel2 (version 2: float4 accesses, needs Vp % 4 == 0 and a 16-byte
     aligned array; None: version 2 where it fits).
@@ -175,13 +193,14 @@ def fused_classifier_cuda(logits, targets, V, block_size: int = 512, dloss=None,
     IN PLACE: dlogits IS `logits` -- the kernel overwrites the logits with the gradient, as llm.c does, so the
     (B, T, Vp) probs buffer never exists. After the call the logits are gone; copy them first if you need them.
     dloss: the gradient of the final loss with respect to each per-row loss, one float for every row
-    (default 1 / (B*T), the mean over all positions). losses is a fresh (B, T) array.
+    (default 1 / (B*T), the mean over all positions). losses is a fresh (B, T) array. targets must lie in
+    0..V-1; check_targets: see _require_targets (None: checked on the CPU backend, not on a GPU).
     """
     from llmc_lessons.cuda import load_kernel
 
     block_size = _check_block_size(block_size)
     B, T, Vp, V = _require_logits("logits", logits, V)
-    _require_targets(targets, B, T)
+    _require_targets(targets, B, T, V, check_targets)
     N = B * T
     if dloss is None:
         dloss = 1.0 / max(N, 1)
