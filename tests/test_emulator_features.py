@@ -463,7 +463,18 @@ def test_a_bf16_and_a_float_in_one_operation_are_ambiguous_as_with_nvcc():
 
 def test_load_kernel_from_a_path_with_include_dirs(tmp_path):
     (tmp_path / "inc").mkdir()
-    (tmp_path / "inc" / "scale.cuh").write_text("#pragma once\n#define SCALE 3.0f\n")
+    (tmp_path / "inc" / "scale.cuh").write_text(r'''#pragma once
+#define SCALE 3.0f
+// The first thread's value, for the whole block: a __shared__ variable in a header.
+__device__ float block_first(float v) {
+    __shared__ float first;
+    if (threadIdx.x == 0) first = v;
+    __syncthreads();
+    float f = first;
+    __syncthreads();
+    return f;
+}
+''')
     (tmp_path / "local.cuh").write_text("#pragma once\ntypedef float floatX;\n")
     (tmp_path / "k.cu").write_text(r'''
 #include "scale.cuh"
@@ -473,7 +484,10 @@ __global__ void times_scale(T* out, const floatX* in, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = (T)(in[i] * SCALE);
 }
-extern "C" __global__ void plain(floatX* out, int n) { if (threadIdx.x < n) out[threadIdx.x] = SCALE; }
+extern "C" __global__ void plain(floatX* out, int n) {
+    float first = block_first(blockIdx.x * 100.0f + threadIdx.x);
+    if (threadIdx.x < n) out[blockIdx.x * n + threadIdx.x] = SCALE + first;
+}
 ''')
     n = 77
     x = gen.standard_normal(n).astype(np.float32)
@@ -482,8 +496,20 @@ extern "C" __global__ void plain(floatX* out, int n) { if (threadIdx.x < n) out[
     k((2,), (64,), (out, to_device(x), np.int32(n)))
     np.testing.assert_allclose(to_host(out), x * 3.0, rtol=1e-6)
     plain = load_kernel(str(tmp_path / "k.cu"), "plain", include_dirs=(str(tmp_path / "inc"),))
-    out32 = poisoned(n)
-    plain((1,), (128,), (out32, np.int32(n)))
-    np.testing.assert_array_equal(to_host(out32), 3.0)
+    out32 = poisoned(5 * n)
+    plain((5,), (128,), (out32, np.int32(n)))
+    np.testing.assert_array_equal(to_host(out32), np.repeat(3.0 + 100.0 * np.arange(5), n))
     with pytest.raises(FileNotFoundError, match="no kernel file"):
         load_kernel(str(tmp_path / "missing.cu"), "plain")
+
+
+@cpu_only
+def test_messages_point_into_the_included_header(tmp_path):
+    (tmp_path / "bad.cuh").write_text("#pragma once\n__device__ float twice(float v) {\n    return 2 * v + undefined_name;\n}\n")
+    (tmp_path / "k.cu").write_text('#include "bad.cuh"\nextern "C" __global__ void k(float* o) { o[0] = twice(o[0]); }\n')
+    with pytest.raises(Exception, match=r"bad.cuh:3.*undefined_name"):
+        load_kernel(str(tmp_path / "k.cu"), "k").compile()
+    (tmp_path / "bad.cuh").write_text("#pragma once\n\n__device__ __constant__ float table[4];\n")
+    (tmp_path / "k2.cu").write_text('#include "bad.cuh"\nextern "C" __global__ void k(float* o) { o[0] = 1; }\n')
+    with pytest.raises(NotImplementedError, match=r"bad.cuh:3: '__constant__'"):
+        load_kernel(str(tmp_path / "k2.cu"), "k").compile()

@@ -158,8 +158,9 @@ class EmulatedModule:
     """One compiled kernel source: look up its kernels' entry points by name."""
 
     def __init__(self, code: str, filename: str, options: tuple, checked: bool, name_expressions: tuple = ()):
-        cu_source.check_subset(code, filename)
         names = cu_source.plain_kernel_names(code, options, filename) + list(name_expressions)
+        code = cu_source.inline_headers(code, filename, options)
+        cu_source.check_subset(code, filename)
         text = (f'#include "llmc_cuda.h"\n#line 1 "{filename}"\n' + cu_source.rewrite_shared(code, filename)
                 + "\n" + _thunks(dict.fromkeys(names)))
         extra = [o for o in options if o.startswith(("-D", "-I", "-U"))]

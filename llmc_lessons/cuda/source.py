@@ -100,6 +100,16 @@ def _line_of(src: str, pos: int) -> int:
     return src.count("\n", 0, pos) + 1
 
 
+def _where(src: str, pos: int, filename: str) -> str:
+    """"file:line" of offset `pos`, following the #line directives that inline_headers leaves."""
+    last = None
+    for m in re.finditer(r'^#line (\d+) "([^"]*)"$', src[:pos], re.M):
+        last = m
+    if last is None:
+        return f"{filename}:{_line_of(src, pos)}"
+    return f"{last.group(2)}:{int(last.group(1)) + src.count(chr(10), last.end() + 1, pos)}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The preprocessor's part that decides types: which #if branches are compiled, what the headers define.
 
@@ -223,6 +233,34 @@ def _read_types(code: str, here, dirs, macros: dict, typedefs: dict, files: list
     for um in re.finditer(r"\busing\s+([A-Za-z_]\w*)\s*=\s*([^;{}()]+);", text):
         typedefs.setdefault(um.group(1), set()).add(" ".join(um.group(2).replace("*", " * ").split()))
     return text
+
+
+def inline_headers(src: str, filename: str, options: tuple = ()) -> str:
+    """`src` with each `#include "..."` of a header found in the file's folder or an -I folder of `options`
+    replaced by the header's text (once per header; the course's kernels/ folder is left to the compiler), so
+    the emulator's rewriting of `__shared__` and its subset check reach the headers a kernel file brings.
+    #line directives keep compiler messages pointing at the header's own lines."""
+    _, dirs = _macros_and_dirs(options)
+    done = set()
+
+    def expand(text: str, path: str, here) -> str:
+        out = []
+        for i, line in enumerate(text.split("\n")):
+            m = re.match(r'[ \t]*#[ \t]*include[ \t]*"([^"]+)"', line)
+            p = m and _find_include(m.group(1), here, dirs)
+            if p and p.parent != KERNELS_DIR.resolve():
+                if p not in done:
+                    done.add(p)
+                    body = re.sub(r"^[ \t]*#[ \t]*pragma[ \t]+once.*$", "", p.read_text(errors="replace"), flags=re.M)
+                    out.append(f'#line 1 "{p}"\n' + expand(body, str(p), p.parent) + f'\n#line {i + 2} "{path}"')
+                    continue
+                line = ""
+            elif re.match(r"[ \t]*#[ \t]*pragma[ \t]+once", line):
+                line = ""
+            out.append(line)
+        return "\n".join(out)
+    here = Path(filename).resolve().parent if Path(filename).is_file() else None
+    return expand(src, filename, here)
 
 
 @dataclass(frozen=True)
@@ -424,7 +462,7 @@ def check_subset(src: str, filename: str) -> None:
         m = re.search(pattern, code)
         if m:
             raise NotImplementedError(
-                f"{filename}:{_line_of(code, m.start())}: '{m.group(0).strip()}': {what} is outside the CUDA "
+                f"{_where(code, m.start(), filename)}: '{m.group(0).strip()}': {what} is outside the CUDA "
                 f"subset that the CPU emulator supports (see docs/emulator.md). On a GPU it may compile; here it "
                 f"cannot run.")
 
@@ -460,19 +498,19 @@ def rewrite_shared(src: str, filename: str) -> str:
     for m in _SHARED.finditer(code):
         depth = code.count("{", 0, m.start()) - code.count("}", 0, m.start())
         if depth <= 0:
-            raise NotImplementedError(f"{filename}:{_line_of(code, m.start())}: a __shared__ variable at file "
+            raise NotImplementedError(f"{_where(code, m.start(), filename)}: a __shared__ variable at file "
                                       f"scope is not supported by the CPU emulator: declare it inside the kernel")
         typ = m.group("type")
         pieces = []
         for d in m.group("decls").split(","):
             dm = re.fullmatch(r"\s*(\**)\s*([A-Za-z_]\w*)\s*((?:\[[^\]]*\]\s*)*)", d)
             if not dm:
-                raise NotImplementedError(f"{filename}:{_line_of(code, m.start())}: cannot read the __shared__ "
+                raise NotImplementedError(f"{_where(code, m.start(), filename)}: cannot read the __shared__ "
                                           f"declaration '{m.group(0).strip()}' (no initialisers are allowed)")
             stars, name, dims = dm.group(1), dm.group(2), dm.group(3).replace(" ", "")
             if m.group("ext"):
                 if dims != "[]" or stars:
-                    raise NotImplementedError(f"{filename}:{_line_of(code, m.start())}: extern __shared__ must "
+                    raise NotImplementedError(f"{_where(code, m.start(), filename)}: extern __shared__ must "
                                               f"be an unsized array, like `extern __shared__ float buf[];`")
                 pieces.append(f"LLMC_EXTERN_SHARED({typ}, {name})")
             else:
