@@ -307,7 +307,7 @@ __global__ void not_extern_c(int* out) { out[threadIdx.x] = threadIdx.x; }'''
 @pytest.mark.parametrize("name, dtype, unroll", [("scale_sum<float, 4>", np.float32, 4),
                                                  ("scale_sum<double, 1>", np.float64, 1)])
 def test_template_kernels_by_name_expression(name, dtype, unroll):
-    mod = RawModule(TEMPLATES, name_expressions=["scale_sum<float, 4>", "scale_sum<double, 1>"])
+    mod = RawModule(TEMPLATES, name_expressions=["scale_sum<float, 4>", "scale_sum<double, 1>", "not_extern_c"])
     k = mod.get_function(name)
     n, threads = 1001, 64
     nb = -(-n // (threads * unroll))
@@ -330,6 +330,8 @@ def test_template_names_are_checked():
         RawKernel(TEMPLATES, "scale_sum")
     with pytest.raises(ValueError, match="not among this module's name_expressions"):
         RawModule(TEMPLATES, name_expressions=["scale_sum<float, 4>"]).get_function("scale_sum<float,4>")
+    with pytest.raises(ValueError, match="not an extern \"C\" kernel"):
+        RawModule(TEMPLATES).get_function("not_extern_c")
     with pytest.raises(ValueError, match="takes the template arguments <T, UNROLL>"):
         RawModule(TEMPLATES, name_expressions=["scale_sum<float>"])
 
@@ -422,8 +424,9 @@ def test_vector_types(n, threads):
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_static_shared_is_per_block_and_null_pointers(with_bias):
-    n, threads = 5000, 128
+def test_static_shared_is_per_block_and_null_pointers(with_bias, monkeypatch):
+    monkeypatch.setenv("LLMC_EMU_THREADS", "8")   # many blocks at once (one buffer for all gave errors of ~60)
+    n, threads = 400 * 128 - 77, 128
     nb = blocks(n, threads)[0]
     x = gen.standard_normal(n).astype(np.float32)
     bias = gen.standard_normal(n).astype(np.float32)

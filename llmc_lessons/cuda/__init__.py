@@ -237,11 +237,13 @@ class RawModule:
         return self
 
     def get_function(self, name: str) -> RawKernel:
-        """The kernel `name`: a name listed in name_expressions, or a kernel that is not a template."""
-        if "<" in name and name not in self.name_expressions:
+        """The kernel `name`: a name listed in name_expressions, or an extern "C" kernel (as with CuPy, whose
+        GPU module finds a C++ name only through name_expressions)."""
+        if name not in self.name_expressions and not cu_source.is_extern_c(self.code, name, self.options,
+                                                                            self.filename):
             raise ValueError(f"'{name}' is not among this module's name_expressions "
-                             f"({', '.join(self.name_expressions) or 'none'}): list it there, as cupy.RawModule "
-                             f"requires, with the same spelling")
+                             f"({', '.join(self.name_expressions) or 'none'}) and is not an extern \"C\" kernel: "
+                             f"list it there, with the same spelling, as cupy.RawModule requires")
         return RawKernel(self.code, name, self.options, filename=self.filename, _module=self)
 
 
