@@ -516,3 +516,14 @@ def test_messages_point_into_the_included_header(tmp_path):
     (tmp_path / "k2.cu").write_text('#include "bad.cuh"\nextern "C" __global__ void k(float* o) { o[0] = 1; }\n')
     with pytest.raises(NotImplementedError, match=r"bad.cuh:3: '__constant__'"):
         load_kernel(str(tmp_path / "k2.cu"), "k").compile()
+
+
+@cpu_only
+def test_a_kernel_file_and_its_header_are_read_again(tmp_path):
+    (tmp_path / "value.cuh").write_text("#define VALUE 1.0f\n")
+    (tmp_path / "k.cu").write_text('#include "value.cuh"\nextern "C" __global__ void k(float* o) { o[0] = VALUE; }\n')
+    out = np.zeros(1, np.float32)
+    load_kernel(str(tmp_path / "k.cu"), "k")((1,), (1,), (out,))
+    (tmp_path / "value.cuh").write_text("#define VALUE 2.0f\n")
+    load_kernel(str(tmp_path / "k.cu"), "k")((1,), (1,), (out,))
+    assert out[0] == 2.0

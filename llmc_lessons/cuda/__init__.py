@@ -151,7 +151,8 @@ class RawKernel:
             elif _checked():
                 self._impl = "checked"  # built and run in a child process with AddressSanitizer loaded
             else:
-                self._impl = _emulated_module(self.code, self.filename, self.options, self.name_expressions)
+                self._impl = _emulated_module(self.code, self.filename, self.options, self.name_expressions,
+                                              _headers(self.code, self.options, self.filename))
         return self._impl
 
     def compile(self) -> "RawKernel":
@@ -198,9 +199,15 @@ def _checked() -> bool:
 
 
 @lru_cache(maxsize=256)
-def _emulated_module(code: str, filename: str, options: tuple, name_expressions: tuple = ()):
+def _emulated_module(code: str, filename: str, options: tuple, name_expressions: tuple, headers: tuple):
+    """The compiled module of a source (`headers`: the texts of the files it includes, so an edited header
+    gives a new module)."""
     from llmc_lessons.cuda.emulator import EmulatedModule
     return EmulatedModule(code, filename, options, checked=False, name_expressions=name_expressions)
+
+
+def _headers(code: str, options: tuple, filename: str) -> tuple:
+    return tuple(text for _, text in cu_source.read_source(code, options, filename).files)
 
 
 class RawModule:
@@ -233,7 +240,8 @@ class RawModule:
         if device.on_gpu():
             self._compiled()
         elif not _checked():
-            _emulated_module(self.code, self.filename, self.options, self.name_expressions)
+            _emulated_module(self.code, self.filename, self.options, self.name_expressions,
+                             _headers(self.code, self.options, self.filename))
         return self
 
     def get_function(self, name: str) -> RawKernel:
@@ -256,21 +264,28 @@ def kernel_source(filename: str) -> str:
     return path.read_text()
 
 
-@lru_cache(maxsize=None)
 def load_kernel(filename: str, name: str, options: tuple = (), include_dirs: tuple = ()) -> RawKernel:
-    """A kernel from a .cu file, compiled once per process.
+    """A kernel from a .cu file.
 
-    `filename` is a file of the package's kernels/ folder ("layernorm.cu") or a path to a file anywhere
-    ("~/llm.c/dev/cuda/my_kernels.cu"; its folder and `include_dirs` go on the include path). `name` is an
-    extern "C" kernel, a kernel that is not extern "C", or a template instantiation ("k<float, 4>")."""
+    `filename` is the name of a file of the package's kernels/ folder ("layernorm.cu"; compiled once per
+    process) or a path to a file anywhere ("~/llmc-dev/layernorm_forward.cu"; read again at every call, so edits to it and
+    to its headers are seen; its folder and `include_dirs` go on the include path). `name` is an extern "C"
+    kernel, a kernel that is not extern "C", or a template instantiation ("k<float, 4>")."""
+    if (Path(KERNELS_DIR) / filename).is_file() and Path(filename).name == filename:
+        return _package_kernel(filename, name, tuple(options))
     path = Path(filename).expanduser()
-    if path.parent == Path(".") and not path.is_file():
-        code, path = kernel_source(filename), Path(KERNELS_DIR) / filename
-    elif path.is_file():
-        code, path = path.read_text(), path.resolve()
-    else:
+    if not path.is_file():
         raise FileNotFoundError(f"no kernel file {filename!r}")
     options = tuple(options) + tuple(f"-I{Path(d).expanduser().resolve()}" for d in include_dirs)
-    if cu_source.is_extern_c(code, name, options, str(path)):
-        return RawKernel(code, name, options, filename=str(path))
-    return RawModule(code, options, name_expressions=[name], filename=str(path)).get_function(name)
+    return _kernel(path.read_text(), name, options, str(path.resolve()))
+
+
+@lru_cache(maxsize=None)
+def _package_kernel(filename: str, name: str, options: tuple) -> RawKernel:
+    return _kernel(kernel_source(filename), name, options, str(Path(KERNELS_DIR) / filename))
+
+
+def _kernel(code: str, name: str, options: tuple, path: str) -> RawKernel:
+    if cu_source.is_extern_c(code, name, options, path):
+        return RawKernel(code, name, options, filename=path)
+    return RawModule(code, options, name_expressions=[name], filename=path).get_function(name)

@@ -167,8 +167,7 @@ class EmulatedModule:
         if Path(filename).is_file():   # its own folder first, as for #include "..." on a GPU
             extra.append(f"-I{Path(filename).resolve().parent}")
         runtime(checked)
-        headers = [text for _, text in cu_source.read_source(code, tuple(options), filename).files]
-        self.path = _build("kernel", [filename, *headers], text, extra, checked)
+        self.path = _build("kernel", [filename], text, extra, checked)
         self.lib = ctypes.CDLL(str(self.path), mode=ctypes.RTLD_LOCAL)
         self.checked = checked
 

@@ -70,30 +70,16 @@ class KernelSignature:
     line: int
 
 
+_TOKENS = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|//[^\n]*|/\*.*?(?:\*/|\Z)', re.S)
+
+
+@lru_cache(maxsize=256)
 def strip_comments(src: str) -> str:
     """`src` with comments replaced by spaces (newlines kept), so offsets and line numbers stay valid."""
-    out = list(src)
-    i, n = 0, len(src)
-    while i < n:
-        c = src[i]
-        if c == '"' or c == "'":
-            j = i + 1
-            while j < n and src[j] != c:
-                j += 2 if src[j] == "\\" else 1
-            i = j + 1
-        elif src.startswith("//", i):
-            j = src.find("\n", i)
-            j = n if j < 0 else j
-            out[i:j] = " " * (j - i)
-            i = j
-        elif src.startswith("/*", i):
-            j = src.find("*/", i + 2)
-            j = n if j < 0 else j + 2
-            out[i:j] = [ch if ch == "\n" else " " for ch in src[i:j]]
-            i = j
-        else:
-            i += 1
-    return "".join(out)
+    def blank(m):
+        t = m.group(0)
+        return t if t[0] in "\"'" else re.sub(r"[^\n]", " ", t)
+    return _TOKENS.sub(blank, src)
 
 
 def _line_of(src: str, pos: int) -> int:
@@ -192,42 +178,41 @@ def _read_types(code: str, here, dirs, macros: dict, typedefs: dict, files: list
     branches (both branches where the condition cannot be decided), follow #include of files found in
     `here` or `dirs` into `files`. Returns `code` with the lines of branches certainly not compiled blanked."""
     stack = []   # per open #if: [state of this branch (True/False/None), some earlier branch taken (True/False/None)]
-    out = []
-
-    def live():
-        return all(s[0] is not False for s in stack)
-    for line in code.split("\n"):
-        m = _DIRECTIVE.match(line)
-        if m:
-            d, rest = m.group(1), m.group(2).strip()
-            if d in ("if", "ifdef", "ifndef"):
-                word = (rest.split() or [""])[0]
-                c = (word in macros) if d == "ifdef" else (word not in macros) if d == "ifndef" else \
-                    _eval_condition(rest, macros)
-                stack.append([c, c])
-            elif d in ("elif", "else") and stack:
-                taken = stack[-1][1]
-                c = True if d == "else" else _eval_condition(rest, macros)
-                stack[-1][0] = False if taken is True or c is False else (None if None in (taken, c) else True)
-                stack[-1][1] = True if True in (taken, c) else (None if None in (taken, c) else False)
-            elif d == "endif" and stack:
-                stack.pop()
-            elif live() and d == "define":
-                dm = re.match(r"(\w+)(?![\w(])\s*(.*)", rest)
-                if dm and all(s[0] is True for s in stack):   # a macro defined for certain
-                    macros.setdefault(dm.group(1), dm.group(2).strip())
-            elif live() and d == "include":
-                im = re.match(r'["<]([^">]+)[">]', rest)
-                p = im and _find_include(im.group(1), here if rest.startswith('"') else None, dirs)
-                if p and p not in seen:
-                    seen.add(p)
-                    text = p.read_text(errors="replace")
-                    files.append((p, text))
-                    _read_types(strip_comments(text), p.parent, dirs, macros, typedefs, files, seen)
-            out.append(line if live() else "")
-            continue
-        out.append(line if live() else "")
-    text = "\n".join(out)
+    out, pos, live = [], 0, True   # live: the text at `pos` may be compiled
+    for m in _DIRECTIVE.finditer(code):
+        chunk = code[pos:m.start()]
+        out.append(chunk if live else re.sub(r"[^\n]", "", chunk))
+        pos = m.end()
+        out.append(m.group(0) if live else "")
+        d, rest = m.group(1), m.group(2).strip()
+        if d in ("if", "ifdef", "ifndef"):
+            word = (rest.split() or [""])[0]
+            c = (word in macros) if d == "ifdef" else (word not in macros) if d == "ifndef" else \
+                _eval_condition(rest, macros)
+            stack.append([c, c])
+        elif d in ("elif", "else") and stack:
+            taken = stack[-1][1]
+            c = True if d == "else" else _eval_condition(rest, macros)
+            stack[-1][0] = False if taken is True or c is False else (None if None in (taken, c) else True)
+            stack[-1][1] = True if True in (taken, c) else (None if None in (taken, c) else False)
+        elif d == "endif" and stack:
+            stack.pop()
+        elif live and d == "define":
+            dm = re.match(r"(\w+)(?![\w(])\s*(.*)", rest)
+            if dm and all(s[0] is True for s in stack):   # a macro defined for certain
+                macros.setdefault(dm.group(1), dm.group(2).strip())
+        elif live and d == "include":
+            im = re.match(r'["<]([^">]+)[">]', rest)
+            p = im and _find_include(im.group(1), here if rest.startswith('"') else None, dirs)
+            if p and p not in seen:
+                seen.add(p)
+                text = p.read_text(errors="replace")
+                files.append((p, text))
+                _read_types(strip_comments(text), p.parent, dirs, macros, typedefs, files, seen)
+        live = all(s[0] is not False for s in stack)
+    chunk = code[pos:]
+    out.append(chunk if live else re.sub(r"[^\n]", "", chunk))
+    text = "".join(out)
     for tm in re.finditer(r"\btypedef\s+([^;{}()]+?)\s*\b([A-Za-z_]\w*)\s*;", text):
         typedefs.setdefault(tm.group(2), set()).add(" ".join(tm.group(1).replace("*", " * ").split()))
     for um in re.finditer(r"\busing\s+([A-Za-z_]\w*)\s*=\s*([^;{}()]+);", text):
@@ -236,7 +221,7 @@ def _read_types(code: str, here, dirs, macros: dict, typedefs: dict, files: list
 
 
 def inline_headers(src: str, filename: str, options: tuple = ()) -> str:
-    """`src` with each `#include "..."` of a header found in the file's folder or an -I folder of `options`
+    """`src` with each #include of a header found in the file's folder (for "...") or an -I folder of `options`
     replaced by the header's text (once per header; the course's kernels/ folder is left to the compiler), so
     the emulator's rewriting of `__shared__` and its subset check reach the headers a kernel file brings.
     #line directives keep compiler messages pointing at the header's own lines."""
@@ -246,8 +231,8 @@ def inline_headers(src: str, filename: str, options: tuple = ()) -> str:
     def expand(text: str, path: str, here) -> str:
         out = []
         for i, line in enumerate(text.split("\n")):
-            m = re.match(r'[ \t]*#[ \t]*include[ \t]*"([^"]+)"', line)
-            p = m and _find_include(m.group(1), here, dirs)
+            m = re.match(r'[ \t]*#[ \t]*include[ \t]*(["<])([^">]+)[">]', line)
+            p = m and _find_include(m.group(2), here if m.group(1) == '"' else None, dirs)
             if p and p.parent != KERNELS_DIR.resolve():
                 if p not in done:
                     done.add(p)
@@ -270,7 +255,6 @@ class SourceInfo:
     files: tuple               # (path, text) of every header it includes that was found
 
 
-@lru_cache(maxsize=64)
 def read_source(src: str, options: tuple = (), filename: str | None = None) -> SourceInfo:
     """What the kernels of `src` need to be read: its compiled text, typedefs and included headers. Headers are
     searched in the folder of `filename`, the -I folders of `options`, then the course's kernels/ folder."""
