@@ -527,3 +527,17 @@ def test_a_kernel_file_and_its_header_are_read_again(tmp_path):
     (tmp_path / "value.cuh").write_text("#define VALUE 2.0f\n")
     load_kernel(str(tmp_path / "k.cu"), "k")((1,), (1,), (out,))
     assert out[0] == 2.0
+
+
+@cpu_only
+def test_checked_mode_runs_template_kernels_and_null_pointers(monkeypatch):
+    monkeypatch.setenv("LLMC_CHECK", "1")
+    k = RawModule(TEMPLATES, name_expressions=["scale_sum<float, 4>"]).get_function("scale_sum<float, 4>")
+    n = 300
+    x = gen.standard_normal(n).astype(np.float32)
+    out, sums = poisoned(n), poisoned(2)
+    k((2,), (64,), (out, sums, x, np.float32(2), np.int32(n)))
+    np.testing.assert_allclose(out, 2 * x, rtol=1e-6)     # results come back from the checked child process
+    bias_out = poisoned(5 * 128)
+    RawKernel(MISC, "static_shared_sum")((5,), (128,), (bias_out, x, None, np.int32(n)))
+    np.testing.assert_allclose(bias_out[:2], [x[:128].sum(), x[128:256].sum()], rtol=1e-5, atol=1e-5)
