@@ -508,8 +508,10 @@ extern "C" __global__ void plain(floatX* out, int n) {
 
 @cpu_only
 def test_messages_point_into_the_included_header(tmp_path):
-    (tmp_path / "bad.cuh").write_text("#pragma once\n__device__ float twice(float v) {\n    return 2 * v + undefined_name;\n}\n")
-    (tmp_path / "k.cu").write_text('#include "bad.cuh"\nextern "C" __global__ void k(float* o) { o[0] = twice(o[0]); }\n')
+    (tmp_path / "bad.cuh").write_text("#pragma once\n__device__ float twice(float v) {\n"
+                                      "    return 2 * v + undefined_name;\n}\n")
+    (tmp_path / "k.cu").write_text('#include "bad.cuh"\n'
+                                   'extern "C" __global__ void k(float* o) { o[0] = twice(o[0]); }\n')
     with pytest.raises(Exception, match=r"bad.cuh:3.*undefined_name"):
         load_kernel(str(tmp_path / "k.cu"), "k").compile()
     (tmp_path / "bad.cuh").write_text("#pragma once\n\n__device__ __constant__ float table[4];\n")

@@ -268,9 +268,9 @@ def load_kernel(filename: str, name: str, options: tuple = (), include_dirs: tup
     """A kernel from a .cu file.
 
     `filename` is the name of a file of the package's kernels/ folder ("layernorm.cu"; compiled once per
-    process) or a path to a file anywhere ("~/llmc-dev/layernorm_forward.cu"; read again at every call, so edits to it and
-    to its headers are seen; its folder and `include_dirs` go on the include path). `name` is an extern "C"
-    kernel, a kernel that is not extern "C", or a template instantiation ("k<float, 4>")."""
+    process) or a path to a file anywhere ("~/llmc-dev/layernorm_forward.cu"; read again at every call, so
+    edits to it and to its headers are seen; its folder and `include_dirs` go on the include path). `name`
+    is an extern "C" kernel, a kernel that is not extern "C", or a template instantiation ("k<float, 4>")."""
     if (Path(KERNELS_DIR) / filename).is_file() and Path(filename).name == filename:
         return _package_kernel(filename, name, tuple(options))
     path = Path(filename).expanduser()

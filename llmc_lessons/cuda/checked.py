@@ -38,8 +38,8 @@ def launch(kernel, grid, block, args, shared_mem: int, shared_limit: int) -> str
     with tempfile.TemporaryDirectory(prefix="llmc-check-") as tmp:
         d = Path(tmp)
         spec = {"code": kernel.code, "name": kernel.name, "filename": kernel.filename,
-                "options": list(kernel.options), "name_expressions": list(kernel.name_expressions), "grid": grid, "block": block, "shared_mem": shared_mem,
-                "shared_limit": shared_limit, "args": []}
+                "options": list(kernel.options), "grid": grid, "block": block, "shared_mem": shared_mem,
+                "shared_limit": shared_limit, "args": [], "name_expressions": list(kernel.name_expressions)}
         for i, a in enumerate(args):
             if isinstance(a, np.ndarray):
                 np.save(d / f"arg{i}.npy", a)

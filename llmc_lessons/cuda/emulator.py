@@ -164,7 +164,7 @@ class EmulatedModule:
         text = (f'#include "llmc_cuda.h"\n#line 1 "{filename}"\n' + cu_source.rewrite_shared(code, filename)
                 + "\n" + _thunks(dict.fromkeys(names)))
         extra = [o for o in options if o.startswith(("-D", "-I", "-U"))]
-        if Path(filename).is_file():   # its own folder first, as for #include "..." on a GPU
+        if Path(filename).is_file():   # the file's folder is on the include path, as RawKernel puts it on a GPU
             extra.append(f"-I{Path(filename).resolve().parent}")
         runtime(checked)
         self.path = _build("kernel", [filename], text, extra, checked)
