@@ -151,6 +151,12 @@ def test_typedef_parameters_follow_the_options(bf16):
                                            np.int32(n)))
 
 
+def test_a_typedef_that_depends_on_an_undecidable_condition_is_named():
+    src = FLOATX.replace("#if defined(ENABLE_BF16)", "#if __CUDA_ARCH__ >= 800")   # differs between GPU and CPU
+    with pytest.raises(ValueError, match=r"typedef 'floatX' stands for one of __nv_bfloat16, float"):
+        RawKernel(src, "scale_x")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. Cache-hinted loads and stores, 4. the host's constants
 

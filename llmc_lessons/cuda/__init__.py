@@ -120,8 +120,8 @@ def _check_args(sig: cu_source.KernelSignature, args) -> list:
 
 def _gpu_options(options: tuple, filename: str) -> tuple:
     """Compiler options for NVRTC: the course's kernels/ folder and the source file's own folder included."""
-    here = (f"-I{Path(filename).resolve().parent}",) if Path(filename).is_file() else ()
-    return tuple(options) + (f"-I{KERNELS_DIR}",) + here
+    folder = Path(filename).resolve().parent if Path(filename).is_file() else KERNELS_DIR
+    return tuple(options) + (f"-I{KERNELS_DIR}",) + ((f"-I{folder}",) if folder != KERNELS_DIR else ())
 
 
 class RawKernel:
