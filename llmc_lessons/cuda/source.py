@@ -5,6 +5,7 @@ argument type is silently misread), and the emulator needs them to marshal argum
 """
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -123,7 +124,6 @@ def _macros_and_dirs(options) -> tuple[dict, list]:
 def _eval_condition(expr: str, macros: dict):
     """True, False, or None when `expr` (of an #if) depends on a macro this reader cannot know (such as
     __CUDA_ARCH__, which differs between a GPU and the emulator)."""
-    import ast
     e = re.sub(r"\bdefined\s*\(\s*(\w+)\s*\)|\bdefined\s+(\w+)",
                lambda m: "1" if (m.group(1) or m.group(2)) in macros else "0", expr)
     e = re.sub(r"\b(\d+)[uUlL]+\b", r"\1", e)
@@ -134,7 +134,7 @@ def _eval_condition(expr: str, macros: dict):
     except SyntaxError:
         return None
 
-    def ev(n, depth=0):
+    def ev(n):
         if isinstance(n, ast.Expression):
             return ev(n.body)
         if isinstance(n, ast.Constant) and isinstance(n.value, int):
