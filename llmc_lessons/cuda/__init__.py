@@ -2,6 +2,8 @@
 
     k = RawKernel(code, "layernorm_forward_kernel1")        # same constructor as cupy.RawKernel
     k = load_kernel("layernorm.cu", "layernorm_forward_kernel1")   # from llmc_lessons/kernels/
+    k = load_kernel("~/llm.c/dev/cuda/my_kernels.cu", "k<float>")   # any file; its folder is on the include path
+    k = RawModule(code, name_expressions=["k<float, 4>"]).get_function("k<float, 4>")   # as cupy.RawModule
     k(grid, block, args, shared_mem=0)
 
 Before every launch, on both backends, the arguments are checked against the kernel's declared parameter
@@ -21,7 +23,7 @@ from llmc_lessons import device
 from llmc_lessons.cuda import source as cu_source
 from llmc_lessons.cuda.emulator import KERNELS_DIR, CompileError, KernelError
 
-__all__ = ["RawKernel", "load_kernel", "kernel_source", "CompileError", "KernelError", "KERNELS_DIR"]
+__all__ = ["RawKernel", "RawModule", "load_kernel", "kernel_source", "CompileError", "KernelError", "KERNELS_DIR"]
 
 DEFAULT_SHARED_LIMIT = 48 * 1024
 """Shared memory a block may use (static plus dynamic) unless the kernel asks for more."""
@@ -75,11 +77,14 @@ def _check_args(sig: cu_source.KernelSignature, args) -> list:
         def where():
             return f"argument {i} ({p.describe()}) of kernel '{sig.name}'"
         if p.pointer:
+            if a is None:                                   # a null pointer, as nullptr in C++
+                out.append(np.uint64(0) if gpu else None)   # CuPy passes the 8 bytes of a uint64 as the pointer
+                continue
             if not isinstance(a, array):
                 if isinstance(a, np.ndarray) and gpu:
                     raise TypeError(f"{where()}: got a NumPy array, but kernels run on the GPU: move it there "
                                     f"with llmc_lessons.device.to_device")
-                raise TypeError(f"{where()}: expected an array, got {type(a).__name__}")
+                raise TypeError(f"{where()}: expected an array, got {type(a).__name__} (None passes a null pointer)")
             if want is not None and a.dtype != want:
                 raise TypeError(f"{where()}: expected an array of {want}, got {a.dtype}")
             flags = a.flags
@@ -113,29 +118,41 @@ def _check_args(sig: cu_source.KernelSignature, args) -> list:
     return out
 
 
+def _gpu_options(options: tuple, filename: str) -> tuple:
+    """Compiler options for NVRTC: the course's kernels/ folder and the source file's own folder included."""
+    folder = Path(filename).resolve().parent if Path(filename).is_file() else KERNELS_DIR
+    return tuple(options) + (f"-I{KERNELS_DIR}",) + ((f"-I{folder}",) if folder != KERNELS_DIR else ())
+
+
 class RawKernel:
     """A kernel from CUDA source; call it as k(grid, block, args, shared_mem=0), as cupy.RawKernel."""
 
-    def __init__(self, code: str, name: str, options: tuple = (), *, filename: str | None = None):
+    def __init__(self, code: str, name: str, options: tuple = (), *, filename: str | None = None,
+                 _module: "RawModule | None" = None):
         if not isinstance(code, str) or not isinstance(name, str):
             raise TypeError("RawKernel(code, name): code and name must be strings")
         self.code, self.name, self.options = code, name, tuple(options)
         self.filename = filename or "<RawKernel source>"
-        self.signature = cu_source.signature(code, name)
+        self.signature = cu_source.signature(code, name, self.options, filename, module=_module is not None)
+        self.name_expressions = _module.name_expressions if _module is not None else ()
         self.max_dynamic_shared_size_bytes = 0  # raise it to allow more than 48 KiB of shared memory
+        self._module = _module
         self._impl = None
         self._applied_shared = 0   # the limit last passed to the GPU's copy of the kernel
 
     def _compiled(self):
         if self._impl is None:
-            if device.on_gpu():
+            if device.on_gpu() and self._module is not None:
+                self._impl = self._module._compiled().get_function(self.name)
+            elif device.on_gpu():
                 import cupy
-                opts = self.options + (f"-I{KERNELS_DIR}",)
-                self._impl = cupy.RawKernel(self.code, self.name, options=opts)
+                self._impl = cupy.RawKernel(cu_source.with_constants(self.code, self.filename), self.name,
+                                            options=_gpu_options(self.options, self.filename))
             elif _checked():
                 self._impl = "checked"  # built and run in a child process with AddressSanitizer loaded
             else:
-                self._impl = _emulated_module(self.code, self.filename, self.options)
+                self._impl = _emulated_module(self.code, self.filename, self.options, self.name_expressions,
+                                              _headers(self.code, self.options, self.filename))
         return self._impl
 
     def compile(self) -> "RawKernel":
@@ -182,9 +199,60 @@ def _checked() -> bool:
 
 
 @lru_cache(maxsize=256)
-def _emulated_module(code: str, filename: str, options: tuple):
+def _emulated_module(code: str, filename: str, options: tuple, name_expressions: tuple, headers: tuple):
+    """The compiled module of a source (`headers`: the texts of the files it includes, so an edited header
+    gives a new module)."""
     from llmc_lessons.cuda.emulator import EmulatedModule
-    return EmulatedModule(code, filename, options, checked=False)
+    return EmulatedModule(code, filename, options, checked=False, name_expressions=name_expressions)
+
+
+def _headers(code: str, options: tuple, filename: str) -> tuple:
+    return tuple(text for _, text in cu_source.read_source(code, options, filename).files)
+
+
+class RawModule:
+    """Kernels from CUDA source, including template kernels and kernels that are not extern "C", looked up by
+    name as with cupy.RawModule: list the template instantiations in `name_expressions`, then
+    `get_function("k<float, 4>")`. The arguments of each launch are checked against the instantiated types."""
+
+    def __init__(self, code: str, options: tuple = (), name_expressions=(), *, filename: str | None = None):
+        if not isinstance(code, str):
+            raise TypeError("RawModule(code, ...): code must be a string (CUDA source)")
+        if isinstance(name_expressions, str) or not all(isinstance(n, str) for n in name_expressions):
+            raise TypeError("name_expressions must be a list of strings, such as ['k<float, 4>']")
+        self.code, self.options = code, tuple(options)
+        self.name_expressions = tuple(name_expressions)
+        self.filename = filename or "<RawModule source>"
+        for n in self.name_expressions:   # a clear error now for a misspelt kernel or template arguments
+            cu_source.signature(code, n, self.options, filename, module=True)
+        self._impl = None
+
+    def _compiled(self):
+        if self._impl is None:
+            import cupy
+            self._impl = cupy.RawModule(code=cu_source.with_constants(self.code, self.filename),
+                                        options=_gpu_options(self.options, self.filename),
+                                        name_expressions=list(self.name_expressions) or None)
+        return self._impl
+
+    def compile(self) -> "RawModule":
+        """Compile now (else the first launch compiles); raises CompileError with the compiler's message."""
+        if device.on_gpu():
+            self._compiled()
+        elif not _checked():
+            _emulated_module(self.code, self.filename, self.options, self.name_expressions,
+                             _headers(self.code, self.options, self.filename))
+        return self
+
+    def get_function(self, name: str) -> RawKernel:
+        """The kernel `name`: a name listed in name_expressions, or an extern "C" kernel (as with CuPy, whose
+        GPU module finds a C++ name only through name_expressions)."""
+        if name not in self.name_expressions and not cu_source.is_extern_c(self.code, name, self.options,
+                                                                            self.filename):
+            raise ValueError(f"'{name}' is not among this module's name_expressions "
+                             f"({', '.join(self.name_expressions) or 'none'}) and is not an extern \"C\" kernel: "
+                             f"list it there, with the same spelling, as cupy.RawModule requires")
+        return RawKernel(self.code, name, self.options, filename=self.filename, _module=self)
 
 
 def kernel_source(filename: str) -> str:
@@ -196,7 +264,28 @@ def kernel_source(filename: str) -> str:
     return path.read_text()
 
 
+def load_kernel(filename: str, name: str, options: tuple = (), include_dirs: tuple = ()) -> RawKernel:
+    """A kernel from a .cu file.
+
+    `filename` is the name of a file of the package's kernels/ folder ("layernorm.cu"; compiled once per
+    process) or a path to a file anywhere ("~/llmc-dev/layernorm_forward.cu"; read again at every call, so
+    edits to it and to its headers are seen; its folder and `include_dirs` go on the include path). `name`
+    is an extern "C" kernel, a kernel that is not extern "C", or a template instantiation ("k<float, 4>")."""
+    if (Path(KERNELS_DIR) / filename).is_file() and Path(filename).name == filename:
+        return _package_kernel(filename, name, tuple(options))
+    path = Path(filename).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no kernel file {filename!r}")
+    options = tuple(options) + tuple(f"-I{Path(d).expanduser().resolve()}" for d in include_dirs)
+    return _kernel(path.read_text(), name, options, str(path.resolve()))
+
+
 @lru_cache(maxsize=None)
-def load_kernel(filename: str, name: str, options: tuple = ()) -> RawKernel:
-    """A kernel from the package's kernels/ folder, compiled once per process."""
-    return RawKernel(kernel_source(filename), name, options, filename=str(Path(KERNELS_DIR) / filename))
+def _package_kernel(filename: str, name: str, options: tuple) -> RawKernel:
+    return _kernel(kernel_source(filename), name, options, str(Path(KERNELS_DIR) / filename))
+
+
+def _kernel(code: str, name: str, options: tuple, path: str) -> RawKernel:
+    if cu_source.is_extern_c(code, name, options, path):
+        return RawKernel(code, name, options, filename=path)
+    return RawModule(code, options, name_expressions=[name], filename=path).get_function(name)

@@ -39,11 +39,13 @@ def launch(kernel, grid, block, args, shared_mem: int, shared_limit: int) -> str
         d = Path(tmp)
         spec = {"code": kernel.code, "name": kernel.name, "filename": kernel.filename,
                 "options": list(kernel.options), "grid": grid, "block": block, "shared_mem": shared_mem,
-                "shared_limit": shared_limit, "args": []}
+                "shared_limit": shared_limit, "args": [], "name_expressions": list(kernel.name_expressions)}
         for i, a in enumerate(args):
             if isinstance(a, np.ndarray):
                 np.save(d / f"arg{i}.npy", a)
                 spec["args"].append({"array": f"arg{i}.npy"})
+            elif a is None:
+                spec["args"].append({"null": True})
             else:
                 spec["args"].append({"scalar": a.item(), "dtype": a.dtype.name})
         (d / "spec.json").write_text(json.dumps(spec))
@@ -89,9 +91,11 @@ def _child(d: Path) -> int:
     spec = json.loads((d / "spec.json").read_text())
     args = []
     for a in spec["args"]:
-        args.append(np.load(d / a["array"]) if "array" in a else np.dtype(a["dtype"]).type(a["scalar"]))
-    module = emulator.EmulatedModule(spec["code"], spec["filename"], tuple(spec["options"]), checked=True)
-    sig = source.signature(spec["code"], spec["name"])
+        args.append(np.load(d / a["array"]) if "array" in a else None if "null" in a else
+                    np.dtype(a["dtype"]).type(a["scalar"]))
+    module = emulator.EmulatedModule(spec["code"], spec["filename"], tuple(spec["options"]), checked=True,
+                                     name_expressions=tuple(spec["name_expressions"]))
+    sig = source.signature(spec["code"], spec["name"], tuple(spec["options"]), spec["filename"], module=True)
     try:
         out = emulator.launch(module, sig, tuple(spec["grid"]), tuple(spec["block"]), args, spec["shared_mem"],
                               spec["shared_limit"])

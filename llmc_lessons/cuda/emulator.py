@@ -21,7 +21,7 @@ from pathlib import Path
 from llmc_lessons.cuda import source as cu_source
 
 HERE = Path(__file__).resolve().parent
-KERNELS_DIR = HERE.parent / "kernels"
+KERNELS_DIR = cu_source.KERNELS_DIR
 HEADER = HERE / "llmc_cuda.h"
 RUNTIME = HERE / "runtime.cpp"
 STACK_SIZE = int(os.environ.get("LLMC_FIBER_STACK", 256 * 1024))
@@ -133,34 +133,46 @@ def runtime(checked: bool = False) -> ctypes.CDLL:
     return rt
 
 
-def _thunks(kernels: dict) -> str:
-    """One entry point per kernel that unpacks an array of argument addresses, as cuLaunchKernel does."""
-    out = ['#line 1 "<llmc_lessons thunks>"']
-    for sig in kernels.values():
-        if sig is None:
-            continue
-        args = ", ".join(f"*({p.ctype} *)a[{i}]" for i, p in enumerate(sig.params))
-        out.append(f'extern "C" __attribute__((visibility("default"))) void llmc_thunk_{sig.name}(void **a) '
-                   f'{{ (void)a; {sig.name}({args}); }}')
+def thunk_symbol(name: str) -> str:
+    """The entry point of kernel `name` (or of a template instantiation such as "k<float, 4>")."""
+    return f"llmc_thunk_{name}" if name.isidentifier() else \
+        f"llmc_thunk_t{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
+def _thunks(names) -> str:
+    """One entry point per kernel that unpacks an array of argument addresses, as cuLaunchKernel does (the
+    parameter types come from the function itself, so typedefs and template arguments need no reading here)."""
+    out = ['#line 1 "<llmc_lessons thunks>"', "#include <type_traits>", "#include <utility>",
+           "template <typename... P, std::size_t... I>",
+           "static void llmc_call(void (*f)(P...), void **a, std::index_sequence<I...>) {",
+           "    (void)a; f(*static_cast<std::remove_reference_t<P> *>(a[I])...); }",
+           "template <typename... P>",
+           "static void llmc_call(void (*f)(P...), void **a) { llmc_call(f, a, std::index_sequence_for<P...>{}); }"]
+    for name in names:
+        out.append(f'extern "C" __attribute__((visibility("default"))) void {thunk_symbol(name)}(void **a) '
+                   f'{{ llmc_call(&{name}, a); }}')
     return "\n".join(out) + "\n"
 
 
 class EmulatedModule:
     """One compiled kernel source: look up its kernels' entry points by name."""
 
-    def __init__(self, code: str, filename: str, options: tuple, checked: bool):
+    def __init__(self, code: str, filename: str, options: tuple, checked: bool, name_expressions: tuple = ()):
+        names = cu_source.plain_kernel_names(code, options, filename) + list(name_expressions)
+        code = cu_source.inline_headers(code, filename, options)
         cu_source.check_subset(code, filename)
-        kernels = cu_source.find_kernels(code)
         text = (f'#include "llmc_cuda.h"\n#line 1 "{filename}"\n' + cu_source.rewrite_shared(code, filename)
-                + "\n" + _thunks(kernels))
+                + "\n" + _thunks(dict.fromkeys(names)))
         extra = [o for o in options if o.startswith(("-D", "-I", "-U"))]
+        if Path(filename).is_file():   # the file's folder is on the include path, as RawKernel puts it on a GPU
+            extra.append(f"-I{Path(filename).resolve().parent}")
         runtime(checked)
         self.path = _build("kernel", [filename], text, extra, checked)
         self.lib = ctypes.CDLL(str(self.path), mode=ctypes.RTLD_LOCAL)
         self.checked = checked
 
     def thunk(self, name: str) -> int:
-        return ctypes.cast(getattr(self.lib, f"llmc_thunk_{name}"), ctypes.c_void_p).value
+        return ctypes.cast(getattr(self.lib, thunk_symbol(name)), ctypes.c_void_p).value
 
 
 def launch(module: EmulatedModule, sig, grid, block, args, shared_mem: int, shared_limit: int) -> str:
@@ -168,7 +180,7 @@ def launch(module: EmulatedModule, sig, grid, block, args, shared_mem: int, shar
     holders, ptrs = [], []
     for p, a in zip(sig.params, args):
         if p.pointer:
-            h = ctypes.c_void_p(a.ctypes.data)
+            h = ctypes.c_void_p(None if a is None else a.ctypes.data)
         else:
             h = ctypes.c_byte * a.dtype.itemsize
             h = h.from_buffer_copy(a.tobytes())

@@ -5,6 +5,8 @@
 // collectives below really wait for the other threads. The runtime behind the llmc_rt_* calls lives in
 // runtime.cpp (one shared library, loaded once).
 #pragma once
+#include <cfloat>
+#include <climits>
 #include <cmath>
 #include <math.h>  // expf, logf, tanhf, ... in the global namespace, as CUDA has them
 #include <cstddef>
@@ -50,10 +52,18 @@ int llmc_rt_printf(const char *fmt, ...);
 #define gridDim (llmc_rt_self->gridDim)
 static constexpr int warpSize = 32;
 
-// __shared__ declarations are rewritten by the emulator's loader into calls of llmc_rt_shared (one copy
-// per block, poisoned with 0xFF bytes = NaN floats before the block starts); see emulator.py.
-#define LLMC_SHARED(T, name, dims, slot) \
-    T(&name) dims = *reinterpret_cast<T(*) dims>(llmc_rt_shared(slot, sizeof(T dims), alignof(T), __FILE__, __LINE__))
+// __shared__ declarations are rewritten by the emulator's loader (source.py) into calls of llmc_rt_shared (one
+// copy per block, poisoned with 0xFF bytes = NaN floats before the block starts). Each declaration gets its slot
+// number the first time it runs, held in a static local: a template function has one per instantiation, so
+// each instantiation has its own variable, as on a GPU.
+static inline int llmc_new_shared_slot() {
+    static int next = 0;
+    return __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+}
+#define LLMC_SHARED(T, name, dims) \
+    static const int llmc_slot_##name = llmc_new_shared_slot(); \
+    T(&name) dims = *reinterpret_cast<T(*) dims>( \
+        llmc_rt_shared(llmc_slot_##name, sizeof(T dims), alignof(T), __FILE__, __LINE__))
 #define LLMC_EXTERN_SHARED(T, name) T *name = reinterpret_cast<T *>(llmc_rt_dynamic_shared())
 
 // ---------------------------------------------------------------------------------------------------------
@@ -148,18 +158,72 @@ static inline float atomicExch(float *a, float v) {
     return old;
 }
 
+// atomicInc/atomicDec wrap around at `limit`, as on a GPU: Inc stores old >= limit ? 0 : old + 1, Dec stores
+// (old == 0 || old > limit) ? limit : old - 1.
+template <typename T, typename F>
+static inline T llmc_atomic_update(T *a, F f) {
+    T old = __atomic_load_n(a, __ATOMIC_RELAXED);
+    while (!__atomic_compare_exchange_n(a, &old, f(old), true, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {}
+    return old;
+}
+static inline unsigned atomicInc(unsigned *a, unsigned limit) {
+    return llmc_atomic_update(a, [limit](unsigned old) { return old >= limit ? 0u : old + 1u; });
+}
+static inline unsigned atomicDec(unsigned *a, unsigned limit) {
+    return llmc_atomic_update(a, [limit](unsigned old) { return (old == 0u || old > limit) ? limit : old - 1u; });
+}
+#define LLMC_ATOMIC_BITS(T) \
+    static inline T atomicAnd(T *a, T v) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); } \
+    static inline T atomicOr(T *a, T v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); } \
+    static inline T atomicXor(T *a, T v) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); }
+LLMC_ATOMIC_BITS(int)
+LLMC_ATOMIC_BITS(unsigned)
+LLMC_ATOMIC_BITS(unsigned long long)
+#undef LLMC_ATOMIC_BITS
+static inline long long atomicMax(long long *a, long long v) { return llmc_atomic_float_op(a, v, 1); }
+static inline unsigned long long atomicMax(unsigned long long *a, unsigned long long v) { return llmc_atomic_float_op(a, v, 1); }
+static inline long long atomicMin(long long *a, long long v) { return llmc_atomic_float_op(a, v, 2); }
+static inline unsigned long long atomicMin(unsigned long long *a, unsigned long long v) { return llmc_atomic_float_op(a, v, 2); }
+static inline unsigned long long atomicExch(unsigned long long *a, unsigned long long v) {
+    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);
+}
+
 // ---------------------------------------------------------------------------------------------------------
-// Vector types, loads, math.
-struct alignas(8) float2 { float x, y; };
-struct alignas(16) float4 { float x, y, z, w; };
-struct alignas(8) int2 { int x, y; };
-struct alignas(16) int4 { int x, y, z, w; };
-static inline float2 make_float2(float x, float y) { return float2{x, y}; }
-static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
-static inline int2 make_int2(int x, int y) { return int2{x, y}; }
-static inline int4 make_int4(int x, int y, int z, int w) { return int4{x, y, z, w}; }
+// Vector types (with CUDA's alignments), loads, math.
+#define LLMC_VEC2(name, T, align) \
+    struct alignas(align) name { T x, y; }; \
+    static inline name make_##name(T x, T y) { return name{x, y}; }
+#define LLMC_VEC3(name, T) \
+    struct name { T x, y, z; }; \
+    static inline name make_##name(T x, T y, T z) { return name{x, y, z}; }
+#define LLMC_VEC4(name, T, align) \
+    struct alignas(align) name { T x, y, z, w; }; \
+    static inline name make_##name(T x, T y, T z, T w) { return name{x, y, z, w}; }
+LLMC_VEC2(float2, float, 8) LLMC_VEC3(float3, float) LLMC_VEC4(float4, float, 16)
+LLMC_VEC2(double2, double, 16)
+LLMC_VEC2(int2, int, 8) LLMC_VEC3(int3, int) LLMC_VEC4(int4, int, 16)
+LLMC_VEC2(uint2, unsigned, 8) LLMC_VEC4(uint4, unsigned, 16)
+LLMC_VEC2(short2, short, 4) LLMC_VEC4(short4, short, 8)
+LLMC_VEC2(ushort2, unsigned short, 4) LLMC_VEC4(ushort4, unsigned short, 8)
+LLMC_VEC2(char2, signed char, 2) LLMC_VEC4(char4, signed char, 4)
+LLMC_VEC2(uchar2, unsigned char, 2) LLMC_VEC4(uchar4, unsigned char, 4)
+LLMC_VEC2(longlong2, long long, 16) LLMC_VEC2(ulonglong2, unsigned long long, 16)
+#undef LLMC_VEC2
+#undef LLMC_VEC3
+#undef LLMC_VEC4
+static inline uint3 make_uint3(unsigned x, unsigned y, unsigned z) { return uint3{x, y, z}; }
 template <typename T>
 static inline T __ldg(const T *p) { return *p; }
+// Cache-hinted loads and stores: on a GPU they choose how the caches keep the line; on a CPU, plain accesses.
+template <typename T> static inline T __ldca(const T *p) { return *p; }
+template <typename T> static inline T __ldcg(const T *p) { return *p; }
+template <typename T> static inline T __ldcs(const T *p) { return *p; }
+template <typename T> static inline T __ldlu(const T *p) { return *p; }
+template <typename T> static inline T __ldcv(const T *p) { return *p; }
+template <typename T> static inline void __stwb(T *p, T v) { *p = v; }
+template <typename T> static inline void __stcg(T *p, T v) { *p = v; }
+template <typename T> static inline void __stcs(T *p, T v) { *p = v; }
+template <typename T> static inline void __stwt(T *p, T v) { *p = v; }
 
 static inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 static inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
@@ -188,14 +252,43 @@ static inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 static inline long long min(long long a, long long b) { return a < b ? a : b; }
 static inline long long max(long long a, long long b) { return a > b ? a : b; }
+static inline unsigned min(int a, unsigned b) { return min((unsigned)a, b); }
+static inline unsigned max(int a, unsigned b) { return max((unsigned)a, b); }
+static inline unsigned min(unsigned a, int b) { return min(a, (unsigned)b); }
+static inline unsigned max(unsigned a, int b) { return max(a, (unsigned)b); }
+static inline long min(long a, long b) { return a < b ? a : b; }
+static inline long max(long a, long b) { return a > b ? a : b; }
+static inline unsigned long min(unsigned long a, unsigned long b) { return a < b ? a : b; }
+static inline unsigned long max(unsigned long a, unsigned long b) { return a > b ? a : b; }
+static inline unsigned long min(long a, unsigned long b) { return min((unsigned long)a, b); }
+static inline unsigned long max(long a, unsigned long b) { return max((unsigned long)a, b); }
+static inline unsigned long min(unsigned long a, long b) { return min(a, (unsigned long)b); }
+static inline unsigned long max(unsigned long a, long b) { return max(a, (unsigned long)b); }
+static inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+static inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
+static inline unsigned long long min(long long a, unsigned long long b) { return min((unsigned long long)a, b); }
+static inline unsigned long long max(long long a, unsigned long long b) { return max((unsigned long long)a, b); }
+static inline unsigned long long min(unsigned long long a, long long b) { return min(a, (unsigned long long)b); }
+static inline unsigned long long max(unsigned long long a, long long b) { return max(a, (unsigned long long)b); }
 static inline float min(float a, float b) { return std::fmin(a, b); }
 static inline float max(float a, float b) { return std::fmax(a, b); }
 static inline double min(double a, double b) { return std::fmin(a, b); }
 static inline double max(double a, double b) { return std::fmax(a, b); }
+static inline double min(float a, double b) { return std::fmin((double)a, b); }
+static inline double max(float a, double b) { return std::fmax((double)a, b); }
+static inline double min(double a, float b) { return std::fmin(a, (double)b); }
+static inline double max(double a, float b) { return std::fmax(a, (double)b); }
+static inline long long __double_as_longlong(double x) { long long i; std::memcpy(&i, &x, 8); return i; }
+static inline double __longlong_as_double(long long i) { double x; std::memcpy(&x, &i, 8); return x; }
 
 // ---------------------------------------------------------------------------------------------------------
 // printf goes to a buffer that Python prints after the launch (so it shows in a notebook cell); a failed
 // assert stops the launch with a Python error naming the file, line, block and thread.
 #define printf(...) llmc_rt_printf(__VA_ARGS__)
+// (cuda/assert.h makes `#include <assert.h>` and <cassert> keep this assert.) __trap() stops the launch the same way.
+#define LLMC_ASSERT(text, cond) ((cond) ? (void)0 : llmc_rt_fail(__FILE__, __LINE__, "assert(%s) failed", text))
 #undef assert
-#define assert(cond) ((cond) ? (void)0 : llmc_rt_fail(__FILE__, __LINE__, "assert(%s) failed", #cond))
+#define assert(cond) LLMC_ASSERT(#cond, cond)
+#define __trap() llmc_rt_fail(__FILE__, __LINE__, "__trap() was called")
+
+#include "llmc_constants.h"
