@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, rng,
+                                 run_exercise)
 from llmc_lessons.layers.crossentropy import crossentropy_softmax_backward, softmax_forward
 
 
@@ -62,10 +63,10 @@ def check_crossentropy_softmax_backward(backward_fn) -> None:
         p_before, dl_before, t_before = p.copy(), dlosses.copy(), targets.copy()
         got = run_exercise(ex, backward_fn, dlosses, p, targets, V)
         if got is None:
-            raise AssertionError(f"{ex}: got None. Did your function forget to `return` dlogits?")
+            raise ExerciseFailed(f"{ex}: got None. Did your function forget to `return` dlogits?")
         if not (np.array_equal(p, p_before) and np.array_equal(dlosses, dl_before)
                 and np.array_equal(targets, t_before)):
-            raise AssertionError(f"{ex}: your function changed its inputs (probs, dlosses or targets). Start from "
+            raise ExerciseFailed(f"{ex}: your function changed its inputs (probs, dlosses or targets). Start from "
                                  f"a fresh array, e.g. dlogits = np.zeros_like(probs), and write into that: the "
                                  f"caller may still need probs.")
         expected = crossentropy_softmax_backward(dlosses, p, targets, V)
@@ -74,13 +75,13 @@ def check_crossentropy_softmax_backward(backward_fn) -> None:
                          rtol=1e-9, known_mistakes=_backward_mistakes(dlosses, p, targets, V),
                          hint="dlogits[b, t, v] = (probs[b, t, v] - (v == targets[b, t])) * dlosses[b, t] for "
                               "v < V, and 0 for v >= V.")
-        except AssertionError as e:
+        except ExerciseFailed as e:
             got_arr = np.asarray(got, dtype=np.float64)
             if "likely cause" in str(e) or got_arr.shape != expected.shape or not np.any(got_arr[..., V:] != 0):
                 raise
             first = tuple(int(i) for i in np.argwhere(got_arr[..., V:] != 0)[0])
             at = first[:2] + (first[2] + V,)
-            raise AssertionError(
+            raise ExerciseFailed(
                 f"{ex} ({what}): dlogits{list(at)} is {got_arr[at]:.4g}, but columns V..Vp-1 = {V}..{Vp - 1} "
                 f"are padding: the loss never sees them, so their gradient must be exactly 0, whatever probs "
                 f"holds there. Start from zeros and fill only [..., :V].\n{e}") from None
@@ -128,12 +129,12 @@ def check_softmax_forward_kernel(source: str, block_sizes=(32, 96)) -> None:
                 expected = softmax_forward(x64, V)
                 got = device.to_host(probs)
                 if what.endswith("NaN") and np.isnan(got[..., :V]).any() and np.all(got[..., V:] == 0):
-                    raise AssertionError(f"{ex} (block_size={block_size}, V={V}, {what}): some real columns of "
+                    raise ExerciseFailed(f"{ex} (block_size={block_size}, V={V}, {what}): some real columns of "
                                          f"probs are NaN. The padded logits were set to NaN here, so a loop that "
                                          f"reads columns V..Vp-1 poisons the max or the sum: stop at i < V.")
                 written = np.all(got[..., V:] == 0)   # the write loop ran: non-finite values are arithmetic
                 if written and not np.isfinite(got[..., :V]).all() and not what.endswith("NaN"):
-                    raise AssertionError(f"{ex} (block_size={block_size}, V={V}, {what}): some probs are inf or "
+                    raise ExerciseFailed(f"{ex} (block_size={block_size}, V={V}, {what}): some probs are inf or "
                                          f"NaN although the kernel wrote them. Either exp overflowed (row 0 has a "
                                          f"logit of 95 and exp(95) is inf in float32: subtract the row max), or "
                                          f"the row max or sum was never computed (the loops must update "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
 from llmc_lessons.layers.encoder import encoder_backward, encoder_forward
 
 
@@ -26,7 +26,7 @@ def check_encoder_backward(fn) -> None:
     dout = gen.standard_normal((B, T, C))
     result = run_exercise(ex, fn, dout.copy(), inp.copy(), V, maxT)
     if not isinstance(result, tuple) or len(result) != 2:
-        raise AssertionError(f"{ex}: return the pair (dwte, dwpe), got {type(result).__name__}"
+        raise ExerciseFailed(f"{ex}: return the pair (dwte, dwpe), got {type(result).__name__}"
                              + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
     dwte, dwpe = result
     want_dwte, want_dwpe = encoder_backward(dout, inp, V, maxT)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import (CHECKED_MODE_TIP, ExerciseFailed, assert_close, exercise_kernel, passed, poisoned,
+                                 rng, run_exercise)
 from llmc_lessons.layers.gelu import (GELU_CUBE_COEF, GELU_SCALING_FACTOR, gelu_backward, gelu_erf_backward,
                                       gelu_forward)
 
@@ -52,7 +53,7 @@ def check_gelu_backward(gelu_backward_fn) -> None:
     got = run_exercise(ex, gelu_backward_fn, dout.copy(), x.copy())
     dtype = getattr(got, "dtype", None)
     if dtype is not None and dtype != np.float64:
-        raise AssertionError(f"{ex}: for float64 inputs your function returned {dtype}. Compute in the dtype of "
+        raise ExerciseFailed(f"{ex}: for float64 inputs your function returned {dtype}. Compute in the dtype of "
                              f"the input (no np.float32(...) casts): the gradient check runs in float64.")
     assert_close(ex, "dinp", got, gelu_backward(dout, x), atol=1e-9, rtol=1e-6,
                  known_mistakes=_gelu_backward_mistakes(dout, x),
@@ -95,7 +96,7 @@ def check_gelu_backward_kernel(source: str, block_sizes=(32, 128)) -> None:
                           "dinp[i] = local_grad * dout[i];")
         tail = device.to_host(buf[N:])
         if not np.all(np.isnan(tail)):
-            raise AssertionError(f"{ex}: the kernel wrote past the end of dinp (N={N}, block_size={block_size}): "
+            raise ExerciseFailed(f"{ex}: the kernel wrote past the end of dinp (N={N}, block_size={block_size}): "
                                  f"the last block has threads with i >= N, and they must not write. "
-                                 f"Guard the body with `if (i < N)`.")
+                                 f"{CHECKED_MODE_TIP}")
     passed(ex, f"block sizes {tuple(block_sizes)}, awkward N, output poisoned with NaN")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
 from llmc_lessons.layers.layernorm import layernorm_backward, layernorm_forward
 
 
@@ -25,7 +25,7 @@ def check_layernorm_backward(fn) -> None:
     dout = gen.standard_normal((B, T, C))
     result = run_exercise(ex, fn, dout.copy(), inp.copy(), weight.copy(), mean.copy(), rstd.copy())
     if not isinstance(result, tuple) or len(result) != 3:
-        raise AssertionError(f"{ex}: return the triple (dinp, dweight, dbias), got {type(result).__name__}"
+        raise ExerciseFailed(f"{ex}: return the triple (dinp, dweight, dbias), got {type(result).__name__}"
                              + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
     dinp, dweight, dbias = result
     want_dinp, want_dweight, want_dbias = layernorm_backward(dout, inp, weight, mean, rstd)
