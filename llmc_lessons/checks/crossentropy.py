@@ -33,6 +33,11 @@ def _backward_mistakes(dlosses, probs, targets, V) -> dict:
             (real - onehot(np.minimum(targets + 1, Vp - 1))) * dl,
         "the -1 went to column target - 1: an off-by-one target index":
             (real - onehot(np.maximum(targets - 1, 0))) * dl,
+        "the -1 went to every target column of the batch in every row: indexing with targets alone "
+        "(dlogits[..., targets]) picks the same columns for every (b, t); each row has only its own target":
+            (real - np.isin(np.arange(Vp), targets).astype(probs.dtype)) * dl,
+        "the -1 went to column t (the position) instead of column targets[b, t]":
+            (real - onehot(np.broadcast_to(np.minimum(np.arange(T), Vp - 1), (B, T)))) * dl,
         "dlosses was replaced by 1/(B*T): use the dlosses you are given (the loss may not be a plain mean)":
             (real - onehot(targets)) / (B * T),
         "the one-hot was multiplied by dloss but probs was not (or the other way round)":
