@@ -78,8 +78,9 @@ def check_crossentropy_softmax_backward(backward_fn) -> None:
         try:
             assert_close(ex, f"dlogits ({what}; B={B}, T={T}, V={V}, Vp={Vp})", got, expected, atol=1e-12,
                          rtol=1e-9, known_mistakes=_backward_mistakes(dlosses, p, targets, V),
-                         hint="dlogits[b, t, v] = (probs[b, t, v] - (v == targets[b, t])) * dlosses[b, t] for "
-                              "v < V, and 0 for v >= V.")
+                         hint="per position (b, t): the softmax's gradient with respect to its logits, scaled by "
+                              "that position's dlosses; the padded columns v >= V get nothing (see the derivation "
+                              "above).")
         except ExerciseFailed as e:
             got_arr = np.asarray(got, dtype=np.float64)
             if "likely cause" in str(e) or got_arr.shape != expected.shape or not np.any(got_arr[..., V:] != 0):
@@ -146,6 +147,6 @@ def check_softmax_forward_kernel(source: str, block_sizes=(32, 96)) -> None:
                                          f"thread_max and thread_sum).")
                 assert_close(ex, f"probs (block_size={block_size}, B={B}, T={T}, V={V}, Vp={Vp}, {what})",
                              got, expected, atol=1e-6, rtol=1e-4, known_mistakes=_softmax_mistakes(x64, V),
-                             hint="thread k covers columns k, k + blockDim.x, k + 2 blockDim.x, ... below V: "
-                                  "for (int i = threadIdx.x; i < V; i += blockDim.x)")
+                             hint="one block per row: thread k covers columns k, k + blockDim.x, k + 2 blockDim.x, "
+                                  "... of the real columns only, in each of the three loops.")
     passed(ex, f"block sizes {tuple(block_sizes)}, V below and above the block size, padding never read")

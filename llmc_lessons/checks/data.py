@@ -126,7 +126,7 @@ def check_get_batch(fn) -> None:
             "tokens pos + b*T ... pos + b*T + T - 1": t64[pos:pos + B * T].reshape(T, B).T,
             "row b starts at pos + b*(T+1): the rows are consecutive pieces of ONE buffer of B*T+1 tokens, so "
             "row b starts at pos + b*T": window(pos, T + 1),
-        }), hint=f"inputs = tokens[pos : pos + B*T] reshaped to (B, T) (here {where}).")
+        }), hint=f"the inputs are B*T consecutive tokens starting at position pos, row after row (here {where}).")
 
         assert_close(ex, "targets", targets, want_tg, atol=0, rtol=0, known_mistakes=known({
             "targets equal the inputs: the target of inputs[b, t] is the NEXT token, so targets are the "
@@ -139,8 +139,7 @@ def check_get_batch(fn) -> None:
                 np.roll(want_in, -1, axis=1),
             "rows and columns are mixed up (reshape(T, B).T or order='F')":
                 t64[pos + 1:pos + 1 + B * T].reshape(T, B).T,
-        }), hint=f"targets = tokens[pos + 1 : pos + 1 + B*T] reshaped to (B, T), so targets[b, t] is the "
-                 f"token after inputs[b, t] (here {where}).")
+        }), hint=f"targets[b, t] is the token that follows inputs[b, t] in the text (here {where}).")
 
         for name, a in (("inputs", inputs), ("targets", targets)):
             if a.dtype != np.int32:

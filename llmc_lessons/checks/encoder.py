@@ -79,6 +79,6 @@ def check_encoder_forward_kernel(source: str) -> None:
         kernel(grid, (block_size,), (out, d_inp, d_wte, d_wpe, np.int32(B), np.int32(T), np.int32(C)))
         assert_close(f"{ex} at block_size={block_size}", "out", out, want, atol=1e-6, rtol=1e-6,
                      known_mistakes=mistakes,
-                     hint="thread idx owns out's flat element idx = (b*T + t)*C + c; find bt = idx / C, "
-                          "t = bt % T, c = idx % C, then the token id inp[bt].")
+                     hint="thread idx owns out's flat element idx = (b*T + t)*C + c: recover (b*T + t), t and c from "
+                          "idx with / and %, then the token id at that position.")
     passed(ex, f"B={B}, T={T}, C={C}, block sizes 32 and 128, every element written")

@@ -38,7 +38,8 @@ def check_online_softmax_update(fn) -> None:
                      hint="when the maximum grows from m to m_new, what was summed against exp(. - m) must be "
                           "multiplied by exp(m - m_new): both l and o")
         assert_close(ex, "l (running sum)", l, np.exp(s_all - m[:, None]).sum(1), atol=1e-9, rtol=1e-7,
-                     hint="l_new = l * exp(m - m_new) + sum over the tile of exp(s - m_new)")
+                     hint="l is a sum of exp(s - m): when m moves, the old part must move with it, then the "
+                          "tile's own terms are added")
     passed(ex, "folding the tiles gives softmax(s) @ v exactly, with the maximum moving between tiles")
 
 

@@ -25,9 +25,10 @@ def check_layernorm_bytes(fn) -> None:
         }
         if got != want:
             cause = next((c for c, v in mistakes.items() if got == v), None)
-            raise ExerciseFailed(f"{ex}: layernorm_bytes({N}, {C}) returned {got!r}, expected {want:,} bytes: read "
-                                 f"inp (N*C) and weight, bias (2*C), write out (N*C) and mean, rstd (2*N), 4 bytes "
-                                 f"each." + (f"\n  likely cause: {cause}" if cause else ""))
+            raise ExerciseFailed(f"{ex}: layernorm_bytes({N}, {C}) returned {got!r}, expected {want:,} bytes."
+                                 + (f"\n  likely cause: {cause}" if cause else "")
+                                 + "\n  hint: list every array layernorm_forward reads and every array it writes, "
+                                   "with its shape; each is moved once, at 4 bytes a float32.")
     passed(ex, "8192 x 768 moves 50.4 MB; at 3 TB/s that takes 17 us")
 
 
