@@ -130,3 +130,9 @@ def test_a_kernel_that_does_not_compile_fails_with_the_compilers_line():
     with pytest.raises(ExerciseFailed, match=r"Exercise 9.9: the kernel did not compile:(.|\n)*:5:") as e:
         exercise_kernel("Exercise 9.9", KERNEL.replace("2.0f * inp[i];", "2.0f * inp[i]"), "twice")
     assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_compile_and_kernel_errors_show_in_jupyter_as_their_message_alone():
+    from llmc_lessons.cuda import CompileError, KernelError
+    for error in (CompileError("k.cu:3:5: error: expected ';'"), KernelError("deadlock in k at k.cu:7")):
+        assert error._render_traceback_() == [f"\x1b[0;31m{type(error).__name__}\x1b[0m: {error}"]
