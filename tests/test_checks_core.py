@@ -63,6 +63,8 @@ def test_shape_and_none():
     fails(EXPECTED.T, "expected shape (4, 6), got (6, 4)", "transposed")
     with pytest.raises(AssertionError, match="forget to `return`"):
         assert_close("Exercise 9.9", "dx", None, EXPECTED)
+    with pytest.raises(ExerciseFailed, match=r"Exercise 9.9 \(dx\): expected an array of numbers, got str 'dx'"):
+        assert_close("Exercise 9.9", "dx", "dx", EXPECTED)
 
 
 def test_run_exercise_turns_a_stub_into_a_failure():
@@ -136,3 +138,8 @@ def test_compile_and_kernel_errors_show_in_jupyter_as_their_message_alone():
     from llmc_lessons.cuda import CompileError, KernelError
     for error in (CompileError("k.cu:3:5: error: expected ';'"), KernelError("deadlock in k at k.cu:7")):
         assert error._render_traceback_() == [f"\x1b[0;31m{type(error).__name__}\x1b[0m: {error}"]
+
+
+def test_a_kernel_with_another_name_fails_with_what_was_found():
+    with pytest.raises(ExerciseFailed, match=r"Exercise 9\.9: no __global__ function named 'thrice'.*twice"):
+        exercise_kernel("Exercise 9.9", KERNEL, "thrice")

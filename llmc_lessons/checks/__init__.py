@@ -84,14 +84,15 @@ def _their_frames(tb) -> list[str]:
 def _references_replaced(exercise: str, fn: Callable, calls: list):
     """Replace the package functions REFERENCES names for `exercise` by sentinels that record a call and raise,
     in every module of the package and in the namespace `fn` reads its globals from (a notebook's)."""
-    names = REFERENCES.get(exercise.split(" at ")[0], ())
-    modules = [m for k, m in list(sys.modules.items()) if m is not None and (k == PACKAGE or k.startswith(PACKAGE + "."))]
-    originals = {}
+    names = REFERENCES.get(exercise, ())
+    modules = [m for k, m in list(sys.modules.items())
+               if m is not None and (k == PACKAGE or k.startswith(PACKAGE + "."))]
+    originals = {}                                     # id(function) -> its name, for the functions to replace
     for m in modules:
         for name in names:
             f = vars(m).get(name)
             if callable(f) and getattr(f, "__module__", "").startswith(PACKAGE):
-                originals[id(f)] = (name, f)
+                originals[id(f)] = name
 
     def sentinel_for(name):
         def sentinel(*args, **kwargs):
@@ -103,8 +104,8 @@ def _references_replaced(exercise: str, fn: Callable, calls: list):
     replaced = []
     for ns in namespaces:
         for key, value in list(ns.items()):
-            if id(value) in originals and originals[id(value)][1] is value:
-                ns[key] = sentinel_for(originals[id(value)][0])
+            if id(value) in originals:       # the originals stay alive in their modules: ids are not reused
+                ns[key] = sentinel_for(originals[id(value)])
                 replaced.append((ns, key, value))
     try:
         yield
@@ -150,7 +151,7 @@ def exercise_kernel(exercise: str, source: str, name: str):
     _todo_left = exercise if f"TODO ({exercise})" in source else None
     try:
         return RawKernel(source, name).compile()
-    except CompileError as e:
+    except (CompileError, ValueError, NotImplementedError) as e:   # the compiler's, or the emulator's CUDA subset
         raise ExerciseFailed(f"{exercise}: {e}") from None
 
 
@@ -195,7 +196,11 @@ def assert_close(exercise: str, name: str, got, expected, atol: float = 1e-5, rt
     """
     if got is None:
         raise ExerciseFailed(f"{exercise} ({name}): got None. Did your function forget to `return` its result?")
-    got = np.asarray(to_host(got), dtype=np.float64)
+    try:
+        got = np.asarray(to_host(got), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ExerciseFailed(f"{exercise} ({name}): expected an array of numbers, got {type(got).__name__}"
+                             f"{' ' + repr(got)[:60] if not hasattr(got, 'shape') else ''}.") from None
     expected = np.asarray(to_host(expected), dtype=np.float64)
     tail = f"\n  hint: {hint}" if hint else ""
     if got.shape != expected.shape:
