@@ -82,7 +82,7 @@ def check_matmul_kernel2(source: str) -> None:
     def compile_failure(e):
         # CuPy compiles at the first launch and raises its CompileException (the emulator already compiled).
         if type(e).__name__ == "CompileException":
-            return ExerciseFailed(f"{ex}: your kernel does not compile:\n{e}")
+            return ExerciseFailed(f"{ex}: the kernel did not compile:\n{e}")
         return None
 
     gen = rng()
