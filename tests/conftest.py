@@ -28,6 +28,16 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture(autouse=True)
+def reference_answers_allowed(monkeypatch):
+    """The tests of a check hand it the package's own reference as the right answer (and variants of it as wrong
+    ones), which a check refuses from a student (llmc_lessons.checks.REFERENCES). That refusal is tested in
+    tests/test_delegation.py, which overrides this fixture to keep it on."""
+    checks = sys.modules.get("llmc_lessons.checks")
+    if checks is not None:
+        monkeypatch.setattr(checks, "REFERENCES", {})
+
+
 @pytest.fixture
 def current_env_kernel(tmp_path_factory, monkeypatch) -> str:
     """A kernelspec named 'python3' that runs this very interpreter, found before any user-installed one.

@@ -417,7 +417,7 @@ def test_check_kernel2_catches_the_stub():
 
 
 def test_check_kernel2_reports_compile_errors():
-    with pytest.raises(AssertionError, match="does not compile"):
+    with pytest.raises(AssertionError, match="Exercise 4.2: the kernel did not compile"):
         checks.check_matmul_kernel2(_kernel2_from_cu().replace("acc +=", "acc +== "))
 
 

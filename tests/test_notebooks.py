@@ -4,6 +4,8 @@ the student has work to do.
 (a) notebooks/ is in sync with solutions/ (`python -m llmc_lessons.exercises check`).
 (b) Every student notebook, executed top to bottom with errors allowed, raises in exercise cells and their
     check cells only; every exercise's check fails on the stub, naming the exercise ("Exercise N.k").
+    What a failed check shows is what a student needs: a short message, no frame of the package's code, and no
+    line of the answer.
 (c) The solution notebooks run clean under `pytest --nbval-lax` through the README's test command, which
     collects solutions/*.ipynb and never notebooks/*.ipynb (checked below on the configuration).
 """
@@ -47,6 +49,12 @@ def errors(cell) -> str:
     return ANSI.sub("", "\n".join(parts))
 
 
+def shown(cell) -> str:
+    """The error text Jupyter shows under a code cell: its traceback, as IPython formatted it."""
+    return ANSI.sub("", "\n".join(ln for out in cell.get("outputs", []) if out.get("output_type") == "error"
+                                  for ln in out.get("traceback", [])))
+
+
 def _first_line(cell) -> str:
     return next((ln.strip() for ln in cell.source.splitlines() if ln.strip()), "")[:70]
 
@@ -85,6 +93,44 @@ def failure_problems(executed, found) -> list[str]:
     return problems
 
 
+MAX_SHOWN_LINES = 25
+PACKAGE_FRAME = re.compile(r"llmc_lessons[/\\][\w/\\]+\.py")
+
+
+def answer_lines(solution, student) -> dict[int, set[str]]:
+    """Per exercise cell: the lines of code that the solution has and the student's notebook does not."""
+    out = {}
+    for i, (sol, stu) in enumerate(zip(solution.cells, student.cells)):
+        theirs = {ln.strip() for ln in stu.source.splitlines()}
+        mine = {ln.strip() for ln in sol.source.splitlines()} - theirs
+        mine = {ln for ln in mine if len(ln) >= 8 and not ln.startswith(("#", "//"))}
+        if sol.cell_type == "code" and mine:
+            out[i] = mine
+    return out
+
+
+def shown_error_problems(executed, answers: dict[int, set[str]]) -> list[str]:
+    """What is wrong with the errors an executed student notebook shows, one sentence each (empty: all good):
+    each is short, shows no frame of the package's code, and shows no line of any exercise's answer."""
+    problems = []
+    every_answer = set().union(*answers.values()) if answers else set()
+    for i, cell in enumerate(executed.cells):
+        text = shown(cell) if cell.cell_type == "code" else ""
+        if not text:
+            continue
+        where = f"cell {i} ({_first_line(cell)!r})"
+        lines = text.strip().splitlines()
+        if len(lines) > MAX_SHOWN_LINES:
+            problems.append(f"{where} shows {len(lines)} lines of error (at most {MAX_SHOWN_LINES}): {lines[0]}")
+        frame = PACKAGE_FRAME.search(text)
+        if frame:
+            problems.append(f"{where} shows a frame of the package's code ({frame.group(0)}): {lines[0]}")
+        leaked = sorted(ln for ln in every_answer if ln in text)
+        if leaked:
+            problems.append(f"{where} shows a line of an answer: {leaked[0]!r}")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------------------
 # (a) and (b) on the course itself
 
@@ -101,9 +147,11 @@ def test_student_notebook_fails_only_at_exercises(name, current_env_kernel):
     student = ROOT / "notebooks" / name
     if not student.exists():
         pytest.fail(f"notebooks/{name} is missing: run `python -m llmc_lessons.exercises build`")
-    found = exercises.exercise_cells(nbformat.read(str(ROOT / "solutions" / name), as_version=4), name)
-    executed = execute(nbformat.read(str(student), as_version=4), ROOT / "notebooks", current_env_kernel)
-    problems = failure_problems(executed, found)
+    solution = nbformat.read(str(ROOT / "solutions" / name), as_version=4)
+    found = exercises.exercise_cells(solution, name)
+    unexecuted = nbformat.read(str(student), as_version=4)
+    executed = execute(unexecuted, ROOT / "notebooks", current_env_kernel)
+    problems = failure_problems(executed, found) + shown_error_problems(executed, answer_lines(solution, unexecuted))
     assert not problems, f"notebooks/{name}:\n  - " + "\n  - ".join(problems)
 
 
@@ -210,6 +258,27 @@ def test_judge_rejects_an_exercise_without_check_cell():
     assert "no check cell" in p
 
 
+def test_judge_of_shown_errors_accepts_a_short_message():
+    nb = fake_run([("x = 1", None), ("check()", "ExerciseFailed: Exercise 3.1 (dx): 3 of 9 elements are wrong")])
+    assert shown_error_problems(nb, {0: {"return 3 * x"}}) == []
+
+
+def test_judge_of_shown_errors_rejects_frames_answers_and_length():
+    frame = "ExerciseFailed: Exercise 3.1\nFile /x/llmc_lessons/checks/layernorm.py:40, in check()\n  want = 3 * x"
+    [p] = shown_error_problems(fake_run([("check()", frame)]), {})
+    assert "frame of the package's code (llmc_lessons/checks/layernorm.py)" in p
+    [p] = shown_error_problems(fake_run([("check()", "ExerciseFailed: want = -(-n // bs)")]), {1: {"-(-n // bs)"}})
+    assert "a line of an answer: '-(-n // bs)'" in p
+    [p] = shown_error_problems(fake_run([("check()", "ExerciseFailed: x" + "\n  y" * 30)]), {})
+    assert "shows 31 lines of error" in p
+
+
+def test_answer_lines_are_what_the_solution_has_and_the_student_does_not():
+    sol = synthetic_solution()
+    found = answer_lines(sol, exercises.to_student(sol, "07_synthetic.ipynb"))
+    assert found == {2: {"return 3 * x"}, 5: {"n_tokens = 4"}, 7: {"out[i] = 2.0f * inp[i];"}}
+
+
 def test_judge_skips_markdown_between_exercise_and_check():
     nb = fake_run([("import numpy", None), ("# Exercise 3.1: write it", None)])
     nb.cells.append(nbformat.v4.new_markdown_cell("Now check it."))
@@ -268,3 +337,4 @@ def test_judge_on_a_real_run_of_a_synthetic_lesson(tmp_path, current_env_kernel)
     assert "elements are NaN" in errors(ran.cells[8])
     problems = failure_problems(ran, found)
     assert len(problems) == 1 and "cell 10" in problems[0] and "a bug outside any exercise" in problems[0]
+    assert shown_error_problems(ran, answer_lines(sol, student)) == []

@@ -2,15 +2,55 @@
 
 Each lesson has its own module here (`checks.layernorm`, ...) with one `check_*` function per exercise.
 They all use the helpers below so every failure reads the same way: which exercise, which output, the
-first wrong element, expected vs got, and the likely cause. A failure is an AssertionError.
+first wrong element, expected vs got, and the likely cause. A failure is an ExerciseFailed (an AssertionError)
+that Jupyter shows as its message alone: the frames of the check's own code would bury the message, and could
+show the expected answer.
+
+While a check runs the student's function, the package's own version of what the exercise asks for (REFERENCES)
+is replaced by a sentinel: an answer that calls it fails and is told so.
 """
 from __future__ import annotations
 
+import sys
+import sysconfig
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 
 from llmc_lessons.device import to_host, xp
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+PACKAGE = PACKAGE_DIR.name
+
+REFERENCES = {
+    "Exercise 1.1": ("token_file_bytes",), "Exercise 1.2": ("get_batch",),
+    "Exercise 2.1": ("encoder_backward",), "Exercise 3.1": ("layernorm_backward",),
+    "Exercise 4.1": ("matmul_backward",), "Exercise 5.1": ("attention_backward",),
+    "Exercise 6.1": ("gelu_backward",), "Exercise 7.1": ("block_backward",), "Exercise 7.2": ("mlp_backward",),
+    "Exercise 8.1": ("crossentropy_softmax_backward",), "Exercise 9.1": ("adamw_update",),
+    "Exercise 10.1": ("num_parameters",), "Exercise 10.3": ("next_token_probs",),
+    "Exercise 11.1": ("learning_rate",), "Exercise 11.2": ("training_step",),
+    "Exercise 13.1": ("online_softmax_update",), "Exercise 14.1": ("to_bf16",),
+}
+"""The package functions that compute what an exercise asks a student to write, by name (found wherever the
+package keeps them when the check runs). Calling one is no answer."""
+
+
+class ExerciseFailed(AssertionError):
+    """A check's verdict: what is wrong, where, the likely cause and a hint. Jupyter shows the message alone.
+    A verdict on a kernel handed in with its `// TODO (Exercise N.k)` comment still there ends with a note."""
+
+    def __init__(self, message: str):
+        if _todo_left is not None and message.startswith(_todo_left):
+            message += (f"\n  note: the kernel still has its `// TODO ({_todo_left})` comment. If {_todo_left} is "
+                        f"not done yet, write your code there, run that cell, then run this check again.")
+        super().__init__(message)
+
+    def _render_traceback_(self) -> list[str]:   # IPython calls this instead of formatting the frames
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
 
 
 def rng(seed=None) -> np.random.Generator:
@@ -29,23 +69,90 @@ def poisoned(shape, dtype=np.float32):
     return xp.full(shape, fill, dtype=dtype)
 
 
-def run_exercise(exercise: str, fn: Callable, *args, **kwargs):
-    """Call the student's function; an untouched stub becomes a failure that says what to do."""
+class _DelegatedCall(Exception):
+    """Raised by a sentinel that stands in for a package reference while the student's function runs."""
+
+
+def _their_frames(tb) -> list[str]:
+    """The frames of `tb` in the student's own code (not the package's, not Python's or a library's), formatted."""
+    skip = (str(PACKAGE_DIR), *{sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    return [f"  line {f.lineno} of {f.name}: {(f.line or '').strip()}"
+            for f in traceback.extract_tb(tb) if not f.filename.startswith(skip)]
+
+
+@contextmanager
+def _references_replaced(exercise: str, fn: Callable, calls: list):
+    """Replace the package functions REFERENCES names for `exercise` by sentinels that record a call and raise,
+    in every module of the package and in the namespace `fn` reads its globals from (a notebook's)."""
+    names = REFERENCES.get(exercise, ())
+    modules = [m for k, m in list(sys.modules.items())
+               if m is not None and (k == PACKAGE or k.startswith(PACKAGE + "."))]
+    originals = {}                                     # id(function) -> its name, for the functions to replace
+    for m in modules:
+        for name in names:
+            f = vars(m).get(name)
+            if callable(f) and getattr(f, "__module__", "").startswith(PACKAGE):
+                originals[id(f)] = name
+
+    def sentinel_for(name):
+        def sentinel(*args, **kwargs):
+            calls.append(name)
+            raise _DelegatedCall(name)
+        return sentinel
+
+    namespaces = [vars(m) for m in modules] + [getattr(fn, "__globals__", {})]
+    replaced = []
+    for ns in namespaces:
+        for key, value in list(ns.items()):
+            if id(value) in originals:       # the originals stay alive in their modules: ids are not reused
+                ns[key] = sentinel_for(originals[id(value)])
+                replaced.append((ns, key, value))
     try:
-        return fn(*args, **kwargs)
+        yield
+    finally:
+        for ns, key, value in replaced:
+            ns[key] = value
+
+
+def run_exercise(exercise: str, fn: Callable, *args, **kwargs):
+    """Call the student's function. An untouched stub, an error inside it, or a call to the package's own answer
+    becomes an ExerciseFailed that says what to do."""
+    calls: list[str] = []
+    try:
+        with _references_replaced(exercise, fn, calls):
+            result = fn(*args, **kwargs)
     except NotImplementedError as e:
-        raise AssertionError(f"{exercise} is not done yet ({e}). Write your answer in the exercise cell "
+        raise ExerciseFailed(f"{exercise} is not done yet ({e}). Write your answer in the exercise cell "
                              f"above, run that cell, then run this check again.") from None
+    except Exception as e:
+        if not calls:
+            where = "\n".join(_their_frames(e.__traceback__)[-3:])
+            raise ExerciseFailed(f"{exercise}: your code raised {type(e).__name__}: {e}"
+                                 + (f"\n{where}" if where else "")) from e   # a check may add a hint by cause
+    if calls:
+        raise ExerciseFailed(f"{exercise}: your answer calls the package's own {calls[0]}, which computes what "
+                             f"this exercise asks you to write (the check compares your code with it). Write it "
+                             f"yourself, from the derivation above.")
+    return result
+
+
+CHECKED_MODE_TIP = ("On a CPU, `os.environ['LLMC_CHECK'] = '1'` before this check runs every launch under "
+                    "AddressSanitizer, which names the line of any read or write outside an array.")
+
+_todo_left: str | None = None
+"""The exercise whose kernel was last handed in with its `// TODO (Exercise N.k)` comment still in the source."""
 
 
 def exercise_kernel(exercise: str, source: str, name: str):
-    """The student's kernel from the CUDA `source` of an exercise cell, as a RawKernel. An untouched stub (its
-    `// TODO (Exercise N.k)` still there) becomes a failure that says what to do."""
-    from llmc_lessons.cuda import RawKernel
-    if f"TODO ({exercise})" in source:
-        raise AssertionError(f"{exercise} is not done yet: the kernel still has its TODO. Write your code in the CUDA "
-                             f"source above, run that cell, then run this check again.")
-    return RawKernel(source, name)
+    """The student's kernel from the CUDA `source` of an exercise cell, compiled, as a RawKernel. A kernel that
+    still has its `// TODO (Exercise N.k)` comment is checked like any other; a failure then names the TODO."""
+    global _todo_left
+    from llmc_lessons.cuda import CompileError, RawKernel
+    _todo_left = exercise if f"TODO ({exercise})" in source else None
+    try:
+        return RawKernel(source, name).compile()
+    except (CompileError, ValueError, NotImplementedError) as e:   # the compiler's, or the emulator's CUDA subset
+        raise ExerciseFailed(f"{exercise}: {e}") from None
 
 
 def _fmt_index(idx) -> str:
@@ -82,21 +189,25 @@ def _likely_cause(got: np.ndarray, expected: np.ndarray, known_mistakes, atol, r
 
 def assert_close(exercise: str, name: str, got, expected, atol: float = 1e-5, rtol: float = 1e-4,
                  known_mistakes: Mapping[str, object] | None = None, hint: str | None = None) -> None:
-    """Raise an AssertionError that teaches unless |got - expected| <= atol + rtol * |expected| everywhere.
+    """Raise an ExerciseFailed that teaches unless |got - expected| <= atol + rtol * |expected| everywhere.
 
     known_mistakes: {"what the student probably did": the array that mistake produces}; when `got` matches
     one, the message names it. hint: a sentence added to any failure.
     """
     if got is None:
-        raise AssertionError(f"{exercise} ({name}): got None. Did your function forget to `return` its result?")
-    got = np.asarray(to_host(got), dtype=np.float64)
+        raise ExerciseFailed(f"{exercise} ({name}): got None. Did your function forget to `return` its result?")
+    try:
+        got = np.asarray(to_host(got), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ExerciseFailed(f"{exercise} ({name}): expected an array of numbers, got {type(got).__name__}"
+                             f"{' ' + repr(got)[:60] if not hasattr(got, 'shape') else ''}.") from None
     expected = np.asarray(to_host(expected), dtype=np.float64)
     tail = f"\n  hint: {hint}" if hint else ""
     if got.shape != expected.shape:
         extra = ""
         if got.shape == expected.shape[::-1] and got.ndim == 2:
             extra = " (that is the transposed shape: a wrong axis or a missing transpose?)"
-        raise AssertionError(f"{exercise} ({name}): expected shape {expected.shape}, got {got.shape}{extra}.{tail}")
+        raise ExerciseFailed(f"{exercise} ({name}): expected shape {expected.shape}, got {got.shape}{extra}.{tail}")
     nan_unwritten = np.isnan(got) & ~np.isnan(expected)
     bad = nan_unwritten | ~np.isclose(got, expected, atol=atol, rtol=rtol, equal_nan=True)
     if not bad.any():
@@ -106,18 +217,18 @@ def assert_close(exercise: str, name: str, got, expected, atol: float = 1e-5, rt
     g, e = got[tuple(first)], expected[tuple(first)]
     lines = [f"{exercise} ({name}): {int(bad.sum())} of {bad.size} elements are wrong.",
              f"  first wrong element {at}: expected {e:.6g}, got {g:.6g}"]
-    finite = ~np.isnan(got)
-    if finite.any():
-        lines.append(f"  max abs error {np.nanmax(np.abs(got - expected)):.3g} "
-                     f"(allowed: {atol:g} + {rtol:g} * |expected|)")
+    wrong_values = np.abs(got - expected)[bad & ~nan_unwritten]   # the wrong elements that are not NaN
+    if wrong_values.size:
+        lines.append(f"  max abs error {wrong_values.max():.3g} among the {wrong_values.size} wrong elements that "
+                     f"are not NaN (allowed: {atol:g} + {rtol:g} * |expected|)")
     cause = _likely_cause(got, expected, known_mistakes, atol, rtol)
     if cause:
         lines.append(f"  likely cause: {cause}")
     elif nan_unwritten.any():
         lines.append(f"  likely cause: {int(nan_unwritten.sum())} elements are NaN. Outputs are filled with NaN "
                      f"before the launch, so these were never written: check the index arithmetic, the bounds "
-                     f"check, and that the grid covers every element.")
-    raise AssertionError("\n".join(lines) + tail)
+                     f"check, and that the grid covers every element. {CHECKED_MODE_TIP}")
+    raise ExerciseFailed("\n".join(lines) + tail)
 
 
 def passed(exercise: str, detail: str = "") -> None:

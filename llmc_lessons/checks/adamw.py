@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, rng, run_exercise
+from llmc_lessons.checks import ExerciseFailed, assert_close, exercise_kernel, passed, rng, run_exercise
 from llmc_lessons.layers.adamw import adamw_update
 
 
@@ -87,10 +87,10 @@ def check_adamw_update(adamw_fn) -> None:
             got = run_exercise(ex, adamw_fn, *inputs, t, h["lr"], h["beta1"], h["beta2"], h["eps"],
                                h["weight_decay"])
             if not isinstance(got, tuple) or len(got) != 3:
-                raise AssertionError(f"{ex}: return the tuple (param, m, v) of new arrays, got {type(got).__name__}"
+                raise ExerciseFailed(f"{ex}: return the tuple (param, m, v) of new arrays, got {type(got).__name__}"
                                      + (f" of length {len(got)}" if isinstance(got, tuple) else ""))
             if not all(np.array_equal(a, b) for a, b in zip(inputs, (param, grad, m, v))):
-                raise AssertionError(f"{ex}: your function changed its input arrays in place. Return new arrays "
+                raise ExerciseFailed(f"{ex}: your function changed its input arrays in place. Return new arrays "
                                      f"(write m = beta1 * m + ..., not m *= ...), as the reference does.")
             where = f"t={t}, " + ", ".join(f"{k}={val:g}" for k, val in h.items())
             expected = adamw_update(param, grad, m, v, t, **h)
@@ -102,9 +102,11 @@ def check_adamw_update(adamw_fn) -> None:
     m, v = gen.standard_normal(shape) * 0.1, gen.uniform(0, 0.05, size=shape)
     try:
         got = run_exercise(ex, adamw_fn, param.copy(), grad.copy(), m.copy(), v.copy(), 3, 0.01)
-    except TypeError as e:
-        raise AssertionError(f"{ex}: calling adamw_update(param, grad, m, v, t, lr) with the default "
-                             f"hyperparameters failed ({e}). Keep the defaults beta1=0.9, beta2=0.95, eps=1e-8, "
+    except ExerciseFailed as e:
+        if not isinstance(e.__cause__, TypeError):
+            raise
+        raise ExerciseFailed(f"{ex}: calling adamw_update(param, grad, m, v, t, lr) with the default "
+                             f"hyperparameters failed ({e.__cause__}). Keep the defaults beta1=0.9, beta2=0.95, eps=1e-8, "
                              f"weight_decay=0.0 in the signature.") from None
     _compare(ex, "t=3, lr=0.01, the default beta1, beta2, eps, weight_decay", got,
              adamw_update(param, grad, m, v, 3, 0.01), {}, atol=1e-12, rtol=1e-9,
@@ -142,7 +144,7 @@ def check_adamw_kernel(source: str, block_sizes=(128, 96)) -> None:
         got = [device.to_host(b) for b in bufs]
         where = f"N={N}, block_size={block_size}, t={t}"
         if np.array_equal(got[0][:N], param) and np.array_equal(got[1][:N], m) and np.array_equal(got[2][:N], v):
-            raise AssertionError(f"{ex} ({where}): params, m and v are unchanged: the kernel wrote nothing. Each "
+            raise ExerciseFailed(f"{ex} ({where}): params, m and v are unchanged: the kernel wrote nothing. Each "
                                  f"thread must store its new m[i], v[i] and params[i].")
         p64, g64, m64, v64 = (a.astype(np.float64) for a in (param, grad, m, v))
         expected = adamw_update(p64, g64 * grad_scale, m64, v64, t, lr, beta1, beta2, eps, wd)
@@ -155,7 +157,7 @@ def check_adamw_kernel(source: str, block_sizes=(128, 96)) -> None:
                          known_mistakes={w: a for w, a in mist.items()
                                          if not np.allclose(a, expected[k], atol=2e-6, rtol=2e-5)}, hint=hint)
             if not np.all(got[k][N:] == 1.0):
-                raise AssertionError(f"{ex} ({where}): the kernel changed {name} past its end (element N = {N} or "
+                raise ExerciseFailed(f"{ex} ({where}): the kernel changed {name} past its end (element N = {N} or "
                                      f"later). The last block has threads with i >= N; guard the body with "
                                      f"`if (i < N)`.")
     passed(ex, f"block sizes {tuple(block_sizes)}, awkward N, nothing written past N")

@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, randn, rng, run_exercise
+from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, randn, rng,
+                                 run_exercise)
 from llmc_lessons.device import to_host, xp
 from llmc_lessons.layers.attention import attention_backward, attention_forward, causal_softmax
 
@@ -96,19 +97,19 @@ def _causality(fn, B, T, NH, hs, gen):
     dout[:, t0, :] = gen.standard_normal((B, C))
     got = run_exercise(EX1, fn, dout, qkv, att, NH)
     if got is None:
-        raise AssertionError(f"{EX1}: your function returned None. Did it forget to `return dqkv`?")
+        raise ExerciseFailed(f"{EX1}: your function returned None. Did it forget to `return dqkv`?")
     got = np.asarray(to_host(got), dtype=np.float64)
     if got.shape != (B, T, 3 * C):
-        raise AssertionError(f"{EX1}: dqkv must have the shape of qkv, (B, T, 3C) = {(B, T, 3 * C)}, "
+        raise ExerciseFailed(f"{EX1}: dqkv must have the shape of qkv, (B, T, 3C) = {(B, T, 3 * C)}, "
                              f"got {got.shape}")
     for mistake, why in BACKWARD_MISTAKES.items():  # a mistake we know by name gets its own message
         if np.allclose(got, _backward_variant(dout, qkv, att, NH, mistake), atol=1e-8, rtol=1e-6):
-            raise AssertionError(f"{EX1}: dqkv is wrong (probed with dout nonzero only at position t0 = {t0}).\n"
+            raise ExerciseFailed(f"{EX1}: dqkv is wrong (probed with dout nonzero only at position t0 = {t0}).\n"
                                  f"  likely cause: {why}")
     tiny = 1e-9 * max(1.0, float(np.abs(got).max()))
     dk_future = np.abs(got[:, t0 + 1:, C:3 * C]).max(initial=0.0)
     if dk_future > tiny:
-        raise AssertionError(
+        raise ExerciseFailed(
             f"{EX1}: gradient leaked into the future. With dout nonzero only at position t0 = {t0}, dk and dv must "
             f"be 0 at every position t2 > {t0} (query t0 never saw those keys and values: the causal mask set "
             f"their probability to 0), but they reach {dk_future:.3g}.\n  likely cause: dpreatt is not 0 above "
@@ -116,7 +117,7 @@ def _causality(fn, B, T, NH, hs, gen):
             f"future) is what keeps the gradient causal.")
     others = np.abs(np.delete(got[:, :, 0:C], t0, axis=1)).max(initial=0.0)
     if others > tiny:
-        raise AssertionError(
+        raise ExerciseFailed(
             f"{EX1}: with dout nonzero only at position t0 = {t0}, dq must be 0 at every other position (query t "
             f"only affects out[t]), but it reaches {others:.3g} elsewhere.\n  likely cause: dq and dk mixed up, "
             f"dpreatt transposed (row t of dpreatt belongs to query t), or q, k, v sliced from the wrong columns "
@@ -135,10 +136,10 @@ def check_attention_backward(fn) -> None:
         expected = attention_backward(dout, qkv, att, NH)
         got = run_exercise(EX1, fn, dout.copy(), qkv.copy(), att.copy(), NH)
         if got is None:
-            raise AssertionError(f"{EX1}: your function returned None. Did it forget to `return dqkv`?")
+            raise ExerciseFailed(f"{EX1}: your function returned None. Did it forget to `return dqkv`?")
         got = np.asarray(to_host(got), dtype=np.float64)
         if got.shape != expected.shape:
-            raise AssertionError(f"{EX1}: dqkv must have the shape of qkv, (B, T, 3C) = {expected.shape}, "
+            raise ExerciseFailed(f"{EX1}: dqkv must have the shape of qkv, (B, T, 3C) = {expected.shape}, "
                                  f"got {got.shape}. Concatenate [dq | dk | dv] along the last axis.")
         wrong = {m: _backward_variant(dout, qkv, att, NH, m) for m in BACKWARD_MISTAKES}
         # in backward order: dv first (it needs no softmax backward), then dq and dk
@@ -201,13 +202,13 @@ def _diagnose_nan(got, T, where):
         return
     causal = np.tril(np.ones((T, T), dtype=bool))
     if nan[:, causal].all():
-        raise AssertionError(
+        raise ExerciseFailed(
             f"{EX2} ({where}): no element of the causal half (t2 <= t) was written: every one is still NaN, "
             f"the poison put there before the launch. Write the max, exp-sum and normalise steps in the "
             f"kernel body, run the cell, then this check again.")
     diag = np.eye(T, dtype=bool)
     if nan[:, diag].all() and not nan[:, ~diag].any():
-        raise AssertionError(
+        raise ExerciseFailed(
             f"{EX2} ({where}): the diagonal att[t, t] was never written (still NaN).\n  likely cause: an "
             f"off-by-one causal bound, `i < own_pos` where it must be `i <= own_pos`: a token attends to the "
             f"previous tokens AND to itself.")
@@ -234,7 +235,7 @@ def check_softmax_forward_kernel(source) -> None:
         if scale > 1.0:
             where += f", scores up to {np.abs(x).max() * inv_temperature:.0f}"
             if (~np.isfinite(got) & np.isfinite(expected)).any() or not np.isfinite(got).all():
-                raise AssertionError(
+                raise ExerciseFailed(
                     f"{EX2} ({where}): the output holds inf or NaN for large scores, although it was right for "
                     f"small ones.\n  likely cause: expf overflowed (expf(x) is inf for x > 88.7). Subtract the "
                     f"row maximum before exponentiating: expf(inv_temperature * (x[i] - maxval)).")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc_lessons.checks import passed, rng, run_exercise
+from llmc_lessons.checks import ExerciseFailed, passed, rng, run_exercise
 from llmc_lessons.layers.bf16 import to_bf16
 
 EDGES = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 2.0 - 2**-9, 0.0, -0.0, 1e-40, -1e-40,
@@ -22,10 +22,10 @@ def check_to_bf16(fn) -> None:
     x = np.concatenate([EDGES, NANS, (gen.standard_normal(3000) * 10.0 ** gen.integers(-8, 8, 3000)).astype(np.float32)])
     got = run_exercise(ex, fn, x.copy())
     if not isinstance(got, np.ndarray) or got.shape != x.shape:
-        raise AssertionError(f"{ex}: return a NumPy array of the input's shape {x.shape}, got {type(got).__name__}"
+        raise ExerciseFailed(f"{ex}: return a NumPy array of the input's shape {x.shape}, got {type(got).__name__}"
                              f"{getattr(got, 'shape', '')}")
     if got.dtype != np.uint16:
-        raise AssertionError(f"{ex}: return the bits as uint16 (a bf16 number is 16 bits), got {got.dtype}")
+        raise ExerciseFailed(f"{ex}: return the bits as uint16 (a bf16 number is 16 bits), got {got.dtype}")
     want = to_bf16(x)
     bad = np.flatnonzero(got != want)
     if bad.size == 0:
@@ -41,7 +41,7 @@ def check_to_bf16(fn) -> None:
         cause = "the low 16 bits are simply dropped: that rounds toward zero, not to nearest"
     elif np.array_equal(got[~np.isnan(x)], ((u + 0x8000) >> 16).astype(np.uint16)[~np.isnan(x)]):
         cause = "adding 0x8000 rounds ties away from zero (half up): ties must go to the even neighbour (add 0x7FFF + the lowest kept bit)"
-    raise AssertionError(f"{ex}: {bad.size} of {x.size} values round wrong. First: x = {x[i]!r} (bits {_bits(x[i])}): "
+    raise ExerciseFailed(f"{ex}: {bad.size} of {x.size} values round wrong. First: x = {x[i]!r} (bits {_bits(x[i])}): "
                          f"expected 0x{int(want[i]):04X}, got 0x{int(got[i]):04X}."
                          + (f"\n  likely cause: {cause}" if cause else ""))
 
@@ -56,7 +56,7 @@ def check_stochastic_round(fn) -> None:
     u = x.view(np.uint32)
     want = ((u + noise) >> 16).astype(np.uint16)
     if not isinstance(got, np.ndarray) or got.shape != x.shape or got.dtype != np.uint16:
-        raise AssertionError(f"{ex}: return uint16 bits of the input's shape {x.shape}")
+        raise ExerciseFailed(f"{ex}: return uint16 bits of the input's shape {x.shape}")
     if np.array_equal(got, want):
         # and the point of it: the expected value is exact
         many = np.full(20000, 1.0 + 2**-9, np.float32)   # a quarter of the way from 1.0 to the next bf16
@@ -71,5 +71,5 @@ def check_stochastic_round(fn) -> None:
     elif np.array_equal(got, (u >> 16).astype(np.uint16)):
         cause = ("every value is truncated: the noise is ignored, or added after the shift, where it is lost; add "
                  "it to the full 32 bits, below the 16 that are kept")
-    raise AssertionError(f"{ex}: x = {x[i]!r} with noise {int(noise[i])}: expected 0x{int(want[i]):04X}, "
+    raise ExerciseFailed(f"{ex}: x = {x[i]!r} with noise {int(noise[i])}: expected 0x{int(want[i]):04X}, "
                          f"got 0x{int(got[i]):04X}." + (f"\n  likely cause: {cause}" if cause else ""))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc_lessons.checks import assert_close, passed, rng, run_exercise
+from llmc_lessons.checks import ExerciseFailed, assert_close, passed, rng, run_exercise
 from llmc_lessons.layers.block import (BLOCK_PARAMETER_NAMES, attention_branch_backward, block_backward,
                                        block_forward, init_block_params, mlp_backward)
 from llmc_lessons.layers.gelu import gelu_backward
@@ -27,11 +27,11 @@ def _block_inputs(gen):
 def _unpack(ex: str, result, what: str, names):
     """The student's (dgradient, grads) pair, with a clear message when it has the wrong form."""
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
-        raise AssertionError(f"{ex}: your function must return a pair ({what}, grads) with grads a dict of "
+        raise ExerciseFailed(f"{ex}: your function must return a pair ({what}, grads) with grads a dict of "
                              f"gradients by name; got {type(result).__name__}")
     missing = [n for n in names if n not in result[1]]
     if missing:
-        raise AssertionError(f"{ex}: grads lacks {missing}; it needs the names {list(names)}")
+        raise ExerciseFailed(f"{ex}: grads lacks {missing}; it needs the names {list(names)}")
     return result
 
 
@@ -116,8 +116,10 @@ def check_mlp_backward(mlp_backward_fn) -> None:
     mistakes = _mlp_mistakes(dfcproj, cache, p)
     try:
         result = run_exercise(ex, mlp_backward_fn, dfcproj.copy(), cache, p)
-    except (ValueError, KeyError) as e:
-        raise AssertionError(f"{ex}: your function raised {type(e).__name__}: {e}\n  hint: walk the forward in "
+    except ExerciseFailed as e:
+        if not isinstance(e.__cause__, (ValueError, KeyError)):
+            raise
+        raise ExerciseFailed(f"{e}\n  hint: walk the forward in "
                              f"reverse: fcproj (matmul) -> gelu -> fc (matmul) -> ln2 (layernorm); each backward "
                              f"takes the gradient of its output and its own forward input from the cache.") from None
     dres2, grads = _unpack(ex, result, "dresidual2", MLP_GRAD_NAMES)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, rng,
+                                 run_exercise)
 from llmc_lessons.layers.crossentropy import crossentropy_softmax_backward, softmax_forward
 
 
@@ -32,6 +33,11 @@ def _backward_mistakes(dlosses, probs, targets, V) -> dict:
             (real - onehot(np.minimum(targets + 1, Vp - 1))) * dl,
         "the -1 went to column target - 1: an off-by-one target index":
             (real - onehot(np.maximum(targets - 1, 0))) * dl,
+        "the -1 went to every target column of the batch in every row: indexing with targets alone "
+        "(dlogits[..., targets]) picks the same columns for every (b, t); each row has only its own target":
+            (real - np.isin(np.arange(Vp), targets).astype(probs.dtype)) * dl,
+        "the -1 went to column t (the position) instead of column targets[b, t]":
+            (real - onehot(np.broadcast_to(np.minimum(np.arange(T), Vp - 1), (B, T)))) * dl,
         "dlosses was replaced by 1/(B*T): use the dlosses you are given (the loss may not be a plain mean)":
             (real - onehot(targets)) / (B * T),
         "the one-hot was multiplied by dloss but probs was not (or the other way round)":
@@ -62,25 +68,26 @@ def check_crossentropy_softmax_backward(backward_fn) -> None:
         p_before, dl_before, t_before = p.copy(), dlosses.copy(), targets.copy()
         got = run_exercise(ex, backward_fn, dlosses, p, targets, V)
         if got is None:
-            raise AssertionError(f"{ex}: got None. Did your function forget to `return` dlogits?")
+            raise ExerciseFailed(f"{ex}: got None. Did your function forget to `return` dlogits?")
         if not (np.array_equal(p, p_before) and np.array_equal(dlosses, dl_before)
                 and np.array_equal(targets, t_before)):
-            raise AssertionError(f"{ex}: your function changed its inputs (probs, dlosses or targets). Start from "
+            raise ExerciseFailed(f"{ex}: your function changed its inputs (probs, dlosses or targets). Start from "
                                  f"a fresh array, e.g. dlogits = np.zeros_like(probs), and write into that: the "
                                  f"caller may still need probs.")
         expected = crossentropy_softmax_backward(dlosses, p, targets, V)
         try:
             assert_close(ex, f"dlogits ({what}; B={B}, T={T}, V={V}, Vp={Vp})", got, expected, atol=1e-12,
                          rtol=1e-9, known_mistakes=_backward_mistakes(dlosses, p, targets, V),
-                         hint="dlogits[b, t, v] = (probs[b, t, v] - (v == targets[b, t])) * dlosses[b, t] for "
-                              "v < V, and 0 for v >= V.")
-        except AssertionError as e:
+                         hint="per position (b, t): the softmax's gradient with respect to its logits, scaled by "
+                              "that position's dlosses; the padded columns v >= V get nothing (see the derivation "
+                              "above).")
+        except ExerciseFailed as e:
             got_arr = np.asarray(got, dtype=np.float64)
             if "likely cause" in str(e) or got_arr.shape != expected.shape or not np.any(got_arr[..., V:] != 0):
                 raise
             first = tuple(int(i) for i in np.argwhere(got_arr[..., V:] != 0)[0])
             at = first[:2] + (first[2] + V,)
-            raise AssertionError(
+            raise ExerciseFailed(
                 f"{ex} ({what}): dlogits{list(at)} is {got_arr[at]:.4g}, but columns V..Vp-1 = {V}..{Vp - 1} "
                 f"are padding: the loss never sees them, so their gradient must be exactly 0, whatever probs "
                 f"holds there. Start from zeros and fill only [..., :V].\n{e}") from None
@@ -128,18 +135,18 @@ def check_softmax_forward_kernel(source: str, block_sizes=(32, 96)) -> None:
                 expected = softmax_forward(x64, V)
                 got = device.to_host(probs)
                 if what.endswith("NaN") and np.isnan(got[..., :V]).any() and np.all(got[..., V:] == 0):
-                    raise AssertionError(f"{ex} (block_size={block_size}, V={V}, {what}): some real columns of "
+                    raise ExerciseFailed(f"{ex} (block_size={block_size}, V={V}, {what}): some real columns of "
                                          f"probs are NaN. The padded logits were set to NaN here, so a loop that "
                                          f"reads columns V..Vp-1 poisons the max or the sum: stop at i < V.")
                 written = np.all(got[..., V:] == 0)   # the write loop ran: non-finite values are arithmetic
                 if written and not np.isfinite(got[..., :V]).all() and not what.endswith("NaN"):
-                    raise AssertionError(f"{ex} (block_size={block_size}, V={V}, {what}): some probs are inf or "
+                    raise ExerciseFailed(f"{ex} (block_size={block_size}, V={V}, {what}): some probs are inf or "
                                          f"NaN although the kernel wrote them. Either exp overflowed (row 0 has a "
                                          f"logit of 95 and exp(95) is inf in float32: subtract the row max), or "
                                          f"the row max or sum was never computed (the loops must update "
                                          f"thread_max and thread_sum).")
                 assert_close(ex, f"probs (block_size={block_size}, B={B}, T={T}, V={V}, Vp={Vp}, {what})",
                              got, expected, atol=1e-6, rtol=1e-4, known_mistakes=_softmax_mistakes(x64, V),
-                             hint="thread k covers columns k, k + blockDim.x, k + 2 blockDim.x, ... below V: "
-                                  "for (int i = threadIdx.x; i < V; i += blockDim.x)")
+                             hint="one block per row: thread k covers columns k, k + blockDim.x, k + 2 blockDim.x, "
+                                  "... of the real columns only, in each of the three loops.")
     passed(ex, f"block sizes {tuple(block_sizes)}, V below and above the block size, padding never read")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc_lessons.checks import assert_close, passed, rng, run_exercise
+from llmc_lessons.checks import ExerciseFailed, assert_close, passed, rng, run_exercise
 from llmc_lessons.data import HEADER_BYTES, HEADER_INTS, MAGIC, VERSION, get_batch, token_file_bytes
 from llmc_lessons.device import to_host
 from llmc_lessons.tokenizer import V
@@ -11,11 +11,11 @@ from llmc_lessons.tokenizer import V
 
 def _as_array(ex: str, name: str, a) -> np.ndarray:
     if a is None:
-        raise AssertionError(f"{ex} ({name}): got None. Did your function forget to `return` it?")
+        raise ExerciseFailed(f"{ex} ({name}): got None. Did your function forget to `return` it?")
     if isinstance(a, (list, tuple)):
         a = np.asarray(a)
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-        raise AssertionError(f"{ex} ({name}): expected a NumPy array, got {type(a).__name__}")
+        raise ExerciseFailed(f"{ex} ({name}): expected a NumPy array, got {type(a).__name__}")
     return np.asarray(to_host(a))
 
 
@@ -47,40 +47,40 @@ def check_token_file_bytes(fn) -> None:
         want = token_file_bytes(tokens)
         got = run_exercise(ex, fn, tokens.copy())
         if isinstance(got, np.ndarray):
-            raise AssertionError(f"{ex}: got a NumPy array; return bytes (call .tobytes() on each part and "
+            raise ExerciseFailed(f"{ex}: got a NumPy array; return bytes (call .tobytes() on each part and "
                                  f"join them with +).")
         if not isinstance(got, (bytes, bytearray, memoryview)):
-            raise AssertionError(f"{ex}: expected bytes, got {type(got).__name__}"
+            raise ExerciseFailed(f"{ex}: expected bytes, got {type(got).__name__}"
                                  + (". Did your function forget to `return` it?" if got is None else ""))
         got = bytes(got)
         if len(got) != len(want):
             cause = _describe_length(len(got), n)
-            raise AssertionError(f"{ex}: for {n} tokens ({what}) the file must be {HEADER_BYTES} + 2*{n} = "
+            raise ExerciseFailed(f"{ex}: for {n} tokens ({what}) the file must be {HEADER_BYTES} + 2*{n} = "
                                  f"{len(want)} bytes, got {len(got)}."
                                  + (f"\n  likely cause: {cause}" if cause else ""))
         header = np.frombuffer(got[:HEADER_BYTES], dtype="<i4")
         if header[0] != MAGIC:
             swapped = int(np.frombuffer(got[:4], dtype=">i4")[0]) == MAGIC
-            raise AssertionError(f"{ex}: header[0] (the magic number) must be {MAGIC}, got {int(header[0])}."
+            raise ExerciseFailed(f"{ex}: header[0] (the magic number) must be {MAGIC}, got {int(header[0])}."
                                  + ("\n  likely cause: the bytes are big-endian; llm.c reads little-endian "
                                     "int32 ('<i4', NumPy's native order on x86 and ARM)" if swapped else ""))
         if header[1] != VERSION:
-            raise AssertionError(f"{ex}: header[1] (the version) must be {VERSION}, got {int(header[1])}.")
+            raise ExerciseFailed(f"{ex}: header[1] (the version) must be {VERSION}, got {int(header[1])}.")
         if header[2] != n:
             guess = {2 * n: "that is the size in bytes; llm.c stores the number of tokens",
                      n + 1: "one too many: count the tokens you write, nothing else",
                      n - 1: "one too few: count every token",
                      HEADER_INTS + n: "the header is not part of the count"}.get(int(header[2]))
-            raise AssertionError(f"{ex}: header[2] must be the number of tokens, {n}, got {int(header[2])}."
+            raise ExerciseFailed(f"{ex}: header[2] must be the number of tokens, {n}, got {int(header[2])}."
                                  + (f"\n  likely cause: {guess}" if guess else ""))
         if np.any(header[3:]):
-            raise AssertionError(f"{ex}: header[3:] must be zeros, but {int(np.count_nonzero(header[3:]))} of "
+            raise ExerciseFailed(f"{ex}: header[3:] must be zeros, but {int(np.count_nonzero(header[3:]))} of "
                                  f"the 253 are not (np.empty leaves garbage; use np.zeros(256, dtype=np.int32)).")
         body = np.frombuffer(got[HEADER_BYTES:], dtype="<u2").astype(np.int64)
         expected = np.asarray(tokens, dtype=np.int64)
         big_endian = np.frombuffer(got[HEADER_BYTES:], dtype=">u2").astype(np.int64)
         if np.array_equal(big_endian, expected) and not np.array_equal(body, expected):
-            raise AssertionError(f"{ex}: the tokens are big-endian; llm.c reads little-endian uint16 ('<u2', "
+            raise ExerciseFailed(f"{ex}: the tokens are big-endian; llm.c reads little-endian uint16 ('<u2', "
                                  f"NumPy's native order on x86 and ARM).")
         assert_close(ex, "tokens after the header", body, expected, atol=0, rtol=0, known_mistakes={
             "the tokens are in reverse order": expected[::-1],
@@ -103,7 +103,7 @@ def check_get_batch(fn) -> None:
         result = run_exercise(ex, fn, tokens.copy(), pos, B, T)
         where = f"tokens of length {N}, pos={pos}, B={B}, T={T}"
         if not isinstance(result, tuple) or len(result) != 2:
-            raise AssertionError(f"{ex}: return the pair (inputs, targets), got {type(result).__name__}"
+            raise ExerciseFailed(f"{ex}: return the pair (inputs, targets), got {type(result).__name__}"
                                  + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
                                  + f" (for {where})")
         inputs, targets = (_as_array(ex, n, a) for n, a in zip(("inputs", "targets"), result))
@@ -126,7 +126,7 @@ def check_get_batch(fn) -> None:
             "tokens pos + b*T ... pos + b*T + T - 1": t64[pos:pos + B * T].reshape(T, B).T,
             "row b starts at pos + b*(T+1): the rows are consecutive pieces of ONE buffer of B*T+1 tokens, so "
             "row b starts at pos + b*T": window(pos, T + 1),
-        }), hint=f"inputs = tokens[pos : pos + B*T] reshaped to (B, T) (here {where}).")
+        }), hint=f"the inputs are B*T consecutive tokens starting at position pos, row after row (here {where}).")
 
         assert_close(ex, "targets", targets, want_tg, atol=0, rtol=0, known_mistakes=known({
             "targets equal the inputs: the target of inputs[b, t] is the NEXT token, so targets are the "
@@ -139,12 +139,11 @@ def check_get_batch(fn) -> None:
                 np.roll(want_in, -1, axis=1),
             "rows and columns are mixed up (reshape(T, B).T or order='F')":
                 t64[pos + 1:pos + 1 + B * T].reshape(T, B).T,
-        }), hint=f"targets = tokens[pos + 1 : pos + 1 + B*T] reshaped to (B, T), so targets[b, t] is the "
-                 f"token after inputs[b, t] (here {where}).")
+        }), hint=f"targets[b, t] is the token that follows inputs[b, t] in the text (here {where}).")
 
         for name, a in (("inputs", inputs), ("targets", targets)):
             if a.dtype != np.int32:
-                raise AssertionError(f"{ex} ({name}): the values are right but the dtype is {a.dtype}; llm.c's "
+                raise ExerciseFailed(f"{ex} ({name}): the values are right but the dtype is {a.dtype}; llm.c's "
                                      f"DataLoader hands the model int (int32) arrays, and the embedding kernels "
                                      f"read them as int. Convert with .astype(np.int32).")
     passed(ex, f"inputs and targets are right at {len(cases)} positions, including the last one of a "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
 from llmc_lessons.layers.encoder import encoder_backward, encoder_forward
 
 
@@ -26,7 +26,7 @@ def check_encoder_backward(fn) -> None:
     dout = gen.standard_normal((B, T, C))
     result = run_exercise(ex, fn, dout.copy(), inp.copy(), V, maxT)
     if not isinstance(result, tuple) or len(result) != 2:
-        raise AssertionError(f"{ex}: return the pair (dwte, dwpe), got {type(result).__name__}"
+        raise ExerciseFailed(f"{ex}: return the pair (dwte, dwpe), got {type(result).__name__}"
                              + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
     dwte, dwpe = result
     want_dwte, want_dwpe = encoder_backward(dout, inp, V, maxT)
@@ -79,6 +79,6 @@ def check_encoder_forward_kernel(source: str) -> None:
         kernel(grid, (block_size,), (out, d_inp, d_wte, d_wpe, np.int32(B), np.int32(T), np.int32(C)))
         assert_close(f"{ex} at block_size={block_size}", "out", out, want, atol=1e-6, rtol=1e-6,
                      known_mistakes=mistakes,
-                     hint="thread idx owns out's flat element idx = (b*T + t)*C + c; find bt = idx / C, "
-                          "t = bt % T, c = idx % C, then the token id inp[bt].")
+                     hint="thread idx owns out's flat element idx = (b*T + t)*C + c: recover (b*T + t), t and c from "
+                          "idx with / and %, then the token id at that position.")
     passed(ex, f"B={B}, T={T}, C={C}, block sizes 32 and 128, every element written")

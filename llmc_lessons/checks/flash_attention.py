@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, rng, run_exercise
+from llmc_lessons.checks import ExerciseFailed, assert_close, exercise_kernel, passed, rng, run_exercise
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.layers.attention import attention_forward
 from llmc_lessons.layers.bf16 import to_bf16
@@ -26,7 +26,7 @@ def check_online_softmax_update(fn) -> None:
         for s, v in tiles:
             res = run_exercise(ex, fn, m.copy(), l.copy(), o.copy(), s, v)
             if not (isinstance(res, tuple) and len(res) == 3):
-                raise AssertionError(f"{ex}: return the tuple (m_new, l_new, o_new), got {type(res).__name__}")
+                raise ExerciseFailed(f"{ex}: return the tuple (m_new, l_new, o_new), got {type(res).__name__}")
             m, l, o = (np.asarray(x, dtype=np.float64) for x in res)
         s_all = np.concatenate([s for s, _ in tiles], axis=1)
         v_all = np.concatenate([v for _, v in tiles], axis=0)
@@ -38,7 +38,8 @@ def check_online_softmax_update(fn) -> None:
                      hint="when the maximum grows from m to m_new, what was summed against exp(. - m) must be "
                           "multiplied by exp(m - m_new): both l and o")
         assert_close(ex, "l (running sum)", l, np.exp(s_all - m[:, None]).sum(1), atol=1e-9, rtol=1e-7,
-                     hint="l_new = l * exp(m - m_new) + sum over the tile of exp(s - m_new)")
+                     hint="l is a sum of exp(s - m): when m moves, the old part must move with it, then the "
+                          "tile's own terms are added")
     passed(ex, "folding the tiles gives softmax(s) @ v exactly, with the maximum moving between tiles")
 
 
@@ -74,7 +75,7 @@ def check_d_fragment(fn) -> None:
             got = run_exercise(ex, fn, lane, i)
             want = divmod(int(regs[lane, i]), 8)
             if not (isinstance(got, tuple) and len(got) == 2):
-                raise AssertionError(f"{ex}: return a tuple (row, col), got {got!r} for lane {lane}, register {i}")
+                raise ExerciseFailed(f"{ex}: return a tuple (row, col), got {got!r} for lane {lane}, register {i}")
             if tuple(int(v) for v in got) != want:
                 g, t = lane // 4, lane % 4
                 hints = []
@@ -84,6 +85,6 @@ def check_d_fragment(fn) -> None:
                 if got[1] != want[1]:
                     hints.append(f"the column: t = lane % 4 = {t}; each lane holds two neighbouring columns, "
                                  f"2t and 2t + 1 (register i holds column 2t + i % 2)")
-                raise AssertionError(f"{ex}: lane {lane}, register {i}: you said D[{got[0]}][{got[1]}], the tensor "
+                raise ExerciseFailed(f"{ex}: lane {lane}, register {i}: you said D[{got[0]}][{got[1]}], the tensor "
                                      f"core puts D[{want[0]}][{want[1]}] there. Check " + "; and ".join(hints))
     passed(ex, "all 128 accumulator registers of the warp are where the tensor core puts them")

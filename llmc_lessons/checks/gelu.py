@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import (CHECKED_MODE_TIP, ExerciseFailed, assert_close, exercise_kernel, passed, poisoned,
+                                 rng, run_exercise)
 from llmc_lessons.layers.gelu import (GELU_CUBE_COEF, GELU_SCALING_FACTOR, gelu_backward, gelu_erf_backward,
                                       gelu_forward)
 
@@ -52,12 +53,12 @@ def check_gelu_backward(gelu_backward_fn) -> None:
     got = run_exercise(ex, gelu_backward_fn, dout.copy(), x.copy())
     dtype = getattr(got, "dtype", None)
     if dtype is not None and dtype != np.float64:
-        raise AssertionError(f"{ex}: for float64 inputs your function returned {dtype}. Compute in the dtype of "
+        raise ExerciseFailed(f"{ex}: for float64 inputs your function returned {dtype}. Compute in the dtype of "
                              f"the input (no np.float32(...) casts): the gradient check runs in float64.")
     assert_close(ex, "dinp", got, gelu_backward(dout, x), atol=1e-9, rtol=1e-6,
                  known_mistakes=_gelu_backward_mistakes(dout, x),
-                 hint="dinp = [0.5 (1 + tanh u) + 0.5 x sech^2(u) du/dx] * dout with "
-                      "u = sqrt(2/pi) (x + 0.044715 x^3); see the derivation above.")
+                 hint="gelu(x) = 0.5 x (1 + tanh u) is a product of x and a function of x: the product rule gives "
+                      "two terms, and the chain rule through u gives a third factor; see the derivation above.")
     probe = np.array([[[-2.0, -0.5, 0.0, 0.5, 2.0]]])
     assert_close(ex, "dinp at x = -2, -0.5, 0, 0.5, 2 with dout = 1",
                  run_exercise(ex, gelu_backward_fn, np.ones_like(probe), probe.copy()),
@@ -91,11 +92,11 @@ def check_gelu_backward_kernel(source: str, block_sizes=(32, 128)) -> None:
         x64, dout64 = x.astype(np.float64), dout.astype(np.float64)
         assert_close(ex, f"dinp (N={N}, block_size={block_size})", dinp, gelu_backward(dout64, x64),
                      atol=1e-5, rtol=1e-4, known_mistakes=_gelu_backward_mistakes(dout64, x64),
-                     hint="one thread per element: i = blockIdx.x * blockDim.x + threadIdx.x; if (i < N) "
-                          "dinp[i] = local_grad * dout[i];")
+                     hint="one thread per element, as in lesson 00's SAXPY; the local derivative as in Exercise "
+                          "6.1, times the gradient that arrives from above.")
         tail = device.to_host(buf[N:])
         if not np.all(np.isnan(tail)):
-            raise AssertionError(f"{ex}: the kernel wrote past the end of dinp (N={N}, block_size={block_size}): "
+            raise ExerciseFailed(f"{ex}: the kernel wrote past the end of dinp (N={N}, block_size={block_size}): "
                                  f"the last block has threads with i >= N, and they must not write. "
-                                 f"Guard the body with `if (i < N)`.")
+                                 f"{CHECKED_MODE_TIP}")
     passed(ex, f"block sizes {tuple(block_sizes)}, awkward N, output poisoned with NaN")

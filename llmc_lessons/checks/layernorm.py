@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
 from llmc_lessons.layers.layernorm import layernorm_backward, layernorm_forward
 
 
@@ -25,7 +25,7 @@ def check_layernorm_backward(fn) -> None:
     dout = gen.standard_normal((B, T, C))
     result = run_exercise(ex, fn, dout.copy(), inp.copy(), weight.copy(), mean.copy(), rstd.copy())
     if not isinstance(result, tuple) or len(result) != 3:
-        raise AssertionError(f"{ex}: return the triple (dinp, dweight, dbias), got {type(result).__name__}"
+        raise ExerciseFailed(f"{ex}: return the triple (dinp, dweight, dbias), got {type(result).__name__}"
                              + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
     dinp, dweight, dbias = result
     want_dinp, want_dweight, want_dbias = layernorm_backward(dout, inp, weight, mean, rstd)
@@ -46,8 +46,15 @@ def check_layernorm_backward(fn) -> None:
         "a sign error: the norm * mean(dnorm * norm) term must be subtracted": r * (dnorm - m1 + norm * m2),
         "a sign error: mean(dnorm) must be subtracted": r * (dnorm + m1 - norm * m2),
         "the leading factor rstd is missing": dnorm - m1 - norm * m2,
-    }, hint="dinp = rstd * (dnorm - mean_c(dnorm) - norm * mean_c(dnorm * norm)), with dnorm = dout * weight and "
-            "the means taken over the channel axis of each row.")
+        "a sum over the channels where the mean belongs: both terms average over the C channels of the row "
+        "(the forward pass's mean and variance are means)": r * (dnorm - C * m1 - norm * C * m2),
+        "a sum over the channels where mean(dnorm) belongs (the forward pass's mean is a mean over C channels)":
+            r * (dnorm - C * m1 - norm * m2),
+        "a sum over the channels where mean(dnorm * norm) belongs (the forward pass's variance is a mean over C "
+        "channels)": r * (dnorm - m1 - norm * C * m2),
+    }, hint="dinp has three terms inside rstd * (...): dnorm = dout * weight itself, one from mean depending on every "
+            "x_c, one from rstd depending on every x_c; each is an average over the C channels of the row (see the "
+            "derivation above).")
     assert_close(ex, "dweight", dweight, want_dweight, atol=1e-9, rtol=1e-7, known_mistakes={
         "dweight used inp where norm = (inp - mean) * rstd belongs": (dout * inp).sum(axis=(0, 1)),
         "dweight was averaged over (b, t) instead of summed": (dout * norm).mean(axis=(0, 1)),

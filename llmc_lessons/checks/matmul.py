@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
 from llmc_lessons.layers.matmul import gemm_cuda, matmul_backward
 
 _DINP_HINT = "dinp (B, T, C) = dout (B, T, OC) @ weight (OC, C): weight is used as stored, no transpose."
@@ -16,13 +16,15 @@ _DBIAS_HINT = "dbias (OC,) adds dout[b, t, o] over every position (b, t): sum ov
 def _call_backward(ex, fn, dout, inp, weight):
     try:
         result = run_exercise(ex, fn, dout.copy(), inp.copy(), weight.copy())
-    except ValueError as e:  # NumPy's "matmul: Input operand 1 has a mismatch in its core dimension ..."
-        raise AssertionError(
-            f"{ex}: your function raised ValueError: {e}\n  inp is {inp.shape} (B, T, C), weight {weight.shape} "
+    except ExerciseFailed as e:  # NumPy's "matmul: Input operand 1 has a mismatch in its core dimension ..."
+        if not isinstance(e.__cause__, ValueError):
+            raise
+        raise ExerciseFailed(
+            f"{e}\n  inp is {inp.shape} (B, T, C), weight {weight.shape} "
             f"(OC, C), dout {dout.shape} (B, T, OC). A shape mismatch inside a product means an operand needs a "
             f"transpose, or none: write each product's shapes down, e.g. (B*T, OC) @ (OC, C) -> (B*T, C).") from None
     if not isinstance(result, tuple) or len(result) != 3:
-        raise AssertionError(f"{ex}: return the triple (dinp, dweight, dbias), got {type(result).__name__}"
+        raise ExerciseFailed(f"{ex}: return the triple (dinp, dweight, dbias), got {type(result).__name__}"
                              + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
     return result
 
@@ -74,22 +76,8 @@ def _blockwise_transposed(full: np.ndarray, tile: int, M: int, N: int) -> np.nda
 
 def check_matmul_kernel2(source: str) -> None:
     """Exercise 4.2: matmul_kernel2 in `source` against the reference, at awkward sizes, two tiles, three layouts."""
-    from llmc_lessons.cuda import CompileError, RawKernel
-
     ex = "Exercise 4.2"
-    exercise_kernel(ex, source, "matmul_kernel2")  # an untouched TODO fails here with what to do
-    def compile_failure(e):
-        # The emulator compiles in compile(); CuPy compiles at the first launch and raises its CompileException.
-        if isinstance(e, CompileError) or type(e).__name__ == "CompileException":
-            return AssertionError(f"{ex}: the kernel does not compile:\n{e}")
-        return None
-
-    try:
-        kernel = RawKernel(source, "matmul_kernel2").compile()
-    except Exception as e:
-        if compile_failure(e) is None:
-            raise
-        raise compile_failure(e) from None
+    kernel = exercise_kernel(ex, source, "matmul_kernel2")
     gen = rng()
     # (M, N, K, trans_a, trans_b, bias, tile, what): sizes that are multiples of no tile, so edge tiles are partial.
     cases = [(37, 29, 45, False, True, True, 16, "the forward: inp (37, 45) @ weight (29, 45)^T + bias"),
@@ -106,13 +94,8 @@ def check_matmul_kernel2(source: str) -> None:
         full = A @ Bm
         want = full + bias64
         out = poisoned((M, N))
-        try:
-            gemm_cuda(device.to_device(a), device.to_device(b), None if bias is None else device.to_device(bias),
-                      trans_a=trans_a, trans_b=trans_b, version=2, tile=tile, kernel=kernel, out=out)
-        except Exception as e:
-            if compile_failure(e) is None:
-                raise
-            raise compile_failure(e) from None
+        gemm_cuda(device.to_device(a), device.to_device(b), None if bias is None else device.to_device(bias),
+                  trans_a=trans_a, trans_b=trans_b, version=2, tile=tile, kernel=kernel, out=out)
         mistakes = {
             "out holds only the bias: the loop over k tiles added nothing to acc": np.broadcast_to(bias64, (M, N)),
             "each tile x tile block of out is transposed: in the accumulation, thread (ty, tx) must combine row ty "
@@ -130,7 +113,7 @@ def check_matmul_kernel2(source: str) -> None:
                               "B(k0 + tx, n0 + ty) into Bs[ty * (TILE + 1) + tx], or 0 where that element is outside "
                               "A or B (k >= K in the last tile, a row >= M, a column >= N); after __syncthreads it adds "
                               "As[ty * TILE + kk] * Bs[tx * (TILE + 1) + kk] for kk = 0 .. TILE - 1.")
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n  the failing launch: {what}; M={M}, N={N}, K={K}, TILE={tile}, "
+        except ExerciseFailed as e:
+            raise ExerciseFailed(f"{e}\n  the failing launch: {what}; M={M}, N={N}, K={K}, TILE={tile}, "
                                  f"grid {-(-N // tile)} x {-(-M // tile)} blocks") from None
     passed(ex, "4 products at awkward sizes (37 x 45 @ 45 x 29 and a transposed 23 x 35 @ 35 x 19), tiles 8 and 16")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc_lessons.checks import assert_close, passed, rng, run_exercise
+from llmc_lessons.checks import ExerciseFailed, assert_close, passed, rng, run_exercise
 from llmc_lessons.model import GPT2Config, next_token_probs, num_parameters
 
 
@@ -27,9 +27,9 @@ def check_parameter_count(count_parameters):
             got = run_exercise(ex, count_parameters, config, padded)
             expected = num_parameters(config, padded=padded)
             if got is None:
-                raise AssertionError(f"{ex}: got None. Did your function forget to `return` the count?")
+                raise ExerciseFailed(f"{ex}: got None. Did your function forget to `return` the count?")
             if isinstance(got, float) or not isinstance(got, (int, np.integer)):
-                raise AssertionError(f"{ex}: return an int (a count of numbers), got {type(got).__name__} {got!r}")
+                raise ExerciseFailed(f"{ex}: return an int (a count of numbers), got {type(got).__name__} {got!r}")
             if got == expected:
                 continue
             rows = V if not padded else Vp
@@ -50,7 +50,7 @@ def check_parameter_count(count_parameters):
                     [expected - (L - 1) * (12 * C * C + 13 * C)],
             }
             cause = next((why for why, values in mistakes.items() if got in values), None)
-            raise AssertionError(
+            raise ExerciseFailed(
                 f"{ex}: for L={L}, NH={config.num_heads}, C={C}, maxT={maxT}, V={V}, Vp={Vp}, padded={padded} "
                 f"expected {expected:,} parameters, got {got:,} (off by {got - expected:+,}).\n"
                 + (f"  likely cause: {cause}\n" if cause else "")
@@ -121,12 +121,12 @@ def check_next_token_probs(probs_fn):
             wrong["the softmax ran over all Vp columns, padding included: use logits[:V] only"] = \
                 (np.exp(allz - allz.max()) / np.exp(allz - allz.max()).sum())[:V]
         if got is not None and np.shape(got) == (Vp,):
-            raise AssertionError(f"{ex} ({where}): got {Vp} probabilities, expected {V}. The last Vp - V = {Vp - V} "
+            raise ExerciseFailed(f"{ex} ({where}): got {Vp} probabilities, expected {V}. The last Vp - V = {Vp - V} "
                                  f"columns are padding (logits[V:] are meaningless): keep only logits[:V].")
         assert_close(ex, where, got, expected, atol=1e-6, rtol=1e-5, known_mistakes=wrong,
                      hint="divide by the temperature, drop all but the top_k largest, softmax over what is left.")
         if abs(float(np.sum(got)) - 1) > 1e-5:
-            raise AssertionError(f"{ex}: the probabilities sum to {float(np.sum(got))}, not 1")
+            raise ExerciseFailed(f"{ex}: the probabilities sum to {float(np.sum(got))}, not 1")
     passed(ex, "temperature, top-k and the padded columns handled")
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, poisoned, randn, rng, run_exercise
+from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, randn, rng,
+                                 run_exercise)
 from llmc_lessons.device import to_host
 from llmc_lessons.layers.fused import fused_residual_layernorm_forward
 
@@ -24,9 +25,10 @@ def check_layernorm_bytes(fn) -> None:
         }
         if got != want:
             cause = next((c for c, v in mistakes.items() if got == v), None)
-            raise AssertionError(f"{ex}: layernorm_bytes({N}, {C}) returned {got!r}, expected {want:,} bytes: read "
-                                 f"inp (N*C) and weight, bias (2*C), write out (N*C) and mean, rstd (2*N), 4 bytes "
-                                 f"each." + (f"\n  likely cause: {cause}" if cause else ""))
+            raise ExerciseFailed(f"{ex}: layernorm_bytes({N}, {C}) returned {got!r}, expected {want:,} bytes."
+                                 + (f"\n  likely cause: {cause}" if cause else "")
+                                 + "\n  hint: list every array layernorm_forward reads and every array it writes, "
+                                   "with its shape; each is moved once, at 4 bytes a float32.")
     passed(ex, "8192 x 768 moves 50.4 MB; at 3 TB/s that takes 17 us")
 
 

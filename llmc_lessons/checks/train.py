@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import assert_close, passed, run_exercise
+from llmc_lessons.checks import ExerciseFailed, assert_close, passed, run_exercise
 from llmc_lessons.train import learning_rate
 
 
@@ -59,13 +59,13 @@ def check_training_step(fn) -> None:
         want_loss, _ = training_step(ours, x, y, 1e-2, 0.1, 1.0, i + 1)
         got_loss = run_exercise(ex, fn, theirs, x, y, 1e-2)
         if not isinstance(got_loss, (float, np.floating)) or not math.isfinite(got_loss):
-            raise AssertionError(f"{ex}: your step returned {got_loss!r}; return the loss that forward gave "
+            raise ExerciseFailed(f"{ex}: your step returned {got_loss!r}; return the loss that forward gave "
                                  f"(a float)")
         if abs(got_loss - want_loss) > 1e-4 * abs(want_loss):
-            raise AssertionError(f"{ex}: step {i + 1} computed the loss {got_loss:.6f}, expected {want_loss:.6f}. "
+            raise ExerciseFailed(f"{ex}: step {i + 1} computed the loss {got_loss:.6f}, expected {want_loss:.6f}. "
                                  f"The forward must run on the weights the previous step left.")
         if theirs.step != ours.step:
-            raise AssertionError(f"{ex}: after step {i + 1}, AdamW's step counter is {theirs.step}, expected "
+            raise ExerciseFailed(f"{ex}: after step {i + 1}, AdamW's step counter is {theirs.step}, expected "
                                  f"{ours.step}: call model.update(...) exactly once per step.")
         got_p, want_p = device.to_host(theirs.params_memory), device.to_host(ours.params_memory)
         if not np.allclose(got_p, want_p, rtol=1e-4, atol=1e-6):

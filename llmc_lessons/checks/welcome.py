@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc_lessons.checks import assert_close, exercise_kernel, passed, randn, rng, run_exercise
+from llmc_lessons.checks import (CHECKED_MODE_TIP, ExerciseFailed, assert_close, exercise_kernel, passed, randn,
+                                 rng, run_exercise)
 from llmc_lessons.device import to_host, xp
 
 GUARD = 64  # NaN-filled elements after the output: a kernel that writes there has no working bounds check
@@ -28,9 +29,9 @@ def check_saxpy_kernel(src: str, name: str = "saxpy_kernel") -> None:
         kernel((grid,), (block,), (out, x, y, a, np.int32(n)))
         tail = to_host(buf[n:])
         if not np.all(np.isnan(tail)):
-            raise AssertionError(f"{ex} (out): with N = {n} and {grid} blocks of {block} threads, the kernel wrote "
+            raise ExerciseFailed(f"{ex} (out): with N = {n} and {grid} blocks of {block} threads, the kernel wrote "
                                  f"past the end of out (element {n + int(np.argmax(~np.isnan(tail)))}). The last "
-                                 f"block has threads whose index i >= N: they must do nothing (`if (i < n)`).")
+                                 f"block has threads whose index i >= N: they must do nothing. {CHECKED_MODE_TIP}")
         expected = saxpy_reference(a, to_host(x), to_host(y))
         threads_only = np.full(n, np.nan, np.float32)
         threads_only[:min(block, n)] = expected[:min(block, n)]
@@ -50,7 +51,7 @@ def check_num_blocks(num_blocks) -> None:
         got = run_exercise(ex, num_blocks, n, bs)
         want = -(-n // bs)
         if not isinstance(got, (int, np.integer)):
-            raise AssertionError(f"{ex}: num_blocks({n}, {bs}) returned {got!r} of type {type(got).__name__}; a "
+            raise ExerciseFailed(f"{ex}: num_blocks({n}, {bs}) returned {got!r} of type {type(got).__name__}; a "
                                  f"grid size must be an int (use // for integer division, not /).")
         if got != want:
             why = ""
@@ -58,6 +59,6 @@ def check_num_blocks(num_blocks) -> None:
                 why = " That is N // block_size, which rounds down and leaves the last elements without a thread."
             elif got == n // bs + 1:
                 why = " That is N // block_size + 1, which launches a useless extra block when N divides evenly."
-            raise AssertionError(f"{ex}: num_blocks({n}, {bs}) returned {got}, expected {want}: the fewest blocks "
+            raise ExerciseFailed(f"{ex}: num_blocks({n}, {bs}) returned {got}, expected {want}: the fewest blocks "
                                  f"of {bs} threads that cover {n} elements.{why}")
     passed(ex)

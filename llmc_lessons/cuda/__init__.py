@@ -157,7 +157,13 @@ class RawKernel:
 
     def compile(self) -> "RawKernel":
         """Compile now (else the first launch compiles); raises CompileError with the compiler's message."""
-        self._compiled()
+        impl = self._compiled()
+        if device.on_gpu():                      # CuPy compiles lazily, at the first launch, unless asked now
+            import cupy
+            try:
+                impl.compile()
+            except cupy.cuda.compiler.CompileException as e:
+                raise CompileError(f"the kernel did not compile:\n{e}") from None
         return self
 
     def __call__(self, grid, block, args, shared_mem: int = 0):

@@ -28,11 +28,19 @@ STACK_SIZE = int(os.environ.get("LLMC_FIBER_STACK", 256 * 1024))
 _lock = threading.Lock()  # one launch at a time: the runtime's error and output slots are global
 
 
-class CompileError(RuntimeError):
+class _ShownBriefly(RuntimeError):
+    """An error whose message says all there is (the kernel's own file and line): Jupyter shows it without the
+    emulator's frames, which would only bury it."""
+
+    def _render_traceback_(self) -> list[str]:   # IPython calls this instead of formatting the frames
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
+
+class CompileError(_ShownBriefly):
     """The C++ compiler rejected a kernel source; the message holds its diagnostics, pointing at the .cu lines."""
 
 
-class KernelError(RuntimeError):
+class KernelError(_ShownBriefly):
     """A kernel failed while running in the emulator (deadlock, failed assert, bad collective, ...)."""
 
 
