@@ -3,6 +3,7 @@
     python -m llmc_lessons.train --model d12 --batch-size 16 --seq-len 1024 --steps 500 --out runs/d12
     python -m llmc_lessons.train --model tiny --steps 20 --out runs/tiny          # CPU-sized
     python -m llmc_lessons.train --resume runs/tiny --steps 40                    # continue to step 40
+    python -m llmc_lessons.train --init-from gpt2_124M.bin --steps 50 --out runs/ft   # fine-tune OpenAI's GPT-2
 
 One optimizer step is llm.c's loop body: forward (with the loss), zero_grad, backward, the global gradient
 norm and its clip factor, AdamW with a warm-up + cosine learning rate. `--out DIR` receives `log.jsonl` (one
@@ -30,7 +31,8 @@ from llmc_lessons.model import GPT2, GPT2Config, generate
 DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, lr=6e-4, warmup=None,
                 final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, eval_every=None, eval_batches=4,
                 sample_every=None, sample_tokens=32, checkpoint_every=None, seed=1337, out=None,
-                train_bin=None, val_bin=None, reference=False, tf32=1, precision="fp32", cuda_graph=1)
+                train_bin=None, val_bin=None, reference=False, tf32=1, precision="fp32", cuda_graph=1,
+                init_from=None)
 EOT = 50256
 
 
@@ -116,7 +118,12 @@ class Trainer:
         self.args = args
         a = args
         self.out = Path(a["out"]) if a["out"] else None
-        config = GPT2Config.from_name(a["model"])
+        backend = "numpy" if a["reference"] else "kernels"
+        init = None
+        if a["init_from"]:   # llm.c's train_gpt2.c: start from saved weights, with a fresh optimizer
+            from llmc_lessons.hf import load_weights
+            init = load_weights(a["init_from"], backend=backend, precision=a["precision"])
+        config = init.config if init else GPT2Config.from_name(a["model"])
         if a["seq_len"] > config.max_seq_len:
             raise ValueError(f"--seq-len {a['seq_len']} exceeds the model's context of {config.max_seq_len}")
         if a["train_bin"]:
@@ -127,10 +134,9 @@ class Trainer:
         self.val_loader = DataLoader(val_path, a["batch_size"], a["seq_len"])
         if a["epochs"] is not None:
             a["steps"] = int(a["epochs"] * len(self.train_loader))
-        backend = "numpy" if a["reference"] else "kernels"
         if a["reference"] and a["precision"] != "fp32":
             raise ValueError("--reference runs the NumPy layers in float32: it cannot be combined with --precision bf16")
-        self.model = GPT2(config, seed=a["seed"], backend=backend, precision=a["precision"])
+        self.model = init or GPT2(config, seed=a["seed"], backend=backend, precision=a["precision"])
         self.model.keep_logits = False  # the loop never reads the logits of a training forward
         self.model.cuda_graph = bool(a["cuda_graph"])   # replay the forward and backward (GPU only)
         from llmc_lessons.layers.matmul import set_tf32
@@ -273,6 +279,8 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
     p.add_argument("--seed", type=int, help="seed of the initialisation, data order and samples (1337)")
     p.add_argument("--out", "-o", help="output directory: log.jsonl, checkpoints, summary.json")
     p.add_argument("--resume", help="continue the run in this directory from its latest checkpoint")
+    p.add_argument("--init-from", dest="init_from", help="start from these weights (an llm.c model file or a "
+                   "Hugging Face GPT-2 folder, README.md) with a fresh optimizer; they set the model's size")
     p.add_argument("--stop-at", type=int, dest="stop_at", help="stop (with a checkpoint) at this step, to "
                    "--resume later with the same learning-rate schedule")
     p.add_argument("--train-bin", dest="train_bin", help="llm.c token file to train on (default: Shakespeare)")
@@ -286,6 +294,14 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
     given = vars(p.parse_args(argv))
     resume = given.pop("resume", None)
     stop_at = given.pop("stop_at", None)
+    if "init_from" in given:
+        if resume:
+            p.error("--init-from starts a new run from weights, --resume continues a run from its checkpoint: "
+                    "give one of them")
+        if "model" in given:
+            p.error("--init-from: the weights set the model's size, so leave out --model")
+        if not Path(given["init_from"]).exists():
+            p.error(f"--init-from {given['init_from']}: no such llm.c model file or Hugging Face folder")
     saved = {}
     ckpt = None
     if resume:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from llmc_lessons import hf
+from llmc_lessons import device, hf
 from llmc_lessons.model import GPT2
 
 HF_CONFIG = {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 32, "vocab_size": 101,
@@ -188,3 +188,54 @@ def test_transformers_gives_the_same_logits(hf_folder, tmp_path):
         with torch.no_grad():
             logits = ref(torch.from_numpy(idx).long()).logits.numpy()
         np.testing.assert_allclose(ours.logits[..., :101], logits, atol=2e-5, rtol=1e-4)
+
+
+# --- python -m llmc_lessons.train --init-from ---------------------------------------------------------------
+
+TRAIN_CONFIG = {**HF_CONFIG, "vocab_size": 50257, "n_positions": 64}
+
+
+@pytest.fixture
+def init_run(tmp_path):
+    """A Hugging Face folder with GPT-2's vocabulary, its llm.c file, and token files to fine-tune on."""
+    from llmc_lessons.data import write_tokens
+    folder = write_hf(tmp_path / "gpt2-random", random_hf_tensors(TRAIN_CONFIG), TRAIN_CONFIG)
+    bin_path = hf.save_llmc(hf.load_hf(folder), tmp_path / "gpt2-random.bin")
+    phrase = np.random.default_rng(0).integers(0, 50257, size=50)
+    write_tokens(tmp_path / "train.bin", np.tile(phrase, 20).astype(np.uint16))
+    write_tokens(tmp_path / "val.bin", np.tile(phrase, 4).astype(np.uint16))
+    return folder, bin_path, tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-4), ("bf16", 3e-2)])
+def test_training_starts_from_the_weights_with_a_fresh_optimizer(init_run, precision, tol):
+    from llmc_lessons.data import DataLoader
+    from llmc_lessons.train import DEFAULTS, Trainer
+    folder, _, tmp = init_run
+    args = dict(DEFAULTS, batch_size=2, seq_len=16, steps=2, warmup=1, train_bin=str(tmp / "train.bin"),
+                val_bin=str(tmp / "val.bin"), out=str(tmp / precision), init_from=str(folder), precision=precision,
+                tf32=0)
+    t = Trainer(args)
+    start = hf.load_hf(folder, backend="numpy")
+    assert t.model.config == start.config and t.model.precision == precision
+    assert np.array_equal(device.to_host(t.model.params_memory), start.params_memory)
+    assert t.model.step == 0 and t.model.m_memory is None                      # AdamW starts afresh
+    x, y = DataLoader(tmp / "train.bin", 2, 16, seed=args["seed"], shuffle=True).next_batch()
+    first = t.train_step()
+    assert first.loss == pytest.approx(start.forward(x, y), rel=tol)            # the first step saw these weights
+
+
+def test_command_line_init_from(init_run, capsys):
+    from llmc_lessons.train import main
+    folder, bin_path, tmp = init_run
+    base = ["-b", "2", "-t", "16", "--steps", "1", "--train-bin", str(tmp / "train.bin"), "--val-bin",
+            str(tmp / "val.bin"), "--reference"]
+    assert main(base + ["--init-from", str(bin_path)]) == 0
+    assert "L=2, NH=4, C=64, maxT=64" in capsys.readouterr().out
+    for extra, message in ([["--resume", str(tmp)], "--init-from starts a new run from weights, --resume"],
+                           [["--model", "d12"], "the weights set the model's size, so leave out --model"],
+                           [[], "nowhere: no such llm.c model file or Hugging Face folder"]):
+        with pytest.raises(SystemExit):
+            main(base + ["--init-from", str(bin_path if extra else tmp / "nowhere")] + extra)
+        assert message in capsys.readouterr().err
