@@ -256,7 +256,8 @@ class TokenFileWriter:
         """Append (n,) token ids in [0, 65535]."""
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-            raise ValueError(f"tokens must lie in [0, 65535] to fit uint16, got range [{tokens.min()}, {tokens.max()}]")
+            raise ValueError(f"tokens must lie in [0, 65535] to fit uint16, got range "
+                             f"[{tokens.min()}, {tokens.max()}]")
         if self.num_tokens + tokens.size >= 2**31:
             raise ValueError(f"{self.path}: more than 2**31 - 1 tokens do not fit one llm.c token file")
         self._f.write(tokens.astype("<u2").tobytes())
@@ -297,8 +298,8 @@ def _text_file_pieces(path: Path, read_bytes: int) -> Iterator[Piece]:
             block = f.read(read_bytes)
             nul = block.find(b"\x00")
             if nul >= 0:
-                raise ValueError(f"{path}: line {line + block.count(newline, 0, nul)}: a NUL byte at byte {offset + nul}: "
-                                 f"this looks like a binary (or UTF-16) file, not UTF-8 text")
+                raise ValueError(f"{path}: line {line + block.count(newline, 0, nul)}: a NUL byte at byte "
+                                 f"{offset + nul}: this looks like a binary (or UTF-16) file, not UTF-8 text")
             try:
                 buffered += decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
@@ -310,7 +311,7 @@ def _text_file_pieces(path: Path, read_bytes: int) -> Iterator[Piece]:
             line += block.count(b"\n")
             offset += len(block)
             pending += len(block)
-            seen_text = seen_text or not buffered.isspace() and buffered != ""
+            seen_text = seen_text or buffered.strip() != ""
             if not block:
                 break
             cut = _last_safe_cut(buffered)
@@ -326,7 +327,7 @@ def _text_file_pieces(path: Path, read_bytes: int) -> Iterator[Piece]:
 
 
 def _last_safe_cut(text: str) -> int:
-    """The index of the last safe cut in the final 64 KiB of `text` (0 if none)."""
+    """The index of the last safe cut among the final 65,536 characters of `text` (0 if none)."""
     last = None
     for last in _SAFE_CUT.finditer(text, max(0, len(text) - 65536)):
         pass
@@ -391,7 +392,8 @@ def prepare_text(input: str | Path, out_dir: str | Path | None = None, field: st
     name = input.stem if input.is_file() else input.name
     paths = {"train": out / f"{name}_train.bin", "val": out / f"{name}_val.bin"}
     if not overwrite and any(p.exists() for p in paths.values()):
-        raise FileExistsError(f"{paths['train']} or {paths['val']} exists already; pass --overwrite to replace them")
+        raise FileExistsError(f"{paths['train']} or {paths['val']} exists already; pass --overwrite to "
+                              f"replace them")
     total = sum(f.stat().st_size for f in files)
     val_from = total * (1 - val_fraction)      # the input byte where validation starts
     enc = gpt2()

@@ -77,11 +77,13 @@ def test_jsonl_with_a_field(tmp_path):
 
 @pytest.mark.parametrize("name, content, message", [
     ("bin.txt", b"abc\n\x00\x01\x02", r"bin.txt: line 2: a NUL byte at byte 4: this looks like a binary"),
-    ("latin.txt", "caf\u00e9 au lait\nna\u00efve\n".encode("latin-1"), r"latin.txt: line 1: bytes e9 at byte 3 are not valid UTF-8"),
+    ("latin.txt", "caf\u00e9 au lait\nna\u00efve\n".encode("latin-1"),
+     r"latin.txt: line 1: bytes e9 at byte 3 are not valid UTF-8"),
     ("later.txt", b"ok line\nsecond ok\nbad \xff here\n", r"later.txt: line 3: bytes ff at byte 22"),
     ("empty.txt", b"", r"empty.txt: the file holds no text"),
     ("blank.txt", b"  \n\n \t\n", r"blank.txt: the file holds no text"),
-    ("a.jsonl", b'{"text": "fine"}\n{"body": "no text field"}\n', r"a.jsonl: line 2: no field 'text'; this record has \['body'\]"),
+    ("a.jsonl", b'{"text": "fine"}\n{"body": "no text field"}\n',
+     r"a.jsonl: line 2: no field 'text'; this record has \['body'\]"),
     ("b.jsonl", b'{"text": "fine"}\n{"text": "broken\n', r"b.jsonl: line 2: not valid JSON"),
     ("c.jsonl", b'{"text": ""}\n', r"c.jsonl: line 1: field 'text' is empty"),
     ("d.jsonl", b'{"text": 3}\n', r"d.jsonl: line 1: field 'text' holds int, not a string"),
