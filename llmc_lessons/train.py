@@ -300,8 +300,6 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
                     "give one of them")
         if "model" in given:
             p.error("--init-from: the weights set the model's size, so leave out --model")
-        if not Path(given["init_from"]).exists():
-            p.error(f"--init-from {given['init_from']}: no such llm.c model file or Hugging Face folder")
     saved = {}
     ckpt = None
     if resume:
@@ -312,6 +310,8 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
             saved = json.loads(str(z["meta"]))["args"]
         given.setdefault("out", resume)
     args = {**DEFAULTS, **saved, **given}
+    if args["init_from"] and not Path(args["init_from"]).exists():   # a resumed run reads its size from them too
+        p.error(f"--init-from {args['init_from']}: no such llm.c model file or Hugging Face folder")
     if args["warmup"] is None:
         args["warmup"] = max(1, args["steps"] // 10)
     for k in ("batch_size", "seq_len", "steps", "eval_batches", "sample_tokens"):

@@ -229,8 +229,8 @@ def test_training_starts_from_the_weights_with_a_fresh_optimizer(init_run, preci
 def test_command_line_init_from(init_run, capsys):
     from llmc_lessons.train import main
     folder, bin_path, tmp = init_run
-    base = ["-b", "2", "-t", "16", "--steps", "1", "--train-bin", str(tmp / "train.bin"), "--val-bin",
-            str(tmp / "val.bin"), "--reference"]
+    base = ["-b", "2", "-t", "16", "--train-bin", str(tmp / "train.bin"), "--val-bin", str(tmp / "val.bin"),
+            "--reference", "--steps", "1"]
     assert main(base + ["--init-from", str(bin_path)]) == 0
     assert "L=2, NH=4, C=64, maxT=64" in capsys.readouterr().out
     for extra, message in ([["--resume", str(tmp)], "--init-from starts a new run from weights, --resume"],
@@ -239,3 +239,8 @@ def test_command_line_init_from(init_run, capsys):
         with pytest.raises(SystemExit):
             main(base + ["--init-from", str(bin_path if extra else tmp / "nowhere")] + extra)
         assert message in capsys.readouterr().err
+    # a run started from weights stops and resumes like any other
+    run = ["--init-from", str(bin_path), "--steps", "2", "--stop-at", "1", "--out", str(tmp / "run")]
+    assert main(base + run) == 0                                  # the later --steps 2 wins
+    assert main(["--resume", str(tmp / "run")]) == 0
+    assert "resuming at step 1" in capsys.readouterr().out
