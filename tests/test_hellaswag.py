@@ -90,3 +90,13 @@ def test_command_line(tiny, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n")
     assert hellaswag.main(["--model", str(path), "--data", str(tmp_path / "empty.jsonl")]) == 1
     assert "empty.jsonl: no examples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision, rtol", [("fp32", 2e-3), ("bf16", 3e-2)])   # a GPU may use TF32
+def test_kernel_paths_score_as_the_reference(tiny, tmp_path, precision, rtol):
+    model, _ = tiny
+    folder = hf.save_hf(model, tmp_path / "m")
+    example = next(hellaswag.read_examples(EXAMPLES))
+    kernels = hf.load_hf(folder, backend="kernels", precision=precision)
+    np.testing.assert_allclose(hellaswag.ending_losses(kernels, example), hellaswag.ending_losses(model, example),
+                               rtol=rtol)
