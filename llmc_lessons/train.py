@@ -3,6 +3,7 @@
     python -m llmc_lessons.train --model d12 --batch-size 16 --seq-len 1024 --steps 500 --out runs/d12
     python -m llmc_lessons.train --model tiny --steps 20 --out runs/tiny          # CPU-sized
     python -m llmc_lessons.train --resume runs/tiny --steps 40                    # continue to step 40
+    python -m llmc_lessons.train --init-from gpt2_124M.bin --steps 50 --out runs/ft   # fine-tune OpenAI's GPT-2
 
 One optimizer step is llm.c's loop body: forward (with the loss), zero_grad, backward, the global gradient
 norm and its clip factor, AdamW with a warm-up + cosine learning rate. `--out DIR` receives `log.jsonl` (one
@@ -36,7 +37,8 @@ from llmc_lessons.model import GPT2, GPT2Config, generate
 DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, lr=6e-4, warmup=None,
                 final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, eval_every=None, eval_batches=4,
                 sample_every=None, sample_tokens=32, checkpoint_every=None, seed=1337, out=None,
-                train_bin=None, val_bin=None, reference=False, tf32=1, precision="fp32", cuda_graph=1)
+                train_bin=None, val_bin=None, reference=False, tf32=1, precision="fp32", cuda_graph=1,
+                init_from=None)
 EOT = 50256
 
 
@@ -268,7 +270,14 @@ class Trainer:
                 raise FileExistsError(f"--out {self.out} holds a run already ({found}): continue it with --resume "
                                       f"{self.out}, choose another --out, or replace it with --overwrite")
             self._replace = run_files(self.out)
-        config = GPT2Config.from_name(a["model"])
+        backend = "numpy" if a["reference"] else "kernels"
+        init = None
+        if a["init_from"]:   # llm.c's train_gpt2.c: start from saved weights, with a fresh optimizer
+            from llmc_lessons.hf import load_weights
+            init = load_weights(a["init_from"], backend=backend, precision=a["precision"])
+        config = init.config if init else GPT2Config.from_name(a["model"])
+        if a["seq_len"] > config.max_seq_len:
+            raise ValueError(f"--seq-len {a['seq_len']} exceeds the model's context of {config.max_seq_len}")
         if a["train_bin"]:
             train_path, val_path = Path(a["train_bin"]), Path(a["val_bin"] or a["train_bin"])
         else:
@@ -289,8 +298,7 @@ class Trainer:
             a["warmup"] = max(1, a["steps"] // 10)
         if state is not None:
             _check_resume(a, state["meta"], str(state["path"].parent))
-        backend = "numpy" if a["reference"] else "kernels"
-        self.model = GPT2(config, seed=a["seed"], backend=backend, precision=a["precision"])
+        self.model = init or GPT2(config, seed=a["seed"], backend=backend, precision=a["precision"])
         self.model.keep_logits = False  # the loop never reads the logits of a training forward
         self.model.cuda_graph = bool(a["cuda_graph"])   # replay the forward and backward (GPU only)
         from llmc_lessons.layers.matmul import set_tf32
@@ -487,6 +495,8 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
     p.add_argument("--seed", type=int, help="seed of the initialisation, data order and samples (1337)")
     p.add_argument("--out", "-o", help="output directory: log.jsonl, checkpoints, summary.json")
     p.add_argument("--resume", help="continue the run in this directory from its latest checkpoint")
+    p.add_argument("--init-from", dest="init_from", help="start from these weights (an llm.c model file or a "
+                   "Hugging Face GPT-2 folder, README.md) with a fresh optimizer; they set the model's size")
     p.add_argument("--stop-at", type=int, dest="stop_at", help="stop (with a checkpoint) at this step, to "
                    "--resume later with the same learning-rate schedule")
     p.add_argument("--train-bin", dest="train_bin", help="llm.c token file to train on (default: Shakespeare)")
@@ -507,6 +517,12 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
         p.error("give --steps or --epochs, not both")
     if "steps" in given:
         given["epochs"] = None   # a resumed run's saved --epochs gives way to the --steps given now
+    if "init_from" in given:
+        if resume:
+            p.error("--init-from starts a new run from weights, --resume continues a run from its checkpoint: "
+                    "give one of them")
+        if "model" in given:
+            p.error("--init-from: the weights set the model's size, so leave out --model")
     saved, state = {}, None
     if resume:
         if overwrite:
@@ -522,6 +538,8 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
         check_args(args)
     except ValueError as e:
         p.error(str(e))
+    if args["init_from"] and not Path(args["init_from"]).exists():   # a resumed run reads its size from them too
+        p.error(f"--init-from {args['init_from']}: no such llm.c model file or Hugging Face folder")
     if stop_at is not None and (stop_at < 1 or (state is not None and stop_at <= state["meta"]["step"])):
         done = state["meta"]["step"] if state is not None else 0
         p.error(f"--stop-at {stop_at}: must be a step after {done}, the step the run starts from")
