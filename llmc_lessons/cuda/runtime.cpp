@@ -178,6 +178,7 @@ struct Launch {
     std::vector<void *> argv, ptrs;
     std::vector<Staged> staged;
     std::vector<std::string> arg_names;
+    std::vector<long long> arg_bytes;
     unsigned grid[3], block[3];
     size_t dyn_shared, shared_limit;
     std::string name;
@@ -589,7 +590,7 @@ std::string describe_fault(Worker &w) {
             if (a >= end && a < guard + g_page) {
                 std::snprintf(buf, sizeof buf, "%s: an access %s the end of argument %d (%s, an array of %zu "
                               "bytes). %s%s", where(w).c_str(), past(size_t(a - end)).c_str(), s.last_arg,
-                              L.arg_names[s.last_arg].c_str(), s.bytes, kBoundsHint, kRerun);
+                              L.arg_names[s.last_arg].c_str(), size_t(L.arg_bytes[s.last_arg]), kBoundsHint, kRerun);
                 return buf;
             }
         }
@@ -737,7 +738,7 @@ void unstage(Launch &L) {
                 char buf[600];
                 std::snprintf(buf, sizeof buf, "kernel '%s' wrote %s the end of argument %d (%s, an array of %zu "
                               "bytes). %s%s", L.name.c_str(), past(i).c_str(), s.last_arg,
-                              L.arg_names[s.last_arg].c_str(), s.bytes, kBoundsHint, kRerun);
+                              L.arg_names[s.last_arg].c_str(), size_t(L.arg_bytes[s.last_arg]), kBoundsHint, kRerun);
                 L.error = buf;
             }
             break;
@@ -972,6 +973,7 @@ __attribute__((visibility("default"))) int llmc_rt_start(void (*thunk)(void **),
     L->dyn_shared = dyn_shared; L->shared_limit = shared_limit;
     L->nblocks = long(grid[0]) * grid[1] * grid[2];
     for (int i = 0; i < nargs; i++) L->arg_names.push_back(names[i]);
+    L->arg_bytes.assign(bytes, bytes + nargs);
     const int nthreads = int(block[0] * block[1] * block[2]);
     const int k = int(std::max(1L, std::min<long>(nworkers, L->nblocks)));
     {
