@@ -4,9 +4,8 @@ The runtime (runtime.cpp) is built once; each kernel source is built into its ow
 cached on disk by a hash of everything that goes into them, written atomically (temp file + rename) so
 parallel test runs can share the cache.
 
-A launch runs on the runtime's own threads while this thread waits in short slices, so Ctrl-C (Jupyter's
-"interrupt kernel") and the optional time limit LLMC_KERNEL_TIMEOUT can stop it. Settings from the
-environment: LLMC_EMU_THREADS (worker threads), LLMC_FIBER_STACK (bytes of stack per CUDA thread),
+Ctrl-C (Jupyter's "interrupt kernel") stops a running launch and raises KeyboardInterrupt; the optional
+time limit LLMC_KERNEL_TIMEOUT stops it with a KernelError. Settings from the environment: LLMC_EMU_THREADS (worker threads), LLMC_FIBER_STACK (bytes of stack per CUDA thread),
 LLMC_KERNEL_TIMEOUT (seconds).
 """
 from __future__ import annotations
@@ -16,11 +15,11 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -162,18 +161,15 @@ def runtime(checked: bool = False) -> ctypes.CDLL:
     _, rt = _load(lambda: _build("runtime", [RUNTIME.read_text()], f'#include "{RUNTIME}"\n', [], checked),
                   ctypes.RTLD_GLOBAL)
     c = ctypes
-    rt.llmc_rt_start.restype = c.c_int
-    rt.llmc_rt_start.argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.POINTER(c.c_longlong), c.POINTER(c.c_int),
-                                 c.POINTER(c.c_char_p), c.POINTER(c.c_uint), c.POINTER(c.c_uint), c.c_size_t,
-                                 c.c_size_t, c.c_int, c.c_size_t, c.c_char_p]
-    rt.llmc_rt_wait.restype = c.c_int
-    rt.llmc_rt_wait.argtypes = [c.c_double]
-    rt.llmc_rt_cancel.restype = None
-    rt.llmc_rt_cancel.argtypes = [c.c_int, c.c_double]
+    rt.llmc_rt_launch.restype = c.c_int
+    rt.llmc_rt_launch.argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.POINTER(c.c_longlong), c.POINTER(c.c_int),
+                                  c.POINTER(c.c_char_p), c.POINTER(c.c_uint), c.POINTER(c.c_uint), c.c_size_t,
+                                  c.c_size_t, c.c_int, c.c_size_t, c.c_char_p, c.c_double]
     rt.llmc_rt_error.restype = c.c_char_p
     rt.llmc_rt_output.restype = c.c_char_p
     rt.llmc_rt_fault_offset.restype = c.c_longlong
     rt.llmc_rt_fault_lib.restype = c.c_char_p
+    rt.llmc_rt_interrupted.restype = c.c_int
     return rt
 
 
@@ -206,9 +202,9 @@ class EmulatedModule:
         return ctypes.cast(getattr(self.lib, f"llmc_thunk_{name}"), ctypes.c_void_p).value
 
 
-def _env_number(name: str, default, minimum, kind=int, what: str = ""):
-    """The value of environment variable `name` (default when unset or empty); ValueError naming it if bad."""
-    text = os.environ.get(name, "").strip()
+def _env_number(name: str, text: str, default, minimum, kind=int, what: str = ""):
+    """The value `text` of environment variable `name` (default when empty); ValueError naming it if bad."""
+    text = text.strip()
     if not text:
         return default
     try:
@@ -222,34 +218,27 @@ def _env_number(name: str, default, minimum, kind=int, what: str = ""):
 
 def settings() -> tuple[int, int, float | None]:
     """(worker threads, fiber stack bytes, time limit in seconds or None) from the environment."""
-    workers = _env_number("LLMC_EMU_THREADS", os.cpu_count() or 1, 1, what="a whole number of threads, 1 or more")
-    stack = _env_number("LLMC_FIBER_STACK", 256 * 1024, MIN_STACK,
-                        what=f"a whole number of bytes per CUDA thread, at least {MIN_STACK}")
-    timeout = _env_number("LLMC_KERNEL_TIMEOUT", 0.0, 0.0, float, what="a number of seconds (0: no limit)")
-    return workers, (stack + 4095) // 4096 * 4096, (timeout or None)
+    env = os.environ
+    return _settings(env.get("LLMC_EMU_THREADS", ""), env.get("LLMC_FIBER_STACK", ""),
+                     env.get("LLMC_KERNEL_TIMEOUT", ""))
 
 
-def _wait(rt, timeout: float | None) -> int:
-    """Wait for the running launch in short slices, so Ctrl-C gets through; cancel it at the time limit."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        while True:
-            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
-            rc = rt.llmc_rt_wait(max(left, 0.0))
-            if rc >= 0:
-                return rc
-            if deadline is not None and time.monotonic() >= deadline:
-                rt.llmc_rt_cancel(2, timeout)
-                deadline = None  # then wait for the workers to stop
-    except KeyboardInterrupt:
-        rt.llmc_rt_cancel(1, 0.0)
-        while True:
-            try:
-                if rt.llmc_rt_wait(0.1) >= 0:
-                    break
-            except KeyboardInterrupt:
-                continue
-        raise
+@lru_cache(maxsize=16)
+def _settings(threads: str, stack: str, timeout: str) -> tuple[int, int, float | None]:
+    workers = _env_number("LLMC_EMU_THREADS", threads, os.cpu_count() or 1, 1, what="a whole number of threads, 1 or more")
+    size = _env_number("LLMC_FIBER_STACK", stack, 256 * 1024, MIN_STACK,
+                       what=f"a whole number of bytes per CUDA thread, at least {MIN_STACK}")
+    limit = _env_number("LLMC_KERNEL_TIMEOUT", timeout, 0.0, 0.0, float, what="a number of seconds (0: no limit)")
+    return workers, (size + 4095) // 4096 * 4096, (limit or None)
+
+
+@lru_cache(maxsize=None)
+def _param_info(sig) -> tuple:
+    """Per kernel signature: (which arguments are copied back, their descriptions), as C arrays."""
+    n = max(1, len(sig.params))
+    writable = (ctypes.c_int * n)(*[int(p.pointer and not p.const) for p in sig.params])
+    names = (ctypes.c_char_p * n)(*[p.describe().encode() for p in sig.params])
+    return writable, names
 
 
 def _fault_line(rt, module: "EmulatedModule") -> str:
@@ -273,7 +262,7 @@ def _fault_line(rt, module: "EmulatedModule") -> str:
 def launch(module: EmulatedModule, sig, grid, block, args, shared_mem: int, shared_limit: int) -> str:
     """Run one launch on the CPU; return what the kernel printed. Raises KernelError if it failed."""
     workers, stack, timeout = settings()
-    holders, ptrs, sizes, writable, names = [], [], [], [], []
+    holders, ptrs, sizes = [], [], []
     for p, a in zip(sig.params, args):
         if p.pointer:
             h = ctypes.c_void_p(None if a is None else a.ctypes.data)
@@ -282,26 +271,24 @@ def launch(module: EmulatedModule, sig, grid, block, args, shared_mem: int, shar
             h = ctypes.c_byte * a.dtype.itemsize
             h = h.from_buffer_copy(a.tobytes())
             sizes.append(-1)
-        writable.append(int(p.pointer and not p.const))
-        names.append(p.describe().encode())
         holders.append(h)
         ptrs.append(ctypes.addressof(h))
     n = max(1, len(ptrs))
     argv = (ctypes.c_void_p * n)(*ptrs)
     c_sizes = (ctypes.c_longlong * n)(*sizes)
-    c_writable = (ctypes.c_int * n)(*writable)
-    c_names = (ctypes.c_char_p * n)(*names)
+    c_writable, c_names = _param_info(sig)
     g = (ctypes.c_uint * 3)(*grid)
     b = (ctypes.c_uint * 3)(*block)
     rt = runtime(module.checked)
     with _lock:
-        rc = rt.llmc_rt_start(module.thunk(sig.name), argv, len(ptrs), c_sizes, c_writable, c_names, g, b,
-                              shared_mem, shared_limit, workers, stack, sig.name.encode())
-        if rc == 0:
-            rc = _wait(rt, timeout)
+        rc = rt.llmc_rt_launch(module.thunk(sig.name), argv, len(ptrs), c_sizes, c_writable, c_names, g, b,
+                               shared_mem, shared_limit, workers, stack, sig.name.encode(), timeout or 0.0)
         out = rt.llmc_rt_output().decode(errors="replace")
         err = rt.llmc_rt_error().decode(errors="replace")
-        line = _fault_line(rt, module) if rc else ""
+        interrupted = rt.llmc_rt_interrupted()
+        line = _fault_line(rt, module) if rc and not interrupted else ""
+    if interrupted:  # the runtime took the Ctrl-C to stop the launch: hand it on to Python's handler
+        signal.raise_signal(signal.SIGINT)
     if rc != 0:
         raise KernelError(line + err)
     return out

@@ -6,8 +6,8 @@
 // fiber runs until it exits or must wait (at __syncthreads, or for its warp at a shuffle/vote/__syncwarp).
 // A full pass over the block in which no fiber made progress is a deadlock, reported instead of hanging.
 //
-// A launch runs on threads of its own, so the Python thread that waits for it stays free to take Ctrl-C or a
-// time limit and cancel it (a flag read at every fiber switch, and a signal for a loop that never switches).
+// A launch can be stopped (Ctrl-C, or a time limit kept by a watchdog thread): a flag read at every fiber
+// switch, and a signal that jumps out of a loop that never switches.
 // A fault in a kernel (a bad address, a stack overflow, an integer division by zero) is caught by a signal
 // handler that jumps out of the fiber and fails the launch with a message; the process lives on. Argument
 // arrays are copied next to an inaccessible page for the launch, so an access past an array's end faults too.
@@ -115,7 +115,7 @@ namespace {
 
 constexpr int kMaxSlots = 256;
 constexpr size_t kSharedArena = 256 * 1024;  // more than any GPU offers per block (H100: 227 KiB)
-constexpr size_t kStackGuard = 64 * 1024;    // PROT_NONE under each fiber stack: an overflow faults there
+constexpr size_t kStackGuard = 4 * 1024;    // PROT_NONE under each fiber stack: an overflow faults there
 constexpr size_t kAltStack = 64 * 1024;      // each worker's signal stack (a fault may come from a full fiber stack)
 constexpr size_t kPrintfCap = 4u << 20;      // printf output kept per launch, like the GPU's bounded printf FIFO
 constexpr int kCancelSignal = SIGURG;         // ignored by default, so one that arrives late does no harm
@@ -187,14 +187,14 @@ struct Launch {
     alignas(64) std::atomic<long> next{0};
     alignas(64) std::atomic<bool> failed{false};  // read at every fiber switch: abandon the block when set
     std::mutex mu;
-    std::condition_variable cv;
+    std::condition_variable cv;  // wakes the time-limit watchdog when the launch is done
     bool done = false;
-    int cancel = kNotCancelled;
+    volatile sig_atomic_t cancel = kNotCancelled;  // under mu, or kInterrupted from the SIGINT handler
     double limit = 0;
     std::string error, output, stopped_running, stopped_yielding;
     bool output_cut = false;
     void *fault_pc = nullptr;
-    std::thread coordinator;
+    pthread_t caller;            // the thread that called llmc_rt_launch; it runs the first worker
 };
 
 struct Worker {
@@ -242,9 +242,10 @@ thread_local Worker *tw = nullptr;
 std::mutex g_pool_mu;
 std::vector<std::unique_ptr<Worker>> g_pool;  // idle workers, kept with their fiber stacks between launches
 std::string g_error, g_output;
-Launch *g_launch = nullptr;                   // the launch in progress (one at a time)
+std::atomic<Launch *> g_launch{nullptr};      // the launch in progress (one at a time)
 std::atomic<bool> g_active{false};            // a launch runs: the signal handler looks at the thread's worker
 const size_t g_page = size_t(sysconf(_SC_PAGESIZE));
+int g_interrupted = 0;                        // the last launch was stopped by Ctrl-C
 long long g_fault_offset = -1;                // where the last failed launch's fault was (see llmc_rt_fault_offset)
 std::string g_fault_lib;
 
@@ -292,9 +293,8 @@ std::string block_and_thread(Worker &w) {
 }
 
 // The launch failed elsewhere or was cancelled: leave this block at once.
-void abandon_if_stopped(Worker &w, Fiber *f) {
+__attribute__((noinline, cold)) void abandon(Worker &w, Fiber *f) {
     Launch &L = *w.L;
-    if (!L.failed.load(std::memory_order_relaxed)) return;
     if (L.cancel != kNotCancelled && f->state == kReady) {
         std::lock_guard<std::mutex> g(L.mu);
         if (L.stopped_yielding.empty()) L.stopped_yielding = block_and_thread(w);
@@ -302,6 +302,10 @@ void abandon_if_stopped(Worker &w, Fiber *f) {
     w.abort = true;
     to_scheduler(w, f);
     __builtin_trap();  // an abandoned block is never resumed
+}
+
+inline void abandon_if_stopped(Worker &w, Fiber *f) {
+    if (__builtin_expect(w.L->failed.load(std::memory_order_relaxed), 0)) abandon(w, f);
 }
 
 // Fiber f cannot go on (it waits): hand over to the next live fiber. If every live fiber in turn was
@@ -423,6 +427,10 @@ void report_deadlock(Worker &w, int n) {
     if (!L.failed.exchange(true)) L.error = msg;
 }
 
+// Stacks lie a multiple of the page size apart, so their tops would all fall in the same few cache sets:
+// starting each a different number of cache lines below its top spreads the hot frames over the cache.
+inline size_t colour(int i) { return size_t(i % 64) * 64; }
+
 void run_block(Worker &w, long b) {
     Launch &L = *w.L;
     const unsigned bx = L.block[0], by = L.block[1], bz = L.block[2];
@@ -457,11 +465,11 @@ void run_block(Worker &w, long b) {
 #ifdef LLMC_USE_UCONTEXT
         getcontext(&f->uc);
         f->uc.uc_stack.ss_sp = f->stack;
-        f->uc.uc_stack.ss_size = w.stack_size;
+        f->uc.uc_stack.ss_size = w.stack_size - colour(i);
         f->uc.uc_link = nullptr;
         makecontext(&f->uc, fiber_main_uc, 0);
 #else
-        f->sp = llmc_ctx_init(f->stack + w.stack_size, fiber_main, f);
+        f->sp = llmc_ctx_init(f->stack + w.stack_size - colour(i), fiber_main, f);
 #endif
     }
     for (int i = 0; i < n; i++) {  // the ring of live fibers, in thread order
@@ -553,13 +561,25 @@ struct AltStack {
 thread_local AltStack t_altstack;
 
 void ensure_altstack() {
-    if (t_altstack.mem) return;
-    t_altstack.mem = std::malloc(kAltStack);
     stack_t ss;
+    if (sigaltstack(nullptr, &ss) == 0 && !(ss.ss_flags & SS_DISABLE)) return;  // ours, or one already there
+    if (!t_altstack.mem) t_altstack.mem = std::malloc(kAltStack);
     std::memset(&ss, 0, sizeof ss);
     ss.ss_sp = t_altstack.mem;
     ss.ss_size = kAltStack;
     sigaltstack(&ss, nullptr);
+}
+
+// Ctrl-C during a launch (Jupyter's "interrupt kernel" sends the same SIGINT): stop the launch; the caller then
+// hands the signal on to Python's handler, which raises KeyboardInterrupt.
+struct sigaction g_prev_sigint;
+
+void on_sigint(int, siginfo_t *, void *) {
+    Launch *L = g_launch.load();
+    if (!L) return;
+    L->cancel = kInterrupted;
+    L->failed.store(true);
+    pthread_kill(L->caller, kCancelSignal);  // the caller stops the other workers when its own loop ends
 }
 
 const char *kRerun = "\nRerun with LLMC_CHECK=1 (AddressSanitizer) to find the exact access.";
@@ -749,14 +769,29 @@ void unstage(Launch &L) {
     L.staged.clear();
 }
 
-void coordinate(Launch *L) {
-    if (L->workers.size() == 1) {
-        worker_loop(L->workers[0].get(), L);
-    } else {
-        std::vector<std::thread> threads;
-        for (auto &w : L->workers) threads.emplace_back(worker_loop, w.get(), L);
-        for (auto &t : threads) t.join();
+// Run the workers: the calling thread is the first; when its loop ends on a failure, it stops the others.
+void run_workers(Launch *L) {
+    std::vector<std::thread> threads;
+    for (size_t i = 1; i < L->workers.size(); i++) threads.emplace_back(worker_loop, L->workers[i].get(), L);
+    worker_loop(L->workers[0].get(), L);
+    if (L->failed.load()) {
+        std::lock_guard<std::mutex> g(L->mu);
+        for (auto &w : L->workers)
+            if (w->running) pthread_kill(w->thread, kCancelSignal);
     }
+    for (auto &t : threads) t.join();
+}
+
+void watchdog(Launch *L) {
+    std::unique_lock<std::mutex> lk(L->mu);
+    if (L->cv.wait_for(lk, std::chrono::duration<double>(L->limit), [&] { return L->done; })) return;
+    if (L->cancel == kNotCancelled) L->cancel = kTimedOut;
+    L->failed.store(true);
+    for (auto &w : L->workers)
+        if (w->running) pthread_kill(w->thread, kCancelSignal);
+}
+
+void finish(Launch *L) {
     unstage(*L);
     if (L->cancel == kTimedOut) {
         const std::string &at = L->stopped_running.empty() ? L->stopped_yielding : L->stopped_running;
@@ -775,9 +810,6 @@ void coordinate(Launch *L) {
     if (L->output_cut)
         L->output += "[printf output stopped after 4 MiB: later lines were dropped, as a GPU drops them when its "
                      "printf buffer is full]\n";
-    std::lock_guard<std::mutex> g(L->mu);
-    L->done = true;
-    L->cv.notify_all();
 }
 
 }  // namespace
@@ -948,30 +980,28 @@ int llmc_rt_printf(const char *fmt, ...) {
     return n;
 }
 
-// Start a launch on worker threads and return at once: 0, or 1 with the message in llmc_rt_error(). Then
-// llmc_rt_wait until it is done; llmc_rt_cancel stops it. args[i] points at argument i; for a pointer
-// argument, bytes[i] is its array's size (it is staged, see Staged) and writable[i] whether to copy it back;
-// bytes[i] = -1 for scalars. names[i] describes argument i in messages.
-__attribute__((visibility("default"))) int llmc_rt_start(void (*thunk)(void **), void **args, int nargs,
-                                                         const long long *bytes, const int *writable,
-                                                         const char **names, const unsigned *grid,
-                                                         const unsigned *block, size_t dyn_shared,
-                                                         size_t shared_limit, int nworkers, size_t stack_size,
-                                                         const char *name) {
+// Run one launch: 0, or 1 with the message in llmc_rt_error() (printf output: llmc_rt_output()). args[i]
+// points at argument i; for a pointer argument, bytes[i] is its array's size (it is staged, see Staged) and
+// writable[i] whether to copy it back; bytes[i] = -1 for scalars. names[i] describes argument i in messages.
+// timeout > 0: stop the launch after that many seconds. Ctrl-C stops it too: llmc_rt_interrupted() is then 1.
+__attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **), void **args, int nargs,
+                                                          const long long *bytes, const int *writable,
+                                                          const char **names, const unsigned *grid,
+                                                          const unsigned *block, size_t dyn_shared,
+                                                          size_t shared_limit, int nworkers, size_t stack_size,
+                                                          const char *name, double timeout) {
     g_output.clear();
-    g_fault_offset = -1;
-    if (g_launch) {
-        g_error = "a launch is already running";
-        return 1;
-    }
     g_error.clear();
-    install_handlers();
+    g_fault_offset = -1;
+    g_interrupted = 0;
     auto L = std::make_unique<Launch>();
     L->thunk = thunk; L->name = name;
     std::copy(grid, grid + 3, L->grid);
     std::copy(block, block + 3, L->block);
     L->dyn_shared = dyn_shared; L->shared_limit = shared_limit;
     L->nblocks = long(grid[0]) * grid[1] * grid[2];
+    L->limit = timeout;
+    L->caller = pthread_self();
     for (int i = 0; i < nargs; i++) L->arg_names.push_back(names[i]);
     L->arg_bytes.assign(bytes, bytes + nargs);
     const int nthreads = int(block[0] * block[1] * block[2]);
@@ -995,27 +1025,37 @@ __attribute__((visibility("default"))) int llmc_rt_start(void (*thunk)(void **),
         for (auto &w : L->workers) g_pool.push_back(std::move(w));
         return 1;
     }
-    g_launch = L.release();
+    install_handlers();
+    g_launch.store(L.get());
     g_active.store(true);
-    g_launch->coordinator = std::thread(coordinate, g_launch);
-    return 0;
-}
-
-// Wait up to `seconds` for the launch: -1 while it runs, else 0 (done) or 1 (failed: llmc_rt_error()).
-__attribute__((visibility("default"))) int llmc_rt_wait(double seconds) {
-    Launch *L = g_launch;
-    if (!L) return 1;
-    {
-        std::unique_lock<std::mutex> lk(L->mu);
-        auto d = std::chrono::duration<double>(std::min(std::max(seconds, 0.0), 3600.0));
-        if (!L->cv.wait_for(lk, d, [&] { return L->done; })) return -1;
+    struct sigaction sa, prev;
+    sigaction(SIGINT, nullptr, &prev);
+    const bool catch_sigint = (prev.sa_flags & SA_SIGINFO) || prev.sa_handler != SIG_IGN;
+    if (catch_sigint) {
+        std::memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_sigint;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, &g_prev_sigint);
     }
-    L->coordinator.join();
+    std::thread dog;
+    if (timeout > 0) dog = std::thread(watchdog, L.get());
+    run_workers(L.get());
+    if (dog.joinable()) {
+        {
+            std::lock_guard<std::mutex> g(L->mu);
+            L->done = true;
+        }
+        L->cv.notify_all();
+        dog.join();
+    }
+    if (catch_sigint) sigaction(SIGINT, &g_prev_sigint, nullptr);
     g_active.store(false);
-    g_launch = nullptr;
+    g_launch.store(nullptr);
+    finish(L.get());
     g_output = std::move(L->output);
     g_error = std::move(L->error);
-    const int rc = L->failed.load() ? 1 : 0;
+    g_interrupted = L->cancel == kInterrupted;
     Dl_info info;
     if (L->fault_pc && dladdr(L->fault_pc, &info) && info.dli_fname) {
         g_fault_lib = info.dli_fname;
@@ -1025,25 +1065,10 @@ __attribute__((visibility("default"))) int llmc_rt_wait(double seconds) {
         std::lock_guard<std::mutex> g(g_pool_mu);
         for (auto &w : L->workers) g_pool.push_back(std::move(w));
     }
-    delete L;
-    return rc;
+    return L->failed.load() ? 1 : 0;
 }
 
-// Stop the launch: reason 1 = interrupted, 2 = over the time limit of `limit` seconds. Then wait for it.
-__attribute__((visibility("default"))) void llmc_rt_cancel(int reason, double limit) {
-    Launch *L = g_launch;
-    if (!L) return;
-    std::lock_guard<std::mutex> g(L->mu);
-    if (L->done) return;
-    if (L->cancel == kNotCancelled) {
-        L->cancel = reason;
-        L->limit = limit;
-    }
-    L->failed.store(true);
-    for (auto &w : L->workers)
-        if (w->running) pthread_kill(w->thread, kCancelSignal);
-}
-
+__attribute__((visibility("default"))) int llmc_rt_interrupted(void) { return g_interrupted; }
 __attribute__((visibility("default"))) const char *llmc_rt_error(void) { return g_error.c_str(); }
 __attribute__((visibility("default"))) const char *llmc_rt_output(void) { return g_output.c_str(); }
 // Where the fault (or the thread stopped by a time limit) was: the library's path and the offset in it, or -1.
