@@ -381,3 +381,27 @@ def test_checked_mode_child_dies_with_its_parent():
         assert state in ("gone", "Z"), state
     finally:
         parent.kill()
+
+
+def test_a_fault_stops_the_other_workers(monkeypatch):
+    """Block 1 faults while block 0, on another worker thread, spins: the launch still ends at once."""
+    monkeypatch.setenv("LLMC_EMU_THREADS", "2")
+    src = r'''
+    extern "C" __global__ void one_spins(int* flag, int zero) {
+        if (blockIdx.x == 0) { while (atomicAdd(flag, 0) == 0) { } }
+        else if (threadIdx.x == 0) flag[1 << 28] = 100 / zero;
+    }'''
+    t = time.perf_counter()
+    fails(src, "one_spins", (2,), (32,), (np.zeros(1, np.int32), np.int32(0)), r"block \(1, 0, 0\)")
+    assert time.perf_counter() - t < 20
+
+
+def test_a_view_may_touch_the_rest_of_its_array():
+    """CUDA allows touching the allocation around a pointer: a view's neighbours are there, as on a GPU."""
+    buf = np.arange(80, dtype=np.float32)
+    out = np.full(64, np.nan, np.float32)
+    RawKernel(COPY, "copy")((2,), (32,), (out, buf[10:50], np.int32(64)))  # reads 24 elements past the view
+    assert np.array_equal(out, np.arange(10, 74, dtype=np.float32))
+    with pytest.raises(KernelError, match=r"past the end of argument 1 \(const float\* x, an array of 160 bytes\)"):
+        RawKernel(COPY, "copy")((4,), (32,), (np.zeros(128, np.float32), buf[10:50], np.int32(128)))
+    still_works()

@@ -23,6 +23,8 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from llmc_lessons.cuda import source as cu_source
 
 HERE = Path(__file__).resolve().parent
@@ -162,7 +164,8 @@ def runtime(checked: bool = False) -> ctypes.CDLL:
                   ctypes.RTLD_GLOBAL)
     c = ctypes
     rt.llmc_rt_launch.restype = c.c_int
-    rt.llmc_rt_launch.argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.POINTER(c.c_longlong), c.POINTER(c.c_int),
+    rt.llmc_rt_launch.argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.POINTER(c.c_longlong),
+                                  c.POINTER(c.c_longlong), c.POINTER(c.c_longlong), c.POINTER(c.c_int),
                                   c.POINTER(c.c_char_p), c.POINTER(c.c_uint), c.POINTER(c.c_uint), c.c_size_t,
                                   c.c_size_t, c.c_int, c.c_size_t, c.c_char_p, c.c_double]
     rt.llmc_rt_error.restype = c.c_char_p
@@ -259,29 +262,55 @@ def _fault_line(rt, module: "EmulatedModule") -> str:
     return ""
 
 
+NEIGHBOURS = 64 * 1024
+"""Bytes of an array around a view of it that a launch given the view may touch, as CUDA allows (see runtime.cpp)."""
+
+
+def _neighbours(a) -> tuple[int, int]:
+    """Bytes of the array that `a` is a view of, up to NEIGHBOURS, before and after `a`'s own bytes."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if root is a or not root.flags.c_contiguous:
+        return 0, 0
+    lo = root.ctypes.data
+    start = a.ctypes.data
+    end = start + a.nbytes
+    return max(0, min(NEIGHBOURS, start - lo)), max(0, min(NEIGHBOURS, lo + root.nbytes - end))
+
+
 def launch(module: EmulatedModule, sig, grid, block, args, shared_mem: int, shared_limit: int) -> str:
     """Run one launch on the CPU; return what the kernel printed. Raises KernelError if it failed."""
     workers, stack, timeout = settings()
-    holders, ptrs, sizes = [], [], []
+    holders, ptrs, sizes, before, after = [], [], [], [], []
     for p, a in zip(sig.params, args):
-        if p.pointer:
-            h = ctypes.c_void_p(None if a is None else a.ctypes.data)
-            sizes.append(-1 if a is None else a.nbytes)
+        if p.pointer and a is not None:
+            h = ctypes.c_void_p(a.ctypes.data)
+            sizes.append(a.nbytes)
+            lo, hi = _neighbours(a)
+            before.append(lo)
+            after.append(hi)
         else:
-            h = ctypes.c_byte * a.dtype.itemsize
-            h = h.from_buffer_copy(a.tobytes())
+            if p.pointer:
+                h = ctypes.c_void_p(None)
+            else:
+                h = ctypes.c_byte * a.dtype.itemsize
+                h = h.from_buffer_copy(a.tobytes())
             sizes.append(-1)
+            before.append(0)
+            after.append(0)
         holders.append(h)
         ptrs.append(ctypes.addressof(h))
     n = max(1, len(ptrs))
     argv = (ctypes.c_void_p * n)(*ptrs)
-    c_sizes = (ctypes.c_longlong * n)(*sizes)
+    c_sizes, c_before, c_after = ((ctypes.c_longlong * n)(*v) for v in (sizes, before, after))
     c_writable, c_names = _param_info(sig)
     g = (ctypes.c_uint * 3)(*grid)
     b = (ctypes.c_uint * 3)(*block)
     rt = runtime(module.checked)
     with _lock:
-        rc = rt.llmc_rt_launch(module.thunk(sig.name), argv, len(ptrs), c_sizes, c_writable, c_names, g, b,
+        rc = rt.llmc_rt_launch(module.thunk(sig.name), argv, len(ptrs), c_sizes, c_before, c_after, c_writable,
+                               c_names, g, b,
                                shared_mem, shared_limit, workers, stack, sig.name.encode(), timeout or 0.0)
         out = rt.llmc_rt_output().decode(errors="replace")
         err = rt.llmc_rt_error().decode(errors="replace")

@@ -586,6 +586,11 @@ const char *kRerun = "\nRerun with LLMC_CHECK=1 (AddressSanitizer) to find the e
 const char *kBoundsHint = "Check the index arithmetic and the bounds test (`if (i < n)`), and that n matches the "
                           "arrays' sizes.";
 
+// arg_past(L, i, addr): how far `addr` (in a staged copy) lies past the end of argument i.
+size_t arg_past(Launch &L, int i, const char *addr) {
+    return size_t(addr - (static_cast<char *>(L.ptrs[size_t(i)]) + L.arg_bytes[size_t(i)]));
+}
+
 std::string past(size_t bytes) {
     return bytes ? std::to_string(bytes) + " bytes past" : std::string("just past");
 }
@@ -609,7 +614,8 @@ std::string describe_fault(Worker &w) {
             uintptr_t guard = reinterpret_cast<uintptr_t>(s.region + s.data_pages);
             if (a >= end && a < guard + g_page) {
                 std::snprintf(buf, sizeof buf, "%s: an access %s the end of argument %d (%s, an array of %zu "
-                              "bytes). %s%s", where(w).c_str(), past(size_t(a - end)).c_str(), s.last_arg,
+                              "bytes). %s%s", where(w).c_str(),
+                              past(arg_past(L, s.last_arg, reinterpret_cast<char *>(a))).c_str(), s.last_arg,
                               L.arg_names[s.last_arg].c_str(), size_t(L.arg_bytes[s.last_arg]), kBoundsHint, kRerun);
                 return buf;
             }
@@ -674,6 +680,9 @@ void worker_loop(Worker *w, Launch *L) {
     {
         std::lock_guard<std::mutex> g(L->mu);
         w->running = false;
+        if (L->failed.load())  // stop the others too, even in a loop that never switches
+            for (auto &o : L->workers)
+                if (o->running) pthread_kill(o->thread, kCancelSignal);
     }
     llmc_rt_self = nullptr;
     tw = nullptr;
@@ -710,28 +719,35 @@ void put_region(char *r, size_t data_pages) {
     }
 }
 
-void stage(Launch &L, void **args, int nargs, const long long *bytes, const int *writable) {
-    struct Item { char *p; size_t n; int i; };
+// Argument i covers bytes[i] bytes; around it, before[i] and after[i] bytes of the same array (a view's
+// neighbours) are copied too, since CUDA allows touching them.
+void stage(Launch &L, void **args, int nargs, const long long *bytes, const long long *before,
+           const long long *after, const int *writable) {
+    struct Item { char *lo, *hi, *p; int i; };
     std::vector<Item> items;
     L.argv.assign(args, args + nargs);
     L.ptrs.assign(size_t(nargs), nullptr);
 #if defined(__SANITIZE_ADDRESS__)
     return;  // AddressSanitizer watches the arrays where they are, more closely than a copy could
 #endif
-    for (int i = 0; i < nargs; i++)
-        if (bytes[i] >= 0 && *static_cast<char **>(args[i]))
-            items.push_back({*static_cast<char **>(args[i]), size_t(bytes[i]), i});
-    std::sort(items.begin(), items.end(), [](const Item &a, const Item &b) { return a.p < b.p; });
+    for (int i = 0; i < nargs; i++) {
+        char *p = bytes[i] >= 0 ? *static_cast<char **>(args[i]) : nullptr;
+        if (p) items.push_back({p - before[i], p + bytes[i] + after[i], p, i});
+    }
+    std::sort(items.begin(), items.end(), [](const Item &a, const Item &b) { return a.lo < b.lo; });
     for (size_t k = 0; k < items.size();) {
         size_t j = k + 1;
-        char *end = items[k].p + items[k].n;
-        int last = items[k].i;
-        while (j < items.size() && items[j].p < end) {
-            if (items[j].p + items[j].n > end) { end = items[j].p + items[j].n; last = items[j].i; }
+        char *end = items[k].hi, *last_end = items[k].p + bytes[items[k].i];
+        int last = items[k].i;  // the argument that ends last: messages about the copy's end name it
+        while (j < items.size() && items[j].lo < end) {
+            char *e = items[j].p + bytes[items[j].i];
+            if (items[j].hi > end || (items[j].hi == end && e > last_end)) {
+                end = items[j].hi; last = items[j].i; last_end = e;
+            }
             j++;
         }
         Staged s;
-        s.orig = items[k].p;
+        s.orig = items[k].lo;
         s.bytes = size_t(end - s.orig);
         s.slack = size_t(-reinterpret_cast<uintptr_t>(end)) & 15;  // keeps each address's alignment mod 16
         s.data_pages = (s.bytes + s.slack + g_page - 1) / g_page * g_page;
@@ -757,7 +773,8 @@ void unstage(Launch &L) {
             if (!L.failed.exchange(true)) {
                 char buf[600];
                 std::snprintf(buf, sizeof buf, "kernel '%s' wrote %s the end of argument %d (%s, an array of %zu "
-                              "bytes). %s%s", L.name.c_str(), past(i).c_str(), s.last_arg,
+                              "bytes). %s%s", L.name.c_str(),
+                              past(arg_past(L, s.last_arg, s.data + s.bytes + i)).c_str(), s.last_arg,
                               L.arg_names[s.last_arg].c_str(), size_t(L.arg_bytes[s.last_arg]), kBoundsHint, kRerun);
                 L.error = buf;
             }
@@ -769,16 +786,11 @@ void unstage(Launch &L) {
     L.staged.clear();
 }
 
-// Run the workers: the calling thread is the first; when its loop ends on a failure, it stops the others.
+// Run the workers: the calling thread is the first. A worker that ends on a failure stops the others.
 void run_workers(Launch *L) {
     std::vector<std::thread> threads;
     for (size_t i = 1; i < L->workers.size(); i++) threads.emplace_back(worker_loop, L->workers[i].get(), L);
     worker_loop(L->workers[0].get(), L);
-    if (L->failed.load()) {
-        std::lock_guard<std::mutex> g(L->mu);
-        for (auto &w : L->workers)
-            if (w->running) pthread_kill(w->thread, kCancelSignal);
-    }
     for (auto &t : threads) t.join();
 }
 
@@ -982,10 +994,11 @@ int llmc_rt_printf(const char *fmt, ...) {
 
 // Run one launch: 0, or 1 with the message in llmc_rt_error() (printf output: llmc_rt_output()). args[i]
 // points at argument i; for a pointer argument, bytes[i] is its array's size (it is staged, see Staged) and
-// writable[i] whether to copy it back; bytes[i] = -1 for scalars. names[i] describes argument i in messages.
+// writable[i] whether to copy it back (before[i], after[i]: see stage); bytes[i] = -1 for scalars. names[i] describes argument i in messages.
 // timeout > 0: stop the launch after that many seconds. Ctrl-C stops it too: llmc_rt_interrupted() is then 1.
 __attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **), void **args, int nargs,
-                                                          const long long *bytes, const int *writable,
+                                                          const long long *bytes, const long long *before,
+                                                          const long long *after, const int *writable,
                                                           const char **names, const unsigned *grid,
                                                           const unsigned *block, size_t dyn_shared,
                                                           size_t shared_limit, int nworkers, size_t stack_size,
@@ -1016,7 +1029,7 @@ __attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **)
     try {
         while ((int)L->workers.size() < k) L->workers.push_back(std::make_unique<Worker>());
         for (auto &w : L->workers) ensure_fibers(*w, nthreads, stack_size);
-        stage(*L, args, nargs, bytes, writable);
+        stage(*L, args, nargs, bytes, before, after, writable);
     } catch (const std::bad_alloc &) {
         g_error = "could not allocate fiber stacks for " + std::to_string(nthreads) + " threads, or copies of the "
                   "argument arrays";
