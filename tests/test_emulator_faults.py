@@ -86,20 +86,24 @@ def test_deep_recursion():
     fails(src, "deep", (1,), (32,), (np.zeros(32, np.int32), np.int32(100000)), "stack overflow")
 
 
-@pytest.mark.parametrize("extra", [1, 2, 3, 20, 1000])
+@pytest.mark.parametrize("extra", [1, 2, 3, 20, 1000, 2000])
 def test_n_larger_than_the_arrays(extra):
-    """A write past an argument's end is caught: at once (a guard page) or after the launch (slack bytes)."""
+    """A write past an argument's end is caught: after the launch (the page after it), or at once (further off)."""
     out, x = np.zeros(50, np.float32), np.zeros(50 + extra, np.float32)
-    fails(COPY, "copy", (40,), (32,), (out, x, np.int32(50 + extra)),
+    fails(COPY, "copy", (80,), (32,), (out, x, np.int32(50 + extra)),
           r"kernel 'copy'.* (just|\d+ bytes) past the end of argument 0 \(float\* out, an array of 200 bytes\)"
           r"[\s\S]*bounds test" + RERUN)
 
 
-def test_read_past_the_end_of_an_input():
-    out, x = np.zeros(64, np.float32), np.zeros(48, np.float32)
-    fails(COPY, "copy", (2,), (32,), (out, x, np.int32(64)),
-          r"<RawKernel source>:4: kernel 'copy', block \(1, 0, 0\), thread \(16, 0, 0\): an access just past the "
-          r"end of argument 1 \(const float\* x, an array of 192 bytes\)")
+def test_reads_past_the_end_of_an_input():
+    """Near the end they give garbage, as on a GPU; further off they fault."""
+    out, x = np.zeros(64, np.float32), np.ones(48, np.float32)
+    RawKernel(COPY, "copy")((2,), (32,), (out, x, np.int32(64)))
+    assert np.all(out[:48] == 1) and np.all(np.abs(out[48:]) < 1e-15)  # the pattern 0xA5A5A5A5
+    far = COPY.replace("out[i] = x[i];", "out[i] = x[i + 2000 * (i >= 40)];")
+    fails(far, "copy", (2,), (32,), (out, x, np.int32(64)),
+          r"<RawKernel source>:4: kernel 'copy', block \(1, 0, 0\), thread \(8, 0, 0\): an access 7968 bytes past "
+          r"the end of argument 1 \(const float\* x, an array of 192 bytes\)")
 
 
 def test_overlapping_arguments_share_one_copy():
@@ -113,8 +117,10 @@ def test_overlapping_arguments_share_one_copy():
     ref = buf[:100] + buf[20:]
     RawKernel(src, "shift_add")((4,), (32,), (buf[:100], buf[:100], buf[20:], np.int32(100)))
     assert np.array_equal(buf[:100], ref) and np.array_equal(buf[100:], np.arange(100, 120))
-    with pytest.raises(KernelError, match=r"past the end of argument 2 \(const float\* b, an array of 400 bytes\)"):
-        RawKernel(src, "shift_add")((4,), (32,), (buf[:100], buf[:100], buf[20:], np.int32(110)))
+    RawKernel(src, "shift_add")((4,), (32,), (buf[:100], buf[:100], buf[20:], np.int32(110)))  # inside buf
+    with pytest.raises(KernelError, match=r"wrote \d+ bytes past the end of argument 0 \(float\* out, an array of "
+                                          r"400 bytes\)"):
+        RawKernel(src, "shift_add")((10,), (32,), (buf[:100], buf[:100], buf[20:], np.int32(300)))
 
 
 def test_results_of_a_correct_launch_are_unchanged_by_staging():
@@ -403,5 +409,5 @@ def test_a_view_may_touch_the_rest_of_its_array():
     RawKernel(COPY, "copy")((2,), (32,), (out, buf[10:50], np.int32(64)))  # reads 24 elements past the view
     assert np.array_equal(out, np.arange(10, 74, dtype=np.float32))
     with pytest.raises(KernelError, match=r"past the end of argument 1 \(const float\* x, an array of 160 bytes\)"):
-        RawKernel(COPY, "copy")((4,), (32,), (np.zeros(128, np.float32), buf[10:50], np.int32(128)))
+        RawKernel(COPY, "copy")((40,), (32,), (np.zeros(1280, np.float32), buf[10:50], np.int32(1280)))
     still_works()

@@ -119,7 +119,7 @@ constexpr size_t kStackGuard = 4 * 1024;    // PROT_NONE under each fiber stack:
 constexpr size_t kAltStack = 64 * 1024;      // each worker's signal stack (a fault may come from a full fiber stack)
 constexpr size_t kPrintfCap = 4u << 20;      // printf output kept per launch, like the GPU's bounded printf FIFO
 constexpr int kCancelSignal = SIGURG;         // ignored by default, so one that arrives late does no harm
-constexpr unsigned char kSlackByte = 0xA5;   // fills the bytes between a staged array's end and its guard page
+constexpr unsigned char kSlackByte = 0xA5;   // fills the page after a staged array (-2.9e-16 as a float)
 enum FiberState { kReady, kWaiting, kDone };
 enum WarpOp { kShfl, kVote, kSyncwarp };
 enum CancelReason { kNotCancelled, kInterrupted, kTimedOut };
@@ -163,14 +163,17 @@ struct Warp {
     unsigned char src[32];                // the lane each shuffling lane reads
 };
 
-// An argument array copied into its own mapping, ending at a PROT_NONE page: a read or write past its end
-// faults at once, and a write into the few bytes kept for alignment changes kSlackByte (checked afterwards).
+// An argument array copied into its own mapping, followed by a page of kSlackByte and then a PROT_NONE page.
+// Reading a little past the end gives garbage, as on a GPU (not NaN, so that what a kernel computes from it
+// and writes back differs from the pattern); writing there changes the page, which is checked after the
+// launch; an access further off faults at once.
 // Arguments that overlap (in-place kernels, views of one array) share one copy.
 struct Staged {
     char *orig = nullptr, *region = nullptr, *data = nullptr;
     size_t bytes = 0, data_pages = 0, slack = 0;
     bool writable = false;
-    int last_arg = 0;  // the argument whose end is this copy's end
+    int last_arg = 0;   // the argument whose end is this copy's end
+    int last_write = 0; // the writable argument that ends last (writes past the copy's end come through it)
 };
 
 struct Launch {
@@ -749,14 +752,18 @@ void stage(Launch &L, void **args, int nargs, const long long *bytes, const long
         Staged s;
         s.orig = items[k].lo;
         s.bytes = size_t(end - s.orig);
-        s.slack = size_t(-reinterpret_cast<uintptr_t>(end)) & 15;  // keeps each address's alignment mod 16
+        s.slack = (size_t(-reinterpret_cast<uintptr_t>(end)) & 15) + g_page;  // keeps alignments mod 16
         s.data_pages = (s.bytes + s.slack + g_page - 1) / g_page * g_page;
         s.region = get_region(s.data_pages);
         s.data = s.region + s.data_pages - s.slack - s.bytes;
         s.last_arg = last;
         std::memcpy(s.data, s.orig, s.bytes);
         std::memset(s.data + s.bytes, kSlackByte, s.slack);
+        s.last_write = last;
+        char *write_end = nullptr;
         for (size_t m = k; m < j; m++) {
+            const int i = items[m].i;
+            if (writable[i] && items[m].p + bytes[i] >= write_end) { write_end = items[m].p + bytes[i]; s.last_write = i; }
             s.writable |= writable[items[m].i] != 0;
             L.ptrs[items[m].i] = s.data + (items[m].p - s.orig);
             L.argv[items[m].i] = &L.ptrs[items[m].i];
@@ -774,8 +781,9 @@ void unstage(Launch &L) {
                 char buf[600];
                 std::snprintf(buf, sizeof buf, "kernel '%s' wrote %s the end of argument %d (%s, an array of %zu "
                               "bytes). %s%s", L.name.c_str(),
-                              past(arg_past(L, s.last_arg, s.data + s.bytes + i)).c_str(), s.last_arg,
-                              L.arg_names[s.last_arg].c_str(), size_t(L.arg_bytes[s.last_arg]), kBoundsHint, kRerun);
+                              past(arg_past(L, s.last_write, s.data + s.bytes + i)).c_str(), s.last_write,
+                              L.arg_names[s.last_write].c_str(), size_t(L.arg_bytes[s.last_write]), kBoundsHint,
+                              kRerun);
                 L.error = buf;
             }
             break;

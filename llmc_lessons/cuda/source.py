@@ -206,7 +206,8 @@ def rewrite_shared(src: str, filename: str) -> str:
     return "".join(out)
 
 
-_VOLATILE_PTR = re.compile(r"\bvolatile\s+((?:(?:unsigned|signed|long|short)\s+)*[A-Za-z_]\w*)\s*\*")
+_VOLATILE_PTR = re.compile(r"\bvolatile\s+((?:(?:unsigned|signed|long|short)\s+)*[A-Za-z_]\w*)\s*\*"
+                           r"(?:\s*(?:__restrict__|__restrict)\b)?")
 
 
 def rewrite_volatile(src: str) -> str:
