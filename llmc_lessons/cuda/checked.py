@@ -4,6 +4,8 @@ naming the kernel, file and line instead of silently reading garbage or corrupti
 AddressSanitizer must be loaded before anything else in a process, so the launch runs in a child Python
 process started with the sanitizer preloaded. Arguments travel as .npy files; written arrays come back.
 Slow (a process start and an instrumented build), and meant for debugging a kernel, not for routine runs.
+The child never outlives this process, and errors it reports (a compile error, a refused construct, a
+kernel error) are raised here as the default mode raises them.
 """
 from __future__ import annotations
 
@@ -13,14 +15,17 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from llmc_lessons.cuda.emulator import KernelError, compiler
+from llmc_lessons.cuda.emulator import CompileError, KernelError, compiler
 
 ASAN_OPTIONS = "detect_leaks=0:halt_on_error=1:abort_on_error=0:symbolize=1:print_summary=1"
+# Errors the child reports as the default mode would, raised again here with the same type and message.
+_ERRORS = {e.__name__: e for e in (KernelError, CompileError, NotImplementedError, ValueError, TypeError)}
 
 
 @lru_cache(maxsize=None)
@@ -51,11 +56,25 @@ def launch(kernel, grid, block, args, shared_mem: int, shared_limit: int) -> str
         (d / "spec.json").write_text(json.dumps(spec))
         env = dict(os.environ, LD_PRELOAD=_libasan(), ASAN_OPTIONS=ASAN_OPTIONS, LLMC_DEVICE="cpu",
                    LLMC_CHECK="1")
-        res = subprocess.run([sys.executable, "-m", "llmc_lessons.cuda.checked", str(d)], env=env,
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            err = (d / "error.txt").read_text() if (d / "error.txt").exists() else ""
-            raise KernelError(err or explain_asan(res.stderr, kernel.name, kernel.signature))
+        # The child's stdin is a pipe that this process never writes: the child ends when it reads end-of-file,
+        # that is when this process dies. Ctrl-C here kills it. Its launch has the same time limit as ours.
+        with open(d / "stdout.txt", "w") as out, open(d / "stderr.txt", "w") as err:
+            child = subprocess.Popen([sys.executable, "-m", "llmc_lessons.cuda.checked", str(d)], env=env,
+                                     stdin=subprocess.PIPE, stdout=out, stderr=err)
+            try:
+                returncode = child.wait()
+            except BaseException:
+                child.kill()
+                child.wait()
+                raise
+            finally:
+                child.stdin.close()
+        if returncode != 0:
+            if (d / "error.json").exists():
+                e = json.loads((d / "error.json").read_text())
+                raise _ERRORS[e["type"]](e["message"])
+            stderr = (d / "stderr.txt").read_text(errors="replace")
+            raise KernelError(explain_asan(stderr, kernel.name, kernel.signature))
         for i, (a, p) in enumerate(zip(args, kernel.signature.params)):
             if isinstance(a, np.ndarray) and not p.const:
                 np.copyto(a, np.load(d / f"arg{i}.npy"))
@@ -86,21 +105,31 @@ def explain_asan(stderr: str, name: str, sig) -> str:
     return msg
 
 
+def _exit_with_parent() -> None:
+    """End this process when the parent dies (its end of our stdin closes), whatever the launch is doing."""
+    def watch():
+        while os.read(0, 4096):  # the raw descriptor: no lock that would hold up the interpreter's exit
+            pass
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _child(d: Path) -> int:
     from llmc_lessons.cuda import emulator, source
+    _exit_with_parent()
     spec = json.loads((d / "spec.json").read_text())
     args = []
     for a in spec["args"]:
         args.append(np.load(d / a["array"]) if "array" in a else None if "null" in a else
                     np.dtype(a["dtype"]).type(a["scalar"]))
-    module = emulator.EmulatedModule(spec["code"], spec["filename"], tuple(spec["options"]), checked=True,
-                                     name_expressions=tuple(spec["name_expressions"]))
-    sig = source.signature(spec["code"], spec["name"], tuple(spec["options"]), spec["filename"], module=True)
     try:
+        module = emulator.EmulatedModule(spec["code"], spec["filename"], tuple(spec["options"]), checked=True,
+                                         name_expressions=tuple(spec["name_expressions"]))
+        sig = source.signature(spec["code"], spec["name"], tuple(spec["options"]), spec["filename"], module=True)
         out = emulator.launch(module, sig, tuple(spec["grid"]), tuple(spec["block"]), args, spec["shared_mem"],
                               spec["shared_limit"])
-    except KernelError as e:
-        (d / "error.txt").write_text(str(e))
+    except tuple(_ERRORS.values()) as e:
+        (d / "error.json").write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
         return 3
     for a, p in zip(args, spec["args"]):
         if "array" in p:

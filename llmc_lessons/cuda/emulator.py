@@ -3,6 +3,10 @@
 The runtime (runtime.cpp) is built once; each kernel source is built into its own shared library. Both are
 cached on disk by a hash of everything that goes into them, written atomically (temp file + rename) so
 parallel test runs can share the cache.
+
+Ctrl-C (Jupyter's "interrupt kernel") stops a running launch and raises KeyboardInterrupt; the optional
+time limit LLMC_KERNEL_TIMEOUT stops it with a KernelError. Settings from the environment: LLMC_EMU_THREADS (worker threads), LLMC_FIBER_STACK (bytes of stack per CUDA thread),
+LLMC_KERNEL_TIMEOUT (seconds).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,13 +23,15 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from llmc_lessons.cuda import source as cu_source
 
 HERE = Path(__file__).resolve().parent
 KERNELS_DIR = cu_source.KERNELS_DIR
 HEADER = HERE / "llmc_cuda.h"
 RUNTIME = HERE / "runtime.cpp"
-STACK_SIZE = int(os.environ.get("LLMC_FIBER_STACK", 256 * 1024))
+MIN_STACK = 16 * 1024
 _lock = threading.Lock()  # one launch at a time: the runtime's error and output slots are global
 
 
@@ -76,8 +83,17 @@ def compiler() -> tuple[str, ...]:
 
 @lru_cache(maxsize=None)
 def compiler_version() -> str:
-    out = subprocess.run([*compiler(), "--version"], capture_output=True, text=True)
-    return (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else "unknown"
+    """The compiler's first line of `--version`; RuntimeError if it does not run as a compiler."""
+    cmd = compiler()
+    try:
+        out = subprocess.run([*cmd, "--version"], capture_output=True, text=True)
+    except OSError as e:
+        raise RuntimeError(f"the C++ compiler {' '.join(cmd)!r} cannot be run: {e}") from None
+    text = (out.stdout or out.stderr).strip()
+    if out.returncode != 0 or not text:
+        raise RuntimeError(f"the C++ compiler {' '.join(cmd)!r} does not work: `{' '.join(cmd)} --version` "
+                           f"failed (exit status {out.returncode}); fix or unset $CXX")
+    return text.splitlines()[0]
 
 
 def _flags(checked: bool) -> list[str]:
@@ -85,8 +101,13 @@ def _flags(checked: bool) -> list[str]:
     if checked:
         flags += ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-DLLMC_UCONTEXT"]
     else:
-        flags += ["-O2"]
+        flags += ["-O2", "-g1", "-gdwarf-4"]  # line tables only (DWARF 4: read right by every addr2line)
     return flags
+
+
+# Probes each page of a large stack frame in order, so a local array bigger than the fiber stack faults in the
+# guard region under it instead of landing in another thread's stack. Dropped where the compiler lacks it.
+_STACK_PROBES = "-fstack-clash-protection"
 
 
 def _build(tag: str, key_parts: list[str], src_text: str, extra: list[str], checked: bool) -> Path:
@@ -102,9 +123,14 @@ def _build(tag: str, key_parts: list[str], src_text: str, extra: list[str], chec
     with os.fdopen(fd, "w") as f:
         f.write(src_text)
     tmp_lib = f"{tmp_src[:-4]}.so"
-    cmd = [*compiler(), *_flags(checked), f"-I{HERE}", f"-I{KERNELS_DIR}", *extra, tmp_src, "-o", tmp_lib]
+    probes = [] if checked else [_STACK_PROBES]
+    cmd = [*compiler(), *_flags(checked), *probes, f"-I{HERE}", f"-I{KERNELS_DIR}", *extra, tmp_src, "-o", tmp_lib]
+    env = dict(os.environ, LC_ALL="C")  # plain quotes in diagnostics, whatever the locale
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode != 0 and probes and _STACK_PROBES in res.stderr:
+            cmd.remove(_STACK_PROBES)
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             raise CompileError(_explain(res.stderr))
         os.replace(tmp_lib, lib)  # atomic: a parallel build of the same key just replaces it with its twin
@@ -119,7 +145,8 @@ def _explain(stderr: str) -> str:
     """Compiler diagnostics, trimmed to the errors, with a note where a CUDA name is unknown here."""
     lines = [l for l in stderr.splitlines() if "llmc_cuda.h" not in l or "error" in l]
     msg = "\n".join(lines[:40])
-    unknown = re.findall(r"'(__\w+|cuda\w+)' was not declared|use of undeclared identifier '(__\w+|cuda\w+)'", stderr)
+    unknown = re.findall(r"['\u2018](__\w+|cuda\w+)['\u2019] was not declared|"
+                         r"use of undeclared identifier ['\u2018](__\w+|cuda\w+)['\u2019]", stderr)
     if unknown:
         names = sorted({a or b for a, b in unknown})
         msg += (f"\n\nnote: {', '.join(names)} is outside the CUDA subset that the CPU emulator supports "
@@ -127,17 +154,33 @@ def _explain(stderr: str) -> str:
     return "the kernel did not compile:\n" + msg
 
 
+def _load(build, mode: int) -> tuple[Path, ctypes.CDLL]:
+    """Build (or find in the cache) a library and load it; a cached file that does not load is rebuilt once."""
+    lib = build()
+    try:
+        return lib, ctypes.CDLL(str(lib), mode=mode)
+    except OSError:  # a truncated or otherwise damaged cache entry
+        lib.unlink(missing_ok=True)
+        lib = build()
+        return lib, ctypes.CDLL(str(lib), mode=mode)
+
+
 @lru_cache(maxsize=None)
 def runtime(checked: bool = False) -> ctypes.CDLL:
     """The runtime library, loaded with RTLD_GLOBAL so kernel libraries resolve llmc_rt_* against it."""
-    lib = _build("runtime", [RUNTIME.read_text()], f'#include "{RUNTIME}"\n', [], checked)
-    rt = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-    rt.llmc_rt_launch.restype = ctypes.c_int
-    rt.llmc_rt_launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint),
-                                  ctypes.POINTER(ctypes.c_uint), ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
-                                  ctypes.c_size_t, ctypes.c_char_p]
-    rt.llmc_rt_error.restype = ctypes.c_char_p
-    rt.llmc_rt_output.restype = ctypes.c_char_p
+    _, rt = _load(lambda: _build("runtime", [RUNTIME.read_text()], f'#include "{RUNTIME}"\n', [], checked),
+                  ctypes.RTLD_GLOBAL)
+    c = ctypes
+    rt.llmc_rt_launch.restype = c.c_int
+    rt.llmc_rt_launch.argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.POINTER(c.c_longlong),
+                                  c.POINTER(c.c_longlong), c.POINTER(c.c_longlong), c.POINTER(c.c_int),
+                                  c.POINTER(c.c_char_p), c.POINTER(c.c_uint), c.POINTER(c.c_uint), c.c_size_t,
+                                  c.c_size_t, c.c_int, c.c_size_t, c.c_char_p, c.c_double]
+    rt.llmc_rt_error.restype = c.c_char_p
+    rt.llmc_rt_output.restype = c.c_char_p
+    rt.llmc_rt_fault_offset.restype = c.c_longlong
+    rt.llmc_rt_fault_lib.restype = c.c_char_p
+    rt.llmc_rt_interrupted.restype = c.c_int
     return rt
 
 
@@ -169,41 +212,132 @@ class EmulatedModule:
         names = cu_source.plain_kernel_names(code, options, filename) + list(name_expressions)
         code = cu_source.inline_headers(code, filename, options)
         cu_source.check_subset(code, filename)
-        text = (f'#include "llmc_cuda.h"\n#line 1 "{filename}"\n' + cu_source.rewrite_shared(code, filename)
-                + "\n" + _thunks(dict.fromkeys(names)))
+        body = cu_source.rewrite_volatile(cu_source.rewrite_shared(code, filename))
+        text = f'#include "llmc_cuda.h"\n#line 1 "{filename}"\n' + body + "\n" + _thunks(dict.fromkeys(names))
         extra = [o for o in options if o.startswith(("-D", "-I", "-U"))]
         if Path(filename).is_file():   # the file's folder is on the include path, as RawKernel puts it on a GPU
             extra.append(f"-I{Path(filename).resolve().parent}")
         runtime(checked)
-        self.path = _build("kernel", [filename], text, extra, checked)
-        self.lib = ctypes.CDLL(str(self.path), mode=ctypes.RTLD_LOCAL)
+        self.path, self.lib = _load(lambda: _build("kernel", [filename], text, extra, checked), ctypes.RTLD_LOCAL)
         self.checked = checked
 
     def thunk(self, name: str) -> int:
         return ctypes.cast(getattr(self.lib, thunk_symbol(name)), ctypes.c_void_p).value
 
 
+def _env_number(name: str, text: str, default, minimum, kind=int, what: str = ""):
+    """The value `text` of environment variable `name` (default when empty); ValueError naming it if bad."""
+    text = text.strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or value != value or value < minimum:
+        raise ValueError(f"{name}={text!r} is not valid: it must be {what} (or unset it)")
+    return value
+
+
+def settings() -> tuple[int, int, float | None]:
+    """(worker threads, fiber stack bytes, time limit in seconds or None) from the environment."""
+    env = os.environ
+    return _settings(env.get("LLMC_EMU_THREADS", ""), env.get("LLMC_FIBER_STACK", ""),
+                     env.get("LLMC_KERNEL_TIMEOUT", ""))
+
+
+@lru_cache(maxsize=16)
+def _settings(threads: str, stack: str, timeout: str) -> tuple[int, int, float | None]:
+    workers = _env_number("LLMC_EMU_THREADS", threads, os.cpu_count() or 1, 1, what="a whole number of threads, 1 or more")
+    size = _env_number("LLMC_FIBER_STACK", stack, 256 * 1024, MIN_STACK,
+                       what=f"a whole number of bytes per CUDA thread, at least {MIN_STACK}")
+    limit = _env_number("LLMC_KERNEL_TIMEOUT", timeout, 0.0, 0.0, float, what="a number of seconds (0: no limit)")
+    return workers, (size + 4095) // 4096 * 4096, (limit or None)
+
+
+@lru_cache(maxsize=None)
+def _param_info(sig) -> tuple:
+    """Per kernel signature: (which arguments are copied back, their descriptions), as C arrays."""
+    n = max(1, len(sig.params))
+    writable = (ctypes.c_int * n)(*[int(p.pointer and not p.const) for p in sig.params])
+    names = (ctypes.c_char_p * n)(*[p.describe().encode() for p in sig.params])
+    return writable, names
+
+
+def _fault_line(rt, module: "EmulatedModule") -> str:
+    """'file:line: ' of the kernel code where the launch faulted or was stopped, when the line tables tell."""
+    offset = rt.llmc_rt_fault_offset()
+    if offset < 0 or Path(rt.llmc_rt_fault_lib().decode(errors="replace")).resolve() != module.path.resolve():
+        return ""
+    tool = shutil.which("addr2line") or shutil.which("llvm-addr2line")
+    if tool is None:
+        return ""
+    res = subprocess.run([tool, "-e", str(module.path), "-i", hex(offset)], capture_output=True, text=True)
+    for line in res.stdout.splitlines():  # innermost first: the first frame outside the emulator's headers
+        m = re.match(r"(.*):(\d+)", line.split(" (discriminator")[0])
+        path = m.group(1) if m else ""
+        path = path[path.index("<"):] if "<" in path else path  # "<RawKernel source>", not under a directory
+        if m and m.group(2) != "0" and not path.startswith(str(HERE)) and "thunks>" not in path:
+            return f"{path}:{m.group(2)}: "
+    return ""
+
+
+NEIGHBOURS = 64 * 1024
+"""Bytes of an array around a view of it that a launch given the view may touch, as CUDA allows (see runtime.cpp)."""
+
+
+def _neighbours(a) -> tuple[int, int]:
+    """Bytes of the array that `a` is a view of, up to NEIGHBOURS, before and after `a`'s own bytes."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if root is a or not root.flags.c_contiguous:
+        return 0, 0
+    lo = root.ctypes.data
+    start = a.ctypes.data
+    end = start + a.nbytes
+    return max(0, min(NEIGHBOURS, start - lo)), max(0, min(NEIGHBOURS, lo + root.nbytes - end))
+
+
 def launch(module: EmulatedModule, sig, grid, block, args, shared_mem: int, shared_limit: int) -> str:
     """Run one launch on the CPU; return what the kernel printed. Raises KernelError if it failed."""
-    holders, ptrs = [], []
+    workers, stack, timeout = settings()
+    holders, ptrs, sizes, before, after = [], [], [], [], []
     for p, a in zip(sig.params, args):
-        if p.pointer:
-            h = ctypes.c_void_p(None if a is None else a.ctypes.data)
+        if p.pointer and a is not None:
+            h = ctypes.c_void_p(a.ctypes.data)
+            sizes.append(a.nbytes)
+            lo, hi = _neighbours(a)
+            before.append(lo)
+            after.append(hi)
         else:
-            h = ctypes.c_byte * a.dtype.itemsize
-            h = h.from_buffer_copy(a.tobytes())
+            if p.pointer:
+                h = ctypes.c_void_p(None)
+            else:
+                h = ctypes.c_byte * a.dtype.itemsize
+                h = h.from_buffer_copy(a.tobytes())
+            sizes.append(-1)
+            before.append(0)
+            after.append(0)
         holders.append(h)
         ptrs.append(ctypes.addressof(h))
-    argv = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
+    n = max(1, len(ptrs))
+    argv = (ctypes.c_void_p * n)(*ptrs)
+    c_sizes, c_before, c_after = ((ctypes.c_longlong * n)(*v) for v in (sizes, before, after))
+    c_writable, c_names = _param_info(sig)
     g = (ctypes.c_uint * 3)(*grid)
     b = (ctypes.c_uint * 3)(*block)
-    workers = int(os.environ.get("LLMC_EMU_THREADS", os.cpu_count() or 1))
     rt = runtime(module.checked)
     with _lock:
-        rc = rt.llmc_rt_launch(module.thunk(sig.name), argv, g, b, shared_mem, shared_limit, workers,
-                               STACK_SIZE, sig.name.encode())
+        rc = rt.llmc_rt_launch(module.thunk(sig.name), argv, len(ptrs), c_sizes, c_before, c_after, c_writable,
+                               c_names, g, b,
+                               shared_mem, shared_limit, workers, stack, sig.name.encode(), timeout or 0.0)
         out = rt.llmc_rt_output().decode(errors="replace")
         err = rt.llmc_rt_error().decode(errors="replace")
+        interrupted = rt.llmc_rt_interrupted()
+        line = _fault_line(rt, module) if rc and not interrupted else ""
+    if interrupted:  # the runtime took the Ctrl-C to stop the launch: hand it on to Python's handler
+        signal.raise_signal(signal.SIGINT)
     if rc != 0:
-        raise KernelError(err)
+        raise KernelError(line + err)
     return out

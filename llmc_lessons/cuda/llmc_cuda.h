@@ -35,6 +35,7 @@ void *llmc_rt_shared(int slot, size_t size, size_t align, const char *file, int 
 void *llmc_rt_dynamic_shared(void);
 [[noreturn]] void llmc_rt_fail(const char *file, int line, const char *fmt, ...);
 int llmc_rt_printf(const char *fmt, ...);
+void llmc_rt_yield(void);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -74,6 +75,31 @@ static inline unsigned llmc_mask_or_all() { return 0xffffffffu; }
 static inline unsigned llmc_mask_or_all(unsigned m) { return m; }
 static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+// Pointers to volatile memory: the loader rewrites `volatile T*` into llmc_volatile<T>, whose every access
+// first lets the other threads of the block take a step. So the lanes of a warp that exchange values through
+// volatile shared memory without __syncwarp (the classic warp-synchronous reduction) step in lockstep, as they
+// do on a GPU, and a thread spinning on a volatile flag lets the thread that sets it run.
+template <typename T>
+struct llmc_volatile_ref {
+    volatile T *p;
+    operator T() const { llmc_rt_yield(); return *p; }
+    llmc_volatile_ref &operator=(T v) { llmc_rt_yield(); *p = v; return *this; }
+    llmc_volatile_ref &operator=(const llmc_volatile_ref &o) { return *this = T(o); }
+    llmc_volatile_ref &operator+=(T v) { return *this = T(*this) + v; }
+    llmc_volatile_ref &operator-=(T v) { return *this = T(*this) - v; }
+    llmc_volatile_ref &operator*=(T v) { return *this = T(*this) * v; }
+};
+template <typename T>
+struct llmc_volatile {
+    volatile T *p;
+    llmc_volatile(volatile T *q = nullptr) : p(q) {}
+    llmc_volatile_ref<T> operator[](long long i) const { return {p + i}; }
+    llmc_volatile_ref<T> operator*() const { return {p}; }
+    llmc_volatile operator+(long long i) const { return p + i; }
+    llmc_volatile operator-(long long i) const { return p - i; }
+    operator volatile T *() const { return p; }
+};
 
 enum { LLMC_SHFL_IDX, LLMC_SHFL_UP, LLMC_SHFL_DOWN, LLMC_SHFL_XOR };
 

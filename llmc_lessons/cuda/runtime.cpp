@@ -5,6 +5,12 @@
 // block, each CUDA thread is a fiber with its own stack; a round-robin scheduler resumes them in turn. A
 // fiber runs until it exits or must wait (at __syncthreads, or for its warp at a shuffle/vote/__syncwarp).
 // A full pass over the block in which no fiber made progress is a deadlock, reported instead of hanging.
+//
+// A launch can be stopped (Ctrl-C, or a time limit kept by a watchdog thread): a flag read at every fiber
+// switch, and a signal that jumps out of a loop that never switches.
+// A fault in a kernel (a bad address, a stack overflow, an integer division by zero) is caught by a signal
+// handler that jumps out of the fiber and fails the launch with a message; the process lives on. Argument
+// arrays are copied next to an inaccessible page for the launch, so an access past an array's end faults too.
 #include "llmc_cuda.h"
 #undef printf
 #undef assert
@@ -15,14 +21,22 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <csetjmp>
+#include <csignal>
 #include <cstdarg>
 #include <cstdio>
+#include <dlfcn.h>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <pthread.h>
 #include <string>
 #include <sys/mman.h>
+#include <sys/ucontext.h>
 #include <thread>
+#include <unistd.h>
 #include <vector>
 
 #if defined(LLMC_UCONTEXT) || !((defined(__x86_64__) || defined(__aarch64__)) && (defined(__linux__) || defined(__APPLE__)))
@@ -101,8 +115,14 @@ namespace {
 
 constexpr int kMaxSlots = 256;
 constexpr size_t kSharedArena = 256 * 1024;  // more than any GPU offers per block (H100: 227 KiB)
+constexpr size_t kStackGuard = 4 * 1024;    // PROT_NONE under each fiber stack: an overflow faults there
+constexpr size_t kAltStack = 64 * 1024;      // each worker's signal stack (a fault may come from a full fiber stack)
+constexpr size_t kPrintfCap = 4u << 20;      // printf output kept per launch, like the GPU's bounded printf FIFO
+constexpr int kCancelSignal = SIGURG;         // ignored by default, so one that arrives late does no harm
+constexpr unsigned char kSlackByte = 0xA5;   // fills the page after a staged array (-2.9e-16 as a float)
 enum FiberState { kReady, kWaiting, kDone };
 enum WarpOp { kShfl, kVote, kSyncwarp };
+enum CancelReason { kNotCancelled, kInterrupted, kTimedOut };
 const char *kOpNames[] = {"a warp shuffle (__shfl*_sync)", "a warp vote (__ballot/__any/__all_sync)", "__syncwarp"};
 
 struct Launch;
@@ -124,27 +144,60 @@ struct Fiber {
 #endif
 };
 
+// One warp collective being formed: the lanes of its mask arrive one by one. Lanes with disjoint masks (two
+// half-warps, say) form their own collectives at the same time.
+struct Collective {
+    unsigned target, arrived, votes;
+    int op;
+    const char *file;
+    int line;
+};
+
 struct Warp {
-    unsigned exist = 0;    // lanes that exist (the last warp of a block may be partial)
-    unsigned arrived = 0;  // lanes arrived at the collective now being formed
-    unsigned target = 0;   // lanes it waits for (the mask)
-    int op = 0;
-    unsigned long long gen = 0;
-    unsigned long long slots[2][32];  // double-buffered by generation parity: one barrier per collective
-    unsigned votes[2];
+    unsigned exist;   // lanes that exist (the last warp of a block may be partial)
+    unsigned exited;  // lanes that have returned from the kernel
+    unsigned ready;   // lanes whose collective has completed: res[lane] holds their result
+    int ncoll;
+    Collective coll[32];
+    unsigned long long val[32], res[32];  // each lane's contribution to, and result of, its collective
+    unsigned char src[32];                // the lane each shuffling lane reads
+};
+
+// An argument array copied into its own mapping, followed by a page of kSlackByte and then a PROT_NONE page.
+// Reading a little past the end gives garbage, as on a GPU (not NaN, so that what a kernel computes from it
+// and writes back differs from the pattern); writing there changes the page, which is checked after the
+// launch; an access further off faults at once.
+// Arguments that overlap (in-place kernels, views of one array) share one copy.
+struct Staged {
+    char *orig = nullptr, *region = nullptr, *data = nullptr;
+    size_t bytes = 0, data_pages = 0, slack = 0;
+    bool writable = false;
+    int last_arg = 0;   // the argument whose end is this copy's end
+    int last_write = 0; // the writable argument that ends last (writes past the copy's end come through it)
 };
 
 struct Launch {
     void (*thunk)(void **);
-    void **args;
+    std::vector<void *> argv, ptrs;
+    std::vector<Staged> staged;
+    std::vector<std::string> arg_names;
+    std::vector<long long> arg_bytes;
     unsigned grid[3], block[3];
     size_t dyn_shared, shared_limit;
-    const char *name;
+    std::string name;
     long nblocks;
-    std::atomic<long> next{0};
-    std::atomic<bool> failed{false};
+    std::vector<std::unique_ptr<Worker>> workers;
+    alignas(64) std::atomic<long> next{0};
+    alignas(64) std::atomic<bool> failed{false};  // read at every fiber switch: abandon the block when set
     std::mutex mu;
-    std::string error, output;
+    std::condition_variable cv;  // wakes the time-limit watchdog when the launch is done
+    bool done = false;
+    volatile sig_atomic_t cancel = kNotCancelled;  // under mu, or kInterrupted from the SIGINT handler
+    double limit = 0;
+    std::string error, output, stopped_running, stopped_yielding;
+    bool output_cut = false;
+    void *fault_pc = nullptr;
+    pthread_t caller;            // the thread that called llmc_rt_launch; it runs the first worker
 };
 
 struct Worker {
@@ -163,6 +216,14 @@ struct Worker {
     bool abort = false;
     Fiber *cur = nullptr;
     Launch *L = nullptr;
+    // Signals: a fault in a fiber (or a cancel) jumps back to worker_loop through `jmp`.
+    sigjmp_buf jmp;
+    volatile sig_atomic_t in_fiber = 0;   // a fiber runs: a fault is the kernel's
+    volatile sig_atomic_t no_cancel = 0;  // the fiber is inside the runtime (a lock, an allocation)
+    int sig = 0, sig_code = 0;
+    void *sig_addr = nullptr, *sig_pc = nullptr;
+    pthread_t thread;
+    bool running = false;  // under L->mu: thread may be signalled
 #ifdef LLMC_USE_UCONTEXT
     ucontext_t sched_uc;
 #else
@@ -175,7 +236,7 @@ struct Worker {
     }
     ~Worker() {
         std::free(shared);
-        for (auto &f : fibers) munmap(f->stack - 4096, stack_size + 4096);
+        for (auto &f : fibers) munmap(f->stack - kStackGuard, stack_size + kStackGuard);
     }
 };
 
@@ -184,6 +245,12 @@ thread_local Worker *tw = nullptr;
 std::mutex g_pool_mu;
 std::vector<std::unique_ptr<Worker>> g_pool;  // idle workers, kept with their fiber stacks between launches
 std::string g_error, g_output;
+std::atomic<Launch *> g_launch{nullptr};      // the launch in progress (one at a time)
+std::atomic<bool> g_active{false};            // a launch runs: the signal handler looks at the thread's worker
+const size_t g_page = size_t(sysconf(_SC_PAGESIZE));
+int g_interrupted = 0;                        // the last launch was stopped by Ctrl-C
+long long g_fault_offset = -1;                // where the last failed launch's fault was (see llmc_rt_fault_offset)
+std::string g_fault_lib;
 
 void to_scheduler(Worker &w, Fiber *f) {
 #ifdef LLMC_USE_UCONTEXT
@@ -215,9 +282,39 @@ void fiber_to_fiber(Worker &w, Fiber *from, Fiber *to) {
 #endif
 }
 
+std::string where(Worker &w) {
+    const llmc_thread &t = w.cur->t;
+    char buf[300];
+    std::snprintf(buf, sizeof buf, "kernel '%s', block (%u, %u, %u), thread (%u, %u, %u)", w.L->name.c_str(),
+                  t.blockIdx.x, t.blockIdx.y, t.blockIdx.z, t.threadIdx.x, t.threadIdx.y, t.threadIdx.z);
+    return buf;
+}
+
+std::string block_and_thread(Worker &w) {
+    std::string s = where(w);
+    return s.substr(s.find("block"));
+}
+
+// The launch failed elsewhere or was cancelled: leave this block at once.
+__attribute__((noinline, cold)) void abandon(Worker &w, Fiber *f) {
+    Launch &L = *w.L;
+    if (L.cancel != kNotCancelled && f->state == kReady) {
+        std::lock_guard<std::mutex> g(L.mu);
+        if (L.stopped_yielding.empty()) L.stopped_yielding = block_and_thread(w);
+    }
+    w.abort = true;
+    to_scheduler(w, f);
+    __builtin_trap();  // an abandoned block is never resumed
+}
+
+inline void abandon_if_stopped(Worker &w, Fiber *f) {
+    if (__builtin_expect(w.L->failed.load(std::memory_order_relaxed), 0)) abandon(w, f);
+}
+
 // Fiber f cannot go on (it waits): hand over to the next live fiber. If every live fiber in turn was
 // resumed and could not go on, nothing can change any more: a deadlock, reported by the scheduler.
 void pass_on(Worker &w, Fiber *f, bool made_progress) {
+    abandon_if_stopped(w, f);
     w.stalled = made_progress ? 0 : w.stalled + 1;
     if (w.stalled > w.n_threads - w.n_exited) {
         w.deadlock = true;
@@ -227,13 +324,42 @@ void pass_on(Worker &w, Fiber *f, bool made_progress) {
     fiber_to_fiber(w, f, f->next);
 }
 
+[[noreturn]] void fail_now(Worker &w, const std::string &msg) {
+    w.no_cancel = 1;
+    Launch &L = *w.L;
+    {
+        std::lock_guard<std::mutex> g(L.mu);
+        if (!L.failed.exchange(true)) L.error = msg;
+    }
+    w.abort = true;
+    to_scheduler(w, w.cur);
+    __builtin_trap();  // an aborted block is never resumed
+}
+
 void fiber_main(void *arg) {
     Fiber *f = static_cast<Fiber *>(arg);
     Worker &w = *f->w;
-    w.L->thunk(w.L->args);
+    w.L->thunk(w.L->argv.data());
     f->state = kDone;
     w.n_exited++;
     w.stalled = 0;
+    Warp &wp = w.warps[f->t.warp];
+    const unsigned bit = 1u << f->t.lane;
+    wp.exited |= bit;
+    for (int i = 0; i < wp.ncoll; i++) {
+        const Collective &c = wp.coll[i];
+        if (!(c.target & bit)) continue;
+        char buf[600];
+        std::snprintf(buf, sizeof buf, "%s:%d: %s: this lane returned from the kernel while lanes 0x%08x of warp "
+                      "%u wait for it in %s with mask 0x%08x. Every lane named in a mask must reach the collective.",
+                      c.file, c.line, where(w).c_str(), c.arrived, f->t.warp, kOpNames[c.op], c.target);
+        fail_now(w, buf);
+    }
+    // As on NVIDIA hardware, a thread that has exited no longer holds a __syncthreads back.
+    if (w.bar_arrived && w.bar_arrived == w.n_threads - w.n_exited) {
+        w.bar_arrived = 0;
+        w.bar_gen++;
+    }
     if (f->next == f) {  // the last live fiber: the block is done
         to_scheduler(w, f);
     } else {             // unlink from the ring and go on with the next one
@@ -247,25 +373,6 @@ void fiber_main(void *arg) {
 #ifdef LLMC_USE_UCONTEXT
 void fiber_main_uc() { fiber_main(tw->cur); }
 #endif
-
-[[noreturn]] void fail_now(Worker &w, const std::string &msg) {
-    Launch &L = *w.L;
-    {
-        std::lock_guard<std::mutex> g(L.mu);
-        if (!L.failed.exchange(true)) L.error = msg;
-    }
-    w.abort = true;
-    to_scheduler(w, w.cur);
-    __builtin_trap();  // an aborted block is never resumed
-}
-
-std::string where(Worker &w) {
-    const llmc_thread &t = w.cur->t;
-    char buf[200];
-    std::snprintf(buf, sizeof buf, "kernel '%s', block (%u, %u, %u), thread (%u, %u, %u)", w.L->name,
-                  t.blockIdx.x, t.blockIdx.y, t.blockIdx.z, t.threadIdx.x, t.threadIdx.y, t.threadIdx.z);
-    return buf;
-}
 
 template <typename Cond>
 void wait_until(Worker &w, Fiber *f, Cond cond, const char *what, const char *file, int line) {
@@ -281,18 +388,18 @@ void wait_until(Worker &w, Fiber *f, Cond cond, const char *what, const char *fi
 
 void ensure_fibers(Worker &w, int n, size_t stack_size) {
     if (w.stack_size != stack_size) {
-        for (auto &f : w.fibers) munmap(f->stack - 4096, w.stack_size + 4096);
+        for (auto &f : w.fibers) munmap(f->stack - kStackGuard, w.stack_size + kStackGuard);
         w.fibers.clear();
         w.stack_size = stack_size;
     }
     while ((int)w.fibers.size() < n) {
         auto f = std::make_unique<Fiber>();
-        // One guard page under each stack: an overflow faults instead of corrupting a neighbour.
-        char *mem = static_cast<char *>(mmap(nullptr, stack_size + 4096, PROT_READ | PROT_WRITE,
+        // A guard region under each stack: an overflow faults (and is reported) instead of corrupting a neighbour.
+        char *mem = static_cast<char *>(mmap(nullptr, stack_size + kStackGuard, PROT_READ | PROT_WRITE,
                                              MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
         if (mem == MAP_FAILED) throw std::bad_alloc();
-        mprotect(mem, 4096, PROT_NONE);
-        f->stack = mem + 4096;
+        mprotect(mem, kStackGuard, PROT_NONE);
+        f->stack = mem + kStackGuard;
         w.fibers.push_back(std::move(f));
     }
 }
@@ -309,18 +416,23 @@ void report_deadlock(Worker &w, int n) {
     const llmc_thread &t = w.fibers[0]->t;
     char head[300];
     std::snprintf(head, sizeof head, "deadlock in kernel '%s', block (%u, %u, %u): no thread can go on.\n",
-                  w.L->name, t.blockIdx.x, t.blockIdx.y, t.blockIdx.z);
+                  w.L->name.c_str(), t.blockIdx.x, t.blockIdx.y, t.blockIdx.z);
     std::string msg = head;
     for (auto &g : groups) msg += "  " + std::to_string(g.second) + " threads wait in " + g.first + "\n";
     if (w.n_exited)
         msg += "  " + std::to_string(w.n_exited) + " threads have already exited the kernel.\n";
-    msg += "Every thread of a block must reach each __syncthreads (and every lane named in a warp mask must "
-           "reach the same collective): an early `return` or a barrier inside an `if` that not all threads "
-           "take is the usual cause. Guard the work instead of returning before the barrier.";
+    msg += "A __syncthreads waits for every thread of the block that has not exited, and a warp collective for "
+           "every lane named in its mask: threads that wait at a barrier while others of the block wait in a "
+           "warp collective (or the other way round) can never meet. Make every thread reach the same barriers "
+           "and collectives in the same order.";
     Launch &L = *w.L;
     std::lock_guard<std::mutex> g(L.mu);
     if (!L.failed.exchange(true)) L.error = msg;
 }
+
+// Stacks lie a multiple of the page size apart, so their tops would all fall in the same few cache sets:
+// starting each a different number of cache lines below its top spreads the hot frames over the cache.
+inline size_t colour(int i) { return size_t(i % 64) * 64; }
 
 void run_block(Worker &w, long b) {
     Launch &L = *w.L;
@@ -335,11 +447,14 @@ void run_block(Worker &w, long b) {
     w.dirty = w.static_base;
     for (int s : w.touched) w.slot_off[s] = -1;
     w.touched.clear();
-    w.n_threads = n; w.n_exited = 0; w.bar_arrived = 0; w.bar_gen = 0; w.abort = false;
+    w.n_threads = n; w.n_exited = 0; w.bar_arrived = 0; w.bar_gen = 0; w.abort = false; w.no_cancel = 0;
     const int nwarps = (n + 31) / 32;
-    w.warps.assign(nwarps, Warp{});
-    for (int i = 0; i < nwarps; i++)
-        w.warps[i].exist = (i == nwarps - 1 && n % 32) ? ((1u << (n % 32)) - 1u) : 0xffffffffu;
+    if ((int)w.warps.size() < nwarps) w.warps.resize(nwarps);
+    for (int i = 0; i < nwarps; i++) {
+        Warp &wp = w.warps[i];
+        wp.exist = (i == nwarps - 1 && n % 32) ? ((1u << (n % 32)) - 1u) : 0xffffffffu;
+        wp.exited = 0; wp.ready = 0; wp.ncoll = 0;
+    }
     for (int i = 0; i < n; i++) {
         Fiber *f = w.fibers[i].get();
         f->w = &w;
@@ -353,11 +468,11 @@ void run_block(Worker &w, long b) {
 #ifdef LLMC_USE_UCONTEXT
         getcontext(&f->uc);
         f->uc.uc_stack.ss_sp = f->stack;
-        f->uc.uc_stack.ss_size = w.stack_size;
+        f->uc.uc_stack.ss_size = w.stack_size - colour(i);
         f->uc.uc_link = nullptr;
         makecontext(&f->uc, fiber_main_uc, 0);
 #else
-        f->sp = llmc_ctx_init(f->stack + w.stack_size, fiber_main, f);
+        f->sp = llmc_ctx_init(f->stack + w.stack_size - colour(i), fiber_main, f);
 #endif
     }
     for (int i = 0; i < n; i++) {  // the ring of live fibers, in thread order
@@ -366,24 +481,355 @@ void run_block(Worker &w, long b) {
     }
     w.stalled = 0;
     w.deadlock = false;
+    w.in_fiber = 1;
     to_fiber(w, w.fibers[0].get());  // returns when every fiber has exited, on a deadlock, or on a failure
+    w.in_fiber = 0;
     if (w.deadlock && !w.abort) {
         report_deadlock(w, n);
         w.abort = true;
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Faults and cancellation. A fault (SIGSEGV, SIGBUS, SIGFPE, SIGILL) in a fiber, or the cancel signal, runs
+// the handler on the worker's signal stack; it jumps back to worker_loop, which abandons the launch. Signals
+// that do not come from a fiber go to the handler that was installed before ours.
+struct sigaction g_prev[NSIG];
+
+void *pc_of(void *ctx) {
+    ucontext_t *uc = static_cast<ucontext_t *>(ctx);
+#if defined(__linux__) && defined(__x86_64__)
+    return reinterpret_cast<void *>(uc->uc_mcontext.gregs[REG_RIP]);
+#elif defined(__linux__) && defined(__aarch64__)
+    return reinterpret_cast<void *>(uc->uc_mcontext.pc);
+#elif defined(__APPLE__) && defined(__x86_64__)
+    return reinterpret_cast<void *>(uc->uc_mcontext->__ss.__rip);
+#elif defined(__APPLE__) && defined(__aarch64__)
+    return reinterpret_cast<void *>(uc->uc_mcontext->__ss.__pc);
+#else
+    (void)uc;
+    return nullptr;
+#endif
+}
+
+void on_signal(int sig, siginfo_t *si, void *ctx) {
+    Worker *w = g_active.load(std::memory_order_relaxed) ? tw : nullptr;
+    if (w && w->in_fiber && !(sig == kCancelSignal && w->no_cancel)) {
+        w->sig = sig; w->sig_code = si->si_code; w->sig_addr = si->si_addr; w->sig_pc = pc_of(ctx);
+        w->in_fiber = 0;
+        siglongjmp(w->jmp, 1);
+    }
+    if (sig == kCancelSignal) return;  // outside a fiber: the flag stops the worker at its next block
+    const struct sigaction &p = g_prev[sig];
+    if (p.sa_flags & SA_SIGINFO) {
+        p.sa_sigaction(sig, si, ctx);
+    } else if (p.sa_handler == SIG_DFL) {
+        signal(sig, SIG_DFL);
+        raise(sig);  // delivered on return: the default action (a crash report, a core file) as without us
+    } else if (p.sa_handler != SIG_IGN) {
+        p.sa_handler(sig);
+    }
+}
+
+void install_handlers() {
+#if defined(__SANITIZE_ADDRESS__)
+    const int sigs[] = {kCancelSignal};  // under AddressSanitizer its own reports of faults are better
+#else
+    const int sigs[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, kCancelSignal};
+#endif
+    for (int s : sigs) {
+        struct sigaction cur;
+        sigaction(s, nullptr, &cur);
+        if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_signal) continue;
+        struct sigaction sa;
+        std::memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_signal;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(s, &sa, &g_prev[s]);
+    }
+}
+
+struct AltStack {
+    void *mem = nullptr;
+    ~AltStack() {
+        if (!mem) return;
+        stack_t ss;
+        std::memset(&ss, 0, sizeof ss);
+        ss.ss_flags = SS_DISABLE;
+        sigaltstack(&ss, nullptr);
+        std::free(mem);
+    }
+};
+thread_local AltStack t_altstack;
+
+void ensure_altstack() {
+    stack_t ss;
+    if (sigaltstack(nullptr, &ss) == 0 && !(ss.ss_flags & SS_DISABLE)) return;  // ours, or one already there
+    if (!t_altstack.mem) t_altstack.mem = std::malloc(kAltStack);
+    std::memset(&ss, 0, sizeof ss);
+    ss.ss_sp = t_altstack.mem;
+    ss.ss_size = kAltStack;
+    sigaltstack(&ss, nullptr);
+}
+
+// Ctrl-C during a launch (Jupyter's "interrupt kernel" sends the same SIGINT): stop the launch; the caller then
+// hands the signal on to Python's handler, which raises KeyboardInterrupt.
+struct sigaction g_prev_sigint;
+
+void on_sigint(int, siginfo_t *, void *) {
+    Launch *L = g_launch.load();
+    if (!L) return;
+    L->cancel = kInterrupted;
+    L->failed.store(true);
+    pthread_kill(L->caller, kCancelSignal);  // the caller stops the other workers when its own loop ends
+}
+
+const char *kRerun = "\nRerun with LLMC_CHECK=1 (AddressSanitizer) to find the exact access.";
+const char *kBoundsHint = "Check the index arithmetic and the bounds test (`if (i < n)`), and that n matches the "
+                          "arrays' sizes.";
+
+// arg_past(L, i, addr): how far `addr` (in a staged copy) lies past the end of argument i.
+size_t arg_past(Launch &L, int i, const char *addr) {
+    return size_t(addr - (static_cast<char *>(L.ptrs[size_t(i)]) + L.arg_bytes[size_t(i)]));
+}
+
+std::string past(size_t bytes) {
+    return bytes ? std::to_string(bytes) + " bytes past" : std::string("just past");
+}
+
+std::string describe_fault(Worker &w) {
+    Launch &L = *w.L;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(w.sig_addr);
+    char buf[900];
+    if (w.sig == SIGSEGV || w.sig == SIGBUS) {
+        for (auto &f : w.fibers) {
+            uintptr_t s = reinterpret_cast<uintptr_t>(f->stack);
+            if (a < s && a + kStackGuard >= s) {
+                std::snprintf(buf, sizeof buf, "%s: stack overflow: the thread needs more than its %zu bytes of "
+                              "stack (a large local array, or deep recursion). Make the array smaller or "
+                              "__shared__, or raise LLMC_FIBER_STACK (bytes).", where(w).c_str(), w.stack_size);
+                return buf;
+            }
+        }
+        for (auto &s : L.staged) {
+            uintptr_t end = reinterpret_cast<uintptr_t>(s.data + s.bytes);
+            uintptr_t guard = reinterpret_cast<uintptr_t>(s.region + s.data_pages);
+            if (a >= end && a < guard + g_page) {
+                std::snprintf(buf, sizeof buf, "%s: an access %s the end of argument %d (%s, an array of %zu "
+                              "bytes). %s%s", where(w).c_str(),
+                              past(arg_past(L, s.last_arg, reinterpret_cast<char *>(a))).c_str(), s.last_arg,
+                              L.arg_names[s.last_arg].c_str(), size_t(L.arg_bytes[s.last_arg]), kBoundsHint, kRerun);
+                return buf;
+            }
+        }
+        if (a < 65536)
+            std::snprintf(buf, sizeof buf, "%s: a null pointer was dereferenced (address 0x%zx).%s",
+                          where(w).c_str(), size_t(a), kRerun);
+        else
+            std::snprintf(buf, sizeof buf, "%s: an invalid memory access at address 0x%zx: an index far outside "
+                          "its array, or a pointer that points nowhere.%s", where(w).c_str(), size_t(a), kRerun);
+        return buf;
+    }
+    if (w.sig == SIGFPE) {
+        bool intdiv = w.sig_code == FPE_INTDIV || w.sig_code == FPE_INTOVF;
+        std::snprintf(buf, sizeof buf, "%s: %s (a GPU gives an unspecified value instead; the emulator stops).%s",
+                      where(w).c_str(), intdiv ? "integer division or remainder by zero (or INT_MIN / -1)"
+                                               : "an arithmetic exception", kRerun);
+        return buf;
+    }
+    std::snprintf(buf, sizeof buf, "%s: an illegal instruction (a __trap(), or code the compiler proved can never "
+                  "run correctly).%s", where(w).c_str(), kRerun);
+    return buf;
+}
+
+void on_fault(Worker &w) {
+    Launch &L = *w.L;
+    if (w.sig == kCancelSignal) {
+        std::lock_guard<std::mutex> g(L.mu);
+        if (L.stopped_running.empty()) {
+            L.stopped_running = block_and_thread(w);
+            L.fault_pc = w.sig_pc;
+        }
+        return;
+    }
+    std::string msg = describe_fault(w);
+    std::lock_guard<std::mutex> g(L.mu);
+    if (!L.failed.exchange(true)) {
+        L.error = msg;
+        L.fault_pc = w.sig_pc;
+    }
+}
+
 void worker_loop(Worker *w, Launch *L) {
     tw = w;
     w->L = L;
-    for (;;) {
-        if (L->failed.load()) break;
-        long b = L->next.fetch_add(1);
-        if (b >= L->nblocks) break;
-        run_block(*w, b);
+    ensure_altstack();
+    {
+        std::lock_guard<std::mutex> g(L->mu);
+        w->thread = pthread_self();
+        w->running = true;
+    }
+    if (sigsetjmp(w->jmp, 1) == 0) {
+        for (;;) {
+            if (L->failed.load()) break;
+            long b = L->next.fetch_add(1);
+            if (b >= L->nblocks) break;
+            run_block(*w, b);
+        }
+    } else {
+        on_fault(*w);
+    }
+    {
+        std::lock_guard<std::mutex> g(L->mu);
+        w->running = false;
+        if (L->failed.load())  // stop the others too, even in a loop that never switches
+            for (auto &o : L->workers)
+                if (o->running) pthread_kill(o->thread, kCancelSignal);
     }
     llmc_rt_self = nullptr;
     tw = nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Staging of argument arrays (see Staged).
+std::vector<std::pair<size_t, char *>> g_regions;  // free mappings by data size, reused between launches
+size_t g_region_bytes = 0;
+
+char *get_region(size_t data_pages) {
+    for (size_t i = 0; i < g_regions.size(); i++) {
+        if (g_regions[i].first == data_pages) {
+            char *r = g_regions[i].second;
+            g_regions.erase(g_regions.begin() + long(i));
+            g_region_bytes -= data_pages;
+            return r;
+        }
+    }
+    void *m = mmap(nullptr, data_pages + g_page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) throw std::bad_alloc();
+    char *r = static_cast<char *>(m);
+    mprotect(r + data_pages, g_page, PROT_NONE);
+    return r;
+}
+
+void put_region(char *r, size_t data_pages) {
+    g_regions.emplace_back(data_pages, r);
+    g_region_bytes += data_pages;
+    while (g_regions.size() > 32 || g_region_bytes > (size_t(256) << 20)) {
+        munmap(g_regions.front().second, g_regions.front().first + g_page);
+        g_region_bytes -= g_regions.front().first;
+        g_regions.erase(g_regions.begin());
+    }
+}
+
+// Argument i covers bytes[i] bytes; around it, before[i] and after[i] bytes of the same array (a view's
+// neighbours) are copied too, since CUDA allows touching them.
+void stage(Launch &L, void **args, int nargs, const long long *bytes, const long long *before,
+           const long long *after, const int *writable) {
+    struct Item { char *lo, *hi, *p; int i; };
+    std::vector<Item> items;
+    L.argv.assign(args, args + nargs);
+    L.ptrs.assign(size_t(nargs), nullptr);
+#if defined(__SANITIZE_ADDRESS__)
+    return;  // AddressSanitizer watches the arrays where they are, more closely than a copy could
+#endif
+    for (int i = 0; i < nargs; i++) {
+        char *p = bytes[i] >= 0 ? *static_cast<char **>(args[i]) : nullptr;
+        if (p) items.push_back({p - before[i], p + bytes[i] + after[i], p, i});
+    }
+    std::sort(items.begin(), items.end(), [](const Item &a, const Item &b) { return a.lo < b.lo; });
+    for (size_t k = 0; k < items.size();) {
+        size_t j = k + 1;
+        char *end = items[k].hi, *last_end = items[k].p + bytes[items[k].i];
+        int last = items[k].i;  // the argument that ends last: messages about the copy's end name it
+        while (j < items.size() && items[j].lo < end) {
+            char *e = items[j].p + bytes[items[j].i];
+            if (items[j].hi > end || (items[j].hi == end && e > last_end)) {
+                end = items[j].hi; last = items[j].i; last_end = e;
+            }
+            j++;
+        }
+        Staged s;
+        s.orig = items[k].lo;
+        s.bytes = size_t(end - s.orig);
+        s.slack = (size_t(-reinterpret_cast<uintptr_t>(end)) & 15) + g_page;  // keeps alignments mod 16
+        s.data_pages = (s.bytes + s.slack + g_page - 1) / g_page * g_page;
+        s.region = get_region(s.data_pages);
+        s.data = s.region + s.data_pages - s.slack - s.bytes;
+        s.last_arg = last;
+        std::memcpy(s.data, s.orig, s.bytes);
+        std::memset(s.data + s.bytes, kSlackByte, s.slack);
+        s.last_write = last;
+        char *write_end = nullptr;
+        for (size_t m = k; m < j; m++) {
+            const int i = items[m].i;
+            if (writable[i] && items[m].p + bytes[i] >= write_end) { write_end = items[m].p + bytes[i]; s.last_write = i; }
+            s.writable |= writable[items[m].i] != 0;
+            L.ptrs[items[m].i] = s.data + (items[m].p - s.orig);
+            L.argv[items[m].i] = &L.ptrs[items[m].i];
+        }
+        L.staged.push_back(s);
+        k = j;
+    }
+}
+
+void unstage(Launch &L) {
+    for (auto &s : L.staged) {
+        for (size_t i = 0; i < s.slack; i++) {
+            if ((unsigned char)s.data[s.bytes + i] == kSlackByte) continue;
+            if (!L.failed.exchange(true)) {
+                char buf[600];
+                std::snprintf(buf, sizeof buf, "kernel '%s' wrote %s the end of argument %d (%s, an array of %zu "
+                              "bytes). %s%s", L.name.c_str(),
+                              past(arg_past(L, s.last_write, s.data + s.bytes + i)).c_str(), s.last_write,
+                              L.arg_names[s.last_write].c_str(), size_t(L.arg_bytes[s.last_write]), kBoundsHint,
+                              kRerun);
+                L.error = buf;
+            }
+            break;
+        }
+        if (s.writable) std::memcpy(s.orig, s.data, s.bytes);
+        put_region(s.region, s.data_pages);
+    }
+    L.staged.clear();
+}
+
+// Run the workers: the calling thread is the first. A worker that ends on a failure stops the others.
+void run_workers(Launch *L) {
+    std::vector<std::thread> threads;
+    for (size_t i = 1; i < L->workers.size(); i++) threads.emplace_back(worker_loop, L->workers[i].get(), L);
+    worker_loop(L->workers[0].get(), L);
+    for (auto &t : threads) t.join();
+}
+
+void watchdog(Launch *L) {
+    std::unique_lock<std::mutex> lk(L->mu);
+    if (L->cv.wait_for(lk, std::chrono::duration<double>(L->limit), [&] { return L->done; })) return;
+    if (L->cancel == kNotCancelled) L->cancel = kTimedOut;
+    L->failed.store(true);
+    for (auto &w : L->workers)
+        if (w->running) pthread_kill(w->thread, kCancelSignal);
+}
+
+void finish(Launch *L) {
+    unstage(*L);
+    if (L->cancel == kTimedOut) {
+        const std::string &at = L->stopped_running.empty() ? L->stopped_yielding : L->stopped_running;
+        char buf[1200];
+        std::snprintf(buf, sizeof buf, "kernel '%s' did not finish within the time limit of %g s "
+                      "(LLMC_KERNEL_TIMEOUT)%s%s.\nLikely causes: a loop whose condition never changes, or a "
+                      "thread that spins waiting for a value another thread of its block will write. A GPU since "
+                      "Volta would eventually run that other thread; the emulator runs the threads of a block one "
+                      "at a time and never pre-empts one, so the wait never ends here. Wait with __syncthreads() "
+                      "instead of spinning.", L->name.c_str(), L->limit,
+                      at.empty() ? "" : "; it was stopped in ", at.c_str());
+        L->error = buf;
+    } else if (L->cancel == kInterrupted) {
+        L->error = "kernel '" + L->name + "' was interrupted";
+    }
+    if (L->output_cut)
+        L->output += "[printf output stopped after 4 MiB: later lines were dropped, as a GPU drops them when its "
+                     "printf buffer is full]\n";
 }
 
 }  // namespace
@@ -395,7 +841,7 @@ extern "C" {
 void llmc_rt_syncthreads(const char *file, int line) {
     Worker &w = *tw;
     unsigned long long g = w.bar_gen;
-    if (++w.bar_arrived == w.n_threads) {
+    if (++w.bar_arrived == w.n_threads - w.n_exited) {
         w.bar_arrived = 0;
         w.bar_gen++;
         return;
@@ -403,13 +849,13 @@ void llmc_rt_syncthreads(const char *file, int line) {
     wait_until(w, w.cur, [&] { return w.bar_gen != g; }, "__syncthreads", file, line);
 }
 
-static unsigned warp_collective(Worker &w, unsigned mask, int op, unsigned long long value, int pred,
-                                unsigned long long *out_slot, int src, const char *file, int line) {
+static unsigned long long warp_collective(Worker &w, unsigned mask, int op, unsigned long long value, int pred,
+                                          int src, const char *file, int line) {
     Fiber *f = w.cur;
     Warp &wp = w.warps[f->t.warp];
-    const unsigned lane = f->t.lane;
-    char buf[400];
-    if (!((mask >> lane) & 1u)) {
+    const unsigned lane = f->t.lane, bit = 1u << lane;
+    char buf[500];
+    if (!(mask & bit)) {
         std::snprintf(buf, sizeof buf, "%s:%d: %s: lane %u calls %s with mask 0x%08x, which does not include "
                       "its own lane", file, line, where(w).c_str(), lane, kOpNames[op], mask);
         fail_now(w, buf);
@@ -421,45 +867,69 @@ static unsigned warp_collective(Worker &w, unsigned mask, int op, unsigned long 
                       kOpNames[op], mask, f->t.warp, wp.exist, w.n_threads);
         fail_now(w, buf);
     }
-    const int par = int(wp.gen & 1);
-    if (wp.arrived == 0) {
-        wp.op = op;
-        wp.target = mask;
-        wp.votes[par] = 0;
-    } else if (wp.op != op || wp.target != mask) {
-        std::snprintf(buf, sizeof buf, "%s:%d: %s: the lanes of warp %u disagree: this lane calls %s with mask "
-                      "0x%08x while others are in %s with mask 0x%08x", file, line, where(w).c_str(), f->t.warp,
-                      kOpNames[op], mask, kOpNames[wp.op], wp.target);
+    if (mask & wp.exited) {
+        std::snprintf(buf, sizeof buf, "%s:%d: %s: %s with mask 0x%08x names lanes 0x%08x that have already "
+                      "returned from the kernel. Every lane named in a mask must reach the collective.", file, line,
+                      where(w).c_str(), kOpNames[op], mask, mask & wp.exited);
         fail_now(w, buf);
     }
-    wp.slots[par][lane] = value;
-    if (pred) wp.votes[par] |= 1u << lane;
-    wp.arrived |= 1u << lane;
-    const unsigned long long g = wp.gen;
-    if (wp.arrived == wp.target) {
-        wp.arrived = 0;
-        wp.gen++;
-    } else {
-        wait_until(w, f, [&] { return wp.gen != g; }, kOpNames[op], file, line);
+    if (op == kShfl && !((mask >> src) & 1u)) {
+        std::snprintf(buf, sizeof buf, "%s:%d: %s: lane %u reads lane %d in a shuffle with mask 0x%08x, which does "
+                      "not include lane %d: the value is undefined in CUDA. Include every lane read from in the "
+                      "mask, or do not use the result of such lanes' shuffles.", file, line, where(w).c_str(),
+                      lane, src, mask, src);
+        fail_now(w, buf);
     }
-    if (out_slot) *out_slot = ((mask >> src) & 1u) ? wp.slots[par][src] : value;
-    return wp.votes[par];
+    int i = 0;
+    while (i < wp.ncoll && !(wp.coll[i].target & mask)) i++;
+    if (i == wp.ncoll) {
+        wp.coll[i] = Collective{mask, 0, 0, op, file, line};
+        wp.ncoll++;
+    } else if (wp.coll[i].op != op || wp.coll[i].target != mask) {
+        std::snprintf(buf, sizeof buf, "%s:%d: %s: the lanes of warp %u disagree: this lane calls %s with mask "
+                      "0x%08x while lanes 0x%08x are in %s with mask 0x%08x at %s:%d", file, line, where(w).c_str(),
+                      f->t.warp, kOpNames[op], mask, wp.coll[i].arrived, kOpNames[wp.coll[i].op],
+                      wp.coll[i].target, wp.coll[i].file, wp.coll[i].line);
+        fail_now(w, buf);
+    }
+    Collective &c = wp.coll[i];
+    wp.val[lane] = value;
+    wp.src[lane] = (unsigned char)src;
+    wp.ready &= ~bit;
+    if (pred) c.votes |= bit;
+    c.arrived |= bit;
+    if (c.arrived == c.target) {  // complete: every member's result, then the collective is gone
+        for (unsigned m = c.target; m; m &= m - 1) {
+            unsigned l = unsigned(__builtin_ctz(m));
+            wp.res[l] = op == kShfl ? wp.val[wp.src[l]] : c.votes;
+        }
+        wp.ready |= c.target;
+        wp.coll[i] = wp.coll[--wp.ncoll];
+    } else {
+        wait_until(w, f, [&] { return (wp.ready & bit) != 0; }, kOpNames[op], file, line);
+    }
+    return wp.res[lane];
 }
 
 unsigned long long llmc_rt_shfl(unsigned mask, unsigned long long value, int src, int kind, const char *file,
                                 int line) {
     (void)kind;
-    unsigned long long out = value;
-    warp_collective(*tw, mask, kShfl, value, 0, &out, src & 31, file, line);
-    return out;
+    return warp_collective(*tw, mask, kShfl, value, 0, src & 31, file, line);
 }
 
 unsigned llmc_rt_vote(unsigned mask, int predicate, const char *file, int line) {
-    return warp_collective(*tw, mask, kVote, 0, predicate, nullptr, 0, file, line);
+    return unsigned(warp_collective(*tw, mask, kVote, 0, predicate, 0, file, line));
 }
 
 void llmc_rt_syncwarp(unsigned mask, const char *file, int line) {
-    warp_collective(*tw, mask, kSyncwarp, 0, 0, nullptr, 0, file, line);
+    warp_collective(*tw, mask, kSyncwarp, 0, 0, 0, file, line);
+}
+
+// Before each access through a volatile pointer: let the other threads of the block take their turn, so the
+// lanes of a warp that talk through volatile shared memory step in lockstep, as warp-synchronous code expects.
+void llmc_rt_yield(void) {
+    Worker &w = *tw;
+    pass_on(w, w.cur, true);
 }
 
 void *llmc_rt_shared(int slot, size_t size, size_t align, const char *file, int line) {
@@ -503,59 +973,127 @@ void llmc_rt_fail(const char *file, int line, const char *fmt, ...) {
 }
 
 int llmc_rt_printf(const char *fmt, ...) {
-    char buf[1024];
-    va_list ap;
+    Worker &w = *tw;
+    char small[512];
+    va_list ap, again;
     va_start(ap, fmt);
-    int n = std::vsnprintf(buf, sizeof buf, fmt, ap);
+    va_copy(again, ap);
+    int n = std::vsnprintf(small, sizeof small, fmt, ap);
     va_end(ap);
-    Launch &L = *tw->L;
-    std::lock_guard<std::mutex> g(L.mu);
-    if (L.output.size() < (4u << 20)) L.output += buf;  // like the GPU's printf FIFO, output is bounded
+    Launch &L = *w.L;
+    w.no_cancel = 1;  // an allocation and a lock follow: a cancel waits for the next switch
+    if (n > 0) {
+        std::string line;
+        if (size_t(n) < sizeof small) {
+            line.assign(small, size_t(n));
+        } else {
+            line.resize(size_t(n));
+            std::vsnprintf(&line[0], size_t(n) + 1, fmt, again);
+        }
+        std::lock_guard<std::mutex> g(L.mu);
+        if (L.output.size() + line.size() <= kPrintfCap) L.output += line;
+        else L.output_cut = true;
+    }
+    va_end(again);
+    w.no_cancel = 0;
+    abandon_if_stopped(w, w.cur);
     return n;
 }
 
-// Run one launch; returns 0, or 1 with the message in llmc_rt_error(). printf output: llmc_rt_output().
-__attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **), void **args,
-                                                          const unsigned *grid, const unsigned *block,
-                                                          size_t dyn_shared, size_t shared_limit, int nworkers,
-                                                          size_t stack_size, const char *name) {
-    Launch L;
-    L.thunk = thunk; L.args = args; L.name = name;
-    std::copy(grid, grid + 3, L.grid);
-    std::copy(block, block + 3, L.block);
-    L.dyn_shared = dyn_shared; L.shared_limit = shared_limit;
-    L.nblocks = long(grid[0]) * grid[1] * grid[2];
+// Run one launch: 0, or 1 with the message in llmc_rt_error() (printf output: llmc_rt_output()). args[i]
+// points at argument i; for a pointer argument, bytes[i] is its array's size (it is staged, see Staged) and
+// writable[i] whether to copy it back (before[i], after[i]: see stage); bytes[i] = -1 for scalars. names[i] describes argument i in messages.
+// timeout > 0: stop the launch after that many seconds. Ctrl-C stops it too: llmc_rt_interrupted() is then 1.
+__attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **), void **args, int nargs,
+                                                          const long long *bytes, const long long *before,
+                                                          const long long *after, const int *writable,
+                                                          const char **names, const unsigned *grid,
+                                                          const unsigned *block, size_t dyn_shared,
+                                                          size_t shared_limit, int nworkers, size_t stack_size,
+                                                          const char *name, double timeout) {
+    g_output.clear();
+    g_error.clear();
+    g_fault_offset = -1;
+    g_interrupted = 0;
+    auto L = std::make_unique<Launch>();
+    L->thunk = thunk; L->name = name;
+    std::copy(grid, grid + 3, L->grid);
+    std::copy(block, block + 3, L->block);
+    L->dyn_shared = dyn_shared; L->shared_limit = shared_limit;
+    L->nblocks = long(grid[0]) * grid[1] * grid[2];
+    L->limit = timeout;
+    L->caller = pthread_self();
+    for (int i = 0; i < nargs; i++) L->arg_names.push_back(names[i]);
+    L->arg_bytes.assign(bytes, bytes + nargs);
     const int nthreads = int(block[0] * block[1] * block[2]);
-    int k = int(std::max(1L, std::min<long>(nworkers, L.nblocks)));
-    std::vector<std::unique_ptr<Worker>> ws;
+    const int k = int(std::max(1L, std::min<long>(nworkers, L->nblocks)));
     {
         std::lock_guard<std::mutex> g(g_pool_mu);
-        while ((int)ws.size() < k && !g_pool.empty()) { ws.push_back(std::move(g_pool.back())); g_pool.pop_back(); }
+        while ((int)L->workers.size() < k && !g_pool.empty()) {
+            L->workers.push_back(std::move(g_pool.back()));
+            g_pool.pop_back();
+        }
     }
-    while ((int)ws.size() < k) ws.push_back(std::make_unique<Worker>());
     try {
-        for (auto &w : ws) ensure_fibers(*w, nthreads, stack_size);
+        while ((int)L->workers.size() < k) L->workers.push_back(std::make_unique<Worker>());
+        for (auto &w : L->workers) ensure_fibers(*w, nthreads, stack_size);
+        stage(*L, args, nargs, bytes, before, after, writable);
     } catch (const std::bad_alloc &) {
-        g_error = "could not allocate fiber stacks for " + std::to_string(nthreads) + " threads";
+        g_error = "could not allocate fiber stacks for " + std::to_string(nthreads) + " threads, or copies of the "
+                  "argument arrays";
+        for (auto &s : L->staged) put_region(s.region, s.data_pages);
+        std::lock_guard<std::mutex> g(g_pool_mu);
+        for (auto &w : L->workers) g_pool.push_back(std::move(w));
         return 1;
     }
-    if (k == 1) {
-        worker_loop(ws[0].get(), &L);
-    } else {
-        std::vector<std::thread> threads;
-        for (auto &w : ws) threads.emplace_back(worker_loop, w.get(), &L);
-        for (auto &t : threads) t.join();
+    install_handlers();
+    g_launch.store(L.get());
+    g_active.store(true);
+    struct sigaction sa, prev;
+    sigaction(SIGINT, nullptr, &prev);
+    const bool catch_sigint = (prev.sa_flags & SA_SIGINFO) || prev.sa_handler != SIG_IGN;
+    if (catch_sigint) {
+        std::memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_sigint;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, &g_prev_sigint);
+    }
+    std::thread dog;
+    if (timeout > 0) dog = std::thread(watchdog, L.get());
+    run_workers(L.get());
+    if (dog.joinable()) {
+        {
+            std::lock_guard<std::mutex> g(L->mu);
+            L->done = true;
+        }
+        L->cv.notify_all();
+        dog.join();
+    }
+    if (catch_sigint) sigaction(SIGINT, &g_prev_sigint, nullptr);
+    g_active.store(false);
+    g_launch.store(nullptr);
+    finish(L.get());
+    g_output = std::move(L->output);
+    g_error = std::move(L->error);
+    g_interrupted = L->cancel == kInterrupted;
+    Dl_info info;
+    if (L->fault_pc && dladdr(L->fault_pc, &info) && info.dli_fname) {
+        g_fault_lib = info.dli_fname;
+        g_fault_offset = (long long)(reinterpret_cast<char *>(L->fault_pc) - static_cast<char *>(info.dli_fbase));
     }
     {
         std::lock_guard<std::mutex> g(g_pool_mu);
-        for (auto &w : ws) g_pool.push_back(std::move(w));
+        for (auto &w : L->workers) g_pool.push_back(std::move(w));
     }
-    g_output = L.output;
-    g_error = L.error;
-    return L.failed.load() ? 1 : 0;
+    return L->failed.load() ? 1 : 0;
 }
 
+__attribute__((visibility("default"))) int llmc_rt_interrupted(void) { return g_interrupted; }
 __attribute__((visibility("default"))) const char *llmc_rt_error(void) { return g_error.c_str(); }
 __attribute__((visibility("default"))) const char *llmc_rt_output(void) { return g_output.c_str(); }
+// Where the fault (or the thread stopped by a time limit) was: the library's path and the offset in it, or -1.
+__attribute__((visibility("default"))) long long llmc_rt_fault_offset(void) { return g_fault_offset; }
+__attribute__((visibility("default"))) const char *llmc_rt_fault_lib(void) { return g_fault_lib.c_str(); }
 
 }  // extern "C"

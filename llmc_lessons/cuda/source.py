@@ -506,6 +506,15 @@ def rewrite_shared(src: str, filename: str) -> str:
     return "".join(out)
 
 
+_VOLATILE_PTR = re.compile(r"\bvolatile\s+((?:(?:unsigned|signed|long|short)\s+)*[A-Za-z_]\w*)\s*\*"
+                           r"(?:\s*(?:__restrict__|__restrict)\b)?")
+
+
+def rewrite_volatile(src: str) -> str:
+    """Turn `volatile T*` into llmc_volatile<T> (llmc_cuda.h), whose accesses let the other threads take a step."""
+    return _VOLATILE_PTR.sub(lambda m: f"llmc_volatile<{m.group(1)}> ", src)
+
+
 def numpy_dtype(base: str):
     """The NumPy dtype an argument for a parameter of element type `base` must have (None: any)."""
     if base in _DTYPES:
