@@ -21,6 +21,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.model import GPT2, GPT2Config
+from llmc_lessons.precision import tf32 as tf32_mode
 from llmc_lessons.train import training_step
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 6e-4, 0.1, 1.0
@@ -46,7 +47,6 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
                  precision: str = "fp32", cuda_graph: bool = True) -> dict:
     """The course's training step through its kernels; ms are wall-clock per step (each step ends synchronised).
     cuda_graph: the forward and backward replayed from CUDA graphs (GPT2.cuda_graph), as the trainer runs."""
-    from llmc_lessons.layers.matmul import tf32 as tf32_mode
     _free_gpu_memory()
     pool = device.xp.get_default_memory_pool()
     model = GPT2(config, seed=0, backend="kernels", precision=precision)
@@ -108,7 +108,6 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision:
     """Per-kernel CUDA time of one course training step (after two warm-up steps), via torch.profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from llmc_lessons.layers.matmul import tf32 as tf32_mode
     _free_gpu_memory()
     model = GPT2(config, seed=0, backend="kernels", precision=precision)
     model.keep_logits = False

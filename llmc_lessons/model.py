@@ -29,6 +29,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.layers.flash_attention import BF16_HEAD_SIZES
+from llmc_lessons.precision import from_bf16, tf32_enabled
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration and parameter layout
@@ -373,8 +374,6 @@ class GPT2:
         if not (self.cuda_graph and self._use_kernels and device.on_gpu()):
             return False
 
-        from llmc_lessons.layers.matmul import tf32_enabled
-
         def ptr(a):
             return None if a is None else device.address(a)
         key = (shape, self.precision, self.matmul_version, tf32_enabled(), self.keep_logits,
@@ -667,7 +666,6 @@ def _bf16_forward(model, idx, targets):
     None, losses, cache)."""
     from llmc_lessons.cublas import gemm
     from llmc_lessons.layers import bf16 as k
-    from llmc_lessons.layers.bf16 import from_bf16
     from llmc_lessons.layers.flash_attention import flash_attention_forward_bf16_cuda
 
     c, p, w = model.config, model.params, model.params_bf16       # float32 masters, bf16 copies

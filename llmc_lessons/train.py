@@ -26,6 +26,7 @@ import numpy as np
 from llmc_lessons import device
 from llmc_lessons.data import DataLoader, prepare_shakespeare
 from llmc_lessons.model import GPT2, GPT2Config, generate
+from llmc_lessons.precision import set_tf32
 
 DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, lr=6e-4, warmup=None,
                 final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, eval_every=None, eval_batches=4,
@@ -133,7 +134,6 @@ class Trainer:
         self.model = GPT2(config, seed=a["seed"], backend=backend, precision=a["precision"])
         self.model.keep_logits = False  # the loop never reads the logits of a training forward
         self.model.cuda_graph = bool(a["cuda_graph"])   # replay the forward and backward (GPU only)
-        from llmc_lessons.layers.matmul import set_tf32
         set_tf32(bool(a["tf32"]))  # as llm.c's fp32 trainer: TF32 tensor cores for the matmuls (a no-op on a CPU)
         self.rng = np.random.default_rng(a["seed"])
         self.step = 0

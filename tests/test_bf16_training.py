@@ -11,10 +11,10 @@ from llmc_lessons.cublas import gemm, gemm_batched
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.layers import bf16 as k
 from llmc_lessons.layers.attention import attention_backward, attention_forward
-from llmc_lessons.layers.bf16 import from_bf16, stochastic_to_bf16, to_bf16
 from llmc_lessons.layers.gelu import gelu_backward, gelu_forward
 from llmc_lessons.layers.layernorm import layernorm_backward, layernorm_forward
 from llmc_lessons.model import GPT2, GPT2Config, generate
+from llmc_lessons.precision import from_bf16, stochastic_to_bf16, to_bf16
 
 BF16_STEP = 2.0 ** -7   # relative spacing of bf16 numbers: one rounding is at most half of it
 

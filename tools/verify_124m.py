@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.layers.matmul import set_tf32
+from llmc_lessons.precision import set_tf32
 from llmc_lessons.model import GPT2, GPT2Config, PARAMETER_NAMES
 
 

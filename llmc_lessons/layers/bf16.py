@@ -1,7 +1,7 @@
-"""bfloat16 (lesson 14): conversions, references and the launchers of kernels/bf16.cu.
+"""bfloat16 (lesson 14): references and the launchers of kernels/bf16.cu.
 
-NumPy has no bf16 type, so bf16 arrays are uint16 arrays holding the bits (the top half of a float32),
-exactly as the kernels see them.
+bf16 arrays are uint16 arrays holding the bits; the conversions (to_bf16, from_bf16, ...) are in
+llmc_lessons/precision.py.
 """
 from __future__ import annotations
 
@@ -9,49 +9,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.layers.layernorm import layernorm_forward
-
-
-def _float32(x) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float32)
-    return a if a.flags.c_contiguous else a.copy()
-
-
-def to_bf16(x) -> np.ndarray:
-    """float32 values -> uint16 bf16 bits, rounding to nearest with ties to even; NaN -> 0x7FFF."""
-    u = _float32(x).view(np.uint32)
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    return np.where((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000), np.uint16(0x7FFF), rounded)
-
-
-def from_bf16(h):
-    """uint16 bf16 bits -> float32 values (exact). A backend (GPU) array stays on its device."""
-    xp = device.xp if isinstance(h, device.xp.ndarray) else np
-    return (xp.asarray(h, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def round_bf16(x) -> np.ndarray:
-    """float32 -> the nearest bf16 value, as float32."""
-    return from_bf16(to_bf16(x))
-
-
-def hash32(seed: int, i) -> np.ndarray:
-    """The kernels' 32-bit hash of (seed, index): the random bits of stochastic rounding."""
-    with np.errstate(over="ignore"):
-        h = np.uint32(seed) ^ (np.asarray(i, dtype=np.uint32) * np.uint32(0x9E3779B9))
-        h ^= h >> np.uint32(16)
-        h *= np.uint32(0x85EBCA6B)
-        h ^= h >> np.uint32(13)
-        h *= np.uint32(0xC2B2AE35)
-        h ^= h >> np.uint32(16)
-    return h
-
-
-def stochastic_to_bf16(x, seed: int) -> np.ndarray:
-    """float32 -> bf16 bits, rounded up with probability (dropped bits) / 2^16 so the expected value is x."""
-    u = _float32(x).view(np.uint32)
-    noise = hash32(seed, np.arange(u.size, dtype=np.uint32)).reshape(u.shape) & np.uint32(0xFFFF)
-    with np.errstate(over="ignore"):
-        return ((u + noise) >> np.uint32(16)).astype(np.uint16)
+from llmc_lessons.precision import from_bf16, to_bf16
 
 
 def gelu_forward_bf16(inp_bits) -> np.ndarray:

@@ -8,15 +8,13 @@ Shapes (llm.c's layout): inp (B, T, C), weight (OC, C), bias (OC,) or None, out 
 
 with dout and inp viewed as (B*T, OC) and (B*T, C) matrices.
 
-Read top-down: the NumPy forward and backward references; `tf32`, the switch for cuBLAS's TF32 tensor-core
-mode; then the launchers of the kernels in `kernels/matmul.cu`. Those kernels compute one general product
-out (M, N) = A (M, K) @ B (K, N) [+ bias] with A and B read through strides, so the forward and both backward
+Read top-down: the NumPy forward and backward references, then the launchers of the kernels in
+`kernels/matmul.cu` (cuBLAS's TF32 switch, `tf32`, lives in llmc_lessons/precision.py). Those kernels compute
+one general product out (M, N) = A (M, K) @ B (K, N) [+ bias] with A and B read through strides, so the forward and both backward
 products run through the same kernel (`gemm_cuda`): kernel1 naive, kernel2 shared-memory tiles, kernel3
 register-blocked; "cublas" is the backend's own matmul (cuBLAS through CuPy on a GPU, NumPy on a CPU).
 """
 from __future__ import annotations
-
-import contextlib
 
 import numpy as np
 
@@ -62,65 +60,6 @@ def matmul_backward(dout, inp, weight):
     dweight = dout2.T @ inp2                 # (OC, BT) @ (BT, C): weight[o, c] is used at every (b, t)
     dbias = dout2.sum(axis=0)                # (OC,): bias[o] is added at every (b, t)
     return dinp, dweight, dbias
-
-
-# ---------------------------------------------------------------------------------------------------------
-# TF32: cuBLAS's tensor-core mode for float32 matmuls
-#
-# On Ampere and later GPUs (compute capability >= 8.0) cuBLAS can compute a float32 product on tensor cores
-# in TF32: each input is rounded to a 10-bit mantissa (about 3 decimal digits), products are added in
-# float32. Roughly 7-8x the FP32 throughput on an H100, at a relative error near 1e-3 instead of 1e-6.
-#
-# How CuPy chooses (cupy/_core/_routines_linalg.pyx): `get_compute_type(dtype)` keeps one cached compute
-# type per dtype in a module-level list. The first float32 matmul resolves it from the environment variable
-# CUPY_TF32 (>0 means COMPUTE_TYPE_TF32, else COMPUTE_TYPE_DEFAULT) and caches it, so changing os.environ
-# afterwards does nothing. `set_compute_type(dtype, compute_type)` overwrites the cached entry and is read on
-# every call of the 2-D product path (`dot` -> `tensordot_core` -> cublasGemmEx with
-# CUBLAS_COMPUTE_32F_FAST_TF32 or CUBLAS_COMPUTE_32F), so it switches at run time. Two caveats: the batched
-# path of `cupy.matmul` (arrays of 3 or more dimensions) passes CUDA_R_32F as its compute type and does not
-# read this setting, so the launchers below always multiply 2-D views; and NVIDIA_TF32_OVERRIDE=0 in the
-# environment disables TF32 inside cuBLAS whatever CuPy asks.
-
-
-def _cupy_linalg():
-    """CuPy's module that holds the matmul compute type (its path has moved between CuPy versions)."""
-    try:
-        from cupy._core import _routines_linalg as linalg
-    except ImportError:  # pragma: no cover - a later source layout
-        from cupy._core._gpu import _routines_linalg as linalg
-    return linalg
-
-
-def tf32_enabled() -> bool:
-    """True when float32 matmuls through CuPy (version="cublas") use TF32 tensor cores; always False on a CPU."""
-    if not device.on_gpu():
-        return False
-    linalg = _cupy_linalg()
-    return int(linalg.get_compute_type(np.float32)) == int(linalg.COMPUTE_TYPE_TF32)
-
-
-def set_tf32(enabled: bool) -> bool:
-    """Switch TF32 for float32 cuBLAS matmuls on or off now; return the previous setting. A no-op on a CPU.
-
-    On a GPU older than compute capability 8.0 CuPy warns and stays in FP32.
-    """
-    if not isinstance(enabled, (bool, np.bool_)):
-        raise TypeError(f"enabled must be True or False, got {enabled!r}")
-    previous = tf32_enabled()
-    if device.on_gpu():
-        linalg = _cupy_linalg()
-        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
-    return previous
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool = True):
-    """`with tf32(True): ...` runs the block with TF32 matmuls (or without, for False), then restores the setting."""
-    previous = set_tf32(enabled)
-    try:
-        yield
-    finally:
-        set_tf32(previous)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,7 +121,7 @@ def gemm_cuda(a, b, bias=None, trans_a: bool = False, trans_b: bool = False, ver
     if out is not None:
         device.require_array("out", out, shape=(M, N))
     if version == "cublas":
-        # cuBLAS reads the transposed operand in place and honours tf32() (llmc_lessons/cublas.py); NumPy on a CPU
+        # cuBLAS reads the transposed operand in place and honours precision.tf32() (llmc_lessons/cublas.py); NumPy on a CPU
         from llmc_lessons.cublas import gemm
         out = gemm(a, b, trans_a, trans_b, out=out)
         if bias is not None and M * N:
@@ -214,7 +153,7 @@ def matmul_forward_cuda(inp, weight, bias=None, version="cublas", tile: int = 16
     """(B, T, C), (OC, C), (OC,) or None -> out (B, T, OC) = inp @ weight^T + bias, a fresh array.
 
     version 1 (naive), 2 (shared-memory tiles), 3 (register-blocked) run matmul_kernel<version>; "cublas" runs
-    the backend's matmul (cuBLAS through CuPy, honouring tf32(); NumPy on a CPU). tile: versions 1 and 2.
+    the backend's matmul (cuBLAS through CuPy, honouring precision.tf32(); NumPy on a CPU). tile: versions 1 and 2.
     """
     device.require_array("inp", inp, shape=(None, None, None))
     B, T, C = inp.shape
