@@ -19,8 +19,11 @@ import time
 
 import numpy as np
 
-from llmc_lessons import device
-from llmc_lessons.model import GPT2, GPT2Config
+from llmc_lessons import device, timing
+from llmc_lessons.layers import bf16 as k16
+from llmc_lessons.layers.adamw import global_norm_squared_cuda
+from llmc_lessons.layers.flash_attention import flash_attention_backward_bf16_cuda, flash_attention_forward_bf16_cuda
+from llmc_lessons.model import GPT2, GPT2Config, num_parameters
 from llmc_lessons.precision import tf32 as tf32_mode
 from llmc_lessons.train import training_step
 
@@ -127,10 +130,6 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64) -> l
     scaled_dot_product_attention (its flash kernel). Rows: name, forward ms, backward ms, TFLOP/s of the two
     together counting the causal half of the products (forward 2, backward 5 of size B NH T T hs), and the
     bytes each keeps between forward and backward beyond q, k, v and the output."""
-    from llmc_lessons import timing
-    from llmc_lessons.layers import bf16 as k16
-    from llmc_lessons.layers.flash_attention import (flash_attention_backward_bf16_cuda,
-                                                     flash_attention_forward_bf16_cuda)
     xp, gen = device.xp, np.random.default_rng(0)
     C = NH * hs
     qkv = k16.float_to_bf16_cuda(xp.asarray(gen.standard_normal((B, T, 3 * C), dtype=np.float32)))
@@ -179,8 +178,6 @@ def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, 
     """The elementwise, normalisation and reduction kernels of the bf16 training step, at its shapes, on fresh
     random inputs: (name, callable, bytes) with the fewest bytes each must move (every input read once, every
     output written once), as GPT2(precision="bf16") calls them."""
-    from llmc_lessons.layers import bf16 as k16
-    from llmc_lessons.layers.adamw import global_norm_squared_cuda
     xp, g = device.xp, device.xp.random.default_rng(2)
     r32 = lambda *s: g.standard_normal(s, dtype=np.float32)
     r16 = lambda *s: k16.float_to_bf16_cuda(r32(*s))
@@ -226,7 +223,6 @@ def bench_kernels(rows=None, repeat: int = 10) -> dict:
     copy, and a copy that moves the same bytes as the kernel (a short kernel pays the same start and finish
     as a short copy). -> {copy_gbps, rows: [{name, us, gbps, of_copy, same_size_copy_gbps,
     of_same_size_copy}]}."""
-    from llmc_lessons import timing
     copy = timing.copy_bandwidth_gbps()
     out = []
     for name, fn, nbytes in rows if rows is not None else bf16_step_kernels():
@@ -325,7 +321,6 @@ def main(argv=None) -> int:
         return 1
     kernels = None
     if a.kernels or a.only_kernels:
-        from llmc_lessons.model import num_parameters
         c = GPT2Config.from_name(a.model)
         kernels = bench_kernels(bf16_step_kernels(a.batch_size, a.seq_len, c.channels, c.vocab_size,
                                                   c.padded_vocab_size, num_parameters(c)))

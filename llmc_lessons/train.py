@@ -25,8 +25,10 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.data import DataLoader, prepare_shakespeare
+from llmc_lessons.layers.adamw import global_norm, global_norm_cuda
 from llmc_lessons.model import GPT2, GPT2Config, generate
 from llmc_lessons.precision import set_tf32
+from llmc_lessons.tokenizer import decode
 
 DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, lr=6e-4, warmup=None,
                 final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, eval_every=None, eval_batches=4,
@@ -80,10 +82,8 @@ def training_step(model: GPT2, x, y, lr: float, weight_decay: float, grad_clip: 
     model.zero_grad()
     model.backward()
     if model.use_kernels:
-        from llmc_lessons.layers.adamw import global_norm_cuda
         norm = global_norm_cuda(model.grads_memory)
     else:
-        from llmc_lessons.layers.adamw import global_norm
         norm = global_norm(model.grads_memory)
     if not math.isfinite(norm):
         raise NonFiniteError(f"step {step}: the gradient norm is {norm}: the "
@@ -192,7 +192,6 @@ class Trainer:
         return float(np.mean([self.model.forward(*self.val_loader.next_batch()) for _ in range(n)]))
 
     def sample(self) -> str:
-        from llmc_lessons.tokenizer import decode
         seed = int(self.rng.integers(2**31))
         tokens = generate(self.model, [EOT], self.args["sample_tokens"], temperature=1.0, top_k=40, seed=seed)
         return decode(tokens[1:])

@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cuda import load_kernel
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -96,8 +97,6 @@ def adamw_update_cuda(param, grad, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8,
     One thread per element (adamw_kernel). grad is read only; it is multiplied by grad_scale first (the clip
     factor from clip_grad_norm / global_norm_cuda). Returns nothing, to make the in-place update plain.
     """
-    from llmc_lessons.cuda import load_kernel
-
     block_size = _check_block_size(block_size, warps=False)
     device.require_array("param", param)
     shape = tuple(param.shape)
@@ -127,8 +126,6 @@ def global_norm_squared_cuda(grads, block_size: int = 512, max_blocks: int = 102
     into the same slots; then global_sum_deterministic_kernel adds the partial sums in a fixed order. The same
     arrays at the same block_size and max_blocks give the same bits at every call.
     """
-    from llmc_lessons.cuda import load_kernel
-
     block_size = _check_block_size(block_size, warps=True)
     if isinstance(max_blocks, bool) or not isinstance(max_blocks, (int, np.integer)) or max_blocks < 1:
         raise ValueError(f"max_blocks must be a positive int, got {max_blocks!r}")

@@ -23,6 +23,8 @@ import math
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cublas import gemm_batched
+from llmc_lessons.cuda import load_kernel
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -135,7 +137,6 @@ def _launch_1d(kernel, n: int, block_size: int, args) -> None:
 
 def _permute(qkv, B, T, NH, hs, block_size):
     """(B, T, 3C) -> q, k, v each (B, NH, T, hs) through permute_kernel."""
-    from llmc_lessons.cuda import load_kernel
     xp = device.xp
     q, k, v = (xp.empty((B, NH, T, hs), dtype=np.float32) for _ in range(3))
     _launch_1d(load_kernel("attention.cu", "permute_kernel"), B * NH * T * hs, block_size,
@@ -159,9 +160,6 @@ def attention_forward_cuda(qkv, NH, version: str = "cublas", block_size: int = 2
     version "cublas": permute -> batched matmul -> softmax_forward_kernel -> batched matmul -> unpermute.
     block_size: threads per block (a multiple of 32 for "cublas", whose softmax gives each row a warp).
     """
-    from llmc_lessons.cublas import gemm_batched
-    from llmc_lessons.cuda import load_kernel
-
     if version not in ("naive", "cublas"):
         raise ValueError(f"version must be 'naive' or 'cublas', got {version!r}")
     block_size = _check_block_size(block_size, whole_warps=(version == "cublas"))
@@ -192,9 +190,6 @@ def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256):
     q, k, v are permuted again from qkv (llm.c keeps them from the forward pass instead).
     block_size: threads per block, a multiple of 32 (the softmax backward gives each row a warp).
     """
-    from llmc_lessons.cublas import gemm_batched
-    from llmc_lessons.cuda import load_kernel
-
     block_size = _check_block_size(block_size, whole_warps=True)
     device.require_array("qkv", qkv, shape=(None, None, None))
     B, T, C, hs = _sizes(qkv, NH, "attention_backward_cuda")

@@ -8,6 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cublas import gemm, gemm_batched
+from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, SHARED_LIMIT_OPT_IN, load_kernel
+from llmc_lessons.layers.encoder import _require_ids
 from llmc_lessons.layers.layernorm import layernorm_forward
 from llmc_lessons.precision import from_bf16, to_bf16
 
@@ -43,7 +46,6 @@ def gelu_forward_bf16_cuda(inp, block_size: int = 256, version: int = 1):
     """uint16 bf16 bits (any shape) -> gelu of them, bf16 bits, through gelu_forward_bf16_kernel (version 1,
     a thread per value) or gelu_forward_bf16_kernel2 (version 2, 8 values per thread in 128-bit accesses;
     needs inp.size % 8 == 0)."""
-    from llmc_lessons.cuda import load_kernel
     device.require_array("inp", inp, dtype=np.uint16)
     block_size = _block(block_size)
     out = device.xp.empty_like(inp)
@@ -70,7 +72,6 @@ def layernorm_forward_bf16_cuda(inp, weight, bias, block_size: int = 256, versio
 
     version 1: layernorm_forward_bf16_kernel, two-byte loads (any C). version 2: layernorm_forward_bf16_kernel2,
     the row in registers through 16-byte loads (the training step's; C a multiple of 8, at most 1024)."""
-    from llmc_lessons.cuda import load_kernel
     device.require_array("inp", inp, shape=(None, None, None), dtype=np.uint16)
     B, T, C = inp.shape
     if version == 2:
@@ -99,7 +100,6 @@ def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1
                            stochastic: bool = False, seed: int = 0, block_size: int = 512, grad_scale: float = 1.0):
     """AdamW on float32 `master` weights and moments in place, then `params` (uint16) = their bf16 copy.
     grad_scale multiplies every gradient first (the clip factor)."""
-    from llmc_lessons.cuda import load_kernel
     device.require_array("master", master)
     n = master.size
     device.require_array("params", params, shape=master.shape, dtype=np.uint16)
@@ -121,10 +121,9 @@ def matmul_bf16(a, b, trans_b: bool = False):
 
     On a GPU: cuBLAS's gemmEx with bf16 inputs on the tensor cores. On a CPU: the same numbers in NumPy.
     """
-    from llmc_lessons import cublas
     device.require_array("a", a, shape=(None, None), dtype=np.uint16)
     device.require_array("b", b, shape=(None, None), dtype=np.uint16)
-    return cublas.gemm(a, b, trans_b=trans_b, out_dtype=np.float32)
+    return gemm(a, b, trans_b=trans_b, out_dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,7 +180,6 @@ def _warps(block_size):
 def _kernel_with_shared(kernel: str, shared: int, what: str):
     """The kernel, allowed `shared` bytes of dynamic shared memory (above 48 KiB a kernel must ask for it, on a
     GPU as in the emulator); a clear error beyond what a block may have. `what` names the need in it."""
-    from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, SHARED_LIMIT_OPT_IN, load_kernel
     if shared > SHARED_LIMIT_OPT_IN:
         raise ValueError(f"{what} needs {shared} bytes of shared memory; a block may have at most "
                          f"{SHARED_LIMIT_OPT_IN}")
@@ -193,7 +191,6 @@ def _kernel_with_shared(kernel: str, shared: int, what: str):
 
 def _launch(kernel: str, n: int, block_size: int, args):
     """One thread per unit of n (rounded up to whole blocks)."""
-    from llmc_lessons.cuda import load_kernel
     if n:
         load_kernel("bf16.cu", kernel)((-(-n // block_size),), (block_size,), args)
 
@@ -214,7 +211,6 @@ def encoder_forward_bf16_cuda(inp, wte, wpe, block_size: int = 256, check_ids: b
 
     check_ids=False skips the range check of the ids (it waits for the GPU), for a caller that checked them
     already, as GPT2.forward does on the host."""
-    from llmc_lessons.layers.encoder import _require_ids
     _bf16_array("wte", wte, (None, None))
     _require_ids(inp, wte.shape[0], check_range=check_ids)
     B, T = inp.shape
@@ -338,7 +334,6 @@ def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns
     Blocks of (block_columns, block_rows) threads, each thread 8 columns, so a block covers 8 * block_columns
     columns; grid_rows: how many blocks split the rows of one column group (R partial sums, the last block of
     the group adds them), by default enough for each thread to sum 16 rows."""
-    from llmc_lessons.cuda import load_kernel
     _bf16_array("inp", inp, (None, None, None))
     OC = _eight("OC", inp.shape[-1])
     _bf16_array("dout", dout, inp.shape)
@@ -357,7 +352,6 @@ def column_sum_add_cuda(out1, out2, out3, partial, columns_per_block: int = 8, r
     """out1, out2, out3 (C,) float32 += the column sums of partial[:, :C], [:, C:2C], [:, 2C:] for partial
     (R, 3C) float32, in a fixed order (column_sum_add_kernel, one launch, blocks of (columns_per_block,
     rows_per_block) threads): the end of the reductions that leave a row of partial sums per block."""
-    from llmc_lessons.cuda import load_kernel
     device.require_array("partial", partial, shape=(None, None))
     R, C3 = partial.shape
     if C3 % 3:
@@ -464,7 +458,6 @@ def attention_forward_bf16_cuda(qkv, qkvb, NH: int, block_size: int = 256):
     The model runs flash attention instead (layers/flash_attention.py, version 2); this is the baseline it is
     measured against (bench.bench_attention).
     """
-    from llmc_lessons.cublas import gemm_batched
     _bf16_array("qkv", qkv, (None, None, None))
     B, T, C3 = qkv.shape
     qkvh = split_heads_bf16_cuda(qkv, 3, NH, qkvb, block_size)
@@ -481,7 +474,6 @@ def attention_forward_bf16_cuda(qkv, qkvb, NH: int, block_size: int = 256):
 def attention_backward_bf16_cuda(datty, qkvh, att, block_size: int = 256):
     """datty (B, T, C), qkvh (3, B, NH, T, hs), att (B, NH, T, T) bf16 -> dqkv (B, T, 3C) bf16 (no bias
     gradient: the step's flash attention backward sums it, flash_attention_backward_bf16_cuda(dbias=))."""
-    from llmc_lessons.cublas import gemm_batched
     _bf16_array("qkvh", qkvh, (3, None, None, None, None))
     _, B, NH, T, hs = qkvh.shape
     _bf16_array("datty", datty, (B, T, NH * hs))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cuda import load_kernel
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -92,8 +93,6 @@ def encoder_forward_cuda(inp, wte, wpe, block_size: int = 256, version: int = 1,
     check_ids=False skips the range check of the ids, which makes the CPU wait for the GPU: only for a caller
     that checked them already (GPT2.forward checks them on the host before they go to the GPU).
     """
-    from llmc_lessons.cuda import load_kernel
-
     block_size = _check_block_size(block_size)
     device.require_array("wte", wte, shape=(None, None))
     V, C = wte.shape
@@ -153,8 +152,6 @@ def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = Tr
     buckets: _token_buckets of the ids made ahead (GPT2.forward makes them on the host, where it checked the
     ids), as backend arrays: then nothing here waits for the GPU.
     """
-    from llmc_lessons.cuda import load_kernel
-
     block_size = _check_block_size(block_size)
     for name, value in (("V", V), ("maxT", maxT)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.layernorm import layernorm_forward
 from llmc_lessons.layers.residual import residual_forward
 
@@ -25,7 +26,6 @@ def fused_residual_layernorm_forward_cuda(inp1, inp2, weight, bias, block_size: 
 
     kernel: a RawKernel with the same parameters to launch instead (the lesson's exercise check uses it).
     """
-    from llmc_lessons.cuda import load_kernel
     device.require_array("inp1", inp1, shape=(None, None, None))
     B, T, C = inp1.shape
     device.require_array("inp2", inp2, shape=(B, T, C))

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cuda import load_kernel
 
 GELU_SCALING_FACTOR = math.sqrt(2.0 / math.pi)  # sqrt(2/pi) = 0.7978845608...
 GELU_CUBE_COEF = 0.044715
@@ -87,7 +88,6 @@ def _grid(n: int, block_size: int) -> int:
 def gelu_forward_cuda(inp, block_size: int = 128, version: int = 1):
     """(any shape) float32 -> same shape: gelu through gelu_forward_kernel1 (version=1, one thread per
     element) or gelu_forward_kernel2 (version=2, one thread per float4; needs inp.size % 4 == 0)."""
-    from llmc_lessons.cuda import load_kernel
     device.require_array("inp", inp)
     block_size = _check_block_size(block_size)
     N = int(inp.size)
@@ -110,7 +110,6 @@ def gelu_forward_cuda(inp, block_size: int = 128, version: int = 1):
 
 def gelu_backward_cuda(dout, inp, block_size: int = 128):
     """dout, inp (same shape, float32) -> dinp = gelu'(inp) * dout through gelu_backward_kernel."""
-    from llmc_lessons.cuda import load_kernel
     device.require_array("inp", inp)
     device.require_array("dout", dout, shape=tuple(inp.shape))
     block_size = _check_block_size(block_size)

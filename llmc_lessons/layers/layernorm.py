@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, load_kernel
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -81,8 +82,6 @@ def layernorm_forward_cuda(inp, weight, bias, block_size: int = 256, version: in
     version 1: one thread per row. version 2: one warp per row (block_size must be a multiple of 32).
     version 3: version 2 with the row in registers, read once (C <= 1024). Default: 3 when C <= 1024, else 2.
     """
-    from llmc_lessons.cuda import load_kernel
-
     device.require_array("inp", inp, shape=(None, None, None))
     B, T, C = inp.shape
     if version is None:
@@ -122,8 +121,6 @@ def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256
     C % 4 == 0, C <= 1024 and 16-byte aligned arrays.
     None: version 2 where it fits, else 1. Every sum is in a fixed order (deterministic).
     """
-    from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, load_kernel
-
     block_size = _check_block_size(block_size, warps=True)
     param_block_size = _check_block_size(param_block_size, warps=True, name="param_block_size")
     device.require_array("inp", inp, shape=(None, None, None))

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cublas import gemm
+from llmc_lessons.cuda import load_kernel
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -98,8 +100,6 @@ def gemm_cuda(a, b, bias=None, trans_a: bool = False, trans_b: bool = False, ver
     kernel: a RawKernel with matmul_kernel<version>'s parameters to launch instead (the exercise checks use it).
     out: an (M, N) float32 array to write into instead of a fresh one (checks pass one filled with NaN).
     """
-    from llmc_lessons.cuda import load_kernel
-
     version = _check_version(version)
     tile = _check_tile(tile)
     for name, flag in (("trans_a", trans_a), ("trans_b", trans_b)):
@@ -121,8 +121,7 @@ def gemm_cuda(a, b, bias=None, trans_a: bool = False, trans_b: bool = False, ver
     if out is not None:
         device.require_array("out", out, shape=(M, N))
     if version == "cublas":
-        # cuBLAS reads the transposed operand in place and honours precision.tf32() (llmc_lessons/cublas.py); NumPy on a CPU
-        from llmc_lessons.cublas import gemm
+        # cuBLAS reads the transposed operand in place and honours the TF32 switch (cublas.py); NumPy on a CPU
         out = gemm(a, b, trans_a, trans_b, out=out)
         if bias is not None and M * N:
             load_kernel("matmul.cu", "add_bias_kernel")((-(-(M * N) // 256),), (256,), (out, bias, np.int32(M),
@@ -171,8 +170,6 @@ def matmul_backward_bias_cuda(dout, block_rows: int = 32, out=None):
     block_rows: R in the kernel's (32, R) blocks, a power of two in 1..32. out: an (OC,) float32 array to write
     into instead of a fresh one.
     """
-    from llmc_lessons.cuda import load_kernel
-
     if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or \
             int(block_rows) not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"block_rows must be a power of two in 1..32, got {block_rows!r}")
