@@ -23,7 +23,8 @@ from llmc_lessons import device, timing
 from llmc_lessons.layers import bf16 as k16
 from llmc_lessons.layers.adamw import global_norm_squared_cuda
 from llmc_lessons.layers.flash_attention import flash_attention_backward_bf16_cuda, flash_attention_forward_bf16_cuda
-from llmc_lessons.model import GPT2, GPT2Config, num_parameters
+from llmc_lessons.model import GPT2, GPT2Config
+from llmc_lessons.parameters import num_parameters
 from llmc_lessons.precision import tf32 as tf32_mode
 from llmc_lessons.train import training_step
 

@@ -26,8 +26,9 @@ import numpy as np
 from llmc_lessons import device
 from llmc_lessons.data import DataLoader, prepare_shakespeare
 from llmc_lessons.layers.adamw import global_norm, global_norm_cuda
-from llmc_lessons.model import GPT2, GPT2Config, generate
+from llmc_lessons.model import GPT2, GPT2Config
 from llmc_lessons.precision import set_tf32
+from llmc_lessons.sampling import generate
 from llmc_lessons.tokenizer import decode
 
 DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, lr=6e-4, warmup=None,

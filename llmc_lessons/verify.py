@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.model import GPT2, PARAMETER_NAMES, GPT2Config, _point_views, num_parameters, parameter_shapes
+from llmc_lessons.model import GPT2
+from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, num_parameters, parameter_shapes, point_views
 
 STATE_MAGIC, STATE_VERSION = 20240327, 2
 _HEADER_INTS = 256
@@ -94,7 +95,7 @@ def read_debug_state(path, config: GPT2Config) -> dict:
         if f.read(1):
             raise ValueError(f"{path}: has data after the gradients: it belongs to a larger model")
     return dict(B=B, T=T, x=x, y=y, logits=logits, loss=loss,
-                grads=_point_views(grads, parameter_shapes(config)))
+                grads=point_views(grads, parameter_shapes(config)))
 
 
 @dataclass

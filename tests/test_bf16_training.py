@@ -13,8 +13,9 @@ from llmc_lessons.layers import bf16 as k
 from llmc_lessons.layers.attention import attention_backward, attention_forward
 from llmc_lessons.layers.gelu import gelu_backward, gelu_forward
 from llmc_lessons.layers.layernorm import layernorm_backward, layernorm_forward
-from llmc_lessons.model import GPT2, GPT2Config, generate
+from llmc_lessons.model import GPT2, GPT2Config
 from llmc_lessons.precision import from_bf16, stochastic_to_bf16, to_bf16
+from llmc_lessons.sampling import generate
 
 BF16_STEP = 2.0 ** -7   # relative spacing of bf16 numbers: one rounding is at most half of it
 

@@ -21,8 +21,10 @@ LAYERS = (
     ("cublas", ("llmc_lessons.cublas",)),
     ("layers", ("llmc_lessons.layers",)),               # one module per layer: references and launchers
     ("data", ("llmc_lessons.data",)),
-    ("model", ("llmc_lessons.model", "llmc_lessons.activations", "llmc_lessons.sampling",
-               "llmc_lessons.gradcheck_gpt2")),
+    ("parameters", ("llmc_lessons.parameters",)),      # GPT-2's config and llm.c's parameter layout
+    ("paths", ("llmc_lessons.paths",)),                # forward, backward, update: NumPy, fp32 and bf16 kernels
+    ("model", ("llmc_lessons.model", "llmc_lessons.activations", "llmc_lessons.sampling")),
+    ("checks of the model", ("llmc_lessons.gradcheck_gpt2",)),
     ("uses of the model", ("llmc_lessons.train", "llmc_lessons.torch_gpt2", "llmc_lessons.verify")),
     ("bench", ("llmc_lessons.bench",)),
     ("checks", ("llmc_lessons.checks",)),               # the exercises' checks may use anything below
