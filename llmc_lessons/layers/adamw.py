@@ -80,16 +80,6 @@ def clip_grad_norm(grads, max_norm) -> float:
 # Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
 
 
-def _check_block_size(block_size, warps: bool) -> int:
-    ok = not isinstance(block_size, bool) and isinstance(block_size, (int, np.integer)) and 1 <= block_size <= 1024
-    if ok and warps and block_size % 32:
-        ok = False
-    if not ok:
-        need = "a multiple of 32 (whole warps) in 32..1024" if warps else "an int in 1..1024"
-        raise ValueError(f"block_size must be {need}, got {block_size!r}")
-    return int(block_size)
-
-
 def adamw_update_cuda(param, grad, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
                       grad_scale=1.0, block_size: int = 512) -> None:
     """(N...) float32 x4 -> None: IN PLACE, param, m and v are overwritten with their new values.
@@ -97,7 +87,7 @@ def adamw_update_cuda(param, grad, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8,
     One thread per element (adamw_kernel). grad is read only; it is multiplied by grad_scale first (the clip
     factor from clip_grad_norm / global_norm_cuda). Returns nothing, to make the in-place update plain.
     """
-    block_size = _check_block_size(block_size, warps=False)
+    block_size = device.require_block_size(block_size, warps=False)
     device.require_array("param", param)
     shape = tuple(param.shape)
     for name, a in (("grad", grad), ("m", m), ("v", v)):
@@ -126,7 +116,7 @@ def global_norm_squared_cuda(grads, block_size: int = 512, max_blocks: int = 102
     into the same slots; then global_sum_deterministic_kernel adds the partial sums in a fixed order. The same
     arrays at the same block_size and max_blocks give the same bits at every call.
     """
-    block_size = _check_block_size(block_size, warps=True)
+    block_size = device.require_block_size(block_size, warps=True)
     if isinstance(max_blocks, bool) or not isinstance(max_blocks, (int, np.integer)) or max_blocks < 1:
         raise ValueError(f"max_blocks must be a positive int, got {max_blocks!r}")
     arrays = list(grads) if isinstance(grads, (list, tuple)) else [grads]

@@ -119,16 +119,6 @@ def attention_backward(dout, qkv, att, NH):
 # Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
 
 
-def _check_block_size(block_size, whole_warps: bool) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
-            or not 1 <= block_size <= 1024:
-        raise ValueError(f"block_size must be an int in 1..1024 (threads per block), got {block_size!r}")
-    if whole_warps and block_size % 32:
-        raise ValueError(f"block_size must be a multiple of 32 here (one warp of 32 threads owns one row of "
-                         f"att), got {block_size}")
-    return int(block_size)
-
-
 def _launch_1d(kernel, n: int, block_size: int, args) -> None:
     """One thread per element of n (rounded up to whole blocks; the kernel checks idx < n)."""
     if n:
@@ -162,7 +152,7 @@ def attention_forward_cuda(qkv, NH, version: str = "cublas", block_size: int = 2
     """
     if version not in ("naive", "cublas"):
         raise ValueError(f"version must be 'naive' or 'cublas', got {version!r}")
-    block_size = _check_block_size(block_size, whole_warps=(version == "cublas"))
+    block_size = device.require_block_size(block_size, warps=(version == "cublas"))
     device.require_array("qkv", qkv, shape=(None, None, None))
     B, T, C, hs = _sizes(qkv, NH, "attention_forward_cuda")
     NH = int(NH)
@@ -190,7 +180,7 @@ def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256):
     q, k, v are permuted again from qkv (llm.c keeps them from the forward pass instead).
     block_size: threads per block, a multiple of 32 (the softmax backward gives each row a warp).
     """
-    block_size = _check_block_size(block_size, whole_warps=True)
+    block_size = device.require_block_size(block_size, warps=True)
     device.require_array("qkv", qkv, shape=(None, None, None))
     B, T, C, hs = _sizes(qkv, NH, "attention_backward_cuda")
     NH = int(NH)

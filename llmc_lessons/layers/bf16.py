@@ -36,18 +36,12 @@ def layernorm_forward_bf16(inp_bits, weight, bias):
 # ---------------------------------------------------------------------------------------------------------
 # Launchers
 
-def _block(block_size):
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or not 1 <= block_size <= 1024:
-        raise ValueError(f"block_size must be an int in 1..1024, got {block_size!r}")
-    return int(block_size)
-
-
 def gelu_forward_bf16_cuda(inp, block_size: int = 256, version: int = 1):
     """uint16 bf16 bits (any shape) -> gelu of them, bf16 bits, through gelu_forward_bf16_kernel (version 1,
     a thread per value) or gelu_forward_bf16_kernel2 (version 2, 8 values per thread in 128-bit accesses;
     needs inp.size % 8 == 0)."""
     device.require_array("inp", inp, dtype=np.uint16)
-    block_size = _block(block_size)
+    block_size = device.require_block_size(block_size)
     out = device.xp.empty_like(inp)
     if version == 1:
         if inp.size:
@@ -85,7 +79,7 @@ def layernorm_forward_bf16_cuda(inp, weight, bias, block_size: int = 256, versio
         device.require_array("bias", bias, shape=(C,))
     else:
         raise ValueError(f"version must be 1 or 2, got {version!r}")
-    block_size = _warps(block_size)
+    block_size = device.require_block_size(block_size, warps=True)
     xp = device.xp
     out, mean, rstd = xp.empty((B, T, C), np.uint16), xp.empty((B, T), np.float32), xp.empty((B, T), np.float32)
     if B * T:
@@ -107,7 +101,7 @@ def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1
         device.require_array(name, a, shape=master.shape)
     if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1:
         raise ValueError(f"t counts steps from 1, got {t!r}")
-    block_size = _block(block_size)
+    block_size = device.require_block_size(block_size)
     if n:
         load_kernel("bf16.cu", "adamw_bf16_kernel")(
             (-(-n // block_size),), (block_size,),
@@ -170,13 +164,6 @@ def _float_vector(name: str, a, n: int):
     return _aligned(name, device.require_array(name, a, shape=(n,)))
 
 
-def _warps(block_size):
-    block_size = _block(block_size)
-    if block_size % 32:
-        raise ValueError(f"block_size must be a multiple of 32 (a warp per row), got {block_size}")
-    return block_size
-
-
 def _kernel_with_shared(kernel: str, shared: int, what: str):
     """The kernel, allowed `shared` bytes of dynamic shared memory (above 48 KiB a kernel must ask for it, on a
     GPU as in the emulator); a clear error beyond what a block may have. `what` names the need in it."""
@@ -201,7 +188,7 @@ def float_to_bf16_cuda(inp, out=None, stochastic: bool = False, seed: int = 0, b
     device.require_array("inp", inp)
     out = device.xp.empty(inp.shape, np.uint16) if out is None else \
         device.require_array("out", out, shape=inp.shape, dtype=np.uint16)
-    _launch("float_to_bf16_kernel", inp.size, _block(block_size),
+    _launch("float_to_bf16_kernel", inp.size, device.require_block_size(block_size),
             (out, inp, np.int32(inp.size), np.int32(bool(stochastic)), np.uint32(seed)))
     return out
 
@@ -219,7 +206,7 @@ def encoder_forward_bf16_cuda(inp, wte, wpe, block_size: int = 256, check_ids: b
     if T > wpe.shape[0]:
         raise ValueError(f"T = {T} is longer than wpe's {wpe.shape[0]} positions")
     out = device.xp.empty((B, T, C), np.uint16)
-    _launch("encoder_forward_bf16_kernel", B * T * C // 8, _block(block_size),
+    _launch("encoder_forward_bf16_kernel", B * T * C // 8, device.require_block_size(block_size),
             (out, inp, wte, wpe, np.int32(B), np.int32(T), np.int32(C)))
     return out
 
@@ -235,7 +222,7 @@ def residual_layernorm_forward_bf16_cuda(inp1, inp2, bias2, weight, bias, block_
     _bf16_array("inp2", inp2, (B, T, C))
     for name, a in (("bias2", bias2), ("weight", weight), ("bias", bias)):
         _float_vector(name, a, C)
-    block_size = _warps(block_size)
+    block_size = device.require_block_size(block_size, warps=True)
     xp = device.xp
     residual, out = xp.empty((B, T, C), np.uint16), xp.empty((B, T, C), np.uint16)
     mean, rstd = xp.empty((B, T), np.float32), xp.empty((B, T), np.float32)
@@ -244,18 +231,12 @@ def residual_layernorm_forward_bf16_cuda(inp1, inp2, bias2, weight, bias, block_
     return residual, out, mean, rstd
 
 
-def _int(name: str, v, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    return int(v)
-
-
 def split_heads_bf16_cuda(inp, n: int, NH: int, bias=None, block_size: int = 256):
     """(B, T, n*C) bf16 [+ bias (n*C,) float32] -> (n, B, NH, T, hs) bf16: q, k, v as one matrix per head
     (n = 3, from qkv with its bias) or the gradient of attention's output (n = 1, no bias)."""
     _bf16_array("inp", inp, (None, None, None))
     B, T, nC = inp.shape
-    n, NH = _int("n", n), _int("NH", NH)
+    n, NH = device.require_int("n", n), device.require_int("NH", NH)
     if nC % (n * NH):
         raise ValueError(f"the last axis ({nC}) must be n * C with C a multiple of NH = {NH} (n = {n})")
     hs = _eight("the head size", nC // (n * NH))
@@ -263,7 +244,7 @@ def split_heads_bf16_cuda(inp, n: int, NH: int, bias=None, block_size: int = 256
         bias = device.xp.zeros((nC,), np.float32)
     device.require_array("bias", bias, shape=(nC,))
     out = device.xp.empty((n, B, NH, T, hs), np.uint16)
-    _launch("split_heads_bf16_kernel", out.size // 8, _block(block_size),
+    _launch("split_heads_bf16_kernel", out.size // 8, device.require_block_size(block_size),
             (out, inp, bias, np.int32(n), np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
     return out
 
@@ -274,7 +255,7 @@ def merge_heads_bf16_cuda(inp, block_size: int = 256):
     n, B, NH, T, hs = inp.shape
     _eight("the head size", hs)
     out = device.xp.empty((B, T, n * NH * hs), np.uint16)
-    _launch("merge_heads_bf16_kernel", out.size // 8, _block(block_size),
+    _launch("merge_heads_bf16_kernel", out.size // 8, device.require_block_size(block_size),
             (out, inp, np.int32(n), np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
     return out
 
@@ -287,7 +268,7 @@ def softmax_forward_bf16_cuda(preatt, scale: float, out=None, block_size: int = 
         raise ValueError(f"preatt must be (N, T, T), got {tuple(preatt.shape)}")
     _eight("T", T)
     out = device.xp.empty_like(preatt) if out is None else _bf16_array("out", out, preatt.shape)
-    _launch("softmax_forward_bf16_kernel", N * T * 32, _warps(block_size),
+    _launch("softmax_forward_bf16_kernel", N * T * 32, device.require_block_size(block_size, warps=True),
             (out, preatt, np.float32(scale), np.int32(N), np.int32(T)))
     return out
 
@@ -299,7 +280,7 @@ def softmax_backward_bf16_cuda(datt, att, scale: float, out=None, block_size: in
     _eight("T", T)
     _bf16_array("datt", datt, att.shape)
     out = device.xp.empty_like(att) if out is None else _bf16_array("out", out, att.shape)
-    _launch("softmax_backward_bf16_kernel", N * T * 32, _warps(block_size),
+    _launch("softmax_backward_bf16_kernel", N * T * 32, device.require_block_size(block_size, warps=True),
             (out, datt, att, np.float32(scale), np.int32(N), np.int32(T)))
     return out
 
@@ -310,7 +291,7 @@ def add_bias_bf16_cuda(inp, bias, out=None, block_size: int = 256):
     OC = _eight("OC", inp.shape[-1])
     _float_vector("bias", bias, OC)
     out = device.xp.empty_like(inp) if out is None else _bf16_array("out", out, inp.shape)
-    _launch("add_bias_bf16_kernel", inp.size // 8, _block(block_size),
+    _launch("add_bias_bf16_kernel", inp.size // 8, device.require_block_size(block_size),
             (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
     return out
 
@@ -321,7 +302,7 @@ def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
     OC = _eight("OC", inp.shape[-1])
     _float_vector("bias", bias, OC)
     out = device.xp.empty_like(inp)
-    _launch("gelu_bias_forward_bf16_kernel", inp.size // 8, _block(block_size),
+    _launch("gelu_bias_forward_bf16_kernel", inp.size // 8, device.require_block_size(block_size),
             (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
     return out
 
@@ -380,10 +361,10 @@ def _zero_counters(n: int):
 def _column_groups(N: int, OC: int, block_columns, block_rows, grid_rows):
     """The launch shape of the column-sum kernels: -> (N, column groups, R, X, Y) for blocks of (X, Y)
     threads, each thread 8 columns, R blocks splitting the N rows of a group (by default, 16 rows a thread)."""
-    X, Y = _int("block_columns", block_columns), _int("block_rows", block_rows)
+    X, Y = device.require_int("block_columns", block_columns), device.require_int("block_rows", block_rows)
     if X * Y > 1024:
         raise ValueError(f"block_columns * block_rows must be at most 1024 threads, got {X} * {Y}")
-    R = max(1, -(-N // (16 * Y))) if grid_rows is None else _int("grid_rows", grid_rows)
+    R = max(1, -(-N // (16 * Y))) if grid_rows is None else device.require_int("grid_rows", grid_rows)
     return N, -(-OC // (8 * X)), R, X, Y
 
 
@@ -412,12 +393,12 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     device.require_array("dresidual_bias", dresidual_bias, shape=(C,))
     for name, a in (("mean", mean), ("rstd", rstd)):
         device.require_array(name, a, shape=(B, T))
-    block_size = _warps(block_size)
+    block_size = device.require_block_size(block_size, warps=True)
     N, wpb = B * T, block_size // 32
     shared = 4 * wpb * 3 * C
     kernel = _kernel_with_shared("layernorm_backward_bf16_kernel", shared,
                                  f"block_size {block_size} (use fewer warps per block) for C = {C}")
-    blocks = max(1, min(_int("max_blocks", max_blocks), -(-N // wpb)))
+    blocks = max(1, min(device.require_int("max_blocks", max_blocks), -(-N // wpb)))
     dinp_bf16 = xp.empty((B, T, C), np.uint16)
     partial = xp.empty((blocks, 3 * C), np.float32)
     if N:
@@ -435,14 +416,14 @@ def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size
     _bf16_array("logits", logits, (None, None, None))
     B, T, Vp = logits.shape
     _eight("Vp", Vp)
-    V = _int("V", V)
+    V = device.require_int("V", V)
     if V > Vp:
         raise ValueError(f"V = {V} is larger than the logits' Vp = {Vp}")
     shared = 2 * Vp
     kernel = _kernel_with_shared("fused_classifier_bf16_kernel", shared + 256,   # + its two 32-float arrays
                                  f"a row of Vp = {Vp} logits")
     device.require_array("targets", targets, shape=(B, T), dtype=np.int32)
-    block_size = _warps(block_size)
+    block_size = device.require_block_size(block_size, warps=True)
     losses = device.xp.empty((B, T), np.float32)
     if B * T:
         kernel((B * T,), (block_size,), (logits, losses, targets, np.float32(dloss), np.int32(B * T), np.int32(V),

@@ -98,13 +98,6 @@ def crossentropy_softmax_backward(dlosses, probs, targets, V):
 # Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
 
 
-def _check_block_size(block_size) -> int:
-    ok = not isinstance(block_size, bool) and isinstance(block_size, (int, np.integer))
-    if not ok or not 32 <= block_size <= 1024 or block_size % 32:
-        raise ValueError(f"block_size must be a multiple of 32 (whole warps) in 32..1024, got {block_size!r}")
-    return int(block_size)
-
-
 def _require_logits(name: str, a, V):
     device.require_array(name, a, shape=(None, None, None))
     B, T, Vp = a.shape
@@ -120,7 +113,7 @@ def softmax_forward_cuda(logits, V, block_size: int = 512):
     """(B, T, Vp) -> probs (B, T, Vp), a fresh array, through softmax_forward_kernel (a block per row)."""
     from llmc_lessons.cuda import load_kernel
 
-    block_size = _check_block_size(block_size)
+    block_size = device.require_block_size(block_size, warps=True)
     B, T, Vp, V = _require_logits("logits", logits, V)
     probs = device.xp.empty((B, T, Vp), dtype=np.float32)
     N = B * T
@@ -155,7 +148,7 @@ def crossentropy_softmax_backward_cuda(dlosses, probs, targets, V, block_size: i
     """(B, T), (B, T, Vp), (B, T) int32, V -> dlogits (B, T, Vp), a fresh array (padded columns 0)."""
     from llmc_lessons.cuda import load_kernel
 
-    block_size = _check_block_size(block_size)
+    block_size = device.require_block_size(block_size, warps=True)
     B, T, Vp, V = _require_logits("probs", probs, V)
     device.require_array("dlosses", dlosses, shape=(B, T))
     _require_targets(targets, B, T)
@@ -179,7 +172,7 @@ def fused_classifier_cuda(logits, targets, V, block_size: int = 512, dloss=None,
     """
     from llmc_lessons.cuda import load_kernel
 
-    block_size = _check_block_size(block_size)
+    block_size = device.require_block_size(block_size, warps=True)
     B, T, Vp, V = _require_logits("logits", logits, V)
     _require_targets(targets, B, T)
     N = B * T

@@ -68,14 +68,6 @@ def encoder_backward(dout, inp, V: int, maxT: int):
 # Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
 
 
-def _check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"block_size must be an int (threads per block), got {block_size!r}")
-    if not 1 <= block_size <= 1024:
-        raise ValueError(f"block_size must be in 1..1024 (threads per block), got {block_size}")
-    return int(block_size)
-
-
 def _require_ids(inp, V: int, check_range: bool = True):
     """inp as a (B, T) int32 backend array with ids in [0, V): an id out of range would read outside wte.
     The range check copies the smallest and largest id to the host, so on a GPU it waits for the GPU."""
@@ -93,7 +85,7 @@ def encoder_forward_cuda(inp, wte, wpe, block_size: int = 256, version: int = 1,
     check_ids=False skips the range check of the ids, which makes the CPU wait for the GPU: only for a caller
     that checked them already (GPT2.forward checks them on the host before they go to the GPU).
     """
-    block_size = _check_block_size(block_size)
+    block_size = device.require_block_size(block_size)
     device.require_array("wte", wte, shape=(None, None))
     V, C = wte.shape
     device.require_array("wpe", wpe, shape=(None, C))
@@ -152,7 +144,7 @@ def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = Tr
     buckets: _token_buckets of the ids made ahead (GPT2.forward makes them on the host, where it checked the
     ids), as backend arrays: then nothing here waits for the GPU.
     """
-    block_size = _check_block_size(block_size)
+    block_size = device.require_block_size(block_size)
     for name, value in (("V", V), ("maxT", maxT)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")

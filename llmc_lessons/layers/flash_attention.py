@@ -72,8 +72,7 @@ def _check(qkv, NH, block_size, where):
     if hs > HS_MAX:
         raise ValueError(f"{where}: head size hs = {hs} exceeds {HS_MAX}, the most a thread of the kernel holds in "
                          f"registers (GPT-2 uses 64)")
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or not 1 <= block_size <= 1024:
-        raise ValueError(f"{where}: block_size must be an int in 1..1024, got {block_size!r}")
+    device.require_block_size(block_size)
     return B, T, C, hs
 
 

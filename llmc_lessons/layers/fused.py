@@ -31,9 +31,7 @@ def fused_residual_layernorm_forward_cuda(inp1, inp2, weight, bias, block_size: 
     device.require_array("inp2", inp2, shape=(B, T, C))
     device.require_array("weight", weight, shape=(C,))
     device.require_array("bias", bias, shape=(C,))
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or \
-            not 32 <= block_size <= 1024 or block_size % 32:
-        raise ValueError(f"block_size must be a multiple of 32 in 32..1024 (a warp per row), got {block_size!r}")
+    block_size = device.require_block_size(block_size, warps=True)     # a warp per row
     xp = device.xp
     residual, out = xp.empty((B, T, C), np.float32), xp.empty((B, T, C), np.float32)
     mean, rstd = xp.empty((B, T), np.float32), xp.empty((B, T), np.float32)

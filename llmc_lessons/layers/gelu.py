@@ -72,14 +72,6 @@ def gelu_erf_backward(dout, inp):
 # Kernel launchers (kernels/gelu.cu): backend arrays in, fresh backend arrays out.
 
 
-def _check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"block_size must be an int (threads per block), got {type(block_size).__name__}")
-    if not 32 <= block_size <= 1024 or block_size % 32:
-        raise ValueError(f"block_size must be a multiple of 32 (whole warps) between 32 and 1024, got {block_size}")
-    return int(block_size)
-
-
 def _grid(n: int, block_size: int) -> int:
     """CEIL_DIV(n, block_size): enough blocks to give every element a thread."""
     return (n + block_size - 1) // block_size
@@ -89,7 +81,7 @@ def gelu_forward_cuda(inp, block_size: int = 128, version: int = 1):
     """(any shape) float32 -> same shape: gelu through gelu_forward_kernel1 (version=1, one thread per
     element) or gelu_forward_kernel2 (version=2, one thread per float4; needs inp.size % 4 == 0)."""
     device.require_array("inp", inp)
-    block_size = _check_block_size(block_size)
+    block_size = device.require_block_size(block_size, warps=True)
     N = int(inp.size)
     out = device.xp.empty_like(inp)
     if N == 0:
@@ -112,7 +104,7 @@ def gelu_backward_cuda(dout, inp, block_size: int = 128):
     """dout, inp (same shape, float32) -> dinp = gelu'(inp) * dout through gelu_backward_kernel."""
     device.require_array("inp", inp)
     device.require_array("dout", dout, shape=tuple(inp.shape))
-    block_size = _check_block_size(block_size)
+    block_size = device.require_block_size(block_size, warps=True)
     N = int(inp.size)
     dinp = device.xp.empty_like(inp)
     if N:

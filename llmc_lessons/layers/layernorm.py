@@ -67,15 +67,6 @@ def layernorm_backward(dout, inp, weight, mean, rstd):
 # Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
 
 
-def _check_block_size(block_size, warps: bool, name: str = "block_size") -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"{name} must be an int (threads per block), got {block_size!r}")
-    if not 1 <= block_size <= 1024 or (warps and block_size % 32):
-        need = "a multiple of 32 (whole warps: a warp per row) in 32..1024" if warps else "in 1..1024"
-        raise ValueError(f"{name} must be {need}, got {block_size}")
-    return int(block_size)
-
-
 def layernorm_forward_cuda(inp, weight, bias, block_size: int = 256, version: int | None = None, eps: float = 1e-5):
     """(B, T, C), (C,), (C,) -> out (B, T, C), mean (B, T), rstd (B, T) through layernorm_forward_kernel<version>.
 
@@ -88,7 +79,7 @@ def layernorm_forward_cuda(inp, weight, bias, block_size: int = 256, version: in
         version = 3 if C <= 1024 else 2
     if version not in (1, 2, 3):
         raise ValueError(f"version must be 1, 2 or 3, got {version!r}")
-    block_size = _check_block_size(block_size, warps=(version != 1))
+    block_size = device.require_block_size(block_size, warps=(version != 1))
     if version == 3 and C > 1024:
         raise ValueError(f"version 3 keeps a row in registers, 32 floats per lane: C must be <= 1024, got {C}")
     device.require_array("weight", weight, shape=(C,))
@@ -121,8 +112,8 @@ def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256
     C % 4 == 0, C <= 1024 and 16-byte aligned arrays.
     None: version 2 where it fits, else 1. Every sum is in a fixed order (deterministic).
     """
-    block_size = _check_block_size(block_size, warps=True)
-    param_block_size = _check_block_size(param_block_size, warps=True, name="param_block_size")
+    block_size = device.require_block_size(block_size, warps=True)
+    param_block_size = device.require_block_size(param_block_size, warps=True, name="param_block_size")
     device.require_array("inp", inp, shape=(None, None, None))
     B, T, C = inp.shape
     device.require_array("dout", dout, shape=(B, T, C))
