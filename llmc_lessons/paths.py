@@ -86,13 +86,13 @@ def gpt2_backward(params: dict, config: GPT2Config, cache: dict) -> dict:
     grads["lnfw"], grads["lnfb"] = dlnfw, dlnfb
     return {name: grads[name] for name in PARAMETER_NAMES}
 
+
 # ---------------------------------------------------------------------------------------------------------
 # The three paths
 
 
 class NumpyPath:
     """The layers' NumPy references on the host, in float32."""
-    name = "numpy"
     on_backend = False      # arrays are NumPy arrays on the host: no token buckets, no CUDA graphs
     xp = np
 
@@ -129,7 +129,6 @@ class NumpyPath:
 
 class Fp32KernelPath(NumpyPath):
     """The course's float32 kernels on backend arrays; the classifier is llm.c's fused kernel."""
-    name = "kernels"
     on_backend = True
 
     @property
@@ -182,7 +181,7 @@ class Fp32KernelPath(NumpyPath):
                                                          c.num_heads, matmul_version=version)
             for name in BLOCK_PARAMETER_NAMES:
                 g[name][l] += block_grads[name]
-        return dresidual       # the encoder's dout: GPT2.backward adds the encoder's gradients into wte and wpe
+        return dresidual       # the encoder's dout: finish_backward adds the encoder's gradients
 
     def finish_backward(self, model, cache, dres) -> None:
         # The encoder's backward stays outside any graph: its token buckets change size with every batch.
@@ -198,7 +197,6 @@ class Fp32KernelPath(NumpyPath):
 
 class Bf16KernelPath(Fp32KernelPath):
     """The bf16 training step (lesson 14): bf16 activations and weight copies, float32 masters and moments."""
-    name = "bf16"
 
     def check(self, config: GPT2Config) -> None:
         if config.channels % 8 or config.padded_vocab_size % 8:
@@ -311,7 +309,7 @@ class Bf16KernelPath(Fp32KernelPath):
             dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dln1, a["x"], p["ln1w"][l], a["ln1_mean"],
                                                        a["ln1_rstd"], g["ln1w"][l], g["ln1b"][l],
                                                        g["fcprojb"][l - 1] if l > 0 else None)
-        return dres            # the encoder's dout: GPT2.backward adds the encoder's gradients into wte and wpe
+        return dres            # the encoder's dout: finish_backward adds the encoder's gradients
 
     def update(self, model, start: int, stop: int, t: int, lr, beta1, beta2, eps, wd, grad_scale) -> None:
         # the float32 master weights, then their bf16 copy, stochastically rounded
