@@ -20,20 +20,22 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cublas import gemm
-from llmc_lessons.layers import bf16 as k
-from llmc_lessons.layers.adamw import adamw_update, adamw_update_cuda
-from llmc_lessons.layers.bf16 import adamw_update_bf16_cuda, float_to_bf16_cuda
+from llmc_lessons.layers.adamw import adamw_update, adamw_update_bf16_cuda, adamw_update_cuda
+from llmc_lessons.layers.bf16 import float_to_bf16_cuda
 from llmc_lessons.layers.block import (BLOCK_PARAMETER_NAMES, block_backward, block_backward_cuda, block_forward,
                                        block_forward_cuda)
 from llmc_lessons.layers.crossentropy import (crossentropy_forward, crossentropy_softmax_backward,
-                                              fused_classifier_cuda, softmax_forward)
+                                              fused_classifier_bf16_cuda, fused_classifier_cuda, softmax_forward)
 from llmc_lessons.layers.encoder import (_token_buckets, encoder_backward, encoder_backward_cuda, encoder_forward,
-                                         encoder_forward_cuda)
+                                         encoder_forward_bf16_cuda, encoder_forward_cuda)
 from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, flash_attention_backward_bf16_cuda,
                                                  flash_attention_forward_bf16_cuda)
-from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backward_cuda, layernorm_forward,
-                                           layernorm_forward_cuda)
-from llmc_lessons.layers.matmul import matmul_backward, matmul_backward_cuda, matmul_forward, matmul_forward_cuda
+from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda
+from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backward_bf16_cuda, layernorm_backward_cuda,
+                                           layernorm_forward, layernorm_forward_bf16_cuda, layernorm_forward_cuda,
+                                           residual_layernorm_forward_bf16_cuda)
+from llmc_lessons.layers.matmul import (add_bias_bf16_cuda, matmul_backward, matmul_backward_cuda, matmul_forward,
+                                        matmul_forward_cuda)
 from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, decay_runs, point_views
 from llmc_lessons.precision import from_bf16
 
@@ -235,22 +237,22 @@ class Bf16KernelPath(Fp32KernelPath):
         def linear(x, weight):               # (..., in) bf16 @ weight^T -> (BT, out) bf16, no bias
             return gemm(x.reshape(BT, -1), weight, trans_b=True).reshape(B, T_run, -1)
 
-        residual = k.encoder_forward_bf16_cuda(idx, w["wte"], w["wpe"], check_ids=False)   # checked by _tokens
-        ln, mean, rstd = k.layernorm_forward_bf16_cuda(residual, p["ln1w"][0], p["ln1b"][0], version=2)
+        residual = encoder_forward_bf16_cuda(idx, w["wte"], w["wpe"], check_ids=False)   # checked by _tokens
+        ln, mean, rstd = layernorm_forward_bf16_cuda(residual, p["ln1w"][0], p["ln1b"][0], version=2)
         block_caches = []
         for l in range(L):
             qkv = linear(ln, w["qkvw"][l])                                           # (B, T, 3C), no bias
-            k.add_bias_bf16_cuda(qkv, p["qkvb"][l], out=qkv)
+            add_bias_bf16_cuda(qkv, p["qkvb"][l], out=qkv)
             atty, lse = flash_attention_forward_bf16_cuda(qkv, NH)                   # on the tensor cores
             attproj = linear(atty, w["attprojw"][l])
-            residual2, ln2, ln2_mean, ln2_rstd = k.residual_layernorm_forward_bf16_cuda(
+            residual2, ln2, ln2_mean, ln2_rstd = residual_layernorm_forward_bf16_cuda(
                 residual, attproj, p["attprojb"][l], p["ln2w"][l], p["ln2b"][l])
             del attproj
             fch = linear(ln2, w["fcw"][l])                                           # (B, T, 4C), no bias
-            fch_gelu = k.gelu_bias_forward_bf16_cuda(fch, p["fcb"][l])
+            fch_gelu = gelu_bias_forward_bf16_cuda(fch, p["fcb"][l])
             fcproj = linear(fch_gelu, w["fcprojw"][l])
             next_w, next_b = (p["ln1w"][l + 1], p["ln1b"][l + 1]) if l + 1 < L else (p["lnfw"], p["lnfb"])
-            residual3, ln_next, mean_next, rstd_next = k.residual_layernorm_forward_bf16_cuda(
+            residual3, ln_next, mean_next, rstd_next = residual_layernorm_forward_bf16_cuda(
                 residual2, fcproj, p["fcprojb"][l], next_w, next_b)
             del fcproj
             block_caches.append(dict(x=residual, ln1=ln, ln1_mean=mean, ln1_rstd=rstd, qkv=qkv, lse=lse, atty=atty,
@@ -261,7 +263,7 @@ class Bf16KernelPath(Fp32KernelPath):
         losses = dlogits = None
         if targets is not None:
             kept = from_bf16(logits) if model.keep_logits else None
-            losses = k.fused_classifier_bf16_cuda(logits, targets, c.vocab_size, 1.0 / (B * T))  # logits -> dlogits
+            losses = fused_classifier_bf16_cuda(logits, targets, c.vocab_size, 1.0 / (B * T))  # logits -> dlogits
             logits, dlogits = kept, logits
         else:
             logits = from_bf16(logits[:, :T])
@@ -290,23 +292,23 @@ class Bf16KernelPath(Fp32KernelPath):
         # projection whose output joined the residual stream there (fcproj after lnf and after ln1, attproj after
         # ln2), so those linear_backward calls take no bias.
         L = c.num_layers
-        dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dlnf, cache["residual"], p["lnfw"], cache["lnf_mean"],
+        dres_bf16 = layernorm_backward_bf16_cuda(dres, dlnf, cache["residual"], p["lnfw"], cache["lnf_mean"],
                                                    cache["lnf_rstd"], g["lnfw"], g["lnfb"], g["fcprojb"][L - 1])
         for l in reversed(range(L)):
             a = cache["block_caches"][l]
             # residual3 = residual2 + fcproj: dres is also d loss / d fcproj
             dfch_gelu = linear_backward(dres_bf16, a["fch_gelu"], w["fcprojw"][l], g["fcprojw"][l])
             # the GELU backward adds the fc bias's gradient (the column sums of dfch) on the way
-            dfch = k.gelu_bias_backward_bf16_cuda(dfch_gelu, a["fch"], p["fcb"][l], g["fcb"][l], out=dfch_gelu)
+            dfch = gelu_bias_backward_bf16_cuda(dfch_gelu, a["fch"], p["fcb"][l], g["fcb"][l], out=dfch_gelu)
             dln2 = linear_backward(dfch, a["ln2"], w["fcw"][l], g["fcw"][l])
-            dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dln2, a["residual2"], p["ln2w"][l], a["ln2_mean"],
+            dres_bf16 = layernorm_backward_bf16_cuda(dres, dln2, a["residual2"], p["ln2w"][l], a["ln2_mean"],
                                                        a["ln2_rstd"], g["ln2w"][l], g["ln2b"][l], g["attprojb"][l])
             # residual2 = x + attproj
             datty = linear_backward(dres_bf16, a["atty"], w["attprojw"][l], g["attprojw"][l])
             # the flash backward sums the qkv bias's gradient from the dqkv it writes
             dqkv = flash_attention_backward_bf16_cuda(datty, a["qkv"], a["atty"], a["lse"], NH, g["qkvb"][l])
             dln1 = linear_backward(dqkv, a["ln1"], w["qkvw"][l], g["qkvw"][l])
-            dres_bf16 = k.layernorm_backward_bf16_cuda(dres, dln1, a["x"], p["ln1w"][l], a["ln1_mean"],
+            dres_bf16 = layernorm_backward_bf16_cuda(dres, dln1, a["x"], p["ln1w"][l], a["ln1_mean"],
                                                        a["ln1_rstd"], g["ln1w"][l], g["ln1b"][l],
                                                        g["fcprojb"][l - 1] if l > 0 else None)
         return dres            # the encoder's dout: finish_backward adds the encoder's gradients

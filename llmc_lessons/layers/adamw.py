@@ -139,3 +139,28 @@ def global_norm_cuda(grads, block_size: int = 512, max_blocks: int = 1024) -> fl
     """One float32 array or a list of them -> the global L2 norm, a float: the square root, on the host, of
     global_norm_squared_cuda's sum (copying it to the host waits for the GPU)."""
     return math.sqrt(float(device.to_host(global_norm_squared_cuda(grads, block_size, max_blocks))[0]))
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 (lesson 14): launchers of the bf16 kernels in kernels/adamw.cu (bf16 arrays are uint16 arrays of
+# the bits; layers/bf16.py has the checks they share)
+
+
+def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1: float = 0.9,
+                           beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
+                           stochastic: bool = False, seed: int = 0, block_size: int = 512, grad_scale: float = 1.0):
+    """AdamW on float32 `master` weights and moments in place, then `params` (uint16) = their bf16 copy.
+    grad_scale multiplies every gradient first (the clip factor)."""
+    device.require_array("master", master)
+    n = master.size
+    device.require_array("params", params, shape=master.shape, dtype=np.uint16)
+    for name, a in (("grads", grads), ("m", m), ("v", v)):
+        device.require_array(name, a, shape=master.shape)
+    if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1:
+        raise ValueError(f"t counts steps from 1, got {t!r}")
+    block_size = device.require_block_size(block_size)
+    if n:
+        load_kernel("adamw.cu", "adamw_bf16_kernel")(
+            (-(-n // block_size),), (block_size,),
+            (master, params, grads, m, v, np.int32(n), np.float32(lr), np.float32(beta1), np.float32(beta2),
+             np.float32(1 - beta1 ** t), np.float32(1 - beta2 ** t), np.float32(eps), np.float32(weight_decay),
+             np.float32(grad_scale), np.int32(bool(stochastic)), np.uint32(seed)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.layers.bf16 import _bf16_array, _eight, _kernel_with_shared
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -193,3 +194,29 @@ def fused_classifier_cuda(logits, targets, V, block_size: int = 512, dloss=None,
         load_kernel("crossentropy.cu", "fused_classifier_kernel" if version == 1 else "fused_classifier_kernel2")(
             (N,), (block_size,), (logits, losses, targets, np.float32(dloss), np.int32(N), np.int32(V), np.int32(Vp)))
     return losses, logits
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 (lesson 14): launchers of the bf16 kernels in kernels/crossentropy.cu (bf16 arrays are uint16 arrays of
+# the bits; layers/bf16.py has the checks they share)
+
+
+def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size: int = 512):
+    """logits (B, T, Vp) bf16, overwritten in place with dlogits = dloss * (softmax - onehot(target));
+    targets (B, T) int32 in [0, V) -> losses (B, T) float32. A block keeps its row in Vp * 2 bytes of shared
+    memory (Vp <= 116,096 on an H100 or H200)."""
+    _bf16_array("logits", logits, (None, None, None))
+    B, T, Vp = logits.shape
+    _eight("Vp", Vp)
+    V = device.require_int("V", V)
+    if V > Vp:
+        raise ValueError(f"V = {V} is larger than the logits' Vp = {Vp}")
+    shared = 2 * Vp
+    kernel = _kernel_with_shared("crossentropy.cu", "fused_classifier_bf16_kernel", shared + 256,   # + its two 32-float arrays
+                                 f"a row of Vp = {Vp} logits")
+    device.require_array("targets", targets, shape=(B, T), dtype=np.int32)
+    block_size = device.require_block_size(block_size, warps=True)
+    losses = device.xp.empty((B, T), np.float32)
+    if B * T:
+        kernel((B * T,), (block_size,), (logits, losses, targets, np.float32(dloss), np.int32(B * T), np.int32(V),
+                                         np.int32(Vp)), shared_mem=shared)
+    return losses

@@ -14,6 +14,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import load_kernel
+from llmc_lessons.layers.bf16 import _bf16_array, _eight, _launch
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -184,3 +185,25 @@ def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = Tr
     load_kernel("encoder.cu", "encoder_backward_wpe_kernel2")(
         (-(-n // block_size),), (block_size,), (dwpe, dout, np.int32(B), np.int32(T), np.int32(C)))
     return dwte, dwpe
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 (lesson 14): launchers of the bf16 kernels in kernels/encoder.cu (bf16 arrays are uint16 arrays of
+# the bits; layers/bf16.py has the checks they share)
+
+
+def encoder_forward_bf16_cuda(inp, wte, wpe, block_size: int = 256, check_ids: bool = True):
+    """Token ids (B, T) int32, wte (Vp, C), wpe (maxT, C) bf16 -> encoded (B, T, C) bf16.
+
+    check_ids=False skips the range check of the ids (it waits for the GPU), for a caller that checked them
+    already, as GPT2.forward does on the host."""
+    _bf16_array("wte", wte, (None, None))
+    _require_ids(inp, wte.shape[0], check_range=check_ids)
+    B, T = inp.shape
+    C = _eight("C", wte.shape[1])
+    _bf16_array("wpe", wpe, (None, C))
+    if T > wpe.shape[0]:
+        raise ValueError(f"T = {T} is longer than wpe's {wpe.shape[0]} positions")
+    out = device.xp.empty((B, T, C), np.uint16)
+    _launch("encoder.cu", "encoder_forward_bf16_kernel", B * T * C // 8, device.require_block_size(block_size),
+            (out, inp, wte, wpe, np.int32(B), np.int32(T), np.int32(C)))
+    return out

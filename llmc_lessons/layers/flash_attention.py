@@ -15,7 +15,8 @@ import numpy as np
 from llmc_lessons import device
 from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.attention import _sizes, merge_heads, split_heads
-from llmc_lessons.layers.bf16 import _bf16_array, column_sum_add_cuda
+from llmc_lessons.layers.bf16 import _bf16_array
+from llmc_lessons.layers.layernorm import column_sum_add_cuda
 
 HS_MAX = 64  # flash_attention.cu keeps hs floats per thread in registers
 

@@ -21,6 +21,7 @@ import numpy as np
 from llmc_lessons import device
 from llmc_lessons.cublas import gemm
 from llmc_lessons.cuda import load_kernel
+from llmc_lessons.layers.bf16 import _bf16_array, _eight, _float_vector, _launch
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -209,3 +210,28 @@ def matmul_backward_cuda(dout, inp, weight, version="cublas", tile: int = 16, bl
     dweight = gemm_cuda(dout2, inp2, trans_a=True, version=version, tile=tile)       # (OC, BT) @ (BT, C)
     dbias = matmul_backward_bias_cuda(dout, block_rows=block_rows) if has_bias else None
     return dinp, dweight, dbias
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 (lesson 14): launchers of the bf16 kernels in kernels/matmul.cu (bf16 arrays are uint16 arrays of
+# the bits; layers/bf16.py has the checks they share)
+
+
+def matmul_bf16(a, b, trans_b: bool = False):
+    """(M, K) bf16 bits @ (K, N) bf16 bits (or (N, K) with trans_b) -> (M, N) float32, accumulated in float32.
+
+    On a GPU: cuBLAS's gemmEx with bf16 inputs on the tensor cores. On a CPU: the same numbers in NumPy.
+    """
+    device.require_array("a", a, shape=(None, None), dtype=np.uint16)
+    device.require_array("b", b, shape=(None, None), dtype=np.uint16)
+    return gemm(a, b, trans_b=trans_b, out_dtype=np.float32)
+
+
+def add_bias_bf16_cuda(inp, bias, out=None, block_size: int = 256):
+    """(B, T, OC) bf16 product, (OC,) float32 bias -> inp + bias (B, T, OC) bf16; out may be inp (in place)."""
+    _bf16_array("inp", inp, (None, None, None))
+    OC = _eight("OC", inp.shape[-1])
+    _float_vector("bias", bias, OC)
+    out = device.xp.empty_like(inp) if out is None else _bf16_array("out", out, inp.shape)
+    _launch("matmul.cu", "add_bias_bf16_kernel", inp.size // 8, device.require_block_size(block_size),
+            (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
+    return out
