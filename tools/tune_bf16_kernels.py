@@ -1,8 +1,8 @@
 """Launch configurations of the bf16 step's memory-bound kernels, timed at GPT-2 124M's shapes on a GPU:
 `python tools/tune_bf16_kernels.py`. Each row: the kernel, its configuration, microseconds (the GPU's time
 alone: L2 flushed, Python's enqueue hidden) and the fraction of the 1 GiB copy bandwidth. The defaults of the
-bf16 launchers (the bf16 sections of llmc_lessons/layers/<layer>.py) are the fastest rows seen on the H200; rerun this after changing a
-kernel, then `python -m llmc_lessons.bench --only-kernels` for the table at the defaults.
+bf16 launchers (the bf16 sections of llmc_lessons/layers/<layer>.py) are the fastest rows seen on the H200;
+rerun this after changing a kernel, then `python -m llmc_lessons.bench --only-kernels` for the table at the defaults.
 """
 from llmc_lessons import device, timing
 from llmc_lessons.layers.bf16 import float_to_bf16_cuda
