@@ -19,8 +19,20 @@ import time
 
 import numpy as np
 
-from llmc_lessons import device
+from llmc_lessons import device, timing
+from llmc_lessons.layers.adamw import adamw_update_bf16_cuda, global_norm_squared_cuda
+from llmc_lessons.layers.attention import attention_backward_bf16_cuda, attention_forward_bf16_cuda
+from llmc_lessons.layers.bf16 import float_to_bf16_cuda
+from llmc_lessons.layers.crossentropy import fused_classifier_bf16_cuda
+from llmc_lessons.layers.encoder import encoder_forward_bf16_cuda
+from llmc_lessons.layers.flash_attention import flash_attention_backward_bf16_cuda, flash_attention_forward_bf16_cuda
+from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda
+from llmc_lessons.layers.layernorm import (column_sum_add_cuda, layernorm_backward_bf16_cuda,
+                                           layernorm_forward_bf16_cuda, residual_layernorm_forward_bf16_cuda)
+from llmc_lessons.layers.matmul import add_bias_bf16_cuda
 from llmc_lessons.model import GPT2, GPT2Config
+from llmc_lessons.parameters import num_parameters
+from llmc_lessons.precision import tf32 as tf32_mode
 from llmc_lessons.train import training_step
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 6e-4, 0.1, 1.0
@@ -46,7 +58,6 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
                  precision: str = "fp32", cuda_graph: bool = True) -> dict:
     """The course's training step through its kernels; ms are wall-clock per step (each step ends synchronised).
     cuda_graph: the forward and backward replayed from CUDA graphs (GPT2.cuda_graph), as the trainer runs."""
-    from llmc_lessons.layers.matmul import tf32 as tf32_mode
     _free_gpu_memory()
     pool = device.xp.get_default_memory_pool()
     model = GPT2(config, seed=0, backend="kernels", precision=precision)
@@ -108,7 +119,6 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision:
     """Per-kernel CUDA time of one course training step (after two warm-up steps), via torch.profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from llmc_lessons.layers.matmul import tf32 as tf32_mode
     _free_gpu_memory()
     model = GPT2(config, seed=0, backend="kernels", precision=precision)
     model.keep_logits = False
@@ -128,15 +138,11 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64) -> l
     scaled_dot_product_attention (its flash kernel). Rows: name, forward ms, backward ms, TFLOP/s of the two
     together counting the causal half of the products (forward 2, backward 5 of size B NH T T hs), and the
     bytes each keeps between forward and backward beyond q, k, v and the output."""
-    from llmc_lessons import timing
-    from llmc_lessons.layers import bf16 as k16
-    from llmc_lessons.layers.flash_attention import (flash_attention_backward_bf16_cuda,
-                                                     flash_attention_forward_bf16_cuda)
     xp, gen = device.xp, np.random.default_rng(0)
     C = NH * hs
-    qkv = k16.float_to_bf16_cuda(xp.asarray(gen.standard_normal((B, T, 3 * C), dtype=np.float32)))
+    qkv = float_to_bf16_cuda(xp.asarray(gen.standard_normal((B, T, 3 * C), dtype=np.float32)))
     qkvb = xp.asarray(0.1 * gen.standard_normal(3 * C, dtype=np.float32))
-    dout = k16.float_to_bf16_cuda(xp.asarray(gen.standard_normal((B, T, C), dtype=np.float32)))
+    dout = float_to_bf16_cuda(xp.asarray(gen.standard_normal((B, T, C), dtype=np.float32)))
     flops = 7 * B * NH * T * T * hs   # 2 B NH T T hs per product, half of it under the causal mask
 
     def row(name, fwd, bwd, kept):
@@ -144,14 +150,14 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64) -> l
         return dict(name=name, forward_ms=f, backward_ms=b, tflops=flops / ((f + b) * 1e-3) / 1e12, kept_bytes=kept)
 
     rows = []
-    atty, qkvh, att = k16.attention_forward_bf16_cuda(qkv, qkvb, NH)
-    rows.append(row("course, cuBLAS + softmax (T x T scores)", lambda: k16.attention_forward_bf16_cuda(qkv, qkvb, NH),
-                    lambda: k16.attention_backward_bf16_cuda(dout, qkvh, att), att.nbytes))
+    atty, qkvh, att = attention_forward_bf16_cuda(qkv, qkvb, NH)
+    rows.append(row("course, cuBLAS + softmax (T x T scores)", lambda: attention_forward_bf16_cuda(qkv, qkvb, NH),
+                    lambda: attention_backward_bf16_cuda(dout, qkvh, att), att.nbytes))
     del atty, qkvh, att
-    qkv_b = k16.add_bias_bf16_cuda(qkv, qkvb)
+    qkv_b = add_bias_bf16_cuda(qkv, qkvb)
     out, lse = flash_attention_forward_bf16_cuda(qkv_b, NH)
     rows.append(row("course, flash attention on the tensor cores",
-                    lambda: flash_attention_forward_bf16_cuda(k16.add_bias_bf16_cuda(qkv, qkvb, out=qkv_b), NH),
+                    lambda: flash_attention_forward_bf16_cuda(add_bias_bf16_cuda(qkv, qkvb, out=qkv_b), NH),
                     lambda: flash_attention_backward_bf16_cuda(dout, qkv_b, out, lse, NH), lse.nbytes))
     try:
         import torch
@@ -180,18 +186,16 @@ def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, 
     """The elementwise, normalisation and reduction kernels of the bf16 training step, at its shapes, on fresh
     random inputs: (name, callable, bytes) with the fewest bytes each must move (every input read once, every
     output written once), as GPT2(precision="bf16") calls them."""
-    from llmc_lessons.layers import bf16 as k16
-    from llmc_lessons.layers.adamw import global_norm_squared_cuda
     xp, g = device.xp, device.xp.random.default_rng(2)
     r32 = lambda *s: g.standard_normal(s, dtype=np.float32)
-    r16 = lambda *s: k16.float_to_bf16_cuda(r32(*s))
+    r16 = lambda *s: float_to_bf16_cuda(r32(*s))
     BT = B * T
     x, x2, h, dh = r16(B, T, C), r16(B, T, C), r16(B, T, 4 * C), r16(B, T, 4 * C)
     w, b, b4 = 1 + r32(C), r32(C), r32(4 * C)
     ids = g.integers(0, V, (B, T)).astype(np.int32)
     wte, wpe = r16(Vp, C), r16(T, C)
     qkv, qkvb = r16(B, T, 3 * C), r32(3 * C)
-    mean, rstd = k16.residual_layernorm_forward_bf16_cuda(x, x2, b, w, b)[2:]
+    mean, rstd = residual_layernorm_forward_bf16_cuda(x, x2, b, w, b)[2:]
     dres = xp.zeros((B, T, C), np.float32)
     dw, db = xp.zeros(C, np.float32), xp.zeros(C, np.float32)
     dbias = {n: xp.zeros(n * C, np.float32) for n in (1, 3, 4)}
@@ -199,24 +203,24 @@ def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, 
     logits, targets = r16(B, T, Vp), g.integers(0, V, (B, T)).astype(np.int32)
     p, gr, m, v, p16 = r32(n_params), r32(n_params), r32(n_params), xp.abs(r32(n_params)), xp.empty(n_params, np.uint16)
     rows = [
-        ("encoder forward", lambda: k16.encoder_forward_bf16_cuda(ids, wte, wpe, check_ids=False),
+        ("encoder forward", lambda: encoder_forward_bf16_cuda(ids, wte, wpe, check_ids=False),
          2 * BT * C + 2 * T * C + 2 * BT * C + 4 * BT),
-        ("layernorm forward (first)", lambda: k16.layernorm_forward_bf16_cuda(x, w, b, version=2),
+        ("layernorm forward (first)", lambda: layernorm_forward_bf16_cuda(x, w, b, version=2),
          4 * BT * C + 8 * BT),
-        ("residual + layernorm", lambda: k16.residual_layernorm_forward_bf16_cuda(x, x2, b, w, b), 8 * BT * C + 8 * BT),
-        ("qkv + bias (in place)", lambda: k16.add_bias_bf16_cuda(qkv, qkvb, out=qkv), 2 * 2 * 3 * BT * C),
-        ("gelu forward (+ bias)", lambda: k16.gelu_bias_forward_bf16_cuda(h, b4), 2 * 2 * BT * 4 * C),
-        ("gelu backward (+ bias, dbias)", lambda: k16.gelu_bias_backward_bf16_cuda(dh, h, b4, dbias[4]),
+        ("residual + layernorm", lambda: residual_layernorm_forward_bf16_cuda(x, x2, b, w, b), 8 * BT * C + 8 * BT),
+        ("qkv + bias (in place)", lambda: add_bias_bf16_cuda(qkv, qkvb, out=qkv), 2 * 2 * 3 * BT * C),
+        ("gelu forward (+ bias)", lambda: gelu_bias_forward_bf16_cuda(h, b4), 2 * 2 * BT * 4 * C),
+        ("gelu backward (+ bias, dbias)", lambda: gelu_bias_backward_bf16_cuda(dh, h, b4, dbias[4]),
          3 * 2 * BT * 4 * C),
     ]
     rows += [   # the bias gradients come with the GELU, LayerNorm and flash attention backwards
-        ("qkv dbias (flash partials)", lambda: k16.column_sum_add_cuda(
+        ("qkv dbias (flash partials)", lambda: column_sum_add_cuda(
             dbias[3][:C], dbias[3][C:2 * C], dbias[3][2 * C:], flash_partial), 4 * flash_partial.size + 8 * 3 * C),
         ("layernorm backward (+ dbias)",
-         lambda: k16.layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db, dbias[1]), 14 * BT * C + 8 * BT),
-        ("fused classifier", lambda: k16.fused_classifier_bf16_cuda(logits, targets, V, 1 / BT), 2 * 2 * BT * Vp),
+         lambda: layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db, dbias[1]), 14 * BT * C + 8 * BT),
+        ("fused classifier", lambda: fused_classifier_bf16_cuda(logits, targets, V, 1 / BT), 2 * 2 * BT * Vp),
         ("global norm (124M)", lambda: global_norm_squared_cuda(gr), 4 * n_params),   # no copy to the host
-        ("adamw (124M, bf16 copy)", lambda: k16.adamw_update_bf16_cuda(p, p16, gr, m, v, 1, 1e-4), 30 * n_params),
+        ("adamw (124M, bf16 copy)", lambda: adamw_update_bf16_cuda(p, p16, gr, m, v, 1, 1e-4), 30 * n_params),
     ]
     return rows
 
@@ -227,7 +231,6 @@ def bench_kernels(rows=None, repeat: int = 10) -> dict:
     copy, and a copy that moves the same bytes as the kernel (a short kernel pays the same start and finish
     as a short copy). -> {copy_gbps, rows: [{name, us, gbps, of_copy, same_size_copy_gbps,
     of_same_size_copy}]}."""
-    from llmc_lessons import timing
     copy = timing.copy_bandwidth_gbps()
     out = []
     for name, fn, nbytes in rows if rows is not None else bf16_step_kernels():
@@ -311,7 +314,6 @@ def main(argv=None) -> int:
         return 1
     kernels = None
     if a.kernels or a.only_kernels:
-        from llmc_lessons.model import num_parameters
         c = GPT2Config.from_name(a.model)
         kernels = bench_kernels(bf16_step_kernels(a.batch_size, a.seq_len, c.channels, c.vocab_size,
                                                   c.padded_vocab_size, num_parameters(c)))

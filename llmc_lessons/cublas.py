@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cuda import launch_listeners
+from llmc_lessons.precision import from_bf16, tf32_enabled, to_bf16
 
 CUDA_R_32F = 0
 CUDA_R_16BF = 14
@@ -37,7 +39,6 @@ def _operands(a, b, trans_a: bool, trans_b: bool, batched: bool):
 
 def _compute_type(dtype) -> int:
     """bf16 inputs: float32 accumulation on the tensor cores. float32 inputs: float32, or TF32 when it is on."""
-    from llmc_lessons.layers.matmul import tf32_enabled
     if dtype == np.uint16:
         return CUBLAS_COMPUTE_32F
     return CUBLAS_COMPUTE_32F_FAST_TF32 if tf32_enabled() else CUBLAS_COMPUTE_32F
@@ -50,7 +51,6 @@ def _cuda_type(dtype) -> int:
 def _host_product(a, b, trans_a, trans_b, out, accumulate):
     """The CPU path: NumPy in float32, bf16 operands widened exactly, a bf16 result rounded to nearest-even
     once at the end, as cuBLAS does with its float32 accumulator."""
-    from llmc_lessons.layers.bf16 import from_bf16, to_bf16
     if a.dtype == np.uint16:
         a, b = from_bf16(a), from_bf16(b)
     prod = (a.swapaxes(-1, -2) if trans_a else a) @ (b.swapaxes(-1, -2) if trans_b else b)
@@ -168,7 +168,6 @@ def _zero_k(out, accumulate: bool):
 
 
 def _announce(name: str) -> None:
-    from llmc_lessons.cuda import launch_listeners
     for listener in launch_listeners:
         listener(name)
 

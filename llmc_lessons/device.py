@@ -108,6 +108,26 @@ def require_array(name: str, a, shape=None, dtype=np.float32):
     return a
 
 
+def require_int(name: str, value, lo: int = 1) -> int:
+    """`value` as a Python int: a TypeError unless it is an int (a bool is not), a ValueError below `lo`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value}")
+    return int(value)
+
+
+def require_block_size(block_size, warps: bool = False, name: str = "block_size") -> int:
+    """Threads per block as a Python int: a TypeError unless an int, a ValueError unless in 1..1024 and, with
+    `warps` (kernels that give each row a warp, or reduce over whole warps), a multiple of 32."""
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise TypeError(f"{name} must be an int (threads per block), got {block_size!r}")
+    if not 1 <= block_size <= 1024 or (warps and block_size % 32):
+        need = "a multiple of 32 (whole warps) in 32..1024" if warps else "in 1..1024"
+        raise ValueError(f"{name} must be {need}, got {block_size}")
+    return int(block_size)
+
+
 def describe() -> str:
     """One line saying which backend is in use and why."""
     if on_gpu():

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.model import GPT2, GPT2Config, parameter_shapes
+from llmc_lessons.model import GPT2
+from llmc_lessons.parameters import GPT2Config, parameter_shapes
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 

@@ -5,6 +5,7 @@ from collections import Counter
 from contextlib import contextmanager
 
 from llmc_lessons import device
+from llmc_lessons.cuda import launch_listeners
 
 
 @contextmanager
@@ -12,7 +13,6 @@ def count_launches():
     """`with count_launches() as c: ...` counts every kernel launch through llmc_lessons.cuda.RawKernel and every
     cuBLAS call through llmc_lessons.cublas, by name (c is a Counter). CuPy's own elementwise operations
     (`a += b`, `xp.zeros`) are not counted."""
-    from llmc_lessons.cuda import launch_listeners
     counts = Counter()
     listener = counts.update
     launch_listeners.append(lambda name: listener([name]))

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from llmc_lessons.device import on_gpu, xp
+from llmc_lessons.precision import tf32
 
 
 def _require_gpu(what: str):
@@ -107,6 +108,5 @@ def matmul_tflops(n: int = 8192) -> float:
 def matmul_tflops_tf32(n: int = 8192) -> float:
     """The measured TF32 tensor-core ceiling: the same float32 matmul with cuBLAS's TF32 mode switched on."""
     _require_gpu("matmul_tflops_tf32")
-    from llmc_lessons.layers.matmul import tf32
     with tf32(True):
         return matmul_tflops.__wrapped__(n)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmc_lessons import device
-from llmc_lessons.model import PARAMETER_NAMES, GPT2Config
+from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config
 
 UNSTACKED = ("wte", "wpe", "lnfw", "lnfb")
 

@@ -32,7 +32,12 @@ import numpy as np
 from llmc_lessons import device
 from llmc_lessons.data import DataLoader, prepare_shakespeare
 from llmc_lessons.files import atomic_write
-from llmc_lessons.model import GPT2, GPT2Config, generate
+from llmc_lessons.hf import load_weights
+from llmc_lessons.layers.adamw import global_norm, global_norm_cuda
+from llmc_lessons.model import GPT2, GPT2Config
+from llmc_lessons.precision import set_tf32
+from llmc_lessons.sampling import generate
+from llmc_lessons.tokenizer import decode
 
 DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, lr=6e-4, warmup=None,
                 final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, eval_every=None, eval_batches=4,
@@ -97,10 +102,8 @@ def training_step(model: GPT2, x, y, lr: float, weight_decay: float, grad_clip: 
     model.zero_grad()
     model.backward()
     if model.use_kernels:
-        from llmc_lessons.layers.adamw import global_norm_cuda
         norm = global_norm_cuda(model.grads_memory)
     else:
-        from llmc_lessons.layers.adamw import global_norm
         norm = global_norm(model.grads_memory)
     if not math.isfinite(norm):
         raise NonFiniteError(f"step {step}: the gradient norm is {norm}: the "
@@ -273,7 +276,6 @@ class Trainer:
         backend = "numpy" if a["reference"] else "kernels"
         init = None
         if a["init_from"]:   # llm.c's train_gpt2.c: start from saved weights, with a fresh optimizer
-            from llmc_lessons.hf import load_weights
             init = load_weights(a["init_from"], backend=backend, precision=a["precision"])
         config = init.config if init else GPT2Config.from_name(a["model"])
         if a["seq_len"] > config.max_seq_len:
@@ -301,7 +303,6 @@ class Trainer:
         self.model = init or GPT2(config, seed=a["seed"], backend=backend, precision=a["precision"])
         self.model.keep_logits = False  # the loop never reads the logits of a training forward
         self.model.cuda_graph = bool(a["cuda_graph"])   # replay the forward and backward (GPU only)
-        from llmc_lessons.layers.matmul import set_tf32
         set_tf32(bool(a["tf32"]))  # as llm.c's fp32 trainer: TF32 tensor cores for the matmuls (a no-op on a CPU)
         self.rng = np.random.default_rng(a["seed"])
         self.step = 0
@@ -387,7 +388,6 @@ class Trainer:
         return float(np.mean([self.model.forward(*self.val_loader.next_batch()) for _ in range(n)]))
 
     def sample(self) -> str:
-        from llmc_lessons.tokenizer import decode
         seed = int(self.rng.integers(2**31))
         tokens = generate(self.model, [EOT], self.args["sample_tokens"], temperature=1.0, top_k=40, seed=seed)
         return decode(tokens[1:])

@@ -29,7 +29,8 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.files import atomic_write
-from llmc_lessons.model import GPT2, PARAMETER_NAMES, GPT2Config, _point_views, num_parameters, parameter_shapes
+from llmc_lessons.model import GPT2
+from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, num_parameters, parameter_shapes, point_views
 
 STATE_MAGIC, STATE_VERSION = 20240327, 2
 _HEADER_INTS = 256
@@ -105,7 +106,7 @@ def read_debug_state(path, config: GPT2Config) -> dict:
         loss = float(np.fromfile(f, dtype="<f4", count=1)[0])
         grads = np.fromfile(f, dtype="<f4", count=n)
     return dict(B=B, T=T, x=x, y=y, logits=logits, loss=loss,
-                grads=_point_views(grads, parameter_shapes(config)))
+                grads=point_views(grads, parameter_shapes(config)))
 
 
 @dataclass

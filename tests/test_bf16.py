@@ -6,10 +6,11 @@ from llmc_lessons import device
 from llmc_lessons.checks.bf16 import EDGES, NANS, check_stochastic_round, check_to_bf16
 from llmc_lessons.cuda import RawKernel
 from llmc_lessons.device import to_device, to_host
-from llmc_lessons.layers.bf16 import (adamw_update_bf16_cuda, from_bf16, gelu_forward_bf16, gelu_forward_bf16_cuda,
-                                      layernorm_forward_bf16, layernorm_forward_bf16_cuda, matmul_bf16,
-                                      stochastic_to_bf16, to_bf16)
-from llmc_lessons.layers.adamw import adamw_update
+from llmc_lessons.layers.adamw import adamw_update, adamw_update_bf16_cuda
+from llmc_lessons.layers.gelu import gelu_forward_bf16, gelu_forward_bf16_cuda
+from llmc_lessons.layers.layernorm import layernorm_forward_bf16, layernorm_forward_bf16_cuda
+from llmc_lessons.layers.matmul import matmul_bf16
+from llmc_lessons.precision import from_bf16, stochastic_to_bf16, to_bf16
 
 gen = np.random.default_rng(0)
 VALUES = np.concatenate([EDGES, NANS, (gen.standard_normal(20000) * 10.0 ** gen.integers(-30, 30, 20000)).astype(np.float32)])

@@ -1,4 +1,4 @@
-"""The bf16 training step (GPT2(precision="bf16")): every kernel of kernels/bf16.cu's second half against a
+"""The bf16 training step (GPT2(precision="bf16")): every kernel of its sections of kernels/<layer>.cu against a
 float64 reference on awkward sizes, at two or more launch configurations, with every fresh output poisoned;
 bf16 products through cuBLAS; then the whole model against the fp32 kernel path."""
 import math
@@ -9,12 +9,20 @@ import pytest
 from llmc_lessons import device
 from llmc_lessons.cublas import gemm, gemm_batched
 from llmc_lessons.device import to_device, to_host
-from llmc_lessons.layers import bf16 as k
-from llmc_lessons.layers.attention import attention_backward, attention_forward
-from llmc_lessons.layers.bf16 import from_bf16, stochastic_to_bf16, to_bf16
-from llmc_lessons.layers.gelu import gelu_backward, gelu_forward
-from llmc_lessons.layers.layernorm import layernorm_backward, layernorm_forward
-from llmc_lessons.model import GPT2, GPT2Config, generate
+from llmc_lessons.layers.attention import (attention_backward, attention_backward_bf16_cuda, attention_forward,
+                                           attention_forward_bf16_cuda, merge_heads_bf16_cuda,
+                                           softmax_backward_bf16_cuda, softmax_forward_bf16_cuda, split_heads_bf16_cuda)
+from llmc_lessons.layers.bf16 import _zero_counters, float_to_bf16_cuda
+from llmc_lessons.layers.crossentropy import fused_classifier_bf16_cuda
+from llmc_lessons.layers.encoder import encoder_forward_bf16_cuda
+from llmc_lessons.layers.gelu import (gelu_backward, gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda,
+                                      gelu_forward)
+from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backward_bf16_cuda, layernorm_forward,
+                                           residual_layernorm_forward_bf16_cuda)
+from llmc_lessons.layers.matmul import add_bias_bf16_cuda
+from llmc_lessons.model import GPT2, GPT2Config
+from llmc_lessons.precision import from_bf16, stochastic_to_bf16, to_bf16
+from llmc_lessons.sampling import generate
 
 BF16_STEP = 2.0 ** -7   # relative spacing of bf16 numbers: one rounding is at most half of it
 
@@ -52,8 +60,8 @@ def close_bf16(got_bits, want, what):
 @pytest.mark.parametrize("n,block", [(1, 32), (1001, 256), (77, 64)])
 def test_float_to_bf16_kernel_matches_numpy_bit_for_bit(n, block):
     x = rand32(np.random.default_rng(n), n, scale=100.0)
-    np.testing.assert_array_equal(to_host(k.float_to_bf16_cuda(to_device(x), block_size=block)), to_bf16(x))
-    np.testing.assert_array_equal(to_host(k.float_to_bf16_cuda(to_device(x), stochastic=True, seed=9, block_size=block)),
+    np.testing.assert_array_equal(to_host(float_to_bf16_cuda(to_device(x), block_size=block)), to_bf16(x))
+    np.testing.assert_array_equal(to_host(float_to_bf16_cuda(to_device(x), stochastic=True, seed=9, block_size=block)),
                                   stochastic_to_bf16(x, seed=9))
 
 
@@ -63,11 +71,11 @@ def test_encoder_forward_bf16(B, T, C, block):
     Vp, maxT = 40, 11
     wte, wpe = bits(gen, Vp, C), bits(gen, maxT, C)
     ids = gen.integers(0, Vp, (B, T)).astype(np.int32)
-    out = k.encoder_forward_bf16_cuda(to_device(ids), to_device(wte), to_device(wpe), block_size=block)
+    out = encoder_forward_bf16_cuda(to_device(ids), to_device(wte), to_device(wpe), block_size=block)
     want = to_bf16(from_bf16(wte)[ids] + from_bf16(wpe)[:T])   # one float32 add, one rounding: exact
     np.testing.assert_array_equal(to_host(out), want)
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 40\)"):
-        k.encoder_forward_bf16_cuda(to_device(np.full((B, T), 40, np.int32)), to_device(wte), to_device(wpe))
+        encoder_forward_bf16_cuda(to_device(np.full((B, T), 40, np.int32)), to_device(wte), to_device(wpe))
 
 
 @pytest.mark.parametrize("B,T,C,block", [(3, 7, 40, 32), (2, 3, 264, 96), (1, 5, 768, 256)])
@@ -75,7 +83,7 @@ def test_residual_layernorm_forward_bf16(B, T, C, block):
     gen = np.random.default_rng(C)
     a, b = bits(gen, B, T, C), bits(gen, B, T, C, scale=2.0)
     bias2, w, bb = rand32(gen, C), 1 + rand32(gen, C, scale=0.1), rand32(gen, C)
-    res, out, mean, rstd = k.residual_layernorm_forward_bf16_cuda(*(to_device(x) for x in (a, b, bias2, w, bb)),
+    res, out, mean, rstd = residual_layernorm_forward_bf16_cuda(*(to_device(x) for x in (a, b, bias2, w, bb)),
                                                                   block_size=block)
     want_res = to_bf16(from_bf16(a) + (from_bf16(b) + bias2))
     np.testing.assert_array_equal(to_host(res), want_res)
@@ -91,13 +99,13 @@ def test_split_and_merge_heads_bf16():
     C = NH * hs
     qkv, bias = bits(gen, B, T, 3 * C), rand32(gen, 3 * C)
     for block in (32, 100):
-        h = k.split_heads_bf16_cuda(to_device(qkv), 3, NH, to_device(bias), block_size=block)
+        h = split_heads_bf16_cuda(to_device(qkv), 3, NH, to_device(bias), block_size=block)
         want = to_bf16(from_bf16(qkv) + bias).reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
         np.testing.assert_array_equal(to_host(h), want)
-        np.testing.assert_array_equal(to_host(k.merge_heads_bf16_cuda(to_device(np.ascontiguousarray(want)),
+        np.testing.assert_array_equal(to_host(merge_heads_bf16_cuda(to_device(np.ascontiguousarray(want)),
                                                                       block_size=block)),
                                       to_bf16(from_bf16(qkv) + bias))
-        one = k.split_heads_bf16_cuda(to_device(qkv[:, :, :C].copy()), 1, NH, block_size=block)  # no bias
+        one = split_heads_bf16_cuda(to_device(qkv[:, :, :C].copy()), 1, NH, block_size=block)  # no bias
         np.testing.assert_array_equal(to_host(one)[0], qkv[:, :, :C].reshape(B, T, NH, hs).transpose(0, 2, 1, 3))
 
 
@@ -114,7 +122,7 @@ def test_softmax_forward_bf16(N, T, block, in_place):
     pre = bits(gen, N, T, T, scale=4.0)
     scale = 1 / math.sqrt(16)
     d_pre = to_device(pre.copy())   # (on a CPU to_device returns the same array: in place would overwrite pre)
-    att = k.softmax_forward_bf16_cuda(d_pre, scale, out=d_pre if in_place else None, block_size=block)
+    att = softmax_forward_bf16_cuda(d_pre, scale, out=d_pre if in_place else None, block_size=block)
     got = wide(att)
     close_bf16(att, causal_softmax(from_bf16(pre).astype(np.float64) * scale), "att")
     assert not np.triu(got, 1).any(), "the future (j > t) must be exactly 0"
@@ -128,7 +136,7 @@ def test_softmax_backward_bf16(N, T, block, in_place):
     a, d = from_bf16(att).astype(np.float64), from_bf16(datt).astype(np.float64) * np.tril(np.ones((T, T)))
     want = 0.25 * a * (d - (a * d).sum(-1, keepdims=True))
     d_datt = to_device(datt.copy())
-    got = k.softmax_backward_bf16_cuda(d_datt, to_device(att), 0.25, out=d_datt if in_place else None,
+    got = softmax_backward_bf16_cuda(d_datt, to_device(att), 0.25, out=d_datt if in_place else None,
                                        block_size=block)
     np.testing.assert_allclose(wide(got), want, rtol=BF16_STEP, atol=1e-6)
     assert not np.triu(wide(got), 1).any()
@@ -145,19 +153,19 @@ def test_gelu_bias_forward_and_backward_bf16(shape, block, launch, in_place):
     gen = np.random.default_rng(shape[-1])
     x, dout, bias = bits(gen, *shape, scale=2.0), bits(gen, *shape), rand32(gen, shape[-1])
     pre = from_bf16(x).astype(np.float64) + bias
-    close_bf16(k.gelu_bias_forward_bf16_cuda(to_device(x), to_device(bias), block_size=block), gelu_forward(pre),
+    close_bf16(gelu_bias_forward_bf16_cuda(to_device(x), to_device(bias), block_size=block), gelu_forward(pre),
                "gelu(x + bias)")
     d_dout, start = to_device(dout.copy()), rand32(gen, shape[-1])
     dbias = to_device(start.copy())
     X, Y, R = launch
-    got = k.gelu_bias_backward_bf16_cuda(d_dout, to_device(x), to_device(bias), dbias, out=d_dout if in_place else None,
+    got = gelu_bias_backward_bf16_cuda(d_dout, to_device(x), to_device(bias), dbias, out=d_dout if in_place else None,
                                          block_columns=X, block_rows=Y, grid_rows=R)
     assert (got is d_dout) == in_place
     close_bf16(got, gelu_backward(from_bf16(dout).astype(np.float64), pre), "dinp")
     # the fc bias's gradient: the column sums of dinp as stored, added to what dbias held
     want = start + wide(got).sum(axis=(0, 1))
     np.testing.assert_allclose(to_host(dbias), want, rtol=1e-5, atol=1e-5, err_msg="dbias")
-    assert not to_host(k._zero_counters(1)).any()
+    assert not to_host(_zero_counters(1)).any()
 
 
 @pytest.mark.parametrize("shape,block,in_place", [((2, 3, 40), 32, False), ((1, 7, 264), 128, True)])
@@ -165,7 +173,7 @@ def test_add_bias_bf16(shape, block, in_place):
     gen = np.random.default_rng(shape[-1] + 1)
     x, bias = bits(gen, *shape, scale=2.0), rand32(gen, shape[-1])
     d_x = to_device(x.copy())
-    got = k.add_bias_bf16_cuda(d_x, to_device(bias), out=d_x if in_place else None, block_size=block)
+    got = add_bias_bf16_cuda(d_x, to_device(bias), out=d_x if in_place else None, block_size=block)
     assert (got is d_x) == in_place
     close_bf16(got, from_bf16(x).astype(np.float64) + bias, "x + bias")
 
@@ -178,7 +186,7 @@ def test_layernorm_backward_bf16(B, T, C, block, max_blocks):
     _, mean, rstd = layernorm_forward(from_bf16(x).astype(np.float64), w.astype(np.float64), b.astype(np.float64))
     dinp0, dw0, db0, dr0 = rand32(gen, B, T, C), rand32(gen, C), rand32(gen, C), rand32(gen, C)
     dinp, dw, db, dr = to_device(dinp0.copy()), to_device(dw0.copy()), to_device(db0.copy()), to_device(dr0.copy())
-    d16 = k.layernorm_backward_bf16_cuda(dinp, to_device(dout), to_device(x), to_device(w),
+    d16 = layernorm_backward_bf16_cuda(dinp, to_device(dout), to_device(x), to_device(w),
                                          to_device(mean.astype(np.float32)), to_device(rstd.astype(np.float32)),
                                          dw, db, dr, block_size=block, max_blocks=max_blocks)
     rdx, rdw, rdb = layernorm_backward(from_bf16(dout).astype(np.float64), from_bf16(x).astype(np.float64),
@@ -199,7 +207,7 @@ def test_fused_classifier_bf16(V, Vp, block):
     logits[..., V:] = 0x7FC0          # NaN in the padded columns: they must not reach the max, the sum or the loss
     targets = gen.integers(0, V, (B, T)).astype(np.int32)
     d_logits = to_device(logits.copy())
-    losses = k.fused_classifier_bf16_cuda(d_logits, to_device(targets), V, 1 / (B * T), block_size=block)
+    losses = fused_classifier_bf16_cuda(d_logits, to_device(targets), V, 1 / (B * T), block_size=block)
     z = from_bf16(logits).astype(np.float64)[..., :V]
     logp = z - z.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -231,12 +239,12 @@ def test_attention_forward_and_backward_bf16_match_lesson_05():
     B, T, NH, hs = 2, 16, 2, 8
     C = NH * hs
     qkv, qkvb, dout = bits(gen, B, T, 3 * C), rand32(gen, 3 * C, scale=0.1), bits(gen, B, T, C)
-    atty, qkvh, att = k.attention_forward_bf16_cuda(to_device(qkv), to_device(qkvb), NH)
+    atty, qkvh, att = attention_forward_bf16_cuda(to_device(qkv), to_device(qkvb), NH)
     q64 = from_bf16(to_bf16(from_bf16(qkv) + qkvb)).astype(np.float64)      # the bias is added, then rounded
     ref_out, ref_att = attention_forward(q64, NH)
     np.testing.assert_allclose(wide(att), ref_att, atol=4e-3)
     np.testing.assert_allclose(wide(atty), ref_out, atol=3e-2 * np.abs(ref_out).max())
-    dqkv = k.attention_backward_bf16_cuda(to_device(dout), qkvh, att)
+    dqkv = attention_backward_bf16_cuda(to_device(dout), qkvh, att)
     ref_d = attention_backward(from_bf16(dout).astype(np.float64), q64, ref_att, NH)
     np.testing.assert_allclose(wide(dqkv), ref_d, atol=3e-2 * np.abs(ref_d).max())
 
@@ -262,25 +270,25 @@ def test_gemm_bf16_outputs_and_float32_accumulation():
 def test_bad_input_is_refused():
     f32 = to_device(np.zeros((2, 8, 16), np.float32))
     with pytest.raises(TypeError, match="uint16"):
-        k.gelu_bias_forward_bf16_cuda(f32, to_device(np.zeros(16, np.float32)))
+        gelu_bias_forward_bf16_cuda(f32, to_device(np.zeros(16, np.float32)))
     with pytest.raises(ValueError, match="multiple of 8"):
-        k.gelu_bias_forward_bf16_cuda(to_device(np.zeros((2, 3, 12), np.uint16)), to_device(np.zeros(12, np.float32)))
+        gelu_bias_forward_bf16_cuda(to_device(np.zeros((2, 3, 12), np.uint16)), to_device(np.zeros(12, np.float32)))
     with pytest.raises(ValueError, match="aligned"):
-        k.gelu_bias_forward_bf16_cuda(to_device(np.zeros(8 * 9 + 1, np.uint16))[1:].reshape(1, 9, 8),
+        gelu_bias_forward_bf16_cuda(to_device(np.zeros(8 * 9 + 1, np.uint16))[1:].reshape(1, 9, 8),
                                       to_device(np.zeros(8, np.float32)))
     with pytest.raises(ValueError, match="C must be <= 1024"):
         z = to_device(np.zeros((1, 1, 1032), np.uint16))
         f = to_device(np.zeros(1032, np.float32))
-        k.layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 1032), np.float32)), z, z, f,
+        layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 1032), np.float32)), z, z, f,
                                        to_device(np.zeros((1, 1), np.float32)), to_device(np.zeros((1, 1), np.float32)),
                                        f, f)
     with pytest.raises(ValueError, match="shared memory"):
         z, f = to_device(np.zeros((1, 1, 1024), np.uint16)), to_device(np.zeros(1024, np.float32))
-        k.layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 1024), np.float32)), z, z, f,
+        layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 1024), np.float32)), z, z, f,
                                        to_device(np.zeros((1, 1), np.float32)), to_device(np.zeros((1, 1), np.float32)),
                                        f, f, block_size=1024)
     with pytest.raises(ValueError, match="shape"):
-        k.residual_layernorm_forward_bf16_cuda(*(to_device(np.zeros((1, 2, 8), np.uint16)),) * 2,
+        residual_layernorm_forward_bf16_cuda(*(to_device(np.zeros((1, 2, 8), np.uint16)),) * 2,
                                                *(to_device(np.zeros(16, np.float32)),) * 3)
 
 

@@ -253,7 +253,7 @@ def test_launchers_reject_bad_logits(launcher, mutate, err):
     (dict(targets=lambda t: t.astype(np.float32)), TypeError),
     (dict(targets=lambda t: t[:, :2].copy()), ValueError),
     (dict(V=46), ValueError), (dict(V=0), ValueError),
-    (dict(block_size=48), ValueError), (dict(block_size=2048), ValueError), (dict(block_size=64.0), ValueError),
+    (dict(block_size=48), ValueError), (dict(block_size=2048), ValueError), (dict(block_size=64.0), TypeError),
     (dict(dloss="mean"), TypeError), (dict(dloss=float("nan")), TypeError),
     (dict(version=3), ValueError), (dict(version=2), ValueError),   # Vp = 45: no float4s
 ])

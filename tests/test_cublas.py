@@ -4,7 +4,7 @@ import pytest
 
 from llmc_lessons import device
 from llmc_lessons.cublas import gemm, gemm_batched
-from llmc_lessons.layers.matmul import tf32
+from llmc_lessons.precision import tf32
 
 gen = np.random.default_rng(0)
 
@@ -58,7 +58,7 @@ def test_tf32_switch_changes_the_arithmetic():
 def test_a_recorded_product_has_the_bits_of_one_launched_alone(M, N, K, trans_a, trans_b, accumulate, precision):
     # cuBLAS picks its algorithm partly by the workspace it has; the course's handle has its own on every stream,
     # so a product recorded into a CUDA graph (lesson 12) is the same computation as the product launched alone.
-    from llmc_lessons.layers.bf16 import to_bf16
+    from llmc_lessons.precision import to_bf16
     from llmc_lessons.perf import capture_graph
     a, b = rand(*((K, M) if trans_a else (M, K))), rand(*((N, K) if trans_b else (K, N)))
     if precision == "bf16":

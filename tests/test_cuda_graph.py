@@ -72,7 +72,7 @@ def test_plain_steps_repeat():
 
 @gpu
 def test_a_new_shape_tf32_switch_or_parameter_buffer_records_again():
-    from llmc_lessons.layers.matmul import tf32
+    from llmc_lessons.precision import tf32
     plain, graphed = twins("fp32")
     assert_same_training(plain, graphed, batches(4, 3, 24))
     first = graphed._graphs["forward_graph"]

@@ -142,3 +142,26 @@ def test_require_array_rejects_a_non_contiguous_view():
         device.require_array("inp", a, shape=(4, 3))
     with pytest.raises(ValueError, match="C-contiguous"):
         device.require_array("inp", arr((3, 4)).T, shape=(4, 3))
+
+
+@pytest.mark.parametrize("value, warps, err, message", [
+    (64.0, False, TypeError, "block_size must be an int"), (True, False, TypeError, "must be an int"),
+    ("256", True, TypeError, "must be an int"), (0, False, ValueError, "in 1..1024"),
+    (1025, False, ValueError, "in 1..1024"), (48, True, ValueError, "multiple of 32"),
+    (2048, True, ValueError, "multiple of 32"),
+])
+def test_require_block_size_raises_type_error_for_a_non_int_and_value_error_for_a_bad_value(value, warps, err, message):
+    with pytest.raises(err, match=message):
+        device.require_block_size(value, warps=warps)
+
+
+def test_require_block_size_and_require_int_return_python_ints():
+    assert device.require_block_size(np.int64(48)) == 48 and type(device.require_block_size(np.int64(48))) is int
+    assert device.require_block_size(96, warps=True, name="param_block_size") == 96
+    with pytest.raises(ValueError, match="param_block_size must be a multiple of 32"):
+        device.require_block_size(100, warps=True, name="param_block_size")
+    assert device.require_int("NH", np.int32(3)) == 3
+    with pytest.raises(TypeError, match="NH must be an int"):
+        device.require_int("NH", 3.0)
+    with pytest.raises(ValueError, match="grid_rows must be an int >= 1, got 0"):
+        device.require_int("grid_rows", 0)

@@ -13,7 +13,7 @@ import pytest
 from llmc_lessons import device
 from llmc_lessons.cuda import KernelError, RawKernel, RawModule, load_kernel
 from llmc_lessons.device import to_device, to_host
-from llmc_lessons.layers.bf16 import from_bf16, to_bf16
+from llmc_lessons.precision import from_bf16, to_bf16
 
 gen = np.random.default_rng(29)
 cpu_only = pytest.mark.skipif(device.on_gpu(), reason="how the CPU emulator reports it")

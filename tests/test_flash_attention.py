@@ -8,7 +8,7 @@ from llmc_lessons.checks.flash_attention import check_flash_forward_kernel, chec
 from llmc_lessons.cuda import kernel_source
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.layers.attention import attention_backward, attention_forward
-from llmc_lessons.layers.bf16 import from_bf16, to_bf16
+from llmc_lessons.precision import from_bf16, to_bf16
 from llmc_lessons.layers.flash_attention import (flash_attention_backward, flash_attention_backward_bf16_cuda,
                                                  flash_attention_backward_cuda, flash_attention_forward,
                                                  flash_attention_forward_bf16_cuda, flash_attention_forward_cuda,

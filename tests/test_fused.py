@@ -6,8 +6,8 @@ from llmc_lessons.checks import poisoned
 from llmc_lessons.cuda import load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.gradcheck import gradcheck
-from llmc_lessons.layers.fused import fused_residual_layernorm_forward, fused_residual_layernorm_forward_cuda
-from llmc_lessons.layers.layernorm import layernorm_backward
+from llmc_lessons.layers.layernorm import (fused_residual_layernorm_forward, fused_residual_layernorm_forward_cuda,
+                                           layernorm_backward)
 
 
 def inputs(seed, B, T, C):
@@ -30,7 +30,7 @@ def test_every_output_element_is_written():
     a, b, w, bias = (to_device(x) for x in inputs(1, B, T, C))
     outs = [poisoned((B, T, C)), poisoned((B, T, C)), poisoned((B, T)), poisoned((B, T))]
     N = B * T
-    load_kernel("fused.cu", "fused_residual_layernorm_forward_kernel")(
+    load_kernel("layernorm.cu", "fused_residual_layernorm_forward_kernel")(
         (-(-N // 2),), (64,), (*outs, a, b, w, bias, np.int32(N), np.int32(C), np.float32(1e-5)))
     assert not any(np.isnan(to_host(o)).any() for o in outs)
 

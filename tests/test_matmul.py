@@ -15,7 +15,8 @@ from llmc_lessons.cuda import kernel_source
 from llmc_lessons.device import to_device, to_host, xp
 from llmc_lessons.gradcheck import gradcheck
 from llmc_lessons.layers.matmul import (gemm_cuda, matmul_backward, matmul_backward_bias_cuda, matmul_backward_cuda,
-                                        matmul_forward, matmul_forward_cuda, set_tf32, tf32, tf32_enabled)
+                                        matmul_forward, matmul_forward_cuda)
+from llmc_lessons.precision import set_tf32, tf32, tf32_enabled
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "solutions" / "04_matmul.ipynb"

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from llmc_lessons import device
-from llmc_lessons.model import (GPT2, PARAMETER_NAMES, GPT2Config, activation_bytes, generate,
-                                num_parameters, parameter_shapes)
+from llmc_lessons.activations import activation_bytes
+from llmc_lessons.model import GPT2
+from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, num_parameters, parameter_shapes
+from llmc_lessons.sampling import generate
 
 SMALL = GPT2Config(max_seq_len=16, vocab_size=37, padded_vocab_size=40, num_layers=2, num_heads=2, channels=16)
 
@@ -181,7 +183,7 @@ def test_bad_input_is_refused_clearly():
 
 
 def test_gradcheck_whole_model_float64():
-    from llmc_lessons.model import gradcheck_gpt2
+    from llmc_lessons.gradcheck_gpt2 import gradcheck_gpt2
     report = gradcheck_gpt2(SMALL, B=2, T=5, checks_per_tensor=12).assert_ok()
     assert [r.name for r in report.rows] == list(PARAMETER_NAMES)
     assert all(r.max_abs > 0 or r.name == "wpe" for r in report.rows)
@@ -242,8 +244,18 @@ def test_checkpoint_errors_and_bf16(tmp_path):
     model.save_llmc_checkpoint(path)
     raw = bytearray(path.read_bytes())
     (tmp_path / "short.bin").write_bytes(bytes(raw[:-4]))
-    with pytest.raises(ValueError, match="different amount of data"):
+    with pytest.raises(ValueError, match="short.bin: the header describes .* but the file has"):
         GPT2.from_llmc_checkpoint(tmp_path / "short.bin")
+    huge = np.frombuffer(bytes(raw[:1024]), np.int32).copy()
+    huge[4] = 2**30                                   # L: 2^30 layers, terabytes, in a file of a few kB
+    (tmp_path / "huge.bin").write_bytes(huge.tobytes() + bytes(raw[1024:]))
+    with pytest.raises(ValueError, match="huge.bin: the header describes"):
+        GPT2.from_llmc_checkpoint(tmp_path / "huge.bin")
+    zero = huge.copy()
+    zero[6] = 0                                       # C = 0
+    (tmp_path / "zero.bin").write_bytes(zero.tobytes() + bytes(raw[1024:]))
+    with pytest.raises(ValueError, match="zero.bin: the header's sizes are not a GPT-2 model"):
+        GPT2.from_llmc_checkpoint(tmp_path / "zero.bin")
     bad = bytearray(raw)
     bad[:4] = np.int32(123).tobytes()
     (tmp_path / "bad.bin").write_bytes(bytes(bad))
@@ -333,7 +345,7 @@ def test_activation_table_follows_llmc_and_matches_what_the_model_holds():
     assert sum(r.bytes for r in rows) == 4 * llmc_floats
     model = GPT2(SMALL, seed=0, backend="numpy")
     model.forward(*_batch(SMALL))
-    from llmc_lessons.model import held_activation_bytes
+    from llmc_lessons.activations import held_activation_bytes
     course = sum(r.course_bytes for r in activation_bytes(SMALL, 3, 7))
     assert held_activation_bytes(model) == course
 
@@ -358,7 +370,7 @@ def test_generate_is_seeded_and_respects_temperature_and_top_k():
 
 
 def test_next_token_probs():
-    from llmc_lessons.model import next_token_probs
+    from llmc_lessons.sampling import next_token_probs
     logits = np.array([1.0, 3.0, 2.0, 0.5, 100.0])   # the last column is padding (V = 4)
     p = next_token_probs(logits, 4)
     assert p.shape == (4,) and abs(p.sum() - 1) < 1e-12 and np.argmax(p) == 1
@@ -434,7 +446,7 @@ def test_check_wte_gradient():
 
 def test_check_next_token_probs():
     from llmc_lessons.checks.model import check_next_token_probs
-    from llmc_lessons.model import next_token_probs
+    from llmc_lessons.sampling import next_token_probs
 
     def answer(logits, V, temperature, top_k):
         z = logits[:V].astype(np.float64) / temperature
@@ -472,7 +484,7 @@ def test_check_next_token_probs():
 
 @pytest.mark.parametrize("path", PATHS)
 def test_held_activations_match_the_table_on_both_paths(path):
-    from llmc_lessons.model import held_activation_bytes
+    from llmc_lessons.activations import held_activation_bytes
     model = GPT2(SMALL, seed=0, backend=path)
     model.forward(*_batch(SMALL))
     assert held_activation_bytes(model) == sum(r.course_bytes for r in activation_bytes(SMALL, 3, 7))
@@ -498,7 +510,7 @@ def test_switching_paths_keeps_the_weights_and_agrees():
 
 
 def test_decay_runs_cover_the_buffer_and_grad_scale():
-    from llmc_lessons.model import decay_runs
+    from llmc_lessons.parameters import decay_runs
     runs = decay_runs(SMALL)
     assert len(runs) == 10 and runs[0][0] == 0 and runs[-1][1] == num_parameters(SMALL)
     assert all(a[1] == b[0] and a[2] != b[2] for a, b in zip(runs, runs[1:]))

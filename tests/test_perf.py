@@ -8,7 +8,10 @@ from llmc_lessons.checks.perf import check_fused_residual_layernorm_kernel, chec
 from llmc_lessons.cuda import kernel_source
 from llmc_lessons.perf import capture_graph, count_launches, roofline
 
-SRC = kernel_source("fused.cu")
+KERNEL = 'extern "C" __global__ void fused_residual_layernorm_forward_kernel'
+_LN = kernel_source("layernorm.cu")
+SRC = '#include "common.cuh"\n\n' + _LN[_LN.index(KERNEL):_LN.index("\n}\n", _LN.index(KERNEL)) + 3]
+"""The fused kernel as lesson 12 shows it: layernorm.cu's fused_residual_layernorm_forward_kernel alone."""
 LOOP = """    for (int c = lane; c < C; c += 32) {
         float v = a[c] + b[c];
         r[c] = v;
@@ -92,8 +95,7 @@ def test_fused_kernel_check_catches_wrong_loops(loop, message):
 def test_the_notebook_kernel_is_the_package_kernel():
     from conftest import notebook_cuda_source
     body = notebook_cuda_source("12_kernel_performance.ipynb", "fused_src")
-    start = 'extern "C" __global__ void fused_residual_layernorm_forward_kernel'
-    assert body[body.index(start):].strip() == SRC[SRC.index(start):].strip()
+    assert body[body.index(KERNEL):].strip() == SRC[SRC.index(KERNEL):].strip()
 
 
 def test_time_ms_refuses_the_cpu_and_hide_host_hides_python():

@@ -14,7 +14,7 @@ import time
 from llmc_lessons import device
 from llmc_lessons.bench import GRAD_CLIP, LR, WEIGHT_DECAY, _batches
 from llmc_lessons.layers.adamw import global_norm_cuda
-from llmc_lessons.layers.matmul import tf32
+from llmc_lessons.precision import tf32
 from llmc_lessons.model import GPT2, GPT2Config
 from llmc_lessons.train import training_step
 

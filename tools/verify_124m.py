@@ -13,8 +13,9 @@ import time
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.layers.matmul import set_tf32
-from llmc_lessons.model import GPT2, GPT2Config, PARAMETER_NAMES
+from llmc_lessons.precision import set_tf32
+from llmc_lessons.model import GPT2, GPT2Config
+from llmc_lessons.parameters import PARAMETER_NAMES
 
 
 def rel(a, b) -> float:

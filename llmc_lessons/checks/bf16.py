@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons.checks import ExerciseFailed, passed, rng, run_exercise
-from llmc_lessons.layers.bf16 import to_bf16
+from llmc_lessons.precision import to_bf16
 
 EDGES = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 2.0 - 2**-9, 0.0, -0.0, 1e-40, -1e-40,
                   3.3895e38, 3.4e38, np.inf, -np.inf], dtype=np.float32)

@@ -9,7 +9,7 @@ import numpy as np
 from llmc_lessons.checks import ExerciseFailed, assert_close, exercise_kernel, passed, rng, run_exercise
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.layers.attention import attention_forward
-from llmc_lessons.layers.bf16 import to_bf16
+from llmc_lessons.precision import to_bf16
 from llmc_lessons.layers.flash_attention import (flash_attention_forward, flash_attention_forward_cuda,
                                                  mma_bf16_16816_cuda)
 

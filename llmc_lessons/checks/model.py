@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons.checks import ExerciseFailed, assert_close, passed, rng, run_exercise
-from llmc_lessons.model import GPT2Config, next_token_probs, num_parameters
+from llmc_lessons.parameters import GPT2Config, num_parameters
+from llmc_lessons.sampling import next_token_probs
 
 
 def _configs(gen):

@@ -6,7 +6,7 @@ import numpy as np
 from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, randn, rng,
                                  run_exercise)
 from llmc_lessons.device import to_host
-from llmc_lessons.layers.fused import fused_residual_layernorm_forward
+from llmc_lessons.layers.layernorm import fused_residual_layernorm_forward
 
 
 def check_layernorm_bytes(fn) -> None:

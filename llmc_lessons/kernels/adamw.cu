@@ -95,3 +95,29 @@ extern "C" __global__ void global_sum_deterministic_kernel(float* out,          
     sum = warpReduceSum(sum);
     if (threadIdx.x == 0) { out[0] = sum; }
 }
+
+// =========================================================================================================
+// bf16 (lesson 14): stored in bfloat16, computed in float32 (kernels/bf16.cuh has the conversions).
+//
+// adamw_bf16_kernel: the update on float32 master weights and moments, then a bf16 copy of each weight for
+//   the forward and backward; with stochastic=1 the copy is rounded up or down at random with the
+//   probability that makes its expected value exact (llm.c's stochastic rounding), else to nearest.
+// =========================================================================================================
+#include "bf16.cuh"
+
+extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const float* grads, float* m, float* v,
+                                             int N, float lr, float beta1, float beta2, float beta1_correction,
+                                             float beta2_correction, float eps, float weight_decay,
+                                             float grad_scale, int stochastic, unsigned int seed) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N) return;
+    float g = grads[i] * grad_scale;                  // grad_scale: the clip factor of the global norm
+    float mi = beta1 * m[i] + (1.0f - beta1) * g;
+    float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    float p = master[i];
+    p -= lr * ((mi / beta1_correction) / (sqrtf(vi / beta2_correction) + eps) + weight_decay * p);
+    master[i] = p;                                    // float32 master weight: small updates accumulate here
+    params[i] = stochastic ? bf16_stochastic(p, seed, (unsigned int)i) : bf16_from_float(p);
+}

@@ -221,3 +221,116 @@ extern "C" __global__ void permute_kernel_backward(float* dinp,  // (B, T, 3, NH
     dinp[inp_idx + C] = dk[idx];
     dinp[inp_idx + 2 * C] = dv[idx];
 }
+
+// =========================================================================================================
+// The bf16 training step (GPT2(precision="bf16")): kernels/bf16.cuh says what its kernels share.
+// =========================================================================================================
+#include "bf16.cuh"
+
+// The heads of attention as separate matrices: inp (B, T, n, NH, hs), as qkv (n = 3) or atty's gradient
+// (n = 1), plus bias (n*C,) -> out (n, B, NH, T, hs), so out[0], out[1], out[2] are q, k, v. One thread per
+// 8 outputs, in output order (16-byte writes side by side).
+extern "C" __global__ void split_heads_bf16_kernel(bf16* out,          // (n, B, NH, T, hs)
+                                                   const bf16* inp,    // (B, T, n * NH * hs)
+                                                   const float* bias,  // (n * NH * hs,)
+                                                   int n, int B, int T, int NH, int hs) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int hs8 = hs / 8;
+    if (i >= n * B * NH * T * hs8) return;
+    int d = (i % hs8) * 8;
+    int rest = i / hs8;
+    int t = rest % T; rest /= T;
+    int h = rest % NH; rest /= NH;
+    int b = rest % B;
+    int m = rest / B;
+    int C = NH * hs;
+    int col = m * C + h * hs + d;                   // column of inp's row (b, t), and of bias
+    float a[8];
+    load8(a, inp + ((size_t)b * T + t) * n * C + col);
+    for (int k = 0; k < 8; k++) a[k] += bias[col + k];
+    store8(out + (size_t)i * 8, a);
+}
+
+// The inverse move: inp (n, B, NH, T, hs) -> out (B, T, n * NH * hs). Attention's output y (n = 1) back to
+// (B, T, C); dq, dk, dv (n = 3) into one dqkv laid out like qkv.
+extern "C" __global__ void merge_heads_bf16_kernel(bf16* out,         // (B, T, n * NH * hs)
+                                                   const bf16* inp,   // (n, B, NH, T, hs)
+                                                   int n, int B, int T, int NH, int hs) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int C = NH * hs, nC8 = n * C / 8;
+    if (i >= B * T * nC8) return;
+    int col = (i % nC8) * 8, bt = i / nC8;
+    int b = bt / T, t = bt % T;
+    int m = col / C, h = (col % C) / hs, d = col % hs;
+    float a[8];
+    load8(a, inp + ((((size_t)m * B + b) * NH + h) * T + t) * hs + d);
+    store8(out + (size_t)i * 8, a);
+}
+
+// att = softmax(scale * preatt) over the causal part of each row (columns 0..t), zeros after it. One warp
+// per row of the (N, T, T) scores; online max and sum in one pass, then the outputs. att may be preatt
+// (in place): a lane writes only the 8-value chunks it read itself.
+extern "C" __global__ void softmax_forward_bf16_kernel(bf16* att,           // (N, T, T)
+                                                       const bf16* preatt,  // (N, T, T) q @ k^T, unscaled
+                                                       float scale, int N, int T) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N * T) return;
+    int t = row % T;
+    size_t base = (size_t)row * T;
+    int chunks = t / 8 + 1;                     // chunks holding columns 0..t; the last one is masked
+    float maxval = NEG_INF, sum = 0.0f;
+    for (int ch = lane; ch < chunks; ch += 32) {
+        float x[8];
+        load8(x, preatt + base + ch * 8);
+        float chunk_max = NEG_INF;
+        for (int k = 0; k < 8; k++) {
+            x[k] = ch * 8 + k <= t ? x[k] * scale : NEG_INF;   // the future counts as exp(-inf) = 0
+            chunk_max = fmaxf(chunk_max, x[k]);
+        }
+        float new_max = fmaxf(maxval, chunk_max);  // finite: every chunk holds column ch * 8 <= t
+        sum *= __expf(maxval - new_max);           // rescale what was summed so far (once per chunk)
+        for (int k = 0; k < 8; k++) sum += __expf(x[k] - new_max);   // (the fast exp: the output is bf16)
+        maxval = new_max;
+    }
+    float row_max = warpReduceMax(maxval);
+    float row_sum = warpReduceSum(maxval == NEG_INF ? 0.0f : sum * __expf(maxval - row_max));
+    float inv = 1.0f / row_sum;
+    for (int ch = lane; ch < T / 8; ch += 32) {
+        float x[8];
+        if (ch < chunks) load8(x, preatt + base + ch * 8);
+        for (int k = 0; k < 8; k++) x[k] = (ch * 8 + k <= t) ? __expf(x[k] * scale - row_max) * inv : 0.0f;
+        store8(att + base + ch * 8, x);
+    }
+}
+
+// dpreatt = scale * att * (datt - sum_j att_j datt_j) on the causal part of each row, zeros after it (the
+// softmax's Jacobian-vector product, lesson 05). One warp per row; dpreatt may be datt (in place).
+extern "C" __global__ void softmax_backward_bf16_kernel(bf16* dpreatt,       // (N, T, T)
+                                                        const bf16* datt,    // (N, T, T)
+                                                        const bf16* att,     // (N, T, T)
+                                                        float scale, int N, int T) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N * T) return;
+    int t = row % T;
+    size_t base = (size_t)row * T;
+    int chunks = t / 8 + 1;
+    float dot = 0.0f;
+    for (int ch = lane; ch < chunks; ch += 32) {
+        float a[8], d[8];
+        load8(a, att + base + ch * 8);
+        load8(d, datt + base + ch * 8);
+        for (int k = 0; k < 8 && ch * 8 + k <= t; k++) dot += a[k] * d[k];
+    }
+    dot = warpReduceSum(dot);
+    for (int ch = lane; ch < T / 8; ch += 32) {
+        float a[8], d[8];
+        if (ch < chunks) {
+            load8(a, att + base + ch * 8);
+            load8(d, datt + base + ch * 8);
+        }
+        for (int k = 0; k < 8; k++) a[k] = (ch * 8 + k <= t) ? scale * a[k] * (d[k] - dot) : 0.0f;
+        store8(dpreatt + base + ch * 8, a);
+    }
+}

@@ -4,8 +4,13 @@
 // course stores bf16 arrays as `unsigned short` (NumPy uint16 on the host) and converts with the two
 // functions below, so the same source runs on a GPU and in the CPU emulator bit for bit. (CUDA's own type,
 // __nv_bfloat16 from <cuda_bf16.h>, does the same with hardware instructions; the emulator provides a
-// software version of it too.)
+// software version of it too.) After the conversions: stochastic rounding, and the 8-value accesses that
+// the kernels of the bf16 training step share.
 #pragma once
+//
+// The bf16 instructions below (cvt.rn.bf16.f32, cvt.rn.bf16x2.f32, max.bf16x2) exist from compute capability
+// 8.0 (Ampere) on; an older GPU runs the integer versions, as the emulator does, so that the float32 kernels
+// of a file that also holds bf16 ones (layernorm.cu, gelu.cu, ...) still compile there.
 
 typedef unsigned short bf16;
 
@@ -19,7 +24,7 @@ __device__ __forceinline__ float bf16_to_float(bf16 h) {
 // conversion is one instruction (cvt.rn.bf16.f32) that gives these same bits; the integer version, 8
 // instructions, is what the CPU emulator runs (and what made a bf16 store cost more than the arithmetic).
 __device__ __forceinline__ bf16 bf16_from_float(float f) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     bf16 r;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
     return r;
@@ -34,7 +39,7 @@ __device__ __forceinline__ bf16 bf16_from_float(float f) {
 // Two floats -> one 32-bit word of two bf16 (lo in the lower half), each rounded as bf16_from_float does: on a
 // GPU one instruction for the pair (cvt.rn.bf16x2.f32).
 __device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     unsigned int r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // the first operand goes on top
     return r;
@@ -50,11 +55,73 @@ __device__ __forceinline__ float bf16_hi(unsigned int two) { return __uint_as_fl
 // The larger of each pair of bf16 values in two 32-bit words (a max is exact in any precision): on a GPU one
 // instruction (max.bf16x2), in the emulator the same through float32.
 __device__ __forceinline__ unsigned int max_bf16x2(unsigned int a, unsigned int b) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     unsigned int r;
     asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
     return r;
 #else
     return pack_bf16x2(fmaxf(bf16_lo(a), bf16_lo(b)), fmaxf(bf16_hi(a), bf16_hi(b)));
 #endif
+}
+
+// A 32-bit hash of (seed, index): the random bits for stochastic rounding, the same on GPU and CPU.
+__device__ __forceinline__ unsigned int hash32(unsigned int seed, unsigned int i) {
+    unsigned int h = seed ^ (i * 0x9E3779B9u);
+    h ^= h >> 16; h *= 0x85EBCA6Bu; h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16;
+    return h;
+}
+
+// Round up with probability (dropped low bits) / 2^16: adding 16 random bits below the kept ones, then
+// truncating, does exactly that.
+__device__ __forceinline__ bf16 bf16_stochastic(float f, unsigned int seed, unsigned int i) {
+    return (bf16)((__float_as_uint(f) + (hash32(seed, i) & 0xFFFFu)) >> 16);
+}
+
+// =========================================================================================================
+// The bf16 training step (GPT2(precision="bf16"), as llm.c's train_gpt2.cu with floatX = bf16).
+//
+// Activations are bf16; the weight matrices are read as bf16 copies of their float32 masters; layernorm
+// parameters, biases, statistics, the loss and every weight gradient stay float32. The matrix products are
+// cuBLAS's (bf16 in, float32 accumulation). The step's kernels (the last section of encoder.cu, layernorm.cu,
+// attention.cu, matmul.cu, gelu.cu and crossentropy.cu) compute in float32 and move bf16 EIGHT values at a
+// time, one 16-byte access (two-byte loads leave a kernel short of bandwidth, as lesson 14's GELU showed), so
+// C, T and Vp must be multiples of 8 and arrays 16-byte aligned. The helpers after this comment are theirs.
+// Biases are added on the way inside the kernel that reads a product next (cuBLAS gives no bias): the fc
+// bias in the GELU, the two projection biases in the residual adds. The qkv bias has a pass of its own
+// (add_bias_bf16_kernel): the step's attention is flash_attention.cu's version 2, which copies qkv straight
+// into shared memory. The bias gradients come the same way: the fc bias's out of the GELU backward, the two
+// projection biases' out of the LayerNorm backward that writes their dout, the qkv bias's out of the flash
+// attention backward (flash_attention.cu): no kernel reads a product a second time for its bias gradient.
+// The head split, the softmax kernels and the merge are the attention that writes the T x T scores
+// (attention_forward_bf16_cuda), which `python -m llmc_lessons.bench --attention` compares with.
+// =========================================================================================================
+
+// 8 bf16 values <-> 8 floats through one 16-byte access; p must be 16-byte aligned.
+__device__ __forceinline__ void unpack8(float* f, int4 v) {
+    unsigned int w[4] = {(unsigned int)v.x, (unsigned int)v.y, (unsigned int)v.z, (unsigned int)v.w};
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = bf16_lo(w[i]);
+        f[2 * i + 1] = bf16_hi(w[i]);
+    }
+}
+
+__device__ __forceinline__ void load8(float* f, const bf16* p) {
+    unpack8(f, *(const int4*)p);
+}
+
+__device__ __forceinline__ void store8(bf16* p, const float* f) {
+    *(int4*)p = make_int4((int)pack_bf16x2(f[0], f[1]), (int)pack_bf16x2(f[2], f[3]), (int)pack_bf16x2(f[4], f[5]),
+                          (int)pack_bf16x2(f[6], f[7]));
+}
+
+// 8 floats of a float32 vector (a bias, a layernorm weight) through two 16-byte loads; p must be 16-byte
+// aligned (the launchers check). Two load instructions instead of eight.
+__device__ __forceinline__ void load8f(float* f, const float* p) {
+    float4 a = *(const float4*)p, b = *(const float4*)(p + 4);
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+
+__device__ __forceinline__ float round_bf16(float f) {  // the float32 value of f's nearest bf16
+    return bf16_to_float(bf16_from_float(f));
 }

@@ -116,3 +116,25 @@ extern "C" __global__ void encoder_backward_wpe_kernel2(float* dwpe,          //
         dwpe[idx] += sum;                             // dwpe[t, c]: row t starts at t*C, so its flat index is idx
     }
 }
+
+// =========================================================================================================
+// The bf16 training step (GPT2(precision="bf16")): kernels/bf16.cuh says what its kernels share.
+// =========================================================================================================
+#include "bf16.cuh"
+
+// encoded[b, t, :] = wte[inp[b, t], :] + wpe[t, :]; one thread per 8 channels.
+extern "C" __global__ void encoder_forward_bf16_kernel(bf16* out,         // (B, T, C)
+                                                       const int* inp,    // (B, T) token ids
+                                                       const bf16* wte,   // (Vp, C)
+                                                       const bf16* wpe,   // (maxT, C)
+                                                       int B, int T, int C) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int C8 = C / 8;
+    if (i >= B * T * C8) return;
+    int bt = i / C8, c = (i % C8) * 8, t = bt % T;
+    float a[8], p[8];
+    load8(a, wte + (size_t)inp[bt] * C + c);
+    load8(p, wpe + (size_t)t * C + c);
+    for (int k = 0; k < 8; k++) a[k] += p[k];
+    store8(out + (size_t)bt * C + c, a);
+}

@@ -199,7 +199,7 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 // flash_attention_backward_dq_bf16_kernel:   dq, and D_i = dout_i . out_i, written for the next kernel.
 // flash_attention_backward_dkdv_bf16_kernel: dk, dv (launched second: it reads D).
 // Both also leave the column sums of the dqkv values they store (a row of partial (B * tiles, 3C) per block
-// and part): summed over the rows by column_sum_add_kernel (bf16.cu), that is the qkv bias's gradient, taken
+// and part): summed over the rows by column_sum_add_kernel (layernorm.cu), that is the qkv bias's gradient, taken
 // without reading dqkv again.
 #include "mma.cuh"
 

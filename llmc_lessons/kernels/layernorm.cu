@@ -24,6 +24,9 @@
 //   layernorm_param_reduce_kernel then adds in the order 0, 1, ...: more blocks, still deterministic.
 // layernorm_backward_kernel2 does all three in one pass, a row per warp held in registers (C <= 1024,
 //   C % 4 == 0): the launcher's default where it fits.
+//
+// After them, each in a section of its own: the forward fused with the residual add before it (lesson 12),
+// and the bf16 versions (lesson 14, then the kernels of the bf16 training step).
 #include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -309,5 +312,358 @@ extern "C" __global__ void layernorm_backward_kernel2(float* dinp,             /
             out[(size_t)blockIdx.x * C + c] = sum;
         }
         __syncthreads();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Kernel fusion (lesson 12). Two kernels that each read and write memory once can often be one
+// kernel that does both jobs in a single pass, saving the round trip of the intermediate through memory.
+//
+// fused_residual_layernorm_forward_kernel: residual = inp1 + inp2, then out = layernorm(residual), as GPT-2
+//   does at every block (the residual add followed by ln2, or by the next block's ln1). Apart, the residual
+//   kernel reads 2 rows and writes 1, then layernorm reads that row again and writes 1: 5 row transfers.
+//   Fused: read 2, write 2 (the residual is still needed by the backward): 4. One warp per row, as
+//   layernorm_forward_kernel2; the row is read once from memory and the second pass hits the L1/L2 cache.
+
+extern "C" __global__ void fused_residual_layernorm_forward_kernel(float* residual,     // (N, C)
+                                                                   float* out,          // (N, C)
+                                                                   float* mean,         // (N,)
+                                                                   float* rstd,         // (N,)
+                                                                   const float* inp1,   // (N, C)
+                                                                   const float* inp2,   // (N, C)
+                                                                   const float* weight, // (C,)
+                                                                   const float* bias,   // (C,)
+                                                                   int N, int C, float eps) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // one warp per row
+    if (row >= N) return;                                          // the whole warp leaves together
+    const float* a = inp1 + row * C;
+    const float* b = inp2 + row * C;
+    float* r = residual + row * C;
+    // pass 1: the residual add, written out, and the row sum, lane by lane (lane, lane + 32, ...)
+    float sum = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float v = a[c] + b[c];
+        r[c] = v;
+        sum += v;
+    }
+    float m = warpReduceSum(sum) / C;
+    // pass 2: the variance from the centred values (this warp wrote r a moment ago: it reads its own writes)
+    float var = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float d = r[c] - m;
+        var += d * d;
+    }
+    float s = rsqrtf(warpReduceSum(var) / C + eps);
+    // pass 3: normalise, scale and shift
+    float* o = out + row * C;
+    for (int c = lane; c < C; c += 32) {
+        o[c] = (r[c] - m) * s * weight[c] + bias[c];
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = s;
+    }
+}
+
+// =========================================================================================================
+// bf16 (lesson 14): stored in bfloat16, computed in float32 (kernels/bf16.cuh has the conversions).
+//
+// layernorm_forward_bf16_kernel: one warp per row (as layernorm_forward_kernel2); bf16 input and output, the
+//   mean and the variance accumulated and kept in float32 (a bf16 sum of 768 terms would lose 2-3 digits).
+// =========================================================================================================
+#include "bf16.cuh"
+
+extern "C" __global__ void layernorm_forward_bf16_kernel(bf16* out,           // (N, C)
+                                                         float* mean,         // (N,)
+                                                         float* rstd,         // (N,)
+                                                         const bf16* inp,     // (N, C)
+                                                         const float* weight, // (C,)
+                                                         const float* bias,   // (C,)
+                                                         int N, int C) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) return;
+    const bf16* x = inp + row * C;
+    float sum = 0.0f;
+    for (int c = lane; c < C; c += 32) sum += bf16_to_float(x[c]);
+    float m = warpReduceSum(sum) / C;
+    float var = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float d = bf16_to_float(x[c]) - m;
+        var += d * d;
+    }
+    float s = rsqrtf(warpReduceSum(var) / C + 1e-5f);
+    for (int c = lane; c < C; c += 32) {
+        out[row * C + c] = bf16_from_float((bf16_to_float(x[c]) - m) * s * weight[c] + bias[c]);
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = s;
+    }
+}
+
+// =========================================================================================================
+// The bf16 training step (GPT2(precision="bf16")): kernels/bf16.cuh says what its kernels share.
+// =========================================================================================================
+
+#define ROW_CHUNKS 4   // 8-value chunks per lane when a warp keeps a row in registers: C <= 4 * 32 * 8 = 1024
+
+// The layernorm of one row that a warp holds in registers, lane `lane` the 8-value chunks (lane + 32 i) * 8
+// (those below C): the mean and the variance from the registers (two passes over them, no trip to memory),
+// then out = (x - mean) * rstd * weight + bias stored 16 bytes at a time. The statistics stay float32.
+__device__ __forceinline__ void layernorm_row_bf16(float r[ROW_CHUNKS][8], bf16* out, float* mean, float* rstd,
+                                                   const float* weight, const float* bias, int row, int C,
+                                                   int lane) {
+    float sum = 0.0f;
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        if ((lane + 32 * i) * 8 < C) {
+            for (int k = 0; k < 8; k++) sum += r[i][k];
+        }
+    }
+    float m = warpReduceSum(sum) / C;
+    float var = 0.0f;
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        if ((lane + 32 * i) * 8 < C) {
+            for (int k = 0; k < 8; k++) var += (r[i][k] - m) * (r[i][k] - m);
+        }
+    }
+    float s = rsqrtf(warpReduceSum(var) / C + 1e-5f);
+    size_t base = (size_t)row * C;
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            float w[8], b[8];
+            load8f(w, weight + c);
+            load8f(b, bias + c);
+            for (int k = 0; k < 8; k++) r[i][k] = (r[i][k] - m) * s * w[k] + b[k];
+            store8(out + base + c, r[i]);
+        }
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = s;
+    }
+}
+
+// The layernorm forward of the step's first layer (the later ones are fused with a residual add, below): one
+// warp per row, the row read once into registers through 16-byte loads. layernorm_forward_bf16_kernel above
+// is the same function with two-byte loads, a value at a time (any C); this one needs C a multiple of 8 and
+// at most 1024.
+extern "C" __global__ void layernorm_forward_bf16_kernel2(bf16* out,           // (N, C)
+                                                          float* mean,         // (N,)
+                                                          float* rstd,         // (N,)
+                                                          const bf16* inp,     // (N, C)
+                                                          const float* weight, // (C,)
+                                                          const float* bias,   // (C,)
+                                                          int N, int C) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) return;
+    int4 raw[ROW_CHUNKS];
+    for (int i = 0; i < ROW_CHUNKS; i++) {      // every load of the row first, then the arithmetic
+        int c = (lane + 32 * i) * 8;
+        if (c < C) raw[i] = *(const int4*)(inp + (size_t)row * C + c);
+    }
+    float r[ROW_CHUNKS][8];
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        if ((lane + 32 * i) * 8 < C) unpack8(r[i], raw[i]);
+    }
+    layernorm_row_bf16(r, out, mean, rstd, weight, bias, row, C, lane);
+}
+
+// residual = inp1 + (inp2 + bias2), then out = layernorm(residual): the residual connection after a
+// projection (whose bias is bias2) fused with the layernorm that reads its result. One warp per row, the row
+// read once into registers, all its loads in flight together; the statistics are of the bf16-rounded
+// residual that is stored. (A first version re-read the row from the cache for the variance and the output:
+// three dependent trips to memory per row, 50 us a call in the H200's profile of the step; this one 28 us.)
+extern "C" __global__ void residual_layernorm_forward_bf16_kernel(bf16* residual,       // (N, C)
+                                                                  bf16* out,            // (N, C)
+                                                                  float* mean,          // (N,)
+                                                                  float* rstd,          // (N,)
+                                                                  const bf16* inp1,     // (N, C)
+                                                                  const bf16* inp2,     // (N, C)
+                                                                  const float* bias2,   // (C,)
+                                                                  const float* weight,  // (C,)
+                                                                  const float* bias,    // (C,)
+                                                                  int N, int C) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) return;                       // the whole warp leaves together
+    size_t base = (size_t)row * C;
+    int4 raw1[ROW_CHUNKS], raw2[ROW_CHUNKS];
+    for (int i = 0; i < ROW_CHUNKS; i++) {      // every load of the row first, then the arithmetic
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            raw1[i] = *(const int4*)(inp1 + base + c);
+            raw2[i] = *(const int4*)(inp2 + base + c);
+        }
+    }
+    float r[ROW_CHUNKS][8];
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            float b[8], pb[8];
+            unpack8(r[i], raw1[i]);
+            unpack8(b, raw2[i]);
+            load8f(pb, bias2 + c);
+            for (int k = 0; k < 8; k++) r[i][k] = round_bf16(r[i][k] + (b[k] + pb[k]));
+            store8(residual + base + c, r[i]);
+        }
+    }
+    layernorm_row_bf16(r, out, mean, rstd, weight, bias, row, C, lane);
+}
+
+// The column sums of partial (R, 3C), always in the same order, added into three vectors: columns 0..C-1 into
+// out1, C..2C-1 into out2, 2C..3C-1 into out3 (the layernorm backward's dweight, dbias and the bias gradient
+// of the projection before it, in one launch). Block (X, Y): X neighbouring columns, the Y rows of threads
+// split the R partial rows, then thread row 0 adds their Y sums in order. Each thread loads four of its rows
+// before adding them (in row order): the launch is short, and its time is mostly its start and the chain of
+// loads each thread waits for.
+extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,) accumulated into
+                                                 float* out2,            // (C,) accumulated into
+                                                 float* out3,            // (C,) accumulated into
+                                                 const float* partial,   // (R, 3C)
+                                                 int R, int C) {
+    extern __shared__ float buf[];              // (Y, X)
+    int X = blockDim.x, Y = blockDim.y;
+    int c = blockIdx.x * X + threadIdx.x;
+    float acc = 0.0f;
+    if (c < 3 * C) {
+        int r = threadIdx.y;
+        for (; r + 3 * Y < R; r += 4 * Y) {
+            float v[4];
+            for (int j = 0; j < 4; j++) v[j] = partial[(size_t)(r + j * Y) * 3 * C + c];
+            for (int j = 0; j < 4; j++) acc += v[j];
+        }
+        for (; r < R; r += Y) acc += partial[(size_t)r * 3 * C + c];
+    }
+    buf[threadIdx.y * X + threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < 3 * C) {
+        float s = 0.0f;
+        for (int y = 0; y < Y; y++) s += buf[y * X + threadIdx.x];
+        float* out = c < C ? out1 : (c < 2 * C ? out2 : out3);
+        out[c % C] += s;
+    }
+}
+
+// The layernorm backward of lesson 03 on bf16 dout and inp, a warp per row, each warp taking LN_ROWS rows at
+// a time (rows r, r + W, with W the grid's warps; then r + 2W, ...). dinp is the float32 gradient of the
+// residual stream and is ACCUMULATED into (the two readers of a residual add up); dinp_bf16 gets its new
+// value in bf16 for the next matmul's backward. The rows' dout and inp are loaded at once into registers
+// (all their loads in flight together), their old dinp once the two reductions are done. dresidual_bias
+// (C,) += the column sums of dinp_bf16: the bias gradient of the projection whose output was added into this
+// residual stream (it reads exactly dinp_bf16), in the same pass.
+// The three column sums: lane `lane` handles the same columns (lane + 32 i) * 8 .. + 7 of every row, so it
+// adds its rows' terms into its own slots of its warp's sums in shared memory: no other thread touches them, no
+// atomics. At the end the warps of a block add theirs in order into row blockIdx.x of partial, and
+// column_sum_add_kernel adds those rows in order: the result is deterministic.
+// Why two rows at a time (H200, GPT-2's shapes, the kernel alone): one row at a time fitted 24 warps on a
+// multiprocessor (79 registers; 24 rows in flight), 63-64 us; two rows take 128 registers, so 16 warps fit,
+// but 32 rows are in flight and each shared-memory update serves two rows: 57 us. (Keeping the sums in
+// registers instead took 162 registers a thread: one block of 8 warps fitted, 63 us with two sums.)
+#define LN_ROWS 2
+extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,             // (N, C) accumulated into
+                                                         bf16* dinp_bf16,         // (N, C)
+                                                         float* partial,          // (gridDim.x, 3C)
+                                                         const bf16* dout,        // (N, C)
+                                                         const bf16* inp,         // (N, C)
+                                                         const float* weight,     // (C,)
+                                                         const float* mean,       // (N,)
+                                                         const float* rstd,       // (N,)
+                                                         int N, int C) {
+    extern __shared__ float buf[];            // (warps per block, 3C): each warp's dweight, dbias, dres sums
+    int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
+    int W = gridDim.x * warps;
+    float* dw = buf + (size_t)w * 3 * C;
+    float* db = dw + C;
+    float* dr = db + C;
+    for (int i = 0; i < ROW_CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            for (int k = 0; k < 8; k++) dw[c + k] = db[c + k] = dr[c + k] = 0.0f;
+        }
+    }
+    for (int row0 = blockIdx.x * warps + w; row0 < N; row0 += LN_ROWS * W) {
+        int4 raw_dout[LN_ROWS][ROW_CHUNKS], raw_inp[LN_ROWS][ROW_CHUNKS];   // the rows stay in registers, packed
+        float m[LN_ROWS], s[LN_ROWS], dnorm_mean[LN_ROWS], dnorm_norm_mean[LN_ROWS];
+        for (int r = 0; r < LN_ROWS; r++) {   // a row past N is zeros (m = s = 0): it adds 0 to every sum
+            int row = row0 + r * W;
+            bool in = row < N;
+            m[r] = in ? mean[row] : 0.0f;
+            s[r] = in ? rstd[row] : 0.0f;
+            dnorm_mean[r] = dnorm_norm_mean[r] = 0.0f;
+            for (int i = 0; i < ROW_CHUNKS; i++) {
+                int c = (lane + 32 * i) * 8;
+                if (c < C) {
+                    raw_dout[r][i] = in ? *(const int4*)(dout + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
+                    raw_inp[r][i] = in ? *(const int4*)(inp + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
+                }
+            }
+        }
+        for (int i = 0; i < ROW_CHUNKS; i++) {
+            int c = (lane + 32 * i) * 8;
+            if (c < C) {
+                float wt[8], sw[8], sb[8];
+                load8f(wt, weight + c);
+                load8f(sw, dw + c);
+                load8f(sb, db + c);
+                for (int r = 0; r < LN_ROWS; r++) {
+                    float d[8], x[8];
+                    unpack8(d, raw_dout[r][i]);
+                    unpack8(x, raw_inp[r][i]);
+                    for (int k = 0; k < 8; k++) {
+                        float norm = (x[k] - m[r]) * s[r];
+                        float dnorm = wt[k] * d[k];
+                        dnorm_mean[r] += dnorm;
+                        dnorm_norm_mean[r] += dnorm * norm;
+                        sb[k] += d[k];
+                        sw[k] += norm * d[k];
+                    }
+                }
+                *(float4*)(dw + c) = make_float4(sw[0], sw[1], sw[2], sw[3]);
+                *(float4*)(dw + c + 4) = make_float4(sw[4], sw[5], sw[6], sw[7]);
+                *(float4*)(db + c) = make_float4(sb[0], sb[1], sb[2], sb[3]);
+                *(float4*)(db + c + 4) = make_float4(sb[4], sb[5], sb[6], sb[7]);
+            }
+        }
+        for (int r = 0; r < LN_ROWS; r++) {
+            dnorm_mean[r] = warpReduceSum(dnorm_mean[r]) / C;
+            dnorm_norm_mean[r] = warpReduceSum(dnorm_norm_mean[r]) / C;
+        }
+        for (int i = 0; i < ROW_CHUNKS; i++) {
+            int c = (lane + 32 * i) * 8;
+            if (c < C) {
+                float wt[8], sr[8];
+                load8f(wt, weight + c);
+                load8f(sr, dr + c);
+                for (int r = 0; r < LN_ROWS; r++) {
+                    int row = row0 + r * W;
+                    if (row >= N) break;
+                    size_t at = (size_t)row * C + c;
+                    float d[8], x[8], g[8];
+                    unpack8(d, raw_dout[r][i]);
+                    unpack8(x, raw_inp[r][i]);
+                    load8f(g, dinp + at);
+                    for (int k = 0; k < 8; k++) {
+                        float norm = (x[k] - m[r]) * s[r];
+                        g[k] += s[r] * (wt[k] * d[k] - dnorm_mean[r] - norm * dnorm_norm_mean[r]);
+                        sr[k] += round_bf16(g[k]);     // the value dinp_bf16 gets
+                    }
+                    *(float4*)(dinp + at) = make_float4(g[0], g[1], g[2], g[3]);
+                    *(float4*)(dinp + at + 4) = make_float4(g[4], g[5], g[6], g[7]);
+                    store8(dinp_bf16 + at, g);
+                }
+                *(float4*)(dr + c) = make_float4(sr[0], sr[1], sr[2], sr[3]);
+                *(float4*)(dr + c + 4) = make_float4(sr[4], sr[5], sr[6], sr[7]);
+            }
+        }
+    }
+    __syncthreads();                          // the block's warps add their sums in order
+    for (int c = threadIdx.x; c < 3 * C; c += blockDim.x) {
+        float sum = 0.0f;
+        for (int j = 0; j < warps; j++) sum += buf[(size_t)j * 3 * C + c];
+        partial[(size_t)blockIdx.x * 3 * C + c] = sum;
     }
 }

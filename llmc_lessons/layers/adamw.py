@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cuda import load_kernel
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -79,16 +80,6 @@ def clip_grad_norm(grads, max_norm) -> float:
 # Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
 
 
-def _check_block_size(block_size, warps: bool) -> int:
-    ok = not isinstance(block_size, bool) and isinstance(block_size, (int, np.integer)) and 1 <= block_size <= 1024
-    if ok and warps and block_size % 32:
-        ok = False
-    if not ok:
-        need = "a multiple of 32 (whole warps) in 32..1024" if warps else "an int in 1..1024"
-        raise ValueError(f"block_size must be {need}, got {block_size!r}")
-    return int(block_size)
-
-
 def adamw_update_cuda(param, grad, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
                       grad_scale=1.0, block_size: int = 512) -> None:
     """(N...) float32 x4 -> None: IN PLACE, param, m and v are overwritten with their new values.
@@ -96,9 +87,7 @@ def adamw_update_cuda(param, grad, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8,
     One thread per element (adamw_kernel). grad is read only; it is multiplied by grad_scale first (the clip
     factor from clip_grad_norm / global_norm_cuda). Returns nothing, to make the in-place update plain.
     """
-    from llmc_lessons.cuda import load_kernel
-
-    block_size = _check_block_size(block_size, warps=False)
+    block_size = device.require_block_size(block_size, warps=False)
     device.require_array("param", param)
     shape = tuple(param.shape)
     for name, a in (("grad", grad), ("m", m), ("v", v)):
@@ -127,9 +116,7 @@ def global_norm_squared_cuda(grads, block_size: int = 512, max_blocks: int = 102
     into the same slots; then global_sum_deterministic_kernel adds the partial sums in a fixed order. The same
     arrays at the same block_size and max_blocks give the same bits at every call.
     """
-    from llmc_lessons.cuda import load_kernel
-
-    block_size = _check_block_size(block_size, warps=True)
+    block_size = device.require_block_size(block_size, warps=True)
     if isinstance(max_blocks, bool) or not isinstance(max_blocks, (int, np.integer)) or max_blocks < 1:
         raise ValueError(f"max_blocks must be a positive int, got {max_blocks!r}")
     arrays = list(grads) if isinstance(grads, (list, tuple)) else [grads]
@@ -152,3 +139,28 @@ def global_norm_cuda(grads, block_size: int = 512, max_blocks: int = 1024) -> fl
     """One float32 array or a list of them -> the global L2 norm, a float: the square root, on the host, of
     global_norm_squared_cuda's sum (copying it to the host waits for the GPU)."""
     return math.sqrt(float(device.to_host(global_norm_squared_cuda(grads, block_size, max_blocks))[0]))
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 (lesson 14): launchers of the bf16 kernels in kernels/adamw.cu (bf16 arrays are uint16 arrays of
+# the bits; layers/bf16.py has the checks they share)
+
+
+def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1: float = 0.9,
+                           beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
+                           stochastic: bool = False, seed: int = 0, block_size: int = 512, grad_scale: float = 1.0):
+    """AdamW on float32 `master` weights and moments in place, then `params` (uint16) = their bf16 copy.
+    grad_scale multiplies every gradient first (the clip factor)."""
+    device.require_array("master", master)
+    n = master.size
+    device.require_array("params", params, shape=master.shape, dtype=np.uint16)
+    for name, a in (("grads", grads), ("m", m), ("v", v)):
+        device.require_array(name, a, shape=master.shape)
+    if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1:
+        raise ValueError(f"t counts steps from 1, got {t!r}")
+    block_size = device.require_block_size(block_size)
+    if n:
+        load_kernel("adamw.cu", "adamw_bf16_kernel")(
+            (-(-n // block_size),), (block_size,),
+            (master, params, grads, m, v, np.int32(n), np.float32(lr), np.float32(beta1), np.float32(beta2),
+             np.float32(1 - beta1 ** t), np.float32(1 - beta2 ** t), np.float32(eps), np.float32(weight_decay),
+             np.float32(grad_scale), np.int32(bool(stochastic)), np.uint32(seed)))

@@ -23,6 +23,9 @@ import math
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cublas import gemm_batched
+from llmc_lessons.cuda import load_kernel
+from llmc_lessons.layers.bf16 import _bf16_array, _eight, _launch
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -117,16 +120,6 @@ def attention_backward(dout, qkv, att, NH):
 # Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
 
 
-def _check_block_size(block_size, whole_warps: bool) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
-            or not 1 <= block_size <= 1024:
-        raise ValueError(f"block_size must be an int in 1..1024 (threads per block), got {block_size!r}")
-    if whole_warps and block_size % 32:
-        raise ValueError(f"block_size must be a multiple of 32 here (one warp of 32 threads owns one row of "
-                         f"att), got {block_size}")
-    return int(block_size)
-
-
 def _launch_1d(kernel, n: int, block_size: int, args) -> None:
     """One thread per element of n (rounded up to whole blocks; the kernel checks idx < n)."""
     if n:
@@ -135,7 +128,6 @@ def _launch_1d(kernel, n: int, block_size: int, args) -> None:
 
 def _permute(qkv, B, T, NH, hs, block_size):
     """(B, T, 3C) -> q, k, v each (B, NH, T, hs) through permute_kernel."""
-    from llmc_lessons.cuda import load_kernel
     xp = device.xp
     q, k, v = (xp.empty((B, NH, T, hs), dtype=np.float32) for _ in range(3))
     _launch_1d(load_kernel("attention.cu", "permute_kernel"), B * NH * T * hs, block_size,
@@ -159,12 +151,9 @@ def attention_forward_cuda(qkv, NH, version: str = "cublas", block_size: int = 2
     version "cublas": permute -> batched matmul -> softmax_forward_kernel -> batched matmul -> unpermute.
     block_size: threads per block (a multiple of 32 for "cublas", whose softmax gives each row a warp).
     """
-    from llmc_lessons.cublas import gemm_batched
-    from llmc_lessons.cuda import load_kernel
-
     if version not in ("naive", "cublas"):
         raise ValueError(f"version must be 'naive' or 'cublas', got {version!r}")
-    block_size = _check_block_size(block_size, whole_warps=(version == "cublas"))
+    block_size = device.require_block_size(block_size, warps=(version == "cublas"))
     device.require_array("qkv", qkv, shape=(None, None, None))
     B, T, C, hs = _sizes(qkv, NH, "attention_forward_cuda")
     NH = int(NH)
@@ -192,10 +181,7 @@ def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256):
     q, k, v are permuted again from qkv (llm.c keeps them from the forward pass instead).
     block_size: threads per block, a multiple of 32 (the softmax backward gives each row a warp).
     """
-    from llmc_lessons.cublas import gemm_batched
-    from llmc_lessons.cuda import load_kernel
-
-    block_size = _check_block_size(block_size, whole_warps=True)
+    block_size = device.require_block_size(block_size, warps=True)
     device.require_array("qkv", qkv, shape=(None, None, None))
     B, T, C, hs = _sizes(qkv, NH, "attention_backward_cuda")
     NH = int(NH)
@@ -221,3 +207,102 @@ def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256):
     _launch_1d(load_kernel("attention.cu", "permute_kernel_backward"), n, block_size,
                (dqkv, dq, dk, dv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
     return dqkv
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 (lesson 14): launchers of the bf16 kernels in kernels/attention.cu (bf16 arrays are uint16 arrays of
+# the bits; layers/bf16.py has the checks they share)
+
+
+def split_heads_bf16_cuda(inp, n: int, NH: int, bias=None, block_size: int = 256):
+    """(B, T, n*C) bf16 [+ bias (n*C,) float32] -> (n, B, NH, T, hs) bf16: q, k, v as one matrix per head
+    (n = 3, from qkv with its bias) or the gradient of attention's output (n = 1, no bias)."""
+    _bf16_array("inp", inp, (None, None, None))
+    B, T, nC = inp.shape
+    n, NH = device.require_int("n", n), device.require_int("NH", NH)
+    if nC % (n * NH):
+        raise ValueError(f"the last axis ({nC}) must be n * C with C a multiple of NH = {NH} (n = {n})")
+    hs = _eight("the head size", nC // (n * NH))
+    if bias is None:
+        bias = device.xp.zeros((nC,), np.float32)
+    device.require_array("bias", bias, shape=(nC,))
+    out = device.xp.empty((n, B, NH, T, hs), np.uint16)
+    _launch("attention.cu", "split_heads_bf16_kernel", out.size // 8, device.require_block_size(block_size),
+            (out, inp, bias, np.int32(n), np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    return out
+
+
+def merge_heads_bf16_cuda(inp, block_size: int = 256):
+    """(n, B, NH, T, hs) bf16 -> (B, T, n*NH*hs) bf16, the inverse of split_heads_bf16_cuda (no bias)."""
+    _bf16_array("inp", inp, (None, None, None, None, None))
+    n, B, NH, T, hs = inp.shape
+    _eight("the head size", hs)
+    out = device.xp.empty((B, T, n * NH * hs), np.uint16)
+    _launch("attention.cu", "merge_heads_bf16_kernel", out.size // 8, device.require_block_size(block_size),
+            (out, inp, np.int32(n), np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    return out
+
+
+def softmax_forward_bf16_cuda(preatt, scale: float, out=None, block_size: int = 256):
+    """(N, T, T) bf16 scores -> causal softmax(scale * scores) (N, T, T) bf16; out may be preatt (in place)."""
+    _bf16_array("preatt", preatt, (None, None, None))
+    N, T, T2 = preatt.shape
+    if T != T2:
+        raise ValueError(f"preatt must be (N, T, T), got {tuple(preatt.shape)}")
+    _eight("T", T)
+    out = device.xp.empty_like(preatt) if out is None else _bf16_array("out", out, preatt.shape)
+    _launch("attention.cu", "softmax_forward_bf16_kernel", N * T * 32, device.require_block_size(block_size, warps=True),
+            (out, preatt, np.float32(scale), np.int32(N), np.int32(T)))
+    return out
+
+
+def softmax_backward_bf16_cuda(datt, att, scale: float, out=None, block_size: int = 256):
+    """(N, T, T) bf16 datt and att -> dpreatt (N, T, T) bf16 (causal, times scale); out may be datt."""
+    _bf16_array("att", att, (None, None, None))
+    N, T, _ = att.shape
+    _eight("T", T)
+    _bf16_array("datt", datt, att.shape)
+    out = device.xp.empty_like(att) if out is None else _bf16_array("out", out, att.shape)
+    _launch("attention.cu", "softmax_backward_bf16_kernel", N * T * 32, device.require_block_size(block_size, warps=True),
+            (out, datt, att, np.float32(scale), np.int32(N), np.int32(T)))
+    return out
+
+
+def attention_forward_bf16_cuda(qkv, qkvb, NH: int, block_size: int = 256):
+    """qkv (B, T, 3C) bf16 (the product, no bias), qkvb (3C,) float32 -> atty (B, T, C) bf16, and for the
+    backward qkvh (3, B, NH, T, hs) (q, k, v per head) and att (B, NH, T, T), all bf16.
+
+    split heads (+ bias) -> preatt = q @ k^T (cuBLAS, bf16 out) -> causal softmax in place -> att @ v -> merge.
+    The model runs flash attention instead (layers/flash_attention.py, version 2); this is the baseline it is
+    measured against (bench.bench_attention).
+    """
+    _bf16_array("qkv", qkv, (None, None, None))
+    B, T, C3 = qkv.shape
+    qkvh = split_heads_bf16_cuda(qkv, 3, NH, qkvb, block_size)
+    _, _, NH, _, hs = qkvh.shape
+    N = B * NH
+    q, k, v = (qkvh[i].reshape(N, T, hs) for i in range(3))
+    att = gemm_batched(q, k, trans_b=True)                                # (N, T, T) unscaled scores
+    softmax_forward_bf16_cuda(att, 1.0 / np.sqrt(hs), out=att, block_size=block_size)
+    y = gemm_batched(att, v)                                              # (N, T, hs)
+    atty = merge_heads_bf16_cuda(y.reshape(1, B, NH, T, hs), block_size)
+    return atty, qkvh, att.reshape(B, NH, T, T)
+
+
+def attention_backward_bf16_cuda(datty, qkvh, att, block_size: int = 256):
+    """datty (B, T, C), qkvh (3, B, NH, T, hs), att (B, NH, T, T) bf16 -> dqkv (B, T, 3C) bf16 (no bias
+    gradient: the step's flash attention backward sums it, flash_attention_backward_bf16_cuda(dbias=))."""
+    _bf16_array("qkvh", qkvh, (3, None, None, None, None))
+    _, B, NH, T, hs = qkvh.shape
+    _bf16_array("datty", datty, (B, T, NH * hs))
+    _bf16_array("att", att, (B, NH, T, T))
+    N = B * NH
+    dy = split_heads_bf16_cuda(datty, 1, NH, block_size=block_size).reshape(N, T, hs)
+    q, k, v = (qkvh[i].reshape(N, T, hs) for i in range(3))
+    att3 = att.reshape(N, T, T)
+    dqkvh = device.xp.empty((3, N, T, hs), np.uint16)
+    datt = gemm_batched(dy, v, trans_b=True)                              # (N, T, T)
+    gemm_batched(att3, dy, trans_a=True, out=dqkvh[2])                    # dv = att^T @ dy
+    softmax_backward_bf16_cuda(datt, att3, 1.0 / np.sqrt(hs), out=datt, block_size=block_size)
+    gemm_batched(datt, k, out=dqkvh[0])                                   # dq = dpreatt @ k
+    gemm_batched(datt, q, trans_a=True, out=dqkvh[1])                     # dk = dpreatt^T @ q
+    return merge_heads_bf16_cuda(dqkvh.reshape(3, B, NH, T, hs), block_size)

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc_lessons.layers.attention import attention_backward, attention_forward
-from llmc_lessons.layers.gelu import gelu_backward, gelu_forward
-from llmc_lessons.layers.layernorm import layernorm_backward, layernorm_forward
-from llmc_lessons.layers.matmul import matmul_backward, matmul_forward
-from llmc_lessons.layers.residual import residual_backward, residual_forward
+from llmc_lessons.layers.attention import (attention_backward, attention_backward_cuda, attention_forward,
+                                           attention_forward_cuda)
+from llmc_lessons.layers.gelu import gelu_backward, gelu_backward_cuda, gelu_forward, gelu_forward_cuda
+from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backward_cuda, layernorm_forward,
+                                           layernorm_forward_cuda)
+from llmc_lessons.layers.matmul import matmul_backward, matmul_backward_cuda, matmul_forward, matmul_forward_cuda
+from llmc_lessons.layers.residual import residual_backward, residual_forward, residual_forward_cuda
 
 BLOCK_PARAMETER_NAMES = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                          "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb")
@@ -149,11 +151,6 @@ def block_backward(dout, cache: dict, p: dict, NH: int):
 
 
 def _launchers():
-    from llmc_lessons.layers.attention import attention_backward_cuda, attention_forward_cuda
-    from llmc_lessons.layers.gelu import gelu_backward_cuda, gelu_forward_cuda
-    from llmc_lessons.layers.layernorm import layernorm_backward_cuda, layernorm_forward_cuda
-    from llmc_lessons.layers.matmul import matmul_backward_cuda, matmul_forward_cuda
-    from llmc_lessons.layers.residual import residual_forward_cuda
     return (layernorm_forward_cuda, layernorm_backward_cuda, matmul_forward_cuda, matmul_backward_cuda,
             attention_forward_cuda, attention_backward_cuda, gelu_forward_cuda, gelu_backward_cuda,
             residual_forward_cuda)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.layers.bf16 import _bf16_array, _eight, _kernel_with_shared
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -98,13 +99,6 @@ def crossentropy_softmax_backward(dlosses, probs, targets, V):
 # Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
 
 
-def _check_block_size(block_size) -> int:
-    ok = not isinstance(block_size, bool) and isinstance(block_size, (int, np.integer))
-    if not ok or not 32 <= block_size <= 1024 or block_size % 32:
-        raise ValueError(f"block_size must be a multiple of 32 (whole warps) in 32..1024, got {block_size!r}")
-    return int(block_size)
-
-
 def _require_logits(name: str, a, V):
     device.require_array(name, a, shape=(None, None, None))
     B, T, Vp = a.shape
@@ -134,7 +128,7 @@ def softmax_forward_cuda(logits, V, block_size: int = 512):
     """(B, T, Vp) -> probs (B, T, Vp), a fresh array, through softmax_forward_kernel (a block per row)."""
     from llmc_lessons.cuda import load_kernel
 
-    block_size = _check_block_size(block_size)
+    block_size = device.require_block_size(block_size, warps=True)
     B, T, Vp, V = _require_logits("logits", logits, V)
     probs = device.xp.empty((B, T, Vp), dtype=np.float32)
     N = B * T
@@ -172,7 +166,7 @@ def crossentropy_softmax_backward_cuda(dlosses, probs, targets, V, block_size: i
     check_targets: see _require_targets (None: checked on the CPU backend, not on a GPU)."""
     from llmc_lessons.cuda import load_kernel
 
-    block_size = _check_block_size(block_size)
+    block_size = device.require_block_size(block_size, warps=True)
     B, T, Vp, V = _require_logits("probs", probs, V)
     device.require_array("dlosses", dlosses, shape=(B, T))
     _require_targets(targets, B, T, V, check_targets)
@@ -198,7 +192,7 @@ def fused_classifier_cuda(logits, targets, V, block_size: int = 512, dloss=None,
     """
     from llmc_lessons.cuda import load_kernel
 
-    block_size = _check_block_size(block_size)
+    block_size = device.require_block_size(block_size, warps=True)
     B, T, Vp, V = _require_logits("logits", logits, V)
     _require_targets(targets, B, T, V, check_targets)
     N = B * T
@@ -219,3 +213,31 @@ def fused_classifier_cuda(logits, targets, V, block_size: int = 512, dloss=None,
         load_kernel("crossentropy.cu", "fused_classifier_kernel" if version == 1 else "fused_classifier_kernel2")(
             (N,), (block_size,), (logits, losses, targets, np.float32(dloss), np.int32(N), np.int32(V), np.int32(Vp)))
     return losses, logits
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 (lesson 14): launchers of the bf16 kernels in kernels/crossentropy.cu (bf16 arrays are uint16 arrays of
+# the bits; layers/bf16.py has the checks they share)
+
+
+def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size: int = 512,
+                               check_targets: bool | None = None):
+    """logits (B, T, Vp) bf16, overwritten in place with dlogits = dloss * (softmax - onehot(target));
+    targets (B, T) int32 in [0, V) -> losses (B, T) float32. A block keeps its row in Vp * 2 bytes of shared
+    memory (Vp <= 116,096 on an H100 or H200). check_targets: as _require_targets (None: checked on the CPU
+    backend, not on a GPU)."""
+    _bf16_array("logits", logits, (None, None, None))
+    B, T, Vp = logits.shape
+    _eight("Vp", Vp)
+    V = device.require_int("V", V)
+    if V > Vp:
+        raise ValueError(f"V = {V} is larger than the logits' Vp = {Vp}")
+    shared = 2 * Vp
+    kernel = _kernel_with_shared("crossentropy.cu", "fused_classifier_bf16_kernel", shared + 256,   # + its two 32-float arrays
+                                 f"a row of Vp = {Vp} logits")
+    _require_targets(targets, B, T, V, check_targets)
+    block_size = device.require_block_size(block_size, warps=True)
+    losses = device.xp.empty((B, T), np.float32)
+    if B * T:
+        kernel((B * T,), (block_size,), (logits, losses, targets, np.float32(dloss), np.int32(B * T), np.int32(V),
+                                         np.int32(Vp)), shared_mem=shared)
+    return losses

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cuda import load_kernel
+from llmc_lessons.layers.bf16 import _bf16_array, _eight, _launch
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -67,14 +69,6 @@ def encoder_backward(dout, inp, V: int, maxT: int):
 # Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
 
 
-def _check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"block_size must be an int (threads per block), got {block_size!r}")
-    if not 1 <= block_size <= 1024:
-        raise ValueError(f"block_size must be in 1..1024 (threads per block), got {block_size}")
-    return int(block_size)
-
-
 def _require_ids(inp, V: int, check_range: bool = True):
     """inp as a (B, T) int32 backend array with ids in [0, V): an id out of range would read outside wte.
     The range check copies the smallest and largest id to the host, so on a GPU it waits for the GPU."""
@@ -92,9 +86,7 @@ def encoder_forward_cuda(inp, wte, wpe, block_size: int = 256, version: int = 1,
     check_ids=False skips the range check of the ids, which makes the CPU wait for the GPU: only for a caller
     that checked them already (GPT2.forward checks them on the host before they go to the GPU).
     """
-    from llmc_lessons.cuda import load_kernel
-
-    block_size = _check_block_size(block_size)
+    block_size = device.require_block_size(block_size)
     device.require_array("wte", wte, shape=(None, None))
     V, C = wte.shape
     device.require_array("wpe", wpe, shape=(None, C))
@@ -153,9 +145,7 @@ def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = Tr
     buckets: _token_buckets of the ids made ahead (GPT2.forward makes them on the host, where it checked the
     ids), as backend arrays: then nothing here waits for the GPU.
     """
-    from llmc_lessons.cuda import load_kernel
-
-    block_size = _check_block_size(block_size)
+    block_size = device.require_block_size(block_size)
     for name, value in (("V", V), ("maxT", maxT)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -195,3 +185,25 @@ def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = Tr
     load_kernel("encoder.cu", "encoder_backward_wpe_kernel2")(
         (-(-n // block_size),), (block_size,), (dwpe, dout, np.int32(B), np.int32(T), np.int32(C)))
     return dwte, dwpe
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 (lesson 14): launchers of the bf16 kernels in kernels/encoder.cu (bf16 arrays are uint16 arrays of
+# the bits; layers/bf16.py has the checks they share)
+
+
+def encoder_forward_bf16_cuda(inp, wte, wpe, block_size: int = 256, check_ids: bool = True):
+    """Token ids (B, T) int32, wte (Vp, C), wpe (maxT, C) bf16 -> encoded (B, T, C) bf16.
+
+    check_ids=False skips the range check of the ids (it waits for the GPU), for a caller that checked them
+    already, as GPT2.forward does on the host."""
+    _bf16_array("wte", wte, (None, None))
+    _require_ids(inp, wte.shape[0], check_range=check_ids)
+    B, T = inp.shape
+    C = _eight("C", wte.shape[1])
+    _bf16_array("wpe", wpe, (None, C))
+    if T > wpe.shape[0]:
+        raise ValueError(f"T = {T} is longer than wpe's {wpe.shape[0]} positions")
+    out = device.xp.empty((B, T, C), np.uint16)
+    _launch("encoder.cu", "encoder_forward_bf16_kernel", B * T * C // 8, device.require_block_size(block_size),
+            (out, inp, wte, wpe, np.int32(B), np.int32(T), np.int32(C)))
+    return out

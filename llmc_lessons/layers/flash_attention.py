@@ -13,7 +13,10 @@ import math
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.attention import _sizes, merge_heads, split_heads
+from llmc_lessons.layers.bf16 import _bf16_array
+from llmc_lessons.layers.layernorm import column_sum_add_cuda
 
 HS_MAX = 64  # flash_attention.cu keeps hs floats per thread in registers
 
@@ -70,8 +73,7 @@ def _check(qkv, NH, block_size, where):
     if hs > HS_MAX:
         raise ValueError(f"{where}: head size hs = {hs} exceeds {HS_MAX}, the most a thread of the kernel holds in "
                          f"registers (GPT-2 uses 64)")
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or not 1 <= block_size <= 1024:
-        raise ValueError(f"{where}: block_size must be an int in 1..1024, got {block_size!r}")
+    device.require_block_size(block_size)
     return B, T, C, hs
 
 
@@ -81,7 +83,6 @@ def flash_attention_forward_cuda(qkv, NH, block_size: int = 32, kernel=None):
     block_size: query rows per block, and key rows per tile. kernel: a RawKernel with the same parameters
     to launch instead (the lesson's exercise check uses it).
     """
-    from llmc_lessons.cuda import load_kernel
     B, T, C, hs = _check(qkv, NH, block_size, "flash_attention_forward_cuda")
     NH, xp = int(NH), device.xp
     out, L = xp.empty((B, T, C), np.float32), xp.empty((B, NH, T), np.float32)
@@ -95,7 +96,6 @@ def flash_attention_forward_cuda(qkv, NH, block_size: int = 32, kernel=None):
 
 def flash_attention_backward_cuda(dout, qkv, out, L, NH, block_size: int = 32):
     """(B, T, C), (B, T, 3C), (B, T, C), (B, NH, T) -> dqkv (B, T, 3C) through the two backward kernels."""
-    from llmc_lessons.cuda import load_kernel
     B, T, C, hs = _check(qkv, NH, block_size, "flash_attention_backward_cuda")
     NH, xp = int(NH), device.xp
     device.require_array("dout", dout, shape=(B, T, C))
@@ -124,7 +124,6 @@ BF16_HEAD_SIZES = (16, 32, 48, 64)   # hs is compiled in (-DHS); shared memory f
 def mma_bf16_16816_cuda(A, B, C):
     """One tensor-core instruction through mma_bf16_16816_kernel: A (16, 16) and B (16, 8) bf16 bits, C (16, 8)
     float32 -> D = A @ B + C (16, 8) float32, and regs (32, 4): what each lane's accumulator registers held."""
-    from llmc_lessons.layers.bf16 import _bf16_array
     _bf16_array("A", A, (16, 16))
     _bf16_array("B", B, (16, 8))
     device.require_array("C", C, shape=(16, 8))
@@ -134,7 +133,6 @@ def mma_bf16_16816_cuda(A, B, C):
 
 
 def _check_bf16(qkv, NH, where):
-    from llmc_lessons.layers.bf16 import _bf16_array
     _bf16_array("qkv", qkv, (None, None, None))
     B, T, C, hs = _sizes(qkv, NH, where)
     if hs not in BF16_HEAD_SIZES:
@@ -144,7 +142,6 @@ def _check_bf16(qkv, NH, where):
 
 
 def _bf16_kernel(name, hs):
-    from llmc_lessons.cuda import load_kernel
     return load_kernel("flash_attention.cu", name, (f"-DHS={hs}",))
 
 
@@ -164,7 +161,6 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None):
     """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv (B, T, 3C) bf16: dq, dk, dv. dbias (3C,)
     float32, if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the values
     they store, a row of partial sums per block, and one column_sum_add_cuda launch adds the rows in order."""
-    from llmc_lessons.layers.bf16 import _bf16_array, column_sum_add_cuda
     B, T, C, hs = _check_bf16(qkv, NH, "flash_attention_backward_bf16_cuda")
     _bf16_array("dout", dout, (B, T, C))
     _bf16_array("out", out, (B, T, C))

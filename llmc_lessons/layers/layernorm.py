@@ -7,13 +7,19 @@ Shapes: inp and out (B, T, C), weight and bias (C,), mean and rstd (B, T).
 
 Read top-down: the NumPy forward and backward references, then the launchers of the kernels in
 `kernels/layernorm.cu` (forward kernel1: a thread per row; kernel2: a warp per row; backward: a warp per row
-for dinp plus a deterministic column-reduction kernel for dweight and dbias).
+for dinp plus a deterministic column-reduction kernel for dweight and dbias); then LayerNorm fused with the
+residual add before it (lesson 12), and the bf16 versions (lesson 14 and the bf16 training step), each
+section in the same order in `kernels/layernorm.cu`.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, load_kernel
+from llmc_lessons.layers.bf16 import _aligned, _bf16_array, _eight, _float_vector, _kernel_with_shared, _launch
+from llmc_lessons.layers.residual import residual_forward
+from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -66,30 +72,19 @@ def layernorm_backward(dout, inp, weight, mean, rstd):
 # Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
 
 
-def _check_block_size(block_size, warps: bool, name: str = "block_size") -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"{name} must be an int (threads per block), got {block_size!r}")
-    if not 1 <= block_size <= 1024 or (warps and block_size % 32):
-        need = "a multiple of 32 (whole warps: a warp per row) in 32..1024" if warps else "in 1..1024"
-        raise ValueError(f"{name} must be {need}, got {block_size}")
-    return int(block_size)
-
-
 def layernorm_forward_cuda(inp, weight, bias, block_size: int = 256, version: int | None = None, eps: float = 1e-5):
     """(B, T, C), (C,), (C,) -> out (B, T, C), mean (B, T), rstd (B, T) through layernorm_forward_kernel<version>.
 
     version 1: one thread per row. version 2: one warp per row (block_size must be a multiple of 32).
     version 3: version 2 with the row in registers, read once (C <= 1024). Default: 3 when C <= 1024, else 2.
     """
-    from llmc_lessons.cuda import load_kernel
-
     device.require_array("inp", inp, shape=(None, None, None))
     B, T, C = inp.shape
     if version is None:
         version = 3 if C <= 1024 else 2
     if version not in (1, 2, 3):
         raise ValueError(f"version must be 1, 2 or 3, got {version!r}")
-    block_size = _check_block_size(block_size, warps=(version != 1))
+    block_size = device.require_block_size(block_size, warps=(version != 1))
     if version == 3 and C > 1024:
         raise ValueError(f"version 3 keeps a row in registers, 32 floats per lane: C must be <= 1024, got {C}")
     device.require_array("weight", weight, shape=(C,))
@@ -122,10 +117,8 @@ def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256
     C % 4 == 0, C <= 1024 and 16-byte aligned arrays.
     None: version 2 where it fits, else 1. Every sum is in a fixed order (deterministic).
     """
-    from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, load_kernel
-
-    block_size = _check_block_size(block_size, warps=True)
-    param_block_size = _check_block_size(param_block_size, warps=True, name="param_block_size")
+    block_size = device.require_block_size(block_size, warps=True)
+    param_block_size = device.require_block_size(param_block_size, warps=True, name="param_block_size")
     device.require_array("inp", inp, shape=(None, None, None))
     B, T, C = inp.shape
     device.require_array("dout", dout, shape=(B, T, C))
@@ -177,3 +170,172 @@ def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256
         load_kernel("layernorm.cu", "layernorm_param_reduce_kernel")(
             (-(-C // 256),), (256,), (dweight, dbias, part_w, part_b, np.int32(R), np.int32(C)))
     return dinp, dweight, dbias
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused with the residual add before it (lesson 12): residual = inp1 + inp2 and out = layernorm(residual) in
+# one kernel; the reference is the composition of the two course layers it replaces.
+
+
+def fused_residual_layernorm_forward(inp1, inp2, weight, bias, eps: float = 1e-5):
+    """(B, T, C) x 2, (C,), (C,) -> residual (B, T, C), out (B, T, C), mean (B, T), rstd (B, T)."""
+    residual = residual_forward(inp1, inp2)
+    out, mean, rstd = layernorm_forward(residual, weight, bias, eps)
+    return residual, out, mean, rstd
+
+
+def fused_residual_layernorm_forward_cuda(inp1, inp2, weight, bias, block_size: int = 256, eps: float = 1e-5,
+                                          kernel=None):
+    """The same through fused_residual_layernorm_forward_kernel (one warp per row); fresh output arrays.
+
+    kernel: a RawKernel with the same parameters to launch instead (the lesson's exercise check uses it).
+    """
+    device.require_array("inp1", inp1, shape=(None, None, None))
+    B, T, C = inp1.shape
+    device.require_array("inp2", inp2, shape=(B, T, C))
+    device.require_array("weight", weight, shape=(C,))
+    device.require_array("bias", bias, shape=(C,))
+    block_size = device.require_block_size(block_size, warps=True)     # a warp per row
+    xp = device.xp
+    residual, out = xp.empty((B, T, C), np.float32), xp.empty((B, T, C), np.float32)
+    mean, rstd = xp.empty((B, T), np.float32), xp.empty((B, T), np.float32)
+    N = B * T
+    if N:
+        rows_per_block = block_size // 32
+        (kernel or load_kernel("layernorm.cu", "fused_residual_layernorm_forward_kernel"))(
+            (-(-N // rows_per_block),), (block_size,),
+            (residual, out, mean, rstd, inp1, inp2, weight, bias, np.int32(N), np.int32(C), np.float32(eps)))
+    return residual, out, mean, rstd
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 (lesson 14): launchers of the bf16 kernels in kernels/layernorm.cu (bf16 arrays are uint16 arrays of
+# the bits; layers/bf16.py has the checks they share)
+
+
+def layernorm_forward_bf16(inp_bits, weight, bias):
+    """Reference of layernorm_forward_bf16_kernel: (out bits, mean, rstd) with float32 statistics."""
+    out, mean, rstd = layernorm_forward(from_bf16(inp_bits).astype(np.float64), weight.astype(np.float64),
+                                        bias.astype(np.float64))
+    return to_bf16(out.astype(np.float32)), mean.astype(np.float32), rstd.astype(np.float32)
+
+
+def layernorm_forward_bf16_cuda(inp, weight, bias, block_size: int = 256, version: int = 1):
+    """(B, T, C) bf16 bits, (C,), (C,) float32 -> out (B, T, C) bf16 bits, mean, rstd (B, T) float32.
+
+    version 1: layernorm_forward_bf16_kernel, two-byte loads (any C). version 2: layernorm_forward_bf16_kernel2,
+    the row in registers through 16-byte loads (the training step's; C a multiple of 8, at most 1024)."""
+    device.require_array("inp", inp, shape=(None, None, None), dtype=np.uint16)
+    B, T, C = inp.shape
+    if version == 2:
+        _aligned("inp", inp)
+        _eight("C", C)
+        _row_in_registers(C)
+        _float_vector("weight", weight, C)
+        _float_vector("bias", bias, C)
+    elif version == 1:
+        device.require_array("weight", weight, shape=(C,))
+        device.require_array("bias", bias, shape=(C,))
+    else:
+        raise ValueError(f"version must be 1 or 2, got {version!r}")
+    block_size = device.require_block_size(block_size, warps=True)
+    xp = device.xp
+    out, mean, rstd = xp.empty((B, T, C), np.uint16), xp.empty((B, T), np.float32), xp.empty((B, T), np.float32)
+    if B * T:
+        load_kernel("layernorm.cu", "layernorm_forward_bf16_kernel" + ("2" if version == 2 else ""))(
+            (-(-(B * T) // (block_size // 32)),), (block_size,),
+            (out, mean, rstd, inp, weight, bias, np.int32(B * T), np.int32(C)))
+    return out, mean, rstd
+
+
+ROW_MAX_C = 1024
+"""The bf16 layernorm kernels keep a row in registers: C <= 1024 (GPT-2 124M and 350M)."""
+
+
+def _row_in_registers(C: int):
+    if C > ROW_MAX_C:
+        raise ValueError(f"the bf16 layernorm kernels keep a row in registers: C must be <= {ROW_MAX_C}, got {C}")
+
+
+def residual_layernorm_forward_bf16_cuda(inp1, inp2, bias2, weight, bias, block_size: int = 256):
+    """residual = inp1 + (inp2 + bias2), out = layernorm(residual) with weight, bias.
+    inp1, inp2 (B, T, C) bf16; bias2, weight, bias (C,) float32 -> residual, out (B, T, C) bf16, mean, rstd
+    (B, T) float32."""
+    _bf16_array("inp1", inp1, (None, None, None))
+    B, T, C = inp1.shape
+    _eight("C", C)
+    _row_in_registers(C)
+    _bf16_array("inp2", inp2, (B, T, C))
+    for name, a in (("bias2", bias2), ("weight", weight), ("bias", bias)):
+        _float_vector(name, a, C)
+    block_size = device.require_block_size(block_size, warps=True)
+    xp = device.xp
+    residual, out = xp.empty((B, T, C), np.uint16), xp.empty((B, T, C), np.uint16)
+    mean, rstd = xp.empty((B, T), np.float32), xp.empty((B, T), np.float32)
+    _launch("layernorm.cu", "residual_layernorm_forward_bf16_kernel", B * T * 32, block_size,
+            (residual, out, mean, rstd, inp1, inp2, bias2, weight, bias, np.int32(B * T), np.int32(C)))
+    return residual, out, mean, rstd
+
+
+def column_sum_add_cuda(out1, out2, out3, partial, columns_per_block: int = 8, rows_per_block: int = 32):
+    """out1, out2, out3 (C,) float32 += the column sums of partial[:, :C], [:, C:2C], [:, 2C:] for partial
+    (R, 3C) float32, in a fixed order (column_sum_add_kernel, one launch, blocks of (columns_per_block,
+    rows_per_block) threads): the end of the reductions that leave a row of partial sums per block."""
+    device.require_array("partial", partial, shape=(None, None))
+    R, C3 = partial.shape
+    if C3 % 3:
+        raise ValueError(f"partial must have 3C columns, got {C3}")
+    for name, a in (("out1", out1), ("out2", out2), ("out3", out3)):
+        device.require_array(name, a, shape=(C3 // 3,))
+    X, Y = columns_per_block, rows_per_block
+    if C3:
+        load_kernel("layernorm.cu", "column_sum_add_kernel")((-(-C3 // X),), (X, Y),
+                                                         (out1, out2, out3, partial, np.int32(R), np.int32(C3 // 3)),
+                                                         shared_mem=4 * X * Y)
+
+
+LAYERNORM_BACKWARD_BLOCKS = 256
+"""The bf16 layernorm backward's default grid: 2 blocks of 8 warps per multiprocessor of an H100 or H200 fit
+at once (128 registers a thread), and 256 blocks give each warp of GPT-2's 16,384 rows exactly 8 (no
+ragged last round); more blocks also mean more partial rows for the column sums to add
+(tools/tune_bf16_kernels.py times the choices)."""
+
+
+def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, dbias, dresidual_bias=None,
+                                 block_size: int = 256, max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
+    """The layernorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient,
+    dweight, dbias (C,) float32 += theirs. Returns dinp's new value in bf16 (for the next matmul backward).
+    dresidual_bias (C,) float32, if given, += the column sums of that bf16 value: the bias gradient of the
+    projection whose output was added into this residual stream, in the same pass.
+
+    max_blocks caps the grid: each warp loops over rows, each block leaves one row of partial sums of the
+    three (its warps' sums: 3C floats a warp, 3 * block_size * C / 8 bytes of shared memory), which a
+    second kernel adds in order."""
+    _bf16_array("inp", inp, (None, None, None))
+    B, T, C = inp.shape
+    _eight("C", C)
+    _row_in_registers(C)
+    _bf16_array("dout", dout, (B, T, C))
+    _aligned("dinp", device.require_array("dinp", dinp, shape=(B, T, C)))
+    _float_vector("weight", weight, C)
+    for name, a in (("dweight", dweight), ("dbias", dbias)):
+        device.require_array(name, a, shape=(C,))
+    xp = device.xp
+    if dresidual_bias is None:
+        dresidual_bias = xp.zeros(C, np.float32)     # computed and dropped
+    device.require_array("dresidual_bias", dresidual_bias, shape=(C,))
+    for name, a in (("mean", mean), ("rstd", rstd)):
+        device.require_array(name, a, shape=(B, T))
+    block_size = device.require_block_size(block_size, warps=True)
+    N, wpb = B * T, block_size // 32
+    shared = 4 * wpb * 3 * C
+    kernel = _kernel_with_shared("layernorm.cu", "layernorm_backward_bf16_kernel", shared,
+                                 f"block_size {block_size} (use fewer warps per block) for C = {C}")
+    blocks = max(1, min(device.require_int("max_blocks", max_blocks), -(-N // wpb)))
+    dinp_bf16 = xp.empty((B, T, C), np.uint16)
+    partial = xp.empty((blocks, 3 * C), np.float32)
+    if N:
+        kernel(
+            (blocks,), (block_size,), (dinp, dinp_bf16, partial, dout, inp, weight, mean, rstd, np.int32(N),
+                                       np.int32(C)), shared_mem=shared)
+        column_sum_add_cuda(dweight, dbias, dresidual_bias, partial)
+    return dinp_bf16

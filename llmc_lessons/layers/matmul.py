@@ -8,19 +8,20 @@ Shapes (llm.c's layout): inp (B, T, C), weight (OC, C), bias (OC,) or None, out 
 
 with dout and inp viewed as (B*T, OC) and (B*T, C) matrices.
 
-Read top-down: the NumPy forward and backward references; `tf32`, the switch for cuBLAS's TF32 tensor-core
-mode; then the launchers of the kernels in `kernels/matmul.cu`. Those kernels compute one general product
-out (M, N) = A (M, K) @ B (K, N) [+ bias] with A and B read through strides, so the forward and both backward
+Read top-down: the NumPy forward and backward references, then the launchers of the kernels in
+`kernels/matmul.cu` (cuBLAS's TF32 switch, `tf32`, lives in llmc_lessons/precision.py). Those kernels compute
+one general product out (M, N) = A (M, K) @ B (K, N) [+ bias] with A and B read through strides, so the forward and both backward
 products run through the same kernel (`gemm_cuda`): kernel1 naive, kernel2 shared-memory tiles, kernel3
 register-blocked; "cublas" is the backend's own matmul (cuBLAS through CuPy on a GPU, NumPy on a CPU).
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cublas import gemm
+from llmc_lessons.cuda import load_kernel
+from llmc_lessons.layers.bf16 import _bf16_array, _eight, _float_vector, _launch
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -65,65 +66,6 @@ def matmul_backward(dout, inp, weight):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# TF32: cuBLAS's tensor-core mode for float32 matmuls
-#
-# On Ampere and later GPUs (compute capability >= 8.0) cuBLAS can compute a float32 product on tensor cores
-# in TF32: each input is rounded to a 10-bit mantissa (about 3 decimal digits), products are added in
-# float32. Roughly 7-8x the FP32 throughput on an H100, at a relative error near 1e-3 instead of 1e-6.
-#
-# How CuPy chooses (cupy/_core/_routines_linalg.pyx): `get_compute_type(dtype)` keeps one cached compute
-# type per dtype in a module-level list. The first float32 matmul resolves it from the environment variable
-# CUPY_TF32 (>0 means COMPUTE_TYPE_TF32, else COMPUTE_TYPE_DEFAULT) and caches it, so changing os.environ
-# afterwards does nothing. `set_compute_type(dtype, compute_type)` overwrites the cached entry and is read on
-# every call of the 2-D product path (`dot` -> `tensordot_core` -> cublasGemmEx with
-# CUBLAS_COMPUTE_32F_FAST_TF32 or CUBLAS_COMPUTE_32F), so it switches at run time. Two caveats: the batched
-# path of `cupy.matmul` (arrays of 3 or more dimensions) passes CUDA_R_32F as its compute type and does not
-# read this setting, so the launchers below always multiply 2-D views; and NVIDIA_TF32_OVERRIDE=0 in the
-# environment disables TF32 inside cuBLAS whatever CuPy asks.
-
-
-def _cupy_linalg():
-    """CuPy's module that holds the matmul compute type (its path has moved between CuPy versions)."""
-    try:
-        from cupy._core import _routines_linalg as linalg
-    except ImportError:  # pragma: no cover - a later source layout
-        from cupy._core._gpu import _routines_linalg as linalg
-    return linalg
-
-
-def tf32_enabled() -> bool:
-    """True when float32 matmuls through CuPy (version="cublas") use TF32 tensor cores; always False on a CPU."""
-    if not device.on_gpu():
-        return False
-    linalg = _cupy_linalg()
-    return int(linalg.get_compute_type(np.float32)) == int(linalg.COMPUTE_TYPE_TF32)
-
-
-def set_tf32(enabled: bool) -> bool:
-    """Switch TF32 for float32 cuBLAS matmuls on or off now; return the previous setting. A no-op on a CPU.
-
-    On a GPU older than compute capability 8.0 CuPy warns and stays in FP32.
-    """
-    if not isinstance(enabled, (bool, np.bool_)):
-        raise TypeError(f"enabled must be True or False, got {enabled!r}")
-    previous = tf32_enabled()
-    if device.on_gpu():
-        linalg = _cupy_linalg()
-        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
-    return previous
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool = True):
-    """`with tf32(True): ...` runs the block with TF32 matmuls (or without, for False), then restores the setting."""
-    previous = set_tf32(enabled)
-    try:
-        yield
-    finally:
-        set_tf32(previous)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
 
 VERSIONS = (1, 2, 3, "cublas")
@@ -159,8 +101,6 @@ def gemm_cuda(a, b, bias=None, trans_a: bool = False, trans_b: bool = False, ver
     kernel: a RawKernel with matmul_kernel<version>'s parameters to launch instead (the exercise checks use it).
     out: an (M, N) float32 array to write into instead of a fresh one (checks pass one filled with NaN).
     """
-    from llmc_lessons.cuda import load_kernel
-
     version = _check_version(version)
     tile = _check_tile(tile)
     for name, flag in (("trans_a", trans_a), ("trans_b", trans_b)):
@@ -182,8 +122,7 @@ def gemm_cuda(a, b, bias=None, trans_a: bool = False, trans_b: bool = False, ver
     if out is not None:
         device.require_array("out", out, shape=(M, N))
     if version == "cublas":
-        # cuBLAS reads the transposed operand in place and honours tf32() (llmc_lessons/cublas.py); NumPy on a CPU
-        from llmc_lessons.cublas import gemm
+        # cuBLAS reads the transposed operand in place and honours the TF32 switch (cublas.py); NumPy on a CPU
         out = gemm(a, b, trans_a, trans_b, out=out)
         if bias is not None and M * N:
             load_kernel("matmul.cu", "add_bias_kernel")((-(-(M * N) // 256),), (256,), (out, bias, np.int32(M),
@@ -214,7 +153,7 @@ def matmul_forward_cuda(inp, weight, bias=None, version="cublas", tile: int = 16
     """(B, T, C), (OC, C), (OC,) or None -> out (B, T, OC) = inp @ weight^T + bias, a fresh array.
 
     version 1 (naive), 2 (shared-memory tiles), 3 (register-blocked) run matmul_kernel<version>; "cublas" runs
-    the backend's matmul (cuBLAS through CuPy, honouring tf32(); NumPy on a CPU). tile: versions 1 and 2.
+    the backend's matmul (cuBLAS through CuPy, honouring precision.tf32(); NumPy on a CPU). tile: versions 1 and 2.
     """
     device.require_array("inp", inp, shape=(None, None, None))
     B, T, C = inp.shape
@@ -232,8 +171,6 @@ def matmul_backward_bias_cuda(dout, block_rows: int = 32, out=None):
     block_rows: R in the kernel's (32, R) blocks, a power of two in 1..32. out: an (OC,) float32 array to write
     into instead of a fresh one.
     """
-    from llmc_lessons.cuda import load_kernel
-
     if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or \
             int(block_rows) not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"block_rows must be a power of two in 1..32, got {block_rows!r}")
@@ -273,3 +210,28 @@ def matmul_backward_cuda(dout, inp, weight, version="cublas", tile: int = 16, bl
     dweight = gemm_cuda(dout2, inp2, trans_a=True, version=version, tile=tile)       # (OC, BT) @ (BT, C)
     dbias = matmul_backward_bias_cuda(dout, block_rows=block_rows) if has_bias else None
     return dinp, dweight, dbias
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 (lesson 14): launchers of the bf16 kernels in kernels/matmul.cu (bf16 arrays are uint16 arrays of
+# the bits; layers/bf16.py has the checks they share)
+
+
+def matmul_bf16(a, b, trans_b: bool = False):
+    """(M, K) bf16 bits @ (K, N) bf16 bits (or (N, K) with trans_b) -> (M, N) float32, accumulated in float32.
+
+    On a GPU: cuBLAS's gemmEx with bf16 inputs on the tensor cores. On a CPU: the same numbers in NumPy.
+    """
+    device.require_array("a", a, shape=(None, None), dtype=np.uint16)
+    device.require_array("b", b, shape=(None, None), dtype=np.uint16)
+    return gemm(a, b, trans_b=trans_b, out_dtype=np.float32)
+
+
+def add_bias_bf16_cuda(inp, bias, out=None, block_size: int = 256):
+    """(B, T, OC) bf16 product, (OC,) float32 bias -> inp + bias (B, T, OC) bf16; out may be inp (in place)."""
+    _bf16_array("inp", inp, (None, None, None))
+    OC = _eight("OC", inp.shape[-1])
+    _float_vector("bias", bias, OC)
+    out = device.xp.empty_like(inp) if out is None else _bf16_array("out", out, inp.shape)
+    _launch("matmul.cu", "add_bias_bf16_kernel", inp.size // 8, device.require_block_size(block_size),
+            (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.cuda import load_kernel
 
 
 def residual_forward(inp1, inp2):
@@ -32,13 +33,9 @@ def residual_backward(dout):
 
 def residual_forward_cuda(inp1, inp2, block_size: int = 256):
     """inp1, inp2 (same shape, float32 backend arrays) -> out = inp1 + inp2 through residual_forward_kernel."""
-    from llmc_lessons.cuda import load_kernel
     device.require_array("inp1", inp1)
     device.require_array("inp2", inp2, shape=tuple(inp1.shape))
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"block_size must be an int (threads per block), got {type(block_size).__name__}")
-    if not 32 <= block_size <= 1024 or block_size % 32:
-        raise ValueError(f"block_size must be a multiple of 32 (whole warps) between 32 and 1024, got {block_size}")
+    block_size = device.require_block_size(block_size, warps=True)
     N = int(inp1.size)
     out = device.xp.empty_like(inp1)
     if N:
