@@ -16,7 +16,8 @@ lesson's number, the NN of its file name; k = 1, 2, ... in order of appearance) 
     ...
     // END SOLUTION
 
-each replaced at the indentation of its BEGIN line. Everything else is kept. Outputs and execution counts
+each replaced at the indentation of its BEGIN line. Everything else is kept. `build` and `normalize` put the
+setup cell (`llmc_lessons.setup_cell`) first, and every cell carries nbgrader's metadata (`nbgrader_meta`). Outputs and execution counts
 are cleared, cell ids are derived from the notebook's name and the cell's position, and metadata is cut to
 what Jupyter needs, so that the generated files (and their diffs) depend on the solution's text only.
 """
@@ -30,6 +31,8 @@ import sys
 from pathlib import Path
 
 import nbformat
+
+from . import nbgrader_meta, setup_cell
 
 __all__ = ["ExerciseError", "Exercise", "exercise_cells", "to_student", "normalize", "dumps", "lesson_number",
            "build", "check", "normalize_solutions", "find_root", "main"]
@@ -183,7 +186,8 @@ def _cell_id(stem: str, index: int) -> str:
 def normalize(nb, name: str = "notebook"):
     """A copy of `nb` with outputs and execution counts cleared, deterministic cell ids, and trimmed metadata.
 
-    Notebook metadata keeps the kernelspec and the language name; cell metadata keeps only `tags`.
+    Notebook metadata keeps the kernelspec and the language name; cell metadata keeps only `tags`, plus
+    nbgrader's (`nbgrader_meta.mark_cells`).
     """
     nb = copy.deepcopy(nb)
     stem = Path(name).stem
@@ -203,8 +207,14 @@ def normalize(nb, name: str = "notebook"):
         elif cell.get("attachments"):
             new["attachments"] = cell["attachments"]
         cells.append(nbformat.from_dict(new))
+    try:
+        found = exercise_cells(nb, name)
+    except ExerciseError:  # build, check and normalize_solutions scan first and report it
+        found = []
     nb["cells"] = cells
-    return nbformat.from_dict(nb)
+    nb = nbformat.from_dict(nb)
+    nbgrader_meta.mark_cells(nb, found)
+    return nb
 
 
 def to_student(nb, name: str = "notebook"):
@@ -258,7 +268,9 @@ def _solutions(root: Path) -> list[Path]:
 
 
 def _student_text(path: Path) -> str:
-    nb = to_student(_read(path), path.name)
+    nb = _read(path)
+    _scan(nb, path.name)  # errors name the cells as the file numbers them, before the setup cell goes first
+    nb = to_student(setup_cell.with_setup_cell(nb), path.name)
     nbformat.validate(nb)
     return dumps(nb)
 
@@ -327,7 +339,7 @@ def normalize_solutions(root: str | Path | None = None) -> list[Path]:
     for path in _solutions(root):
         nb = _read(path)
         _scan(nb, path.name)  # validate the exercise markers too
-        text = dumps(normalize(nb, path.name))
+        text = dumps(normalize(setup_cell.with_setup_cell(nb), path.name))
         if path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8", newline="\n")
             changed.append(path)
