@@ -16,10 +16,11 @@ lesson's number, the NN of its file name; k = 1, 2, ... in order of appearance) 
     ...
     // END SOLUTION
 
-each replaced at the indentation of its BEGIN line. Everything else is kept. `build` and `normalize` put the
-setup cell (`llmc_lessons.setup_cell`) first, and every cell carries nbgrader's metadata (`nbgrader_meta`). Outputs and execution counts
+each replaced at the indentation of its BEGIN line. Everything else is kept. Outputs and execution counts
 are cleared, cell ids are derived from the notebook's name and the cell's position, and metadata is cut to
 what Jupyter needs, so that the generated files (and their diffs) depend on the solution's text only.
+`build` and `normalize` put the setup cell (`llmc_lessons.setup_cell`) first, and every cell carries
+nbgrader's metadata (`llmc_lessons.nbgrader_meta`).
 """
 from __future__ import annotations
 
