@@ -32,8 +32,9 @@ def _meta(grade_id: str, *, solution: bool = False, grade: bool = False, locked:
 def mark_cells(nb, exercises) -> None:
     """Set nbgrader's metadata on every cell of `nb`, in place.
 
-    exercises: [(cell index, "N.k", ...)] of the notebook's exercise cells (`exercises.exercise_cells`); the first code cell after each is its
-    check. Cells need their ids (the generator sets them), which name the read-only cells.
+    exercises: [(cell index, "N.k", ...)] of the notebook's exercise cells (`exercises.exercise_cells`); the
+    first code cell after each is its check. Cells need their ids (the generator sets them), which name the
+    read-only cells.
     """
     roles = {}
     for index, number, *_ in exercises:
