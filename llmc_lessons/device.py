@@ -50,7 +50,7 @@ def on_gpu() -> bool:
 
 
 BF16_MIN_COMPUTE_CAPABILITY = 80
-"""sm_80 (A100, RTX 30xx and newer): bf16 on the tensor cores, for cuBLAS's matmuls and the course's kernels."""
+"""sm_80 (A100, RTX 30xx and newer): the first GPUs with bf16 tensor cores."""
 
 
 def compute_capability() -> int | None:
@@ -61,7 +61,7 @@ def compute_capability() -> int | None:
 
 
 def bf16_unsupported() -> str | None:
-    """Why GPT2(precision="bf16") cannot train here, or None: its matmuls need bf16 tensor cores (sm_80+).
+    """Why GPT2(precision="bf16") trains in fp32 here, or None: the bf16 model is there for bf16 tensor cores.
 
     The bf16 kernels of lessons 13-14 run on any GPU: below sm_80 they compile without the sm_80 instructions
     (LLMC_SM80 in kernels/bf16.cuh). The CPU emulator runs everything.
@@ -69,8 +69,8 @@ def bf16_unsupported() -> str | None:
     cc = compute_capability()
     if cc is None or cc >= BF16_MIN_COMPUTE_CAPABILITY:
         return None
-    return (f"this GPU is sm_{cc}, and the bf16 model's matmuls (cuBLAS on bf16 tensor cores) need "
-            f"sm_{BF16_MIN_COMPUTE_CAPABILITY} or newer (A100, RTX 30xx, L4, H100)")
+    return (f"this GPU is sm_{cc}, without the bf16 tensor cores that the bf16 model is for "
+            f"(sm_{BF16_MIN_COMPUTE_CAPABILITY} or newer: A100, RTX 30xx, L4, H100)")
 
 
 def to_device(a, dtype=None):
