@@ -95,6 +95,8 @@ def nvrtc_compile(source: str, name: str, options: tuple) -> tuple[bytes | None,
 def test_every_kernel_compiles_for_every_student_gpu():
     if not device.on_gpu():
         pytest.skip("NVRTC comes with CuPy on a GPU machine")
+    from cupy_backends.cuda.libs import nvrtc
+    extra = ("--device-as-default-execution-space",) if nvrtc.getVersion()[0] >= 12 else ()  # as CuPy passes
     files = sorted(KERNELS.glob("*.cu"))
     table, failures = [], []
     for path in files:
@@ -102,7 +104,7 @@ def test_every_kernel_compiles_for_every_student_gpu():
         names = kernel_names(source)
         assert names, f"{path.name} has no kernel"
         for cc in ARCHS:
-            cubin, log = nvrtc_compile(source, path.name, (f"--gpu-architecture=sm_{cc}", f"-I{KERNELS}"))
+            cubin, log = nvrtc_compile(source, path.name, (f"--gpu-architecture=sm_{cc}", f"-I{KERNELS}", *extra))
             missing = [n for n in names if cubin is None or n.encode() not in cubin]
             table.append(f"{path.name:<22} sm_{cc}  {'ok' if not missing else 'FAILED'}  {len(names)} kernels")
             if missing:
@@ -145,6 +147,6 @@ def test_kernels_without_the_sm80_instructions_agree():
         outs.append((device.to_host(out), device.to_host(lse)))
     (o80, l80), (o75, l75) = outs
     assert np.isfinite(l75).all()
-    np.testing.assert_allclose(l75, l80, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l75, l80, rtol=1e-4, atol=1e-4)
     as_float = lambda h: (h.astype(np.uint32) << 16).view(np.float32)  # noqa: E731
     np.testing.assert_allclose(as_float(o75), as_float(o80), rtol=1e-2, atol=1e-2)
