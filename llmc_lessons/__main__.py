@@ -108,6 +108,17 @@ def _check_backend(r: Report):
         r.todo("fix or unset the LLMC_DEVICE environment variable (allowed: cpu, gpu)", fatal=True)
         return None
     r.line("backend", device.describe())
+    cc = device.compute_capability()
+    if cc is not None:
+        r.line("GPU architecture", f"sm_{cc} (compute capability {cc // 10}.{cc % 10})")
+        why = device.bf16_unsupported()
+        if why is None:
+            r.line("can run", "every lesson and kernel, the bf16 tensor-core parts (lessons 13-14, "
+                              "--precision bf16) included")
+        else:
+            r.line("can run", "every lesson and kernel; lessons 13-14's bf16 kernels run without the tensor "
+                              "cores (plain CUDA, same results, slower)")
+            r.todo(f"GPT2(precision='bf16') and `train --precision bf16` train in fp32 here: {why}", fatal=False)
     return device
 
 

@@ -49,6 +49,30 @@ def on_gpu() -> bool:
     return BACKEND == "gpu"
 
 
+BF16_MIN_COMPUTE_CAPABILITY = 80
+"""sm_80 (A100, RTX 30xx and newer): the first GPUs with bf16 tensor cores."""
+
+
+def compute_capability() -> int | None:
+    """The GPU's compute capability as one number (75 for a T4's sm_75, 90 for an H100); None on the CPU."""
+    if not on_gpu():
+        return None
+    return int(xp.cuda.Device().compute_capability)
+
+
+def bf16_unsupported() -> str | None:
+    """Why GPT2(precision="bf16") trains in fp32 here, or None: the bf16 model is there for bf16 tensor cores.
+
+    The bf16 kernels of lessons 13-14 run on any GPU: below sm_80 they compile without the sm_80 instructions
+    (LLMC_SM80 in kernels/bf16.cuh). The CPU emulator runs everything.
+    """
+    cc = compute_capability()
+    if cc is None or cc >= BF16_MIN_COMPUTE_CAPABILITY:
+        return None
+    return (f"this GPU is sm_{cc}, without the bf16 tensor cores that the bf16 model is for "
+            f"(sm_{BF16_MIN_COMPUTE_CAPABILITY} or newer: A100, RTX 30xx, L4, H100)")
+
+
 def to_device(a, dtype=None):
     """A copy of `a` (NumPy array, list or scalar) as an array of the backend (CuPy on a GPU)."""
     return xp.asarray(a, dtype=dtype)

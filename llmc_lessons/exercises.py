@@ -22,6 +22,8 @@ each replaced at the indentation of its BEGIN line. A line that looks like a mar
 so that a misspelled marker can never ship an answer. Everything else is kept. Outputs and execution counts
 are cleared, cell ids are derived from the notebook's name and the cell's position, and metadata is cut to
 what Jupyter needs, so that the generated files (and their diffs) depend on the solution's text only.
+`build` and `normalize` put the setup cell (`llmc_lessons.setup_cell`) first, and every cell carries
+nbgrader's metadata (`llmc_lessons.nbgrader_meta`).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import nbformat
 
+from llmc_lessons import nbgrader_meta, setup_cell
 from llmc_lessons.files import atomic_write
 
 __all__ = ["ExerciseError", "Exercise", "exercise_cells", "to_student", "normalize", "dumps", "lesson_number",
@@ -203,7 +206,8 @@ def _cell_id(stem: str, index: int) -> str:
 def normalize(nb, name: str = "notebook"):
     """A copy of `nb` with outputs and execution counts cleared, deterministic cell ids, and trimmed metadata.
 
-    Notebook metadata keeps the kernelspec and the language name; cell metadata keeps only `tags`.
+    Notebook metadata keeps the kernelspec and the language name; cell metadata keeps only `tags`, plus
+    nbgrader's (`nbgrader_meta.mark_cells`).
     """
     nb = copy.deepcopy(nb)
     stem = Path(name).stem
@@ -223,8 +227,14 @@ def normalize(nb, name: str = "notebook"):
         elif cell.get("attachments"):
             new["attachments"] = cell["attachments"]
         cells.append(nbformat.from_dict(new))
+    try:
+        found = exercise_cells(nb, name)
+    except ExerciseError:  # build, check and normalize_solutions scan first and report it
+        found = []
     nb["cells"] = cells
-    return nbformat.from_dict(nb)
+    nb = nbformat.from_dict(nb)
+    nbgrader_meta.mark_cells(nb, found)
+    return nb
 
 
 def to_student(nb, name: str = "notebook"):
@@ -278,7 +288,9 @@ def _solutions(root: Path) -> list[Path]:
 
 
 def _student_text(path: Path) -> str:
-    nb = to_student(_read(path), path.name)
+    nb = _read(path)
+    _scan(nb, path.name)  # errors name the cells as the file numbers them, before the setup cell goes first
+    nb = to_student(setup_cell.with_setup_cell(nb), path.name)
     nbformat.validate(nb)
     return dumps(nb)
 
@@ -396,7 +408,7 @@ def normalize_solutions(root: str | Path | None = None) -> list[Path]:
     for path in _solutions(root):
         nb = _read(path)
         _scan(nb, path.name)  # validate the exercise markers too
-        texts[path] = dumps(normalize(nb, path.name))
+        texts[path] = dumps(normalize(setup_cell.with_setup_cell(nb), path.name))
     changed = [p for p, text in texts.items() if p.read_text(encoding="utf-8") != text]
     for path in changed:
         atomic_write(path, texts[path].encode("utf-8"))

@@ -20,6 +20,7 @@ gradient check of the whole model in llmc_lessons/gradcheck_gpt2.py.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -53,6 +54,9 @@ class GPT2:
             raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if precision == "bf16" and device.bf16_unsupported():
+            warnings.warn(f"precision='bf16' falls back to 'fp32': {device.bf16_unsupported()}", stacklevel=2)
+            precision = "fp32"
         if precision == "bf16":
             if backend == "numpy":
                 raise ValueError("precision='bf16' runs the bf16 kernels: use backend='kernels' (or None)")

@@ -7,10 +7,13 @@
 // software version of it too.) After the conversions: stochastic rounding, and the 8-value accesses that
 // the kernels of the bf16 training step share.
 #pragma once
-//
-// The bf16 instructions below (cvt.rn.bf16.f32, cvt.rn.bf16x2.f32, max.bf16x2) exist from compute capability
-// 8.0 (Ampere) on; an older GPU runs the integer versions, as the emulator does, so that the float32 kernels
-// of a file that also holds bf16 ones (layernorm.cu, gelu.cu, ...) still compile there.
+
+// The sm_80 instructions of the bf16 kernels (cvt to bf16, max.bf16x2 here; mma.sync on bf16 and cp.async in
+// mma.cuh) where the GPU has them. On an older GPU (a T4 is sm_75), in the CPU emulator, or with -DLLMC_NO_SM80,
+// the same kernels compile to plain CUDA with the same results.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(LLMC_NO_SM80)
+#define LLMC_SM80 1
+#endif
 
 typedef unsigned short bf16;
 
@@ -24,7 +27,7 @@ __device__ __forceinline__ float bf16_to_float(bf16 h) {
 // conversion is one instruction (cvt.rn.bf16.f32) that gives these same bits; the integer version, 8
 // instructions, is what the CPU emulator runs (and what made a bf16 store cost more than the arithmetic).
 __device__ __forceinline__ bf16 bf16_from_float(float f) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(LLMC_SM80)
     bf16 r;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
     return r;
@@ -39,7 +42,7 @@ __device__ __forceinline__ bf16 bf16_from_float(float f) {
 // Two floats -> one 32-bit word of two bf16 (lo in the lower half), each rounded as bf16_from_float does: on a
 // GPU one instruction for the pair (cvt.rn.bf16x2.f32).
 __device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(LLMC_SM80)
     unsigned int r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // the first operand goes on top
     return r;
@@ -55,7 +58,7 @@ __device__ __forceinline__ float bf16_hi(unsigned int two) { return __uint_as_fl
 // The larger of each pair of bf16 values in two 32-bit words (a max is exact in any precision): on a GPU one
 // instruction (max.bf16x2), in the emulator the same through float32.
 __device__ __forceinline__ unsigned int max_bf16x2(unsigned int a, unsigned int b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(LLMC_SM80)
     unsigned int r;
     asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
     return r;

@@ -15,14 +15,15 @@
 // The D layout of two neighbouring 16 x 8 products is the A layout of one 16 x 16 operand: flash attention
 // feeds its probabilities P from one product straight into the next without moving them between lanes.
 //
-// On a GPU each function is its PTX instruction. In the CPU emulator (no __CUDA_ARCH__), or on a GPU with
-// -DLLMC_MMA_SHUFFLE, mma and ldmatrix are computed with warp shuffles: each lane fetches what it needs from
-// the lanes that hold it. That version is plain CUDA, and states the layouts as code. Every lane of the warp
-// must call them together (they are warp collectives), in a 1-D block.
+// On a GPU each function is its PTX instruction. In the CPU emulator (no __CUDA_ARCH__), on a GPU older than
+// sm_80 (no LLMC_SM80, bf16.cuh), or with -DLLMC_MMA_SHUFFLE, mma and ldmatrix are computed with warp
+// shuffles: each lane fetches what it needs from the lanes that hold it. That version is plain CUDA, and
+// states the layouts as code. Every lane of the warp must call them together (they are warp collectives), in
+// a 1-D block.
 #pragma once
 #include "bf16.cuh"
 
-#if defined(__CUDA_ARCH__) && !defined(LLMC_MMA_SHUFFLE)
+#if defined(LLMC_SM80) && !defined(LLMC_MMA_SHUFFLE)
 #define LLMC_PTX 1
 #endif
 
@@ -93,9 +94,10 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned int r[4], const bf16*
 // the next tile run while the warp computes on this one; valid = false writes 16 zero bytes instead (a row
 // past the end). A thread's copies are grouped by cp_async_commit(); cp_async_wait<N>() waits until at most
 // the N newest groups are still in flight, and a __syncthreads() after it shows the data to the whole block.
-// (The emulator copies at once: the data just arrives early, which is one of the orders a GPU may take.)
+// (The emulator, and a GPU older than sm_80, copy at once: the data just arrives early, which is one of the
+// orders a GPU may take.)
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__)
+#if defined(LLMC_SM80)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                  :: "r"((unsigned int)__cvta_generic_to_shared(smem)), "l"(gmem), "r"(valid ? 16 : 0));
 #else
@@ -104,14 +106,14 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__)
+#if defined(LLMC_SM80)
     asm volatile("cp.async.commit_group;");
 #endif
 }
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__)
+#if defined(LLMC_SM80)
     asm volatile("cp.async.wait_group %0;" :: "n"(N));
 #endif
 }
