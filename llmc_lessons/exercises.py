@@ -231,6 +231,9 @@ def normalize(nb, name: str = "notebook"):
         found = exercise_cells(nb, name)
     except ExerciseError:  # build, check and normalize_solutions scan first and report it
         found = []
+    if not found:  # a student's notebook: the exercise cells keep their header line, their answers are stubs
+        found = [(index, f"{m.group(1)}.{m.group(2)}") for index, cell in enumerate(cells) if cell["cell_type"] == "code"
+                 for m in [next(filter(None, map(EXERCISE_RE.match, _source(cell).split("\n"))), None)] if m]
     nb["cells"] = cells
     nb = nbformat.from_dict(nb)
     nbgrader_meta.mark_cells(nb, found)

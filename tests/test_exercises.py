@@ -310,7 +310,8 @@ def test_check_reports_stale_missing_extra_and_outputs(repo):
     ex.build(repo)
     ex.normalize_solutions(repo)
     stale = repo / "notebooks" / "03_layernorm.ipynb"
-    stale.write_text(stale.read_text().replace("Exercise 3.1", "Exercise 3.9"))
+    older = nbformat.reads(stale.read_text().replace("Exercise 3.1", "Exercise 3.9"), as_version=4)
+    stale.write_text(ex.dumps(ex.normalize(older, stale.name)))   # as the builder wrote an older solution
     (repo / "notebooks" / "00_welcome.ipynb").unlink()
     (repo / "notebooks" / "99_old.ipynb").write_text(ex.dumps(ex.normalize(notebook(), "99_old.ipynb")))
     nbformat.write(lesson(), str(repo / "solutions" / "03_layernorm.ipynb"))  # with outputs again
@@ -427,15 +428,15 @@ def test_build_refuses_an_empty_solutions_folder(repo):
 def _answered(text):
     nb = nbformat.reads(text, as_version=4)
     stub = 'raise NotImplementedError("Exercise 3.1: compute mean and rstd over the last axis")'
-    assert stub in nb.cells[2].source
-    nb.cells[2].source = nb.cells[2].source.replace(stub, "rstd = 1.0  # my answer")
+    assert stub in nb.cells[3].source   # cell 0 is the setup cell
+    nb.cells[3].source = nb.cells[3].source.replace(stub, "rstd = 1.0  # my answer")
     return ex.dumps(nb)
 
 
 def _run(text):
     nb = nbformat.reads(text, as_version=4)
-    nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="hi\n")]
-    nb.cells[1].execution_count = 1
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", name="stdout", text="hi\n")]
+    nb.cells[2].execution_count = 1
     return ex.dumps(nb)
 
 
@@ -446,7 +447,7 @@ def _saved_by_jupyter(text):
 
 
 @pytest.mark.parametrize("work, why", [
-    (_answered, "the stub of Exercise 3.1 (cell 2) was replaced by an answer"),
+    (_answered, "the stub of Exercise 3.1 (cell 3) was replaced by an answer"),
     (_run, "it stores outputs or execution counts"),
     (_saved_by_jupyter, "it was saved by Jupyter or edited"),
     (lambda text: text[: len(text) // 2], "it is not a readable notebook"),

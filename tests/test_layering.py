@@ -30,6 +30,7 @@ LAYERS = (
                            "llmc_lessons.hellaswag")),
     ("bench", ("llmc_lessons.bench",)),
     ("checks", ("llmc_lessons.checks",)),               # the exercises' checks may use anything below
+    ("notebook cells", ("llmc_lessons.nbgrader_meta", "llmc_lessons.setup_cell")),   # what the builder writes
     ("commands", ("llmc_lessons.exercises", "llmc_lessons.__main__")),
 )
 
