@@ -10,10 +10,8 @@ A teacher copies solutions/NN_name.ipynb into an nbgrader course as source/<assi
 two lines to the course's nbgrader_config.py, so that `nbgrader generate_assignment` writes the exercises'
 stubs exactly as notebooks/ has them (nbgrader's own stub is Python, which would break a CUDA source string):
 
-    from llmc_lessons.nbgrader_meta import use_course_stubs
+    from llmc_lessons.nbgrader_config import use_course_stubs
     use_course_stubs(c)
-
-This module imports nbgrader only inside `use_course_stubs`: the course runs without it.
 """
 from __future__ import annotations
 
@@ -45,29 +43,3 @@ def mark_cells(nb, exercises) -> None:
             roles.setdefault(check, _meta(f"check-{tag}", grade=True))
     for index, cell in enumerate(nb.cells):
         cell.metadata["nbgrader"] = roles.get(index) or _meta(cell.id)
-
-
-def use_course_stubs(c) -> None:
-    """In an nbgrader_config.py: make `generate_assignment` stub the exercises as the course does."""
-    from nbgrader.converters import GenerateAssignment
-    from nbgrader.preprocessors import ClearSolutions
-
-    from .exercises import to_student
-
-    class ClearCourseSolutions(ClearSolutions):
-        """ClearSolutions whose stubs are the course's: `raise NotImplementedError("Exercise N.k: ...")` in
-        Python, `// TODO (Exercise N.k): ...` inside CUDA source (cells matched by id)."""
-
-        def preprocess(self, nb, resources):
-            student = to_student(nb, resources["unique_key"] + ".ipynb")
-            self._student = {cell.id: cell.source for cell in student.cells}
-            return super().preprocess(nb, resources)
-
-        def _replace_solution_region(self, cell, language):
-            stubbed = self._student.get(cell.get("id"), cell.source)
-            replaced = stubbed != cell.source
-            cell.source = stubbed
-            return replaced
-
-    default = GenerateAssignment.class_traits()["preprocessors"].default()
-    c.GenerateAssignment.preprocessors = [ClearCourseSolutions if p is ClearSolutions else p for p in default]

@@ -32,6 +32,7 @@ LAYERS = (
     ("checks", ("llmc_lessons.checks",)),               # the exercises' checks may use anything below
     ("notebook cells", ("llmc_lessons.nbgrader_meta", "llmc_lessons.setup_cell")),   # what the builder writes
     ("commands", ("llmc_lessons.exercises", "llmc_lessons.__main__")),
+    ("nbgrader's configuration", ("llmc_lessons.nbgrader_config",)),
 )
 
 

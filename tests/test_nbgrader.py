@@ -90,7 +90,7 @@ def test_nbgrader_releases_and_autogrades_lesson_00(tmp_path):
     (course / "nbgrader_config.py").write_text(
         "c = get_config()\n"
         "c.CourseDirectory.course_id = 'llmc'\n"
-        "from llmc_lessons.nbgrader_meta import use_course_stubs\n"
+        "from llmc_lessons.nbgrader_config import use_course_stubs\n"
         "use_course_stubs(c)\n")
     nbgrader(course, "generate_assignment", "welcome", "--create")
 
