@@ -21,6 +21,7 @@ import json
 import lzma
 import os
 import re
+import tempfile
 import sys
 import tarfile
 from pathlib import Path

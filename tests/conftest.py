@@ -68,7 +68,7 @@ def notebook_cuda_source(notebook: str, variable: str) -> str:
 @pytest.fixture
 def poisoned_allocations(monkeypatch):
     """While the test runs, every array allocated with the backend's empty/empty_like starts as NaN (bf16 NaN,
-    0x7FC0, for uint16; -1 for other integers), so an output element a kernel forgets to write shows up."""
+    0x7FC0, for uint16; -1 for other signed integers, all ones for other unsigned ones), so an output element a kernel forgets to write shows up."""
     import numpy as np
 
     from llmc_lessons import device
@@ -76,7 +76,8 @@ def poisoned_allocations(monkeypatch):
     empty, empty_like = xp.empty, xp.empty_like
 
     def fill(a):
-        a[...] = 0x7FC0 if a.dtype == np.uint16 else np.nan if a.dtype.kind == "f" else -1
+        a[...] = (0x7FC0 if a.dtype == np.uint16 else np.nan if a.dtype.kind == "f"
+                  else np.iinfo(a.dtype).max if a.dtype.kind == "u" else -1)
         return a
 
     monkeypatch.setattr(xp, "empty", lambda *a, **kw: fill(empty(*a, **kw)))

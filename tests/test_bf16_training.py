@@ -227,10 +227,10 @@ def test_fused_classifier_bf16_range_checks_the_targets(bad):
     targets[1, 1] = bad
     d_logits = to_device(logits.copy())
     with pytest.raises(ValueError, match="every target must be a token id in 0..36"):
-        k.fused_classifier_bf16_cuda(d_logits, to_device(targets), 37, 1 / 6, check_targets=True)
+        fused_classifier_bf16_cuda(d_logits, to_device(targets), 37, 1 / 6, check_targets=True)
     if not device.on_gpu():   # the default checks on the CPU backend
         with pytest.raises(ValueError, match="every target must be a token id in 0..36"):
-            k.fused_classifier_bf16_cuda(d_logits, to_device(targets), 37, 1 / 6)
+            fused_classifier_bf16_cuda(d_logits, to_device(targets), 37, 1 / 6)
     np.testing.assert_array_equal(to_host(d_logits), logits)   # refused before the launch: the logits are intact
 
 
