@@ -164,7 +164,8 @@ def test_a_student_sees_equations_figures_the_widget_and_exercise_messages(lab, 
             error = cells.nth(check).locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
             error.first.wait_for()
             text = error.first.inner_text()
-            assert "AssertionError" in text and "Exercise 5.1 is not done yet" in text, text[-1000:]
+            assert text.startswith("ExerciseFailed") and "Exercise 5.1 is not done yet" in text, text[-1000:]
+            assert len(text.splitlines()) <= 5 and "Traceback" not in text and ".py" not in text, text  # no frames
         except Exception:
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)  # what the browser showed
             print(f"screenshot: {tmp_path / 'page.png'}; prompts:",
