@@ -37,17 +37,16 @@ def _mistakes(param, grad, m, v, t, lr, beta1, beta2, eps, wd, grad_scale=1.0) -
     """{mistake: (param, m, v) that it produces}."""
     a = (param, grad, m, v, t, lr)
     return {
-        "the bias correction is missing: divide m by (1 - beta1^t) and v by (1 - beta2^t) before using them":
+        "the bias correction is missing: m and v are used as stored (see 'Why the bias correction')":
             _variant(*a, beta1, beta2, eps, wd, bias_correction=False, grad_scale=grad_scale),
-        "the weight decay was added to the gradient (L2 regularisation, Adam's way): AdamW decouples it, "
-        "param -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * param)":
+        "the weight decay was added to the gradient (L2 regularisation, Adam's way): AdamW decouples it from "
+        "Adam's rescaling (see 'Decoupled weight decay')":
             _variant(*a, beta1, beta2, eps, wd, l2=True, grad_scale=grad_scale),
-        "eps is inside the square root: it is sqrt(v_hat) + eps, not sqrt(v_hat + eps)":
+        "eps is inside the square root: it guards the division, after the square root is taken":
             _variant(*a, beta1, beta2, eps, wd, eps_inside=True, grad_scale=grad_scale),
         "beta1 and beta2 are swapped: beta1 belongs to m (the gradient), beta2 to v (the squared gradient)":
             _variant(*a, beta2, beta1, eps, wd, grad_scale=grad_scale),
-        "beta1 and beta2 are swapped in the running averages: m = beta1 m + (1 - beta1) g and "
-        "v = beta2 v + (1 - beta2) g^2":
+        "beta1 and beta2 are swapped in the running averages, though the corrections use them right":
             _variant(*a, beta1, beta2, eps, wd, swap_moments=True, grad_scale=grad_scale),
         "the bias-corrected m_hat and v_hat were stored as m and v: store the raw running averages; the "
         "correction is applied afresh at every step":
@@ -72,8 +71,9 @@ def check_adamw_update(adamw_fn) -> None:
     ex = "Exercise 9.1"
     gen = rng()
     shape = (int(gen.integers(3, 8)), int(gen.integers(5, 14)))
-    hint = ("m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2;  m_hat = m / (1 - beta1^t);  "
-            "v_hat = v / (1 - beta2^t);  param - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * param)")
+    hint = ("go through section 1's formulas in order: the two moments (which beta goes with g, which with g^2), "
+            "their corrections (which power of which beta), then the step: where eps sits relative to the square "
+            "root, and which parameter value the weight decay multiplies")
     # eps large enough that where it sits matters; grads of mixed scales; several steps t
     hyper = [dict(lr=0.05, beta1=0.8, beta2=0.97, eps=1e-2, weight_decay=0.2), dict(lr=1e-2, beta1=0.9, beta2=0.95,
                                                                                    eps=1e-3, weight_decay=0.1)]
@@ -120,8 +120,9 @@ def check_adamw_kernel(source: str, block_sizes=(128, 96)) -> None:
     ex = "Exercise 9.2"
     kernel = exercise_kernel(ex, source, "adamw_kernel")
     gen = rng()
-    hint = ("one thread per element: i = blockIdx.x * blockDim.x + threadIdx.x; if (i < N) { g = grads[i] * "
-            "grad_scale; update m[i], v[i]; params[i] -= lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p); }")
+    hint = ("Exercise 9.1's update, one element per thread: which element does a thread own, which threads of "
+            "the last block must do nothing, where does grad_scale enter, and which values go back to memory "
+            "(m and v as running averages, uncorrected)?")
     for block_size in block_sizes:
         N = int(gen.integers(3, 9)) * block_size + int(gen.integers(1, block_size))   # not a multiple
         t = int(gen.integers(2, 6))

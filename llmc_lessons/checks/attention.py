@@ -22,18 +22,26 @@ EX1 = "Exercise 5.1"
 
 # Mistakes the check recognises, each the backward with one thing done wrong (see _backward_variant).
 BACKWARD_MISTAKES = {
-    "no_sum_term": "dpreatt = att * datt, without the  - sum(att * datt)  term of the softmax backward "
-                   "(every probability depends on every visible score through the normalisation)",
-    "no_att_factor": "dpreatt = datt - sum(att * datt), without the factor att in front: gradient leaks into "
-                     "the masked future positions, whose att is 0",
+    "no_sum_term": "the softmax backward (step 2) lacks its row term, the one with sum(att * datt): every "
+                   "probability depends on every visible score through the normalisation",
+    "no_att_factor": "the softmax backward (step 2) lacks its factor att: gradient leaks into the masked future "
+                     "positions, whose att is 0",
     "no_scale": "the 1/sqrt(hs) scale is missing in the backward (the forward multiplied the scores by it, so "
                 "the backward must multiply dpreatt by it too)",
-    "swapped_qk": "dq and dk are swapped: dq = dpreatt^T @ k and dk = dpreatt @ q (row t of preatt belongs to "
-                  "query t, column t2 to key t2)",
+    "swapped_qk": "dq and dk are swapped (step 4: row t of preatt belongs to query t, column t2 to key t2)",
     "heads_interleaved": "wrong head slicing: head h taken as channels h, h+NH, h+2NH, ... instead of the "
                          "contiguous block h*hs:(h+1)*hs",
     "qkv_per_head": "wrong q/k/v slicing: qkv read as (B, T, NH, 3, hs) instead of (B, T, 3, NH, hs) "
                     "(qkv is [all of q | all of k | all of v], each C = NH*hs wide)",
+}
+
+
+# Where each part of dqkv comes from in the derivation of section 4: the step to check, not the formula.
+_PART_HINTS = {
+    "dv": "dv needs step 1 only (Y = P V): which factor is transposed, and on which side does dY go?",
+    "dq": "dq needs steps 2, 3 and 4 in that order: the softmax backward row by row, the scale, then the product "
+          "with the keys",
+    "dk": "dk needs steps 2, 3 and 4 like dq, but in step 4 a key t2 meets the scores through column t2",
 }
 
 
@@ -113,8 +121,8 @@ def _causality(fn, B, T, NH, hs, gen):
             f"{EX1}: gradient leaked into the future. With dout nonzero only at position t0 = {t0}, dk and dv must "
             f"be 0 at every position t2 > {t0} (query t0 never saw those keys and values: the causal mask set "
             f"their probability to 0), but they reach {dk_future:.3g}.\n  likely cause: dpreatt is not 0 above "
-            f"the diagonal. The softmax backward is att * (datt - sum(att * datt)): the factor att (zero in the "
-            f"future) is what keeps the gradient causal.")
+            f"the diagonal. In step 2 of the derivation, find the factor that is 0 for every future key: it must "
+            f"multiply the whole softmax backward.")
     others = np.abs(np.delete(got[:, :, 0:C], t0, axis=1)).max(initial=0.0)
     if others > tiny:
         raise ExerciseFailed(
@@ -147,7 +155,7 @@ def check_attention_backward(fn) -> None:
             sl = slice(j * C, (j + 1) * C)
             assert_close(EX1, part, got[:, :, sl], expected[:, :, sl], atol=1e-8, rtol=1e-6,
                          known_mistakes={BACKWARD_MISTAKES[m]: w[:, :, sl] for m, w in wrong.items()},
-                         hint=f"{part} is dqkv[:, :, {j}*C:{j + 1}*C], indexed [b, t, channel]; this test had "
+                         hint=f"{_PART_HINTS[part]}; it sits in dqkv[:, :, {j}*C:{j + 1}*C]. This test had "
                               f"B={B}, T={T}, NH={NH}, hs={hs}, C={C}")
     passed(EX1, "dq, dk, dv match the reference at T = 13 and 37, and no gradient flows to the future")
 
@@ -237,15 +245,15 @@ def check_softmax_forward_kernel(source) -> None:
             if (~np.isfinite(got) & np.isfinite(expected)).any() or not np.isfinite(got).all():
                 raise ExerciseFailed(
                     f"{EX2} ({where}): the output holds inf or NaN for large scores, although it was right for "
-                    f"small ones.\n  likely cause: expf overflowed (expf(x) is inf for x > 88.7). Subtract the "
-                    f"row maximum before exponentiating: expf(inv_temperature * (x[i] - maxval)).")
+                    f"small ones.\n  likely cause: expf overflowed (expf(x) is inf for x > 88.7). Step 1's row "
+                    f"maximum is there to keep every exponent at or below 0: is it used inside expf?")
         _diagnose_nan(got, T, where)
         mistakes = {
             "the causal bound is off by one: keys up to own_pos + 1 are included (use i <= own_pos)":
                 _shifted_mask_softmax(x, inv_temperature, 1),
             "the softmax runs over the whole row: the future keys t2 > t must stay masked (loop to own_pos)":
                 _shifted_mask_softmax(x, inv_temperature, T),
-            "inv_temperature is missing: multiply (x[i] - maxval) by inv_temperature inside expf":
+            "inv_temperature is missing: the scores are exponentiated unscaled":
                 causal_softmax(x, 1.0),
             "each lane used its own maximum: combine them across the warp with warpReduceMax first":
                 _lane_partials(x, inv_temperature, own_max=True, own_sum=False),
@@ -253,6 +261,7 @@ def check_softmax_forward_kernel(source) -> None:
                 _lane_partials(x, inv_temperature, own_max=False, own_sum=True),
         }
         assert_close(EX2, "att", got, expected, atol=1e-6, rtol=1e-4, known_mistakes=mistakes,
-                     hint=f"att[n, t, :] must hold softmax(inv_temperature * inp[n, t, :t+1]) and zeros after it; "
-                          f"this launch had {where}")
+                     hint=f"follow steps 1 to 3 of the section above, each over this lane's own visible keys "
+                          f"and each combined across the warp before the next step uses it; this launch had "
+                          f"{where}")
     passed(EX2, "causal softmax correct at T = 13 and 37, three block sizes, and with large scores")

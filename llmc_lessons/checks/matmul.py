@@ -7,10 +7,11 @@ from llmc_lessons import device
 from llmc_lessons.checks import ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
 from llmc_lessons.layers.matmul import gemm_cuda, matmul_backward
 
-_DINP_HINT = "dinp (B, T, C) = dout (B, T, OC) @ weight (OC, C): weight is used as stored, no transpose."
-_DWEIGHT_HINT = ("dweight must have weight's shape (OC, C): dweight = dout^T @ inp with dout and inp viewed as "
-                 "(B*T, OC) and (B*T, C) matrices (reshape them first).")
-_DBIAS_HINT = "dbias (OC,) adds dout[b, t, o] over every position (b, t): sum over axes 0 and 1, keep the last one."
+_DINP_HINT = ("dinp has inp's shape (B, T, C): write down the shapes of dout and weight and find the product that "
+              "gives it.")
+_DWEIGHT_HINT = ("dweight has weight's shape (OC, C) and collects a contribution from every position (b, t): view "
+                 "dout and inp as matrices of B*T rows, then find the product of that shape.")
+_DBIAS_HINT = "dbias (OC,) collects dout from every position (b, t) that the bias was added at."
 
 
 def _call_backward(ex, fn, dout, inp, weight):
@@ -98,8 +99,8 @@ def check_matmul_kernel2(source: str) -> None:
                   trans_a=trans_a, trans_b=trans_b, version=2, tile=tile, kernel=kernel, out=out)
         mistakes = {
             "out holds only the bias: the loop over k tiles added nothing to acc": np.broadcast_to(bias64, (M, N)),
-            "each tile x tile block of out is transposed: in the accumulation, thread (ty, tx) must combine row ty "
-            "of As with row tx of Bs (As[ty * TILE + kk] * Bs[tx * (TILE + 1) + kk])":
+            "each tile x tile block of out is transposed: the accumulation pairs the A tile's row and the B tile's "
+            "column of the wrong element (ty and tx exchanged)":
                 _blockwise_transposed(full, tile, M, N) + bias64,
         }
         if trans_a or trans_b:
@@ -109,10 +110,10 @@ def check_matmul_kernel2(source: str) -> None:
                      "A[m * sam + k * sak] and B[k * sbk + n * sbn]"] = raw_a @ raw_b + bias64
         try:
             assert_close(ex, "out", out, want, atol=1e-4, rtol=1e-4, known_mistakes=mistakes,
-                         hint="per k tile: thread (ty, tx) stores A(m0 + ty, k0 + tx) into As[ty * TILE + tx] and "
-                              "B(k0 + tx, n0 + ty) into Bs[ty * (TILE + 1) + tx], or 0 where that element is outside "
-                              "A or B (k >= K in the last tile, a row >= M, a column >= N); after __syncthreads it adds "
-                              "As[ty * TILE + kk] * Bs[tx * (TILE + 1) + kk] for kk = 0 .. TILE - 1.")
+                         hint="compare each index with the layout comments on As and Bs: which row of A and "
+                              "which column of B does thread (ty, tx) need for its element out(m, n), and which "
+                              "ones does it load for the others? An element outside A or B (the last k tile, the "
+                              "edge blocks) must load as 0.")
         except ExerciseFailed as e:
             raise ExerciseFailed(f"{e}\n  the failing launch: {what}; M={M}, N={N}, K={K}, TILE={tile}, "
                                  f"grid {-(-N // tile)} x {-(-M // tile)} blocks") from None
