@@ -44,6 +44,12 @@
 #include <ucontext.h>
 #endif
 
+// Checked mode on Linux x86-64 also watches shared memory for data races and out-of-bounds accesses (see Word).
+#if defined(__SANITIZE_ADDRESS__) && defined(__linux__) && defined(__x86_64__)
+#define LLMC_RACECHECK 1
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 extern "C" {
 __thread llmc_thread *llmc_rt_self;
 }
@@ -123,6 +129,28 @@ constexpr unsigned char kSlackByte = 0xA5;   // fills the page after a staged ar
 enum FiberState { kReady, kWaiting, kDone };
 enum WarpOp { kShfl, kVote, kSyncwarp };
 enum CancelReason { kNotCancelled, kInterrupted, kTimedOut };
+#ifdef LLMC_RACECHECK
+// Checked mode: while a block runs, its shared memory is PROT_NONE, so every access by the kernel faults. The
+// handler (on_watch) records the access for its 4-byte word, opens the page and single-steps the instruction
+// (the trap flag); the trap closes the page again. Two accesses of one word by different threads, at least one
+// a plain write, race unless a __syncthreads completed between them, or, for lanes of one warp, a warp
+// collective (__syncwarp, a shuffle, a vote), or both went through volatile pointers (warp-synchronous code,
+// run in lockstep). Atomics do not race with atomics nor with plain reads. Arrays lie kRedzone bytes apart,
+// so an index a little past an array's end lands in a gap: an out-of-bounds access.
+constexpr size_t kRedzone = 64;
+constexpr size_t kArena = kSharedArena + (kMaxSlots + 1) * kRedzone;
+constexpr int kWatchFound = -1;  // Worker::sig after a race or an out-of-bounds access
+struct Access {
+    int tid = -1;  // linear thread index in the block; -1: none
+    bool atomic = false, vol = false;
+    unsigned long long epoch = 0, wgen = 0;  // the block's __syncthreads count, the warp's collective count
+    void *pc = nullptr;
+};
+struct Word { Access write, read[2]; };  // the last write and up to two concurrent reads since
+struct Region { size_t off, size, elem; unsigned rank, e1, e2; const char *name, *file; int line; };
+#else
+constexpr size_t kArena = kSharedArena;
+#endif
 const char *kOpNames[] = {"a warp shuffle (__shfl*_sync)", "a warp vote (__ballot/__any/__all_sync)", "__syncwarp"};
 
 struct Launch;
@@ -137,6 +165,9 @@ struct Fiber {
     const char *wait_what = "", *wait_file = "";
     int wait_line = 0;
     char *stack = nullptr;
+#ifdef LLMC_RACECHECK
+    bool vol = false;  // its next access goes through a volatile pointer
+#endif
 #ifdef LLMC_USE_UCONTEXT
     ucontext_t uc;
 #else
@@ -161,6 +192,9 @@ struct Warp {
     Collective coll[32];
     unsigned long long val[32], res[32];  // each lane's contribution to, and result of, its collective
     unsigned char src[32];                // the lane each shuffling lane reads
+#ifdef LLMC_RACECHECK
+    unsigned long long gen = 0;           // collectives completed: they order the lanes' accesses
+#endif
 };
 
 // An argument array copied into its own mapping, followed by a page of kSlackByte and then a PROT_NONE page.
@@ -229,13 +263,33 @@ struct Worker {
 #else
     void *sched_sp = nullptr;
 #endif
+#ifdef LLMC_RACECHECK
+    std::vector<Word> shadow = std::vector<Word>(kArena / 4);
+    std::vector<Region> regions;  // regions[0]: the dynamic shared memory
+    volatile sig_atomic_t watching = 0;
+    char *open_page = nullptr;    // the pages opened for the instruction being single-stepped
+    size_t open_len = 0;
+    bool found_oob = false, found_a_write = false, found_b_write = false;  // what on_watch found
+    Access found_a, found_b;
+    size_t found_off = 0;
+#endif
 
     Worker() {
+#ifdef LLMC_RACECHECK
+        void *m = mmap(nullptr, kArena, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) throw std::bad_alloc();
+        shared = static_cast<char *>(m);
+#else
         shared = static_cast<char *>(std::malloc(kSharedArena));
+#endif
         std::fill(slot_off, slot_off + kMaxSlots, -1L);
     }
     ~Worker() {
+#ifdef LLMC_RACECHECK
+        munmap(shared, kArena);
+#else
         std::free(shared);
+#endif
         for (auto &f : fibers) munmap(f->stack - kStackGuard, stack_size + kStackGuard);
     }
 };
@@ -441,8 +495,16 @@ void run_block(Worker &w, long b) {
     const unsigned gx = L.grid[0], gy = L.grid[1];
     uint3 bid = {unsigned(b % gx), unsigned((b / gx) % gy), unsigned(b / (long(gx) * gy))};
     // Fresh shared memory for every block: poisoned (0xFF bytes read as NaN floats, -1 integers).
-    std::memset(w.shared, 0xFF, std::min(w.dirty, kSharedArena));
+#ifdef LLMC_RACECHECK
+    mprotect(w.shared, kArena, PROT_READ | PROT_WRITE);
+    std::fill(w.shadow.begin(), w.shadow.begin() + long(std::min(w.dirty, kArena) / 4), Word());
+    w.regions.assign(1, Region{0, L.dyn_shared, 1, 1, 0, 0, "extern __shared__ memory", "", 0});
+#endif
+    std::memset(w.shared, 0xFF, std::min(w.dirty, kArena));
     w.static_base = (L.dyn_shared + 15) & ~size_t(15);
+#ifdef LLMC_RACECHECK
+    w.static_base += kRedzone;
+#endif
     w.static_used = 0;
     w.dirty = w.static_base;
     for (int s : w.touched) w.slot_off[s] = -1;
@@ -454,6 +516,9 @@ void run_block(Worker &w, long b) {
         Warp &wp = w.warps[i];
         wp.exist = (i == nwarps - 1 && n % 32) ? ((1u << (n % 32)) - 1u) : 0xffffffffu;
         wp.exited = 0; wp.ready = 0; wp.ncoll = 0;
+#ifdef LLMC_RACECHECK
+        wp.gen = 0;
+#endif
     }
     for (int i = 0; i < n; i++) {
         Fiber *f = w.fibers[i].get();
@@ -465,6 +530,9 @@ void run_block(Worker &w, long b) {
         f->t.lane = unsigned(i % 32);
         f->t.warp = unsigned(i / 32);
         f->state = kReady;
+#ifdef LLMC_RACECHECK
+        f->vol = false;
+#endif
 #ifdef LLMC_USE_UCONTEXT
         getcontext(&f->uc);
         f->uc.uc_stack.ss_sp = f->stack;
@@ -482,8 +550,16 @@ void run_block(Worker &w, long b) {
     w.stalled = 0;
     w.deadlock = false;
     w.in_fiber = 1;
+#ifdef LLMC_RACECHECK
+    mprotect(w.shared, kArena, PROT_NONE);
+    w.watching = 1;
+#endif
     to_fiber(w, w.fibers[0].get());  // returns when every fiber has exited, on a deadlock, or on a failure
     w.in_fiber = 0;
+#ifdef LLMC_RACECHECK
+    w.watching = 0;
+    mprotect(w.shared, kArena, PROT_READ | PROT_WRITE);
+#endif
     if (w.deadlock && !w.abort) {
         report_deadlock(w, n);
         w.abort = true;
@@ -512,14 +588,8 @@ void *pc_of(void *ctx) {
 #endif
 }
 
-void on_signal(int sig, siginfo_t *si, void *ctx) {
-    Worker *w = g_active.load(std::memory_order_relaxed) ? tw : nullptr;
-    if (w && w->in_fiber && !(sig == kCancelSignal && w->no_cancel)) {
-        w->sig = sig; w->sig_code = si->si_code; w->sig_addr = si->si_addr; w->sig_pc = pc_of(ctx);
-        w->in_fiber = 0;
-        siglongjmp(w->jmp, 1);
-    }
-    if (sig == kCancelSignal) return;  // outside a fiber: the flag stops the worker at its next block
+// A signal that is not ours: to the handler installed before ours, or the default action.
+void chain(int sig, siginfo_t *si, void *ctx) {
     const struct sigaction &p = g_prev[sig];
     if (p.sa_flags & SA_SIGINFO) {
         p.sa_sigaction(sig, si, ctx);
@@ -531,8 +601,112 @@ void on_signal(int sig, siginfo_t *si, void *ctx) {
     }
 }
 
+void on_signal(int sig, siginfo_t *si, void *ctx) {
+    Worker *w = g_active.load(std::memory_order_relaxed) ? tw : nullptr;
+    if (w && w->in_fiber && !(sig == kCancelSignal && w->no_cancel)) {
+        w->sig = sig; w->sig_code = si->si_code; w->sig_addr = si->si_addr; w->sig_pc = pc_of(ctx);
+        w->in_fiber = 0;
+        siglongjmp(w->jmp, 1);
+    }
+    if (sig == kCancelSignal) return;  // outside a fiber: the flag stops the worker at its next block
+    chain(sig, si, ctx);
+}
+
+#ifdef LLMC_RACECHECK
+// Is the instruction at pc atomic (lock-prefixed, or xchg with memory)?
+__attribute__((no_sanitize_address)) bool is_atomic(const void *pc) {
+    const unsigned char *p = static_cast<const unsigned char *>(pc);
+    for (int i = 0; i < 15; i++) {
+        const unsigned b = p[i];
+        if (b == 0xF0) return true;
+        const bool prefix = b == 0x66 || b == 0x67 || b == 0xF2 || b == 0xF3 || b == 0x2E || b == 0x3E ||
+                            b == 0x26 || b == 0x36 || b == 0x64 || b == 0x65 || (b >= 0x40 && b <= 0x4F);
+        if (!prefix) return b == 0x86 || b == 0x87;
+    }
+    return false;
+}
+
+// Can earlier access p and access c (by another thread) happen in either order?
+bool concurrent(const Access &p, const Access &c) {
+    if (p.tid < 0 || p.tid == c.tid || p.epoch != c.epoch) return false;
+    return !(p.tid / 32 == c.tid / 32 && (p.wgen != c.wgen || (p.vol && c.vol)));
+}
+
+const Region *region_at(Worker &w, size_t off) {
+    for (const Region &r : w.regions)
+        if (off >= r.off && off < r.off + r.size) return &r;
+    return nullptr;
+}
+
+// Record an access by the current fiber; false (with w.found_*) on a race or an out-of-bounds access.
+bool record(Worker &w, size_t off, bool write, void *pc) {
+    Fiber *f = w.cur;
+    Access c;
+    c.tid = int(f->t.warp * 32 + f->t.lane);
+    c.epoch = w.bar_gen;
+    c.wgen = w.warps[f->t.warp].gen;
+    c.pc = pc;
+    c.vol = f->vol;
+    f->vol = false;
+    c.atomic = write && is_atomic(pc);
+    w.found_off = off; w.found_b = c; w.found_b_write = write;
+    if (!region_at(w, off)) {
+        w.found_oob = true;
+        return false;
+    }
+    Word &x = w.shadow[off / 4];
+    auto race = [&](const Access &p, bool p_write) {
+        w.found_oob = false; w.found_a = p; w.found_a_write = p_write;
+        return false;
+    };
+    if (write) {
+        if (concurrent(x.write, c) && !(x.write.atomic && c.atomic)) return race(x.write, true);
+        if (!c.atomic)
+            for (const Access &r : x.read)
+                if (concurrent(r, c)) return race(r, false);
+        x.write = c;
+        if (!c.atomic) x.read[0] = x.read[1] = Access();
+    } else {
+        if (concurrent(x.write, c) && !x.write.atomic) return race(x.write, true);
+        if (!concurrent(x.read[0], c)) x.read[0] = c;
+        else if (!concurrent(x.read[1], c)) x.read[1] = c;
+    }
+    return true;
+}
+
+void on_watch(int sig, siginfo_t *si, void *ctx) {
+    ucontext_t *uc = static_cast<ucontext_t *>(ctx);
+    Worker *w = g_active.load(std::memory_order_relaxed) ? tw : nullptr;
+    if (sig == SIGTRAP && w && w->open_len) {  // the instruction ran: close its pages again
+        mprotect(w->open_page, w->open_len, PROT_NONE);
+        w->open_len = 0;
+        uc->uc_mcontext.gregs[REG_EFL] &= ~0x100LL;
+        return;
+    }
+    char *a = static_cast<char *>(si->si_addr);
+    if (sig == SIGSEGV && w && w->in_fiber && w->watching && a >= w->shared && a < w->shared + kArena) {
+        void *pc = pc_of(ctx);
+        if (!record(*w, size_t(a - w->shared), (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0, pc)) {
+            w->sig = kWatchFound; w->sig_pc = nullptr;
+            w->in_fiber = 0;
+            siglongjmp(w->jmp, 1);
+        }
+        char *page = w->shared + size_t(a - w->shared) / g_page * g_page;
+        w->open_page = page;
+        w->open_len = std::min(2 * g_page, size_t(w->shared + kArena - page));  // an access may cross a page
+        mprotect(page, w->open_len, PROT_READ | PROT_WRITE);
+        uc->uc_mcontext.gregs[REG_EFL] |= 0x100LL;  // trap after this one instruction
+        return;
+    }
+    if (sig == kCancelSignal) on_signal(sig, si, ctx);
+    else chain(sig, si, ctx);
+}
+#endif
+
 void install_handlers() {
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(LLMC_RACECHECK)
+    const int sigs[] = {kCancelSignal, SIGSEGV, SIGTRAP};  // faults outside shared memory go on to the sanitizer
+#elif defined(__SANITIZE_ADDRESS__)
     const int sigs[] = {kCancelSignal};  // under AddressSanitizer its own reports of faults are better
 #else
     const int sigs[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, kCancelSignal};
@@ -540,10 +714,15 @@ void install_handlers() {
     for (int s : sigs) {
         struct sigaction cur;
         sigaction(s, nullptr, &cur);
-        if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_signal) continue;
+#ifdef LLMC_RACECHECK
+        void (*handler)(int, siginfo_t *, void *) = on_watch;
+#else
+        void (*handler)(int, siginfo_t *, void *) = on_signal;
+#endif
+        if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == handler) continue;
         struct sigaction sa;
         std::memset(&sa, 0, sizeof sa);
-        sa.sa_sigaction = on_signal;
+        sa.sa_sigaction = handler;
         sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
         sigemptyset(&sa.sa_mask);
         sigaction(s, &sa, &g_prev[s]);
@@ -598,7 +777,73 @@ std::string past(size_t bytes) {
     return bytes ? std::to_string(bytes) + " bytes past" : std::string("just past");
 }
 
+#ifdef LLMC_RACECHECK
+std::string line_of(void *pc) {
+    char buf[600] = "";
+    __sanitizer_symbolize_pc(static_cast<char *>(pc) + 1, "%s:%l", buf, sizeof buf);  // it looks 1 byte back
+    const char *s = std::strchr(buf, '<');  // "<RawKernel source>:4", not the folder it was built in
+    return s ? s : buf[0] ? buf : "an unknown line";
+}
+
+std::string thread_at(Worker &w, int tid) {
+    const unsigned bx = w.L->block[0], by = w.L->block[1], i = unsigned(tid);
+    char buf[100];
+    std::snprintf(buf, sizeof buf, "thread (%u, %u, %u)", i % bx, (i / bx) % by, i / (bx * by));
+    return buf;
+}
+
+// The element of a __shared__ array at byte offset off, as the kernel names it: tile[3][5].
+std::string element_at(Worker &w, size_t off) {
+    const Region *r = region_at(w, off);
+    if (!r) return "shared memory";
+    const size_t e = (off - r->off) / r->elem;
+    std::string s = r->name;
+    if (r->rank == 1) s += "[" + std::to_string(e) + "]";
+    if (r->rank == 2) s += "[" + std::to_string(e / r->e1) + "][" + std::to_string(e % r->e1) + "]";
+    if (r->rank >= 3 && r->e1 && r->e2)
+        s += "[" + std::to_string(e / (size_t(r->e1) * r->e2)) + "][" + std::to_string(e / r->e2 % r->e1) + "][" +
+             std::to_string(e % r->e2) + "]";
+    return s;
+}
+
+std::string describe_watch(Worker &w) {
+    const llmc_thread &t = w.cur->t;
+    char head[400];
+    std::snprintf(head, sizeof head, "kernel '%s', block (%u, %u, %u)", w.L->name.c_str(), t.blockIdx.x,
+                  t.blockIdx.y, t.blockIdx.z);
+    const Access &b = w.found_b;
+    const char *verb_b = b.atomic ? "atomically updated" : w.found_b_write ? "wrote" : "read";
+    if (w.found_oob) {
+        const Region *r = &w.regions[0];  // the array that ends last before the access
+        for (const Region &q : w.regions)
+            if (q.off <= w.found_off && q.off >= r->off) r = &q;
+        const size_t past = w.found_off - (r->off + r->size);
+        std::string what = r == &w.regions[0]
+            ? "the dynamic shared memory '" + std::string(r->name) + "' (" + std::to_string(r->size) +
+              " bytes: the launch's shared_mem)"
+            : "the __shared__ array '" + std::string(r->name) + "' (" + std::to_string(r->size) +
+              " bytes, declared at " + r->file + ":" + std::to_string(r->line) + ")";
+        return "shared memory out of bounds in " + std::string(head) + ", " + thread_at(w, b.tid) + ": it " +
+               verb_b + " " + ::past(past) + " the end of " + what + " at " + line_of(b.pc) +
+               ".\nCheck the index arithmetic against the array's size.";
+    }
+    const Access &a = w.found_a;
+    const char *verb_a = a.atomic ? "atomically updated" : w.found_a_write ? "wrote" : "read";
+    const bool warp = a.tid / 32 == b.tid / 32;
+    return "data race on shared memory in " + std::string(head) + ": " + thread_at(w, a.tid) + " " + verb_a + " " +
+           element_at(w, w.found_off) + " at " + line_of(a.pc) + " and " + thread_at(w, b.tid) + " " + verb_b +
+           " it at " + line_of(b.pc) + " with no __syncthreads between them" +
+           (warp ? " (nor a __syncwarp: they are lanes of one warp)" : "") +
+           ".\nOn a GPU the result depends on which thread runs first. Put a __syncthreads() between the two "
+           "accesses" + (warp ? " (or a __syncwarp() for lanes of one warp)" : "") +
+           ", or make a shared sum with atomicAdd.";
+}
+#endif
+
 std::string describe_fault(Worker &w) {
+#ifdef LLMC_RACECHECK
+    if (w.sig == kWatchFound) return describe_watch(w);
+#endif
     Launch &L = *w.L;
     const uintptr_t a = reinterpret_cast<uintptr_t>(w.sig_addr);
     char buf[900];
@@ -899,6 +1144,9 @@ static unsigned long long warp_collective(Worker &w, unsigned mask, int op, unsi
     if (pred) c.votes |= bit;
     c.arrived |= bit;
     if (c.arrived == c.target) {  // complete: every member's result, then the collective is gone
+#ifdef LLMC_RACECHECK
+        wp.gen++;
+#endif
         for (unsigned m = c.target; m; m &= m - 1) {
             unsigned l = unsigned(__builtin_ctz(m));
             wp.res[l] = op == kShfl ? wp.val[wp.src[l]] : c.votes;
@@ -929,6 +1177,9 @@ void llmc_rt_syncwarp(unsigned mask, const char *file, int line) {
 // lanes of a warp that talk through volatile shared memory step in lockstep, as warp-synchronous code expects.
 void llmc_rt_yield(void) {
     Worker &w = *tw;
+#ifdef LLMC_RACECHECK
+    w.cur->vol = true;
+#endif
     pass_on(w, w.cur, true);
 }
 
@@ -943,7 +1194,13 @@ void *llmc_rt_shared(int slot, size_t size, size_t align, const char *file, int 
     if (w.slot_off[slot] < 0) {
         size_t off = (w.static_base + w.static_used + align - 1) & ~(align - 1);
         size_t static_total = off + size - w.static_base;
+#ifdef LLMC_RACECHECK
+        const size_t pad = kRedzone * (w.touched.size() + 1);  // red zones are not shared memory
+        static_total -= pad - kRedzone;
+        if (off + size - pad > w.L->shared_limit) {
+#else
         if (off + size > w.L->shared_limit) {
+#endif
             char buf[500];
             std::snprintf(buf, sizeof buf, "%s:%d: %s: shared memory overflow: %zu bytes of static __shared__ "
                           "arrays plus %zu bytes of dynamic shared memory exceed the limit of %zu bytes per block "
@@ -953,6 +1210,9 @@ void *llmc_rt_shared(int slot, size_t size, size_t align, const char *file, int 
         }
         w.slot_off[slot] = long(off);
         w.static_used = off + size - w.static_base;
+#ifdef LLMC_RACECHECK
+        w.static_used += kRedzone;
+#endif
         w.dirty = std::max(w.dirty, off + size);
         w.touched.push_back(slot);
     }
@@ -960,6 +1220,31 @@ void *llmc_rt_shared(int slot, size_t size, size_t align, const char *file, int 
 }
 
 void *llmc_rt_dynamic_shared(void) { return tw->shared; }
+
+// Checked mode's versions (llmc_cuda.h): the runtime also learns each array's name and shape.
+void *llmc_rt_shared_checked(int slot, size_t size, size_t align, const char *file, int line, const char *name,
+                             size_t elem, unsigned rank, unsigned e1, unsigned e2) {
+#ifdef LLMC_RACECHECK
+    Worker &w = *tw;
+    const bool fresh = slot >= 0 && slot < kMaxSlots && w.slot_off[slot] < 0;
+    char *p = static_cast<char *>(llmc_rt_shared(slot, size, align, file, line));
+    if (fresh) w.regions.push_back(Region{size_t(p - w.shared), size, elem, rank, e1, e2, name, file, line});
+    return p;
+#else
+    (void)name; (void)elem; (void)rank; (void)e1; (void)e2;
+    return llmc_rt_shared(slot, size, align, file, line);
+#endif
+}
+
+void *llmc_rt_dynamic_shared_checked(const char *name, size_t elem) {
+#ifdef LLMC_RACECHECK
+    tw->regions[0].name = name;
+    tw->regions[0].elem = elem;
+#else
+    (void)name; (void)elem;
+#endif
+    return tw->shared;
+}
 
 void llmc_rt_fail(const char *file, int line, const char *fmt, ...) {
     Worker &w = *tw;
