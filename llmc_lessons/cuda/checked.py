@@ -40,6 +40,9 @@ def _libasan() -> str:
 
 def launch(kernel, grid, block, args, shared_mem: int, shared_limit: int) -> str:
     """Run `kernel` under AddressSanitizer in a child process; copy written arrays back; return its printf output."""
+    if os.environ.get("LLMC_CHECK_RACES", "1") not in ("0", "1"):
+        raise ValueError(f"LLMC_CHECK_RACES={os.environ['LLMC_CHECK_RACES']!r}: use 1 (watch shared memory for data "
+                         f"races and out-of-bounds accesses, the default) or 0 (do not)")
     with tempfile.TemporaryDirectory(prefix="llmc-check-") as tmp:
         d = Path(tmp)
         spec = {"code": kernel.code, "name": kernel.name, "filename": kernel.filename,
