@@ -91,6 +91,51 @@ def test_syncwarp_orders_lanes_of_one_warp_only():
         launch(src.replace("SRC", "32"))  # a lane of the other warp: __syncwarp does not order it
 
 
+GLOBAL = r'''extern "C" __global__ void k(float* c, const float* x, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) c[i + 1] = 2.0f * x[i];
+    c[0] = c[0] + 1;
+}'''
+
+
+def test_increment_of_global_memory_from_64_threads():
+    x, c = np.arange(128, dtype=np.float32), np.zeros(129, np.float32)
+    with pytest.raises(KernelError, match=r"data race on global memory in kernel 'k', block \(0, 0, 0\): thread "
+                                          r"\(0, 0, 0\) wrote c\[0\] at <RawKernel source>:4 and thread \(1, 0, 0\) "
+                                          r"(read|wrote) it at <RawKernel source>:4 with no __syncthreads"):
+        RawKernel(GLOBAL, "k")((2,), (64,), (c, x, np.int32(128)))
+    fixed = GLOBAL.replace("c[0] = c[0] + 1;", "atomicAdd(&c[0], 1.0f);")
+    RawKernel(fixed, "k")((2,), (64,), (c, x, np.int32(128)))
+    assert c[0] == 128 and np.array_equal(c[1:], 2 * x)
+
+
+def test_neighbour_read_of_global_memory():
+    src = r'''extern "C" __global__ void k(float* y, float* out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    y[i] = i;
+    if (i + 1 < n) out[i] = y[i + 1];
+}'''
+    y, out = np.zeros(64, np.float32), np.zeros(64, np.float32)
+    with pytest.raises(KernelError, match=r"data race on global memory in kernel 'k', block \(0, 0, 0\): thread "
+                                          r"\(0, 0, 0\) read y\[1\] at <RawKernel source>:4 and thread \(1, 0, 0\) "
+                                          r"wrote it at <RawKernel source>:3"):
+        RawKernel(src, "k")((1,), (64,), (y, out, np.int32(64)))
+    RawKernel(src.replace("y[i] = i;", "y[i] = i; __syncthreads();"), "k")((1,), (64,), (y, out, np.int32(64)))
+    assert np.array_equal(out[:63], np.arange(1, 64))
+
+
+def test_neighbouring_16_bit_elements_are_not_one_word():
+    src = r'''extern "C" __global__ void k(uint16_t* y) {
+    __shared__ uint16_t s[64];
+    int t = threadIdx.x;
+    s[t] = t;
+    y[t] = s[t] + 1;
+}'''
+    y = np.zeros(64, np.uint16)
+    RawKernel(src, "k")((1,), (64,), (y,))
+    assert np.array_equal(y, np.arange(1, 65))
+
+
 def test_shared_out_of_bounds_names_array_and_line():
     src = r'''extern "C" __global__ void k(float* out) {
     __shared__ float tile[64];
@@ -164,6 +209,7 @@ def test_volatile_warp_synchronous_reduction_is_not_a_race():
 @pytest.mark.slow
 def test_course_kernels_report_nothing():  # about 15 s on one core
     from llmc_lessons.layers.attention import attention_forward
+    from llmc_lessons.layers.bf16 import float_to_bf16_cuda
     from llmc_lessons.layers.crossentropy import softmax_forward_cuda
     from llmc_lessons.layers.flash_attention import flash_attention_forward_cuda
     from llmc_lessons.layers.layernorm import layernorm_forward, layernorm_forward_cuda
@@ -180,6 +226,7 @@ def test_course_kernels_report_nothing():  # about 15 s on one core
     logits = rng.standard_normal((B, T, 19), dtype=np.float32)
     probs = softmax_forward_cuda(logits, 19, block_size=64)
     assert np.allclose(probs.sum(-1), 1, atol=1e-5)
+    assert float_to_bf16_cuda(x.ravel()[:67]).dtype == np.uint16
     NH = 2
     qkv = rng.standard_normal((B, 7, 3 * 16), dtype=np.float32)
     flash = flash_attention_forward_cuda(qkv, NH, block_size=4)

@@ -132,7 +132,11 @@ def _child(d: Path) -> int:
         out = emulator.launch(module, sig, tuple(spec["grid"]), tuple(spec["block"]), args, spec["shared_mem"],
                               spec["shared_limit"])
     except tuple(_ERRORS.values()) as e:
-        (d / "error.json").write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
+        def element(m):  # the runtime names an element of an argument array by its byte offset
+            i, byte = int(m.group(1)), int(m.group(2))
+            return f"{sig.params[i].name}[{byte // args[i].itemsize}]"
+        message = re.sub(r"\{arg (\d+) byte (\d+)\}", element, str(e))
+        (d / "error.json").write_text(json.dumps({"type": type(e).__name__, "message": message}))
         return 3
     for a, p in zip(args, spec["args"]):
         if "array" in p:

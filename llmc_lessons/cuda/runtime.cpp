@@ -38,6 +38,7 @@
 #include <sys/ucontext.h>
 #include <thread>
 #include <unistd.h>
+#include <unordered_map>
 #include <vector>
 
 #if defined(LLMC_UCONTEXT) || !((defined(__x86_64__) || defined(__aarch64__)) && (defined(__linux__) || defined(__APPLE__)))
@@ -45,7 +46,8 @@
 #include <ucontext.h>
 #endif
 
-// Checked mode on Linux x86-64 also watches shared memory for data races and out-of-bounds accesses (see Word).
+// Checked mode on Linux x86-64 also watches shared memory and the argument arrays for data races between the
+// threads of a block, and shared memory for out-of-bounds accesses (see Word).
 #if defined(__SANITIZE_ADDRESS__) && defined(__linux__) && defined(__x86_64__)
 #define LLMC_RACECHECK 1
 #include <sanitizer/common_interface_defs.h>
@@ -131,17 +133,19 @@ enum FiberState { kReady, kWaiting, kDone };
 enum WarpOp { kShfl, kVote, kSyncwarp };
 enum CancelReason { kNotCancelled, kInterrupted, kTimedOut };
 #ifdef LLMC_RACECHECK
-// Checked mode: while a block runs, its shared memory is PROT_NONE, so every access by the kernel faults. The
-// handler (on_watch) records the access for its 4-byte word, opens the page and single-steps the instruction
-// (the trap flag); the trap closes the page again. Two accesses of one word by different threads, at least one
-// a plain write, race unless a __syncthreads completed between them, or, for lanes of one warp, a warp
+// Checked mode: while a block runs, its shared memory and (copies of) the argument arrays are PROT_NONE, so
+// every access by the kernel faults. The handler (on_watch) records the access by the address it starts at,
+// opens the page and single-steps the instruction (the trap flag); the trap closes the page again. The blocks
+// run one at a time, each with a fresh record. Two accesses that start at one address (an access's size is not
+// known: a float4 at p and a float at p + 4 are not compared) by different threads, at least one a plain
+// write, race unless a __syncthreads completed between them, or, for lanes of one warp, a warp
 // collective (__syncwarp, a shuffle, a vote), or both went through volatile pointers (warp-synchronous code,
 // run in lockstep). Atomics do not race with atomics nor with plain reads. Arrays lie kRedzone bytes apart,
 // so an index a little past an array's end lands in a gap: an out-of-bounds access.
 constexpr size_t kRedzone = 64;
 constexpr size_t kArena = kSharedArena + (kMaxSlots + 1) * kRedzone;
 constexpr int kWatchFound = -1;  // Worker::sig after a race or an out-of-bounds access
-bool g_watch = true;             // LLMC_CHECK_RACES=0 turns the watching off (it costs ~10 us an access)
+bool g_watch = true;             // LLMC_CHECK_RACES=0 turns the watching off (10-20 us an access)
 struct Access {
     int tid = -1;  // linear thread index in the block; -1: none
     bool atomic = false, vol = false;
@@ -150,6 +154,10 @@ struct Access {
 };
 struct Word { Access write, read[2]; };  // the last write and up to two concurrent reads since
 struct Region { size_t off, size, elem; unsigned rank, e1, e2; const char *name, *file; int line; };
+struct Span { char *lo, *hi; int arg; };  // an argument array (arg >= 0), or pages watched around them (-1)
+// Pages opened for the instruction being single-stepped (one instruction may touch a few watched pages).
+thread_local Span t_open[4];
+thread_local int t_nopen = 0;
 #else
 constexpr size_t kArena = kSharedArena;
 #endif
@@ -233,6 +241,12 @@ struct Launch {
     std::string error, output, stopped_running, stopped_yielding;
     bool output_cut = false;
     void *fault_pc = nullptr;
+#ifdef LLMC_RACECHECK
+    // Watched copies of the argument arrays (see copy_arrays): each array, and the pages of each copy.
+    std::vector<Span> arrays, pages;
+    struct Copy { char *orig; size_t bytes; bool writable; };
+    std::vector<Copy> origs;  // for each copy (pages[k]): where it came from, its size, whether to copy it back
+#endif
     pthread_t caller;            // the thread that called llmc_rt_launch; it runs the first worker
 };
 
@@ -266,14 +280,13 @@ struct Worker {
     void *sched_sp = nullptr;
 #endif
 #ifdef LLMC_RACECHECK
-    std::vector<Word> shadow = std::vector<Word>(kArena / 4);
     std::vector<Region> regions;  // regions[0]: the dynamic shared memory
+    std::unordered_map<const char *, Word> words;  // the addresses this block has touched, by where accesses start
     volatile sig_atomic_t watching = 0;
-    char *open_page = nullptr;    // the pages opened for the instruction being single-stepped
-    size_t open_len = 0;
     bool found_oob = false, found_a_write = false, found_b_write = false;  // what on_watch found
     Access found_a, found_b;
     size_t found_off = 0;
+    int found_arg = -1;  // the argument array of a race on global memory; -1: shared memory
 #endif
 
     Worker() {
@@ -490,6 +503,17 @@ void report_deadlock(Worker &w, int n) {
 // starting each a different number of cache lines below its top spreads the hot frames over the cache.
 inline size_t colour(int i) { return size_t(i % 64) * 64; }
 
+#ifdef LLMC_RACECHECK
+// Close (on) or open the block's shared memory and the pages of the argument arrays (see Word).
+void watch(Worker &w, bool on) {
+    const int prot = on ? PROT_NONE : PROT_READ | PROT_WRITE;
+    w.watching = 0;
+    mprotect(w.shared, kArena, prot);
+    for (const Span &p : w.L->pages) mprotect(p.lo, size_t(p.hi - p.lo), prot);
+    w.watching = on;
+}
+#endif
+
 void run_block(Worker &w, long b) {
     Launch &L = *w.L;
     const unsigned bx = L.block[0], by = L.block[1], bz = L.block[2];
@@ -498,8 +522,8 @@ void run_block(Worker &w, long b) {
     uint3 bid = {unsigned(b % gx), unsigned((b / gx) % gy), unsigned(b / (long(gx) * gy))};
     // Fresh shared memory for every block: poisoned (0xFF bytes read as NaN floats, -1 integers).
 #ifdef LLMC_RACECHECK
-    mprotect(w.shared, kArena, PROT_READ | PROT_WRITE);
-    std::fill(w.shadow.begin(), w.shadow.begin() + long(std::min(w.dirty, kArena) / 4), Word());
+    watch(w, false);
+    w.words.clear();
     w.regions.assign(1, Region{0, L.dyn_shared, 1, 1, 0, 0, "extern __shared__ memory", "", 0});
 #endif
     std::memset(w.shared, 0xFF, std::min(w.dirty, kArena));
@@ -553,16 +577,12 @@ void run_block(Worker &w, long b) {
     w.deadlock = false;
     w.in_fiber = 1;
 #ifdef LLMC_RACECHECK
-    if (g_watch) {
-        mprotect(w.shared, kArena, PROT_NONE);
-        w.watching = 1;
-    }
+    if (g_watch) watch(w, true);
 #endif
     to_fiber(w, w.fibers[0].get());  // returns when every fiber has exited, on a deadlock, or on a failure
     w.in_fiber = 0;
 #ifdef LLMC_RACECHECK
-    w.watching = 0;
-    mprotect(w.shared, kArena, PROT_READ | PROT_WRITE);
+    watch(w, false);
 #endif
     if (w.deadlock && !w.abort) {
         report_deadlock(w, n);
@@ -642,8 +662,9 @@ const Region *region_at(Worker &w, size_t off) {
     return nullptr;
 }
 
-// Record an access by the current fiber; false (with w.found_*) on a race or an out-of-bounds access.
-bool record(Worker &w, size_t off, bool write, void *pc) {
+// Record an access by the current fiber to byte off of shared memory (arg = -1) or of the argument array
+// w.L->arrays[arg]; false (with w.found_*) on a race or an out-of-bounds access.
+bool record(Worker &w, int arg, size_t off, bool write, void *pc) {
     Fiber *f = w.cur;
     Access c;
     c.tid = int(f->t.warp * 32 + f->t.lane);
@@ -653,14 +674,14 @@ bool record(Worker &w, size_t off, bool write, void *pc) {
     c.vol = f->vol;
     f->vol = false;
     c.atomic = write && is_atomic(pc);
-    w.found_off = off; w.found_b = c; w.found_b_write = write;
-    if (!region_at(w, off)) {
+    w.found_off = off; w.found_b = c; w.found_b_write = write; w.found_oob = false;
+    if (arg < 0 && !region_at(w, off)) {
         w.found_oob = true;
         return false;
     }
-    Word &x = w.shadow[off / 4];
+    Word &x = w.words[(arg < 0 ? w.shared : w.L->arrays[size_t(arg)].lo) + off];
     auto race = [&](const Access &p, bool p_write) {
-        w.found_oob = false; w.found_a = p; w.found_a_write = p_write;
+        w.found_arg = arg; w.found_a = p; w.found_a_write = p_write;
         return false;
     };
     if (write) {
@@ -681,24 +702,40 @@ bool record(Worker &w, size_t off, bool write, void *pc) {
 void on_watch(int sig, siginfo_t *si, void *ctx) {
     ucontext_t *uc = static_cast<ucontext_t *>(ctx);
     Worker *w = g_active.load(std::memory_order_relaxed) ? tw : nullptr;
-    if (sig == SIGTRAP && w && w->open_len) {  // the instruction ran: close its pages again
-        mprotect(w->open_page, w->open_len, PROT_NONE);
-        w->open_len = 0;
+    if (sig == SIGTRAP && t_nopen) {  // the instruction ran: close its pages again
+        for (int i = 0; i < t_nopen; i++) mprotect(t_open[i].lo, size_t(t_open[i].hi - t_open[i].lo), PROT_NONE);
+        t_nopen = 0;
         uc->uc_mcontext.gregs[REG_EFL] &= ~0x100LL;
         return;
     }
     char *a = static_cast<char *>(si->si_addr);
-    if (sig == SIGSEGV && w && w->in_fiber && w->watching && a >= w->shared && a < w->shared + kArena) {
-        void *pc = pc_of(ctx);
-        if (!record(*w, size_t(a - w->shared), (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0, pc)) {
-            w->sig = kWatchFound; w->sig_pc = nullptr;
-            w->in_fiber = 0;
-            siglongjmp(w->jmp, 1);
+    Launch *L = g_launch.load(std::memory_order_relaxed);
+    Span range{nullptr, nullptr, -1};  // the watched range that holds a
+    if (sig == SIGSEGV && w && w->watching && a >= w->shared && a < w->shared + kArena)
+        range = Span{w->shared, w->shared + kArena, -1};
+    if (sig == SIGSEGV && !range.lo && L && g_watch)
+        for (const Span &p : L->pages)
+            if (a >= p.lo && a < p.hi) range = p;
+    if (range.lo && t_nopen < 4) {
+        if (w && w->in_fiber && w->watching) {  // an access by the kernel: is it one of ours?
+            int arg = -2;
+            size_t off = 0;
+            if (range.lo == w->shared) {
+                arg = -1; off = size_t(a - w->shared);
+            } else {
+                for (size_t i = 0; i < L->arrays.size(); i++)
+                    if (a >= L->arrays[i].lo && a < L->arrays[i].hi) { arg = int(i); off = size_t(a - L->arrays[i].lo); }
+            }
+            if (arg > -2 && !record(*w, arg, off, (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0, pc_of(ctx))) {
+                w->sig = kWatchFound; w->sig_pc = nullptr;
+                w->in_fiber = 0;
+                siglongjmp(w->jmp, 1);
+            }
         }
-        char *page = w->shared + size_t(a - w->shared) / g_page * g_page;
-        w->open_page = page;
-        w->open_len = std::min(2 * g_page, size_t(w->shared + kArena - page));  // an access may cross a page
-        mprotect(page, w->open_len, PROT_READ | PROT_WRITE);
+        char *page = range.lo + size_t(a - range.lo) / g_page * g_page;
+        t_open[t_nopen] = Span{page, std::min(page + 2 * g_page, range.hi), -1};  // an access may cross a page
+        mprotect(page, size_t(t_open[t_nopen].hi - page), PROT_READ | PROT_WRITE);
+        t_nopen++;
         uc->uc_mcontext.gregs[REG_EFL] |= 0x100LL;  // trap after this one instruction
         return;
     }
@@ -834,13 +871,16 @@ std::string describe_watch(Worker &w) {
     const Access &a = w.found_a;
     const char *verb_a = a.atomic ? "atomically updated" : w.found_a_write ? "wrote" : "read";
     const bool warp = a.tid / 32 == b.tid / 32;
-    return "data race on shared memory in " + std::string(head) + ": " + thread_at(w, a.tid) + " " + verb_a + " " +
-           element_at(w, w.found_off) + " at " + line_of(a.pc) + " and " + thread_at(w, b.tid) + " " + verb_b +
+    // Global: "{arg 0 byte 20}", which checked.py turns into the argument's name and index (out[5]).
+    const std::string element = w.found_arg < 0 ? element_at(w, w.found_off)
+        : "{arg " + std::to_string(w.L->arrays[size_t(w.found_arg)].arg) + " byte " + std::to_string(w.found_off) + "}";
+    return "data race on " + std::string(w.found_arg < 0 ? "shared" : "global") + " memory in " +
+           std::string(head) + ": " + thread_at(w, a.tid) + " " + verb_a + " " + element + " at " + line_of(a.pc) + " and " + thread_at(w, b.tid) + " " + verb_b +
            " it at " + line_of(b.pc) + " with no __syncthreads between them" +
            (warp ? " (nor a __syncwarp: they are lanes of one warp)" : "") +
            ".\nOn a GPU the result depends on which thread runs first. Put a __syncthreads() between the two "
            "accesses" + (warp ? " (or a __syncwarp() for lanes of one warp)" : "") +
-           ", or make a shared sum with atomicAdd.";
+           ", or make a sum with atomicAdd.";
 }
 #endif
 
@@ -894,6 +934,10 @@ std::string describe_fault(Worker &w) {
 
 void on_fault(Worker &w) {
     Launch &L = *w.L;
+#ifdef LLMC_RACECHECK
+    watch(w, false);
+    t_nopen = 0;
+#endif
     if (w.sig == kCancelSignal) {
         std::lock_guard<std::mutex> g(L.mu);
         if (L.stopped_running.empty()) {
@@ -1042,6 +1086,44 @@ void unstage(Launch &L) {
     }
     L.staged.clear();
 }
+
+#ifdef LLMC_RACECHECK
+// Checked mode watches the argument arrays (see Word) in copies of their own, page-aligned heap blocks, so that
+// the watched pages hold nothing else (AddressSanitizer still knows each block's size). Arguments that overlap
+// share one copy, with the neighbours of a view (see stage).
+void copy_arrays(Launch &L, void **args, int nargs, const long long *bytes, const long long *before,
+                 const long long *after, const int *writable) {
+    struct Item { char *lo, *hi, *p; int i; };
+    std::vector<Item> items;
+    for (int i = 0; i < nargs; i++) {
+        char *p = bytes[i] > 0 ? *static_cast<char **>(args[i]) : nullptr;
+        if (p) items.push_back({p - before[i], p + bytes[i] + after[i], p, i});
+    }
+    std::sort(items.begin(), items.end(), [](const Item &a, const Item &b) { return a.lo < b.lo; });
+    for (size_t k = 0; k < items.size();) {
+        size_t j = k + 1;
+        char *hi = items[k].hi;
+        while (j < items.size() && items[j].lo < hi) hi = std::max(hi, items[j++].hi);
+        const size_t n = size_t(hi - items[k].lo);
+        void *m = nullptr;
+        if (posix_memalign(&m, g_page, n)) throw std::bad_alloc();
+        char *c = static_cast<char *>(m);
+        std::memcpy(c, items[k].lo, n);
+        bool w = false;
+        for (size_t q = k; q < j; q++) {
+            const int i = items[q].i;
+            char *p = c + (items[q].p - items[k].lo);
+            L.ptrs[size_t(i)] = p;
+            L.argv[size_t(i)] = &L.ptrs[size_t(i)];
+            L.arrays.push_back(Span{p, p + bytes[i], i});
+            w |= writable[i] != 0;
+        }
+        L.pages.push_back(Span{c, c + (n + g_page - 1) / g_page * g_page, -1});
+        L.origs.push_back(Launch::Copy{items[k].lo, n, w});
+        k = j;
+    }
+}
+#endif
 
 // Run the workers: the calling thread is the first. A worker that ends on a failure stops the others.
 void run_workers(Launch *L) {
@@ -1319,6 +1401,9 @@ __attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **)
     for (int i = 0; i < nargs; i++) L->arg_names.push_back(names[i]);
     L->arg_bytes.assign(bytes, bytes + nargs);
     const int nthreads = int(block[0] * block[1] * block[2]);
+#ifdef LLMC_RACECHECK
+    if (g_watch) nworkers = 1;  // pages of the arrays are opened and closed: one thread touches them at a time
+#endif
     const int k = int(std::max(1L, std::min<long>(nworkers, L->nblocks)));
     {
         std::lock_guard<std::mutex> g(g_pool_mu);
@@ -1331,10 +1416,16 @@ __attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **)
         while ((int)L->workers.size() < k) L->workers.push_back(std::make_unique<Worker>());
         for (auto &w : L->workers) ensure_fibers(*w, nthreads, stack_size);
         stage(*L, args, nargs, bytes, before, after, writable);
+#ifdef LLMC_RACECHECK
+        if (g_watch) copy_arrays(*L, args, nargs, bytes, before, after, writable);
+#endif
     } catch (const std::bad_alloc &) {
         g_error = "could not allocate fiber stacks for " + std::to_string(nthreads) + " threads, or copies of the "
                   "argument arrays";
         for (auto &s : L->staged) put_region(s.region, s.data_pages);
+#ifdef LLMC_RACECHECK
+        for (auto &c : L->pages) std::free(c.lo);
+#endif
         std::lock_guard<std::mutex> g(g_pool_mu);
         for (auto &w : L->workers) g_pool.push_back(std::move(w));
         return 1;
@@ -1355,6 +1446,13 @@ __attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **)
     std::thread dog;
     if (timeout > 0) dog = std::thread(watchdog, L.get());
     run_workers(L.get());
+#ifdef LLMC_RACECHECK
+    for (size_t k = 0; k < L->pages.size(); k++) {
+        const Span &c = L->pages[k];
+        if (L->origs[k].writable) std::memcpy(L->origs[k].orig, c.lo, L->origs[k].bytes);
+        std::free(c.lo);
+    }
+#endif
     if (dog.joinable()) {
         {
             std::lock_guard<std::mutex> g(L->mu);
