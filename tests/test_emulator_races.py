@@ -240,3 +240,22 @@ def test_races_can_be_left_unwatched(monkeypatch):
     monkeypatch.setenv("LLMC_CHECK_RACES", "yes")
     with pytest.raises(ValueError, match="LLMC_CHECK_RACES='yes': use 1"):
         launch(NEIGHBOUR)
+
+
+def test_tiled_matmul_without_its_second_barrier():
+    from pathlib import Path
+
+    from llmc_lessons.layers.matmul import gemm_cuda
+
+    src = (Path(__file__).parents[1] / "llmc_lessons" / "kernels" / "matmul.cu").read_text()
+    tail = "            acc += As[ty * TILE + kk] * Bs[tx * (TILE + 1) + kk];\n        }\n        __syncthreads();\n"
+    assert tail in src
+    racy = src.replace(tail, tail.replace("__syncthreads();", ""))
+    kernel = RawKernel(racy, "matmul_kernel2")
+    a, b = np.ones((9, 20), np.float32), np.ones((20, 7), np.float32)
+    # thread 0 runs on into the next tile and overwrites As (the start of smem) before thread 1 has read it
+    with pytest.raises(KernelError, match=r"data race on shared memory in kernel 'matmul_kernel2', block "
+                                          r"\(0, 0, 0\): thread \(0, 0, 0\) wrote smem\[0\] at <RawKernel source>:91 "
+                                          r"and thread \(1, 0, 0\) read it at <RawKernel source>:95 with no "
+                                          r"__syncthreads between them"):
+        gemm_cuda(a, b, version=2, tile=8, kernel=kernel)
