@@ -1,5 +1,7 @@
 """Checked mode (LLMC_CHECK=1): run a launch under AddressSanitizer, so an out-of-bounds access becomes an error
-naming the kernel, file and line instead of silently reading garbage or corrupting memory.
+naming the kernel, file and line instead of silently reading garbage or corrupting memory. On Linux x86-64 the
+runtime also watches shared memory and the argument arrays for data races between the threads of a block, and
+shared memory for out-of-bounds accesses (runtime.cpp, see Word; LLMC_CHECK_RACES=0 turns that off).
 
 AddressSanitizer must be loaded before anything else in a process, so the launch runs in a child Python
 process started with the sanitizer preloaded. Arguments travel as .npy files; written arrays come back.
