@@ -208,7 +208,7 @@ def test_volatile_warp_synchronous_reduction_is_not_a_race():
 
 @pytest.mark.slow
 def test_course_kernels_report_nothing():  # about 15 s on one core
-    from llmc_lessons.layers.attention import attention_forward
+    from llmc_lessons.layers.attention import attention_forward, attention_forward_cuda
     from llmc_lessons.layers.bf16 import float_to_bf16_cuda
     from llmc_lessons.layers.crossentropy import softmax_forward_cuda
     from llmc_lessons.layers.flash_attention import flash_attention_forward_cuda
@@ -231,6 +231,8 @@ def test_course_kernels_report_nothing():  # about 15 s on one core
     qkv = rng.standard_normal((B, 7, 3 * 16), dtype=np.float32)
     flash = flash_attention_forward_cuda(qkv, NH, block_size=4)
     assert np.allclose(flash[0], attention_forward(qkv, NH)[0], atol=1e-4)
+    out, att = attention_forward_cuda(qkv, NH, version="cublas", block_size=64)  # its softmax: a warp per row
+    assert np.allclose(out, attention_forward(qkv, NH)[0], atol=1e-4)
 
 
 def test_races_can_be_left_unwatched(monkeypatch):
