@@ -1,5 +1,7 @@
 """Checked mode (LLMC_CHECK=1): run a launch under AddressSanitizer, so an out-of-bounds access becomes an error
-naming the kernel, file and line instead of silently reading garbage or corrupting memory.
+naming the kernel, file and line instead of silently reading garbage or corrupting memory. On Linux x86-64 the
+runtime also watches shared memory and the argument arrays for data races between the threads of a block, and
+shared memory for out-of-bounds accesses (runtime.cpp, see Word; LLMC_CHECK_RACES=0 turns that off).
 
 AddressSanitizer must be loaded before anything else in a process, so the launch runs in a child Python
 process started with the sanitizer preloaded. Arguments travel as .npy files; written arrays come back.
@@ -40,6 +42,9 @@ def _libasan() -> str:
 
 def launch(kernel, grid, block, args, shared_mem: int, shared_limit: int) -> str:
     """Run `kernel` under AddressSanitizer in a child process; copy written arrays back; return its printf output."""
+    if os.environ.get("LLMC_CHECK_RACES", "1") not in ("0", "1"):
+        raise ValueError(f"LLMC_CHECK_RACES={os.environ['LLMC_CHECK_RACES']!r}: use 1 (watch shared memory for data "
+                         f"races and out-of-bounds accesses, the default) or 0 (do not)")
     with tempfile.TemporaryDirectory(prefix="llmc-check-") as tmp:
         d = Path(tmp)
         spec = {"code": kernel.code, "name": kernel.name, "filename": kernel.filename,
@@ -129,7 +134,11 @@ def _child(d: Path) -> int:
         out = emulator.launch(module, sig, tuple(spec["grid"]), tuple(spec["block"]), args, spec["shared_mem"],
                               spec["shared_limit"])
     except tuple(_ERRORS.values()) as e:
-        (d / "error.json").write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
+        def element(m):  # the runtime names an element of an argument array by its byte offset
+            i, byte = int(m.group(1)), int(m.group(2))
+            return f"{sig.params[i].name}[{byte // args[i].itemsize}]"
+        message = re.sub(r"\{arg (\d+) byte (\d+)\}", element, str(e))
+        (d / "error.json").write_text(json.dumps({"type": type(e).__name__, "message": message}))
         return 3
     for a, p in zip(args, spec["args"]):
         if "array" in p:

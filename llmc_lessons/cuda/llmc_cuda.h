@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 // ---------------------------------------------------------------------------------------------------------
 // The state of one emulated CUDA thread, shared with runtime.cpp.
@@ -33,6 +34,9 @@ unsigned long long llmc_rt_shfl(unsigned mask, unsigned long long value, int src
 unsigned llmc_rt_vote(unsigned mask, int predicate, const char *file, int line);
 void *llmc_rt_shared(int slot, size_t size, size_t align, const char *file, int line);
 void *llmc_rt_dynamic_shared(void);
+void *llmc_rt_shared_checked(int slot, size_t size, size_t align, const char *file, int line, const char *name,
+                             size_t elem, unsigned rank, unsigned e1, unsigned e2);
+void *llmc_rt_dynamic_shared_checked(const char *name, size_t elem);
 [[noreturn]] void llmc_rt_fail(const char *file, int line, const char *fmt, ...);
 int llmc_rt_printf(const char *fmt, ...);
 void llmc_rt_yield(void);
@@ -61,11 +65,22 @@ static inline int llmc_new_shared_slot() {
     static int next = 0;
     return __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
 }
+#if defined(__SANITIZE_ADDRESS__)
+// Checked mode: the runtime also learns each array's name and shape, to name it in race and bounds reports.
+#define LLMC_SHARED(T, name, dims) \
+    static const int llmc_slot_##name = llmc_new_shared_slot(); \
+    T(&name) dims = *reinterpret_cast<T(*) dims>(llmc_rt_shared_checked( \
+        llmc_slot_##name, sizeof(T dims), alignof(T), __FILE__, __LINE__, #name, sizeof(T), \
+        std::rank<T dims>::value, std::extent<T dims, 1>::value, std::extent<T dims, 2>::value))
+#define LLMC_EXTERN_SHARED(T, name) \
+    T *name = reinterpret_cast<T *>(llmc_rt_dynamic_shared_checked(#name, sizeof(T)))
+#else
 #define LLMC_SHARED(T, name, dims) \
     static const int llmc_slot_##name = llmc_new_shared_slot(); \
     T(&name) dims = *reinterpret_cast<T(*) dims>( \
         llmc_rt_shared(llmc_slot_##name, sizeof(T dims), alignof(T), __FILE__, __LINE__))
 #define LLMC_EXTERN_SHARED(T, name) T *name = reinterpret_cast<T *>(llmc_rt_dynamic_shared())
+#endif
 
 // ---------------------------------------------------------------------------------------------------------
 // Barriers and warp collectives.

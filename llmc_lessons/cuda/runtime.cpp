@@ -27,6 +27,7 @@
 #include <csignal>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <dlfcn.h>
 #include <map>
 #include <memory>
@@ -37,11 +38,19 @@
 #include <sys/ucontext.h>
 #include <thread>
 #include <unistd.h>
+#include <unordered_map>
 #include <vector>
 
 #if defined(LLMC_UCONTEXT) || !((defined(__x86_64__) || defined(__aarch64__)) && (defined(__linux__) || defined(__APPLE__)))
 #define LLMC_USE_UCONTEXT 1
 #include <ucontext.h>
+#endif
+
+// Checked mode on Linux x86-64 also watches shared memory and the argument arrays for data races between the
+// threads of a block, and shared memory for out-of-bounds accesses (see Word).
+#if defined(__SANITIZE_ADDRESS__) && defined(__linux__) && defined(__x86_64__)
+#define LLMC_RACECHECK 1
+#include <sanitizer/common_interface_defs.h>
 #endif
 
 extern "C" {
@@ -123,6 +132,35 @@ constexpr unsigned char kSlackByte = 0xA5;   // fills the page after a staged ar
 enum FiberState { kReady, kWaiting, kDone };
 enum WarpOp { kShfl, kVote, kSyncwarp };
 enum CancelReason { kNotCancelled, kInterrupted, kTimedOut };
+#ifdef LLMC_RACECHECK
+// Checked mode: while a block runs, its shared memory and (copies of) the argument arrays are PROT_NONE, so
+// every access by the kernel faults. The handler (on_watch) records the access by the address it starts at,
+// opens the page and single-steps the instruction (the trap flag); the trap closes the page again. The blocks
+// run one at a time, each with a fresh record. Two accesses that start at one address (an access's size is not
+// known: a float4 at p and a float at p + 4 are not compared) by different threads, at least one a plain
+// write, race unless a __syncthreads completed between them, or, for lanes of one warp, a warp
+// collective (__syncwarp, a shuffle, a vote), or both went through volatile pointers (warp-synchronous code,
+// run in lockstep). Atomics do not race with atomics nor with plain reads. Arrays lie kRedzone bytes apart,
+// so an index a little past an array's end lands in a gap: an out-of-bounds access.
+constexpr size_t kRedzone = 64;
+constexpr size_t kArena = kSharedArena + (kMaxSlots + 1) * kRedzone;
+constexpr int kWatchFound = -1;  // Worker::sig after a race or an out-of-bounds access
+bool g_watch = true;             // LLMC_CHECK_RACES=0 turns the watching off (10-20 us an access)
+struct Access {
+    int tid = -1;  // linear thread index in the block; -1: none
+    bool atomic = false, vol = false;
+    unsigned long long epoch = 0, wgen = 0;  // the block's __syncthreads count, the warp's collective count
+    void *pc = nullptr;
+};
+struct Word { Access write, read[2]; };  // the last write and up to two concurrent reads since
+struct Region { size_t off, size, elem; unsigned rank, e1, e2; const char *name, *file; int line; };
+struct Span { char *lo, *hi; int arg; };  // an argument array (arg >= 0), or pages watched around them (-1)
+// Pages opened for the instruction being single-stepped (one instruction may touch a few watched pages).
+thread_local Span t_open[4];
+thread_local int t_nopen = 0;
+#else
+constexpr size_t kArena = kSharedArena;
+#endif
 const char *kOpNames[] = {"a warp shuffle (__shfl*_sync)", "a warp vote (__ballot/__any/__all_sync)", "__syncwarp"};
 
 struct Launch;
@@ -137,6 +175,9 @@ struct Fiber {
     const char *wait_what = "", *wait_file = "";
     int wait_line = 0;
     char *stack = nullptr;
+#ifdef LLMC_RACECHECK
+    bool vol = false;  // its next access goes through a volatile pointer
+#endif
 #ifdef LLMC_USE_UCONTEXT
     ucontext_t uc;
 #else
@@ -161,6 +202,9 @@ struct Warp {
     Collective coll[32];
     unsigned long long val[32], res[32];  // each lane's contribution to, and result of, its collective
     unsigned char src[32];                // the lane each shuffling lane reads
+#ifdef LLMC_RACECHECK
+    unsigned long long gen = 0;           // collectives completed: they order the lanes' accesses
+#endif
 };
 
 // An argument array copied into its own mapping, followed by a page of kSlackByte and then a PROT_NONE page.
@@ -197,6 +241,12 @@ struct Launch {
     std::string error, output, stopped_running, stopped_yielding;
     bool output_cut = false;
     void *fault_pc = nullptr;
+#ifdef LLMC_RACECHECK
+    // Watched copies of the argument arrays (see copy_arrays): each array, and the pages of each copy.
+    std::vector<Span> arrays, pages;
+    struct Copy { char *orig; size_t bytes; bool writable; };
+    std::vector<Copy> origs;  // for each copy (pages[k]): where it came from, its size, whether to copy it back
+#endif
     pthread_t caller;            // the thread that called llmc_rt_launch; it runs the first worker
 };
 
@@ -229,13 +279,32 @@ struct Worker {
 #else
     void *sched_sp = nullptr;
 #endif
+#ifdef LLMC_RACECHECK
+    std::vector<Region> regions;  // regions[0]: the dynamic shared memory
+    std::unordered_map<const char *, Word> words;  // the addresses this block has touched, by where accesses start
+    volatile sig_atomic_t watching = 0;
+    bool found_oob = false, found_a_write = false, found_b_write = false;  // what on_watch found
+    Access found_a, found_b;
+    size_t found_off = 0;
+    int found_arg = -1;  // the argument array of a race on global memory; -1: shared memory
+#endif
 
     Worker() {
+#ifdef LLMC_RACECHECK
+        void *m = mmap(nullptr, kArena, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) throw std::bad_alloc();
+        shared = static_cast<char *>(m);
+#else
         shared = static_cast<char *>(std::malloc(kSharedArena));
+#endif
         std::fill(slot_off, slot_off + kMaxSlots, -1L);
     }
     ~Worker() {
+#ifdef LLMC_RACECHECK
+        munmap(shared, kArena);
+#else
         std::free(shared);
+#endif
         for (auto &f : fibers) munmap(f->stack - kStackGuard, stack_size + kStackGuard);
     }
 };
@@ -434,6 +503,17 @@ void report_deadlock(Worker &w, int n) {
 // starting each a different number of cache lines below its top spreads the hot frames over the cache.
 inline size_t colour(int i) { return size_t(i % 64) * 64; }
 
+#ifdef LLMC_RACECHECK
+// Close (on) or open the block's shared memory and the pages of the argument arrays (see Word).
+void watch(Worker &w, bool on) {
+    const int prot = on ? PROT_NONE : PROT_READ | PROT_WRITE;
+    w.watching = 0;
+    mprotect(w.shared, kArena, prot);
+    for (const Span &p : w.L->pages) mprotect(p.lo, size_t(p.hi - p.lo), prot);
+    w.watching = on;
+}
+#endif
+
 void run_block(Worker &w, long b) {
     Launch &L = *w.L;
     const unsigned bx = L.block[0], by = L.block[1], bz = L.block[2];
@@ -441,8 +521,16 @@ void run_block(Worker &w, long b) {
     const unsigned gx = L.grid[0], gy = L.grid[1];
     uint3 bid = {unsigned(b % gx), unsigned((b / gx) % gy), unsigned(b / (long(gx) * gy))};
     // Fresh shared memory for every block: poisoned (0xFF bytes read as NaN floats, -1 integers).
-    std::memset(w.shared, 0xFF, std::min(w.dirty, kSharedArena));
+#ifdef LLMC_RACECHECK
+    watch(w, false);
+    w.words.clear();
+    w.regions.assign(1, Region{0, L.dyn_shared, 1, 1, 0, 0, "extern __shared__ memory", "", 0});
+#endif
+    std::memset(w.shared, 0xFF, std::min(w.dirty, kArena));
     w.static_base = (L.dyn_shared + 15) & ~size_t(15);
+#ifdef LLMC_RACECHECK
+    w.static_base += kRedzone;
+#endif
     w.static_used = 0;
     w.dirty = w.static_base;
     for (int s : w.touched) w.slot_off[s] = -1;
@@ -454,6 +542,9 @@ void run_block(Worker &w, long b) {
         Warp &wp = w.warps[i];
         wp.exist = (i == nwarps - 1 && n % 32) ? ((1u << (n % 32)) - 1u) : 0xffffffffu;
         wp.exited = 0; wp.ready = 0; wp.ncoll = 0;
+#ifdef LLMC_RACECHECK
+        wp.gen = 0;
+#endif
     }
     for (int i = 0; i < n; i++) {
         Fiber *f = w.fibers[i].get();
@@ -465,6 +556,9 @@ void run_block(Worker &w, long b) {
         f->t.lane = unsigned(i % 32);
         f->t.warp = unsigned(i / 32);
         f->state = kReady;
+#ifdef LLMC_RACECHECK
+        f->vol = false;
+#endif
 #ifdef LLMC_USE_UCONTEXT
         getcontext(&f->uc);
         f->uc.uc_stack.ss_sp = f->stack;
@@ -482,8 +576,14 @@ void run_block(Worker &w, long b) {
     w.stalled = 0;
     w.deadlock = false;
     w.in_fiber = 1;
+#ifdef LLMC_RACECHECK
+    if (g_watch) watch(w, true);
+#endif
     to_fiber(w, w.fibers[0].get());  // returns when every fiber has exited, on a deadlock, or on a failure
     w.in_fiber = 0;
+#ifdef LLMC_RACECHECK
+    watch(w, false);
+#endif
     if (w.deadlock && !w.abort) {
         report_deadlock(w, n);
         w.abort = true;
@@ -512,14 +612,8 @@ void *pc_of(void *ctx) {
 #endif
 }
 
-void on_signal(int sig, siginfo_t *si, void *ctx) {
-    Worker *w = g_active.load(std::memory_order_relaxed) ? tw : nullptr;
-    if (w && w->in_fiber && !(sig == kCancelSignal && w->no_cancel)) {
-        w->sig = sig; w->sig_code = si->si_code; w->sig_addr = si->si_addr; w->sig_pc = pc_of(ctx);
-        w->in_fiber = 0;
-        siglongjmp(w->jmp, 1);
-    }
-    if (sig == kCancelSignal) return;  // outside a fiber: the flag stops the worker at its next block
+// A signal that is not ours: to the handler installed before ours, or the default action.
+void chain(int sig, siginfo_t *si, void *ctx) {
     const struct sigaction &p = g_prev[sig];
     if (p.sa_flags & SA_SIGINFO) {
         p.sa_sigaction(sig, si, ctx);
@@ -531,8 +625,129 @@ void on_signal(int sig, siginfo_t *si, void *ctx) {
     }
 }
 
+void on_signal(int sig, siginfo_t *si, void *ctx) {
+    Worker *w = g_active.load(std::memory_order_relaxed) ? tw : nullptr;
+    if (w && w->in_fiber && !(sig == kCancelSignal && w->no_cancel)) {
+        w->sig = sig; w->sig_code = si->si_code; w->sig_addr = si->si_addr; w->sig_pc = pc_of(ctx);
+        w->in_fiber = 0;
+        siglongjmp(w->jmp, 1);
+    }
+    if (sig == kCancelSignal) return;  // outside a fiber: the flag stops the worker at its next block
+    chain(sig, si, ctx);
+}
+
+#ifdef LLMC_RACECHECK
+// Is the instruction at pc atomic (lock-prefixed, or xchg with memory)?
+__attribute__((no_sanitize_address)) bool is_atomic(const void *pc) {
+    const unsigned char *p = static_cast<const unsigned char *>(pc);
+    for (int i = 0; i < 15; i++) {
+        const unsigned b = p[i];
+        if (b == 0xF0) return true;
+        const bool prefix = b == 0x66 || b == 0x67 || b == 0xF2 || b == 0xF3 || b == 0x2E || b == 0x3E ||
+                            b == 0x26 || b == 0x36 || b == 0x64 || b == 0x65 || (b >= 0x40 && b <= 0x4F);
+        if (!prefix) return b == 0x86 || b == 0x87;
+    }
+    return false;
+}
+
+// Can earlier access p and access c (by another thread) happen in either order?
+bool concurrent(const Access &p, const Access &c) {
+    if (p.tid < 0 || p.tid == c.tid || p.epoch != c.epoch) return false;
+    return !(p.tid / 32 == c.tid / 32 && (p.wgen != c.wgen || (p.vol && c.vol)));
+}
+
+const Region *region_at(Worker &w, size_t off) {
+    for (const Region &r : w.regions)
+        if (off >= r.off && off < r.off + r.size) return &r;
+    return nullptr;
+}
+
+// Record an access by the current fiber to byte off of shared memory (arg = -1) or of the argument array
+// w.L->arrays[arg]; false (with w.found_*) on a race or an out-of-bounds access.
+bool record(Worker &w, int arg, size_t off, bool write, void *pc) {
+    Fiber *f = w.cur;
+    Access c;
+    c.tid = int(f->t.warp * 32 + f->t.lane);
+    c.epoch = w.bar_gen;
+    c.wgen = w.warps[f->t.warp].gen;
+    c.pc = pc;
+    c.vol = f->vol;
+    f->vol = false;
+    c.atomic = write && is_atomic(pc);
+    w.found_off = off; w.found_b = c; w.found_b_write = write; w.found_oob = false;
+    if (arg < 0 && !region_at(w, off)) {
+        w.found_oob = true;
+        return false;
+    }
+    Word &x = w.words[(arg < 0 ? w.shared : w.L->arrays[size_t(arg)].lo) + off];
+    auto race = [&](const Access &p, bool p_write) {
+        w.found_arg = arg; w.found_a = p; w.found_a_write = p_write;
+        return false;
+    };
+    if (write) {
+        if (concurrent(x.write, c) && !(x.write.atomic && c.atomic)) return race(x.write, true);
+        if (!c.atomic)
+            for (const Access &r : x.read)
+                if (concurrent(r, c)) return race(r, false);
+        x.write = c;
+        if (!c.atomic) x.read[0] = x.read[1] = Access();
+    } else {
+        if (concurrent(x.write, c) && !x.write.atomic) return race(x.write, true);
+        if (!concurrent(x.read[0], c)) x.read[0] = c;
+        else if (!concurrent(x.read[1], c)) x.read[1] = c;
+    }
+    return true;
+}
+
+void on_watch(int sig, siginfo_t *si, void *ctx) {
+    ucontext_t *uc = static_cast<ucontext_t *>(ctx);
+    Worker *w = g_active.load(std::memory_order_relaxed) ? tw : nullptr;
+    if (sig == SIGTRAP && t_nopen) {  // the instruction ran: close its pages again
+        for (int i = 0; i < t_nopen; i++) mprotect(t_open[i].lo, size_t(t_open[i].hi - t_open[i].lo), PROT_NONE);
+        t_nopen = 0;
+        uc->uc_mcontext.gregs[REG_EFL] &= ~0x100LL;
+        return;
+    }
+    char *a = static_cast<char *>(si->si_addr);
+    Launch *L = g_launch.load(std::memory_order_relaxed);
+    Span range{nullptr, nullptr, -1};  // the watched range that holds a
+    if (sig == SIGSEGV && w && w->watching && a >= w->shared && a < w->shared + kArena)
+        range = Span{w->shared, w->shared + kArena, -1};
+    if (sig == SIGSEGV && !range.lo && L && g_watch)
+        for (const Span &p : L->pages)
+            if (a >= p.lo && a < p.hi) range = p;
+    if (range.lo && t_nopen < 4) {
+        if (w && w->in_fiber && w->watching) {  // an access by the kernel: is it one of ours?
+            int arg = -2;
+            size_t off = 0;
+            if (range.lo == w->shared) {
+                arg = -1; off = size_t(a - w->shared);
+            } else {
+                for (size_t i = 0; i < L->arrays.size(); i++)
+                    if (a >= L->arrays[i].lo && a < L->arrays[i].hi) { arg = int(i); off = size_t(a - L->arrays[i].lo); }
+            }
+            if (arg > -2 && !record(*w, arg, off, (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0, pc_of(ctx))) {
+                w->sig = kWatchFound; w->sig_pc = nullptr;
+                w->in_fiber = 0;
+                siglongjmp(w->jmp, 1);
+            }
+        }
+        char *page = range.lo + size_t(a - range.lo) / g_page * g_page;
+        t_open[t_nopen] = Span{page, std::min(page + 2 * g_page, range.hi), -1};  // an access may cross a page
+        mprotect(page, size_t(t_open[t_nopen].hi - page), PROT_READ | PROT_WRITE);
+        t_nopen++;
+        uc->uc_mcontext.gregs[REG_EFL] |= 0x100LL;  // trap after this one instruction
+        return;
+    }
+    if (sig == kCancelSignal) on_signal(sig, si, ctx);
+    else chain(sig, si, ctx);
+}
+#endif
+
 void install_handlers() {
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(LLMC_RACECHECK)
+    const int sigs[] = {kCancelSignal, SIGSEGV, SIGTRAP};  // faults outside shared memory go on to the sanitizer
+#elif defined(__SANITIZE_ADDRESS__)
     const int sigs[] = {kCancelSignal};  // under AddressSanitizer its own reports of faults are better
 #else
     const int sigs[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, kCancelSignal};
@@ -540,10 +755,15 @@ void install_handlers() {
     for (int s : sigs) {
         struct sigaction cur;
         sigaction(s, nullptr, &cur);
-        if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_signal) continue;
+#ifdef LLMC_RACECHECK
+        void (*handler)(int, siginfo_t *, void *) = on_watch;
+#else
+        void (*handler)(int, siginfo_t *, void *) = on_signal;
+#endif
+        if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == handler) continue;
         struct sigaction sa;
         std::memset(&sa, 0, sizeof sa);
-        sa.sa_sigaction = on_signal;
+        sa.sa_sigaction = handler;
         sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
         sigemptyset(&sa.sa_mask);
         sigaction(s, &sa, &g_prev[s]);
@@ -598,7 +818,76 @@ std::string past(size_t bytes) {
     return bytes ? std::to_string(bytes) + " bytes past" : std::string("just past");
 }
 
+#ifdef LLMC_RACECHECK
+std::string line_of(void *pc) {
+    char buf[600] = "";
+    __sanitizer_symbolize_pc(static_cast<char *>(pc) + 1, "%s:%l", buf, sizeof buf);  // it looks 1 byte back
+    const char *s = std::strchr(buf, '<');  // "<RawKernel source>:4", not the folder it was built in
+    return s ? s : buf[0] ? buf : "an unknown line";
+}
+
+std::string thread_at(Worker &w, int tid) {
+    const unsigned bx = w.L->block[0], by = w.L->block[1], i = unsigned(tid);
+    char buf[100];
+    std::snprintf(buf, sizeof buf, "thread (%u, %u, %u)", i % bx, (i / bx) % by, i / (bx * by));
+    return buf;
+}
+
+// The element of a __shared__ array at byte offset off, as the kernel names it: tile[3][5].
+std::string element_at(Worker &w, size_t off) {
+    const Region *r = region_at(w, off);
+    if (!r) return "shared memory";
+    const size_t e = (off - r->off) / r->elem;
+    std::string s = r->name;
+    if (r->rank == 1) s += "[" + std::to_string(e) + "]";
+    if (r->rank == 2) s += "[" + std::to_string(e / r->e1) + "][" + std::to_string(e % r->e1) + "]";
+    if (r->rank >= 3 && r->e1 && r->e2)
+        s += "[" + std::to_string(e / (size_t(r->e1) * r->e2)) + "][" + std::to_string(e / r->e2 % r->e1) + "][" +
+             std::to_string(e % r->e2) + "]";
+    return s;
+}
+
+std::string describe_watch(Worker &w) {
+    const llmc_thread &t = w.cur->t;
+    char head[400];
+    std::snprintf(head, sizeof head, "kernel '%s', block (%u, %u, %u)", w.L->name.c_str(), t.blockIdx.x,
+                  t.blockIdx.y, t.blockIdx.z);
+    const Access &b = w.found_b;
+    const char *verb_b = b.atomic ? "atomically updated" : w.found_b_write ? "wrote" : "read";
+    if (w.found_oob) {
+        const Region *r = &w.regions[0];  // the array that ends last before the access
+        for (const Region &q : w.regions)
+            if (q.off <= w.found_off && q.off >= r->off) r = &q;
+        const size_t past = w.found_off - (r->off + r->size);
+        std::string what = r == &w.regions[0]
+            ? "the dynamic shared memory '" + std::string(r->name) + "' (" + std::to_string(r->size) +
+              " bytes: the launch's shared_mem)"
+            : "the __shared__ array '" + std::string(r->name) + "' (" + std::to_string(r->size) +
+              " bytes, declared at " + r->file + ":" + std::to_string(r->line) + ")";
+        return "shared memory out of bounds in " + std::string(head) + ", " + thread_at(w, b.tid) + ": it " +
+               verb_b + " " + ::past(past) + " the end of " + what + " at " + line_of(b.pc) +
+               ".\nCheck the index arithmetic against the array's size.";
+    }
+    const Access &a = w.found_a;
+    const char *verb_a = a.atomic ? "atomically updated" : w.found_a_write ? "wrote" : "read";
+    const bool warp = a.tid / 32 == b.tid / 32;
+    // Global: "{arg 0 byte 20}", which checked.py turns into the argument's name and index (out[5]).
+    const std::string element = w.found_arg < 0 ? element_at(w, w.found_off)
+        : "{arg " + std::to_string(w.L->arrays[size_t(w.found_arg)].arg) + " byte " + std::to_string(w.found_off) + "}";
+    return "data race on " + std::string(w.found_arg < 0 ? "shared" : "global") + " memory in " +
+           std::string(head) + ": " + thread_at(w, a.tid) + " " + verb_a + " " + element + " at " + line_of(a.pc) + " and " + thread_at(w, b.tid) + " " + verb_b +
+           " it at " + line_of(b.pc) + " with no __syncthreads between them" +
+           (warp ? " (nor a __syncwarp: they are lanes of one warp)" : "") +
+           ".\nOn a GPU the result depends on which thread runs first. Put a __syncthreads() between the two "
+           "accesses" + (warp ? " (or a __syncwarp() for lanes of one warp)" : "") +
+           ", or make a sum with atomicAdd.";
+}
+#endif
+
 std::string describe_fault(Worker &w) {
+#ifdef LLMC_RACECHECK
+    if (w.sig == kWatchFound) return describe_watch(w);
+#endif
     Launch &L = *w.L;
     const uintptr_t a = reinterpret_cast<uintptr_t>(w.sig_addr);
     char buf[900];
@@ -645,6 +934,10 @@ std::string describe_fault(Worker &w) {
 
 void on_fault(Worker &w) {
     Launch &L = *w.L;
+#ifdef LLMC_RACECHECK
+    watch(w, false);
+    t_nopen = 0;
+#endif
     if (w.sig == kCancelSignal) {
         std::lock_guard<std::mutex> g(L.mu);
         if (L.stopped_running.empty()) {
@@ -794,6 +1087,44 @@ void unstage(Launch &L) {
     L.staged.clear();
 }
 
+#ifdef LLMC_RACECHECK
+// Checked mode watches the argument arrays (see Word) in copies of their own, page-aligned heap blocks, so that
+// the watched pages hold nothing else (AddressSanitizer still knows each block's size). Arguments that overlap
+// share one copy, with the neighbours of a view (see stage).
+void copy_arrays(Launch &L, void **args, int nargs, const long long *bytes, const long long *before,
+                 const long long *after, const int *writable) {
+    struct Item { char *lo, *hi, *p; int i; };
+    std::vector<Item> items;
+    for (int i = 0; i < nargs; i++) {
+        char *p = bytes[i] > 0 ? *static_cast<char **>(args[i]) : nullptr;
+        if (p) items.push_back({p - before[i], p + bytes[i] + after[i], p, i});
+    }
+    std::sort(items.begin(), items.end(), [](const Item &a, const Item &b) { return a.lo < b.lo; });
+    for (size_t k = 0; k < items.size();) {
+        size_t j = k + 1;
+        char *hi = items[k].hi;
+        while (j < items.size() && items[j].lo < hi) hi = std::max(hi, items[j++].hi);
+        const size_t n = size_t(hi - items[k].lo);
+        void *m = nullptr;
+        if (posix_memalign(&m, g_page, n)) throw std::bad_alloc();
+        char *c = static_cast<char *>(m);
+        std::memcpy(c, items[k].lo, n);
+        bool w = false;
+        for (size_t q = k; q < j; q++) {
+            const int i = items[q].i;
+            char *p = c + (items[q].p - items[k].lo);
+            L.ptrs[size_t(i)] = p;
+            L.argv[size_t(i)] = &L.ptrs[size_t(i)];
+            L.arrays.push_back(Span{p, p + bytes[i], i});
+            w |= writable[i] != 0;
+        }
+        L.pages.push_back(Span{c, c + (n + g_page - 1) / g_page * g_page, -1});
+        L.origs.push_back(Launch::Copy{items[k].lo, n, w});
+        k = j;
+    }
+}
+#endif
+
 // Run the workers: the calling thread is the first. A worker that ends on a failure stops the others.
 void run_workers(Launch *L) {
     std::vector<std::thread> threads;
@@ -899,6 +1230,9 @@ static unsigned long long warp_collective(Worker &w, unsigned mask, int op, unsi
     if (pred) c.votes |= bit;
     c.arrived |= bit;
     if (c.arrived == c.target) {  // complete: every member's result, then the collective is gone
+#ifdef LLMC_RACECHECK
+        wp.gen++;
+#endif
         for (unsigned m = c.target; m; m &= m - 1) {
             unsigned l = unsigned(__builtin_ctz(m));
             wp.res[l] = op == kShfl ? wp.val[wp.src[l]] : c.votes;
@@ -929,6 +1263,9 @@ void llmc_rt_syncwarp(unsigned mask, const char *file, int line) {
 // lanes of a warp that talk through volatile shared memory step in lockstep, as warp-synchronous code expects.
 void llmc_rt_yield(void) {
     Worker &w = *tw;
+#ifdef LLMC_RACECHECK
+    w.cur->vol = true;
+#endif
     pass_on(w, w.cur, true);
 }
 
@@ -943,7 +1280,13 @@ void *llmc_rt_shared(int slot, size_t size, size_t align, const char *file, int 
     if (w.slot_off[slot] < 0) {
         size_t off = (w.static_base + w.static_used + align - 1) & ~(align - 1);
         size_t static_total = off + size - w.static_base;
+#ifdef LLMC_RACECHECK
+        const size_t pad = kRedzone * (w.touched.size() + 1);  // red zones are not shared memory
+        static_total -= pad - kRedzone;
+        if (off + size - pad > w.L->shared_limit) {
+#else
         if (off + size > w.L->shared_limit) {
+#endif
             char buf[500];
             std::snprintf(buf, sizeof buf, "%s:%d: %s: shared memory overflow: %zu bytes of static __shared__ "
                           "arrays plus %zu bytes of dynamic shared memory exceed the limit of %zu bytes per block "
@@ -953,6 +1296,9 @@ void *llmc_rt_shared(int slot, size_t size, size_t align, const char *file, int 
         }
         w.slot_off[slot] = long(off);
         w.static_used = off + size - w.static_base;
+#ifdef LLMC_RACECHECK
+        w.static_used += kRedzone;
+#endif
         w.dirty = std::max(w.dirty, off + size);
         w.touched.push_back(slot);
     }
@@ -960,6 +1306,31 @@ void *llmc_rt_shared(int slot, size_t size, size_t align, const char *file, int 
 }
 
 void *llmc_rt_dynamic_shared(void) { return tw->shared; }
+
+// Checked mode's versions (llmc_cuda.h): the runtime also learns each array's name and shape.
+void *llmc_rt_shared_checked(int slot, size_t size, size_t align, const char *file, int line, const char *name,
+                             size_t elem, unsigned rank, unsigned e1, unsigned e2) {
+#ifdef LLMC_RACECHECK
+    Worker &w = *tw;
+    const bool fresh = slot >= 0 && slot < kMaxSlots && w.slot_off[slot] < 0;
+    char *p = static_cast<char *>(llmc_rt_shared(slot, size, align, file, line));
+    if (fresh) w.regions.push_back(Region{size_t(p - w.shared), size, elem, rank, e1, e2, name, file, line});
+    return p;
+#else
+    (void)name; (void)elem; (void)rank; (void)e1; (void)e2;
+    return llmc_rt_shared(slot, size, align, file, line);
+#endif
+}
+
+void *llmc_rt_dynamic_shared_checked(const char *name, size_t elem) {
+#ifdef LLMC_RACECHECK
+    tw->regions[0].name = name;
+    tw->regions[0].elem = elem;
+#else
+    (void)name; (void)elem;
+#endif
+    return tw->shared;
+}
 
 void llmc_rt_fail(const char *file, int line, const char *fmt, ...) {
     Worker &w = *tw;
@@ -1014,6 +1385,10 @@ __attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **)
     g_output.clear();
     g_error.clear();
     g_fault_offset = -1;
+#ifdef LLMC_RACECHECK
+    const char *races = std::getenv("LLMC_CHECK_RACES");
+    g_watch = !(races && std::strcmp(races, "0") == 0);
+#endif
     g_interrupted = 0;
     auto L = std::make_unique<Launch>();
     L->thunk = thunk; L->name = name;
@@ -1026,6 +1401,9 @@ __attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **)
     for (int i = 0; i < nargs; i++) L->arg_names.push_back(names[i]);
     L->arg_bytes.assign(bytes, bytes + nargs);
     const int nthreads = int(block[0] * block[1] * block[2]);
+#ifdef LLMC_RACECHECK
+    if (g_watch) nworkers = 1;  // pages of the arrays are opened and closed: one thread touches them at a time
+#endif
     const int k = int(std::max(1L, std::min<long>(nworkers, L->nblocks)));
     {
         std::lock_guard<std::mutex> g(g_pool_mu);
@@ -1038,10 +1416,16 @@ __attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **)
         while ((int)L->workers.size() < k) L->workers.push_back(std::make_unique<Worker>());
         for (auto &w : L->workers) ensure_fibers(*w, nthreads, stack_size);
         stage(*L, args, nargs, bytes, before, after, writable);
+#ifdef LLMC_RACECHECK
+        if (g_watch) copy_arrays(*L, args, nargs, bytes, before, after, writable);
+#endif
     } catch (const std::bad_alloc &) {
         g_error = "could not allocate fiber stacks for " + std::to_string(nthreads) + " threads, or copies of the "
                   "argument arrays";
         for (auto &s : L->staged) put_region(s.region, s.data_pages);
+#ifdef LLMC_RACECHECK
+        for (auto &c : L->pages) std::free(c.lo);
+#endif
         std::lock_guard<std::mutex> g(g_pool_mu);
         for (auto &w : L->workers) g_pool.push_back(std::move(w));
         return 1;
@@ -1062,6 +1446,13 @@ __attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **)
     std::thread dog;
     if (timeout > 0) dog = std::thread(watchdog, L.get());
     run_workers(L.get());
+#ifdef LLMC_RACECHECK
+    for (size_t k = 0; k < L->pages.size(); k++) {
+        const Span &c = L->pages[k];
+        if (L->origs[k].writable) std::memcpy(L->origs[k].orig, c.lo, L->origs[k].bytes);
+        std::free(c.lo);
+    }
+#endif
     if (dog.joinable()) {
         {
             std::lock_guard<std::mutex> g(L->mu);
