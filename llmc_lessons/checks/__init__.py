@@ -137,7 +137,8 @@ def run_exercise(exercise: str, fn: Callable, *args, **kwargs):
 
 
 CHECKED_MODE_TIP = ("On a CPU, `os.environ['LLMC_CHECK'] = '1'` before this check runs every launch under "
-                    "AddressSanitizer, which names the line of any read or write outside an array.")
+                    "AddressSanitizer, which names the line of any read or write outside an array, and of two "
+                    "threads touching one address with no __syncthreads between them.")
 
 _todo_left: str | None = None
 """The exercise whose kernel was last handed in with its `// TODO (Exercise N.k)` comment still in the source."""
