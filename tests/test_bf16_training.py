@@ -12,7 +12,7 @@ from llmc_lessons.device import to_device, to_host
 from llmc_lessons.layers.attention import (attention_backward, attention_backward_bf16_cuda, attention_forward,
                                            attention_forward_bf16_cuda, merge_heads_bf16_cuda,
                                            softmax_backward_bf16_cuda, softmax_forward_bf16_cuda, split_heads_bf16_cuda)
-from llmc_lessons.layers.bf16 import _zero_counters, float_to_bf16_cuda
+from llmc_lessons.layers.bf16 import zero_counters, float_to_bf16_cuda
 from llmc_lessons.layers.crossentropy import fused_classifier_bf16_cuda
 from llmc_lessons.layers.encoder import encoder_forward_bf16_cuda
 from llmc_lessons.layers.gelu import (gelu_backward, gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda,
@@ -165,7 +165,7 @@ def test_gelu_bias_forward_and_backward_bf16(shape, block, launch, in_place):
     # the fc bias's gradient: the column sums of dinp as stored, added to what dbias held
     want = start + wide(got).sum(axis=(0, 1))
     np.testing.assert_allclose(to_host(dbias), want, rtol=1e-5, atol=1e-5, err_msg="dbias")
-    assert not to_host(_zero_counters(1)).any()
+    assert not to_host(zero_counters(1)).any()
 
 
 @pytest.mark.parametrize("shape,block,in_place", [((2, 3, 40), 32, False), ((1, 7, 264), 128, True)])

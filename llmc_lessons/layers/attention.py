@@ -25,7 +25,7 @@ import numpy as np
 from llmc_lessons import device
 from llmc_lessons.cublas import gemm_batched
 from llmc_lessons.cuda import load_kernel
-from llmc_lessons.layers.bf16 import _bf16_array, _eight, _launch
+from llmc_lessons.layers.bf16 import launch_1d, require_bf16_array, require_multiple_of_8
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -120,18 +120,12 @@ def attention_backward(dout, qkv, att, NH):
 # Kernel launchers (backend arrays: CuPy on a GPU, NumPy + the emulator on a CPU)
 
 
-def _launch_1d(kernel, n: int, block_size: int, args) -> None:
-    """One thread per element of n (rounded up to whole blocks; the kernel checks idx < n)."""
-    if n:
-        kernel(((n + block_size - 1) // block_size,), (block_size,), args)
-
-
 def _permute(qkv, B, T, NH, hs, block_size):
     """(B, T, 3C) -> q, k, v each (B, NH, T, hs) through permute_kernel."""
     xp = device.xp
     q, k, v = (xp.empty((B, NH, T, hs), dtype=np.float32) for _ in range(3))
-    _launch_1d(load_kernel("attention.cu", "permute_kernel"), B * NH * T * hs, block_size,
-               (q, k, v, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    launch_1d("attention.cu", "permute_kernel", B * NH * T * hs, block_size,
+              (q, k, v, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
     return q, k, v
 
 
@@ -161,8 +155,8 @@ def attention_forward_cuda(qkv, NH, version: str = "cublas", block_size: int = 2
     out = xp.empty((B, T, C), dtype=np.float32)
     att = xp.empty((B, NH, T, T), dtype=np.float32)
     if version == "naive":
-        _launch_1d(load_kernel("attention.cu", "attention_forward_kernel1"), B * T * NH, block_size,
-                   (out, att, qkv, np.int32(B), np.int32(T), np.int32(C), np.int32(NH)))
+        launch_1d("attention.cu", "attention_forward_kernel1", B * T * NH, block_size,
+                  (out, att, qkv, np.int32(B), np.int32(T), np.int32(C), np.int32(NH)))
         return out, att
     N = B * NH
     q, k, v = _permute(qkv, B, T, NH, hs, block_size)                   # each (B, NH, T, hs)
@@ -170,8 +164,8 @@ def attention_forward_cuda(qkv, NH, version: str = "cublas", block_size: int = 2
     _softmax_rows(load_kernel("attention.cu", "softmax_forward_kernel"), N, T, block_size,
                   (att, np.float32(1.0 / math.sqrt(hs)), preatt, np.int32(N), np.int32(T)))
     out_h = gemm_batched(att.reshape(N, T, T), v.reshape(N, T, hs))             # (N, T, hs)
-    _launch_1d(load_kernel("attention.cu", "unpermute_kernel"), B * NH * T * hs, block_size,
-               (out, out_h, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    launch_1d("attention.cu", "unpermute_kernel", B * NH * T * hs, block_size,
+              (out, out_h, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
     return out, att
 
 
@@ -192,8 +186,8 @@ def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256):
     q, k, v = _permute(qkv, B, T, NH, hs, block_size)                   # each (B, NH, T, hs)
     n = B * NH * T * hs
     dout_h = xp.empty((B, NH, T, hs), dtype=np.float32)
-    _launch_1d(load_kernel("attention.cu", "unpermute_kernel_backward"), n, block_size,
-               (dout_h, dout, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    launch_1d("attention.cu", "unpermute_kernel_backward", n, block_size,
+              (dout_h, dout, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
     dout_h, q, k, v = (a.reshape(N, T, hs) for a in (dout_h, q, k, v))
     att3 = att.reshape(N, T, T)
     datt = gemm_batched(dout_h, v, trans_b=True)                           # (N, T, T)
@@ -204,8 +198,8 @@ def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256):
     dq = gemm_batched(dpreatt, k)                                              # (N, T, hs)
     dk = gemm_batched(dpreatt, q, trans_a=True)                            # (N, T, hs)
     dqkv = xp.empty((B, T, 3 * C), dtype=np.float32)
-    _launch_1d(load_kernel("attention.cu", "permute_kernel_backward"), n, block_size,
-               (dqkv, dq, dk, dv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    launch_1d("attention.cu", "permute_kernel_backward", n, block_size,
+              (dqkv, dq, dk, dv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
     return dqkv
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,54 +210,56 @@ def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256):
 def split_heads_bf16_cuda(inp, n: int, NH: int, bias=None, block_size: int = 256):
     """(B, T, n*C) bf16 [+ bias (n*C,) float32] -> (n, B, NH, T, hs) bf16: q, k, v as one matrix per head
     (n = 3, from qkv with its bias) or the gradient of attention's output (n = 1, no bias)."""
-    _bf16_array("inp", inp, (None, None, None))
+    require_bf16_array("inp", inp, (None, None, None))
     B, T, nC = inp.shape
     n, NH = device.require_int("n", n), device.require_int("NH", NH)
     if nC % (n * NH):
         raise ValueError(f"the last axis ({nC}) must be n * C with C a multiple of NH = {NH} (n = {n})")
-    hs = _eight("the head size", nC // (n * NH))
+    hs = require_multiple_of_8("the head size", nC // (n * NH))
     if bias is None:
         bias = device.xp.zeros((nC,), np.float32)
     device.require_array("bias", bias, shape=(nC,))
     out = device.xp.empty((n, B, NH, T, hs), np.uint16)
-    _launch("attention.cu", "split_heads_bf16_kernel", out.size // 8, device.require_block_size(block_size),
-            (out, inp, bias, np.int32(n), np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    launch_1d("attention.cu", "split_heads_bf16_kernel", out.size // 8, device.require_block_size(block_size),
+              (out, inp, bias, np.int32(n), np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
     return out
 
 
 def merge_heads_bf16_cuda(inp, block_size: int = 256):
     """(n, B, NH, T, hs) bf16 -> (B, T, n*NH*hs) bf16, the inverse of split_heads_bf16_cuda (no bias)."""
-    _bf16_array("inp", inp, (None, None, None, None, None))
+    require_bf16_array("inp", inp, (None, None, None, None, None))
     n, B, NH, T, hs = inp.shape
-    _eight("the head size", hs)
+    require_multiple_of_8("the head size", hs)
     out = device.xp.empty((B, T, n * NH * hs), np.uint16)
-    _launch("attention.cu", "merge_heads_bf16_kernel", out.size // 8, device.require_block_size(block_size),
-            (out, inp, np.int32(n), np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    launch_1d("attention.cu", "merge_heads_bf16_kernel", out.size // 8, device.require_block_size(block_size),
+              (out, inp, np.int32(n), np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
     return out
 
 
 def softmax_forward_bf16_cuda(preatt, scale: float, out=None, block_size: int = 256):
     """(N, T, T) bf16 scores -> causal softmax(scale * scores) (N, T, T) bf16; out may be preatt (in place)."""
-    _bf16_array("preatt", preatt, (None, None, None))
+    require_bf16_array("preatt", preatt, (None, None, None))
     N, T, T2 = preatt.shape
     if T != T2:
         raise ValueError(f"preatt must be (N, T, T), got {tuple(preatt.shape)}")
-    _eight("T", T)
-    out = device.xp.empty_like(preatt) if out is None else _bf16_array("out", out, preatt.shape)
-    _launch("attention.cu", "softmax_forward_bf16_kernel", N * T * 32, device.require_block_size(block_size, warps=True),
-            (out, preatt, np.float32(scale), np.int32(N), np.int32(T)))
+    require_multiple_of_8("T", T)
+    out = device.xp.empty_like(preatt) if out is None else require_bf16_array("out", out, preatt.shape)
+    block_size = device.require_block_size(block_size, warps=True)
+    launch_1d("attention.cu", "softmax_forward_bf16_kernel", N * T * 32, block_size,
+              (out, preatt, np.float32(scale), np.int32(N), np.int32(T)))
     return out
 
 
 def softmax_backward_bf16_cuda(datt, att, scale: float, out=None, block_size: int = 256):
     """(N, T, T) bf16 datt and att -> dpreatt (N, T, T) bf16 (causal, times scale); out may be datt."""
-    _bf16_array("att", att, (None, None, None))
+    require_bf16_array("att", att, (None, None, None))
     N, T, _ = att.shape
-    _eight("T", T)
-    _bf16_array("datt", datt, att.shape)
-    out = device.xp.empty_like(att) if out is None else _bf16_array("out", out, att.shape)
-    _launch("attention.cu", "softmax_backward_bf16_kernel", N * T * 32, device.require_block_size(block_size, warps=True),
-            (out, datt, att, np.float32(scale), np.int32(N), np.int32(T)))
+    require_multiple_of_8("T", T)
+    require_bf16_array("datt", datt, att.shape)
+    out = device.xp.empty_like(att) if out is None else require_bf16_array("out", out, att.shape)
+    block_size = device.require_block_size(block_size, warps=True)
+    launch_1d("attention.cu", "softmax_backward_bf16_kernel", N * T * 32, block_size,
+              (out, datt, att, np.float32(scale), np.int32(N), np.int32(T)))
     return out
 
 
@@ -275,7 +271,7 @@ def attention_forward_bf16_cuda(qkv, qkvb, NH: int, block_size: int = 256):
     The model runs flash attention instead (layers/flash_attention.py, version 2); this is the baseline it is
     measured against (bench.bench_attention).
     """
-    _bf16_array("qkv", qkv, (None, None, None))
+    require_bf16_array("qkv", qkv, (None, None, None))
     B, T, C3 = qkv.shape
     qkvh = split_heads_bf16_cuda(qkv, 3, NH, qkvb, block_size)
     _, _, NH, _, hs = qkvh.shape
@@ -291,10 +287,10 @@ def attention_forward_bf16_cuda(qkv, qkvb, NH: int, block_size: int = 256):
 def attention_backward_bf16_cuda(datty, qkvh, att, block_size: int = 256):
     """datty (B, T, C), qkvh (3, B, NH, T, hs), att (B, NH, T, T) bf16 -> dqkv (B, T, 3C) bf16 (no bias
     gradient: the step's flash attention backward sums it, flash_attention_backward_bf16_cuda(dbias=))."""
-    _bf16_array("qkvh", qkvh, (3, None, None, None, None))
+    require_bf16_array("qkvh", qkvh, (3, None, None, None, None))
     _, B, NH, T, hs = qkvh.shape
-    _bf16_array("datty", datty, (B, T, NH * hs))
-    _bf16_array("att", att, (B, NH, T, T))
+    require_bf16_array("datty", datty, (B, T, NH * hs))
+    require_bf16_array("att", att, (B, NH, T, T))
     N = B * NH
     dy = split_heads_bf16_cuda(datty, 1, NH, block_size=block_size).reshape(N, T, hs)
     q, k, v = (qkvh[i].reshape(N, T, hs) for i in range(3))

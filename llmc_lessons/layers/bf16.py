@@ -1,4 +1,5 @@
-"""What the bf16 launchers share (lesson 14), and float32 -> bf16 for a whole array (kernels/bf16.cu).
+"""What the bf16 launchers share (lesson 14): the argument checks of their 16-byte accesses, the launch
+helpers, and float32 -> bf16 for a whole array (kernels/bf16.cu).
 
 Each layer's bf16 launchers live in that layer's module (layers/gelu.py, layers/layernorm.py, ...) beside its
 float32 ones, as its bf16 kernels live in its kernels/<layer>.cu. bf16 arrays are uint16 arrays holding the
@@ -15,14 +16,14 @@ from llmc_lessons import device
 from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, SHARED_LIMIT_OPT_IN, load_kernel
 
 
-def _eight(name: str, n: int) -> int:
+def require_multiple_of_8(name: str, n: int) -> int:
     if n % 8:
         raise ValueError(f"{name} = {n} must be a multiple of 8: the bf16 kernels move 8 values (16 bytes) "
                          f"at a time")
     return int(n)
 
 
-def _aligned(name: str, a):
+def require_aligned16(name: str, a):
     """A bf16 array whose start is 16-byte aligned (a view at an odd offset into a buffer may not be)."""
     if device.address(a) % 16:
         raise ValueError(f"{name} must start at a 16-byte aligned address for the 16-byte loads; "
@@ -30,18 +31,19 @@ def _aligned(name: str, a):
     return a
 
 
-def _bf16_array(name: str, a, shape):
-    return _aligned(name, device.require_array(name, a, shape=shape, dtype=np.uint16))
+def require_bf16_array(name: str, a, shape):
+    return require_aligned16(name, device.require_array(name, a, shape=shape, dtype=np.uint16))
 
 
-def _float_vector(name: str, a, n: int):
+def require_float_vector(name: str, a, n: int):
     """A float32 (n,) vector the kernels read 8 values at a time (two 16-byte loads): 16-byte aligned."""
-    return _aligned(name, device.require_array(name, a, shape=(n,)))
+    return require_aligned16(name, device.require_array(name, a, shape=(n,)))
 
 
-def _kernel_with_shared(filename: str, kernel: str, shared: int, what: str):
-    """The kernel of kernels/<filename>, allowed `shared` bytes of dynamic shared memory (above 48 KiB a kernel must ask for it, on a
-    GPU as in the emulator); a clear error beyond what a block may have. `what` names the need in it."""
+def kernel_with_shared(filename: str, kernel: str, shared: int, what: str):
+    """The kernel of kernels/<filename>, allowed `shared` bytes of dynamic shared memory (above 48 KiB a kernel
+    must ask for it, on a GPU as in the emulator); a clear error beyond what a block may have. `what` names the
+    need in it."""
     if shared > SHARED_LIMIT_OPT_IN:
         raise ValueError(f"{what} needs {shared} bytes of shared memory; a block may have at most "
                          f"{SHARED_LIMIT_OPT_IN}")
@@ -51,8 +53,9 @@ def _kernel_with_shared(filename: str, kernel: str, shared: int, what: str):
     return k
 
 
-def _launch(filename: str, kernel: str, n: int, block_size: int, args):
-    """The kernel of kernels/<filename> with one thread per unit of n (rounded up to whole blocks)."""
+def launch_1d(filename: str, kernel: str, n: int, block_size: int, args):
+    """The kernel of kernels/<filename> with one thread per unit of n, rounded up to whole blocks (the kernel
+    checks its index against n); nothing is launched when n is 0."""
     if n:
         load_kernel(filename, kernel)((-(-n // block_size),), (block_size,), args)
 
@@ -63,15 +66,15 @@ def float_to_bf16_cuda(inp, out=None, stochastic: bool = False, seed: int = 0, b
     device.require_array("inp", inp)
     out = device.xp.empty(inp.shape, np.uint16) if out is None else \
         device.require_array("out", out, shape=inp.shape, dtype=np.uint16)
-    _launch("bf16.cu", "float_to_bf16_kernel", inp.size, device.require_block_size(block_size),
-            (out, inp, np.int32(inp.size), np.int32(bool(stochastic)), np.uint32(seed)))
+    launch_1d("bf16.cu", "float_to_bf16_kernel", inp.size, device.require_block_size(block_size),
+              (out, inp, np.int32(inp.size), np.int32(bool(stochastic)), np.uint32(seed)))
     return out
 
 
 _counters = None
 
 
-def _zero_counters(n: int):
+def zero_counters(n: int):
     """A device array of at least n uint32 zeros for the kernels' last-block reductions (which leave them
     zero again), made once per process."""
     global _counters
@@ -80,7 +83,7 @@ def _zero_counters(n: int):
     return _counters
 
 
-def _column_groups(N: int, OC: int, block_columns, block_rows, grid_rows):
+def column_groups(N: int, OC: int, block_columns, block_rows, grid_rows):
     """The launch shape of the column-sum kernels: -> (N, column groups, R, X, Y) for blocks of (X, Y)
     threads, each thread 8 columns, R blocks splitting the N rows of a group (by default, 16 rows a thread)."""
     X, Y = device.require_int("block_columns", block_columns), device.require_int("block_rows", block_rows)

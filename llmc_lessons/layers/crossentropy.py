@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.layers.bf16 import _bf16_array, _eight, _kernel_with_shared
+from llmc_lessons.layers.bf16 import kernel_with_shared, require_bf16_array, require_multiple_of_8
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -225,15 +225,16 @@ def fused_classifier_bf16_cuda(logits, targets, V: int, dloss: float, block_size
     targets (B, T) int32 in [0, V) -> losses (B, T) float32. A block keeps its row in Vp * 2 bytes of shared
     memory (Vp <= 116,096 on an H100 or H200). check_targets: as _require_targets (None: checked on the CPU
     backend, not on a GPU)."""
-    _bf16_array("logits", logits, (None, None, None))
+    require_bf16_array("logits", logits, (None, None, None))
     B, T, Vp = logits.shape
-    _eight("Vp", Vp)
+    require_multiple_of_8("Vp", Vp)
     V = device.require_int("V", V)
     if V > Vp:
         raise ValueError(f"V = {V} is larger than the logits' Vp = {Vp}")
     shared = 2 * Vp
-    kernel = _kernel_with_shared("crossentropy.cu", "fused_classifier_bf16_kernel", shared + 256,   # + its two 32-float arrays
-                                 f"a row of Vp = {Vp} logits")
+    # shared + 256: the row, and the kernel's two arrays of 32 floats
+    kernel = kernel_with_shared("crossentropy.cu", "fused_classifier_bf16_kernel", shared + 256,
+                                f"a row of Vp = {Vp} logits")
     _require_targets(targets, B, T, V, check_targets)
     block_size = device.require_block_size(block_size, warps=True)
     losses = device.xp.empty((B, T), np.float32)

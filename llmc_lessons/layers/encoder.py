@@ -14,7 +14,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import load_kernel
-from llmc_lessons.layers.bf16 import _bf16_array, _eight, _launch
+from llmc_lessons.layers.bf16 import launch_1d, require_bf16_array, require_multiple_of_8
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -196,14 +196,14 @@ def encoder_forward_bf16_cuda(inp, wte, wpe, block_size: int = 256, check_ids: b
 
     check_ids=False skips the range check of the ids (it waits for the GPU), for a caller that checked them
     already, as GPT2.forward does on the host."""
-    _bf16_array("wte", wte, (None, None))
+    require_bf16_array("wte", wte, (None, None))
     _require_ids(inp, wte.shape[0], check_range=check_ids)
     B, T = inp.shape
-    C = _eight("C", wte.shape[1])
-    _bf16_array("wpe", wpe, (None, C))
+    C = require_multiple_of_8("C", wte.shape[1])
+    require_bf16_array("wpe", wpe, (None, C))
     if T > wpe.shape[0]:
         raise ValueError(f"T = {T} is longer than wpe's {wpe.shape[0]} positions")
     out = device.xp.empty((B, T, C), np.uint16)
-    _launch("encoder.cu", "encoder_forward_bf16_kernel", B * T * C // 8, device.require_block_size(block_size),
-            (out, inp, wte, wpe, np.int32(B), np.int32(T), np.int32(C)))
+    launch_1d("encoder.cu", "encoder_forward_bf16_kernel", B * T * C // 8, device.require_block_size(block_size),
+              (out, inp, wte, wpe, np.int32(B), np.int32(T), np.int32(C)))
     return out

@@ -15,7 +15,7 @@ import numpy as np
 from llmc_lessons import device
 from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.attention import _sizes, merge_heads, split_heads
-from llmc_lessons.layers.bf16 import _bf16_array
+from llmc_lessons.layers.bf16 import require_bf16_array
 from llmc_lessons.layers.layernorm import column_sum_add_cuda
 
 HS_MAX = 64  # flash_attention.cu keeps hs floats per thread in registers
@@ -124,8 +124,8 @@ BF16_HEAD_SIZES = (16, 32, 48, 64)   # hs is compiled in (-DHS); shared memory f
 def mma_bf16_16816_cuda(A, B, C):
     """One tensor-core instruction through mma_bf16_16816_kernel: A (16, 16) and B (16, 8) bf16 bits, C (16, 8)
     float32 -> D = A @ B + C (16, 8) float32, and regs (32, 4): what each lane's accumulator registers held."""
-    _bf16_array("A", A, (16, 16))
-    _bf16_array("B", B, (16, 8))
+    require_bf16_array("A", A, (16, 16))
+    require_bf16_array("B", B, (16, 8))
     device.require_array("C", C, shape=(16, 8))
     D, regs = device.xp.empty((16, 8), np.float32), device.xp.empty((32, 4), np.float32)
     _bf16_kernel("mma_bf16_16816_kernel", 64)((1,), (32,), (D, regs, A, B, C))
@@ -133,7 +133,7 @@ def mma_bf16_16816_cuda(A, B, C):
 
 
 def _check_bf16(qkv, NH, where):
-    _bf16_array("qkv", qkv, (None, None, None))
+    require_bf16_array("qkv", qkv, (None, None, None))
     B, T, C, hs = _sizes(qkv, NH, where)
     if hs not in BF16_HEAD_SIZES:
         raise ValueError(f"{where}: head size hs = {hs} is not one of {BF16_HEAD_SIZES}: the tensor-core kernels "
@@ -162,8 +162,8 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None):
     float32, if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the values
     they store, a row of partial sums per block, and one column_sum_add_cuda launch adds the rows in order."""
     B, T, C, hs = _check_bf16(qkv, NH, "flash_attention_backward_bf16_cuda")
-    _bf16_array("dout", dout, (B, T, C))
-    _bf16_array("out", out, (B, T, C))
+    require_bf16_array("dout", dout, (B, T, C))
+    require_bf16_array("out", out, (B, T, C))
     device.require_array("lse", lse, shape=(B, NH, T))
     if dbias is not None:
         device.require_array("dbias", dbias, shape=(3 * C,))

@@ -14,7 +14,8 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import load_kernel
-from llmc_lessons.layers.bf16 import _bf16_array, _column_groups, _eight, _float_vector, _launch, _zero_counters
+from llmc_lessons.layers.bf16 import (column_groups, launch_1d, require_bf16_array, require_float_vector,
+                                      require_multiple_of_8, zero_counters)
 from llmc_lessons.precision import from_bf16, to_bf16
 
 GELU_SCALING_FACTOR = math.sqrt(2.0 / math.pi)  # sqrt(2/pi) = 0.7978845608...
@@ -157,12 +158,12 @@ def gelu_forward_bf16_cuda(inp, block_size: int = 256, version: int = 1):
 
 def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
     """(B, T, OC) bf16 product, (OC,) float32 bias -> gelu(inp + bias) (B, T, OC) bf16."""
-    _bf16_array("inp", inp, (None, None, None))
-    OC = _eight("OC", inp.shape[-1])
-    _float_vector("bias", bias, OC)
+    require_bf16_array("inp", inp, (None, None, None))
+    OC = require_multiple_of_8("OC", inp.shape[-1])
+    require_float_vector("bias", bias, OC)
     out = device.xp.empty_like(inp)
-    _launch("gelu.cu", "gelu_bias_forward_bf16_kernel", inp.size // 8, device.require_block_size(block_size),
-            (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
+    launch_1d("gelu.cu", "gelu_bias_forward_bf16_kernel", inp.size // 8, device.require_block_size(block_size),
+              (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
     return out
 
 
@@ -174,15 +175,15 @@ def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns
     Blocks of (block_columns, block_rows) threads, each thread 8 columns, so a block covers 8 * block_columns
     columns; grid_rows: how many blocks split the rows of one column group (R partial sums, the last block of
     the group adds them), by default enough for each thread to sum 16 rows."""
-    _bf16_array("inp", inp, (None, None, None))
-    OC = _eight("OC", inp.shape[-1])
-    _bf16_array("dout", dout, inp.shape)
-    _float_vector("bias", bias, OC)
+    require_bf16_array("inp", inp, (None, None, None))
+    OC = require_multiple_of_8("OC", inp.shape[-1])
+    require_bf16_array("dout", dout, inp.shape)
+    require_float_vector("bias", bias, OC)
     device.require_array("dbias", dbias, shape=(OC,))
-    out = device.xp.empty_like(inp) if out is None else _bf16_array("out", out, inp.shape)
-    N, groups, R, X, Y = _column_groups(inp.size // OC, OC, block_columns, block_rows, grid_rows)
+    out = device.xp.empty_like(inp) if out is None else require_bf16_array("out", out, inp.shape)
+    N, groups, R, X, Y = column_groups(inp.size // OC, OC, block_columns, block_rows, grid_rows)
     partial = device.xp.empty((R, OC), np.float32)
     load_kernel("gelu.cu", "gelu_bias_backward_bf16_kernel")(
-        (groups, R), (X, Y), (out, dbias, partial, _zero_counters(groups), dout, inp, bias, np.int32(N), np.int32(OC)),
+        (groups, R), (X, Y), (out, dbias, partial, zero_counters(groups), dout, inp, bias, np.int32(N), np.int32(OC)),
         shared_mem=4 * 8 * X * Y)
     return out

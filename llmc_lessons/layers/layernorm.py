@@ -17,7 +17,8 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, load_kernel
-from llmc_lessons.layers.bf16 import _aligned, _bf16_array, _eight, _float_vector, _kernel_with_shared, _launch
+from llmc_lessons.layers.bf16 import (kernel_with_shared, launch_1d, require_aligned16, require_bf16_array,
+                                      require_float_vector, require_multiple_of_8)
 from llmc_lessons.layers.residual import residual_forward
 from llmc_lessons.precision import from_bf16, to_bf16
 
@@ -227,11 +228,11 @@ def layernorm_forward_bf16_cuda(inp, weight, bias, block_size: int = 256, versio
     device.require_array("inp", inp, shape=(None, None, None), dtype=np.uint16)
     B, T, C = inp.shape
     if version == 2:
-        _aligned("inp", inp)
-        _eight("C", C)
+        require_aligned16("inp", inp)
+        require_multiple_of_8("C", C)
         _row_in_registers(C)
-        _float_vector("weight", weight, C)
-        _float_vector("bias", bias, C)
+        require_float_vector("weight", weight, C)
+        require_float_vector("bias", bias, C)
     elif version == 1:
         device.require_array("weight", weight, shape=(C,))
         device.require_array("bias", bias, shape=(C,))
@@ -260,19 +261,19 @@ def residual_layernorm_forward_bf16_cuda(inp1, inp2, bias2, weight, bias, block_
     """residual = inp1 + (inp2 + bias2), out = layernorm(residual) with weight, bias.
     inp1, inp2 (B, T, C) bf16; bias2, weight, bias (C,) float32 -> residual, out (B, T, C) bf16, mean, rstd
     (B, T) float32."""
-    _bf16_array("inp1", inp1, (None, None, None))
+    require_bf16_array("inp1", inp1, (None, None, None))
     B, T, C = inp1.shape
-    _eight("C", C)
+    require_multiple_of_8("C", C)
     _row_in_registers(C)
-    _bf16_array("inp2", inp2, (B, T, C))
+    require_bf16_array("inp2", inp2, (B, T, C))
     for name, a in (("bias2", bias2), ("weight", weight), ("bias", bias)):
-        _float_vector(name, a, C)
+        require_float_vector(name, a, C)
     block_size = device.require_block_size(block_size, warps=True)
     xp = device.xp
     residual, out = xp.empty((B, T, C), np.uint16), xp.empty((B, T, C), np.uint16)
     mean, rstd = xp.empty((B, T), np.float32), xp.empty((B, T), np.float32)
-    _launch("layernorm.cu", "residual_layernorm_forward_bf16_kernel", B * T * 32, block_size,
-            (residual, out, mean, rstd, inp1, inp2, bias2, weight, bias, np.int32(B * T), np.int32(C)))
+    launch_1d("layernorm.cu", "residual_layernorm_forward_bf16_kernel", B * T * 32, block_size,
+              (residual, out, mean, rstd, inp1, inp2, bias2, weight, bias, np.int32(B * T), np.int32(C)))
     return residual, out, mean, rstd
 
 
@@ -310,13 +311,13 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     max_blocks caps the grid: each warp loops over rows, each block leaves one row of partial sums of the
     three (its warps' sums: 3C floats a warp, 3 * block_size * C / 8 bytes of shared memory), which a
     second kernel adds in order."""
-    _bf16_array("inp", inp, (None, None, None))
+    require_bf16_array("inp", inp, (None, None, None))
     B, T, C = inp.shape
-    _eight("C", C)
+    require_multiple_of_8("C", C)
     _row_in_registers(C)
-    _bf16_array("dout", dout, (B, T, C))
-    _aligned("dinp", device.require_array("dinp", dinp, shape=(B, T, C)))
-    _float_vector("weight", weight, C)
+    require_bf16_array("dout", dout, (B, T, C))
+    require_aligned16("dinp", device.require_array("dinp", dinp, shape=(B, T, C)))
+    require_float_vector("weight", weight, C)
     for name, a in (("dweight", dweight), ("dbias", dbias)):
         device.require_array(name, a, shape=(C,))
     xp = device.xp
@@ -328,8 +329,8 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     block_size = device.require_block_size(block_size, warps=True)
     N, wpb = B * T, block_size // 32
     shared = 4 * wpb * 3 * C
-    kernel = _kernel_with_shared("layernorm.cu", "layernorm_backward_bf16_kernel", shared,
-                                 f"block_size {block_size} (use fewer warps per block) for C = {C}")
+    kernel = kernel_with_shared("layernorm.cu", "layernorm_backward_bf16_kernel", shared,
+                                f"block_size {block_size} (use fewer warps per block) for C = {C}")
     blocks = max(1, min(device.require_int("max_blocks", max_blocks), -(-N // wpb)))
     dinp_bf16 = xp.empty((B, T, C), np.uint16)
     partial = xp.empty((blocks, 3 * C), np.float32)

@@ -21,7 +21,7 @@ import numpy as np
 from llmc_lessons import device
 from llmc_lessons.cublas import gemm
 from llmc_lessons.cuda import load_kernel
-from llmc_lessons.layers.bf16 import _bf16_array, _eight, _float_vector, _launch
+from llmc_lessons.layers.bf16 import launch_1d, require_bf16_array, require_float_vector, require_multiple_of_8
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -228,10 +228,10 @@ def matmul_bf16(a, b, trans_b: bool = False):
 
 def add_bias_bf16_cuda(inp, bias, out=None, block_size: int = 256):
     """(B, T, OC) bf16 product, (OC,) float32 bias -> inp + bias (B, T, OC) bf16; out may be inp (in place)."""
-    _bf16_array("inp", inp, (None, None, None))
-    OC = _eight("OC", inp.shape[-1])
-    _float_vector("bias", bias, OC)
-    out = device.xp.empty_like(inp) if out is None else _bf16_array("out", out, inp.shape)
-    _launch("matmul.cu", "add_bias_bf16_kernel", inp.size // 8, device.require_block_size(block_size),
-            (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
+    require_bf16_array("inp", inp, (None, None, None))
+    OC = require_multiple_of_8("OC", inp.shape[-1])
+    require_float_vector("bias", bias, OC)
+    out = device.xp.empty_like(inp) if out is None else require_bf16_array("out", out, inp.shape)
+    launch_1d("matmul.cu", "add_bias_bf16_kernel", inp.size // 8, device.require_block_size(block_size),
+              (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
     return out
