@@ -17,14 +17,13 @@ Command line (nothing downloads; fetch the folder first, README.md says how):
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.files import atomic_write
 from llmc_lessons.model import GPT2
 from llmc_lessons.parameters import GPT2Config, parameter_shapes
 
@@ -190,8 +189,8 @@ def save_hf(model: GPT2, folder: str | Path) -> Path:
     from safetensors.numpy import save
     folder = Path(folder)
     tensors = llmc_to_hf(model.params, model.config)
-    _atomic_write(folder / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_FILE, (json.dumps(config_to_hf(model.config), indent=2) + "\n").encode())
+    atomic_write(folder / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG_FILE, (json.dumps(config_to_hf(model.config), indent=2) + "\n").encode())
     return folder
 
 
@@ -203,33 +202,6 @@ def load_weights(path: str | Path, backend: str | None = None, precision: str = 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such llm.c model file or Hugging Face folder")
     return GPT2.from_llmc_checkpoint(path, backend=backend, precision=precision)
-
-
-def save_llmc(model: GPT2, path: str | Path) -> Path:
-    """model.save_llmc_checkpoint, written to a temporary file and renamed: never half a file under `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        model.save_llmc_checkpoint(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --- command line --------------------------------------------------------------------------------------------
@@ -256,7 +228,7 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "to-llmc":
             model = load_hf(args.folder, backend="numpy")
-            save_llmc(model, args.out)
+            model.save_llmc_checkpoint(args.out)
         else:
             model = GPT2.from_llmc_checkpoint(args.bin, backend="numpy")
             save_hf(model, args.folder)

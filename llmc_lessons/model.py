@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.files import atomic_write
 from llmc_lessons.parameters import (BLOCK_PARAMETER_NAMES, GPT2Config, decay_runs, gpt2_init, num_parameters,
                                      parameter_shapes, point_views)
 from llmc_lessons.paths import Bf16KernelPath, Fp32KernelPath, NumpyPath
@@ -349,14 +350,17 @@ class GPT2:
         return model
 
     def save_llmc_checkpoint(self, path):
-        """Write an llm.c model file (version 3, fp32) that llm.c's gpt2_build_from_checkpoint reads."""
+        """Write an llm.c model file (version 3, fp32) that llm.c's gpt2_build_from_checkpoint reads, atomically
+        (never half a file under `path`); returns the path."""
         c = self.config
         header = np.zeros(_HEADER_INTS, dtype="<i4")
         header[:8] = [_MODEL_MAGIC, _MODEL_VERSION_FP32, c.max_seq_len, c.vocab_size, c.num_layers,
                       c.num_heads, c.channels, c.padded_vocab_size]
-        with open(os.fspath(path), "wb") as f:
+
+        def write(f):
             f.write(header.tobytes())
             f.write(np.ascontiguousarray(device.to_host(self.params_memory), dtype="<f4").tobytes())
+        return atomic_write(path, write)
 
     def __repr__(self):
         c = self.config

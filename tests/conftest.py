@@ -33,9 +33,8 @@ def reference_answers_allowed(monkeypatch):
     """The tests of a check hand it the package's own reference as the right answer (and variants of it as wrong
     ones), which a check refuses from a student (llmc_lessons.checks.REFERENCES). That refusal is tested in
     tests/test_delegation.py, which overrides this fixture to keep it on."""
-    checks = sys.modules.get("llmc_lessons.checks")
-    if checks is not None:
-        monkeypatch.setattr(checks, "REFERENCES", {})
+    import llmc_lessons.checks as checks   # imported here, so a check first imported inside a test sees it too
+    monkeypatch.setattr(checks, "REFERENCES", {})
 
 
 @pytest.fixture

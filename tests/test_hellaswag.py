@@ -84,7 +84,7 @@ def test_bad_examples_name_the_line(tmp_path, line, message):
 
 def test_command_line(tiny, tmp_path, capsys):
     model, _ = tiny
-    path = hf.save_llmc(model, tmp_path / "m.bin")
+    path = model.save_llmc_checkpoint(tmp_path / "m.bin")
     assert hellaswag.main(["--model", str(path), "--data", str(EXAMPLES), "--limit", "3"]) == 0
     assert "/3 right" in capsys.readouterr().out
     (tmp_path / "empty.jsonl").write_text("\n")

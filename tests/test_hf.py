@@ -88,7 +88,7 @@ def test_logits_match_an_independent_numpy_gpt2(hf_folder):
 
 
 def test_round_trip_is_exact(hf_folder, tmp_path):
-    bin_path = hf.save_llmc(hf.load_hf(hf_folder, backend="numpy"), tmp_path / "model.bin")
+    bin_path = hf.load_hf(hf_folder, backend="numpy").save_llmc_checkpoint(tmp_path / "model.bin")
     assert bin_path.stat().st_size == 1024 + 4 * GPT2.from_llmc_checkpoint(bin_path).num_parameters
     back = hf.save_hf(GPT2.from_llmc_checkpoint(bin_path, backend="numpy"), tmp_path / "back")
     original = {k: v for k, v in load_file(str(hf_folder / "model.safetensors")).items()
@@ -100,7 +100,7 @@ def test_round_trip_is_exact(hf_folder, tmp_path):
     assert hf.config_from_hf(json.loads((back / "config.json").read_text())) == \
         hf.config_from_hf(HF_CONFIG)
     # and the llm.c file of the written folder is the same file, byte for byte
-    assert hf.save_llmc(hf.load_hf(back), tmp_path / "again.bin").read_bytes() == bin_path.read_bytes()
+    assert hf.load_hf(back).save_llmc_checkpoint(tmp_path / "again.bin").read_bytes() == bin_path.read_bytes()
 
 
 def test_prefixed_names_and_tied_lm_head_are_accepted(tmp_path):
@@ -156,7 +156,7 @@ def test_bad_folders(tmp_path):
 
 
 def test_load_weights_takes_a_bin_or_a_folder(hf_folder, tmp_path):
-    bin_path = hf.save_llmc(hf.load_hf(hf_folder), tmp_path / "m.bin")
+    bin_path = hf.load_hf(hf_folder).save_llmc_checkpoint(tmp_path / "m.bin")
     a, b = hf.load_weights(bin_path, backend="numpy"), hf.load_weights(hf_folder, backend="numpy")
     assert np.array_equal(a.params_memory, b.params_memory)
 
@@ -200,7 +200,7 @@ def init_run(tmp_path):
     """A Hugging Face folder with GPT-2's vocabulary, its llm.c file, and token files to fine-tune on."""
     from llmc_lessons.data import write_tokens
     folder = write_hf(tmp_path / "gpt2-random", random_hf_tensors(TRAIN_CONFIG), TRAIN_CONFIG)
-    bin_path = hf.save_llmc(hf.load_hf(folder), tmp_path / "gpt2-random.bin")
+    bin_path = hf.load_hf(folder).save_llmc_checkpoint(tmp_path / "gpt2-random.bin")
     phrase = np.random.default_rng(0).integers(0, 50257, size=50)
     write_tokens(tmp_path / "train.bin", np.tile(phrase, 20).astype(np.uint16))
     write_tokens(tmp_path / "val.bin", np.tile(phrase, 4).astype(np.uint16))
