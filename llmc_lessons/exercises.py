@@ -17,9 +17,16 @@ lesson's number, the NN of its file name; k = 1, 2, ... in order of appearance) 
     ...
     // END SOLUTION
 
-each replaced at the indentation of its BEGIN line. A line that looks like a marker but is not exactly one
-(`## BEGIN SOLUTION`, `// begin solution`, `BEGIN SOLUTIONS`, a marker outside a code cell, ...) is an error,
-so that a misspelled marker can never ship an answer. Everything else is kept. Outputs and execution counts
+each replaced at the indentation of its BEGIN line. A Markdown cell may hold a worked derivation between
+
+    <!-- BEGIN SOLUTION -->
+    ...
+    <!-- END SOLUTION -->
+
+which becomes one blockquote line asking the student to derive it (`> **Derive it (Exercise N.k).** ...`, N.k the
+first exercise after the cell, whose check tests the result). A line that looks like a marker but is not exactly
+one (`## BEGIN SOLUTION`, `// begin solution`, `BEGIN SOLUTIONS`, `<!-- begin solution -->`, a code cell's marker
+in Markdown, ...) is an error, so that a misspelled marker can never ship an answer. Everything else is kept. Outputs and execution counts
 are cleared, cell ids are derived from the notebook's name and the cell's position, and metadata is cut to
 what Jupyter needs, so that the generated files (and their diffs) depend on the solution's text only.
 `build` and `normalize` put the setup cell (`llmc_lessons.setup_cell`) first, and every cell carries
@@ -39,15 +46,18 @@ import nbformat
 from llmc_lessons import nbgrader_meta, setup_cell
 from llmc_lessons.files import atomic_write
 
-__all__ = ["ExerciseError", "Exercise", "exercise_cells", "to_student", "normalize", "dumps", "lesson_number",
+__all__ = ["ExerciseError", "Exercise", "exercise_cells", "derivation_cells", "to_student", "normalize", "dumps", "lesson_number",
            "build", "check", "normalize_solutions", "find_root", "student_work", "main"]
 
 EXERCISE_RE = re.compile(r"^[ \t]*#[ \t]*Exercise[ \t]+(\d+)\.(\d+)[ \t]*:[ \t]*(\S.*?)[ \t]*$")
 LOOSE_EXERCISE_RE = re.compile(r"^[ \t]*#+[ \t]*Exercise\b", re.IGNORECASE)
 MARKER_RE = re.compile(r"^([ \t]*)(###|//)[ \t]*(BEGIN|END)[ \t]+SOLUTION\b(.*)$")
+MD_MARKER_RE = re.compile(r"^[ \t]*<!--[ \t]*(BEGIN|END)[ \t]+SOLUTION[ \t]*-->[ \t]*$")   # in Markdown cells
 # anything a teacher may have meant as a marker: any comment style and case, SOLUTIONS, BEGIN_SOLUTION, ...
-NEAR_MARKER_RE = re.compile(r"^[ \t]*(?:#+|/[/*]+|\*+|--|;+|%+)?[ \t]*(BEGIN|END)[ \t_-]*SOLUTIONS?\b",
+NEAR_MARKER_RE = re.compile(r"^[ \t]*(?:#+|/[/*]+|\*+|--|;+|%+|<!-*)?[ \t]*(BEGIN|END)[ \t_-]*SOLUTIONS?\b",
                             re.IGNORECASE)
+# the line a Markdown region becomes; "> **Derive it (Exercise N.k).**" finds it again in a student's notebook
+DERIVATION_RE = re.compile(r"^> \*\*Derive it \(Exercise (\d+)\.(\d+)\)\.\*\*")
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 
@@ -151,18 +161,61 @@ def _parse_cell(name: str, index: int, cell):
     return header, regions
 
 
+def _parse_markdown(name: str, index: int, cell) -> list[tuple[int, int]]:
+    """The `<!-- BEGIN SOLUTION -->` ... `<!-- END SOLUTION -->` regions of a Markdown cell as [(begin line, end
+    line)], 0-based, raising ExerciseError on malformed markers."""
+    regions, open_at = [], None
+    for i, line in enumerate(_source(cell).split("\n")):
+        m = MD_MARKER_RE.match(line)
+        if not m:
+            near = NEAR_MARKER_RE.match(line)
+            if near:
+                which = near.group(1).upper()
+                raise ExerciseError(f"{_where(name, index, cell, i + 1)}: {line.strip()!r} looks like a solution "
+                                    f"marker but is not one, so the answer would reach the students; in a Markdown "
+                                    f"cell write '<!-- {which} SOLUTION -->', in capitals, alone on its line")
+            continue
+        if m.group(1) == "BEGIN":
+            if open_at is not None:
+                raise ExerciseError(f"{_where(name, index, cell, i + 1)}: '<!-- BEGIN SOLUTION -->' opens a region "
+                                    f"inside the region opened at line {open_at + 1}: regions cannot be nested "
+                                    f"(close the first one with '<!-- END SOLUTION -->')")
+            open_at = i
+        else:
+            if open_at is None:
+                raise ExerciseError(f"{_where(name, index, cell, i + 1)}: '<!-- END SOLUTION -->' has no "
+                                    f"'<!-- BEGIN SOLUTION -->' line before it")
+            regions.append((open_at, i))
+            open_at = None
+    if open_at is not None:
+        raise ExerciseError(f"{_where(name, index, cell, open_at + 1)}: '<!-- BEGIN SOLUTION -->' is never closed "
+                            f"(its '<!-- END SOLUTION -->' line is missing)")
+    return regions
+
+
 def _scan(nb, name: str):
     """Validate every cell of `nb`; return [(index, header, regions)] for its exercise cells, in order."""
+    return _scan_all(nb, name)[0]
+
+
+def _scan_all(nb, name: str):
+    """Validate every cell of `nb`; return ([(index, header, regions)] for its exercise cells, [(index, "N.k",
+    regions)] for its Markdown cells with solution regions, N.k the exercise after the cell), both in order."""
     lesson = lesson_number(name)
-    found = []
+    found, derivations = [], []
     expected_k = 1
     for index, cell in enumerate(nb.get("cells", [])):
+        if cell.get("cell_type") == "markdown":
+            regions = _parse_markdown(name, index, cell)
+            if regions:
+                derivations.append((index, regions))
+            continue
         if cell.get("cell_type") != "code":
             for i, line in enumerate(_source(cell).split("\n")):
                 if NEAR_MARKER_RE.match(line):
                     raise ExerciseError(f"{_where(name, index, cell, i + 1)}: a solution marker "
                                         f"{line.strip()!r} in a {cell.get('cell_type')} cell, which the builder "
-                                        f"copies as it is: solutions belong in code cells")
+                                        f"copies as it is: solutions belong in code and Markdown cells")
             continue
         header, regions = _parse_cell(name, index, cell)
         if header is None:
@@ -181,7 +234,16 @@ def _scan(nb, name: str):
                                 f"Exercise {lesson}.{expected_k}")
         expected_k += 1
         found.append((index, header, regions))
-    return found
+    checked = []
+    for index, regions in derivations:
+        after = next((f"{h[1]}.{h[2]}" for i, h, _ in found if i > index), None)
+        if after is None:
+            cell = nb["cells"][index]
+            raise ExerciseError(f"{_where(name, index, cell, regions[0][0] + 1)}: a Markdown SOLUTION region with "
+                                f"no exercise after it: the student is asked to derive it and write the result in "
+                                f"the next exercise, so put the region before the exercise that checks it")
+        checked.append((index, after, regions))
+    return found, checked
 
 
 def exercise_cells(nb, name: str = "notebook") -> list[Exercise]:
@@ -192,7 +254,17 @@ def exercise_cells(nb, name: str = "notebook") -> list[Exercise]:
     return [Exercise(index, f"{h[1]}.{h[2]}", h[3]) for index, h, _ in _scan(nb, name)]
 
 
+def derivation_cells(nb, name: str = "notebook") -> list[tuple[int, str]]:
+    """[(cell index, "N.k")] of `nb`'s Markdown cells with a derivation (a solution region), N.k the exercise after
+    the cell that checks it, validating the notebook on the way."""
+    return [(index, number) for index, number, _ in _scan_all(nb, name)[1]]
+
+
 def _stub(kind: str, indent: str, number: str, description: str) -> str:
+    if kind == "markdown":
+        return (f"> **Derive it (Exercise {number}).** The worked derivation is in the solution notebook. Work "
+                f"it out on paper first, then write the result as code in Exercise {number} below: its check "
+                f"compares your code with finite differences and names a wrong term.")
     if kind == "python":
         return f"{indent}raise NotImplementedError({json.dumps(f'Exercise {number}: {description}', ensure_ascii=False)})"
     return f"{indent}// TODO (Exercise {number}): {description}"
@@ -228,27 +300,43 @@ def normalize(nb, name: str = "notebook"):
             new["attachments"] = cell["attachments"]
         cells.append(nbformat.from_dict(new))
     try:
-        found = exercise_cells(nb, name)
+        found, derivations = _scan_all(nb, name)
     except ExerciseError:  # build, check and normalize_solutions scan first and report it
-        found = []
-    if not found:  # a student's notebook: the exercise cells keep their header line, their answers are stubs
-        found = [(index, f"{m.group(1)}.{m.group(2)}") for index, cell in enumerate(cells) if cell["cell_type"] == "code"
-                 for m in [next(filter(None, map(EXERCISE_RE.match, _source(cell).split("\n"))), None)] if m]
+        found, derivations = [], []
+    found = [(index, f"{h[1]}.{h[2]}") for index, h, _ in found]
+    derivations = [(index, number) for index, number, _ in derivations]
+    if not found:  # a student's notebook: the exercise cells keep their header line, their answers are stubs,
+        found = _numbered(cells, "code", EXERCISE_RE)   # and a derivation's Markdown cell its prompt line
+        derivations = _numbered(cells, "markdown", DERIVATION_RE)
     nb["cells"] = cells
     nb = nbformat.from_dict(nb)
-    nbgrader_meta.mark_cells(nb, found)
+    nbgrader_meta.mark_cells(nb, found, derivations)
     return nb
 
 
+def _numbered(cells, cell_type: str, pattern: re.Pattern) -> list[tuple[int, str]]:
+    """[(index, "N.k")] of the cells of `cell_type` with a line that `pattern` matches (N and k its groups)."""
+    return [(index, f"{m.group(1)}.{m.group(2)}") for index, cell in enumerate(cells) if cell["cell_type"] == cell_type
+            for m in [next(filter(None, map(pattern.match, _source(cell).split("\n"))), None)] if m]
+
+
 def to_student(nb, name: str = "notebook"):
-    """The student version of a solution notebook: every SOLUTION region replaced by its stub, normalised."""
-    exercises = {index: (h, regions) for index, h, regions in _scan(nb, name)}
+    """The student version of a solution notebook: every SOLUTION region replaced by its stub (a Markdown one by
+    the prompt to derive it), normalised."""
+    found, derivations = _scan_all(nb, name)
     nb = normalize(nb, name)
-    for index, (header, regions) in exercises.items():
+    for index, header, regions in found:
         _, n, k, description = header
         lines = _source(nb.cells[index]).split("\n")
         for kind, begin, end, indent in reversed(regions):
             lines[begin:end + 1] = [_stub(kind, indent, f"{n}.{k}", description)]
+        nb.cells[index]["source"] = "\n".join(lines)
+    for index, number, regions in derivations:
+        lines = _source(nb.cells[index]).split("\n")
+        for begin, end in reversed(regions):   # a paragraph of its own: blank lines where text touches it
+            before = [""] if begin > 0 and lines[begin - 1].strip() else []
+            after = [""] if end + 1 < len(lines) and lines[end + 1].strip() else []
+            lines[begin:end + 1] = before + [_stub("markdown", "", number, "")] + after
         nb.cells[index]["source"] = "\n".join(lines)
     return nb
 
@@ -305,7 +393,8 @@ def student_work(path: Path, generated: str | None = None) -> str | None:
     A student's work: a file that is not a readable notebook, a notebook that stores outputs or execution
     counts, one saved by Jupyter or edited (not in the builder's normalised form), or one whose exercise
     stub (`_stub`'s text up to the number: `raise NotImplementedError("Exercise N.k`, `// TODO (Exercise N.k`)
-    has been replaced.
+    has been replaced, or whose prompt for a derivation (`> **Derive it (Exercise N.k).** ...`) was edited. (A
+    prompt deleted outright leaves its cell with the wrong nbgrader metadata, which the normalised form catches.)
     """
     text = path.read_text(encoding="utf-8", errors="replace")
     if text == generated:
@@ -320,9 +409,15 @@ def student_work(path: Path, generated: str | None = None) -> str | None:
     if text != normal:
         return "it was saved by Jupyter or edited (its metadata or cell ids are not the builder's)"
     for index, cell in enumerate(nb.cells):
+        src = _source(cell)
+        if cell.get("cell_type") == "markdown":
+            for line in src.split("\n"):
+                m = DERIVATION_RE.match(line)
+                if m and line != _stub("markdown", "", f"{m.group(1)}.{m.group(2)}", ""):
+                    return f"the prompt of Exercise {m.group(1)}.{m.group(2)}'s derivation (cell {index}) was edited"
+            continue
         if cell.get("cell_type") != "code":
             continue
-        src = _source(cell)
         for line in src.split("\n"):
             m = EXERCISE_RE.match(line)
             if m:

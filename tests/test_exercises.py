@@ -393,10 +393,17 @@ def test_a_near_miss_end_marker_is_an_error_not_an_unclosed_region():
         ex.to_student(nb, "03_x.ipynb")
 
 
-def test_a_marker_outside_a_code_cell_is_an_error():
-    nb = notebook(("md", "Lesson\n### BEGIN SOLUTION\nthe answer\n### END SOLUTION"))
+def test_a_marker_outside_a_code_or_markdown_cell_is_an_error():
+    nb = notebook()
+    nb.cells.append(nbformat.v4.new_raw_cell("Lesson\n### BEGIN SOLUTION\nthe answer\n### END SOLUTION"))
     with pytest.raises(ExerciseError, match=r"cell 0 .*, line 2: a solution marker '### BEGIN SOLUTION' in a "
-                                            r"markdown cell"):
+                                            r"raw cell"):
+        ex.to_student(nb, "03_x.ipynb")
+
+
+def test_a_code_cells_marker_in_markdown_is_an_error():
+    nb = notebook(("md", "Lesson\n### BEGIN SOLUTION\nthe answer\n### END SOLUTION"))
+    with pytest.raises(ExerciseError, match=r"cell 0 .*, line 2: '### BEGIN SOLUTION' looks like a solution marker"):
         ex.to_student(nb, "03_x.ipynb")
 
 
@@ -505,3 +512,121 @@ def test_normalize_checks_every_notebook_before_rewriting_any(repo):
     with pytest.raises(ExerciseError, match="05_z.ipynb"):
         ex.normalize_solutions(repo)
     assert {p.name: p.read_text() for p in (repo / "solutions").iterdir()} == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Markdown solution regions: a worked derivation hidden from the student, who is asked to derive it
+
+DERIVATION = ("## The backward pass\n\nThe chain rule gives:\n<!-- BEGIN SOLUTION -->\n"
+              "$$\\frac{\\partial L}{\\partial x} = 2x$$\n\nbecause the derivative of x^2 is 2x.\n"
+              "<!-- END SOLUTION -->\nThe boxed result follows.")
+
+
+def derivation_lesson():
+    return notebook(("md", DERIVATION), ("code", "import numpy as np"),
+                    ("code", "# Exercise 3.1: dx of x**2\ndef dx(x):\n    ### BEGIN SOLUTION\n    return 2 * x\n"
+                             "    ### END SOLUTION"),
+                    ("code", "check_dx(dx)"))
+
+
+def test_a_markdown_region_becomes_a_prompt_naming_the_exercise_after_it():
+    sol = derivation_lesson()
+    nb = ex.to_student(sol, "03_x.ipynb")
+    text = nb.cells[0].source
+    assert "2x" not in text and "derivative of x^2" not in text and "SOLUTION" not in text
+    assert text.startswith("## The backward pass\n\nThe chain rule gives:\n\n> **Derive it (Exercise 3.1).**")
+    assert text.endswith("names a wrong term.\n\nThe boxed result follows.")   # a paragraph of its own
+    assert ex.DERIVATION_RE.match(text.split("\n")[4])
+    assert nb.cells[2].source.endswith('raise NotImplementedError("Exercise 3.1: dx of x**2")')
+
+
+def test_several_markdown_regions_and_several_cells_each_name_the_next_exercise():
+    two = "a\n\n<!-- BEGIN SOLUTION -->\none\n<!-- END SOLUTION -->\n\nb\n\n<!-- BEGIN SOLUTION -->\ntwo\n<!-- END SOLUTION -->"
+    sol = notebook(("md", two), ("code", "# Exercise 5.1: f\n### BEGIN SOLUTION\nx = 1\n### END SOLUTION"),
+                   ("code", "check()"), ("md", "<!-- BEGIN SOLUTION -->\nthree\n<!-- END SOLUTION -->"),
+                   ("code", "# Exercise 5.2: g\n### BEGIN SOLUTION\ny = 2\n### END SOLUTION"), ("code", "check()"))
+    nb = ex.to_student(sol, "05_x.ipynb")
+    assert nb.cells[0].source.count("> **Derive it (Exercise 5.1).**") == 2
+    assert "one" not in nb.cells[0].source and "two" not in nb.cells[0].source
+    assert nb.cells[3].source.startswith("> **Derive it (Exercise 5.2).**") and "three" not in nb.cells[3].source
+
+
+@pytest.mark.parametrize("text, error", [
+    ("x\n<!-- BEGIN SOLUTION -->\nanswer", r"cell 0 .*, line 2: '<!-- BEGIN SOLUTION -->' is never closed"),
+    ("x\nanswer\n<!-- END SOLUTION -->", r"cell 0 .*, line 3: '<!-- END SOLUTION -->' has no '<!-- BEGIN SOLUTION"),
+    ("<!-- BEGIN SOLUTION -->\n<!-- BEGIN SOLUTION -->\na\n<!-- END SOLUTION -->",
+     r"line 2: '<!-- BEGIN SOLUTION -->' opens a region inside the region opened at line 1"),
+    ("<!-- begin solution -->\na\n<!-- END SOLUTION -->", r"line 1: '<!-- begin solution -->' looks like a solution "
+                                                          r"marker but is not one"),
+    ("<!-- BEGIN SOLUTIONS -->\na\n<!-- END SOLUTION -->", r"line 1: .* looks like a solution marker"),
+    ("<!--BEGIN SOLUTION--> the answer\n<!-- END SOLUTION -->", r"line 1: .* looks like a solution marker"),
+    ("### BEGIN SOLUTION\na\n### END SOLUTION", r"line 1: '### BEGIN SOLUTION' looks like a solution marker .* "
+                                                r"in a Markdown cell write '<!-- BEGIN SOLUTION -->'"),
+])
+def test_unbalanced_or_misspelled_markdown_markers_are_errors_naming_notebook_and_cell(text, error):
+    nb = notebook(("md", text), ("code", "# Exercise 3.1: f\n### BEGIN SOLUTION\nx = 1\n### END SOLUTION"))
+    with pytest.raises(ExerciseError, match=r"03_x.ipynb, cell 0 \(markdown cell starting .*\)" + ".*" + error
+                       if not error.startswith("cell") else r"03_x.ipynb, " + error):
+        ex.to_student(nb, "03_x.ipynb")
+
+
+def test_a_markdown_region_with_no_exercise_after_it_is_an_error():
+    nb = notebook(("code", "# Exercise 3.1: f\n### BEGIN SOLUTION\nx = 1\n### END SOLUTION"),
+                  ("md", "Why:\n<!-- BEGIN SOLUTION -->\nbecause\n<!-- END SOLUTION -->"))
+    with pytest.raises(ExerciseError, match=r"03_x.ipynb, cell 1 .*, line 2: a Markdown SOLUTION region with no "
+                                            r"exercise after it"):
+        ex.to_student(nb, "03_x.ipynb")
+
+
+def test_the_markdown_marker_in_a_code_cell_is_a_near_miss():
+    nb = notebook(("code", "# Exercise 3.1: f\nsrc = '''\n<!-- BEGIN SOLUTION -->\nx\n<!-- END SOLUTION -->\n'''"))
+    with pytest.raises(ExerciseError, match=r"line 3: '<!-- BEGIN SOLUTION -->' looks like a solution marker"):
+        ex.to_student(nb, "03_x.ipynb")
+
+
+def test_a_derivation_cell_is_an_ungraded_nbgrader_solution_cell_in_both_notebooks():
+    sol = ex.normalize(derivation_lesson(), "03_x.ipynb")
+    student = ex.to_student(derivation_lesson(), "03_x.ipynb")
+    for nb in (sol, student):
+        meta = nb.cells[0].metadata["nbgrader"]
+        assert meta["solution"] and not meta["grade"] and not meta["locked"] and "points" not in meta
+        assert meta["grade_id"] == "derivation-3-1-0"
+        assert nb.cells[2].metadata["nbgrader"]["grade_id"] == "exercise-3-1"
+        assert nb.cells[3].metadata["nbgrader"]["grade_id"] == "check-3-1"
+    assert ex.dumps(ex.normalize(student, "03_x.ipynb")) == ex.dumps(student)   # normal form is stable
+
+
+@pytest.fixture
+def derivation_repo(tmp_path):
+    (tmp_path / "solutions").mkdir()
+    nbformat.write(derivation_lesson(), str(tmp_path / "solutions" / "03_x.ipynb"))
+    return tmp_path
+
+
+def _prompt_edited(nb):
+    nb.cells[1].source = nb.cells[1].source.replace("Work it out on paper first", "d/dx x^2 = 2x, I think")
+
+
+def _prompt_deleted(nb):
+    lines = nb.cells[1].source.split("\n")
+    nb.cells[1].source = "\n".join(ln for ln in lines if not ex.DERIVATION_RE.match(ln)) + "\nMy derivation: 2x."
+
+
+@pytest.mark.parametrize("work, why", [
+    (_prompt_edited, "the prompt of Exercise 3.1's derivation (cell 1) was edited"),
+    (_prompt_deleted, "it was saved by Jupyter or edited"),
+])
+def test_build_keeps_a_derivation_the_student_wrote(derivation_repo, work, why):
+    ex.build(derivation_repo)
+    ex.normalize_solutions(derivation_repo)
+    assert ex.check(derivation_repo) == []
+    student = derivation_repo / "notebooks" / "03_x.ipynb"
+    nb = nbformat.reads(student.read_text(), as_version=4)   # cell 0 is the setup cell
+    work(nb)
+    student.write_text(ex.dumps(nb))
+    changed = derivation_lesson()
+    changed.cells[1].source = "import numpy as np  # revised"
+    nbformat.write(changed, str(derivation_repo / "solutions" / "03_x.ipynb"))
+    with pytest.raises(ExerciseError, match=re.escape(f"notebooks/03_x.ipynb: {why}")):
+        ex.build(derivation_repo)
+    assert ex.student_work(student) is not None

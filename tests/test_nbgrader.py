@@ -47,9 +47,14 @@ def problems(nb, name: str) -> list[str]:
             out.append(f"cell {index}: points belong exactly to grade cells")
         if meta["grade"] and not (meta["locked"] and cell.cell_type == "code" and meta["points"] > 0):
             out.append(f"cell {index}: an autograded test cell must be a locked code cell with points")
+    derivations = [index for index, _ in exercises.derivation_cells(solution, name)]
     solutions = [i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("solution")]
-    if solutions != [e.index for e in found]:
-        out.append(f"solution cells {solutions} are not the exercise cells {[e.index for e in found]}")
+    if solutions != sorted([e.index for e in found] + derivations):
+        out.append(f"solution cells {solutions} are not the exercise cells {[e.index for e in found]} and the "
+                   f"derivation cells {derivations}")
+    for index in derivations:
+        if nb.cells[index].cell_type != "markdown" or nb.cells[index].metadata["nbgrader"]["grade"]:
+            out.append(f"cell {index}: a derivation is an ungraded Markdown solution cell (its exercise grades it)")
     for e in found:
         check = next(i for i in range(e.index + 1, len(nb.cells)) if nb.cells[i].cell_type == "code")
         if nb.cells[check].metadata["nbgrader"].get("grade_id") != f"check-{e.number.replace('.', '-')}":
