@@ -263,8 +263,8 @@ def derivation_cells(nb, name: str = "notebook") -> list[tuple[int, str]]:
 def _stub(kind: str, indent: str, number: str, description: str) -> str:
     if kind == "markdown":
         return (f"> **Derive it (Exercise {number}).** The worked derivation is in the solution notebook. Work "
-                f"it out on paper first, then write the result as code in Exercise {number} below: its check "
-                f"compares your code with finite differences and names a wrong term.")
+                f"it out on paper first, then write the result as code in Exercise {number} below; its check "
+                f"tells you which term is wrong, if one is.")
     if kind == "python":
         return f"{indent}raise NotImplementedError({json.dumps(f'Exercise {number}: {description}', ensure_ascii=False)})"
     return f"{indent}// TODO (Exercise {number}): {description}"

@@ -252,11 +252,11 @@ def test_launchers_reject_numpy_on_gpu():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 3.1: the NumPy backward
+# Exercise 3.2: the NumPy backward
 
 
 def _stub(dout, inp, weight, mean, rstd):
-    raise NotImplementedError("Exercise 3.1: layernorm_backward in NumPy")
+    raise NotImplementedError("Exercise 3.2: layernorm_backward in NumPy")
 
 
 def _wrong(kind):
@@ -278,11 +278,11 @@ def _wrong(kind):
 
 def test_check_layernorm_backward_passes_on_solution(capsys):
     checks.check_layernorm_backward(layernorm_backward)
-    assert "Exercise 3.1: correct" in capsys.readouterr().out
+    assert "Exercise 3.2: correct" in capsys.readouterr().out
 
 
 def test_check_layernorm_backward_fails_on_stub():
-    with pytest.raises(AssertionError, match="Exercise 3.1 is not done yet"):
+    with pytest.raises(AssertionError, match="Exercise 3.2 is not done yet"):
         checks.check_layernorm_backward(_stub)
 
 
@@ -293,19 +293,19 @@ def test_check_layernorm_backward_fails_on_stub():
     ("dweight_wrong_axis", r"dweight\): expected shape \(11,\)"), ("dbias_mean", "averaged"),
 ])
 def test_check_layernorm_backward_catches_mistakes(kind, cause):
-    with pytest.raises(AssertionError, match=f"(?s)Exercise 3.1.*{cause}"):
+    with pytest.raises(AssertionError, match=f"(?s)Exercise 3.2.*{cause}"):
         checks.check_layernorm_backward(_wrong(kind))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 3.2: kernel2's reductions, as in the solution notebook and as the student sees them
+# Exercise 3.3: kernel2's reductions, as in the solution notebook and as the student sees them
 
 
 def _exercise_source(student: bool) -> str:
     nb = nbformat.read(str(NOTEBOOK), as_version=4)
     if student:
         nb = to_student(nb, NOTEBOOK.name)
-    cell = next(c for c in nb.cells if c.cell_type == "code" and "# Exercise 3.2:" in c.source)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "# Exercise 3.3:" in c.source)
     namespace = {}
     exec(cell.source, namespace)
     return namespace["layernorm_kernel2_src"]
@@ -319,16 +319,16 @@ SQ_TERM = "float d = x[c] - m;"
 
 def test_check_kernel2_passes_on_notebook_solution(capsys):
     checks.check_layernorm_forward_kernel2(_exercise_source(student=False))
-    assert "Exercise 3.2: correct" in capsys.readouterr().out
+    assert "Exercise 3.3: correct" in capsys.readouterr().out
 
 
 def test_check_kernel2_fails_on_student_stub():
     src = _exercise_source(student=True)
-    assert src.count("TODO (Exercise 3.2)") == 2 and SUM_REDUCE not in src
-    with pytest.raises(AssertionError, match="Exercise 3.2 is not done yet"):
+    assert src.count("TODO (Exercise 3.3)") == 2 and SUM_REDUCE not in src
+    with pytest.raises(AssertionError, match="Exercise 3.3 is not done yet"):
         checks.check_layernorm_forward_kernel2(src)
-    with pytest.raises(AssertionError, match="(?s)Exercise 3.2.*mean.*every element is zero"):
-        checks.check_layernorm_forward_kernel2(src.replace("TODO (Exercise 3.2)", "nothing here"))
+    with pytest.raises(AssertionError, match="(?s)Exercise 3.3.*mean.*every element is zero"):
+        checks.check_layernorm_forward_kernel2(src.replace("TODO (Exercise 3.3)", "nothing here"))
 
 
 @pytest.mark.parametrize("old,new,cause", [
@@ -342,5 +342,5 @@ def test_check_kernel2_fails_on_student_stub():
 def test_check_kernel2_catches_mistakes(old, new, cause):
     src = _exercise_source(student=False)
     assert old in src
-    with pytest.raises(AssertionError, match=f"(?s)Exercise 3.2.*{cause}"):
+    with pytest.raises(AssertionError, match=f"(?s)Exercise 3.3.*{cause}"):
         checks.check_layernorm_forward_kernel2(src.replace(old, new))

@@ -32,14 +32,14 @@ def total(a):
     (total, mean, "a sum over the channels where mean(dnorm) belongs"),
     (mean, total, "a sum over the channels where mean(dnorm * norm) belongs"),
 ])
-def test_3_1_a_sum_instead_of_a_mean(reduce_a, reduce_b, cause):
+def test_3_2_a_sum_instead_of_a_mean(reduce_a, reduce_b, cause):
     with pytest.raises(ExerciseFailed, match="likely cause: " + re.escape(cause)):
         check_layernorm_backward(_layernorm_backward_with(reduce_a, reduce_b))
 
 
-def test_3_1_the_means_pass(capsys):
+def test_3_2_the_means_pass(capsys):
     check_layernorm_backward(_layernorm_backward_with(mean, mean))
-    assert "Exercise 3.1: correct" in capsys.readouterr().out
+    assert "Exercise 3.2: correct" in capsys.readouterr().out
 
 
 def every_row_gets_every_target(dlosses, probs, targets, V):

@@ -21,13 +21,15 @@ from typing import Callable, Mapping
 import numpy as np
 
 from llmc_lessons.device import to_host, xp
+from llmc_lessons.gradcheck import numerical_grad
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PACKAGE = PACKAGE_DIR.name
 
 REFERENCES = {
     "Exercise 1.1": ("token_file_bytes",), "Exercise 1.2": ("get_batch",),
-    "Exercise 2.1": ("encoder_backward",), "Exercise 3.1": ("layernorm_backward",),
+    "Exercise 2.1": ("encoder_backward",),
+    "Exercise 3.1": ("layernorm_backward", "numerical_grad"), "Exercise 3.2": ("layernorm_backward",),
     "Exercise 4.1": ("matmul_backward",), "Exercise 5.1": ("attention_backward",),
     "Exercise 6.1": ("gelu_backward",), "Exercise 7.1": ("block_backward",), "Exercise 7.2": ("mlp_backward",),
     "Exercise 8.1": ("crossentropy_softmax_backward",), "Exercise 9.1": ("adamw_update",),
@@ -230,6 +232,17 @@ def assert_close(exercise: str, name: str, got, expected, atol: float = 1e-5, rt
                      f"before the launch, so these were never written: check the index arithmetic, the bounds "
                      f"check, and that the grid covers every element. {CHECKED_MODE_TIP}")
     raise ExerciseFailed("\n".join(lines) + tail)
+
+
+def numerical_jacobian(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """J[i..., j...] = d f(x)[i...] / d x[j...] by central differences in float64 (`gradcheck.numerical_grad`, one
+    output element at a time), of shape f(x).shape + x.shape: what a derivation exercise's answer is checked
+    against."""
+    x = np.array(x, dtype=np.float64)
+    out_shape = np.shape(f(x))
+    rows = [numerical_grad(lambda i=i: float(np.asarray(f(x), dtype=np.float64).reshape(-1)[i]), x)
+            for i in range(int(np.prod(out_shape)))]
+    return np.stack(rows).reshape(out_shape + x.shape) if rows else np.zeros(out_shape + x.shape)
 
 
 def passed(exercise: str, detail: str = "") -> None:

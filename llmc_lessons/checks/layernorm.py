@@ -1,10 +1,12 @@
-"""Checks for lesson 03 (LayerNorm): Exercise 3.1 (NumPy layernorm_backward), Exercise 3.2 (kernel2's reductions)."""
+"""Checks for lesson 03 (LayerNorm): Exercise 3.1 (the Jacobian dn_i/dx_j, derived), Exercise 3.2 (NumPy
+layernorm_backward), Exercise 3.3 (kernel2's reductions)."""
 from __future__ import annotations
 
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, numerical_jacobian, passed, poisoned,
+                                  rng, run_exercise)
 from llmc_lessons.layers.layernorm import layernorm_backward, layernorm_forward
 
 
@@ -15,9 +17,39 @@ def _inputs(gen, B, T, C, dtype):
     return inp, weight, bias
 
 
-def check_layernorm_backward(fn) -> None:
-    """Exercise 3.1: fn(dout, inp, weight, mean, rstd) -> (dinp, dweight, dbias), compared in float64."""
+def check_layernorm_jacobian(fn) -> None:
+    """Exercise 3.1: fn(x, eps) -> J of shape (C, C), J[i, j] = dn_i/dx_j for one row x of shape (C,), against
+    central differences in float64."""
     ex = "Exercise 3.1"
+    gen = rng()
+    C = int(gen.integers(5, 14))
+    eps = 1e-5
+    x = gen.standard_normal(C) * 2.0 + 3.0
+    ones, zeros = np.ones(C), np.zeros(C)
+    want = numerical_jacobian(lambda v: layernorm_forward(v[None, None], ones, zeros, eps)[0][0, 0], x)
+    got = run_exercise(ex, fn, x.copy(), eps)
+    mu = x.mean()
+    r = 1.0 / np.sqrt(((x - mu) ** 2).mean() + eps)
+    n = (x - mu) * r
+    eye, outer = np.eye(C), np.outer(n, n)
+    assert_close(ex, "J", got, want, atol=1e-6, rtol=1e-5, known_mistakes={
+        "the term -1/C is missing: mu depends on every x_j, with dmu/dx_j = 1/C": r * (eye - outer / C),
+        "the term -n_i n_j / C is missing: rstd depends on every x_j (through the variance)": r * (eye - 1 / C),
+        "only the diagonal r * delta_ij: mu and rstd were treated as constants": r * eye,
+        "a sign error in the term from rstd: r decreases when the variance grows": r * (eye - 1 / C + outer / C),
+        "the leading factor r (rstd) is missing": eye - 1 / C - outer / C,
+        "the term from rstd lacks its 1/C (dvar/dx_j = 2 (x_j - mu) / C)": r * (eye - 1 / C - outer),
+        "the term from rstd uses (x_i - mu)(x_j - mu) where n_i n_j belongs: drstd/dx_j = -r^3 (x_j - mu) / C, "
+        "one more factor r than (x_j - mu) * r":
+            r * (eye - 1 / C - np.outer(x - mu, x - mu) / C),
+    }, hint="n_i = (x_i - mu) * r. Product rule: d(x_i - mu)/dx_j * r + (x_i - mu) * dr/dx_j; the first part gives "
+            "delta_ij and a term from mu, the second needs dr/dx_j through the variance. Rows i, columns j.")
+    passed(ex, f"the {C} x {C} Jacobian of the normalisation matches finite differences")
+
+
+def check_layernorm_backward(fn) -> None:
+    """Exercise 3.2: fn(dout, inp, weight, mean, rstd) -> (dinp, dweight, dbias), compared in float64."""
+    ex = "Exercise 3.2"
     gen = rng()
     B, T, C = 2, 5, 11
     inp, weight, bias = _inputs(gen, B, T, C, np.float64)
@@ -66,8 +98,8 @@ def check_layernorm_backward(fn) -> None:
 
 
 def check_layernorm_forward_kernel2(source: str) -> None:
-    """Exercise 3.2: the warp reductions of layernorm_forward_kernel2 in `source`, at awkward sizes."""
-    ex = "Exercise 3.2"
+    """Exercise 3.3: the warp reductions of layernorm_forward_kernel2 in `source`, at awkward sizes."""
+    ex = "Exercise 3.3"
     kernel = exercise_kernel(ex, source, "layernorm_forward_kernel2")
     gen = rng()
     B, T, C = 3, 5, 77                        # 15 rows; C = 77 is 2 full passes of 32 lanes plus 13
