@@ -3,6 +3,7 @@ float64 finite differences. Each check passes on the solution notebook's answer,
 package's answer and on each plausible wrong answer, naming the wrong term."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import nbformat
@@ -11,7 +12,10 @@ import pytest
 
 from llmc_lessons import exercises
 from llmc_lessons.checks import REFERENCES, ExerciseFailed, numerical_jacobian
+from llmc_lessons.checks.gelu import check_gelu_derivative
 from llmc_lessons.checks.layernorm import check_layernorm_jacobian
+from llmc_lessons.layers.gelu import GELU_SCALING_FACTOR as K
+from llmc_lessons.layers.gelu import gelu_erf_backward, gelu_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +24,7 @@ def solution(notebook: str, exercise: str):
     """The function the solution notebook's cell for `exercise` defines, run with NumPy as `np`."""
     nb = nbformat.read(str(ROOT / "solutions" / notebook), as_version=4)
     index = next(e.index for e in exercises.exercise_cells(nb, notebook) if f"Exercise {e.number}" == exercise)
-    namespace = {"np": np}
+    namespace = {"np": np, "math": math}
     exec(nb.cells[index].source, namespace)
     return next(v for k, v in namespace.items() if callable(v) and getattr(v, "__module__", None) is None
                 and not k.startswith("_"))
@@ -82,9 +86,49 @@ def test_3_1_names_the_wrong_term(kind, cause):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Exercise 6.1: GELU's derivative
+
+def _gelu_wrong(kind):
+    def gelu_grad(x):
+        th = np.tanh(K * (x + 0.044715 * x ** 3))
+        sech2, du = 1 - th * th, K * (1 + 3 * 0.044715 * x * x)
+        return {"no_product_term": 0.5 * x * sech2 * du, "no_cubic": 0.5 * (1 + th) + 0.5 * x * sech2 * K,
+                "no_inner": 0.5 * (1 + th) + 0.5 * x * sech2, "erf": gelu_erf_backward(np.ones_like(x), x),
+                "sech_plus": 0.5 * (1 + th) + 0.5 * x * (1 + th * th) * du,
+                "one_minus_tanh": 0.5 * (1 + th) + 0.5 * x * (1 - th) * du,
+                "no_x": 0.5 * (1 + th) + 0.5 * sech2 * du, "forward": gelu_forward(x),
+                "sign": -(0.5 * (1 + th) + 0.5 * x * sech2 * du)}[kind]
+    return gelu_grad
+
+
+def test_6_1_passes_on_the_solution(capsys):
+    check_gelu_derivative(solution("06_gelu.ipynb", "Exercise 6.1"))
+    assert "Exercise 6.1: correct" in capsys.readouterr().out
+
+
+def test_6_1_fails_on_the_stub():
+    def gelu_grad(x):
+        raise NotImplementedError("Exercise 6.1: gelu_grad")
+    with pytest.raises(ExerciseFailed, match="Exercise 6.1 is not done yet"):
+        check_gelu_derivative(gelu_grad)
+
+
+@pytest.mark.parametrize("kind, cause", [
+    ("no_product_term", r"the product-rule term 0.5 \* \(1 \+ tanh\(u\)\) is missing"),
+    ("no_cubic", r"the factor \(1 \+ 3 \* 0.044715 x\^2\) is missing"), ("no_inner", "du/dx = sqrt\\(2/pi\\) is missing"),
+    ("erf", "the exact erf-GELU"), ("sech_plus", r"not 1 \+ tanh\^2"), ("one_minus_tanh", r"not 1 - tanh\(u\)"),
+    ("no_x", "the factor x in front of the second term is missing"), ("forward", "the forward value"),
+    ("sign", "sign error"),
+])
+def test_6_1_names_the_wrong_term(kind, cause):
+    with pytest.raises(ExerciseFailed, match=f"(?s)Exercise 6.1 .*likely cause:[^\n]*{cause}"):
+        check_gelu_derivative(_gelu_wrong(kind))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Every derivation exercise: finite differences are no answer either
 
-DERIVATIONS = {"Exercise 3.1": (check_layernorm_jacobian, lambda x, eps=1e-5: x)}
+DERIVATIONS = {"Exercise 3.1": check_layernorm_jacobian, "Exercise 6.1": check_gelu_derivative}
 
 
 @pytest.mark.parametrize("exercise", sorted(DERIVATIONS))
@@ -93,7 +137,7 @@ def test_a_numerical_answer_is_refused(exercise, monkeypatch):
     from llmc_lessons import gradcheck
     monkeypatch.setattr(checks, "REFERENCES", REFERENCES)   # conftest turns the refusal off for other tests
     assert "numerical_grad" in REFERENCES[exercise]
-    check, _ = DERIVATIONS[exercise]
+    check = DERIVATIONS[exercise]
 
     def numerically(*args, **kwargs):
         return gradcheck.numerical_grad(lambda: 0.0, np.zeros(2))

@@ -146,7 +146,7 @@ def test_launchers_reject_numpy_on_gpu():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 6.1: the NumPy backward
+# Exercise 6.2: the NumPy backward
 
 
 def _solution(dout, inp):
@@ -154,7 +154,7 @@ def _solution(dout, inp):
 
 
 def _stub(dout, inp):
-    raise NotImplementedError("Exercise 6.1: write gelu_backward")
+    raise NotImplementedError("Exercise 6.2: write gelu_backward")
 
 
 def _wrong(kind):
@@ -183,11 +183,11 @@ def _wrong(kind):
 
 def test_check_gelu_backward_passes_on_solution(capsys):
     checks.check_gelu_backward(_solution)
-    assert "Exercise 6.1: correct" in capsys.readouterr().out
+    assert "Exercise 6.2: correct" in capsys.readouterr().out
 
 
 def test_check_gelu_backward_fails_on_stub():
-    with pytest.raises(AssertionError, match="Exercise 6.1 is not done yet"):
+    with pytest.raises(AssertionError, match="Exercise 6.2 is not done yet"):
         checks.check_gelu_backward(_stub)
 
 
@@ -202,7 +202,7 @@ def test_check_gelu_backward_catches_mistakes(kind, cause):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 6.2: the backward kernel body
+# Exercise 6.3: the backward kernel body
 
 _BODY = re.compile(r"(gelu_backward_kernel\(.*?\{)(.*?)(\n\}\n)", re.S)
 
@@ -229,12 +229,12 @@ GOOD = """
 def test_check_kernel_passes_on_solution_and_package_source(capsys):
     checks.check_gelu_backward_kernel(kernel_source("gelu.cu"))
     checks.check_gelu_backward_kernel(_kernel_with_body(GOOD))
-    assert capsys.readouterr().out.count("Exercise 6.2: correct") == 2
+    assert capsys.readouterr().out.count("Exercise 6.3: correct") == 2
 
 
 def test_check_kernel_fails_on_stub():
-    stub = _kernel_with_body("    // TODO (Exercise 6.2): compute dinp[i] for the element this thread owns")
-    with pytest.raises(AssertionError, match="Exercise 6.2 is not done yet"):
+    stub = _kernel_with_body("    // TODO (Exercise 6.3): compute dinp[i] for the element this thread owns")
+    with pytest.raises(AssertionError, match="Exercise 6.3 is not done yet"):
         checks.check_gelu_backward_kernel(stub)
     # the generator's stub, if the TODO text were edited away, leaves dinp unwritten: NaN
     with pytest.raises(AssertionError, match="never written"):
@@ -244,7 +244,7 @@ def test_check_kernel_fails_on_stub():
 @pytest.mark.parametrize("old,new,cause", [
     ("if (i < N) {", "{", "wrote past the end"),
     ("blockIdx.x * blockDim.x + threadIdx.x", "threadIdx.x", "never written"),
-    ("blockIdx.x * blockDim.x + threadIdx.x", "blockIdx.x * blockDim.x + threadIdx.x + 1", "Exercise 6.2"),
+    ("blockIdx.x * blockDim.x + threadIdx.x", "blockIdx.x * blockDim.x + threadIdx.x + 1", "Exercise 6.3"),
     ("0.5f * (1.0f + th) + ", "", "product-rule term"),
     ("(1.0f - th * th)", "(1.0f + th * th)", r"not 1 \+ tanh"),
     (" * (1.0f + 3.0f * GELU_CUBE_COEF * x * x)", "", "is missing from du/dx"),

@@ -1,11 +1,12 @@
-"""Checks for lesson 06 (GELU): the NumPy backward (Exercise 6.1) and the backward kernel (Exercise 6.2)."""
+"""Checks for lesson 06 (GELU): the derivative gelu'(x), derived (Exercise 6.1), the NumPy backward (Exercise 6.2)
+and the backward kernel (Exercise 6.3)."""
 from __future__ import annotations
 
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import (CHECKED_MODE_TIP, ExerciseFailed, assert_close, exercise_kernel, passed, poisoned,
-                                 rng, run_exercise)
+from llmc_lessons.checks import (CHECKED_MODE_TIP, ExerciseFailed, assert_close, exercise_kernel, numerical_jacobian,
+                                 passed, poisoned, rng, run_exercise)
 from llmc_lessons.layers.gelu import (GELU_CUBE_COEF, GELU_SCALING_FACTOR, gelu_backward, gelu_erf_backward,
                                       gelu_forward)
 
@@ -42,9 +43,26 @@ def _gelu_backward_mistakes(dout: np.ndarray, x: np.ndarray) -> dict:
     }
 
 
-def check_gelu_backward(gelu_backward_fn) -> None:
-    """Exercise 6.1: gelu_backward_fn(dout, inp) -> dinp, in NumPy, against the reference in float64."""
+def check_gelu_derivative(fn) -> None:
+    """Exercise 6.1: fn(x) -> gelu'(x), elementwise, against central differences of gelu_forward in float64."""
     ex = "Exercise 6.1"
+    gen = rng()
+    x = gen.standard_normal(int(gen.integers(17, 30))) * 2.0   # wide enough to reach where tanh saturates
+    x[:5] = [-4.0, -1.0, 0.0, 1.0, 4.0]
+    got = run_exercise(ex, fn, x.copy())
+    want = np.diagonal(numerical_jacobian(gelu_forward, x))   # elementwise: the Jacobian is diagonal
+    ones = np.ones_like(x)
+    mistakes = {cause: wrong for cause, wrong in _gelu_backward_mistakes(ones, x).items() if "dout" not in cause}
+    mistakes["that is gelu(x), the forward value, not its derivative"] = gelu_forward(x)
+    assert_close(ex, "gelu'(x)", got, want, atol=1e-7, rtol=1e-6, known_mistakes=mistakes,
+                 hint="gelu(x) = 0.5 x (1 + tanh u) with u = sqrt(2/pi) (x + 0.044715 x^3): the product rule gives "
+                      "two terms, and d/dx tanh(u) needs the chain rule through u.")
+    passed(ex, f"gelu'(x) matches finite differences at {x.size} points, tails included")
+
+
+def check_gelu_backward(gelu_backward_fn) -> None:
+    """Exercise 6.2: gelu_backward_fn(dout, inp) -> dinp, in NumPy, against the reference in float64."""
+    ex = "Exercise 6.2"
     gen = rng()
     B, T, C4 = 3, 7, 4 * int(gen.integers(3, 9)) + 1          # awkward sizes
     x = gen.standard_normal((B, T, C4)) * 2.0                 # wide enough to reach where tanh saturates
@@ -58,7 +76,7 @@ def check_gelu_backward(gelu_backward_fn) -> None:
     assert_close(ex, "dinp", got, gelu_backward(dout, x), atol=1e-9, rtol=1e-6,
                  known_mistakes=_gelu_backward_mistakes(dout, x),
                  hint="gelu(x) = 0.5 x (1 + tanh u) is a product of x and a function of x: the product rule gives "
-                      "two terms, and the chain rule through u gives a third factor; see the derivation above.")
+                      "two terms, and the chain rule through u gives a third factor: your gelu'(x) of Exercise 6.1.")
     probe = np.array([[[-2.0, -0.5, 0.0, 0.5, 2.0]]])
     assert_close(ex, "dinp at x = -2, -0.5, 0, 0.5, 2 with dout = 1",
                  run_exercise(ex, gelu_backward_fn, np.ones_like(probe), probe.copy()),
@@ -68,9 +86,9 @@ def check_gelu_backward(gelu_backward_fn) -> None:
 
 
 def check_gelu_backward_kernel(source: str, block_sizes=(32, 128)) -> None:
-    """Exercise 6.2: gelu_backward_kernel(float* dinp, const float* inp, const float* dout, int N) in `source`,
+    """Exercise 6.3: gelu_backward_kernel(float* dinp, const float* inp, const float* dout, int N) in `source`,
     against the reference, with NaN-poisoned output, an awkward N and several block sizes."""
-    ex = "Exercise 6.2"
+    ex = "Exercise 6.3"
     kernel = exercise_kernel(ex, source, "gelu_backward_kernel")
     gen = rng()
     for block_size in block_sizes:
