@@ -282,7 +282,7 @@ def test_crossentropy_forward_cuda_rejects_bad_targets_and_numpy_on_gpu():
 # Exercise checks: pass on the answer, fail on the stub and on plausible wrong answers, and say why
 
 
-def test_check_8_1_passes_on_the_reference():
+def test_check_8_2_passes_on_the_reference():
     checks.check_crossentropy_softmax_backward(crossentropy_softmax_backward)
 
 
@@ -300,7 +300,7 @@ def _onehot(probs, targets):
 
 
 def _stub(dlosses, probs, targets, V):
-    raise NotImplementedError("Exercise 8.1: write crossentropy_softmax_backward")
+    raise NotImplementedError("Exercise 8.2: write crossentropy_softmax_backward")
 
 
 def _in_place(dlosses, probs, targets, V):
@@ -311,7 +311,7 @@ def _in_place(dlosses, probs, targets, V):
     return probs
 
 
-WRONG_8_1 = {
+WRONG_8_2 = {
     "not done yet": _stub,
     "one-hot was never subtracted": lambda dl, p, tg, V: _real(p, V) * dl[..., None],
     "not multiplied by dlosses": lambda dl, p, tg, V: _real(p, V) - _onehot(p, tg),
@@ -325,12 +325,12 @@ WRONG_8_1 = {
 }
 
 
-@pytest.mark.parametrize("why", list(WRONG_8_1))
-def test_check_8_1_fails_on_wrong_answers_and_names_the_mistake(why):
+@pytest.mark.parametrize("why", list(WRONG_8_2))
+def test_check_8_2_fails_on_wrong_answers_and_names_the_mistake(why):
     with pytest.raises(AssertionError) as info:
-        checks.check_crossentropy_softmax_backward(WRONG_8_1[why])
+        checks.check_crossentropy_softmax_backward(WRONG_8_2[why])
     msg = str(info.value)
-    assert "Exercise 8.1" in msg
+    assert "Exercise 8.2" in msg
     assert why in msg, msg
 
 
@@ -343,12 +343,12 @@ def test_the_solution_loops_are_in_the_kernel_file():
     assert MAX_LOOP in SOFTMAX_SRC and SUM_LOOP in SOFTMAX_SRC
 
 
-def test_check_8_2_passes_on_the_course_kernel():
+def test_check_8_3_passes_on_the_course_kernel():
     checks.check_softmax_forward_kernel(SOFTMAX_SRC)
 
 
-WRONG_8_2 = {
-    "not done yet": SOFTMAX_SRC.replace(MAX_LOOP, "// TODO (Exercise 8.2): the max").replace(SUM_LOOP, ""),
+WRONG_8_3 = {
+    "not done yet": SOFTMAX_SRC.replace(MAX_LOOP, "// TODO (Exercise 8.3): the max").replace(SUM_LOOP, ""),
     "never computed": SOFTMAX_SRC.replace(MAX_LOOP, "").replace(SUM_LOOP, ""),                # stub as generated
     "entered the sum": SOFTMAX_SRC.replace(MAX_LOOP, MAX_LOOP.replace("i < V", "i < Vp"))
                                               .replace(SUM_LOOP, SUM_LOOP.replace("i < V", "i < Vp")),
@@ -361,14 +361,14 @@ WRONG_8_2 = {
 }
 
 
-@pytest.mark.parametrize("why", list(WRONG_8_2))
-def test_check_8_2_fails_on_wrong_kernels(why):
-    src = WRONG_8_2[why]
+@pytest.mark.parametrize("why", list(WRONG_8_3))
+def test_check_8_3_fails_on_wrong_kernels(why):
+    src = WRONG_8_3[why]
     assert src != SOFTMAX_SRC
     with pytest.raises(AssertionError) as info:
         checks.check_softmax_forward_kernel(src)
     msg = str(info.value)
-    assert "Exercise 8.2" in msg
+    assert "Exercise 8.3" in msg
     assert why in msg, msg
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from llmc_lessons import exercises
 from llmc_lessons.checks import REFERENCES, ExerciseFailed, numerical_jacobian
+from llmc_lessons.checks.crossentropy import check_crossentropy_grad
 from llmc_lessons.checks.gelu import check_gelu_derivative
 from llmc_lessons.checks.layernorm import check_layernorm_jacobian
 from llmc_lessons.layers.gelu import GELU_SCALING_FACTOR as K
@@ -126,9 +127,59 @@ def test_6_1_names_the_wrong_term(kind, cause):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Exercise 8.1: dlogits of the mean cross-entropy
+
+def _softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+def _ce_wrong(kind):
+    def crossentropy_grad(logits, targets):
+        N, V = logits.shape
+        p = _softmax(logits)
+        onehot = np.zeros((N, V))
+        onehot[np.arange(N), targets] = 1.0
+        shifted = np.zeros((N, V))
+        shifted[np.arange(N), np.minimum(targets + 1, V - 1)] = 1.0
+        every = np.zeros((N, V))
+        every[:, targets] = 1.0                              # logits[:, targets]: every row gets every target
+        return {"no_onehot": p / N, "only_onehot": -onehot / N, "no_1_over_N": p - onehot,
+                "axis0": (_softmax(logits, axis=0) - onehot) / N, "dprobs": -onehot / np.where(onehot > 0, p, 1) / N,
+                "unnormalised": (np.exp(logits) - onehot) / N, "off_by_one": (p - shifted) / N,
+                "every_target": (p - every) / N, "sign": (onehot - p) / N, "sum_not_mean": (p - onehot) * 2}[kind]
+    return crossentropy_grad
+
+
+def test_8_1_passes_on_the_solution(capsys):
+    check_crossentropy_grad(solution("08_softmax_crossentropy.ipynb", "Exercise 8.1"))
+    assert "Exercise 8.1: correct" in capsys.readouterr().out
+
+
+def test_8_1_fails_on_the_stub():
+    def crossentropy_grad(logits, targets):
+        raise NotImplementedError("Exercise 8.1: crossentropy_grad")
+    with pytest.raises(ExerciseFailed, match="Exercise 8.1 is not done yet"):
+        check_crossentropy_grad(crossentropy_grad)
+
+
+@pytest.mark.parametrize("kind, cause", [
+    ("no_onehot", "the one-hot was never subtracted"), ("only_onehot", "only the one-hot"),
+    ("no_1_over_N", "the 1/N is missing"), ("axis0", "the softmax was taken over the wrong axis"),
+    ("dprobs", "-1/p at the target: that is dL/dprobs"), ("unnormalised", r"exp\(x\) was not divided"),
+    ("off_by_one", r"column target \+ 1"), ("every_target", "every target column in every row"),
+    ("sign", "sign error"), ("sum_not_mean", "times the expected one: a missing or extra scale factor"),
+])
+def test_8_1_names_the_wrong_term(kind, cause):
+    with pytest.raises(ExerciseFailed, match=f"(?s)Exercise 8.1 .*likely cause:[^\n]*{cause}"):
+        check_crossentropy_grad(_ce_wrong(kind))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Every derivation exercise: finite differences are no answer either
 
-DERIVATIONS = {"Exercise 3.1": check_layernorm_jacobian, "Exercise 6.1": check_gelu_derivative}
+DERIVATIONS = {"Exercise 3.1": check_layernorm_jacobian, "Exercise 6.1": check_gelu_derivative,
+               "Exercise 8.1": check_crossentropy_grad}
 
 
 @pytest.mark.parametrize("exercise", sorted(DERIVATIONS))

@@ -63,6 +63,6 @@ def target_is_the_position(dlosses, probs, targets, V):
     (every_row_gets_every_target, "the -1 went to every target column of the batch in every row"),
     (target_is_the_position, "the -1 went to column t"),
 ])
-def test_8_1_a_wrong_one_hot_index(answer, cause):
+def test_8_2_a_wrong_one_hot_index(answer, cause):
     with pytest.raises(ExerciseFailed, match="likely cause: " + cause):
         check_crossentropy_softmax_backward(answer)

@@ -1,12 +1,12 @@
-"""Checks for lesson 08 (softmax + cross-entropy): the fused NumPy backward (Exercise 8.1) and the row
-reductions of the softmax kernel (Exercise 8.2)."""
+"""Checks for lesson 08 (softmax + cross-entropy): dlogits of the mean loss, derived (Exercise 8.1), the fused NumPy
+backward (Exercise 8.2) and the row reductions of the softmax kernel (Exercise 8.3)."""
 from __future__ import annotations
 
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, rng,
-                                 run_exercise)
+from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, numerical_jacobian, passed, poisoned,
+                                 rng, run_exercise)
 from llmc_lessons.layers.crossentropy import crossentropy_softmax_backward, softmax_forward
 
 
@@ -48,9 +48,59 @@ def _backward_mistakes(dlosses, probs, targets, V) -> dict:
     return mistakes
 
 
-def check_crossentropy_softmax_backward(backward_fn) -> None:
-    """Exercise 8.1: backward_fn(dlosses, probs, targets, V) -> dlogits (B, T, Vp), in NumPy, float64."""
+def _mean_loss(logits: np.ndarray, targets: np.ndarray) -> float:
+    """L = the mean over the N rows of -log softmax(logits[n])[targets[n]], through the package's forward pass."""
+    N, V = logits.shape
+    probs = softmax_forward(logits[None], V)[0]
+    return float(-np.log(probs[np.arange(N), targets]).mean())
+
+
+def check_crossentropy_grad(fn) -> None:
+    """Exercise 8.1: fn(logits, targets) -> dL/dlogits, shape (N, V), for L the mean cross-entropy of the N rows,
+    against central differences in float64."""
     ex = "Exercise 8.1"
+    gen = rng()
+    N, V = int(gen.integers(3, 8)), int(gen.integers(7, 16))
+    logits = gen.standard_normal((N, V)) * 2.0
+    targets = gen.integers(0, V, size=N)
+    targets[0], targets[-1] = 0, V - 1                        # the first and the last column
+    got = run_exercise(ex, fn, logits.copy(), targets.copy())
+    want = numerical_jacobian(lambda x: _mean_loss(x, targets), logits)
+    rows = np.arange(N)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    onehot = np.zeros((N, V))
+    onehot[rows, targets] = 1.0
+    e0 = np.exp(logits - logits.max(0, keepdims=True))
+
+    def onehot_at(cols):
+        o = np.zeros((N, V))
+        o[rows, cols] = 1.0
+        return o
+
+    assert_close(ex, "dlogits", got, want, atol=1e-7, rtol=1e-6, known_mistakes={
+        "the one-hot was never subtracted: softmax alone is the derivative of log sum exp(x), and the loss's "
+        "other term, -x_target, gives -1 at the target column": p / N,
+        "only the one-hot: the log-sum-exp term (which gives the softmax) is missing": -onehot / N,
+        "the 1/N is missing: L is the mean of the N rows' losses, so each row's gradient is divided by N":
+            p - onehot,
+        "the softmax was taken over the wrong axis (down the N rows, axis 0); it normalises each row over the "
+        "V columns (axis -1)": (e0 / e0.sum(0, keepdims=True) - onehot) / N,
+        "-1/p at the target: that is dL/dprobs; the gradient with respect to the logits goes through the "
+        "softmax too": -onehot / np.where(onehot > 0, p, 1.0) / N,
+        "exp(x) was not divided by the row's sum: d/dx_v log sum_u exp(x_u) = exp(x_v) / sum_u exp(x_u)":
+            (np.exp(logits) - onehot) / N,
+        "the -1 went to column target + 1: an off-by-one target index": (p - onehot_at(np.minimum(targets + 1, V - 1))) / N,
+        "the -1 went to every target column in every row: index the row too, as in x[n, targets[n]]":
+            (p - np.isin(np.arange(V), targets)[None].astype(float)) / N,
+    }, hint="write the row's loss as -x_target + log sum_v exp(x_v) and differentiate each term with respect to "
+            "x_v; L averages the N rows.")
+    passed(ex, f"dlogits of the mean loss over {N} rows of {V} logits matches finite differences")
+
+
+def check_crossentropy_softmax_backward(backward_fn) -> None:
+    """Exercise 8.2: backward_fn(dlosses, probs, targets, V) -> dlogits (B, T, Vp), in NumPy, float64."""
+    ex = "Exercise 8.2"
     gen = rng()
     B, T = int(gen.integers(2, 4)), int(gen.integers(3, 8))
     V = int(gen.integers(20, 45))
@@ -109,9 +159,9 @@ def _softmax_mistakes(logits, V) -> dict:
 
 
 def check_softmax_forward_kernel(source: str, block_sizes=(32, 96)) -> None:
-    """Exercise 8.2: softmax_forward_kernel(float* probs, const float* logits, int N, int V, int Vp) in `source`,
+    """Exercise 8.3: softmax_forward_kernel(float* probs, const float* logits, int N, int V, int Vp) in `source`,
     one block per row, against the reference; padded logits are NaN so any use of them shows."""
-    ex = "Exercise 8.2"
+    ex = "Exercise 8.3"
     kernel = exercise_kernel(ex, source, "softmax_forward_kernel")
     gen = rng()
     for block_size in block_sizes:
