@@ -13,6 +13,7 @@ import pytest
 from llmc_lessons import exercises
 from llmc_lessons.checks import REFERENCES, ExerciseFailed, numerical_jacobian
 from llmc_lessons.checks.crossentropy import check_crossentropy_grad
+from llmc_lessons.checks.encoder import check_encoder_jacobian
 from llmc_lessons.checks.gelu import check_gelu_derivative
 from llmc_lessons.checks.layernorm import check_layernorm_jacobian
 from llmc_lessons.layers.gelu import GELU_SCALING_FACTOR as K
@@ -37,6 +38,64 @@ def test_numerical_jacobian_of_a_known_map():
     want = np.array([[-1.0, 0.5, 0.0], [0.0, 0.0, np.cos(2.0)], [1.0, 1.0, 1.0]])
     np.testing.assert_allclose(J, want, atol=1e-8)
     assert numerical_jacobian(lambda v: v[:, None] * 2.0, np.ones(2)).shape == (2, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 2.1: which table rows each position of the encoder reads
+
+def _enc_wrong(kind):
+    def encoder_jacobian(inp, V, maxT):
+        B, T = inp.shape
+        b, t = np.indices((B, T))
+        J_wte, J_wpe = np.zeros((B, T, V)), np.zeros((B, T, maxT))
+        J_wte[b, t, inp] = 1.0
+        J_wpe[b, t, t] = 1.0
+        if kind == "position":
+            J_wte = np.zeros((B, T, V))
+            J_wte[b, t, b * T + t] = 1.0
+        elif kind == "every_token":
+            J_wte = np.zeros((B, T, V))
+            J_wte[:, :, inp] = 1.0
+        elif kind == "counts":                                 # how often the token occurs in the batch
+            J_wte[b, t, inp] = np.bincount(inp.ravel(), minlength=V)[inp]
+        elif kind == "wpe_b":
+            J_wpe = np.zeros((B, T, maxT))
+            J_wpe[b, t, b] = 1.0
+        elif kind == "wpe_all":
+            J_wpe = np.zeros((B, T, maxT))
+            J_wpe[:, :, :T] = 1.0
+        elif kind == "wpe_b0":
+            J_wpe = np.zeros((B, T, maxT))
+            J_wpe[0, np.arange(T), np.arange(T)] = 1.0
+        elif kind == "transposed":
+            J_wte = J_wte.transpose(2, 0, 1)
+        return J_wte, J_wpe
+    return encoder_jacobian
+
+
+def test_2_1_passes_on_the_solution(capsys):
+    check_encoder_jacobian(solution("02_embeddings.ipynb", "Exercise 2.1"))
+    assert "Exercise 2.1: correct" in capsys.readouterr().out
+
+
+def test_2_1_fails_on_the_stub():
+    def encoder_jacobian(inp, V, maxT):
+        raise NotImplementedError("Exercise 2.1: encoder_jacobian")
+    with pytest.raises(ExerciseFailed, match="Exercise 2.1 is not done yet"):
+        check_encoder_jacobian(encoder_jacobian)
+
+
+@pytest.mark.parametrize("kind, cause", [
+    ("position", r"the column is the position b\*T \+ t, not the token id"),
+    ("every_token", "every position got a 1 at every token of the batch"),
+    ("counts", "a repeated token got its count"),
+    ("wpe_b", "the column is the sequence index b, not the position t"),
+    ("wpe_all", "a 1 at every used position"), ("wpe_b0", r"only the first sequence \(b = 0\)"),
+    ("transposed", r"J_wte\): expected shape \(3, \d, \d+\), got \(\d+, 3, \d\)"),
+])
+def test_2_1_names_the_wrong_entry(kind, cause):
+    with pytest.raises(ExerciseFailed, match=f"(?s)Exercise 2.1 .*{cause}"):
+        check_encoder_jacobian(_enc_wrong(kind))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,7 +237,7 @@ def test_8_1_names_the_wrong_term(kind, cause):
 # ---------------------------------------------------------------------------------------------------------
 # Every derivation exercise: finite differences are no answer either
 
-DERIVATIONS = {"Exercise 3.1": check_layernorm_jacobian, "Exercise 6.1": check_gelu_derivative,
+DERIVATIONS = {"Exercise 2.1": check_encoder_jacobian, "Exercise 3.1": check_layernorm_jacobian, "Exercise 6.1": check_gelu_derivative,
                "Exercise 8.1": check_crossentropy_grad}
 
 

@@ -268,11 +268,11 @@ def test_launchers_reject_numpy_on_gpu():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 2.1: the NumPy backward
+# Exercise 2.2: the NumPy backward
 
 
 def _stub(dout, inp, V, maxT):
-    raise NotImplementedError("Exercise 2.1: encoder_backward in NumPy")
+    raise NotImplementedError("Exercise 2.2: encoder_backward in NumPy")
 
 
 def _wrong(kind):
@@ -305,11 +305,11 @@ def _wrong(kind):
 
 def test_check_encoder_backward_passes_on_solution(capsys):
     checks.check_encoder_backward(encoder_backward)
-    assert "Exercise 2.1: correct" in capsys.readouterr().out
+    assert "Exercise 2.2: correct" in capsys.readouterr().out
 
 
 def test_check_encoder_backward_fails_on_stub():
-    with pytest.raises(AssertionError, match="Exercise 2.1 is not done yet"):
+    with pytest.raises(AssertionError, match="Exercise 2.2 is not done yet"):
         checks.check_encoder_backward(_stub)
 
 
@@ -320,7 +320,7 @@ def test_check_encoder_backward_fails_on_stub():
     ("shift", "shifted by 1 along axis 0"), ("sign", "sign error"),
 ])
 def test_check_encoder_backward_catches_mistakes(kind, cause):
-    with pytest.raises(AssertionError, match=f"(?s)Exercise 2.1.*{cause}"):
+    with pytest.raises(AssertionError, match=f"(?s)Exercise 2.2.*{cause}"):
         checks.check_encoder_backward(_wrong(kind))
 
 
@@ -330,14 +330,14 @@ def test_check_encoder_backward_wants_a_pair():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 2.2: the forward kernel, as written in the solution notebook and as the student sees it
+# Exercise 2.3: the forward kernel, as written in the solution notebook and as the student sees it
 
 
 def _exercise_source(student: bool) -> str:
     nb = nbformat.read(str(NOTEBOOK), as_version=4)
     if student:
         nb = to_student(nb, NOTEBOOK.name)
-    cell = next(c for c in nb.cells if c.cell_type == "code" and "# Exercise 2.2:" in c.source)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "# Exercise 2.3:" in c.source)
     namespace = {}
     exec(cell.source, namespace)
     return namespace["encoder_forward_src"]
@@ -348,17 +348,17 @@ SOLUTION_LINE = "out[idx] = wte[ix * C + c] + wpe[t * C + c];"
 
 def test_check_forward_kernel_passes_on_notebook_solution(capsys):
     checks.check_encoder_forward_kernel(_exercise_source(student=False))
-    assert "Exercise 2.2: correct" in capsys.readouterr().out
+    assert "Exercise 2.3: correct" in capsys.readouterr().out
 
 
 def test_check_forward_kernel_fails_on_student_stub():
     src = _exercise_source(student=True)
-    assert "TODO (Exercise 2.2)" in src and SOLUTION_LINE not in src
-    with pytest.raises(AssertionError, match="Exercise 2.2 is not done yet"):
+    assert "TODO (Exercise 2.3)" in src and SOLUTION_LINE not in src
+    with pytest.raises(AssertionError, match="Exercise 2.3 is not done yet"):
         checks.check_encoder_forward_kernel(src)
     # without the TODO marker, the poisoned output alone also fails the check, saying why
-    with pytest.raises(AssertionError, match="(?s)Exercise 2.2.*never written"):
-        checks.check_encoder_forward_kernel(src.replace("TODO (Exercise 2.2)", "nothing here"))
+    with pytest.raises(AssertionError, match="(?s)Exercise 2.3.*never written"):
+        checks.check_encoder_forward_kernel(src.replace("TODO (Exercise 2.3)", "nothing here"))
 
 
 @pytest.mark.parametrize("old,new,cause", [
@@ -371,7 +371,7 @@ def test_check_forward_kernel_fails_on_student_stub():
 def test_check_forward_kernel_catches_mistakes(old, new, cause):
     src = _exercise_source(student=False)
     assert old in src
-    with pytest.raises(AssertionError, match=f"(?s)Exercise 2.2.*{cause}"):
+    with pytest.raises(AssertionError, match=f"(?s)Exercise 2.3.*{cause}"):
         checks.check_encoder_forward_kernel(src.replace(old, new))
 
 

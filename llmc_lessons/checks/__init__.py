@@ -28,7 +28,7 @@ PACKAGE = PACKAGE_DIR.name
 
 REFERENCES = {
     "Exercise 1.1": ("token_file_bytes",), "Exercise 1.2": ("get_batch",),
-    "Exercise 2.1": ("encoder_backward",),
+    "Exercise 2.1": ("encoder_backward", "numerical_grad"), "Exercise 2.2": ("encoder_backward",),
     "Exercise 3.1": ("layernorm_backward", "numerical_grad"), "Exercise 3.2": ("layernorm_backward",),
     "Exercise 4.1": ("matmul_backward",), "Exercise 5.1": ("attention_backward",),
     "Exercise 6.1": ("gelu_backward", "numerical_grad"),

@@ -1,15 +1,17 @@
-"""Checks for lesson 02 (embeddings): Exercise 2.1 (NumPy encoder_backward), Exercise 2.2 (the forward kernel)."""
+"""Checks for lesson 02 (embeddings): Exercise 2.1 (the encoder's Jacobians, derived), Exercise 2.2 (NumPy
+encoder_backward), Exercise 2.3 (the forward kernel)."""
 from __future__ import annotations
 
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
+from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, numerical_jacobian, passed, poisoned,
+                                  rng, run_exercise)
 from llmc_lessons.layers.encoder import encoder_backward, encoder_forward
 
 
 def _ids_with_repeats(gen, B, T, n_distinct, V):
-    """(B, T) int32 ids drawn from n_distinct of the V ids, so that several tokens repeat (the point of 2.1)."""
+    """(B, T) int32 ids drawn from n_distinct of the V ids, so that several tokens repeat (the point of 2.2)."""
     vocab = gen.choice(V, size=n_distinct, replace=False)
     inp = vocab[gen.integers(0, n_distinct, size=(B, T))].astype(np.int32)
     inp[1, 2] = inp[0, 0]          # at least one repeat across sequences
@@ -17,9 +19,57 @@ def _ids_with_repeats(gen, B, T, n_distinct, V):
     return inp
 
 
-def check_encoder_backward(fn) -> None:
-    """Exercise 2.1: fn(dout, inp, V, maxT) -> (dwte (V, C), dwpe (maxT, C)), compared in float64."""
+def check_encoder_jacobian(fn) -> None:
+    """Exercise 2.1: fn(inp, V, maxT) -> (J_wte (B, T, V), J_wpe (B, T, maxT)), J_wte[b, t, v] = d out[b, t, c] /
+    d wte[v, c] and J_wpe[b, t, p] = d out[b, t, c] / d wpe[p, c] (the same for every channel c), against central
+    differences in float64."""
     ex = "Exercise 2.1"
+    gen = rng()
+    B, T, maxT = 3, int(gen.integers(4, 7)), 9
+    V = B * T + int(gen.integers(3, 9))                       # more ids than positions
+    inp = _ids_with_repeats(gen, B, T, 5, V)
+    wte, wpe = gen.standard_normal((V, 1)), gen.standard_normal((maxT, 1))   # C = 1: the same for every c
+    result = run_exercise(ex, fn, inp.copy(), V, maxT)
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise ExerciseFailed(f"{ex}: return the pair (J_wte, J_wpe), got {type(result).__name__}"
+                             + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
+    J_wte, J_wpe = result
+    want_wte = numerical_jacobian(lambda w: encoder_forward(inp, w, wpe)[..., 0], wte)[..., 0]
+    want_wpe = numerical_jacobian(lambda w: encoder_forward(inp, wte, w)[..., 0], wpe)[..., 0]
+    b, t = np.indices((B, T))
+
+    def at(shape, col):
+        J = np.zeros(shape)
+        J[b, t, col] = 1.0
+        return J
+
+    counts = np.zeros((B, T, V))
+    counts[b, t, inp] = np.bincount(inp.ravel(), minlength=V)[inp]
+    shape_hint = (f"J_wte has one row per output position (b, t) and one column per table row v: shape (B, T, V) = "
+                  f"{(B, T, V)}; J_wpe likewise, shape (B, T, maxT) = {(B, T, maxT)}.")
+    assert_close(ex, "J_wte", J_wte, want_wte, atol=1e-7, rtol=1e-6, known_mistakes={
+        "the column is the position b*T + t, not the token id inp[b, t]: out[b, t] reads wte at its token's row":
+            at((B, T, V), b * T + t),
+        "every position got a 1 at every token of the batch: index the position too, as in J[b, t, inp[b, t]]":
+            np.broadcast_to(np.isin(np.arange(V), inp), (B, T, V)),
+        "a repeated token got its count: out[b, t] reads wte[inp[b, t]] once, so each entry is 0 or 1 (the "
+        "repeats add up later, in dwte)": counts,
+    }, hint="out[b, t, c] = wte[inp[b, t], c] + wpe[t, c]: which single row of wte does position (b, t) read? "
+            + shape_hint)
+    assert_close(ex, "J_wpe", J_wpe, want_wpe, atol=1e-7, rtol=1e-6, known_mistakes={
+        "the column is the sequence index b, not the position t: every sequence reads wpe[t] at position t":
+            at((B, T, maxT), np.minimum(b, maxT - 1)),
+        "a 1 at every used position t' < T: position t reads wpe[t] only":
+            np.broadcast_to((np.arange(maxT) < T).astype(float), (B, T, maxT)),
+        "only the first sequence (b = 0) has its 1: every sequence b reads wpe[t]": at((B, T, maxT), t) * (b == 0)[..., None],
+    }, hint="out[b, t, c] = wte[inp[b, t], c] + wpe[t, c]: which single row of wpe does position (b, t) read? "
+            + shape_hint)
+    passed(ex, f"both Jacobians match finite differences, {int(B * T - np.unique(inp).size)} repeated tokens included")
+
+
+def check_encoder_backward(fn) -> None:
+    """Exercise 2.2: fn(dout, inp, V, maxT) -> (dwte (V, C), dwpe (maxT, C)), compared in float64."""
+    ex = "Exercise 2.2"
     gen = rng()
     B, T, C, V, maxT = 3, 5, 7, 23, 9
     inp = _ids_with_repeats(gen, B, T, 6, V)
@@ -56,8 +106,8 @@ def check_encoder_backward(fn) -> None:
 
 
 def check_encoder_forward_kernel(source: str) -> None:
-    """Exercise 2.2: the body of encoder_forward_kernel1 in `source`, launched at awkward sizes and two block sizes."""
-    ex = "Exercise 2.2"
+    """Exercise 2.3: the body of encoder_forward_kernel1 in `source`, launched at awkward sizes and two block sizes."""
+    ex = "Exercise 2.3"
     kernel = exercise_kernel(ex, source, "encoder_forward_kernel1")
     gen = rng()
     B, T, C, V, maxT = 3, 7, 37, 50, 9          # C is not a multiple of anything; B*T*C = 777 elements
