@@ -16,6 +16,7 @@ from llmc_lessons.checks.crossentropy import check_crossentropy_grad
 from llmc_lessons.checks.encoder import check_encoder_jacobian
 from llmc_lessons.checks.gelu import check_gelu_derivative
 from llmc_lessons.checks.layernorm import check_layernorm_jacobian
+from llmc_lessons.checks.matmul import check_linear_jacobians
 from llmc_lessons.layers.gelu import GELU_SCALING_FACTOR as K
 from llmc_lessons.layers.gelu import gelu_erf_backward, gelu_forward
 
@@ -146,6 +147,66 @@ def test_3_1_names_the_wrong_term(kind, cause):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Exercise 4.1: one position's Jacobians of the linear layer
+
+def _lin_wrong(kind):
+    def linear_jacobians(x, weight):
+        OC, C = weight.shape
+        eye = np.eye(OC)
+        J_x, J_w, J_b = weight.copy(), eye[:, :, None] * x, eye
+        if kind == "J_x_transposed":
+            J_x = weight.T
+        elif kind == "J_x_is_x":
+            J_x = np.tile(x, (OC, 1))
+        elif kind == "J_w_no_delta":
+            J_w = np.tile(x, (OC, OC, 1))
+        elif kind == "J_w_weight":
+            J_w = eye[:, :, None] * weight[:, None, :]
+        elif kind == "J_b_ones":
+            J_b = np.ones((OC, OC))
+        elif kind == "J_b_vector":
+            J_b = np.ones(OC)
+        elif kind == "J_w_two_axes":
+            J_w = np.tile(x, (OC, 1))
+        return J_x, J_w, J_b
+    return linear_jacobians
+
+
+def test_4_1_passes_on_the_solution(capsys):
+    check_linear_jacobians(solution("04_matmul.ipynb", "Exercise 4.1"))
+    assert "Exercise 4.1: correct" in capsys.readouterr().out
+
+
+def test_4_1_fails_on_the_stub():
+    def linear_jacobians(x, weight):
+        raise NotImplementedError("Exercise 4.1: linear_jacobians")
+    with pytest.raises(ExerciseFailed, match="Exercise 4.1 is not done yet"):
+        check_linear_jacobians(linear_jacobians)
+
+
+@pytest.mark.parametrize("kind, cause", [
+    ("J_x_transposed", "J_x is transposed"), ("J_x_is_x", "that is x broadcast"),
+    ("J_w_no_delta", "J_w\\[o, p, c\\] is x_c for every p"), ("J_w_weight", "weight\\[o, c\\] where x_c belongs"),
+    ("J_b_ones", "every entry is 1"), ("J_b_vector", r"J_b \(C=4, OC=4\)\): expected shape \(4, 4\), got \(4,\)"),
+    ("J_w_two_axes", r"J_w \(C=4, OC=4\)\): expected shape \(4, 4, 4\), got \(4, 4\).*J_w \(OC, OC, C\)"),
+])
+def test_4_1_names_the_wrong_term(kind, cause):
+    with pytest.raises(ExerciseFailed, match=f"(?s)Exercise 4.1 .*{cause}"):
+        check_linear_jacobians(_lin_wrong(kind))
+
+
+def test_4_1_a_transposed_J_x_of_a_non_square_weight_is_named_by_its_shape():
+    def linear_jacobians(x, weight):
+        OC, C = weight.shape
+        if OC == C:
+            return weight.copy(), np.eye(OC)[:, :, None] * x, np.eye(OC)
+        return weight.T, np.eye(OC)[:, :, None] * x, np.eye(OC)
+    with pytest.raises(ExerciseFailed, match=r"J_x \(C=\d, OC=\d\)\): expected shape \(\d, \d\), got \(\d, \d\) "
+                                             r"\(that is the transposed shape"):
+        check_linear_jacobians(linear_jacobians)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Exercise 6.1: GELU's derivative
 
 def _gelu_wrong(kind):
@@ -237,7 +298,8 @@ def test_8_1_names_the_wrong_term(kind, cause):
 # ---------------------------------------------------------------------------------------------------------
 # Every derivation exercise: finite differences are no answer either
 
-DERIVATIONS = {"Exercise 2.1": check_encoder_jacobian, "Exercise 3.1": check_layernorm_jacobian, "Exercise 6.1": check_gelu_derivative,
+DERIVATIONS = {"Exercise 2.1": check_encoder_jacobian, "Exercise 3.1": check_layernorm_jacobian,
+               "Exercise 4.1": check_linear_jacobians, "Exercise 6.1": check_gelu_derivative,
                "Exercise 8.1": check_crossentropy_grad}
 
 

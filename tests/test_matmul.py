@@ -279,11 +279,11 @@ def test_tf32_switch_changes_cublas_precision_at_run_time():
 
 def test_check_backward_passes_on_reference(capsys):
     checks.check_matmul_backward(matmul_backward)
-    assert "Exercise 4.1: correct" in capsys.readouterr().out
+    assert "Exercise 4.2: correct" in capsys.readouterr().out
 
 
 def _stub(*args):
-    raise NotImplementedError("Exercise 4.1: write matmul_backward")
+    raise NotImplementedError("Exercise 4.2: write matmul_backward")
 
 
 def _wrong(kind):
@@ -332,7 +332,7 @@ def test_check_backward_catches_mistakes(kind, message):
     fn = _stub if kind == "stub" else _wrong(kind)
     with pytest.raises(AssertionError, match=message) as e:
         checks.check_matmul_backward(fn)
-    assert "Exercise 4.1" in str(e.value)
+    assert "Exercise 4.2" in str(e.value)
 
 
 def _kernel2_from_cu() -> str:
@@ -348,16 +348,16 @@ def _kernel2_from_cu() -> str:
 
 
 def _notebook_kernel2(student: bool = False) -> str:
-    """The CUDA source of the Exercise 4.2 cell: of the solution notebook, or of its student version."""
+    """The CUDA source of the Exercise 4.3 cell: of the solution notebook, or of its student version."""
     import nbformat
     nb = nbformat.read(str(NOTEBOOK), as_version=4)
     if student:
         from llmc_lessons.exercises import to_student
         nb = to_student(nb, NOTEBOOK.name)
     for cell in nb.cells:
-        if cell.cell_type == "code" and cell.source.startswith("# Exercise 4.2"):
+        if cell.cell_type == "code" and cell.source.startswith("# Exercise 4.3"):
             return re.search(r'r"""(.*?)"""', cell.source, re.S).group(1)
-    raise AssertionError("no Exercise 4.2 cell in the solution notebook")
+    raise AssertionError("no Exercise 4.3 cell in the solution notebook")
 
 
 def _strip_markers(src: str) -> str:
@@ -371,7 +371,7 @@ def test_notebook_kernel2_is_the_package_kernel():
 
 def test_check_kernel2_passes_on_the_package_kernel(capsys):
     checks.check_matmul_kernel2(_kernel2_from_cu())
-    assert "Exercise 4.2: correct" in capsys.readouterr().out
+    assert "Exercise 4.3: correct" in capsys.readouterr().out
 
 
 LOAD_A = "As[ty * TILE + tx] = (m < M && k < K) ? A[m * sam + k * sak] : 0.0f;"
@@ -398,7 +398,7 @@ def test_check_kernel2_catches_mistakes(kind):
     for old, new in WRONG_KERNELS[kind]:
         assert old in src, f"the test's pattern is out of date with matmul.cu: {old}"
         src = src.replace(old, new)
-    with pytest.raises(AssertionError, match="Exercise 4.2") as e:
+    with pytest.raises(AssertionError, match="Exercise 4.3") as e:
         checks.check_matmul_kernel2(src)
     if kind == "strides ignored":
         assert "strides" in str(e.value)
@@ -409,16 +409,16 @@ def test_check_kernel2_catches_mistakes(kind):
 @pytest.mark.skipif(not NOTEBOOK.exists(), reason="the solution notebook is not written yet")
 def test_check_kernel2_catches_the_stub():
     stub = _notebook_kernel2(student=True)    # what the exercise generator gives students
-    assert "TODO (Exercise 4.2)" in stub and "acc +=" not in stub
-    with pytest.raises(AssertionError, match="Exercise 4.2 is not done yet"):
+    assert "TODO (Exercise 4.3)" in stub and "acc +=" not in stub
+    with pytest.raises(AssertionError, match="Exercise 4.3 is not done yet"):
         checks.check_matmul_kernel2(stub)
     # Even without the TODO marker (a student deleted it), the unwritten tile loop is caught by the comparison.
     with pytest.raises(AssertionError, match="only the bias"):
-        checks.check_matmul_kernel2(stub.replace("TODO (Exercise 4.2)", "nothing here"))
+        checks.check_matmul_kernel2(stub.replace("TODO (Exercise 4.3)", "nothing here"))
 
 
 def test_check_kernel2_reports_compile_errors():
-    with pytest.raises(AssertionError, match="Exercise 4.2: the kernel did not compile"):
+    with pytest.raises(AssertionError, match="Exercise 4.3: the kernel did not compile"):
         checks.check_matmul_kernel2(_kernel2_from_cu().replace("acc +=", "acc +== "))
 
 

@@ -1,17 +1,61 @@
-"""Checks for lesson 04 (matmul): Exercise 4.1 (NumPy matmul_backward), Exercise 4.2 (kernel2's tile loop)."""
+"""Checks for lesson 04 (matmul): Exercise 4.1 (one position's Jacobians, derived), Exercise 4.2 (NumPy
+matmul_backward), Exercise 4.3 (kernel2's tile loop)."""
 from __future__ import annotations
 
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, rng, run_exercise
-from llmc_lessons.layers.matmul import gemm_cuda, matmul_backward
+from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, numerical_jacobian, passed, poisoned,
+                                  rng, run_exercise)
+from llmc_lessons.layers.matmul import gemm_cuda, matmul_backward, matmul_forward
 
 _DINP_HINT = ("dinp has inp's shape (B, T, C): write down the shapes of dout and weight and find the product that "
               "gives it.")
 _DWEIGHT_HINT = ("dweight has weight's shape (OC, C) and collects a contribution from every position (b, t): view "
                  "dout and inp as matrices of B*T rows, then find the product of that shape.")
 _DBIAS_HINT = "dbias (OC,) collects dout from every position (b, t) that the bias was added at."
+
+
+def check_linear_jacobians(fn) -> None:
+    """Exercise 4.1: fn(x, weight) -> (J_x (OC, C), J_w (OC, OC, C), J_b (OC, OC)), the Jacobians of one position's
+    y = weight @ x + bias: J_x[o, c] = dy_o/dx_c, J_w[o, p, c] = dy_o/dweight[p, c], J_b[o, p] = dy_o/dbias[p],
+    against central differences in float64, for a square and a non-square weight."""
+    ex = "Exercise 4.1"
+    gen = rng()
+    for C, OC in ((4, 4), (int(gen.integers(3, 6)), int(gen.integers(6, 9)))):
+        x, weight, bias = gen.standard_normal(C), gen.standard_normal((OC, C)), gen.standard_normal(OC)
+        result = run_exercise(ex, fn, x.copy(), weight.copy())
+        if not isinstance(result, tuple) or len(result) != 3:
+            raise ExerciseFailed(f"{ex}: return the triple (J_x, J_w, J_b), got {type(result).__name__}"
+                                 + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
+        J_x, J_w, J_b = result
+
+        def y(x=x, weight=weight, bias=bias):
+            return matmul_forward(x[None, None], weight, bias)[0, 0]
+
+        eye = np.eye(OC)
+        shapes = (f"one row per output y_o, then the shape of what is differentiated: J_x (OC, C) = {(OC, C)}, "
+                  f"J_w (OC, OC, C) = {(OC, OC, C)}, J_b (OC, OC) = {(OC, OC)}.")
+        assert_close(ex, f"J_x (C={C}, OC={OC})", J_x, numerical_jacobian(lambda v: y(x=v), x), atol=1e-7, rtol=1e-6,
+                     known_mistakes={
+                         "J_x is transposed: J_x[o, c] = dy_o/dx_c is weight[o, c] itself, shape (OC, C)": weight.T,
+                         "that is x broadcast: x_c is the derivative with respect to weight[o, c], not x_c":
+                             np.broadcast_to(x, (OC, C)),
+                     }, hint="y_o = sum_c weight[o, c] x_c + bias[o]: differentiate with respect to one x_c. " + shapes)
+        assert_close(ex, f"J_w (C={C}, OC={OC})", J_w, numerical_jacobian(lambda w: y(weight=w), weight), atol=1e-7,
+                     rtol=1e-6, known_mistakes={
+                         "J_w[o, p, c] is x_c for every p: y_o reads row o of weight only, so it is 0 unless p = o":
+                             np.broadcast_to(x, (OC, OC, C)),
+                         "weight[o, c] where x_c belongs: y_o changes by x_c when weight[o, c] does":
+                             eye[:, :, None] * weight[:, None, :],
+                     }, hint="y_o = sum_c weight[o, c] x_c + bias[o]: which entries weight[p, c] does y_o read, and "
+                             "with which factor? " + shapes)
+        assert_close(ex, f"J_b (C={C}, OC={OC})", J_b, numerical_jacobian(lambda b: y(bias=b), bias), atol=1e-7,
+                     rtol=1e-6, known_mistakes={
+                         "every entry is 1: y_o depends on bias[o] only, so J_b[o, p] is 1 for p = o and 0 else":
+                             np.ones((OC, OC)),
+                     }, hint="y_o = ... + bias[o]. " + shapes)
+    passed(ex, "J_x, J_w and J_b match finite differences for a square and a non-square weight")
 
 
 def _call_backward(ex, fn, dout, inp, weight):
@@ -31,8 +75,8 @@ def _call_backward(ex, fn, dout, inp, weight):
 
 
 def check_matmul_backward(fn) -> None:
-    """Exercise 4.1: fn(dout, inp, weight) -> (dinp, dweight, dbias), float64, square and non-square weights."""
-    ex = "Exercise 4.1"
+    """Exercise 4.2: fn(dout, inp, weight) -> (dinp, dweight, dbias), float64, square and non-square weights."""
+    ex = "Exercise 4.2"
     gen = rng()
     # First a square weight (OC == C): a product with the wrong transpose then has the right shape, so the
     # check can name it; then OC != C, where the shapes themselves must come out right.
@@ -58,7 +102,7 @@ def check_matmul_backward(fn) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 4.2: the tile loop of matmul_kernel2
+# Exercise 4.3: the tile loop of matmul_kernel2
 
 
 def _blockwise_transposed(full: np.ndarray, tile: int, M: int, N: int) -> np.ndarray:
@@ -76,8 +120,8 @@ def _blockwise_transposed(full: np.ndarray, tile: int, M: int, N: int) -> np.nda
 
 
 def check_matmul_kernel2(source: str) -> None:
-    """Exercise 4.2: matmul_kernel2 in `source` against the reference, at awkward sizes, two tiles, three layouts."""
-    ex = "Exercise 4.2"
+    """Exercise 4.3: matmul_kernel2 in `source` against the reference, at awkward sizes, two tiles, three layouts."""
+    ex = "Exercise 4.3"
     kernel = exercise_kernel(ex, source, "matmul_kernel2")
     gen = rng()
     # (M, N, K, trans_a, trans_b, bias, tile, what): sizes that are multiples of no tile, so edge tiles are partial.
