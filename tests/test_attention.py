@@ -253,16 +253,16 @@ def test_launchers_reject_host_arrays_on_gpu():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 5.1: the check passes on the reference and fails, naming the cause, on each plausible mistake
+# Exercise 5.2: the check passes on the reference and fails, naming the cause, on each plausible mistake
 
 
 def _stub(*args):
-    raise NotImplementedError("Exercise 5.1: write attention_backward")
+    raise NotImplementedError("Exercise 5.2: write attention_backward")
 
 
 def test_check_backward_passes_on_reference(capsys):
     checks.check_attention_backward(attention_backward)
-    assert "Exercise 5.1: correct" in capsys.readouterr().out
+    assert "Exercise 5.2: correct" in capsys.readouterr().out
 
 
 def test_check_backward_variant_none_is_reference():
@@ -275,7 +275,7 @@ def test_check_backward_variant_none_is_reference():
 
 
 def test_check_backward_fails_on_stub():
-    with pytest.raises(AssertionError, match="Exercise 5.1 is not done yet"):
+    with pytest.raises(AssertionError, match="Exercise 5.2 is not done yet"):
         checks.check_attention_backward(_stub)
 
 
@@ -292,7 +292,7 @@ def test_check_backward_names_each_mistake(mistake, message):
         return checks._backward_variant(dout, qkv, att, NH, mistake)
     with pytest.raises(AssertionError, match=message) as e:
         checks.check_attention_backward(student)
-    assert "Exercise 5.1" in str(e.value)
+    assert "Exercise 5.2" in str(e.value)
 
 
 def test_check_backward_fails_on_sign_error_none_and_shape():
@@ -316,7 +316,7 @@ def test_check_backward_catches_a_leak_that_keeps_other_values_plausible():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 5.2: the softmax kernel check, on the real kernel and on wrong bodies of it
+# Exercise 5.3: the softmax kernel check, on the real kernel and on wrong bodies of it
 
 
 def _softmax_source():
@@ -340,18 +340,18 @@ def _variant(change):
 
 def test_check_softmax_kernel_accepts_source_text(capsys):
     checks.check_softmax_forward_kernel(_softmax_source())
-    assert "Exercise 5.2: correct" in capsys.readouterr().out
+    assert "Exercise 5.3: correct" in capsys.readouterr().out
 
 
 def test_check_softmax_kernel_stub_without_todo_marker_reports_unwritten_half():
-    src = _stubbed(_softmax_source()).replace("TODO (Exercise 5.2)", "nothing here")
+    src = _stubbed(_softmax_source()).replace("TODO (Exercise 5.3)", "nothing here")
     with pytest.raises(AssertionError, match="no element of the causal half"):
         checks.check_softmax_forward_kernel(RawKernel(src, "softmax_forward_kernel"))
 
 
 def _stubbed(src):
     a, b = src.index(BODY_START), src.index(BODY_END) + len(BODY_END)
-    return src[:a] + "    // TODO (Exercise 5.2): max, exp-sum, normalise\n" + src[b:]
+    return src[:a] + "    // TODO (Exercise 5.3): max, exp-sum, normalise\n" + src[b:]
 
 
 WRONG_KERNELS = {
@@ -364,13 +364,13 @@ WRONG_KERNELS = {
     "no_max_reduce": (lambda s: s.replace("maxval = warpReduceMax(maxval);", ""), "own maximum"),
     "no_sum_reduce": (lambda s: s.replace("sumval = warpReduceSum(sumval);", ""), "own partial sum"),
     "no_max_shift": (lambda s: s.replace("(x[i] - maxval)", "x[i]"), "overflow"),
-    "sign": (lambda s: s.replace("expf(inv_temperature *", "expf(-inv_temperature *"), "Exercise 5.2"),
+    "sign": (lambda s: s.replace("expf(inv_temperature *", "expf(-inv_temperature *"), "Exercise 5.3"),
 }
 
 
 def test_check_softmax_kernel_passes_on_the_course_kernel(capsys):
     checks.check_softmax_forward_kernel(load_kernel("attention.cu", "softmax_forward_kernel"))
-    assert "Exercise 5.2: correct" in capsys.readouterr().out
+    assert "Exercise 5.3: correct" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", sorted(WRONG_KERNELS))
@@ -378,12 +378,12 @@ def test_check_softmax_kernel_names_each_mistake(name):
     change, message = WRONG_KERNELS[name]
     with pytest.raises(AssertionError, match=message) as e:
         checks.check_softmax_forward_kernel(_variant(change))
-    assert "Exercise 5.2" in str(e.value)
+    assert "Exercise 5.3" in str(e.value)
 
 
 def test_check_softmax_kernel_fails_on_python_stub():
     def stub(*args):
-        raise NotImplementedError("Exercise 5.2")
+        raise NotImplementedError("Exercise 5.3")
     with pytest.raises(AssertionError, match="not done yet"):
         checks.check_softmax_forward_kernel(stub)
 
@@ -392,7 +392,7 @@ def test_notebook_kernel_is_the_package_kernel():
     """The softmax kernel the student completes in the notebook is the one in attention.cu."""
     nb = json.loads((ROOT / "solutions" / "05_attention.ipynb").read_text())
     cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    cell = next(c for c in cells if c.startswith("# Exercise 5.2"))
+    cell = next(c for c in cells if c.startswith("# Exercise 5.3"))
     code = re.search(r'r"""(.*?)"""', cell, re.S).group(1)
     code = re.sub(r"[ \t]*// (BEGIN|END) SOLUTION\n", "", code)
     assert code.strip() == _softmax_source().strip()

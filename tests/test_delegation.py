@@ -70,7 +70,7 @@ def test_calling_the_reference_fails_the_check(exercise, how):
 # Exercise 11.2's function takes (model, x, y, lr); the package's training_step takes the optimizer's settings too.
 # A derivation exercise (tests/test_derivations.py) asks for a piece of a backward (a Jacobian, one term), whose
 # function is not the package's backward: a call to the backward is refused, and a copy of it is no answer.
-DERIVATIONS = {"Exercise 2.1", "Exercise 3.1", "Exercise 4.1", "Exercise 6.1", "Exercise 8.1"}
+DERIVATIONS = {"Exercise 2.1", "Exercise 3.1", "Exercise 4.1", "Exercise 5.1", "Exercise 6.1", "Exercise 8.1"}
 SAME_SIGNATURE = sorted(set(REFERENCES) - {"Exercise 11.2"} - DERIVATIONS)
 
 

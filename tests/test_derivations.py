@@ -12,6 +12,7 @@ import pytest
 
 from llmc_lessons import exercises
 from llmc_lessons.checks import REFERENCES, ExerciseFailed, numerical_jacobian
+from llmc_lessons.checks.attention import check_softmax_backward
 from llmc_lessons.checks.crossentropy import check_crossentropy_grad
 from llmc_lessons.checks.encoder import check_encoder_jacobian
 from llmc_lessons.checks.gelu import check_gelu_derivative
@@ -207,6 +208,43 @@ def test_4_1_a_transposed_J_x_of_a_non_square_weight_is_named_by_its_shape():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Exercise 5.1: the softmax's backward inside attention
+
+def _sm_wrong(kind):
+    def softmax_backward(datt, att):
+        row = (att * datt).sum(axis=-1, keepdims=True)
+        return {"no_row_term": att * datt, "diagonal_only": att * (1 - att) * datt,
+                "sum_of_datt": att * (datt - datt.sum(axis=-1, keepdims=True)),
+                "columns": att * (datt - (att * datt).sum(axis=-2, keepdims=True)), "no_att_factor": datt - row,
+                "sign": -att * (datt - row), "scaled": att * (datt - row) / np.sqrt(5),
+                "transposed": (att * (datt - row)).swapaxes(-1, -2)}[kind]
+    return softmax_backward
+
+
+def test_5_1_passes_on_the_solution(capsys):
+    check_softmax_backward(solution("05_attention.ipynb", "Exercise 5.1"))
+    assert "Exercise 5.1: correct" in capsys.readouterr().out
+
+
+def test_5_1_fails_on_the_stub():
+    def softmax_backward(datt, att):
+        raise NotImplementedError("Exercise 5.1: softmax_backward")
+    with pytest.raises(ExerciseFailed, match="Exercise 5.1 is not done yet"):
+        check_softmax_backward(softmax_backward)
+
+
+@pytest.mark.parametrize("kind, cause", [
+    ("no_row_term", "the row term - sum_j att_j datt_j is missing"), ("diagonal_only", "only the diagonal"),
+    ("sum_of_datt", "the row term sums datt alone"), ("columns", r"summed down the columns \(axis -2\)"),
+    ("no_att_factor", "the leading factor att_i is missing"), ("sign", "sign error"),
+    ("scaled", "times the expected one: a missing or extra scale factor"), ("transposed", "elements are wrong"),
+])
+def test_5_1_names_the_wrong_term(kind, cause):
+    with pytest.raises(ExerciseFailed, match=f"(?s)Exercise 5.1 .*{cause}"):
+        check_softmax_backward(_sm_wrong(kind))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Exercise 6.1: GELU's derivative
 
 def _gelu_wrong(kind):
@@ -299,7 +337,7 @@ def test_8_1_names_the_wrong_term(kind, cause):
 # Every derivation exercise: finite differences are no answer either
 
 DERIVATIONS = {"Exercise 2.1": check_encoder_jacobian, "Exercise 3.1": check_layernorm_jacobian,
-               "Exercise 4.1": check_linear_jacobians, "Exercise 6.1": check_gelu_derivative,
+               "Exercise 4.1": check_linear_jacobians, "Exercise 5.1": check_softmax_backward, "Exercise 6.1": check_gelu_derivative,
                "Exercise 8.1": check_crossentropy_grad}
 
 

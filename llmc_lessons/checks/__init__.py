@@ -31,7 +31,7 @@ REFERENCES = {
     "Exercise 2.1": ("encoder_backward", "numerical_grad"), "Exercise 2.2": ("encoder_backward",),
     "Exercise 3.1": ("layernorm_backward", "numerical_grad"), "Exercise 3.2": ("layernorm_backward",),
     "Exercise 4.1": ("matmul_backward", "numerical_grad"), "Exercise 4.2": ("matmul_backward",),
-    "Exercise 5.1": ("attention_backward",),
+    "Exercise 5.1": ("attention_backward", "numerical_grad"), "Exercise 5.2": ("attention_backward",),
     "Exercise 6.1": ("gelu_backward", "numerical_grad"),
     "Exercise 6.2": ("gelu_backward",), "Exercise 7.1": ("block_backward",), "Exercise 7.2": ("mlp_backward",),
     "Exercise 8.1": ("crossentropy_softmax_backward", "numerical_grad"),

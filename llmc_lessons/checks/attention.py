@@ -1,7 +1,8 @@
-"""Checks for lesson 05 (attention): Exercise 5.1, the NumPy backward; Exercise 5.2, the softmax kernel's body.
+"""Checks for lesson 05 (attention): Exercise 5.1, the softmax's backward inside attention, derived; Exercise 5.2,
+the NumPy backward; Exercise 5.3, the softmax kernel's body.
 
 Each check runs the student's code on fresh random inputs of awkward sizes (T = 13 and 37, NH = 3 heads of
-hs = 5 channels) and compares with the package's reference; a failure names the output, the first wrong
+hs = 5 channels) and compares with finite differences (5.1) or the package's reference; a failure names the output, the first wrong
 element and, where it recognises one, the mistake that produces exactly that result.
 """
 from __future__ import annotations
@@ -10,15 +11,46 @@ import math
 
 import numpy as np
 
-from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, randn, rng,
-                                 run_exercise)
+from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, numerical_jacobian, passed, poisoned,
+                                 randn, rng, run_exercise)
 from llmc_lessons.device import to_host, xp
 from llmc_lessons.layers.attention import attention_backward, attention_forward, causal_softmax
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 5.1: attention_backward in NumPy
+# Exercise 5.1: the softmax's backward, datt -> dz, derived
 
-EX1 = "Exercise 5.1"
+def check_softmax_backward(fn) -> None:
+    """Exercise 5.1: fn(datt, att) -> dz, the gradient with respect to the scores z of att = causal softmax(z)
+    (rows along the last axis, zeros above the diagonal), against central differences in float64."""
+    ex = "Exercise 5.1"
+    gen = rng()
+    B, NH, T = 1, 2, int(gen.integers(5, 9))
+    z = gen.standard_normal((B, NH, T, T)) * 1.5
+    att = causal_softmax(z)
+    datt = gen.standard_normal((B, NH, T, T))
+    got = run_exercise(ex, fn, datt.copy(), att.copy())
+    # d/dz of sum(att * datt); a score above the diagonal never reaches att, so its derivative is 0
+    want = numerical_jacobian(lambda v: float((causal_softmax(v) * datt).sum()), z)
+    row = (att * datt).sum(-1, keepdims=True)
+    assert_close(ex, "dz", got, want, atol=1e-7, rtol=1e-6, known_mistakes={
+        "the row term - sum_j att_j datt_j is missing: each probability depends on every score of its row, "
+        "through the normalisation": att * datt,
+        "only the diagonal of the softmax's Jacobian, att_i (1 - att_i): the other entries, -att_i att_j, "
+        "are missing": att * (1 - att) * datt,
+        "the row term sums datt alone; it is sum_j att_j datt_j": att * (datt - datt.sum(-1, keepdims=True)),
+        "the row term was summed down the columns (axis -2); it sums along each row (axis -1)":
+            att * (datt - (att * datt).sum(-2, keepdims=True)),
+        "the leading factor att_i is missing: gradient leaks into the masked future positions, whose att is 0":
+            datt - row,
+    }, hint="d att_j / d z_i = att_j (delta_ij - att_i) within a row; the chain rule sums datt_j times it over j. "
+            "Simplify the sum so that no T x T matrix per row is built.")
+    passed(ex, f"dz matches finite differences on {B * NH * T} rows of T = {T}, masked entries included")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 5.2: attention_backward in NumPy
+
+EX_BACKWARD = "Exercise 5.2"
 
 # Mistakes the check recognises, each the backward with one thing done wrong (see _backward_variant).
 BACKWARD_MISTAKES = {
@@ -103,22 +135,22 @@ def _causality(fn, B, T, NH, hs, gen):
     t0 = T // 2
     dout = np.zeros((B, T, C))
     dout[:, t0, :] = gen.standard_normal((B, C))
-    got = run_exercise(EX1, fn, dout, qkv, att, NH)
+    got = run_exercise(EX_BACKWARD, fn, dout, qkv, att, NH)
     if got is None:
-        raise ExerciseFailed(f"{EX1}: your function returned None. Did it forget to `return dqkv`?")
+        raise ExerciseFailed(f"{EX_BACKWARD}: your function returned None. Did it forget to `return dqkv`?")
     got = np.asarray(to_host(got), dtype=np.float64)
     if got.shape != (B, T, 3 * C):
-        raise ExerciseFailed(f"{EX1}: dqkv must have the shape of qkv, (B, T, 3C) = {(B, T, 3 * C)}, "
+        raise ExerciseFailed(f"{EX_BACKWARD}: dqkv must have the shape of qkv, (B, T, 3C) = {(B, T, 3 * C)}, "
                              f"got {got.shape}")
     for mistake, why in BACKWARD_MISTAKES.items():  # a mistake we know by name gets its own message
         if np.allclose(got, _backward_variant(dout, qkv, att, NH, mistake), atol=1e-8, rtol=1e-6):
-            raise ExerciseFailed(f"{EX1}: dqkv is wrong (probed with dout nonzero only at position t0 = {t0}).\n"
+            raise ExerciseFailed(f"{EX_BACKWARD}: dqkv is wrong (probed with dout nonzero only at position t0 = {t0}).\n"
                                  f"  likely cause: {why}")
     tiny = 1e-9 * max(1.0, float(np.abs(got).max()))
     dk_future = np.abs(got[:, t0 + 1:, C:3 * C]).max(initial=0.0)
     if dk_future > tiny:
         raise ExerciseFailed(
-            f"{EX1}: gradient leaked into the future. With dout nonzero only at position t0 = {t0}, dk and dv must "
+            f"{EX_BACKWARD}: gradient leaked into the future. With dout nonzero only at position t0 = {t0}, dk and dv must "
             f"be 0 at every position t2 > {t0} (query t0 never saw those keys and values: the causal mask set "
             f"their probability to 0), but they reach {dk_future:.3g}.\n  likely cause: dpreatt is not 0 above "
             f"the diagonal. In step 2 of the derivation, find the factor that is 0 for every future key: it must "
@@ -126,14 +158,14 @@ def _causality(fn, B, T, NH, hs, gen):
     others = np.abs(np.delete(got[:, :, 0:C], t0, axis=1)).max(initial=0.0)
     if others > tiny:
         raise ExerciseFailed(
-            f"{EX1}: with dout nonzero only at position t0 = {t0}, dq must be 0 at every other position (query t "
+            f"{EX_BACKWARD}: with dout nonzero only at position t0 = {t0}, dq must be 0 at every other position (query t "
             f"only affects out[t]), but it reaches {others:.3g} elsewhere.\n  likely cause: dq and dk mixed up, "
             f"dpreatt transposed (row t of dpreatt belongs to query t), or q, k, v sliced from the wrong columns "
             f"of qkv (it is [q | k | v], each C wide).")
 
 
 def check_attention_backward(fn) -> None:
-    """Exercise 5.1: fn(dout, qkv, att, NH) -> dqkv must match the reference attention_backward."""
+    """Exercise 5.2: fn(dout, qkv, att, NH) -> dqkv must match the reference attention_backward."""
     gen = rng()
     _causality(fn, 2, 11, 3, 5, gen)   # first: a leak gets its own, specific message
     for B, T, NH, hs in ((2, 13, 3, 5), (1, 37, 2, 4)):
@@ -142,28 +174,28 @@ def check_attention_backward(fn) -> None:
         out, att = attention_forward(qkv, NH)
         dout = gen.standard_normal((B, T, C))
         expected = attention_backward(dout, qkv, att, NH)
-        got = run_exercise(EX1, fn, dout.copy(), qkv.copy(), att.copy(), NH)
+        got = run_exercise(EX_BACKWARD, fn, dout.copy(), qkv.copy(), att.copy(), NH)
         if got is None:
-            raise ExerciseFailed(f"{EX1}: your function returned None. Did it forget to `return dqkv`?")
+            raise ExerciseFailed(f"{EX_BACKWARD}: your function returned None. Did it forget to `return dqkv`?")
         got = np.asarray(to_host(got), dtype=np.float64)
         if got.shape != expected.shape:
-            raise ExerciseFailed(f"{EX1}: dqkv must have the shape of qkv, (B, T, 3C) = {expected.shape}, "
+            raise ExerciseFailed(f"{EX_BACKWARD}: dqkv must have the shape of qkv, (B, T, 3C) = {expected.shape}, "
                                  f"got {got.shape}. Concatenate [dq | dk | dv] along the last axis.")
         wrong = {m: _backward_variant(dout, qkv, att, NH, m) for m in BACKWARD_MISTAKES}
         # in backward order: dv first (it needs no softmax backward), then dq and dk
         for j, part in ((2, "dv"), (0, "dq"), (1, "dk")):
             sl = slice(j * C, (j + 1) * C)
-            assert_close(EX1, part, got[:, :, sl], expected[:, :, sl], atol=1e-8, rtol=1e-6,
+            assert_close(EX_BACKWARD, part, got[:, :, sl], expected[:, :, sl], atol=1e-8, rtol=1e-6,
                          known_mistakes={BACKWARD_MISTAKES[m]: w[:, :, sl] for m, w in wrong.items()},
                          hint=f"{_PART_HINTS[part]}; it sits in dqkv[:, :, {j}*C:{j + 1}*C]. This test had "
                               f"B={B}, T={T}, NH={NH}, hs={hs}, C={C}")
-    passed(EX1, "dq, dk, dv match the reference at T = 13 and 37, and no gradient flows to the future")
+    passed(EX_BACKWARD, "dq, dk, dv match the reference at T = 13 and 37, and no gradient flows to the future")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise 5.2: the body of softmax_forward_kernel (one warp per row, causal half only)
+# Exercise 5.3: the body of softmax_forward_kernel (one warp per row, causal half only)
 
-EX2 = "Exercise 5.2"
+EX_KERNEL = "Exercise 5.3"
 
 
 def _lane_partials(x, inv_temperature, own_max: bool, own_sum: bool):
@@ -198,7 +230,7 @@ def _launch_softmax(kernel, preatt, inv_temperature, block_size):
     out = poisoned((N, T, T))
     warps = block_size // 32
     grid = ((N * T + warps - 1) // warps,)
-    run_exercise(EX2, kernel, grid, (block_size,), (out, np.float32(inv_temperature), preatt, np.int32(N),
+    run_exercise(EX_KERNEL, kernel, grid, (block_size,), (out, np.float32(inv_temperature), preatt, np.int32(N),
                                                     np.int32(T)))
     return np.asarray(to_host(out), dtype=np.float64)
 
@@ -211,22 +243,22 @@ def _diagnose_nan(got, T, where):
     causal = np.tril(np.ones((T, T), dtype=bool))
     if nan[:, causal].all():
         raise ExerciseFailed(
-            f"{EX2} ({where}): no element of the causal half (t2 <= t) was written: every one is still NaN, "
+            f"{EX_KERNEL} ({where}): no element of the causal half (t2 <= t) was written: every one is still NaN, "
             f"the poison put there before the launch. Write the max, exp-sum and normalise steps in the "
             f"kernel body, run the cell, then this check again.")
     diag = np.eye(T, dtype=bool)
     if nan[:, diag].all() and not nan[:, ~diag].any():
         raise ExerciseFailed(
-            f"{EX2} ({where}): the diagonal att[t, t] was never written (still NaN).\n  likely cause: an "
+            f"{EX_KERNEL} ({where}): the diagonal att[t, t] was never written (still NaN).\n  likely cause: an "
             f"off-by-one causal bound, `i < own_pos` where it must be `i <= own_pos`: a token attends to the "
             f"previous tokens AND to itself.")
 
 
 def check_softmax_forward_kernel(source) -> None:
-    """Exercise 5.2: softmax_forward_kernel in `source` (CUDA text, or a loaded kernel) must compute the causal
+    """Exercise 5.3: softmax_forward_kernel in `source` (CUDA text, or a loaded kernel) must compute the causal
     softmax of each row, launched as kernel(grid, block, (out, inv_temperature, inp, N, T))."""
     if isinstance(source, str):
-        kernel = exercise_kernel(EX2, source, "softmax_forward_kernel")
+        kernel = exercise_kernel(EX_KERNEL, source, "softmax_forward_kernel")
     else:
         kernel = source
     gen = rng()
@@ -244,7 +276,7 @@ def check_softmax_forward_kernel(source) -> None:
             where += f", scores up to {np.abs(x).max() * inv_temperature:.0f}"
             if (~np.isfinite(got) & np.isfinite(expected)).any() or not np.isfinite(got).all():
                 raise ExerciseFailed(
-                    f"{EX2} ({where}): the output holds inf or NaN for large scores, although it was right for "
+                    f"{EX_KERNEL} ({where}): the output holds inf or NaN for large scores, although it was right for "
                     f"small ones.\n  likely cause: expf overflowed (expf(x) is inf for x > 88.7). Step 1's row "
                     f"maximum is there to keep every exponent at or below 0: is it used inside expf?")
         _diagnose_nan(got, T, where)
@@ -260,8 +292,8 @@ def check_softmax_forward_kernel(source) -> None:
             "each lane divided by its own partial sum: combine the sums across the warp with warpReduceSum":
                 _lane_partials(x, inv_temperature, own_max=False, own_sum=True),
         }
-        assert_close(EX2, "att", got, expected, atol=1e-6, rtol=1e-4, known_mistakes=mistakes,
+        assert_close(EX_KERNEL, "att", got, expected, atol=1e-6, rtol=1e-4, known_mistakes=mistakes,
                      hint=f"follow steps 1 to 3 of the section above, each over this lane's own visible keys "
                           f"and each combined across the warp before the next step uses it; this launch had "
                           f"{where}")
-    passed(EX2, "causal softmax correct at T = 13 and 37, three block sizes, and with large scores")
+    passed(EX_KERNEL, "causal softmax correct at T = 13 and 37, three block sizes, and with large scores")
