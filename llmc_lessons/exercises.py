@@ -4,7 +4,7 @@
     python -m llmc_lessons.exercises build --force   # ... even over notebooks that hold a student's work
     python -m llmc_lessons.exercises check       # exit 1, naming the files, if notebooks/ is out of date
     python -m llmc_lessons.exercises normalize   # strip outputs and normalise solutions/*.ipynb in place
-    python -m llmc_lessons.exercises list        # every exercise of every lesson
+    python -m llmc_lessons.exercises list        # every exercise (and derivation) of every lesson
 
 An exercise is a code cell of a solution notebook with one line `# Exercise N.k: <what to write>` (N the
 lesson's number, the NN of its file name; k = 1, 2, ... in order of appearance) and one or more regions
@@ -56,8 +56,9 @@ MD_MARKER_RE = re.compile(r"^[ \t]*<!--[ \t]*(BEGIN|END)[ \t]+SOLUTION[ \t]*-->[
 # anything a teacher may have meant as a marker: any comment style and case, SOLUTIONS, BEGIN_SOLUTION, ...
 NEAR_MARKER_RE = re.compile(r"^[ \t]*(?:#+|/[/*]+|\*+|--|;+|%+|<!-*)?[ \t]*(BEGIN|END)[ \t_-]*SOLUTIONS?\b",
                             re.IGNORECASE)
-# the line a Markdown region becomes; "> **Derive it (Exercise N.k).**" finds it again in a student's notebook
+# the line a Markdown region becomes, and the tag of its cell in the student's notebook: they find it again there
 DERIVATION_RE = re.compile(r"^> \*\*Derive it \(Exercise (\d+)\.(\d+)\)\.\*\*")
+DERIVATION_TAG = "derivation"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 
@@ -300,29 +301,21 @@ def normalize(nb, name: str = "notebook"):
             new["attachments"] = cell["attachments"]
         cells.append(nbformat.from_dict(new))
     try:
-        found, derivations = _scan_all(nb, name)
+        found = exercise_cells(nb, name)
     except ExerciseError:  # build, check and normalize_solutions scan first and report it
-        found, derivations = [], []
-    found = [(index, f"{h[1]}.{h[2]}") for index, h, _ in found]
-    derivations = [(index, number) for index, number, _ in derivations]
-    if not found:  # a student's notebook: the exercise cells keep their header line, their answers are stubs,
-        found = _numbered(cells, "code", EXERCISE_RE)   # and a derivation's Markdown cell its prompt line
-        derivations = _numbered(cells, "markdown", DERIVATION_RE)
+        found = []
+    if not found:  # a student's notebook: the exercise cells keep their header line, their answers are stubs
+        found = [(index, f"{m.group(1)}.{m.group(2)}") for index, cell in enumerate(cells) if cell["cell_type"] == "code"
+                 for m in [next(filter(None, map(EXERCISE_RE.match, _source(cell).split("\n"))), None)] if m]
     nb["cells"] = cells
     nb = nbformat.from_dict(nb)
-    nbgrader_meta.mark_cells(nb, found, derivations)
+    nbgrader_meta.mark_cells(nb, found)
     return nb
-
-
-def _numbered(cells, cell_type: str, pattern: re.Pattern) -> list[tuple[int, str]]:
-    """[(index, "N.k")] of the cells of `cell_type` with a line that `pattern` matches (N and k its groups)."""
-    return [(index, f"{m.group(1)}.{m.group(2)}") for index, cell in enumerate(cells) if cell["cell_type"] == cell_type
-            for m in [next(filter(None, map(pattern.match, _source(cell).split("\n"))), None)] if m]
 
 
 def to_student(nb, name: str = "notebook"):
     """The student version of a solution notebook: every SOLUTION region replaced by its stub (a Markdown one by
-    the prompt to derive it), normalised."""
+    the prompt to derive it, its cell tagged DERIVATION_TAG), normalised."""
     found, derivations = _scan_all(nb, name)
     nb = normalize(nb, name)
     for index, header, regions in found:
@@ -338,6 +331,9 @@ def to_student(nb, name: str = "notebook"):
             after = [""] if end + 1 < len(lines) and lines[end + 1].strip() else []
             lines[begin:end + 1] = before + [_stub("markdown", "", number, "")] + after
         nb.cells[index]["source"] = "\n".join(lines)
+        tags = nb.cells[index].metadata.setdefault("tags", [])
+        if DERIVATION_TAG not in tags:
+            tags.append(DERIVATION_TAG)
     return nb
 
 
@@ -393,8 +389,8 @@ def student_work(path: Path, generated: str | None = None) -> str | None:
     A student's work: a file that is not a readable notebook, a notebook that stores outputs or execution
     counts, one saved by Jupyter or edited (not in the builder's normalised form), or one whose exercise
     stub (`_stub`'s text up to the number: `raise NotImplementedError("Exercise N.k`, `// TODO (Exercise N.k`)
-    has been replaced, or whose prompt for a derivation (`> **Derive it (Exercise N.k).** ...`) was edited. (A
-    prompt deleted outright leaves its cell with the wrong nbgrader metadata, which the normalised form catches.)
+    has been replaced, or one whose prompt to derive a result (`> **Derive it (Exercise N.k).** ...`, in a Markdown
+    cell tagged DERIVATION_TAG) was replaced or edited.
     """
     text = path.read_text(encoding="utf-8", errors="replace")
     if text == generated:
@@ -411,10 +407,12 @@ def student_work(path: Path, generated: str | None = None) -> str | None:
     for index, cell in enumerate(nb.cells):
         src = _source(cell)
         if cell.get("cell_type") == "markdown":
-            for line in src.split("\n"):
-                m = DERIVATION_RE.match(line)
-                if m and line != _stub("markdown", "", f"{m.group(1)}.{m.group(2)}", ""):
-                    return f"the prompt of Exercise {m.group(1)}.{m.group(2)}'s derivation (cell {index}) was edited"
+            if DERIVATION_TAG not in cell.get("metadata", {}).get("tags", []):
+                continue
+            prompts = [(line, m) for line in src.split("\n") for m in [DERIVATION_RE.match(line)] if m]
+            if not prompts or any(line != _stub("markdown", "", f"{m.group(1)}.{m.group(2)}", "")
+                                  for line, m in prompts):
+                return f"the prompt to derive it (cell {index}) was replaced or edited"
             continue
         if cell.get("cell_type") != "code":
             continue
@@ -538,7 +536,11 @@ def main(argv=None) -> int:
                 print(f"  {p.relative_to(root)}")
         elif args.command == "list":
             for path in _solutions(root):
-                for ex in exercise_cells(_read(path), path.name):
+                nb = _read(path)
+                derivations = dict(derivation_cells(nb, path.name))
+                for ex in exercise_cells(nb, path.name):
+                    for index in sorted(i for i, number in derivations.items() if number == ex.number):
+                        print(f"{path.name}  cell {index:>3}  (derivation, checked by Exercise {ex.number})")
                     print(f"{path.name}  cell {ex.index:>3}  Exercise {ex.number}: {ex.description}")
         else:
             problems = check(root)

@@ -18,7 +18,8 @@ def use_course_stubs(c) -> None:
 
     class ClearCourseSolutions(ClearSolutions):
         """ClearSolutions whose stubs are the course's: `raise NotImplementedError("Exercise N.k: ...")` in
-        Python, `// TODO (Exercise N.k): ...` inside CUDA source (cells matched by id)."""
+        Python, `// TODO (Exercise N.k): ...` inside CUDA source, the prompt to derive it in Markdown (cells
+        matched by id)."""
 
         def preprocess(self, nb, resources):
             student = to_student(nb, resources["unique_key"] + ".ipynb")
@@ -29,7 +30,8 @@ def use_course_stubs(c) -> None:
             stubbed = self._student.get(cell.get("id"), cell.source)
             replaced = stubbed != cell.source
             cell.source = stubbed
-            return replaced
+            # a Markdown cell's derivation became the course's prompt: that cell stays read-only, not an answer
+            return replaced and cell.cell_type == "code"
 
     default = GenerateAssignment.class_traits()["preprocessors"].default()
     c.GenerateAssignment.preprocessors = [ClearCourseSolutions if p is ClearSolutions else p for p in default]

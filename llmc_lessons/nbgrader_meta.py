@@ -4,12 +4,11 @@ The exercise generator (`llmc_lessons.exercises`) calls `mark_cells` on every no
 
     exercise cell (`# Exercise N.k: ...`)    solution cell, grade_id "exercise-N-k", editable
     the code cell right after it (its check) autograded test cell, grade_id "check-N-k", POINTS points, locked
-    Markdown cell with a derivation region   solution cell, grade_id "derivation-N-k-<cell index>", editable
     every other cell                         read-only (locked), grade_id = the cell's id
 
-A derivation (a Markdown `<!-- BEGIN SOLUTION -->` region, N.k the exercise after it) is a solution cell so that
-nbgrader accepts its stubbed region and leaves the cell to the student, but not a "manually graded answer": the
-exercise after it grades the derivation, as code, and its check is the autograded cell.
+A Markdown cell whose worked derivation the builder replaced by a prompt (`<!-- BEGIN SOLUTION -->`) is read-only
+too: the prompt is the course's text, and the exercise after it grades the derivation, as code. (nbgrader allows a
+Markdown solution cell only as a manually graded answer, which would ask the teacher to grade it a second time.)
 
 A teacher copies solutions/NN_name.ipynb into an nbgrader course as source/<assignment>/NN_name.ipynb and adds
 two lines to the course's nbgrader_config.py, so that `nbgrader generate_assignment` writes the exercises'
@@ -32,16 +31,14 @@ def _meta(grade_id: str, *, solution: bool = False, grade: bool = False, locked:
     return meta
 
 
-def mark_cells(nb, exercises, derivations=()) -> None:
+def mark_cells(nb, exercises) -> None:
     """Set nbgrader's metadata on every cell of `nb`, in place.
 
     exercises: [(cell index, "N.k", ...)] of the notebook's exercise cells (`exercises.exercise_cells`); the
-    first code cell after each is its check. derivations: [(cell index, "N.k")] of its Markdown cells with a
-    derivation, N.k the exercise that checks it. Cells need their ids (the generator sets them), which name the
+    first code cell after each is its check. Cells need their ids (the generator sets them), which name the
     read-only cells.
     """
-    roles = {index: _meta(f"derivation-{number.replace('.', '-')}-{index}", solution=True, locked=False)
-             for index, number in derivations}
+    roles = {}
     for index, number, *_ in exercises:
         tag = number.replace(".", "-")
         roles[index] = _meta(f"exercise-{tag}", solution=True, locked=False)

@@ -537,6 +537,7 @@ def test_a_markdown_region_becomes_a_prompt_naming_the_exercise_after_it():
     assert text.startswith("## The backward pass\n\nThe chain rule gives:\n\n> **Derive it (Exercise 3.1).**")
     assert text.endswith("if one is.\n\nThe boxed result follows.")   # a paragraph of its own
     assert ex.DERIVATION_RE.match(text.split("\n")[4])
+    assert nb.cells[0].metadata["tags"] == [ex.DERIVATION_TAG] and "tags" not in sol.cells[0].metadata
     assert nb.cells[2].source.endswith('raise NotImplementedError("Exercise 3.1: dx of x**2")')
 
 
@@ -584,16 +585,22 @@ def test_the_markdown_marker_in_a_code_cell_is_a_near_miss():
         ex.to_student(nb, "03_x.ipynb")
 
 
-def test_a_derivation_cell_is_an_ungraded_nbgrader_solution_cell_in_both_notebooks():
+def test_a_derivation_cell_is_read_only_for_nbgrader_in_both_notebooks():
     sol = ex.normalize(derivation_lesson(), "03_x.ipynb")
     student = ex.to_student(derivation_lesson(), "03_x.ipynb")
     for nb in (sol, student):
         meta = nb.cells[0].metadata["nbgrader"]
-        assert meta["solution"] and not meta["grade"] and not meta["locked"] and "points" not in meta
-        assert meta["grade_id"] == "derivation-3-1-0"
+        assert not meta["solution"] and not meta["grade"] and meta["locked"] and meta["grade_id"] == nb.cells[0].id
         assert nb.cells[2].metadata["nbgrader"]["grade_id"] == "exercise-3-1"
         assert nb.cells[3].metadata["nbgrader"]["grade_id"] == "check-3-1"
     assert ex.dumps(ex.normalize(student, "03_x.ipynb")) == ex.dumps(student)   # normal form is stable
+    assert ex.derivation_cells(derivation_lesson(), "03_x.ipynb") == [(0, "3.1")]
+
+
+def test_list_shows_each_derivation_before_its_exercise(derivation_repo, capsys):
+    assert ex.main(["list", "--root", str(derivation_repo)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "03_x.ipynb  cell   0  (derivation, checked by Exercise 3.1)", "03_x.ipynb  cell   2  Exercise 3.1: dx of x**2"]
 
 
 @pytest.fixture
@@ -613,8 +620,8 @@ def _prompt_deleted(nb):
 
 
 @pytest.mark.parametrize("work, why", [
-    (_prompt_edited, "the prompt of Exercise 3.1's derivation (cell 1) was edited"),
-    (_prompt_deleted, "it was saved by Jupyter or edited"),
+    (_prompt_edited, "the prompt to derive it (cell 1) was replaced or edited"),
+    (_prompt_deleted, "the prompt to derive it (cell 1) was replaced or edited"),
 ])
 def test_build_keeps_a_derivation_the_student_wrote(derivation_repo, work, why):
     ex.build(derivation_repo)

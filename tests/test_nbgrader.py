@@ -47,14 +47,12 @@ def problems(nb, name: str) -> list[str]:
             out.append(f"cell {index}: points belong exactly to grade cells")
         if meta["grade"] and not (meta["locked"] and cell.cell_type == "code" and meta["points"] > 0):
             out.append(f"cell {index}: an autograded test cell must be a locked code cell with points")
-    derivations = [index for index, _ in exercises.derivation_cells(solution, name)]
     solutions = [i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("solution")]
-    if solutions != sorted([e.index for e in found] + derivations):
-        out.append(f"solution cells {solutions} are not the exercise cells {[e.index for e in found]} and the "
-                   f"derivation cells {derivations}")
-    for index in derivations:
-        if nb.cells[index].cell_type != "markdown" or nb.cells[index].metadata["nbgrader"]["grade"]:
-            out.append(f"cell {index}: a derivation is an ungraded Markdown solution cell (its exercise grades it)")
+    if solutions != [e.index for e in found]:
+        out.append(f"solution cells {solutions} are not the exercise cells {[e.index for e in found]}")
+    for index, _ in exercises.derivation_cells(solution, name):   # the exercise after it grades the derivation
+        if not nb.cells[index].metadata["nbgrader"]["locked"]:
+            out.append(f"cell {index}: a derivation's Markdown cell must be read-only")
     for e in found:
         check = next(i for i in range(e.index + 1, len(nb.cells)) if nb.cells[i].cell_type == "code")
         if nb.cells[check].metadata["nbgrader"].get("grade_id") != f"check-{e.number.replace('.', '-')}":
@@ -81,6 +79,27 @@ def nbgrader(course: Path, *args):
                           cwd=course, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_nbgrader_releases_a_lesson_with_derivations_as_the_course_does(tmp_path):
+    pytest.importorskip("nbgrader", reason="nbgrader is not installed (pip install nbgrader)")
+    name = "03_layernorm.ipynb"
+    solution = nbformat.read(str(ROOT / "solutions" / name), as_version=4)
+    assert exercises.derivation_cells(solution, name), "lesson 03 has no Markdown derivation to release"
+    course = tmp_path / "course"
+    (course / "source" / "layernorm").mkdir(parents=True)
+    shutil.copy(ROOT / "solutions" / name, course / "source" / "layernorm")
+    (course / "nbgrader_config.py").write_text(
+        "c = get_config()\n"
+        "c.CourseDirectory.course_id = 'llmc'\n"
+        "from llmc_lessons.nbgrader_config import use_course_stubs\n"
+        "use_course_stubs(c)\n")
+    nbgrader(course, "generate_assignment", "layernorm", "--create")
+    release = nbformat.read(str(course / "release" / "layernorm" / name), as_version=4)
+    student = nbformat.read(str(ROOT / "notebooks" / name), as_version=4)
+    assert [c.source for c in release.cells] == [c.source for c in student.cells]
 
 
 @pytest.mark.slow
