@@ -16,7 +16,7 @@ from llmc_lessons.checks.attention import check_softmax_backward
 from llmc_lessons.checks.crossentropy import check_crossentropy_grad
 from llmc_lessons.checks.encoder import check_encoder_jacobian
 from llmc_lessons.checks.gelu import check_gelu_derivative
-from llmc_lessons.checks.layernorm import check_layernorm_jacobian
+from llmc_lessons.checks.layernorm import LAYERNORM_STEPS, check_layernorm_jacobian, check_layernorm_step
 from llmc_lessons.checks.matmul import check_linear_jacobians
 from llmc_lessons.layers.gelu import GELU_SCALING_FACTOR as K
 from llmc_lessons.layers.gelu import gelu_erf_backward, gelu_forward
@@ -145,6 +145,63 @@ def test_3_1_fails_on_the_stub():
 def test_3_1_names_the_wrong_term(kind, cause):
     with pytest.raises(ExerciseFailed, match=f"(?s)Exercise 3.1 .*{cause}"):
         check_layernorm_jacobian(_ln_wrong(kind))
+
+
+# Exercises 3.4 to 3.9 (optional): LayerNorm's backward one intermediate at a time
+
+def _solution_steps(notebook, prefix, steps):
+    nb = nbformat.read(str(ROOT / "solutions" / notebook), as_version=4)
+    namespace = {"np": np, "math": math}
+    for e in exercises.exercise_cells(nb, notebook):
+        exec(nb.cells[e.index].source, namespace)
+    return {step: namespace[prefix + step] for step in steps}
+
+
+def test_3_4_to_3_9_pass_on_the_solution_in_order(capsys):
+    for step, fn in _solution_steps("03_layernorm.ipynb", "layernorm_", LAYERNORM_STEPS).items():
+        check_layernorm_step(step, fn)
+    out = capsys.readouterr().out
+    assert [f"Exercise 3.{k}: correct" in out for k in range(4, 10)] == [True] * 6
+
+
+@pytest.mark.parametrize("step", LAYERNORM_STEPS)
+def test_3_4_to_3_9_fail_on_the_stub(step):
+    def stub(*args):
+        raise NotImplementedError(f"layernorm_{step}")
+    with pytest.raises(ExerciseFailed, match=r"Exercise 3.\d is not done yet"):
+        check_layernorm_step(step, stub)
+
+
+def _C(x):
+    return x.shape[-1]
+
+
+@pytest.mark.parametrize("step, wrong, cause", [
+    ("dnorm", lambda dout, weight: dout, "dout alone"),
+    ("dnorm", lambda dout, weight: -dout * weight, "sign error"),
+    ("drstd", lambda dnorm, xmu: dnorm * xmu, r"expected shape \(2, 3, 1\), got \(2, 3, \d+\).*sums over them"),
+    ("drstd", lambda dnorm, xmu: (dnorm * xmu * ((xmu ** 2).mean(-1, keepdims=True) + 1e-5) ** -0.5).sum(
+        -1, keepdims=True), "norm where xmu belongs"),
+    ("dvar", lambda drstd, var, eps: -0.5 * drstd * (var + eps) ** -0.5, "the power is -1/2"),
+    ("dvar", lambda drstd, var, eps: 0.5 * drstd * (var + eps) ** -1.5, "sign error"),
+    ("dxmu", lambda dnorm, rstd, dvar, xmu: dnorm * rstd, "the path through var is missing"),
+    ("dxmu", lambda dnorm, rstd, dvar, xmu: dvar * 2 * xmu / _C(xmu), "the path through norm is missing"),
+    ("dxmu", lambda dnorm, rstd, dvar, xmu: dnorm * rstd + dvar * 2 * xmu, "the 1/C of var's mean is missing"),
+    ("dxmu", lambda dnorm, rstd, dvar, xmu: dnorm * rstd + dvar * xmu / _C(xmu), "the factor 2"),
+    ("dmean", lambda dxmu: dxmu.sum(-1, keepdims=True), "the sign: xmu = inp - mean"),
+    ("dmean", lambda dxmu: -dxmu, r"expected shape \(2, 3, 1\)"),
+    ("dinp", lambda dxmu, dmean: dxmu, "the path through mean is missing"),
+    ("dinp", lambda dxmu, dmean: dxmu + dmean, "the 1/C of the mean is missing"),
+    ("dinp", lambda dxmu, dmean: dxmu - dmean / _C(dxmu), "the sign of the path through mean"),
+])
+def test_3_4_to_3_9_name_the_wrong_term(step, wrong, cause):
+    with pytest.raises(ExerciseFailed, match=rf"(?s)Exercise 3.{4 + LAYERNORM_STEPS.index(step)} .*{cause}"):
+        check_layernorm_step(step, wrong)
+
+
+def test_an_unknown_layernorm_step_is_a_clear_error():
+    with pytest.raises(ValueError, match="step must be one of"):
+        check_layernorm_step("dbias", lambda *a: None)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -133,3 +133,78 @@ def check_layernorm_forward_kernel2(source: str) -> None:
                      hint="out is written by the code after your reductions; if mean and rstd are right but out is "
                           "wrong, check that every lane (not only lane 0) holds the reduced values.")
     passed(ex, f"{N} rows of C={C} at block sizes 64 and 96: mean, rstd and out all match")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercises 3.4 to 3.9 (optional): the backward one intermediate at a time
+
+LAYERNORM_STEPS = ("dnorm", "drstd", "dvar", "dxmu", "dmean", "dinp")
+"""The optional step-by-step exercises in order: Exercise 3.4 asks for dnorm, ..., Exercise 3.9 for dinp."""
+
+
+def check_layernorm_step(step: str, fn) -> None:
+    """Exercises 3.4 to 3.9 (optional): fn gives the gradient of one intermediate of the forward pass written out,
+
+        mean = inp.mean(-1, keepdims=True); xmu = inp - mean; var = (xmu ** 2).mean(-1, keepdims=True)
+        rstd = (var + eps) ** -0.5; norm = xmu * rstd; out = norm * weight + bias
+
+    from the gradients after it. It gets the right values of those, so that one step's mistake does not spill into
+    the next, and is compared with central differences (float64) of the loss as a function of that intermediate."""
+    if step not in LAYERNORM_STEPS:
+        raise ValueError(f"step must be one of {LAYERNORM_STEPS}, got {step!r}")
+    ex = f"Exercise 3.{4 + LAYERNORM_STEPS.index(step)}"
+    gen = rng()
+    B, T, C, eps = 2, 3, int(gen.integers(5, 12)), 1e-5
+    inp, weight, bias = _inputs(gen, B, T, C, np.float64)
+    dout = gen.standard_normal((B, T, C))
+    mean = inp.mean(-1, keepdims=True)
+    xmu = inp - mean
+    var = (xmu ** 2).mean(-1, keepdims=True)
+    rstd = (var + eps) ** -0.5
+    norm = xmu * rstd
+
+    def loss_norm(n):       # the loss from each intermediate on: what the finite differences nudge
+        return float((dout * (n * weight + bias)).sum())
+
+    def loss_xmu(d):        # xmu reaches the loss twice: in norm, and in var
+        return loss_norm(d * ((d ** 2).mean(-1, keepdims=True) + eps) ** -0.5)
+
+    dnorm = dout * weight
+    drstd = (dnorm * xmu).sum(-1, keepdims=True)
+    dvar = -0.5 * drstd * (var + eps) ** -1.5
+    dxmu = dnorm * rstd + dvar * 2 * xmu / C
+    dmean = -dxmu.sum(-1, keepdims=True)
+    row = "(B, T, 1): one number per row, shared by its C channels, so its gradient sums over them (axis -1)"
+    steps = {
+        "dnorm": ((dout, weight), loss_norm, norm, {
+            "dout alone: out = norm * weight + bias, so each dnorm carries its channel's weight": dout},
+            "out = norm * weight + bias; dnorm has the shape of norm, (B, T, C)."),
+        "drstd": ((dnorm, xmu), lambda r: loss_norm(xmu * r), rstd, {
+            "norm where xmu belongs: norm = xmu * rstd, so d norm / d rstd = xmu": (dnorm * norm).sum(-1, keepdims=True),
+        }, f"norm = xmu * rstd; rstd is {row}."),
+        "dvar": ((drstd, var, eps), lambda v: loss_norm(xmu * (v + eps) ** -0.5), var, {
+            "the power is -1/2; the derivative of (var + eps)^(-1/2) is -1/2 (var + eps)^(-3/2)":
+                -0.5 * drstd * (var + eps) ** -0.5,
+        }, "rstd = (var + eps)^(-1/2): the power rule."),
+        "dxmu": ((dnorm, rstd, dvar, xmu), loss_xmu, xmu, {
+            "the path through var is missing: xmu reaches the loss through norm and through var": dnorm * rstd,
+            "the path through norm is missing: xmu reaches the loss through norm and through var":
+                dvar * 2 * xmu / C,
+            "the 1/C of var's mean is missing (var = mean over C of xmu^2)": dnorm * rstd + dvar * 2 * xmu,
+            "the factor 2 of d(xmu^2)/dxmu is missing": dnorm * rstd + dvar * xmu / C,
+        }, "xmu is used twice, in norm = xmu * rstd and in var = mean(xmu^2): add the two paths."),
+        "dmean": ((dxmu,), lambda m: loss_xmu(inp - m), mean, {
+            "the sign: xmu = inp - mean, so d xmu / d mean = -1": dxmu.sum(-1, keepdims=True),
+        }, f"xmu = inp - mean; mean is {row}."),
+        "dinp": ((dxmu, dmean), lambda v: loss_xmu(v - v.mean(-1, keepdims=True)), inp, {
+            "the path through mean is missing: inp reaches the loss through xmu and through mean": dxmu,
+            "the 1/C of the mean is missing (d mean / d inp_c = 1/C)": dxmu + dmean,
+            "the sign of the path through mean: dmean already carries the minus of xmu = inp - mean":
+                dxmu - dmean / C,
+        }, "inp is used twice, in xmu = inp - mean and in mean = inp.mean(-1): add the two paths."),
+    }
+    args, loss, at, mistakes, hint = steps[step]
+    got = run_exercise(ex, fn, *(a.copy() if isinstance(a, np.ndarray) else a for a in args))
+    assert_close(ex, step, got, numerical_jacobian(loss, at), atol=1e-7, rtol=1e-6, known_mistakes=mistakes,
+                 hint=hint)
+    passed(ex, f"{step} matches finite differences of the loss through {step[1:]}")
