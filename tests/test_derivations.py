@@ -12,7 +12,7 @@ import pytest
 
 from llmc_lessons import exercises
 from llmc_lessons.checks import REFERENCES, ExerciseFailed, numerical_jacobian
-from llmc_lessons.checks.attention import check_softmax_backward
+from llmc_lessons.checks.attention import ATTENTION_STEPS, check_attention_step, check_softmax_backward
 from llmc_lessons.checks.crossentropy import check_crossentropy_grad
 from llmc_lessons.checks.encoder import check_encoder_jacobian
 from llmc_lessons.checks.gelu import check_gelu_derivative
@@ -147,6 +147,7 @@ def test_3_1_names_the_wrong_term(kind, cause):
         check_layernorm_jacobian(_ln_wrong(kind))
 
 
+# ---------------------------------------------------------------------------------------------------------
 # Exercises 3.4 to 3.9 (optional): LayerNorm's backward one intermediate at a time
 
 def _solution_steps(notebook, prefix, steps):
@@ -299,6 +300,54 @@ def test_5_1_fails_on_the_stub():
 def test_5_1_names_the_wrong_term(kind, cause):
     with pytest.raises(ExerciseFailed, match=f"(?s)Exercise 5.1 .*{cause}"):
         check_softmax_backward(_sm_wrong(kind))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercises 5.4 to 5.8 (optional): attention's backward one intermediate at a time
+
+def _tr(x):
+    return x.swapaxes(-1, -2)
+
+
+def _row_term(att, datt):
+    return (att * datt).sum(-1, keepdims=True)
+
+
+def test_5_4_to_5_8_pass_on_the_solution_in_order(capsys):
+    for step, fn in _solution_steps("05_attention.ipynb", "attention_", ATTENTION_STEPS).items():
+        check_attention_step(step, fn)
+    out = capsys.readouterr().out
+    assert [f"Exercise 5.{k}: correct" in out for k in range(4, 9)] == [True] * 5
+
+
+@pytest.mark.parametrize("step", ATTENTION_STEPS)
+def test_5_4_to_5_8_fail_on_the_stub(step):
+    def stub(*args):
+        raise NotImplementedError(f"attention_{step}")
+    with pytest.raises(ExerciseFailed, match=r"Exercise 5.\d is not done yet"):
+        check_attention_step(step, stub)
+
+
+@pytest.mark.parametrize("step, wrong, cause", [
+    ("datt", lambda dy, v: v @ _tr(dy), "datt is transposed"),
+    ("datt", lambda dy, v: _tr(v) @ dy, r"expected shape \(1, 2, \d, \d\), got \(1, 2, 3, 3\)"),
+    ("dv", lambda dy, att: att @ dy, "att was not transposed"),
+    ("dpreatt", lambda datt, att, hs: att * (datt - _row_term(att, datt)), "the scale 1/sqrt\\(hs\\) is missing"),
+    ("dpreatt", lambda datt, att, hs: att * datt / math.sqrt(hs), "the softmax's row term"),
+    ("dpreatt", lambda datt, att, hs: (datt - _row_term(att, datt)) / math.sqrt(hs), "factor att_i is missing"),
+    ("dpreatt", lambda datt, att, hs: att * (datt - _row_term(att, datt)) * math.sqrt(hs), "multiplied by sqrt"),
+    ("dq", lambda dpreatt, k: _tr(dpreatt) @ k, "dpreatt was transposed"),
+    ("dq", lambda dpreatt, k: -dpreatt @ k, "sign error"),
+    ("dk", lambda dpreatt, q: dpreatt @ q, "dpreatt was not transposed"),
+])
+def test_5_4_to_5_8_name_the_wrong_term(step, wrong, cause):
+    with pytest.raises(ExerciseFailed, match=rf"(?s)Exercise 5.{4 + ATTENTION_STEPS.index(step)} .*{cause}"):
+        check_attention_step(step, wrong)
+
+
+def test_an_unknown_attention_step_is_a_clear_error():
+    with pytest.raises(ValueError, match="step must be one of"):
+        check_attention_step("dqkv", lambda *a: None)
 
 
 # ---------------------------------------------------------------------------------------------------------

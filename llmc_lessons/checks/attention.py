@@ -297,3 +297,70 @@ def check_softmax_forward_kernel(source) -> None:
                           f"and each combined across the warp before the next step uses it; this launch had "
                           f"{where}")
     passed(EX_KERNEL, "causal softmax correct at T = 13 and 37, three block sizes, and with large scores")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercises 5.4 to 5.8 (optional): the backward one intermediate at a time
+
+ATTENTION_STEPS = ("datt", "dv", "dpreatt", "dq", "dk")
+"""The optional step-by-step exercises in order: Exercise 5.4 asks for datt, ..., Exercise 5.8 for dk."""
+
+
+def check_attention_step(step: str, fn) -> None:
+    """Exercises 5.4 to 5.8 (optional): fn gives the gradient of one intermediate of one head's forward pass,
+    on (B, NH, T, hs) arrays q, k, v,
+
+        preatt = q @ k^T; att = causal_softmax(preatt, 1 / sqrt(hs)); y = att @ v
+
+    from the gradients after it. It gets the right values of those, so that one step's mistake does not spill into
+    the next, and is compared with central differences (float64) of the loss as a function of that intermediate."""
+    if step not in ATTENTION_STEPS:
+        raise ValueError(f"step must be one of {ATTENTION_STEPS}, got {step!r}")
+    ex = f"Exercise 5.{4 + ATTENTION_STEPS.index(step)}"
+    gen = rng()
+    B, NH, T, hs = 1, 2, int(gen.integers(5, 9)), 3
+    q, k, v = (gen.standard_normal((B, NH, T, hs)) for _ in range(3))
+    dy = gen.standard_normal((B, NH, T, hs))
+    scale = 1.0 / math.sqrt(hs)
+    att = causal_softmax(q @ k.swapaxes(-1, -2), scale)
+
+    def loss_att(a):
+        return float((dy * (a @ v)).sum())
+
+    def loss_preatt(p):
+        return loss_att(causal_softmax(p, scale))
+
+    def tr(x):
+        return x.swapaxes(-1, -2)
+
+    datt = dy @ tr(v)
+    row = (att * datt).sum(-1, keepdims=True)
+    dpreatt = att * (datt - row) * scale
+    steps = {
+        "datt": ((dy, v), loss_att, att, {
+            "datt is transposed: datt[t, t2] = sum_i dy[t, i] v[t2, i], which is dy @ v^T": v @ tr(dy),
+        }, "y = att @ v: row t of y mixes the rows v[t2] with the weights att[t, t2]; datt is (T, T) per head."),
+        "dv": ((dy, att), lambda x: float((dy * (att @ x)).sum()), v, {
+            "att was not transposed: v[t2] is used by every query t that attends to it, with weight att[t, t2], so "
+            "dv = att^T @ dy": att @ dy,
+        }, "y = att @ v: which rows of y use v[t2], and with which weights? dv is (T, hs) per head."),
+        "dpreatt": ((datt, att, hs), loss_preatt, q @ tr(k), {
+            "the scale 1/sqrt(hs) is missing: the softmax reads preatt / sqrt(hs)": att * (datt - row),
+            "the softmax's row term - sum_j att_j datt_j is missing": att * datt * scale,
+            "the softmax's factor att_i is missing: gradient leaks into the masked future": (datt - row) * scale,
+            "multiplied by sqrt(hs) where 1/sqrt(hs) belongs": att * (datt - row) / scale,
+        }, "two steps: the softmax's backward of Exercise 5.1, then the scale 1/sqrt(hs) the forward applied."),
+        "dq": ((dpreatt, k), lambda x: loss_preatt(x @ tr(k)), q, {
+            "dpreatt was transposed: preatt[t, t2] = q_t . k_t2, so query t collects row t of dpreatt: "
+            "dpreatt @ k": tr(dpreatt) @ k,
+        }, "preatt = q @ k^T: which entries of preatt use q[t]? dq is (T, hs) per head."),
+        "dk": ((dpreatt, q), lambda x: loss_preatt(q @ tr(x)), k, {
+            "dpreatt was not transposed: key t2 is used by column t2 of preatt, so dk = dpreatt^T @ q":
+                dpreatt @ q,
+        }, "preatt = q @ k^T: which entries of preatt use k[t2]? dk is (T, hs) per head."),
+    }
+    args, loss, at, mistakes, hint = steps[step]
+    got = run_exercise(ex, fn, *(a.copy() if isinstance(a, np.ndarray) else a for a in args))
+    assert_close(ex, step, got, numerical_jacobian(loss, at), atol=1e-7, rtol=1e-6, known_mistakes=mistakes,
+                 hint=hint)
+    passed(ex, f"{step} matches finite differences of the loss through {step[1:]}")
