@@ -5,6 +5,7 @@
     python -m llmc_lessons.exercises check       # exit 1, naming the files, if notebooks/ is out of date
     python -m llmc_lessons.exercises normalize   # strip outputs and normalise solutions/*.ipynb in place
     python -m llmc_lessons.exercises list        # every exercise (and derivation) of every lesson
+    python -m llmc_lessons.exercises report FOLDER   # run a student's notebooks (copies): which exercises pass
 
 An exercise is a code cell of a solution notebook with one line `# Exercise N.k: <what to write>` (N the
 lesson's number, the NN of its file name; k = 1, 2, ... in order of appearance) and one or more regions
@@ -37,8 +38,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import os
 import re
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import nbformat
@@ -46,8 +51,9 @@ import nbformat
 from llmc_lessons import nbgrader_meta, setup_cell
 from llmc_lessons.files import atomic_write
 
-__all__ = ["ExerciseError", "Exercise", "exercise_cells", "derivation_cells", "to_student", "normalize", "dumps", "lesson_number",
-           "build", "check", "normalize_solutions", "find_root", "student_work", "main"]
+__all__ = ["ExerciseError", "Exercise", "exercise_cells", "derivation_cells", "to_student", "normalize", "dumps",
+           "lesson_number", "build", "check", "normalize_solutions", "find_root", "student_work", "report",
+           "format_report", "main"]
 
 EXERCISE_RE = re.compile(r"^[ \t]*#[ \t]*Exercise[ \t]+(\d+)\.(\d+)[ \t]*:[ \t]*(\S.*?)[ \t]*$")
 LOOSE_EXERCISE_RE = re.compile(r"^[ \t]*#+[ \t]*Exercise\b", re.IGNORECASE)
@@ -305,12 +311,17 @@ def normalize(nb, name: str = "notebook"):
     except ExerciseError:  # build, check and normalize_solutions scan first and report it
         found = []
     if not found:  # a student's notebook: the exercise cells keep their header line, their answers are stubs
-        found = [(index, f"{m.group(1)}.{m.group(2)}") for index, cell in enumerate(cells) if cell["cell_type"] == "code"
-                 for m in [next(filter(None, map(EXERCISE_RE.match, _source(cell).split("\n"))), None)] if m]
+        found = _headers(cells)
     nb["cells"] = cells
     nb = nbformat.from_dict(nb)
     nbgrader_meta.mark_cells(nb, found)
     return nb
+
+
+def _headers(cells) -> list[tuple[int, str]]:
+    """[(index, "N.k")] of the code cells with a `# Exercise N.k: ...` line, solution or student notebook alike."""
+    return [(index, f"{m.group(1)}.{m.group(2)}") for index, cell in enumerate(cells) if cell["cell_type"] == "code"
+            for m in [next(filter(None, map(EXERCISE_RE.match, _source(cell).split("\n"))), None)] if m]
 
 
 def to_student(nb, name: str = "notebook"):
@@ -511,17 +522,129 @@ def normalize_solutions(root: str | Path | None = None) -> list[Path]:
     return changed
 
 
+REPORT_RESULTS = ("pass", "fail", "timed out", "not reached")
+NOWHERE = "http://127.0.0.1:9"   # the discard port: a download through this proxy fails at once
+
+
+def _error_line(cell) -> str | None:
+    """The first line of the error a code cell raised when it ran ("ename: evalue"), or None if it raised none."""
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "error":
+            first = (out.get("evalue") or "").strip().split("\n")[0]
+            return first if out.get("ename") in ("ExerciseFailed", "AssertionError") else f"{out.get('ename')}: {first}"
+    return None
+
+
+def _run_for_report(nb, workdir: Path, time_limit: float, kernel_name: str):
+    """Run `nb`'s code cells in order in a fresh kernel (cwd `workdir`), carrying on after errors, for at most
+    `time_limit` seconds in all. Returns (the last cell index that ran to its end, or -1; (cell index, why) where
+    it stopped early, or None)."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    env = dict(os.environ)
+    course = str(Path(__file__).resolve().parent.parent)   # the kernel imports this very course
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [course, env.get("PYTHONPATH")]))
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
+        env[name] = NOWHERE
+    env["no_proxy"] = env["NO_PROXY"] = ""
+    client = NotebookClient(nb, kernel_name=kernel_name, allow_errors=True, timeout=int(time_limit) + 1,
+                            resources={"metadata": {"path": str(workdir)}})
+    client.reset_execution_trackers()
+    start, done = time.monotonic(), -1
+    with client.setup_kernel(env=env):
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            left = time_limit - (time.monotonic() - start)
+            if left <= 0:
+                return done, (index, "timed out")
+            client.timeout = max(1, math.ceil(left))
+            try:
+                client.execute_cell(cell, index)
+            except CellTimeoutError:
+                return done, (index, "timed out")
+            except DeadKernelError:
+                return done, (index, "the kernel died")
+            done = index
+    return done, None
+
+
+def report(folder: str | Path, time_limit: float = 600.0, kernel_name: str = "python3") -> list[tuple[str, str, str, str]]:
+    """How far a student got: run every notebook of `folder` in a fresh kernel and judge each exercise.
+
+    Returns rows (notebook, "N.k", result, message), one per exercise (a code cell with a `# Exercise N.k:` line; its
+    check is the next code cell), result one of REPORT_RESULTS: "pass" (both cells ran clean), "fail" (message: the
+    first line of the check's error, else of the exercise cell's), "timed out" (the notebook's `time_limit`, in
+    seconds, ran out in one of its two cells), "not reached" (the notebook stopped before it). Each notebook runs as
+    a copy in memory, with a new empty folder as its working directory: nothing in `folder` is written. The kernel
+    imports this course, and its HTTP proxies point nowhere, so a download fails instead of waiting.
+    """
+    folder = Path(folder)
+    paths = sorted(folder.glob("*.ipynb")) if folder.is_dir() else []
+    if not paths:
+        raise FileNotFoundError(f"{folder} holds no notebooks (*.ipynb)")
+    rows = []
+    for path in paths:
+        nb = _read(path)
+        code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+        found = _headers(nb.cells)
+        if not found:
+            continue
+        with tempfile.TemporaryDirectory(prefix="llmc-report-") as workdir:
+            done, stopped = _run_for_report(nb, Path(workdir), time_limit, kernel_name)
+        for index, number in found:
+            check = next((i for i in code if i > index), None)
+            cells = [index] + ([check] if check is not None else [])
+            if stopped is not None and stopped[0] in cells:
+                result, message = ("timed out", f"after {time_limit:g} s") if stopped[1] == "timed out" else \
+                    ("not reached", f"{stopped[1]} in cell {stopped[0]}")
+            elif cells[-1] > done:
+                why = f"{stopped[1]} in cell {stopped[0]}" if stopped else ""
+                result, message = "not reached", why
+            else:
+                errors = [e for e in (_error_line(nb.cells[i]) for i in reversed(cells)) if e]
+                result, message = ("fail", errors[0]) if errors else ("pass", "")
+            rows.append((path.name, number, result, message))
+    return rows
+
+
+def format_report(rows) -> str:
+    """The rows of `report` as a table, one line per exercise."""
+    head = ("notebook", "exercise", "result", "message")
+    widths = [max([len(head[k])] + [len(r[k]) for r in rows]) for k in range(3)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths + [0])).rstrip()]
+    for row in rows:
+        message = row[3] if len(row[3]) <= 100 else row[3][:97] + "..."
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row[:3], widths)) + "  " + message)
+    counts = ", ".join(f"{sum(r[2] == k for r in rows)} {k}" for k in REPORT_RESULTS)
+    return "\n".join(lines + [f"{len(rows)} exercises: {counts}"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmc_lessons.exercises",
                                      description="Generate the student notebooks from the solution notebooks.")
-    parser.add_argument("command", choices=["build", "check", "normalize", "list"],
+    parser.add_argument("command", choices=["build", "check", "normalize", "list", "report"],
                         help="build: write notebooks/ from solutions/; check: exit 1 if notebooks/ is out of "
-                             "date; normalize: strip outputs from solutions/; list: show every exercise")
+                             "date; normalize: strip outputs from solutions/; list: show every exercise; report: "
+                             "run a student's notebooks (copies) and show which exercises pass")
+    parser.add_argument("folder", nargs="?", help="report: the folder of the student's notebooks")
+    parser.add_argument("--time-limit", type=float, default=600.0,
+                        help="report: seconds each notebook may run in all (default 600)")
+    parser.add_argument("--kernel", default="python3", help="report: the Jupyter kernel to run them in")
     parser.add_argument("--root", default=None, help="the repository root (default: the current directory)")
     parser.add_argument("--force", action="store_true", help="build: replace or remove notebooks even where they "
                         "hold a student's work (outputs, edits, answers typed in)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "report":
+            if args.folder is None:
+                parser.error("report needs the folder of the student's notebooks")
+            if not args.time_limit > 0:
+                parser.error(f"--time-limit must be a positive number of seconds, got {args.time_limit:g}")
+            print(format_report(report(args.folder, args.time_limit, args.kernel)))
+            return 0
+        if args.folder is not None:
+            parser.error(f"{args.command} takes no folder (only report does)")
         root = find_root(args.root)
         if args.command == "build":
             changed = build(root, force=args.force)

@@ -637,3 +637,59 @@ def test_build_keeps_a_derivation_the_student_wrote(derivation_repo, work, why):
     with pytest.raises(ExerciseError, match=re.escape(f"notebooks/03_x.ipynb: {why}")):
         ex.build(derivation_repo)
     assert ex.student_work(student) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report: a teacher's view of a student's notebooks folder (runs copies in a fresh kernel)
+
+def _student(*cells):
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": dict(KERNELSPEC)})
+    nb.cells = [nbformat.v4.new_markdown_cell(text) if kind == "md" else nbformat.v4.new_code_cell(text)
+                for kind, text in cells]
+    return nb
+
+
+CHECK = ("class ExerciseFailed(AssertionError):\n    pass\n\n"
+         "def check(ex, ok, why):\n    if not ok:\n        raise ExerciseFailed(f'{ex} ({why}): 3 of 9 elements are wrong.\\n  hint: more')\n"
+         "    print(f'{ex}: correct')")
+
+
+@pytest.mark.notebook
+def test_report_runs_copies_and_judges_every_exercise(tmp_path, current_env_kernel, capsys):
+    folder = tmp_path / "student"
+    folder.mkdir()
+    first = _student(("code", CHECK), ("code", "# Exercise 3.1: f\ndef f():\n    return 2"),
+                     ("code", "check('Exercise 3.1', f() == 2, 'f')"), ("md", "Next."),
+                     ("code", '# Exercise 3.2: g\ndef g():\n    raise NotImplementedError("Exercise 3.2: g")'),
+                     ("code", "try:\n    g()\nexcept NotImplementedError:\n"
+                              "    raise ExerciseFailed('Exercise 3.2 is not done yet (g)') from None"),
+                     ("code", "# Exercise 3.3: h\nh = 1 / 0"), ("code", "check('Exercise 3.3', h == 0, 'h')"),
+                     ("code", "# Exercise 3.4: k\nk = 5"), ("code", "check('Exercise 3.4', k == 4, 'k')"))
+    slow = _student(("code", "# Exercise 4.1: spin\nimport time\ntime.sleep(60)"), ("code", "print('checked')"),
+                    ("code", "# Exercise 4.2: never\nx = 1"), ("code", "print(x)"))
+    for name, nb in (("03_x.ipynb", first), ("04_y.ipynb", slow)):
+        nbformat.write(nb, str(folder / name))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    rows = ex.report(folder, time_limit=8, kernel_name=current_env_kernel)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before   # the student's files are untouched
+    assert [r[:3] for r in rows] == [("03_x.ipynb", "3.1", "pass"), ("03_x.ipynb", "3.2", "fail"),
+                                     ("03_x.ipynb", "3.3", "fail"), ("03_x.ipynb", "3.4", "fail"),
+                                     ("04_y.ipynb", "4.1", "timed out"), ("04_y.ipynb", "4.2", "not reached")]
+    messages = dict(((r[0], r[1]), r[3]) for r in rows)
+    assert messages["03_x.ipynb", "3.2"] == "Exercise 3.2 is not done yet (g)"
+    assert messages["03_x.ipynb", "3.3"].startswith("NameError: name 'h' is not defined")   # the check's error first
+    assert messages["03_x.ipynb", "3.4"] == "Exercise 3.4 (k): 3 of 9 elements are wrong."
+    table = ex.format_report(rows)
+    assert table.splitlines()[0].split() == ["notebook", "exercise", "result", "message"]
+    assert "6 exercises: 1 pass, 3 fail, 1 timed out, 1 not reached" in table
+
+
+def test_report_refuses_a_folder_without_notebooks_and_bad_arguments(tmp_path, capsys):
+    assert ex.main(["report", str(tmp_path)]) == 2
+    assert "holds no notebooks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ex.main(["report"])
+    with pytest.raises(SystemExit):
+        ex.main(["report", str(tmp_path), "--time-limit", "0"])
+    with pytest.raises(SystemExit):
+        ex.main(["check", str(tmp_path)])
