@@ -312,7 +312,7 @@ def check_attention_step(step: str, fn) -> None:
 
         preatt = q @ k^T; att = causal_softmax(preatt, 1 / sqrt(hs)); y = att @ v
 
-    from the gradients after it. It gets the right values of those, so that one step's mistake does not spill into
+    using the gradients after it. It gets the right values of those, so that one step's mistake does not spill into
     the next, and is compared with central differences (float64) of the loss as a function of that intermediate."""
     if step not in ATTENTION_STEPS:
         raise ValueError(f"step must be one of {ATTENTION_STEPS}, got {step!r}")

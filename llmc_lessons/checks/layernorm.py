@@ -148,7 +148,7 @@ def check_layernorm_step(step: str, fn) -> None:
         mean = inp.mean(-1, keepdims=True); xmu = inp - mean; var = (xmu ** 2).mean(-1, keepdims=True)
         rstd = (var + eps) ** -0.5; norm = xmu * rstd; out = norm * weight + bias
 
-    from the gradients after it. It gets the right values of those, so that one step's mistake does not spill into
+    using the gradients after it. It gets the right values of those, so that one step's mistake does not spill into
     the next, and is compared with central differences (float64) of the loss as a function of that intermediate."""
     if step not in LAYERNORM_STEPS:
         raise ValueError(f"step must be one of {LAYERNORM_STEPS}, got {step!r}")
