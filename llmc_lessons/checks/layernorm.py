@@ -85,7 +85,7 @@ def check_layernorm_backward(fn) -> None:
         "a sum over the channels where mean(dnorm * norm) belongs (the forward pass's variance is a mean over C "
         "channels)": r * (dnorm - m1 - norm * C * m2),
     }, hint="dinp has three terms inside rstd * (...): dnorm = dout * weight itself, one from mean depending on every "
-            "x_c, one from rstd depending on every x_c; each is an average over the C channels of the row (see the "
+            "x_c, one from rstd depending on every x_c; each is an average over the C channels of the row (your "
             "derivation above).")
     assert_close(ex, "dweight", dweight, want_dweight, atol=1e-9, rtol=1e-7, known_mistakes={
         "dweight used inp where norm = (inp - mean) * rstd belongs": (dout * inp).sum(axis=(0, 1)),
