@@ -267,3 +267,15 @@ def test_check_kernel_names_mistakes(old, new, cause):
     assert old in GOOD
     with pytest.raises(AssertionError, match=cause):
         checks.check_rmsnorm_forward_kernel(GOOD.replace(old, new))
+
+
+def test_the_notebook_kernels_are_the_package_kernels():
+    from conftest import notebook_cuda_source
+    for variable, file, name in (("rmsnorm_src", "rmsnorm.cu", "rmsnorm_forward_kernel"),
+                                 ("rope_src", "rope.cu", "rope_backward_kernel"),
+                                 ("swiglu_src", "swiglu.cu", "swiglu_backward_kernel")):
+        body = notebook_cuda_source("15_rmsnorm_rope_swiglu.ipynb", variable)
+        start = f'extern "C" __global__ void {name}('
+        package = kernel_source(file)
+        package = package[package.index(start):]
+        assert body[body.index(start):].strip() == package[:package.index("\n}\n") + 2].strip(), variable
