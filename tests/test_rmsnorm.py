@@ -12,8 +12,10 @@ from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.gradcheck import gradcheck
 from llmc_lessons.layers.layernorm import layernorm_forward
-from llmc_lessons.layers.rmsnorm import (rmsnorm_backward, rmsnorm_backward_cuda, rmsnorm_forward,
+from llmc_lessons.layers.rmsnorm import (rmsnorm_backward, rmsnorm_backward_bf16_cuda, rmsnorm_backward_cuda,
+                                         rmsnorm_forward, rmsnorm_forward_bf16, rmsnorm_forward_bf16_cuda,
                                          rmsnorm_forward_cuda)
+from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -279,3 +281,42 @@ def test_the_notebook_kernels_are_the_package_kernels():
         package = kernel_source(file)
         package = package[package.index(start):]
         assert body[body.index(start):].strip() == package[:package.index("\n}\n") + 2].strip(), variable
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 kernels: outputs allocated full of NaN (poisoned_allocations), against the float64 reference of the
+# same bf16 inputs
+
+
+@pytest.mark.parametrize("B,T,C,block_size", [(2, 7, 45, 32), (1, 5, 768, 128), (3, 3, 100, 96)])
+def test_bf16_kernels_match_reference(B, T, C, block_size, poisoned_allocations):
+    gen = np.random.default_rng(C)
+    x = to_bf16((gen.standard_normal((B, T, C)) * 2 + 0.5).astype(np.float32))
+    dout = to_bf16(gen.standard_normal((B, T, C)).astype(np.float32))
+    w = gen.standard_normal(C).astype(np.float32)
+    out, rstd = rmsnorm_forward_bf16_cuda(to_device(x), to_device(w), block_size=block_size)
+    want_out, want_rstd = rmsnorm_forward_bf16(x, w)
+    np.testing.assert_allclose(to_host(rstd), want_rstd, rtol=1e-5)
+    np.testing.assert_allclose(from_bf16(to_host(out)), from_bf16(want_out), rtol=2 ** -7, atol=1e-6)
+    assert np.mean(to_host(out) == want_out) > 0.98            # most round to the same bits
+    dinp0 = gen.standard_normal((B, T, C)).astype(np.float32)
+    dw0 = gen.standard_normal(C).astype(np.float32)
+    d_dinp, d_dw = to_device(dinp0.copy()), to_device(dw0.copy())     # to_device may return the array itself
+    dinp_bf16 = rmsnorm_backward_bf16_cuda(d_dinp, to_device(dout), to_device(x), to_device(w), rstd, d_dw,
+                                           block_size=block_size, param_block_size=block_size)
+    dinp64, dw64 = rmsnorm_backward(from_bf16(dout).astype(np.float64), from_bf16(x).astype(np.float64),
+                                    w.astype(np.float64), to_host(rstd).astype(np.float64))
+    np.testing.assert_allclose(to_host(d_dinp), dinp0 + dinp64, atol=1e-5, rtol=1e-5)     # accumulated
+    np.testing.assert_array_equal(to_host(dinp_bf16), to_bf16(to_host(d_dinp)))           # its bf16 copy
+    np.testing.assert_allclose(to_host(d_dw), dw0 + dw64, atol=1e-4, rtol=1e-5)
+
+
+def test_bf16_launchers_reject_bad_input():
+    x, w = to_device(np.ones((2, 3, 8), np.uint16)), to_device(np.ones(8, np.float32))
+    with pytest.raises(TypeError, match="dtype uint16"):
+        rmsnorm_forward_bf16_cuda(to_device(np.ones((2, 3, 8), np.float32)), w)
+    with pytest.raises(ValueError, match="shape"):
+        rmsnorm_forward_bf16_cuda(x, to_device(np.ones(9, np.float32)))
+    with pytest.raises(TypeError, match="dtype float32"):
+        rmsnorm_backward_bf16_cuda(to_device(np.ones((2, 3, 8), np.uint16)), x, x, w,
+                                   to_device(np.ones((2, 3), np.float32)), to_device(np.zeros(8, np.float32)))

@@ -11,8 +11,9 @@ from llmc_lessons.checks import rope as checks
 from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.gradcheck import gradcheck
-from llmc_lessons.layers.rope import (precompute_freqs_cis, rope_backward, rope_backward_cuda, rope_forward,
-                                      rope_forward_cuda)
+from llmc_lessons.layers.rope import (precompute_freqs_cis, rope_backward, rope_backward_bf16_cuda, rope_backward_cuda,
+                                      rope_forward, rope_forward_bf16, rope_forward_bf16_cuda, rope_forward_cuda)
+from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -240,3 +241,32 @@ def test_check_kernel_names_wrong_pairing():
     src = src.replace("dinp[2 * p] =", "dinp[2 * base + i] =").replace("dinp[2 * p + 1] =", "dinp[2 * base + i + half] =")
     with pytest.raises(AssertionError, match="rotate_half"):
         checks.check_rope_backward_kernel(src)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 kernel: outputs allocated full of NaN (poisoned_allocations), against the float64 reference of the same
+# bf16 inputs, rounded once
+
+
+@pytest.mark.parametrize("block_size,shape", [(32, (2, 7, 3, 10)), (96, (3, 5, 2, 64)), (256, (1, 33, 5, 6))])
+def test_bf16_kernel_matches_reference(block_size, shape, poisoned_allocations):
+    gen = np.random.default_rng(block_size)
+    x = to_bf16(gen.standard_normal(shape).astype(np.float32))
+    f = precompute_freqs_cis(shape[-1], shape[1])
+    got = to_host(rope_forward_bf16_cuda(to_device(x), to_device(f), block_size=block_size))
+    want = rope_forward_bf16(x, f)
+    np.testing.assert_allclose(from_bf16(got), from_bf16(want), rtol=2 ** -7, atol=1e-6)
+    assert np.mean(got == want) > 0.98
+    back = to_host(rope_backward_bf16_cuda(to_device(x), to_device(f), block_size=block_size))
+    want = to_bf16(rope_backward(from_bf16(x).astype(np.float64), f.astype(np.float64)).astype(np.float32))
+    np.testing.assert_allclose(from_bf16(back), from_bf16(want), rtol=2 ** -7, atol=1e-6)
+
+
+def test_bf16_launchers_work_in_place_and_reject_bad_input():
+    x = to_device(to_bf16(np.random.default_rng(0).standard_normal((1, 4, 2, 8)).astype(np.float32)))
+    f = to_device(precompute_freqs_cis(8, 4))
+    assert rope_forward_bf16_cuda(x, f, out=x) is x
+    with pytest.raises(TypeError, match="dtype uint16"):
+        rope_forward_bf16_cuda(to_device(np.ones((1, 4, 2, 8), np.float32)), f)
+    with pytest.raises(TypeError, match="dtype uint16"):
+        rope_backward_bf16_cuda(x, f, out=to_device(np.ones((1, 4, 2, 8), np.float32)))

@@ -11,8 +11,10 @@ from llmc_lessons.checks import swiglu as checks
 from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.gradcheck import gradcheck
-from llmc_lessons.layers.swiglu import (sigmoid, swiglu_backward, swiglu_backward_cuda, swiglu_forward,
-                                        swiglu_forward_cuda)
+from llmc_lessons.layers.swiglu import (sigmoid, swiglu_backward, swiglu_backward_bf16, swiglu_backward_bf16_cuda,
+                                        swiglu_backward_cuda, swiglu_forward, swiglu_forward_bf16,
+                                        swiglu_forward_bf16_cuda, swiglu_forward_cuda)
+from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -217,3 +219,28 @@ def test_check_kernel_names_mistakes(old, new, cause):
     assert old in GOOD
     with pytest.raises(AssertionError, match=cause):
         checks.check_swiglu_backward_kernel(GOOD.replace(old, new))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 kernels: outputs allocated full of NaN (poisoned_allocations), against the float64 reference of the
+# same bf16 inputs, rounded once
+
+
+@pytest.mark.parametrize("block_size,shape", [(32, (2, 5, 2 * 37)), (128, (1, 7, 2 * 100)), (256, (3, 3, 2 * 171))])
+def test_bf16_kernels_match_reference(block_size, shape, poisoned_allocations):
+    gen = np.random.default_rng(block_size)
+    x = to_bf16((gen.standard_normal(shape) * 4).astype(np.float32))
+    dout = to_bf16(gen.standard_normal(shape[:-1] + (shape[-1] // 2,)).astype(np.float32))
+    for got, want in ((swiglu_forward_bf16_cuda(to_device(x), block_size=block_size), swiglu_forward_bf16(x)),
+                      (swiglu_backward_bf16_cuda(to_device(dout), to_device(x), block_size=block_size),
+                       swiglu_backward_bf16(dout, x))):
+        got = to_host(got)
+        np.testing.assert_allclose(from_bf16(got), from_bf16(want), rtol=2 ** -7, atol=1e-6)
+        assert np.mean(got == want) > 0.98
+
+
+def test_bf16_launchers_reject_bad_input():
+    with pytest.raises(TypeError, match="dtype uint16"):
+        swiglu_forward_bf16_cuda(to_device(np.ones((2, 3, 8), np.float32)))
+    with pytest.raises(ValueError, match="shape"):
+        swiglu_backward_bf16_cuda(to_device(np.ones((2, 3, 3), np.uint16)), to_device(np.ones((2, 3, 8), np.uint16)))

@@ -45,3 +45,27 @@ extern "C" __global__ void rope_backward_kernel(float* dinp,             // (B, 
     dinp[2 * p] = d0 * cos_a + d1 * sin_a;            // the transpose of the rotation: sin changes sign
     dinp[2 * p + 1] = -d0 * sin_a + d1 * cos_a;
 }
+
+// =========================================================================================================
+// bf16: q and k stored in bfloat16, the angles' table in float32, the rotation in float32, rounded once on
+// the store (kernels/bf16.cuh has the conversions). The same mapping: a thread per pair, in place allowed.
+// =========================================================================================================
+#include "bf16.cuh"
+
+extern "C" __global__ void rope_bf16_kernel(bf16* out,                // (B, T, NH, hs)
+                                            const bf16* inp,          // (B, T, NH, hs)
+                                            const float* freqs_cis,   // (T, hs/2, 2)
+                                            int B, int T, int NH, int hs,
+                                            float direction) {        // +1: forward; -1: backward (inverse)
+    int half = hs / 2;
+    int p = blockIdx.x * blockDim.x + threadIdx.x;    // one thread per pair
+    if (p >= B * T * NH * half) { return; }
+    int i = p % half;
+    int t = (p / (NH * half)) % T;
+    float cos_a = freqs_cis[(t * half + i) * 2];
+    float sin_a = direction * freqs_cis[(t * half + i) * 2 + 1];
+    float x0 = bf16_to_float(inp[2 * p]);
+    float x1 = bf16_to_float(inp[2 * p + 1]);
+    out[2 * p] = bf16_from_float(x0 * cos_a - x1 * sin_a);
+    out[2 * p + 1] = bf16_from_float(x0 * sin_a + x1 * cos_a);
+}
