@@ -12,7 +12,9 @@ from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.gradcheck import gradcheck
 from llmc_lessons.layers.rope import (precompute_freqs_cis, rope_backward, rope_backward_bf16_cuda, rope_backward_cuda,
-                                      rope_forward, rope_forward_bf16, rope_forward_bf16_cuda, rope_forward_cuda)
+                                      rope_forward, rope_forward_bf16, rope_forward_bf16_cuda, rope_forward_cuda,
+                                      rope_qkv_backward_bf16_cuda, rope_qkv_backward_cuda, rope_qkv_forward_bf16_cuda,
+                                      rope_qkv_forward_cuda)
 from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,3 +272,49 @@ def test_bf16_launchers_work_in_place_and_reject_bad_input():
         rope_forward_bf16_cuda(to_device(np.ones((1, 4, 2, 8), np.float32)), f)
     with pytest.raises(TypeError, match="dtype uint16"):
         rope_backward_bf16_cuda(x, f, out=to_device(np.ones((1, 4, 2, 8), np.float32)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In place on qkv (B, T, (NH + 2 NKV) hs): q's and k's heads rotated, v's untouched
+
+
+def _qkv_reference(qkv, f, NH, NKV, rotate):
+    B, T, W = qkv.shape
+    hs = W // (NH + 2 * NKV)
+    heads = qkv.reshape(B, T, NH + 2 * NKV, hs).copy()
+    heads[:, :, :NH + NKV] = rotate(heads[:, :, :NH + NKV], f)
+    return heads.reshape(B, T, W)
+
+
+@pytest.mark.parametrize("NH,NKV,hs,block_size", [(4, 4, 8, 32), (6, 2, 10, 96), (3, 1, 6, 256)])
+def test_qkv_kernels_rotate_q_and_k_in_place(NH, NKV, hs, block_size):
+    gen = np.random.default_rng(NH * 10 + NKV)
+    B, T = 2, 7
+    qkv = gen.standard_normal((B, T, (NH + 2 * NKV) * hs)).astype(np.float32)
+    f = precompute_freqs_cis(hs, T)
+    d = to_device(qkv.copy())
+    assert rope_qkv_forward_cuda(d, to_device(f), NH, NKV, block_size=block_size) is d
+    np.testing.assert_allclose(to_host(d), _qkv_reference(qkv, f, NH, NKV, rope_forward), atol=1e-6)
+    rope_qkv_backward_cuda(d, to_device(f), NH, NKV, block_size=block_size)
+    np.testing.assert_allclose(to_host(d), qkv, atol=1e-5)          # the inverse: back where it started
+    bits = to_bf16(qkv)
+    db = to_device(bits.copy())
+    rope_qkv_forward_bf16_cuda(db, to_device(f), NH, NKV, block_size=block_size)
+    want = to_bf16(_qkv_reference(from_bf16(bits).astype(np.float64), f.astype(np.float64), NH, NKV,
+                                  rope_forward).astype(np.float32))
+    np.testing.assert_allclose(from_bf16(to_host(db)), from_bf16(want), rtol=2 ** -7, atol=1e-6)
+    np.testing.assert_array_equal(to_host(db)[..., (NH + NKV) * hs:], bits[..., (NH + NKV) * hs:])   # v untouched
+    rope_qkv_backward_bf16_cuda(db, to_device(f), NH, NKV, block_size=block_size)
+    np.testing.assert_allclose(from_bf16(to_host(db)), from_bf16(bits), rtol=2 ** -6, atol=1e-2)
+
+
+def test_qkv_launchers_reject_bad_input():
+    qkv, f = to_device(np.ones((2, 4, 6 * 8), np.float32)), to_device(precompute_freqs_cis(8, 4))
+    with pytest.raises(ValueError, match=r"\(NH \+ 2 NKV\) \* hs"):
+        rope_qkv_forward_cuda(qkv, f, 3, 2)
+    with pytest.raises(ValueError, match="freqs_cis"):
+        rope_qkv_forward_cuda(qkv, to_device(precompute_freqs_cis(8, 5)), 4, 1)
+    with pytest.raises(TypeError, match="NKV must be an int"):
+        rope_qkv_backward_cuda(qkv, f, 4, 1.0)
+    with pytest.raises(TypeError, match="dtype uint16"):
+        rope_qkv_forward_bf16_cuda(qkv, f, 4, 1)

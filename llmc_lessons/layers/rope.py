@@ -119,8 +119,43 @@ def rope_backward_cuda(dout, freqs_cis, out=None, block_size: int = 256):
     return _launch("rope_backward_kernel", dout, freqs_cis, out, block_size)
 
 
+def _require_qkv(qkv, freqs_cis, NH, NKV, block_size, dtype):
+    NH, NKV = device.require_int("NH", NH), device.require_int("NKV", NKV)
+    device.require_array("qkv", qkv, shape=(None, None, None), dtype=dtype)
+    B, T, W = qkv.shape
+    heads = NH + 2 * NKV
+    if W % heads or (W // heads) % 2:
+        raise ValueError(f"qkv's last axis ({W}) must be (NH + 2 NKV) * hs = {heads} * hs with hs even")
+    hs = W // heads
+    device.require_array("freqs_cis", freqs_cis, shape=(T, hs // 2, 2))
+    block_size = device.require_block_size(block_size)
+    return B, T, heads, hs, block_size
+
+
+def _rope_qkv_cuda(kernel, qkv, freqs_cis, NH, NKV, block_size, dtype, direction):
+    B, T, heads, hs, block_size = _require_qkv(qkv, freqs_cis, NH, NKV, block_size, dtype)
+    pairs = B * T * (NH + NKV) * (hs // 2)
+    if pairs:
+        load_kernel("rope.cu", kernel)((-(-pairs // block_size),), (block_size,),
+                                       (qkv, freqs_cis, np.int32(B), np.int32(T), np.int32(NH + NKV), np.int32(heads),
+                                        np.int32(hs), np.float32(direction)))
+    return qkv
+
+
+def rope_qkv_forward_cuda(qkv, freqs_cis, NH: int, NKV: int, block_size: int = 256):
+    """qkv (B, T, (NH + 2 NKV) hs) float32, freqs_cis (T, hs/2, 2): q's NH and k's NKV heads rotated in place
+    (v unchanged) through rope_qkv_kernel; returns qkv."""
+    return _rope_qkv_cuda("rope_qkv_kernel", qkv, freqs_cis, NH, NKV, block_size, np.float32, 1.0)
+
+
+def rope_qkv_backward_cuda(dqkv, freqs_cis, NH: int, NKV: int, block_size: int = 256):
+    """dqkv (B, T, (NH + 2 NKV) hs) float32: dq and dk turned back by the inverse rotation in place (dv
+    unchanged); returns dqkv."""
+    return _rope_qkv_cuda("rope_qkv_kernel", dqkv, freqs_cis, NH, NKV, block_size, np.float32, -1.0)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# bf16: launchers of rope_bf16_kernel (bf16 arrays are uint16 arrays of the bits; the table stays float32)
+# bf16: launchers of rope_bf16_kernel and rope_qkv_bf16_kernel (bf16 arrays are uint16 arrays of the bits; the table stays float32)
 
 
 def rope_forward_bf16(inp_bits, freqs_cis):
@@ -137,3 +172,13 @@ def rope_forward_bf16_cuda(inp, freqs_cis, out=None, block_size: int = 256):
 def rope_backward_bf16_cuda(dout, freqs_cis, out=None, block_size: int = 256):
     """dout (B, T, NH, hs) bf16 bits, freqs_cis (T, hs/2, 2) float32 -> dinp bf16 bits: the inverse rotation."""
     return _launch("rope_bf16_kernel", dout, freqs_cis, out, block_size, direction=-1.0)
+
+
+def rope_qkv_forward_bf16_cuda(qkv, freqs_cis, NH: int, NKV: int, block_size: int = 256):
+    """rope_qkv_forward_cuda on bf16 bits: q's and k's heads of qkv rotated in place; returns qkv."""
+    return _rope_qkv_cuda("rope_qkv_bf16_kernel", qkv, freqs_cis, NH, NKV, block_size, np.uint16, 1.0)
+
+
+def rope_qkv_backward_bf16_cuda(dqkv, freqs_cis, NH: int, NKV: int, block_size: int = 256):
+    """rope_qkv_backward_cuda on bf16 bits: dq and dk turned back in place; returns dqkv."""
+    return _rope_qkv_cuda("rope_qkv_bf16_kernel", dqkv, freqs_cis, NH, NKV, block_size, np.uint16, -1.0)
