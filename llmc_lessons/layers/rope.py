@@ -20,7 +20,8 @@ Shapes: inp, out (B, T, NH, hs) (q or k split into heads, llm.c's layout); freqs
 position and pair [cos(angle), sin(angle)], made once by precompute_freqs_cis (llm.c's name). A model
 generating from position `start` passes freqs_cis[start:start + T].
 
-Read top-down: the NumPy table, forward and backward, then the launchers of `kernels/rope.cu`, float32 then
+Read top-down: the NumPy table, forward and backward, then the launchers of `kernels/rope.cu`: float32 on
+(B, T, NH, hs) arrays, float32 in place on q and k inside the qkv matmul's output (B, T, (NH + 2 NKV) hs), then
 bf16.
 """
 from __future__ import annotations
