@@ -218,7 +218,8 @@ def test_check_backward_fails_on_stub_and_wrong_return():
 
 @pytest.mark.parametrize("kind,cause", [
     ("layernorm", "that is LayerNorm's backward"), ("sum", "a sum over the channels where mean"),
-    ("direct_only", r"the term - norm \* mean\(dnorm \* norm\) is missing"), ("dout_not_dnorm", "dout was used where dnorm"),
+    ("direct_only", r"the term - norm \* mean\(dnorm \* norm\) is missing"),
+    ("dout_not_dnorm", "dout was used where dnorm"),
     ("dweight_inp", "dweight used inp where norm"),
 ])
 def test_check_backward_names_mistakes(kind, cause):
