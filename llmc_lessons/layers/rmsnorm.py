@@ -1,0 +1,179 @@
+"""RMSNorm, LLaMA's normalisation (lesson 15): LayerNorm without the mean and without the bias.
+
+    rstd = 1 / sqrt((1/C) sum_c x_c^2 + eps)        norm_c = x_c * rstd        out_c = norm_c * weight_c
+
+Shapes: inp and out (B, T, C), weight (C,), rstd (B, T). eps = 1e-5, as in LLaMA.
+
+Backward, with dnorm = dout * weight:
+
+    dinp = rstd * (dnorm - norm * mean_c(dnorm * norm))        dweight = sum over (b, t) of dout * norm
+
+LayerNorm's dinp has one more term, - mean_c(dnorm): it comes from the mean, which RMSNorm does not subtract.
+
+Read top-down: the NumPy forward and backward references, then the launchers of the kernels in
+`kernels/rmsnorm.cu`, float32 then bf16.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from llmc_lessons import device
+from llmc_lessons.cuda import load_kernel
+from llmc_lessons.precision import from_bf16, to_bf16
+
+# ---------------------------------------------------------------------------------------------------------
+# NumPy reference
+
+
+def _check_shapes(where: str, inp, weight, **others) -> None:
+    if inp.ndim != 3:
+        raise ValueError(f"{where}: inp must have shape (B, T, C), got {inp.shape}")
+    B, T, C = inp.shape
+    if weight.shape != (C,):
+        raise ValueError(f"{where}: weight must have shape (C,) = ({C},), got {weight.shape}")
+    for name, a in others.items():
+        want = (B, T, C) if name == "dout" else (B, T)
+        if a.shape != want:
+            raise ValueError(f"{where}: {name} must have shape {want}, got {a.shape}")
+
+
+def rmsnorm_forward(inp, weight, eps: float = 1e-5):
+    """(B, T, C), (C,) -> out (B, T, C), rstd (B, T); rstd is kept for the backward."""
+    inp, weight = np.asarray(inp), np.asarray(weight)
+    _check_shapes("rmsnorm_forward", inp, weight)
+    ms = (inp * inp).mean(axis=-1)                             # (B, T): the mean square, no mean subtracted
+    rstd = 1.0 / np.sqrt(ms + np.asarray(eps, dtype=inp.dtype))  # (B, T): 1 / root mean square
+    norm = inp * rstd[..., None]                               # (B, T, C): root mean square ~1 per row
+    out = norm * weight                                        # (B, T, C): no bias
+    return out, rstd
+
+
+def rmsnorm_backward(dout, inp, weight, rstd):
+    """(B, T, C), (B, T, C), (C,), (B, T) -> dinp (B, T, C), dweight (C,).
+
+    dinp = rstd * (dnorm - norm * mean_c(dnorm * norm)) with dnorm = dout * weight.
+    """
+    dout, inp, weight, rstd = np.asarray(dout), np.asarray(inp), np.asarray(weight), np.asarray(rstd)
+    _check_shapes("rmsnorm_backward", inp, weight, dout=dout, rstd=rstd)
+    norm = inp * rstd[..., None]                               # (B, T, C), recomputed from the cache
+    dnorm = dout * weight                                      # (B, T, C)
+    dnorm_norm_mean = (dnorm * norm).mean(axis=-1, keepdims=True)  # (B, T, 1)
+    dinp = rstd[..., None] * (dnorm - norm * dnorm_norm_mean)
+    dweight = (dout * norm).sum(axis=(0, 1))                   # (C,): weight was used at every (b, t)
+    return dinp, dweight
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel launchers (kernels/rmsnorm.cu): backend arrays in (CuPy on a GPU, NumPy + the emulator on a CPU),
+# fresh backend arrays out
+
+
+def _require_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    return float(eps)
+
+
+def rmsnorm_forward_cuda(inp, weight, block_size: int = 256, eps: float = 1e-5):
+    """(B, T, C), (C,) float32 -> out (B, T, C), rstd (B, T) through rmsnorm_forward_kernel (a warp per row)."""
+    device.require_array("inp", inp, shape=(None, None, None))
+    B, T, C = inp.shape
+    device.require_array("weight", weight, shape=(C,))
+    block_size = device.require_block_size(block_size, warps=True)
+    eps = _require_eps(eps)
+    xp = device.xp
+    out, rstd = xp.empty((B, T, C), np.float32), xp.empty((B, T), np.float32)
+    N = B * T
+    if N:
+        load_kernel("rmsnorm.cu", "rmsnorm_forward_kernel")(
+            (-(-N // (block_size // 32)),), (block_size,), (out, rstd, inp, weight, np.int32(N), np.int32(C),
+                                                            np.float32(eps)))
+    return out, rstd
+
+
+def rmsnorm_backward_cuda(dout, inp, weight, rstd, block_size: int = 256, param_block_size: int = 256):
+    """(B, T, C), (B, T, C), (C,), (B, T) float32 -> dinp (B, T, C), dweight (C,), fresh arrays.
+
+    dinp through rmsnorm_backward_kernel (a warp per row, blocks of block_size threads); dweight through
+    rmsnorm_param_backward_kernel (a thread per channel and chunk of rows, blocks of param_block_size threads)
+    and rmsnorm_param_reduce_kernel (the chunks' sums added in order)."""
+    device.require_array("inp", inp, shape=(None, None, None))
+    B, T, C = inp.shape
+    device.require_array("dout", dout, shape=(B, T, C))
+    device.require_array("weight", weight, shape=(C,))
+    device.require_array("rstd", rstd, shape=(B, T))
+    block_size = device.require_block_size(block_size, warps=True)
+    param_block_size = device.require_block_size(param_block_size, name="param_block_size")
+    xp = device.xp
+    N = B * T
+    dinp = xp.empty((B, T, C), np.float32)
+    dweight = xp.zeros((C,), np.float32)             # no rows: no gradient
+    if N and C:
+        load_kernel("rmsnorm.cu", "rmsnorm_backward_kernel")(
+            (-(-N // (block_size // 32)),), (block_size,), (dinp, dout, inp, weight, rstd, np.int32(N), np.int32(C)))
+        _param_backward("rmsnorm_param_backward_kernel", dweight, dout, inp, rstd, param_block_size)
+    return dinp, dweight
+
+
+def _param_backward(kernel: str, dweight, dout, inp, rstd, param_block_size: int) -> None:
+    """dweight += the column sums of dout * inp * rstd: `kernel` leaves R rows of partial sums (R row chunks, so
+    that the grid has enough blocks), rmsnorm_param_reduce_kernel adds them in order."""
+    B, T, C = inp.shape
+    N = B * T
+    R = max(1, min(64, N // 64))                     # each thread sums N / R >= 64 rows
+    partial = device.xp.empty((R, C), np.float32)
+    grid_x = -(-C // param_block_size)
+    load_kernel("rmsnorm.cu", kernel)((grid_x, R), (param_block_size,),
+                                      (partial, dout, inp, rstd, np.int32(N), np.int32(C)))
+    load_kernel("rmsnorm.cu", "rmsnorm_param_reduce_kernel")((grid_x,), (param_block_size,),
+                                                             (dweight, partial, np.int32(R), np.int32(C)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16: launchers of the bf16 kernels in kernels/rmsnorm.cu (bf16 arrays are uint16 arrays of the bits;
+# rstd, weight and the gradients that accumulate stay float32)
+
+
+def rmsnorm_forward_bf16(inp_bits, weight):
+    """Reference of rmsnorm_forward_bf16_kernel: (out bits, rstd float32), computed in float64, rounded once."""
+    out, rstd = rmsnorm_forward(from_bf16(inp_bits).astype(np.float64), np.asarray(weight, np.float64))
+    return to_bf16(out.astype(np.float32)), rstd.astype(np.float32)
+
+
+def rmsnorm_forward_bf16_cuda(inp, weight, block_size: int = 256, eps: float = 1e-5):
+    """(B, T, C) bf16 bits, (C,) float32 -> out (B, T, C) bf16 bits, rstd (B, T) float32, a warp per row."""
+    device.require_array("inp", inp, shape=(None, None, None), dtype=np.uint16)
+    B, T, C = inp.shape
+    device.require_array("weight", weight, shape=(C,))
+    block_size = device.require_block_size(block_size, warps=True)
+    eps = _require_eps(eps)
+    xp = device.xp
+    out, rstd = xp.empty((B, T, C), np.uint16), xp.empty((B, T), np.float32)
+    if B * T:
+        load_kernel("rmsnorm.cu", "rmsnorm_forward_bf16_kernel")(
+            (-(-(B * T) // (block_size // 32)),), (block_size,),
+            (out, rstd, inp, weight, np.int32(B * T), np.int32(C), np.float32(eps)))
+    return out, rstd
+
+
+def rmsnorm_backward_bf16_cuda(dinp, dout, inp, weight, rstd, dweight, block_size: int = 256,
+                               param_block_size: int = 256):
+    """The RMSNorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient and
+    dweight (C,) float32 += the weight gradient. Returns dinp's new value in bf16 (for the matmul backward)."""
+    device.require_array("inp", inp, shape=(None, None, None), dtype=np.uint16)
+    B, T, C = inp.shape
+    device.require_array("dout", dout, shape=(B, T, C), dtype=np.uint16)
+    device.require_array("dinp", dinp, shape=(B, T, C))
+    device.require_array("weight", weight, shape=(C,))
+    device.require_array("rstd", rstd, shape=(B, T))
+    device.require_array("dweight", dweight, shape=(C,))
+    block_size = device.require_block_size(block_size, warps=True)
+    param_block_size = device.require_block_size(param_block_size, name="param_block_size")
+    N = B * T
+    dinp_bf16 = device.xp.empty((B, T, C), np.uint16)
+    if N and C:
+        load_kernel("rmsnorm.cu", "rmsnorm_backward_bf16_kernel")(
+            (-(-N // (block_size // 32)),), (block_size,),
+            (dinp, dinp_bf16, dout, inp, weight, rstd, np.int32(N), np.int32(C)))
+        _param_backward("rmsnorm_param_backward_bf16_kernel", dweight, dout, inp, rstd, param_block_size)
+    return dinp_bf16
