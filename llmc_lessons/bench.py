@@ -2,9 +2,11 @@
 on one GPU: `python -m llmc_lessons.bench [--model d12 --batch-size 16 --seq-len 1024]`.
 
 Rows: the course's kernels in float32 (TF32 matmuls through cuBLAS) and in bf16 (GPT2(precision="bf16"),
-lesson 14); PyTorch eager in float32 with TF32 matmuls; PyTorch with bf16 autocast +
-scaled_dot_product_attention + torch.compile + fused AdamW. Each course row is compared with the PyTorch row
-of its precision.
+lesson 14); PyTorch (TorchStep) eager in float32 with TF32 matmuls, with the plain vocabulary (V = 50257) and
+padded to Vp = 50304 as nanoGPT and llm.c do; PyTorch fp32 + TF32 + torch.compile + fused AdamW; PyTorch with
+bf16 autocast + scaled_dot_product_attention + torch.compile + fused AdamW, plain and padded, the padded one
+in each compile mode of --compile-modes. Each course row is compared with every PyTorch row of its precision,
+and the last lines give the course against the strongest (fastest) PyTorch row of each precision.
 Each: median ms per step over --steps steps after --warmup steps, tokens/s, and peak reserved GPU memory.
 `--profile` adds a per-kernel table of one course step (PyTorch's profiler sees CuPy's kernels too).
 """
@@ -79,40 +81,90 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
                 tokens_per_s=B * T / (ms / 1e3), peak_bytes=int(peak))
 
 
-def bench_torch(config: GPT2Config, B: int, T: int, steps: int, warmup: int, mode: str) -> dict:
-    """PyTorch's step: mode 'eager-tf32' (float32, TF32 matmuls, plain attention) or 'compiled-bf16'."""
+TORCH_MODES = {"eager-tf32": "PyTorch eager, fp32 + TF32 matmuls",
+               "compiled-tf32": "PyTorch fp32 + TF32 + compile + fused AdamW",
+               "compiled-bf16": "PyTorch bf16 autocast + SDPA + compile + fused AdamW"}
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+class TorchStep:
+    """PyTorch's training step, the baseline: mode 'eager-tf32' (float32, TF32 matmuls, plain attention and
+    AdamW), 'compiled-tf32' (the same through torch.compile, SDPA, fused AdamW) or 'compiled-bf16' (bf16
+    autocast on top). padded: the vocabulary padded to Vp (TorchGPT2(padded=True)). compile_mode: torch.compile's
+    mode; compile_scope 'model' compiles the whole model, 'blocks' each transformer block (the same code for
+    every block: compiled once, whatever the depth)."""
+
+    def __init__(self, config: GPT2Config, mode: str, padded: bool = True, compile_mode: str = "default",
+                 compile_scope: str = "model", torch_device: str = "cuda"):
+        import torch
+        from llmc_lessons.torch_gpt2 import TorchGPT2
+        if mode not in TORCH_MODES:
+            raise ValueError(f"mode must be one of {sorted(TORCH_MODES)}, got {mode!r}")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        self.compiled, self.bf16 = mode != "eager-tf32", mode == "compiled-bf16"
+        torch.manual_seed(0)
+        torch._dynamo.reset()         # no compiled code of an earlier row (another mode) is reused
+        self.device = torch.device(torch_device)
+        self.model = TorchGPT2(config, flash=self.compiled, padded=padded).to(self.device)
+        self.opt = torch.optim.AdamW(self.model.decay_groups(WEIGHT_DECAY), lr=LR, betas=(0.9, 0.95), eps=1e-8,
+                                     fused=self.compiled)
+        self.step_model = self.model
+        if self.compiled and compile_scope == "model":
+            self.step_model = torch.compile(self.model, mode=compile_mode)
+        elif self.compiled:
+            for block in self.model.h:
+                block.compile(mode=compile_mode)
+        self.name = TORCH_MODES[mode] + (f" ({compile_mode}{', per block' if compile_scope == 'blocks' else ''})"
+                                         if self.compiled else "") + f", vocabulary {self.model.wte.weight.shape[0]}"
+        self.precision = "bf16" if self.bf16 else "fp32"
+
+    def __call__(self, x, y) -> float:
+        """One step on host token arrays; returns the loss (the .item() synchronises, as the course's step)."""
+        import torch
+        x, y = (torch.from_numpy(a.astype(np.int64)).to(self.device) for a in (x, y))
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            _, loss = self.step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP, foreach=True)
+        self.opt.step()
+        return loss.item()
+
+
+def bench_torch(config: GPT2Config, B: int, T: int, steps: int, warmup: int, mode: str, padded: bool = True,
+                compile_mode: str = "default", compile_scope: str = "model") -> dict:
+    """PyTorch's step (TorchStep) timed as bench_course times the course's; peak: the most memory reserved."""
     import torch
-    from llmc_lessons.torch_gpt2 import TorchGPT2
     _free_gpu_memory()
     torch.cuda.reset_peak_memory_stats()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    compiled = mode == "compiled-bf16"
-    torch.manual_seed(0)
-    model = TorchGPT2(config, flash=compiled).cuda()
-    opt = torch.optim.AdamW(model.decay_groups(WEIGHT_DECAY), lr=LR, betas=(0.9, 0.95), eps=1e-8,
-                            fused=compiled)
-    step_model = torch.compile(model) if compiled else model
+    step = TorchStep(config, mode, padded, compile_mode, compile_scope)
     times = []
+    t_start = time.perf_counter()
     for i, (x, y) in enumerate(_batches(config, B, T, warmup + steps)):
-        x, y = torch.from_numpy(x.astype(np.int64)).cuda(), torch.from_numpy(y.astype(np.int64)).cuda()
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=compiled):
-            _, loss = step_model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
-        loss.item()  # synchronises, as the course's step does
+        step(x, y)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        if i == 0:
+            first_s = time.perf_counter() - t_start    # with the compilation
     peak = torch.cuda.max_memory_reserved()
-    del model, opt, step_model
+    name, precision = step.name, step.precision
+    del step
     ms = float(np.median(times)) * 1e3
-    name = {"eager-tf32": "PyTorch eager, fp32 + TF32 matmuls",
-            "compiled-bf16": "PyTorch bf16 autocast + SDPA + compile + fused AdamW"}[mode]
-    return dict(name=name, precision="bf16" if compiled else "fp32", ms=ms, tokens_per_s=B * T / (ms / 1e3),
-                peak_bytes=int(peak))
+    return dict(name=name, precision=precision, ms=ms, tokens_per_s=B * T / (ms / 1e3), peak_bytes=int(peak),
+                first_step_s=first_s)
+
+
+def strongest(rows) -> dict:
+    """{precision: the fastest PyTorch row of that precision} (rows that ran out of memory left out)."""
+    best = {}
+    for r in rows:
+        if not r["name"].startswith("course") and r.get("tokens_per_s"):
+            p = r.get("precision", "fp32")
+            if p not in best or r["tokens_per_s"] > best[p]["tokens_per_s"]:
+                best[p] = r
+    return best
 
 
 def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision: str = "fp32") -> str:
@@ -298,7 +350,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--compile-modes", nargs="+", choices=COMPILE_MODES, default=list(COMPILE_MODES),
+                   help="torch.compile modes of the padded bf16 rows (default all three; the first also for the "
+                   "compiled fp32 and the plain-vocabulary bf16 rows)")
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                    help="the course rows (default both)")
     p.add_argument("--profile", action="store_true", help="print a per-kernel table of one course step")
@@ -349,14 +404,29 @@ def main(argv=None) -> int:
         has_torch = False
         print("PyTorch is not installed: no PyTorch rows")
     if has_torch:
-        for mode in ["eager-tf32"] + ([] if a.no_compile else ["compiled-bf16"]):
-            rows.append(bench_torch(config, B, T, a.steps, a.warmup, mode))
+        # the plain vocabulary (V) once per precision, then the padded one (Vp, as nanoGPT and llm.c) in every
+        # configuration: the strongest PyTorch row of each precision is what the course is measured against
+        configs = [("eager-tf32", False, "default"), ("eager-tf32", True, "default")]
+        if not a.no_compile:
+            configs += [("compiled-tf32", True, a.compile_modes[0]), ("compiled-bf16", False, a.compile_modes[0])]
+            configs += [("compiled-bf16", True, m) for m in a.compile_modes]
+        for mode, padded, compile_mode in configs:
+            rows.append(bench_torch(config, B, T, a.steps, a.warmup, mode, padded, compile_mode))
             print(f"  {rows[-1]}", flush=True)
-    print(f"\n{'':<56}{'ms/step':>9}{'tokens/s':>11}{'peak GiB':>10}{'course / it':>13}")
+    print(f"\n{'':<76}{'ms/step':>9}{'tokens/s':>11}{'peak GiB':>10}{'course / it':>13}")
     for r, ratio in ratio_rows(dict(rows=rows)):
-        print(f"{r['name']:<56}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_bytes'] / 2**30:>10.2f}"
+        print(f"{r['name']:<76}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_bytes'] / 2**30:>10.2f}"
               + (f"{ratio:>12.2f}x" if ratio is not None else ""))
     print("(course / it: the first course row of the same precision, fp32 or bf16, against this row)")
+    course = {}
+    for r in rows:
+        if r["name"].startswith("course"):
+            course.setdefault(r["precision"], r)
+    for precision, best in strongest(rows).items():
+        if precision in course:
+            print(f"{precision}: course {course[precision]['tokens_per_s']:,.0f} tokens/s against the strongest "
+                  f"PyTorch row ({best['name']}) {best['tokens_per_s']:,.0f}: "
+                  f"{course[precision]['tokens_per_s'] / best['tokens_per_s']:.2f}x")
     if a.profile and has_torch:
         for precision in a.precision:
             print(f"\nWhere one course step's GPU time goes ({precision}):\n"

@@ -1,9 +1,11 @@
 """The benchmark's record helpers (the benchmark itself needs a GPU: its records are under results/)."""
 import json
 
+import numpy as np
+
 import pytest
 
-from llmc_lessons.bench import attention_table, kernel_table, main, ratio_rows, read_record
+from llmc_lessons.bench import attention_table, kernel_table, main, ratio_rows, read_record, strongest
 
 
 def row(name, precision, tokens_per_s):
@@ -39,6 +41,25 @@ def test_each_row_is_compared_with_the_course_row_of_its_precision():
     old = [dict(name="course kernels, fp32", tokens_per_s=100.0), dict(name="PyTorch", tokens_per_s=50.0)]
     assert [r for _, r in ratio_rows(dict(rows=old))] == [1.0, 2.0]      # records from before the bf16 path
     assert ratio_rows(dict(rows=FULL[2:]))[0][1] is None                 # no course row of that precision
+
+
+def test_the_strongest_pytorch_row_of_each_precision():
+    rows = FULL + [row("PyTorch eager, vocabulary 50304", "fp32", 97.0), dict(name="PyTorch OOM", precision="bf16")]
+    best = strongest(rows)
+    assert {p: r["tokens_per_s"] for p, r in best.items()} == {"fp32": 97.0, "bf16": 400.0}
+
+
+def test_the_pytorch_step_runs_on_the_cpu():
+    pytest.importorskip("torch")
+    from llmc_lessons.bench import TorchStep, _batches
+    from llmc_lessons.parameters import GPT2Config
+    c = GPT2Config(max_seq_len=16, vocab_size=100, padded_vocab_size=128, num_layers=1, num_heads=2, channels=16)
+    step = TorchStep(c, "eager-tf32", padded=True, torch_device="cpu")
+    assert step.model.wte.weight.shape[0] == 128 and "vocabulary 128" in step.name
+    losses = [step(x, y) for x, y in _batches(c, 2, 8, 3)]
+    assert all(np.isfinite(losses)) and losses[0] != losses[-1]
+    with pytest.raises(ValueError, match="mode"):
+        TorchStep(c, "compiled", torch_device="cpu")
 
 
 def test_the_benchmark_refuses_to_time_the_emulator(capsys):
