@@ -76,6 +76,10 @@ class TorchGPT2(nn.Module):
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
         for block in self.h:
             x = block(x)
+        return self.head(x, targets)
+
+    def head(self, x, targets=None):
+        """The final layernorm, the lm_head and the loss: (B, T, C) -> (logits, loss or None)."""
         logits = self.lm_head(self.ln_f(x))
         real = logits[..., :self.config.vocab_size]        # the padded columns never reach the loss
         loss = None if targets is None else F.cross_entropy(real.float().reshape(-1, real.shape[-1]), targets.view(-1))
