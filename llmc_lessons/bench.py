@@ -50,6 +50,8 @@ def _batches(config: GPT2Config, B: int, T: int, n: int, seed: int = 0):
 
 def _free_gpu_memory():
     gc.collect()
+    if not device.on_gpu():
+        return
     device.xp.get_default_memory_pool().free_all_blocks()
     try:
         import torch
