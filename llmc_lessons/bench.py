@@ -378,9 +378,9 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision:
 
 
 def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64) -> list:
-    """Causal attention in bf16 at one shape, forward and backward, three ways: the course's cuBLAS path (it
-    writes the T x T scores), the course's flash kernels on the tensor cores, and PyTorch's
-    scaled_dot_product_attention (its flash kernel). Rows: name, forward ms, backward ms, TFLOP/s of the two
+    """Causal attention in bf16 at one shape, forward and backward: the course's cuBLAS path (it writes the
+    T x T scores), the course's flash kernels on the tensor cores (the model's, and with the forward's version 2:
+    8 warps, 128 query rows a block), and PyTorch's scaled_dot_product_attention (its flash kernel). Rows: name, forward ms, backward ms, TFLOP/s of the two
     together counting the causal half of the products (forward 2, backward 5 of size B NH T T hs), and the
     bytes each keeps between forward and backward beyond q, k, v and the output."""
     xp, gen = device.xp, np.random.default_rng(0)
@@ -403,6 +403,9 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64) -> l
     out, lse = flash_attention_forward_bf16_cuda(qkv_b, NH)
     rows.append(row("course, flash attention on the tensor cores",
                     lambda: flash_attention_forward_bf16_cuda(add_bias_bf16_cuda(qkv, qkvb, out=qkv_b), NH),
+                    lambda: flash_attention_backward_bf16_cuda(dout, qkv_b, out, lse, NH), lse.nbytes))
+    rows.append(row("course, flash forward version 2 (8 warps)",
+                    lambda: flash_attention_forward_bf16_cuda(add_bias_bf16_cuda(qkv, qkvb, out=qkv_b), NH, version=2),
                     lambda: flash_attention_backward_bf16_cuda(dout, qkv_b, out, lse, NH), lse.nbytes))
     try:
         import torch
@@ -552,6 +555,10 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="print a per-kernel table of one course step")
     p.add_argument("--attention", action="store_true", help="also time causal attention alone (bf16, the model's "
                    "shape: B, T, NH, hs): the cuBLAS path, the flash kernels, PyTorch's SDPA")
+    p.add_argument("--only-attention", action="store_true", help="time attention alone and nothing else, at each "
+                   "T of --attention-seq-lens")
+    p.add_argument("--attention-seq-lens", type=int, nargs="+", help="--only-attention: the T to time "
+                   "(default: --seq-len)")
     p.add_argument("--kernels", action="store_true", help="also time the bf16 step's elementwise, normalisation "
                    "and reduction kernels alone, against the copy bandwidth")
     p.add_argument("--only-kernels", action="store_true", help="time those kernels and nothing else")
@@ -568,6 +575,17 @@ def main(argv=None) -> int:
     if not device.on_gpu():
         print("The benchmark needs a GPU: the CPU emulator's speed says nothing about a GPU's.", file=sys.stderr)
         return 1
+    if a.only_attention:
+        c, B = GPT2Config.from_name(a.model), a.batch_size or 16
+        attention = {}
+        for T in a.attention_seq_lens or [a.seq_len]:
+            attention[T] = bench_attention(B, T, c.num_heads, c.head_size)
+            print(f"Causal attention, bf16, B={B}, T={T}, NH={c.num_heads}, hs={c.head_size}:\n"
+                  f"{attention_table(attention[T])}\n", flush=True)
+            if a.json:
+                atomic_write(a.json, json.dumps(dict(info=versions(), model=a.model, B=B, attention=attention),
+                                                indent=1).encode())
+        return 0
     if a.sizes:
         for name in a.sizes.split(","):
             GPT2Config.from_name(name)          # an unknown size is refused before anything runs
