@@ -408,93 +408,6 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
     }
 }
 
-// flash_attention_forward_bf16_kernel2: the same forward with 8 warps, a block owning 128 query rows (twice as
-// many rows share each key and value tile it brings in from memory, and twice as many warps hide the waits),
-// the key tiles still 64 rows, double-buffered. The query rows are staged through the second buffer (the block's
-// shared memory: 4 tiles, 36 KiB), then every warp takes its fragments before the first key tile is refilled
-// there. A warp skips a key tile that lies wholly above its rows (all masked) and masks only the tiles that reach
-// past its first row.
-#define FA2_WARPS 8
-#define FA2_THREADS (32 * FA2_WARPS)
-#define FA2_ROWS (16 * FA2_WARPS)           // query rows a block owns
-
-extern "C" __global__ void __launch_bounds__(FA2_THREADS)
-flash_attention_forward_bf16_kernel2(bf16* out,          // (B, T, C)
-                                     float* lse,         // (B, NH, T)
-                                     const bf16* qkv,    // (B, T, 3C)
-                                     int B, int T, int NH) {
-    __shared__ int4 smem[4 * TILE / 8];                 // two buffers of (k, v); q first staged in the second
-    bf16* S = (bf16*)smem;
-    int C = NH * HS, tile = gridDim.x - 1 - blockIdx.x;  // the last rows first: they see the most keys
-    int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;      // q of (b, 0, h); k at +C, v at +2C
-    int first = tile * FA2_ROWS + warp * 16, row0 = first + g, row1 = row0 + 8;   // my 16 rows; my two of them
-    int last = min(((tile + 1) * FA2_ROWS - 1) / FA_ROWS, (T - 1) / FA_ROWS);     // the block's last key tile
-    stage_rows<FA2_ROWS, FA2_THREADS>(S + 2 * TILE, base, tile * FA2_ROWS, T, 3 * C);
-    cp_async_commit();
-    stage_rows<FA_ROWS, FA2_THREADS>(S, base + C, 0, T, 3 * C);      // key tile 0 into buffer 0
-    stage_rows<FA_ROWS, FA2_THREADS>(S + TILE, base + 2 * C, 0, T, 3 * C);
-    cp_async_commit();
-    cp_async_wait<1>();                                              // q has arrived
-    __syncthreads();
-    unsigned int qa[HS / 16][4];
-    load_a_frags(qa, S + 2 * TILE + warp * 16 * S_LD);
-    __syncthreads();                              // every warp has its q before buffer 1 takes key tile 1
-    const float sl2 = LOG2E / sqrtf((float)HS);
-    float o[HS / 8][4] = {}, m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
-    for (int kt = 0; kt <= last; kt++) {
-        const bf16* Ks = S + 2 * (kt % 2) * TILE;
-        const bf16* Vs = Ks + TILE;
-        if (kt < last) {
-            bf16* next = S + 2 * ((kt + 1) % 2) * TILE;
-            stage_rows<FA_ROWS, FA2_THREADS>(next, base + C, (kt + 1) * FA_ROWS, T, 3 * C);
-            stage_rows<FA_ROWS, FA2_THREADS>(next + TILE, base + 2 * C, (kt + 1) * FA_ROWS, T, 3 * C);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        if (kt * FA_ROWS <= first) {              // else every key of the tile is above my rows
-            float s[FA_ROWS / 8][4];
-            mma_rows<FA_ROWS / 8>(s, qa, Ks);
-            bool diagonal = kt * FA_ROWS + FA_ROWS - 1 > first;
-            float mx[2] = {m[0], m[1]};
-            for (int n = 0; n < FA_ROWS / 8; n++) {
-                for (int i = 0; i < 4; i++) {
-                    int key = kt * FA_ROWS + 8 * n + 2 * t + (i & 1), row = i < 2 ? row0 : row1;
-                    s[n][i] = (diagonal && key > row) ? NEG_INF : s[n][i] * sl2;
-                    mx[i / 2] = fmaxf(mx[i / 2], s[n][i]);
-                }
-            }
-            float alpha[2];
-            for (int r = 0; r < 2; r++) {
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                alpha[r] = exp2f(m[r] - mx[r]);
-                m[r] = mx[r];
-                l[r] *= alpha[r];
-            }
-            for (int n = 0; n < HS / 8; n++)
-                for (int i = 0; i < 4; i++) o[n][i] *= alpha[i / 2];
-            for (int n = 0; n < FA_ROWS / 8; n++) {
-                for (int i = 0; i < 4; i++) {
-                    s[n][i] = exp2f(s[n][i] - m[i / 2]);
-                    l[i / 2] += s[n][i];
-                }
-            }
-            mma_cols<FA_ROWS / 16>(o, s, Vs, 0);
-        }
-        __syncthreads();
-    }
-    for (int r = 0; r < 2; r++) l[r] = row_sum4(l[r]);
-    float unused[HS / 8][2];
-    store_rows(out + (long long)b * T * C + h * HS, o, 1.0f / l[0], 1.0f / l[1], first, T, C, unused);
-    if (t == 0) {
-        float* L = lse + ((long long)b * NH + h) * T;
-        if (row0 < T) L[row0] = (m[0] + log2f(l[0])) / LOG2E;
-        if (row1 < T) L[row1] = (m[1] + log2f(l[1])) / LOG2E;
-    }
-}
-
 // One 16 x 32 piece of the backward, in place: s holds q k^T and dp holds do v^T on entry; on exit s holds
 // p = exp(s / sqrt(HS) - L) (0 where masked) and dp holds ds = p (dp - D). masked(n, i), L2(n, i) (L in
 // base 2) and D(n, i) describe lane element i of 16 x 8 tile n.
@@ -653,4 +566,91 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, 3C): th
     __syncthreads();                              // the shared sums are read before they are written again
     store_rows(drow + 2 * C, dv, 1.0f, 1.0f, first, T, 3 * C, colsum);
     block_column_sums(prow + 2 * C, colsum, (float*)smem);
+}
+
+// flash_attention_forward_bf16_kernel2: the same forward with 8 warps, a block owning 128 query rows (twice as
+// many rows share each key and value tile it brings in from memory, and twice as many warps hide the waits),
+// the key tiles still 64 rows, double-buffered. The query rows are staged through the second buffer (the block's
+// shared memory: 4 tiles, 36 KiB), then every warp takes its fragments before the first key tile is refilled
+// there. A warp skips a key tile that lies wholly above its rows (all masked) and masks only the tiles that reach
+// past its first row.
+#define FA2_WARPS 8
+#define FA2_THREADS (32 * FA2_WARPS)
+#define FA2_ROWS (16 * FA2_WARPS)           // query rows a block owns
+
+extern "C" __global__ void __launch_bounds__(FA2_THREADS)
+flash_attention_forward_bf16_kernel2(bf16* out,          // (B, T, C)
+                                     float* lse,         // (B, NH, T)
+                                     const bf16* qkv,    // (B, T, 3C)
+                                     int B, int T, int NH) {
+    __shared__ int4 smem[4 * TILE / 8];                 // two buffers of (k, v); q first staged in the second
+    bf16* S = (bf16*)smem;
+    int C = NH * HS, tile = gridDim.x - 1 - blockIdx.x;  // the last rows first: they see the most keys
+    int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;      // q of (b, 0, h); k at +C, v at +2C
+    int first = tile * FA2_ROWS + warp * 16, row0 = first + g, row1 = row0 + 8;   // my 16 rows; my two of them
+    int last = min(((tile + 1) * FA2_ROWS - 1) / FA_ROWS, (T - 1) / FA_ROWS);     // the block's last key tile
+    stage_rows<FA2_ROWS, FA2_THREADS>(S + 2 * TILE, base, tile * FA2_ROWS, T, 3 * C);
+    cp_async_commit();
+    stage_rows<FA_ROWS, FA2_THREADS>(S, base + C, 0, T, 3 * C);      // key tile 0 into buffer 0
+    stage_rows<FA_ROWS, FA2_THREADS>(S + TILE, base + 2 * C, 0, T, 3 * C);
+    cp_async_commit();
+    cp_async_wait<1>();                                              // q has arrived
+    __syncthreads();
+    unsigned int qa[HS / 16][4];
+    load_a_frags(qa, S + 2 * TILE + warp * 16 * S_LD);
+    __syncthreads();                              // every warp has its q before buffer 1 takes key tile 1
+    const float sl2 = LOG2E / sqrtf((float)HS);
+    float o[HS / 8][4] = {}, m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    for (int kt = 0; kt <= last; kt++) {
+        const bf16* Ks = S + 2 * (kt % 2) * TILE;
+        const bf16* Vs = Ks + TILE;
+        if (kt < last) {
+            bf16* next = S + 2 * ((kt + 1) % 2) * TILE;
+            stage_rows<FA_ROWS, FA2_THREADS>(next, base + C, (kt + 1) * FA_ROWS, T, 3 * C);
+            stage_rows<FA_ROWS, FA2_THREADS>(next + TILE, base + 2 * C, (kt + 1) * FA_ROWS, T, 3 * C);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (kt * FA_ROWS <= first) {              // else every key of the tile is above my rows
+            float s[FA_ROWS / 8][4];
+            mma_rows<FA_ROWS / 8>(s, qa, Ks);
+            bool diagonal = kt * FA_ROWS + FA_ROWS - 1 > first;
+            float mx[2] = {m[0], m[1]};
+            for (int n = 0; n < FA_ROWS / 8; n++) {
+                for (int i = 0; i < 4; i++) {
+                    int key = kt * FA_ROWS + 8 * n + 2 * t + (i & 1), row = i < 2 ? row0 : row1;
+                    s[n][i] = (diagonal && key > row) ? NEG_INF : s[n][i] * sl2;
+                    mx[i / 2] = fmaxf(mx[i / 2], s[n][i]);
+                }
+            }
+            float alpha[2];
+            for (int r = 0; r < 2; r++) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                alpha[r] = exp2f(m[r] - mx[r]);
+                m[r] = mx[r];
+                l[r] *= alpha[r];
+            }
+            for (int n = 0; n < HS / 8; n++)
+                for (int i = 0; i < 4; i++) o[n][i] *= alpha[i / 2];
+            for (int n = 0; n < FA_ROWS / 8; n++) {
+                for (int i = 0; i < 4; i++) {
+                    s[n][i] = exp2f(s[n][i] - m[i / 2]);
+                    l[i / 2] += s[n][i];
+                }
+            }
+            mma_cols<FA_ROWS / 16>(o, s, Vs, 0);
+        }
+        __syncthreads();
+    }
+    for (int r = 0; r < 2; r++) l[r] = row_sum4(l[r]);
+    float unused[HS / 8][2];
+    store_rows(out + (long long)b * T * C + h * HS, o, 1.0f / l[0], 1.0f / l[1], first, T, C, unused);
+    if (t == 0) {
+        float* L = lse + ((long long)b * NH + h) * T;
+        if (row0 < T) L[row0] = (m[0] + log2f(l[0])) / LOG2E;
+        if (row1 < T) L[row1] = (m[1] + log2f(l[1])) / LOG2E;
+    }
 }
