@@ -379,9 +379,9 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision:
 
 def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, variants: bool = False) -> list:
     """Causal attention in bf16 at one shape, forward and backward: the course's cuBLAS path (it writes the
-    T x T scores), the course's flash kernels on the tensor cores (the model's; with variants, also with the
-    forward's version 2: 8 warps, 128 query rows a block), and PyTorch's scaled_dot_product_attention (its flash
-    kernel). Rows: name, forward ms, backward ms, TFLOP/s of the two
+    T x T scores), the course's flash kernels on the tensor cores (the model's; with variants, also their
+    version 2: the forward and the dk, dv kernel with 8 warps and 128 rows a block), and PyTorch's
+    scaled_dot_product_attention (its flash kernel). Rows: name, forward ms, backward ms, TFLOP/s of the two
     together counting the causal half of the products (forward 2, backward 5 of size B NH T T hs), and the
     bytes each keeps between forward and backward beyond q, k, v and the output."""
     xp, gen = device.xp, np.random.default_rng(0)
@@ -406,10 +406,11 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, vari
                     lambda: flash_attention_forward_bf16_cuda(add_bias_bf16_cuda(qkv, qkvb, out=qkv_b), NH),
                     lambda: flash_attention_backward_bf16_cuda(dout, qkv_b, out, lse, NH), lse.nbytes))
     if variants:
-        rows.append(row("course, flash forward version 2 (8 warps)",
+        rows.append(row("course, flash version 2 (8 warps a block)",
                         lambda: flash_attention_forward_bf16_cuda(add_bias_bf16_cuda(qkv, qkvb, out=qkv_b), NH,
                                                                   version=2),
-                        lambda: flash_attention_backward_bf16_cuda(dout, qkv_b, out, lse, NH), lse.nbytes))
+                        lambda: flash_attention_backward_bf16_cuda(dout, qkv_b, out, lse, NH, version=2),
+                        lse.nbytes))
     try:
         import torch
         import torch.nn.functional as F

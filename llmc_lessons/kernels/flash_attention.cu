@@ -320,8 +320,11 @@ __device__ __forceinline__ void store_rows(bf16* dst, const float acc[HS / 8][4]
 
 // The block's column sums of a 64 x HS piece that its 4 warps wrote with store_rows, into partial[0 .. HS-1]:
 // each warp adds its 8 row groups (lanes t, t + 4, ..., shuffles), then warp 0's, 1's, 2's and 3's sums are
-// added in that order. Deterministic. sums: (4, HS) floats of shared memory.
-__device__ __forceinline__ void block_column_sums(float* partial, float colsum[HS / 8][2], float* sums) {
+// added in that order. Deterministic. sums: (WARPS, HS) floats of shared memory. A block of WARPS = 8 warps
+// (two 64-row pieces) writes the first `groups` of its two pieces' sums, group_stride floats apart.
+template <int WARPS = 4>
+__device__ __forceinline__ void block_column_sums(float* partial, float colsum[HS / 8][2], float* sums,
+                                                  long long group_stride = 0, int groups = WARPS / 4) {
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     for (int n = 0; n < HS / 8; n++) {
         for (int e = 0; e < 2; e++) {
@@ -331,8 +334,10 @@ __device__ __forceinline__ void block_column_sums(float* partial, float colsum[H
         }
     }
     __syncthreads();
-    for (int c = threadIdx.x; c < HS; c += blockDim.x)
-        partial[c] = sums[c] + sums[HS + c] + sums[2 * HS + c] + sums[3 * HS + c];
+    for (int c = threadIdx.x; c < groups * HS; c += blockDim.x) {
+        const float* s4 = sums + (c / HS) * 4 * HS + c % HS;
+        partial[(c / HS) * group_stride + c % HS] = s4[0] + s4[HS] + s4[2 * HS] + s4[3 * HS];
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
@@ -653,4 +658,84 @@ flash_attention_forward_bf16_kernel2(bf16* out,          // (B, T, C)
         if (row0 < T) L[row0] = (m[0] + log2f(l[0])) / LOG2E;
         if (row1 < T) L[row1] = (m[1] + log2f(l[1])) / LOG2E;
     }
+}
+
+// flash_attention_backward_dkdv_bf16_kernel2: the dk, dv kernel with 8 warps, a block owning 128 key rows, the
+// query tiles still 64 rows, double-buffered: each query and dout tile it brings in serves twice the keys. A
+// warp skips a query tile that lies wholly before its keys (all masked). The column sums go out as version 1's,
+// one partial row per 64 keys, so dbias gets the same bits.
+extern "C" __global__ void __launch_bounds__(FA2_THREADS)
+flash_attention_backward_dkdv_bf16_kernel2(bf16* dqkv,          // (B, T, 3C): the dk and dv parts
+                                           float* partial,      // (B * ceil(T / 64), 3C): their column sums
+                                           const bf16* dout,    // (B, T, C)
+                                           const bf16* qkv,     // (B, T, 3C)
+                                           const float* lse,    // (B, NH, T)
+                                           const float* Dq,     // (B, NH, T), from the dq kernel
+                                           int B, int T, int NH) {
+    __shared__ int4 smem[4 * TILE / 8];                 // my k and v first, then two buffers of (q, dout)
+    __shared__ float Ls[2][FA_ROWS], Ds[2][FA_ROWS];
+    bf16* S = (bf16*)smem;
+    int C = NH * HS, tile = blockIdx.x, tiles = (T + FA_ROWS - 1) / FA_ROWS;   // tiles: of 64 query rows
+    int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;
+    const bf16* dbase = dout + (long long)b * T * C + h * HS;
+    long long bhT = ((long long)b * NH + h) * T;
+    int first = tile * FA2_ROWS + warp * 16, key0 = first + g, key1 = key0 + 8;
+    unsigned int ka[HS / 16][4], va[HS / 16][4];
+    stage_rows<FA2_ROWS, FA2_THREADS>(S, base + C, tile * FA2_ROWS, T, 3 * C);
+    stage_rows<FA2_ROWS, FA2_THREADS>(S + 2 * TILE, base + 2 * C, tile * FA2_ROWS, T, 3 * C);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    load_a_frags(ka, S + warp * 16 * S_LD);
+    load_a_frags(va, S + 2 * TILE + warp * 16 * S_LD);
+    __syncthreads();
+    int qfirst = tile * FA2_ROWS / FA_ROWS;       // the first query tile that sees my keys
+    auto stage = [&](int qt) {
+        int buf = (qt - qfirst) % 2, q0 = qt * FA_ROWS;
+        stage_rows<FA_ROWS, FA2_THREADS>(S + 2 * buf * TILE, base, q0, T, 3 * C);
+        stage_rows<FA_ROWS, FA2_THREADS>(S + (2 * buf + 1) * TILE, dbase, q0, T, C);
+        if (threadIdx.x < FA_ROWS) {
+            int row = q0 + threadIdx.x;
+            Ls[buf][threadIdx.x] = row < T ? lse[bhT + row] * LOG2E : 0.0f;
+            Ds[buf][threadIdx.x] = row < T ? Dq[bhT + row] : 0.0f;
+        }
+    };
+    stage(qfirst);
+    cp_async_commit();
+    float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
+    for (int qt = qfirst; qt < tiles; qt++) {
+        int buf = (qt - qfirst) % 2, q0 = qt * FA_ROWS;
+        const bf16* Qs = S + 2 * buf * TILE;
+        const bf16* dOs = Qs + TILE;
+        if (qt + 1 < tiles) stage(qt + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (q0 + FA_ROWS - 1 >= first) {          // else every query of the tile is before my keys
+            for (int half = 0; half < 2; half++) {
+                int c0 = 32 * half;
+                float st[4][4], dpt[4][4];
+                mma_rows<4>(st, ka, Qs + c0 * S_LD);
+                mma_rows<4>(dpt, va, dOs + c0 * S_LD);
+                auto col = [&](int n, int i) { return c0 + 8 * n + 2 * t + (i & 1); };
+                softmax_grad(st, dpt,
+                    [&](int n, int i) { int q = q0 + col(n, i); return q >= T || q < (i < 2 ? key0 : key1); },
+                    [&](int n, int i) { return Ls[buf][col(n, i)]; }, [&](int n, int i) { return Ds[buf][col(n, i)]; });
+                mma_cols<2>(dv, st, dOs, c0);
+                mma_cols<2>(dk, dpt, Qs, c0);
+            }
+        }
+        __syncthreads();
+    }
+    const float scale = 1.0f / sqrtf((float)HS);
+    bf16* drow = dqkv + (long long)b * T * 3 * C + h * HS;
+    float colsum[HS / 8][2];
+    float* prow = partial + ((long long)b * tiles + 2 * tile) * 3 * C + h * HS;
+    int groups = min(2, tiles - 2 * tile);        // my 64-key pieces that start before T
+    store_rows(drow + C, dk, scale, scale, first, T, 3 * C, colsum);
+    block_column_sums<FA2_WARPS>(prow + C, colsum, (float*)smem, 3 * C, groups);
+    __syncthreads();
+    store_rows(drow + 2 * C, dv, 1.0f, 1.0f, first, T, 3 * C, colsum);
+    block_column_sums<FA2_WARPS>(prow + 2 * C, colsum, (float*)smem, 3 * C, groups);
 }

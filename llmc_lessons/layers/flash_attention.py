@@ -163,11 +163,15 @@ def flash_attention_forward_bf16_cuda(qkv, NH, version: int = 1):
     return out, lse
 
 
-def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None):
+def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, version: int = 1):
     """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv (B, T, 3C) bf16: dq, dk, dv. dbias (3C,)
     float32, if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the values
-    they store, a row of partial sums per block, and one column_sum_add_cuda launch adds the rows in order."""
+    they store, a row of partial sums per 64 rows, and one column_sum_add_cuda launch adds the rows in order.
+    version 2: the dk, dv kernel with 8 warps and 128 key rows a block (flash_attention_backward_dkdv_bf16_kernel2;
+    the same bits)."""
     B, T, C, hs = _check_bf16(qkv, NH, "flash_attention_backward_bf16_cuda")
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2, got {version!r}")
     require_bf16_array("dout", dout, (B, T, C))
     require_bf16_array("out", out, (B, T, C))
     device.require_array("lse", lse, shape=(B, NH, T))
@@ -181,8 +185,12 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None):
         grid, sizes = (tiles, int(NH), B), (np.int32(B), np.int32(T), np.int32(NH))
         _bf16_kernel("flash_attention_backward_dq_bf16_kernel", hs)(
             grid, (FA_THREADS,), (dqkv, partial, D, dout, qkv, out, lse, *sizes))
-        _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel", hs)(
-            grid, (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
+        if version == 1:
+            _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel", hs)(
+                grid, (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
+        else:
+            _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel2", hs)(
+                (-(-T // FA2_ROWS), int(NH), B), (FA2_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
         if dbias is not None:
             column_sum_add_cuda(dbias[:C], dbias[C:2 * C], dbias[2 * C:], partial)
     return dqkv
