@@ -660,6 +660,91 @@ flash_attention_forward_bf16_kernel2(bf16* out,          // (B, T, C)
     }
 }
 
+// flash_attention_backward_dq_bf16_kernel2: the dq kernel with 8 warps, a block owning 128 query rows, the key
+// tiles still 64 rows, double-buffered. Its rows of q and dout are staged first (the whole of shared memory),
+// then those of out; a warp skips a key tile wholly above its rows and masks only the tiles that reach past its
+// first row. The column sums go out as version 1's, one partial row per 64 rows.
+extern "C" __global__ void __launch_bounds__(FA2_THREADS)
+flash_attention_backward_dq_bf16_kernel2(bf16* dqkv,          // (B, T, 3C): the dq part
+                                         float* partial,      // (B * ceil(T / 64), 3C): the dq part's column sums
+                                         float* Dout,         // (B, NH, T): D_i = dout_i . out_i
+                                         const bf16* dout,    // (B, T, C)
+                                         const bf16* qkv,     // (B, T, 3C)
+                                         const bf16* out,     // (B, T, C)
+                                         const float* lse,    // (B, NH, T)
+                                         int B, int T, int NH) {
+    __shared__ int4 smem[4 * TILE / 8];                 // two buffers of (k, v); my rows staged there first
+    bf16* S = (bf16*)smem;
+    int C = NH * HS, tile = gridDim.x - 1 - blockIdx.x, tiles = (T + FA_ROWS - 1) / FA_ROWS;
+    int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;
+    const bf16* dbase = dout + (long long)b * T * C + h * HS;
+    long long bhT = ((long long)b * NH + h) * T;
+    int first = tile * FA2_ROWS + warp * 16, row0 = first + g, row1 = row0 + 8;
+    int last = min(((tile + 1) * FA2_ROWS - 1) / FA_ROWS, tiles - 1);    // the block's last key tile
+    unsigned int qa[HS / 16][4], doa[HS / 16][4], oa[HS / 16][4];
+    stage_rows<FA2_ROWS, FA2_THREADS>(S, base, tile * FA2_ROWS, T, 3 * C);
+    stage_rows<FA2_ROWS, FA2_THREADS>(S + 2 * TILE, dbase, tile * FA2_ROWS, T, C);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    load_a_frags(qa, S + warp * 16 * S_LD);
+    load_a_frags(doa, S + 2 * TILE + warp * 16 * S_LD);
+    __syncthreads();
+    stage_rows<FA2_ROWS, FA2_THREADS>(S, out + (long long)b * T * C + h * HS, tile * FA2_ROWS, T, C);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    load_a_frags(oa, S + warp * 16 * S_LD);
+    __syncthreads();
+    stage_rows<FA_ROWS, FA2_THREADS>(S, base + C, 0, T, 3 * C);         // key tile 0 into buffer 0
+    stage_rows<FA_ROWS, FA2_THREADS>(S + TILE, base + 2 * C, 0, T, 3 * C);
+    cp_async_commit();
+    float D[2] = {0.0f, 0.0f};
+    for (int kk = 0; kk < HS / 16; kk++)
+        for (int j = 0; j < 4; j++)
+            D[j % 2] += bf16_lo(doa[kk][j]) * bf16_lo(oa[kk][j]) + bf16_hi(doa[kk][j]) * bf16_hi(oa[kk][j]);
+    float L2[2];
+    for (int r = 0; r < 2; r++) {
+        D[r] = row_sum4(D[r]);
+        int row = r ? row1 : row0;
+        L2[r] = row < T ? lse[bhT + row] * LOG2E : 0.0f;
+        if (t == 0 && row < T) Dout[bhT + row] = D[r];
+    }
+    float dq[HS / 8][4] = {};
+    for (int kt = 0; kt <= last; kt++) {
+        const bf16* Ks = S + 2 * (kt % 2) * TILE;
+        const bf16* Vs = Ks + TILE;
+        if (kt < last) {
+            bf16* next = S + 2 * ((kt + 1) % 2) * TILE;
+            stage_rows<FA_ROWS, FA2_THREADS>(next, base + C, (kt + 1) * FA_ROWS, T, 3 * C);
+            stage_rows<FA_ROWS, FA2_THREADS>(next + TILE, base + 2 * C, (kt + 1) * FA_ROWS, T, 3 * C);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (kt * FA_ROWS <= first) {              // else every key of the tile is above my rows
+            bool diagonal = kt * FA_ROWS + FA_ROWS - 1 > first;
+            for (int half = 0; half < 2; half++) {
+                int k0 = 32 * half;
+                float s[4][4], dp[4][4];
+                mma_rows<4>(s, qa, Ks + k0 * S_LD);
+                mma_rows<4>(dp, doa, Vs + k0 * S_LD);
+                softmax_grad(s, dp,
+                    [&](int n, int i) { return diagonal && kt * FA_ROWS + k0 + 8 * n + 2 * t + (i & 1) > (i < 2 ? row0 : row1); },
+                    [&](int, int i) { return L2[i / 2]; }, [&](int, int i) { return D[i / 2]; });
+                mma_cols<2>(dq, dp, Ks, k0);
+            }
+        }
+        __syncthreads();
+    }
+    const float scale = 1.0f / sqrtf((float)HS);
+    float colsum[HS / 8][2];
+    store_rows(dqkv + (long long)b * T * 3 * C + h * HS, dq, scale, scale, first, T, 3 * C, colsum);
+    block_column_sums<FA2_WARPS>(partial + ((long long)b * tiles + 2 * tile) * 3 * C + h * HS, colsum, (float*)smem,
+                                 3 * C, min(2, tiles - 2 * tile));
+}
+
 // flash_attention_backward_dkdv_bf16_kernel2: the dk, dv kernel with 8 warps, a block owning 128 key rows, the
 // query tiles still 64 rows, double-buffered: each query and dout tile it brings in serves twice the keys. A
 // warp skips a query tile that lies wholly before its keys (all masked). The column sums go out as version 1's,

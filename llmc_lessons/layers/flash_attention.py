@@ -167,8 +167,8 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, vers
     """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv (B, T, 3C) bf16: dq, dk, dv. dbias (3C,)
     float32, if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the values
     they store, a row of partial sums per 64 rows, and one column_sum_add_cuda launch adds the rows in order.
-    version 2: the dk, dv kernel with 8 warps and 128 key rows a block (flash_attention_backward_dkdv_bf16_kernel2;
-    the same bits)."""
+    version 2: both kernels with 8 warps and 128 rows a block (flash_attention_backward_dq_bf16_kernel2 and
+    flash_attention_backward_dkdv_bf16_kernel2; the same bits)."""
     B, T, C, hs = _check_bf16(qkv, NH, "flash_attention_backward_bf16_cuda")
     if version not in (1, 2):
         raise ValueError(f"version must be 1 or 2, got {version!r}")
@@ -182,15 +182,13 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, vers
     dqkv, D = xp.empty((B, T, 3 * C), np.uint16), xp.empty((B, int(NH), T), np.float32)
     partial = xp.empty((B * tiles, 3 * C), np.float32)
     if B * T:
-        grid, sizes = (tiles, int(NH), B), (np.int32(B), np.int32(T), np.int32(NH))
-        _bf16_kernel("flash_attention_backward_dq_bf16_kernel", hs)(
-            grid, (FA_THREADS,), (dqkv, partial, D, dout, qkv, out, lse, *sizes))
-        if version == 1:
-            _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel", hs)(
-                grid, (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
-        else:
-            _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel2", hs)(
-                (-(-T // FA2_ROWS), int(NH), B), (FA2_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
+        sizes, suffix = (np.int32(B), np.int32(T), np.int32(NH)), "" if version == 1 else "2"
+        grid, block = ((tiles, int(NH), B), (FA_THREADS,)) if version == 1 else \
+            ((-(-T // FA2_ROWS), int(NH), B), (FA2_THREADS,))
+        _bf16_kernel("flash_attention_backward_dq_bf16_kernel" + suffix, hs)(
+            grid, block, (dqkv, partial, D, dout, qkv, out, lse, *sizes))
+        _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel" + suffix, hs)(
+            grid, block, (dqkv, partial, dout, qkv, lse, D, *sizes))
         if dbias is not None:
             column_sum_add_cuda(dbias[:C], dbias[C:2 * C], dbias[2 * C:], partial)
     return dqkv
