@@ -291,16 +291,17 @@ def bench_size(name: str, B: int, T: int, steps: int, warmup: int, precision: st
     del model
     _free_gpu_memory()
     mode = "compiled-bf16" if precision == "bf16" else "compiled-tf32"
-    step = TorchStep(config, mode, True, compile_mode, compile_scope)
-    row = {}
-    failure = _attempt(lambda: row.update(bench_torch(config, B, T, steps, warmup, mode, step=step)))
-    out["torch"] = row if failure is None else dict(name=step.name, **failure)
+    made, row = {}, {}
+    failure = _attempt(lambda: made.update(step=TorchStep(config, mode, True, compile_mode, compile_scope))) or \
+        _attempt(lambda: row.update(bench_torch(config, B, T, steps, warmup, mode, step=made["step"])))
+    out["torch"] = row if failure is None else dict(name=TORCH_MODES[mode], **failure)
     print(f"  {out['torch']}", flush=True)
     if max_batch:
-        sizes["PyTorch"] = largest_batch(torch_fits(step, T), B, cap)
+        if "step" in made:
+            sizes["PyTorch"] = largest_batch(torch_fits(made["step"], T), B, cap)
         out["max_batch"] = sizes
         print(f"  largest B: {sizes}", flush=True)
-    del step
+    made.clear()
     _free_gpu_memory()
     return out
 
