@@ -10,10 +10,11 @@
 # arch compiles every kernel of the course with NVRTC for sm_75, 80, 86, 89 and 90 and prints the table.
 # scale (about 8 minutes on an H100; not in the default): GPT-2 124M against every PyTorch baseline (the plain
 # and the padded vocabulary, eager and compiled, each torch.compile mode), then every GPT-2 size (d48, d36, d24,
-# d12: the least measured first) in bf16 against PyTorch's compiled step: tokens/s, peak memory, MFU against the measured matmul peak, the
-# largest batch each fits. Each part has a time limit (SCALE_BASELINE_S, SCALE_SIZES_S seconds) and writes its
-# JSON after every row, so a part cut short keeps what it measured; SCALE_ARGS adds arguments to the sizes run.
-# Last, causal attention alone at T = 1024 and 2048 (the flash kernels, the forward's version 2, PyTorch's SDPA).
+# d12: the least measured first) in bf16 against PyTorch's compiled step: tokens/s, peak memory, MFU against the
+# measured matmul peak, the largest batch each fits; last, causal attention alone at T = 1024 and 2048 (the flash
+# kernels, their version 2, PyTorch's SDPA). Each part has a time limit (SCALE_BASELINE_S, SCALE_SIZES_S seconds)
+# and writes its JSON after every row, so a part cut short keeps what it measured; SCALE_ARGS adds arguments to
+# the sizes run.
 #
 # Narrower runs, when device time is short: TEST_ARGS (extra pytest arguments, e.g. --ignore=...),
 # NBVAL_PATHS (default: solutions), BENCH_ARGS (e.g. --attention), TRAIN_PRECISIONS (default: fp32 bf16).
