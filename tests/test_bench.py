@@ -169,3 +169,35 @@ def test_a_failed_configuration_is_recorded_not_raised():
     import llmc_lessons.bench as bench
     assert bench._attempt(lambda: None) is None
     assert bench._attempt(lambda: 1 / 0) == {"error": "ZeroDivisionError: division by zero"}
+
+
+def test_main_writes_every_row_and_the_course_against_the_strongest(monkeypatch, tmp_path, capsys):
+    import llmc_lessons.bench as bench
+    pytest.importorskip("torch")
+    speed = {("eager-tf32", False): 86.0, ("eager-tf32", True): 97.0, ("compiled-bf16", True): 440.0,
+             ("compiled-bf16", False): 410.0, ("compiled-tf32", True): 120.0}
+    calls = []
+
+    def bench_torch(config, B, T, steps, warmup, mode, padded, compile_mode):
+        calls.append((mode, padded, compile_mode))
+        name = f"PyTorch {mode} {compile_mode}, vocabulary {config.padded_vocab_size if padded else config.vocab_size}"
+        return dict(name=name, precision="bf16" if "bf16" in mode else "fp32", ms=1.0,
+                    tokens_per_s=speed[mode, padded] + (5.0 if compile_mode == "max-autotune" else 0.0), peak_bytes=0)
+
+    def bench_course(config, B, T, steps, warmup, precision="fp32", cuda_graph=True):
+        return dict(name=f"course kernels, {precision}" + ("" if cuda_graph else ", one launch at a time"),
+                    precision=precision, ms=1.0, tokens_per_s=150.0 if precision == "fp32" else 480.0, peak_bytes=0)
+    monkeypatch.setattr(bench.device, "on_gpu", lambda: True)
+    for name, value in dict(bench_torch=bench_torch, bench_course=bench_course,
+                            versions=lambda: dict(device="GPU")).items():
+        monkeypatch.setattr(bench, name, value)
+    out = tmp_path / "bench.json"
+    assert main(["--compile-modes", "default", "max-autotune", "--json", str(out)]) == 0
+    assert calls == [("eager-tf32", False, "default"), ("eager-tf32", True, "default"),
+                     ("compiled-bf16", True, "default"), ("compiled-bf16", False, "default"),
+                     ("compiled-tf32", True, "default"), ("compiled-bf16", True, "max-autotune")]
+    rec = json.loads(out.read_text())
+    assert len(rec["rows"]) == 3 + len(calls)
+    text = capsys.readouterr().out
+    assert "fp32: course 150 tokens/s against the strongest PyTorch row" in text and "1.25x" in text   # 150 / 120
+    assert "bf16: course 480" in text and f"{480 / 445:.2f}x" in text                                 # max-autotune
