@@ -456,12 +456,12 @@ __device__ __forceinline__ void layernorm_row_bf16(float r[CHUNKS][8], bf16* out
 // at most CHUNKS * 256.
 template <int CHUNKS>
 __device__ __forceinline__ void layernorm_forward_bf16_rows(bf16* out,           // (N, C)
-                                                          float* mean,         // (N,)
-                                                          float* rstd,         // (N,)
-                                                          const bf16* inp,     // (N, C)
-                                                          const float* weight, // (C,)
-                                                          const float* bias,   // (C,)
-                                                          int N, int C) {
+                                                            float* mean,         // (N,)
+                                                            float* rstd,         // (N,)
+                                                            const bf16* inp,     // (N, C)
+                                                            const float* weight, // (C,)
+                                                            const float* bias,   // (C,)
+                                                            int N, int C) {
     int lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;
@@ -495,15 +495,15 @@ extern "C" __global__ void layernorm_forward_bf16_kernel2_c2048(bf16* out, float
 // three dependent trips to memory per row, 50 us a call in the H200's profile of the step; this one 28 us.)
 template <int CHUNKS>
 __device__ __forceinline__ void residual_layernorm_forward_bf16_rows(bf16* residual,       // (N, C)
-                                                                  bf16* out,            // (N, C)
-                                                                  float* mean,          // (N,)
-                                                                  float* rstd,          // (N,)
-                                                                  const bf16* inp1,     // (N, C)
-                                                                  const bf16* inp2,     // (N, C)
-                                                                  const float* bias2,   // (C,)
-                                                                  const float* weight,  // (C,)
-                                                                  const float* bias,    // (C,)
-                                                                  int N, int C) {
+                                                                     bf16* out,            // (N, C)
+                                                                     float* mean,          // (N,)
+                                                                     float* rstd,          // (N,)
+                                                                     const bf16* inp1,     // (N, C)
+                                                                     const bf16* inp2,     // (N, C)
+                                                                     const float* bias2,   // (C,)
+                                                                     const float* weight,  // (C,)
+                                                                     const float* bias,    // (C,)
+                                                                     int N, int C) {
     int lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;                       // the whole warp leaves together
@@ -599,14 +599,14 @@ extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,)
 template <int CHUNKS, int ROWS>
 __device__ __forceinline__ void layernorm_backward_bf16_rows(float* buf,              // shared: (warps, 3C)
                                                              float* dinp,             // (N, C) accumulated into
-                                                         bf16* dinp_bf16,         // (N, C)
-                                                         float* partial,          // (gridDim.x, 3C)
-                                                         const bf16* dout,        // (N, C)
-                                                         const bf16* inp,         // (N, C)
-                                                         const float* weight,     // (C,)
-                                                         const float* mean,       // (N,)
-                                                         const float* rstd,       // (N,)
-                                                         int N, int C) {
+                                                             bf16* dinp_bf16,         // (N, C)
+                                                             float* partial,          // (gridDim.x, 3C)
+                                                             const bf16* dout,        // (N, C)
+                                                             const bf16* inp,         // (N, C)
+                                                             const float* weight,     // (C,)
+                                                             const float* mean,       // (N,)
+                                                             const float* rstd,       // (N,)
+                                                             int N, int C) {
     int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
     int W = gridDim.x * warps;
     float* dw = buf + (size_t)w * 3 * C;
