@@ -2,9 +2,11 @@
 on one GPU: `python -m llmc_lessons.bench [--model d12 --batch-size 16 --seq-len 1024]`.
 
 Rows: the course's kernels in float32 (TF32 matmuls through cuBLAS) and in bf16 (GPT2(precision="bf16"),
-lesson 14); PyTorch eager in float32 with TF32 matmuls; PyTorch with bf16 autocast +
-scaled_dot_product_attention + torch.compile + fused AdamW. Each course row is compared with the PyTorch row
-of its precision.
+lesson 14); PyTorch (TorchStep) eager in float32 with TF32 matmuls, with the plain vocabulary (V = 50257) and
+padded to Vp = 50304 as nanoGPT and llm.c do; PyTorch fp32 + TF32 + torch.compile + fused AdamW; PyTorch with
+bf16 autocast + scaled_dot_product_attention + torch.compile + fused AdamW, plain and padded, the padded one
+in each compile mode of --compile-modes. Each course row is compared with every PyTorch row of its precision,
+and the last lines give the course against the strongest (fastest) PyTorch row of each precision.
 Each: median ms per step over --steps steps after --warmup steps, tokens/s, and peak reserved GPU memory.
 `--profile` adds a per-kernel table of one course step (PyTorch's profiler sees CuPy's kernels too).
 """
@@ -20,6 +22,8 @@ import time
 import numpy as np
 
 from llmc_lessons import device, timing
+from llmc_lessons.cublas import gemm
+from llmc_lessons.files import atomic_write
 from llmc_lessons.layers.adamw import adamw_update_bf16_cuda, global_norm_squared_cuda
 from llmc_lessons.layers.attention import attention_backward_bf16_cuda, attention_forward_bf16_cuda
 from llmc_lessons.layers.bf16 import float_to_bf16_cuda
@@ -46,6 +50,8 @@ def _batches(config: GPT2Config, B: int, T: int, n: int, seed: int = 0):
 
 def _free_gpu_memory():
     gc.collect()
+    if not device.on_gpu():
+        return
     device.xp.get_default_memory_pool().free_all_blocks()
     try:
         import torch
@@ -55,64 +61,304 @@ def _free_gpu_memory():
 
 
 def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf32: bool = True,
-                 precision: str = "fp32", cuda_graph: bool = True) -> dict:
+                 precision: str = "fp32", cuda_graph: bool = True, recompute: int = 0, model=None) -> dict:
     """The course's training step through its kernels; ms are wall-clock per step (each step ends synchronised).
-    cuda_graph: the forward and backward replayed from CUDA graphs (GPT2.cuda_graph), as the trainer runs."""
+    cuda_graph: the forward and backward replayed from CUDA graphs (GPT2.cuda_graph), as the trainer runs.
+    recompute: model.recompute (llm.c's -r). model: a GPT2 of this config and precision to time (kept; its
+    graphs are dropped afterwards) instead of a fresh one."""
     _free_gpu_memory()
     pool = device.xp.get_default_memory_pool()
-    model = GPT2(config, seed=0, backend="kernels", precision=precision)
+    if model is None:
+        model = GPT2(config, seed=0, backend="kernels", precision=precision)
     model.keep_logits = False  # as the trainer: the fused classifier overwrites the logits in place
-    model.cuda_graph = cuda_graph
+    model.cuda_graph, model.recompute = cuda_graph, recompute
     times, peak = [], 0
-    with tf32_mode(tf32):
-        for i, (x, y) in enumerate(_batches(config, B, T, warmup + steps)):
-            t0 = time.perf_counter()
-            training_step(model, x, y, LR, WEIGHT_DECAY, GRAD_CLIP, i + 1)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-            peak = max(peak, pool.total_bytes())
-    del model
+    try:
+        with tf32_mode(tf32):
+            for i, (x, y) in enumerate(_batches(config, B, T, warmup + steps)):
+                t0 = time.perf_counter()
+                training_step(model, x, y, LR, WEIGHT_DECAY, GRAD_CLIP, i + 1)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+                peak = max(peak, pool.total_bytes())
+    finally:
+        model.cuda_graph, model._graphs, model._cache = False, None, None   # the graphs' memory goes back
+        del model
     ms = float(np.median(times)) * 1e3
     name = "course kernels, bf16" if precision == "bf16" else f"course kernels, fp32{' + TF32 matmuls' if tf32 else ''}"
     name += " + CUDA graphs" if cuda_graph else ", one launch at a time"
+    name += f", recompute {recompute}" if recompute else ""
     return dict(name=name, precision=precision, ms=ms,
                 tokens_per_s=B * T / (ms / 1e3), peak_bytes=int(peak))
 
 
-def bench_torch(config: GPT2Config, B: int, T: int, steps: int, warmup: int, mode: str) -> dict:
-    """PyTorch's step: mode 'eager-tf32' (float32, TF32 matmuls, plain attention) or 'compiled-bf16'."""
+TORCH_MODES = {"eager-tf32": "PyTorch eager, fp32 + TF32 matmuls",
+               "compiled-tf32": "PyTorch fp32 + TF32 + compile + fused AdamW",
+               "compiled-bf16": "PyTorch bf16 autocast + SDPA + compile + fused AdamW"}
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+class TorchStep:
+    """PyTorch's training step, the baseline: mode 'eager-tf32' (float32, TF32 matmuls, plain attention and
+    AdamW), 'compiled-tf32' (the same through torch.compile, SDPA, fused AdamW) or 'compiled-bf16' (bf16
+    autocast on top). padded: the vocabulary padded to Vp (TorchGPT2(padded=True)). compile_mode: torch.compile's
+    mode; compile_scope 'model' compiles the whole model, 'blocks' each transformer block (the same code for
+    every block: compiled once, whatever the depth) and the head."""
+
+    def __init__(self, config: GPT2Config, mode: str, padded: bool = True, compile_mode: str = "default",
+                 compile_scope: str = "model", torch_device: str = "cuda"):
+        import torch
+        from llmc_lessons.torch_gpt2 import TorchGPT2
+        if mode not in TORCH_MODES:
+            raise ValueError(f"mode must be one of {sorted(TORCH_MODES)}, got {mode!r}")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        self.compiled, self.bf16 = mode != "eager-tf32", mode == "compiled-bf16"
+        torch.manual_seed(0)
+        torch._dynamo.reset()         # no compiled code of an earlier row (another mode) is reused
+        self.device = torch.device(torch_device)
+        with self.device:             # initialised where it runs (the host would take seconds for 1.5B weights)
+            self.model = TorchGPT2(config, flash=self.compiled, padded=padded)
+        self.opt = torch.optim.AdamW(self.model.decay_groups(WEIGHT_DECAY), lr=LR, betas=(0.9, 0.95), eps=1e-8,
+                                     fused=self.compiled)
+        self.step_model = self.model
+        if self.compiled and compile_scope == "model":
+            self.step_model = torch.compile(self.model, mode=compile_mode)
+        elif self.compiled:        # each block, and the head (layernorm, lm_head, loss) as a region of its own
+            for block in self.model.h:
+                block.compile(mode=compile_mode)
+            self.model.head = torch.compile(self.model.head, mode=compile_mode)
+        self.name = TORCH_MODES[mode] + (f" ({compile_mode}{', per block' if compile_scope == 'blocks' else ''})"
+                                         if self.compiled else "") + f", vocabulary {self.model.wte.weight.shape[0]}"
+        self.precision = "bf16" if self.bf16 else "fp32"
+
+    def __call__(self, x, y) -> float:
+        """One step on host token arrays; returns the loss (the .item() synchronises, as the course's step)."""
+        import torch
+        x, y = (torch.from_numpy(a.astype(np.int64)).to(self.device) for a in (x, y))
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            _, loss = self.step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP, foreach=True)
+        self.opt.step()
+        return loss.item()
+
+
+def bench_torch(config: GPT2Config, B: int, T: int, steps: int, warmup: int, mode: str, padded: bool = True,
+                compile_mode: str = "default", compile_scope: str = "model", step=None) -> dict:
+    """PyTorch's step (TorchStep) timed as bench_course times the course's; peak: the most memory reserved.
+    step: a TorchStep to time (kept) instead of a fresh one."""
     import torch
-    from llmc_lessons.torch_gpt2 import TorchGPT2
     _free_gpu_memory()
     torch.cuda.reset_peak_memory_stats()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    compiled = mode == "compiled-bf16"
-    torch.manual_seed(0)
-    model = TorchGPT2(config, flash=compiled).cuda()
-    opt = torch.optim.AdamW(model.decay_groups(WEIGHT_DECAY), lr=LR, betas=(0.9, 0.95), eps=1e-8,
-                            fused=compiled)
-    step_model = torch.compile(model) if compiled else model
+    step = step or TorchStep(config, mode, padded, compile_mode, compile_scope)
     times = []
+    t_start = time.perf_counter()
     for i, (x, y) in enumerate(_batches(config, B, T, warmup + steps)):
-        x, y = torch.from_numpy(x.astype(np.int64)).cuda(), torch.from_numpy(y.astype(np.int64)).cuda()
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=compiled):
-            _, loss = step_model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
-        loss.item()  # synchronises, as the course's step does
+        step(x, y)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        if i == 0:
+            first_s = time.perf_counter() - t_start    # with the compilation
     peak = torch.cuda.max_memory_reserved()
-    del model, opt, step_model
+    name, precision = step.name, step.precision
     ms = float(np.median(times)) * 1e3
-    name = {"eager-tf32": "PyTorch eager, fp32 + TF32 matmuls",
-            "compiled-bf16": "PyTorch bf16 autocast + SDPA + compile + fused AdamW"}[mode]
-    return dict(name=name, precision="bf16" if compiled else "fp32", ms=ms, tokens_per_s=B * T / (ms / 1e3),
-                peak_bytes=int(peak))
+    return dict(name=name, precision=precision, ms=ms, tokens_per_s=B * T / (ms / 1e3), peak_bytes=int(peak),
+                first_step_s=first_s)
+
+
+def strongest(rows) -> dict:
+    """{precision: the fastest PyTorch row of that precision} (rows that ran out of memory left out)."""
+    best = {}
+    for r in rows:
+        if not r["name"].startswith("course") and r.get("tokens_per_s"):
+            p = r.get("precision", "fp32")
+            if p not in best or r["tokens_per_s"] > best[p]["tokens_per_s"]:
+                best[p] = r
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every GPT-2 size (--sizes): the course against PyTorch's strongest step, the largest batch each fits, MFU
+
+SIZE_BATCH = {"d12": 16, "d24": 16, "d36": 16, "d48": 8}
+"""The batch each size is timed at (--batch-size overrides): llm.c's d12 setting, halved for 1.5B."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether an exception says the GPU ran out of memory (CuPy's and PyTorch's errors, cuBLAS's workspace)."""
+    text = f"{type(e).__name__}: {e}".lower().replace("_", " ")
+    return "outofmemory" in text.replace(" ", "") or "alloc failed" in text
+
+
+def _attempt(fn) -> dict | None:
+    """Run fn(); None when it ran, else {"oom": the error's first line} when the GPU ran out of memory, or
+    {"error": ...} for any other error (a --sizes run goes on to its next configuration either way); the
+    memory is freed once the exception is gone."""
+    try:
+        fn()
+        return None
+    except Exception as e:          # noqa: BLE001 - recorded, and the run goes on
+        text = str(e).splitlines()[0][:300] if str(e) else ""
+        failure = {"oom" if is_out_of_memory(e) else "error": f"{type(e).__name__}: {text}"}
+    _free_gpu_memory()
+    return failure
+
+
+def matmul_peaks(n: int = 8192) -> dict:
+    """The measured matmul ceilings of this GPU: an n x n x n product through cuBLAS in bf16 (float32
+    accumulation, bf16 out, as the bf16 step's gemm) and in float32 with TF32 (timing.matmul_tflops_tf32)."""
+    gen = np.random.default_rng(0)
+    a, b = (float_to_bf16_cuda(device.xp.asarray(gen.standard_normal((n, n), dtype=np.float32))) for _ in range(2))
+    ms = timing.time_ms(lambda: gemm(a, b, trans_b=True), warmup=3, repeat=10)
+    return dict(n=n, bf16_tflops=timing.tflops(2 * n ** 3, ms), tf32_tflops=timing.matmul_tflops_tf32(n))
+
+
+def flops_per_token(config: GPT2Config, T: int) -> int:
+    """A training step's FLOPs per token as llm.c's gpt2_estimate_mfu counts them: 6N (N the padded parameter
+    count) + 6LTC (attention's two products, forward and backward, the causal half)."""
+    return 6 * num_parameters(config) + 6 * config.num_layers * T * config.channels
+
+
+def largest_batch(fits, start: int, cap: int = 1024) -> int:
+    """The largest B <= cap with fits(B) true, assuming fitting is monotone: doubling from `start`, then
+    bisection between the last B that fitted and the first that did not (0 when not even B = 1 fits)."""
+    lo, hi, B = 0, None, start
+    while B <= cap:
+        if not fits(B):
+            hi = B
+            break
+        lo, B = B, 2 * B
+    if hi is None:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def course_fits(model, T: int, recompute: int):
+    """fits(B) for largest_batch: one training step of the course's `model` at B (launched one kernel at a time,
+    with model.recompute = recompute); False when it runs out of memory."""
+    def fits(B: int) -> bool:
+        model.keep_logits, model.cuda_graph, model.recompute = False, False, recompute
+        model._cache = model.logits = None
+        _free_gpu_memory()
+        x, y = _batches(model.config, B, T, 1)[0]
+        failure = _attempt(lambda: training_step(model, x, y, LR, WEIGHT_DECAY, GRAD_CLIP, 1))
+        model._cache = model.logits = None
+        print(f"    course (recompute {recompute}) B={B}: {failure or 'fits'}", flush=True)
+        return failure is None
+    return fits
+
+
+def torch_fits(step: "TorchStep", T: int):
+    """fits(B) for largest_batch: one PyTorch training step of `step` at B (a new B may recompile once; dynamo
+    then makes B dynamic); False when it runs out of memory."""
+    def fits(B: int) -> bool:
+        step.opt.zero_grad(set_to_none=True)
+        _free_gpu_memory()
+        failure = _attempt(lambda: step(*_batches(step.model.config, B, T, 1)[0]))
+        print(f"    PyTorch B={B}: {failure or 'fits'}", flush=True)
+        return failure is None
+    return fits
+
+
+def bench_size(name: str, B: int, T: int, steps: int, warmup: int, precision: str = "bf16",
+               compile_mode: str = "default", compile_scope: str = "blocks", max_batch: bool = True,
+               cap: int = 1024) -> dict:
+    """One GPT-2 size, course against PyTorch (its compiled step, padded vocabulary) at the same B, T and
+    precision: each one's tokens/s and peak memory ({"oom": message} where it ran out of memory, {"error": ...}
+    where it failed otherwise), then the largest B each fits (the course with and without recompute 2; a B that
+    fails for another reason counts as not fitting, and its log line says why). One framework's model at a time
+    is alive."""
+    config = GPT2Config.from_name(name)
+    out = dict(model=name, B=B, T=T, precision=precision, parameters=num_parameters(config),
+               flops_per_token=flops_per_token(config, T))
+    _free_gpu_memory()
+    model = GPT2(config, seed=0, backend="kernels", precision=precision)
+    row = {}
+    failure = _attempt(lambda: row.update(bench_course(config, B, T, steps, warmup, precision=precision,
+                                                       model=model)))
+    out["course"] = row if failure is None else dict(name="course", **failure)
+    print(f"  {out['course']}", flush=True)
+    sizes = {}
+    if max_batch:
+        for r in (0, 2):
+            sizes[f"course, recompute {r}" if r else "course"] = largest_batch(course_fits(model, T, r), B, cap)
+    del model
+    _free_gpu_memory()
+    mode = "compiled-bf16" if precision == "bf16" else "compiled-tf32"
+    made, row = {}, {}
+    failure = _attempt(lambda: made.update(step=TorchStep(config, mode, True, compile_mode, compile_scope))) or \
+        _attempt(lambda: row.update(bench_torch(config, B, T, steps, warmup, mode, step=made["step"])))
+    out["torch"] = row if failure is None else dict(name=TORCH_MODES[mode], **failure)
+    print(f"  {out['torch']}", flush=True)
+    if max_batch:
+        if "step" in made:
+            sizes["PyTorch"] = largest_batch(torch_fits(made["step"], T), B, cap)
+        out["max_batch"] = sizes
+        print(f"  largest B: {sizes}", flush=True)
+    made.clear()
+    _free_gpu_memory()
+    return out
+
+
+def add_mfu(size: dict, peaks: dict) -> dict:
+    """Each row's MFU (its FLOP/s by flops_per_token over the measured matmul peak of its precision) and the
+    course / PyTorch ratio, in place."""
+    peak = peaks["bf16_tflops" if size["precision"] == "bf16" else "tf32_tflops"] * 1e12
+    for key in ("course", "torch"):
+        r = size[key]
+        if "tokens_per_s" in r:
+            r["mfu"] = r["tokens_per_s"] * size["flops_per_token"] / peak
+    if "tokens_per_s" in size["course"] and "tokens_per_s" in size["torch"]:
+        size["ratio"] = size["course"]["tokens_per_s"] / size["torch"]["tokens_per_s"]
+    return size
+
+
+def sizes_table(rec: dict) -> str:
+    """A --sizes record as a text table."""
+    p = rec["peaks"]
+    lines = [f"measured matmul peaks ({p['n']}^3, cuBLAS): bf16 {p['bf16_tflops']:.0f} TFLOP/s, TF32 "
+             f"{p['tf32_tflops']:.0f} TFLOP/s; T = {rec['T']}; PyTorch compiled ({rec['compile_mode']}, "
+             f"scope {rec['compile_scope']}), vocabulary padded",
+             f"{'size':<5}{'prec':>5}{'B':>4}{'course tok/s':>14}{'GiB':>6}{'MFU':>6}{'PyTorch tok/s':>15}{'GiB':>6}"
+             f"{'MFU':>6}{'ratio':>7}   largest B: course, course -r 2, PyTorch"]
+
+    def cells(r):
+        if "tokens_per_s" not in r:
+            return f"{'OOM' if 'oom' in r else 'error':>14}{'':>12}"
+        return f"{r['tokens_per_s']:>14,.0f}{r['peak_bytes'] / 2**30:>6.1f}{r['mfu']:>6.0%}"
+    for z in rec["sizes"]:
+        ratio = f"{z['ratio']:>6.2f}x" if "ratio" in z else f"{'':>7}"
+        line = f"{z['model']:<5}{z['precision']:>5}{z['B']:>4}{cells(z['course'])} {cells(z['torch'])}{ratio}"
+        mb = z.get("max_batch")
+        if mb:
+            line += "   " + ", ".join(str(mb.get(k, "-")) for k in ("course", "course, recompute 2", "PyTorch"))
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def bench_sizes(sizes, T: int, steps: int, warmup: int, precisions=("bf16",), batch_size: int | None = None,
+                compile_mode: str = "default", compile_scope: str = "blocks", max_batch: bool = True,
+                json_path=None) -> dict:
+    """bench_size for each size and precision, after the matmul peaks; the record is written to json_path
+    (atomically) after every size, so that a run stopped early keeps what it measured."""
+    rec = dict(info=versions(), T=T, steps=steps, warmup=warmup, compile_mode=compile_mode,
+               compile_scope=compile_scope, peaks=matmul_peaks(), sizes=[])
+    print(f"{rec['info']}\nmatmul peaks: {rec['peaks']}", flush=True)
+    for name in sizes:
+        for precision in precisions:
+            B = batch_size or SIZE_BATCH.get(name, 8)
+            print(f"GPT-2 {name} {precision} B={B} T={T}", flush=True)
+            rec["sizes"].append(add_mfu(bench_size(name, B, T, steps, warmup, precision, compile_mode,
+                                                   compile_scope, max_batch), rec["peaks"]))
+            if json_path:
+                atomic_write(json_path, json.dumps(rec, indent=1).encode())
+    return rec
 
 
 def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision: str = "fp32") -> str:
@@ -132,9 +378,10 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
 
 
-def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64) -> list:
-    """Causal attention in bf16 at one shape, forward and backward, three ways: the course's cuBLAS path (it
-    writes the T x T scores), the course's flash kernels on the tensor cores, and PyTorch's
+def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, variants: bool = False) -> list:
+    """Causal attention in bf16 at one shape, forward and backward: the course's cuBLAS path (it writes the
+    T x T scores), the course's flash kernels on the tensor cores (the model's; with variants, also their
+    version 2: the forward and the dk, dv kernel with 8 warps and 128 rows a block), and PyTorch's
     scaled_dot_product_attention (its flash kernel). Rows: name, forward ms, backward ms, TFLOP/s of the two
     together counting the causal half of the products (forward 2, backward 5 of size B NH T T hs), and the
     bytes each keeps between forward and backward beyond q, k, v and the output."""
@@ -159,6 +406,12 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64) -> l
     rows.append(row("course, flash attention on the tensor cores",
                     lambda: flash_attention_forward_bf16_cuda(add_bias_bf16_cuda(qkv, qkvb, out=qkv_b), NH),
                     lambda: flash_attention_backward_bf16_cuda(dout, qkv_b, out, lse, NH), lse.nbytes))
+    if variants:
+        rows.append(row("course, flash version 2 (8 warps a block)",
+                        lambda: flash_attention_forward_bf16_cuda(add_bias_bf16_cuda(qkv, qkvb, out=qkv_b), NH,
+                                                                  version=2),
+                        lambda: flash_attention_backward_bf16_cuda(dout, qkv_b, out, lse, NH, version=2),
+                        lse.nbytes))
     try:
         import torch
         import torch.nn.functional as F
@@ -293,25 +546,62 @@ def versions() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llmc_lessons.bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="d12", help="GPT-2 preset (default d12 = 124M)")
-    p.add_argument("--batch-size", "-b", type=int, default=16)
+    p.add_argument("--batch-size", "-b", type=int, help="B (default 16; with --sizes, SIZE_BATCH's)")
     p.add_argument("--seq-len", "-t", type=int, default=1024)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
-    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
-                   help="the course rows (default both)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--compile-modes", nargs="+", choices=COMPILE_MODES, default=["default"],
+                   help=f"torch.compile modes of the padded bf16 rows, of {', '.join(COMPILE_MODES)} (default: "
+                   "default; max-autotune takes minutes to compile); the first also for the compiled fp32 and "
+                   "the plain-vocabulary bf16 rows, and for --sizes")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],
+                   help="the course rows (default both; with --sizes, bf16)")
     p.add_argument("--profile", action="store_true", help="print a per-kernel table of one course step")
     p.add_argument("--attention", action="store_true", help="also time causal attention alone (bf16, the model's "
                    "shape: B, T, NH, hs): the cuBLAS path, the flash kernels, PyTorch's SDPA")
+    p.add_argument("--only-attention", action="store_true", help="time attention alone and nothing else, at each "
+                   "T of --attention-seq-lens")
+    p.add_argument("--attention-seq-lens", type=int, nargs="+", help="--only-attention: the T to time "
+                   "(default: --seq-len)")
     p.add_argument("--kernels", action="store_true", help="also time the bf16 step's elementwise, normalisation "
                    "and reduction kernels alone, against the copy bandwidth")
     p.add_argument("--only-kernels", action="store_true", help="time those kernels and nothing else")
+    p.add_argument("--sizes", help="instead: every GPT-2 size of this comma-separated list (e.g. "
+                   "d12,d24,d36,d48), the course against PyTorch's compiled step at the same B, T and precision "
+                   "(--precision, default bf16 here): tokens/s, peak memory, MFU against the measured matmul peak, "
+                   "the largest batch each fits; B per size from SIZE_BATCH unless --batch-size is given")
+    p.add_argument("--compile-scope", choices=["model", "blocks"], default="blocks",
+                   help="--sizes: torch.compile the whole model or each block (default: blocks, compiled once "
+                   "whatever the depth)")
+    p.add_argument("--no-max-batch", action="store_true", help="--sizes: skip the search for the largest batch")
     p.add_argument("--json", help="also write the results to this JSON file")
     a = p.parse_args(argv)
     if not device.on_gpu():
         print("The benchmark needs a GPU: the CPU emulator's speed says nothing about a GPU's.", file=sys.stderr)
         return 1
+    if a.only_attention:
+        c, B = GPT2Config.from_name(a.model), a.batch_size or 16
+        attention = {}
+        for T in a.attention_seq_lens or [a.seq_len]:
+            attention[T] = bench_attention(B, T, c.num_heads, c.head_size, variants=True)
+            print(f"Causal attention, bf16, B={B}, T={T}, NH={c.num_heads}, hs={c.head_size}:\n"
+                  f"{attention_table(attention[T])}\n", flush=True)
+            if a.json:
+                atomic_write(a.json, json.dumps(dict(info=versions(), model=a.model, B=B, attention=attention),
+                                                indent=1).encode())
+        return 0
+    if a.sizes:
+        for name in a.sizes.split(","):
+            GPT2Config.from_name(name)          # an unknown size is refused before anything runs
+        rec = bench_sizes(a.sizes.split(","), a.seq_len, a.steps, a.warmup, precisions=a.precision or ["bf16"],
+                          batch_size=a.batch_size, compile_mode=a.compile_modes[0], compile_scope=a.compile_scope,
+                          max_batch=not a.no_max_batch, json_path=a.json)
+        print("\n" + sizes_table(rec))
+        return 0
+    a.batch_size = a.batch_size or 16
+    a.precision = a.precision or ["fp32", "bf16"]
     kernels = None
     if a.kernels or a.only_kernels:
         c = GPT2Config.from_name(a.model)
@@ -336,9 +626,15 @@ def main(argv=None) -> int:
     print(f"{info}\nGPT-2 {a.model}, B={B}, T={T}: {B * T} tokens per step; median of {a.steps} steps after "
           f"{a.warmup} warm-up steps", flush=True)
     rows = []
+
+    def save():       # after every row: a run stopped early keeps what it measured
+        if a.json:
+            atomic_write(a.json, json.dumps(dict(info=info, model=a.model, B=B, T=T, rows=rows, attention=attention,
+                                                 kernels=kernels), indent=1).encode())
     for precision in a.precision:
         rows.append(bench_course(config, B, T, a.steps, a.warmup, precision=precision))
         print(f"  {rows[-1]}", flush=True)
+        save()
     if "bf16" in a.precision:   # what the graphs save: the same step, each kernel launched from Python
         rows.append(bench_course(config, B, T, a.steps, a.warmup, precision="bf16", cuda_graph=False))
         print(f"  {rows[-1]}", flush=True)
@@ -349,22 +645,37 @@ def main(argv=None) -> int:
         has_torch = False
         print("PyTorch is not installed: no PyTorch rows")
     if has_torch:
-        for mode in ["eager-tf32"] + ([] if a.no_compile else ["compiled-bf16"]):
-            rows.append(bench_torch(config, B, T, a.steps, a.warmup, mode))
+        # the plain vocabulary (V) once per precision, then the padded one (Vp, as nanoGPT and llm.c) in every
+        # configuration: the strongest PyTorch row of each precision is what the course is measured against
+        # (the order puts the rows a run cut short needs most first)
+        configs = [("eager-tf32", False, "default"), ("eager-tf32", True, "default")]
+        if not a.no_compile:
+            first = a.compile_modes[0]
+            configs += [("compiled-bf16", True, first), ("compiled-bf16", False, first), ("compiled-tf32", True, first)]
+            configs += [("compiled-bf16", True, m) for m in a.compile_modes[1:]]
+        for mode, padded, compile_mode in configs:
+            rows.append(bench_torch(config, B, T, a.steps, a.warmup, mode, padded, compile_mode))
             print(f"  {rows[-1]}", flush=True)
-    print(f"\n{'':<56}{'ms/step':>9}{'tokens/s':>11}{'peak GiB':>10}{'course / it':>13}")
+            save()
+    print(f"\n{'':<76}{'ms/step':>9}{'tokens/s':>11}{'peak GiB':>10}{'course / it':>13}")
     for r, ratio in ratio_rows(dict(rows=rows)):
-        print(f"{r['name']:<56}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_bytes'] / 2**30:>10.2f}"
+        print(f"{r['name']:<76}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_bytes'] / 2**30:>10.2f}"
               + (f"{ratio:>12.2f}x" if ratio is not None else ""))
     print("(course / it: the first course row of the same precision, fp32 or bf16, against this row)")
+    course = {}
+    for r in rows:
+        if r["name"].startswith("course"):
+            course.setdefault(r["precision"], r)
+    for precision, best in strongest(rows).items():
+        if precision in course:
+            print(f"{precision}: course {course[precision]['tokens_per_s']:,.0f} tokens/s against the strongest "
+                  f"PyTorch row ({best['name']}) {best['tokens_per_s']:,.0f}: "
+                  f"{course[precision]['tokens_per_s'] / best['tokens_per_s']:.2f}x")
     if a.profile and has_torch:
         for precision in a.precision:
             print(f"\nWhere one course step's GPU time goes ({precision}):\n"
                   + profile_course(config, B, T, precision=precision))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(info=info, model=a.model, B=B, T=T, rows=rows, attention=attention, kernels=kernels), f,
-                      indent=1)
+    save()
     return 0
 
 

@@ -92,6 +92,8 @@ class GPT2:
         self._cache = None
         self._backward_ready = None   # after a forward with targets and before its backward: "launches", or
                                       # "graph" when the forward was a graph's replay
+        self.recompute = 0          # kernel paths: 1 recomputes the GELU's output in the backward instead of keeping
+                                    # it, 2 the LayerNorms' outputs too (llm.c's -r; paths.RECOMPUTED)
         self.cuda_graph = False     # True (on a GPU, kernel paths): record forward-with-loss and backward into
                                     # CUDA graphs at the second step of a (B, T) and replay them after that
         self._graphs = None         # those graphs and the arrays they read and write (see _graph_forward)
@@ -238,7 +240,7 @@ class GPT2:
             return False
         def ptr(a):
             return None if a is None else device.address(a)
-        key = (shape, self.precision, self.matmul_version, tf32_enabled(), self.keep_logits,
+        key = (shape, self.precision, self.matmul_version, tf32_enabled(), self.keep_logits, self.recompute,
                ptr(self.params_memory), ptr(self.params_bf16_memory), ptr(self.grads_memory))
         if self._graphs is None or self._graphs["key"] != key:
             self._graphs = dict(key=key, forward_graph=None)   # drops an older recording

@@ -30,7 +30,7 @@ from llmc_lessons.layers.encoder import (_token_buckets, encoder_backward, encod
                                          encoder_forward_bf16_cuda, encoder_forward_cuda)
 from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, flash_attention_backward_bf16_cuda,
                                                  flash_attention_forward_bf16_cuda)
-from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda
+from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda, gelu_forward_cuda
 from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backward_bf16_cuda, layernorm_backward_cuda,
                                            layernorm_forward, layernorm_forward_bf16_cuda, layernorm_forward_cuda,
                                            residual_layernorm_forward_bf16_cuda)
@@ -149,9 +149,10 @@ class Fp32KernelPath(NumpyPath):
         encoded = encoder_forward_cuda(idx, p["wte"], p["wpe"], version=2 if c.channels % 4 == 0 else 1,
                                        check_ids=False)                     # (B, T, C)
         residual, block_caches = encoded, []
+        level = recompute_level(model)
         for l in range(c.num_layers):
             residual, cache = block_forward_cuda(residual, model.layer_params(l), c.num_heads, matmul_version=version)
-            block_caches.append(cache)
+            block_caches.append({k: None if k in RECOMPUTED[level] else v for k, v in cache.items()})
         lnf, lnf_mean, lnf_rstd = layernorm_forward_cuda(residual, p["lnfw"], p["lnfb"])
         logits = matmul_forward_cuda(lnf, p["wte"], None, version=version)  # (B, T, Vp)
         losses = dlogits = None
@@ -179,8 +180,14 @@ class Fp32KernelPath(NumpyPath):
         g["lnfw"] += dlnfw
         g["lnfb"] += dlnfb
         for l in reversed(range(c.num_layers)):
-            dresidual, block_grads = block_backward_cuda(dresidual, cache["block_caches"][l], model.layer_params(l),
-                                                         c.num_heads, matmul_version=version)
+            a, lp = cache["block_caches"][l], model.layer_params(l)
+            if a["fch_gelu"] is None:       # recomputed (model.recompute): the forward's kernels on the same inputs
+                a = dict(a, fch_gelu=gelu_forward_cuda(a["fch"], version=2 if a["fch"].size % 4 == 0 else 1))
+            if a["ln1"] is None:
+                a = dict(a, ln1=layernorm_forward_cuda(a["x"], lp["ln1w"], lp["ln1b"])[0],
+                         ln2=layernorm_forward_cuda(a["residual2"], lp["ln2w"], lp["ln2b"])[0])
+            dresidual, block_grads = block_backward_cuda(dresidual, a, lp, c.num_heads, matmul_version=version)
+            del a
             for name in BLOCK_PARAMETER_NAMES:
                 g[name][l] += block_grads[name]
         return dresidual       # the encoder's dout: finish_backward adds the encoder's gradients
@@ -239,7 +246,7 @@ class Bf16KernelPath(Fp32KernelPath):
 
         residual = encoder_forward_bf16_cuda(idx, w["wte"], w["wpe"], check_ids=False)   # checked by _tokens
         ln, mean, rstd = layernorm_forward_bf16_cuda(residual, p["ln1w"][0], p["ln1b"][0], version=2)
-        block_caches = []
+        block_caches, level = [], recompute_level(model)
         for l in range(L):
             qkv = linear(ln, w["qkvw"][l])                                           # (B, T, 3C), no bias
             add_bias_bf16_cuda(qkv, p["qkvb"][l], out=qkv)
@@ -255,9 +262,10 @@ class Bf16KernelPath(Fp32KernelPath):
             residual3, ln_next, mean_next, rstd_next = residual_layernorm_forward_bf16_cuda(
                 residual2, fcproj, p["fcprojb"][l], next_w, next_b)
             del fcproj
-            block_caches.append(dict(x=residual, ln1=ln, ln1_mean=mean, ln1_rstd=rstd, qkv=qkv, lse=lse, atty=atty,
-                                     residual2=residual2, ln2=ln2, ln2_mean=ln2_mean, ln2_rstd=ln2_rstd, fch=fch,
-                                     fch_gelu=fch_gelu))
+            kept = dict(x=residual, ln1=ln, ln1_mean=mean, ln1_rstd=rstd, qkv=qkv, lse=lse, atty=atty,
+                        residual2=residual2, ln2=ln2, ln2_mean=ln2_mean, ln2_rstd=ln2_rstd, fch=fch, fch_gelu=fch_gelu)
+            block_caches.append({k: None if k in RECOMPUTED[level] else v for k, v in kept.items()})
+            del kept, fch_gelu, ln2
             residual, ln, mean, rstd = residual3, ln_next, mean_next, rstd_next
         logits = linear(ln, w["wte"])                                                # (B, T, Vp) bf16
         losses = dlogits = None
@@ -296,6 +304,11 @@ class Bf16KernelPath(Fp32KernelPath):
                                                    cache["lnf_rstd"], g["lnfw"], g["lnfb"], g["fcprojb"][L - 1])
         for l in reversed(range(L)):
             a = cache["block_caches"][l]
+            if a["fch_gelu"] is None:       # recomputed (model.recompute): the forward's kernels on the same inputs
+                a = dict(a, fch_gelu=gelu_bias_forward_bf16_cuda(a["fch"], p["fcb"][l]))
+            if a["ln1"] is None:            # the fused residual + layernorm's output, from the residual it stored
+                a = dict(a, ln1=layernorm_forward_bf16_cuda(a["x"], p["ln1w"][l], p["ln1b"][l], version=2)[0],
+                         ln2=layernorm_forward_bf16_cuda(a["residual2"], p["ln2w"][l], p["ln2b"][l], version=2)[0])
             # residual3 = residual2 + fcproj: dres is also d loss / d fcproj
             dfch_gelu = linear_backward(dres_bf16, a["fch_gelu"], w["fcprojw"][l], g["fcprojw"][l])
             # the GELU backward adds the fc bias's gradient (the column sums of dfch) on the way
@@ -319,6 +332,19 @@ class Bf16KernelPath(Fp32KernelPath):
         m, v = model.m_memory[start:stop], model.v_memory[start:stop]
         adamw_update_bf16_cuda(p, model.params_bf16_memory[start:stop], g, m, v, t, lr, beta1, beta2, eps, wd,
                                stochastic=True, seed=rounding_seed(t, start), grad_scale=grad_scale)
+
+
+RECOMPUTED = {0: (), 1: ("fch_gelu",), 2: ("fch_gelu", "ln1", "ln2")}
+"""What the kernel paths drop after the forward and recompute in the backward, by model.recompute (llm.c's -r):
+1 the GELU's output, 2 also the two LayerNorms' outputs of every block (their means and rstds are kept)."""
+
+
+def recompute_level(model) -> int:
+    """model.recompute, checked: 0, 1 or 2."""
+    level = model.recompute
+    if isinstance(level, bool) or level not in RECOMPUTED:
+        raise ValueError(f"model.recompute must be 0, 1 or 2 (llm.c's -r), got {level!r}")
+    return level
 
 
 def rounding_seed(t: int, start: int) -> int:

@@ -51,24 +51,38 @@ class Block(nn.Module):
 
 
 class TorchGPT2(nn.Module):
-    """GPT-2 with a tied lm_head over the V real tokens; flash=True uses scaled_dot_product_attention."""
+    """GPT-2 with a tied lm_head; flash=True uses scaled_dot_product_attention.
 
-    def __init__(self, c: GPT2Config, flash: bool = False):
+    padded=False: wte and the logits have the V real tokens. padded=True: Vp rows and columns, as llm.c and
+    nanoGPT have them (Vp a multiple of 64 lets the classifier's matmuls use whole tiles); the padded rows of wte
+    start at zero and the loss reads the first V columns only, so the logits, loss and gradients on the real
+    vocabulary are the unpadded model's, and the padded rows get no gradient."""
+
+    def __init__(self, c: GPT2Config, flash: bool = False, padded: bool = False):
         super().__init__()
-        self.config = c
-        self.wte, self.wpe = nn.Embedding(c.vocab_size, c.channels), nn.Embedding(c.max_seq_len, c.channels)
+        self.config, self.padded = c, padded
+        V = c.padded_vocab_size if padded else c.vocab_size
+        self.wte, self.wpe = nn.Embedding(V, c.channels), nn.Embedding(c.max_seq_len, c.channels)
+        with torch.no_grad():
+            self.wte.weight[c.vocab_size:] = 0
         self.h = nn.ModuleList(Block(c.channels, c.num_heads, flash) for _ in range(c.num_layers))
         self.ln_f = nn.LayerNorm(c.channels)
-        self.lm_head = nn.Linear(c.channels, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.channels, V, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
 
     def forward(self, idx, targets=None):
+        """idx, targets (B, T) -> logits (B, T, V or Vp), mean loss over the V real tokens (or None)."""
         T = idx.shape[1]
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
         for block in self.h:
             x = block(x)
+        return self.head(x, targets)
+
+    def head(self, x, targets=None):
+        """The final layernorm, the lm_head and the loss: (B, T, C) -> (logits, loss or None)."""
         logits = self.lm_head(self.ln_f(x))
-        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
+        real = logits[..., :self.config.vocab_size]        # the padded columns never reach the loss
+        loss = None if targets is None else F.cross_entropy(real.float().reshape(-1, real.shape[-1]), targets.view(-1))
         return logits, loss
 
     def llmc_tensors(self) -> dict:
@@ -92,14 +106,15 @@ class TorchGPT2(nn.Module):
                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def from_course(model, flash: bool = False, torch_device: str = "cpu") -> TorchGPT2:
-    """A TorchGPT2 holding the same weights as the course's `model` (wte without its padded rows)."""
+def from_course(model, flash: bool = False, torch_device: str = "cpu", padded: bool = False) -> TorchGPT2:
+    """A TorchGPT2 holding the same weights as the course's `model` (wte without its padded rows unless
+    padded)."""
     c = model.config
-    ref = TorchGPT2(c, flash).to(torch_device)
+    ref = TorchGPT2(c, flash, padded).to(torch_device)
     with torch.no_grad():
         for name, tensors in ref.llmc_tensors().items():
             ours = device.to_host(model.params[name])
-            if name == "wte":
+            if name == "wte" and not padded:
                 ours = ours[:c.vocab_size]
             for l, t in enumerate(tensors):
                 t.copy_(torch.from_numpy(np.array(ours if name in UNSTACKED else ours[l])))
@@ -107,13 +122,14 @@ def from_course(model, flash: bool = False, torch_device: str = "cpu") -> TorchG
 
 
 def _llmc_arrays(ref: TorchGPT2, get) -> dict:
-    """get(tensor) -> array for llm.c's 16 names, stacked over layers; wte padded with zero rows to (Vp, C)."""
+    """get(tensor) -> array for llm.c's 16 names, stacked over layers; wte (Vp, C), padded with zero rows if the
+    model has V."""
     c = ref.config
     out = {}
     for name, tensors in ref.llmc_tensors().items():
         arrays = [get(t).detach().cpu().numpy().copy() for t in tensors]
         out[name] = arrays[0] if name in UNSTACKED else np.stack(arrays)
-    pad = np.zeros((c.padded_vocab_size - c.vocab_size, c.channels), np.float32)
+    pad = np.zeros((c.padded_vocab_size - out["wte"].shape[0], c.channels), np.float32)
     out["wte"] = np.concatenate([out["wte"], pad])
     return out
 

@@ -43,7 +43,7 @@ DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, l
                 final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, eval_every=None, eval_batches=4,
                 sample_every=None, sample_tokens=32, checkpoint_every=None, seed=1337, out=None,
                 train_bin=None, val_bin=None, reference=False, tf32=1, precision="fp32", cuda_graph=1,
-                init_from=None)
+                init_from=None, recompute=0)
 EOT = 50256
 
 
@@ -225,6 +225,8 @@ def check_args(a: dict) -> None:
     for key in ("tf32", "cuda_graph"):
         if a.get(key) not in (0, 1):
             raise ValueError(f"--{key.replace('_', '-')} {a.get(key)!r}: must be 0 or 1")
+    if a.get("recompute") not in (0, 1, 2):
+        raise ValueError(f"--recompute {a.get('recompute')!r}: must be 0, 1 or 2")
     if a.get("precision") not in ("fp32", "bf16"):
         raise ValueError(f"--precision {a.get('precision')!r}: must be fp32 or bf16")
     if a.get("reference") and a["precision"] != "fp32":
@@ -303,6 +305,7 @@ class Trainer:
         self.model = init or GPT2(config, seed=a["seed"], backend=backend, precision=a["precision"])
         self.model.keep_logits = False  # the loop never reads the logits of a training forward
         self.model.cuda_graph = bool(a["cuda_graph"])   # replay the forward and backward (GPU only)
+        self.model.recompute = a["recompute"]           # kernel paths: recompute GELU (1), and LayerNorm (2)
         set_tf32(bool(a["tf32"]))  # as llm.c's fp32 trainer: TF32 tensor cores for the matmuls (a no-op on a CPU)
         self.rng = np.random.default_rng(a["seed"])
         self.step = 0
@@ -507,6 +510,8 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
                    "matmuls with float32 master weights (lesson 14)")
     p.add_argument("--cuda-graph", type=int, choices=[0, 1], dest="cuda_graph", help="record the forward and "
                    "backward into CUDA graphs and replay them (GPU; default 1)")
+    p.add_argument("--recompute", "-r", type=int, choices=[0, 1, 2], help="recompute activations in the backward "
+                   "instead of keeping them (kernel paths, llm.c's -r): 1 GELU, 2 GELU and LayerNorm (default 0)")
     p.add_argument("--overwrite", action="store_true", help="let a new run replace the run already in --out "
                    "(its files are named, then removed when training starts)")
     given = vars(p.parse_args(argv))

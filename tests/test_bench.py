@@ -1,9 +1,13 @@
 """The benchmark's record helpers (the benchmark itself needs a GPU: its records are under results/)."""
 import json
 
+import numpy as np
+
 import pytest
 
-from llmc_lessons.bench import attention_table, kernel_table, main, ratio_rows, read_record
+from llmc_lessons.bench import (attention_table, flops_per_token, is_out_of_memory, kernel_table, largest_batch, main,
+                                ratio_rows, read_record, strongest)
+from llmc_lessons.parameters import GPT2Config
 
 
 def row(name, precision, tokens_per_s):
@@ -41,6 +45,25 @@ def test_each_row_is_compared_with_the_course_row_of_its_precision():
     assert ratio_rows(dict(rows=FULL[2:]))[0][1] is None                 # no course row of that precision
 
 
+def test_the_strongest_pytorch_row_of_each_precision():
+    rows = FULL + [row("PyTorch eager, vocabulary 50304", "fp32", 97.0), dict(name="PyTorch OOM", precision="bf16")]
+    best = strongest(rows)
+    assert {p: r["tokens_per_s"] for p, r in best.items()} == {"fp32": 97.0, "bf16": 400.0}
+
+
+def test_the_pytorch_step_runs_on_the_cpu():
+    pytest.importorskip("torch")
+    from llmc_lessons.bench import TorchStep, _batches
+    from llmc_lessons.parameters import GPT2Config
+    c = GPT2Config(max_seq_len=16, vocab_size=100, padded_vocab_size=128, num_layers=1, num_heads=2, channels=16)
+    step = TorchStep(c, "eager-tf32", padded=True, torch_device="cpu")
+    assert step.model.wte.weight.shape[0] == 128 and "vocabulary 128" in step.name
+    losses = [step(x, y) for x, y in _batches(c, 2, 8, 3)]
+    assert all(np.isfinite(losses)) and losses[0] != losses[-1]
+    with pytest.raises(ValueError, match="mode"):
+        TorchStep(c, "compiled", torch_device="cpu")
+
+
 def test_the_benchmark_refuses_to_time_the_emulator(capsys):
     from llmc_lessons import device
     if not device.on_gpu():
@@ -62,3 +85,119 @@ def test_kernel_table():
                of_same_size_copy=0.92)
     table = kernel_table(dict(copy_gbps=4200.0, rows=[row])).splitlines()
     assert "4,200 GB/s" in table[0] and "gelu forward (+ bias)" in table[2] and "92%" in table[2]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --sizes: the search for the largest batch, out-of-memory handling and the record, with stand-ins for the GPU
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named as CuPy's and PyTorch's errors are."""
+
+
+def test_largest_batch_doubles_then_bisects():
+    for limit in (0, 1, 5, 16, 17, 100, 1024, 5000):
+        tried = []
+
+        def fits(B):
+            tried.append(B)
+            return B <= limit
+        assert largest_batch(fits, 16, cap=1024) == min(limit, 1024)
+        assert len(tried) <= 2 * 11
+
+
+def test_out_of_memory_is_recognised():
+    assert is_out_of_memory(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"))
+    assert is_out_of_memory(RuntimeError("cudaErrorMemoryAllocation: CUDA_ERROR_OUT_OF_MEMORY: out of memory"))
+    assert not is_out_of_memory(ValueError("C must be a multiple of 8"))
+
+
+def test_flops_per_token_is_llmc_count():
+    d12 = GPT2Config.from_name("d12")
+    assert flops_per_token(d12, 1024) == 6 * 124_475_904 + 6 * 12 * 1024 * 768
+
+
+def test_sizes_run_reports_out_of_memory_and_writes_its_record(monkeypatch, tmp_path, capsys):
+    import llmc_lessons.bench as bench
+    limits = {1: (24, 40, 20), 2: (4, 6, 8)}     # by L (d12, d48): largest B of course, course -r 2, PyTorch
+
+    class Model:
+        def __init__(self, config, **kw):
+            self.config, self.recompute = config, 0
+
+    def course_step(model, x, y, *args):
+        if x.shape[0] > limits[model.config.num_layers][1 if model.recompute else 0]:
+            raise OutOfMemoryError("out of memory")
+
+    def bench_course(config, B, T, steps, warmup, precision, model):
+        course_step(model, np.zeros((B, T)), None)
+        return dict(name="course kernels, bf16", precision=precision, ms=1.0, tokens_per_s=1000.0 * B, peak_bytes=2**30)
+
+    class Step:
+        def __init__(self, config, mode, padded, compile_mode, compile_scope):
+            self.name, self.model = "PyTorch", type("M", (), {"config": config})()
+            self.opt = type("O", (), {"zero_grad": lambda self, set_to_none: None})()
+
+        def __call__(self, x, y):
+            if x.shape[0] > limits[self.model.config.num_layers][2]:
+                raise OutOfMemoryError("CUDA out of memory")
+
+    def bench_torch(config, B, T, steps, warmup, mode, step):
+        step(np.zeros((B, T)), None)
+        return dict(name="PyTorch", precision="bf16", ms=1.0, tokens_per_s=800.0 * B, peak_bytes=2 * 2**30)
+
+    configs = {n: GPT2Config(max_seq_len=8, vocab_size=100, padded_vocab_size=128, num_layers=L, num_heads=1,
+                             channels=8) for n, L in (("d12", 1), ("d48", 2))}
+    monkeypatch.setattr(bench.GPT2Config, "from_name", classmethod(lambda cls, n: configs[n]))
+    for name, value in dict(GPT2=Model, training_step=course_step, bench_course=bench_course, TorchStep=Step,
+                            bench_torch=bench_torch, _free_gpu_memory=lambda: None,
+                            matmul_peaks=lambda: dict(n=8192, bf16_tflops=800.0, tf32_tflops=400.0)).items():
+        monkeypatch.setattr(bench, name, value)
+    rec = bench.bench_sizes(["d12", "d48"], 8, 2, 1, json_path=tmp_path / "scale.json")
+    d12, d48 = rec["sizes"]
+    assert d12["max_batch"] == {"course": 24, "course, recompute 2": 40, "PyTorch": 20}
+    assert d12["ratio"] == 1000 / 800 and d12["course"]["mfu"] == 16000 * d12["flops_per_token"] / 800e12
+    assert d48["course"]["oom"].startswith("OutOfMemoryError") and "ratio" not in d48   # B = 8 > 4: reported
+    assert d48["max_batch"] == {"course": 4, "course, recompute 2": 6, "PyTorch": 8}
+    assert json.loads((tmp_path / "scale.json").read_text())["sizes"][1]["course"]["oom"]
+    table = bench.sizes_table(rec)
+    assert "OOM" in table.splitlines()[3] and "1.25x" in table.splitlines()[2]
+
+
+def test_a_failed_configuration_is_recorded_not_raised():
+    import llmc_lessons.bench as bench
+    assert bench._attempt(lambda: None) is None
+    assert bench._attempt(lambda: 1 / 0) == {"error": "ZeroDivisionError: division by zero"}
+
+
+def test_main_writes_every_row_and_the_course_against_the_strongest(monkeypatch, tmp_path, capsys):
+    import llmc_lessons.bench as bench
+    pytest.importorskip("torch")
+    speed = {("eager-tf32", False): 86.0, ("eager-tf32", True): 97.0, ("compiled-bf16", True): 440.0,
+             ("compiled-bf16", False): 410.0, ("compiled-tf32", True): 120.0}
+    calls = []
+
+    def bench_torch(config, B, T, steps, warmup, mode, padded, compile_mode):
+        calls.append((mode, padded, compile_mode))
+        name = f"PyTorch {mode} {compile_mode}, vocabulary {config.padded_vocab_size if padded else config.vocab_size}"
+        return dict(name=name, precision="bf16" if "bf16" in mode else "fp32", ms=1.0,
+                    tokens_per_s=speed[mode, padded] + (5.0 if compile_mode == "max-autotune" else 0.0), peak_bytes=0)
+
+    def bench_course(config, B, T, steps, warmup, precision="fp32", cuda_graph=True):
+        return dict(name=f"course kernels, {precision}" + ("" if cuda_graph else ", one launch at a time"),
+                    precision=precision, ms=1.0, tokens_per_s=150.0 if precision == "fp32" else 480.0, peak_bytes=0)
+    monkeypatch.setattr(bench.device, "on_gpu", lambda: True)
+    for name, value in dict(bench_torch=bench_torch, bench_course=bench_course,
+                            versions=lambda: dict(device="GPU")).items():
+        monkeypatch.setattr(bench, name, value)
+    out = tmp_path / "bench.json"
+    assert main(["--compile-modes", "default", "max-autotune", "--json", str(out)]) == 0
+    assert calls == [("eager-tf32", False, "default"), ("eager-tf32", True, "default"),
+                     ("compiled-bf16", True, "default"), ("compiled-bf16", False, "default"),
+                     ("compiled-tf32", True, "default"), ("compiled-bf16", True, "max-autotune")]
+    rec = json.loads(out.read_text())
+    assert len(rec["rows"]) == 3 + len(calls)
+    text = capsys.readouterr().out
+    assert "fp32: course 150 tokens/s against the strongest PyTorch row" in text and "1.25x" in text   # 150 / 120
+    assert "bf16: course 480" in text and f"{480 / 445:.2f}x" in text                                 # max-autotune

@@ -90,7 +90,8 @@ def test_gelu_bf16_kernel(n, block, version):
 
 @pytest.mark.parametrize("B,T,C,block,version", [(2, 7, 45, 32, 1), (1, 5, 768, 128, 1), (3, 3, 31, 64, 1),
                                                    (2, 7, 40, 32, 2), (1, 5, 768, 128, 2), (3, 3, 1024, 96, 2),
-                                                   (1, 9, 264, 256, 2)])
+                                                   (1, 9, 264, 256, 2), (2, 3, 1032, 64, 2), (1, 3, 1600, 96, 2),
+                                                   (2, 2, 2048, 32, 2)])
 def test_layernorm_bf16_kernel(B, T, C, block, version, poisoned_allocations):
     x = to_bf16(gen.standard_normal((B, T, C)).astype(np.float32) * 2 + 1)
     w, b = gen.standard_normal(C).astype(np.float32), gen.standard_normal(C).astype(np.float32)

@@ -78,7 +78,8 @@ def test_encoder_forward_bf16(B, T, C, block):
         encoder_forward_bf16_cuda(to_device(np.full((B, T), 40, np.int32)), to_device(wte), to_device(wpe))
 
 
-@pytest.mark.parametrize("B,T,C,block", [(3, 7, 40, 32), (2, 3, 264, 96), (1, 5, 768, 256)])
+@pytest.mark.parametrize("B,T,C,block", [(3, 7, 40, 32), (2, 3, 264, 96), (1, 5, 768, 256), (2, 3, 1280, 64),
+                                         (1, 3, 1600, 128), (3, 1, 1288, 32), (1, 2, 2040, 96)])
 def test_residual_layernorm_forward_bf16(B, T, C, block):
     gen = np.random.default_rng(C)
     a, b = bits(gen, B, T, C), bits(gen, B, T, C, scale=2.0)
@@ -178,7 +179,9 @@ def test_add_bias_bf16(shape, block, in_place):
     close_bf16(got, from_bf16(x).astype(np.float64) + bias, "x + bias")
 
 
-@pytest.mark.parametrize("B,T,C,block,max_blocks", [(2, 7, 40, 64, 264), (3, 11, 264, 96, 2), (1, 5, 1024, 256, 1)])
+@pytest.mark.parametrize("B,T,C,block,max_blocks", [(2, 7, 40, 64, 264), (3, 11, 264, 96, 2), (1, 5, 1024, 256, 1),
+                                                   (2, 5, 1280, None, 264), (3, 3, 1600, 64, 2), (1, 7, 1032, 96, 3),
+                                                   (2, 2, 2040, 32, 264)])
 def test_layernorm_backward_bf16(B, T, C, block, max_blocks):
     gen = np.random.default_rng(C + B)
     x, dout = bits(gen, B, T, C, scale=2.0), bits(gen, B, T, C)
@@ -276,10 +279,10 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="aligned"):
         gelu_bias_forward_bf16_cuda(to_device(np.zeros(8 * 9 + 1, np.uint16))[1:].reshape(1, 9, 8),
                                       to_device(np.zeros(8, np.float32)))
-    with pytest.raises(ValueError, match="C must be <= 1024"):
-        z = to_device(np.zeros((1, 1, 1032), np.uint16))
-        f = to_device(np.zeros(1032, np.float32))
-        layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 1032), np.float32)), z, z, f,
+    with pytest.raises(ValueError, match="C must be <= 2048"):
+        z = to_device(np.zeros((1, 1, 2056), np.uint16))
+        f = to_device(np.zeros(2056, np.float32))
+        layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 2056), np.float32)), z, z, f,
                                        to_device(np.zeros((1, 1), np.float32)), to_device(np.zeros((1, 1), np.float32)),
                                        f, f)
     with pytest.raises(ValueError, match="shared memory"):
@@ -309,6 +312,23 @@ def test_bf16_model_matches_the_fp32_kernel_path():
     l32, l16 = m32.forward(x, y), m16.forward(x, y)
     assert abs(l16 - l32) < 1e-2 * l32
     np.testing.assert_allclose(to_host(m16.logits), to_host(m32.logits), atol=2e-2)
+    for m in (m32, m16):
+        m.zero_grad()
+        m.backward()
+    for name in m32.grads:
+        a, b = to_host(m32.grads[name]), to_host(m16.grads[name])
+        err = np.linalg.norm(a - b) / np.linalg.norm(a)
+        assert err < 3e-2, f"{name}: the bf16 gradient is {err:.1e} away (relative) from the fp32 one"
+
+
+@pytest.mark.parametrize("C,NH", [(1600, 25)])
+def test_bf16_model_runs_gpt2_xl_widths(C, NH):
+    # GPT-2 1.5B's width and heads (hs = 64): the wide layernorm kernels and 25 heads of flash attention, one layer
+    c = GPT2Config(max_seq_len=8, vocab_size=100, padded_vocab_size=128, num_layers=1, num_heads=NH, channels=C)
+    x, y = batch(T=8)
+    m32, m16 = GPT2(c, seed=1, backend="kernels"), GPT2(c, seed=1, precision="bf16")
+    l32, l16 = m32.forward(x, y), m16.forward(x, y)
+    assert abs(l16 - l32) < 1e-2 * l32
     for m in (m32, m16):
         m.zero_grad()
         m.backward()

@@ -149,6 +149,32 @@ def test_logits_loss_and_every_gradient_match_pytorch(path):
     assert not device.to_host(model.grads["wte"])[SMALL.vocab_size:].any()
 
 
+@needs_torch
+def test_the_padded_pytorch_model_is_the_unpadded_one_on_the_real_vocabulary():
+    # the benchmark's strongest baseline pads the vocabulary to Vp: same logits, loss and gradients on the V
+    # real tokens, padded logits that never reach the loss, padded rows of wte that get no gradient
+    torch.manual_seed(0)
+    model = GPT2(SMALL, seed=0, backend="numpy")
+    model.params_memory[...] += np.random.default_rng(3).standard_normal(model.num_parameters).astype(np.float32) * 0.2
+    model.params["wte"][SMALL.vocab_size:] = 0
+    plain, padded = torch_twin(model), torch_twin(model, padded=True)
+    assert padded.wte.weight.shape[0] == SMALL.padded_vocab_size > SMALL.vocab_size
+    idx, targets = (torch.from_numpy(a) for a in _batch(SMALL))
+    (logits, loss), (plogits, ploss) = plain(idx, targets), padded(idx, targets)
+    assert plogits.shape[-1] == SMALL.padded_vocab_size
+    torch.testing.assert_close(plogits[..., :SMALL.vocab_size], logits, rtol=0, atol=1e-6)
+    assert abs(ploss.item() - loss.item()) <= 1e-6 * abs(loss.item())
+    loss.backward()
+    ploss.backward()
+    want, got = llmc_grads(plain), llmc_grads(padded)
+    for name in PARAMETER_NAMES:
+        _close("d" + name, got[name], want[name])
+    assert not got["wte"][SMALL.vocab_size:].any(), "the padded rows of wte get no gradient"
+    with torch.no_grad():                      # a padded column made huge changes nothing
+        padded.wte.weight[-1] = 1e4
+        assert padded(idx, targets)[1].item() == ploss.item()
+
+
 def test_forward_without_targets_and_accumulating_grads():
     model = GPT2(SMALL, seed=1, backend="numpy")
     idx, targets = _batch(SMALL)

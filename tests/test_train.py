@@ -26,6 +26,12 @@ def make_args(token_files, out, **kw):
     return args
 
 
+def test_recompute_reaches_the_model(token_files, tmp_path):
+    assert Trainer(make_args(token_files, tmp_path, recompute=2, precision="bf16")).model.recompute == 2
+    with pytest.raises(ValueError, match="--recompute 5"):
+        Trainer(make_args(token_files, tmp_path, recompute=5))
+
+
 def test_learning_rate_schedule():
     lrs = [learning_rate(s, 100, 1e-3, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)      # linear warm-up
@@ -194,6 +200,7 @@ def test_stale_temporaries_of_the_trainer_are_removed_and_nothing_else(token_fil
     (["--stop-at", "0"], "--stop-at 0"),
     (["--steps", "3", "--epochs", "1"], "give --steps or --epochs, not both"),
     (["--precision", "bf16", "--reference"], "cannot be combined"),
+    (["--recompute", "3"], "--recompute"),
 ])
 def test_every_argument_is_checked_by_its_own_name_before_anything_is_built(argv, message, capsys, monkeypatch):
     import llmc_lessons.train as train

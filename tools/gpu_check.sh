@@ -4,9 +4,18 @@
 # benchmark against PyTorch (both course precisions), the bf16 step's memory-bound kernels against the copy
 # bandwidth, and a 500-step GPT-2 124M training run in fp32 and in bf16.
 #
-#   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval bench kernels train (default: all)
+#   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval bench kernels train scale
+#                                            (default: all but scale)
 #
 # arch compiles every kernel of the course with NVRTC for sm_75, 80, 86, 89 and 90 and prints the table.
+# scale (about 8 minutes on an H100; not in the default): GPT-2 124M against every PyTorch baseline (the plain
+# and the padded vocabulary, eager and compiled, each torch.compile mode), then every GPT-2 size (d48, d36, d24,
+# d12: the least measured first) in bf16 against PyTorch's compiled step: tokens/s, peak memory, MFU against the
+# measured matmul peak, the largest batch each fits; last, causal attention alone at T = 1024 and 2048 (the flash
+# kernels, their version 2, PyTorch's SDPA). Each part has a time limit (SCALE_BASELINE_S, SCALE_SIZES_S seconds)
+# and writes its JSON after every row, so a part cut short keeps what it measured (the max-autotune rows, last,
+# need minutes of compilation: SCALE_BASELINE_S=600 when there is time); SCALE_ARGS adds arguments to the sizes
+# run.
 #
 # Narrower runs, when device time is short: TEST_ARGS (extra pytest arguments, e.g. --ignore=...),
 # NBVAL_PATHS (default: solutions), BENCH_ARGS (e.g. --attention), TRAIN_PRECISIONS (default: fp32 bf16).
@@ -74,6 +83,15 @@ except ImportError: print(\"torch missing\")"' ;;
              cp /tmp/runs/$precision/log.jsonl "$f.jsonl"
              cp /tmp/runs/$precision/summary.json "$f.summary.json"
            done ;;
+    scale) f=$(name bench scale-baseline)
+           run scale-baseline "$f.log" timeout ${SCALE_BASELINE_S:-150} python3 -m llmc_lessons.bench --steps 10 \
+             --warmup 3 --compile-modes default max-autotune-no-cudagraphs max-autotune --json "$f.json"
+           f=$(name bench scale)
+           run scale-sizes "$f.log" timeout ${SCALE_SIZES_S:-290} python3 -m llmc_lessons.bench \
+             --sizes d48,d36,d24,d12 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-}
+           f=$(name bench attention)
+           run scale-attention "$f.log" timeout 40 python3 -m llmc_lessons.bench --only-attention \
+             --attention-seq-lens 1024 2048 --json "$f.json" ;;
     *) echo "unknown stage $s"; status=1 ;;
   esac
 done

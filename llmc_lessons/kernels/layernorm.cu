@@ -407,30 +407,34 @@ extern "C" __global__ void layernorm_forward_bf16_kernel(bf16* out,           //
 // The bf16 training step (GPT2(precision="bf16")): kernels/bf16.cuh says what its kernels share.
 // =========================================================================================================
 
-#define ROW_CHUNKS 4   // 8-value chunks per lane when a warp keeps a row in registers: C <= 4 * 32 * 8 = 1024
+// A warp keeps a row in registers: CHUNKS 8-value chunks per lane, so C <= CHUNKS * 32 * 8. Each kernel comes
+// in two instances: CHUNKS = 4 for C <= 1024 (GPT-2 124M and 350M, the fast path) and, with the suffix _c2048,
+// CHUNKS = 8 for C <= 2048 (774M: 1280, 1.5B: 1600); a loop over a fixed CHUNKS unrolls, so the chunks stay
+// in registers.
 
 // The layernorm of one row that a warp holds in registers, lane `lane` the 8-value chunks (lane + 32 i) * 8
 // (those below C): the mean and the variance from the registers (two passes over them, no trip to memory),
 // then out = (x - mean) * rstd * weight + bias stored 16 bytes at a time. The statistics stay float32.
-__device__ __forceinline__ void layernorm_row_bf16(float r[ROW_CHUNKS][8], bf16* out, float* mean, float* rstd,
+template <int CHUNKS>
+__device__ __forceinline__ void layernorm_row_bf16(float r[CHUNKS][8], bf16* out, float* mean, float* rstd,
                                                    const float* weight, const float* bias, int row, int C,
                                                    int lane) {
     float sum = 0.0f;
-    for (int i = 0; i < ROW_CHUNKS; i++) {
+    for (int i = 0; i < CHUNKS; i++) {
         if ((lane + 32 * i) * 8 < C) {
             for (int k = 0; k < 8; k++) sum += r[i][k];
         }
     }
     float m = warpReduceSum(sum) / C;
     float var = 0.0f;
-    for (int i = 0; i < ROW_CHUNKS; i++) {
+    for (int i = 0; i < CHUNKS; i++) {
         if ((lane + 32 * i) * 8 < C) {
             for (int k = 0; k < 8; k++) var += (r[i][k] - m) * (r[i][k] - m);
         }
     }
     float s = rsqrtf(warpReduceSum(var) / C + 1e-5f);
     size_t base = (size_t)row * C;
-    for (int i = 0; i < ROW_CHUNKS; i++) {
+    for (int i = 0; i < CHUNKS; i++) {
         int c = (lane + 32 * i) * 8;
         if (c < C) {
             float w[8], b[8];
@@ -449,27 +453,39 @@ __device__ __forceinline__ void layernorm_row_bf16(float r[ROW_CHUNKS][8], bf16*
 // The layernorm forward of the step's first layer (the later ones are fused with a residual add, below): one
 // warp per row, the row read once into registers through 16-byte loads. layernorm_forward_bf16_kernel above
 // is the same function with two-byte loads, a value at a time (any C); this one needs C a multiple of 8 and
-// at most 1024.
-extern "C" __global__ void layernorm_forward_bf16_kernel2(bf16* out,           // (N, C)
-                                                          float* mean,         // (N,)
-                                                          float* rstd,         // (N,)
-                                                          const bf16* inp,     // (N, C)
-                                                          const float* weight, // (C,)
-                                                          const float* bias,   // (C,)
-                                                          int N, int C) {
+// at most CHUNKS * 256.
+template <int CHUNKS>
+__device__ __forceinline__ void layernorm_forward_bf16_rows(bf16* out,           // (N, C)
+                                                            float* mean,         // (N,)
+                                                            float* rstd,         // (N,)
+                                                            const bf16* inp,     // (N, C)
+                                                            const float* weight, // (C,)
+                                                            const float* bias,   // (C,)
+                                                            int N, int C) {
     int lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;
-    int4 raw[ROW_CHUNKS];
-    for (int i = 0; i < ROW_CHUNKS; i++) {      // every load of the row first, then the arithmetic
+    int4 raw[CHUNKS];
+    for (int i = 0; i < CHUNKS; i++) {          // every load of the row first, then the arithmetic
         int c = (lane + 32 * i) * 8;
         if (c < C) raw[i] = *(const int4*)(inp + (size_t)row * C + c);
     }
-    float r[ROW_CHUNKS][8];
-    for (int i = 0; i < ROW_CHUNKS; i++) {
+    float r[CHUNKS][8];
+    for (int i = 0; i < CHUNKS; i++) {
         if ((lane + 32 * i) * 8 < C) unpack8(r[i], raw[i]);
     }
-    layernorm_row_bf16(r, out, mean, rstd, weight, bias, row, C, lane);
+    layernorm_row_bf16<CHUNKS>(r, out, mean, rstd, weight, bias, row, C, lane);
+}
+
+// The two instances the launcher picks from: C <= 1024, and C <= 2048.
+extern "C" __global__ void layernorm_forward_bf16_kernel2(bf16* out, float* mean, float* rstd, const bf16* inp,
+                                                          const float* weight, const float* bias, int N, int C) {
+    layernorm_forward_bf16_rows<4>(out, mean, rstd, inp, weight, bias, N, C);
+}
+extern "C" __global__ void layernorm_forward_bf16_kernel2_c2048(bf16* out, float* mean, float* rstd,
+                                                                const bf16* inp, const float* weight,
+                                                                const float* bias, int N, int C) {
+    layernorm_forward_bf16_rows<8>(out, mean, rstd, inp, weight, bias, N, C);
 }
 
 // residual = inp1 + (inp2 + bias2), then out = layernorm(residual): the residual connection after a
@@ -477,30 +493,31 @@ extern "C" __global__ void layernorm_forward_bf16_kernel2(bf16* out,           /
 // read once into registers, all its loads in flight together; the statistics are of the bf16-rounded
 // residual that is stored. (A first version re-read the row from the cache for the variance and the output:
 // three dependent trips to memory per row, 50 us a call in the H200's profile of the step; this one 28 us.)
-extern "C" __global__ void residual_layernorm_forward_bf16_kernel(bf16* residual,       // (N, C)
-                                                                  bf16* out,            // (N, C)
-                                                                  float* mean,          // (N,)
-                                                                  float* rstd,          // (N,)
-                                                                  const bf16* inp1,     // (N, C)
-                                                                  const bf16* inp2,     // (N, C)
-                                                                  const float* bias2,   // (C,)
-                                                                  const float* weight,  // (C,)
-                                                                  const float* bias,    // (C,)
-                                                                  int N, int C) {
+template <int CHUNKS>
+__device__ __forceinline__ void residual_layernorm_forward_bf16_rows(bf16* residual,       // (N, C)
+                                                                     bf16* out,            // (N, C)
+                                                                     float* mean,          // (N,)
+                                                                     float* rstd,          // (N,)
+                                                                     const bf16* inp1,     // (N, C)
+                                                                     const bf16* inp2,     // (N, C)
+                                                                     const float* bias2,   // (C,)
+                                                                     const float* weight,  // (C,)
+                                                                     const float* bias,    // (C,)
+                                                                     int N, int C) {
     int lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;                       // the whole warp leaves together
     size_t base = (size_t)row * C;
-    int4 raw1[ROW_CHUNKS], raw2[ROW_CHUNKS];
-    for (int i = 0; i < ROW_CHUNKS; i++) {      // every load of the row first, then the arithmetic
+    int4 raw1[CHUNKS], raw2[CHUNKS];
+    for (int i = 0; i < CHUNKS; i++) {          // every load of the row first, then the arithmetic
         int c = (lane + 32 * i) * 8;
         if (c < C) {
             raw1[i] = *(const int4*)(inp1 + base + c);
             raw2[i] = *(const int4*)(inp2 + base + c);
         }
     }
-    float r[ROW_CHUNKS][8];
-    for (int i = 0; i < ROW_CHUNKS; i++) {
+    float r[CHUNKS][8];
+    for (int i = 0; i < CHUNKS; i++) {
         int c = (lane + 32 * i) * 8;
         if (c < C) {
             float b[8], pb[8];
@@ -511,7 +528,21 @@ extern "C" __global__ void residual_layernorm_forward_bf16_kernel(bf16* residual
             store8(residual + base + c, r[i]);
         }
     }
-    layernorm_row_bf16(r, out, mean, rstd, weight, bias, row, C, lane);
+    layernorm_row_bf16<CHUNKS>(r, out, mean, rstd, weight, bias, row, C, lane);
+}
+
+extern "C" __global__ void residual_layernorm_forward_bf16_kernel(bf16* residual, bf16* out, float* mean,
+                                                                  float* rstd, const bf16* inp1, const bf16* inp2,
+                                                                  const float* bias2, const float* weight,
+                                                                  const float* bias, int N, int C) {
+    residual_layernorm_forward_bf16_rows<4>(residual, out, mean, rstd, inp1, inp2, bias2, weight, bias, N, C);
+}
+extern "C" __global__ void residual_layernorm_forward_bf16_kernel_c2048(bf16* residual, bf16* out, float* mean,
+                                                                        float* rstd, const bf16* inp1,
+                                                                        const bf16* inp2, const float* bias2,
+                                                                        const float* weight, const float* bias,
+                                                                        int N, int C) {
+    residual_layernorm_forward_bf16_rows<8>(residual, out, mean, rstd, inp1, inp2, bias2, weight, bias, N, C);
 }
 
 // The column sums of partial (R, 3C), always in the same order, added into three vectors: columns 0..C-1 into
@@ -548,7 +579,7 @@ extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,)
     }
 }
 
-// The layernorm backward of lesson 03 on bf16 dout and inp, a warp per row, each warp taking LN_ROWS rows at
+// The layernorm backward of lesson 03 on bf16 dout and inp, a warp per row, each warp taking ROWS rows at
 // a time (rows r, r + W, with W the grid's warps; then r + 2W, ...). dinp is the float32 gradient of the
 // residual stream and is ACCUMULATED into (the two readers of a residual add up); dinp_bf16 gets its new
 // value in bf16 for the next matmul's backward. The rows' dout and inp are loaded at once into registers
@@ -563,38 +594,40 @@ extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,)
 // multiprocessor (79 registers; 24 rows in flight), 63-64 us; two rows take 128 registers, so 16 warps fit,
 // but 32 rows are in flight and each shared-memory update serves two rows: 57 us. (Keeping the sums in
 // registers instead took 162 registers a thread: one block of 8 warps fitted, 63 us with two sums.)
-#define LN_ROWS 2
-extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,             // (N, C) accumulated into
-                                                         bf16* dinp_bf16,         // (N, C)
-                                                         float* partial,          // (gridDim.x, 3C)
-                                                         const bf16* dout,        // (N, C)
-                                                         const bf16* inp,         // (N, C)
-                                                         const float* weight,     // (C,)
-                                                         const float* mean,       // (N,)
-                                                         const float* rstd,       // (N,)
-                                                         int N, int C) {
-    extern __shared__ float buf[];            // (warps per block, 3C): each warp's dweight, dbias, dres sums
+// The kernels below instantiate ROWS = 2 with CHUNKS = 4 (C <= 1024), ROWS = 1 with CHUNKS = 8: two rows of
+// 8 chunks would hold 128 registers of packed values alone.
+template <int CHUNKS, int ROWS>
+__device__ __forceinline__ void layernorm_backward_bf16_rows(float* buf,              // shared: (warps, 3C)
+                                                             float* dinp,             // (N, C) accumulated into
+                                                             bf16* dinp_bf16,         // (N, C)
+                                                             float* partial,          // (gridDim.x, 3C)
+                                                             const bf16* dout,        // (N, C)
+                                                             const bf16* inp,         // (N, C)
+                                                             const float* weight,     // (C,)
+                                                             const float* mean,       // (N,)
+                                                             const float* rstd,       // (N,)
+                                                             int N, int C) {
     int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
     int W = gridDim.x * warps;
     float* dw = buf + (size_t)w * 3 * C;
     float* db = dw + C;
     float* dr = db + C;
-    for (int i = 0; i < ROW_CHUNKS; i++) {
+    for (int i = 0; i < CHUNKS; i++) {
         int c = (lane + 32 * i) * 8;
         if (c < C) {
             for (int k = 0; k < 8; k++) dw[c + k] = db[c + k] = dr[c + k] = 0.0f;
         }
     }
-    for (int row0 = blockIdx.x * warps + w; row0 < N; row0 += LN_ROWS * W) {
-        int4 raw_dout[LN_ROWS][ROW_CHUNKS], raw_inp[LN_ROWS][ROW_CHUNKS];   // the rows stay in registers, packed
-        float m[LN_ROWS], s[LN_ROWS], dnorm_mean[LN_ROWS], dnorm_norm_mean[LN_ROWS];
-        for (int r = 0; r < LN_ROWS; r++) {   // a row past N is zeros (m = s = 0): it adds 0 to every sum
+    for (int row0 = blockIdx.x * warps + w; row0 < N; row0 += ROWS * W) {
+        int4 raw_dout[ROWS][CHUNKS], raw_inp[ROWS][CHUNKS];   // the rows stay in registers, packed
+        float m[ROWS], s[ROWS], dnorm_mean[ROWS], dnorm_norm_mean[ROWS];
+        for (int r = 0; r < ROWS; r++) {   // a row past N is zeros (m = s = 0): it adds 0 to every sum
             int row = row0 + r * W;
             bool in = row < N;
             m[r] = in ? mean[row] : 0.0f;
             s[r] = in ? rstd[row] : 0.0f;
             dnorm_mean[r] = dnorm_norm_mean[r] = 0.0f;
-            for (int i = 0; i < ROW_CHUNKS; i++) {
+            for (int i = 0; i < CHUNKS; i++) {
                 int c = (lane + 32 * i) * 8;
                 if (c < C) {
                     raw_dout[r][i] = in ? *(const int4*)(dout + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
@@ -602,14 +635,14 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
                 }
             }
         }
-        for (int i = 0; i < ROW_CHUNKS; i++) {
+        for (int i = 0; i < CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
             if (c < C) {
                 float wt[8], sw[8], sb[8];
                 load8f(wt, weight + c);
                 load8f(sw, dw + c);
                 load8f(sb, db + c);
-                for (int r = 0; r < LN_ROWS; r++) {
+                for (int r = 0; r < ROWS; r++) {
                     float d[8], x[8];
                     unpack8(d, raw_dout[r][i]);
                     unpack8(x, raw_inp[r][i]);
@@ -628,17 +661,17 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
                 *(float4*)(db + c + 4) = make_float4(sb[4], sb[5], sb[6], sb[7]);
             }
         }
-        for (int r = 0; r < LN_ROWS; r++) {
+        for (int r = 0; r < ROWS; r++) {
             dnorm_mean[r] = warpReduceSum(dnorm_mean[r]) / C;
             dnorm_norm_mean[r] = warpReduceSum(dnorm_norm_mean[r]) / C;
         }
-        for (int i = 0; i < ROW_CHUNKS; i++) {
+        for (int i = 0; i < CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
             if (c < C) {
                 float wt[8], sr[8];
                 load8f(wt, weight + c);
                 load8f(sr, dr + c);
-                for (int r = 0; r < LN_ROWS; r++) {
+                for (int r = 0; r < ROWS; r++) {
                     int row = row0 + r * W;
                     if (row >= N) break;
                     size_t at = (size_t)row * C + c;
@@ -666,4 +699,19 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp,          
         for (int j = 0; j < warps; j++) sum += buf[(size_t)j * 3 * C + c];
         partial[(size_t)blockIdx.x * 3 * C + c] = sum;
     }
+}
+
+// The two instances the launcher picks from: C <= 1024 two rows at a time, and C <= 2048 one row at a time.
+extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp, bf16* dinp_bf16, float* partial,
+                                                         const bf16* dout, const bf16* inp, const float* weight,
+                                                         const float* mean, const float* rstd, int N, int C) {
+    extern __shared__ float buf[];            // (warps per block, 3C): each warp's dweight, dbias, dres sums
+    layernorm_backward_bf16_rows<4, 2>(buf, dinp, dinp_bf16, partial, dout, inp, weight, mean, rstd, N, C);
+}
+extern "C" __global__ void layernorm_backward_bf16_kernel_c2048(float* dinp, bf16* dinp_bf16, float* partial,
+                                                               const bf16* dout, const bf16* inp,
+                                                               const float* weight, const float* mean,
+                                                               const float* rstd, int N, int C) {
+    extern __shared__ float buf[];
+    layernorm_backward_bf16_rows<8, 1>(buf, dinp, dinp_bf16, partial, dout, inp, weight, mean, rstd, N, C);
 }

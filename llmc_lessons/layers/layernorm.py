@@ -224,13 +224,13 @@ def layernorm_forward_bf16_cuda(inp, weight, bias, block_size: int = 256, versio
     """(B, T, C) bf16 bits, (C,), (C,) float32 -> out (B, T, C) bf16 bits, mean, rstd (B, T) float32.
 
     version 1: layernorm_forward_bf16_kernel, two-byte loads (any C). version 2: layernorm_forward_bf16_kernel2,
-    the row in registers through 16-byte loads (the training step's; C a multiple of 8, at most 1024)."""
+    the row in registers through 16-byte loads (the training step's; C a multiple of 8, at most ROW_MAX_C)."""
     device.require_array("inp", inp, shape=(None, None, None), dtype=np.uint16)
     B, T, C = inp.shape
     if version == 2:
         require_aligned16("inp", inp)
         require_multiple_of_8("C", C)
-        _row_in_registers(C)
+        chunks = row_chunks(C)
         require_float_vector("weight", weight, C)
         require_float_vector("bias", bias, C)
     elif version == 1:
@@ -242,19 +242,27 @@ def layernorm_forward_bf16_cuda(inp, weight, bias, block_size: int = 256, versio
     xp = device.xp
     out, mean, rstd = xp.empty((B, T, C), np.uint16), xp.empty((B, T), np.float32), xp.empty((B, T), np.float32)
     if B * T:
-        load_kernel("layernorm.cu", "layernorm_forward_bf16_kernel" + ("2" if version == 2 else ""))(
+        load_kernel("layernorm.cu", "layernorm_forward_bf16_kernel2" + _WIDE[chunks] if version == 2 else
+                    "layernorm_forward_bf16_kernel")(
             (-(-(B * T) // (block_size // 32)),), (block_size,),
             (out, mean, rstd, inp, weight, bias, np.int32(B * T), np.int32(C)))
     return out, mean, rstd
 
 
-ROW_MAX_C = 1024
-"""The bf16 layernorm kernels keep a row in registers: C <= 1024 (GPT-2 124M and 350M)."""
+ROW_MAX_C = 2048
+"""The bf16 layernorm kernels keep a row in registers: C <= 2048 (every GPT-2 size; 1.5B has C = 1600)."""
 
 
-def _row_in_registers(C: int):
+_WIDE = {4: "", 8: "_c2048"}   # the suffix of each instance's kernel name
+
+
+def row_chunks(C: int) -> int:
+    """The CHUNKS instance of the bf16 layernorm kernels for rows of C channels: a warp keeps a row in registers,
+    CHUNKS 8-value chunks per lane; 4 for C <= 1024 (the fast path), 8 (the kernels named ..._c2048) up to
+    ROW_MAX_C."""
     if C > ROW_MAX_C:
         raise ValueError(f"the bf16 layernorm kernels keep a row in registers: C must be <= {ROW_MAX_C}, got {C}")
+    return 4 if C <= 1024 else 8
 
 
 def residual_layernorm_forward_bf16_cuda(inp1, inp2, bias2, weight, bias, block_size: int = 256):
@@ -264,7 +272,7 @@ def residual_layernorm_forward_bf16_cuda(inp1, inp2, bias2, weight, bias, block_
     require_bf16_array("inp1", inp1, (None, None, None))
     B, T, C = inp1.shape
     require_multiple_of_8("C", C)
-    _row_in_registers(C)
+    chunks = row_chunks(C)
     require_bf16_array("inp2", inp2, (B, T, C))
     for name, a in (("bias2", bias2), ("weight", weight), ("bias", bias)):
         require_float_vector(name, a, C)
@@ -272,7 +280,7 @@ def residual_layernorm_forward_bf16_cuda(inp1, inp2, bias2, weight, bias, block_
     xp = device.xp
     residual, out = xp.empty((B, T, C), np.uint16), xp.empty((B, T, C), np.uint16)
     mean, rstd = xp.empty((B, T), np.float32), xp.empty((B, T), np.float32)
-    launch_1d("layernorm.cu", "residual_layernorm_forward_bf16_kernel", B * T * 32, block_size,
+    launch_1d("layernorm.cu", "residual_layernorm_forward_bf16_kernel" + _WIDE[chunks], B * T * 32, block_size,
               (residual, out, mean, rstd, inp1, inp2, bias2, weight, bias, np.int32(B * T), np.int32(C)))
     return residual, out, mean, rstd
 
@@ -302,7 +310,7 @@ ragged last round); more blocks also mean more partial rows for the column sums 
 
 
 def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, dbias, dresidual_bias=None,
-                                 block_size: int = 256, max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
+                                 block_size: int | None = None, max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
     """The layernorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient,
     dweight, dbias (C,) float32 += theirs. Returns dinp's new value in bf16 (for the next matmul backward).
     dresidual_bias (C,) float32, if given, += the column sums of that bf16 value: the bias gradient of the
@@ -310,11 +318,12 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
 
     max_blocks caps the grid: each warp loops over rows, each block leaves one row of partial sums of the
     three (its warps' sums: 3C floats a warp, 3 * block_size * C / 8 bytes of shared memory), which a
-    second kernel adds in order."""
+    second kernel adds in order. block_size None: 256 for C <= 1024, else 128 (a row of 8 chunks a lane, one row
+    at a time; 4 warps of C = 1600 take 75 KiB of shared memory, so two blocks fit on a multiprocessor)."""
     require_bf16_array("inp", inp, (None, None, None))
     B, T, C = inp.shape
     require_multiple_of_8("C", C)
-    _row_in_registers(C)
+    chunks = row_chunks(C)
     require_bf16_array("dout", dout, (B, T, C))
     require_aligned16("dinp", device.require_array("dinp", dinp, shape=(B, T, C)))
     require_float_vector("weight", weight, C)
@@ -326,10 +335,12 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     device.require_array("dresidual_bias", dresidual_bias, shape=(C,))
     for name, a in (("mean", mean), ("rstd", rstd)):
         device.require_array(name, a, shape=(B, T))
+    if block_size is None:
+        block_size = 256 if chunks == 4 else 128
     block_size = device.require_block_size(block_size, warps=True)
     N, wpb = B * T, block_size // 32
     shared = 4 * wpb * 3 * C
-    kernel = kernel_with_shared("layernorm.cu", "layernorm_backward_bf16_kernel", shared,
+    kernel = kernel_with_shared("layernorm.cu", "layernorm_backward_bf16_kernel" + _WIDE[chunks], shared,
                                 f"block_size {block_size} (use fewer warps per block) for C = {C}")
     blocks = max(1, min(device.require_int("max_blocks", max_blocks), -(-N // wpb)))
     dinp_bf16 = xp.empty((B, T, C), np.uint16)
