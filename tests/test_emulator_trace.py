@@ -201,3 +201,13 @@ def test_a_trace_too_long_is_a_clear_error(monkeypatch):
     with pytest.raises(KernelError, match="made more than 100 accesses to memory; trace a smaller launch"):
         _launch(GLOBAL, "copy", 4, 64, np.arange(256, dtype=np.float32), np.zeros(256, np.float32),
                 np.int32(256), np.int32(1))
+
+
+def test_a_memory_check_is_skipped_where_no_compiler_can_trace(monkeypatch):
+    from llmc_lessons.checks import trace_of
+    from llmc_lessons.cuda import emulator
+
+    def missing():
+        raise RuntimeError("The CPU kernel emulator needs a C++ compiler and none was found.")
+    monkeypatch.setattr(emulator, "compiler", missing)
+    assert trace_of(lambda: None) is None

@@ -52,6 +52,9 @@ SPACES = ("global", "shared")
 recorders: list[list] = []
 """The lists of the recording() blocks open now: every launch appends its Trace to each."""
 
+last: "Trace | None" = None
+"""The last traced launch's Trace (what a memory check of an exercise saw, for a student to look at)."""
+
 
 @contextmanager
 def recording():
@@ -92,7 +95,8 @@ class SourceLine:
 class Requests:
     """The warp requests of a trace, in the order their first access was made; every attribute is an array with
     one entry a request: block (linear index), warp (in the block), line (index into Trace.lines), pc (the
-    instruction), shared (bool), op (0 load, 1 store, 2 atomic), size (bytes a lane), lanes (active lanes),
+    instruction), shared (bool), array (index into Trace.arrays of the array its first access is in, -1 for
+    shared memory or none), op (0 load, 1 store, 2 atomic), size (bytes a lane), lanes (active lanes),
     sectors and cache_lines (global), bytes_used (global: distinct bytes asked for), wavefronts, phases and ways
     (shared)."""
 
@@ -199,7 +203,10 @@ class Trace:
         size = np.zeros(n, np.int64)
         np.maximum.at(size, rid, c["size"])
         req = dict(block=c["block"][head], warp=c["tid"][head] >> 5, line=c["line"][head], pc=c["pc"][head],
-                   shared=c["shared"][head], op=c["op"][head], size=size, lanes=lanes)
+                   shared=c["shared"][head], op=c["op"][head], size=size, lanes=lanes,
+                   array=np.full(n, -1, np.int64))
+        for i, a in enumerate(self.arrays):
+            req["array"][a.holds(c["addr"][head]) & ~c["shared"][head]] = i
         # global memory: distinct sectors and cache lines, distinct bytes asked for
         g = ~c["shared"]
         q, lo, sz = rid[g], c["addr"][g], c["size"][g]
@@ -228,6 +235,13 @@ class Trace:
             raise ValueError(f"space must be one of {SPACES} and op one of {OPS}, got {space!r}, {op!r}")
         c = self._columns
         return (c["shared"] == (space == "shared")) & (c["op"] == OPS.index(op))
+
+    def coordinates(self, block: int, thread: int) -> tuple[tuple, tuple]:
+        """(blockIdx, threadIdx) of a linear block and thread index."""
+        (gx, gy, _), (bx, by, _) = self.grid, self.block
+        block, thread = int(block), int(thread)
+        return ((block % gx, block // gx % gy, block // (gx * gy)),
+                (thread % bx, thread // bx % by, thread // (bx * by)))
 
     def per_thread(self, space: str, op: str) -> np.ndarray:
         """(blocks, threads per block): how many accesses of `space` ("global", "shared") and `op` ("load",
@@ -258,6 +272,13 @@ class Trace:
         if per_block:
             return np.bincount(block[keep] * n + first[keep], minlength=self.nblocks * n).reshape(self.nblocks, n)
         return np.bincount(first[keep], minlength=n)
+
+    def traffic(self, name: str, op: str | None = None) -> dict:
+        """The global requests to argument array `name` (of `op`, or all): their number, the sectors they move and
+        the distinct bytes they ask for."""
+        q = self.requests
+        m = (q.array == self.arrays.index(self.array(name))) & (True if op is None else q.op == OPS.index(op))
+        return dict(requests=int(m.sum()), sectors=int(q.sectors[m].sum()), bytes_used=int(q.bytes_used[m].sum()))
 
     def where(self, address: int, shared: bool) -> str:
         """An address as the kernel names it: `inp[37]`, `inp[37] + 2 bytes`, or `shared byte 128`."""
@@ -427,7 +448,8 @@ def launch(kernel, grid, block, args, shared_mem: int, shared_limit: int) -> tup
             index[key] = len(lines)
             lines.append(SourceLine(file, number, body))
         line_of_pc[pc] = index[key]
-    trace = Trace(kernel.name, grid, block, arrays, records, lines, line_of_pc)
+    global last
+    trace = last = Trace(kernel.name, grid, block, arrays, records, lines, line_of_pc)
     for r in recorders:
         r.append(trace)
     return trace, out
