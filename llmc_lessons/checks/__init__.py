@@ -156,8 +156,8 @@ def exercise_kernel(exercise: str, source: str, name: str):
         raise ExerciseFailed(f"{exercise}: {e}") from None
 
 
-TRACE_TIP = ("To see every warp's accesses, line by line: `from llmc_lessons.cuda import trace; print(trace.last)` "
-             "right after this check (the launch it traced).")
+TRACE_TIP = ("See the launch this check traced, warp by warp: `from llmc_lessons import memview; memview.show()`, or "
+             "line by line: `from llmc_lessons.cuda import trace; print(trace.last)`.")
 
 
 def trace_of(run: Callable):
