@@ -211,3 +211,19 @@ def test_a_memory_check_is_skipped_where_no_compiler_can_trace(monkeypatch):
         raise RuntimeError("The CPU kernel emulator needs a C++ compiler and none was found.")
     monkeypatch.setattr(emulator, "compiler", missing)
     assert trace_of(lambda: None) is None
+
+
+def test_the_gpu_check_of_memory_predicts_the_hand_computed_numbers():
+    """tools/memory_check.py (tools/gpu_check.sh's memory stage) sets these beside the GPU's counters."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "tools" / "memory_check.py"
+    spec = importlib.util.spec_from_file_location("memory_check", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    p = tool.predict("copy, stride 2")
+    assert (p["global_ld_requests"], p["global_ld_sectors"], p["global_st_sectors"]) == (128, 1024, 512)
+    p = tool.predict("shared, stride 32 (32-way)")
+    assert (p["shared_ld_wavefronts"], p["shared_ld_conflicts"]) == (4 * 32 * 32, 4 * 32 * 31)
+    assert "| copy, misaligned by 4 bytes | 5.00 | 4.00 |" in tool._table(
+        [{"case": "copy, misaligned by 4 bytes", "emulator": tool.predict("copy, misaligned by 4 bytes")}], "emulator")
