@@ -3,6 +3,7 @@
     t = kernel(grid, block, args, trace=True)
     show(t)                    # pick a block, a warp and a source line, step through their requests
     draw_request(t, 0)         # one request as a matplotlib figure
+    print(lane_addresses(t, 0))   # each lane's address in it
 
 A global request is drawn as the 128-byte cache lines it touches, side by side, each cut into its four 32-byte
 sectors: a row per lane, a bar where the lane's bytes lie, the sectors that move shaded. A shared request is drawn
@@ -43,6 +44,15 @@ def describe(t: cu_trace.Trace, request: int) -> str:
                 f" (no bank conflict)")
     return (f"{what}, {q.sectors[i]} sectors in {q.cache_lines[i]} cache line{'s' if q.cache_lines[i] > 1 else ''}, "
             f"efficiency {q.bytes_used[i] / (SECTOR * max(1, q.sectors[i])):.0%}")
+
+
+def lane_addresses(t: cu_trace.Trace, request: int) -> str:
+    """Each active lane's address in a request, as the kernel names it (x[37]; shared byte 128, bank 0), 4 a row."""
+    lanes, addr, _ = t.accesses(request)
+    shared = bool(t.requests.shared[request])
+    cells = [f"lane {lane:>2}: {t.where(int(a), shared)}" + (f", bank {int(a) // 4 % BANKS}" if shared else "")
+             for lane, a in zip(lanes.tolist(), addr.tolist())]
+    return "\n".join("   ".join(f"{c:<30}" for c in cells[i:i + 4]).rstrip() for i in range(0, len(cells), 4))
 
 
 def draw_request(t: cu_trace.Trace, request: int, fig=None):
@@ -172,8 +182,10 @@ def show(t: cu_trace.Trace | None = None):
         out.clear_output(wait=True)
         with out:
             if len(requests):
-                draw_request(t, int(requests[min(step_w.value, len(requests) - 1)]))
+                i = int(requests[min(step_w.value, len(requests) - 1)])
+                draw_request(t, i)
                 plt.show()
+                print(lane_addresses(t, i))
 
     for w in (block_w, warp_w, line_w, step_w):
         w.observe(update, names="value")

@@ -54,6 +54,14 @@ def test_a_shared_request_is_drawn_as_banks(trace):
     assert len(fig.axes) == 1 and "2-way bank conflict, 1 extra" in fig._suptitle.get_text()
 
 
+def test_each_lane_address_is_named(trace):
+    first, store = (int(i) for i in memview.requests_of(trace, 0, 0)[:2])
+    text = memview.lane_addresses(trace, first)
+    assert text.splitlines()[0].split() == "lane 0: x[0] lane 1: x[32] lane 2: x[64] lane 3: x[96]".split()
+    assert "lane 31: x[992]" in text and len(text.splitlines()) == 8
+    assert "lane  1: shared byte 128, bank 0" in memview.lane_addresses(trace, store)
+
+
 def test_the_explorer_steps_through_requests(trace):
     box = memview.show(trace)
     (block, warp), line, step, out = box.children[0].children, box.children[1], box.children[2], box.children[3]

@@ -146,7 +146,7 @@ def _check_tile_reuse(ex, kernel, gen) -> None:
         f"thread of a tiled kernel loads {budget} floats from global memory (its element of the A tile and of the B "
         f"tile in each of the {steps} K steps, and the bias) and reads the 2 TILE = {2 * tile} values it multiplies "
         f"in a step from shared memory, so a block loads each element of A and B once. Yours: thread {thread} of "
-        f"block {block} loaded {int(loads.max())} floats from global memory, a thread read shared memory "
-        f"{int(shared.min())} times or more, and a block loaded one element {'once' if reads == 1 else f'{reads} times'}. Likely cause: the "
+        f"block {block} loaded {int(loads.max())} floats from global memory, the threads read shared memory "
+        f"{int(shared.min())} to {int(shared.max())} times each, and a block loaded one element {'once' if reads == 1 else f'{reads} times'}. Likely cause: the "
         f"accumulation reads A and B (global memory) instead of As and Bs, or a thread loads more than its own "
         f"element of the tiles.\n  {TRACE_TIP}")
