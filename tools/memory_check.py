@@ -199,7 +199,7 @@ def run_once(case: str) -> None:
 def profile(case: str, kernel_name: str) -> dict:
     """Nsight Compute's counters for the second launch of `case` (the first compiles)."""
     cmd = ["ncu", "--csv", "--metrics", ",".join(METRICS.values()), "--kernel-name", kernel_name,
-           "--launch-skip", "1", "--launch-count", "1", sys.executable, __file__, "--run", case]
+           "--launch-skip", "1", "--launch-count", "1", sys.executable, str(Path(__file__).resolve()), "--run", case]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     rows = [line for line in res.stdout.splitlines() if line.startswith('"')]
     values = {}
