@@ -381,6 +381,18 @@ def test_check_softmax_kernel_names_each_mistake(name):
     assert "Exercise 5.3" in str(e.value)
 
 
+def test_check_softmax_kernel_fails_on_value_correct_loops_whose_accesses_do_not_coalesce():
+    """Each lane walks its own block of ceil((own_pos + 1) / 32) neighbouring keys: the right softmax, but the warp's
+    32 loads of a step are a block apart."""
+    loop = "for (int i = lane; i <= own_pos; i += warpSize)"
+    blocked = "for (int i = lane * ((own_pos + 32) / 32); i <= own_pos && i < (lane + 1) * ((own_pos + 32) / 32); i++)"
+    src = _softmax_source()
+    assert src.count(loop) == 3
+    with pytest.raises(AssertionError, match=r"(?s)Exercise 5.3: the values are right, but the warps' accesses to inp "
+                                             r"are not coalesced.*lane l takes key l \+ 32 k"):
+        checks.check_softmax_forward_kernel(src.replace(loop, blocked))
+
+
 def test_check_softmax_kernel_fails_on_python_stub():
     def stub(*args):
         raise NotImplementedError("Exercise 5.3")

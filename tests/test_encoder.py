@@ -375,6 +375,20 @@ def test_check_forward_kernel_catches_mistakes(old, new, cause):
         checks.check_encoder_forward_kernel(src.replace(old, new))
 
 
+def test_check_forward_kernel_fails_on_a_value_correct_kernel_whose_accesses_do_not_coalesce():
+    """Thread idx owns channel idx / (B*T) of row idx % (B*T): every element is written right, but neighbouring
+    threads touch floats C apart."""
+    src = _exercise_source(student=False)
+    for old, new in (("int bt = idx / C;", "int bt = idx % (B * T);"), ("int c = idx % C;", "int c = idx / (B * T);"),
+                     ("out[idx] =", "out[bt * C + c] =")):
+        assert old in src
+        src = src.replace(old, new)
+    with pytest.raises(AssertionError, match=r"(?s)Exercise 2.3: the values are right, but the warps' accesses to out "
+                                             r"are not coalesced: \d+ requests moved \d+ sectors.*the reference kernel "
+                                             r"moves \d+.*c = idx % C.*print\(trace.last\)"):
+        checks.check_encoder_forward_kernel(src)
+
+
 def test_fuzz_the_argument_checks_of_the_encoder_launchers():
     """Random ids (dtype, shape, values, extremes included): either an error naming the problem, or the
     reference's answer; never a read outside wte."""

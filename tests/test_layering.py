@@ -16,6 +16,7 @@ LAYERS = (
     ("base", ("llmc_lessons", "llmc_lessons.device", "llmc_lessons.cuda.source", "llmc_lessons.gradcheck",
               "llmc_lessons.tokenizer", "llmc_lessons.files")),
     ("cuda", ("llmc_lessons.cuda",)),                   # the emulator and the same-call RawKernel
+    ("seeing the memory", ("llmc_lessons.memview",)),  # draws the traces of cuda.trace
     ("precision", ("llmc_lessons.precision",)),         # bf16 conversions, the TF32 switch
     ("measuring", ("llmc_lessons.timing", "llmc_lessons.perf")),
     ("cublas", ("llmc_lessons.cublas",)),

@@ -344,3 +344,15 @@ def test_check_kernel2_catches_mistakes(old, new, cause):
     assert old in src
     with pytest.raises(AssertionError, match=f"(?s)Exercise 3.3.*{cause}"):
         checks.check_layernorm_forward_kernel2(src.replace(old, new))
+
+
+def test_check_kernel2_fails_on_value_correct_loops_whose_loads_do_not_coalesce():
+    """Each lane sums its own block of ceil(C/32) neighbouring channels: the right sum, but the warp's 32 loads of a
+    step are ceil(C/32) floats apart."""
+    src = _exercise_source(student=False)
+    assert SUM_LOOP in src
+    blocked = ("int per = (C + 31) / 32; "
+               "for (int c = lane * per; c < C && c < (lane + 1) * per; c++) { sum += x[c]; }")
+    with pytest.raises(AssertionError, match=r"(?s)Exercise 3.3: the values are right, but the warps' accesses to inp "
+                                             r"are not coalesced.*lane l reads channel l \+ 32 i"):
+        checks.check_layernorm_forward_kernel2(src.replace(SUM_LOOP, blocked))

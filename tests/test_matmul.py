@@ -406,6 +406,31 @@ def test_check_kernel2_catches_mistakes(kind):
         assert "transposed" in str(e.value)
 
 
+# Value-correct kernels that miss the point of tiling: the check counts their accesses (llmc_lessons.cuda.trace).
+NAIVE_ACC = ("acc += ((m < M && k0 + kk < K) ? A[m * sam + (k0 + kk) * sak] : 0.0f) * "
+             "((n < N && k0 + kk < K) ? B[(k0 + kk) * sbk + n * sbn] : 0.0f);")
+ONE_THREAD_LOADS = ("if (tx == 0) for (int c = 0; c < TILE; c++) { int kc = k0 + c; "
+                    "As[ty * TILE + c] = (m < M && kc < K) ? A[m * sam + kc * sak] : 0.0f; "
+                    "Bs[ty * (TILE + 1) + c] = (n0 + ty < N && kc < K) ? B[kc * sbk + (n0 + ty) * sbn] : 0.0f; }")
+STRUCTURALLY_WRONG = {
+    "the products read global memory, the tiles are never used": ([(ACC, NAIVE_ACC)], r"read shared memory 0 to 0 times"),
+    "one thread of each row loads the whole row of the tiles": ([(LOAD_A, ONE_THREAD_LOADS), (LOAD_B, "")],
+                                                                r"loaded 91 floats from global memory"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STRUCTURALLY_WRONG))
+def test_check_kernel2_counts_the_accesses_of_value_correct_kernels(kind):
+    src = _kernel2_from_cu()
+    edits, numbers = STRUCTURALLY_WRONG[kind]
+    for old, new in edits:
+        assert old in src
+        src = src.replace(old, new)
+    with pytest.raises(AssertionError, match=f"(?s)Exercise 4.3: the values are right, but the kernel does not reuse "
+                                             f"its tiles.*loads 13 floats.*{numbers}.*print\\(trace.last\\)"):
+        checks.check_matmul_kernel2(src)
+
+
 @pytest.mark.skipif(not NOTEBOOK.exists(), reason="the solution notebook is not written yet")
 def test_check_kernel2_catches_the_stub():
     stub = _notebook_kernel2(student=True)    # what the exercise generator gives students

@@ -4,8 +4,8 @@
 # benchmark against PyTorch (both course precisions), the bf16 step's memory-bound kernels against the copy
 # bandwidth, and a 500-step GPT-2 124M training run in fp32 and in bf16.
 #
-#   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval bench kernels train scale
-#                                            (default: all but scale)
+#   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval bench kernels memory train (default: all)
+#                                            and, on request: scale
 #
 # arch compiles every kernel of the course with NVRTC for sm_75, 80, 86, 89 and 90 and prints the table.
 # scale (about 8 minutes on an H100; not in the default): GPT-2 124M against every PyTorch baseline (the plain
@@ -16,6 +16,9 @@
 # and writes its JSON after every row, so a part cut short keeps what it measured (the max-autotune rows, last,
 # need minutes of compilation: SCALE_BASELINE_S=600 when there is time); SCALE_ARGS adds arguments to the sizes
 # run.
+#
+# memory sets the emulator's predicted sectors per request and bank conflicts of a dozen kernels beside Nsight
+# Compute's counters (where ncu runs) or the measured bandwidth (tools/memory_check.py; kernels/memory-*.md, .json).
 #
 # Narrower runs, when device time is short: TEST_ARGS (extra pytest arguments, e.g. --ignore=...),
 # NBVAL_PATHS (default: solutions), BENCH_ARGS (e.g. --attention), TRAIN_PRECISIONS (default: fp32 bf16).
@@ -32,7 +35,7 @@ device=${DEVICE:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1
   | awk '{print tolower($1)}' | cut -d- -f1)}
 device=${device:-gpu}
 day=$(date -u +%F)
-stages=${*:-env tests arch nbval bench kernels train}
+stages=${*:-env tests arch nbval bench kernels memory train}
 export PYTHONUNBUFFERED=1 LLMC_DEVICE=gpu
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -74,6 +77,7 @@ except ImportError: print(\"torch missing\")"' ;;
              ${BENCH_ARGS:-} ;;
     kernels) f=$(name kernels kernels); run kernels "$f.log" python3 -m llmc_lessons.bench --only-kernels \
                --json "$f.json" ;;
+    memory) f=$(name kernels memory); run memory "$f.log" python3 tools/memory_check.py --out "$f" ;;
     train) for precision in ${TRAIN_PRECISIONS:-fp32 bf16}; do  # the same 500-step run in each precision
              rm -rf /tmp/runs/$precision
              f=$(name train train $precision)

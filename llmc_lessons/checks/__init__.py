@@ -162,6 +162,49 @@ def exercise_kernel(exercise: str, source: str, name: str):
         raise ExerciseFailed(f"{exercise}: {e}") from None
 
 
+TRACE_TIP = ("See the launch this check traced, warp by warp: `from llmc_lessons import memview; memview.show()`, or "
+             "line by line: `from llmc_lessons.cuda import trace; print(trace.last)`.")
+
+
+def trace_of(run: Callable):
+    """The Trace (llmc_lessons.cuda.trace) of the last launch that `run()` makes, recorded by the emulator (on a GPU
+    too); None where the emulator cannot build a traced kernel here (no C++ compiler with -fsanitize=thread), so
+    that a check of memory behaviour is skipped there rather than failed."""
+    from llmc_lessons.cuda import CompileError, trace
+    from llmc_lessons.cuda.emulator import compiler
+    try:
+        compiler()
+        with trace.recording() as traces:
+            run()
+    except CompileError as e:
+        if "-fsanitize=thread" in str(e):
+            return None
+        raise
+    except RuntimeError as e:   # only the compiler's absence (a KernelError is a RuntimeError too)
+        if "needs a C++ compiler" in str(e):
+            return None
+        raise
+    return traces[-1]
+
+
+def assert_coalesced(exercise: str, got, reference, names, hint: str) -> None:
+    """Fail unless the student's launch (Trace `got`) moves about as few sectors of global memory for each array in
+    `names` as the reference kernel's launch on the same inputs (Trace `reference`)."""
+    for name in names:
+        g, r = got.traffic(name), reference.traffic(name)
+        if g["sectors"] <= 1.25 * r["sectors"] + 2:
+            continue
+        def per(t):
+            return (f"{t['sectors'] / max(1, t['requests']):.1f} sectors a request, "
+                    f"{t['bytes_used'] / max(1, 32 * t['sectors']):.0%} of their bytes used")
+        raise ExerciseFailed(
+            f"{exercise}: the values are right, but the warps' accesses to {name} are not coalesced: {g['requests']} "
+            f"requests moved {g['sectors']} sectors of 32 bytes ({per(g)}), where the reference kernel moves "
+            f"{r['sectors']} ({per(r)}) on the same launch. A warp's 32 threads run each load and store together: "
+            f"when neighbouring threads touch neighbouring floats, one request moves 4 sectors. {hint}\n"
+            f"  {TRACE_TIP}")
+
+
 def _fmt_index(idx) -> str:
     return "[" + ", ".join(str(int(i)) for i in idx) + "]"
 

@@ -11,9 +11,10 @@ import math
 
 import numpy as np
 
-from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, numerical_jacobian, passed, poisoned,
-                                 randn, rng, run_exercise)
-from llmc_lessons.device import to_host, xp
+from llmc_lessons.checks import (ExerciseFailed, assert_close, assert_coalesced, exercise_kernel, numerical_jacobian,
+                                 passed, poisoned, randn, rng, run_exercise, trace_of)
+from llmc_lessons.cuda import RawKernel, load_kernel
+from llmc_lessons.device import to_host
 from llmc_lessons.layers.attention import attention_backward, attention_forward, causal_softmax
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,7 +297,18 @@ def check_softmax_forward_kernel(source) -> None:
                      hint=f"follow steps 1 to 3 of the section above, each over this lane's own visible keys "
                           f"and each combined across the warp before the next step uses it; this launch had "
                           f"{where}")
-    passed(EX_KERNEL, "causal softmax correct at T = 13 and 37, three block sizes, and with large scores")
+    if isinstance(kernel, RawKernel):      # the memory behaviour: lane l reads keys l, l + 32, ... (coalesced)
+        preatt = randn(gen, 2, 128, 128)
+        reference = trace_of(lambda: _launch_softmax(load_kernel("attention.cu", "softmax_forward_kernel"), preatt,
+                                                     0.5, 64))
+        if reference is not None:             # the student's last, so that trace.last is theirs
+            got = trace_of(lambda: _launch_softmax(kernel, preatt, 0.5, 64))
+            assert_coalesced(EX_KERNEL, got, reference, ("inp", "out"),
+                             hint="In each pass of the loops lane l takes key l + 32 k, so the warp reads 32 "
+                                  "neighbouring scores at once; a lane that walks a block of keys of its own makes "
+                                  "every load of the warp touch scores far apart.")
+    passed(EX_KERNEL, "causal softmax correct at T = 13 and 37, three block sizes, and with large scores; accesses "
+                "coalesced")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, numerical_jacobian, passed, poisoned,
-                                  rng, run_exercise)
+from llmc_lessons.checks import (ExerciseFailed, assert_close, assert_coalesced, exercise_kernel, numerical_jacobian,
+                                 passed, poisoned, rng, run_exercise, trace_of)
+from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.encoder import encoder_backward, encoder_forward
 
 
@@ -131,4 +132,13 @@ def check_encoder_forward_kernel(source: str) -> None:
                      known_mistakes=mistakes,
                      hint="thread idx owns out's flat element idx = (b*T + t)*C + c: recover (b*T + t), t and c from "
                           "idx with / and %, then the token id at that position.")
-    passed(ex, f"B={B}, T={T}, C={C}, block sizes 32 and 128, every element written")
+    # The memory behaviour: neighbouring threads own neighbouring channels, so a warp's accesses coalesce.
+    launch_args = (poisoned((B, T, C)), d_inp, d_wte, d_wpe, np.int32(B), np.int32(T), np.int32(C))
+    grid = (-(-(B * T * C) // 128),)
+    reference = trace_of(lambda: load_kernel("encoder.cu", "encoder_forward_kernel1")(grid, (128,), launch_args))
+    if reference is not None:                 # the student's last, so that trace.last is theirs
+        got = trace_of(lambda: kernel(grid, (128,), launch_args))
+        assert_coalesced(ex, got, reference, ("out", "wte", "wpe"),
+                         hint="Thread idx must own element idx of out, in the order of memory: channel c = idx % C "
+                              "is the fastest-moving index, so threads idx and idx + 1 touch neighbouring floats.")
+    passed(ex, f"B={B}, T={T}, C={C}, block sizes 32 and 128, every element written, accesses coalesced")

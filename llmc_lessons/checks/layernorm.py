@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, numerical_jacobian, passed, poisoned,
-                                  rng, run_exercise)
+from llmc_lessons.checks import (ExerciseFailed, assert_close, assert_coalesced, exercise_kernel, numerical_jacobian,
+                                 passed, poisoned, rng, run_exercise, trace_of)
+from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.layernorm import layernorm_backward, layernorm_forward
 
 
@@ -132,7 +133,18 @@ def check_layernorm_forward_kernel2(source: str) -> None:
         assert_close(at, "out", out, want_out, atol=1e-5, rtol=1e-4,
                      hint="out is written by the code after your reductions; if mean and rstd are right but out is "
                           "wrong, check that every lane (not only lane 0) holds the reduced values.")
-    passed(ex, f"{N} rows of C={C} at block sizes 64 and 96: mean, rstd and out all match")
+    # The memory behaviour: the 32 lanes of a warp read 32 neighbouring floats of the row at a time.
+    launch_args = (poisoned((B, T, C)), poisoned((B, T)), poisoned((B, T)), d_inp, d_w, d_b, np.int32(N), np.int32(C),
+                   np.float32(1e-5))
+    grid = (-(-N // 2),)
+    reference = trace_of(lambda: load_kernel("layernorm.cu", "layernorm_forward_kernel2")(grid, (64,), launch_args))
+    if reference is not None:                 # the student's last, so that trace.last is theirs
+        got = trace_of(lambda: kernel(grid, (64,), launch_args))
+        assert_coalesced(ex, got, reference, ("inp",),
+                         hint="In each pass of the strided loop lane l reads channel l + 32 i, so the warp reads 32 "
+                              "neighbouring floats at once; a lane that walks a block of channels of its own makes "
+                              "every load of the warp touch floats far apart.")
+    passed(ex, f"{N} rows of C={C} at block sizes 64 and 96: mean, rstd and out all match, loads coalesced")
 
 
 # ---------------------------------------------------------------------------------------------------------

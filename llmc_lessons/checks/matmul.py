@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, numerical_jacobian, passed, poisoned,
-                                  rng, run_exercise)
+from llmc_lessons.checks import (ExerciseFailed, TRACE_TIP, assert_close, exercise_kernel, numerical_jacobian, passed,
+                                 poisoned, rng, run_exercise, trace_of)
 from llmc_lessons.layers.matmul import gemm_cuda, matmul_backward, matmul_forward
 
 _DINP_HINT = ("dinp has inp's shape (B, T, C): write down the shapes of dout and weight and find the product that "
@@ -161,4 +161,35 @@ def check_matmul_kernel2(source: str) -> None:
         except ExerciseFailed as e:
             raise ExerciseFailed(f"{e}\n  the failing launch: {what}; M={M}, N={N}, K={K}, TILE={tile}, "
                                  f"grid {-(-N // tile)} x {-(-M // tile)} blocks") from None
-    passed(ex, "4 products at awkward sizes (37 x 45 @ 45 x 29 and a transposed 23 x 35 @ 35 x 19), tiles 8 and 16")
+    _check_tile_reuse(ex, kernel, gen)
+    passed(ex, "4 products at awkward sizes (37 x 45 @ 45 x 29 and a transposed 23 x 35 @ 35 x 19), tiles 8 and 16; "
+               "each thread loads 2 ceil(K/TILE) floats from global memory and reads the rest from its tiles")
+
+
+def _check_tile_reuse(ex, kernel, gen) -> None:
+    """The point of kernel 2: a block loads each element of its strips of A and B from global memory once, one
+    element of each tile per thread and K step, and every thread reads the values it multiplies from shared memory."""
+    M, N, K, tile = 37, 29, 45, 8
+    a = device.to_device(gen.standard_normal((M, K)).astype(np.float32))
+    b = device.to_device(gen.standard_normal((N, K)).astype(np.float32))
+    bias = device.to_device(gen.standard_normal(N).astype(np.float32))
+    t = trace_of(lambda: gemm_cuda(a, b, bias, trans_b=True, version=2, tile=tile, kernel=kernel,
+                                   out=poisoned((M, N))))
+    if t is None:
+        return
+    steps = -(-K // tile)
+    budget = 2 * steps + 1                                   # one element of each tile per K step, and the bias
+    loads, shared = t.per_thread("global", "load"), t.per_thread("shared", "load")
+    reads = max(int(t.element_counts(name, per_block=True).max()) for name in ("A", "B"))
+    if loads.max() <= budget and reads <= 1 and shared.min() >= K:
+        return
+    block, thread = t.coordinates(*np.unravel_index(int(np.argmax(loads)), loads.shape))
+    raise ExerciseFailed(
+        f"{ex}: the values are right, but the kernel does not reuse its tiles. With K = {K} and TILE = {tile}, each "
+        f"thread of a tiled kernel loads {budget} floats from global memory (its element of the A tile and of the B "
+        f"tile in each of the {steps} K steps, and the bias) and reads the 2 TILE = {2 * tile} values it multiplies "
+        f"in a step from shared memory, so a block loads each element of A and B once. Yours: thread {thread} of "
+        f"block {block} loaded {int(loads.max())} floats from global memory, the threads read shared memory "
+        f"{int(shared.min())} to {int(shared.max())} times each, and a block loaded one element {'once' if reads == 1 else f'{reads} times'}. Likely cause: the "
+        f"accumulation reads A and B (global memory) instead of As and Bs, or a thread loads more than its own "
+        f"element of the tiles.\n  {TRACE_TIP}")

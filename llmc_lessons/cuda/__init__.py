@@ -5,6 +5,7 @@
     k = load_kernel("~/llm.c/dev/cuda/my_kernels.cu", "k<float>")   # any file; its folder is on the include path
     k = RawModule(code, name_expressions=["k<float, 4>"]).get_function("k<float, 4>")   # as cupy.RawModule
     k(grid, block, args, shared_mem=0)
+    t = k(grid, block, args, trace=True)      # also record every memory access: a cuda.trace.Trace
 
 Before every launch, on both backends, the arguments are checked against the kernel's declared parameter
 types: a float64 array for a `float*`, a Python int for an `int` (CuPy would pass it as 64 bits), a
@@ -21,6 +22,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import source as cu_source
+from llmc_lessons.cuda import trace as cu_trace
 from llmc_lessons.cuda.emulator import KERNELS_DIR, CompileError, KernelError
 
 __all__ = ["RawKernel", "RawModule", "load_kernel", "kernel_source", "CompileError", "KernelError", "KERNELS_DIR"]
@@ -166,7 +168,9 @@ class RawKernel:
                 raise CompileError(f"the kernel did not compile:\n{e}") from None
         return self
 
-    def __call__(self, grid, block, args, shared_mem: int = 0):
+    def __call__(self, grid, block, args, shared_mem: int = 0, trace: bool = False):
+        """Launch; with trace=True (or inside cuda.trace.recording()) the emulator also records every access to
+        memory, and a trace=True launch returns that Trace (see llmc_lessons.cuda.trace)."""
         grid = _dims("grid", grid, (2**31 - 1, 65535, 65535))
         block = _dims("block", block, (1024, 1024, 64))
         if block[0] * block[1] * block[2] > 1024:
@@ -179,6 +183,17 @@ class RawKernel:
             raise ValueError(f"shared_mem = {shared_mem} bytes exceeds the {limit}-byte limit; set "
                              f"kernel.max_dynamic_shared_size_bytes first to use more, as on a GPU")
         args = _check_args(self.signature, args)
+        traced = None
+        if trace or cu_trace.recorders:   # the emulator's traced build: on a CPU the launch itself, on a GPU a
+            on_cpu = not device.on_gpu()   # run on copies of the arguments before the GPU runs the launch
+            if on_cpu:
+                for listener in launch_listeners:
+                    listener(self.name)
+            traced, out = cu_trace.launch(self, grid, block, args, int(shared_mem), total_limit)
+            if on_cpu:
+                if out:
+                    print(out, end="" if out.endswith("\n") else "\n")
+                return traced if trace else None
         impl = self._compiled()
         for listener in launch_listeners:
             listener(self.name)
@@ -188,7 +203,7 @@ class RawKernel:
                 impl.max_dynamic_shared_size_bytes = wanted
                 self._applied_shared = wanted
             impl(grid, block, tuple(args), shared_mem=int(shared_mem))
-            return
+            return traced if trace else None
         from llmc_lessons.cuda import emulator
         if impl == "checked":
             from llmc_lessons.cuda import checked

@@ -96,10 +96,14 @@ def compiler_version() -> str:
     return text.splitlines()[0]
 
 
-def _flags(checked: bool) -> list[str]:
+def _flags(checked: bool, traced: bool = False) -> list[str]:
     flags = ["-std=c++17", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing"]
     if checked:
         flags += ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-DLLMC_UCONTEXT"]
+    elif traced:
+        # A call before every load and store (runtime.cpp records them). -O1: values stay in registers, as on a
+        # GPU, and nothing is vectorised, so each access of the source is one access of its own size.
+        flags += ["-O1", "-g1", "-gdwarf-4", "-fsanitize=thread", "-fno-tree-sra"]
     else:
         flags += ["-O2", "-g1", "-gdwarf-4"]  # line tables only (DWARF 4: read right by every addr2line)
     return flags
@@ -110,32 +114,44 @@ def _flags(checked: bool) -> list[str]:
 _STACK_PROBES = "-fstack-clash-protection"
 
 
-def _build(tag: str, key_parts: list[str], src_text: str, extra: list[str], checked: bool) -> Path:
+def _build(tag: str, key_parts: list[str], src_text: str, extra: list[str], checked: bool,
+           traced: bool = False) -> Path:
     """Compile `src_text` into a cached shared library; return its path."""
     headers = [p.read_text() for p in sorted(HERE.glob("*.h")) + sorted(KERNELS_DIR.glob("*.cuh"))]
-    key = hashlib.sha256("\0".join([*key_parts, src_text, compiler_version(), " ".join(_flags(checked)),
+    flags = _flags(checked, traced)
+    key = hashlib.sha256("\0".join([*key_parts, src_text, compiler_version(), " ".join(flags),
                                     " ".join(extra), *headers]).encode()).hexdigest()[:24]
     d = cache_dir()
-    lib = d / f"{tag}-{key}{'-asan' if checked else ''}.so"
+    lib = d / f"{tag}-{key}{'-asan' if checked else '-trace' if traced else ''}.so"
     if lib.exists():
         return lib
     fd, tmp_src = tempfile.mkstemp(suffix=".cpp", dir=d)
     with os.fdopen(fd, "w") as f:
         f.write(src_text)
     tmp_lib = f"{tmp_src[:-4]}.so"
+    tmp_obj = f"{tmp_src[:-4]}.o"
     probes = [] if checked else [_STACK_PROBES]
-    cmd = [*compiler(), *_flags(checked), *probes, f"-I{HERE}", f"-I{KERNELS_DIR}", *extra, tmp_src, "-o", tmp_lib]
+    # A traced build is compiled and linked apart, so that ThreadSanitizer's own runtime is not linked in: the
+    # emulator's runtime provides the functions its instrumentation calls.
+    target = ["-c", tmp_src, "-o", tmp_obj] if traced else [tmp_src, "-o", tmp_lib]
+    cmd = [*compiler(), *flags, *probes, f"-I{HERE}", f"-I{KERNELS_DIR}", *extra, *target]
     env = dict(os.environ, LC_ALL="C")  # plain quotes in diagnostics, whatever the locale
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0 and probes and _STACK_PROBES in res.stderr:
             cmd.remove(_STACK_PROBES)
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode == 0 and traced:
+            res = subprocess.run([*compiler(), "-shared", "-pthread", tmp_obj, "-o", tmp_lib], capture_output=True,
+                                 text=True, env=env)
         if res.returncode != 0:
+            if traced and "sanitize" in res.stderr and "thread" in res.stderr:
+                raise CompileError(f"tracing memory accesses needs a C++ compiler with -fsanitize=thread (g++ or "
+                                   f"clang++ on Linux or macOS); {' '.join(compiler())} refused it:\n{res.stderr}")
             raise CompileError(_explain(res.stderr))
         os.replace(tmp_lib, lib)  # atomic: a parallel build of the same key just replaces it with its twin
     finally:
-        for p in (tmp_src, tmp_lib):
+        for p in (tmp_src, tmp_lib, tmp_obj):
             if os.path.exists(p):
                 os.unlink(p)
     return lib
@@ -181,6 +197,11 @@ def runtime(checked: bool = False) -> ctypes.CDLL:
     rt.llmc_rt_fault_offset.restype = c.c_longlong
     rt.llmc_rt_fault_lib.restype = c.c_char_p
     rt.llmc_rt_interrupted.restype = c.c_int
+    rt.llmc_rt_trace_next.restype = None
+    rt.llmc_rt_trace_next.argtypes = [c.POINTER(c.c_longlong), c.c_int, c.c_size_t]
+    rt.llmc_rt_trace_records.restype = c.c_void_p
+    rt.llmc_rt_trace_size.restype = c.c_size_t
+    rt.llmc_rt_trace_clear.restype = None
     return rt
 
 
@@ -208,7 +229,8 @@ def _thunks(names) -> str:
 class EmulatedModule:
     """One compiled kernel source: look up its kernels' entry points by name."""
 
-    def __init__(self, code: str, filename: str, options: tuple, checked: bool, name_expressions: tuple = ()):
+    def __init__(self, code: str, filename: str, options: tuple, checked: bool, name_expressions: tuple = (),
+                 traced: bool = False):
         names = cu_source.plain_kernel_names(code, options, filename) + list(name_expressions)
         code = cu_source.inline_headers(code, filename, options)
         cu_source.check_subset(code, filename)
@@ -218,8 +240,10 @@ class EmulatedModule:
         if Path(filename).is_file():   # the file's folder is on the include path, as RawKernel puts it on a GPU
             extra.append(f"-I{Path(filename).resolve().parent}")
         runtime(checked)
-        self.path, self.lib = _load(lambda: _build("kernel", [filename], text, extra, checked), ctypes.RTLD_LOCAL)
+        self.path, self.lib = _load(lambda: _build("kernel", [filename], text, extra, checked, traced),
+                                    ctypes.RTLD_LOCAL)
         self.checked = checked
+        self.traced = traced
 
     def thunk(self, name: str) -> int:
         return ctypes.cast(getattr(self.lib, thunk_symbol(name)), ctypes.c_void_p).value
@@ -299,8 +323,27 @@ def _neighbours(a) -> tuple[int, int]:
     return max(0, min(NEIGHBOURS, start - lo)), max(0, min(NEIGHBOURS, lo + root.nbytes - end))
 
 
+TRACE_RECORD = np.dtype([("addr", "<u8"), ("pc", "<u8"), ("block", "<u4"), ("tid", "<u2"), ("size", "u1"),
+                         ("flags", "u1")])
+"""One access of a traced launch (runtime.cpp's TraceRecord)."""
+TRACE_STORE, TRACE_ATOMIC, TRACE_SHARED = 1, 2, 4
+TRACE_LIMIT = 1 << 23
+"""Accesses a traced launch may make (24 bytes each)."""
+
+
 def launch(module: EmulatedModule, sig, grid, block, args, shared_mem: int, shared_limit: int) -> str:
     """Run one launch on the CPU; return what the kernel printed. Raises KernelError if it failed."""
+    return _launch(module, sig, grid, block, args, shared_mem, shared_limit, None)[0]
+
+
+def launch_traced(module: EmulatedModule, sig, grid, block, args, shared_mem: int, shared_limit: int,
+                  vaddr: list[int]) -> tuple[str, np.ndarray]:
+    """Run one launch of a module built with traced=True; return what it printed and its accesses (TRACE_RECORD,
+    in the order the threads made them, block after block). vaddr[i]: argument i's address on a virtual GPU."""
+    return _launch(module, sig, grid, block, args, shared_mem, shared_limit, vaddr)
+
+
+def _launch(module, sig, grid, block, args, shared_mem, shared_limit, vaddr):
     workers, stack, timeout = settings()
     holders, ptrs, sizes, before, after = [], [], [], [], []
     for p, a in zip(sig.params, args):
@@ -328,7 +371,10 @@ def launch(module: EmulatedModule, sig, grid, block, args, shared_mem: int, shar
     g = (ctypes.c_uint * 3)(*grid)
     b = (ctypes.c_uint * 3)(*block)
     rt = runtime(module.checked)
+    records = None
     with _lock:
+        if vaddr is not None:
+            rt.llmc_rt_trace_next((ctypes.c_longlong * n)(*vaddr, *[0] * (n - len(vaddr))), n, TRACE_LIMIT)
         rc = rt.llmc_rt_launch(module.thunk(sig.name), argv, len(ptrs), c_sizes, c_before, c_after, c_writable,
                                c_names, g, b,
                                shared_mem, shared_limit, workers, stack, sig.name.encode(), timeout or 0.0)
@@ -336,8 +382,13 @@ def launch(module: EmulatedModule, sig, grid, block, args, shared_mem: int, shar
         err = rt.llmc_rt_error().decode(errors="replace")
         interrupted = rt.llmc_rt_interrupted()
         line = _fault_line(rt, module) if rc and not interrupted else ""
+        if vaddr is not None:
+            records = np.empty(rt.llmc_rt_trace_size(), TRACE_RECORD)
+            if len(records):
+                ctypes.memmove(records.ctypes.data, rt.llmc_rt_trace_records(), records.nbytes)
+            rt.llmc_rt_trace_clear()
     if interrupted:  # the runtime took the Ctrl-C to stop the launch: hand it on to Python's handler
         signal.raise_signal(signal.SIGINT)
     if rc != 0:
         raise KernelError(line + err)
-    return out
+    return out, records

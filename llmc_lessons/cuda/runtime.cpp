@@ -166,6 +166,20 @@ const char *kOpNames[] = {"a warp shuffle (__shfl*_sync)", "a warp vote (__ballo
 struct Launch;
 struct Worker;
 
+// A traced launch runs a kernel library built with -fsanitize=thread (emulator.py), whose compiler calls
+// __tsan_read4(addr) & co. before every load and store; the functions below record the accesses to shared
+// memory and to the argument arrays, one record each, in the order the block's threads make them. The launch
+// runs its blocks one after another on one worker, so the record is the same on every run. Addresses of
+// arguments are those of a virtual GPU (emulator.py picks one per array, 256-byte aligned as cudaMalloc's);
+// shared memory addresses are byte offsets in the block's shared memory.
+struct TraceRecord {
+    unsigned long long addr, pc;  // pc: the offset of the access's instruction in the kernel library
+    unsigned block;               // linear block index
+    unsigned short tid;           // linear thread index in the block
+    unsigned char size, flags;    // bytes; kTrace* bits
+};
+enum { kTraceStore = 1, kTraceAtomic = 2, kTraceShared = 4 };
+
 struct Fiber {
     llmc_thread t;
     Worker *w = nullptr;
@@ -218,6 +232,7 @@ struct Staged {
     bool writable = false;
     int last_arg = 0;   // the argument whose end is this copy's end
     int last_write = 0; // the writable argument that ends last (writes past the copy's end come through it)
+    long long vdelta = 0; // traced launch: add to an address in the copy to get its address on the virtual GPU
 };
 
 struct Launch {
@@ -248,6 +263,12 @@ struct Launch {
     std::vector<Copy> origs;  // for each copy (pages[k]): where it came from, its size, whether to copy it back
 #endif
     pthread_t caller;            // the thread that called llmc_rt_launch; it runs the first worker
+    // A traced launch (see TraceRecord): the accesses, and where each argument lies on the virtual GPU.
+    bool tracing = false;
+    size_t trace_limit = 0;
+    std::vector<long long> trace_vaddr;
+    std::vector<TraceRecord> trace;
+    char *pc_base = nullptr;     // the kernel library's load address: records hold pc offsets in it
 };
 
 struct Worker {
@@ -266,6 +287,7 @@ struct Worker {
     bool abort = false;
     Fiber *cur = nullptr;
     Launch *L = nullptr;
+    unsigned block = 0;     // the linear index of the block it runs
     // Signals: a fault in a fiber (or a cancel) jumps back to worker_loop through `jmp`.
     sigjmp_buf jmp;
     volatile sig_atomic_t in_fiber = 0;   // a fiber runs: a fault is the kernel's
@@ -314,6 +336,8 @@ thread_local Worker *tw = nullptr;
 std::mutex g_pool_mu;
 std::vector<std::unique_ptr<Worker>> g_pool;  // idle workers, kept with their fiber stacks between launches
 std::string g_error, g_output;
+struct { bool armed = false; size_t limit = 0; std::vector<long long> vaddr; } g_trace_next;  // llmc_rt_trace_next
+std::vector<TraceRecord> g_trace;             // the last traced launch's record
 std::atomic<Launch *> g_launch{nullptr};      // the launch in progress (one at a time)
 std::atomic<bool> g_active{false};            // a launch runs: the signal handler looks at the thread's worker
 const size_t g_page = size_t(sysconf(_SC_PAGESIZE));
@@ -535,6 +559,7 @@ void run_block(Worker &w, long b) {
     w.dirty = w.static_base;
     for (int s : w.touched) w.slot_off[s] = -1;
     w.touched.clear();
+    w.block = unsigned(b);
     w.n_threads = n; w.n_exited = 0; w.bar_arrived = 0; w.bar_gen = 0; w.abort = false; w.no_cancel = 0;
     const int nwarps = (n + 31) / 32;
     if ((int)w.warps.size() < nwarps) w.warps.resize(nwarps);
@@ -1061,6 +1086,10 @@ void stage(Launch &L, void **args, int nargs, const long long *bytes, const long
             L.ptrs[items[m].i] = s.data + (items[m].p - s.orig);
             L.argv[items[m].i] = &L.ptrs[items[m].i];
         }
+        if (L.tracing) {
+            const int i = items[k].i;
+            s.vdelta = L.trace_vaddr[size_t(i)] - reinterpret_cast<long long>(L.ptrs[size_t(i)]);
+        }
         L.staged.push_back(s);
         k = j;
     }
@@ -1163,7 +1192,123 @@ void finish(Launch *L) {
                      "printf buffer is full]\n";
 }
 
+// Record an access of `size` bytes at `a` by the current thread if it is to shared memory or to an argument array
+// (not the thread's own stack, nor the runtime's state). Larger accesses are recorded as 16-byte pieces.
+void trace_access(const void *a, size_t size, unsigned flags, void *pc) {
+    Worker *w = tw;
+    if (!w || !w->in_fiber || !w->L->tracing) return;
+    Launch &L = *w->L;
+    const char *p = static_cast<const char *>(a);
+    long long delta;
+    if (p >= w->shared && p < w->shared + kArena) {
+        delta = -reinterpret_cast<long long>(w->shared);
+        flags |= kTraceShared;
+    } else {
+        const Staged *s = nullptr;
+        for (const Staged &t : L.staged)
+            if (p >= t.data && p < t.data + t.bytes + t.slack) s = &t;
+        if (!s) return;
+        delta = s->vdelta;
+    }
+    const Fiber *f = w->cur;
+    const unsigned long long at = (unsigned long long)(reinterpret_cast<long long>(p) + delta);
+    const unsigned long long pc_off = (unsigned long long)(static_cast<char *>(pc) - L.pc_base);
+    for (size_t done = 0; done < size; done += 16) {
+        if (L.trace.size() >= L.trace_limit) {
+            char buf[300];
+            std::snprintf(buf, sizeof buf, "kernel '%s': the traced launch made more than %zu accesses to memory; "
+                          "trace a smaller launch (fewer blocks, smaller arrays)", L.name.c_str(), L.trace_limit);
+            fail_now(*w, buf);
+        }
+        L.trace.push_back(TraceRecord{at + done, pc_off, w->block, (unsigned short)(f->t.warp * 32 + f->t.lane),
+                                      (unsigned char)std::min<size_t>(16, size - done), (unsigned char)flags});
+    }
+}
+
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+// The calls a kernel built for tracing makes (-fsanitize=thread): the compiler puts one before every load and
+// store, and turns atomic operations into calls that do the operation. Loads by an atomic operation are not
+// recorded: llmc_cuda.h's atomics load the old value before their compare-and-swap, which is one access.
+extern "C" {
+#define LLMC_PC __builtin_return_address(0)
+#define LLMC_TRACE_SIZE(n) \
+    void __tsan_read##n(void *a) { trace_access(a, n, 0, LLMC_PC); } \
+    void __tsan_write##n(void *a) { trace_access(a, n, kTraceStore, LLMC_PC); } \
+    void __tsan_unaligned_read##n(void *a) { trace_access(a, n, 0, LLMC_PC); } \
+    void __tsan_unaligned_write##n(void *a) { trace_access(a, n, kTraceStore, LLMC_PC); } \
+    void __tsan_volatile_read##n(void *a) { trace_access(a, n, 0, LLMC_PC); } \
+    void __tsan_volatile_write##n(void *a) { trace_access(a, n, kTraceStore, LLMC_PC); }
+LLMC_TRACE_SIZE(1) LLMC_TRACE_SIZE(2) LLMC_TRACE_SIZE(4) LLMC_TRACE_SIZE(8) LLMC_TRACE_SIZE(16)
+#undef LLMC_TRACE_SIZE
+void __tsan_read_range(void *a, unsigned long n) { trace_access(a, n, 0, LLMC_PC); }
+void __tsan_write_range(void *a, unsigned long n) { trace_access(a, n, kTraceStore, LLMC_PC); }
+void *__tsan_memcpy(void *d, const void *s, size_t n) {
+    trace_access(s, n, 0, LLMC_PC);
+    trace_access(d, n, kTraceStore, LLMC_PC);
+    return std::memcpy(d, s, n);
+}
+void *__tsan_memmove(void *d, const void *s, size_t n) {
+    trace_access(s, n, 0, LLMC_PC);
+    trace_access(d, n, kTraceStore, LLMC_PC);
+    return std::memmove(d, s, n);
+}
+void *__tsan_memset(void *d, int c, size_t n) {
+    trace_access(d, n, kTraceStore, LLMC_PC);
+    return std::memset(d, c, n);
+}
+void __tsan_init(void) {}
+void __tsan_func_entry(void *) {}
+void __tsan_func_exit(void) {}
+void __tsan_vptr_update(void **, void *) {}
+void __tsan_vptr_read(void **) {}
+void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void __tsan_atomic_signal_fence(int) {}
+#define LLMC_AT(a) trace_access(const_cast<T *>(a), sizeof(T), kTraceStore | kTraceAtomic, LLMC_PC)
+#define LLMC_TRACE_ATOMICS(bits, type) \
+    typedef type llmc_a##bits; \
+    llmc_a##bits __tsan_atomic##bits##_load(const volatile llmc_a##bits *a, int) { \
+        return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
+    void __tsan_atomic##bits##_store(volatile llmc_a##bits *a, llmc_a##bits v, int) { \
+        using T = llmc_a##bits; LLMC_AT(a); __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
+    llmc_a##bits __tsan_atomic##bits##_exchange(volatile llmc_a##bits *a, llmc_a##bits v, int) { \
+        using T = llmc_a##bits; LLMC_AT(a); return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
+    LLMC_TRACE_RMW(bits, fetch_add) LLMC_TRACE_RMW(bits, fetch_sub) LLMC_TRACE_RMW(bits, fetch_and) \
+    LLMC_TRACE_RMW(bits, fetch_or) LLMC_TRACE_RMW(bits, fetch_xor) LLMC_TRACE_RMW(bits, fetch_nand) \
+    int __tsan_atomic##bits##_compare_exchange_strong(volatile llmc_a##bits *a, llmc_a##bits *c, llmc_a##bits v, \
+                                                     int, int) { \
+        using T = llmc_a##bits; LLMC_AT(a); \
+        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); } \
+    int __tsan_atomic##bits##_compare_exchange_weak(volatile llmc_a##bits *a, llmc_a##bits *c, llmc_a##bits v, \
+                                                   int, int) { \
+        using T = llmc_a##bits; LLMC_AT(a); \
+        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); } \
+    llmc_a##bits __tsan_atomic##bits##_compare_exchange_val(volatile llmc_a##bits *a, llmc_a##bits c, \
+                                                           llmc_a##bits v, int, int) { \
+        using T = llmc_a##bits; LLMC_AT(a); \
+        __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); return c; }
+#define LLMC_TRACE_RMW(bits, op) \
+    llmc_a##bits __tsan_atomic##bits##_##op(volatile llmc_a##bits *a, llmc_a##bits v, int) { \
+        using T = llmc_a##bits; LLMC_AT(a); return __atomic_##op(a, v, __ATOMIC_SEQ_CST); }
+LLMC_TRACE_ATOMICS(8, char) LLMC_TRACE_ATOMICS(16, short) LLMC_TRACE_ATOMICS(32, int)
+LLMC_TRACE_ATOMICS(64, long long)
+#undef LLMC_TRACE_ATOMICS
+#undef LLMC_TRACE_RMW
+#undef LLMC_AT
+#undef LLMC_PC
+
+// Arm tracing for the next launch: vaddr[i] is argument i's address on the virtual GPU; at most `limit` records.
+__attribute__((visibility("default"))) void llmc_rt_trace_next(const long long *vaddr, int nargs, size_t limit) {
+    g_trace_next.armed = true;
+    g_trace_next.limit = limit;
+    g_trace_next.vaddr.assign(vaddr, vaddr + nargs);
+}
+// The last traced launch's record (llmc_rt_trace_size() entries of TraceRecord), and a way to free it.
+__attribute__((visibility("default"))) const void *llmc_rt_trace_records(void) { return g_trace.data(); }
+__attribute__((visibility("default"))) size_t llmc_rt_trace_size(void) { return g_trace.size(); }
+__attribute__((visibility("default"))) void llmc_rt_trace_clear(void) { std::vector<TraceRecord>().swap(g_trace); }
+}  // extern "C"
 
 // ---------------------------------------------------------------------------------------------------------
 // The calls kernels make (declared in llmc_cuda.h).
@@ -1400,6 +1545,16 @@ __attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **)
     L->caller = pthread_self();
     for (int i = 0; i < nargs; i++) L->arg_names.push_back(names[i]);
     L->arg_bytes.assign(bytes, bytes + nargs);
+    if (g_trace_next.armed) {
+        L->tracing = true;
+        L->trace_limit = g_trace_next.limit;
+        L->trace_vaddr = std::move(g_trace_next.vaddr);
+        g_trace_next.armed = false;
+        Dl_info info;
+        if (dladdr(reinterpret_cast<void *>(thunk), &info)) L->pc_base = static_cast<char *>(info.dli_fbase);
+        nworkers = 1;  // the blocks one after another: the record's order is the same on every run
+    }
+    g_trace.clear();
     const int nthreads = int(block[0] * block[1] * block[2]);
 #ifdef LLMC_RACECHECK
     if (g_watch) nworkers = 1;  // pages of the arrays are opened and closed: one thread touches them at a time
@@ -1466,6 +1621,7 @@ __attribute__((visibility("default"))) int llmc_rt_launch(void (*thunk)(void **)
     g_launch.store(nullptr);
     finish(L.get());
     g_output = std::move(L->output);
+    g_trace = std::move(L->trace);
     g_error = std::move(L->error);
     g_interrupted = L->cancel == kInterrupted;
     Dl_info info;
