@@ -1,0 +1,80 @@
+"""Rotary position embeddings (RoPE), LLaMA's positions (lesson 15): q and k are rotated, wpe is gone.
+
+Each head's hs channels are hs/2 pairs. Pair i of the vector at position t is turned by the angle
+
+    angle(t, i) = t * theta^(-2i / hs),   theta = 10000
+
+    out[2i]     = x[2i] cos(angle) - x[2i+1] sin(angle)
+    out[2i + 1] = x[2i] sin(angle) + x[2i+1] cos(angle)
+
+The pairs are neighbouring channels (2i, 2i+1), as in Meta's LLaMA (which multiplies by complex numbers
+made of the pairs) and llm.c; Hugging Face's checkpoints pair channel i with i + hs/2 instead (rotate_half),
+with their q and k weights permuted to match. The two are the same model up to that permutation, but
+weights and kernels of one do not work with the other.
+
+The dot product of a rotated q at position t and a rotated k at position s depends on t - s only: attention
+sees relative positions. A rotation keeps lengths, and its inverse is its transpose, the rotation by
+-angle: so the backward is the same formula with sin negated.
+
+Shapes: inp, out (B, T, NH, hs) (q or k split into heads, llm.c's layout); freqs_cis (T, hs/2, 2), for each
+position and pair [cos(angle), sin(angle)], made once by precompute_freqs_cis (llm.c's name). A model
+generating from position `start` passes freqs_cis[start:start + T].
+
+Read top-down: the NumPy table, forward and backward, then the launchers of `kernels/rope.cu`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+ROPE_THETA = 10000.0
+
+# ---------------------------------------------------------------------------------------------------------
+# NumPy reference
+
+
+def precompute_freqs_cis(hs: int, T: int, theta: float = ROPE_THETA, dtype=np.float32) -> np.ndarray:
+    """(T, hs/2, 2): [cos, sin] of angle(t, i) = t * theta^(-2i/hs), computed in float64, returned in `dtype`."""
+    if isinstance(hs, bool) or not isinstance(hs, (int, np.integer)) or hs < 2 or hs % 2:
+        raise ValueError(f"hs (channels per head) must be a positive even int, got {hs!r}")
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 0:
+        raise ValueError(f"T (positions) must be an int >= 0, got {T!r}")
+    inv_freq = float(theta) ** (-np.arange(0, hs, 2, dtype=np.float64) / hs)   # (hs/2,): theta^(-2i/hs)
+    angle = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]      # (T, hs/2)
+    return np.stack([np.cos(angle), np.sin(angle)], axis=-1).astype(dtype)
+
+
+def _check_shapes(where: str, x, freqs_cis):
+    x, freqs_cis = np.asarray(x), np.asarray(freqs_cis)
+    if x.ndim != 4 or x.shape[-1] % 2:
+        raise ValueError(f"{where}: the input must have shape (B, T, NH, hs) with hs even, got {x.shape}")
+    B, T, NH, hs = x.shape
+    if freqs_cis.shape != (T, hs // 2, 2):
+        raise ValueError(f"{where}: freqs_cis must have shape (T, hs/2, 2) = {(T, hs // 2, 2)}, got "
+                         f"{freqs_cis.shape}; slice the table to the positions of this input")
+    return x, freqs_cis
+
+
+def _rotate(x, freqs_cis, sign):
+    """x (B, T, NH, hs) with each pair (x[2i], x[2i+1]) turned by sign * angle(t, i)."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]                        # (B, T, NH, hs/2): the pairs' two halves
+    cos = freqs_cis[None, :, None, :, 0]                       # (1, T, 1, hs/2): broadcast over B and NH
+    sin = sign * freqs_cis[None, :, None, :, 1]
+    out = np.empty(np.broadcast_shapes(x.shape, cos.shape[:-1] + (x.shape[-1],)),
+                   np.result_type(x, freqs_cis))
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
+    return out
+
+
+def rope_forward(inp, freqs_cis):
+    """inp (B, T, NH, hs), freqs_cis (T, hs/2, 2) -> out (B, T, NH, hs): each pair rotated by angle(t, i)."""
+    inp, freqs_cis = _check_shapes("rope_forward", inp, freqs_cis)
+    return _rotate(inp, freqs_cis, 1)
+
+
+def rope_backward(dout, freqs_cis):
+    """dout (B, T, NH, hs), freqs_cis (T, hs/2, 2) -> dinp (B, T, NH, hs): the inverse rotation, by -angle(t, i).
+
+    out = R x for an orthogonal R, so dinp = R^T dout = R^-1 dout; no cache beyond the table is needed."""
+    dout, freqs_cis = _check_shapes("rope_backward", dout, freqs_cis)
+    return _rotate(dout, freqs_cis, -1)

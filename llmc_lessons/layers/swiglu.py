@@ -1,0 +1,60 @@
+"""SwiGLU, the gated MLP nonlinearity of LLaMA (lesson 15).
+
+GPT-2's MLP is fcproj(gelu(fc(x))). LLaMA's has two input matmuls, a gate and an "up" projection, both
+(C -> H), and multiplies them after passing the gate through SiLU:
+
+    out = up * silu(gate),   silu(g) = g * sigmoid(g),   sigmoid(g) = 1 / (1 + exp(-g))
+
+As in llm.c, the two projections are one matmul with a (2H, C) weight whose output inp (B, T, 2H) holds
+up = inp[..., :H] then gate = inp[..., H:]; out is (B, T, H). The third matmul projects H back to C.
+
+Backward, with s = sigmoid(gate):
+
+    dup   = dout * silu(gate)
+    dgate = dout * up * silu'(gate),   silu'(g) = s + g s (1 - s) = s (1 + g (1 - s))
+
+Read top-down: the NumPy forward and backward references, then the launchers of `kernels/swiglu.cu`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NumPy reference
+
+
+def _split(where: str, inp):
+    inp = np.asarray(inp)
+    if not np.issubdtype(inp.dtype, np.floating):
+        raise TypeError(f"{where}: inp must be a float32 or float64 array, got dtype {inp.dtype}")
+    if inp.ndim < 1 or inp.shape[-1] % 2:
+        raise ValueError(f"{where}: inp must have shape (..., 2H), up then gate; got {inp.shape}")
+    H = inp.shape[-1] // 2
+    return inp[..., :H], inp[..., H:]
+
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)), elementwise, without overflow for large |x|, in the dtype of x."""
+    x = np.asarray(x)
+    e = np.exp(-np.abs(x))                                     # in (0, 1]: never overflows
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+def swiglu_forward(inp):
+    """(B, T, 2H) holding up then gate -> out (B, T, H) = up * silu(gate), in the dtype of inp."""
+    up, gate = _split("swiglu_forward", inp)
+    return up * (gate * sigmoid(gate))
+
+
+def swiglu_backward(dout, inp):
+    """dout (B, T, H), inp (B, T, 2H) -> dinp (B, T, 2H): [dup, dgate] = [dout silu(gate), dout up silu'(gate)]."""
+    up, gate = _split("swiglu_backward", inp)
+    dout = np.asarray(dout)
+    if dout.shape != up.shape:
+        raise ValueError(f"swiglu_backward: dout must have shape {up.shape} (inp's with half the last axis), "
+                         f"got {dout.shape}")
+    s = sigmoid(gate)
+    silu = gate * s
+    dsilu = s * (1 + gate * (1 - s))                          # d/dg [g s(g)] = s + g s (1 - s)
+    return np.concatenate([dout * silu, dout * up * dsilu], axis=-1)
