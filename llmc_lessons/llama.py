@@ -1,0 +1,425 @@
+"""A LLaMA-style model beside GPT-2 (lesson 16): the same flat buffers, AdamW, trainer, data and checkpoints,
+with LLaMA's layers in place of GPT-2's.
+
+    tokens -> wte -> L x [rmsnorm (ln1) -> qkv matmul -> RoPE on q, k -> grouped-query attention -> attproj
+                          -> residual -> rmsnorm (ln2) -> fc (C -> 2H: up, gate) -> SwiGLU -> fcproj -> residual]
+           -> rmsnorm (lnf) -> lm_head (its own matrix, not wte) -> softmax / cross-entropy
+
+What changes from GPT-2, and where each layer lives:
+  * no wpe: positions enter as rotations of q and k (layers/rope.py), so attention sees relative positions;
+  * RMSNorm instead of LayerNorm (layers/rmsnorm.py): no mean, no bias;
+  * the MLP is SwiGLU (layers/swiglu.py), with a hidden width H chosen freely (ffn_hidden);
+  * NKV <= NH key/value heads (grouped-query attention, layers/attention.py): a smaller KV cache;
+  * no biases anywhere, and an untied output head lm_head (Vp, C).
+
+The parameters sit in one flat float32 buffer in the order the data moves (LLAMA_PARAMETER_NAMES). The class
+Llama is GPT2 (llmc_lessons/model.py) with this config, layout, initialisation and execution path; it has its
+own checkpoint header (LLAMA_MODEL_MAGIC), and generates with a key/value cache (KVCache).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmc_lessons import device
+from llmc_lessons.files import atomic_write
+from llmc_lessons.layers.attention import attention_backward, attention_forward
+from llmc_lessons.layers.crossentropy import crossentropy_forward, crossentropy_softmax_backward, softmax_forward
+from llmc_lessons.layers.matmul import matmul_backward, matmul_forward
+from llmc_lessons.layers.residual import residual_backward, residual_forward
+from llmc_lessons.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from llmc_lessons.layers.rope import ROPE_THETA, precompute_freqs_cis, rope_backward, rope_forward
+from llmc_lessons.layers.swiglu import swiglu_backward, swiglu_forward
+from llmc_lessons.model import GPT2, LLAMA_MODEL_MAGIC, MODEL_MAGIC
+from llmc_lessons.parameters import flat_runs, point_views
+from llmc_lessons.paths import NumpyPath
+from llmc_lessons.sampling import next_token_probs
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration and parameter layout
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The sizes of a LLaMA-style model (the numbers its checkpoint header stores)."""
+    max_seq_len: int = 1024         # maxT: the longest context (rows of the RoPE table)
+    vocab_size: int = 50257         # V: real tokens (GPT-2's tokenizer)
+    padded_vocab_size: int = 50304  # Vp: V rounded up to a multiple of 128
+    num_layers: int = 12            # L
+    num_heads: int = 12             # NH: query heads; head size hs = C / NH
+    num_kv_heads: int = 4           # NKV: key/value heads, dividing NH (NKV = NH is multi-head attention)
+    channels: int = 768             # C
+    ffn_hidden: int = 1024          # H: SwiGLU's hidden width (fc is (2H, C): up, then gate)
+    rope_theta: float = ROPE_THETA  # theta of RoPE's angles t * theta^(-2i/hs)
+    norm_eps: float = 1e-5          # RMSNorm's eps
+
+    def __post_init__(self):
+        for name in ("max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads", "num_kv_heads",
+                     "channels", "ffn_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size ({self.vocab_size})")
+        if self.channels % self.num_heads or (self.channels // self.num_heads) % 2:
+            raise ValueError(f"channels ({self.channels}) must be num_heads ({self.num_heads}) times an even head "
+                             f"size (RoPE turns pairs of channels)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"LlamaConfig.{name} must be a positive number, got {value!r}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "LlamaConfig":
+        """A preset: 'llama-124m' (GPT-2 small's L, NH, C and parameter count) or 'llama-tiny' (the CPU's)."""
+        presets = {
+            # The untied lm_head costs V * C = 38.6M parameters; a SwiGLU of H = 1024 (4C/3) pays for it, so
+            # that the model has GPT-2 124M's count within 0.03% (124,399,872 against 124,439,808).
+            "llama-124m": dict(num_layers=12, num_heads=12, num_kv_heads=4, channels=768, ffn_hidden=1024),
+            "llama-tiny": dict(num_layers=2, num_heads=4, num_kv_heads=2, channels=64, ffn_hidden=96,
+                               max_seq_len=64),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown LLaMA-style preset {name!r}; choose one of {sorted(presets)}")
+        return cls(**presets[name])
+
+    @property
+    def head_size(self) -> int:
+        """hs = C / NH."""
+        return self.channels // self.num_heads
+
+
+LLAMA_BLOCK_PARAMETER_NAMES = ("ln1w", "qkvw", "attprojw", "ln2w", "fcw", "fcprojw")
+"""One layer's tensors, in the order the data moves through the block."""
+
+LLAMA_PARAMETER_NAMES = ("wte",) + LLAMA_BLOCK_PARAMETER_NAMES + ("lnfw", "lm_head")
+"""The 9 tensors in memory order; the block's 6 are stacked over layers (params[name][l] is layer l's)."""
+
+LLAMA_DECAYED_PARAMETER_NAMES = ("wte", "qkvw", "attprojw", "fcw", "fcprojw", "lm_head")
+"""AdamW decays the matrices only, as for GPT-2; the RMSNorm weights are not decayed."""
+
+
+def llama_parameter_shapes(config: LlamaConfig) -> dict:
+    """{name: shape} for the 9 tensors, in memory order (wte and lm_head padded to Vp rows)."""
+    c = config
+    Vp, C, L, H = c.padded_vocab_size, c.channels, c.num_layers, c.ffn_hidden
+    qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_size
+    return {"wte": (Vp, C), "ln1w": (L, C), "qkvw": (L, qkv, C), "attprojw": (L, C, C), "ln2w": (L, C),
+            "fcw": (L, 2 * H, C), "fcprojw": (L, C, H), "lnfw": (C,), "lm_head": (Vp, C)}
+
+
+def llama_num_parameters(config: LlamaConfig, padded: bool = True) -> int:
+    """The parameter count; padded=False leaves out the padded rows of wte and lm_head."""
+    total = sum(math.prod(s) for s in llama_parameter_shapes(config).values())
+    return total if padded else total - 2 * (config.padded_vocab_size - config.vocab_size) * config.channels
+
+
+def llama_decay_runs(config: LlamaConfig) -> list:
+    """(start, stop, decays) runs of the flat buffer for AdamW (parameters.decay_runs for this layout)."""
+    return flat_runs(llama_parameter_shapes(config), LLAMA_DECAYED_PARAMETER_NAMES)
+
+
+def llama_init(p: dict, config: LlamaConfig, seed: int):
+    """GPT-2's initialisation carried over: N(0, 0.02) matrices, residual projections scaled by 1/sqrt(2L), RMSNorm
+    weights 1, padded vocab rows zero."""
+    rng = np.random.default_rng(seed)
+    for name in LLAMA_DECAYED_PARAMETER_NAMES:
+        scale = 0.02 / math.sqrt(2 * config.num_layers) if name in ("attprojw", "fcprojw") else 0.02
+        rng.standard_normal(dtype=np.float32, out=p[name].reshape(-1))
+        p[name] *= np.float32(scale)
+    p["wte"][config.vocab_size:] = 0
+    p["lm_head"][config.vocab_size:] = 0
+    for name in ("ln1w", "ln2w", "lnfw"):
+        p[name][...] = 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RoPE on the q and k parts of qkv, then grouped-query attention
+
+
+def rope_qkv_forward(qkv, freqs_cis, NH: int, NKV: int):
+    """qkv (B, T, (NH + 2 NKV) hs) -> the same with q and k rotated by RoPE (v unchanged); freqs_cis (T, hs/2, 2)."""
+    B, T, W = qkv.shape
+    hs = W // (NH + 2 * NKV)
+    q = rope_forward(qkv[:, :, :NH * hs].reshape(B, T, NH, hs), freqs_cis)
+    k = rope_forward(qkv[:, :, NH * hs:(NH + NKV) * hs].reshape(B, T, NKV, hs), freqs_cis)
+    return np.concatenate([q.reshape(B, T, -1), k.reshape(B, T, -1), qkv[:, :, (NH + NKV) * hs:]], axis=2)
+
+
+def rope_qkv_backward(dqkv, freqs_cis, NH: int, NKV: int):
+    """The backward of rope_qkv_forward: dq and dk turned back by the inverse rotation, dv unchanged."""
+    B, T, W = dqkv.shape
+    hs = W // (NH + 2 * NKV)
+    dq = rope_backward(dqkv[:, :, :NH * hs].reshape(B, T, NH, hs), freqs_cis)
+    dk = rope_backward(dqkv[:, :, NH * hs:(NH + NKV) * hs].reshape(B, T, NKV, hs), freqs_cis)
+    return np.concatenate([dq.reshape(B, T, -1), dk.reshape(B, T, -1), dqkv[:, :, (NH + NKV) * hs:]], axis=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The NumPy reference: one block, then the model
+
+
+def llama_block_forward(x, p: dict, config: LlamaConfig, freqs_cis):
+    """x (B, T, C), p (one layer's 6 tensors), freqs_cis (T, hs/2, 2) -> (out (B, T, C), cache)."""
+    NH, NKV, eps = config.num_heads, config.num_kv_heads, config.norm_eps
+    ln1, ln1_rstd = rmsnorm_forward(x, p["ln1w"], eps)                    # (B, T, C), (B, T)
+    qkv = matmul_forward(ln1, p["qkvw"])                                  # (B, T, (NH + 2 NKV) hs)
+    qkvr = rope_qkv_forward(qkv, freqs_cis, NH, NKV)                      # q and k rotated
+    atty, att = attention_forward(qkvr, NH, NKV)                          # (B, T, C), (B, NH, T, T)
+    attproj = matmul_forward(atty, p["attprojw"])                         # (B, T, C)
+    residual2 = residual_forward(x, attproj)                              # (B, T, C)
+    ln2, ln2_rstd = rmsnorm_forward(residual2, p["ln2w"], eps)            # (B, T, C), (B, T)
+    fch = matmul_forward(ln2, p["fcw"])                                   # (B, T, 2H): up, gate
+    fch_swiglu = swiglu_forward(fch)                                      # (B, T, H)
+    fcproj = matmul_forward(fch_swiglu, p["fcprojw"])                     # (B, T, C)
+    residual3 = residual_forward(residual2, fcproj)                       # (B, T, C)
+    cache = dict(x=x, ln1=ln1, ln1_rstd=ln1_rstd, qkvr=qkvr, atty=atty, att=att, residual2=residual2, ln2=ln2,
+                 ln2_rstd=ln2_rstd, fch=fch, fch_swiglu=fch_swiglu)
+    return residual3, cache
+
+
+def llama_block_backward(dout, cache: dict, p: dict, config: LlamaConfig, freqs_cis):
+    """dout (B, T, C) = dL/dresidual3 -> (dx (B, T, C), {name: gradient} for the layer's 6 tensors)."""
+    NH, NKV, c = config.num_heads, config.num_kv_heads, cache
+    dresidual2, dfcproj = residual_backward(dout)
+    dfch_swiglu, dfcprojw, _ = matmul_backward(dfcproj, c["fch_swiglu"], p["fcprojw"])
+    dfch = swiglu_backward(dfch_swiglu, c["fch"])
+    dln2, dfcw, _ = matmul_backward(dfch, c["ln2"], p["fcw"])
+    dres2_mlp, dln2w = rmsnorm_backward(dln2, c["residual2"], p["ln2w"], c["ln2_rstd"])
+    dresidual2 = dresidual2 + dres2_mlp                  # residual2 was read by the skip AND by ln2
+    dx, dattproj = residual_backward(dresidual2)
+    datty, dattprojw, _ = matmul_backward(dattproj, c["atty"], p["attprojw"])
+    dqkvr = attention_backward(datty, c["qkvr"], c["att"], NH, NKV)
+    dqkv = rope_qkv_backward(dqkvr, freqs_cis, NH, NKV)
+    dln1, dqkvw, _ = matmul_backward(dqkv, c["ln1"], p["qkvw"])
+    dx_attn, dln1w = rmsnorm_backward(dln1, c["x"], p["ln1w"], c["ln1_rstd"])
+    dx = dx + dx_attn                                    # x was read by the skip AND by ln1
+    return dx, dict(ln1w=dln1w, qkvw=dqkvw, attprojw=dattprojw, ln2w=dln2w, fcw=dfcw, fcprojw=dfcprojw)
+
+
+def llama_forward(params: dict, config: LlamaConfig, idx, targets=None):
+    """The NumPy reference forward in any float dtype: -> (logits (B, T, Vp), losses (B, T) or None, cache)."""
+    p = params
+    T = idx.shape[1]
+    freqs_cis = precompute_freqs_cis(config.head_size, T, config.rope_theta, dtype=p["wte"].dtype)
+    residual, block_caches = p["wte"][idx], []                           # (B, T, C): no position embedding
+    for l in range(config.num_layers):
+        layer = {name: p[name][l] for name in LLAMA_BLOCK_PARAMETER_NAMES}
+        residual, cache = llama_block_forward(residual, layer, config, freqs_cis)
+        block_caches.append(cache)
+    lnf, lnf_rstd = rmsnorm_forward(residual, p["lnfw"], config.norm_eps)
+    logits = matmul_forward(lnf, p["lm_head"])                           # (B, T, Vp): the untied head
+    probs = softmax_forward(logits, config.vocab_size)
+    losses = crossentropy_forward(probs, targets) if targets is not None else None
+    cache = dict(idx=idx, targets=targets, freqs_cis=freqs_cis, block_caches=block_caches, residual=residual,
+                 lnf=lnf, lnf_rstd=lnf_rstd, probs=probs)
+    return logits, losses, cache
+
+
+def llama_backward(params: dict, config: LlamaConfig, cache: dict) -> dict:
+    """The NumPy reference backward of the mean loss: -> {name: gradient} for the 9 tensors (fresh arrays)."""
+    p = params
+    if cache.get("targets") is None:
+        raise RuntimeError("the backward needs a forward with targets")
+    idx = cache["idx"]
+    B, T = idx.shape
+    dlosses = np.full((B, T), 1.0 / (B * T), dtype=cache["probs"].dtype)
+    dlogits = crossentropy_softmax_backward(dlosses, cache["probs"], cache["targets"], config.vocab_size)
+    dlnf, dlm_head, _ = matmul_backward(dlogits, cache["lnf"], p["lm_head"])
+    dresidual, dlnfw = rmsnorm_backward(dlnf, cache["residual"], p["lnfw"], cache["lnf_rstd"])
+    grads = {name: np.zeros_like(p[name]) for name in LLAMA_BLOCK_PARAMETER_NAMES}
+    for l in reversed(range(config.num_layers)):
+        layer = {name: p[name][l] for name in LLAMA_BLOCK_PARAMETER_NAMES}
+        dresidual, block_grads = llama_block_backward(dresidual, cache["block_caches"][l], layer, config,
+                                                      cache["freqs_cis"])
+        for name in LLAMA_BLOCK_PARAMETER_NAMES:
+            grads[name][l] = block_grads[name]
+    dwte = np.zeros_like(p["wte"])
+    np.add.at(dwte, idx, dresidual)                      # a token at several positions collects every gradient
+    grads.update(wte=dwte, lnfw=dlnfw, lm_head=dlm_head)
+    return {name: grads[name] for name in LLAMA_PARAMETER_NAMES}
+
+
+class LlamaNumpyPath(NumpyPath):
+    """The LLaMA-style model's NumPy reference on the host, in float32 (AdamW as GPT-2's NumpyPath)."""
+
+    def forward(self, model, idx, targets):
+        return llama_forward(model.params, model.config, idx, targets)
+
+    def backward(self, model, cache):
+        for name, grad in llama_backward(model.params, model.config, cache).items():
+            model.grads[name] += grad
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+
+_HEADER_INTS = 256
+_VERSION_FP32 = 1
+
+
+class Llama(GPT2):
+    """The LLaMA-style model with GPT-2's buffers, AdamW and trainer: forward(idx, targets), backward(), update()."""
+    config_type = LlamaConfig
+    parameter_shapes = staticmethod(llama_parameter_shapes)
+    init_params = staticmethod(llama_init)
+    decay_runs = staticmethod(llama_decay_runs)
+    block_parameter_names = LLAMA_BLOCK_PARAMETER_NAMES
+
+    @staticmethod
+    def _path(precision: str, backend: str):
+        if precision != "fp32" or backend != "numpy":
+            raise ValueError(f"the LLaMA-style model runs on the NumPy path in fp32 (backend='numpy'), not "
+                             f"backend={backend!r}, precision={precision!r}")
+        return LlamaNumpyPath()
+
+    def __init__(self, config: LlamaConfig, seed: int | None = 0, backend: str | None = "numpy",
+                 precision: str = "fp32"):
+        super().__init__(config, seed=seed, backend=backend, precision=precision)
+
+    # -- checkpoint files: GPT-2's layout of a 256-int header, then the flat float32 buffer ----------------
+
+    @classmethod
+    def from_llmc_checkpoint(cls, path, backend: str | None = "numpy", precision: str = "fp32") -> "Llama":
+        """Load a LLaMA-style model file written by save_llmc_checkpoint (magic LLAMA_MODEL_MAGIC)."""
+        with open(path, "rb") as f:
+            file_bytes = os.fstat(f.fileno()).st_size
+            header = np.frombuffer(f.read(_HEADER_INTS * 4), dtype="<i4")
+            if header.size != _HEADER_INTS:
+                raise ValueError(f"{path}: too short for the 1024-byte header of a model file")
+            if header[0] == MODEL_MAGIC:
+                raise ValueError(f"{path}: this is a GPT-2 model file (magic {MODEL_MAGIC}): load it with "
+                                 f"GPT2.from_llmc_checkpoint, not Llama's")
+            if header[0] != LLAMA_MODEL_MAGIC:
+                raise ValueError(f"{path}: bad magic {header[0]} (a LLaMA-style model file starts with "
+                                 f"{LLAMA_MODEL_MAGIC})")
+            if header[1] != _VERSION_FP32:
+                raise ValueError(f"{path}: LLaMA-style model file version {header[1]} is not supported "
+                                 f"({_VERSION_FP32} = fp32 is)")
+            maxT, V, Vp, L, NH, NKV, C, H = (int(x) for x in header[2:10])
+            theta, eps = (float(x) for x in header[10:14].view("<f8"))
+            try:
+                config = LlamaConfig(max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp, num_layers=L,
+                                     num_heads=NH, num_kv_heads=NKV, channels=C, ffn_hidden=H, rope_theta=theta,
+                                     norm_eps=eps)
+            except ValueError as e:
+                raise ValueError(f"{path}: the header's sizes are not a LLaMA-style model: {e}") from None
+            n = llama_num_parameters(config)
+            if file_bytes != _HEADER_INTS * 4 + 4 * n:
+                raise ValueError(f"{path}: the header describes {n:,} parameters ({4 * n + 1024:,} bytes), but the "
+                                 f"file has {file_bytes:,}")
+            flat = np.fromfile(f, dtype="<f4", count=n)
+        model = cls(config, seed=None, backend=backend, precision=precision)
+        model._set_params_memory(flat.astype(np.float32, copy=False))
+        return model
+
+    def save_llmc_checkpoint(self, path):
+        """Write the model file (header: magic, version, maxT, V, Vp, L, NH, NKV, C, H, then theta and eps as
+        float64 (two int32 slots each); then the parameters) atomically; returns the path."""
+        c = self.config
+        header = np.zeros(_HEADER_INTS, dtype="<i4")
+        header[:10] = [LLAMA_MODEL_MAGIC, _VERSION_FP32, c.max_seq_len, c.vocab_size, c.padded_vocab_size,
+                       c.num_layers, c.num_heads, c.num_kv_heads, c.channels, c.ffn_hidden]
+        header[10:14] = np.array([c.rope_theta, c.norm_eps], dtype="<f8").view("<i4")
+
+        def write(f):
+            f.write(header.tobytes())
+            f.write(np.ascontiguousarray(device.to_host(self.params_memory), dtype="<f4").tobytes())
+        return atomic_write(path, write)
+
+    def __repr__(self):
+        c = self.config
+        return (f"Llama(L={c.num_layers}, NH={c.num_heads}, NKV={c.num_kv_heads}, C={c.channels}, H={c.ffn_hidden}, "
+                f"maxT={c.max_seq_len}, V={c.vocab_size}, Vp={c.padded_vocab_size}; "
+                f"{llama_num_parameters(c, padded=False):,} parameters, {self.num_parameters:,} with the padded "
+                f"vocab; NumPy reference path)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation with a key/value cache
+
+
+class KVCache:
+    """The rotated keys and the values of every layer for the positions seen so far (one sequence, B = 1).
+
+    Without a cache, each new token reruns the forward over the whole context. With it, a step runs the new
+    positions only: their q, k, v come from their own rows, and attention reads the earlier keys and values
+    from the cache. GQA keeps NKV heads per position, NH / NKV times less than multi-head attention would.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        hs, NKV = config.head_size, config.num_kv_heads
+        self.config = config
+        self.k = [np.zeros((0, NKV * hs), np.float32) for _ in range(config.num_layers)]   # (T so far, NKV hs)
+        self.v = [np.zeros((0, NKV * hs), np.float32) for _ in range(config.num_layers)]
+        self.freqs_cis = precompute_freqs_cis(hs, config.max_seq_len, config.rope_theta)
+
+    @property
+    def length(self) -> int:
+        """Positions held."""
+        return self.k[0].shape[0]
+
+
+def forward_cached(model: Llama, cache: KVCache, tokens) -> np.ndarray:
+    """Run the new `tokens` (a list of ids) at positions cache.length.. and return their logits (n, Vp);
+    their keys and values join the cache."""
+    c, p = model.config, model.params
+    NH, NKV, hs, C = c.num_heads, c.num_kv_heads, c.head_size, c.channels
+    start, n = cache.length, len(tokens)
+    if start + n > c.max_seq_len:
+        raise ValueError(f"the cache holds {start} positions; {n} more pass max_seq_len = {c.max_seq_len}")
+    freqs_cis = cache.freqs_cis[start:start + n]
+    x = p["wte"][np.asarray(tokens)][None]                                    # (1, n, C)
+    for l in range(c.num_layers):
+        ln1, _ = rmsnorm_forward(x, p["ln1w"][l], c.norm_eps)
+        qkvr = rope_qkv_forward(matmul_forward(ln1, p["qkvw"][l]), freqs_cis, NH, NKV)   # (1, n, (NH+2NKV) hs)
+        cache.k[l] = np.concatenate([cache.k[l], qkvr[0, :, C:C + NKV * hs]])
+        cache.v[l] = np.concatenate([cache.v[l], qkvr[0, :, C + NKV * hs:]])
+        # grouped-query attention without copying the cache: query head h = g * group + j reads kv head g
+        group, T_all = NH // NKV, start + n
+        q = qkvr[0, :, :C].reshape(n, NKV, group, hs).transpose(1, 2, 0, 3)   # (NKV, group, n, hs)
+        k = cache.k[l].reshape(T_all, NKV, hs).transpose(1, 0, 2)[:, None]    # (NKV, 1, T_all, hs)
+        v = cache.v[l].reshape(T_all, NKV, hs).transpose(1, 0, 2)[:, None]
+        scores = q @ k.transpose(0, 1, 3, 2) / np.float32(math.sqrt(hs))       # (NKV, group, n, T_all)
+        visible = np.arange(T_all)[None, :] <= (start + np.arange(n))[:, None]   # key t2 <= the query's t
+        scores = np.where(visible, scores, -np.inf)
+        att = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        att /= att.sum(axis=-1, keepdims=True)
+        atty = (att @ v).reshape(NH, n, hs).transpose(1, 0, 2).reshape(1, n, C)   # heads in order h
+        x = x + matmul_forward(atty, p["attprojw"][l])
+        ln2, _ = rmsnorm_forward(x, p["ln2w"][l], c.norm_eps)
+        x = x + matmul_forward(swiglu_forward(matmul_forward(ln2, p["fcw"][l])), p["fcprojw"][l])
+    lnf, _ = rmsnorm_forward(x, p["lnfw"], c.norm_eps)
+    return matmul_forward(lnf, p["lm_head"])[0]                              # (n, Vp)
+
+
+def generate_cached(model: Llama, prompt_tokens, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, seed: int | None = None) -> list:
+    """sampling.generate with a key/value cache: the prompt runs once, then one position per new token. The
+    same seed samples the same tokens as sampling.generate (which reruns the whole context at every step)."""
+    tokens = [int(t) for t in prompt_tokens]
+    if not tokens:
+        raise ValueError("prompt_tokens is empty: start from at least one token (GPT-2's <|endoftext|> is 50256)")
+    if temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"need temperature >= 0 and top_k >= 1 or None, got {temperature}, {top_k}")
+    V, maxT = model.config.vocab_size, model.config.max_seq_len
+    if len(tokens) + max_new_tokens > maxT:
+        raise ValueError(f"{len(tokens)} prompt tokens + {max_new_tokens} new ones exceed max_seq_len = {maxT} "
+                         f"(the cache holds one window; sampling.generate slides it)")
+    rng = np.random.default_rng(seed)
+    cache = KVCache(model.config)
+    logits = forward_cached(model, cache, tokens)
+    for i in range(int(max_new_tokens)):
+        if i:
+            logits = forward_cached(model, cache, tokens[-1:])                 # the newest token only
+        last = logits[-1]
+        if temperature == 0:
+            tokens.append(int(np.argmax(last[:V])))
+        else:
+            tokens.append(int(rng.choice(V, p=next_token_probs(last, V, temperature, top_k))))
+    return tokens

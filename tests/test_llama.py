@@ -1,0 +1,265 @@
+"""Lesson 16: the LLaMA-style model. Its layout, RoPE + grouped-query attention and the whole model checked in
+float64, the model against an independent PyTorch LLaMA (logits, loss, every gradient, AdamW steps), its
+checkpoint files, and generation with a key/value cache against full recomputation."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from llmc_lessons.gradcheck import gradcheck
+from llmc_lessons.layers.attention import attention_backward, attention_forward
+from llmc_lessons.layers.rope import precompute_freqs_cis
+from llmc_lessons.llama import (LLAMA_BLOCK_PARAMETER_NAMES, LLAMA_PARAMETER_NAMES, KVCache, Llama, LlamaConfig,
+                                forward_cached, generate_cached, llama_backward, llama_decay_runs, llama_forward,
+                                llama_num_parameters, llama_parameter_shapes, rope_qkv_backward, rope_qkv_forward)
+from llmc_lessons.model import GPT2, GPT2Config
+from llmc_lessons.parameters import num_parameters
+from llmc_lessons.sampling import generate
+
+SMALL = LlamaConfig(max_seq_len=16, vocab_size=37, padded_vocab_size=40, num_layers=2, num_heads=4, num_kv_heads=2,
+                    channels=16, ffn_hidden=12)
+
+try:
+    import torch
+    from llmc_lessons.torch_llama import UNSTACKED, from_course as torch_twin, llmc_grads, llmc_params
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed: this test compares with it")
+
+
+def _batch(config, B=3, T=7, seed=1):
+    gen = np.random.default_rng(seed)
+    idx = gen.integers(0, config.vocab_size, size=(B, T), dtype=np.int64)
+    idx[0, :3] = 5  # a repeated token: its embedding gradient must collect every position
+    return idx, gen.integers(0, config.vocab_size, size=(B, T), dtype=np.int64)
+
+
+def _perturbed(config, seed=0):
+    """A model with weights far from the init, so that every gradient is far from zero and errors show."""
+    model = Llama(config, seed=seed)
+    model.params_memory[...] += np.random.default_rng(7).standard_normal(model.num_parameters).astype(np.float32) * 0.2
+    model.params["wte"][config.vocab_size:] = 0
+    model.params["lm_head"][config.vocab_size:] = 0
+    return model
+
+
+def _close(name, got, expected, rtol=1e-4, atol_floor=1e-6):
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    assert got.shape == expected.shape, f"{name}: shape {got.shape} != {expected.shape}"
+    err = np.max(np.abs(got - expected)) if got.size else 0.0
+    allowed = rtol * np.max(np.abs(expected), initial=0.0) + atol_floor
+    assert err <= allowed, f"{name}: max abs error {err:.3g} > allowed {allowed:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config and layout
+
+
+def test_presets_and_the_124m_parameter_count():
+    c = LlamaConfig.from_name("llama-124m")
+    gpt2 = num_parameters(GPT2Config.from_name("d12"), padded=False)
+    assert llama_num_parameters(c, padded=False) == 124_399_872
+    assert abs(llama_num_parameters(c, padded=False) - gpt2) / gpt2 < 1e-3
+    assert (c.num_layers, c.num_heads, c.channels) == (12, 12, 768)
+    tiny = LlamaConfig.from_name("llama-tiny")
+    assert (tiny.num_layers, tiny.num_heads, tiny.num_kv_heads, tiny.channels, tiny.max_seq_len) == (2, 4, 2, 64, 64)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="must divide num_heads"):
+        LlamaConfig(num_heads=12, num_kv_heads=5)
+    with pytest.raises(ValueError, match="even head size"):
+        LlamaConfig(channels=36, num_heads=12, num_kv_heads=4)
+    with pytest.raises(ValueError, match="rope_theta"):
+        LlamaConfig(rope_theta=-1.0)
+    with pytest.raises(ValueError, match="unknown LLaMA-style preset"):
+        LlamaConfig.from_name("llama-7b")
+    with pytest.raises(TypeError, match="LlamaConfig"):
+        Llama(GPT2Config.from_name("tiny"))
+    with pytest.raises(TypeError, match="GPT2Config"):
+        GPT2(SMALL)
+    with pytest.raises(ValueError, match="NumPy path"):
+        Llama(SMALL, backend="kernels")
+
+
+def test_one_flat_buffer_in_the_order_the_data_moves():
+    model = Llama(SMALL, seed=0)
+    model.zero_grad()
+    assert tuple(model.params) == LLAMA_PARAMETER_NAMES == tuple(llama_parameter_shapes(SMALL))
+    assert model.num_parameters == llama_num_parameters(SMALL) == model.params_memory.size
+    offset = 0
+    for name, shape in llama_parameter_shapes(SMALL).items():
+        for views, memory in ((model.params, model.params_memory), (model.grads, model.grads_memory)):
+            assert views[name].shape == shape and np.shares_memory(views[name], memory)
+        offset += math.prod(shape)
+    assert offset == model.num_parameters
+    assert model.layer_params(1)["qkvw"].shape == ((4 + 2 * 2) * 4, 16)
+    # AdamW's runs: wte decays, ln1w does not, ... lnfw does not, lm_head does
+    runs = llama_decay_runs(SMALL)
+    assert [d for _, _, d in runs] == [True, False, True, False, True, False, True]
+    assert runs[-1][1] == model.num_parameters
+
+
+def test_initialisation():
+    c = LlamaConfig(max_seq_len=16, vocab_size=500, padded_vocab_size=512, num_layers=3, num_heads=4,
+                    num_kv_heads=2, channels=64, ffn_hidden=96)
+    p = Llama(c, seed=3).params
+    for name in ("wte", "lm_head", "qkvw", "fcw"):
+        values = p[name][:c.vocab_size] if name in ("wte", "lm_head") else p[name]
+        assert abs(values.std() - 0.02) < 0.002, name
+    for name in ("attprojw", "fcprojw"):
+        assert abs(p[name].std() - 0.02 / math.sqrt(6)) < 0.001, name
+    for name in ("ln1w", "ln2w", "lnfw"):
+        assert (p[name] == 1).all()
+    assert not p["wte"][c.vocab_size:].any() and not p["lm_head"][c.vocab_size:].any()
+    assert not np.shares_memory(p["wte"], p["lm_head"]) and not np.array_equal(p["wte"], p["lm_head"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Float64 gradient checks: RoPE composed with grouped-query attention, then the whole model
+
+
+@pytest.mark.parametrize("NH,NKV", [(4, 2), (4, 1), (2, 2)])
+def test_rope_then_gqa_gradcheck(NH, NKV):
+    B, T, hs = 2, 5, 4
+    qkv = np.random.default_rng(2).standard_normal((B, T, (NH + 2 * NKV) * hs))
+    freqs_cis = precompute_freqs_cis(hs, T, dtype=np.float64)
+
+    def forward(qkv):
+        return attention_forward(rope_qkv_forward(qkv, freqs_cis, NH, NKV), NH, NKV)[0]
+
+    def backward(dout, qkv):
+        qkvr = rope_qkv_forward(qkv, freqs_cis, NH, NKV)
+        dqkvr = attention_backward(dout, qkvr, attention_forward(qkvr, NH, NKV)[1], NH, NKV)
+        return {"qkv": rope_qkv_backward(dqkvr, freqs_cis, NH, NKV)}
+
+    gradcheck(forward, backward, {"qkv": qkv}, title="RoPE + grouped-query attention").assert_ok()
+
+
+def test_rope_makes_attention_scores_depend_on_relative_position():
+    NH = NKV = 1
+    hs, T = 4, 6
+    gen = np.random.default_rng(4)
+    q, k = gen.standard_normal(hs), gen.standard_normal(hs)
+    qkv = np.tile(np.concatenate([q, k, np.zeros(hs)]), (1, T, 1))          # the same q and k at every position
+    qkvr = rope_qkv_forward(qkv, precompute_freqs_cis(hs, T, dtype=np.float64), NH, NKV)[0]
+    scores = qkvr[:, :hs] @ qkvr[:, hs:2 * hs].T                             # (T, T)
+    for offset in range(T):
+        np.testing.assert_allclose(np.diag(scores, -offset), scores[offset, 0], atol=1e-12)
+
+
+def test_whole_model_gradcheck_float64():
+    c = LlamaConfig(max_seq_len=8, vocab_size=11, padded_vocab_size=12, num_layers=2, num_heads=4, num_kv_heads=2,
+                    channels=8, ffn_hidden=6)
+    model = _perturbed(c, seed=1)
+    params64 = {name: np.array(p, dtype=np.float64) for name, p in model.params.items()}
+    idx, targets = _batch(c, B=2, T=5)
+
+    def forward(**p):
+        return llama_forward(p, c, idx, targets)[1].mean()
+
+    def backward(dloss, **p):
+        return {name: g * dloss for name, g in llama_backward(p, c, llama_forward(p, c, idx, targets)[2]).items()}
+
+    gradcheck(forward, backward, params64, title="LLaMA-style model", max_checks=40).assert_ok()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against PyTorch
+
+
+@needs_torch
+def test_logits_loss_and_every_gradient_match_pytorch():
+    model = _perturbed(SMALL)
+    ref = torch_twin(model)
+    idx, targets = _batch(SMALL)
+    loss = model.forward(idx, targets)
+    model.zero_grad()
+    model.backward()
+    logits, ref_loss = ref(torch.from_numpy(idx), torch.from_numpy(targets))
+    ref_loss.backward()
+    assert abs(loss - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    _close("logits", model.logits[..., :SMALL.vocab_size], logits.detach().numpy())
+    expected = llmc_grads(ref)
+    for name in LLAMA_PARAMETER_NAMES:
+        _close("d" + name, model.grads[name], expected[name])
+    assert not model.grads["wte"][SMALL.vocab_size:].any() and not model.grads["lm_head"][SMALL.vocab_size:].any()
+
+
+@needs_torch
+def test_flash_reference_agrees_with_the_plain_one():
+    model = _perturbed(SMALL)
+    idx, targets = _batch(SMALL)
+    plain, flash = torch_twin(model), torch_twin(model, flash=True)
+    np.testing.assert_allclose(plain(torch.from_numpy(idx))[0].detach().numpy(),
+                               flash(torch.from_numpy(idx))[0].detach().numpy(), atol=2e-5)
+
+
+@needs_torch
+def test_training_steps_match_pytorch_adamw():
+    model = Llama(SMALL, seed=2)
+    ref = torch_twin(model)
+    opt = torch.optim.AdamW(ref.decay_groups(0.1), lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    for step in range(3):
+        idx, targets = _batch(SMALL, seed=step)
+        loss = model.forward(idx, targets)
+        model.zero_grad()
+        model.backward()
+        model.update(3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+        opt.zero_grad()
+        _, ref_loss = ref(torch.from_numpy(idx), torch.from_numpy(targets))
+        ref_loss.backward()
+        opt.step()
+        assert abs(loss - ref_loss.item()) < 1e-5, step
+    for name, expected in llmc_params(ref).items():
+        np.testing.assert_allclose(model.params[name], expected, rtol=0, atol=2e-5, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    model = Llama(SMALL, seed=5)
+    path = model.save_llmc_checkpoint(tmp_path / "llama.bin")
+    loaded = Llama.from_llmc_checkpoint(path)
+    assert loaded.config == SMALL
+    assert loaded.params_memory.tobytes() == model.params_memory.tobytes()
+    with pytest.raises(ValueError, match="LLaMA-style model file.*Llama.from_llmc_checkpoint"):
+        GPT2.from_llmc_checkpoint(path)
+    gpt2_path = GPT2(GPT2Config.from_name("tiny"), seed=0, backend="numpy").save_llmc_checkpoint(tmp_path / "g.bin")
+    with pytest.raises(ValueError, match="GPT-2 model file.*GPT2.from_llmc_checkpoint"):
+        Llama.from_llmc_checkpoint(gpt2_path)
+    (tmp_path / "short.bin").write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="bytes"):
+        Llama.from_llmc_checkpoint(tmp_path / "short.bin")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation with a key/value cache
+
+
+def test_kv_cache_logits_equal_full_recomputation():
+    model = _perturbed(SMALL)
+    tokens = list(_batch(SMALL, B=1, T=9)[0][0])
+    cache = KVCache(SMALL)
+    got = [forward_cached(model, cache, tokens[:4])]                # the prompt at once, then one at a time
+    got += [forward_cached(model, cache, [t]) for t in tokens[4:]]
+    assert cache.length == len(tokens) and cache.k[0].shape == (9, SMALL.num_kv_heads * SMALL.head_size)
+    model.forward(np.array([tokens]))
+    np.testing.assert_allclose(np.concatenate(got), model.logits[0], rtol=1e-4, atol=1e-5)
+
+
+def test_generate_cached_equals_generate():
+    model = _perturbed(SMALL)
+    for temperature, top_k in ((1.0, None), (0.8, 5), (0.0, None)):
+        expected = generate(model, [3, 1, 4], 10, temperature=temperature, top_k=top_k, seed=11)
+        assert generate_cached(model, [3, 1, 4], 10, temperature=temperature, top_k=top_k, seed=11) == expected
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate_cached(model, [1] * 10, 7)
+
+
+def test_block_names():
+    assert LLAMA_BLOCK_PARAMETER_NAMES == ("ln1w", "qkvw", "attprojw", "ln2w", "fcw", "fcprojw")
