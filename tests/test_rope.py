@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from llmc_lessons import device
+from llmc_lessons.checks import poisoned
+from llmc_lessons.cuda import load_kernel
+from llmc_lessons.device import to_device, to_host
 from llmc_lessons.gradcheck import gradcheck
-from llmc_lessons.layers.rope import precompute_freqs_cis, rope_backward, rope_forward
+from llmc_lessons.layers.rope import (precompute_freqs_cis, rope_backward, rope_backward_cuda, rope_forward,
+                                      rope_forward_cuda)
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -63,3 +68,63 @@ def test_reference_rejects_bad_shapes_and_arguments():
         precompute_freqs_cis(7, 5)
     with pytest.raises(ValueError, match="T"):
         precompute_freqs_cis(8, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels, launched directly: outputs poisoned with NaN, each the front of a longer array whose NaN tail must
+# stay NaN
+
+
+@pytest.mark.parametrize("kernel,reference", [("rope_forward_kernel", rope_forward),
+                                              ("rope_backward_kernel", rope_backward)])
+@pytest.mark.parametrize("block_size,shape", [(32, (2, 7, 3, 10)), (96, (3, 5, 2, 18)), (256, (1, 33, 5, 6))])
+def test_kernels_match_reference(kernel, reference, block_size, shape):
+    gen = np.random.default_rng(block_size)
+    x = gen.standard_normal(shape).astype(np.float32)
+    B, T, NH, hs = shape
+    f = precompute_freqs_cis(hs, T + 5)[5:]                   # positions 5 .. 5 + T - 1, as in generation
+    n = x.size
+    buf = poisoned((n + block_size,))
+    x_pad = to_device(np.concatenate([x.reshape(-1), np.ones(block_size, np.float32)]))
+    load_kernel("rope.cu", kernel)((-(-(n // 2) // block_size),), (block_size,),
+                                   (buf[:n], x_pad[:n], to_device(np.ascontiguousarray(f)), np.int32(B), np.int32(T),
+                                    np.int32(NH), np.int32(hs)))
+    want = reference(x.astype(np.float64), f.astype(np.float64))
+    np.testing.assert_allclose(to_host(buf[:n]).reshape(shape), want, atol=1e-6, rtol=1e-5)
+    assert np.isnan(to_host(buf[n:])).all()
+
+
+@pytest.mark.parametrize("block_size", [32, 100, 1024])
+def test_launchers_match_reference_and_work_in_place(block_size):
+    gen = np.random.default_rng(block_size)
+    x = gen.standard_normal((2, 9, 3, 14)).astype(np.float32)
+    f = precompute_freqs_cis(14, 9)
+    got = rope_forward_cuda(to_device(x), to_device(f), block_size=block_size)
+    np.testing.assert_allclose(to_host(got), rope_forward(x, f), atol=1e-6)
+    back = rope_backward_cuda(got, to_device(f), out=got, block_size=block_size)   # in place
+    assert back is got
+    np.testing.assert_allclose(to_host(back), x, atol=1e-5)
+
+
+def test_launchers_reject_bad_input():
+    x, f = to_device(np.ones((2, 4, 3, 8), np.float32)), to_device(precompute_freqs_cis(8, 4))
+    with pytest.raises(TypeError, match="dtype float32"):
+        rope_forward_cuda(to_device(np.ones((2, 4, 3, 8))), f)
+    with pytest.raises(ValueError, match="shape"):
+        rope_forward_cuda(to_device(np.ones((4, 3, 8), np.float32)), f)
+    with pytest.raises(ValueError, match="even"):
+        rope_forward_cuda(to_device(np.ones((2, 4, 3, 7), np.float32)), f)
+    with pytest.raises(ValueError, match="freqs_cis"):
+        rope_backward_cuda(x, to_device(precompute_freqs_cis(8, 5)))
+    with pytest.raises(ValueError, match="out"):
+        rope_forward_cuda(x, f, out=to_device(np.ones((2, 4, 3, 6), np.float32)))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        rope_forward_cuda(to_device(np.ones((2, 4, 3, 16), np.float32))[..., ::2], f)
+    with pytest.raises(ValueError, match="block_size"):
+        rope_forward_cuda(x, f, block_size=0)
+
+
+@pytest.mark.skipif(not device.on_gpu(), reason="only a GPU backend refuses NumPy arrays")
+def test_launchers_reject_numpy_on_gpu():
+    with pytest.raises(TypeError, match="CuPy"):
+        rope_forward_cuda(np.ones((1, 2, 1, 8), np.float32), precompute_freqs_cis(8, 2))

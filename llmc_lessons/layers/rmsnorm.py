@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmc_lessons import device
+from llmc_lessons.cuda import load_kernel
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -57,4 +59,56 @@ def rmsnorm_backward(dout, inp, weight, rstd):
     dnorm_norm_mean = (dnorm * norm).mean(axis=-1, keepdims=True)  # (B, T, 1)
     dinp = rstd[..., None] * (dnorm - norm * dnorm_norm_mean)
     dweight = (dout * norm).sum(axis=(0, 1))                   # (C,): weight was used at every (b, t)
+    return dinp, dweight
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel launchers (kernels/rmsnorm.cu): backend arrays in (CuPy on a GPU, NumPy + the emulator on a CPU),
+# fresh backend arrays out
+
+
+def _require_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    return float(eps)
+
+
+def rmsnorm_forward_cuda(inp, weight, block_size: int = 256, eps: float = 1e-5):
+    """(B, T, C), (C,) float32 -> out (B, T, C), rstd (B, T) through rmsnorm_forward_kernel (a warp per row)."""
+    device.require_array("inp", inp, shape=(None, None, None))
+    B, T, C = inp.shape
+    device.require_array("weight", weight, shape=(C,))
+    block_size = device.require_block_size(block_size, warps=True)
+    eps = _require_eps(eps)
+    xp = device.xp
+    out, rstd = xp.empty((B, T, C), np.float32), xp.empty((B, T), np.float32)
+    N = B * T
+    if N:
+        load_kernel("rmsnorm.cu", "rmsnorm_forward_kernel")(
+            (-(-N // (block_size // 32)),), (block_size,), (out, rstd, inp, weight, np.int32(N), np.int32(C),
+                                                            np.float32(eps)))
+    return out, rstd
+
+
+def rmsnorm_backward_cuda(dout, inp, weight, rstd, block_size: int = 256, param_block_size: int = 256):
+    """(B, T, C), (B, T, C), (C,), (B, T) float32 -> dinp (B, T, C), dweight (C,), fresh arrays.
+
+    dinp through rmsnorm_backward_kernel (a warp per row, blocks of block_size threads); dweight through
+    rmsnorm_param_backward_kernel (a thread per channel, blocks of param_block_size threads)."""
+    device.require_array("inp", inp, shape=(None, None, None))
+    B, T, C = inp.shape
+    device.require_array("dout", dout, shape=(B, T, C))
+    device.require_array("weight", weight, shape=(C,))
+    device.require_array("rstd", rstd, shape=(B, T))
+    block_size = device.require_block_size(block_size, warps=True)
+    param_block_size = device.require_block_size(param_block_size, name="param_block_size")
+    xp = device.xp
+    N = B * T
+    dinp = xp.empty((B, T, C), np.float32)
+    dweight = xp.zeros((C,), np.float32)             # no rows: no gradient
+    if N and C:
+        load_kernel("rmsnorm.cu", "rmsnorm_backward_kernel")(
+            (-(-N // (block_size // 32)),), (block_size,), (dinp, dout, inp, weight, rstd, np.int32(N), np.int32(C)))
+        load_kernel("rmsnorm.cu", "rmsnorm_param_backward_kernel")(
+            (-(-C // param_block_size),), (param_block_size,), (dweight, dout, inp, rstd, np.int32(N), np.int32(C)))
     return dinp, dweight

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmc_lessons import device
+from llmc_lessons.cuda import load_kernel
+
 ROPE_THETA = 10000.0
 
 # ---------------------------------------------------------------------------------------------------------
@@ -78,3 +81,34 @@ def rope_backward(dout, freqs_cis):
     out = R x for an orthogonal R, so dinp = R^T dout = R^-1 dout; no cache beyond the table is needed."""
     dout, freqs_cis = _check_shapes("rope_backward", dout, freqs_cis)
     return _rotate(dout, freqs_cis, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel launchers (kernels/rope.cu): backend arrays in (CuPy on a GPU, NumPy + the emulator on a CPU)
+
+
+def _launch(kernel: str, x, freqs_cis, out, block_size):
+    device.require_array("the input", x, shape=(None, None, None, None))
+    B, T, NH, hs = x.shape
+    if hs % 2:
+        raise ValueError(f"hs (the last axis) must be even: RoPE turns pairs of channels, got {x.shape}")
+    device.require_array("freqs_cis", freqs_cis, shape=(T, hs // 2, 2))
+    out = device.xp.empty_like(x) if out is None else device.require_array("out", out, shape=x.shape)
+    block_size = device.require_block_size(block_size)
+    pairs = x.size // 2
+    if pairs:
+        load_kernel("rope.cu", kernel)((-(-pairs // block_size),), (block_size,),
+                                       (out, x, freqs_cis, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+    return out
+
+
+def rope_forward_cuda(inp, freqs_cis, out=None, block_size: int = 256):
+    """inp (B, T, NH, hs), freqs_cis (T, hs/2, 2) float32 -> out (B, T, NH, hs) through rope_forward_kernel (a
+    thread per pair); into `out` if given, which may be inp itself (in place)."""
+    return _launch("rope_forward_kernel", inp, freqs_cis, out, block_size)
+
+
+def rope_backward_cuda(dout, freqs_cis, out=None, block_size: int = 256):
+    """dout (B, T, NH, hs), freqs_cis (T, hs/2, 2) float32 -> dinp (B, T, NH, hs) through rope_backward_kernel;
+    into `out` if given, which may be dout itself (in place)."""
+    return _launch("rope_backward_kernel", dout, freqs_cis, out, block_size)

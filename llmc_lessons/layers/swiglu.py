@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmc_lessons import device
+from llmc_lessons.cuda import load_kernel
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -58,3 +60,39 @@ def swiglu_backward(dout, inp):
     silu = gate * s
     dsilu = s * (1 + gate * (1 - s))                          # d/dg [g s(g)] = s + g s (1 - s)
     return np.concatenate([dout * silu, dout * up * dsilu], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel launchers (kernels/swiglu.cu): backend arrays in (CuPy on a GPU, NumPy + the emulator on a CPU),
+# fresh backend arrays out
+
+
+def _require_inp(inp):
+    device.require_array("inp", inp, shape=(None, None, None))
+    if inp.shape[-1] % 2:
+        raise ValueError(f"inp must have shape (B, T, 2H), up then gate: its last axis must be even, got {inp.shape}")
+    B, T, H2 = inp.shape
+    return B, T, H2 // 2
+
+
+def swiglu_forward_cuda(inp, block_size: int = 256):
+    """(B, T, 2H) float32, up then gate -> out (B, T, H) through swiglu_forward_kernel (a thread per output)."""
+    B, T, H = _require_inp(inp)
+    block_size = device.require_block_size(block_size)
+    out = device.xp.empty((B, T, H), np.float32)
+    if out.size:
+        load_kernel("swiglu.cu", "swiglu_forward_kernel")((-(-out.size // block_size),), (block_size,),
+                                                          (out, inp, np.int32(B * T), np.int32(H)))
+    return out
+
+
+def swiglu_backward_cuda(dout, inp, block_size: int = 256):
+    """dout (B, T, H), inp (B, T, 2H) float32 -> dinp (B, T, 2H) = [dup, dgate] through swiglu_backward_kernel."""
+    B, T, H = _require_inp(inp)
+    device.require_array("dout", dout, shape=(B, T, H))
+    block_size = device.require_block_size(block_size)
+    dinp = device.xp.empty((B, T, 2 * H), np.float32)
+    if dout.size:
+        load_kernel("swiglu.cu", "swiglu_backward_kernel")((-(-dout.size // block_size),), (block_size,),
+                                                           (dinp, dout, inp, np.int32(B * T), np.int32(H)))
+    return dinp
