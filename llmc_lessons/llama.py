@@ -13,8 +13,10 @@ What changes from GPT-2, and where each layer lives:
   * no biases anywhere, and an untied output head lm_head (Vp, C).
 
 The parameters sit in one flat float32 buffer in the order the data moves (LLAMA_PARAMETER_NAMES). The class
-Llama is GPT2 (llmc_lessons/model.py) with this config, layout, initialisation and execution path; it has its
-own checkpoint header (LLAMA_MODEL_MAGIC), and generates with a key/value cache (KVCache).
+Llama is GPT2 (llmc_lessons/model.py) with this config, layout, initialisation and two execution paths: the
+NumPy reference (LlamaNumpyPath) and the fp32 kernels (LlamaKernelPath; CUDA graphs as GPT-2's). It has its own
+checkpoint header (LLAMA_MODEL_MAGIC), and generates with a key/value cache (KVCache). Not written yet: a bf16
+step, and flash attention with grouped key/value heads (the kernel path expands them with repkv).
 """
 from __future__ import annotations
 
@@ -26,16 +28,21 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.files import atomic_write
-from llmc_lessons.layers.attention import attention_backward, attention_forward
-from llmc_lessons.layers.crossentropy import crossentropy_forward, crossentropy_softmax_backward, softmax_forward
-from llmc_lessons.layers.matmul import matmul_backward, matmul_forward
-from llmc_lessons.layers.residual import residual_backward, residual_forward
-from llmc_lessons.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from llmc_lessons.layers.rope import ROPE_THETA, precompute_freqs_cis, rope_backward, rope_forward
-from llmc_lessons.layers.swiglu import swiglu_backward, swiglu_forward
+from llmc_lessons.layers.attention import (attention_backward, attention_backward_cuda, attention_forward,
+                                           attention_forward_cuda)
+from llmc_lessons.layers.crossentropy import (crossentropy_forward, crossentropy_softmax_backward,
+                                              fused_classifier_cuda, softmax_forward)
+from llmc_lessons.layers.encoder import encoder_backward_cuda
+from llmc_lessons.layers.matmul import matmul_backward, matmul_backward_cuda, matmul_forward, matmul_forward_cuda
+from llmc_lessons.layers.residual import residual_backward, residual_forward, residual_forward_cuda
+from llmc_lessons.layers.rmsnorm import (rmsnorm_backward, rmsnorm_backward_cuda, rmsnorm_forward,
+                                         rmsnorm_forward_cuda)
+from llmc_lessons.layers.rope import (ROPE_THETA, precompute_freqs_cis, rope_backward, rope_backward_cuda,
+                                      rope_forward, rope_forward_cuda)
+from llmc_lessons.layers.swiglu import swiglu_backward, swiglu_backward_cuda, swiglu_forward, swiglu_forward_cuda
 from llmc_lessons.model import GPT2, LLAMA_MODEL_MAGIC, MODEL_MAGIC
-from llmc_lessons.parameters import flat_runs, point_views
-from llmc_lessons.paths import NumpyPath
+from llmc_lessons.parameters import flat_runs
+from llmc_lessons.paths import Fp32KernelPath, NumpyPath
 from llmc_lessons.sampling import next_token_probs
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,22 +149,23 @@ def llama_init(p: dict, config: LlamaConfig, seed: int):
 # RoPE on the q and k parts of qkv, then grouped-query attention
 
 
-def rope_qkv_forward(qkv, freqs_cis, NH: int, NKV: int):
-    """qkv (B, T, (NH + 2 NKV) hs) -> the same with q and k rotated by RoPE (v unchanged); freqs_cis (T, hs/2, 2)."""
+def _rope_qkv(qkv, freqs_cis, NH: int, NKV: int, rotate, xp):
+    """qkv (B, T, (NH + 2 NKV) hs) with its q and k parts passed through `rotate` (B, T, heads, hs) each."""
     B, T, W = qkv.shape
     hs = W // (NH + 2 * NKV)
-    q = rope_forward(qkv[:, :, :NH * hs].reshape(B, T, NH, hs), freqs_cis)
-    k = rope_forward(qkv[:, :, NH * hs:(NH + NKV) * hs].reshape(B, T, NKV, hs), freqs_cis)
-    return np.concatenate([q.reshape(B, T, -1), k.reshape(B, T, -1), qkv[:, :, (NH + NKV) * hs:]], axis=2)
+    q = rotate(xp.ascontiguousarray(qkv[:, :, :NH * hs]).reshape(B, T, NH, hs), freqs_cis)
+    k = rotate(xp.ascontiguousarray(qkv[:, :, NH * hs:(NH + NKV) * hs]).reshape(B, T, NKV, hs), freqs_cis)
+    return xp.concatenate([q.reshape(B, T, -1), k.reshape(B, T, -1), qkv[:, :, (NH + NKV) * hs:]], axis=2)
+
+
+def rope_qkv_forward(qkv, freqs_cis, NH: int, NKV: int):
+    """qkv (B, T, (NH + 2 NKV) hs) -> the same with q and k rotated by RoPE (v unchanged); freqs_cis (T, hs/2, 2)."""
+    return _rope_qkv(np.asarray(qkv), freqs_cis, NH, NKV, rope_forward, np)
 
 
 def rope_qkv_backward(dqkv, freqs_cis, NH: int, NKV: int):
     """The backward of rope_qkv_forward: dq and dk turned back by the inverse rotation, dv unchanged."""
-    B, T, W = dqkv.shape
-    hs = W // (NH + 2 * NKV)
-    dq = rope_backward(dqkv[:, :, :NH * hs].reshape(B, T, NH, hs), freqs_cis)
-    dk = rope_backward(dqkv[:, :, NH * hs:(NH + NKV) * hs].reshape(B, T, NKV, hs), freqs_cis)
-    return np.concatenate([dq.reshape(B, T, -1), dk.reshape(B, T, -1), dqkv[:, :, (NH + NKV) * hs:]], axis=2)
+    return _rope_qkv(np.asarray(dqkv), freqs_cis, NH, NKV, rope_backward, np)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,6 +264,94 @@ class LlamaNumpyPath(NumpyPath):
             model.grads[name] += grad
 
 
+class LlamaKernelPath(Fp32KernelPath):
+    """The same lines through the course's fp32 kernels on backend arrays (CuPy on a GPU, the emulator on a CPU):
+    rmsnorm.cu, rope.cu, swiglu.cu, attention.cu (with repkv for the key/value heads), matmuls through cuBLAS,
+    llm.c's fused classifier, and the encoder's deterministic backward for wte."""
+
+    def check(self, config) -> None:
+        """Every config runs here."""
+
+    @staticmethod
+    def _table(model, T: int):
+        """RoPE's (T, hs/2, 2) table on the backend, made once per model (not inside a CUDA graph's recording)."""
+        table = getattr(model, "_rope_table", None)
+        if table is None or not isinstance(table, type(model.params_memory)):
+            c = model.config
+            table = model._rope_table = model._asarray(precompute_freqs_cis(c.head_size, c.max_seq_len, c.rope_theta))
+        return table[:T]
+
+    def forward(self, model, idx, targets):
+        c, p, version, xp = model.config, model.params, model.matmul_version, device.xp
+        NH, NKV, eps = c.num_heads, c.num_kv_heads, c.norm_eps
+        freqs_cis = self._table(model, idx.shape[1])
+        residual, block_caches = xp.take(p["wte"], idx, axis=0), []          # (B, T, C)
+        for l in range(c.num_layers):
+            w = model.layer_params(l)
+            x = residual
+            ln1, ln1_rstd = rmsnorm_forward_cuda(x, w["ln1w"], eps=eps)
+            qkv = matmul_forward_cuda(ln1, w["qkvw"], None, version=version)
+            qkvr = _rope_qkv(qkv, freqs_cis, NH, NKV, rope_forward_cuda, xp)
+            atty, att = attention_forward_cuda(qkvr, NH, NKV=NKV)
+            residual2 = residual_forward_cuda(x, matmul_forward_cuda(atty, w["attprojw"], None, version=version))
+            ln2, ln2_rstd = rmsnorm_forward_cuda(residual2, w["ln2w"], eps=eps)
+            fch = matmul_forward_cuda(ln2, w["fcw"], None, version=version)
+            fch_swiglu = swiglu_forward_cuda(fch)
+            residual = residual_forward_cuda(residual2,
+                                             matmul_forward_cuda(fch_swiglu, w["fcprojw"], None, version=version))
+            block_caches.append(dict(x=x, ln1=ln1, ln1_rstd=ln1_rstd, qkvr=qkvr, atty=atty, att=att,
+                                     residual2=residual2, ln2=ln2, ln2_rstd=ln2_rstd, fch=fch, fch_swiglu=fch_swiglu))
+        lnf, lnf_rstd = rmsnorm_forward_cuda(residual, p["lnfw"], eps=eps)
+        logits = matmul_forward_cuda(lnf, p["lm_head"], None, version=version)    # (B, T, Vp)
+        losses = dlogits = None
+        if targets is not None:     # the fused classifier writes dlogits over its input (see Fp32KernelPath)
+            losses, dlogits = fused_classifier_cuda(logits.copy() if model.keep_logits else logits, targets,
+                                                    c.vocab_size)
+            if not model.keep_logits:
+                logits = None
+        cache = dict(idx=idx, targets=targets, block_caches=block_caches, residual=residual, lnf=lnf,
+                     lnf_rstd=lnf_rstd, dlogits=dlogits)
+        return logits, losses, cache
+
+    def backward(self, model, cache):
+        c, p, g, version = model.config, model.params, model.grads, model.matmul_version
+        NH, NKV = c.num_heads, c.num_kv_heads
+        freqs_cis = self._table(model, cache["idx"].shape[1])
+        dlnf, dlm_head, _ = matmul_backward_cuda(cache.pop("dlogits"), cache["lnf"], p["lm_head"], version=version,
+                                                 has_bias=False)
+        cache["dlogits"] = None
+        g["lm_head"] += dlm_head
+        dres, dlnfw = rmsnorm_backward_cuda(dlnf, cache["residual"], p["lnfw"], cache["lnf_rstd"])
+        g["lnfw"] += dlnfw
+        for l in reversed(range(c.num_layers)):
+            a, w, gl = cache["block_caches"][l], model.layer_params(l), model.layer_params(l, grads=True)
+            dfch_swiglu, dw, _ = matmul_backward_cuda(dres, a["fch_swiglu"], w["fcprojw"], version=version,
+                                                      has_bias=False)
+            gl["fcprojw"] += dw
+            dfch = swiglu_backward_cuda(dfch_swiglu, a["fch"])
+            dln2, dw, _ = matmul_backward_cuda(dfch, a["ln2"], w["fcw"], version=version, has_bias=False)
+            gl["fcw"] += dw
+            dres2_mlp, dw = rmsnorm_backward_cuda(dln2, a["residual2"], w["ln2w"], a["ln2_rstd"])
+            gl["ln2w"] += dw
+            dres = residual_forward_cuda(dres, dres2_mlp)                     # residual2's two readers
+            datty, dw, _ = matmul_backward_cuda(dres, a["atty"], w["attprojw"], version=version, has_bias=False)
+            gl["attprojw"] += dw
+            dqkvr = attention_backward_cuda(datty, a["qkvr"], a["att"], NH, NKV=NKV)
+            dqkv = _rope_qkv(dqkvr, freqs_cis, NH, NKV, rope_backward_cuda, device.xp)
+            dln1, dw, _ = matmul_backward_cuda(dqkv, a["ln1"], w["qkvw"], version=version, has_bias=False)
+            gl["qkvw"] += dw
+            dx_attn, dw = rmsnorm_backward_cuda(dln1, a["x"], w["ln1w"], a["ln1_rstd"])
+            gl["ln1w"] += dw
+            dres = residual_forward_cuda(dres, dx_attn)                       # x's two readers
+        return dres
+
+    def finish_backward(self, model, cache, dres) -> None:
+        # wte's gradient through the encoder's deterministic backward; its position part goes to a scratch array
+        T = cache["idx"].shape[1]
+        encoder_backward_cuda(dres, cache["idx"], model.config.padded_vocab_size, T, buckets=cache["buckets"],
+                              dwte=model.grads["wte"], dwpe=device.xp.zeros((T, model.config.channels), np.float32))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The model
 
@@ -273,19 +369,15 @@ class Llama(GPT2):
 
     @staticmethod
     def _path(precision: str, backend: str):
-        if precision != "fp32" or backend != "numpy":
-            raise ValueError(f"the LLaMA-style model runs on the NumPy path in fp32 (backend='numpy'), not "
-                             f"backend={backend!r}, precision={precision!r}")
-        return LlamaNumpyPath()
-
-    def __init__(self, config: LlamaConfig, seed: int | None = 0, backend: str | None = "numpy",
-                 precision: str = "fp32"):
-        super().__init__(config, seed=seed, backend=backend, precision=precision)
+        if precision != "fp32":
+            raise ValueError(f"the LLaMA-style model runs in fp32 (its bf16 step is not written yet), not "
+                             f"precision={precision!r}")
+        return LlamaKernelPath() if backend == "kernels" else LlamaNumpyPath()
 
     # -- checkpoint files: GPT-2's layout of a 256-int header, then the flat float32 buffer ----------------
 
     @classmethod
-    def from_llmc_checkpoint(cls, path, backend: str | None = "numpy", precision: str = "fp32") -> "Llama":
+    def from_llmc_checkpoint(cls, path, backend: str | None = None, precision: str = "fp32") -> "Llama":
         """Load a LLaMA-style model file written by save_llmc_checkpoint (magic LLAMA_MODEL_MAGIC)."""
         with open(path, "rb") as f:
             file_bytes = os.fstat(f.fileno()).st_size
@@ -337,7 +429,7 @@ class Llama(GPT2):
         return (f"Llama(L={c.num_layers}, NH={c.num_heads}, NKV={c.num_kv_heads}, C={c.channels}, H={c.ffn_hidden}, "
                 f"maxT={c.max_seq_len}, V={c.vocab_size}, Vp={c.padded_vocab_size}; "
                 f"{llama_num_parameters(c, padded=False):,} parameters, {self.num_parameters:,} with the padded "
-                f"vocab; NumPy reference path)")
+                f"vocab; {'kernels' if self.path.on_backend else 'NumPy reference'} path)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from llmc_lessons.device import to_host
 from llmc_lessons.gradcheck import gradcheck
 from llmc_lessons.layers.attention import attention_backward, attention_forward
 from llmc_lessons.layers.rope import precompute_freqs_cis
@@ -38,7 +39,7 @@ def _batch(config, B=3, T=7, seed=1):
 
 def _perturbed(config, seed=0):
     """A model with weights far from the init, so that every gradient is far from zero and errors show."""
-    model = Llama(config, seed=seed)
+    model = Llama(config, seed=seed, backend="numpy")
     model.params_memory[...] += np.random.default_rng(7).standard_normal(model.num_parameters).astype(np.float32) * 0.2
     model.params["wte"][config.vocab_size:] = 0
     model.params["lm_head"][config.vocab_size:] = 0
@@ -80,12 +81,12 @@ def test_config_rejects_bad_values():
         Llama(GPT2Config.from_name("tiny"))
     with pytest.raises(TypeError, match="GPT2Config"):
         GPT2(SMALL)
-    with pytest.raises(ValueError, match="NumPy path"):
-        Llama(SMALL, backend="kernels")
+    with pytest.raises(ValueError, match="fp32"):
+        Llama(SMALL, backend="kernels", precision="bf16")
 
 
 def test_one_flat_buffer_in_the_order_the_data_moves():
-    model = Llama(SMALL, seed=0)
+    model = Llama(SMALL, seed=0, backend="numpy")
     model.zero_grad()
     assert tuple(model.params) == LLAMA_PARAMETER_NAMES == tuple(llama_parameter_shapes(SMALL))
     assert model.num_parameters == llama_num_parameters(SMALL) == model.params_memory.size
@@ -105,7 +106,7 @@ def test_one_flat_buffer_in_the_order_the_data_moves():
 def test_initialisation():
     c = LlamaConfig(max_seq_len=16, vocab_size=500, padded_vocab_size=512, num_layers=3, num_heads=4,
                     num_kv_heads=2, channels=64, ffn_hidden=96)
-    p = Llama(c, seed=3).params
+    p = Llama(c, seed=3, backend="numpy").params
     for name in ("wte", "lm_head", "qkvw", "fcw"):
         values = p[name][:c.vocab_size] if name in ("wte", "lm_head") else p[name]
         assert abs(values.std() - 0.02) < 0.002, name
@@ -170,10 +171,15 @@ def test_whole_model_gradcheck_float64():
 # Against PyTorch
 
 
+PATHS = ["numpy", "kernels"]
+
+
 @needs_torch
-def test_logits_loss_and_every_gradient_match_pytorch():
+@pytest.mark.parametrize("path", PATHS)
+def test_logits_loss_and_every_gradient_match_pytorch(path):
     model = _perturbed(SMALL)
     ref = torch_twin(model)
+    model.use_kernels = path == "kernels"
     idx, targets = _batch(SMALL)
     loss = model.forward(idx, targets)
     model.zero_grad()
@@ -181,11 +187,12 @@ def test_logits_loss_and_every_gradient_match_pytorch():
     logits, ref_loss = ref(torch.from_numpy(idx), torch.from_numpy(targets))
     ref_loss.backward()
     assert abs(loss - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-    _close("logits", model.logits[..., :SMALL.vocab_size], logits.detach().numpy())
+    _close("logits", to_host(model.logits)[..., :SMALL.vocab_size], logits.detach().numpy())
     expected = llmc_grads(ref)
+    grads = {name: to_host(g) for name, g in model.grads.items()}
     for name in LLAMA_PARAMETER_NAMES:
-        _close("d" + name, model.grads[name], expected[name])
-    assert not model.grads["wte"][SMALL.vocab_size:].any() and not model.grads["lm_head"][SMALL.vocab_size:].any()
+        _close("d" + name, grads[name], expected[name])
+    assert not grads["wte"][SMALL.vocab_size:].any() and not grads["lm_head"][SMALL.vocab_size:].any()
 
 
 @needs_torch
@@ -198,8 +205,9 @@ def test_flash_reference_agrees_with_the_plain_one():
 
 
 @needs_torch
-def test_training_steps_match_pytorch_adamw():
-    model = Llama(SMALL, seed=2)
+@pytest.mark.parametrize("path", PATHS)
+def test_training_steps_match_pytorch_adamw(path):
+    model = Llama(SMALL, seed=2, backend=path)
     ref = torch_twin(model)
     opt = torch.optim.AdamW(ref.decay_groups(0.1), lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
     for step in range(3):
@@ -214,7 +222,7 @@ def test_training_steps_match_pytorch_adamw():
         opt.step()
         assert abs(loss - ref_loss.item()) < 1e-5, step
     for name, expected in llmc_params(ref).items():
-        np.testing.assert_allclose(model.params[name], expected, rtol=0, atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(to_host(model.params[name]), expected, rtol=0, atol=2e-5, err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,9 +230,9 @@ def test_training_steps_match_pytorch_adamw():
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
-    model = Llama(SMALL, seed=5)
+    model = Llama(SMALL, seed=5, backend="numpy")
     path = model.save_llmc_checkpoint(tmp_path / "llama.bin")
-    loaded = Llama.from_llmc_checkpoint(path)
+    loaded = Llama.from_llmc_checkpoint(path, backend="numpy")
     assert loaded.config == SMALL
     assert loaded.params_memory.tobytes() == model.params_memory.tobytes()
     with pytest.raises(ValueError, match="LLaMA-style model file.*Llama.from_llmc_checkpoint"):
