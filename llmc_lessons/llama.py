@@ -41,7 +41,7 @@ from llmc_lessons.layers.rope import (ROPE_THETA, precompute_freqs_cis, rope_bac
                                       rope_forward, rope_forward_cuda)
 from llmc_lessons.layers.swiglu import swiglu_backward, swiglu_backward_cuda, swiglu_forward, swiglu_forward_cuda
 from llmc_lessons.model import GPT2, LLAMA_MODEL_MAGIC, MODEL_MAGIC
-from llmc_lessons.parameters import flat_runs
+from llmc_lessons.parameters import GPT2Config, flat_runs
 from llmc_lessons.paths import Fp32KernelPath, NumpyPath
 from llmc_lessons.sampling import next_token_probs
 
@@ -515,3 +515,17 @@ def generate_cached(model: Llama, prompt_tokens, max_new_tokens: int, temperatur
         else:
             tokens.append(int(rng.choice(V, p=next_token_probs(last, V, temperature, top_k))))
     return tokens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Choosing between the two models by name (the trainer's and the benchmark's --model)
+
+
+def config_from_name(name: str):
+    """A GPT2Config preset ('tiny', 'd12', ...) or a LlamaConfig one ('llama-tiny', 'llama-124m')."""
+    return LlamaConfig.from_name(name) if str(name).startswith("llama") else GPT2Config.from_name(name)
+
+
+def model_class(config):
+    """Llama for a LlamaConfig, GPT2 for a GPT2Config."""
+    return Llama if isinstance(config, LlamaConfig) else GPT2

@@ -271,3 +271,38 @@ def test_generate_cached_equals_generate():
 
 def test_block_names():
     assert LLAMA_BLOCK_PARAMETER_NAMES == ("ln1w", "qkvw", "attprojw", "ln2w", "fcw", "fcprojw")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trainer: the same loop, data, checkpoints and resume
+
+
+def test_trainer_trains_and_resumes_llama_tiny_exactly(tmp_path, capsys):
+    import json
+
+    from llmc_lessons.data import write_tokens
+    from llmc_lessons.train import DEFAULTS, Trainer, latest_checkpoint, main
+    phrase = np.random.default_rng(0).integers(0, 50257, size=50)
+    train, val = tmp_path / "train.bin", tmp_path / "val.bin"
+    write_tokens(train, np.tile(phrase, 60).astype(np.uint16))
+    write_tokens(val, np.tile(phrase, 10).astype(np.uint16))
+
+    def args(out):
+        return dict(DEFAULTS, model="llama-tiny", batch_size=2, seq_len=16, steps=4, warmup=1, eval_every=2,
+                    eval_batches=1, train_bin=str(train), val_bin=str(val), out=str(tmp_path / out), reference=True)
+    whole = Trainer(args("whole"))
+    assert isinstance(whole.model, Llama)
+    whole.run(progress=False)
+    first = Trainer(args("split"))
+    first.run(progress=False, stop_at=2)
+    second = Trainer(args("split"), resume_from=latest_checkpoint(tmp_path / "split"))
+    second.run(progress=False)
+    log = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log("whole")] == [r["loss"] for r in log("split")]     # bit for bit
+    assert log("whole")[-1]["loss"] < log("whole")[0]["loss"]
+    # a GPT-2 run cannot continue from a LLaMA-style checkpoint
+    assert main(["--resume", str(tmp_path / "whole"), "--model", "tiny", "--steps", "6"]) == 2
+    assert "trained with --model llama-tiny" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "llama-tiny", "--precision", "bf16", "--out", str(tmp_path / "bf16")])
+    assert "train in fp32" in capsys.readouterr().err
