@@ -6,6 +6,9 @@ lesson 14); PyTorch eager in float32 with TF32 matmuls; PyTorch with bf16 autoca
 scaled_dot_product_attention + torch.compile + fused AdamW. Each course row is compared with the PyTorch row
 of its precision.
 Each: median ms per step over --steps steps after --warmup steps, tokens/s, and peak reserved GPU memory.
+`--model llama-124m` (lesson 16) times the LLaMA-style model instead: the course's fp32 kernels against PyTorch
+eager, PyTorch at its best in the same precision (TF32 matmuls, SDPA with enable_gqa, torch.compile, fused
+AdamW), and that PyTorch in bf16 autocast.
 `--profile` adds a per-kernel table of one course step (PyTorch's profiler sees CuPy's kernels too).
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_for
 from llmc_lessons.layers.layernorm import (column_sum_add_cuda, layernorm_backward_bf16_cuda,
                                            layernorm_forward_bf16_cuda, residual_layernorm_forward_bf16_cuda)
 from llmc_lessons.layers.matmul import add_bias_bf16_cuda
+from llmc_lessons.llama import LlamaConfig, config_from_name, model_class
 from llmc_lessons.model import GPT2, GPT2Config
 from llmc_lessons.parameters import num_parameters
 from llmc_lessons.precision import tf32 as tf32_mode
@@ -60,7 +64,7 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
     cuda_graph: the forward and backward replayed from CUDA graphs (GPT2.cuda_graph), as the trainer runs."""
     _free_gpu_memory()
     pool = device.xp.get_default_memory_pool()
-    model = GPT2(config, seed=0, backend="kernels", precision=precision)
+    model = model_class(config)(config, seed=0, backend="kernels", precision=precision)
     model.keep_logits = False  # as the trainer: the fused classifier overwrites the logits in place
     model.cuda_graph = cuda_graph
     times, peak = [], 0
@@ -80,16 +84,18 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
 
 
 def bench_torch(config: GPT2Config, B: int, T: int, steps: int, warmup: int, mode: str) -> dict:
-    """PyTorch's step: mode 'eager-tf32' (float32, TF32 matmuls, plain attention) or 'compiled-bf16'."""
+    """PyTorch's step: mode 'eager-tf32' (float32, TF32 matmuls, plain attention), 'compiled-tf32' (the same
+    precision with SDPA, torch.compile and fused AdamW) or 'compiled-bf16' (and bf16 autocast)."""
     import torch
     from llmc_lessons.torch_gpt2 import TorchGPT2
+    from llmc_lessons.torch_llama import TorchLlama
     _free_gpu_memory()
     torch.cuda.reset_peak_memory_stats()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    compiled = mode == "compiled-bf16"
+    compiled, bf16 = mode.startswith("compiled"), mode == "compiled-bf16"
     torch.manual_seed(0)
-    model = TorchGPT2(config, flash=compiled).cuda()
+    model = (TorchLlama if isinstance(config, LlamaConfig) else TorchGPT2)(config, flash=compiled).cuda()
     opt = torch.optim.AdamW(model.decay_groups(WEIGHT_DECAY), lr=LR, betas=(0.9, 0.95), eps=1e-8,
                             fused=compiled)
     step_model = torch.compile(model) if compiled else model
@@ -98,7 +104,7 @@ def bench_torch(config: GPT2Config, B: int, T: int, steps: int, warmup: int, mod
         x, y = torch.from_numpy(x.astype(np.int64)).cuda(), torch.from_numpy(y.astype(np.int64)).cuda()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             _, loss = step_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -110,8 +116,9 @@ def bench_torch(config: GPT2Config, B: int, T: int, steps: int, warmup: int, mod
     del model, opt, step_model
     ms = float(np.median(times)) * 1e3
     name = {"eager-tf32": "PyTorch eager, fp32 + TF32 matmuls",
+            "compiled-tf32": "PyTorch fp32 + TF32 + SDPA + compile + fused AdamW",
             "compiled-bf16": "PyTorch bf16 autocast + SDPA + compile + fused AdamW"}[mode]
-    return dict(name=name, precision="bf16" if compiled else "fp32", ms=ms, tokens_per_s=B * T / (ms / 1e3),
+    return dict(name=name, precision="bf16" if bf16 else "fp32", ms=ms, tokens_per_s=B * T / (ms / 1e3),
                 peak_bytes=int(peak))
 
 
@@ -292,7 +299,7 @@ def versions() -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llmc_lessons.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="d12", help="GPT-2 preset (default d12 = 124M)")
+    p.add_argument("--model", default="d12", help="GPT-2 preset (default d12 = 124M), or llama-124m (lesson 16)")
     p.add_argument("--batch-size", "-b", type=int, default=16)
     p.add_argument("--seq-len", "-t", type=int, default=1024)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
@@ -312,6 +319,12 @@ def main(argv=None) -> int:
     if not device.on_gpu():
         print("The benchmark needs a GPU: the CPU emulator's speed says nothing about a GPU's.", file=sys.stderr)
         return 1
+    llama = a.model.startswith("llama")
+    if llama and (a.kernels or a.only_kernels or a.attention or a.profile):
+        p.error("--kernels, --only-kernels, --attention and --profile time GPT-2's bf16 step: leave them out with "
+                f"--model {a.model}")
+    if llama:
+        a.precision = ["fp32"]   # the LLaMA-style model's course step is fp32 (with TF32 matmuls)
     kernels = None
     if a.kernels or a.only_kernels:
         c = GPT2Config.from_name(a.model)
@@ -330,10 +343,10 @@ def main(argv=None) -> int:
         attention = bench_attention(a.batch_size, a.seq_len, c.num_heads, c.head_size)
         print(f"\nCausal attention, bf16, B={a.batch_size}, T={a.seq_len}, NH={c.num_heads}, hs={c.head_size}:\n"
               f"{attention_table(attention)}\n", flush=True)
-    config = GPT2Config.from_name(a.model)
+    config = config_from_name(a.model)
     B, T = a.batch_size, a.seq_len
     info = versions()
-    print(f"{info}\nGPT-2 {a.model}, B={B}, T={T}: {B * T} tokens per step; median of {a.steps} steps after "
+    print(f"{info}\n{'' if llama else 'GPT-2 '}{a.model}, B={B}, T={T}: {B * T} tokens per step; median of {a.steps} steps after "
           f"{a.warmup} warm-up steps", flush=True)
     rows = []
     for precision in a.precision:
@@ -349,7 +362,8 @@ def main(argv=None) -> int:
         has_torch = False
         print("PyTorch is not installed: no PyTorch rows")
     if has_torch:
-        for mode in ["eager-tf32"] + ([] if a.no_compile else ["compiled-bf16"]):
+        compiled = ["compiled-tf32", "compiled-bf16"] if llama else ["compiled-bf16"]
+        for mode in ["eager-tf32"] + ([] if a.no_compile else compiled):
             rows.append(bench_torch(config, B, T, a.steps, a.warmup, mode))
             print(f"  {rows[-1]}", flush=True)
     print(f"\n{'':<56}{'ms/step':>9}{'tokens/s':>11}{'peak GiB':>10}{'course / it':>13}")
