@@ -145,3 +145,114 @@ def test_launchers_reject_bad_head_counts():
         repkv_forward_cuda(qkv, 4, 3)
     with pytest.raises(ValueError, match="must divide NH"):
         repkv_backward_cuda(to_device(np.zeros((1, 4, 12), np.float32)), 4, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercises 16.1 and 16.2: the checks pass the reference and fail the stub and plausible wrong answers, as a
+# student would write them, naming the mistake
+
+
+from llmc_lessons.checks import ExerciseFailed  # noqa: E402
+from llmc_lessons.checks.llama import check_repkv_backward, check_repkv_forward  # noqa: E402
+
+
+def _split_kv(qkv, NH, NKV):
+    hs = qkv.shape[-1] // (NH + 2 * NKV)
+    C, K = NH * hs, NKV * hs
+    return qkv[..., :C], qkv[..., C:C + K], qkv[..., C + K:], hs
+
+
+def forward_tiled(qkv, NH, NKV):                 # query head h reads kv head h % NKV
+    q, k, v, hs = _split_kv(qkv, NH, NKV)
+    return np.concatenate([q] + [np.concatenate([x] * (NH // NKV), axis=-1) for x in (k, v)], axis=-1)
+
+
+def forward_channels(qkv, NH, NKV):              # np.repeat over the channels, not the heads
+    q, k, v, hs = _split_kv(qkv, NH, NKV)
+    return np.concatenate([q, np.repeat(k, NH // NKV, axis=-1), np.repeat(v, NH // NKV, axis=-1)], axis=-1)
+
+
+def forward_right(qkv, NH, NKV):
+    q, k, v, hs = _split_kv(qkv, NH, NKV)
+    B, T, _ = qkv.shape
+    rep = [np.repeat(x.reshape(B, T, NKV, hs), NH // NKV, axis=2).reshape(B, T, -1) for x in (k, v)]
+    return np.concatenate([q] + rep, axis=-1)
+
+
+def forward_no_repeat(qkv, NH, NKV):             # forgets to expand: still (NH + 2 NKV) hs wide
+    return qkv.copy()
+
+
+def _dsplit(d, NH):
+    C = d.shape[-1] // 3
+    return d[..., :C], d[..., C:2 * C], d[..., 2 * C:], C // NH
+
+
+def backward_right(d, NH, NKV):
+    dq, dk, dv, hs = _dsplit(d, NH)
+    B, T, _ = d.shape
+    return np.concatenate([dq] + [x.reshape(B, T, NKV, NH // NKV, hs).sum(3).reshape(B, T, -1) for x in (dk, dv)],
+                          axis=-1)
+
+
+def backward_first_copy(d, NH, NKV):             # no sum: keeps every group's first copy
+    dq, dk, dv, hs = _dsplit(d, NH)
+    B, T, _ = d.shape
+    return np.concatenate([dq] + [x.reshape(B, T, NKV, NH // NKV, hs)[:, :, :, 0].reshape(B, T, -1)
+                                  for x in (dk, dv)], axis=-1)
+
+
+def backward_mean(d, NH, NKV):
+    dq, dk, dv, hs = _dsplit(d, NH)
+    B, T, _ = d.shape
+    return np.concatenate([dq] + [x.reshape(B, T, NKV, NH // NKV, hs).mean(3).reshape(B, T, -1)
+                                  for x in (dk, dv)], axis=-1)
+
+
+def backward_tiled(d, NH, NKV):                  # sums heads h with the same h % NKV
+    dq, dk, dv, hs = _dsplit(d, NH)
+    B, T, _ = d.shape
+    return np.concatenate([dq] + [x.reshape(B, T, NH // NKV, NKV * hs).sum(2) for x in (dk, dv)], axis=-1)
+
+
+def backward_no_sum(d, NH, NKV):                 # returns the expanded gradient unchanged
+    return d.copy()
+
+
+def _stub(*args):
+    raise NotImplementedError("Exercise 16.k: write it")
+
+
+def test_checks_pass_right_answers(capsys):
+    check_repkv_forward(forward_right)
+    check_repkv_backward(backward_right)
+    out = capsys.readouterr().out
+    assert "Exercise 16.1: correct" in out and "Exercise 16.2: correct" in out
+
+
+@pytest.mark.parametrize("check,exercise", [(check_repkv_forward, "16.1"), (check_repkv_backward, "16.2")])
+def test_checks_fail_on_the_stub(check, exercise):
+    with pytest.raises(ExerciseFailed, match=f"Exercise {exercise} is not done yet"):
+        check(_stub)
+
+
+@pytest.mark.parametrize("answer,message", [
+    (forward_tiled, "likely cause: wrong head grouping"),
+    (forward_channels, "likely cause: each channel was repeated instead of each head"),
+    (forward_no_repeat, r"must have shape \(B, T, 3 NH hs\)"),
+])
+def test_16_1_names_the_mistake(answer, message):
+    with pytest.raises(ExerciseFailed, match=f"(?s)Exercise 16.1.*{message}") as e:
+        check_repkv_forward(answer)
+    assert "Traceback" not in str(e.value)
+
+
+@pytest.mark.parametrize("answer,message", [
+    (backward_first_copy, "from one copy only"),
+    (backward_mean, "averaged"),
+    (backward_tiled, "summed over the wrong copies"),
+    (backward_no_sum, r"must have shape \(B, T, \(NH \+ 2 NKV\) hs\)"),
+])
+def test_16_2_names_the_mistake(answer, message):
+    with pytest.raises(ExerciseFailed, match=f"(?s)Exercise 16.2.*{message}"):
+        check_repkv_backward(answer)
