@@ -440,8 +440,8 @@ class KVCache:
     """The rotated keys and the values of every layer for the positions seen so far (one sequence, B = 1).
 
     Without a cache, each new token reruns the forward over the whole context. With it, a step runs the new
-    positions only: their q, k, v come from their own rows, and attention reads the earlier keys and values
-    from the cache. GQA keeps NKV heads per position, NH / NKV times less than multi-head attention would.
+    positions only: their q, k, v come from their own rows, and attention reads the cached keys and values of
+    the earlier ones. GQA keeps NKV heads per position, NH / NKV times less than multi-head attention would.
     """
 
     def __init__(self, config: LlamaConfig):

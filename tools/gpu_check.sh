@@ -10,9 +10,9 @@
 # llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
 # in fp32 with TF32 matmuls, trained for the same LLAMA_STEPS (default 250) steps of B=16, T=1024 on the same
 # Shakespeare batches; their loss curves (.jsonl), tokens/s and peak memory (.summary.json) go to train/
-# (llama-compare-<device>-<date>-gpt2.* and -llama.*). At most 5 minutes: each run is stopped at 140 s.
+# (llama-<device>-<date>-gpt2.* and -llama.*). At most 5 minutes: each run is stopped at 140 s.
 # llama-bench: the LLaMA-style step against PyTorch (eager, compiled fp32 with SDPA's GQA, compiled bf16) to
-# bench/ (bench-llama-<device>-<date>.json).
+# bench/ (bench-<device>-<date>-llama.json).
 #
 # arch compiles every kernel of the course with NVRTC for sm_75, 80, 86, 89 and 90 and prints the table.
 #
@@ -84,14 +84,14 @@ except ImportError: print(\"torch missing\")"' ;;
            done ;;
     llama) for model in d12 llama-124m; do
              rm -rf /tmp/runs/$model
-             f=$(name train llama-compare $([ $model = d12 ] && echo gpt2 || echo llama))
+             f=$(name train llama $([ $model = d12 ] && echo gpt2 || echo llama))
              run llama-$model "$f.console.txt" timeout 140 python3 -m llmc_lessons.train --model $model \
                --batch-size 16 --seq-len 1024 --steps ${LLAMA_STEPS:-250} --eval-every 50 --eval-batches 8 \
                --precision fp32 --out /tmp/runs/$model
              cp /tmp/runs/$model/log.jsonl "$f.jsonl"
              cp /tmp/runs/$model/summary.json "$f.summary.json"
            done ;;
-    llama-bench) f=$(name bench bench-llama); run llama-bench "$f.log" python3 -m llmc_lessons.bench \
+    llama-bench) f=$(name bench bench llama); run llama-bench "$f.log" python3 -m llmc_lessons.bench \
                    --model llama-124m --json "$f.json" ;;
     *) echo "unknown stage $s"; status=1 ;;
   esac
