@@ -4,8 +4,8 @@ against (`python -m llmc_lessons.bench --model llama-124m`).
 
 Written as Meta's LLaMA writes it: separate wq, wk, wv, wo; RoPE as a multiplication by complex numbers made
 of neighbouring channel pairs; RMSNorm; the MLP w2(silu(w1 x) * w3 x); no biases; an untied output head;
-key/value heads repeated for their query heads (repeat_interleave), or left to scaled_dot_product_attention's
-enable_gqa with flash=True. `llmc_tensors` maps its weights onto the course's flat layout (qkvw = [wq; wk; wv],
+key/value heads repeated for their query heads (repeat_interleave). flash=True, for speed: RoPE in real
+arithmetic (torch.compile does not fuse complex numbers) and scaled_dot_product_attention with enable_gqa. `llmc_tensors` maps its weights onto the course's flat layout (qkvw = [wq; wk; wv],
 fcw = [w3; w1]: up, then gate).
 
 PyTorch is not a dependency of the course: import this module only where torch is installed.
@@ -45,6 +45,14 @@ def apply_rope(x, table):
     return torch.view_as_real(xc * table[None, :, None, :]).flatten(3).type_as(x)
 
 
+def apply_rope_real(x, table):
+    """apply_rope in real arithmetic (the complex product written out), which torch.compile fuses."""
+    pairs = x.float().unflatten(-1, (-1, 2))                      # (B, T, heads, hs/2, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = table.real[None, :, None, :], table.imag[None, :, None, :]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3).type_as(x)
+
+
 class Attention(nn.Module):
     def __init__(self, c: LlamaConfig, flash: bool):
         super().__init__()
@@ -56,8 +64,9 @@ class Attention(nn.Module):
 
     def forward(self, x, table):
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.NH, self.hs), table).transpose(1, 2)    # (B, NH, T, hs)
-        k = apply_rope(self.wk(x).view(B, T, self.NKV, self.hs), table).transpose(1, 2)   # (B, NKV, T, hs)
+        rope = apply_rope_real if self.flash else apply_rope
+        q = rope(self.wq(x).view(B, T, self.NH, self.hs), table).transpose(1, 2)          # (B, NH, T, hs)
+        k = rope(self.wk(x).view(B, T, self.NKV, self.hs), table).transpose(1, 2)         # (B, NKV, T, hs)
         v = self.wv(x).view(B, T, self.NKV, self.hs).transpose(1, 2)
         if self.flash:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.NKV != self.NH)
