@@ -7,12 +7,15 @@ import torch
 
 from llmc_lessons import device
 from llmc_lessons.checks import poisoned
-from llmc_lessons.cuda import load_kernel
+from llmc_lessons.checks import rmsnorm as checks
+from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.gradcheck import gradcheck
 from llmc_lessons.layers.layernorm import layernorm_forward
-from llmc_lessons.layers.rmsnorm import (rmsnorm_backward, rmsnorm_backward_cuda, rmsnorm_forward,
+from llmc_lessons.layers.rmsnorm import (rmsnorm_backward, rmsnorm_backward_bf16_cuda, rmsnorm_backward_cuda,
+                                         rmsnorm_forward, rmsnorm_forward_bf16, rmsnorm_forward_bf16_cuda,
                                          rmsnorm_forward_cuda)
+from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -165,3 +168,155 @@ def test_launchers_reject_bad_input():
 def test_launchers_reject_numpy_on_gpu():
     with pytest.raises(TypeError, match="CuPy"):
         rmsnorm_forward_cuda(np.ones((1, 2, 8), np.float32), np.ones(8, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 15.1: the NumPy backward
+
+
+def _backward(kind=None):
+    def rmsnorm_backward(dout, inp, weight, rstd):
+        r = rstd[..., None]
+        norm = inp * r
+        dnorm = dout * weight
+        m2 = (dnorm * norm).mean(-1, keepdims=True)
+        dinp = r * (dnorm - norm * m2)
+        if kind == "layernorm":       # LayerNorm's backward, its mean term kept
+            dinp = r * (dnorm - dnorm.mean(-1, keepdims=True) - norm * m2)
+        elif kind == "sum":           # the 1/C of the mean square forgotten
+            dinp = r * (dnorm - norm * (dnorm * norm).sum(-1, keepdims=True))
+        elif kind == "direct_only":
+            dinp = r * dnorm
+        elif kind == "dout_not_dnorm":
+            dinp = r * (dout - norm * (dout * norm).mean(-1, keepdims=True))
+        dweight = (dout * (inp if kind == "dweight_inp" else norm)).sum(axis=(0, 1))
+        return dinp, dweight
+    return rmsnorm_backward
+
+
+def test_check_backward_passes_on_solution(capsys):
+    checks.check_rmsnorm_backward(_backward())
+    checks.check_rmsnorm_backward(rmsnorm_backward)
+    assert capsys.readouterr().out.count("Exercise 15.1: correct") == 2
+
+
+def test_check_backward_fails_on_stub_and_wrong_return():
+    def stub(dout, inp, weight, rstd):
+        raise NotImplementedError("Exercise 15.1: write rmsnorm_backward")
+    with pytest.raises(AssertionError, match="Exercise 15.1 is not done yet"):
+        checks.check_rmsnorm_backward(stub)
+    with pytest.raises(AssertionError, match=r"return the pair \(dinp, dweight\)"):
+        checks.check_rmsnorm_backward(lambda dout, inp, weight, rstd: _backward()(dout, inp, weight, rstd)[0])
+
+
+@pytest.mark.parametrize("kind,cause", [
+    ("layernorm", "that is LayerNorm's backward"), ("sum", "a sum over the channels where mean"),
+    ("direct_only", r"the term - norm \* mean\(dnorm \* norm\) is missing"), ("dout_not_dnorm", "dout was used where dnorm"),
+    ("dweight_inp", "dweight used inp where norm"),
+])
+def test_check_backward_names_mistakes(kind, cause):
+    with pytest.raises(AssertionError, match="likely cause: " + cause):
+        checks.check_rmsnorm_backward(_backward(kind))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 15.2: the forward kernel's body
+
+HEAD = """#include "common.cuh"
+extern "C" __global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* inp, const float* weight,
+                                                  int N, int C, float eps) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) { return; }
+    const float* x = inp + row * C;
+    float* o = out + row * C;
+"""
+GOOD = HEAD + """    float sumsq = 0.0f;
+    for (int c = lane; c < C; c += 32) { sumsq += x[c] * x[c]; }
+    sumsq = warpReduceSum(sumsq);
+    float s = rsqrtf(sumsq / C + eps);
+    for (int c = lane; c < C; c += 32) { o[c] = x[c] * s * weight[c]; }
+    if (lane == 0) { rstd[row] = s; }
+}
+"""
+
+
+def test_check_kernel_passes_on_solution_and_package_source(capsys):
+    checks.check_rmsnorm_forward_kernel(GOOD)
+    checks.check_rmsnorm_forward_kernel(kernel_source("rmsnorm.cu"))
+    assert capsys.readouterr().out.count("Exercise 15.2: correct") == 2
+
+
+def test_check_kernel_fails_on_stub():
+    stub = HEAD + "    // TODO (Exercise 15.2): the row's sum of squares, rstd, out and rstd[row]\n}\n"
+    with pytest.raises(AssertionError, match="(?s)Exercise 15.2 .*never written") as e:
+        checks.check_rmsnorm_forward_kernel(stub)
+    assert "still has its `// TODO (Exercise 15.2)` comment" in str(e.value)
+
+
+@pytest.mark.parametrize("old,new,cause", [
+    ("float sumsq = 0.0f;\n    for (int c = lane; c < C; c += 32) { sumsq += x[c] * x[c]; }",
+     "float m = 0.0f;\n    for (int c = lane; c < C; c += 32) { m += x[c]; }\n    m = warpReduceSum(m) / C;\n"
+     "    float sumsq = 0.0f;\n    for (int c = lane; c < C; c += 32) { sumsq += (x[c] - m) * (x[c] - m); }",
+     "that is LayerNorm"),
+    ("sumsq / C + eps", "sumsq + eps", "was not divided by C"),
+    ("rsqrtf(sumsq / C + eps)", "sqrtf(sumsq / C + eps)", "root mean square itself"),
+    ("sumsq = warpReduceSum(sumsq);", "", "never combined"),
+    ("x[c] * s * weight[c]", "x[c] * s", "not multiplied by weight"),
+    ("if (row >= N) { return; }", "", "wrote past the end|NaN"),
+])
+def test_check_kernel_names_mistakes(old, new, cause):
+    assert old in GOOD
+    with pytest.raises(AssertionError, match=cause):
+        checks.check_rmsnorm_forward_kernel(GOOD.replace(old, new))
+
+
+def test_the_notebook_kernels_are_the_package_kernels():
+    from conftest import notebook_cuda_source
+    for variable, file, name in (("rmsnorm_src", "rmsnorm.cu", "rmsnorm_forward_kernel"),
+                                 ("rope_src", "rope.cu", "rope_backward_kernel"),
+                                 ("swiglu_src", "swiglu.cu", "swiglu_backward_kernel")):
+        body = notebook_cuda_source("15_rmsnorm_rope_swiglu.ipynb", variable)
+        start = f'extern "C" __global__ void {name}('
+        package = kernel_source(file)
+        package = package[package.index(start):]
+        assert body[body.index(start):].strip() == package[:package.index("\n}\n") + 2].strip(), variable
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 kernels: outputs allocated full of NaN (poisoned_allocations), against the float64 reference of the
+# same bf16 inputs
+
+
+@pytest.mark.parametrize("B,T,C,block_size", [(2, 7, 45, 32), (1, 5, 768, 128), (3, 3, 100, 96)])
+def test_bf16_kernels_match_reference(B, T, C, block_size, poisoned_allocations):
+    gen = np.random.default_rng(C)
+    x = to_bf16((gen.standard_normal((B, T, C)) * 2 + 0.5).astype(np.float32))
+    dout = to_bf16(gen.standard_normal((B, T, C)).astype(np.float32))
+    w = gen.standard_normal(C).astype(np.float32)
+    out, rstd = rmsnorm_forward_bf16_cuda(to_device(x), to_device(w), block_size=block_size)
+    want_out, want_rstd = rmsnorm_forward_bf16(x, w)
+    np.testing.assert_allclose(to_host(rstd), want_rstd, rtol=1e-5)
+    np.testing.assert_allclose(from_bf16(to_host(out)), from_bf16(want_out), rtol=2 ** -7, atol=1e-6)
+    assert np.mean(to_host(out) == want_out) > 0.98            # most round to the same bits
+    dinp0 = gen.standard_normal((B, T, C)).astype(np.float32)
+    dw0 = gen.standard_normal(C).astype(np.float32)
+    d_dinp, d_dw = to_device(dinp0.copy()), to_device(dw0.copy())     # to_device may return the array itself
+    dinp_bf16 = rmsnorm_backward_bf16_cuda(d_dinp, to_device(dout), to_device(x), to_device(w), rstd, d_dw,
+                                           block_size=block_size, param_block_size=block_size)
+    dinp64, dw64 = rmsnorm_backward(from_bf16(dout).astype(np.float64), from_bf16(x).astype(np.float64),
+                                    w.astype(np.float64), to_host(rstd).astype(np.float64))
+    np.testing.assert_allclose(to_host(d_dinp), dinp0 + dinp64, atol=1e-5, rtol=1e-5)     # accumulated
+    np.testing.assert_array_equal(to_host(dinp_bf16), to_bf16(to_host(d_dinp)))           # its bf16 copy
+    np.testing.assert_allclose(to_host(d_dw), dw0 + dw64, atol=1e-4, rtol=1e-5)
+
+
+def test_bf16_launchers_reject_bad_input():
+    x, w = to_device(np.ones((2, 3, 8), np.uint16)), to_device(np.ones(8, np.float32))
+    with pytest.raises(TypeError, match="dtype uint16"):
+        rmsnorm_forward_bf16_cuda(to_device(np.ones((2, 3, 8), np.float32)), w)
+    with pytest.raises(ValueError, match="shape"):
+        rmsnorm_forward_bf16_cuda(x, to_device(np.ones(9, np.float32)))
+    with pytest.raises(TypeError, match="dtype float32"):
+        rmsnorm_backward_bf16_cuda(to_device(np.ones((2, 3, 8), np.uint16)), x, x, w,
+                                   to_device(np.ones((2, 3), np.float32)), to_device(np.zeros(8, np.float32)))

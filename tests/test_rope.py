@@ -7,11 +7,15 @@ import pytest
 
 from llmc_lessons import device
 from llmc_lessons.checks import poisoned
-from llmc_lessons.cuda import load_kernel
+from llmc_lessons.checks import rope as checks
+from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.gradcheck import gradcheck
-from llmc_lessons.layers.rope import (precompute_freqs_cis, rope_backward, rope_backward_cuda, rope_forward,
-                                      rope_forward_cuda)
+from llmc_lessons.layers.rope import (precompute_freqs_cis, rope_backward, rope_backward_bf16_cuda, rope_backward_cuda,
+                                      rope_forward, rope_forward_bf16, rope_forward_bf16_cuda, rope_forward_cuda,
+                                      rope_qkv_backward_bf16_cuda, rope_qkv_backward_cuda, rope_qkv_forward_bf16_cuda,
+                                      rope_qkv_forward_cuda)
+from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -128,3 +132,189 @@ def test_launchers_reject_bad_input():
 def test_launchers_reject_numpy_on_gpu():
     with pytest.raises(TypeError, match="CuPy"):
         rope_forward_cuda(np.ones((1, 2, 1, 8), np.float32), precompute_freqs_cis(8, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 15.3: the NumPy backward
+
+
+def _backward(kind=None):
+    def rope_backward(dout, freqs_cis):
+        cos, sin = freqs_cis[None, :, None, :, 0], freqs_cis[None, :, None, :, 1]
+        if kind == "sign":
+            sin = -sin
+        elif kind == "swap":
+            cos, sin = sin, cos
+        elif kind == "position":         # angles computed afresh, positions counted from 1
+            T, half = freqs_cis.shape[:2]
+            hs = 2 * half
+            angle = np.arange(1, T + 1)[:, None] * 100.0 ** (-np.arange(0, hs, 2) / hs)
+            cos, sin = np.cos(angle)[None, :, None], np.sin(angle)[None, :, None]
+        if kind == "rotate_half":
+            half = dout.shape[-1] // 2
+            d0, d1 = dout[..., :half], dout[..., half:]
+        else:
+            d0, d1 = dout[..., 0::2], dout[..., 1::2]
+        dinp = np.empty_like(dout)
+        a, b = d0 * cos + d1 * sin, -d0 * sin + d1 * cos
+        if kind == "rotate_half":
+            return np.concatenate([a, b], axis=-1)
+        dinp[..., 0::2], dinp[..., 1::2] = a, b
+        return dinp
+    return rope_backward
+
+
+def test_check_backward_passes_on_solution(capsys):
+    checks.check_rope_backward(_backward())
+    checks.check_rope_backward(rope_backward)
+    checks.check_rope_backward(lambda dout, f: rope_forward(dout, f * [1.0, -1.0]))   # the forward by -angle
+    assert capsys.readouterr().out.count("Exercise 15.3: correct") == 3
+
+
+def test_check_backward_fails_on_stub_and_float32():
+    def stub(dout, freqs_cis):
+        raise NotImplementedError("Exercise 15.3: write rope_backward")
+    with pytest.raises(AssertionError, match="Exercise 15.3 is not done yet"):
+        checks.check_rope_backward(stub)
+    with pytest.raises(AssertionError, match="returned float32"):
+        checks.check_rope_backward(lambda dout, f: _backward()(dout, f).astype(np.float32))
+
+
+@pytest.mark.parametrize("kind,cause", [
+    ("sign", "that is the forward rotation"), ("rotate_half", "rotate_half"),
+    ("position", "the angle of the next position"), ("swap", "cos and sin were swapped"),
+])
+def test_check_backward_names_mistakes(kind, cause):
+    with pytest.raises(AssertionError, match="likely cause: .*" + cause):
+        checks.check_rope_backward(_backward(kind))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 15.4: the backward kernel's body
+
+HEAD = """extern "C" __global__ void rope_backward_kernel(float* dinp, const float* dout, const float* freqs_cis,
+                                                int B, int T, int NH, int hs) {
+    int half = hs / 2;
+    int p = blockIdx.x * blockDim.x + threadIdx.x;
+"""
+GOOD = HEAD + """    if (p >= B * T * NH * half) { return; }
+    int i = p % half;
+    int t = (p / (NH * half)) % T;
+    float cos_a = freqs_cis[(t * half + i) * 2];
+    float sin_a = freqs_cis[(t * half + i) * 2 + 1];
+    float d0 = dout[2 * p];
+    float d1 = dout[2 * p + 1];
+    dinp[2 * p] = d0 * cos_a + d1 * sin_a;
+    dinp[2 * p + 1] = -d0 * sin_a + d1 * cos_a;
+}
+"""
+
+
+def test_check_kernel_passes_on_solution_and_package_source(capsys):
+    checks.check_rope_backward_kernel(GOOD)
+    checks.check_rope_backward_kernel(kernel_source("rope.cu"))
+    assert capsys.readouterr().out.count("Exercise 15.4: correct") == 2
+
+
+def test_check_kernel_fails_on_stub():
+    stub = HEAD + "    // TODO (Exercise 15.4): the inverse rotation of the pair this thread owns\n}\n"
+    with pytest.raises(AssertionError, match="(?s)Exercise 15.4 .*never written"):
+        checks.check_rope_backward_kernel(stub)
+
+
+@pytest.mark.parametrize("old,new,cause", [
+    ("dinp[2 * p] = d0 * cos_a + d1 * sin_a;\n    dinp[2 * p + 1] = -d0 * sin_a + d1 * cos_a;",
+     "dinp[2 * p] = d0 * cos_a - d1 * sin_a;\n    dinp[2 * p + 1] = d0 * sin_a + d1 * cos_a;",
+     "that is the forward rotation"),
+    ("int t = (p / (NH * half)) % T;", "int t = (p / (NH * half)) % T + 1;", "the angle of the next position"),
+    ("int t = (p / (NH * half)) % T;", "int t = (p / half) % T;", "forgets the NH heads|sit the NH heads"),
+    ("if (p >= B * T * NH * half) { return; }", "", "wrote past the end"),
+])
+def test_check_kernel_names_mistakes(old, new, cause):
+    assert old in GOOD
+    with pytest.raises(AssertionError, match=cause):
+        checks.check_rope_backward_kernel(GOOD.replace(old, new))
+
+
+def test_check_kernel_names_wrong_pairing():
+    src = GOOD.replace("float d0 = dout[2 * p];\n    float d1 = dout[2 * p + 1];",
+                       "int base = p - i;  // the head's first pair\n"
+                       "    float d0 = dout[2 * base + i];\n    float d1 = dout[2 * base + i + half];")
+    src = src.replace("dinp[2 * p] =", "dinp[2 * base + i] =").replace("dinp[2 * p + 1] =", "dinp[2 * base + i + half] =")
+    with pytest.raises(AssertionError, match="rotate_half"):
+        checks.check_rope_backward_kernel(src)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 kernel: outputs allocated full of NaN (poisoned_allocations), against the float64 reference of the same
+# bf16 inputs, rounded once
+
+
+@pytest.mark.parametrize("block_size,shape", [(32, (2, 7, 3, 10)), (96, (3, 5, 2, 64)), (256, (1, 33, 5, 6))])
+def test_bf16_kernel_matches_reference(block_size, shape, poisoned_allocations):
+    gen = np.random.default_rng(block_size)
+    x = to_bf16(gen.standard_normal(shape).astype(np.float32))
+    f = precompute_freqs_cis(shape[-1], shape[1])
+    got = to_host(rope_forward_bf16_cuda(to_device(x), to_device(f), block_size=block_size))
+    want = rope_forward_bf16(x, f)
+    np.testing.assert_allclose(from_bf16(got), from_bf16(want), rtol=2 ** -7, atol=1e-6)
+    assert np.mean(got == want) > 0.98
+    back = to_host(rope_backward_bf16_cuda(to_device(x), to_device(f), block_size=block_size))
+    want = to_bf16(rope_backward(from_bf16(x).astype(np.float64), f.astype(np.float64)).astype(np.float32))
+    np.testing.assert_allclose(from_bf16(back), from_bf16(want), rtol=2 ** -7, atol=1e-6)
+
+
+def test_bf16_launchers_work_in_place_and_reject_bad_input():
+    x = to_device(to_bf16(np.random.default_rng(0).standard_normal((1, 4, 2, 8)).astype(np.float32)))
+    f = to_device(precompute_freqs_cis(8, 4))
+    assert rope_forward_bf16_cuda(x, f, out=x) is x
+    with pytest.raises(TypeError, match="dtype uint16"):
+        rope_forward_bf16_cuda(to_device(np.ones((1, 4, 2, 8), np.float32)), f)
+    with pytest.raises(TypeError, match="dtype uint16"):
+        rope_backward_bf16_cuda(x, f, out=to_device(np.ones((1, 4, 2, 8), np.float32)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In place on qkv (B, T, (NH + 2 NKV) hs): q's and k's heads rotated, v's untouched
+
+
+def _qkv_reference(qkv, f, NH, NKV, rotate):
+    B, T, W = qkv.shape
+    hs = W // (NH + 2 * NKV)
+    heads = qkv.reshape(B, T, NH + 2 * NKV, hs).copy()
+    heads[:, :, :NH + NKV] = rotate(heads[:, :, :NH + NKV], f)
+    return heads.reshape(B, T, W)
+
+
+@pytest.mark.parametrize("NH,NKV,hs,block_size", [(4, 4, 8, 32), (6, 2, 10, 96), (3, 1, 6, 256)])
+def test_qkv_kernels_rotate_q_and_k_in_place(NH, NKV, hs, block_size):
+    gen = np.random.default_rng(NH * 10 + NKV)
+    B, T = 2, 7
+    qkv = gen.standard_normal((B, T, (NH + 2 * NKV) * hs)).astype(np.float32)
+    f = precompute_freqs_cis(hs, T)
+    d = to_device(qkv.copy())
+    assert rope_qkv_forward_cuda(d, to_device(f), NH, NKV, block_size=block_size) is d
+    np.testing.assert_allclose(to_host(d), _qkv_reference(qkv, f, NH, NKV, rope_forward), atol=1e-6)
+    rope_qkv_backward_cuda(d, to_device(f), NH, NKV, block_size=block_size)
+    np.testing.assert_allclose(to_host(d), qkv, atol=1e-5)          # the inverse: back where it started
+    bits = to_bf16(qkv)
+    db = to_device(bits.copy())
+    rope_qkv_forward_bf16_cuda(db, to_device(f), NH, NKV, block_size=block_size)
+    want = to_bf16(_qkv_reference(from_bf16(bits).astype(np.float64), f.astype(np.float64), NH, NKV,
+                                  rope_forward).astype(np.float32))
+    np.testing.assert_allclose(from_bf16(to_host(db)), from_bf16(want), rtol=2 ** -7, atol=1e-6)
+    np.testing.assert_array_equal(to_host(db)[..., (NH + NKV) * hs:], bits[..., (NH + NKV) * hs:])   # v untouched
+    rope_qkv_backward_bf16_cuda(db, to_device(f), NH, NKV, block_size=block_size)
+    np.testing.assert_allclose(from_bf16(to_host(db)), from_bf16(bits), rtol=2 ** -6, atol=1e-2)
+
+
+def test_qkv_launchers_reject_bad_input():
+    qkv, f = to_device(np.ones((2, 4, 6 * 8), np.float32)), to_device(precompute_freqs_cis(8, 4))
+    with pytest.raises(ValueError, match=r"\(NH \+ 2 NKV\) \* hs"):
+        rope_qkv_forward_cuda(qkv, f, 3, 2)
+    with pytest.raises(ValueError, match="freqs_cis"):
+        rope_qkv_forward_cuda(qkv, to_device(precompute_freqs_cis(8, 5)), 4, 1)
+    with pytest.raises(TypeError, match="NKV must be an int"):
+        rope_qkv_backward_cuda(qkv, f, 4, 1.0)
+    with pytest.raises(TypeError, match="dtype uint16"):
+        rope_qkv_forward_bf16_cuda(qkv, f, 4, 1)

@@ -7,11 +7,14 @@ import torch
 
 from llmc_lessons import device
 from llmc_lessons.checks import poisoned
-from llmc_lessons.cuda import load_kernel
+from llmc_lessons.checks import swiglu as checks
+from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.gradcheck import gradcheck
-from llmc_lessons.layers.swiglu import (sigmoid, swiglu_backward, swiglu_backward_cuda, swiglu_forward,
-                                        swiglu_forward_cuda)
+from llmc_lessons.layers.swiglu import (sigmoid, swiglu_backward, swiglu_backward_bf16, swiglu_backward_bf16_cuda,
+                                        swiglu_backward_cuda, swiglu_forward, swiglu_forward_bf16,
+                                        swiglu_forward_bf16_cuda, swiglu_forward_cuda)
+from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -123,3 +126,121 @@ def test_launchers_reject_bad_input():
 def test_launchers_reject_numpy_on_gpu():
     with pytest.raises(TypeError, match="CuPy"):
         swiglu_forward_cuda(np.ones((1, 2, 8), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 15.5: the NumPy backward
+
+
+def _backward(kind=None):
+    def swiglu_backward(dout, inp):
+        H = dout.shape[-1]
+        up, gate = inp[..., :H], inp[..., H:]
+        if kind == "swap":
+            up, gate = gate, up
+        s = 1 / (1 + np.exp(-gate))
+        dsilu = s * (1 + gate * (1 - s))
+        if kind == "sigmoid":
+            dsilu = s * (1 - s)
+        elif kind == "no_product_rule":
+            dsilu = s
+        dup, dgate = dout * gate * s, dout * up * dsilu
+        if kind == "order":
+            return np.concatenate([dgate, dup], axis=-1)
+        if kind == "swap":
+            return np.concatenate([dgate, dup], axis=-1)     # the swapped roles, written back in place
+        if kind == "no_dout":
+            return np.concatenate([gate * s, up * dsilu], axis=-1)
+        return np.concatenate([dup, dgate], axis=-1)
+    return swiglu_backward
+
+
+def test_check_backward_passes_on_solution(capsys):
+    checks.check_swiglu_backward(_backward())
+    checks.check_swiglu_backward(swiglu_backward)
+    assert capsys.readouterr().out.count("Exercise 15.5: correct") == 2
+
+
+def test_check_backward_fails_on_stub():
+    def stub(dout, inp):
+        raise NotImplementedError("Exercise 15.5: write swiglu_backward")
+    with pytest.raises(AssertionError, match="Exercise 15.5 is not done yet"):
+        checks.check_swiglu_backward(stub)
+
+
+@pytest.mark.parametrize("kind,cause", [
+    ("sigmoid", "the derivative of sigmoid"), ("no_product_rule", "the term from differentiating s"),
+    ("swap", "gate and up are swapped"), ("order", "the wrong order"), ("no_dout", "not multiplied by dout"),
+])
+def test_check_backward_names_mistakes(kind, cause):
+    with pytest.raises(AssertionError, match="likely cause: .*" + cause):
+        checks.check_swiglu_backward(_backward(kind))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 15.6: the backward kernel's body
+
+HEAD = """extern "C" __global__ void swiglu_backward_kernel(float* dinp, const float* dout, const float* inp, int N, int H) {
+    int k = blockIdx.x * blockDim.x + threadIdx.x;
+"""
+GOOD = HEAD + """    if (k >= N * H) { return; }
+    int r = k / H;
+    int j = k % H;
+    float up = inp[r * 2 * H + j];
+    float gate = inp[r * 2 * H + H + j];
+    float s = 1.0f / (1.0f + expf(-gate));
+    dinp[r * 2 * H + j] = dout[k] * gate * s;
+    dinp[r * 2 * H + H + j] = dout[k] * up * s * (1.0f + gate * (1.0f - s));
+}
+"""
+
+
+def test_check_kernel_passes_on_solution_and_package_source(capsys):
+    checks.check_swiglu_backward_kernel(GOOD)
+    checks.check_swiglu_backward_kernel(kernel_source("swiglu.cu"))
+    assert capsys.readouterr().out.count("Exercise 15.6: correct") == 2
+
+
+def test_check_kernel_fails_on_stub():
+    stub = HEAD + "    // TODO (Exercise 15.6): dup and dgate of the element this thread owns\n}\n"
+    with pytest.raises(AssertionError, match="(?s)Exercise 15.6 .*never written"):
+        checks.check_swiglu_backward_kernel(stub)
+
+
+@pytest.mark.parametrize("old,new,cause", [
+    ("s * (1.0f + gate * (1.0f - s))", "s * (1.0f - s)", "the derivative of sigmoid"),
+    ("float up = inp[r * 2 * H + j];\n    float gate = inp[r * 2 * H + H + j];",
+     "float gate = inp[r * 2 * H + j];\n    float up = inp[r * 2 * H + H + j];", "gate and up are swapped"),
+    ("dout[k] * up * s * (1.0f + gate * (1.0f - s))", "dout[k] * up * s", "the term from differentiating s"),
+    ("if (k >= N * H) { return; }", "", "wrote past the end"),
+    ("int r = k / H;", "int r = k / (2 * H);", "Exercise 15.6"),
+])
+def test_check_kernel_names_mistakes(old, new, cause):
+    assert old in GOOD
+    with pytest.raises(AssertionError, match=cause):
+        checks.check_swiglu_backward_kernel(GOOD.replace(old, new))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 kernels: outputs allocated full of NaN (poisoned_allocations), against the float64 reference of the
+# same bf16 inputs, rounded once
+
+
+@pytest.mark.parametrize("block_size,shape", [(32, (2, 5, 2 * 37)), (128, (1, 7, 2 * 100)), (256, (3, 3, 2 * 171))])
+def test_bf16_kernels_match_reference(block_size, shape, poisoned_allocations):
+    gen = np.random.default_rng(block_size)
+    x = to_bf16((gen.standard_normal(shape) * 4).astype(np.float32))
+    dout = to_bf16(gen.standard_normal(shape[:-1] + (shape[-1] // 2,)).astype(np.float32))
+    for got, want in ((swiglu_forward_bf16_cuda(to_device(x), block_size=block_size), swiglu_forward_bf16(x)),
+                      (swiglu_backward_bf16_cuda(to_device(dout), to_device(x), block_size=block_size),
+                       swiglu_backward_bf16(dout, x))):
+        got = to_host(got)
+        np.testing.assert_allclose(from_bf16(got), from_bf16(want), rtol=2 ** -7, atol=1e-6)
+        assert np.mean(got == want) > 0.98
+
+
+def test_bf16_launchers_reject_bad_input():
+    with pytest.raises(TypeError, match="dtype uint16"):
+        swiglu_forward_bf16_cuda(to_device(np.ones((2, 3, 8), np.float32)))
+    with pytest.raises(ValueError, match="shape"):
+        swiglu_backward_bf16_cuda(to_device(np.ones((2, 3, 3), np.uint16)), to_device(np.ones((2, 3, 8), np.uint16)))

@@ -74,3 +74,71 @@ extern "C" __global__ void rmsnorm_param_backward_kernel(float* dweight,       /
     }
     dweight[c] = sum;
 }
+
+// =========================================================================================================
+// bf16: stored in bfloat16, computed in float32 (kernels/bf16.cuh has the conversions). The statistics
+// (rstd), the weight and its gradient stay float32, as in the bf16 training step of lesson 14.
+//
+// rmsnorm_forward_bf16_kernel: rmsnorm_forward_kernel on bf16 rows, rounding once on the store.
+// rmsnorm_backward_bf16_kernel: a warp per row; dinp (float32, the residual stream's gradient) += the input
+//   gradient, and its new value is stored in bf16 too (for the matmul backward before it).
+// rmsnorm_param_backward_bf16_kernel: dweight (float32) += the column sums, a thread per channel, in row order.
+// =========================================================================================================
+#include "bf16.cuh"
+
+extern "C" __global__ void rmsnorm_forward_bf16_kernel(bf16* out,            // (N, C)
+                                                       float* rstd,          // (N,)
+                                                       const bf16* inp,      // (N, C)
+                                                       const float* weight,  // (C,)
+                                                       int N, int C, float eps) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // one warp per row
+    if (row >= N) { return; }
+    const bf16* x = inp + row * C;
+    float sumsq = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float v = bf16_to_float(x[c]);
+        sumsq += v * v;
+    }
+    float s = rsqrtf(warpReduceSum(sumsq) / C + eps);
+    for (int c = lane; c < C; c += 32) { out[row * C + c] = bf16_from_float(bf16_to_float(x[c]) * s * weight[c]); }
+    if (lane == 0) { rstd[row] = s; }
+}
+
+extern "C" __global__ void rmsnorm_backward_bf16_kernel(float* dinp,          // (N, C) +=
+                                                        bf16* dinp_bf16,      // (N, C) dinp's new value
+                                                        const bf16* dout,     // (N, C)
+                                                        const bf16* inp,      // (N, C)
+                                                        const float* weight,  // (C,)
+                                                        const float* rstd,    // (N,)
+                                                        int N, int C) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // one warp per row
+    if (row >= N) { return; }
+    const bf16* x = inp + row * C;
+    const bf16* dy = dout + row * C;
+    float s = rstd[row];
+    float dot = 0.0f;                                 // this lane's share of sum_c dnorm_c * norm_c
+    for (int c = lane; c < C; c += 32) { dot += bf16_to_float(dy[c]) * weight[c] * bf16_to_float(x[c]) * s; }
+    float dnorm_norm_mean = warpReduceSum(dot) / C;
+    for (int c = lane; c < C; c += 32) {
+        float norm = bf16_to_float(x[c]) * s;
+        float d = dinp[row * C + c] + s * (bf16_to_float(dy[c]) * weight[c] - norm * dnorm_norm_mean);
+        dinp[row * C + c] = d;
+        dinp_bf16[row * C + c] = bf16_from_float(d);
+    }
+}
+
+extern "C" __global__ void rmsnorm_param_backward_bf16_kernel(float* dweight,      // (C,) +=
+                                                              const bf16* dout,    // (N, C)
+                                                              const bf16* inp,     // (N, C)
+                                                              const float* rstd,   // (N,)
+                                                              int N, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;    // one thread per channel
+    if (c >= C) { return; }
+    float sum = 0.0f;
+    for (int row = 0; row < N; row++) {               // rows in order: deterministic
+        sum += bf16_to_float(dout[row * C + c]) * bf16_to_float(inp[row * C + c]) * rstd[row];
+    }
+    dweight[c] += sum;
+}

@@ -11,7 +11,7 @@ Backward, with dnorm = dout * weight:
 LayerNorm's dinp has one more term, - mean_c(dnorm): it comes from the mean, which RMSNorm does not subtract.
 
 Read top-down: the NumPy forward and backward references, then the launchers of the kernels in
-`kernels/rmsnorm.cu`.
+`kernels/rmsnorm.cu`, float32 then bf16.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import load_kernel
+from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -112,3 +113,54 @@ def rmsnorm_backward_cuda(dout, inp, weight, rstd, block_size: int = 256, param_
         load_kernel("rmsnorm.cu", "rmsnorm_param_backward_kernel")(
             (-(-C // param_block_size),), (param_block_size,), (dweight, dout, inp, rstd, np.int32(N), np.int32(C)))
     return dinp, dweight
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16: launchers of the bf16 kernels in kernels/rmsnorm.cu (bf16 arrays are uint16 arrays of the bits;
+# rstd, weight and the gradients that accumulate stay float32)
+
+
+def rmsnorm_forward_bf16(inp_bits, weight):
+    """Reference of rmsnorm_forward_bf16_kernel: (out bits, rstd float32), computed in float64, rounded once."""
+    out, rstd = rmsnorm_forward(from_bf16(inp_bits).astype(np.float64), np.asarray(weight, np.float64))
+    return to_bf16(out.astype(np.float32)), rstd.astype(np.float32)
+
+
+def rmsnorm_forward_bf16_cuda(inp, weight, block_size: int = 256, eps: float = 1e-5):
+    """(B, T, C) bf16 bits, (C,) float32 -> out (B, T, C) bf16 bits, rstd (B, T) float32, a warp per row."""
+    device.require_array("inp", inp, shape=(None, None, None), dtype=np.uint16)
+    B, T, C = inp.shape
+    device.require_array("weight", weight, shape=(C,))
+    block_size = device.require_block_size(block_size, warps=True)
+    eps = _require_eps(eps)
+    xp = device.xp
+    out, rstd = xp.empty((B, T, C), np.uint16), xp.empty((B, T), np.float32)
+    if B * T:
+        load_kernel("rmsnorm.cu", "rmsnorm_forward_bf16_kernel")(
+            (-(-(B * T) // (block_size // 32)),), (block_size,),
+            (out, rstd, inp, weight, np.int32(B * T), np.int32(C), np.float32(eps)))
+    return out, rstd
+
+
+def rmsnorm_backward_bf16_cuda(dinp, dout, inp, weight, rstd, dweight, block_size: int = 256,
+                               param_block_size: int = 256):
+    """The RMSNorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient and
+    dweight (C,) float32 += the weight gradient. Returns dinp's new value in bf16 (for the matmul backward)."""
+    device.require_array("inp", inp, shape=(None, None, None), dtype=np.uint16)
+    B, T, C = inp.shape
+    device.require_array("dout", dout, shape=(B, T, C), dtype=np.uint16)
+    device.require_array("dinp", dinp, shape=(B, T, C))
+    device.require_array("weight", weight, shape=(C,))
+    device.require_array("rstd", rstd, shape=(B, T))
+    device.require_array("dweight", dweight, shape=(C,))
+    block_size = device.require_block_size(block_size, warps=True)
+    param_block_size = device.require_block_size(param_block_size, name="param_block_size")
+    N = B * T
+    dinp_bf16 = device.xp.empty((B, T, C), np.uint16)
+    if N and C:
+        load_kernel("rmsnorm.cu", "rmsnorm_backward_bf16_kernel")(
+            (-(-N // (block_size // 32)),), (block_size,),
+            (dinp, dinp_bf16, dout, inp, weight, rstd, np.int32(N), np.int32(C)))
+        load_kernel("rmsnorm.cu", "rmsnorm_param_backward_bf16_kernel")(
+            (-(-C // param_block_size),), (param_block_size,), (dweight, dout, inp, rstd, np.int32(N), np.int32(C)))
+    return dinp_bf16

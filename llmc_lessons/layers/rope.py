@@ -20,7 +20,8 @@ Shapes: inp, out (B, T, NH, hs) (q or k split into heads, llm.c's layout); freqs
 position and pair [cos(angle), sin(angle)], made once by precompute_freqs_cis (llm.c's name). A model
 generating from position `start` passes freqs_cis[start:start + T].
 
-Read top-down: the NumPy table, forward and backward, then the launchers of `kernels/rope.cu`.
+Read top-down: the NumPy table, forward and backward, then the launchers of `kernels/rope.cu`, float32 then
+bf16.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import load_kernel
+from llmc_lessons.precision import from_bf16, to_bf16
 
 ROPE_THETA = 10000.0
 
@@ -87,18 +89,21 @@ def rope_backward(dout, freqs_cis):
 # Kernel launchers (kernels/rope.cu): backend arrays in (CuPy on a GPU, NumPy + the emulator on a CPU)
 
 
-def _launch(kernel: str, x, freqs_cis, out, block_size):
-    device.require_array("the input", x, shape=(None, None, None, None))
+def _launch(kernel: str, x, freqs_cis, out, block_size, direction=None):
+    dtype = np.float32 if direction is None else np.uint16
+    device.require_array("the input", x, shape=(None, None, None, None), dtype=dtype)
     B, T, NH, hs = x.shape
     if hs % 2:
         raise ValueError(f"hs (the last axis) must be even: RoPE turns pairs of channels, got {x.shape}")
     device.require_array("freqs_cis", freqs_cis, shape=(T, hs // 2, 2))
-    out = device.xp.empty_like(x) if out is None else device.require_array("out", out, shape=x.shape)
+    out = device.xp.empty_like(x) if out is None else device.require_array("out", out, shape=x.shape, dtype=dtype)
     block_size = device.require_block_size(block_size)
     pairs = x.size // 2
+    args = (out, x, freqs_cis, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs))
+    if direction is not None:
+        args += (np.float32(direction),)
     if pairs:
-        load_kernel("rope.cu", kernel)((-(-pairs // block_size),), (block_size,),
-                                       (out, x, freqs_cis, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
+        load_kernel("rope.cu", kernel)((-(-pairs // block_size),), (block_size,), args)
     return out
 
 
@@ -112,3 +117,68 @@ def rope_backward_cuda(dout, freqs_cis, out=None, block_size: int = 256):
     """dout (B, T, NH, hs), freqs_cis (T, hs/2, 2) float32 -> dinp (B, T, NH, hs) through rope_backward_kernel;
     into `out` if given, which may be dout itself (in place)."""
     return _launch("rope_backward_kernel", dout, freqs_cis, out, block_size)
+
+
+def _require_qkv(qkv, freqs_cis, NH, NKV, block_size, dtype):
+    NH, NKV = device.require_int("NH", NH), device.require_int("NKV", NKV)
+    device.require_array("qkv", qkv, shape=(None, None, None), dtype=dtype)
+    B, T, W = qkv.shape
+    heads = NH + 2 * NKV
+    if W % heads or (W // heads) % 2:
+        raise ValueError(f"qkv's last axis ({W}) must be (NH + 2 NKV) * hs = {heads} * hs with hs even")
+    hs = W // heads
+    device.require_array("freqs_cis", freqs_cis, shape=(T, hs // 2, 2))
+    block_size = device.require_block_size(block_size)
+    return B, T, heads, hs, block_size
+
+
+def _rope_qkv_cuda(kernel, qkv, freqs_cis, NH, NKV, block_size, dtype, direction):
+    B, T, heads, hs, block_size = _require_qkv(qkv, freqs_cis, NH, NKV, block_size, dtype)
+    pairs = B * T * (NH + NKV) * (hs // 2)
+    if pairs:
+        load_kernel("rope.cu", kernel)((-(-pairs // block_size),), (block_size,),
+                                       (qkv, freqs_cis, np.int32(B), np.int32(T), np.int32(NH + NKV), np.int32(heads),
+                                        np.int32(hs), np.float32(direction)))
+    return qkv
+
+
+def rope_qkv_forward_cuda(qkv, freqs_cis, NH: int, NKV: int, block_size: int = 256):
+    """qkv (B, T, (NH + 2 NKV) hs) float32, freqs_cis (T, hs/2, 2): q's NH and k's NKV heads rotated in place
+    (v unchanged) through rope_qkv_kernel; returns qkv."""
+    return _rope_qkv_cuda("rope_qkv_kernel", qkv, freqs_cis, NH, NKV, block_size, np.float32, 1.0)
+
+
+def rope_qkv_backward_cuda(dqkv, freqs_cis, NH: int, NKV: int, block_size: int = 256):
+    """dqkv (B, T, (NH + 2 NKV) hs) float32: dq and dk turned back by the inverse rotation in place (dv
+    unchanged); returns dqkv."""
+    return _rope_qkv_cuda("rope_qkv_kernel", dqkv, freqs_cis, NH, NKV, block_size, np.float32, -1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16: launchers of rope_bf16_kernel and rope_qkv_bf16_kernel (bf16 arrays are uint16 arrays of the bits; the table stays float32)
+
+
+def rope_forward_bf16(inp_bits, freqs_cis):
+    """Reference of rope_bf16_kernel forward: bf16 bits in, rotated in float64, rounded once to bf16."""
+    return to_bf16(rope_forward(from_bf16(inp_bits).astype(np.float64), np.asarray(freqs_cis, np.float64))
+                   .astype(np.float32))
+
+
+def rope_forward_bf16_cuda(inp, freqs_cis, out=None, block_size: int = 256):
+    """inp (B, T, NH, hs) bf16 bits, freqs_cis (T, hs/2, 2) float32 -> out bf16 bits (into `out`, maybe inp)."""
+    return _launch("rope_bf16_kernel", inp, freqs_cis, out, block_size, direction=1.0)
+
+
+def rope_backward_bf16_cuda(dout, freqs_cis, out=None, block_size: int = 256):
+    """dout (B, T, NH, hs) bf16 bits, freqs_cis (T, hs/2, 2) float32 -> dinp bf16 bits: the inverse rotation."""
+    return _launch("rope_bf16_kernel", dout, freqs_cis, out, block_size, direction=-1.0)
+
+
+def rope_qkv_forward_bf16_cuda(qkv, freqs_cis, NH: int, NKV: int, block_size: int = 256):
+    """rope_qkv_forward_cuda on bf16 bits: q's and k's heads of qkv rotated in place; returns qkv."""
+    return _rope_qkv_cuda("rope_qkv_bf16_kernel", qkv, freqs_cis, NH, NKV, block_size, np.uint16, 1.0)
+
+
+def rope_qkv_backward_bf16_cuda(dqkv, freqs_cis, NH: int, NKV: int, block_size: int = 256):
+    """rope_qkv_backward_cuda on bf16 bits: dq and dk turned back in place; returns dqkv."""
+    return _rope_qkv_cuda("rope_qkv_bf16_kernel", dqkv, freqs_cis, NH, NKV, block_size, np.uint16, -1.0)

@@ -13,7 +13,8 @@ Backward, with s = sigmoid(gate):
     dup   = dout * silu(gate)
     dgate = dout * up * silu'(gate),   silu'(g) = s + g s (1 - s) = s (1 + g (1 - s))
 
-Read top-down: the NumPy forward and backward references, then the launchers of `kernels/swiglu.cu`.
+Read top-down: the NumPy forward and backward references, then the launchers of `kernels/swiglu.cu`, float32
+then bf16.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import load_kernel
+from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -67,8 +69,8 @@ def swiglu_backward(dout, inp):
 # fresh backend arrays out
 
 
-def _require_inp(inp):
-    device.require_array("inp", inp, shape=(None, None, None))
+def _require_inp(inp, dtype=np.float32):
+    device.require_array("inp", inp, shape=(None, None, None), dtype=dtype)
     if inp.shape[-1] % 2:
         raise ValueError(f"inp must have shape (B, T, 2H), up then gate: its last axis must be even, got {inp.shape}")
     B, T, H2 = inp.shape
@@ -95,4 +97,42 @@ def swiglu_backward_cuda(dout, inp, block_size: int = 256):
     if dout.size:
         load_kernel("swiglu.cu", "swiglu_backward_kernel")((-(-dout.size // block_size),), (block_size,),
                                                            (dinp, dout, inp, np.int32(B * T), np.int32(H)))
+    return dinp
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16: launchers of the bf16 kernels in kernels/swiglu.cu (bf16 arrays are uint16 arrays of the bits)
+
+
+def swiglu_forward_bf16(inp_bits):
+    """Reference of swiglu_forward_bf16_kernel: bf16 bits in, computed in float64, rounded once to bf16."""
+    return to_bf16(swiglu_forward(from_bf16(inp_bits).astype(np.float64)).astype(np.float32))
+
+
+def swiglu_backward_bf16(dout_bits, inp_bits):
+    """Reference of swiglu_backward_bf16_kernel: bf16 bits in, computed in float64, rounded once to bf16."""
+    return to_bf16(swiglu_backward(from_bf16(dout_bits).astype(np.float64), from_bf16(inp_bits).astype(np.float64))
+                   .astype(np.float32))
+
+
+def swiglu_forward_bf16_cuda(inp, block_size: int = 256):
+    """(B, T, 2H) bf16 bits, up then gate -> out (B, T, H) bf16 bits through swiglu_forward_bf16_kernel."""
+    B, T, H = _require_inp(inp, np.uint16)
+    block_size = device.require_block_size(block_size)
+    out = device.xp.empty((B, T, H), np.uint16)
+    if out.size:
+        load_kernel("swiglu.cu", "swiglu_forward_bf16_kernel")((-(-out.size // block_size),), (block_size,),
+                                                               (out, inp, np.int32(B * T), np.int32(H)))
+    return out
+
+
+def swiglu_backward_bf16_cuda(dout, inp, block_size: int = 256):
+    """dout (B, T, H), inp (B, T, 2H) bf16 bits -> dinp (B, T, 2H) bf16 bits through swiglu_backward_bf16_kernel."""
+    B, T, H = _require_inp(inp, np.uint16)
+    device.require_array("dout", dout, shape=(B, T, H), dtype=np.uint16)
+    block_size = device.require_block_size(block_size)
+    dinp = device.xp.empty((B, T, 2 * H), np.uint16)
+    if dout.size:
+        load_kernel("swiglu.cu", "swiglu_backward_bf16_kernel")((-(-dout.size // block_size),), (block_size,),
+                                                                (dinp, dout, inp, np.int32(B * T), np.int32(H)))
     return dinp
