@@ -37,8 +37,8 @@ from llmc_lessons.layers.matmul import matmul_backward, matmul_backward_cuda, ma
 from llmc_lessons.layers.residual import residual_backward, residual_forward, residual_forward_cuda
 from llmc_lessons.layers.rmsnorm import (rmsnorm_backward, rmsnorm_backward_cuda, rmsnorm_forward,
                                          rmsnorm_forward_cuda)
-from llmc_lessons.layers.rope import (ROPE_THETA, precompute_freqs_cis, rope_backward, rope_backward_cuda,
-                                      rope_forward, rope_forward_cuda)
+from llmc_lessons.layers.rope import (ROPE_THETA, precompute_freqs_cis, rope_backward, rope_forward,
+                                      rope_qkv_backward_cuda, rope_qkv_forward_cuda)
 from llmc_lessons.layers.swiglu import swiglu_backward, swiglu_backward_cuda, swiglu_forward, swiglu_forward_cuda
 from llmc_lessons.model import GPT2, LLAMA_MODEL_MAGIC, MODEL_MAGIC
 from llmc_lessons.parameters import GPT2Config, flat_runs
@@ -149,23 +149,25 @@ def llama_init(p: dict, config: LlamaConfig, seed: int):
 # RoPE on the q and k parts of qkv, then grouped-query attention
 
 
-def _rope_qkv(qkv, freqs_cis, NH: int, NKV: int, rotate, xp):
+def _rope_qkv(qkv, freqs_cis, NH: int, NKV: int, rotate):
     """qkv (B, T, (NH + 2 NKV) hs) with its q and k parts passed through `rotate` (B, T, heads, hs) each."""
+    qkv = np.asarray(qkv)
     B, T, W = qkv.shape
     hs = W // (NH + 2 * NKV)
-    q = rotate(xp.ascontiguousarray(qkv[:, :, :NH * hs]).reshape(B, T, NH, hs), freqs_cis)
-    k = rotate(xp.ascontiguousarray(qkv[:, :, NH * hs:(NH + NKV) * hs]).reshape(B, T, NKV, hs), freqs_cis)
-    return xp.concatenate([q.reshape(B, T, -1), k.reshape(B, T, -1), qkv[:, :, (NH + NKV) * hs:]], axis=2)
+    q = rotate(qkv[:, :, :NH * hs].reshape(B, T, NH, hs), freqs_cis)
+    k = rotate(qkv[:, :, NH * hs:(NH + NKV) * hs].reshape(B, T, NKV, hs), freqs_cis)
+    return np.concatenate([q.reshape(B, T, -1), k.reshape(B, T, -1), qkv[:, :, (NH + NKV) * hs:]], axis=2)
 
 
 def rope_qkv_forward(qkv, freqs_cis, NH: int, NKV: int):
-    """qkv (B, T, (NH + 2 NKV) hs) -> the same with q and k rotated by RoPE (v unchanged); freqs_cis (T, hs/2, 2)."""
-    return _rope_qkv(np.asarray(qkv), freqs_cis, NH, NKV, rope_forward, np)
+    """qkv (B, T, (NH + 2 NKV) hs) -> the same with q and k rotated by RoPE (v unchanged); freqs_cis (T, hs/2, 2).
+    The kernel path does it in place with rope_qkv_forward_cuda (layers/rope.py)."""
+    return _rope_qkv(qkv, freqs_cis, NH, NKV, rope_forward)
 
 
 def rope_qkv_backward(dqkv, freqs_cis, NH: int, NKV: int):
     """The backward of rope_qkv_forward: dq and dk turned back by the inverse rotation, dv unchanged."""
-    return _rope_qkv(np.asarray(dqkv), freqs_cis, NH, NKV, rope_backward, np)
+    return _rope_qkv(dqkv, freqs_cis, NH, NKV, rope_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,8 +292,8 @@ class LlamaKernelPath(Fp32KernelPath):
             w = model.layer_params(l)
             x = residual
             ln1, ln1_rstd = rmsnorm_forward_cuda(x, w["ln1w"], eps=eps)
-            qkv = matmul_forward_cuda(ln1, w["qkvw"], None, version=version)
-            qkvr = _rope_qkv(qkv, freqs_cis, NH, NKV, rope_forward_cuda, xp)
+            qkvr = matmul_forward_cuda(ln1, w["qkvw"], None, version=version)
+            rope_qkv_forward_cuda(qkvr, freqs_cis, NH, NKV)                   # q and k rotated in place
             atty, att = attention_forward_cuda(qkvr, NH, NKV=NKV)
             residual2 = residual_forward_cuda(x, matmul_forward_cuda(atty, w["attprojw"], None, version=version))
             ln2, ln2_rstd = rmsnorm_forward_cuda(residual2, w["ln2w"], eps=eps)
@@ -337,7 +339,7 @@ class LlamaKernelPath(Fp32KernelPath):
             datty, dw, _ = matmul_backward_cuda(dres, a["atty"], w["attprojw"], version=version, has_bias=False)
             gl["attprojw"] += dw
             dqkvr = attention_backward_cuda(datty, a["qkvr"], a["att"], NH, NKV=NKV)
-            dqkv = _rope_qkv(dqkvr, freqs_cis, NH, NKV, rope_backward_cuda, device.xp)
+            dqkv = rope_qkv_backward_cuda(dqkvr, freqs_cis, NH, NKV)          # in place: dqkv is dqkvr
             dln1, dw, _ = matmul_backward_cuda(dqkv, a["ln1"], w["qkvw"], version=version, has_bias=False)
             gl["qkvw"] += dw
             dx_attn, dw = rmsnorm_backward_cuda(dln1, a["x"], w["ln1w"], a["ln1_rstd"])

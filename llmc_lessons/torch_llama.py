@@ -46,10 +46,11 @@ def apply_rope(x, table):
 
 
 def apply_rope_real(x, table):
-    """apply_rope in real arithmetic (the complex product written out), which torch.compile fuses."""
+    """apply_rope in real arithmetic, table (T, hs/2, 2) = [cos, sin] (the complex product written out), which
+    torch.compile fuses."""
     pairs = x.float().unflatten(-1, (-1, 2))                      # (B, T, heads, hs/2, 2)
     re, im = pairs[..., 0], pairs[..., 1]
-    cos, sin = table.real[None, :, None, :], table.imag[None, :, None, :]
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
     return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3).type_as(x)
 
 
@@ -109,7 +110,9 @@ class TorchLlama(nn.Module):
         self.layers = nn.ModuleList(Block(c, flash) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.channels, c.norm_eps)
         self.output = nn.Linear(c.channels, c.vocab_size, bias=False)     # untied
-        self.register_buffer("table", rope_table(c.head_size, c.max_seq_len, c.rope_theta), persistent=False)
+        table = rope_table(c.head_size, c.max_seq_len, c.rope_theta)
+        # flash: the table as real [cos, sin] pairs, so that no complex tensor reaches torch.compile
+        self.register_buffer("table", torch.view_as_real(table).clone() if flash else table, persistent=False)
 
     def forward(self, idx, targets=None):
         T = idx.shape[1]
