@@ -446,9 +446,12 @@ class KVCache:
     the earlier ones. GQA keeps NKV heads per position, NH / NKV times less than multi-head attention would.
     """
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, model: Llama):
+        config = model.config
         hs, NKV = config.head_size, config.num_kv_heads
         self.config = config
+        # the weights on the host (a copy on a GPU, the model's own arrays on a CPU): the cache runs in NumPy
+        self.params = {name: np.asarray(device.to_host(a)) for name, a in model.params.items()}
         self.k = [np.zeros((0, NKV * hs), np.float32) for _ in range(config.num_layers)]   # (T so far, NKV hs)
         self.v = [np.zeros((0, NKV * hs), np.float32) for _ in range(config.num_layers)]
         self.freqs_cis = precompute_freqs_cis(hs, config.max_seq_len, config.rope_theta)
@@ -459,10 +462,10 @@ class KVCache:
         return self.k[0].shape[0]
 
 
-def forward_cached(model: Llama, cache: KVCache, tokens) -> np.ndarray:
-    """Run the new `tokens` (a list of ids) at positions cache.length.. and return their logits (n, Vp);
-    their keys and values join the cache."""
-    c, p = model.config, model.params
+def forward_cached(cache: KVCache, tokens) -> np.ndarray:
+    """Run the new `tokens` (a list of ids) at positions cache.length.. with the weights the cache was made with,
+    and return their logits (n, Vp); their keys and values join the cache."""
+    c, p = cache.config, cache.params
     NH, NKV, hs, C = c.num_heads, c.num_kv_heads, c.head_size, c.channels
     start, n = cache.length, len(tokens)
     if start + n > c.max_seq_len:
@@ -506,11 +509,11 @@ def generate_cached(model: Llama, prompt_tokens, max_new_tokens: int, temperatur
         raise ValueError(f"{len(tokens)} prompt tokens + {max_new_tokens} new ones exceed max_seq_len = {maxT} "
                          f"(the cache holds one window; sampling.generate slides it)")
     rng = np.random.default_rng(seed)
-    cache = KVCache(model.config)
-    logits = forward_cached(model, cache, tokens)
+    cache = KVCache(model)
+    logits = forward_cached(cache, tokens)
     for i in range(int(max_new_tokens)):
         if i:
-            logits = forward_cached(model, cache, tokens[-1:])                 # the newest token only
+            logits = forward_cached(cache, tokens[-1:])                        # the newest token only
         last = logits[-1]
         if temperature == 0:
             tokens.append(int(np.argmax(last[:V])))

@@ -252,16 +252,18 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
 def test_kv_cache_logits_equal_full_recomputation():
     model = _perturbed(SMALL)
     tokens = list(_batch(SMALL, B=1, T=9)[0][0])
-    cache = KVCache(SMALL)
-    got = [forward_cached(model, cache, tokens[:4])]                # the prompt at once, then one at a time
-    got += [forward_cached(model, cache, [t]) for t in tokens[4:]]
+    cache = KVCache(model)
+    got = [forward_cached(cache, tokens[:4])]                       # the prompt at once, then one at a time
+    got += [forward_cached(cache, [t]) for t in tokens[4:]]
     assert cache.length == len(tokens) and cache.k[0].shape == (9, SMALL.num_kv_heads * SMALL.head_size)
     model.forward(np.array([tokens]))
     np.testing.assert_allclose(np.concatenate(got), model.logits[0], rtol=1e-4, atol=1e-5)
 
 
-def test_generate_cached_equals_generate():
+@pytest.mark.parametrize("path", PATHS)
+def test_generate_cached_equals_generate(path):
     model = _perturbed(SMALL)
+    model.use_kernels = path == "kernels"
     for temperature, top_k in ((1.0, None), (0.8, 5), (0.0, None)):
         expected = generate(model, [3, 1, 4], 10, temperature=temperature, top_k=top_k, seed=11)
         assert generate_cached(model, [3, 1, 4], 10, temperature=temperature, top_k=top_k, seed=11) == expected
