@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from llmc_lessons import device
 from llmc_lessons.device import to_host
 from llmc_lessons.gradcheck import gradcheck
 from llmc_lessons.layers.attention import attention_backward, attention_forward
@@ -308,3 +309,24 @@ def test_trainer_trains_and_resumes_llama_tiny_exactly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "llama-tiny", "--precision", "bf16", "--out", str(tmp_path / "bf16")])
     assert "train in fp32" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU only: the kernel path recorded into CUDA graphs trains exactly as one launch at a time
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not device.on_gpu(), reason="CUDA graphs record GPU launches")
+def test_cuda_graphs_train_as_plain_launches():
+    from llmc_lessons.train import training_step
+    config = LlamaConfig(max_seq_len=64, num_layers=2, num_heads=4, num_kv_heads=2, channels=64, ffn_hidden=96)
+    plain, graphed = (Llama(config, seed=3, backend="kernels") for _ in range(2))
+    for m in (plain, graphed):
+        m.keep_logits = False
+    graphed.cuda_graph = True
+    gen = np.random.default_rng(0)
+    for step in range(1, 6):
+        x, y = (gen.integers(0, config.vocab_size, (3, 24), dtype=np.int32) for _ in range(2))
+        assert training_step(plain, x, y, 1e-3, 0.1, 1.0, step) == training_step(graphed, x, y, 1e-3, 0.1, 1.0, step)
+    assert graphed._graphs["forward_graph"] is not None and graphed._graphs["backward_graph"] is not None
+    assert np.array_equal(to_host(plain.params_memory), to_host(graphed.params_memory))
