@@ -6,9 +6,8 @@ lesson 14); PyTorch eager in float32 with TF32 matmuls; PyTorch with bf16 autoca
 scaled_dot_product_attention + torch.compile + fused AdamW. Each course row is compared with the PyTorch row
 of its precision.
 Each: median ms per step over --steps steps after --warmup steps, tokens/s, and peak reserved GPU memory.
-`--model llama-124m` (lesson 16) times the LLaMA-style model instead: the course's fp32 kernels against PyTorch
-eager, PyTorch at its best in the same precision (TF32 matmuls, SDPA with enable_gqa, torch.compile, fused
-AdamW), and that PyTorch in bf16 autocast.
+`--model llama-124m` (lesson 16) times the LLaMA-style model instead, with one more PyTorch row: PyTorch at its
+best in fp32 too (TF32 matmuls, SDPA with enable_gqa, torch.compile, fused AdamW).
 `--profile` adds a per-kernel table of one course step (PyTorch's profiler sees CuPy's kernels too).
 """
 from __future__ import annotations
@@ -323,8 +322,6 @@ def main(argv=None) -> int:
     if llama and (a.kernels or a.only_kernels or a.attention or a.profile):
         p.error("--kernels, --only-kernels, --attention and --profile time GPT-2's bf16 step: leave them out with "
                 f"--model {a.model}")
-    if llama:
-        a.precision = ["fp32"]   # the LLaMA-style model's course step is fp32 (with TF32 matmuls)
     kernels = None
     if a.kernels or a.only_kernels:
         c = GPT2Config.from_name(a.model)

@@ -14,9 +14,10 @@ What changes from GPT-2, and where each layer lives:
 
 The parameters sit in one flat float32 buffer in the order the data moves (LLAMA_PARAMETER_NAMES). The class
 Llama is GPT2 (llmc_lessons/model.py) with this config, layout, initialisation and two execution paths: the
-NumPy reference (LlamaNumpyPath) and the fp32 kernels (LlamaKernelPath; CUDA graphs as GPT-2's). It has its own
-checkpoint header (LLAMA_MODEL_MAGIC), and generates with a key/value cache (KVCache). Not written yet: a bf16
-step, and flash attention with grouped key/value heads (the kernel path expands them with repkv).
+NumPy reference (LlamaNumpyPath), the fp32 kernels (LlamaKernelPath) and lesson 14's bf16 step
+(LlamaBf16KernelPath), with GPT-2's CUDA graphs. It has its own checkpoint header (LLAMA_MODEL_MAGIC), and
+generates with a key/value cache (KVCache). Not written yet: flash attention that reads a group's key/value head
+directly (the kernel paths copy the heads with repkv first).
 """
 from __future__ import annotations
 
@@ -30,19 +31,26 @@ from llmc_lessons import device
 from llmc_lessons.files import atomic_write
 from llmc_lessons.layers.attention import (attention_backward, attention_backward_cuda, attention_forward,
                                            attention_forward_cuda)
+from llmc_lessons.cublas import gemm
+from llmc_lessons.layers.bf16 import float_to_bf16_cuda
 from llmc_lessons.layers.crossentropy import (crossentropy_forward, crossentropy_softmax_backward,
-                                              fused_classifier_cuda, softmax_forward)
+                                              fused_classifier_bf16_cuda, fused_classifier_cuda, softmax_forward)
+from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, flash_attention_backward_bf16_cuda,
+                                                 flash_attention_forward_bf16_cuda)
 from llmc_lessons.layers.encoder import encoder_backward_cuda
 from llmc_lessons.layers.matmul import matmul_backward, matmul_backward_cuda, matmul_forward, matmul_forward_cuda
 from llmc_lessons.layers.residual import residual_backward, residual_forward, residual_forward_cuda
-from llmc_lessons.layers.rmsnorm import (rmsnorm_backward, rmsnorm_backward_cuda, rmsnorm_forward,
-                                         rmsnorm_forward_cuda)
+from llmc_lessons.layers.rmsnorm import (rmsnorm_backward, rmsnorm_backward_bf16_cuda, rmsnorm_backward_cuda,
+                                         rmsnorm_forward, rmsnorm_forward_bf16_cuda, rmsnorm_forward_cuda)
 from llmc_lessons.layers.rope import (ROPE_THETA, precompute_freqs_cis, rope_backward, rope_forward,
-                                      rope_qkv_backward_cuda, rope_qkv_forward_cuda)
-from llmc_lessons.layers.swiglu import swiglu_backward, swiglu_backward_cuda, swiglu_forward, swiglu_forward_cuda
+                                      rope_qkv_backward_bf16_cuda, rope_qkv_backward_cuda,
+                                      rope_qkv_forward_bf16_cuda, rope_qkv_forward_cuda)
+from llmc_lessons.layers.swiglu import (swiglu_backward, swiglu_backward_bf16_cuda, swiglu_backward_cuda,
+                                        swiglu_forward, swiglu_forward_bf16_cuda, swiglu_forward_cuda)
 from llmc_lessons.model import GPT2, LLAMA_MODEL_MAGIC, MODEL_MAGIC
 from llmc_lessons.parameters import GPT2Config, flat_runs
-from llmc_lessons.paths import Fp32KernelPath, NumpyPath
+from llmc_lessons.paths import Bf16KernelPath, Fp32KernelPath, NumpyPath
+from llmc_lessons.precision import from_bf16
 from llmc_lessons.sampling import next_token_probs
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,7 +288,8 @@ class LlamaKernelPath(Fp32KernelPath):
         table = getattr(model, "_rope_table", None)
         if table is None or not isinstance(table, type(model.params_memory)):
             c = model.config
-            table = model._rope_table = model._asarray(precompute_freqs_cis(c.head_size, c.max_seq_len, c.rope_theta))
+            rows = -(-c.max_seq_len // 8) * 8        # the bf16 path runs T rounded up to a multiple of 8
+            table = model._rope_table = model._asarray(precompute_freqs_cis(c.head_size, rows, c.rope_theta))
         return table[:T]
 
     def forward(self, model, idx, targets):
@@ -354,6 +363,127 @@ class LlamaKernelPath(Fp32KernelPath):
                               dwte=model.grads["wte"], dwpe=device.xp.zeros((T, model.config.channels), np.float32))
 
 
+def _repkv_bf16(qkv, NH: int, NKV: int):
+    """repkv_forward on bf16 bits (B, T, (NH + 2 NKV) hs) -> (B, T, 3C): copies, so exact (qkv itself if NKV = NH)."""
+    if NKV == NH:
+        return qkv
+    xp = device.xp
+    B, T, W = qkv.shape
+    hs = W // (NH + 2 * NKV)
+    C, G = NH * hs, NH // NKV
+    k, v = (qkv[:, :, C + j * NKV * hs:C + (j + 1) * NKV * hs].reshape(B, T, NKV, 1, hs) for j in (0, 1))
+    return xp.concatenate([qkv[:, :, :C]] + [xp.broadcast_to(a, (B, T, NKV, G, hs)).reshape(B, T, C) for a in (k, v)],
+                          axis=2)
+
+
+def _repkv_backward_bf16(dqkv_rep, NH: int, NKV: int):
+    """repkv_backward on bf16 bits: each key/value head's copies summed in float32, rounded once to bf16."""
+    if NKV == NH:
+        return dqkv_rep
+    xp = device.xp
+    B, T, C3 = dqkv_rep.shape
+    C = C3 // 3
+    hs, G = C // NH, NH // NKV
+    sums = [float_to_bf16_cuda(xp.ascontiguousarray(
+        from_bf16(dqkv_rep[:, :, j * C:(j + 1) * C]).reshape(B, T, NKV, G, hs).sum(axis=3).reshape(B, T, -1)))
+        for j in (1, 2)]
+    return xp.concatenate([dqkv_rep[:, :, :C]] + sums, axis=2)
+
+
+class LlamaBf16KernelPath(Bf16KernelPath):
+    """The bf16 step of lesson 14 for the LLaMA-style model: bf16 activations and weight copies, float32 master
+    weights, gradients and AdamW moments; flash attention on the tensor cores after repkv; the residual stream in
+    bf16 (each add computed in float32 and rounded once), its gradient in float32."""
+    _table = staticmethod(LlamaKernelPath._table)
+    finish_backward = LlamaKernelPath.finish_backward
+
+    def check(self, config) -> None:
+        if config.channels % 8 or config.padded_vocab_size % 8 or config.ffn_hidden % 8:
+            raise ValueError(f"precision='bf16' moves 8 bf16 values at a time: C ({config.channels}), Vp "
+                             f"({config.padded_vocab_size}) and H ({config.ffn_hidden}) must be multiples of 8")
+        if config.head_size not in BF16_HEAD_SIZES:
+            raise ValueError(f"precision='bf16' runs attention on the tensor cores, for a head size in "
+                             f"{BF16_HEAD_SIZES}; this config has {config.head_size}")
+
+    def forward(self, model, idx, targets):
+        c, p, w, xp = model.config, model.params, model.params_bf16, device.xp
+        B, T = idx.shape
+        T_run = -(-T // 8) * 8
+        if T_run != T:
+            if targets is not None:
+                raise ValueError(f"precision='bf16' trains on T that is a multiple of 8 (the kernels move 8 values at "
+                                 f"a time), got T = {T}")
+            idx = xp.concatenate([idx, xp.zeros((B, T_run - T), dtype=np.int32)], axis=1)   # causal: T unchanged
+        BT, NH, NKV, eps = B * T_run, c.num_heads, c.num_kv_heads, c.norm_eps
+        freqs_cis = self._table(model, T_run)
+
+        def linear(x, weight):               # (B, T, in) bf16 @ weight^T -> (B, T, out) bf16
+            return gemm(x.reshape(BT, -1), weight, trans_b=True).reshape(B, T_run, -1)
+
+        def add(a, b):                       # a + b in float32, rounded once to bf16
+            return float_to_bf16_cuda(from_bf16(a) + from_bf16(b))
+
+        residual, block_caches = xp.take(w["wte"], idx, axis=0), []            # (B, T, C) bf16
+        for l in range(c.num_layers):
+            x = residual
+            ln1, ln1_rstd = rmsnorm_forward_bf16_cuda(x, p["ln1w"][l], eps=eps)
+            qkv = linear(ln1, w["qkvw"][l])
+            rope_qkv_forward_bf16_cuda(qkv, freqs_cis, NH, NKV)                  # in place
+            qkv_rep = _repkv_bf16(qkv, NH, NKV)                                   # (B, T, 3C)
+            atty, lse = flash_attention_forward_bf16_cuda(qkv_rep, NH)
+            residual2 = add(x, linear(atty, w["attprojw"][l]))
+            ln2, ln2_rstd = rmsnorm_forward_bf16_cuda(residual2, p["ln2w"][l], eps=eps)
+            fch = linear(ln2, w["fcw"][l])
+            fch_swiglu = swiglu_forward_bf16_cuda(fch)
+            residual = add(residual2, linear(fch_swiglu, w["fcprojw"][l]))
+            block_caches.append(dict(x=x, ln1=ln1, ln1_rstd=ln1_rstd, qkv_rep=qkv_rep, atty=atty, lse=lse,
+                                     residual2=residual2, ln2=ln2, ln2_rstd=ln2_rstd, fch=fch, fch_swiglu=fch_swiglu))
+        lnf, lnf_rstd = rmsnorm_forward_bf16_cuda(residual, p["lnfw"], eps=eps)
+        logits = linear(lnf, w["lm_head"])                                       # (B, T, Vp) bf16
+        losses = dlogits = None
+        if targets is not None:
+            kept = from_bf16(logits) if model.keep_logits else None
+            losses = fused_classifier_bf16_cuda(logits, targets, c.vocab_size, 1.0 / (B * T))   # logits -> dlogits
+            logits, dlogits = kept, logits
+        else:
+            logits = from_bf16(logits[:, :T])
+        cache = dict(idx=idx, targets=targets, block_caches=block_caches, residual=residual, lnf=lnf,
+                     lnf_rstd=lnf_rstd, dlogits=dlogits)
+        return logits, losses, cache
+
+    def backward(self, model, cache):
+        """dres, the gradient of the residual stream, accumulates in float32: each RMSNorm backward adds its input
+        gradient into it and returns it in bf16 for the next matmul backward."""
+        c, p, w, g = model.config, model.params, model.params_bf16, model.grads
+        B, T = cache["idx"].shape
+        BT, C, NH, NKV = B * T, c.channels, c.num_heads, c.num_kv_heads
+        freqs_cis = self._table(model, T)
+
+        def linear_backward(dout, inp, weight, dweight):
+            d2 = dout.reshape(BT, -1)
+            gemm(d2, inp.reshape(BT, -1), trans_a=True, out=dweight, accumulate=True)   # float32 out
+            return gemm(d2, weight).reshape(B, T, -1)
+
+        dres = device.xp.zeros((B, T, C), dtype=np.float32)
+        dlnf = linear_backward(cache.pop("dlogits"), cache["lnf"], w["lm_head"], g["lm_head"])
+        cache["dlogits"] = None
+        dres_bf16 = rmsnorm_backward_bf16_cuda(dres, dlnf, cache["residual"], p["lnfw"], cache["lnf_rstd"], g["lnfw"])
+        for l in reversed(range(c.num_layers)):
+            a = cache["block_caches"][l]
+            dfch_swiglu = linear_backward(dres_bf16, a["fch_swiglu"], w["fcprojw"][l], g["fcprojw"][l])
+            dfch = swiglu_backward_bf16_cuda(dfch_swiglu, a["fch"])
+            dln2 = linear_backward(dfch, a["ln2"], w["fcw"][l], g["fcw"][l])
+            dres_bf16 = rmsnorm_backward_bf16_cuda(dres, dln2, a["residual2"], p["ln2w"][l], a["ln2_rstd"],
+                                                   g["ln2w"][l])
+            datty = linear_backward(dres_bf16, a["atty"], w["attprojw"][l], g["attprojw"][l])
+            dqkv_rep = flash_attention_backward_bf16_cuda(datty, a["qkv_rep"], a["atty"], a["lse"], NH)
+            dqkv = _repkv_backward_bf16(dqkv_rep, NH, NKV)
+            rope_qkv_backward_bf16_cuda(dqkv, freqs_cis, NH, NKV)                # in place
+            dln1 = linear_backward(dqkv, a["ln1"], w["qkvw"][l], g["qkvw"][l])
+            dres_bf16 = rmsnorm_backward_bf16_cuda(dres, dln1, a["x"], p["ln1w"][l], a["ln1_rstd"], g["ln1w"][l])
+        return dres
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The model
 
@@ -371,9 +501,8 @@ class Llama(GPT2):
 
     @staticmethod
     def _path(precision: str, backend: str):
-        if precision != "fp32":
-            raise ValueError(f"the LLaMA-style model runs in fp32 (its bf16 step is not written yet), not "
-                             f"precision={precision!r}")
+        if precision == "bf16":
+            return LlamaBf16KernelPath()
         return LlamaKernelPath() if backend == "kernels" else LlamaNumpyPath()
 
     # -- checkpoint files: GPT-2's layout of a 256-int header, then the flat float32 buffer ----------------

@@ -232,8 +232,6 @@ def check_args(a: dict) -> None:
     if a.get("reference") and a["precision"] != "fp32":
         raise ValueError("--reference runs the NumPy layers in float32: it cannot be combined with --precision bf16")
     config = config_from_name(a.get("model"))
-    if a["precision"] != "fp32" and model_class(config) is not GPT2:
-        raise ValueError(f"--precision {a['precision']}: the LLaMA-style models train in fp32")
     if a["seq_len"] > config.max_seq_len:
         raise ValueError(f"--seq-len {a['seq_len']} exceeds the model's context of {config.max_seq_len}")
     if a.get("out") and Path(a["out"]).exists() and not Path(a["out"]).is_dir():

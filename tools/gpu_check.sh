@@ -8,10 +8,12 @@
 #                                            and, on request: llama llama-bench
 #
 # llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
-# in fp32 with TF32 matmuls, trained for the same LLAMA_STEPS (default 250) steps of B=16, T=1024 on the same
-# Shakespeare batches; their loss curves (.jsonl), tokens/s and peak memory (.summary.json) go to train/
-# (llama-<device>-<date>-gpt2.* and -llama.*). At most 5 minutes: each run is stopped at 140 s.
-# llama-bench: the LLaMA-style step against PyTorch (eager, compiled fp32 with SDPA's GQA, compiled bf16) to
+# in LLAMA_PRECISION (default fp32, with TF32 matmuls; or bf16), trained for the same LLAMA_STEPS (default 250)
+# steps of B=16, T=1024 on the same Shakespeare batches; their loss curves (.jsonl), tokens/s and peak memory
+# (.summary.json) go to train/ (llama-<device>-<date>-<precision>-gpt2.* and -llama.*). At most 5 minutes: each
+# run is stopped at 140 s.
+# llama-bench: the LLaMA-style step (fp32 and bf16) against PyTorch (eager, compiled fp32 with SDPA's GQA,
+# compiled bf16) to
 # bench/ (bench-<device>-<date>-llama.json).
 #
 # arch compiles every kernel of the course with NVRTC for sm_75, 80, 86, 89 and 90 and prints the table.
@@ -84,10 +86,10 @@ except ImportError: print(\"torch missing\")"' ;;
            done ;;
     llama) for model in d12 llama-124m; do
              rm -rf /tmp/runs/$model
-             f=$(name train llama $([ $model = d12 ] && echo gpt2 || echo llama))
+             f=$(name train llama ${LLAMA_PRECISION:-fp32}-$([ $model = d12 ] && echo gpt2 || echo llama))
              run llama-$model "$f.console.txt" timeout 140 python3 -m llmc_lessons.train --model $model \
                --batch-size 16 --seq-len 1024 --steps ${LLAMA_STEPS:-250} --eval-every 50 --eval-batches 8 \
-               --precision fp32 --out /tmp/runs/$model
+               --precision ${LLAMA_PRECISION:-fp32} --out /tmp/runs/$model
              cp /tmp/runs/$model/log.jsonl "$f.jsonl"
              cp /tmp/runs/$model/summary.json "$f.summary.json"
            done ;;
