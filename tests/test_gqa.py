@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from llmc_lessons import device
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.gradcheck import gradcheck
 from llmc_lessons.layers.attention import (attention_backward, attention_backward_cuda, attention_forward,
@@ -108,16 +107,8 @@ def test_repkv_kernels(block_size, B, T, NH, NKV, hs):
     np.testing.assert_allclose(to_host(dinp), repkv_backward(to_host(d), NH, NKV), rtol=1e-6, atol=1e-6)
 
 
-def test_repkv_kernels_write_every_output(monkeypatch):
-    """The launchers allocate with empty(): poison that memory with NaN, so an unwritten element shows."""
-    xp = device.xp
-    real_empty = xp.empty
-
-    def poisoned(shape, dtype=np.float32):
-        a = real_empty(shape, dtype)
-        a[...] = np.nan
-        return a
-    monkeypatch.setattr(xp, "empty", poisoned)
+def test_repkv_kernels_write_every_output(poisoned_allocations):
+    """The launchers' outputs start full of NaN: an unwritten element would show."""
     gen = np.random.default_rng(5)
     qkv = _rand(gen, 2, 5, (4 + 2 * 2) * 3)
     assert np.isfinite(to_host(repkv_forward_cuda(qkv, 4, 2, block_size=64))).all()
@@ -256,3 +247,45 @@ def test_16_1_names_the_mistake(answer, message):
 def test_16_2_names_the_mistake(answer, message):
     with pytest.raises(ExerciseFailed, match=f"(?s)Exercise 16.2.*{message}"):
         check_repkv_backward(answer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 16.3: the sum in repkv_backward_kernel
+
+
+from llmc_lessons.checks.llama import check_repkv_backward_kernel  # noqa: E402
+from llmc_lessons.cuda import kernel_source  # noqa: E402
+
+GOOD = "#include \"common.cuh\"\n" + kernel_source("attention.cu")[
+    kernel_source("attention.cu").index('extern "C" __global__ void repkv_backward_kernel('):]
+GOOD = GOOD[:GOOD.index("\n}\n") + 3]
+SUM = "        sum += row[(part * NH + g * group + j) * hs + i];"
+
+
+def test_16_3_passes_the_package_kernel(capsys):
+    check_repkv_backward_kernel(GOOD)
+    assert "Exercise 16.3: correct" in capsys.readouterr().out
+
+
+def test_16_3_fails_on_the_stub():
+    start, end = GOOD.index("    float sum = 0.0f;"), GOOD.index("    dinp[idx] = sum;\n") + len("    dinp[idx] = sum;\n")
+    stub = GOOD[:start] + "    // TODO (Exercise 16.3): write the sum\n" + GOOD[end:]
+    with pytest.raises(ExerciseFailed, match="(?s)Exercise 16.3.*NaN.*TODO"):
+        check_repkv_backward_kernel(stub)
+
+
+@pytest.mark.parametrize("new,message", [
+    ("        sum = row[(part * NH + g * group) * hs + i];", "from one copy only"),
+    ("        sum += row[(part * NH + j * NKV + g) * hs + i] ;", "summed over the wrong copies"),
+    ("        sum += row[(part * NH + g * group + j) * hs + i] / group;", "averaged"),
+])
+def test_16_3_names_the_mistake(new, message):
+    assert SUM in GOOD
+    with pytest.raises(ExerciseFailed, match=f"(?s)Exercise 16.3.*likely cause: .*{message}"):
+        check_repkv_backward_kernel(GOOD.replace(SUM, new))
+
+
+def test_the_notebook_kernel_is_the_package_kernel():
+    from conftest import notebook_cuda_source
+    body = notebook_cuda_source("16_llama.ipynb", "repkv_src")
+    assert body.strip() == GOOD.strip()

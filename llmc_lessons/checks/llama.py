@@ -1,5 +1,6 @@
 """Checks for lesson 16 (the LLaMA-style model): Exercise 16.1, repkv_forward, the copy of each key/value head to
-the query heads of its group; Exercise 16.2, repkv_backward, the gradient of those copies.
+the query heads of its group; Exercise 16.2, repkv_backward, the gradient of those copies; Exercise 16.3, the sum
+in repkv_backward_kernel.
 
 Each check runs the student's code on fresh random inputs of several head counts (NH = 6 query heads sharing
 NKV = 2 or 3 key/value heads, one shared by all, and NKV = NH), compares with the package's reference, and names
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc_lessons.checks import ExerciseFailed, assert_close, passed, rng, run_exercise
+from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, passed, poisoned, randn, rng,
+                                 run_exercise)
 from llmc_lessons.device import to_host
 from llmc_lessons.layers.attention import repkv_backward, repkv_forward
 
-EX1, EX2 = "Exercise 16.1", "Exercise 16.2"
+EX1, EX2, EX3 = "Exercise 16.1", "Exercise 16.2", "Exercise 16.3"
 CASES = ((2, 5, 6, 2, 3), (1, 7, 6, 3, 4), (1, 4, 4, 1, 2), (2, 3, 2, 2, 3))   # B, T, NH, NKV, hs
 
 FORWARD_MISTAKES = {
@@ -115,3 +117,22 @@ def check_repkv_backward(fn) -> None:
                      hint=f"this test had B={B}, T={T}, NH={NH}, NKV={NKV}, hs={hs}: the k part of dqkv has NKV "
                           f"heads, and each gathers what came back to its copies")
     passed(EX2, "each key/value head gets the gradients of all its group's copies")
+
+
+def check_repkv_backward_kernel(source) -> None:
+    """Exercise 16.3: repkv_backward_kernel in `source` (CUDA text, or a loaded kernel), launched with one thread per
+    element of dinp (B, T, (NH + 2 NKV) hs), must write repkv_backward's result."""
+    kernel = exercise_kernel(EX3, source, "repkv_backward_kernel") if isinstance(source, str) else source
+    gen = rng()
+    for (B, T, NH, NKV, hs), block_size in zip(CASES[:3], (64, 100, 32)):
+        d = randn(gen, B, T, 3 * NH * hs)
+        out = poisoned((B, T, (NH + 2 * NKV) * hs))
+        grid = (-(-out.size // block_size),)
+        run_exercise(EX3, kernel, grid, (block_size,), (out, d, np.int32(B), np.int32(T), np.int32(NH),
+                                                        np.int32(NKV), np.int32(hs)))
+        host = np.asarray(to_host(d), dtype=np.float64)
+        known = {why: _backward_variant(host, NH, NKV, m) for m, why in BACKWARD_MISTAKES.items()}
+        assert_close(EX3, "dinp", out, repkv_backward(host, NH, NKV), atol=1e-5, rtol=1e-5, known_mistakes=known,
+                     hint=f"a key or value thread adds what came back to each copy of its head; this launch had "
+                          f"B={B}, T={T}, NH={NH}, NKV={NKV}, hs={hs}, block_size={block_size}")
+    passed(EX3, "every key/value element sums its group's copies, at three shapes and block sizes")
