@@ -16,6 +16,7 @@ def cases():
     """{name: list of host arrays} from running each launcher once on seeded inputs, on the active backend."""
     from llmc_lessons.device import to_device, to_host
     from llmc_lessons.layers import adamw, attention, crossentropy, encoder, gelu, layernorm, matmul, residual
+    from llmc_lessons.layers import rmsnorm, rope, swiglu
     gen = np.random.default_rng(1234)
     d = lambda *shape, scale=1.0: to_device((gen.standard_normal(shape) * scale).astype(np.float32))
     B, T, C, NH, V, Vp = 3, 37, 40, 4, 101, 128
@@ -42,6 +43,13 @@ def cases():
     out["gelu_forward_float4"] = gelu.gelu_forward_cuda(h, version=2)
     out["gelu_backward"] = gelu.gelu_backward_cuda(d(B, T, 4 * C), h)
     out["residual_forward"] = residual.residual_forward_cuda(x, d(B, T, C))
+    out["rmsnorm_forward"] = rmsnorm.rmsnorm_forward_cuda(x, w)
+    out["rmsnorm_backward"] = rmsnorm.rmsnorm_backward_cuda(d(B, T, C), x, w, out["rmsnorm_forward"][1])
+    freqs_cis = to_device(rope.precompute_freqs_cis(C // NH, T))
+    out["rope_forward"] = rope.rope_forward_cuda(x.reshape(B, T, NH, C // NH), freqs_cis)
+    out["rope_backward"] = rope.rope_backward_cuda(x.reshape(B, T, NH, C // NH), freqs_cis)
+    out["swiglu_forward"] = swiglu.swiglu_forward_cuda(h)
+    out["swiglu_backward"] = swiglu.swiglu_backward_cuda(d(B, T, 2 * C), h)
     logits, targets = d(B, T, Vp, scale=3.0), to_device(gen.integers(0, V, (B, T)).astype(np.int32))
     out["softmax_forward"] = crossentropy.softmax_forward_cuda(logits, V)
     out["fused_classifier"] = crossentropy.fused_classifier_cuda(logits.copy(), targets, V)

@@ -114,17 +114,24 @@ def test_kernels_match_reference(block_size, N, C):
         grid, (block_size,), (dinp_buf[:N * C], d_dout, d_x, d_w, d_rstd, np.int32(N), np.int32(C)))
     np.testing.assert_allclose(to_host(dinp_buf[:N * C]).reshape(N, C), dinp64[0], atol=1e-5, rtol=1e-4)
     assert np.isnan(to_host(dinp_buf[N * C:])).all()
-    dw_buf = poisoned((C + 64,))
-    load_kernel("rmsnorm.cu", "rmsnorm_param_backward_kernel")(
-        (-(-C // block_size),), (block_size,), (dw_buf[:C], d_dout, d_x, d_rstd, np.int32(N), np.int32(C)))
-    np.testing.assert_allclose(to_host(dw_buf[:C]), dw64, atol=1e-5, rtol=1e-4)
-    assert np.isnan(to_host(dw_buf[C:])).all()
+    for R in (1, 3):                                   # rows in R chunks: R rows of partial sums
+        part_buf = poisoned((R * C + 64,))
+        load_kernel("rmsnorm.cu", "rmsnorm_param_backward_kernel")(
+            (-(-C // block_size), R), (block_size,), (part_buf[:R * C], d_dout, d_x, d_rstd, np.int32(N), np.int32(C)))
+        np.testing.assert_allclose(to_host(part_buf[:R * C]).reshape(R, C).sum(0), dw64, atol=1e-5, rtol=1e-4)
+        assert np.isnan(to_host(part_buf[R * C:])).all()
+        dw_buf = poisoned((C + 64,))
+        dw_buf[:C] = 1.0                               # the reduction adds into dweight
+        load_kernel("rmsnorm.cu", "rmsnorm_param_reduce_kernel")(
+            (-(-C // block_size),), (block_size,), (dw_buf[:C], part_buf[:R * C], np.int32(R), np.int32(C)))
+        np.testing.assert_allclose(to_host(dw_buf[:C]), 1.0 + dw64, atol=1e-5, rtol=1e-4)
+        assert np.isnan(to_host(dw_buf[C:])).all()
 
 
-@pytest.mark.parametrize("block_size,param_block_size", [(32, 32), (128, 96), (1024, 256)])
-def test_launchers_match_reference(block_size, param_block_size):
+@pytest.mark.parametrize("block_size,param_block_size,B,T", [(32, 32, 3, 5), (128, 96, 4, 50), (1024, 256, 3, 5)])
+def test_launchers_match_reference(block_size, param_block_size, B, T):
     gen = np.random.default_rng(block_size)
-    x = (gen.standard_normal((3, 5, 67)) * 3).astype(np.float32)
+    x = (gen.standard_normal((B, T, 67)) * 3).astype(np.float32)
     w = gen.standard_normal(67).astype(np.float32)
     dout = gen.standard_normal(x.shape).astype(np.float32)
     out, rstd = rmsnorm_forward_cuda(to_device(x), to_device(w), block_size=block_size)
@@ -211,7 +218,8 @@ def test_check_backward_fails_on_stub_and_wrong_return():
 
 @pytest.mark.parametrize("kind,cause", [
     ("layernorm", "that is LayerNorm's backward"), ("sum", "a sum over the channels where mean"),
-    ("direct_only", r"the term - norm \* mean\(dnorm \* norm\) is missing"), ("dout_not_dnorm", "dout was used where dnorm"),
+    ("direct_only", r"the term - norm \* mean\(dnorm \* norm\) is missing"),
+    ("dout_not_dnorm", "dout was used where dnorm"),
     ("dweight_inp", "dweight used inp where norm"),
 ])
 def test_check_backward_names_mistakes(kind, cause):
@@ -288,7 +296,7 @@ def test_the_notebook_kernels_are_the_package_kernels():
 # same bf16 inputs
 
 
-@pytest.mark.parametrize("B,T,C,block_size", [(2, 7, 45, 32), (1, 5, 768, 128), (3, 3, 100, 96)])
+@pytest.mark.parametrize("B,T,C,block_size", [(2, 7, 45, 32), (1, 5, 768, 128), (4, 50, 100, 96)])
 def test_bf16_kernels_match_reference(B, T, C, block_size, poisoned_allocations):
     gen = np.random.default_rng(C)
     x = to_bf16((gen.standard_normal((B, T, C)) * 2 + 0.5).astype(np.float32))

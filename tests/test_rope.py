@@ -240,7 +240,8 @@ def test_check_kernel_names_wrong_pairing():
     src = GOOD.replace("float d0 = dout[2 * p];\n    float d1 = dout[2 * p + 1];",
                        "int base = p - i;  // the head's first pair\n"
                        "    float d0 = dout[2 * base + i];\n    float d1 = dout[2 * base + i + half];")
-    src = src.replace("dinp[2 * p] =", "dinp[2 * base + i] =").replace("dinp[2 * p + 1] =", "dinp[2 * base + i + half] =")
+    src = src.replace("dinp[2 * p] =", "dinp[2 * base + i] =")
+    src = src.replace("dinp[2 * p + 1] =", "dinp[2 * base + i + half] =")
     with pytest.raises(AssertionError, match="rotate_half"):
         checks.check_rope_backward_kernel(src)
 

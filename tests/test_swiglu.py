@@ -40,7 +40,8 @@ def test_sigmoid_is_stable_at_large_inputs():
     x = np.array([-1000.0, -30.0, 0.0, 30.0, 1000.0])
     with np.errstate(over="raise", invalid="raise", divide="raise"):
         s = sigmoid(x)
-    np.testing.assert_allclose(s, [0.0, 1 / (1 + np.exp(30.0)), 0.5, 1 / (1 + np.exp(-30.0)), 1.0], rtol=1e-15, atol=1e-300)
+    want = [0.0, 1 / (1 + np.exp(30.0)), 0.5, 1 / (1 + np.exp(-30.0)), 1.0]
+    np.testing.assert_allclose(s, want, rtol=1e-15, atol=1e-300)
     assert sigmoid(x.astype(np.float32)).dtype == np.float32
 
 
@@ -180,7 +181,8 @@ def test_check_backward_names_mistakes(kind, cause):
 # ---------------------------------------------------------------------------------------------------------
 # Exercise 15.6: the backward kernel's body
 
-HEAD = """extern "C" __global__ void swiglu_backward_kernel(float* dinp, const float* dout, const float* inp, int N, int H) {
+HEAD = """extern "C" __global__ void swiglu_backward_kernel(float* dinp, const float* dout, const float* inp,
+                                                  int N, int H) {
     int k = blockIdx.x * blockDim.x + threadIdx.x;
 """
 GOOD = HEAD + """    if (k >= N * H) { return; }

@@ -72,7 +72,7 @@ def check_rmsnorm_forward_kernel(source: str, block_sizes=(64, 96)) -> None:
     mistakes = {   # rstd a mistake gives -> the out it gives
         "the mean was subtracted and the result divided by the standard deviation: that is LayerNorm; RMSNorm "
         "divides x itself by its root mean square": 1 / np.sqrt(x.var(-1) + EPS),
-        "the sum of squares was not divided by C: rstd = 1 / sqrt(mean of x^2 + eps), a mean over the C channels":
+        "the sum of squares was not divided by C: the root mean square takes a mean over the C channels":
             1 / np.sqrt(C * ms + EPS),
         "that is the root mean square itself; the kernel keeps its reciprocal, rstd (rsqrtf)": np.sqrt(ms + EPS),
         "the lanes' partial sums of squares were never combined: call warpReduceSum on them":
@@ -86,8 +86,8 @@ def check_rmsnorm_forward_kernel(source: str, block_sizes=(64, 96)) -> None:
                (out_buf[:N * C], rstd_buf[:N], d_inp, d_w, np.int32(N), np.int32(C), np.float32(EPS)))
         device.synchronize()
         at = f"{ex} at block_size={block_size}"
-        hint = ("lane l adds x[l]^2, x[l+32]^2, ... (c < C); warpReduceSum gives every lane the total; "
-                "rstd = rsqrtf(total / C + eps); out[c] = x[c] * rstd * weight[c]; one lane writes rstd[row].")
+        hint = ("lane l adds the squares of its channels l, l+32, ... (c < C); warpReduceSum gives every lane the "
+                "row's total; rstd and out then follow the forward formula above; one lane writes rstd[row].")
         assert_close(at, "rstd", rstd_buf[:N].reshape(B, T), want_rstd, atol=1e-6, rtol=1e-5,
                      known_mistakes=mistakes, hint=hint)
         assert_close(at, "out", out_buf[:N * C].reshape(B, T, C), want_out, atol=1e-5, rtol=1e-4, known_mistakes={

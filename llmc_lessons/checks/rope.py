@@ -58,8 +58,8 @@ def check_rope_backward(fn) -> None:
                              f"input: the gradient check runs in float64.")
     assert_close(ex, "dinp", got, rope_backward(dout, f), atol=1e-10, rtol=1e-8,
                  known_mistakes=_rope_backward_mistakes(dout),
-                 hint="the forward multiplies each pair by a 2x2 rotation matrix R; the backward multiplies dout's pair "
-                      "by R transposed (see the derivation above).")
+                 hint="the forward multiplies each pair by a 2x2 rotation matrix R; the backward multiplies dout's "
+                      "pair by R transposed (see the derivation above).")
     passed(ex, f"dinp matches the reference on a {B}x{T}x{NH}x{hs} input")
 
 

@@ -18,11 +18,11 @@ def _swiglu_backward_mistakes(dout, inp) -> dict:
     swapped_up, swapped_gate = gate, up                       # silu applied to the first half
     s2 = sigmoid(swapped_gate)
     return {
-        "that is the derivative of sigmoid, s (1 - s); silu(g) = g * s(g) needs the product rule: "
-        "s + g s (1 - s)": np.concatenate([dout * silu, dout * up * s * (1 - s)], -1),
-        "silu'(g) is s + g s (1 - s): the term s from differentiating g is missing":
+        "that is the derivative of sigmoid, s (1 - s); silu(g) = g * s(g) is a product of two functions of g "
+        "(step 2 of the derivation)": np.concatenate([dout * silu, dout * up * s * (1 - s)], -1),
+        "one term of silu' is missing: the one from differentiating the factor g of g * s(g) (step 2)":
             np.concatenate([dout * silu, dout * up * gate * s * (1 - s)], -1),
-        "silu'(g) is s + g s (1 - s): the term from differentiating s(g) is missing":
+        "one term of silu' is missing: the term from differentiating s(g) (step 2)":
             np.concatenate([dout * silu, dout * up * s], -1),
         "gate and up are swapped: in llm.c's layout the first half of inp is up, the second half the gate that "
         "goes through silu": np.concatenate([dout * swapped_up * s2 * (1 + swapped_gate * (1 - s2)),

@@ -11,8 +11,11 @@
 // rmsnorm_forward_kernel is one warp per row, as layernorm_forward_kernel2: lane l reads channels l, l+32, ...
 //   (coalesced) and warpReduceSum adds the 32 partial sums of squares. One pass fewer than LayerNorm: no mean.
 // rmsnorm_backward_kernel is one warp per row, computing dinp (written, not accumulated).
-// rmsnorm_param_backward_kernel is one thread per channel c, adding dout * norm down its column in row order:
-//   neighbouring threads read neighbouring channels (coalesced), no atomics, the same bits on every run.
+// rmsnorm_param_backward_kernel is one thread per channel c, adding dout * norm down its column: neighbouring
+//   threads read neighbouring channels (coalesced). C threads alone (768 for GPT-2's size) would leave most of
+//   a GPU idle, so the rows are split among the R block rows of a 2-D grid, each leaving its partial sums in a
+//   row of (R, C); rmsnorm_param_reduce_kernel adds them in order into dweight. No atomics: the same bits on
+//   every run.
 #include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -61,7 +64,7 @@ extern "C" __global__ void rmsnorm_backward_kernel(float* dinp,          // (N, 
     }
 }
 
-extern "C" __global__ void rmsnorm_param_backward_kernel(float* dweight,       // (C,)
+extern "C" __global__ void rmsnorm_param_backward_kernel(float* partial,       // (gridDim.y, C)
                                                          const float* dout,    // (N, C)
                                                          const float* inp,     // (N, C)
                                                          const float* rstd,    // (N,)
@@ -69,10 +72,21 @@ extern "C" __global__ void rmsnorm_param_backward_kernel(float* dweight,       /
     int c = blockIdx.x * blockDim.x + threadIdx.x;    // one thread per channel
     if (c >= C) { return; }
     float sum = 0.0f;
-    for (int row = 0; row < N; row++) {               // rows in order: deterministic
+    for (int row = blockIdx.y; row < N; row += gridDim.y) {   // block row y: rows y, y + R, ... in order
         sum += dout[row * C + c] * inp[row * C + c] * rstd[row];
     }
-    dweight[c] = sum;
+    partial[blockIdx.y * C + c] = sum;
+}
+
+// dweight[c] += the R partial sums of channel c, added in the order 0, 1, ..., R - 1: deterministic.
+extern "C" __global__ void rmsnorm_param_reduce_kernel(float* dweight,        // (C,)
+                                                       const float* partial,  // (R, C)
+                                                       int R, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) { return; }
+    float sum = 0.0f;
+    for (int r = 0; r < R; r++) { sum += partial[r * C + c]; }
+    dweight[c] += sum;
 }
 
 // =========================================================================================================
@@ -82,7 +96,8 @@ extern "C" __global__ void rmsnorm_param_backward_kernel(float* dweight,       /
 // rmsnorm_forward_bf16_kernel: rmsnorm_forward_kernel on bf16 rows, rounding once on the store.
 // rmsnorm_backward_bf16_kernel: a warp per row; dinp (float32, the residual stream's gradient) += the input
 //   gradient, and its new value is stored in bf16 too (for the matmul backward before it).
-// rmsnorm_param_backward_bf16_kernel: dweight (float32) += the column sums, a thread per channel, in row order.
+// rmsnorm_param_backward_bf16_kernel: the partial column sums of the float32 kernel, from bf16; then
+//   rmsnorm_param_reduce_kernel adds them into dweight (float32).
 // =========================================================================================================
 #include "bf16.cuh"
 
@@ -129,16 +144,16 @@ extern "C" __global__ void rmsnorm_backward_bf16_kernel(float* dinp,          //
     }
 }
 
-extern "C" __global__ void rmsnorm_param_backward_bf16_kernel(float* dweight,      // (C,) +=
+extern "C" __global__ void rmsnorm_param_backward_bf16_kernel(float* partial,      // (gridDim.y, C)
                                                               const bf16* dout,    // (N, C)
                                                               const bf16* inp,     // (N, C)
                                                               const float* rstd,   // (N,)
                                                               int N, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;    // one thread per channel
+    int c = blockIdx.x * blockDim.x + threadIdx.x;    // one thread per channel, as rmsnorm_param_backward_kernel
     if (c >= C) { return; }
     float sum = 0.0f;
-    for (int row = 0; row < N; row++) {               // rows in order: deterministic
+    for (int row = blockIdx.y; row < N; row += gridDim.y) {
         sum += bf16_to_float(dout[row * C + c]) * bf16_to_float(inp[row * C + c]) * rstd[row];
     }
-    dweight[c] += sum;
+    partial[blockIdx.y * C + c] = sum;
 }

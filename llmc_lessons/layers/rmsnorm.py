@@ -95,7 +95,8 @@ def rmsnorm_backward_cuda(dout, inp, weight, rstd, block_size: int = 256, param_
     """(B, T, C), (B, T, C), (C,), (B, T) float32 -> dinp (B, T, C), dweight (C,), fresh arrays.
 
     dinp through rmsnorm_backward_kernel (a warp per row, blocks of block_size threads); dweight through
-    rmsnorm_param_backward_kernel (a thread per channel, blocks of param_block_size threads)."""
+    rmsnorm_param_backward_kernel (a thread per channel and chunk of rows, blocks of param_block_size threads)
+    and rmsnorm_param_reduce_kernel (the chunks' sums added in order)."""
     device.require_array("inp", inp, shape=(None, None, None))
     B, T, C = inp.shape
     device.require_array("dout", dout, shape=(B, T, C))
@@ -110,9 +111,22 @@ def rmsnorm_backward_cuda(dout, inp, weight, rstd, block_size: int = 256, param_
     if N and C:
         load_kernel("rmsnorm.cu", "rmsnorm_backward_kernel")(
             (-(-N // (block_size // 32)),), (block_size,), (dinp, dout, inp, weight, rstd, np.int32(N), np.int32(C)))
-        load_kernel("rmsnorm.cu", "rmsnorm_param_backward_kernel")(
-            (-(-C // param_block_size),), (param_block_size,), (dweight, dout, inp, rstd, np.int32(N), np.int32(C)))
+        _param_backward("rmsnorm_param_backward_kernel", dweight, dout, inp, rstd, param_block_size)
     return dinp, dweight
+
+
+def _param_backward(kernel: str, dweight, dout, inp, rstd, param_block_size: int) -> None:
+    """dweight += the column sums of dout * inp * rstd: `kernel` leaves R rows of partial sums (R row chunks, so
+    that the grid has enough blocks), rmsnorm_param_reduce_kernel adds them in order."""
+    B, T, C = inp.shape
+    N = B * T
+    R = max(1, min(64, N // 64))                     # each thread sums N / R >= 64 rows
+    partial = device.xp.empty((R, C), np.float32)
+    grid_x = -(-C // param_block_size)
+    load_kernel("rmsnorm.cu", kernel)((grid_x, R), (param_block_size,),
+                                      (partial, dout, inp, rstd, np.int32(N), np.int32(C)))
+    load_kernel("rmsnorm.cu", "rmsnorm_param_reduce_kernel")((grid_x,), (param_block_size,),
+                                                             (dweight, partial, np.int32(R), np.int32(C)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,6 +175,5 @@ def rmsnorm_backward_bf16_cuda(dinp, dout, inp, weight, rstd, dweight, block_siz
         load_kernel("rmsnorm.cu", "rmsnorm_backward_bf16_kernel")(
             (-(-N // (block_size // 32)),), (block_size,),
             (dinp, dinp_bf16, dout, inp, weight, rstd, np.int32(N), np.int32(C)))
-        load_kernel("rmsnorm.cu", "rmsnorm_param_backward_bf16_kernel")(
-            (-(-C // param_block_size),), (param_block_size,), (dweight, dout, inp, rstd, np.int32(N), np.int32(C)))
+        _param_backward("rmsnorm_param_backward_bf16_kernel", dweight, dout, inp, rstd, param_block_size)
     return dinp_bf16

@@ -20,7 +20,8 @@ Shapes: inp, out (B, T, NH, hs) (q or k split into heads, llm.c's layout); freqs
 position and pair [cos(angle), sin(angle)], made once by precompute_freqs_cis (llm.c's name). A model
 generating from position `start` passes freqs_cis[start:start + T].
 
-Read top-down: the NumPy table, forward and backward, then the launchers of `kernels/rope.cu`, float32 then
+Read top-down: the NumPy table, forward and backward, then the launchers of `kernels/rope.cu`: float32 on
+(B, T, NH, hs) arrays, float32 in place on q and k inside the qkv matmul's output (B, T, (NH + 2 NKV) hs), then
 bf16.
 """
 from __future__ import annotations
@@ -119,7 +120,8 @@ def rope_backward_cuda(dout, freqs_cis, out=None, block_size: int = 256):
     return _launch("rope_backward_kernel", dout, freqs_cis, out, block_size)
 
 
-def _require_qkv(qkv, freqs_cis, NH, NKV, block_size, dtype):
+def _rope_qkv_cuda(kernel, qkv, freqs_cis, NH, NKV, block_size, dtype, direction):
+    """Launch `kernel` (rope_qkv_kernel or its bf16 twin) in place on qkv (B, T, (NH + 2 NKV) hs)."""
     NH, NKV = device.require_int("NH", NH), device.require_int("NKV", NKV)
     device.require_array("qkv", qkv, shape=(None, None, None), dtype=dtype)
     B, T, W = qkv.shape
@@ -129,11 +131,6 @@ def _require_qkv(qkv, freqs_cis, NH, NKV, block_size, dtype):
     hs = W // heads
     device.require_array("freqs_cis", freqs_cis, shape=(T, hs // 2, 2))
     block_size = device.require_block_size(block_size)
-    return B, T, heads, hs, block_size
-
-
-def _rope_qkv_cuda(kernel, qkv, freqs_cis, NH, NKV, block_size, dtype, direction):
-    B, T, heads, hs, block_size = _require_qkv(qkv, freqs_cis, NH, NKV, block_size, dtype)
     pairs = B * T * (NH + NKV) * (hs // 2)
     if pairs:
         load_kernel("rope.cu", kernel)((-(-pairs // block_size),), (block_size,),
@@ -155,7 +152,8 @@ def rope_qkv_backward_cuda(dqkv, freqs_cis, NH: int, NKV: int, block_size: int =
 
 
 # ---------------------------------------------------------------------------------------------------------
-# bf16: launchers of rope_bf16_kernel and rope_qkv_bf16_kernel (bf16 arrays are uint16 arrays of the bits; the table stays float32)
+# bf16: launchers of rope_bf16_kernel and rope_qkv_bf16_kernel (bf16 arrays are uint16 arrays of the bits; the
+# table stays float32)
 
 
 def rope_forward_bf16(inp_bits, freqs_cis):
