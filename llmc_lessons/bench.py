@@ -8,6 +8,8 @@ bf16 autocast + scaled_dot_product_attention + torch.compile + fused AdamW, plai
 in each compile mode of --compile-modes. Each course row is compared with every PyTorch row of its precision,
 and the last lines give the course against the strongest (fastest) PyTorch row of each precision.
 Each: median ms per step over --steps steps after --warmup steps, tokens/s, and peak reserved GPU memory.
+`--model llama-124m` (lesson 16) times the LLaMA-style model instead, with one more PyTorch row: PyTorch at its
+best in fp32 too (TF32 matmuls, SDPA with enable_gqa, torch.compile, fused AdamW).
 `--profile` adds a per-kernel table of one course step (PyTorch's profiler sees CuPy's kernels too).
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_for
 from llmc_lessons.layers.layernorm import (column_sum_add_cuda, layernorm_backward_bf16_cuda,
                                            layernorm_forward_bf16_cuda, residual_layernorm_forward_bf16_cuda)
 from llmc_lessons.layers.matmul import add_bias_bf16_cuda
+from llmc_lessons.llama import LlamaConfig, config_from_name, model_class
 from llmc_lessons.model import GPT2, GPT2Config
 from llmc_lessons.parameters import num_parameters
 from llmc_lessons.precision import tf32 as tf32_mode
@@ -69,7 +72,7 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
     _free_gpu_memory()
     pool = device.xp.get_default_memory_pool()
     if model is None:
-        model = GPT2(config, seed=0, backend="kernels", precision=precision)
+        model = model_class(config)(config, seed=0, backend="kernels", precision=precision)
     model.keep_logits = False  # as the trainer: the fused classifier overwrites the logits in place
     model.cuda_graph, model.recompute = cuda_graph, recompute
     times, peak = [], 0
@@ -109,6 +112,7 @@ class TorchStep:
                  compile_scope: str = "model", torch_device: str = "cuda"):
         import torch
         from llmc_lessons.torch_gpt2 import TorchGPT2
+        from llmc_lessons.torch_llama import TorchLlama
         if mode not in TORCH_MODES:
             raise ValueError(f"mode must be one of {sorted(TORCH_MODES)}, got {mode!r}")
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -118,18 +122,20 @@ class TorchStep:
         torch._dynamo.reset()         # no compiled code of an earlier row (another mode) is reused
         self.device = torch.device(torch_device)
         with self.device:             # initialised where it runs (the host would take seconds for 1.5B weights)
-            self.model = TorchGPT2(config, flash=self.compiled, padded=padded)
+            self.model = (TorchLlama(config, flash=self.compiled) if isinstance(config, LlamaConfig)
+                          else TorchGPT2(config, flash=self.compiled, padded=padded))
         self.opt = torch.optim.AdamW(self.model.decay_groups(WEIGHT_DECAY), lr=LR, betas=(0.9, 0.95), eps=1e-8,
                                      fused=self.compiled)
         self.step_model = self.model
-        if self.compiled and compile_scope == "model":
+        if self.compiled and (compile_scope == "model" or isinstance(config, LlamaConfig)):
             self.step_model = torch.compile(self.model, mode=compile_mode)
         elif self.compiled:        # each block, and the head (layernorm, lm_head, loss) as a region of its own
             for block in self.model.h:
                 block.compile(mode=compile_mode)
             self.model.head = torch.compile(self.model.head, mode=compile_mode)
+        V = (self.model.output if isinstance(config, LlamaConfig) else self.model.lm_head).weight.shape[0]
         self.name = TORCH_MODES[mode] + (f" ({compile_mode}{', per block' if compile_scope == 'blocks' else ''})"
-                                         if self.compiled else "") + f", vocabulary {self.model.wte.weight.shape[0]}"
+                                         if self.compiled else "") + f", vocabulary {V}"
         self.precision = "bf16" if self.bf16 else "fp32"
 
     def __call__(self, x, y) -> float:
@@ -545,7 +551,7 @@ def versions() -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llmc_lessons.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="d12", help="GPT-2 preset (default d12 = 124M)")
+    p.add_argument("--model", default="d12", help="GPT-2 preset (default d12 = 124M), or llama-124m (lesson 16)")
     p.add_argument("--batch-size", "-b", type=int, help="B (default 16; with --sizes, SIZE_BATCH's)")
     p.add_argument("--seq-len", "-t", type=int, default=1024)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
@@ -602,6 +608,10 @@ def main(argv=None) -> int:
         return 0
     a.batch_size = a.batch_size or 16
     a.precision = a.precision or ["fp32", "bf16"]
+    llama = a.model.startswith("llama")
+    if llama and (a.kernels or a.only_kernels or a.attention or a.profile):
+        p.error("--kernels, --only-kernels, --attention and --profile time GPT-2's bf16 step: leave them out with "
+                f"--model {a.model}")
     kernels = None
     if a.kernels or a.only_kernels:
         c = GPT2Config.from_name(a.model)
@@ -620,10 +630,10 @@ def main(argv=None) -> int:
         attention = bench_attention(a.batch_size, a.seq_len, c.num_heads, c.head_size)
         print(f"\nCausal attention, bf16, B={a.batch_size}, T={a.seq_len}, NH={c.num_heads}, hs={c.head_size}:\n"
               f"{attention_table(attention)}\n", flush=True)
-    config = GPT2Config.from_name(a.model)
+    config = config_from_name(a.model)
     B, T = a.batch_size, a.seq_len
     info = versions()
-    print(f"{info}\nGPT-2 {a.model}, B={B}, T={T}: {B * T} tokens per step; median of {a.steps} steps after "
+    print(f"{info}\n{'' if llama else 'GPT-2 '}{a.model}, B={B}, T={T}: {B * T} tokens per step; median of {a.steps} steps after "
           f"{a.warmup} warm-up steps", flush=True)
     rows = []
 
@@ -649,7 +659,10 @@ def main(argv=None) -> int:
         # configuration: the strongest PyTorch row of each precision is what the course is measured against
         # (the order puts the rows a run cut short needs most first)
         configs = [("eager-tf32", False, "default"), ("eager-tf32", True, "default")]
-        if not a.no_compile:
+        if llama:         # its vocabulary is padded already
+            configs = [("eager-tf32", False, "default")] + ([] if a.no_compile else [
+                ("compiled-tf32", False, a.compile_modes[0]), ("compiled-bf16", False, a.compile_modes[0])])
+        elif not a.no_compile:
             first = a.compile_modes[0]
             configs += [("compiled-bf16", True, first), ("compiled-bf16", False, first), ("compiled-tf32", True, first)]
             configs += [("compiled-bf16", True, m) for m in a.compile_modes[1:]]

@@ -35,12 +35,21 @@ from llmc_lessons.precision import tf32_enabled
 # ---------------------------------------------------------------------------------------------------------
 # The model
 
-_MODEL_MAGIC, _MODEL_VERSION_FP32, _MODEL_VERSION_BF16 = 20240326, 3, 5
+MODEL_MAGIC, _MODEL_VERSION_FP32, _MODEL_VERSION_BF16 = 20240326, 3, 5
+LLAMA_MODEL_MAGIC = 20261206   # the course's LLaMA-style model files (llmc_lessons/llama.py): not GPT-2's layout
 _HEADER_INTS = 256
 
 
 class GPT2:
-    """GPT-2 with llm.c's memory layout: forward(idx, targets) -> mean loss, backward(), update(...)."""
+    """GPT-2 with llm.c's memory layout: forward(idx, targets) -> mean loss, backward(), update(...).
+
+    What is GPT-2's own (its config, parameter layout, initialisation and execution paths) sits in the class
+    attributes and `_path`, which the LLaMA-style model (llmc_lessons/llama.py) replaces; the rest is shared."""
+    config_type = GPT2Config
+    parameter_shapes = staticmethod(parameter_shapes)
+    init_params = staticmethod(gpt2_init)
+    decay_runs = staticmethod(decay_runs)
+    block_parameter_names = BLOCK_PARAMETER_NAMES
 
     def __init__(self, config: GPT2Config, seed: int | None = 0, backend: str | None = None,
                  precision: str = "fp32"):
@@ -51,8 +60,8 @@ class GPT2:
         precision: "fp32", or "bf16" (lesson 14, kernels only): bf16 activations and bf16 copies of the
         weights for the forward and backward, float32 master weights, gradients and AdamW moments.
         """
-        if not isinstance(config, GPT2Config):
-            raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
+        if not isinstance(config, self.config_type):
+            raise TypeError(f"config must be a {self.config_type.__name__}, got {type(config).__name__}")
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if precision == "bf16" and device.bf16_unsupported():
@@ -67,19 +76,18 @@ class GPT2:
         if backend not in ("numpy", "kernels"):
             raise ValueError(f"backend must be 'numpy' or 'kernels' (or None), got {backend!r}")
         # the execution path: forward, backward and update (llmc_lessons/paths.py)
-        self.path = Bf16KernelPath() if precision == "bf16" else Fp32KernelPath() if backend == "kernels" \
-            else NumpyPath()
+        self.path = self._path(precision, backend)
         self.path.check(config)
         self.config = config
         self.precision = precision
         self.step = 0               # AdamW steps taken (t of the last update)
         self.params_bf16_memory = self.params_bf16 = None   # precision "bf16": the weights' bf16 copy
-        self.param_shapes = parameter_shapes(config)
-        self.num_parameters = num_parameters(config, padded=True)
+        self.param_shapes = self.parameter_shapes(config)
+        self.num_parameters = sum(int(np.prod(shape)) for shape in self.param_shapes.values())
         self.matmul_version = "cublas"  # kernel path: "cublas", or 1, 2, 3 for the course's own matmul kernels
         host = np.zeros(self.num_parameters, dtype=np.float32)
         if seed is not None:
-            gpt2_init(point_views(host, self.param_shapes), config, seed)
+            self.init_params(point_views(host, self.param_shapes), config, seed)
         self._set_params_memory(host)
         self.grads_memory = None    # allocated by the first zero_grad() or backward(), as in llm.c
         self.grads = None
@@ -97,6 +105,11 @@ class GPT2:
         self.cuda_graph = False     # True (on a GPU, kernel paths): record forward-with-loss and backward into
                                     # CUDA graphs at the second step of a (B, T) and replay them after that
         self._graphs = None         # those graphs and the arrays they read and write (see _graph_forward)
+
+    @staticmethod
+    def _path(precision: str, backend: str):
+        """The execution path (llmc_lessons/paths.py) of this precision and backend."""
+        return Bf16KernelPath() if precision == "bf16" else Fp32KernelPath() if backend == "kernels" else NumpyPath()
 
     # -- memory ---------------------------------------------------------------------------------------------
 
@@ -133,7 +146,7 @@ class GPT2:
             return
         if self.precision == "bf16":
             raise ValueError("a precision='bf16' model runs the bf16 kernels only")
-        self.path = Fp32KernelPath() if value else NumpyPath()
+        self.path = self._path("fp32", "kernels" if value else "numpy")
         # Move every buffer to the new path's array module (a no-op on the CPU, where both are NumPy).
         self._set_params_memory(self.params_memory)
         if self.grads_memory is not None:
@@ -144,9 +157,9 @@ class GPT2:
         self.logits = self.losses = self.mean_loss = self._cache = self._backward_ready = None
 
     def layer_params(self, l: int, grads: bool = False) -> dict:
-        """Layer l's 12 tensors as the dict block_forward/block_backward take (views, no copies)."""
+        """Layer l's tensors (GPT-2's 12) as the dict block_forward/block_backward take (views, no copies)."""
         source = self.grads if grads else self.params
-        return {name: source[name][l] for name in BLOCK_PARAMETER_NAMES}
+        return {name: source[name][l] for name in self.block_parameter_names}
 
     # -- forward --------------------------------------------------------------------------------------------
 
@@ -307,7 +320,7 @@ class GPT2:
         if self.m_memory is None:
             self.m_memory = self.xp.zeros(self.num_parameters, dtype=np.float32)
             self.v_memory = self.xp.zeros(self.num_parameters, dtype=np.float32)
-        for start, stop, decays in decay_runs(self.config):
+        for start, stop, decays in self.decay_runs(self.config):
             wd = float(weight_decay) if decays else 0.0
             self.path.update(self, start, stop, t, learning_rate, beta1, beta2, eps, wd, grad_scale)
         self.step = t
@@ -322,8 +335,11 @@ class GPT2:
             header = np.frombuffer(f.read(_HEADER_INTS * 4), dtype="<i4")
             if header.size != _HEADER_INTS:
                 raise ValueError(f"{path}: too short for llm.c's 1024-byte header")
-            if header[0] != _MODEL_MAGIC:
-                raise ValueError(f"{path}: bad magic {header[0]} (an llm.c model file starts with {_MODEL_MAGIC})")
+            if header[0] == LLAMA_MODEL_MAGIC:
+                raise ValueError(f"{path}: this is a LLaMA-style model file (magic {LLAMA_MODEL_MAGIC}): load it with "
+                                 f"llmc_lessons.llama.Llama.from_llmc_checkpoint, not GPT2's")
+            if header[0] != MODEL_MAGIC:
+                raise ValueError(f"{path}: bad magic {header[0]} (an llm.c model file starts with {MODEL_MAGIC})")
             version = int(header[1])
             if version not in (_MODEL_VERSION_FP32, _MODEL_VERSION_BF16):
                 raise ValueError(f"{path}: checkpoint version {version} is not supported (3 = fp32 and 5 = bf16 "
@@ -356,7 +372,7 @@ class GPT2:
         (never half a file under `path`); returns the path."""
         c = self.config
         header = np.zeros(_HEADER_INTS, dtype="<i4")
-        header[:8] = [_MODEL_MAGIC, _MODEL_VERSION_FP32, c.max_seq_len, c.vocab_size, c.num_layers,
+        header[:8] = [MODEL_MAGIC, _MODEL_VERSION_FP32, c.max_seq_len, c.vocab_size, c.num_layers,
                       c.num_heads, c.channels, c.padded_vocab_size]
 
         def write(f):

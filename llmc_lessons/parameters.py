@@ -96,9 +96,15 @@ def parameter_table(config: GPT2Config) -> list:
 def decay_runs(config: GPT2Config) -> list:
     """(start, stop, decays) offsets into the flat buffer: maximal runs of neighbouring tensors that are all
     weight-decayed or all not, so AdamW can run over a few flat slices instead of 16 tensors."""
+    return flat_runs(parameter_shapes(config), DECAYED_PARAMETER_NAMES)
+
+
+def flat_runs(shapes: dict, decayed) -> list:
+    """decay_runs of any layout: (start, stop, decays) for the tensors of `shapes` in order, `decayed` naming
+    those that AdamW decays."""
     runs, offset = [], 0
-    for name, shape in parameter_shapes(config).items():
-        n, decays = math.prod(shape), name in DECAYED_PARAMETER_NAMES
+    for name, shape in shapes.items():
+        n, decays = math.prod(shape), name in decayed
         if runs and runs[-1][2] == decays:
             runs[-1][1] += n
         else:

@@ -36,7 +36,7 @@ from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backwar
                                            residual_layernorm_forward_bf16_cuda)
 from llmc_lessons.layers.matmul import (add_bias_bf16_cuda, matmul_backward, matmul_backward_cuda, matmul_forward,
                                         matmul_forward_cuda)
-from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, decay_runs, point_views
+from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, point_views
 from llmc_lessons.precision import from_bf16
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ class Bf16KernelPath(Fp32KernelPath):
         if model.params_bf16_memory is None:
             model.params_bf16_memory = device.xp.empty(model.num_parameters, dtype=np.uint16)
             model.params_bf16 = point_views(model.params_bf16_memory, model.param_shapes)
-        for start, stop, _ in decay_runs(model.config):
+        for start, stop, _ in model.decay_runs(model.config):
             float_to_bf16_cuda(model.params_memory[start:stop], out=model.params_bf16_memory[start:stop],
                                stochastic=model.step > 0, seed=rounding_seed(model.step, start))
 

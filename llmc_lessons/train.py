@@ -2,6 +2,7 @@
 
     python -m llmc_lessons.train --model d12 --batch-size 16 --seq-len 1024 --steps 500 --out runs/d12
     python -m llmc_lessons.train --model tiny --steps 20 --out runs/tiny          # CPU-sized
+    python -m llmc_lessons.train --model llama-tiny --steps 20 --out runs/llama   # the LLaMA-style model (lesson 16)
     python -m llmc_lessons.train --resume runs/tiny --steps 40                    # continue to step 40
     python -m llmc_lessons.train --init-from gpt2_124M.bin --steps 50 --out runs/ft   # fine-tune OpenAI's GPT-2
 
@@ -34,7 +35,8 @@ from llmc_lessons.data import DataLoader, prepare_shakespeare
 from llmc_lessons.files import atomic_write
 from llmc_lessons.hf import load_weights
 from llmc_lessons.layers.adamw import global_norm, global_norm_cuda
-from llmc_lessons.model import GPT2, GPT2Config
+from llmc_lessons.llama import config_from_name, model_class
+from llmc_lessons.model import GPT2
 from llmc_lessons.precision import set_tf32
 from llmc_lessons.sampling import generate
 from llmc_lessons.tokenizer import decode
@@ -231,7 +233,7 @@ def check_args(a: dict) -> None:
         raise ValueError(f"--precision {a.get('precision')!r}: must be fp32 or bf16")
     if a.get("reference") and a["precision"] != "fp32":
         raise ValueError("--reference runs the NumPy layers in float32: it cannot be combined with --precision bf16")
-    config = GPT2Config.from_name(a.get("model"))
+    config = config_from_name(a.get("model"))
     if a["seq_len"] > config.max_seq_len:
         raise ValueError(f"--seq-len {a['seq_len']} exceeds the model's context of {config.max_seq_len}")
     if a.get("out") and Path(a["out"]).exists() and not Path(a["out"]).is_dir():
@@ -279,7 +281,7 @@ class Trainer:
         init = None
         if a["init_from"]:   # llm.c's train_gpt2.c: start from saved weights, with a fresh optimizer
             init = load_weights(a["init_from"], backend=backend, precision=a["precision"])
-        config = init.config if init else GPT2Config.from_name(a["model"])
+        config = init.config if init else config_from_name(a["model"])
         if a["seq_len"] > config.max_seq_len:
             raise ValueError(f"--seq-len {a['seq_len']} exceeds the model's context of {config.max_seq_len}")
         if a["train_bin"]:
@@ -302,7 +304,7 @@ class Trainer:
             a["warmup"] = max(1, a["steps"] // 10)
         if state is not None:
             _check_resume(a, state["meta"], str(state["path"].parent))
-        self.model = init or GPT2(config, seed=a["seed"], backend=backend, precision=a["precision"])
+        self.model = init or model_class(config)(config, seed=a["seed"], backend=backend, precision=a["precision"])
         self.model.keep_logits = False  # the loop never reads the logits of a training forward
         self.model.cuda_graph = bool(a["cuda_graph"])   # replay the forward and backward (GPU only)
         self.model.recompute = a["recompute"]           # kernel paths: recompute GELU (1), and LayerNorm (2)
@@ -480,7 +482,8 @@ def _truncate_log(path: Path, step: int) -> None:
 def parse_args(argv=None) -> tuple[dict, Path | None]:
     p = argparse.ArgumentParser(prog="python -m llmc_lessons.train", description=__doc__.split("\n")[0],
                                 argument_default=argparse.SUPPRESS)
-    p.add_argument("--model", choices=["tiny", "d12", "d24", "d36", "d48"], help="GPT-2 size (default tiny)")
+    p.add_argument("--model", choices=["tiny", "d12", "d24", "d36", "d48", "llama-tiny", "llama-124m"],
+                   help="GPT-2 size (default tiny), or a LLaMA-style model (lesson 16)")
     p.add_argument("--batch-size", "-b", type=int, dest="batch_size", help="B, sequences per step (default 4)")
     p.add_argument("--seq-len", "-t", type=int, dest="seq_len", help="T, tokens per sequence (default 64)")
     p.add_argument("--steps", "-x", type=int, help="total optimizer steps of the run (default 20)")

@@ -25,9 +25,11 @@ LAYERS = (
     ("parameters", ("llmc_lessons.parameters",)),      # GPT-2's config and llm.c's parameter layout
     ("paths", ("llmc_lessons.paths",)),                # forward, backward, update: NumPy, fp32 and bf16 kernels
     ("model", ("llmc_lessons.model", "llmc_lessons.activations", "llmc_lessons.sampling")),
+    ("LLaMA-style model", ("llmc_lessons.llama",)),     # GPT2 with LLaMA's layers, layout and checkpoint header
     ("checks of the model", ("llmc_lessons.gradcheck_gpt2",)),
     ("weights", ("llmc_lessons.hf",)),                 # Hugging Face GPT-2 folders <-> llm.c model files
-    ("uses of the model", ("llmc_lessons.train", "llmc_lessons.torch_gpt2", "llmc_lessons.verify",
+    ("uses of the model", ("llmc_lessons.train", "llmc_lessons.torch_gpt2", "llmc_lessons.torch_llama",
+                           "llmc_lessons.verify",
                            "llmc_lessons.hellaswag")),
     ("bench", ("llmc_lessons.bench",)),
     ("checks", ("llmc_lessons.checks",)),               # the exercises' checks may use anything below

@@ -5,7 +5,16 @@
 # bandwidth, and a 500-step GPT-2 124M training run in fp32 and in bf16.
 #
 #   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval bench kernels memory train (default: all)
-#                                            and, on request: scale
+#                                            and, on request: scale llama llama-bench
+#
+# llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
+# in LLAMA_PRECISION (default fp32, with TF32 matmuls; or bf16), trained for the same LLAMA_STEPS (default 250)
+# steps of B=16, T=1024 on the same Shakespeare batches; their loss curves (.jsonl), tokens/s and peak memory
+# (.summary.json) go to train/ (llama-<device>-<date>-<precision>-gpt2.* and -llama.*). At most 5 minutes: each
+# run is stopped at 140 s.
+# llama-bench: the LLaMA-style step (fp32 and bf16) against PyTorch (eager, compiled fp32 with SDPA's GQA,
+# compiled bf16) to
+# bench/ (bench-<device>-<date>-llama.json).
 #
 # arch compiles every kernel of the course with NVRTC for sm_75, 80, 86, 89 and 90 and prints the table.
 # scale (about 8 minutes on an H100; not in the default): GPT-2 124M against every PyTorch baseline (the plain
@@ -96,6 +105,17 @@ except ImportError: print(\"torch missing\")"' ;;
            f=$(name bench attention)
            run scale-attention "$f.log" timeout 40 python3 -m llmc_lessons.bench --only-attention \
              --attention-seq-lens 1024 2048 --json "$f.json" ;;
+    llama) for model in d12 llama-124m; do
+             rm -rf /tmp/runs/$model
+             f=$(name train llama ${LLAMA_PRECISION:-fp32}-$([ $model = d12 ] && echo gpt2 || echo llama))
+             run llama-$model "$f.console.txt" timeout 140 python3 -m llmc_lessons.train --model $model \
+               --batch-size 16 --seq-len 1024 --steps ${LLAMA_STEPS:-250} --eval-every 50 --eval-batches 8 \
+               --precision ${LLAMA_PRECISION:-fp32} --out /tmp/runs/$model
+             cp /tmp/runs/$model/log.jsonl "$f.jsonl"
+             cp /tmp/runs/$model/summary.json "$f.summary.json"
+           done ;;
+    llama-bench) f=$(name bench bench llama); run llama-bench "$f.log" python3 -m llmc_lessons.bench \
+                   --model llama-124m --json "$f.json" ;;
     *) echo "unknown stage $s"; status=1 ;;
   esac
 done

@@ -40,6 +40,7 @@ REFERENCES = {
     "Exercise 11.1": ("learning_rate",), "Exercise 11.2": ("training_step",),
     "Exercise 13.1": ("online_softmax_update",), "Exercise 14.1": ("to_bf16",),
     "Exercise 15.1": ("rmsnorm_backward",), "Exercise 15.3": ("rope_backward",), "Exercise 15.5": ("swiglu_backward",),
+    "Exercise 16.1": ("repkv_forward",), "Exercise 16.2": ("repkv_backward",),
 }
 """The package functions that compute what an exercise asks a student to write, by name (found wherever the
 package keeps them when the check runs). Calling one is no answer."""

@@ -19,10 +19,58 @@
 //   softmax_autoregressive_backward_kernel   dpreatt = scale * att * (datt - sum(att * datt)), causal half
 //   (batched matmuls)           dq = dpreatt @ k, dk = dpreatt^T @ q
 //   permute_kernel_backward     dq, dk, dv (B, NH, T, hs) -> dqkv (B, T, 3C)
+// Grouped-query attention (lesson 16), NKV key/value heads for NH query heads, group = NH / NKV:
+//   repkv_forward_kernel        qkv (B, T, (NH + 2 NKV) hs) -> (B, T, 3C), each k/v head copied group times
+//   repkv_backward_kernel       dqkv (B, T, 3C) -> (B, T, (NH + 2 NKV) hs), each k/v head the sum of its copies
 //
 // Unlike llm.c, whose kernels accumulate gradients (+=) into buffers zeroed once per step, these kernels write
 // (=) into fresh outputs: the launchers in llmc_lessons/layers/attention.py allocate every output.
 #include "common.cuh"
+
+// ---------------------------------------------------------------------------------------------------------
+// Grouped-query attention: one thread per element of the (B, T, 3C) side. Query head h reads key/value head
+// h / group. Forward: the thread copies its element from the (B, T, (NH + 2 NKV) hs) side.
+
+extern "C" __global__ void repkv_forward_kernel(float* out,        // (B, T, 3, NH, hs) = (B, T, 3C)
+                                                const float* inp,  // (B, T, NH + 2 NKV, hs)
+                                                int B, int T, int NH, int NKV, int hs) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * T * 3 * NH * hs) return;
+    // idx = (((b * T + t) * 3 + part) * NH + h) * hs + i, part 0 = q, 1 = k, 2 = v
+    int i = idx % hs;
+    int h = (idx / hs) % NH;
+    int part = (idx / (hs * NH)) % 3;
+    int bt = idx / (hs * NH * 3);
+    // the head this element comes from, counted along inp's (NH + 2 NKV) heads
+    int src_head = part == 0 ? h : NH + (part - 1) * NKV + h / (NH / NKV);
+    out[idx] = inp[((size_t)bt * (NH + 2 * NKV) + src_head) * hs + i];
+}
+
+// Backward: one thread per element of the (B, T, (NH + 2 NKV) hs) side, summing over its copies (one for q,
+// group for k and v): the thread owns its output, so no atomics are needed.
+extern "C" __global__ void repkv_backward_kernel(float* dinp,        // (B, T, NH + 2 NKV, hs)
+                                                 const float* dout,  // (B, T, 3, NH, hs) = (B, T, 3C)
+                                                 int B, int T, int NH, int NKV, int hs) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    int heads = NH + 2 * NKV;
+    if (idx >= B * T * heads * hs) return;
+    int i = idx % hs;
+    int head = (idx / hs) % heads;
+    int bt = idx / (hs * heads);
+    const float* row = dout + (size_t)bt * 3 * NH * hs;
+    if (head < NH) {                                   // a query head: its one copy
+        dinp[idx] = row[head * hs + i];
+        return;
+    }
+    int part = head < NH + NKV ? 1 : 2;                // k or v
+    int g = head - NH - (part - 1) * NKV;              // its key/value head
+    int group = NH / NKV;
+    float sum = 0.0f;
+    for (int j = 0; j < group; j++) {
+        sum += row[(part * NH + g * group + j) * hs + i];
+    }
+    dinp[idx] = sum;
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Version "naive": one thread owns one (b, t, h) and computes the whole attention row of that query.

@@ -7,6 +7,12 @@
 
 Shapes: B batch, T positions, C channels, NH heads, hs = C / NH channels per head.
 
+Grouped-query attention (GQA, lesson 16) keeps fewer key/value heads than query heads: NKV of them, NKV
+dividing NH, and the NH / NKV query heads of group g = h // (NH / NKV) share key/value head g. Then qkv is
+(B, T, (NH + 2 NKV) hs) = [q (NH heads) | k (NKV heads) | v (NKV heads)]. repkv_forward copies each key/value
+head to the query heads of its group, giving the (B, T, 3C) layout above, and attention runs as before;
+repkv_backward sums the gradients of a group's copies back into its one head. NKV = NH (GPT-2) changes nothing.
+
 Read top-down: the NumPy references (split into heads, causal softmax, forward, backward), then the
 launchers of the kernels in `kernels/attention.cu`:
   forward version "naive":  attention_forward_kernel1, one thread per (b, t, h) row does everything;
@@ -14,7 +20,8 @@ launchers of the kernels in `kernels/attention.cu`:
                             the CPU) -> softmax_forward_kernel (one warp per row) -> batched matmul ->
                             unpermute_kernel, the structure llm.c's train_gpt2.cu uses;
   backward: unpermute_kernel_backward -> batched matmuls -> softmax_autoregressive_backward_kernel ->
-            batched matmuls -> permute_kernel_backward.
+            batched matmuls -> permute_kernel_backward;
+  GQA: repkv_forward_kernel before the forward, repkv_backward_kernel after the backward.
 """
 from __future__ import annotations
 
@@ -31,17 +38,36 @@ from llmc_lessons.layers.bf16 import launch_1d, require_bf16_array, require_mult
 # NumPy reference
 
 
-def _sizes(qkv, NH, where: str):
-    """(B, T, C, hs) from qkv (B, T, 3C) and NH, with a clear error when they do not fit together."""
-    if isinstance(NH, bool) or not isinstance(NH, (int, np.integer)) or NH < 1:
-        raise ValueError(f"{where}: NH (the number of heads) must be a positive int, got {NH!r}")
-    if qkv.ndim != 3 or qkv.shape[2] % 3:
-        raise ValueError(f"{where}: qkv must have shape (B, T, 3C), got {tuple(qkv.shape)}")
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    if C % NH:
-        raise ValueError(f"{where}: C = {C} channels do not split into NH = {NH} heads (C % NH must be 0)")
-    return B, T, C, C // NH
+def _kv_heads(NH, NKV, where: str) -> int:
+    """NKV checked against NH (None: NKV = NH): positive ints, NKV dividing NH."""
+    for name, value in (("NH (the number of heads)", NH), ("NKV (the number of key/value heads)", NKV)):
+        if (value is not None or name[:2] == "NH") and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
+    NKV = NH if NKV is None else NKV
+    if NH % NKV:
+        raise ValueError(f"{where}: NKV = {NKV} key/value heads must divide NH = {NH} query heads (each serves "
+                         f"a group of NH / NKV)")
+    return int(NKV)
+
+
+def _sizes(qkv, NH, where: str, NKV=None):
+    """(B, T, C, hs) from qkv (B, T, (NH + 2 NKV) hs) and NH, NKV (None: NKV = NH, qkv is (B, T, 3C)), with a
+    clear error when they do not fit together."""
+    NKV = _kv_heads(NH, NKV, where)
+    if NKV == NH:
+        if qkv.ndim != 3 or qkv.shape[2] % 3:
+            raise ValueError(f"{where}: qkv must have shape (B, T, 3C), got {tuple(qkv.shape)}")
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        if C % NH:
+            raise ValueError(f"{where}: C = {C} channels do not split into NH = {NH} heads (C % NH must be 0)")
+        return B, T, C, C // NH
+    if qkv.ndim != 3 or qkv.shape[2] % (NH + 2 * NKV):
+        raise ValueError(f"{where}: qkv must have shape (B, T, (NH + 2 NKV) hs) with NH = {NH}, NKV = {NKV}, got "
+                         f"{tuple(qkv.shape)}")
+    B, T, width = qkv.shape
+    hs = width // (NH + 2 * NKV)
+    return B, T, NH * hs, hs
 
 
 def split_heads(x, NH):
@@ -71,13 +97,41 @@ def causal_softmax(preatt, inv_temperature=1.0):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention_forward(qkv, NH):
+def repkv_forward(qkv, NH, NKV):
+    """(B, T, (NH + 2 NKV) hs) -> (B, T, 3C), C = NH * hs: q as it is, each of the NKV key (and value) heads
+    copied to the NH / NKV query heads of its group (query head h reads key/value head h // (NH / NKV))."""
+    qkv = np.asarray(qkv)
+    B, T, C, hs = _sizes(qkv, NH, "repkv_forward", NKV)
+    group = NH // NKV
+    k = qkv[:, :, C:C + NKV * hs].reshape(B, T, NKV, 1, hs)
+    v = qkv[:, :, C + NKV * hs:].reshape(B, T, NKV, 1, hs)
+    k_rep = np.broadcast_to(k, (B, T, NKV, group, hs)).reshape(B, T, C)   # heads g, g, .., g+1, g+1, ..
+    v_rep = np.broadcast_to(v, (B, T, NKV, group, hs)).reshape(B, T, C)
+    return np.concatenate([qkv[:, :, :C], k_rep, v_rep], axis=2)
+
+
+def repkv_backward(dqkv_rep, NH, NKV):
+    """(B, T, 3C) -> (B, T, (NH + 2 NKV) hs): the backward of repkv_forward. A key/value head was read by
+    each of its group's query heads, so its gradient is the SUM of its copies' gradients."""
+    dqkv_rep = np.asarray(dqkv_rep)
+    B, T, C, hs = _sizes(dqkv_rep, NH, "repkv_backward")
+    NKV = _kv_heads(NH, NKV, "repkv_backward")
+    group = NH // NKV
+    dk = dqkv_rep[:, :, C:2 * C].reshape(B, T, NKV, group, hs).sum(axis=3).reshape(B, T, NKV * hs)
+    dv = dqkv_rep[:, :, 2 * C:].reshape(B, T, NKV, group, hs).sum(axis=3).reshape(B, T, NKV * hs)
+    return np.concatenate([dqkv_rep[:, :, :C], dk, dv], axis=2)
+
+
+def attention_forward(qkv, NH, NKV=None):
     """(B, T, 3C) -> out (B, T, C), att (B, NH, T, T): causal self-attention with NH heads.
 
-    att is the post-softmax attention (zeros above the diagonal); the backward needs it.
+    With NKV key/value heads (grouped-query attention), qkv is (B, T, (NH + 2 NKV) hs) and is first expanded
+    by repkv_forward. att is the post-softmax attention (zeros above the diagonal); the backward needs it.
     """
     qkv = np.asarray(qkv)
-    B, T, C, hs = _sizes(qkv, NH, "attention_forward")
+    B, T, C, hs = _sizes(qkv, NH, "attention_forward", NKV)
+    if NKV is not None and NKV != NH:
+        qkv = repkv_forward(qkv, NH, NKV)                # (B, T, 3C)
     q = split_heads(qkv[:, :, 0 * C:1 * C], NH)         # (B, NH, T, hs)
     k = split_heads(qkv[:, :, 1 * C:2 * C], NH)         # (B, NH, T, hs)
     v = split_heads(qkv[:, :, 2 * C:3 * C], NH)         # (B, NH, T, hs)
@@ -88,18 +142,22 @@ def attention_forward(qkv, NH):
     return merge_heads(out_h), att
 
 
-def attention_backward(dout, qkv, att, NH):
+def attention_backward(dout, qkv, att, NH, NKV=None):
     """(B, T, C), (B, T, 3C), (B, NH, T, T) -> dqkv (B, T, 3C), laid out [dq | dk | dv] like qkv.
 
-    The forward's steps in reverse; see lesson 05 for the derivation of each line.
+    The forward's steps in reverse; see lesson 05 for the derivation of each line. With NKV key/value heads,
+    qkv and dqkv are (B, T, (NH + 2 NKV) hs), and repkv_backward sums each group's gradients (lesson 16).
     """
     dout, qkv, att = np.asarray(dout), np.asarray(qkv), np.asarray(att)
-    B, T, C, hs = _sizes(qkv, NH, "attention_backward")
+    B, T, C, hs = _sizes(qkv, NH, "attention_backward", NKV)
     if dout.shape != (B, T, C):
         raise ValueError(f"attention_backward: dout must have shape (B, T, C) = {(B, T, C)}, got {dout.shape}")
     if att.shape != (B, NH, T, T):
         raise ValueError(f"attention_backward: att must have shape (B, NH, T, T) = {(B, NH, T, T)}, "
                          f"got {att.shape}")
+    grouped = NKV is not None and NKV != NH
+    if grouped:
+        qkv = repkv_forward(qkv, NH, NKV)                # (B, T, 3C)
     q = split_heads(qkv[:, :, 0 * C:1 * C], NH)         # (B, NH, T, hs)
     k = split_heads(qkv[:, :, 1 * C:2 * C], NH)
     v = split_heads(qkv[:, :, 2 * C:3 * C], NH)
@@ -113,7 +171,8 @@ def attention_backward(dout, qkv, att, NH):
     # preatt = q @ k^T
     dq = dpreatt @ k                                    # (B, NH, T, hs)
     dk = dpreatt.transpose(0, 1, 3, 2) @ q              # (B, NH, T, hs)
-    return np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=2)
+    dqkv = np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=2)
+    return repkv_backward(dqkv, NH, NKV) if grouped else dqkv
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,19 +197,22 @@ def _softmax_rows(kernel, N, T, block_size, args) -> None:
 
 
 
-def attention_forward_cuda(qkv, NH, version: str = "cublas", block_size: int = 256):
+def attention_forward_cuda(qkv, NH, version: str = "cublas", block_size: int = 256, NKV=None):
     """(B, T, 3C) -> out (B, T, C), att (B, NH, T, T) through the kernels of attention.cu.
 
     version "naive": attention_forward_kernel1, one thread per (b, t, h).
     version "cublas": permute -> batched matmul -> softmax_forward_kernel -> batched matmul -> unpermute.
     block_size: threads per block (a multiple of 32 for "cublas", whose softmax gives each row a warp).
+    NKV: key/value heads (grouped-query attention, qkv (B, T, (NH + 2 NKV) hs)), expanded by repkv first.
     """
     if version not in ("naive", "cublas"):
         raise ValueError(f"version must be 'naive' or 'cublas', got {version!r}")
     block_size = device.require_block_size(block_size, warps=(version == "cublas"))
     device.require_array("qkv", qkv, shape=(None, None, None))
-    B, T, C, hs = _sizes(qkv, NH, "attention_forward_cuda")
+    B, T, C, hs = _sizes(qkv, NH, "attention_forward_cuda", NKV)
     NH = int(NH)
+    if NKV is not None and NKV != NH:
+        qkv = repkv_forward_cuda(qkv, NH, NKV, block_size)
     xp = device.xp
     out = xp.empty((B, T, C), dtype=np.float32)
     att = xp.empty((B, NH, T, T), dtype=np.float32)
@@ -169,16 +231,20 @@ def attention_forward_cuda(qkv, NH, version: str = "cublas", block_size: int = 2
     return out, att
 
 
-def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256):
+def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256, NKV=None):
     """(B, T, C), (B, T, 3C), (B, NH, T, T) -> dqkv (B, T, 3C) through the backward kernels of attention.cu.
 
     q, k, v are permuted again from qkv (llm.c keeps them from the forward pass instead).
     block_size: threads per block, a multiple of 32 (the softmax backward gives each row a warp).
+    NKV: key/value heads (grouped-query attention): qkv and dqkv are (B, T, (NH + 2 NKV) hs).
     """
     block_size = device.require_block_size(block_size, warps=True)
     device.require_array("qkv", qkv, shape=(None, None, None))
-    B, T, C, hs = _sizes(qkv, NH, "attention_backward_cuda")
+    B, T, C, hs = _sizes(qkv, NH, "attention_backward_cuda", NKV)
     NH = int(NH)
+    grouped = NKV is not None and NKV != NH
+    if grouped:
+        qkv = repkv_forward_cuda(qkv, NH, NKV, block_size)
     device.require_array("dout", dout, shape=(B, T, C))
     device.require_array("att", att, shape=(B, NH, T, T))
     xp = device.xp
@@ -200,7 +266,31 @@ def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256):
     dqkv = xp.empty((B, T, 3 * C), dtype=np.float32)
     launch_1d("attention.cu", "permute_kernel_backward", n, block_size,
               (dqkv, dq, dk, dv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
-    return dqkv
+    return repkv_backward_cuda(dqkv, NH, NKV, block_size) if grouped else dqkv
+
+def repkv_forward_cuda(qkv, NH: int, NKV: int, block_size: int = 256):
+    """(B, T, (NH + 2 NKV) hs) -> (B, T, 3C) through repkv_forward_kernel (grouped-query attention)."""
+    block_size = device.require_block_size(block_size)
+    device.require_array("qkv", qkv, shape=(None, None, None))
+    B, T, C, hs = _sizes(qkv, NH, "repkv_forward_cuda", NKV)
+    out = device.xp.empty((B, T, 3 * C), dtype=np.float32)
+    launch_1d("attention.cu", "repkv_forward_kernel", out.size, block_size,
+              (out, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV), np.int32(hs)))
+    return out
+
+
+def repkv_backward_cuda(dqkv_rep, NH: int, NKV: int, block_size: int = 256):
+    """(B, T, 3C) -> (B, T, (NH + 2 NKV) hs) through repkv_backward_kernel: each key/value head's gradient is
+    the sum over its group's copies."""
+    block_size = device.require_block_size(block_size)
+    device.require_array("dqkv_rep", dqkv_rep, shape=(None, None, None))
+    B, T, C, hs = _sizes(dqkv_rep, NH, "repkv_backward_cuda")
+    NKV = _kv_heads(NH, NKV, "repkv_backward_cuda")
+    out = device.xp.empty((B, T, (NH + 2 * NKV) * hs), dtype=np.float32)
+    launch_1d("attention.cu", "repkv_backward_kernel", out.size, block_size,
+              (out, dqkv_rep, np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV), np.int32(hs)))
+    return out
+
 
 # ---------------------------------------------------------------------------------------------------------
 # bf16 (lesson 14): launchers of the bf16 kernels in kernels/attention.cu (bf16 arrays are uint16 arrays of

@@ -1,0 +1,182 @@
+"""A LLaMA-style model in PyTorch, written independently of the course's layers: the reference the course's
+LLaMA-style model (llmc_lessons/llama.py) is checked against (tests, lesson 16) and the baseline it is timed
+against (`python -m llmc_lessons.bench --model llama-124m`).
+
+Written as Meta's LLaMA writes it: separate wq, wk, wv, wo; RoPE as a multiplication by complex numbers made
+of neighbouring channel pairs; RMSNorm; the MLP w2(silu(w1 x) * w3 x); no biases; an untied output head;
+key/value heads repeated for their query heads (repeat_interleave). flash=True, for speed: RoPE in real
+arithmetic (torch.compile does not fuse complex numbers) and scaled_dot_product_attention with enable_gqa. `llmc_tensors` maps its weights onto the course's flat layout (qkvw = [wq; wk; wv],
+fcw = [w3; w1]: up, then gate).
+
+PyTorch is not a dependency of the course: import this module only where torch is installed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmc_lessons import device
+from llmc_lessons.llama import LLAMA_PARAMETER_NAMES, LlamaConfig
+
+UNSTACKED = ("wte", "lnfw", "lm_head")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, C: int, eps: float):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(C))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_table(hs: int, T: int, theta: float) -> torch.Tensor:
+    """(T, hs/2) complex: e^(i t theta^(-2j/hs)) for position t and pair j."""
+    freqs = 1.0 / theta ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    angles = torch.outer(torch.arange(T, dtype=torch.float64), freqs)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def apply_rope(x, table):
+    """x (B, T, heads, hs) real -> the same, each neighbouring pair (2j, 2j+1) times table[t, j] as a complex."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * table[None, :, None, :]).flatten(3).type_as(x)
+
+
+def apply_rope_real(x, table):
+    """apply_rope in real arithmetic, table (T, hs/2, 2) = [cos, sin] (the complex product written out), which
+    torch.compile fuses."""
+    pairs = x.float().unflatten(-1, (-1, 2))                      # (B, T, heads, hs/2, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LlamaConfig, flash: bool):
+        super().__init__()
+        self.NH, self.NKV, self.hs, self.flash = c.num_heads, c.num_kv_heads, c.head_size, flash
+        self.wq = nn.Linear(c.channels, c.num_heads * c.head_size, bias=False)
+        self.wk = nn.Linear(c.channels, c.num_kv_heads * c.head_size, bias=False)
+        self.wv = nn.Linear(c.channels, c.num_kv_heads * c.head_size, bias=False)
+        self.wo = nn.Linear(c.num_heads * c.head_size, c.channels, bias=False)
+
+    def forward(self, x, table):
+        B, T, _ = x.shape
+        rope = apply_rope_real if self.flash else apply_rope
+        q = rope(self.wq(x).view(B, T, self.NH, self.hs), table).transpose(1, 2)          # (B, NH, T, hs)
+        k = rope(self.wk(x).view(B, T, self.NKV, self.hs), table).transpose(1, 2)         # (B, NKV, T, hs)
+        v = self.wv(x).view(B, T, self.NKV, self.hs).transpose(1, 2)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.NKV != self.NH)
+        else:
+            group = self.NH // self.NKV
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)   # (B, NH, T, hs)
+            scores = q @ k.transpose(-2, -1) / self.hs ** 0.5
+            future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=1)
+            y = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, C: int, H: int):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(C, H, bias=False), nn.Linear(H, C, bias=False), nn.Linear(C, H, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaConfig, flash: bool):
+        super().__init__()
+        self.attention_norm, self.attention = RMSNorm(c.channels, c.norm_eps), Attention(c, flash)
+        self.ffn_norm, self.feed_forward = RMSNorm(c.channels, c.norm_eps), FeedForward(c.channels, c.ffn_hidden)
+
+    def forward(self, x, table):
+        x = x + self.attention(self.attention_norm(x), table)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class TorchLlama(nn.Module):
+    """The LLaMA-style model over the V real tokens; flash=True uses scaled_dot_product_attention."""
+
+    def __init__(self, c: LlamaConfig, flash: bool = False):
+        super().__init__()
+        self.config = c
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.channels)
+        self.layers = nn.ModuleList(Block(c, flash) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.channels, c.norm_eps)
+        self.output = nn.Linear(c.channels, c.vocab_size, bias=False)     # untied
+        table = rope_table(c.head_size, c.max_seq_len, c.rope_theta)
+        # flash: the table as real [cos, sin] pairs, so that no complex tensor reaches torch.compile
+        self.register_buffer("table", torch.view_as_real(table).clone() if flash else table, persistent=False)
+
+    def forward(self, idx, targets=None):
+        T = idx.shape[1]
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, self.table[:T])
+        logits = self.output(self.norm(x))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
+        return logits, loss
+
+    def llmc_tensors(self) -> dict:
+        """{course name: (list of torch tensors per layer, each split into parts concatenated along rows)}."""
+        h = self.layers
+        return {
+            "wte": [[self.tok_embeddings.weight]],
+            "ln1w": [[b.attention_norm.weight] for b in h],
+            "qkvw": [[b.attention.wq.weight, b.attention.wk.weight, b.attention.wv.weight] for b in h],
+            "attprojw": [[b.attention.wo.weight] for b in h],
+            "ln2w": [[b.ffn_norm.weight] for b in h],
+            "fcw": [[b.feed_forward.w3.weight, b.feed_forward.w1.weight] for b in h],    # up, then gate
+            "fcprojw": [[b.feed_forward.w2.weight] for b in h],
+            "lnfw": [[self.norm.weight]],
+            "lm_head": [[self.output.weight]],
+        }
+
+    def decay_groups(self, weight_decay: float) -> list:
+        """AdamW parameter groups: decay on the 2-D weights only (the course's LLAMA_DECAYED_PARAMETER_NAMES)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def from_course(model, flash: bool = False, torch_device: str = "cpu") -> TorchLlama:
+    """A TorchLlama holding the same weights as the course's Llama `model` (without the padded vocab rows)."""
+    c = model.config
+    ref = TorchLlama(c, flash).to(torch_device)
+    with torch.no_grad():
+        for name, layers in ref.llmc_tensors().items():
+            ours = device.to_host(model.params[name])
+            if name in ("wte", "lm_head"):
+                ours = ours[:c.vocab_size]
+            for l, parts in enumerate(layers):
+                whole = torch.from_numpy(np.array(ours if name in UNSTACKED else ours[l]))
+                for part, piece in zip(parts, whole.split([p.shape[0] for p in parts])):
+                    part.copy_(piece)
+    return ref
+
+
+def _llmc_arrays(ref: TorchLlama, get) -> dict:
+    c = ref.config
+    out = {}
+    for name, layers in ref.llmc_tensors().items():
+        arrays = [torch.cat([get(p).detach() for p in parts]).cpu().numpy() for parts in layers]
+        out[name] = arrays[0] if name in UNSTACKED else np.stack(arrays)
+    for name in ("wte", "lm_head"):
+        out[name] = np.concatenate([out[name], np.zeros((c.padded_vocab_size - c.vocab_size, c.channels), np.float32)])
+    return {name: out[name] for name in LLAMA_PARAMETER_NAMES}
+
+
+def llmc_params(ref: TorchLlama) -> dict:
+    """The weights under the course's names as NumPy arrays (the course's layout, padded rows zero)."""
+    return _llmc_arrays(ref, lambda t: t)
+
+
+def llmc_grads(ref: TorchLlama) -> dict:
+    """The gradients under the course's names as NumPy arrays (the course's layout)."""
+    return _llmc_arrays(ref, lambda t: t.grad)
