@@ -6,12 +6,25 @@ CuPy finds one, else the CPU). Nothing here sets it.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """Parts that passing checks keep (llmc_lessons.parts) go to a folder of this run, never into the repository;
+    the notebooks that nbval runs inherit it, so lesson 10 finds the parts that lessons 02 to 09 kept."""
+    config._llmc_parts = os.environ["LLMC_PARTS"] = tempfile.mkdtemp(prefix="llmc_parts-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_llmc_parts", ""), ignore_errors=True)
 
 
 def pytest_report_header(config):

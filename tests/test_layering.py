@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llmc_lessons"
 
 LAYERS = (
     ("base", ("llmc_lessons", "llmc_lessons.device", "llmc_lessons.cuda.source", "llmc_lessons.gradcheck",
-              "llmc_lessons.tokenizer", "llmc_lessons.files")),
+              "llmc_lessons.tokenizer", "llmc_lessons.files",
+              "llmc_lessons.parts")),
     ("cuda", ("llmc_lessons.cuda",)),                   # the emulator and the same-call RawKernel
     ("precision", ("llmc_lessons.precision",)),         # bf16 conversions, the TF32 switch
     ("measuring", ("llmc_lessons.timing", "llmc_lessons.perf")),
