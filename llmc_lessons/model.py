@@ -43,13 +43,14 @@ class GPT2:
     """GPT-2 with llm.c's memory layout: forward(idx, targets) -> mean loss, backward(), update(...)."""
 
     def __init__(self, config: GPT2Config, seed: int | None = 0, backend: str | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", parts: dict | None = None):
         """Build a model with GPT-2's initialisation (seeded), or with zeros when seed is None.
 
         backend: "numpy" (reference layers on the host), "kernels" (the course's CUDA kernels, through CuPy
         on a GPU or the emulator on a CPU), or None for the default: kernels on a GPU, NumPy on a CPU.
         precision: "fp32", or "bf16" (lesson 14, kernels only): bf16 activations and bf16 copies of the
         weights for the forward and backward, float32 master weights, gradients and AdamW moments.
+        parts: the student's parts ({key: llmc_lessons.parts.Part}, from parts.load_all()) for the NumPy path.
         """
         if not isinstance(config, GPT2Config):
             raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
@@ -68,7 +69,9 @@ class GPT2:
             raise ValueError(f"backend must be 'numpy' or 'kernels' (or None), got {backend!r}")
         # the execution path: forward, backward and update (llmc_lessons/paths.py)
         self.path = Bf16KernelPath() if precision == "bf16" else Fp32KernelPath() if backend == "kernels" \
-            else NumpyPath()
+            else NumpyPath(parts)
+        if parts and self.path.on_backend:
+            raise ValueError("parts run on the NumPy path: use backend='numpy'")
         self.path.check(config)
         self.config = config
         self.precision = precision
@@ -131,6 +134,8 @@ class GPT2:
             return
         if self.precision == "bf16":
             raise ValueError("a precision='bf16' model runs the bf16 kernels only")
+        if value and self.path.parts:
+            raise ValueError("parts run on the NumPy path: this model keeps to it")
         self.path = Fp32KernelPath() if value else NumpyPath()
         # Move every buffer to the new path's array module (a no-op on the CPU, where both are NumPy).
         self._set_params_memory(self.params_memory)

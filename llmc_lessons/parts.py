@@ -13,6 +13,7 @@ gradient checks of lessons 02 to 09 run the student's checker (Exercise 0.3) and
 """
 from __future__ import annotations
 
+import copy
 import dis
 import hashlib
 import inspect
@@ -122,11 +123,13 @@ def portable_source(fn) -> str:
         except (OSError, TypeError) as e:
             raise PartNotKept(f"its source cannot be read ({e})") from None
         seen.add(f.__name__)
-        for name in _global_names(f.__code__):
-            if name in seen or name not in f.__globals__:
+        reads = dict(f.__globals__)
+        reads.update(zip(f.__code__.co_freevars, (c.cell_contents for c in f.__closure__ or ())))
+        for name in list(f.__code__.co_freevars) + _global_names(f.__code__):
+            if name in seen or name not in reads:
                 continue                                           # a builtin, or defined again below
             seen.add(name)
-            value = f.__globals__[name]
+            value = reads[name]
             if isinstance(value, types.ModuleType):
                 lines.append(f"import {value.__name__}" + (f" as {name}" if name != value.__name__ else ""))
             elif isinstance(value, (bool, int, float, complex, str, type(None))):
@@ -278,6 +281,63 @@ def substituted(parts, extra_namespaces=(), used: set | None = None):
                         for k, (ref, fn) in replacements.items()}
     namespaces = _package_namespaces() + list(extra_namespaces) + [p.namespace for p in parts]
     changed = _rebind(namespaces, replacements)
+    try:
+        yield
+    finally:
+        for ns, key, value in reversed(changed):
+            ns[key] = value
+
+
+def _arrays(result) -> list:
+    """The arrays of a function's result (an array, or tuples, lists and dicts of them), in order."""
+    if isinstance(result, dict):
+        return [a for k in sorted(result) for a in _arrays(result[k])]
+    if isinstance(result, (tuple, list)):
+        return [a for r in result for a in _arrays(r)]
+    return [np.asarray(result)]
+
+
+def disagreement(theirs, reference, rtol: float = 1e-4) -> str | None:
+    """Why the result of a student's function differs from the reference's (None when they agree to `rtol` of
+    each array's largest value)."""
+    a, b = _arrays(theirs), _arrays(reference)
+    if len(a) != len(b):
+        return f"returned {len(a)} arrays, the reference {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape:
+            return f"output {i} has shape {x.shape}, the reference's {y.shape}"
+        if y.dtype.kind != "f":
+            continue
+        err = float(np.max(np.abs(x.astype(np.float64) - y), initial=0.0))
+        scale = float(np.max(np.abs(y), initial=0.0))
+        if not err <= rtol * scale + 1e-30:
+            return f"output {i} differs by up to {err:.3g} (the reference's largest value is {scale:.3g})"
+    return None
+
+
+@contextmanager
+def compared(parts, found: list):
+    """While inside, each reference function of the NumPy `parts` also runs the student's version on copies of the
+    same inputs; `found` collects (key, why) for every call where the two disagree, in the order the calls end
+    (so a part that calls another comes after it)."""
+    parts = [p for p in parts if p.theirs and not p.spec.is_kernel]
+
+    def spy(part, reference):
+        def call(*args, **kwargs):
+            theirs_args, theirs_kwargs = copy.deepcopy((args, kwargs))
+            result = reference(*args, **kwargs)
+            try:
+                why = disagreement(part.value(*theirs_args, **theirs_kwargs), result)
+            except Exception as e:   # noqa: BLE001  (the student's code failing is what this looks for)
+                why = f"raised {type(e).__name__}: {e}"
+            if why:
+                found.append((part.spec.key, why))
+            return result
+        return call
+
+    replacements = {k: (ref, spy(next(p for p in parts if p.value is fn), ref))
+                    for k, (ref, fn) in _replacements(parts).items()}
+    changed = _rebind(_package_namespaces(), replacements)
     try:
         yield
     finally:

@@ -12,13 +12,17 @@ gpt2_forward / gpt2_backward / gpt2_update:
     copies of the weights, float32 master weights, gradients and AdamW moments.
 
 A GPT2 model holds one path object and calls it; the paths hold no state of their own: they read and write
-the model's buffers (params, params_bf16, grads, m_memory, v_memory).
+the model's buffers (params, params_bf16, grads, m_memory, v_memory). The NumPy path may take the student's
+parts (llmc_lessons.parts): their functions then stand in for the references they replace.
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import numpy as np
 
 from llmc_lessons import device
+from llmc_lessons.parts import substituted
 from llmc_lessons.cublas import gemm
 from llmc_lessons.layers.adamw import adamw_update, adamw_update_bf16_cuda, adamw_update_cuda
 from llmc_lessons.layers.bf16 import float_to_bf16_cuda
@@ -94,9 +98,16 @@ def gpt2_backward(params: dict, config: GPT2Config, cache: dict) -> dict:
 
 
 class NumpyPath:
-    """The layers' NumPy references on the host, in float32."""
+    """The layers' NumPy references on the host, in float32; with `parts` ({key: llmc_lessons.parts.Part}), the
+    student's functions wherever they have written one (the forward, the backward and the AdamW update)."""
     on_backend = False      # arrays are NumPy arrays on the host: no token buckets, no CUDA graphs
     xp = np
+
+    def __init__(self, parts: dict | None = None):
+        self.parts = parts or {}
+
+    def _theirs(self):
+        return substituted(self.parts.values()) if self.parts else nullcontext()
 
     def check(self, config: GPT2Config) -> None:
         """Raise a ValueError when this path cannot run `config` (every config runs here)."""
@@ -106,7 +117,8 @@ class NumpyPath:
 
     def forward(self, model, idx, targets):
         """-> (logits (B, T, Vp), losses (B, T) or None, cache for the backward)."""
-        return gpt2_forward(model.params, model.config, idx, targets)
+        with self._theirs():
+            return gpt2_forward(model.params, model.config, idx, targets)
 
     def after_forward(self, model, cache: dict, host_idx) -> None:
         """Add to the forward's cache what the backward needs from the host ids, outside any CUDA graph
@@ -114,7 +126,9 @@ class NumpyPath:
 
     def backward(self, model, cache):
         """Add every gradient into model.grads; the encoder's too, so there is nothing left for finish_backward."""
-        for name, grad in gpt2_backward(model.params, model.config, cache).items():
+        with self._theirs():
+            grads = gpt2_backward(model.params, model.config, cache)
+        for name, grad in grads.items():
             model.grads[name] += grad
 
     def finish_backward(self, model, cache, dres) -> None:
@@ -126,7 +140,8 @@ class NumpyPath:
         m, v = model.m_memory[start:stop], model.v_memory[start:stop]
         if grad_scale != 1.0:
             g = g * np.float32(grad_scale)
-        p[...], m[...], v[...] = adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, wd)
+        with self._theirs():
+            p[...], m[...], v[...] = adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, wd)
 
 
 class Fp32KernelPath(NumpyPath):

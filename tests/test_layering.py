@@ -28,7 +28,7 @@ LAYERS = (
     ("checks of the model", ("llmc_lessons.gradcheck_gpt2",)),
     ("weights", ("llmc_lessons.hf",)),                 # Hugging Face GPT-2 folders <-> llm.c model files
     ("uses of the model", ("llmc_lessons.train", "llmc_lessons.torch_gpt2", "llmc_lessons.verify",
-                           "llmc_lessons.hellaswag")),
+                           "llmc_lessons.hellaswag", "llmc_lessons.your_model")),
     ("bench", ("llmc_lessons.bench",)),
     ("checks", ("llmc_lessons.checks",)),               # the exercises' checks may use anything below
     ("notebook cells", ("llmc_lessons.nbgrader_meta", "llmc_lessons.setup_cell")),   # what the builder writes
