@@ -173,7 +173,9 @@ def record(exercise: str, answer) -> str:
         atomic_write(where / INDEX, json.dumps(index, indent=1, sort_keys=True).encode())
     except (PartNotKept, OSError) as e:
         return f"  (not kept as your {spec.key}: {e})"
-    return f"  kept as your {spec.key} in {where / file}: lesson 10 builds GPT-2 from your parts"
+    use = ("the gradient checks of later lessons run it" if spec.name == "gradient_checker"
+           else "lesson 10 builds GPT-2 from your parts")
+    return f"  kept as your {spec.key} in {where / file}: {use}"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import linecache
+import math
 import re
 
 import numpy as np
@@ -53,13 +54,12 @@ def uses_helpers(x):
 
 
 OFFSET = 1.5
-math = np
 
 
 def test_a_function_is_kept_with_what_it_reads_from_its_notebook():
     source = parts.portable_source(uses_helpers)
     assert "SCALE = 3.0" in source and "OFFSET = 1.5" in source and "import numpy as np" in source
-    assert "import numpy as math" in source and "def scaled" in source
+    assert "import math" in source and "def scaled" in source
     ns = {}
     exec(source, ns)
     assert ns["uses_helpers"](2.0) == 7.5
@@ -190,3 +190,38 @@ def test_a_broken_part_is_named(solutions_store, broken, tmp_path):
     assert not all(r["same"] for r in rows)
     key, why = first_divergent_part(TINY, batches(1)[0], loaded)
     assert key == broken, (key, why)
+
+
+def my_grad_check(loss, x, grad, seed=0):
+    x = np.asarray(x, dtype=np.float64)
+    v = np.random.default_rng(seed).standard_normal(x.shape)
+    numeric = (loss(x + 1e-6 * v) - loss(x - 1e-6 * v)) / 2e-6
+    analytic = float(np.sum(np.asarray(grad, dtype=np.float64) * v))
+    return abs(analytic - numeric) / max(abs(analytic), abs(numeric), 1e-300)
+
+
+def my_gelu_backward_off(dout, inp):   # the derivative of the tanh without its 1 - tanh^2: a plausible slip
+    k, a = math.sqrt(2.0 / math.pi), 0.044715
+    th = np.tanh(k * (inp + a * inp ** 3))
+    return (0.5 * (1 + th) + 0.5 * inp * k * (1 + 3 * a * inp ** 2)) * dout
+
+
+def gelu_report():
+    from llmc_lessons.gradcheck import gradcheck
+    from llmc_lessons.layers import gelu as gl
+    inputs = {"inp": np.random.default_rng(0).uniform(-3, 3, size=(2, 7))}
+    return gradcheck(lambda inp: gl.gelu_forward(inp), lambda dy, inp: {"inp": gl.gelu_backward(dy, inp)}, inputs)
+
+
+def test_gradcheck_runs_the_students_checker_and_parts(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMC_PARTS", str(tmp_path))
+    text = str(gelu_report())
+    assert "none of your parts" in text and "your gradient checker: not recorded yet" in text
+    parts.record("Exercise 0.3", my_grad_check)
+    parts.record("Exercise 6.1", my_gelu_backward_off)
+    report = gelu_report()
+    assert report.passed                                    # the verdict stays the package's, on its backward
+    lines = report.theirs
+    assert "with your gelu_backward, checked by the package: dinp" in lines[0] and "FAIL" in lines[0]
+    assert "your gradient checker on the package's backward: dinp" in lines[1] and lines[1].endswith("ok")
+    assert "your gradient checker on your gelu_backward" in lines[2] and lines[2].endswith("FAIL")
