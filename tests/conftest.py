@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def pytest_configure(config):
     """Parts that passing checks keep (llmc_lessons.parts) go to a folder of this run, never into the repository;
     the notebooks that nbval runs inherit it, so lesson 10 finds the parts that lessons 02 to 09 kept."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("LLMC_PARTS"):
+        return                                   # a pytest-xdist worker shares the folder of the run that started it
     config._llmc_parts = os.environ["LLMC_PARTS"] = tempfile.mkdtemp(prefix="llmc_parts-")
 
 
