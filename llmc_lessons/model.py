@@ -50,7 +50,8 @@ class GPT2:
         on a GPU or the emulator on a CPU), or None for the default: kernels on a GPU, NumPy on a CPU.
         precision: "fp32", or "bf16" (lesson 14, kernels only): bf16 activations and bf16 copies of the
         weights for the forward and backward, float32 master weights, gradients and AdamW moments.
-        parts: the student's parts ({key: llmc_lessons.parts.Part}, from parts.load_all()) for the NumPy path.
+        parts: the student's parts ({key: llmc_lessons.parts.Part}, from parts.load_all()): their NumPy functions
+        on the NumPy path, their kernels on the fp32 kernel path, the package's for every part not in it.
         """
         if not isinstance(config, GPT2Config):
             raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
@@ -68,10 +69,10 @@ class GPT2:
         if backend not in ("numpy", "kernels"):
             raise ValueError(f"backend must be 'numpy' or 'kernels' (or None), got {backend!r}")
         # the execution path: forward, backward and update (llmc_lessons/paths.py)
-        self.path = Bf16KernelPath() if precision == "bf16" else Fp32KernelPath() if backend == "kernels" \
+        if parts and precision == "bf16":
+            raise ValueError("the student's parts run in fp32: precision='bf16' takes no parts")
+        self.path = Bf16KernelPath() if precision == "bf16" else Fp32KernelPath(parts) if backend == "kernels" \
             else NumpyPath(parts)
-        if parts and self.path.on_backend:
-            raise ValueError("parts run on the NumPy path: use backend='numpy'")
         self.path.check(config)
         self.config = config
         self.precision = precision
@@ -134,9 +135,7 @@ class GPT2:
             return
         if self.precision == "bf16":
             raise ValueError("a precision='bf16' model runs the bf16 kernels only")
-        if value and self.path.parts:
-            raise ValueError("parts run on the NumPy path: this model keeps to it")
-        self.path = Fp32KernelPath() if value else NumpyPath()
+        self.path = Fp32KernelPath(self.path.parts) if value else NumpyPath(self.path.parts)
         # Move every buffer to the new path's array module (a no-op on the CPU, where both are NumPy).
         self._set_params_memory(self.params_memory)
         if self.grads_memory is not None:

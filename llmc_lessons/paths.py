@@ -12,8 +12,8 @@ gpt2_forward / gpt2_backward / gpt2_update:
     copies of the weights, float32 master weights, gradients and AdamW moments.
 
 A GPT2 model holds one path object and calls it; the paths hold no state of their own: they read and write
-the model's buffers (params, params_bf16, grads, m_memory, v_memory). The NumPy path may take the student's
-parts (llmc_lessons.parts): their functions then stand in for the references they replace.
+the model's buffers (params, params_bf16, grads, m_memory, v_memory). The NumPy and fp32 kernel paths may take
+the student's parts (llmc_lessons.parts): their functions and kernels then stand in for the package's.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy as np
 from llmc_lessons import device
 from llmc_lessons.parts import substituted
 from llmc_lessons.cublas import gemm
+from llmc_lessons.cuda import kernels_replaced
 from llmc_lessons.layers.adamw import adamw_update, adamw_update_bf16_cuda, adamw_update_cuda
 from llmc_lessons.layers.bf16 import float_to_bf16_cuda
 from llmc_lessons.layers.block import (BLOCK_PARAMETER_NAMES, block_backward, block_backward_cuda, block_forward,
@@ -145,8 +146,26 @@ class NumpyPath:
 
 
 class Fp32KernelPath(NumpyPath):
-    """The course's float32 kernels on backend arrays; the classifier is llm.c's fused kernel."""
+    """The course's float32 kernels on backend arrays; the classifier is llm.c's fused kernel. With `parts`, the
+    student's kernels wherever the path launches one (their layernorm_forward_kernel2 in place of kernel 3, which
+    it launches alike; their encoder_forward_kernel1 and matmul_kernel2 make the path take those versions)."""
     on_backend = True
+
+    def _theirs(self):
+        replaced = {}
+        for part in self.parts.values():
+            if part.theirs and part.spec.is_kernel:
+                replaced[part.spec.kernel_file, part.spec.name] = (part.value, part.spec.name)
+                if part.spec.name == "layernorm_forward_kernel2":   # same arguments and launch as kernel 3
+                    replaced["layernorm.cu", "layernorm_forward_kernel3"] = (part.value, part.spec.name)
+        return kernels_replaced(replaced)
+
+    def _versions(self, model) -> tuple:
+        """(the encoder's version, the matmuls' version): the student's kernels where they wrote them."""
+        def theirs(key):
+            return key in self.parts and self.parts[key].theirs
+        encoder = 1 if theirs("encoder.cu:encoder_forward_kernel1") or model.config.channels % 4 else 2
+        return encoder, 2 if theirs("matmul.cu:matmul_kernel2") else model.matmul_version
 
     @property
     def xp(self):
@@ -159,10 +178,14 @@ class Fp32KernelPath(NumpyPath):
 
     def forward(self, model, idx, targets):
         """The forward through the course's kernels (backend arrays); the classifier is llm.c's fused kernel."""
-        c, p, version = model.config, model.params, model.matmul_version
+        with self._theirs():
+            return self._forward(model, idx, targets)
+
+    def _forward(self, model, idx, targets):
+        c, p = model.config, model.params
+        encoder_version, version = self._versions(model)
         # ids were checked on the host (_tokens): no range check that would wait for the GPU; float4 where C allows
-        encoded = encoder_forward_cuda(idx, p["wte"], p["wpe"], version=2 if c.channels % 4 == 0 else 1,
-                                       check_ids=False)                     # (B, T, C)
+        encoded = encoder_forward_cuda(idx, p["wte"], p["wpe"], version=encoder_version, check_ids=False)  # (B, T, C)
         residual, block_caches = encoded, []
         for l in range(c.num_layers):
             residual, cache = block_forward_cuda(residual, model.layer_params(l), c.num_heads, matmul_version=version)
@@ -183,7 +206,11 @@ class Fp32KernelPath(NumpyPath):
         return logits, losses, cache
 
     def backward(self, model, cache):
-        c, p, g, version = model.config, model.params, model.grads, model.matmul_version
+        with self._theirs():
+            return self._backward(model, cache)
+
+    def _backward(self, model, cache):
+        c, p, g, version = model.config, model.params, model.grads, self._versions(model)[1]
         # dlogits came out of the fused classifier in the forward; used once, then freed
         dlnf, dwte_head, _ = matmul_backward_cuda(cache.pop("dlogits"), cache["lnf"], p["wte"], version=version,
                                                   has_bias=False)
@@ -209,7 +236,8 @@ class Fp32KernelPath(NumpyPath):
     def update(self, model, start: int, stop: int, t: int, lr, beta1, beta2, eps, wd, grad_scale) -> None:
         p, g = model.params_memory[start:stop], model.grads_memory[start:stop]
         m, v = model.m_memory[start:stop], model.v_memory[start:stop]
-        adamw_update_cuda(p, g, m, v, t, lr, beta1, beta2, eps, wd, grad_scale=grad_scale)
+        with self._theirs():
+            adamw_update_cuda(p, g, m, v, t, lr, beta1, beta2, eps, wd, grad_scale=grad_scale)
 
 
 class Bf16KernelPath(Fp32KernelPath):

@@ -1,18 +1,20 @@
 """GPT-2 built from the student's parts (lessons 10 and 11), trained beside the reference.
 
-your_gpt2 assembles the model on the NumPy path from the parts the exercises kept (llmc_lessons.parts); the
-reference stands in for each part not written yet. train_side_by_side trains it and the reference from the same
-seed on the same batches; when the losses part ways, first_divergent_part runs each of the student's functions
-beside its reference on the very inputs the reference step gives it, and names the first that disagrees.
+your_gpt2 assembles the model from the parts the exercises kept (llmc_lessons.parts): their NumPy functions on
+the NumPy path, their kernels on the kernel path; the reference stands in for each part not written yet.
+train_side_by_side trains it and the reference from the same seed on the same batches (llm.c's loop body,
+train.training_step); when the two part ways, first_divergent_part runs each of the student's functions beside
+its reference on the very inputs the reference step gives it, and names the first that disagrees.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from llmc_lessons import device
 from llmc_lessons import parts as store
-from llmc_lessons.layers.adamw import global_norm
 from llmc_lessons.model import GPT2
 from llmc_lessons.parameters import GPT2Config
+from llmc_lessons.train import NonFiniteError, training_step
 
 
 def model_parts(where=None) -> dict:
@@ -20,49 +22,49 @@ def model_parts(where=None) -> dict:
     return {k: p for k, p in store.load_all(where).items() if p.spec.module or p.spec.kernel_file}
 
 
-def your_gpt2(config: GPT2Config, seed: int = 0, parts: dict | None = None) -> GPT2:
-    """GPT-2 on the NumPy path with the student's NumPy parts (default: all that the store holds)."""
+def your_gpt2(config: GPT2Config, seed: int = 0, parts: dict | None = None, backend: str = "numpy") -> GPT2:
+    """GPT-2 with the student's parts (default: all that the store holds): their NumPy functions on the NumPy
+    path (backend "numpy"), their kernels on the fp32 kernel path (backend "kernels")."""
     parts = model_parts() if parts is None else parts
-    return GPT2(config, seed=seed, backend="numpy",
-                parts={k: p for k, p in parts.items() if p.theirs and not p.spec.is_kernel})
-
-
-def _step(model: GPT2, x, y, lr: float) -> float:
-    """llm.c's loop body (no weight decay, gradients clipped at 1): -> the loss before the update."""
-    loss = model.forward(x, y)
-    model.zero_grad()
-    model.backward()
-    norm = global_norm(model.grads_memory)
-    model.update(lr, weight_decay=0.0, grad_scale=min(1.0, 1.0 / norm) if np.isfinite(norm) else 1.0)
-    return loss
+    return GPT2(config, seed=seed, backend=backend,
+                parts={k: p for k, p in parts.items() if p.theirs and p.spec.is_kernel == (backend == "kernels")})
 
 
 def train_side_by_side(config: GPT2Config, batches, parts: dict | None = None, lr: float = 1e-3, seed: int = 0,
-                       rtol: float = 1e-4) -> list[dict]:
+                       rtol: float = 1e-4, backend: str = "numpy") -> list[dict]:
     """Train the reference GPT-2 and the student's from the same seed on the same `batches` ((x, y) pairs), a step
-    a batch. -> one row a step: {step, reference, yours, same}; `same` when the losses agree to `rtol` and so do
-    the weights after the update."""
-    reference, yours = GPT2(config, seed=seed, backend="numpy"), your_gpt2(config, seed, parts)
+    a batch, both on `backend`'s path. -> one row a step: {step, reference, yours, same}; `same` when the losses
+    agree to `rtol` and so do the weights after the update."""
+    reference = GPT2(config, seed=seed, backend=backend)
+    yours = your_gpt2(config, seed, parts, backend)
     rows = []
     for step, (x, y) in enumerate(batches, start=1):
-        ref_loss, your_loss = _step(reference, x, y, lr), _step(yours, x, y, lr)
-        weights = float(np.max(np.abs(yours.params_memory - reference.params_memory)))
-        scale = float(np.max(np.abs(reference.params_memory)))
+        ref_loss = training_step(reference, x, y, lr, 0.0, 1.0, step)[0]
+        try:
+            your_loss = training_step(yours, x, y, lr, 0.0, 1.0, step)[0]
+        except NonFiniteError:
+            rows.append(dict(step=step, reference=ref_loss, yours=float("nan"), same=False))
+            break
+        weights = float(np.max(np.abs(device.to_host(yours.params_memory - reference.params_memory))))
+        scale = float(np.max(np.abs(device.to_host(reference.params_memory))))
         same = bool(abs(your_loss - ref_loss) <= rtol * abs(ref_loss) and weights <= rtol * scale)
         rows.append(dict(step=step, reference=ref_loss, yours=your_loss, same=same))
     return rows
 
 
-def first_divergent_part(config: GPT2Config, batch, parts: dict | None = None, seed: int = 0):
-    """One reference training step on `batch` with each of the student's NumPy parts run beside the reference
-    function it replaces, on copies of the same inputs. -> (key, why) for the first part that disagrees (the
-    innermost: a part that calls a wrong part disagrees after it), or None."""
+def first_divergent_part(config: GPT2Config, batches, parts: dict | None = None, seed: int = 0, lr: float = 1e-3):
+    """Reference training steps on `batches`, with each of the student's NumPy parts run beside the reference
+    function it replaces, on copies of the same inputs. -> (step, key, why) for the first part that disagrees
+    (the innermost: a part that calls a wrong part disagrees after it), or None."""
     parts = model_parts() if parts is None else parts
-    found: list = []
     model = GPT2(config, seed=seed, backend="numpy")
-    with store.compared(parts.values(), found):
-        _step(model, *batch, lr=1e-3)
-    return found[0] if found else None
+    for step, batch in enumerate(batches, start=1):
+        found: list = []
+        with store.compared(parts.values(), found):
+            training_step(model, *batch, lr, 0.0, 1.0, step)
+        if found:
+            return (step, *found[0])
+    return None
 
 
 def format_side_by_side(rows: list[dict]) -> str:
