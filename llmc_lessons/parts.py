@@ -40,6 +40,7 @@ class PartSpec:
     name: str          # the package's name of what it replaces: a function, or the kernel in `kernel_file`
     module: str = ""   # the package module that holds the reference function (NumPy parts)
     kernel_file: str = ""   # the file of llmc_lessons/kernels/ that holds the reference kernel (kernel parts)
+    trained: bool = True    # False: no training step runs it (the classifier's softmax: the step fuses it)
 
     @property
     def key(self) -> str:
@@ -49,6 +50,12 @@ class PartSpec:
     @property
     def is_kernel(self) -> bool:
         return bool(self.kernel_file)
+
+    @property
+    def runs_on(self) -> str:
+        if not self.trained:
+            return "no training step"
+        return "kernel path" if self.kernel_file else "NumPy path" if self.module else "gradient checks"
 
 
 SPECS = (
@@ -66,7 +73,7 @@ SPECS = (
     PartSpec("Exercise 7.1", "block_backward", "llmc_lessons.layers.block"),
     PartSpec("Exercise 7.2", "mlp_backward", "llmc_lessons.layers.block"),
     PartSpec("Exercise 8.1", "crossentropy_softmax_backward", "llmc_lessons.layers.crossentropy"),
-    PartSpec("Exercise 8.2", "softmax_forward_kernel", kernel_file="crossentropy.cu"),
+    PartSpec("Exercise 8.2", "softmax_forward_kernel", kernel_file="crossentropy.cu", trained=False),
     PartSpec("Exercise 9.1", "adamw_update", "llmc_lessons.layers.adamw"),
     PartSpec("Exercise 9.2", "adamw_kernel", kernel_file="adamw.cu"),
 )
@@ -202,7 +209,7 @@ def load(key: str, where: Path | None = None) -> Part:
     where = folder() if where is None else Path(where)
     entry = _read_index(where).get(key)
     if entry is None:
-        return Part(spec, reason=f"not recorded yet: the check of {spec.exercise} records it when it passes")
+        return Part(spec, reason=f"{spec.exercise} not passed yet")
     path = where / entry["file"]
     try:
         data = path.read_bytes()
@@ -348,9 +355,9 @@ def compared(parts, found: list):
 
 
 def table(parts: dict[str, Part]) -> str:
-    """One line a part: whose it is (yours, or the reference's and why)."""
-    lines = [f"  {'part':<36} {'exercise':<13} whose"]
+    """One line a part: where it runs, and whose it is (yours, or the reference's and why)."""
+    lines = [f"  {'part':<39} {'exercise':<13} {'runs on':<17} whose"]
     for key, part in parts.items():
-        lines.append(f"  {key:<36} {part.spec.exercise:<13} "
+        lines.append(f"  {key:<39} {part.spec.exercise:<13} {part.spec.runs_on:<17} "
                      + ("yours" if part.theirs else f"the reference's ({part.reason})"))
     return "\n".join(lines)

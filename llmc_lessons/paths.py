@@ -160,7 +160,7 @@ class Fp32KernelPath(NumpyPath):
                     replaced["layernorm.cu", "layernorm_forward_kernel3"] = (part.value, part.spec.name)
         return kernels_replaced(replaced)
 
-    def _versions(self, model) -> tuple:
+    def versions(self, model) -> tuple:
         """(the encoder's version, the matmuls' version): the student's kernels where they wrote them."""
         def theirs(key):
             return key in self.parts and self.parts[key].theirs
@@ -183,7 +183,7 @@ class Fp32KernelPath(NumpyPath):
 
     def _forward(self, model, idx, targets):
         c, p = model.config, model.params
-        encoder_version, version = self._versions(model)
+        encoder_version, version = self.versions(model)
         # ids were checked on the host (_tokens): no range check that would wait for the GPU; float4 where C allows
         encoded = encoder_forward_cuda(idx, p["wte"], p["wpe"], version=encoder_version, check_ids=False)  # (B, T, C)
         residual, block_caches = encoded, []
@@ -210,7 +210,7 @@ class Fp32KernelPath(NumpyPath):
             return self._backward(model, cache)
 
     def _backward(self, model, cache):
-        c, p, g, version = model.config, model.params, model.grads, self._versions(model)[1]
+        c, p, g, version = model.config, model.params, model.grads, self.versions(model)[1]
         # dlogits came out of the fused classifier in the forward; used once, then freed
         dlnf, dwte_head, _ = matmul_backward_cuda(cache.pop("dlogits"), cache["lnf"], p["wte"], version=version,
                                                   has_bias=False)

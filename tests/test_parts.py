@@ -114,7 +114,7 @@ def test_a_kernel_is_kept_as_its_source(tmp_path, monkeypatch):
 
 def test_the_reference_stands_in_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMC_PARTS", str(tmp_path))
-    assert "not recorded yet" in parts.load("matmul_backward").reason
+    assert "Exercise 4.1 not passed yet" in parts.load("matmul_backward").reason
     parts.record("Exercise 4.1", scaled)
     (tmp_path / "matmul_backward.py").write_text("def scaled(x):\n    return x\n")
     assert "changed since" in parts.load("matmul_backward").reason
@@ -216,7 +216,7 @@ def gelu_report():
 def test_gradcheck_runs_the_students_checker_and_parts(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMC_PARTS", str(tmp_path))
     text = str(gelu_report())
-    assert "none of your parts" in text and "your gradient checker: not recorded yet" in text
+    assert "none of your parts" in text and "your gradient checker: Exercise 0.3 not passed yet" in text
     parts.record("Exercise 0.3", my_grad_check)
     parts.record("Exercise 6.1", my_gelu_backward_off)
     report = gelu_report()
@@ -225,3 +225,35 @@ def test_gradcheck_runs_the_students_checker_and_parts(tmp_path, monkeypatch):
     assert "with your gelu_backward, checked by the package: dinp" in lines[0] and "FAIL" in lines[0]
     assert "your gradient checker on the package's backward: dinp" in lines[1] and lines[1].endswith("ok")
     assert "your gradient checker on your gelu_backward" in lines[2] and lines[2].endswith("FAIL")
+
+
+KERNEL_EXERCISES = [s.exercise for s in parts.SPECS if s.kernel_file]
+
+
+def replace_part(where, key, old, new):
+    """Edit the stored source of a part as a student would, and keep the index's hash in step."""
+    import hashlib
+    index = json.loads((where / "parts.json").read_text())
+    path = where / index[key]["file"]
+    source = path.read_text()
+    assert old in source
+    path.write_text(source.replace(old, new))
+    index[key]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (where / "parts.json").write_text(json.dumps(index))
+
+
+def test_the_kernel_path_runs_the_solutions_kernels(repo_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMC_PARTS", str(tmp_path))
+    solution_parts(repo_root, KERNEL_EXERCISES)
+    loaded = model_parts(tmp_path)
+    assert all(loaded[s.key].theirs for s in parts.SPECS if s.kernel_file), parts.table(loaded)
+    from llmc_lessons import cuda
+    launched, compile_theirs = set(), cuda._replacement_kernel
+    monkeypatch.setattr(cuda, "_replacement_kernel",
+                        lambda code, name, options: launched.add(name) or compile_theirs(code, name, options))
+    assert all(r["same"] for r in train_side_by_side(TINY, batches(2), loaded, backend="kernels"))
+    assert launched == {s.name for s in parts.SPECS if s.kernel_file and s.trained}
+    replace_part(tmp_path, "gelu.cu:gelu_backward_kernel", "dinp[i] = local_grad", "dinp[i] = 1.01f * local_grad")
+    rows = train_side_by_side(TINY, batches(2), model_parts(tmp_path), backend="kernels")
+    assert rows[0]["yours"] == rows[0]["reference"]      # the first loss comes before any backward,
+    assert not rows[0]["same"]                            # the weights after it do not

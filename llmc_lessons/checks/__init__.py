@@ -30,7 +30,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PACKAGE = PACKAGE_DIR.name
 
 REFERENCES = {
-    "Exercise 0.3": ("numerical_grad", "gradcheck"), "Exercise 1.1": ("token_file_bytes",), "Exercise 1.2": ("get_batch",),
+    "Exercise 0.3": ("numerical_grad", "gradcheck"),
+    "Exercise 1.1": ("token_file_bytes",), "Exercise 1.2": ("get_batch",),
     "Exercise 2.1": ("encoder_backward",), "Exercise 3.1": ("layernorm_backward",),
     "Exercise 4.1": ("matmul_backward",), "Exercise 5.1": ("attention_backward",),
     "Exercise 6.1": ("gelu_backward",), "Exercise 7.1": ("block_backward",), "Exercise 7.2": ("mlp_backward",),
