@@ -12,6 +12,7 @@ import types
 import pytest
 
 import llmc_lessons.checks as checks
+import llmc_lessons.gradcheck  # noqa: F401  (Exercise 0.3's references live there; no check imports it)
 from llmc_lessons.checks import REFERENCES, ExerciseFailed
 
 
@@ -68,7 +69,8 @@ def test_calling_the_reference_fails_the_check(exercise, how):
 
 
 # Exercise 11.2's function takes (model, x, y, lr); the package's training_step takes the optimizer's settings too.
-SAME_SIGNATURE = sorted(set(REFERENCES) - {"Exercise 11.2"})
+# Exercise 0.3's checker scores one direction; numerical_grad and gradcheck, which it may not call, do other jobs.
+SAME_SIGNATURE = sorted(set(REFERENCES) - {"Exercise 11.2", "Exercise 0.3"})
 
 
 @pytest.mark.parametrize("exercise", SAME_SIGNATURE)
