@@ -154,32 +154,39 @@ def _theirs(forward, backward, x, dy, wrt, grads, report, selected, seed) -> lis
     except Exception as e:   # noqa: BLE001  (their code failing is a finding, not a crash)
         their_grads, problem = None, f"raised {type(e).__name__}: {e}"
 
+    def verdict(rels: dict) -> str:
+        """Each input's relative error and verdict; for many inputs, the failures or the largest error."""
+        bad = {k: r for k, r in rels.items() if not (np.isfinite(r) and r <= report.tol)}
+        if len(rels) <= 4:
+            return ", ".join(f"d{k} {r:.1e} " + ("FAIL" if k in bad else "ok") for k, r in rels.items())
+        if bad:
+            return "FAIL for " + ", ".join(f"d{k} ({r:.1e})" for k, r in bad.items())
+        return f"all {len(rels)} ok (largest relative error {max(rels.values()):.1e})"
+
     def by_package(g):
-        out = []
+        rels = {}
         for name in wrt:
             try:
                 a = np.asarray(g[name], dtype=np.float64).reshape(-1)[selected[name]]
             except (KeyError, TypeError, ValueError, IndexError):
                 return f"no usable d{name}"
             n = report.numeric[name]
-            rel = float(np.max(np.abs(a - n), initial=0.0)) / max(float(np.max(np.abs(n), initial=0.0)),
-                                                                   float(np.max(np.abs(a), initial=0.0)), 1e-12)
-            out.append(f"d{name} {rel:.1e} " + ("ok" if np.isfinite(rel) and rel <= report.tol else "FAIL"))
-        return ", ".join(out)
+            rels[name] = float(np.max(np.abs(a - n), initial=0.0)) / max(
+                float(np.max(np.abs(n), initial=0.0)), float(np.max(np.abs(a), initial=0.0)), 1e-12)
+        return verdict(rels)
 
     def by_checker(g):
-        out = []
+        rels = {}
         for name in wrt:
             def loss(v, name=name):
                 return float(np.sum(np.asarray(forward(**{**x, name: v}), dtype=np.float64) * dy))
             try:
-                rel = float(checker.value(loss, x[name].copy(), np.asarray(g[name], dtype=np.float64), seed))
+                rels[name] = float(checker.value(loss, x[name].copy(), np.asarray(g[name], dtype=np.float64), seed))
             except Exception as e:   # noqa: BLE001
                 return f"raised {type(e).__name__}: {e}"
-            out.append(f"d{name} {rel:.1e} " + ("ok" if np.isfinite(rel) and rel <= report.tol else "FAIL"))
-        return ", ".join(out)
+        return verdict(rels)
 
-    yours = ", ".join(f"your {k}" for k in sorted(used))
+    yours = f"your {sorted(used)[0]}" if len(used) == 1 else f"your parts ({', '.join(sorted(used))})"
     lines = []
     if problem:
         lines.append(f"  with {yours or 'your parts'}: the backward {problem}")
@@ -192,5 +199,5 @@ def _theirs(forward, backward, x, dy, wrt, grads, report, selected, seed) -> lis
     else:
         lines.append(f"  your gradient checker on the package's backward: {by_checker(grads)}")
         if used and not problem:
-            lines.append(f"  your gradient checker on {yours}: {by_checker(their_grads)}")
+            lines.append(f"  your gradient checker with {yours}: {by_checker(their_grads)}")
     return lines
