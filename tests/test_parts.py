@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from llmc_lessons import parts
+from llmc_lessons.checks import REFERENCES   # the real table: a fixture of conftest.py empties the module's in tests
 from llmc_lessons.parameters import GPT2Config
 from llmc_lessons.your_model import first_divergent_part, model_parts, train_side_by_side
 
@@ -43,6 +44,34 @@ def solution_parts(repo_root, exercises):
             answer = re.sub(r"^\s*### (BEGIN|END) SOLUTION\n", "", cells[i], flags=re.M)
             cell_namespace(answer, f"{path.stem} {i}", ns)
             cell_namespace(cells[i + 1], f"{path.stem} {i + 1}", ns)
+
+
+def check_of(exercise: str):
+    """The check function of `exercise` (its docstring starts with 'Exercise N.k:')."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import llmc_lessons.checks as checks
+    for info in pkgutil.iter_modules(checks.__path__):
+        module = importlib.import_module(f"{checks.__name__}.{info.name}")
+        for name, f in vars(module).items():
+            if name.startswith("check_") and inspect.isfunction(f) and (f.__doc__ or "").startswith(exercise + ":"):
+                return f
+    raise LookupError(exercise)
+
+
+@pytest.mark.parametrize("spec", parts.SPECS, ids=lambda s: s.key)
+def test_each_part_names_the_exercise_that_writes_it(spec):
+    """parts.SPECS names exercises by number: renumbered exercises must be renumbered there too."""
+    import inspect
+    check = check_of(spec.exercise)
+    if spec.kernel_file:
+        assert check.__module__.endswith("." + spec.kernel_file[:-3]) and f'"{spec.name}"' in inspect.getsource(check)
+    elif spec.module:
+        assert spec.name in REFERENCES[spec.exercise]
+    else:
+        assert check.__name__ == "check_gradient_checker"
 
 
 def scaled(x):
