@@ -286,3 +286,21 @@ def test_the_kernel_path_runs_the_solutions_kernels(repo_root, tmp_path, monkeyp
     rows = train_side_by_side(TINY, batches(2), model_parts(tmp_path), backend="kernels")
     assert rows[0]["yours"] == rows[0]["reference"]      # the first loss comes before any backward,
     assert not rows[0]["same"]                            # the weights after it do not
+
+
+@pytest.mark.gpu
+def test_gpt2_124m_trains_with_the_solutions_kernels(repo_root, tmp_path, monkeypatch):
+    """On a GPU: GPT-2 124M with the solutions' kernels, beside the package's, five steps (the table is printed:
+    run with -s to keep it)."""
+    from llmc_lessons import device
+    from llmc_lessons.data import DataLoader, prepare_shakespeare
+    from llmc_lessons.your_model import format_side_by_side
+    if not device.on_gpu():
+        pytest.skip("GPT-2 124M on the kernel path needs a GPU")
+    monkeypatch.setenv("LLMC_PARTS", str(tmp_path))
+    solution_parts(repo_root, KERNEL_EXERCISES)
+    loader = DataLoader(prepare_shakespeare()[0], B=4, T=1024)
+    rows = train_side_by_side(GPT2Config.from_name("d12"), [loader.next_batch() for _ in range(5)],
+                              model_parts(tmp_path), lr=6e-4, backend="kernels")
+    print(format_side_by_side(rows))
+    assert all(r["same"] for r in rows)
