@@ -171,7 +171,7 @@ def record(exercise: str, answer) -> str:
         else:
             source, function = portable_source(answer), answer.__name__
         where = folder()
-        file = spec.key.replace(":", "__").replace(".cu__", "__") + (".cu" if spec.is_kernel else ".py")
+        file = f"{Path(spec.kernel_file).stem}__{spec.name}.cu" if spec.is_kernel else f"{spec.name}.py"
         data = source.encode()
         atomic_write(where / file, data)
         index = _read_index(where)
