@@ -14,7 +14,7 @@ from llmc_lessons import device
 from llmc_lessons import parts as store
 from llmc_lessons.model import GPT2
 from llmc_lessons.parameters import GPT2Config
-from llmc_lessons.train import NonFiniteError, training_step
+from llmc_lessons.train import training_step
 
 
 def model_parts(where=None) -> dict:
@@ -33,7 +33,8 @@ def your_gpt2(config: GPT2Config, seed: int = 0, parts: dict | None = None, back
 def train_side_by_side(config: GPT2Config, batches, parts: dict | None = None, lr: float = 1e-3, seed: int = 0,
                        rtol: float = 1e-4, backend: str = "numpy") -> list[dict]:
     """Train the reference GPT-2 and the student's from the same seed on the same `batches` ((x, y) pairs), a step
-    a batch, both on `backend`'s path. -> one row a step: {step, reference, yours, same}; `same` when the losses
+    a batch, both on `backend`'s path. -> one row a step: {step, reference, yours, same} (and `error` where the
+    student's step failed: NaN, or an error in a part; the run stops there); `same` when the losses
     agree to `rtol` and so do the weights after the update, to `rtol` of the largest weight plus 1% of what AdamW
     may move a weight in the steps so far (lr a step, whatever the size of the gradient: rounding in a gradient
     near zero can move a weight by a fraction of that)."""
@@ -46,8 +47,9 @@ def train_side_by_side(config: GPT2Config, batches, parts: dict | None = None, l
         ref_loss = training_step(reference, x, y, lr, 0.0, 1.0, step)[0]
         try:
             your_loss = training_step(yours, x, y, lr, 0.0, 1.0, step)[0]
-        except NonFiniteError:
-            rows.append(dict(step=step, reference=ref_loss, yours=float("nan"), same=False))
+        except Exception as e:   # noqa: BLE001  (NaN, or an error in a part: first_divergent_part names it)
+            rows.append(dict(step=step, reference=ref_loss, yours=float("nan"), same=False,
+                             error=f"{type(e).__name__}: {e}"))
             break
         weights = float(np.max(np.abs(device.to_host(yours.params_memory - reference.params_memory))))
         scale = float(np.max(np.abs(device.to_host(reference.params_memory))))
@@ -75,5 +77,6 @@ def format_side_by_side(rows: list[dict]) -> str:
     """The side-by-side run as a table."""
     lines = [f"  {'step':>4} {'reference loss':>15} {'your loss':>12}  same"]
     for r in rows:
-        lines.append(f"  {r['step']:>4} {r['reference']:>15.6f} {r['yours']:>12.6f}  {'yes' if r['same'] else 'NO'}")
+        lines.append(f"  {r['step']:>4} {r['reference']:>15.6f} {r['yours']:>12.6f}  {'yes' if r['same'] else 'NO'}"
+                     + (f"  ({r['error']})" if "error" in r else ""))
     return "\n".join(lines)

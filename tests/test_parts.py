@@ -304,3 +304,16 @@ def test_gpt2_124m_trains_with_the_solutions_kernels(repo_root, tmp_path, monkey
                               model_parts(tmp_path), lr=6e-4, backend="kernels")
     print(format_side_by_side(rows))
     assert all(r["same"] for r in rows)
+
+
+def test_a_failing_part_leaves_the_package_as_it_was(solutions_store, tmp_path):
+    from llmc_lessons.layers import block, gelu
+    for f in solutions_store.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    replace_part(tmp_path, "gelu_backward", "    return dinp", "    raise ValueError('not yet')")
+    reference = gelu.gelu_backward
+    rows = train_side_by_side(TINY, batches(2), model_parts(tmp_path))
+    assert len(rows) == 1 and not rows[0]["same"] and rows[0]["error"] == "ValueError: not yet"
+    assert block.gelu_backward is reference and gelu.gelu_backward is reference
+    step, key, why = first_divergent_part(TINY, batches(1), model_parts(tmp_path))
+    assert key == "gelu_backward" and "raised ValueError: not yet" in why
