@@ -22,7 +22,6 @@ from contextlib import nullcontext
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.parts import substituted
 from llmc_lessons.cublas import gemm
 from llmc_lessons.cuda import kernels_replaced
 from llmc_lessons.layers.adamw import adamw_update, adamw_update_bf16_cuda, adamw_update_cuda
@@ -42,6 +41,7 @@ from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backwar
 from llmc_lessons.layers.matmul import (add_bias_bf16_cuda, matmul_backward, matmul_backward_cuda, matmul_forward,
                                         matmul_forward_cuda)
 from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, decay_runs, point_views
+from llmc_lessons.parts import substituted
 from llmc_lessons.precision import from_bf16
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def gpt2_backward(params: dict, config: GPT2Config, cache: dict) -> dict:
 
 class NumpyPath:
     """The layers' NumPy references on the host, in float32; with `parts` ({key: llmc_lessons.parts.Part}), the
-    student's functions wherever they have written one (the forward, the backward and the AdamW update)."""
+    student's functions wherever the forward, the backward or the AdamW update calls one they have written."""
     on_backend = False      # arrays are NumPy arrays on the host: no token buckets, no CUDA graphs
     xp = np
 
