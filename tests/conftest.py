@@ -5,6 +5,7 @@ CuPy finds one, else the CPU). Nothing here sets it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,14 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     shutil.rmtree(getattr(config, "_llmc_parts", ""), ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def parts_folder(monkeypatch, request):
+    """Each test keeps parts in a folder of its own (made when a passing check first writes there): what one test's
+    checks keep never reaches another's gradient checks or models."""
+    test = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]
+    monkeypatch.setenv("LLMC_PARTS", os.path.join(os.environ["LLMC_PARTS"], "tests", test))
 
 
 def pytest_report_header(config):
