@@ -7,6 +7,10 @@ dL/dxi = the layer's backward applied to dy. Each element of each input is nudge
 
 In float64 with eps = 1e-6 the two agree to about 1e-8 relative error for a correct backward; a wrong
 backward is off by order 1. The default tolerance, 1e-6, sits far from both.
+
+Beside the package's check, a report says what the student's own parts say (llmc_lessons.parts): their gradient
+checker (Exercise 0.3) on the same gradients, and the same backward run again with their functions in place of
+the package's (their layernorm_backward wherever it calls layernorm_backward), checked by both checkers.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ class GradReport:
     rows: list[GradRow] = field(default_factory=list)
     analytic: dict = field(default_factory=dict, repr=False)
     numeric: dict = field(default_factory=dict, repr=False)
+    theirs: list[str] = field(default_factory=list)   # lines on the student's checker and parts
 
     @property
     def passed(self) -> bool:
@@ -45,7 +50,7 @@ class GradReport:
         for r in self.rows:
             lines.append(f"  {r.name:<10} {str(r.shape):<16} {r.max_abs:>12.2e} {r.rel:>10.2e} {r.checked:>8}  "
                          + ("ok" if r.passed else "FAIL"))
-        return "\n".join(lines)
+        return "\n".join(lines + self.theirs)
 
     def _repr_pretty_(self, p, cycle):  # IPython shows the table, not the dataclass fields
         p.text(str(self))
@@ -111,6 +116,7 @@ def gradcheck(forward: Callable[..., np.ndarray], backward: Callable[..., Mappin
     dy = rng.standard_normal(y.shape)
     grads = backward(dy, **x)
     report = GradReport(title=title or getattr(forward, "__name__", "forward"), tol=tol)
+    selected = {}
     for name in wrt:
         if name not in grads:
             raise KeyError(f"backward returned no gradient for {name!r} (it returned {sorted(grads)})")
@@ -128,4 +134,77 @@ def gradcheck(forward: Callable[..., np.ndarray], backward: Callable[..., Mappin
         report.rows.append(GradRow(name, tuple(x[name].shape), max_abs, rel, int(sel.size),
                                    bool(np.isfinite(rel) and rel <= tol)))
         report.analytic[name], report.numeric[name] = a_sel, n_sel
+        selected[name] = sel
+    report.theirs = _theirs(forward, backward, x, dy, wrt, grads, report, selected, seed)
     return report
+
+
+CHECKER_TOL = 1e-5
+"""The student's checker passes a gradient below this relative error. Along one direction v, rounding in the loss
+costs about 1e-16 |L| / (eps |<g, v>|): for an input whose gradient is small beside the loss (a bias deep in a
+block), that nears 1e-6 even for a right gradient; a wrong one is off by far more than 1e-5."""
+
+
+def _theirs(forward, backward, x, dy, wrt, grads, report, selected, seed) -> list[str]:
+    """The report's lines on the student's parts: their checker (Exercise 0.3) on the backward's gradients, and
+    the backward again with their functions in place of the package's, checked by the package and by their
+    checker."""
+    from llmc_lessons import parts
+    checker = parts.load("gradient_checker")
+    loaded = parts.load_all(kernels=False)
+    used: set = set()
+    try:
+        with parts.substituted(loaded.values(), [getattr(backward, "__globals__", {})], used):
+            their_grads = backward(dy, **x)
+        problem = None
+    except Exception as e:   # noqa: BLE001  (their code failing is a finding, not a crash)
+        their_grads, problem = None, f"raised {type(e).__name__}: {e}"
+
+    def verdict(rels: dict, tol: float = report.tol) -> str:
+        """Each input's relative error and verdict; for many inputs, the failures or the largest error."""
+        bad = {k: r for k, r in rels.items() if not (np.isfinite(r) and r <= tol)}
+        if len(rels) <= 4:
+            return ", ".join(f"d{k} {r:.1e} " + ("FAIL" if k in bad else "ok") for k, r in rels.items())
+        if bad:
+            return "FAIL for " + ", ".join(f"d{k} ({r:.1e})" for k, r in bad.items())
+        return f"all {len(rels)} ok (largest relative error {max(rels.values()):.1e})"
+
+    def by_package(g):
+        rels = {}
+        for name in wrt:
+            try:
+                a = np.asarray(g[name], dtype=np.float64).reshape(-1)[selected[name]]
+            except (KeyError, TypeError, ValueError, IndexError):
+                return f"no usable d{name}"
+            n = report.numeric[name]
+            rels[name] = float(np.max(np.abs(a - n), initial=0.0)) / max(
+                float(np.max(np.abs(n), initial=0.0)), float(np.max(np.abs(a), initial=0.0)), 1e-12)
+        return verdict(rels)
+
+    def by_checker(g):
+        rels = {}
+        for name in wrt:
+            def loss(v, name=name):
+                return float(np.sum(np.asarray(forward(**{**x, name: v}), dtype=np.float64) * dy))
+            try:
+                rels[name] = float(checker.value(loss, x[name].copy(), np.asarray(g[name], dtype=np.float64), seed))
+            except Exception as e:   # noqa: BLE001
+                return f"raised {type(e).__name__}: {e}"
+        return verdict(rels, CHECKER_TOL)
+
+    yours = f"your {sorted(used)[0]}" if len(used) == 1 else f"your parts ({', '.join(sorted(used))})"
+    lines = []
+    if problem:
+        lines.append(f"  with {yours or 'your parts'}: the backward {problem}")
+    elif used:
+        lines.append(f"  with {yours}, checked by the package: {by_package(their_grads)}")
+    else:
+        lines.append("  none of your parts is in this backward yet (a passing exercise check keeps one)")
+    if not checker.theirs:
+        lines.append(f"  your gradient checker: {checker.reason} (lesson 00 ends with it)")
+    else:
+        lines.append(f"  your gradient checker (ok below {CHECKER_TOL:.0e}) on the package's backward: "
+                     f"{by_checker(grads)}")
+        if used and not problem:
+            lines.append(f"  your gradient checker with {yours}: {by_checker(their_grads)}")
+    return lines

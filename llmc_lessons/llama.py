@@ -500,7 +500,9 @@ class Llama(GPT2):
     block_parameter_names = LLAMA_BLOCK_PARAMETER_NAMES
 
     @staticmethod
-    def _path(precision: str, backend: str):
+    def _path(precision: str, backend: str, parts: dict | None = None):
+        if parts:
+            raise ValueError("the student's parts are GPT-2's layers: a LLaMA-style model takes no parts")
         if precision == "bf16":
             return LlamaBf16KernelPath()
         return LlamaKernelPath() if backend == "kernels" else LlamaNumpyPath()

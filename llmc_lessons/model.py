@@ -52,13 +52,15 @@ class GPT2:
     block_parameter_names = BLOCK_PARAMETER_NAMES
 
     def __init__(self, config: GPT2Config, seed: int | None = 0, backend: str | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", parts: dict | None = None):
         """Build a model with GPT-2's initialisation (seeded), or with zeros when seed is None.
 
         backend: "numpy" (reference layers on the host), "kernels" (the course's CUDA kernels, through CuPy
         on a GPU or the emulator on a CPU), or None for the default: kernels on a GPU, NumPy on a CPU.
         precision: "fp32", or "bf16" (lesson 14, kernels only): bf16 activations and bf16 copies of the
         weights for the forward and backward, float32 master weights, gradients and AdamW moments.
+        parts: the student's parts ({key: llmc_lessons.parts.Part}, from parts.load_all()): their NumPy functions
+        on the NumPy path, their kernels on the fp32 kernel path, the package's for every part not in it.
         """
         if not isinstance(config, self.config_type):
             raise TypeError(f"config must be a {self.config_type.__name__}, got {type(config).__name__}")
@@ -76,7 +78,9 @@ class GPT2:
         if backend not in ("numpy", "kernels"):
             raise ValueError(f"backend must be 'numpy' or 'kernels' (or None), got {backend!r}")
         # the execution path: forward, backward and update (llmc_lessons/paths.py)
-        self.path = self._path(precision, backend)
+        if parts and precision == "bf16":
+            raise ValueError("the student's parts run in fp32: precision='bf16' takes no parts")
+        self.path = self._path(precision, backend, parts)
         self.path.check(config)
         self.config = config
         self.precision = precision
@@ -107,9 +111,11 @@ class GPT2:
         self._graphs = None         # those graphs and the arrays they read and write (see _graph_forward)
 
     @staticmethod
-    def _path(precision: str, backend: str):
-        """The execution path (llmc_lessons/paths.py) of this precision and backend."""
-        return Bf16KernelPath() if precision == "bf16" else Fp32KernelPath() if backend == "kernels" else NumpyPath()
+    def _path(precision: str, backend: str, parts: dict | None = None):
+        """The execution path (llmc_lessons/paths.py) of this precision and backend, with the student's parts."""
+        if precision == "bf16":
+            return Bf16KernelPath()
+        return Fp32KernelPath(parts) if backend == "kernels" else NumpyPath(parts)
 
     # -- memory ---------------------------------------------------------------------------------------------
 
@@ -146,7 +152,7 @@ class GPT2:
             return
         if self.precision == "bf16":
             raise ValueError("a precision='bf16' model runs the bf16 kernels only")
-        self.path = self._path("fp32", "kernels" if value else "numpy")
+        self.path = self._path("fp32", "kernels" if value else "numpy", self.path.parts)
         # Move every buffer to the new path's array module (a no-op on the CPU, where both are NumPy).
         self._set_params_memory(self.params_memory)
         if self.grads_memory is not None:

@@ -12,14 +12,18 @@ gpt2_forward / gpt2_backward / gpt2_update:
     copies of the weights, float32 master weights, gradients and AdamW moments.
 
 A GPT2 model holds one path object and calls it; the paths hold no state of their own: they read and write
-the model's buffers (params, params_bf16, grads, m_memory, v_memory).
+the model's buffers (params, params_bf16, grads, m_memory, v_memory). The NumPy and fp32 kernel paths may take
+the student's parts (llmc_lessons.parts): their functions and kernels then stand in for the package's.
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cublas import gemm
+from llmc_lessons.cuda import kernels_replaced
 from llmc_lessons.layers.adamw import adamw_update, adamw_update_bf16_cuda, adamw_update_cuda
 from llmc_lessons.layers.bf16 import float_to_bf16_cuda
 from llmc_lessons.layers.block import (BLOCK_PARAMETER_NAMES, block_backward, block_backward_cuda, block_forward,
@@ -36,7 +40,8 @@ from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backwar
                                            residual_layernorm_forward_bf16_cuda)
 from llmc_lessons.layers.matmul import (add_bias_bf16_cuda, matmul_backward, matmul_backward_cuda, matmul_forward,
                                         matmul_forward_cuda)
-from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, point_views
+from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, decay_runs, point_views
+from llmc_lessons.parts import substituted
 from llmc_lessons.precision import from_bf16
 
 # ---------------------------------------------------------------------------------------------------------
@@ -94,9 +99,16 @@ def gpt2_backward(params: dict, config: GPT2Config, cache: dict) -> dict:
 
 
 class NumpyPath:
-    """The layers' NumPy references on the host, in float32."""
+    """The layers' NumPy references on the host, in float32; with `parts` ({key: llmc_lessons.parts.Part}), the
+    student's functions wherever the forward, the backward or the AdamW update calls one they have written."""
     on_backend = False      # arrays are NumPy arrays on the host: no token buckets, no CUDA graphs
     xp = np
+
+    def __init__(self, parts: dict | None = None):
+        self.parts = parts or {}
+
+    def _theirs(self):
+        return substituted(self.parts.values()) if self.parts else nullcontext()
 
     def check(self, config: GPT2Config) -> None:
         """Raise a ValueError when this path cannot run `config` (every config runs here)."""
@@ -106,7 +118,8 @@ class NumpyPath:
 
     def forward(self, model, idx, targets):
         """-> (logits (B, T, Vp), losses (B, T) or None, cache for the backward)."""
-        return gpt2_forward(model.params, model.config, idx, targets)
+        with self._theirs():
+            return gpt2_forward(model.params, model.config, idx, targets)
 
     def after_forward(self, model, cache: dict, host_idx) -> None:
         """Add to the forward's cache what the backward needs from the host ids, outside any CUDA graph
@@ -114,7 +127,9 @@ class NumpyPath:
 
     def backward(self, model, cache):
         """Add every gradient into model.grads; the encoder's too, so there is nothing left for finish_backward."""
-        for name, grad in gpt2_backward(model.params, model.config, cache).items():
+        with self._theirs():
+            grads = gpt2_backward(model.params, model.config, cache)
+        for name, grad in grads.items():
             model.grads[name] += grad
 
     def finish_backward(self, model, cache, dres) -> None:
@@ -126,12 +141,31 @@ class NumpyPath:
         m, v = model.m_memory[start:stop], model.v_memory[start:stop]
         if grad_scale != 1.0:
             g = g * np.float32(grad_scale)
-        p[...], m[...], v[...] = adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, wd)
+        with self._theirs():
+            p[...], m[...], v[...] = adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, wd)
 
 
 class Fp32KernelPath(NumpyPath):
-    """The course's float32 kernels on backend arrays; the classifier is llm.c's fused kernel."""
+    """The course's float32 kernels on backend arrays; the classifier is llm.c's fused kernel. With `parts`, the
+    student's kernels wherever the path launches one (their layernorm_forward_kernel2 in place of kernel 3, which
+    it launches alike; their encoder_forward_kernel1 and matmul_kernel2 make the path take those versions)."""
     on_backend = True
+
+    def _theirs(self):
+        replaced = {}
+        for part in self.parts.values():
+            if part.theirs and part.spec.is_kernel:
+                replaced[part.spec.kernel_file, part.spec.name] = (part.value, part.spec.name)
+                if part.spec.name == "layernorm_forward_kernel2":   # same arguments and launch as kernel 3
+                    replaced["layernorm.cu", "layernorm_forward_kernel3"] = (part.value, part.spec.name)
+        return kernels_replaced(replaced)
+
+    def versions(self, model) -> tuple:
+        """(the encoder's version, the matmuls' version): the student's kernels where they wrote them."""
+        def theirs(key):
+            return key in self.parts and self.parts[key].theirs
+        encoder = 1 if theirs("encoder.cu:encoder_forward_kernel1") or model.config.channels % 4 else 2
+        return encoder, 2 if theirs("matmul.cu:matmul_kernel2") else model.matmul_version
 
     @property
     def xp(self):
@@ -144,10 +178,14 @@ class Fp32KernelPath(NumpyPath):
 
     def forward(self, model, idx, targets):
         """The forward through the course's kernels (backend arrays); the classifier is llm.c's fused kernel."""
-        c, p, version = model.config, model.params, model.matmul_version
+        with self._theirs():
+            return self._forward(model, idx, targets)
+
+    def _forward(self, model, idx, targets):
+        c, p = model.config, model.params
+        encoder_version, version = self.versions(model)
         # ids were checked on the host (_tokens): no range check that would wait for the GPU; float4 where C allows
-        encoded = encoder_forward_cuda(idx, p["wte"], p["wpe"], version=2 if c.channels % 4 == 0 else 1,
-                                       check_ids=False)                     # (B, T, C)
+        encoded = encoder_forward_cuda(idx, p["wte"], p["wpe"], version=encoder_version, check_ids=False)  # (B, T, C)
         residual, block_caches = encoded, []
         level = recompute_level(model)
         for l in range(c.num_layers):
@@ -169,7 +207,11 @@ class Fp32KernelPath(NumpyPath):
         return logits, losses, cache
 
     def backward(self, model, cache):
-        c, p, g, version = model.config, model.params, model.grads, model.matmul_version
+        with self._theirs():
+            return self._backward(model, cache)
+
+    def _backward(self, model, cache):
+        c, p, g, version = model.config, model.params, model.grads, self.versions(model)[1]
         # dlogits came out of the fused classifier in the forward; used once, then freed
         dlnf, dwte_head, _ = matmul_backward_cuda(cache.pop("dlogits"), cache["lnf"], p["wte"], version=version,
                                                   has_bias=False)
@@ -201,7 +243,8 @@ class Fp32KernelPath(NumpyPath):
     def update(self, model, start: int, stop: int, t: int, lr, beta1, beta2, eps, wd, grad_scale) -> None:
         p, g = model.params_memory[start:stop], model.grads_memory[start:stop]
         m, v = model.m_memory[start:stop], model.v_memory[start:stop]
-        adamw_update_cuda(p, g, m, v, t, lr, beta1, beta2, eps, wd, grad_scale=grad_scale)
+        with self._theirs():
+            adamw_update_cuda(p, g, m, v, t, lr, beta1, beta2, eps, wd, grad_scale=grad_scale)
 
 
 class Bf16KernelPath(Fp32KernelPath):

@@ -5,13 +5,37 @@ CuPy finds one, else the CPU). Nothing here sets it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """Parts that passing checks keep (llmc_lessons.parts) go to a folder of this run, never into the repository;
+    the notebooks that nbval runs inherit it, so lesson 10 finds the parts that lessons 02 to 09 kept."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("LLMC_PARTS"):
+        return                                   # a pytest-xdist worker shares the folder of the run that started it
+    config._llmc_parts = os.environ["LLMC_PARTS"] = tempfile.mkdtemp(prefix="llmc_parts-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_llmc_parts", ""), ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def parts_folder(monkeypatch, request):
+    """Each test keeps parts in a folder of its own (made when a passing check first writes there): what one test's
+    checks keep never reaches another's gradient checks or models."""
+    test = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]
+    monkeypatch.setenv("LLMC_PARTS", os.path.join(os.environ["LLMC_PARTS"], "tests", test))
 
 
 def pytest_report_header(config):

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llmc_lessons"
 
 LAYERS = (
     ("base", ("llmc_lessons", "llmc_lessons.device", "llmc_lessons.cuda.source", "llmc_lessons.gradcheck",
-              "llmc_lessons.tokenizer", "llmc_lessons.files")),
+              "llmc_lessons.tokenizer", "llmc_lessons.files",
+              "llmc_lessons.parts")),
     ("cuda", ("llmc_lessons.cuda",)),                   # the emulator and the same-call RawKernel
     ("seeing the memory", ("llmc_lessons.memview",)),  # draws the traces of cuda.trace
     ("precision", ("llmc_lessons.precision",)),         # bf16 conversions, the TF32 switch
@@ -29,8 +30,7 @@ LAYERS = (
     ("checks of the model", ("llmc_lessons.gradcheck_gpt2",)),
     ("weights", ("llmc_lessons.hf",)),                 # Hugging Face GPT-2 folders <-> llm.c model files
     ("uses of the model", ("llmc_lessons.train", "llmc_lessons.torch_gpt2", "llmc_lessons.torch_llama",
-                           "llmc_lessons.verify",
-                           "llmc_lessons.hellaswag")),
+                           "llmc_lessons.verify", "llmc_lessons.hellaswag", "llmc_lessons.your_model")),
     ("bench", ("llmc_lessons.bench",)),
     ("checks", ("llmc_lessons.checks",)),               # the exercises' checks may use anything below
     ("notebook cells", ("llmc_lessons.nbgrader_meta", "llmc_lessons.setup_cell")),   # what the builder writes

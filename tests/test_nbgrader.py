@@ -136,5 +136,5 @@ def test_nbgrader_releases_and_autogrades_lesson_00(tmp_path):
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
         scores = {who: gb.find_submission_notebook("00_welcome", "welcome", who).score for who in ("ada", "bob")}
         total = gb.find_notebook("00_welcome", "welcome").max_score
-    assert total == 2
-    assert scores == {"ada": 2, "bob": 1}
+    assert total == 3
+    assert scores == {"ada": 3, "bob": 2}

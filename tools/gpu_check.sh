@@ -4,7 +4,7 @@
 # benchmark against PyTorch (both course precisions), the bf16 step's memory-bound kernels against the copy
 # bandwidth, and a 500-step GPT-2 124M training run in fp32 and in bf16.
 #
-#   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval bench kernels memory train (default: all)
+#   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval parts bench kernels memory train (default: all)
 #                                            and, on request: scale llama llama-bench
 #
 # llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
@@ -29,6 +29,9 @@
 # memory sets the emulator's predicted sectors per request and bank conflicts of a dozen kernels beside Nsight
 # Compute's counters (where ncu runs) or the measured bandwidth (tools/memory_check.py; kernels/memory-*.md, .json).
 #
+# parts trains GPT-2 124M with the solutions' kernels (the student's parts) beside the package's, and prints the table.
+# nbval keeps the parts its notebooks' checks pass in a fresh folder, so lessons 10 and 11 build GPT-2 from them.
+#
 # Narrower runs, when device time is short: TEST_ARGS (extra pytest arguments, e.g. --ignore=...),
 # NBVAL_PATHS (default: solutions), BENCH_ARGS (e.g. --attention), TRAIN_PRECISIONS (default: fp32 bf16).
 #
@@ -44,7 +47,7 @@ device=${DEVICE:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1
   | awk '{print tolower($1)}' | cut -d- -f1)}
 device=${device:-gpu}
 day=$(date -u +%F)
-stages=${*:-env tests arch nbval bench kernels memory train}
+stages=${*:-env tests arch nbval parts bench kernels memory train}
 export PYTHONUNBUFFERED=1 LLMC_DEVICE=gpu
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -80,8 +83,11 @@ except ImportError: print(\"torch missing\")"' ;;
     tests) run tests "$(name tests tests).log" python3 -m pytest -q -p no:cacheprovider --durations=15 \
              ${TEST_ARGS:-} tests ;;
     arch) run arch "$(name tests arch).log" python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gpu_arch.py ;;
-    nbval) run nbval "$(name tests nbval).log" python3 -m pytest -q -p no:cacheprovider --nbval-lax \
-             --nbval-current-env --durations=15 ${NBVAL_PATHS:-solutions} ;;
+    nbval) rm -rf /tmp/llmc_parts-nbval
+           run nbval "$(name tests nbval).log" env LLMC_PARTS=/tmp/llmc_parts-nbval python3 -m pytest -q \
+             -p no:cacheprovider --nbval-lax --nbval-current-env --durations=15 ${NBVAL_PATHS:-solutions} ;;
+    parts) run parts "$(name parts parts).log" python3 -m pytest -q -s -p no:cacheprovider -m gpu \
+             tests/test_parts.py ;;
     bench) f=$(name bench bench); run bench "$f.log" python3 -m llmc_lessons.bench --profile --json "$f.json" \
              ${BENCH_ARGS:-} ;;
     kernels) f=$(name kernels kernels); run kernels "$f.log" python3 -m llmc_lessons.bench --only-kernels \

@@ -8,9 +8,12 @@ show the expected answer.
 
 While a check runs the student's function, the package's own version of what the exercise asks for (REFERENCES)
 is replaced by a sentinel: an answer that calls it fails and is told so.
+
+A passing answer to an exercise that implements a layer is kept as the student's part (llmc_lessons.parts).
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import sysconfig
 import traceback
@@ -20,6 +23,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from llmc_lessons import parts
 from llmc_lessons.device import to_host, xp
 from llmc_lessons.gradcheck import numerical_grad
 
@@ -27,6 +31,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PACKAGE = PACKAGE_DIR.name
 
 REFERENCES = {
+    "Exercise 0.3": ("numerical_grad", "gradcheck"),
     "Exercise 1.1": ("token_file_bytes",), "Exercise 1.2": ("get_batch",),
     "Exercise 2.1": ("encoder_backward", "numerical_grad"), "Exercise 2.2": ("encoder_backward",),
     "Exercise 3.1": ("layernorm_backward", "numerical_grad"), "Exercise 3.2": ("layernorm_backward",),
@@ -121,9 +126,20 @@ def _references_replaced(exercise: str, fn: Callable, calls: list):
             ns[key] = value
 
 
+_answers: dict = {}
+"""{exercise: the student's function or kernel source under check}, for the exercises whose answer is a part."""
+
+
+def _hand_in(exercise: str, answer) -> None:
+    spec = parts.BY_EXERCISE.get(exercise)
+    if spec is not None and (isinstance(answer, str) if spec.is_kernel else inspect.isfunction(answer)):
+        _answers[exercise] = answer
+
+
 def run_exercise(exercise: str, fn: Callable, *args, **kwargs):
     """Call the student's function. An untouched stub, an error inside it, or a call to the package's own answer
     becomes an ExerciseFailed that says what to do."""
+    _hand_in(exercise, fn)
     calls: list[str] = []
     try:
         with _references_replaced(exercise, fn, calls):
@@ -156,6 +172,7 @@ def exercise_kernel(exercise: str, source: str, name: str):
     still has its `// TODO (Exercise N.k)` comment is checked like any other; a failure then names the TODO."""
     global _todo_left
     from llmc_lessons.cuda import CompileError, RawKernel
+    _hand_in(exercise, source)
     _todo_left = exercise if f"TODO ({exercise})" in source else None
     try:
         return RawKernel(source, name).compile()
@@ -294,5 +311,7 @@ def numerical_jacobian(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> 
 
 
 def passed(exercise: str, detail: str = "") -> None:
-    """Print the one line a passing check shows."""
+    """Print the line a passing check shows, and keep the answer when it is a part (and a line that says so)."""
     print(f"{exercise}: correct{' - ' + detail if detail else ''}")
+    if exercise in _answers:
+        print(parts.record(exercise, _answers.pop(exercise)))

@@ -1,4 +1,4 @@
-"""Checks for lesson 00: the first kernel (SAXPY) and its launch configuration."""
+"""Checks for lesson 00: the first kernel (SAXPY), its launch configuration, and the student's gradient checker."""
 from __future__ import annotations
 
 import numpy as np
@@ -62,3 +62,64 @@ def check_num_blocks(num_blocks) -> None:
             raise ExerciseFailed(f"{ex}: num_blocks({n}, {bs}) returned {got}, expected {want}: the fewest blocks "
                                  f"of {bs} threads that cover {n} elements.{why}")
     passed(ex)
+
+
+def _curvy_loss(gen: np.random.Generator, shape, scale: float):
+    """A scalar loss with curvature, its float32 input x and its exact float64 gradient at x. The loss computes
+    in the dtype of what it is given, as a layer does: float32 in, float32 out."""
+    w = gen.standard_normal(shape)
+
+    def loss(x):
+        x = np.asarray(x)
+        return scale * np.sum(w.astype(x.dtype) * np.sin(2 * x) + x ** 3 / 3)
+
+    x = gen.standard_normal(shape).astype(np.float32)
+    x64 = x.astype(np.float64)
+    return loss, x, scale * (2 * w * np.cos(2 * x64) + x64 ** 2)
+
+
+def _relative_error(ex, grad_check, loss, x, grad, seed) -> float:
+    got = run_exercise(ex, grad_check, loss, x.copy(), grad.copy(), seed)
+    try:
+        return float(got)
+    except (TypeError, ValueError):
+        raise ExerciseFailed(f"{ex}: grad_check returned {got!r} ({type(got).__name__}); it must return the "
+                             f"relative error, one number.") from None
+
+
+def check_gradient_checker(grad_check) -> None:
+    """Exercise 0.3: a correct gradient must score below 1e-6 at every scale of the loss, with a float32 input;
+    a wrong one (two elements swapped) must score above 1e-3, at a loss scale as small as 1e-4."""
+    ex = "Exercise 0.3"
+    gen = rng()
+    for scale in (1.0, 1e4, 1e-4):
+        for seed in range(5):
+            loss, x, grad = _curvy_loss(gen, (3, 5), scale)
+            err = _relative_error(ex, grad_check, loss, x, grad, seed)
+            if not (np.isfinite(err) and 0 <= err < 1e-6):
+                raise ExerciseFailed(
+                    f"{ex}: for a CORRECT gradient your checker reports a relative error of {err:.3g} (loss scale "
+                    f"{scale:g}, seed {seed}, x of dtype float32); it should be below 1e-6.\n"
+                    f"  likely cause: in float64 a central difference with eps near 1e-6 is off by about 1e-10; a "
+                    f"one-sided difference by about 1e-6, eps = 1e-2 by about 1e-4, eps = 1e-12 by about 1e-4, "
+                    f"float32 anywhere (x, the direction, the nudged x) by about 1e-3, and an error that is not "
+                    f"divided by the size of the derivative grows with the loss's scale.")
+        wrong = [_relative_error(ex, grad_check, *_curvy_loss_wrong(gen, scale), seed) for seed in range(5)]
+        if not np.median(wrong) > 1e-3:
+            raise ExerciseFailed(
+                f"{ex}: for a WRONG gradient (two of its 15 elements swapped) your checker reports relative errors "
+                f"of {', '.join(f'{e:.2g}' for e in wrong)} (loss scale {scale:g}, seeds 0 to 4); they should be "
+                f"far above 1e-3.\n  likely cause: a direction v of equal elements sees only the gradient's sum, "
+                f"which a swap does not change (draw v at random); or the error is absolute, and tiny only "
+                f"because the loss is small (divide by the size of the derivative).")
+    passed(ex, "correct gradients score below 1e-6 at loss scales 1e-4 to 1e4 from float32 inputs; a wrong one "
+               "scores above 1e-3")
+
+
+def _curvy_loss_wrong(gen: np.random.Generator, scale: float):
+    """_curvy_loss with a wrong gradient: its largest and smallest elements swapped."""
+    loss, x, grad = _curvy_loss(gen, (3, 5), scale)
+    flat = grad.reshape(-1)
+    i, j = int(np.argmax(flat)), int(np.argmin(flat))
+    flat[i], flat[j] = flat[j], flat[i]
+    return loss, x, grad
