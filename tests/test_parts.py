@@ -39,10 +39,14 @@ def solution_parts(repo_root, exercises):
         imports = "\n".join(ast.unparse(node) for c in cells[1:] for node in ast.parse(c).body
                              if isinstance(node, (ast.Import, ast.ImportFrom)))
         ns = cell_namespace(imports, f"{path.stem} imports", {"__name__": "__main__"})
+        done = 0        # the exercise cells run so far: an answer may use what an earlier one defined
         for ex in wanted:
             i = next(i for i, c in enumerate(cells) if c.startswith(f"# {ex}:"))
-            answer = re.sub(r"^\s*### (BEGIN|END) SOLUTION\n", "", cells[i], flags=re.M)
-            cell_namespace(answer, f"{path.stem} {i}", ns)
+            for j in range(done, i + 1):
+                if cells[j].startswith("# Exercise"):
+                    answer = re.sub(r"^\s*### (BEGIN|END) SOLUTION\n", "", cells[j], flags=re.M)
+                    cell_namespace(answer, f"{path.stem} {j}", ns)
+            done = i + 1
             cell_namespace(cells[i + 1], f"{path.stem} {i + 1}", ns)
 
 
