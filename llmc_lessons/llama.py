@@ -39,7 +39,8 @@ from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, flash_attentio
                                                  flash_attention_forward_bf16_cuda)
 from llmc_lessons.layers.encoder import encoder_backward_cuda
 from llmc_lessons.layers.matmul import matmul_backward, matmul_backward_cuda, matmul_forward, matmul_forward_cuda
-from llmc_lessons.layers.residual import residual_backward, residual_forward, residual_forward_cuda
+from llmc_lessons.layers.residual import (residual_backward, residual_forward, residual_forward_bf16_cuda,
+                                          residual_forward_cuda)
 from llmc_lessons.layers.rmsnorm import (rmsnorm_backward, rmsnorm_backward_bf16_cuda, rmsnorm_backward_cuda,
                                          rmsnorm_forward, rmsnorm_forward_bf16_cuda, rmsnorm_forward_cuda)
 from llmc_lessons.layers.rope import (ROPE_THETA, precompute_freqs_cis, rope_backward, rope_forward,
@@ -420,9 +421,6 @@ class LlamaBf16KernelPath(Bf16KernelPath):
         def linear(x, weight):               # (B, T, in) bf16 @ weight^T -> (B, T, out) bf16
             return gemm(x.reshape(BT, -1), weight, trans_b=True).reshape(B, T_run, -1)
 
-        def add(a, b):                       # a + b in float32, rounded once to bf16
-            return float_to_bf16_cuda(from_bf16(a) + from_bf16(b))
-
         residual, block_caches = xp.take(w["wte"], idx, axis=0), []            # (B, T, C) bf16
         for l in range(c.num_layers):
             x = residual
@@ -431,11 +429,11 @@ class LlamaBf16KernelPath(Bf16KernelPath):
             rope_qkv_forward_bf16_cuda(qkv, freqs_cis, NH, NKV)                  # in place
             qkv_rep = _repkv_bf16(qkv, NH, NKV)                                   # (B, T, 3C)
             atty, lse = flash_attention_forward_bf16_cuda(qkv_rep, NH)
-            residual2 = add(x, linear(atty, w["attprojw"][l]))
+            residual2 = residual_forward_bf16_cuda(x, linear(atty, w["attprojw"][l]))
             ln2, ln2_rstd = rmsnorm_forward_bf16_cuda(residual2, p["ln2w"][l], eps=eps)
             fch = linear(ln2, w["fcw"][l])
             fch_swiglu = swiglu_forward_bf16_cuda(fch)
-            residual = add(residual2, linear(fch_swiglu, w["fcprojw"][l]))
+            residual = residual_forward_bf16_cuda(residual2, linear(fch_swiglu, w["fcprojw"][l]))
             block_caches.append(dict(x=x, ln1=ln1, ln1_rstd=ln1_rstd, qkv_rep=qkv_rep, atty=atty, lse=lse,
                                      residual2=residual2, ln2=ln2, ln2_rstd=ln2_rstd, fch=fch, fch_swiglu=fch_swiglu))
         lnf, lnf_rstd = rmsnorm_forward_bf16_cuda(residual, p["lnfw"], eps=eps)
