@@ -123,7 +123,7 @@ class NumpyPath:
     def update(self, model, start: int, stop: int, t: int, lr, beta1, beta2, eps, wd, grad_scale) -> None:
         """AdamW step t on the flat run [start, stop) of the parameters, gradients and moments."""
         p, g = model.params_memory[start:stop], model.grads_memory[start:stop]
-        m, v = model.m_memory[start:stop], model.v_memory[start:stop]
+        m, v = model.moments(start, stop)
         if grad_scale != 1.0:
             g = g * np.float32(grad_scale)
         p[...], m[...], v[...] = adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, wd)
@@ -193,7 +193,7 @@ class Fp32KernelPath(NumpyPath):
 
     def update(self, model, start: int, stop: int, t: int, lr, beta1, beta2, eps, wd, grad_scale) -> None:
         p, g = model.params_memory[start:stop], model.grads_memory[start:stop]
-        m, v = model.m_memory[start:stop], model.v_memory[start:stop]
+        m, v = model.moments(start, stop)
         adamw_update_cuda(p, g, m, v, t, lr, beta1, beta2, eps, wd, grad_scale=grad_scale)
 
 
@@ -316,7 +316,7 @@ class Bf16KernelPath(Fp32KernelPath):
     def update(self, model, start: int, stop: int, t: int, lr, beta1, beta2, eps, wd, grad_scale) -> None:
         # the float32 master weights, then their bf16 copy, stochastically rounded
         p, g = model.params_memory[start:stop], model.grads_memory[start:stop]
-        m, v = model.m_memory[start:stop], model.v_memory[start:stop]
+        m, v = model.moments(start, stop)
         adamw_update_bf16_cuda(p, model.params_bf16_memory[start:stop], g, m, v, t, lr, beta1, beta2, eps, wd,
                                stochastic=True, seed=rounding_seed(t, start), grad_scale=grad_scale)
 

@@ -26,6 +26,7 @@ LAYERS = (
     ("model", ("llmc_lessons.model", "llmc_lessons.activations", "llmc_lessons.sampling")),
     ("checks of the model", ("llmc_lessons.gradcheck_gpt2",)),
     ("weights", ("llmc_lessons.hf",)),                 # Hugging Face GPT-2 folders <-> llm.c model files
+    ("distributed", ("llmc_lessons.distributed",)),    # collectives, the launcher, ZeRO-1 (lesson 17)
     ("uses of the model", ("llmc_lessons.train", "llmc_lessons.torch_gpt2", "llmc_lessons.verify",
                            "llmc_lessons.hellaswag")),
     ("bench", ("llmc_lessons.bench",)),
