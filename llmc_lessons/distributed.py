@@ -253,6 +253,37 @@ def connect(backend: str, timeout_s: float = TIMEOUT_S) -> Collectives:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The ring, on simulated ranks (lesson 17): what NCCL's ring all-reduce does, step by step
+#
+# chunks[r][c] is rank r's copy of chunk c (a 1-D array) of the data it reduces; N ranks cut their data into
+# N chunks the same way. A step is one round of messages: each rank sends one chunk to its right neighbour
+# (r + 1) % N and receives one from its left neighbour (r - 1) % N. N - 1 reduce-scatter steps leave rank r with
+# the sum over all ranks of chunk (r + 1) % N; N - 1 all-gather steps then hand every sum to every rank.
+
+
+def ring_reduce_scatter_step(chunks: list, step: int) -> list:
+    """Step `step` (0 .. N-2) of the ring reduce-scatter: rank r sends chunk (r - step) % N to rank (r + 1) % N,
+    which adds it into its own copy of that chunk. Returns the new chunks (the input is left as it is)."""
+    N = len(chunks)
+    new = [[c.copy() for c in rank] for rank in chunks]
+    for r in range(N):
+        c = (r - step) % N
+        new[(r + 1) % N][c] += chunks[r][c]
+    return new
+
+
+def ring_all_gather_step(chunks: list, step: int) -> list:
+    """Step `step` (0 .. N-2) of the ring all-gather: rank r sends chunk (r + 1 - step) % N, whose sum it holds,
+    to rank (r + 1) % N, which replaces its own copy with it. Returns the new chunks."""
+    N = len(chunks)
+    new = [[c.copy() for c in rank] for rank in chunks]
+    for r in range(N):
+        c = (r + 1 - step) % N
+        new[(r + 1) % N][c] = chunks[r][c].copy()
+    return new
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The launcher
 
 

@@ -34,6 +34,7 @@ REFERENCES = {
     "Exercise 10.1": ("num_parameters",), "Exercise 10.3": ("next_token_probs",),
     "Exercise 11.1": ("learning_rate",), "Exercise 11.2": ("training_step",),
     "Exercise 13.1": ("online_softmax_update",), "Exercise 14.1": ("to_bf16",),
+    "Exercise 17.1": ("ring_reduce_scatter_step",), "Exercise 17.2": ("ring_all_gather_step",),
 }
 """The package functions that compute what an exercise asks a student to write, by name (found wherever the
 package keeps them when the check runs). Calling one is no answer."""
