@@ -207,3 +207,16 @@ def test_data_parallel_runs_equal_the_one_rank_run(runs, name):
 def test_only_rank_0_prints(runs):
     out = runs[1].stdout
     assert out.count("summary:") == 1 and "ranks=3" in out and "resuming at step 2" in out
+
+
+def test_the_multigpu_benchmark_runs_on_the_cpu(tmp_path):
+    """tools/multigpu_bench.py's plumbing (launch, workers, record) with gloo: the course, DDP and ZeRO-1 at 2 ranks."""
+    record = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "multigpu_bench.py"), "--cpu", "--model", "tiny",
+                           "--ranks", "2", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--warmup", "1",
+                           "--timeout", "120", "--json", str(record)], env=ENV, capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(record.read_text())["rows"]
+    assert [(r["system"], r["ranks"]) for r in rows] == [("course", 2), ("torch-ddp", 2), ("torch-zero1", 2)]
+    assert all(r["tokens_per_s"] > 0 for r in rows) and "torch-zero1" in done.stdout
