@@ -185,8 +185,10 @@ class Nccl(Collectives):
         text = os.environ.get("LLMC_NCCL_ID")
         if text is None:
             from torch.distributed import TCPStore
+            # under torchrun its agent serves the store at MASTER_PORT already: every rank is then a client
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
             store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                             is_master=rank == 0, timeout=datetime.timedelta(seconds=timeout_s))
+                             is_master=rank == 0 and not agent, timeout=datetime.timedelta(seconds=timeout_s))
             if rank == 0:
                 store.set("llmc_nccl_id", nccl_id_text())
             text = store.get("llmc_nccl_id").decode()
