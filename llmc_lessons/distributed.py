@@ -237,7 +237,11 @@ class Nccl(Collectives):
 
 def nccl_id_text() -> str:
     """A fresh NCCL unique id as text (128 comma-separated integers), for LLMC_NCCL_ID."""
-    from cupy.cuda import nccl
+    try:
+        from cupy.cuda import nccl
+    except ImportError as e:
+        raise RuntimeError(f"--gpus needs NCCL, which this CuPy cannot load ({e}); CuPy's installation guide "
+                           f"says how to add it (e.g. the nvidia-nccl-cu12 wheel)") from None
     return ",".join(str(int(b)) for b in nccl.get_unique_id())
 
 

@@ -590,8 +590,16 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, state, stop_at, overwrite, (ranks, gpus) = parse_args(argv)
+    if gpus and (not device.on_gpu() or ranks > device.xp.cuda.runtime.getDeviceCount()):
+        found = device.xp.cuda.runtime.getDeviceCount() if device.on_gpu() else 0
+        print(f"error: --gpus {ranks}: this machine has {found} usable GPU(s) ({device.REASON})", file=sys.stderr)
+        return 2
     if ranks > 1 and "WORLD_SIZE" not in os.environ:   # the launcher: start the ranks, each runs this main
-        return launch(["-m", "llmc_lessons.train", *argv], ranks, gpus=gpus)
+        try:
+            return launch(["-m", "llmc_lessons.train", *argv], ranks, gpus=gpus)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     comm = connect("nccl" if device.on_gpu() and not args["reference"] else "gloo")
     try:
         return _train(args, state, stop_at, overwrite, comm)

@@ -220,3 +220,12 @@ def test_the_multigpu_benchmark_runs_on_the_cpu(tmp_path):
     rows = json.loads(record.read_text())["rows"]
     assert [(r["system"], r["ranks"]) for r in rows] == [("course", 2), ("torch-ddp", 2), ("torch-zero1", 2)]
     assert all(r["tokens_per_s"] > 0 for r in rows) and "torch-zero1" in done.stdout
+
+
+def test_gpus_on_a_machine_without_them_is_refused(capsys):
+    from llmc_lessons import device
+    from llmc_lessons.train import main
+    if device.on_gpu():
+        pytest.skip("this machine has a GPU")
+    assert main(["--gpus", "2", "--steps", "1"]) == 2
+    assert "--gpus 2: this machine has 0 usable GPU(s)" in capsys.readouterr().err
