@@ -36,8 +36,9 @@ def _step_by_step(ex, fn, reference, start, mistakes: dict, what: str, hint: str
         got = run_exercise(ex, fn, given, step)
         want = reference(state, step)
         known = {cause: _flat(ex, wrong(state, step), N, sizes) for cause, wrong in mistakes.items()}
-        assert_close(ex, f"{what}: the {N} ranks' chunks after step {step}", _flat(ex, got, N, sizes),
-                     _flat(ex, want, N, sizes), atol=1e-12, rtol=1e-12, known_mistakes=known, hint=hint)
+        assert_close(ex, f"{what}, after step {step}: data", _flat(ex, got, N, sizes),
+                     _flat(ex, want, N, sizes), atol=1e-12, rtol=1e-12, known_mistakes=known,
+                     hint=hint + " (data[r, i]: element i of rank r's chunks laid end to end)")
         state = want
     return state
 
@@ -78,7 +79,8 @@ REDUCE_SCATTER_MISTAKES = {
 }
 
 ALL_GATHER_MISTAKES = {
-    "the chunk index is off by one: at step 0 rank r must send the chunk whose sum it holds, (r + 1) % N":
+    "the chunk index is off by one: at step 0 each rank sends the chunk whose complete sum the reduce-scatter left "
+    "it":
         _ring_step(lambda r, s, N: (r - s) % N, _replace),
     "the chunk index is off by one the other way":
         _ring_step(lambda r, s, N: (r + 2 - s) % N, _replace),
@@ -97,8 +99,8 @@ def check_ring_reduce_scatter_step(fn) -> None:
     for N, L in ((5, 13), (4, 23), (3, 11), (2, 7)):   # at 5 ranks the wrong answers differ from each other
         start = _ranks(gen, N, L)
         final = _step_by_step(ex, fn, ring_reduce_scatter_step, start, REDUCE_SCATTER_MISTAKES,
-                              f"{N} ranks", "at step s rank r sends chunk (r - s) % N to rank (r + 1) % N, which adds "
-                              "it to its own copy; every rank sends one chunk per step")
+                              f"{N} ranks", "in a step every rank sends one chunk to its right neighbour; section 2 "
+                              "says which chunk rank r sends at step s, and what the receiver does with it")
         total = [sum(start[k][c] for k in range(N)) for c in range(N)]
         for r in range(N):      # against NumPy: rank r now holds the sum of chunk (r + 1) % N
             c = (r + 1) % N
@@ -116,8 +118,8 @@ def check_ring_all_gather_step(fn) -> None:
         for step in range(N - 1):
             summed = ring_reduce_scatter_step(summed, step)
         final = _step_by_step(ex, fn, ring_all_gather_step, summed, ALL_GATHER_MISTAKES, f"{N} ranks",
-                              "at step s rank r sends chunk (r + 1 - s) % N (the sum it holds, or the one it "
-                              "received at step s - 1) to rank (r + 1) % N, which overwrites its copy")
+                              "in a step every rank passes one complete chunk to its right neighbour; section 2 says "
+                              "which chunk rank r sends at step s, and what the receiver does with it")
         total = np.sum([np.concatenate(rank) for rank in start], axis=0)
         for r in range(N):      # against NumPy: every rank holds the whole sum
             assert_close(ex, f"{N} ranks: rank {r}'s data after the all-gather", np.concatenate(final[r]), total)
