@@ -105,25 +105,28 @@ def _state(pid):
 # The trainer
 
 
-def test_zero1_shards_update_as_unsharded_adamw():
-    """AdamW on shards [lo, hi) of the flat parameters, one model per shard, equals AdamW on all of them."""
+@pytest.mark.parametrize("backend", ["numpy", "kernels"])
+def test_zero1_shards_update_as_unsharded_adamw(backend):
+    """AdamW on shards [lo, hi) of the flat parameters, one model per shard, equals AdamW on all of them (the
+    NumPy update, and the AdamW kernel on the shard's slices)."""
+    from llmc_lessons.device import to_host
     config = GPT2Config(max_seq_len=8, vocab_size=40, padded_vocab_size=48, num_layers=1, num_heads=2, channels=8)
-    whole = GPT2(config, seed=1, backend="numpy")
+    whole = GPT2(config, seed=1, backend=backend)
     N, R = whole.num_parameters, 3
     S = -(-N // R)
     gen = np.random.default_rng(0)
-    shards = [GPT2(config, seed=1, backend="numpy") for _ in range(R)]
+    shards = [GPT2(config, seed=1, backend=backend) for _ in range(R)]
     for t in range(1, 4):
         grads = gen.standard_normal(N).astype(np.float32)
         for m in [whole, *shards]:
             m.zero_grad()
-            m.grads_memory[...] = grads
+            m.grads_memory[...] = m.xp.asarray(grads)
         whole.update(1e-2, weight_decay=0.1, grad_scale=0.5)
         for r, m in enumerate(shards):
             m.update(1e-2, weight_decay=0.1, grad_scale=0.5, shard=(r * S, min((r + 1) * S, N)))
-        joined = np.concatenate([m.params_memory[r * S:(r + 1) * S] for r, m in enumerate(shards)])
-        assert np.array_equal(joined, whole.params_memory)       # elementwise: the same bits
-        assert np.array_equal(np.concatenate([m.m_memory for m in shards]), whole.m_memory)
+        joined = np.concatenate([to_host(m.params_memory[r * S:(r + 1) * S]) for r, m in enumerate(shards)])
+        assert np.array_equal(joined, to_host(whole.params_memory))       # elementwise: the same bits
+        assert np.array_equal(np.concatenate([to_host(m.m_memory) for m in shards]), to_host(whole.m_memory))
     with pytest.raises(ValueError, match="moments are those of parameters"):
         shards[0].update(1e-2, shard=(0, N))
 
