@@ -40,7 +40,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.data import DataLoader, prepare_shakespeare
-from llmc_lessons.distributed import DataParallel, Single, connect, launch
+from llmc_lessons.distributed import DataParallel, Single, connect, environment, launch
 from llmc_lessons.files import atomic_write
 from llmc_lessons.hf import load_weights
 from llmc_lessons.model import GPT2, GPT2Config
@@ -581,6 +581,13 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
         p.error(str(e))
     if args["init_from"] and not Path(args["init_from"]).exists():   # a resumed run reads its size from them too
         p.error(f"--init-from {args['init_from']}: no such llm.c model file or Hugging Face folder")
+    try:
+        world = environment()[1] if "WORLD_SIZE" in os.environ else ranks or gpus or 1
+    except ValueError as e:
+        p.error(str(e))
+    if args["batch_size"] % (world * args["grad_accum"]):
+        p.error(f"--batch-size {args['batch_size']}: the global batch must split evenly into {world} rank(s) x "
+                f"{args['grad_accum']} micro-batch(es) (--grad-accum)")
     if stop_at is not None and (stop_at < 1 or (state is not None and stop_at <= state["meta"]["step"])):
         done = state["meta"]["step"] if state is not None else 0
         p.error(f"--stop-at {stop_at}: must be a step after {done}, the step the run starts from")

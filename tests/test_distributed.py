@@ -232,3 +232,10 @@ def test_gpus_on_a_machine_without_them_is_refused(capsys):
         pytest.skip("this machine has a GPU")
     assert main(["--gpus", "2", "--steps", "1"]) == 2
     assert "--gpus 2: this machine has 0 usable GPU(s)" in capsys.readouterr().err
+
+
+def test_a_batch_that_does_not_split_is_refused_before_any_rank_starts(capsys):
+    from llmc_lessons.train import main
+    with pytest.raises(SystemExit):
+        main(["--ranks", "3", "--batch-size", "4", "--steps", "1"])
+    assert "--batch-size 4: the global batch must split evenly into 3 rank(s) x 1" in capsys.readouterr().err
