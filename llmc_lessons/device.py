@@ -20,6 +20,8 @@ def _usable_cupy():
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return None, "CuPy found no CUDA device"
+        if os.environ.get("LOCAL_RANK"):   # one process per GPU (lesson 17): torchrun's number of this one's GPU
+            cupy.cuda.Device(int(os.environ["LOCAL_RANK"])).use()
         (cupy.arange(4, dtype=cupy.float32) * 2).sum().item()  # a real launch, not only a driver query
     except Exception as e:
         return None, f"CuPy is installed but no CUDA device is usable ({type(e).__name__}: {e})"

@@ -96,6 +96,7 @@ class GPT2:
         self.grads_memory = None    # allocated by the first zero_grad() or backward(), as in llm.c
         self.grads = None
         self.m_memory = self.v_memory = None  # AdamW moments, allocated by the first update()
+        self.moments_start = 0      # the parameter that m_memory[0] belongs to (ZeRO-1 keeps a shard: lesson 17)
         self.logits = None          # (B, T, Vp) from the last forward
         self.keep_logits = True     # False: on the kernel path a forward with targets lets the fused classifier
                                     # overwrite the logits with dlogits (no copy; self.logits is then None)
@@ -311,25 +312,41 @@ class GPT2:
     # -- AdamW ----------------------------------------------------------------------------------------------
 
     def update(self, learning_rate: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
-               weight_decay: float = 0.0, t: int | None = None, grad_scale: float = 1.0):
+               weight_decay: float = 0.0, t: int | None = None, grad_scale: float = 1.0, shard=None):
         """One AdamW step on every parameter (llm.c's gpt2_update); t counts from 1 (default: previous t + 1).
 
         Weight decay applies to DECAYED_PARAMETER_NAMES only. grad_scale multiplies every gradient first (the
         clip factor of llmc_lessons.layers.adamw.clip_grad_norm). The update runs over the flat buffers, one
         call per run of neighbouring tensors that share a weight decay (10 runs in llm.c's order).
+        shard=(lo, hi): ZeRO-1 (lesson 17), update only the flat parameters lo..hi-1, whose m and v alone the
+        model keeps (m_memory[0] is parameter lo).
         """
         if self.grads_memory is None:
             raise RuntimeError("update() needs gradients: call forward(idx, targets) and backward() first")
         t = self.step + 1 if t is None else int(t)
         if t < 1:
             raise ValueError(f"t counts AdamW steps from 1, got {t}")
+        lo, hi = (0, self.num_parameters) if shard is None else (int(shard[0]), int(shard[1]))
+        if not 0 <= lo <= hi <= self.num_parameters:
+            raise ValueError(f"shard {shard}: must be (lo, hi) with 0 <= lo <= hi <= {self.num_parameters}")
         if self.m_memory is None:
-            self.m_memory = self.xp.zeros(self.num_parameters, dtype=np.float32)
-            self.v_memory = self.xp.zeros(self.num_parameters, dtype=np.float32)
+            self.m_memory = self.xp.zeros(hi - lo, dtype=np.float32)
+            self.v_memory = self.xp.zeros(hi - lo, dtype=np.float32)
+            self.moments_start = lo
+        if (self.moments_start, self.moments_start + self.m_memory.size) != (lo, hi):
+            raise ValueError(f"AdamW's moments are those of parameters {self.moments_start}.."
+                             f"{self.moments_start + self.m_memory.size - 1}, not of the shard {lo}..{hi - 1}")
         for start, stop, decays in self.decay_runs(self.config):
-            wd = float(weight_decay) if decays else 0.0
-            self.path.update(self, start, stop, t, learning_rate, beta1, beta2, eps, wd, grad_scale)
+            start, stop = max(start, lo), min(stop, hi)
+            if start < stop:
+                wd = float(weight_decay) if decays else 0.0
+                self.path.update(self, start, stop, t, learning_rate, beta1, beta2, eps, wd, grad_scale)
         self.step = t
+
+    def moments(self, start: int, stop: int) -> tuple:
+        """AdamW's m and v of the flat parameters start..stop-1 (views)."""
+        s = slice(start - self.moments_start, stop - self.moments_start)
+        return self.m_memory[s], self.v_memory[s]
 
     # -- llm.c checkpoint files -----------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backwar
                                            residual_layernorm_forward_bf16_cuda)
 from llmc_lessons.layers.matmul import (add_bias_bf16_cuda, matmul_backward, matmul_backward_cuda, matmul_forward,
                                         matmul_forward_cuda)
-from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, decay_runs, point_views
+from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, point_views
 from llmc_lessons.parts import substituted
 from llmc_lessons.precision import from_bf16
 
@@ -138,7 +138,7 @@ class NumpyPath:
     def update(self, model, start: int, stop: int, t: int, lr, beta1, beta2, eps, wd, grad_scale) -> None:
         """AdamW step t on the flat run [start, stop) of the parameters, gradients and moments."""
         p, g = model.params_memory[start:stop], model.grads_memory[start:stop]
-        m, v = model.m_memory[start:stop], model.v_memory[start:stop]
+        m, v = model.moments(start, stop)
         if grad_scale != 1.0:
             g = g * np.float32(grad_scale)
         with self._theirs():
@@ -242,7 +242,7 @@ class Fp32KernelPath(NumpyPath):
 
     def update(self, model, start: int, stop: int, t: int, lr, beta1, beta2, eps, wd, grad_scale) -> None:
         p, g = model.params_memory[start:stop], model.grads_memory[start:stop]
-        m, v = model.m_memory[start:stop], model.v_memory[start:stop]
+        m, v = model.moments(start, stop)
         with self._theirs():
             adamw_update_cuda(p, g, m, v, t, lr, beta1, beta2, eps, wd, grad_scale=grad_scale)
 
@@ -372,7 +372,7 @@ class Bf16KernelPath(Fp32KernelPath):
     def update(self, model, start: int, stop: int, t: int, lr, beta1, beta2, eps, wd, grad_scale) -> None:
         # the float32 master weights, then their bf16 copy, stochastically rounded
         p, g = model.params_memory[start:stop], model.grads_memory[start:stop]
-        m, v = model.m_memory[start:stop], model.v_memory[start:stop]
+        m, v = model.moments(start, stop)
         adamw_update_bf16_cuda(p, model.params_bf16_memory[start:stop], g, m, v, t, lr, beta1, beta2, eps, wd,
                                stochastic=True, seed=rounding_seed(t, start), grad_scale=grad_scale)
 

@@ -5,11 +5,19 @@
     python -m llmc_lessons.train --model llama-tiny --steps 20 --out runs/llama   # the LLaMA-style model (lesson 16)
     python -m llmc_lessons.train --resume runs/tiny --steps 40                    # continue to step 40
     python -m llmc_lessons.train --init-from gpt2_124M.bin --steps 50 --out runs/ft   # fine-tune OpenAI's GPT-2
+    python -m llmc_lessons.train --gpus 4 --model d12 --batch-size 64 --grad-accum 2 --out runs/d12x4  # lesson 17
+    python -m llmc_lessons.train --ranks 2 --steps 20 --out runs/tiny2      # data-parallel on the CPU (gloo)
 
 One optimizer step is llm.c's loop body: forward (with the loss), zero_grad, backward, the global gradient
 norm and its clip factor, AdamW with a warm-up + cosine learning rate. `--out DIR` receives `log.jsonl` (one
 JSON object per step) and checkpoints `ckpt_<step>.npz` holding the model, AdamW's moments, the step, the
 data loaders' positions and the sampler's random state, so a resumed run continues exactly where it stopped.
+
+Data-parallel (lesson 17, llmc_lessons/distributed.py): --batch-size is the GLOBAL batch of an optimizer step;
+with --ranks N (CPU processes, gloo), --gpus N (one process per GPU, NCCL) or torchrun's environment, each rank
+takes B / N of its rows, in --grad-accum micro-batches, the gradients are averaged over all of them, and with
+--zero-stage 1 (the default) each rank keeps AdamW's state for its shard of the parameters only. Only rank 0
+logs and writes; a checkpoint holds the whole optimizer state, so a run resumes at any number of ranks.
 
 A run is never destroyed by accident: a new run refuses an `--out` that holds a run (log.jsonl, summary.json
 or a checkpoint) unless told `--resume` (continue it) or `--overwrite` (replace it, naming the files it
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -32,9 +41,9 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.data import DataLoader, prepare_shakespeare
+from llmc_lessons.distributed import DataParallel, Single, connect, environment, launch
 from llmc_lessons.files import atomic_write
 from llmc_lessons.hf import load_weights
-from llmc_lessons.layers.adamw import global_norm, global_norm_cuda
 from llmc_lessons.llama import config_from_name, model_class
 from llmc_lessons.model import GPT2
 from llmc_lessons.precision import set_tf32
@@ -45,7 +54,7 @@ DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=20, epochs=None, l
                 final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, eval_every=None, eval_batches=4,
                 sample_every=None, sample_tokens=32, checkpoint_every=None, seed=1337, out=None,
                 train_bin=None, val_bin=None, reference=False, tf32=1, precision="fp32", cuda_graph=1,
-                init_from=None, recompute=0)
+                init_from=None, recompute=0, grad_accum=1, zero_stage=1)
 EOT = 50256
 
 
@@ -92,26 +101,32 @@ def _first_nonfinite(model, which: str) -> str:
     return f"a {which}"
 
 
-def training_step(model: GPT2, x, y, lr: float, weight_decay: float, grad_clip: float, step: int):
+def training_step(model: GPT2, x, y, lr: float, weight_decay: float, grad_clip: float, step: int,
+                  dp: DataParallel | None = None):
     """One optimizer step, llm.c's loop body; returns (loss, gradient norm). Raises NonFiniteError on NaN/inf.
 
     forward with the loss -> zero_grad -> backward -> global gradient norm -> clip factor -> AdamW.
+    x, y: the global batch (B, T); dp (lesson 17): this rank's share of a data-parallel step (its rows in
+    micro-batches whose gradients add up, the average over ranks, ZeRO-1); None is one rank, one micro-batch.
     """
-    loss = model.forward(x, y)
+    dp = dp or DataParallel(Single(), model.num_parameters)
+    micro = dp.micro_batches(x, y)
+    total = 0.0
+    for i, (xm, ym) in enumerate(micro):
+        total += model.forward(xm, ym)
+        if i == 0:
+            model.zero_grad()
+        model.backward()
+    loss = dp.mean(model, total, len(micro))
     if not math.isfinite(loss):
         raise NonFiniteError(f"step {step}: the loss is {loss} (first bad tensor: "
                              f"{_first_nonfinite(model, 'parameter')})")
-    model.zero_grad()
-    model.backward()
-    if model.use_kernels:
-        norm = global_norm_cuda(model.grads_memory)
-    else:
-        norm = global_norm(model.grads_memory)
+    norm = dp.reduce_gradients(model)
     if not math.isfinite(norm):
         raise NonFiniteError(f"step {step}: the gradient norm is {norm}: the "
                              f"{_first_nonfinite(model, 'gradient')} holds NaN or inf")
     scale = grad_clip / norm if grad_clip and norm > grad_clip else 1.0
-    model.update(lr, weight_decay=weight_decay, grad_scale=scale)
+    dp.update(model, lr, weight_decay, scale)
     device.synchronize()
     return loss, norm
 
@@ -214,7 +229,7 @@ def check_args(a: dict) -> None:
         _int_option(a, "steps", 1)
     else:
         _float_option(a, "epochs", 0.0, lo_open=True)
-    for key in ("batch_size", "seq_len", "eval_batches", "sample_tokens"):
+    for key in ("batch_size", "seq_len", "eval_batches", "sample_tokens", "grad_accum"):
         _int_option(a, key, 1)
     for key in ("eval_every", "sample_every", "checkpoint_every"):
         _int_option(a, key, 1, optional=True)
@@ -224,7 +239,7 @@ def check_args(a: dict) -> None:
     _float_option(a, "final_lr_frac", 0.0, 1.0)
     _float_option(a, "weight_decay", 0.0)
     _float_option(a, "grad_clip", 0.0)
-    for key in ("tf32", "cuda_graph"):
+    for key in ("tf32", "cuda_graph", "zero_stage"):
         if a.get(key) not in (0, 1):
             raise ValueError(f"--{key.replace('_', '-')} {a.get(key)!r}: must be 0 or 1")
     if a.get("recompute") not in (0, 1, 2):
@@ -259,11 +274,15 @@ class Trainer:
     resume_from: a checkpoint path or read_checkpoint()'s dict, to continue that run. overwrite=True lets a new
     run replace the run already in `out` (its files are listed, then removed when training starts); without it
     an `out` holding a run is refused. Every argument is checked before anything is built.
+    comm: the collectives of a data-parallel run (llmc_lessons.distributed.connect; None: one rank). Every rank
+    builds a Trainer and calls run(); rank 0 alone logs, samples and writes files.
     """
 
-    def __init__(self, args: dict, resume_from=None, overwrite: bool = False):
+    def __init__(self, args: dict, resume_from=None, overwrite: bool = False, comm=None):
         self.args = a = args
         check_args(a)
+        self.comm = comm or Single()
+        self.writes = self.comm.rank == 0
         self.out = Path(a["out"]) if a["out"] else None
         state = resume_from
         if state is not None and not isinstance(state, dict):
@@ -305,6 +324,8 @@ class Trainer:
         if state is not None:
             _check_resume(a, state["meta"], str(state["path"].parent))
         self.model = init or model_class(config)(config, seed=a["seed"], backend=backend, precision=a["precision"])
+        self.dp = DataParallel(self.comm, self.model.num_parameters, a["grad_accum"], a["zero_stage"])
+        self.dp.check_batch(a["batch_size"])
         self.model.keep_logits = False  # the loop never reads the logits of a training forward
         self.model.cuda_graph = bool(a["cuda_graph"])   # replay the forward and backward (GPU only)
         self.model.recompute = a["recompute"]           # kernel paths: recompute GELU (1), and LayerNorm (2)
@@ -317,6 +338,7 @@ class Trainer:
         if state is not None:
             self._load(state)
             self._previous = state["path"] if same_dir else None
+        self.comm.barrier()       # every rank has checked its arguments before rank 0 writes anything
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -324,12 +346,15 @@ class Trainer:
         """Write ckpt_<step>.npz atomically, then remove this folder's other checkpoints except the previous one
         of this run: the newest two are kept, so a damaged newest one still leaves one to resume from."""
         m = self.model
+        moments = self.dp.full_moments(m)     # every rank takes part (ZeRO-1 gathers the shards)
+        if not self.writes:
+            return None
         meta = dict(step=self.step, args=self.args, train_loader=self.train_loader.state(),
                     val_loader=self.val_loader.state(), rng=self.rng.bit_generator.state, adamw_t=m.step)
         path = self.out / f"ckpt_{self.step:06d}.npz"
         arrays = dict(params=device.to_host(m.params_memory), meta=np.array(json.dumps(meta)))
-        if m.m_memory is not None:
-            arrays.update(m=device.to_host(m.m_memory), v=device.to_host(m.v_memory))
+        if moments[0] is not None:
+            arrays.update(m=moments[0], v=moments[1])
         atomic_write(path, lambda f: np.savez(f, **arrays))
         keep = {path.resolve()} | ({self._previous.resolve()} if self._previous is not None else set())
         for old in checkpoints(self.out):
@@ -344,8 +369,7 @@ class Trainer:
             raise CheckpointError(f"{state['path']}: holds {state['params'].size:,} parameters, the "
                                   f"{self.args['model']} model has {m.num_parameters:,}")
         m.params_memory[...] = m.xp.asarray(state["params"])  # the model's own array module (NumPy path too)
-        if state["m"] is not None:
-            m.m_memory, m.v_memory = m.xp.asarray(state["m"]), m.xp.asarray(state["v"])
+        self.dp.load_moments(m, state["m"], state["v"])   # all of them, or this rank's shard (ZeRO-1)
         try:
             m.step = int(meta["adamw_t"])
             m.sync_params()          # bf16: the weights' bf16 copy, rounded as the last update rounded it
@@ -380,7 +404,7 @@ class Trainer:
         t0 = time.perf_counter()
         x, y = self.train_loader.next_batch()
         lr = learning_rate(self.step, a["steps"], a["lr"], a["warmup"], a["final_lr_frac"])
-        loss, norm = training_step(self.model, x, y, lr, a["weight_decay"], a["grad_clip"], self.step + 1)
+        loss, norm = training_step(self.model, x, y, lr, a["weight_decay"], a["grad_clip"], self.step + 1, self.dp)
         self.step += 1
         ms = (time.perf_counter() - t0) * 1e3
         if device.on_gpu():
@@ -388,9 +412,12 @@ class Trainer:
         return StepStats(self.step, loss, lr, norm, ms, x.size / (ms / 1e3))
 
     def val_loss(self) -> float:
+        """The mean loss of the first eval_batches validation batches; each rank computes its rows of each."""
         self.val_loader.reset()
         n = min(self.args["eval_batches"], len(self.val_loader))
-        return float(np.mean([self.model.forward(*self.val_loader.next_batch()) for _ in range(n)]))
+        losses = [self.model.forward(xm, ym) for _ in range(n)
+                  for xm, ym in self.dp.micro_batches(*self.val_loader.next_batch())]
+        return self.dp.mean(self.model, float(np.sum(losses)), len(losses))
 
     def sample(self) -> str:
         seed = int(self.rng.integers(2**31))
@@ -406,12 +433,13 @@ class Trainer:
         """
         from tqdm.auto import tqdm
         a = self.args
-        log_path = self.out / "log.jsonl" if self.out else None
-        if self.out and not self._started:
+        log_path = self.out / "log.jsonl" if self.out and self.writes else None
+        if log_path and not self._started:
             self._start()
         log_synced = False
         speeds, last, val = [], None, None
-        bar = tqdm(total=a["steps"], initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=a["steps"], initial=self.step, disable=not (progress and self.writes), unit="step",
+                   dynamic_ncols=True)
         end = a["steps"] if stop_at is None else min(stop_at, a["steps"])
         while self.step < end:
             s = self.train_step()
@@ -423,8 +451,9 @@ class Trainer:
             stopping = s.step == end
             if a["eval_every"] and (s.step % a["eval_every"] == 0 or final):
                 record["val_loss"] = val = self.val_loss()
-                bar.write(f"step {s.step}: train loss {s.loss:.4f}, val loss {val:.4f}")
-            if a["sample_every"] and (s.step % a["sample_every"] == 0 or final):
+                if self.writes:
+                    bar.write(f"step {s.step}: train loss {s.loss:.4f}, val loss {val:.4f}")
+            if self.writes and a["sample_every"] and (s.step % a["sample_every"] == 0 or final):
                 record["sample"] = self.sample()
                 bar.write(f"step {s.step} sample: {record['sample']!r}")
             if log_path:
@@ -442,7 +471,7 @@ class Trainer:
         summary = dict(steps=self.step, final_train_loss=last.loss if last else None, final_val_loss=val,
                        mean_tokens_per_s=float(np.mean(speeds)) if speeds else None,
                        peak_gpu_bytes=self.peak_bytes if device.on_gpu() else None, device=device.describe())
-        if self.out and last is not None:   # a call that trained nothing keeps the summary of the steps before
+        if self.out and self.writes and last is not None:   # a call that trained nothing keeps the summary of the steps before
             atomic_write(self.out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
         return summary
 
@@ -517,10 +546,21 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
                    "instead of keeping them (kernel paths, llm.c's -r): 1 GELU, 2 GELU and LayerNorm (default 0)")
     p.add_argument("--overwrite", action="store_true", help="let a new run replace the run already in --out "
                    "(its files are named, then removed when training starts)")
+    p.add_argument("--grad-accum", type=int, dest="grad_accum", help="micro-batches per rank and step, whose "
+                   "gradients add up (default 1); --batch-size must split into ranks x grad-accum pieces")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1], dest="zero_stage", help="1 (default): each rank "
+                   "keeps AdamW's state for its shard of the parameters (ZeRO-1); 0: every rank keeps all of it")
+    p.add_argument("--ranks", type=int, help="data-parallel over N processes of this CPU (gloo; lesson 17)")
+    p.add_argument("--gpus", type=int, help="data-parallel over N GPUs of this host, one process each (NCCL)")
     given = vars(p.parse_args(argv))
     resume = given.pop("resume", None)
     stop_at = given.pop("stop_at", None)
     overwrite = given.pop("overwrite", False)
+    ranks, gpus = given.pop("ranks", None), given.pop("gpus", None)
+    if ranks is not None and gpus is not None:
+        p.error("give --ranks (CPU processes) or --gpus (one process per GPU), not both")
+    if (ranks or gpus or 1) < 1:
+        p.error(f"--{'ranks' if ranks is not None else 'gpus'} {ranks or gpus}: must be an integer >= 1")
     if "steps" in given and "epochs" in given:
         p.error("give --steps or --epochs, not both")
     if "steps" in given:
@@ -548,24 +588,54 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
         p.error(str(e))
     if args["init_from"] and not Path(args["init_from"]).exists():   # a resumed run reads its size from them too
         p.error(f"--init-from {args['init_from']}: no such llm.c model file or Hugging Face folder")
+    try:
+        world = environment()[1] if "WORLD_SIZE" in os.environ else ranks or gpus or 1
+    except ValueError as e:
+        p.error(str(e))
+    if args["batch_size"] % (world * args["grad_accum"]):
+        p.error(f"--batch-size {args['batch_size']}: the global batch must split evenly into {world} rank(s) x "
+                f"{args['grad_accum']} micro-batch(es) (--grad-accum)")
     if stop_at is not None and (stop_at < 1 or (state is not None and stop_at <= state["meta"]["step"])):
         done = state["meta"]["step"] if state is not None else 0
         p.error(f"--stop-at {stop_at}: must be a step after {done}, the step the run starts from")
-    return args, state, stop_at, overwrite
+    return args, state, stop_at, overwrite, (ranks or gpus or 1, gpus is not None)
 
 
 def main(argv=None) -> int:
-    args, state, stop_at, overwrite = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, state, stop_at, overwrite, (ranks, gpus) = parse_args(argv)
+    if gpus and (not device.on_gpu() or ranks > device.xp.cuda.runtime.getDeviceCount()):
+        found = device.xp.cuda.runtime.getDeviceCount() if device.on_gpu() else 0
+        print(f"error: --gpus {ranks}: this machine has {found} usable GPU(s) ({device.REASON})", file=sys.stderr)
+        return 2
+    if ranks > 1 and "WORLD_SIZE" not in os.environ:   # the launcher: start the ranks, each runs this main
+        try:
+            return launch(["-m", "llmc_lessons.train", *argv], ranks, gpus=gpus)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    comm = connect("nccl" if device.on_gpu() and not args["reference"] else "gloo")
     try:
-        trainer = Trainer(args, resume_from=state, overwrite=overwrite)
+        return _train(args, state, stop_at, overwrite, comm)
+    finally:
+        comm.close()
+
+
+def _train(args, state, stop_at, overwrite, comm) -> int:
+    talk = comm.rank == 0
+    try:
+        trainer = Trainer(args, resume_from=state, overwrite=overwrite, comm=comm)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = trainer.model
-    print(f"{device.describe()}\n{m!r}")
-    print(f"B={args['batch_size']} T={args['seq_len']} steps={args['steps']} lr={args['lr']} "
-          f"warmup={args['warmup']} train batches/epoch={len(trainer.train_loader)}"
-          + (f"; resuming at step {trainer.step} from {state['path'].name}" if state else ""))
+    if talk:
+        print(f"{device.describe()}\n{m!r}")
+        print(f"B={args['batch_size']} T={args['seq_len']} steps={args['steps']} lr={args['lr']} "
+              f"warmup={args['warmup']} train batches/epoch={len(trainer.train_loader)}"
+              + (f" ranks={comm.world_size} grad_accum={args['grad_accum']} zero_stage={args['zero_stage']}"
+                 if comm.world_size > 1 or args["grad_accum"] > 1 else "")
+              + (f"; resuming at step {trainer.step} from {state['path'].name}" if state else ""))
     try:
         summary = trainer.run(stop_at=stop_at)
     except ValueError as e:
@@ -573,10 +643,12 @@ def main(argv=None) -> int:
         return 2
     except NonFiniteError as e:
         kept = latest_checkpoint(trainer.out) if trainer.out else None
-        print(f"stopped: {e}\nthe last good checkpoint is {kept}", file=sys.stderr)
+        if talk:
+            print(f"stopped: {e}\nthe last good checkpoint is {kept}", file=sys.stderr)
         return 2
-    print("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in summary.items()))
+    if talk:
+        print("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in summary.items()))
     return 0
 
 

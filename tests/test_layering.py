@@ -29,6 +29,7 @@ LAYERS = (
     ("LLaMA-style model", ("llmc_lessons.llama",)),     # GPT2 with LLaMA's layers, layout and checkpoint header
     ("checks of the model", ("llmc_lessons.gradcheck_gpt2",)),
     ("weights", ("llmc_lessons.hf",)),                 # Hugging Face GPT-2 folders <-> llm.c model files
+    ("distributed", ("llmc_lessons.distributed",)),    # collectives, the launcher, ZeRO-1 (lesson 17)
     ("uses of the model", ("llmc_lessons.train", "llmc_lessons.torch_gpt2", "llmc_lessons.torch_llama",
                            "llmc_lessons.verify", "llmc_lessons.hellaswag", "llmc_lessons.your_model")),
     ("bench", ("llmc_lessons.bench",)),

@@ -2,9 +2,10 @@
 # Everything the course checks on a real GPU, in one call (device time is scarce): the test suite on the GPU
 # backend (which include the GPU-vs-emulator parity test), every solution notebook under nbval, the training-step
 # benchmark against PyTorch (both course precisions), the bf16 step's memory-bound kernels against the copy
-# bandwidth, and a 500-step GPT-2 124M training run in fp32 and in bf16.
+# bandwidth, a 500-step GPT-2 124M training run in fp32 and in bf16, and on a machine with several GPUs the
+# data-parallel scaling of d12 and d24 against PyTorch's DDP and ZeRO-1 (lesson 17).
 #
-#   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval parts bench kernels memory train (default: all)
+#   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval parts bench kernels memory train multigpu (default: all)
 #                                            and, on request: scale llama llama-bench
 #
 # llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
@@ -33,7 +34,8 @@
 # nbval keeps the parts its notebooks' checks pass in a fresh folder, so lessons 10 and 11 build GPT-2 from them.
 #
 # Narrower runs, when device time is short: TEST_ARGS (extra pytest arguments, e.g. --ignore=...),
-# NBVAL_PATHS (default: solutions), BENCH_ARGS (e.g. --attention), TRAIN_PRECISIONS (default: fp32 bf16).
+# NBVAL_PATHS (default: solutions), BENCH_ARGS (e.g. --attention), TRAIN_PRECISIONS (default: fp32 bf16),
+# MULTIGPU_MODELS (default: d12 d24), MULTIGPU_ARGS (e.g. --precisions bf16 --ranks 1 8).
 #
 # Run from the repository root on a machine with an NVIDIA GPU and CuPy. If nbval and the Jupyter kernel stack
 # are missing (an offline GPU machine), carry wheels in .whl/ (see README, "Teachers") and they are installed
@@ -47,7 +49,7 @@ device=${DEVICE:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1
   | awk '{print tolower($1)}' | cut -d- -f1)}
 device=${device:-gpu}
 day=$(date -u +%F)
-stages=${*:-env tests arch nbval parts bench kernels memory train}
+stages=${*:-env tests arch nbval parts bench kernels memory train multigpu}
 export PYTHONUNBUFFERED=1 LLMC_DEVICE=gpu
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -122,6 +124,14 @@ except ImportError: print(\"torch missing\")"' ;;
            done ;;
     llama-bench) f=$(name bench bench llama); run llama-bench "$f.log" python3 -m llmc_lessons.bench \
                    --model llama-124m --json "$f.json" ;;
+    multigpu) gpus=$(nvidia-smi -L | wc -l)   # 1 to every GPU; per GPU 16 (d12) or 8 (d24) sequences of 1024
+              if [ "$gpus" -lt 2 ]; then echo "=== multigpu: skipped, $gpus GPU"; continue; fi
+              for model in ${MULTIGPU_MODELS:-d12 d24}; do
+                [ "$model" = d12 ] && b=16 || b=8
+                f=$(name bench multigpu "$model")
+                run multigpu-$model "$f.log" python3 tools/multigpu_bench.py --model "$model" --batch-size $b \
+                  --json "$f.json" ${MULTIGPU_ARGS:-}
+              done ;;
     *) echo "unknown stage $s"; status=1 ;;
   esac
 done

@@ -46,6 +46,7 @@ REFERENCES = {
     "Exercise 13.1": ("online_softmax_update",), "Exercise 14.1": ("to_bf16",),
     "Exercise 15.1": ("rmsnorm_backward",), "Exercise 15.3": ("rope_backward",), "Exercise 15.5": ("swiglu_backward",),
     "Exercise 16.1": ("repkv_forward",), "Exercise 16.2": ("repkv_backward",),
+    "Exercise 17.1": ("ring_reduce_scatter_step",), "Exercise 17.2": ("ring_all_gather_step",),
 }
 """The package functions that compute what an exercise asks a student to write, by name (found wherever the
 package keeps them when the check runs). Calling one is no answer."""
