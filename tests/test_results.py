@@ -13,7 +13,7 @@ RECORD = re.compile(r"(?:results/)?((?:" + "|".join(FOLDERS) + r")/[a-z0-9]+-[a-
 DATED = re.compile(r"[\w./:-]*-(?:h100|h200|cpu)-\d{4}-\d\d-\d\d[\w.*-]*")
 HISTORY = re.compile(r"[0-9a-f]{7,40}:results/")   # `git show <commit>:results/<name>`: a record that left the tree
 LAYOUT = re.compile(r"(?P<folder>[a-z]+)/(?P<topic>[a-z0-9]+)-(?P<device>[a-z0-9]+)-\d{4}-\d\d-\d\d(-[a-z0-9-]+)?"
-                    r"\.(json|log|jsonl|summary\.json|console\.txt)")
+                    r"\.(json|log|md|jsonl|summary\.json|console\.txt)")
 
 
 def documents():

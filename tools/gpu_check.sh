@@ -88,7 +88,7 @@ except ImportError: print(\"torch missing\")"' ;;
     nbval) rm -rf /tmp/llmc_parts-nbval
            run nbval "$(name tests nbval).log" env LLMC_PARTS=/tmp/llmc_parts-nbval python3 -m pytest -q \
              -p no:cacheprovider --nbval-lax --nbval-current-env --durations=15 ${NBVAL_PATHS:-solutions} ;;
-    parts) run parts "$(name parts parts).log" python3 -m pytest -q -s -p no:cacheprovider -m gpu \
+    parts) run parts "$(name tests parts).log" python3 -m pytest -q -s -p no:cacheprovider -m gpu \
              tests/test_parts.py ;;
     bench) f=$(name bench bench); run bench "$f.log" python3 -m llmc_lessons.bench --profile --json "$f.json" \
              ${BENCH_ARGS:-} ;;
@@ -104,10 +104,10 @@ except ImportError: print(\"torch missing\")"' ;;
              cp /tmp/runs/$precision/log.jsonl "$f.jsonl"
              cp /tmp/runs/$precision/summary.json "$f.summary.json"
            done ;;
-    scale) f=$(name bench scale-baseline)
+    scale) f=$(name bench baselines)
            run scale-baseline "$f.log" timeout ${SCALE_BASELINE_S:-150} python3 -m llmc_lessons.bench --steps 10 \
              --warmup 3 --compile-modes default max-autotune-no-cudagraphs max-autotune --json "$f.json"
-           f=$(name bench scale)
+           f=$(name bench sizes)
            run scale-sizes "$f.log" timeout ${SCALE_SIZES_S:-290} python3 -m llmc_lessons.bench \
              --sizes d48,d36,d24,d12 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-}
            f=$(name bench attention)
