@@ -384,10 +384,9 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
 
 
-def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, variants: bool = False) -> list:
-    """Causal attention in bf16 at one shape, forward and backward: the course's cuBLAS path (it writes the
-    T x T scores), the course's flash kernels on the tensor cores (the model's; with variants, also their
-    version 2: the forward and the dk, dv kernel with 8 warps and 128 rows a block), and PyTorch's
+def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64) -> list:
+    """Causal attention in bf16 at one shape, forward and backward, three ways: the course's cuBLAS path (it
+    writes the T x T scores), the course's flash kernels on the tensor cores, and PyTorch's
     scaled_dot_product_attention (its flash kernel). Rows: name, forward ms, backward ms, TFLOP/s of the two
     together counting the causal half of the products (forward 2, backward 5 of size B NH T T hs), and the
     bytes each keeps between forward and backward beyond q, k, v and the output."""
@@ -412,12 +411,6 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, vari
     rows.append(row("course, flash attention on the tensor cores",
                     lambda: flash_attention_forward_bf16_cuda(add_bias_bf16_cuda(qkv, qkvb, out=qkv_b), NH),
                     lambda: flash_attention_backward_bf16_cuda(dout, qkv_b, out, lse, NH), lse.nbytes))
-    if variants:
-        rows.append(row("course, flash version 2 (8 warps a block)",
-                        lambda: flash_attention_forward_bf16_cuda(add_bias_bf16_cuda(qkv, qkvb, out=qkv_b), NH,
-                                                                  version=2),
-                        lambda: flash_attention_backward_bf16_cuda(dout, qkv_b, out, lse, NH, version=2),
-                        lse.nbytes))
     try:
         import torch
         import torch.nn.functional as F
@@ -591,7 +584,7 @@ def main(argv=None) -> int:
         c, B = GPT2Config.from_name(a.model), a.batch_size or 16
         attention = {}
         for T in a.attention_seq_lens or [a.seq_len]:
-            attention[T] = bench_attention(B, T, c.num_heads, c.head_size, variants=True)
+            attention[T] = bench_attention(B, T, c.num_heads, c.head_size)
             print(f"Causal attention, bf16, B={B}, T={T}, NH={c.num_heads}, hs={c.head_size}:\n"
                   f"{attention_table(attention[T])}\n", flush=True)
             if a.json:

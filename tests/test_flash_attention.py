@@ -217,28 +217,6 @@ def test_bf16_tensor_core_kernels_match_lesson_05(B, T, NH, hs, poisoned_allocat
         assert e < 1e-2, f"{name}: relative error {e:.1e}"
 
 
-@pytest.mark.parametrize("B,T,NH,hs", [(1, 1, 1, 64), (2, 77, 3, 64), (1, 200, 2, 16), (1, 129, 1, 48), (2, 64, 1, 32)])
-def test_bf16_version_2_gives_version_1s_bits(B, T, NH, hs, poisoned_allocations):
-    # 8 warps and 128 query rows a block (fully masked key tiles skipped, rows past T in a block) against the
-    # model's kernel: the same products and the same order of the online softmax, so the same bits
-    qkv = to_device(bf16_case(B, T, NH, hs, seed=T)[0])
-    out1, lse1 = flash_attention_forward_bf16_cuda(qkv, NH)
-    out2, lse2 = flash_attention_forward_bf16_cuda(qkv, NH, version=2)
-    np.testing.assert_array_equal(to_host(out2), to_host(out1))
-    np.testing.assert_array_equal(to_host(lse2), to_host(lse1))
-    with pytest.raises(ValueError, match="version"):
-        flash_attention_forward_bf16_cuda(qkv, NH, version=3)
-    # the backward's version 2 (its dk, dv kernel with 8 warps and 128 keys a block): the same bits, dbias too
-    dout = to_device(bf16_case(B, T, NH, hs, seed=T + 1)[1])
-    got = []
-    for version in (1, 2):
-        dbias = to_device(np.ones(3 * NH * hs, np.float32))
-        got.append((to_host(flash_attention_backward_bf16_cuda(dout, qkv, out1, lse1, NH, dbias=dbias,
-                                                                version=version)), to_host(dbias)))
-    np.testing.assert_array_equal(got[1][0], got[0][0])
-    np.testing.assert_array_equal(got[1][1], got[0][1])
-
-
 @pytest.mark.skipif(not device.on_gpu(), reason="on a CPU both versions are the shuffle version")
 def test_bf16_kernels_same_with_shuffle_mma_on_the_gpu():
     from llmc_lessons.cuda import load_kernel

@@ -234,12 +234,10 @@ extern "C" __global__ void mma_bf16_16816_kernel(float* D, float* regs, const bf
     D[(g + 8) * 8 + 2 * t + 1] = d[3];
 }
 
-// Start copying rows row0 .. row0+ROWS-1 (64 unless asked) of one head into a tile: src is row 0 of this
-// (b, h), ld elements apart; rows at or past T become zeros. Consecutive threads of the THREADS of a block copy
-// consecutive 16-byte pieces of a row.
-template <int ROWS = FA_ROWS, int THREADS = FA_THREADS>
+// Start copying rows row0 .. row0+63 of one head into a tile: src is row 0 of this (b, h), ld elements
+// apart; rows at or past T become zeros. Consecutive threads copy consecutive 16-byte pieces of a row.
 __device__ __forceinline__ void stage_rows(bf16* tile, const bf16* src, int row0, int T, int ld) {
-    for (int c = threadIdx.x; c < ROWS * HS / 8; c += THREADS) {
+    for (int c = threadIdx.x; c < FA_ROWS * HS / 8; c += FA_THREADS) {
         int r = c / (HS / 8), d0 = (c % (HS / 8)) * 8, row = row0 + r;
         cp_async16(tile + r * S_LD + d0, src + (long long)min(row, T - 1) * ld + d0, row < T);
     }
@@ -320,11 +318,8 @@ __device__ __forceinline__ void store_rows(bf16* dst, const float acc[HS / 8][4]
 
 // The block's column sums of a 64 x HS piece that its 4 warps wrote with store_rows, into partial[0 .. HS-1]:
 // each warp adds its 8 row groups (lanes t, t + 4, ..., shuffles), then warp 0's, 1's, 2's and 3's sums are
-// added in that order. Deterministic. sums: (WARPS, HS) floats of shared memory. A block of WARPS = 8 warps
-// (two 64-row pieces) writes the first `groups` of its two pieces' sums, group_stride floats apart.
-template <int WARPS = 4>
-__device__ __forceinline__ void block_column_sums(float* partial, float colsum[HS / 8][2], float* sums,
-                                                  long long group_stride = 0, int groups = WARPS / 4) {
+// added in that order. Deterministic. sums: (4, HS) floats of shared memory.
+__device__ __forceinline__ void block_column_sums(float* partial, float colsum[HS / 8][2], float* sums) {
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     for (int n = 0; n < HS / 8; n++) {
         for (int e = 0; e < 2; e++) {
@@ -334,10 +329,8 @@ __device__ __forceinline__ void block_column_sums(float* partial, float colsum[H
         }
     }
     __syncthreads();
-    for (int c = threadIdx.x; c < groups * HS; c += blockDim.x) {
-        const float* s4 = sums + (c / HS) * 4 * HS + c % HS;
-        partial[(c / HS) * group_stride + c % HS] = s4[0] + s4[HS] + s4[2 * HS] + s4[3 * HS];
-    }
+    for (int c = threadIdx.x; c < HS; c += blockDim.x)
+        partial[c] = sums[c] + sums[HS + c] + sums[2 * HS + c] + sums[3 * HS + c];
 }
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
@@ -571,256 +564,4 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, 3C): th
     __syncthreads();                              // the shared sums are read before they are written again
     store_rows(drow + 2 * C, dv, 1.0f, 1.0f, first, T, 3 * C, colsum);
     block_column_sums(prow + 2 * C, colsum, (float*)smem);
-}
-
-// flash_attention_forward_bf16_kernel2: the same forward with 8 warps, a block owning 128 query rows (twice as
-// many rows share each key and value tile it brings in from memory, and twice as many warps hide the waits),
-// the key tiles still 64 rows, double-buffered. The query rows are staged through the second buffer (the block's
-// shared memory: 4 tiles, 36 KiB), then every warp takes its fragments before the first key tile is refilled
-// there. A warp skips a key tile that lies wholly above its rows (all masked) and masks only the tiles that reach
-// past its first row.
-#define FA2_WARPS 8
-#define FA2_THREADS (32 * FA2_WARPS)
-#define FA2_ROWS (16 * FA2_WARPS)           // query rows a block owns
-
-extern "C" __global__ void __launch_bounds__(FA2_THREADS)
-flash_attention_forward_bf16_kernel2(bf16* out,          // (B, T, C)
-                                     float* lse,         // (B, NH, T)
-                                     const bf16* qkv,    // (B, T, 3C)
-                                     int B, int T, int NH) {
-    __shared__ int4 smem[4 * TILE / 8];                 // two buffers of (k, v); q first staged in the second
-    bf16* S = (bf16*)smem;
-    int C = NH * HS, tile = gridDim.x - 1 - blockIdx.x;  // the last rows first: they see the most keys
-    int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;      // q of (b, 0, h); k at +C, v at +2C
-    int first = tile * FA2_ROWS + warp * 16, row0 = first + g, row1 = row0 + 8;   // my 16 rows; my two of them
-    int last = min(((tile + 1) * FA2_ROWS - 1) / FA_ROWS, (T - 1) / FA_ROWS);     // the block's last key tile
-    stage_rows<FA2_ROWS, FA2_THREADS>(S + 2 * TILE, base, tile * FA2_ROWS, T, 3 * C);
-    cp_async_commit();
-    stage_rows<FA_ROWS, FA2_THREADS>(S, base + C, 0, T, 3 * C);      // key tile 0 into buffer 0
-    stage_rows<FA_ROWS, FA2_THREADS>(S + TILE, base + 2 * C, 0, T, 3 * C);
-    cp_async_commit();
-    cp_async_wait<1>();                                              // q has arrived
-    __syncthreads();
-    unsigned int qa[HS / 16][4];
-    load_a_frags(qa, S + 2 * TILE + warp * 16 * S_LD);
-    __syncthreads();                              // every warp has its q before buffer 1 takes key tile 1
-    const float sl2 = LOG2E / sqrtf((float)HS);
-    float o[HS / 8][4] = {}, m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
-    for (int kt = 0; kt <= last; kt++) {
-        const bf16* Ks = S + 2 * (kt % 2) * TILE;
-        const bf16* Vs = Ks + TILE;
-        if (kt < last) {
-            bf16* next = S + 2 * ((kt + 1) % 2) * TILE;
-            stage_rows<FA_ROWS, FA2_THREADS>(next, base + C, (kt + 1) * FA_ROWS, T, 3 * C);
-            stage_rows<FA_ROWS, FA2_THREADS>(next + TILE, base + 2 * C, (kt + 1) * FA_ROWS, T, 3 * C);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        if (kt * FA_ROWS <= first) {              // else every key of the tile is above my rows
-            float s[FA_ROWS / 8][4];
-            mma_rows<FA_ROWS / 8>(s, qa, Ks);
-            bool diagonal = kt * FA_ROWS + FA_ROWS - 1 > first;
-            float mx[2] = {m[0], m[1]};
-            for (int n = 0; n < FA_ROWS / 8; n++) {
-                for (int i = 0; i < 4; i++) {
-                    int key = kt * FA_ROWS + 8 * n + 2 * t + (i & 1), row = i < 2 ? row0 : row1;
-                    s[n][i] = (diagonal && key > row) ? NEG_INF : s[n][i] * sl2;
-                    mx[i / 2] = fmaxf(mx[i / 2], s[n][i]);
-                }
-            }
-            float alpha[2];
-            for (int r = 0; r < 2; r++) {
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                alpha[r] = exp2f(m[r] - mx[r]);
-                m[r] = mx[r];
-                l[r] *= alpha[r];
-            }
-            for (int n = 0; n < HS / 8; n++)
-                for (int i = 0; i < 4; i++) o[n][i] *= alpha[i / 2];
-            for (int n = 0; n < FA_ROWS / 8; n++) {
-                for (int i = 0; i < 4; i++) {
-                    s[n][i] = exp2f(s[n][i] - m[i / 2]);
-                    l[i / 2] += s[n][i];
-                }
-            }
-            mma_cols<FA_ROWS / 16>(o, s, Vs, 0);
-        }
-        __syncthreads();
-    }
-    for (int r = 0; r < 2; r++) l[r] = row_sum4(l[r]);
-    float unused[HS / 8][2];
-    store_rows(out + (long long)b * T * C + h * HS, o, 1.0f / l[0], 1.0f / l[1], first, T, C, unused);
-    if (t == 0) {
-        float* L = lse + ((long long)b * NH + h) * T;
-        if (row0 < T) L[row0] = (m[0] + log2f(l[0])) / LOG2E;
-        if (row1 < T) L[row1] = (m[1] + log2f(l[1])) / LOG2E;
-    }
-}
-
-// flash_attention_backward_dq_bf16_kernel2: the dq kernel with 8 warps, a block owning 128 query rows, the key
-// tiles still 64 rows, double-buffered. Its rows of q and dout are staged first (the whole of shared memory),
-// then those of out; a warp skips a key tile wholly above its rows and masks only the tiles that reach past its
-// first row. The column sums go out as version 1's, one partial row per 64 rows.
-extern "C" __global__ void __launch_bounds__(FA2_THREADS)
-flash_attention_backward_dq_bf16_kernel2(bf16* dqkv,          // (B, T, 3C): the dq part
-                                         float* partial,      // (B * ceil(T / 64), 3C): the dq part's column sums
-                                         float* Dout,         // (B, NH, T): D_i = dout_i . out_i
-                                         const bf16* dout,    // (B, T, C)
-                                         const bf16* qkv,     // (B, T, 3C)
-                                         const bf16* out,     // (B, T, C)
-                                         const float* lse,    // (B, NH, T)
-                                         int B, int T, int NH) {
-    __shared__ int4 smem[4 * TILE / 8];                 // two buffers of (k, v); my rows staged there first
-    bf16* S = (bf16*)smem;
-    int C = NH * HS, tile = gridDim.x - 1 - blockIdx.x, tiles = (T + FA_ROWS - 1) / FA_ROWS;
-    int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;
-    const bf16* dbase = dout + (long long)b * T * C + h * HS;
-    long long bhT = ((long long)b * NH + h) * T;
-    int first = tile * FA2_ROWS + warp * 16, row0 = first + g, row1 = row0 + 8;
-    int last = min(((tile + 1) * FA2_ROWS - 1) / FA_ROWS, tiles - 1);    // the block's last key tile
-    unsigned int qa[HS / 16][4], doa[HS / 16][4], oa[HS / 16][4];
-    stage_rows<FA2_ROWS, FA2_THREADS>(S, base, tile * FA2_ROWS, T, 3 * C);
-    stage_rows<FA2_ROWS, FA2_THREADS>(S + 2 * TILE, dbase, tile * FA2_ROWS, T, C);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    load_a_frags(qa, S + warp * 16 * S_LD);
-    load_a_frags(doa, S + 2 * TILE + warp * 16 * S_LD);
-    __syncthreads();
-    stage_rows<FA2_ROWS, FA2_THREADS>(S, out + (long long)b * T * C + h * HS, tile * FA2_ROWS, T, C);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    load_a_frags(oa, S + warp * 16 * S_LD);
-    __syncthreads();
-    stage_rows<FA_ROWS, FA2_THREADS>(S, base + C, 0, T, 3 * C);         // key tile 0 into buffer 0
-    stage_rows<FA_ROWS, FA2_THREADS>(S + TILE, base + 2 * C, 0, T, 3 * C);
-    cp_async_commit();
-    float D[2] = {0.0f, 0.0f};
-    for (int kk = 0; kk < HS / 16; kk++)
-        for (int j = 0; j < 4; j++)
-            D[j % 2] += bf16_lo(doa[kk][j]) * bf16_lo(oa[kk][j]) + bf16_hi(doa[kk][j]) * bf16_hi(oa[kk][j]);
-    float L2[2];
-    for (int r = 0; r < 2; r++) {
-        D[r] = row_sum4(D[r]);
-        int row = r ? row1 : row0;
-        L2[r] = row < T ? lse[bhT + row] * LOG2E : 0.0f;
-        if (t == 0 && row < T) Dout[bhT + row] = D[r];
-    }
-    float dq[HS / 8][4] = {};
-    for (int kt = 0; kt <= last; kt++) {
-        const bf16* Ks = S + 2 * (kt % 2) * TILE;
-        const bf16* Vs = Ks + TILE;
-        if (kt < last) {
-            bf16* next = S + 2 * ((kt + 1) % 2) * TILE;
-            stage_rows<FA_ROWS, FA2_THREADS>(next, base + C, (kt + 1) * FA_ROWS, T, 3 * C);
-            stage_rows<FA_ROWS, FA2_THREADS>(next + TILE, base + 2 * C, (kt + 1) * FA_ROWS, T, 3 * C);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        if (kt * FA_ROWS <= first) {              // else every key of the tile is above my rows
-            bool diagonal = kt * FA_ROWS + FA_ROWS - 1 > first;
-            for (int half = 0; half < 2; half++) {
-                int k0 = 32 * half;
-                float s[4][4], dp[4][4];
-                mma_rows<4>(s, qa, Ks + k0 * S_LD);
-                mma_rows<4>(dp, doa, Vs + k0 * S_LD);
-                softmax_grad(s, dp,
-                    [&](int n, int i) { return diagonal && kt * FA_ROWS + k0 + 8 * n + 2 * t + (i & 1) > (i < 2 ? row0 : row1); },
-                    [&](int, int i) { return L2[i / 2]; }, [&](int, int i) { return D[i / 2]; });
-                mma_cols<2>(dq, dp, Ks, k0);
-            }
-        }
-        __syncthreads();
-    }
-    const float scale = 1.0f / sqrtf((float)HS);
-    float colsum[HS / 8][2];
-    store_rows(dqkv + (long long)b * T * 3 * C + h * HS, dq, scale, scale, first, T, 3 * C, colsum);
-    block_column_sums<FA2_WARPS>(partial + ((long long)b * tiles + 2 * tile) * 3 * C + h * HS, colsum, (float*)smem,
-                                 3 * C, min(2, tiles - 2 * tile));
-}
-
-// flash_attention_backward_dkdv_bf16_kernel2: the dk, dv kernel with 8 warps, a block owning 128 key rows, the
-// query tiles still 64 rows, double-buffered: each query and dout tile it brings in serves twice the keys. A
-// warp skips a query tile that lies wholly before its keys (all masked). The column sums go out as version 1's,
-// one partial row per 64 keys, so dbias gets the same bits.
-extern "C" __global__ void __launch_bounds__(FA2_THREADS)
-flash_attention_backward_dkdv_bf16_kernel2(bf16* dqkv,          // (B, T, 3C): the dk and dv parts
-                                           float* partial,      // (B * ceil(T / 64), 3C): their column sums
-                                           const bf16* dout,    // (B, T, C)
-                                           const bf16* qkv,     // (B, T, 3C)
-                                           const float* lse,    // (B, NH, T)
-                                           const float* Dq,     // (B, NH, T), from the dq kernel
-                                           int B, int T, int NH) {
-    __shared__ int4 smem[4 * TILE / 8];                 // my k and v first, then two buffers of (q, dout)
-    __shared__ float Ls[2][FA_ROWS], Ds[2][FA_ROWS];
-    bf16* S = (bf16*)smem;
-    int C = NH * HS, tile = blockIdx.x, tiles = (T + FA_ROWS - 1) / FA_ROWS;   // tiles: of 64 query rows
-    int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;
-    const bf16* dbase = dout + (long long)b * T * C + h * HS;
-    long long bhT = ((long long)b * NH + h) * T;
-    int first = tile * FA2_ROWS + warp * 16, key0 = first + g, key1 = key0 + 8;
-    unsigned int ka[HS / 16][4], va[HS / 16][4];
-    stage_rows<FA2_ROWS, FA2_THREADS>(S, base + C, tile * FA2_ROWS, T, 3 * C);
-    stage_rows<FA2_ROWS, FA2_THREADS>(S + 2 * TILE, base + 2 * C, tile * FA2_ROWS, T, 3 * C);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    load_a_frags(ka, S + warp * 16 * S_LD);
-    load_a_frags(va, S + 2 * TILE + warp * 16 * S_LD);
-    __syncthreads();
-    int qfirst = tile * FA2_ROWS / FA_ROWS;       // the first query tile that sees my keys
-    auto stage = [&](int qt) {
-        int buf = (qt - qfirst) % 2, q0 = qt * FA_ROWS;
-        stage_rows<FA_ROWS, FA2_THREADS>(S + 2 * buf * TILE, base, q0, T, 3 * C);
-        stage_rows<FA_ROWS, FA2_THREADS>(S + (2 * buf + 1) * TILE, dbase, q0, T, C);
-        if (threadIdx.x < FA_ROWS) {
-            int row = q0 + threadIdx.x;
-            Ls[buf][threadIdx.x] = row < T ? lse[bhT + row] * LOG2E : 0.0f;
-            Ds[buf][threadIdx.x] = row < T ? Dq[bhT + row] : 0.0f;
-        }
-    };
-    stage(qfirst);
-    cp_async_commit();
-    float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
-    for (int qt = qfirst; qt < tiles; qt++) {
-        int buf = (qt - qfirst) % 2, q0 = qt * FA_ROWS;
-        const bf16* Qs = S + 2 * buf * TILE;
-        const bf16* dOs = Qs + TILE;
-        if (qt + 1 < tiles) stage(qt + 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        if (q0 + FA_ROWS - 1 >= first) {          // else every query of the tile is before my keys
-            for (int half = 0; half < 2; half++) {
-                int c0 = 32 * half;
-                float st[4][4], dpt[4][4];
-                mma_rows<4>(st, ka, Qs + c0 * S_LD);
-                mma_rows<4>(dpt, va, dOs + c0 * S_LD);
-                auto col = [&](int n, int i) { return c0 + 8 * n + 2 * t + (i & 1); };
-                softmax_grad(st, dpt,
-                    [&](int n, int i) { int q = q0 + col(n, i); return q >= T || q < (i < 2 ? key0 : key1); },
-                    [&](int n, int i) { return Ls[buf][col(n, i)]; }, [&](int n, int i) { return Ds[buf][col(n, i)]; });
-                mma_cols<2>(dv, st, dOs, c0);
-                mma_cols<2>(dk, dpt, Qs, c0);
-            }
-        }
-        __syncthreads();
-    }
-    const float scale = 1.0f / sqrtf((float)HS);
-    bf16* drow = dqkv + (long long)b * T * 3 * C + h * HS;
-    float colsum[HS / 8][2];
-    float* prow = partial + ((long long)b * tiles + 2 * tile) * 3 * C + h * HS;
-    int groups = min(2, tiles - 2 * tile);        // my 64-key pieces that start before T
-    store_rows(drow + C, dk, scale, scale, first, T, 3 * C, colsum);
-    block_column_sums<FA2_WARPS>(prow + C, colsum, (float*)smem, 3 * C, groups);
-    __syncthreads();
-    store_rows(drow + 2 * C, dv, 1.0f, 1.0f, first, T, 3 * C, colsum);
-    block_column_sums<FA2_WARPS>(prow + 2 * C, colsum, (float*)smem, 3 * C, groups);
 }

@@ -119,7 +119,6 @@ def flash_attention_backward_cuda(dout, qkv, out, L, NH, block_size: int = 32):
 FA_ROWS = 64          # rows a block owns and rows per staged tile
 FA_THREADS = 128      # 4 warps of 16 rows
 BF16_HEAD_SIZES = (16, 32, 48, 64)   # hs is compiled in (-DHS); shared memory fits these
-FA2_ROWS, FA2_THREADS = 128, 256     # the forward's version 2: 8 warps of 16 rows
 
 
 def mma_bf16_16816_cuda(A, B, C):
@@ -146,32 +145,23 @@ def _bf16_kernel(name, hs):
     return load_kernel("flash_attention.cu", name, (f"-DHS={hs}",))
 
 
-def flash_attention_forward_bf16_cuda(qkv, NH, version: int = 1):
+def flash_attention_forward_bf16_cuda(qkv, NH):
     """qkv (B, T, 3C) bf16, its bias added -> out (B, T, C) bf16 and lse (B, NH, T) float32 (L), on the
-    tensor cores; nothing of size T x T is made. version 1: flash_attention_forward_bf16_kernel, 4 warps and 64
-    query rows a block (the model's); 2: flash_attention_forward_bf16_kernel2, 8 warps and 128 rows (timed
-    against it by `python -m llmc_lessons.bench --attention`)."""
+    tensor cores; nothing of size T x T is made."""
     B, T, C, hs = _check_bf16(qkv, NH, "flash_attention_forward_bf16_cuda")
-    if version not in (1, 2):
-        raise ValueError(f"version must be 1 or 2, got {version!r}")
-    rows, threads = (FA_ROWS, FA_THREADS) if version == 1 else (FA2_ROWS, FA2_THREADS)
     xp = device.xp
     out, lse = xp.empty((B, T, C), np.uint16), xp.empty((B, int(NH), T), np.float32)
     if B * T:
-        _bf16_kernel("flash_attention_forward_bf16_kernel" + ("2" if version == 2 else ""), hs)(
-            (-(-T // rows), int(NH), B), (threads,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH)))
+        _bf16_kernel("flash_attention_forward_bf16_kernel", hs)(
+            (-(-T // FA_ROWS), int(NH), B), (FA_THREADS,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH)))
     return out, lse
 
 
-def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, version: int = 1):
+def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None):
     """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv (B, T, 3C) bf16: dq, dk, dv. dbias (3C,)
     float32, if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the values
-    they store, a row of partial sums per 64 rows, and one column_sum_add_cuda launch adds the rows in order.
-    version 2: both kernels with 8 warps and 128 rows a block (flash_attention_backward_dq_bf16_kernel2 and
-    flash_attention_backward_dkdv_bf16_kernel2; the same bits)."""
+    they store, a row of partial sums per block, and one column_sum_add_cuda launch adds the rows in order."""
     B, T, C, hs = _check_bf16(qkv, NH, "flash_attention_backward_bf16_cuda")
-    if version not in (1, 2):
-        raise ValueError(f"version must be 1 or 2, got {version!r}")
     require_bf16_array("dout", dout, (B, T, C))
     require_bf16_array("out", out, (B, T, C))
     device.require_array("lse", lse, shape=(B, NH, T))
@@ -182,13 +172,11 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, vers
     dqkv, D = xp.empty((B, T, 3 * C), np.uint16), xp.empty((B, int(NH), T), np.float32)
     partial = xp.empty((B * tiles, 3 * C), np.float32)
     if B * T:
-        sizes, suffix = (np.int32(B), np.int32(T), np.int32(NH)), "" if version == 1 else "2"
-        grid, block = ((tiles, int(NH), B), (FA_THREADS,)) if version == 1 else \
-            ((-(-T // FA2_ROWS), int(NH), B), (FA2_THREADS,))
-        _bf16_kernel("flash_attention_backward_dq_bf16_kernel" + suffix, hs)(
-            grid, block, (dqkv, partial, D, dout, qkv, out, lse, *sizes))
-        _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel" + suffix, hs)(
-            grid, block, (dqkv, partial, dout, qkv, lse, D, *sizes))
+        grid, sizes = (tiles, int(NH), B), (np.int32(B), np.int32(T), np.int32(NH))
+        _bf16_kernel("flash_attention_backward_dq_bf16_kernel", hs)(
+            grid, (FA_THREADS,), (dqkv, partial, D, dout, qkv, out, lse, *sizes))
+        _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel", hs)(
+            grid, (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
         if dbias is not None:
             column_sum_add_cuda(dbias[:C], dbias[C:2 * C], dbias[2 * C:], partial)
     return dqkv
