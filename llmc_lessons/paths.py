@@ -282,7 +282,7 @@ class Bf16KernelPath(Fp32KernelPath):
                                  f"a time), got T = {T}")
             # no targets (sampling): pad on the right; causal attention keeps the first T positions unchanged
             idx = device.xp.concatenate([idx, device.xp.zeros((B, T_run - T), dtype=np.int32)], axis=1)
-        BT, C, L, NH = B * T_run, c.channels, c.num_layers, c.num_heads
+        BT, L, NH = B * T_run, c.num_layers, c.num_heads
 
         def linear(x, weight):               # (..., in) bf16 @ weight^T -> (BT, out) bf16, no bias
             return gemm(x.reshape(BT, -1), weight, trans_b=True).reshape(B, T_run, -1)
