@@ -22,7 +22,6 @@ directly (the kernel paths copy the heads with repkv first).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +33,7 @@ from llmc_lessons.layers.attention import (attention_backward, attention_backwar
 from llmc_lessons.cublas import gemm
 from llmc_lessons.layers.bf16 import float_to_bf16_cuda
 from llmc_lessons.layers.crossentropy import (crossentropy_forward, crossentropy_softmax_backward,
-                                              fused_classifier_bf16_cuda, fused_classifier_cuda, softmax_forward)
+                                              fused_classifier_cuda, softmax_forward)
 from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, flash_attention_backward_bf16_cuda,
                                                  flash_attention_forward_bf16_cuda)
 from llmc_lessons.layers.encoder import encoder_backward_cuda
@@ -48,11 +47,11 @@ from llmc_lessons.layers.rope import (ROPE_THETA, precompute_freqs_cis, rope_bac
                                       rope_qkv_forward_bf16_cuda, rope_qkv_forward_cuda)
 from llmc_lessons.layers.swiglu import (swiglu_backward, swiglu_backward_bf16_cuda, swiglu_backward_cuda,
                                         swiglu_forward, swiglu_forward_bf16_cuda, swiglu_forward_cuda)
-from llmc_lessons.model import GPT2, LLAMA_MODEL_MAGIC, MODEL_MAGIC
+from llmc_lessons.model import _HEADER_INTS, GPT2, LLAMA_MODEL_MAGIC, model_file
 from llmc_lessons.parameters import GPT2Config, flat_runs
-from llmc_lessons.paths import Bf16KernelPath, Fp32KernelPath, NumpyPath
+from llmc_lessons.paths import Bf16KernelPath, Fp32KernelPath, NumpyPath, bf16_classifier
 from llmc_lessons.precision import from_bf16
-from llmc_lessons.sampling import next_token_probs
+from llmc_lessons.sampling import next_token, prompt_list
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration and parameter layout
@@ -437,14 +436,7 @@ class LlamaBf16KernelPath(Bf16KernelPath):
             block_caches.append(dict(x=x, ln1=ln1, ln1_rstd=ln1_rstd, qkv_rep=qkv_rep, atty=atty, lse=lse,
                                      residual2=residual2, ln2=ln2, ln2_rstd=ln2_rstd, fch=fch, fch_swiglu=fch_swiglu))
         lnf, lnf_rstd = rmsnorm_forward_bf16_cuda(residual, p["lnfw"], eps=eps)
-        logits = linear(lnf, w["lm_head"])                                       # (B, T, Vp) bf16
-        losses = dlogits = None
-        if targets is not None:
-            kept = from_bf16(logits) if model.keep_logits else None
-            losses = fused_classifier_bf16_cuda(logits, targets, c.vocab_size, 1.0 / (B * T))   # logits -> dlogits
-            logits, dlogits = kept, logits
-        else:
-            logits = from_bf16(logits[:, :T])
+        logits, losses, dlogits = bf16_classifier(model, linear(lnf, w["lm_head"]), targets, T)
         cache = dict(idx=idx, targets=targets, block_caches=block_caches, residual=residual, lnf=lnf,
                      lnf_rstd=lnf_rstd, dlogits=dlogits)
         return logits, losses, cache
@@ -485,7 +477,6 @@ class LlamaBf16KernelPath(Bf16KernelPath):
 # ---------------------------------------------------------------------------------------------------------
 # The model
 
-_HEADER_INTS = 256
 _VERSION_FP32 = 1
 
 
@@ -510,17 +501,7 @@ class Llama(GPT2):
     @classmethod
     def from_llmc_checkpoint(cls, path, backend: str | None = None, precision: str = "fp32") -> "Llama":
         """Load a LLaMA-style model file written by save_llmc_checkpoint (magic LLAMA_MODEL_MAGIC)."""
-        with open(path, "rb") as f:
-            file_bytes = os.fstat(f.fileno()).st_size
-            header = np.frombuffer(f.read(_HEADER_INTS * 4), dtype="<i4")
-            if header.size != _HEADER_INTS:
-                raise ValueError(f"{path}: too short for the 1024-byte header of a model file")
-            if header[0] == MODEL_MAGIC:
-                raise ValueError(f"{path}: this is a GPT-2 model file (magic {MODEL_MAGIC}): load it with "
-                                 f"GPT2.from_llmc_checkpoint, not Llama's")
-            if header[0] != LLAMA_MODEL_MAGIC:
-                raise ValueError(f"{path}: bad magic {header[0]} (a LLaMA-style model file starts with "
-                                 f"{LLAMA_MODEL_MAGIC})")
+        with model_file(path, LLAMA_MODEL_MAGIC) as (f, header, file_bytes):
             if header[1] != _VERSION_FP32:
                 raise ValueError(f"{path}: LLaMA-style model file version {header[1]} is not supported "
                                  f"({_VERSION_FP32} = fp32 is)")
@@ -628,11 +609,7 @@ def generate_cached(model: Llama, prompt_tokens, max_new_tokens: int, temperatur
                     top_k: int | None = None, seed: int | None = None) -> list:
     """sampling.generate with a key/value cache: the prompt runs once, then one position per new token. The
     same seed samples the same tokens as sampling.generate (which reruns the whole context at every step)."""
-    tokens = [int(t) for t in prompt_tokens]
-    if not tokens:
-        raise ValueError("prompt_tokens is empty: start from at least one token (GPT-2's <|endoftext|> is 50256)")
-    if temperature < 0 or (top_k is not None and top_k < 1):
-        raise ValueError(f"need temperature >= 0 and top_k >= 1 or None, got {temperature}, {top_k}")
+    tokens = prompt_list(prompt_tokens, temperature, top_k)
     V, maxT = model.config.vocab_size, model.config.max_seq_len
     if len(tokens) + max_new_tokens > maxT:
         raise ValueError(f"{len(tokens)} prompt tokens + {max_new_tokens} new ones exceed max_seq_len = {maxT} "
@@ -643,11 +620,7 @@ def generate_cached(model: Llama, prompt_tokens, max_new_tokens: int, temperatur
     for i in range(int(max_new_tokens)):
         if i:
             logits = forward_cached(cache, tokens[-1:])                        # the newest token only
-        last = logits[-1]
-        if temperature == 0:
-            tokens.append(int(np.argmax(last[:V])))
-        else:
-            tokens.append(int(rng.choice(V, p=next_token_probs(last, V, temperature, top_k))))
+        tokens.append(next_token(logits[-1], V, temperature, top_k, rng))
     return tokens
 
 

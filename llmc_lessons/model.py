@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -38,6 +39,29 @@ from llmc_lessons.precision import tf32_enabled
 MODEL_MAGIC, _MODEL_VERSION_FP32, _MODEL_VERSION_BF16 = 20240326, 3, 5
 LLAMA_MODEL_MAGIC = 20261206   # the course's LLaMA-style model files (llmc_lessons/llama.py): not GPT-2's layout
 _HEADER_INTS = 256
+# a model file's magic -> what the file is, and the loader that reads it
+_MODEL_FILES = {MODEL_MAGIC: ("an llm.c GPT-2 model file", "GPT2.from_llmc_checkpoint"),
+                LLAMA_MODEL_MAGIC: ("a LLaMA-style model file", "llmc_lessons.llama.Llama.from_llmc_checkpoint")}
+
+
+@contextmanager
+def model_file(path, magic: int):
+    """Open a model file whose header must start with `magic` (MODEL_MAGIC or LLAMA_MODEL_MAGIC) -> (the open
+    file, just past the 256 int32 header; the header; the file's size in bytes). A file of the other model names
+    the loader that reads it."""
+    with open(path, "rb") as f:
+        file_bytes = os.fstat(f.fileno()).st_size
+        header = np.frombuffer(f.read(_HEADER_INTS * 4), dtype="<i4")
+        if header.size != _HEADER_INTS:
+            raise ValueError(f"{path}: too short for the 1024-byte header of a model file")
+        what, loader = _MODEL_FILES[magic]
+        if header[0] != magic and int(header[0]) in _MODEL_FILES:
+            other, other_loader = _MODEL_FILES[int(header[0])]
+            raise ValueError(f"{path}: this is {other} (magic {header[0]}): load it with {other_loader}, "
+                             f"not {loader}")
+        if header[0] != magic:
+            raise ValueError(f"{path}: bad magic {header[0]} ({what} starts with {magic})")
+        yield f, header, file_bytes
 
 
 class GPT2:
@@ -353,16 +377,7 @@ class GPT2:
     @classmethod
     def from_llmc_checkpoint(cls, path, backend: str | None = None, precision: str = "fp32") -> "GPT2":
         """Load an llm.c model file (256 int32 header, magic 20240326; version 3 = fp32, 5 = bf16 widened)."""
-        with open(path, "rb") as f:
-            file_bytes = os.fstat(f.fileno()).st_size
-            header = np.frombuffer(f.read(_HEADER_INTS * 4), dtype="<i4")
-            if header.size != _HEADER_INTS:
-                raise ValueError(f"{path}: too short for llm.c's 1024-byte header")
-            if header[0] == LLAMA_MODEL_MAGIC:
-                raise ValueError(f"{path}: this is a LLaMA-style model file (magic {LLAMA_MODEL_MAGIC}): load it with "
-                                 f"llmc_lessons.llama.Llama.from_llmc_checkpoint, not GPT2's")
-            if header[0] != MODEL_MAGIC:
-                raise ValueError(f"{path}: bad magic {header[0]} (an llm.c model file starts with {MODEL_MAGIC})")
+        with model_file(path, MODEL_MAGIC) as (f, header, file_bytes):
             version = int(header[1])
             if version not in (_MODEL_VERSION_FP32, _MODEL_VERSION_BF16):
                 raise ValueError(f"{path}: checkpoint version {version} is not supported (3 = fp32 and 5 = bf16 "

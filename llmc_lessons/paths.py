@@ -310,14 +310,7 @@ class Bf16KernelPath(Fp32KernelPath):
             block_caches.append({k: None if k in RECOMPUTED[level] else v for k, v in kept.items()})
             del kept, fch_gelu, ln2
             residual, ln, mean, rstd = residual3, ln_next, mean_next, rstd_next
-        logits = linear(ln, w["wte"])                                                # (B, T, Vp) bf16
-        losses = dlogits = None
-        if targets is not None:
-            kept = from_bf16(logits) if model.keep_logits else None
-            losses = fused_classifier_bf16_cuda(logits, targets, c.vocab_size, 1.0 / (B * T))  # logits -> dlogits
-            logits, dlogits = kept, logits
-        else:
-            logits = from_bf16(logits[:, :T])
+        logits, losses, dlogits = bf16_classifier(model, linear(ln, w["wte"]), targets, T)
         cache = dict(idx=idx, targets=targets, block_caches=block_caches, residual=residual, lnf=ln, lnf_mean=mean,
                      lnf_rstd=rstd, dlogits=dlogits)
         return logits, losses, cache
@@ -380,6 +373,17 @@ class Bf16KernelPath(Fp32KernelPath):
 RECOMPUTED = {0: (), 1: ("fch_gelu",), 2: ("fch_gelu", "ln1", "ln2")}
 """What the kernel paths drop after the forward and recompute in the backward, by model.recompute (llm.c's -r):
 1 the GELU's output, 2 also the two LayerNorms' outputs of every block (their means and rstds are kept)."""
+
+
+def bf16_classifier(model, logits, targets, T: int) -> tuple:
+    """The end of a bf16 forward, from the (B, T_run, Vp) bf16 logits. With targets: the fused classifier's (B, T)
+    losses, the logits turned into dlogits in place (a float32 copy kept first if model.keep_logits); without: the
+    float32 logits of the first T positions. -> (logits or None, losses or None, dlogits or None)."""
+    if targets is None:
+        return from_bf16(logits[:, :T]), None, None
+    kept = from_bf16(logits) if model.keep_logits else None
+    losses = fused_classifier_bf16_cuda(logits, targets, model.config.vocab_size, 1.0 / targets.size)
+    return kept, losses, logits
 
 
 def recompute_level(model) -> int:

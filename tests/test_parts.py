@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+from test_delegation import check_of
 
 from llmc_lessons import parts
 from llmc_lessons.checks import REFERENCES   # the real table: a fixture of conftest.py empties the module's in tests
@@ -48,21 +49,6 @@ def solution_parts(repo_root, exercises):
                     cell_namespace(answer, f"{path.stem} {j}", ns)
             done = i + 1
             cell_namespace(cells[i + 1], f"{path.stem} {i + 1}", ns)
-
-
-def check_of(exercise: str):
-    """The check function of `exercise` (its docstring starts with 'Exercise N.k:')."""
-    import importlib
-    import inspect
-    import pkgutil
-
-    import llmc_lessons.checks as checks
-    for info in pkgutil.iter_modules(checks.__path__):
-        module = importlib.import_module(f"{checks.__name__}.{info.name}")
-        for name, f in vars(module).items():
-            if name.startswith("check_") and inspect.isfunction(f) and (f.__doc__ or "").startswith(exercise + ":"):
-                return f
-    raise LookupError(exercise)
 
 
 @pytest.mark.parametrize("spec", parts.SPECS, ids=lambda s: s.key)
