@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.files import atomic_write
 from llmc_lessons.layers.attention import (attention_backward, attention_backward_cuda, attention_forward,
                                            attention_forward_cuda)
 from llmc_lessons.cublas import gemm
@@ -47,9 +46,9 @@ from llmc_lessons.layers.rope import (ROPE_THETA, precompute_freqs_cis, rope_bac
                                       rope_qkv_forward_bf16_cuda, rope_qkv_forward_cuda)
 from llmc_lessons.layers.swiglu import (swiglu_backward, swiglu_backward_bf16_cuda, swiglu_backward_cuda,
                                         swiglu_forward, swiglu_forward_bf16_cuda, swiglu_forward_cuda)
-from llmc_lessons.model import _HEADER_INTS, GPT2, LLAMA_MODEL_MAGIC, model_file
+from llmc_lessons.model import _HEADER_INTS, GPT2, LLAMA_MODEL_MAGIC, model_file, write_model_file
 from llmc_lessons.parameters import GPT2Config, flat_runs
-from llmc_lessons.paths import Bf16KernelPath, Fp32KernelPath, NumpyPath, bf16_classifier
+from llmc_lessons.paths import Bf16KernelPath, Fp32KernelPath, NumpyPath, bf16_classifier, bf16_padded
 from llmc_lessons.precision import from_bf16
 from llmc_lessons.sampling import next_token, prompt_list
 
@@ -408,12 +407,8 @@ class LlamaBf16KernelPath(Bf16KernelPath):
     def forward(self, model, idx, targets):
         c, p, w, xp = model.config, model.params, model.params_bf16, device.xp
         B, T = idx.shape
-        T_run = -(-T // 8) * 8
-        if T_run != T:
-            if targets is not None:
-                raise ValueError(f"precision='bf16' trains on T that is a multiple of 8 (the kernels move 8 values at "
-                                 f"a time), got T = {T}")
-            idx = xp.concatenate([idx, xp.zeros((B, T_run - T), dtype=np.int32)], axis=1)   # causal: T unchanged
+        idx = bf16_padded(idx, targets)
+        T_run = idx.shape[1]
         BT, NH, NKV, eps = B * T_run, c.num_heads, c.num_kv_heads, c.norm_eps
         freqs_cis = self._table(model, T_run)
 
@@ -530,11 +525,7 @@ class Llama(GPT2):
         header[:10] = [LLAMA_MODEL_MAGIC, _VERSION_FP32, c.max_seq_len, c.vocab_size, c.padded_vocab_size,
                        c.num_layers, c.num_heads, c.num_kv_heads, c.channels, c.ffn_hidden]
         header[10:14] = np.array([c.rope_theta, c.norm_eps], dtype="<f8").view("<i4")
-
-        def write(f):
-            f.write(header.tobytes())
-            f.write(np.ascontiguousarray(device.to_host(self.params_memory), dtype="<f4").tobytes())
-        return atomic_write(path, write)
+        return write_model_file(path, header, self.params_memory)
 
     def __repr__(self):
         c = self.config

@@ -64,6 +64,15 @@ def model_file(path, magic: int):
         yield f, header, file_bytes
 
 
+def write_model_file(path, header, params_memory):
+    """Write a model file atomically (never half a file under `path`): the int32 header, then the flat parameters
+    as float32; returns the path."""
+    def write(f):
+        f.write(header.tobytes())
+        f.write(np.ascontiguousarray(device.to_host(params_memory), dtype="<f4").tobytes())
+    return atomic_write(path, write)
+
+
 class GPT2:
     """GPT-2 with llm.c's memory layout: forward(idx, targets) -> mean loss, backward(), update(...).
 
@@ -412,11 +421,7 @@ class GPT2:
         header = np.zeros(_HEADER_INTS, dtype="<i4")
         header[:8] = [MODEL_MAGIC, _MODEL_VERSION_FP32, c.max_seq_len, c.vocab_size, c.num_layers,
                       c.num_heads, c.channels, c.padded_vocab_size]
-
-        def write(f):
-            f.write(header.tobytes())
-            f.write(np.ascontiguousarray(device.to_host(self.params_memory), dtype="<f4").tobytes())
-        return atomic_write(path, write)
+        return write_model_file(path, header, self.params_memory)
 
     def __repr__(self):
         c = self.config

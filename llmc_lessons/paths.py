@@ -275,13 +275,8 @@ class Bf16KernelPath(Fp32KernelPath):
         None, losses, cache)."""
         c, p, w = model.config, model.params, model.params_bf16       # float32 masters, bf16 copies
         B, T = idx.shape
-        T_run = -(-T // 8) * 8
-        if T_run != T:
-            if targets is not None:
-                raise ValueError(f"precision='bf16' trains on T that is a multiple of 8 (the kernels move 8 values at "
-                                 f"a time), got T = {T}")
-            # no targets (sampling): pad on the right; causal attention keeps the first T positions unchanged
-            idx = device.xp.concatenate([idx, device.xp.zeros((B, T_run - T), dtype=np.int32)], axis=1)
+        idx = bf16_padded(idx, targets)
+        T_run = idx.shape[1]
         BT, L, NH = B * T_run, c.num_layers, c.num_heads
 
         def linear(x, weight):               # (..., in) bf16 @ weight^T -> (BT, out) bf16, no bias
@@ -373,6 +368,20 @@ class Bf16KernelPath(Fp32KernelPath):
 RECOMPUTED = {0: (), 1: ("fch_gelu",), 2: ("fch_gelu", "ln1", "ln2")}
 """What the kernel paths drop after the forward and recompute in the backward, by model.recompute (llm.c's -r):
 1 the GELU's output, 2 also the two LayerNorms' outputs of every block (their means and rstds are kept)."""
+
+
+def bf16_padded(idx, targets):
+    """The bf16 kernels move 8 values at a time: (B, T) token ids -> (B, T_run), T_run the multiple of 8 at or above
+    T. Training needs T itself a multiple of 8; without targets (sampling) the ids are padded on the right with
+    zeros, and causal attention keeps the first T positions unchanged."""
+    B, T = idx.shape
+    T_run = -(-T // 8) * 8
+    if T_run == T:
+        return idx
+    if targets is not None:
+        raise ValueError(f"precision='bf16' trains on T that is a multiple of 8 (the kernels move 8 values at "
+                         f"a time), got T = {T}")
+    return device.xp.concatenate([idx, device.xp.zeros((B, T_run - T), dtype=np.int32)], axis=1)
 
 
 def bf16_classifier(model, logits, targets, T: int) -> tuple:
