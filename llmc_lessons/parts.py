@@ -292,9 +292,10 @@ def substituted(parts, extra_namespaces=(), used: set | None = None):
         return call
 
     replacements = _replacements(parts)
-    if used is not None:
+    if used is not None:     # counted wherever called: by the package, and by another part (load_all bound theirs)
         replacements = {k: (ref, counted(next(p for p in parts if p.value is fn)))
                         for k, (ref, fn) in replacements.items()}
+        replacements.update({id(p.value): (p.value, counted(p)) for p in parts})
     namespaces = _package_namespaces() + list(extra_namespaces) + [p.namespace for p in parts]
     changed = _rebind(namespaces, replacements)
     try:

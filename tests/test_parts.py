@@ -197,6 +197,16 @@ def test_gpt2_from_the_solutions_parts_trains_like_the_reference(solutions_store
     assert first_divergent_part(TINY, batches(2), model_parts(solutions_store)) is None
 
 
+def test_a_training_step_runs_every_numpy_part(solutions_store):
+    """The forwards, the backwards and the update: a step of the NumPy path calls each of the solutions' parts."""
+    from llmc_lessons.model import GPT2
+    from llmc_lessons.train import training_step
+    used: set = set()
+    with parts.substituted(model_parts(solutions_store).values(), used=used):
+        training_step(GPT2(TINY, seed=0, backend="numpy"), *batches(1)[0], 1e-3, 0.0, 1.0, 1)
+    assert used == {s.key for s in parts.SPECS if s.module and s.trained}
+
+
 BREAK = """
 _right = {name}
 
@@ -207,7 +217,8 @@ def {name}(*args, **kwargs):   # 1% off: a slip of the kind a check with a loose
 """
 
 
-@pytest.mark.parametrize("broken", ["gelu_backward", "matmul_backward", "adamw_update"])
+@pytest.mark.parametrize("broken", ["layernorm_forward", "attention_forward", "softmax_forward", "gelu_backward",
+                                    "matmul_backward", "adamw_update"])
 def test_a_broken_part_is_named(solutions_store, broken, tmp_path):
     import hashlib
     for f in solutions_store.iterdir():
