@@ -41,6 +41,8 @@ def layernorm_forward(inp, weight, bias, eps=1e-5, wrong=None):
     if wrong == "axis":
         mean, rstd = inp.mean(axis=0), rstd
     out = xmu * rstd[..., None] * weight + bias
+    if wrong == "tuple":
+        return out
     if wrong == "swapped":
         out = xmu * rstd[..., None] * bias + weight
     return out, mean, rstd
@@ -68,7 +70,7 @@ def attention_forward(qkv, NH, wrong=None):
         preatt = np.where(np.tril(np.ones((T, T), dtype=bool)), preatt, -np.inf)
     e = np.exp(preatt - preatt.max(axis=-1, keepdims=True))
     att = e / e.sum(axis=-1, keepdims=True)
-    out = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
+    out = (att @ v).reshape(B, T, C) if wrong == "heads" else (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
     return out, att
 
 
@@ -121,12 +123,13 @@ CHECKS = {
         "by token": "wpe is indexed by the token id", "no wpe": "the position embedding wpe is missing"}),
     "Exercise 3.0": (check_layernorm_forward, layernorm_forward, {
         "unbiased": "divides by C - 1", "eps outside": "eps is added outside the square root",
+        "tuple": r"return the tuple \(out, mean, rstd\)",
         "axis": r"expected shape \(3, 5\)", "swapped": "weight and bias are swapped"}),
     "Exercise 4.0": (check_matmul_forward, matmul_forward, {
         "untransposed": "weight is not transposed", "no bias": "the bias is missing"}),
     "Exercise 5.0": (check_attention_forward, attention_forward, {
         "no mask": "the causal mask is missing", "no scale": "the 1/sqrt\\(hs\\) scale is missing",
-        "1/hs": "the scale is 1/hs"}),
+        "1/hs": "the scale is 1/hs", "heads": "without moving the head axis back"}),
     "Exercise 6.0": (check_gelu_forward, gelu_forward, {
         "erf": "the exact erf form", "no half": "the factor 1/2 is missing",
         "float64 constant": "float32 in, float64 out"}),

@@ -50,8 +50,8 @@ def check_attention_forward(fn) -> None:
             np.nan_to_num(softmax(masked / math.sqrt(hs), axis=-2)),
     }, hint="per head: att = softmax over the last axis of (q k^T / sqrt(hs), with -inf above the diagonal).")
     assert_close(ex, "out", out, want_out, atol=1e-5, rtol=1e-4, known_mistakes={
-        "the heads were put back in the wrong order: out[b, t] is head 0's hs channels, then head 1's, ...":
-            (want_att.astype(np.float64) @ v).transpose(0, 2, 3, 1).reshape(B, T, C),
+        "the heads were reshaped to (B, T, C) without moving the head axis back next to hs first":
+            (want_att.astype(np.float64) @ v).reshape(B, T, C),
     }, hint="out_h = att @ v per head (B, NH, T, hs), then the heads side by side: (B, T, C), head h at channels "
             "h*hs to (h+1)*hs - 1.")
     passed(ex, f"B={B}, T={T}, NH={NH}, hs={hs}: att and out match, float32")
