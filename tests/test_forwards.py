@@ -11,7 +11,7 @@ import pytest
 from llmc_lessons.checks import ExerciseFailed
 from llmc_lessons.checks.attention import check_attention_forward
 from llmc_lessons.checks.block import check_residual_forward
-from llmc_lessons.checks.crossentropy import check_softmax_forward
+from llmc_lessons.checks.crossentropy import check_crossentropy_forward, check_softmax_forward
 from llmc_lessons.checks.encoder import check_encoder_forward
 from llmc_lessons.checks.gelu import check_gelu_forward
 from llmc_lessons.checks.layernorm import check_layernorm_forward
@@ -108,6 +108,18 @@ def softmax_forward(logits, V, wrong=None):
     return probs
 
 
+def crossentropy_forward(probs, targets, wrong=None):
+    B, T = targets.shape
+    b, t = np.indices((B, T))
+    if wrong == "largest":
+        return -np.log(probs.max(-1))
+    if wrong == "mean":
+        return -np.log(probs[b, t, targets]).mean()
+    if wrong == "log10":
+        return -np.log10(probs[b, t, targets])
+    return -np.log(probs[b, t, targets])
+
+
 def stub(*args, **kwargs):
     raise NotImplementedError("Exercise N.0: write it")
 
@@ -136,20 +148,28 @@ CHECKS = {
     "Exercise 7.0": (check_residual_forward, residual_forward, {"in place": "changed an input in place"}),
     "Exercise 8.0": (check_softmax_forward, softmax_forward, {
         "no max": "exp overflowed", "all columns": "the padded columns V..Vp-1 were included"}),
+    "Exercise 8.0 (loss)": (check_crossentropy_forward, crossentropy_forward, {
+        "largest": "the log of the row's largest probability", "mean": r"expected shape \(2, \d\), got \(\)",
+        "log10": "log10 where the natural log belongs"}),
 }
+
+
+def number(exercise):
+    """'Exercise 8.0' of 'Exercise 8.0 (loss)': Exercise 8.0 asks for two functions, each with a check."""
+    return exercise.split(" (")[0]
 
 
 @pytest.mark.parametrize("exercise", CHECKS)
 def test_the_answer_passes(exercise, capsys):
     check, answer, _ = CHECKS[exercise]
     check(answer)
-    assert f"{exercise}: correct" in capsys.readouterr().out
+    assert f"{number(exercise)}: correct" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("exercise", CHECKS)
 def test_the_stub_fails(exercise):
     check = CHECKS[exercise][0]
-    with pytest.raises(ExerciseFailed, match=re.escape(f"{exercise} is not done yet")):
+    with pytest.raises(ExerciseFailed, match=re.escape(f"{number(exercise)} is not done yet")):
         check(stub)
 
 
@@ -159,7 +179,7 @@ MISTAKES = [(exercise, how, cause) for exercise, (_, _, mistakes) in CHECKS.item
 @pytest.mark.parametrize("exercise,how,cause", MISTAKES, ids=[f"{e[9:]}-{h}" for e, h, _ in MISTAKES])
 def test_a_plausible_wrong_answer_fails_and_is_named(exercise, how, cause):
     check, answer, _ = CHECKS[exercise]
-    with pytest.raises(ExerciseFailed, match="(?s)" + re.escape(exercise) + ".*" + cause):
+    with pytest.raises(ExerciseFailed, match="(?s)" + re.escape(number(exercise)) + ".*" + cause):
         check(wrong(answer, how))
 
 

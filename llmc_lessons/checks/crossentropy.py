@@ -7,7 +7,7 @@ import numpy as np
 from llmc_lessons import device
 from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, forward_outputs, numerical_jacobian,
                                  passed, poisoned, rng, run_exercise)
-from llmc_lessons.layers.crossentropy import crossentropy_softmax_backward, softmax_forward
+from llmc_lessons.layers.crossentropy import crossentropy_forward, crossentropy_softmax_backward, softmax_forward
 
 
 def _backward_mistakes(dlosses, probs, targets, V) -> dict:
@@ -90,6 +90,29 @@ def check_softmax_forward(fn) -> None:
     }, hint="for each row (b, t): p = exp(x - max) / sum exp(x - max) over the first V columns (max over those "
             "columns too); columns V to Vp - 1 are 0.")
     passed(ex, f"B={B}, T={T}, V={V}, Vp={Vp}, one row of logits near 100: probs match, float32")
+
+
+def check_crossentropy_forward(fn) -> None:
+    """Exercise 8.0, its second function: fn(probs (B, T, Vp), targets (B, T) ints) -> losses (B, T), losses[b, t] =
+    -log probs[b, t, targets[b, t]], float32 in and out (the model takes the mean itself)."""
+    ex = "Exercise 8.0"
+    gen = rng()
+    B, T, V = 2, int(gen.integers(3, 8)), int(gen.integers(29, 45))
+    Vp = V + int(gen.integers(3, 9))
+    probs = softmax_forward((gen.standard_normal((B, T, Vp)) * 2).astype(np.float32), V)
+    targets = gen.integers(0, V, (B, T)).astype(np.int32)
+    want = crossentropy_forward(probs, targets)
+    losses, = forward_outputs(ex, run_exercise(ex, fn, probs.copy(), targets.copy()), ("losses",))
+    p = np.take_along_axis(probs.astype(np.float64), targets[..., None].astype(np.intp), axis=-1)[..., 0]
+    assert_close(ex, "losses", losses, want, atol=1e-6, rtol=1e-5, known_mistakes={
+        "the log of the row's largest probability: the loss reads the target's column": -np.log(probs.max(-1)),
+        "log10 where the natural log belongs": -np.log10(p),
+        "log2 where the natural log belongs": -np.log2(p),
+        "the target's column was read one position along (targets[b, t] belongs to the same (b, t))":
+            -np.log(np.take_along_axis(probs, np.roll(targets, 1, axis=1)[..., None].astype(np.intp), -1)[..., 0]),
+    }, hint="one loss per position (B, T): losses[b, t] = -log probs[b, t, targets[b, t]]; no mean or sum here "
+            "(the model takes the mean over the B T positions).")
+    passed(ex, f"B={B}, T={T}, V={V}, Vp={Vp}: losses match, float32")
 
 
 def check_crossentropy_grad(fn) -> None:
