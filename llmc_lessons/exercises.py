@@ -8,7 +8,8 @@
     python -m llmc_lessons.exercises report FOLDER   # run a student's notebooks (copies): which exercises pass
 
 An exercise is a code cell of a solution notebook with one line `# Exercise N.k: <what to write>` (N the
-lesson's number, the NN of its file name; k = 1, 2, ... in order of appearance) and one or more regions
+lesson's number, the NN of its file name; k = 1, 2, ... in order of appearance, a first one may be N.0, the
+lesson's forward) and one or more regions
 
     ### BEGIN SOLUTION          (Python: becomes `raise NotImplementedError("Exercise N.k: ...")`)
     ...
@@ -234,11 +235,14 @@ def _scan_all(nb, name: str):
         if n != lesson:
             raise ExerciseError(f"{_where(name, index, cell)}: exercise {n}.{k} is numbered for lesson {n}, but "
                                 f"this notebook is lesson {lesson}: call it Exercise {lesson}.{expected_k}")
+        if k == 0 and not found:         # a lesson's forward may come first, as N.0, before N.1
+            found.append((index, header, regions))
+            continue
         if k != expected_k:
             why = "duplicates an earlier number" if k < expected_k else "skips a number"
             raise ExerciseError(f"{_where(name, index, cell)}: exercise {n}.{k} {why}; exercises are numbered "
-                                f"{lesson}.1, {lesson}.2, ... in order of appearance, so this one should be "
-                                f"Exercise {lesson}.{expected_k}")
+                                f"{lesson}.1, {lesson}.2, ... in order of appearance (a first one may be "
+                                f"{lesson}.0), so this one should be Exercise {lesson}.{expected_k}")
         expected_k += 1
         found.append((index, header, regions))
     checked = []

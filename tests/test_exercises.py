@@ -275,6 +275,16 @@ def test_error_duplicated_number():
         ex.to_student(nb, "03_x.ipynb")
 
 
+def test_a_lesson_may_start_at_exercise_n_0_and_only_there():
+    first = "# Exercise 3.0: the forward\n### BEGIN SOLUTION\n### END SOLUTION"
+    then = "# Exercise 3.1: a\n### BEGIN SOLUTION\n### END SOLUTION"
+    nb = notebook(("code", first), ("code", "check()"), ("code", then))
+    assert [e.number for e in ex.exercise_cells(nb, "03_x.ipynb")] == ["3.0", "3.1"]
+    late = notebook(("code", then), ("code", "check()"), ("code", first))
+    with pytest.raises(ExerciseError, match=r"cell 2 .*duplicates an earlier number.*Exercise 3.2"):
+        ex.to_student(late, "03_x.ipynb")
+
+
 def test_error_exercise_in_notebook_without_lesson_number():
     msg = error_for("# Exercise 3.1: a\n### BEGIN SOLUTION\n### END SOLUTION", "scratch.ipynb")
     assert "NN_" in msg

@@ -147,6 +147,16 @@ def test_the_reference_stands_in_with_the_reason(tmp_path, monkeypatch):
     assert "matmul_backward" in table and "yours" not in table
 
 
+def test_an_exercise_of_two_functions_keeps_each_by_its_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMC_PARTS", str(tmp_path))
+
+    def crossentropy_forward(probs, targets):
+        return -np.log(probs)
+    assert "kept as your crossentropy_forward" in parts.record("Exercise 8.0", crossentropy_forward)
+    assert "named softmax_forward and crossentropy_forward" in parts.record("Exercise 8.0", scaled)
+    assert parts.load("crossentropy_forward").theirs and not parts.load("softmax_forward").theirs
+
+
 def test_an_unwritable_folder_does_not_fail_the_check(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("LLMC_PARTS", str(tmp_path / "file" / "parts"))
@@ -183,6 +193,16 @@ def test_gpt2_from_the_solutions_parts_trains_like_the_reference(solutions_store
     assert first_divergent_part(TINY, batches(2), model_parts(solutions_store)) is None
 
 
+def test_a_training_step_runs_every_numpy_part(solutions_store):
+    """The forwards, the backwards and the update: a step of the NumPy path calls each of the solutions' parts."""
+    from llmc_lessons.model import GPT2
+    from llmc_lessons.train import training_step
+    used: set = set()
+    with parts.substituted(model_parts(solutions_store).values(), used=used):
+        training_step(GPT2(TINY, seed=0, backend="numpy"), *batches(1)[0], 1e-3, 0.0, 1.0, 1)
+    assert used == {s.key for s in parts.SPECS if s.module and s.trained}
+
+
 BREAK = """
 _right = {name}
 
@@ -193,7 +213,8 @@ def {name}(*args, **kwargs):   # 1% off: a slip of the kind a check with a loose
 """
 
 
-@pytest.mark.parametrize("broken", ["gelu_backward", "matmul_backward", "adamw_update"])
+@pytest.mark.parametrize("broken", ["layernorm_forward", "attention_forward", "softmax_forward", "crossentropy_forward",
+                                    "gelu_backward", "matmul_backward", "adamw_update"])
 def test_a_broken_part_is_named(solutions_store, broken, tmp_path):
     import hashlib
     for f in solutions_store.iterdir():

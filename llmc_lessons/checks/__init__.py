@@ -32,13 +32,17 @@ PACKAGE = PACKAGE_DIR.name
 
 REFERENCES = {
     "Exercise 0.3": ("numerical_grad", "gradcheck"),
-    "Exercise 1.1": ("token_file_bytes",), "Exercise 1.2": ("get_batch",),
+    "Exercise 1.1": ("token_file_bytes",), "Exercise 1.2": ("get_batch",), "Exercise 2.0": ("encoder_forward",),
     "Exercise 2.1": ("encoder_backward", "numerical_grad"), "Exercise 2.2": ("encoder_backward",),
+    "Exercise 3.0": ("layernorm_forward",),
     "Exercise 3.1": ("layernorm_backward", "numerical_grad"), "Exercise 3.2": ("layernorm_backward",),
+    "Exercise 4.0": ("matmul_forward",),
     "Exercise 4.1": ("matmul_backward", "numerical_grad"), "Exercise 4.2": ("matmul_backward",),
+    "Exercise 5.0": ("attention_forward", "causal_softmax"),
     "Exercise 5.1": ("attention_backward", "numerical_grad"), "Exercise 5.2": ("attention_backward",),
-    "Exercise 6.1": ("gelu_backward", "numerical_grad"),
-    "Exercise 6.2": ("gelu_backward",), "Exercise 7.1": ("block_backward",), "Exercise 7.2": ("mlp_backward",),
+    "Exercise 6.0": ("gelu_forward",), "Exercise 6.1": ("gelu_backward", "numerical_grad"),
+    "Exercise 6.2": ("gelu_backward",), "Exercise 7.0": ("residual_forward",), "Exercise 7.1": ("block_backward",),
+    "Exercise 7.2": ("mlp_backward",), "Exercise 8.0": ("softmax_forward", "crossentropy_forward"),
     "Exercise 8.1": ("crossentropy_softmax_backward", "numerical_grad"),
     "Exercise 8.2": ("crossentropy_softmax_backward",), "Exercise 9.1": ("adamw_update",),
     "Exercise 10.1": ("num_parameters",), "Exercise 10.3": ("next_token_probs",),
@@ -132,8 +136,8 @@ _answers: dict = {}
 
 
 def _hand_in(exercise: str, answer) -> None:
-    spec = parts.BY_EXERCISE.get(exercise)
-    if spec is not None and (isinstance(answer, str) if spec.is_kernel else inspect.isfunction(answer)):
+    specs = parts.BY_EXERCISE.get(exercise)
+    if specs and (isinstance(answer, str) if specs[0].is_kernel else inspect.isfunction(answer)):
         _answers[exercise] = answer
 
 
@@ -298,6 +302,23 @@ def assert_close(exercise: str, name: str, got, expected, atol: float = 1e-5, rt
                      f"before the launch, so these were never written: check the index arithmetic, the bounds "
                      f"check, and that the grid covers every element. {CHECKED_MODE_TIP}")
     raise ExerciseFailed("\n".join(lines) + tail)
+
+
+def forward_outputs(exercise: str, result, names: tuple[str, ...], dtype=np.float32) -> tuple:
+    """The arrays a forward exercise's function returned, named `names` (one name: the result itself), each
+    checked to be an array of `dtype`: a forward keeps the dtype it is given, float32 in the model."""
+    arrays = (result,) if len(names) == 1 else result
+    if len(names) > 1 and (not isinstance(result, tuple) or len(result) != len(names)):
+        raise ExerciseFailed(f"{exercise}: return the tuple ({', '.join(names)}), got {type(result).__name__}"
+                             + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
+    for name, a in zip(names, arrays):
+        have = getattr(a, "dtype", None)
+        if have is not None and have != np.dtype(dtype):
+            raise ExerciseFailed(f"{exercise} ({name}): {np.dtype(dtype)} in, {have} out. The model runs in "
+                                 f"{np.dtype(dtype)}: a NumPy float64 constant (np.sqrt(2 / np.pi), np.float64(...)) "
+                                 f"or a dtype=np.float64 promotes the result; a Python float (math.sqrt, 1e-5) does "
+                                 f"not.")
+    return arrays
 
 
 def numerical_jacobian(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:

@@ -11,11 +11,51 @@ import math
 
 import numpy as np
 
-from llmc_lessons.checks import (ExerciseFailed, assert_close, assert_coalesced, exercise_kernel, numerical_jacobian,
-                                 passed, poisoned, randn, rng, run_exercise, trace_of)
+from llmc_lessons.checks import (ExerciseFailed, assert_close, assert_coalesced, exercise_kernel, forward_outputs,
+                                 numerical_jacobian, passed, poisoned, randn, rng, run_exercise, trace_of)
 from llmc_lessons.cuda import RawKernel, load_kernel
 from llmc_lessons.device import to_host
 from llmc_lessons.layers.attention import attention_backward, attention_forward, causal_softmax
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 5.0: the forward
+
+
+def check_attention_forward(fn) -> None:
+    """Exercise 5.0: fn(qkv, NH) -> (out (B, T, C), att (B, NH, T, T)): causal self-attention with NH heads,
+    att the post-softmax weights (zeros above the diagonal), float32 in and out."""
+    ex = "Exercise 5.0"
+    gen = rng()
+    B, T, NH, hs = 2, int(gen.integers(7, 14)), 3, 5
+    C = NH * hs
+    qkv = (gen.standard_normal((B, T, 3 * C)) * 1.5).astype(np.float32)
+    want_out, want_att = attention_forward(qkv, NH)
+    out, att = forward_outputs(ex, run_exercise(ex, fn, qkv.copy(), NH), ("out", "att"))
+    x = qkv.astype(np.float64)
+    q, k, v = (x[:, :, i * C:(i + 1) * C].reshape(B, T, NH, hs).transpose(0, 2, 1, 3) for i in range(3))
+    preatt = q @ k.transpose(0, 1, 3, 2)                                 # (B, NH, T, T), unscaled
+
+    def softmax(z, axis=-1):
+        e = np.exp(z - z.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+    future = np.triu(np.ones((T, T), dtype=bool), 1)
+    masked = np.where(future, -np.inf, preatt)
+    assert_close(ex, "att", att, want_att, atol=1e-5, rtol=1e-4, known_mistakes={
+        "the causal mask is missing: position t may only attend to positions t2 <= t": softmax(preatt / math.sqrt(hs)),
+        "the 1/sqrt(hs) scale is missing: att = softmax(q k^T / sqrt(hs) + mask)": softmax(masked),
+        "the scale is 1/hs; it is 1/sqrt(hs)": softmax(masked / hs),
+        "the mask was applied after the softmax: the future entries are 0 but each row no longer sums to 1":
+            np.where(future, 0.0, softmax(preatt / math.sqrt(hs))),
+        "the softmax ran over the wrong axis: each row t (over the keys t2, the last axis) sums to 1":
+            np.nan_to_num(softmax(masked / math.sqrt(hs), axis=-2)),
+    }, hint="per head: att = softmax over the last axis of (q k^T / sqrt(hs), with -inf above the diagonal).")
+    assert_close(ex, "out", out, want_out, atol=1e-5, rtol=1e-4, known_mistakes={
+        "the heads were reshaped to (B, T, C) without moving the head axis back next to hs first":
+            (want_att.astype(np.float64) @ v).reshape(B, T, C),
+    }, hint="out_h = att @ v per head (B, NH, T, hs), then the heads side by side: (B, T, C), head h at channels "
+            "h*hs to (h+1)*hs - 1.")
+    passed(ex, f"B={B}, T={T}, NH={NH}, hs={hs}: att and out match, float32")
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Exercise 5.1: the softmax's backward, datt -> dz, derived

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc_lessons.checks import ExerciseFailed, assert_close, passed, rng, run_exercise
+from llmc_lessons.checks import ExerciseFailed, assert_close, forward_outputs, passed, rng, run_exercise
 from llmc_lessons.layers.block import (BLOCK_PARAMETER_NAMES, attention_branch_backward, block_backward,
                                        block_forward, init_block_params, mlp_backward)
 from llmc_lessons.layers.gelu import gelu_backward
 from llmc_lessons.layers.layernorm import layernorm_backward
 from llmc_lessons.layers.matmul import matmul_backward
+from llmc_lessons.layers.residual import residual_forward
 
 MLP_GRAD_NAMES = ("fcprojw", "fcprojb", "fcw", "fcb", "ln2w", "ln2b")
 
@@ -59,6 +60,24 @@ def _fork_mistakes(dout, cache, p, NH) -> dict:
         "residual2, which includes what came back through the MLP branch":
             (dres2 + dx_attn_from_dout, {**g_attn_from_dout, **g_mlp}),
     }
+
+
+def check_residual_forward(fn) -> None:
+    """Exercise 7.0: fn(inp1, inp2) -> out = inp1 + inp2, a new array (neither input changed), float32."""
+    ex = "Exercise 7.0"
+    gen = rng()
+    shape = (2, int(gen.integers(3, 9)), 13)
+    inp1, inp2 = (gen.standard_normal(shape).astype(np.float32) for _ in range(2))
+    given1, given2 = inp1.copy(), inp2.copy()
+    out, = forward_outputs(ex, run_exercise(ex, fn, given1, given2), ("out",))
+    if not (np.array_equal(given1, inp1) and np.array_equal(given2, inp2)):
+        raise ExerciseFailed(f"{ex}: your function changed an input in place (`inp1 += inp2`?). The block keeps x "
+                             f"for its backward (the cache), so the sum must be a new array.")
+    assert_close(ex, "out", out, residual_forward(inp1, inp2), atol=0, rtol=1e-7, known_mistakes={
+        "only inp1 was returned: the branch's output inp2 was never added": inp1,
+        "only inp2 was returned: the skip path inp1 was never added": inp2,
+    }, hint="out = inp1 + inp2, elementwise.")
+    passed(ex, f"shape {shape}: out = inp1 + inp2, inputs unchanged, float32")
 
 
 def check_block_backward_forks(block_backward_fn) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, numerical_jacobian, passed, poisoned,
-                                 rng, run_exercise)
-from llmc_lessons.layers.crossentropy import crossentropy_softmax_backward, softmax_forward
+from llmc_lessons.checks import (ExerciseFailed, assert_close, exercise_kernel, forward_outputs, numerical_jacobian,
+                                 passed, poisoned, rng, run_exercise)
+from llmc_lessons.layers.crossentropy import crossentropy_forward, crossentropy_softmax_backward, softmax_forward
 
 
 def _backward_mistakes(dlosses, probs, targets, V) -> dict:
@@ -53,6 +53,66 @@ def _mean_loss(logits: np.ndarray, targets: np.ndarray) -> float:
     N, V = logits.shape
     probs = softmax_forward(logits[None], V)[0]
     return float(-np.log(probs[np.arange(N), targets]).mean())
+
+
+def check_softmax_forward(fn) -> None:
+    """Exercise 8.0: fn(logits (B, T, Vp), V) -> probs (B, T, Vp): the softmax of each row's first V columns, the
+    padded columns 0, float32 in and out, with some rows of large logits (where exp overflows float32)."""
+    ex = "Exercise 8.0"
+    gen = rng()
+    B, T, V = 2, int(gen.integers(3, 8)), int(gen.integers(29, 45))
+    Vp = V + int(gen.integers(3, 9))
+    logits = (gen.standard_normal((B, T, Vp)) * 3).astype(np.float32)
+    logits[0, 1] += 100.0                                     # one row past exp's float32 range (88.7)
+    logits[..., V:] = gen.uniform(-1, 1, (B, T, Vp - V)) * 50  # padding columns hold values of their own
+    want = softmax_forward(logits, V)
+    probs, = forward_outputs(ex, run_exercise(ex, fn, logits.copy(), V), ("probs",))
+    x = logits.astype(np.float64)
+
+    def padded(p):
+        out = np.zeros((B, T, Vp))
+        out[..., :V] = p
+        return out
+    e = np.exp(x[..., :V] - x[..., :V].max(-1, keepdims=True))
+    e_all = np.exp(x - x.max(-1, keepdims=True))
+    e_t = np.exp(x[..., :V] - x[..., :V].max(1, keepdims=True))
+    with np.errstate(over="ignore", invalid="ignore"):
+        naive = np.exp(logits[..., :V]) / np.exp(logits[..., :V]).sum(-1, keepdims=True)
+    assert_close(ex, "probs", probs, want, atol=1e-6, rtol=1e-4, known_mistakes={
+        "exp overflowed on the row of large logits (inf / inf = NaN): subtract the row's maximum before exp":
+            padded(naive),
+        "the padded columns V..Vp-1 were included: the softmax covers the first V columns, the rest stay 0":
+            e_all / e_all.sum(-1, keepdims=True),
+        "the padded columns were left as they were: they must be 0": np.concatenate(
+            [e / e.sum(-1, keepdims=True), x[..., V:]], axis=-1),
+        "the softmax ran over the wrong axis: each row (b, t) sums to 1 over its columns (the last axis)":
+            padded(e_t / e_t.sum(1, keepdims=True)),
+    }, hint="for each row (b, t): p = exp(x - max) / sum exp(x - max) over the first V columns (max over those "
+            "columns too); columns V to Vp - 1 are 0.")
+    passed(ex, f"B={B}, T={T}, V={V}, Vp={Vp}, one row of logits near 100: probs match, float32")
+
+
+def check_crossentropy_forward(fn) -> None:
+    """Exercise 8.0, its second function: fn(probs (B, T, Vp), targets (B, T) ints) -> losses (B, T), losses[b, t] =
+    -log probs[b, t, targets[b, t]], float32 in and out (the model takes the mean itself)."""
+    ex = "Exercise 8.0"
+    gen = rng()
+    B, T, V = 2, int(gen.integers(3, 8)), int(gen.integers(29, 45))
+    Vp = V + int(gen.integers(3, 9))
+    probs = softmax_forward((gen.standard_normal((B, T, Vp)) * 2).astype(np.float32), V)
+    targets = gen.integers(0, V, (B, T)).astype(np.int32)
+    want = crossentropy_forward(probs, targets)
+    losses, = forward_outputs(ex, run_exercise(ex, fn, probs.copy(), targets.copy()), ("losses",))
+    p = np.take_along_axis(probs.astype(np.float64), targets[..., None].astype(np.intp), axis=-1)[..., 0]
+    assert_close(ex, "losses", losses, want, atol=1e-6, rtol=1e-5, known_mistakes={
+        "the log of the row's largest probability: the loss reads the target's column": -np.log(probs.max(-1)),
+        "log10 where the natural log belongs": -np.log10(p),
+        "log2 where the natural log belongs": -np.log2(p),
+        "the target's column was read one position along (targets[b, t] belongs to the same (b, t))":
+            -np.log(np.take_along_axis(probs, np.roll(targets, 1, axis=1)[..., None].astype(np.intp), -1)[..., 0]),
+    }, hint="one loss per position (B, T): losses[b, t] = -log probs[b, t, targets[b, t]]; no mean or sum here "
+            "(the model takes the mean over the B T positions).")
+    passed(ex, f"B={B}, T={T}, V={V}, Vp={Vp}: losses match, float32")
 
 
 def check_crossentropy_grad(fn) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import (ExerciseFailed, assert_close, assert_coalesced, exercise_kernel, numerical_jacobian,
-                                 passed, poisoned, rng, run_exercise, trace_of)
+from llmc_lessons.checks import (ExerciseFailed, assert_close, assert_coalesced, exercise_kernel, forward_outputs,
+                                 numerical_jacobian, passed, poisoned, rng, run_exercise, trace_of)
 from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.encoder import encoder_backward, encoder_forward
 
@@ -19,6 +19,24 @@ def _ids_with_repeats(gen, B, T, n_distinct, V):
     inp[0, 3] = inp[0, 1]          # and one inside a sequence
     return inp
 
+
+def check_encoder_forward(fn) -> None:
+    """Exercise 2.0: fn(inp, wte, wpe) -> out (B, T, C) = wte[inp[b, t]] + wpe[t], float32 in and out."""
+    ex = "Exercise 2.0"
+    gen = rng()
+    B, T, V, maxT, C = 3, 7, 19, 23, int(gen.integers(5, 14))   # V < maxT: wpe[inp] runs, and is wrong
+    inp = gen.integers(0, V, (B, T)).astype(np.int32)
+    wte = gen.standard_normal((V, C)).astype(np.float32)
+    wpe = gen.standard_normal((maxT, C)).astype(np.float32)
+    want = encoder_forward(inp, wte, wpe)
+    out, = (forward_outputs(ex, run_exercise(ex, fn, inp.copy(), wte.copy(), wpe.copy()), ("out",)))
+    assert_close(ex, "out", out, want, atol=1e-6, rtol=1e-6, known_mistakes={
+        "wpe is indexed by the token id; it is indexed by the position t": wte[inp] + wpe[inp],
+        "the position embedding wpe is missing": wte[inp],
+        "wpe is indexed by the sequence b, not the position t": wte[inp] + wpe[:B][:, None, :],
+    }, hint="out[b, t] = wte[inp[b, t]] + wpe[t]: the token's row of wte plus the position's row of wpe (only "
+            "the first T rows of wpe are used).")
+    passed(ex, f"B={B}, T={T}, C={C}: out matches, float32")
 
 def check_encoder_jacobian(fn) -> None:
     """Exercise 2.1: fn(inp, V, maxT) -> (J_wte (B, T, V), J_wpe (B, T, maxT)), J_wte[b, t, v] = d out[b, t, c] /

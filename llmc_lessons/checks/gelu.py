@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import (CHECKED_MODE_TIP, ExerciseFailed, assert_close, exercise_kernel, numerical_jacobian,
-                                 passed, poisoned, rng, run_exercise)
+from llmc_lessons.checks import (CHECKED_MODE_TIP, ExerciseFailed, assert_close, exercise_kernel, forward_outputs,
+                                 numerical_jacobian, passed, poisoned, rng, run_exercise)
 from llmc_lessons.layers.gelu import (GELU_CUBE_COEF, GELU_SCALING_FACTOR, gelu_backward, gelu_erf_backward,
-                                      gelu_forward)
+                                      gelu_erf_forward, gelu_forward)
 
 
 def _gelu_backward_mistakes(dout: np.ndarray, x: np.ndarray) -> dict:
@@ -42,6 +42,23 @@ def _gelu_backward_mistakes(dout: np.ndarray, x: np.ndarray) -> dict:
             gelu_forward(x) * dout,
     }
 
+
+def check_gelu_forward(fn) -> None:
+    """Exercise 6.0: fn(inp) -> the tanh-approximate GELU of every element, same shape, float32 in and out."""
+    ex = "Exercise 6.0"
+    gen = rng()
+    inp = (gen.standard_normal((3, 5, int(gen.integers(7, 20)))) * 3).astype(np.float32)
+    want = gelu_forward(inp)
+    out, = forward_outputs(ex, run_exercise(ex, fn, inp.copy()), ("out",))
+    x = inp.astype(np.float64)
+    k, a = GELU_SCALING_FACTOR, GELU_CUBE_COEF
+    assert_close(ex, "out", out, want, atol=1e-6, rtol=1e-5, known_mistakes={
+        "that is the exact erf form; GPT-2 was trained with the tanh approximation": gelu_erf_forward(x),
+        "the factor 1/2 is missing": x * (1 + np.tanh(k * (x + a * x ** 3))),
+        "the cube term a x^3 is missing from the tanh's argument": 0.5 * x * (1 + np.tanh(k * x)),
+        "the factor k = sqrt(2/pi) is missing from the tanh's argument": 0.5 * x * (1 + np.tanh(x + a * x ** 3)),
+    }, hint="gelu(x) = 0.5 x (1 + tanh(k (x + a x^3))), k = sqrt(2/pi), a = 0.044715.")
+    passed(ex, f"{inp.size} elements in [{inp.min():.1f}, {inp.max():.1f}] match, float32")
 
 def check_gelu_derivative(fn) -> None:
     """Exercise 6.1: fn(x) -> gelu'(x), elementwise, against central differences of gelu_forward in float64."""

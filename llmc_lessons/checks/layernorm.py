@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import (ExerciseFailed, assert_close, assert_coalesced, exercise_kernel, numerical_jacobian,
-                                 passed, poisoned, rng, run_exercise, trace_of)
+from llmc_lessons.checks import (ExerciseFailed, assert_close, assert_coalesced, exercise_kernel, forward_outputs,
+                                 numerical_jacobian, passed, poisoned, rng, run_exercise, trace_of)
 from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.layernorm import layernorm_backward, layernorm_forward
 
@@ -17,6 +17,38 @@ def _inputs(gen, B, T, C, dtype):
     bias = gen.standard_normal(C).astype(dtype)
     return inp, weight, bias
 
+
+def check_layernorm_forward(fn) -> None:
+    """Exercise 3.0: fn(inp, weight, bias) -> (out (B, T, C), mean (B, T), rstd (B, T)), float32 in and out, on
+    rows of very different spreads (some with a variance near eps, where the place of eps shows)."""
+    ex = "Exercise 3.0"
+    gen = rng()
+    B, T, C = 3, 5, int(gen.integers(37, 70))
+    scale = 10.0 ** gen.uniform(-2.7, 1.0, (B, T, 1))                  # row spreads from 0.002 to 10
+    inp = ((gen.standard_normal((B, T, C)) + gen.uniform(-2, 2, (B, T, 1))) * scale).astype(np.float32)
+    weight = (gen.standard_normal(C) + 1.0).astype(np.float32)
+    bias = gen.standard_normal(C).astype(np.float32)
+    want_out, want_mean, want_rstd = layernorm_forward(inp, weight, bias)
+    result = run_exercise(ex, fn, inp.copy(), weight.copy(), bias.copy())
+    out, mean, rstd = forward_outputs(ex, result, ("out", "mean", "rstd"))
+    x, eps = inp.astype(np.float64), 1e-5
+    var = ((x - x.mean(-1, keepdims=True)) ** 2).mean(-1)
+    assert_close(ex, "mean", mean, want_mean, atol=1e-6, rtol=1e-5,
+                 hint="mean has one number per row (b, t): the average of its C channels, the last axis.")
+    assert_close(ex, "rstd", rstd, want_rstd, atol=1e-5, rtol=1e-4, known_mistakes={
+        "the variance divides by C - 1; LayerNorm uses the biased variance (divide by C)":
+            1 / np.sqrt(var * C / (C - 1) + eps),
+        "eps is added outside the square root: it belongs inside, 1 / sqrt(var + eps)": 1 / (np.sqrt(var) + eps),
+        "eps is missing: a row of nearly equal values would divide by almost 0": 1 / np.sqrt(var),
+        "that is the standard deviation; rstd is its reciprocal": np.sqrt(var + eps),
+        "the squares were taken of x, not of x - mean": 1 / np.sqrt((x ** 2).mean(-1) + eps),
+    }, hint="rstd = 1 / sqrt(var + eps), var the mean over the row's C channels of (x - mean)^2.")
+    norm = (x - x.mean(-1, keepdims=True)) / np.sqrt(var + eps)[..., None]
+    assert_close(ex, "out", out, want_out, atol=1e-4, rtol=1e-4, known_mistakes={
+        "weight and bias are swapped: out = norm * weight + bias": norm * bias + weight,
+        "weight and bias are not applied: out = norm * weight + bias": norm,
+    }, hint="out = (x - mean) * rstd * weight + bias, weight and bias broadcast over (b, t).")
+    passed(ex, f"out, mean and rstd of {B * T} rows of C={C} (spreads 0.002 to 10) match, all float32")
 
 def check_layernorm_jacobian(fn) -> None:
     """Exercise 3.1: fn(x, eps) -> J of shape (C, C), J[i, j] = dn_i/dx_j for one row x of shape (C,), against

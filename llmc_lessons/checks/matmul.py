@@ -2,11 +2,13 @@
 matmul_backward), Exercise 4.3 (kernel2's tile loop)."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.checks import (ExerciseFailed, TRACE_TIP, assert_close, exercise_kernel, numerical_jacobian, passed,
-                                 poisoned, rng, run_exercise, trace_of)
+from llmc_lessons.checks import (ExerciseFailed, TRACE_TIP, assert_close, exercise_kernel, forward_outputs,
+                                 numerical_jacobian, passed, poisoned, rng, run_exercise, trace_of)
 from llmc_lessons.layers.matmul import gemm_cuda, matmul_backward, matmul_forward
 
 _DINP_HINT = ("dinp has inp's shape (B, T, C): write down the shapes of dout and weight and find the product that "
@@ -15,6 +17,34 @@ _DWEIGHT_HINT = ("dweight has weight's shape (OC, C) and collects a contribution
                  "dout and inp as matrices of B*T rows, then find the product of that shape.")
 _DBIAS_HINT = "dbias (OC,) collects dout from every position (b, t) that the bias was added at."
 
+
+def check_matmul_forward(fn) -> None:
+    """Exercise 4.0: fn(inp, weight, bias=None) -> out (B, T, OC) = inp @ weight^T + bias, float32, with a square
+    and a non-square weight, and with no bias (GPT-2's lm_head)."""
+    ex = "Exercise 4.0"
+    try:
+        inspect.signature(fn).bind(None, None)
+    except (TypeError, ValueError):
+        raise ExerciseFailed(f"{ex}: call it as fn(inp, weight) too: give bias a default of None. GPT-2's lm_head "
+                             f"is matmul_forward(lnf, wte), with no bias.") from None
+    gen = rng()
+    B, T, C = 2, 5, int(gen.integers(7, 20))
+    for OC, with_bias in ((C, True), (C + 6, True), (C + 3, False)):   # square first: weight untransposed runs
+        inp = gen.standard_normal((B, T, C)).astype(np.float32)
+        weight = gen.standard_normal((OC, C)).astype(np.float32)
+        bias = gen.standard_normal(OC).astype(np.float32) if with_bias else None
+        args = (inp.copy(), weight.copy()) + ((bias.copy(),) if with_bias else ())
+        want = matmul_forward(inp, weight, bias)
+        out, = forward_outputs(ex, run_exercise(ex, fn, *args), ("out",))
+        x, w, b = inp.astype(np.float64), weight.astype(np.float64), 0.0 if bias is None else bias
+        mistakes = {"the bias is missing: out = inp @ weight.T + bias": x @ w.T} if with_bias else {}
+        if OC == C:
+            mistakes["weight is not transposed: weight is (OC, C), so out = inp @ weight.T"] = x @ w + b
+        at = f"{ex} with weight ({OC}, {C})" + ("" if with_bias else " and bias None")
+        assert_close(at, "out", out, want, atol=1e-4, rtol=1e-4, known_mistakes=mistakes,
+                     hint="out[b, t, o] = bias[o] + sum over c of inp[b, t, c] * weight[o, c]; with bias None, no "
+                          "bias is added.")
+    passed(ex, f"weights ({C}, {C}) and ({C + 6}, {C}) with a bias, ({C + 3}, {C}) without: out matches, float32")
 
 def check_linear_jacobians(fn) -> None:
     """Exercise 4.1: fn(x, weight) -> (J_x (OC, C), J_w (OC, OC, C), J_b (OC, OC)), the Jacobians of one position's
