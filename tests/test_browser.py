@@ -34,13 +34,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.notebook]
 
 def lesson_05_excerpt():
     """Cells of lesson 05's student notebook: the setup cell, the title (equations), the imports, a figure, the
-    attention widget with the text above it, then Exercise 5.1 (unfinished) and its check.
+    attention widget with the text above it, then the lesson's first exercise (unfinished) and its check.
 
-    Returns the notebook and the positions in it of the check, the widget and the figure."""
+    Returns the notebook, the positions in it of the check, the widget and the figure, and the exercise's number."""
     name = "05_attention.ipynb"
     student = nbformat.read(str(ROOT / "notebooks" / name), as_version=4)
     solution = nbformat.read(str(ROOT / "solutions" / name), as_version=4)
-    exercise = exercises.exercise_cells(solution, name)[0].index
+    first = exercises.exercise_cells(solution, name)[0]
+    exercise = first.index
     check = next(i for i in range(exercise + 1, len(student.cells)) if student.cells[i].cell_type == "code")
     widget = next(i for i, c in enumerate(student.cells) if "widgets.interact(" in c.source)
     figure = next(i for i, c in enumerate(student.cells) if c.cell_type == "code" and "plt.show()" in c.source
@@ -48,7 +49,7 @@ def lesson_05_excerpt():
     keep = sorted({0, 1, 2, widget - 1, widget, figure}) + [exercise, check]  # Lab's run-all stops at an error
     nb = nbformat.v4.new_notebook(metadata=student.metadata)
     nb.cells = [student.cells[i] for i in keep]
-    return nb, keep.index(check), keep.index(widget), keep.index(figure)
+    return nb, keep.index(check), keep.index(widget), keep.index(figure), first.number
 
 
 def free_port() -> int:
@@ -120,7 +121,7 @@ ALL_RAN = """() => {
 def test_a_student_sees_equations_figures_the_widget_and_exercise_messages(lab, tmp_path):
     from playwright.sync_api import sync_playwright
     base, work = lab
-    nb, check, widget, figure = lesson_05_excerpt()
+    nb, check, widget, figure, number = lesson_05_excerpt()
     nbformat.write(nb, str(work / "lesson.ipynb"))
 
     with sync_playwright() as p:
@@ -164,7 +165,7 @@ def test_a_student_sees_equations_figures_the_widget_and_exercise_messages(lab, 
             error = cells.nth(check).locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
             error.first.wait_for()
             text = error.first.inner_text()
-            assert text.startswith("ExerciseFailed") and "Exercise 5.1 is not done yet" in text, text[-1000:]
+            assert text.startswith("ExerciseFailed") and f"Exercise {number} is not done yet" in text, text[-1000:]
             assert len(text.splitlines()) <= 5 and "Traceback" not in text and ".py" not in text, text  # no frames
         except Exception:
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)  # what the browser showed
