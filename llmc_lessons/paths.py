@@ -148,7 +148,8 @@ class NumpyPath:
 class Fp32KernelPath(NumpyPath):
     """The course's float32 kernels on backend arrays; the classifier is llm.c's fused kernel. With `parts`, the
     student's kernels wherever the path launches one (their layernorm_forward_kernel2 in place of kernel 3, which
-    it launches alike; their encoder_forward_kernel1 and matmul_kernel2 make the path take those versions)."""
+    it launches alike; their encoder_forward_kernel1, matmul_kernel2 and gelu_forward_kernel1 make the path take
+    those versions)."""
     on_backend = True
 
     def _theirs(self):
@@ -161,11 +162,13 @@ class Fp32KernelPath(NumpyPath):
         return kernels_replaced(replaced)
 
     def versions(self, model) -> tuple:
-        """(the encoder's version, the matmuls' version): the student's kernels where they wrote them."""
+        """(the encoder's version, the matmuls', the GELU forward's): the student's kernels where they wrote them
+        (the GELU's input, (B, T, 4C), always fits the float4 kernel 2)."""
         def theirs(key):
             return key in self.parts and self.parts[key].theirs
         encoder = 1 if theirs("encoder.cu:encoder_forward_kernel1") or model.config.channels % 4 else 2
-        return encoder, 2 if theirs("matmul.cu:matmul_kernel2") else model.matmul_version
+        return (encoder, 2 if theirs("matmul.cu:matmul_kernel2") else model.matmul_version,
+                1 if theirs("gelu.cu:gelu_forward_kernel1") else 2)
 
     @property
     def xp(self):
@@ -183,13 +186,14 @@ class Fp32KernelPath(NumpyPath):
 
     def _forward(self, model, idx, targets):
         c, p = model.config, model.params
-        encoder_version, version = self.versions(model)
+        encoder_version, version, gelu_version = self.versions(model)
         # ids were checked on the host (_tokens): no range check that would wait for the GPU; float4 where C allows
         encoded = encoder_forward_cuda(idx, p["wte"], p["wpe"], version=encoder_version, check_ids=False)  # (B, T, C)
         residual, block_caches = encoded, []
         level = recompute_level(model)
         for l in range(c.num_layers):
-            residual, cache = block_forward_cuda(residual, model.layer_params(l), c.num_heads, matmul_version=version)
+            residual, cache = block_forward_cuda(residual, model.layer_params(l), c.num_heads, matmul_version=version,
+                                                 gelu_version=gelu_version)
             block_caches.append({k: None if k in RECOMPUTED[level] else v for k, v in cache.items()})
         lnf, lnf_mean, lnf_rstd = layernorm_forward_cuda(residual, p["lnfw"], p["lnfb"])
         logits = matmul_forward_cuda(lnf, p["wte"], None, version=version)  # (B, T, Vp)
@@ -211,7 +215,8 @@ class Fp32KernelPath(NumpyPath):
             return self._backward(model, cache)
 
     def _backward(self, model, cache):
-        c, p, g, version = model.config, model.params, model.grads, self.versions(model)[1]
+        c, p, g = model.config, model.params, model.grads
+        _, version, gelu_version = self.versions(model)
         # dlogits came out of the fused classifier in the forward; used once, then freed
         dlnf, dwte_head, _ = matmul_backward_cuda(cache.pop("dlogits"), cache["lnf"], p["wte"], version=version,
                                                   has_bias=False)
@@ -224,7 +229,7 @@ class Fp32KernelPath(NumpyPath):
         for l in reversed(range(c.num_layers)):
             a, lp = cache["block_caches"][l], model.layer_params(l)
             if a["fch_gelu"] is None:       # recomputed (model.recompute): the forward's kernels on the same inputs
-                a = dict(a, fch_gelu=gelu_forward_cuda(a["fch"], version=2 if a["fch"].size % 4 == 0 else 1))
+                a = dict(a, fch_gelu=gelu_forward_cuda(a["fch"], version=gelu_version))
             if a["ln1"] is None:
                 a = dict(a, ln1=layernorm_forward_cuda(a["x"], lp["ln1w"], lp["ln1b"])[0],
                          ln2=layernorm_forward_cuda(a["residual2"], lp["ln2w"], lp["ln2b"])[0])

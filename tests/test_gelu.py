@@ -255,3 +255,54 @@ def test_check_kernel_catches_mistakes(old, new, cause):
     assert old in GOOD
     with pytest.raises(AssertionError, match=cause):
         checks.check_gelu_backward_kernel(_kernel_with_body(GOOD.replace(old, new)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercise 6.4: the forward kernel body
+
+_FORWARD_BODY = re.compile(r"(gelu_forward_kernel1\(.*?\{)(.*?)(\n\}\n)", re.S)
+
+
+def _forward_kernel_with_body(body: str) -> str:
+    src = kernel_source("gelu.cu")
+    m = _FORWARD_BODY.search(src)
+    assert m, "gelu_forward_kernel1 not found in gelu.cu"
+    return src[:m.start(2)] + "\n" + body + src[m.end(2):]
+
+
+FORWARD_GOOD = """
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < N) {
+        float x = inp[i];
+        out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALING_FACTOR * (x + GELU_CUBE_COEF * x * x * x)));
+    }"""
+
+
+def test_forward_kernel_check_passes_on_solution_and_package_source(capsys):
+    checks.check_gelu_forward_kernel(kernel_source("gelu.cu"))
+    checks.check_gelu_forward_kernel(_forward_kernel_with_body(FORWARD_GOOD))
+    assert capsys.readouterr().out.count("Exercise 6.4: correct") == 2
+
+
+def test_forward_kernel_check_fails_on_stub():
+    stub = _forward_kernel_with_body("    // TODO (Exercise 6.4): gelu_forward_kernel1, one thread per element")
+    with pytest.raises(AssertionError, match="Exercise 6.4 is not done yet"):
+        checks.check_gelu_forward_kernel(stub)
+    with pytest.raises(AssertionError, match="never written"):
+        checks.check_gelu_forward_kernel(_forward_kernel_with_body("    // nothing"))
+
+
+@pytest.mark.parametrize("old,new,cause", [
+    ("if (i < N) {", "{", "wrote past the end"),
+    ("blockIdx.x * blockDim.x + threadIdx.x", "threadIdx.x", "never written"),
+    ("blockIdx.x * blockDim.x + threadIdx.x", "blockIdx.x * blockDim.x + threadIdx.x + 1", "Exercise 6.4"),
+    ("0.5f * x * (1.0f", "x * (1.0f", "factor 1/2 is missing"),
+    (" + GELU_CUBE_COEF * x * x * x", "", "cube term"),
+    ("GELU_SCALING_FACTOR * (x", "(x", r"k = sqrt\(2/pi\) is missing"),
+    ("0.5f * x * (1.0f", "0.5f * (1.0f", "factor x in front is missing"),
+    ("GELU_CUBE_COEF * x * x * x", "0.5f * x * x * x", "Exercise 6.4"),      # a wrong constant
+])
+def test_forward_kernel_check_catches_mistakes(old, new, cause):
+    assert old in FORWARD_GOOD
+    with pytest.raises(AssertionError, match=cause):
+        checks.check_gelu_forward_kernel(_forward_kernel_with_body(FORWARD_GOOD.replace(old, new)))

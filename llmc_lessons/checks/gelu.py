@@ -1,5 +1,5 @@
-"""Checks for lesson 06 (GELU): the derivative gelu'(x), derived (Exercise 6.1), the NumPy backward (Exercise 6.2)
-and the backward kernel (Exercise 6.3)."""
+"""Checks for lesson 06 (GELU): the derivative gelu'(x), derived (Exercise 6.1), the NumPy backward (Exercise 6.2),
+the backward kernel (Exercise 6.3) and the forward kernel (Exercise 6.4)."""
 from __future__ import annotations
 
 import numpy as np
@@ -43,6 +43,19 @@ def _gelu_backward_mistakes(dout: np.ndarray, x: np.ndarray) -> dict:
     }
 
 
+def _gelu_forward_mistakes(inp: np.ndarray) -> dict:
+    """{what the student probably did: the out that mistake produces}, in float64."""
+    x = inp.astype(np.float64)
+    k, a = GELU_SCALING_FACTOR, GELU_CUBE_COEF
+    return {
+        "that is the exact erf form; GPT-2 was trained with the tanh approximation": gelu_erf_forward(x),
+        "the factor 1/2 is missing": x * (1 + np.tanh(k * (x + a * x ** 3))),
+        "the cube term a x^3 is missing from the tanh's argument": 0.5 * x * (1 + np.tanh(k * x)),
+        "the factor k = sqrt(2/pi) is missing from the tanh's argument": 0.5 * x * (1 + np.tanh(x + a * x ** 3)),
+        "the factor x in front is missing: gelu(x) = 0.5 x (1 + tanh(...))": 0.5 * (1 + np.tanh(k * (x + a * x ** 3))),
+    }
+
+
 def check_gelu_forward(fn) -> None:
     """Exercise 6.0: fn(inp) -> the tanh-approximate GELU of every element, same shape, float32 in and out."""
     ex = "Exercise 6.0"
@@ -50,14 +63,8 @@ def check_gelu_forward(fn) -> None:
     inp = (gen.standard_normal((3, 5, int(gen.integers(7, 20)))) * 3).astype(np.float32)
     want = gelu_forward(inp)
     out, = forward_outputs(ex, run_exercise(ex, fn, inp.copy()), ("out",))
-    x = inp.astype(np.float64)
-    k, a = GELU_SCALING_FACTOR, GELU_CUBE_COEF
-    assert_close(ex, "out", out, want, atol=1e-6, rtol=1e-5, known_mistakes={
-        "that is the exact erf form; GPT-2 was trained with the tanh approximation": gelu_erf_forward(x),
-        "the factor 1/2 is missing": x * (1 + np.tanh(k * (x + a * x ** 3))),
-        "the cube term a x^3 is missing from the tanh's argument": 0.5 * x * (1 + np.tanh(k * x)),
-        "the factor k = sqrt(2/pi) is missing from the tanh's argument": 0.5 * x * (1 + np.tanh(x + a * x ** 3)),
-    }, hint="gelu(x) = 0.5 x (1 + tanh(k (x + a x^3))), k = sqrt(2/pi), a = 0.044715.")
+    assert_close(ex, "out", out, want, atol=1e-6, rtol=1e-5, known_mistakes=_gelu_forward_mistakes(inp),
+                 hint="gelu(x) = 0.5 x (1 + tanh(k (x + a x^3))), k = sqrt(2/pi), a = 0.044715.")
     passed(ex, f"{inp.size} elements in [{inp.min():.1f}, {inp.max():.1f}] match, float32")
 
 def check_gelu_derivative(fn) -> None:
@@ -132,6 +139,35 @@ def check_gelu_backward_kernel(source: str, block_sizes=(32, 128)) -> None:
         tail = device.to_host(buf[N:])
         if not np.all(np.isnan(tail)):
             raise ExerciseFailed(f"{ex}: the kernel wrote past the end of dinp (N={N}, block_size={block_size}): "
+                                 f"the last block has threads with i >= N, and they must not write. "
+                                 f"{CHECKED_MODE_TIP}")
+    passed(ex, f"block sizes {tuple(block_sizes)}, awkward N, output poisoned with NaN")
+
+
+def check_gelu_forward_kernel(source: str, block_sizes=(32, 128)) -> None:
+    """Exercise 6.4: gelu_forward_kernel1(float* out, const float* inp, int N) in `source`, against the
+    reference, with NaN-poisoned output, an awkward N and several block sizes."""
+    ex = "Exercise 6.4"
+    kernel = exercise_kernel(ex, source, "gelu_forward_kernel1")
+    gen = rng()
+    for block_size in block_sizes:
+        N = int(gen.integers(3, 12)) * block_size + int(gen.integers(1, block_size))  # not a multiple
+        x = (gen.standard_normal(N) * 3.0).astype(np.float32)
+        # inp is the front of a longer array and out of a NaN-filled one: threads past the end (i >= N) that
+        # forget the bounds check read memory that exists, and the NaN tail after out shows whether they wrote.
+        guard = block_size
+        buf = poisoned((N + guard,))
+        x_pad = device.to_device(np.concatenate([x, np.ones(guard, np.float32)]))
+        grid = (N + block_size - 1) // block_size
+        kernel((grid,), (block_size,), (buf[:N], x_pad[:N], np.int32(N)))
+        device.synchronize()
+        # against the float64 GELU of the same float32 inputs: float32 rounding stays below 1e-6 of the scale
+        assert_close(ex, f"out (N={N}, block_size={block_size})", buf[:N], gelu_forward(x.astype(np.float64)),
+                     atol=1e-6, rtol=1e-5, known_mistakes=_gelu_forward_mistakes(x),
+                     hint="one thread per element, as in lesson 00's SAXPY; gelu(x) = 0.5 x (1 + tanh(k (x + "
+                          "a x^3))) with the constants GELU_SCALING_FACTOR (k) and GELU_CUBE_COEF (a).")
+        if not np.all(np.isnan(device.to_host(buf[N:]))):
+            raise ExerciseFailed(f"{ex}: the kernel wrote past the end of out (N={N}, block_size={block_size}): "
                                  f"the last block has threads with i >= N, and they must not write. "
                                  f"{CHECKED_MODE_TIP}")
     passed(ex, f"block sizes {tuple(block_sizes)}, awkward N, output poisoned with NaN")

@@ -156,10 +156,11 @@ def _launchers():
             residual_forward_cuda)
 
 
-def block_forward_cuda(x, p: dict, NH: int, matmul_version="cublas"):
+def block_forward_cuda(x, p: dict, NH: int, matmul_version="cublas", gelu_version=None):
     """block_forward through the kernels: x (B, T, C) float32 backend array, p of backend arrays -> (out, cache).
 
-    matmul_version: passed to every matmul launcher ("cublas", or 1, 2, 3 for the course's own matmul kernels)."""
+    matmul_version: passed to every matmul launcher ("cublas", or 1, 2, 3 for the course's own matmul kernels).
+    gelu_version: passed to gelu_forward_cuda (1 or 2); None: 2 (float4 loads) where the size allows, else 1."""
     _check(x, p, NH, "block_forward_cuda")
     (layernorm_forward_cuda, _, matmul_forward_cuda, _, attention_forward_cuda, _, gelu_forward_cuda, _,
      residual_forward_cuda) = _launchers()
@@ -170,7 +171,7 @@ def block_forward_cuda(x, p: dict, NH: int, matmul_version="cublas"):
     residual2 = residual_forward_cuda(x, attproj)
     ln2, ln2_mean, ln2_rstd = layernorm_forward_cuda(residual2, p["ln2w"], p["ln2b"])
     fch = matmul_forward_cuda(ln2, p["fcw"], p["fcb"], version=matmul_version)
-    fch_gelu = gelu_forward_cuda(fch, version=2 if fch.size % 4 == 0 else 1)   # float4 loads where they fit
+    fch_gelu = gelu_forward_cuda(fch, version=gelu_version or (2 if fch.size % 4 == 0 else 1))  # float4 where it fits
     fcproj = matmul_forward_cuda(fch_gelu, p["fcprojw"], p["fcprojb"], version=matmul_version)
     residual3 = residual_forward_cuda(residual2, fcproj)
     cache = dict(x=x, ln1=ln1, ln1_mean=ln1_mean, ln1_rstd=ln1_rstd, qkv=qkv, atty=atty, att=att,
