@@ -299,6 +299,19 @@ def test_the_kernel_path_runs_the_solutions_kernels(repo_root, tmp_path, monkeyp
     assert not rows[0]["same"]                            # the weights after it do not
 
 
+@pytest.mark.parametrize("key,old,new", [
+    ("gelu.cu:gelu_forward_kernel1", "out[i] = 0.5f", "out[i] = 0.505f"),
+    ("residual.cu:residual_forward_kernel", "out[i] = inp1[i] + inp2[i]", "out[i] = inp1[i] + 1.01f * inp2[i]"),
+])
+def test_a_broken_forward_kernel_changes_the_first_loss(repo_root, tmp_path, monkeypatch, key, old, new):
+    """The kernel path launches the student's GELU forward and residual kernels: a wrong one shows in the loss."""
+    monkeypatch.setenv("LLMC_PARTS", str(tmp_path))
+    solution_parts(repo_root, [parts.BY_KEY[key].exercise])
+    replace_part(tmp_path, key, old, new)
+    rows = train_side_by_side(TINY, batches(1), model_parts(tmp_path), backend="kernels")
+    assert rows[0]["yours"] != rows[0]["reference"] and not rows[0]["same"]
+
+
 @pytest.mark.gpu
 def test_gpt2_124m_trains_with_the_solutions_kernels(repo_root, tmp_path, monkeypatch):
     """On a GPU: GPT-2 124M with the solutions' kernels, beside the package's, five steps (the table is printed:
