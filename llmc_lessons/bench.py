@@ -652,7 +652,7 @@ def main(argv=None) -> int:
         # configuration: the strongest PyTorch row of each precision is what the course is measured against
         # (the order puts the rows a run cut short needs most first)
         configs = [("eager-tf32", False, "default"), ("eager-tf32", True, "default")]
-        if llama:         # its vocabulary is padded already
+        if llama:         # TorchLlama has no padded variant: its rows are the plain vocabulary
             configs = [("eager-tf32", False, "default")] + ([] if a.no_compile else [
                 ("compiled-tf32", False, a.compile_modes[0]), ("compiled-bf16", False, a.compile_modes[0])])
         elif not a.no_compile:

@@ -150,8 +150,8 @@ def _theirs(forward, backward, x, dy, wrt, grads, report, selected, seed) -> lis
     the backward again with their functions in place of the package's, checked by the package and by their
     checker."""
     from llmc_lessons import parts
-    checker = parts.load("gradient_checker")
     loaded = parts.load_all(kernels=False)
+    checker = loaded["gradient_checker"]
     used: set = set()
     try:
         with parts.substituted(loaded.values(), [getattr(backward, "__globals__", {})], used):
@@ -195,7 +195,7 @@ def _theirs(forward, backward, x, dy, wrt, grads, report, selected, seed) -> lis
     yours = f"your {sorted(used)[0]}" if len(used) == 1 else f"your parts ({', '.join(sorted(used))})"
     lines = []
     if problem:
-        lines.append(f"  with {yours or 'your parts'}: the backward {problem}")
+        lines.append(f"  with {yours}: the backward {problem}")
     elif used:
         lines.append(f"  with {yours}, checked by the package: {by_package(their_grads)}")
     else:

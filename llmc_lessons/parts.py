@@ -152,8 +152,10 @@ def portable_source(fn) -> str:
                 lines.append(f"import {value.__name__}" + (f" as {name}" if name != value.__name__ else ""))
             elif isinstance(value, (bool, int, float, complex, str, type(None))):
                 lines.append(f"{name} = {value!r}")
-            elif (inspect.isfunction(value) or inspect.isclass(value)) and value.__module__ == f.__module__:
+            elif inspect.isfunction(value) and value.__module__ == f.__module__:
                 add(value)                                         # a helper of the same notebook
+            elif inspect.isclass(value) and value.__module__ == f.__module__:
+                raise PartNotKept(f"it uses {name}, a class of the notebook: only functions travel with a part")
             elif callable(value) and getattr(value, "__module__", None) and hasattr(value, "__qualname__"):
                 module = value.__module__
                 if sys.modules.get(module) is None or getattr(sys.modules[module], value.__qualname__, None) \

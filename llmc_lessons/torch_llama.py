@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from llmc_lessons import device
 from llmc_lessons.llama import LLAMA_PARAMETER_NAMES, LlamaConfig
+from llmc_lessons.torch_gpt2 import TorchGPT2
 
 UNSTACKED = ("wte", "lnfw", "lm_head")
 
@@ -138,11 +139,7 @@ class TorchLlama(nn.Module):
             "lm_head": [[self.output.weight]],
         }
 
-    def decay_groups(self, weight_decay: float) -> list:
-        """AdamW parameter groups: decay on the 2-D weights only (the course's LLAMA_DECAYED_PARAMETER_NAMES)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    decay_groups = TorchGPT2.decay_groups   # decay on the 2-D weights only (LLAMA_DECAYED_PARAMETER_NAMES)
 
 
 def from_course(model, flash: bool = False, torch_device: str = "cpu") -> TorchLlama:

@@ -244,6 +244,9 @@ def check_args(a: dict) -> None:
             raise ValueError(f"--{key.replace('_', '-')} {a.get(key)!r}: must be 0 or 1")
     if a.get("recompute") not in (0, 1, 2):
         raise ValueError(f"--recompute {a.get('recompute')!r}: must be 0, 1 or 2")
+    if a.get("recompute") and str(a.get("model", "")).startswith("llama"):
+        raise ValueError(f"--recompute {a['recompute']}: the LLaMA-style model's paths keep their activations "
+                         f"(recomputation is GPT-2's); leave it out with --model {a['model']}")
     if a.get("precision") not in ("fp32", "bf16"):
         raise ValueError(f"--precision {a.get('precision')!r}: must be fp32 or bf16")
     if a.get("reference") and a["precision"] != "fp32":

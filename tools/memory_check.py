@@ -17,7 +17,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmc_lessons import device  # noqa: E402
 from llmc_lessons.cuda import RawKernel, kernel_source, load_kernel  # noqa: E402
+from llmc_lessons.files import atomic_write  # noqa: E402
 
 SYNTHETIC = r'''
 extern "C" __global__ void copy_strided(const float* x, float* y, int n, int stride, int offset) {
@@ -281,12 +281,9 @@ def main() -> int:
     print(text)
     if a.out:
         out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         for ext, body in ((".json", json.dumps({"mode": mode, "device": device.describe(), "rows": rows}, indent=1)),
                           (".md", text)):
-            tmp = out.with_name(out.name + ext + ".tmp")
-            tmp.write_text(body)
-            os.replace(tmp, out.with_name(out.name + ext))
+            atomic_write(out.with_name(out.name + ext), body.encode())
     return 0
 
 

@@ -118,7 +118,8 @@ def worker(a) -> None:
         result = dict(system=a.system, model=a.model, precision=a.precision, ranks=world, batch_size=a.batch_size,
                       seq_len=a.seq_len, ms=ms, tokens_per_s=a.batch_size * world * a.seq_len / (ms / 1e3),
                       peak_bytes_rank0=int(peak), steps_ms=[round(t * 1e3, 3) for t in times])
-        Path(a.result).write_text(json.dumps(result))
+        from llmc_lessons.files import atomic_write
+        atomic_write(a.result, json.dumps(result).encode())
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)   # skips tearing down DDP and its process group, which can hang after the last step (seen with

@@ -268,10 +268,12 @@ def attention_backward_cuda(dout, qkv, att, NH, block_size: int = 256, NKV=None)
               (dqkv, dq, dk, dv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)))
     return repkv_backward_cuda(dqkv, NH, NKV, block_size) if grouped else dqkv
 
+
 def repkv_forward_cuda(qkv, NH: int, NKV: int, block_size: int = 256):
     """(B, T, (NH + 2 NKV) hs) -> (B, T, 3C) through repkv_forward_kernel (grouped-query attention)."""
     block_size = device.require_block_size(block_size)
     device.require_array("qkv", qkv, shape=(None, None, None))
+    NKV = _kv_heads(NH, NKV, "repkv_forward_cuda")
     B, T, C, hs = _sizes(qkv, NH, "repkv_forward_cuda", NKV)
     out = device.xp.empty((B, T, 3 * C), dtype=np.float32)
     launch_1d("attention.cu", "repkv_forward_kernel", out.size, block_size,
