@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.cuda import load_kernel
+from llmc_lessons.layers.bf16 import launch_1d
 from llmc_lessons.precision import from_bf16, to_bf16
 
 ROPE_THETA = 10000.0
@@ -103,8 +103,7 @@ def _launch(kernel: str, x, freqs_cis, out, block_size, direction=None):
     args = (out, x, freqs_cis, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs))
     if direction is not None:
         args += (np.float32(direction),)
-    if pairs:
-        load_kernel("rope.cu", kernel)((-(-pairs // block_size),), (block_size,), args)
+    launch_1d("rope.cu", kernel, pairs, block_size, args)
     return out
 
 
@@ -132,10 +131,8 @@ def _rope_qkv_cuda(kernel, qkv, freqs_cis, NH, NKV, block_size, dtype, direction
     device.require_array("freqs_cis", freqs_cis, shape=(T, hs // 2, 2))
     block_size = device.require_block_size(block_size)
     pairs = B * T * (NH + NKV) * (hs // 2)
-    if pairs:
-        load_kernel("rope.cu", kernel)((-(-pairs // block_size),), (block_size,),
-                                       (qkv, freqs_cis, np.int32(B), np.int32(T), np.int32(NH + NKV), np.int32(heads),
-                                        np.int32(hs), np.float32(direction)))
+    launch_1d("rope.cu", kernel, pairs, block_size, (qkv, freqs_cis, np.int32(B), np.int32(T), np.int32(NH + NKV),
+                                                     np.int32(heads), np.int32(hs), np.float32(direction)))
     return qkv
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.cuda import load_kernel
+from llmc_lessons.layers.bf16 import launch_1d
 from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,9 +82,8 @@ def swiglu_forward_cuda(inp, block_size: int = 256):
     B, T, H = _require_inp(inp)
     block_size = device.require_block_size(block_size)
     out = device.xp.empty((B, T, H), np.float32)
-    if out.size:
-        load_kernel("swiglu.cu", "swiglu_forward_kernel")((-(-out.size // block_size),), (block_size,),
-                                                          (out, inp, np.int32(B * T), np.int32(H)))
+    launch_1d("swiglu.cu", "swiglu_forward_kernel", out.size, block_size,
+              (out, inp, np.int32(B * T), np.int32(H)))
     return out
 
 
@@ -94,9 +93,8 @@ def swiglu_backward_cuda(dout, inp, block_size: int = 256):
     device.require_array("dout", dout, shape=(B, T, H))
     block_size = device.require_block_size(block_size)
     dinp = device.xp.empty((B, T, 2 * H), np.float32)
-    if dout.size:
-        load_kernel("swiglu.cu", "swiglu_backward_kernel")((-(-dout.size // block_size),), (block_size,),
-                                                           (dinp, dout, inp, np.int32(B * T), np.int32(H)))
+    launch_1d("swiglu.cu", "swiglu_backward_kernel", dout.size, block_size,
+              (dinp, dout, inp, np.int32(B * T), np.int32(H)))
     return dinp
 
 
@@ -120,9 +118,8 @@ def swiglu_forward_bf16_cuda(inp, block_size: int = 256):
     B, T, H = _require_inp(inp, np.uint16)
     block_size = device.require_block_size(block_size)
     out = device.xp.empty((B, T, H), np.uint16)
-    if out.size:
-        load_kernel("swiglu.cu", "swiglu_forward_bf16_kernel")((-(-out.size // block_size),), (block_size,),
-                                                               (out, inp, np.int32(B * T), np.int32(H)))
+    launch_1d("swiglu.cu", "swiglu_forward_bf16_kernel", out.size, block_size,
+              (out, inp, np.int32(B * T), np.int32(H)))
     return out
 
 
@@ -132,7 +129,6 @@ def swiglu_backward_bf16_cuda(dout, inp, block_size: int = 256):
     device.require_array("dout", dout, shape=(B, T, H), dtype=np.uint16)
     block_size = device.require_block_size(block_size)
     dinp = device.xp.empty((B, T, 2 * H), np.uint16)
-    if dout.size:
-        load_kernel("swiglu.cu", "swiglu_backward_bf16_kernel")((-(-dout.size // block_size),), (block_size,),
-                                                                (dinp, dout, inp, np.int32(B * T), np.int32(H)))
+    launch_1d("swiglu.cu", "swiglu_backward_bf16_kernel", dout.size, block_size,
+              (dinp, dout, inp, np.int32(B * T), np.int32(H)))
     return dinp
