@@ -15,6 +15,7 @@ best in fp32 too (TF32 matmuls, SDPA with enable_gqa, torch.compile, fused AdamW
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -27,7 +28,8 @@ from llmc_lessons import device, timing
 from llmc_lessons.cublas import gemm
 from llmc_lessons.files import atomic_write
 from llmc_lessons.layers.adamw import adamw_update_bf16_cuda, global_norm_squared_cuda
-from llmc_lessons.layers.attention import attention_backward_bf16_cuda, attention_forward_bf16_cuda
+from llmc_lessons.layers.attention import (attention_backward_bf16_cuda, attention_backward_cuda,
+                                           attention_forward_bf16_cuda, attention_forward_cuda)
 from llmc_lessons.layers.bf16 import float_to_bf16_cuda
 from llmc_lessons.layers.crossentropy import fused_classifier_bf16_cuda
 from llmc_lessons.layers.encoder import encoder_forward_bf16_cuda
@@ -372,7 +374,7 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision:
     import torch
     from torch.profiler import ProfilerActivity, profile
     _free_gpu_memory()
-    model = GPT2(config, seed=0, backend="kernels", precision=precision)
+    model = model_class(config)(config, seed=0, backend="kernels", precision=precision)
     model.keep_logits = False
     batches = _batches(config, B, T, 3)
     with tf32_mode(True):
@@ -384,17 +386,22 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
 
 
-def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64) -> list:
-    """Causal attention in bf16 at one shape, forward and backward, three ways: the course's cuBLAS path (it
-    writes the T x T scores), the course's flash kernels on the tensor cores, and PyTorch's
-    scaled_dot_product_attention (its flash kernel). Rows: name, forward ms, backward ms, TFLOP/s of the two
-    together counting the causal half of the products (forward 2, backward 5 of size B NH T T hs), and the
-    bytes each keeps between forward and backward beyond q, k, v and the output."""
+SDPA_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")   # torch.nn.attention.SDPBackend
+
+
+def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, precision: str = "bf16") -> list:
+    """Causal attention alone at one shape, forward and backward: the course's cuBLAS path (it writes the T x T
+    scores), the course's flash kernels, and PyTorch's scaled_dot_product_attention, first as PyTorch picks its
+    kernel, then restricted to each of its backends that runs this case (cuDNN's, FlashAttention-2's, the
+    memory-efficient one), so the table says which kernel the course is up against. precision 'bf16', or
+    'fp32' (TF32 products: the fp32 model's attention). The course rows time the attention kernels only (the
+    bias add and its gradient belong to the qkv matmul around them). Rows: name, forward ms, backward ms,
+    TFLOP/s of the two together counting the causal half of the products (forward 2, backward 5 of size
+    B NH T T hs), and the bytes each keeps between forward and backward beyond q, k, v and the output."""
     xp, gen = device.xp, np.random.default_rng(0)
     C = NH * hs
-    qkv = float_to_bf16_cuda(xp.asarray(gen.standard_normal((B, T, 3 * C), dtype=np.float32)))
-    qkvb = xp.asarray(0.1 * gen.standard_normal(3 * C, dtype=np.float32))
-    dout = float_to_bf16_cuda(xp.asarray(gen.standard_normal((B, T, C), dtype=np.float32)))
+    qkv = xp.asarray(gen.standard_normal((B, T, 3 * C), dtype=np.float32))
+    dout = xp.asarray(gen.standard_normal((B, T, C), dtype=np.float32))
     flops = 7 * B * NH * T * T * hs   # 2 B NH T T hs per product, half of it under the causal mask
 
     def row(name, fwd, bwd, kept):
@@ -402,25 +409,42 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64) -> l
         return dict(name=name, forward_ms=f, backward_ms=b, tflops=flops / ((f + b) * 1e-3) / 1e12, kept_bytes=kept)
 
     rows = []
-    atty, qkvh, att = attention_forward_bf16_cuda(qkv, qkvb, NH)
-    rows.append(row("course, cuBLAS + softmax (T x T scores)", lambda: attention_forward_bf16_cuda(qkv, qkvb, NH),
-                    lambda: attention_backward_bf16_cuda(dout, qkvh, att), att.nbytes))
-    del atty, qkvh, att
-    qkv_b = add_bias_bf16_cuda(qkv, qkvb)
-    out, lse = flash_attention_forward_bf16_cuda(qkv_b, NH)
-    rows.append(row("course, flash attention on the tensor cores",
-                    lambda: flash_attention_forward_bf16_cuda(add_bias_bf16_cuda(qkv, qkvb, out=qkv_b), NH),
-                    lambda: flash_attention_backward_bf16_cuda(dout, qkv_b, out, lse, NH), lse.nbytes))
+    with tf32_mode(True):
+        if precision == "bf16":
+            qkv, dout = float_to_bf16_cuda(qkv), float_to_bf16_cuda(dout)
+            qkvb = xp.zeros(3 * C, np.float32)
+            atty, qkvh, att = attention_forward_bf16_cuda(qkv, qkvb, NH)
+            rows.append(row("course, cuBLAS + softmax (T x T scores)", lambda: attention_forward_bf16_cuda(qkv, qkvb, NH),
+                            lambda: attention_backward_bf16_cuda(dout, qkvh, att), att.nbytes))
+            del atty, qkvh, att
+            out, lse = flash_attention_forward_bf16_cuda(qkv, NH)
+            rows.append(row("course, flash attention on the tensor cores", lambda: flash_attention_forward_bf16_cuda(qkv, NH),
+                            lambda: flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH), lse.nbytes))
+        else:
+            atty, att = attention_forward_cuda(qkv, NH)
+            rows.append(row("course, cuBLAS (TF32) + softmax (T x T scores)", lambda: attention_forward_cuda(qkv, NH),
+                            lambda: attention_backward_cuda(dout, qkv, att, NH), att.nbytes))
+            del atty, att
     try:
         import torch
         import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
         return rows
-    q, k, v = (torch.randn(B, NH, T, hs, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    do = torch.randn(B, NH, T, hs, device="cuda", dtype=torch.bfloat16)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    rows.append(row("PyTorch scaled_dot_product_attention", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                    lambda: torch.autograd.grad(y, (q, k, v), do, retain_graph=True), B * NH * T * 4))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    q, k, v = (torch.randn(B, NH, T, hs, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn(B, NH, T, hs, device="cuda", dtype=dtype)
+    for backend in (None,) + SDPA_BACKENDS:
+        def fwd():
+            with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        try:
+            y = fwd()
+        except RuntimeError:      # this backend does not run this case (dtype, head size, device)
+            continue
+        name = f"PyTorch SDPA, {backend.split('_')[0].lower() + ' backend only' if backend else 'its own choice'}"
+        rows.append(row(name, fwd, lambda: torch.autograd.grad(y, (q, k, v), do, retain_graph=True), B * NH * T * 4))
     return rows
 
 
@@ -559,9 +583,9 @@ def main(argv=None) -> int:
                    help="the course rows (default both; with --sizes, bf16)")
     p.add_argument("--profile", action="store_true", help="print a per-kernel table of one course step")
     p.add_argument("--attention", action="store_true", help="also time causal attention alone (bf16, the model's "
-                   "shape: B, T, NH, hs): the cuBLAS path, the flash kernels, PyTorch's SDPA")
+                   "shape: B, T, NH, hs): the cuBLAS path, the flash kernels, PyTorch's SDPA and each of its backends")
     p.add_argument("--only-attention", action="store_true", help="time attention alone and nothing else, at each "
-                   "T of --attention-seq-lens")
+                   "T of --attention-seq-lens, in each --precision (default bf16)")
     p.add_argument("--attention-seq-lens", type=int, nargs="+", help="--only-attention: the T to time "
                    "(default: --seq-len)")
     p.add_argument("--kernels", action="store_true", help="also time the bf16 step's elementwise, normalisation "
@@ -583,13 +607,15 @@ def main(argv=None) -> int:
     if a.only_attention:
         c, B = GPT2Config.from_name(a.model), a.batch_size or 16
         attention = {}
-        for T in a.attention_seq_lens or [a.seq_len]:
-            attention[T] = bench_attention(B, T, c.num_heads, c.head_size)
-            print(f"Causal attention, bf16, B={B}, T={T}, NH={c.num_heads}, hs={c.head_size}:\n"
-                  f"{attention_table(attention[T])}\n", flush=True)
-            if a.json:
-                atomic_write(a.json, json.dumps(dict(info=versions(), model=a.model, B=B, attention=attention),
-                                                indent=1).encode())
+        for precision in a.precision or ["bf16"]:
+            for T in a.attention_seq_lens or [a.seq_len]:
+                key = f"{precision}, T={T}"
+                attention[key] = bench_attention(B, T, c.num_heads, c.head_size, precision)
+                print(f"Causal attention, {precision}, B={B}, T={T}, NH={c.num_heads}, hs={c.head_size}:\n"
+                      f"{attention_table(attention[key])}\n", flush=True)
+                if a.json:
+                    atomic_write(a.json, json.dumps(dict(info=versions(), model=a.model, B=B, attention=attention),
+                                                    indent=1).encode())
         return 0
     if a.sizes:
         for name in a.sizes.split(","):
@@ -602,8 +628,8 @@ def main(argv=None) -> int:
     a.batch_size = a.batch_size or 16
     a.precision = a.precision or ["fp32", "bf16"]
     llama = a.model.startswith("llama")
-    if llama and (a.kernels or a.only_kernels or a.attention or a.profile):
-        p.error("--kernels, --only-kernels, --attention and --profile time GPT-2's bf16 step: leave them out with "
+    if llama and (a.kernels or a.only_kernels or a.attention):
+        p.error("--kernels, --only-kernels and --attention time GPT-2's bf16 step: leave them out with "
                 f"--model {a.model}")
     kernels = None
     if a.kernels or a.only_kernels:

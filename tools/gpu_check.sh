@@ -6,7 +6,7 @@
 # data-parallel scaling of d12 and d24 against PyTorch's DDP and ZeRO-1 (lesson 17).
 #
 #   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval parts bench kernels memory train multigpu (default: all)
-#                                            and, on request: scale llama llama-bench
+#                                            and, on request: scale llama llama-bench attention-profile
 #
 # llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
 # in LLAMA_PRECISION (default fp32, with TF32 matmuls; or bf16), trained for the same LLAMA_STEPS (default 250)
@@ -26,6 +26,11 @@
 # and writes its JSON after every row, so a part cut short keeps what it measured (the max-autotune rows, last,
 # need minutes of compilation: SCALE_BASELINE_S=600 when there is time); SCALE_ARGS adds arguments to the sizes
 # run.
+#
+# attention-profile (about 2 minutes): why the flash kernels run at the speed they do: torch.profiler's kernel
+# names and times for the course's flash kernels and PyTorch's SDPA (which backend, built for which
+# architecture), then Nsight Compute's speed-of-light, pipe utilisation, occupancy and warp-stall sections of
+# each, in ATTENTION_PRECISIONS (default bf16 fp32), to profile/attention-<device>-<date>-<precision>.log.
 #
 # memory sets the emulator's predicted sectors per request and bank conflicts of a dozen kernels beside Nsight
 # Compute's counters (where ncu runs) or the measured bandwidth (tools/memory_check.py; kernels/memory-*.md, .json).
@@ -111,8 +116,16 @@ except ImportError: print(\"torch missing\")"' ;;
            run scale-sizes "$f.log" timeout ${SCALE_SIZES_S:-290} python3 -m llmc_lessons.bench \
              --sizes d48,d36,d24,d12 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-}
            f=$(name bench attention)
-           run scale-attention "$f.log" timeout 40 python3 -m llmc_lessons.bench --only-attention \
-             --attention-seq-lens 1024 2048 --json "$f.json" ;;
+           run scale-attention "$f.log" timeout 90 python3 -m llmc_lessons.bench --only-attention \
+             --attention-seq-lens 1024 2048 --precision bf16 fp32 --json "$f.json" ;;
+    attention-profile) for precision in ${ATTENTION_PRECISIONS:-bf16 fp32}; do
+             f=$(name profile attention $precision)
+             run attention-names-$precision "$f.log" python3 tools/profile_attention.py $precision
+             run attention-ncu-$precision "$f.ncu.log" timeout 240 ncu --clock-control none \
+               -k "regex:flash|fmha|cudnn|attn|sdpa" --launch-count 16 --section SpeedOfLight \
+               --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
+               python3 tools/profile_attention.py $precision 1024 --launch-only
+           done ;;
     llama) for model in d12 llama-124m; do
              rm -rf /tmp/runs/$model
              f=$(name train llama ${LLAMA_PRECISION:-fp32}-$([ $model = d12 ] && echo gpt2 || echo llama))
