@@ -12,14 +12,13 @@ PyTorch is not a dependency of the course: import this module only where torch i
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmc_lessons import device
-from llmc_lessons.llama import LLAMA_PARAMETER_NAMES, LlamaConfig
-from llmc_lessons.torch_gpt2 import TorchGPT2
+from llmc_lessons.llama import LlamaConfig
+# the twins share the code between a twin and the course's layout: llmc_params and llmc_grads serve both
+from llmc_lessons.torch_gpt2 import TorchGPT2, copy_course_weights, llmc_grads, llmc_params  # noqa: F401
 
 UNSTACKED = ("wte", "lnfw", "lm_head")
 
@@ -106,7 +105,7 @@ class TorchLlama(nn.Module):
 
     def __init__(self, c: LlamaConfig, flash: bool = False):
         super().__init__()
-        self.config = c
+        self.config, self.unstacked = c, UNSTACKED
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.channels)
         self.layers = nn.ModuleList(Block(c, flash) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.channels, c.norm_eps)
@@ -144,36 +143,4 @@ class TorchLlama(nn.Module):
 
 def from_course(model, flash: bool = False, torch_device: str = "cpu") -> TorchLlama:
     """A TorchLlama holding the same weights as the course's Llama `model` (without the padded vocab rows)."""
-    c = model.config
-    ref = TorchLlama(c, flash).to(torch_device)
-    with torch.no_grad():
-        for name, layers in ref.llmc_tensors().items():
-            ours = device.to_host(model.params[name])
-            if name in ("wte", "lm_head"):
-                ours = ours[:c.vocab_size]
-            for l, parts in enumerate(layers):
-                whole = torch.from_numpy(np.array(ours if name in UNSTACKED else ours[l]))
-                for part, piece in zip(parts, whole.split([p.shape[0] for p in parts])):
-                    part.copy_(piece)
-    return ref
-
-
-def _llmc_arrays(ref: TorchLlama, get) -> dict:
-    c = ref.config
-    out = {}
-    for name, layers in ref.llmc_tensors().items():
-        arrays = [torch.cat([get(p).detach() for p in parts]).cpu().numpy() for parts in layers]
-        out[name] = arrays[0] if name in UNSTACKED else np.stack(arrays)
-    for name in ("wte", "lm_head"):
-        out[name] = np.concatenate([out[name], np.zeros((c.padded_vocab_size - c.vocab_size, c.channels), np.float32)])
-    return {name: out[name] for name in LLAMA_PARAMETER_NAMES}
-
-
-def llmc_params(ref: TorchLlama) -> dict:
-    """The weights under the course's names as NumPy arrays (the course's layout, padded rows zero)."""
-    return _llmc_arrays(ref, lambda t: t)
-
-
-def llmc_grads(ref: TorchLlama) -> dict:
-    """The gradients under the course's names as NumPy arrays (the course's layout)."""
-    return _llmc_arrays(ref, lambda t: t.grad)
+    return copy_course_weights(TorchLlama(model.config, flash).to(torch_device), model)
