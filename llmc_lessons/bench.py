@@ -106,10 +106,12 @@ class TorchStep:
     AdamW), 'compiled-tf32' (the same through torch.compile, SDPA, fused AdamW) or 'compiled-bf16' (bf16
     autocast on top). padded: the vocabulary padded to Vp (TorchGPT2 or TorchLlama, padded=True). compile_mode: torch.compile's
     mode; compile_scope 'model' compiles the whole model, 'blocks' each transformer block (the same code for
-    every block: compiled once, whatever the depth) and the head."""
+    every block: compiled once, whatever the depth) and the head. For data parallelism (tools/multigpu_bench.py):
+    wrap(model) gives the module the step calls (DistributedDataParallel), and optimizer_class stands in for AdamW,
+    called as AdamW is (ZeroRedundancyOptimizer around AdamW)."""
 
     def __init__(self, config: GPT2Config, mode: str, padded: bool = True, compile_mode: str = "default",
-                 compile_scope: str = "model", torch_device: str = "cuda"):
+                 compile_scope: str = "model", torch_device: str = "cuda", wrap=None, optimizer_class=None):
         import torch
         from llmc_lessons.torch_gpt2 import TorchGPT2
         from llmc_lessons.torch_llama import TorchLlama
@@ -123,11 +125,11 @@ class TorchStep:
         self.device = torch.device(torch_device)
         with self.device:             # initialised where it runs (the host would take seconds for 1.5B weights)
             self.model = (TorchLlama if isinstance(config, LlamaConfig) else TorchGPT2)(config, self.compiled, padded)
-        self.opt = torch.optim.AdamW(self.model.decay_groups(WEIGHT_DECAY), lr=LR, betas=(0.9, 0.95), eps=1e-8,
-                                     fused=self.compiled)
-        self.step_model = self.model
+        self.opt = (optimizer_class or torch.optim.AdamW)(self.model.decay_groups(WEIGHT_DECAY), lr=LR,
+                                                          betas=(0.9, 0.95), eps=1e-8, fused=self.compiled)
+        self.step_model = self.model if wrap is None else wrap(self.model)
         if self.compiled and (compile_scope == "model" or isinstance(config, LlamaConfig)):
-            self.step_model = torch.compile(self.model, mode=compile_mode)
+            self.step_model = torch.compile(self.step_model, mode=compile_mode)
         elif self.compiled:        # each block, and the head (layernorm, lm_head, loss) as a region of its own
             for block in self.model.h:
                 block.compile(mode=compile_mode)

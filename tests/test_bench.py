@@ -72,6 +72,32 @@ def test_the_pytorch_step_runs_on_the_cpu(model):
         TorchStep(c, "compiled", torch_device="cpu")
 
 
+def test_the_pytorch_step_takes_a_wrapper_and_an_optimizer_class():
+    # tools/multigpu_bench.py: DistributedDataParallel around the model, ZeroRedundancyOptimizer for AdamW
+    torch = pytest.importorskip("torch")
+    from llmc_lessons.bench import TorchStep, _batches
+    c = GPT2Config(max_seq_len=16, vocab_size=100, padded_vocab_size=128, num_layers=1, num_heads=2, channels=16)
+    seen = []
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.inner = model
+            seen.append("wrap")
+
+        def forward(self, *args):
+            seen.append("call")
+            return self.inner(*args)
+
+    def optimizer_class(groups, **options):
+        seen.append(options)
+        return torch.optim.AdamW(groups, **options)
+    step = TorchStep(c, "eager-tf32", torch_device="cpu", wrap=Wrapper, optimizer_class=optimizer_class)
+    losses = [step(x, y) for x, y in _batches(c, 2, 8, 2)]
+    assert seen == [dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=False), "wrap", "call", "call"]
+    assert losses[0] != losses[1] and step.model.wte.weight.shape[0] == 128
+
+
 def test_the_benchmark_refuses_to_time_the_emulator(capsys):
     from llmc_lessons import device
     if not device.on_gpu():
