@@ -8,8 +8,8 @@ bf16 autocast + scaled_dot_product_attention + torch.compile + fused AdamW, plai
 in each compile mode of --compile-modes. Each course row is compared with every PyTorch row of its precision,
 and the last lines give the course against the strongest (fastest) PyTorch row of each precision.
 Each: median ms per step over --steps steps after --warmup steps, tokens/s, and peak reserved GPU memory.
-`--model llama-124m` (lesson 16) times the LLaMA-style model instead, with one more PyTorch row: PyTorch at its
-best in fp32 too (TF32 matmuls, SDPA with enable_gqa, torch.compile, fused AdamW).
+`--model llama-124m` (lesson 16) times the LLaMA-style model instead, against the same PyTorch rows (TorchLlama,
+its attention through SDPA with enable_gqa wherever the GPT-2 rows use SDPA).
 `--profile` adds a per-kernel table of one course step (PyTorch's profiler sees CuPy's kernels too).
 """
 from __future__ import annotations
@@ -106,12 +106,14 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 class TorchStep:
     """PyTorch's training step, the baseline: mode 'eager-tf32' (float32, TF32 matmuls, plain attention and
     AdamW), 'compiled-tf32' (the same through torch.compile, SDPA, fused AdamW) or 'compiled-bf16' (bf16
-    autocast on top). padded: the vocabulary padded to Vp (TorchGPT2(padded=True)). compile_mode: torch.compile's
+    autocast on top). padded: the vocabulary padded to Vp (TorchGPT2 or TorchLlama, padded=True). compile_mode: torch.compile's
     mode; compile_scope 'model' compiles the whole model, 'blocks' each transformer block (the same code for
-    every block: compiled once, whatever the depth) and the head."""
+    every block: compiled once, whatever the depth) and the head. For data parallelism (tools/multigpu_bench.py):
+    wrap(model) gives the module the step calls (DistributedDataParallel), and optimizer_class stands in for AdamW,
+    called as AdamW is (ZeroRedundancyOptimizer around AdamW)."""
 
     def __init__(self, config: GPT2Config, mode: str, padded: bool = True, compile_mode: str = "default",
-                 compile_scope: str = "model", torch_device: str = "cuda"):
+                 compile_scope: str = "model", torch_device: str = "cuda", wrap=None, optimizer_class=None):
         import torch
         from llmc_lessons.torch_gpt2 import TorchGPT2
         from llmc_lessons.torch_llama import TorchLlama
@@ -124,13 +126,12 @@ class TorchStep:
         torch._dynamo.reset()         # no compiled code of an earlier row (another mode) is reused
         self.device = torch.device(torch_device)
         with self.device:             # initialised where it runs (the host would take seconds for 1.5B weights)
-            self.model = (TorchLlama(config, flash=self.compiled) if isinstance(config, LlamaConfig)
-                          else TorchGPT2(config, flash=self.compiled, padded=padded))
-        self.opt = torch.optim.AdamW(self.model.decay_groups(WEIGHT_DECAY), lr=LR, betas=(0.9, 0.95), eps=1e-8,
-                                     fused=self.compiled)
-        self.step_model = self.model
+            self.model = (TorchLlama if isinstance(config, LlamaConfig) else TorchGPT2)(config, self.compiled, padded)
+        self.opt = (optimizer_class or torch.optim.AdamW)(self.model.decay_groups(WEIGHT_DECAY), lr=LR,
+                                                          betas=(0.9, 0.95), eps=1e-8, fused=self.compiled)
+        self.step_model = self.model if wrap is None else wrap(self.model)
         if self.compiled and (compile_scope == "model" or isinstance(config, LlamaConfig)):
-            self.step_model = torch.compile(self.model, mode=compile_mode)
+            self.step_model = torch.compile(self.step_model, mode=compile_mode)
         elif self.compiled:        # each block, and the head (layernorm, lm_head, loss) as a region of its own
             for block in self.model.h:
                 block.compile(mode=compile_mode)
@@ -678,10 +679,7 @@ def main(argv=None) -> int:
         # configuration: the strongest PyTorch row of each precision is what the course is measured against
         # (the order puts the rows a run cut short needs most first)
         configs = [("eager-tf32", False, "default"), ("eager-tf32", True, "default")]
-        if llama:         # TorchLlama has no padded variant: its rows are the plain vocabulary
-            configs = [("eager-tf32", False, "default")] + ([] if a.no_compile else [
-                ("compiled-tf32", False, a.compile_modes[0]), ("compiled-bf16", False, a.compile_modes[0])])
-        elif not a.no_compile:
+        if not a.no_compile:
             first = a.compile_modes[0]
             configs += [("compiled-bf16", True, first), ("compiled-bf16", False, first), ("compiled-tf32", True, first)]
             configs += [("compiled-bf16", True, m) for m in a.compile_modes[1:]]

@@ -8,9 +8,10 @@ dL/dxi = the layer's backward applied to dy. Each element of each input is nudge
 In float64 with eps = 1e-6 the two agree to about 1e-8 relative error for a correct backward; a wrong
 backward is off by order 1. The default tolerance, 1e-6, sits far from both.
 
-Beside the package's check, a report says what the student's own parts say (llmc_lessons.parts): their gradient
-checker (Exercise 0.3) on the same gradients, and the same backward run again with their functions in place of
-the package's (their layernorm_backward wherever it calls layernorm_backward), checked by both checkers.
+Asked to (theirs=True: the lessons' gradient checks), a report also says what the student's own parts say
+(llmc_lessons.parts): their gradient checker (Exercise 0.3) on the same gradients, and the same backward run again
+with their functions in place of the package's (their layernorm_backward wherever it calls layernorm_backward),
+checked by both checkers. The package's own checks (gradcheck_gpt2, the tests) leave the student's code alone.
 """
 from __future__ import annotations
 
@@ -101,12 +102,13 @@ def numerical_grad(loss: Callable[[], float], x: np.ndarray, eps: float = 1e-6, 
 
 def gradcheck(forward: Callable[..., np.ndarray], backward: Callable[..., Mapping[str, np.ndarray]],
               inputs: Mapping[str, np.ndarray], wrt=None, title: str = "", tol: float = 1e-6,
-              eps: float = 1e-6, max_checks: int = 400, seed: int = 0) -> GradReport:
+              eps: float = 1e-6, max_checks: int = 400, seed: int = 0, theirs: bool = False) -> GradReport:
     """Check `backward` against finite differences of `forward`.
 
     forward(**inputs) -> y (any shape); backward(dy, **inputs) -> {name: dname} for the names in `wrt`
     (default: every floating input). Inputs are converted to float64 copies. At most `max_checks` randomly
-    chosen elements per input are checked (all of them for small inputs).
+    chosen elements per input are checked (all of them for small inputs). theirs=True adds the report's lines on
+    the student's parts (their checker, their backward); the verdict stays the package's.
     """
     rng = np.random.default_rng(seed)
     x = {k: (np.array(v, dtype=np.float64) if np.issubdtype(np.asarray(v).dtype, np.floating) else np.asarray(v))
@@ -135,7 +137,8 @@ def gradcheck(forward: Callable[..., np.ndarray], backward: Callable[..., Mappin
                                    bool(np.isfinite(rel) and rel <= tol)))
         report.analytic[name], report.numeric[name] = a_sel, n_sel
         selected[name] = sel
-    report.theirs = _theirs(forward, backward, x, dy, wrt, grads, report, selected, seed)
+    if theirs:
+        report.theirs = _theirs(forward, backward, x, dy, wrt, grads, report, selected, seed)
     return report
 
 

@@ -260,7 +260,8 @@ def load_all(where: Path | None = None, kernels: bool | None = None) -> dict[str
 # Substituting the student's functions for the package's
 
 
-def _package_namespaces() -> list[dict]:
+def package_namespaces() -> list[dict]:
+    """The globals of every module of the package loaded now."""
     return [vars(m) for k, m in list(sys.modules.items())
             if m is not None and (k == PACKAGE or k.startswith(PACKAGE + "."))]
 
@@ -277,7 +278,8 @@ def _replacements(parts) -> dict:
 
 
 def _rebind(namespaces, replacements) -> list:
-    """Point every name bound to a replaced function at its replacement; -> [(namespace, name, old value)]."""
+    """Point every name bound to a replaced function at its replacement; -> [(namespace, name, old value)].
+    `replacements`: {id(function): (function, replacement)} (the function itself too: an id alone may be reused)."""
     changed = []
     for ns in namespaces:
         for key, value in list(ns.items()):
@@ -285,6 +287,18 @@ def _rebind(namespaces, replacements) -> list:
                 ns[key] = replacements[id(value)][1]
                 changed.append((ns, key, value))
     return changed
+
+
+@contextmanager
+def rebound(namespaces, replacements):
+    """While inside, every name of `namespaces` (dicts: modules' globals) bound to a function of `replacements`
+    ({id(function): (function, replacement)}) is bound to its replacement; on the way out, to the function again."""
+    changed = _rebind(namespaces, replacements)
+    try:
+        yield
+    finally:
+        for ns, key, value in reversed(changed):
+            ns[key] = value
 
 
 @contextmanager
@@ -305,13 +319,8 @@ def substituted(parts, extra_namespaces=(), used: set | None = None):
         replacements = {k: (ref, counted(next(p for p in parts if p.value is fn)))
                         for k, (ref, fn) in replacements.items()}
         replacements.update({id(p.value): (p.value, counted(p)) for p in parts})
-    namespaces = _package_namespaces() + list(extra_namespaces) + [p.namespace for p in parts]
-    changed = _rebind(namespaces, replacements)
-    try:
+    with rebound(package_namespaces() + list(extra_namespaces) + [p.namespace for p in parts], replacements):
         yield
-    finally:
-        for ns, key, value in reversed(changed):
-            ns[key] = value
 
 
 def _arrays(result) -> list:
@@ -363,12 +372,8 @@ def compared(parts, found: list):
 
     replacements = {k: (ref, spy(next(p for p in parts if p.value is fn), ref))
                     for k, (ref, fn) in _replacements(parts).items()}
-    changed = _rebind(_package_namespaces(), replacements)
-    try:
+    with rebound(package_namespaces(), replacements):
         yield
-    finally:
-        for ns, key, value in reversed(changed):
-            ns[key] = value
 
 
 def table(parts: dict[str, Part]) -> str:

@@ -60,7 +60,7 @@ class TorchGPT2(nn.Module):
 
     def __init__(self, c: GPT2Config, flash: bool = False, padded: bool = False):
         super().__init__()
-        self.config, self.padded = c, padded
+        self.config, self.padded, self.unstacked = c, padded, UNSTACKED
         V = c.padded_vocab_size if padded else c.vocab_size
         self.wte, self.wpe = nn.Embedding(V, c.channels), nn.Embedding(c.max_seq_len, c.channels)
         with torch.no_grad():
@@ -109,38 +109,52 @@ class TorchGPT2(nn.Module):
 def from_course(model, flash: bool = False, torch_device: str = "cpu", padded: bool = False) -> TorchGPT2:
     """A TorchGPT2 holding the same weights as the course's `model` (wte without its padded rows unless
     padded)."""
-    c = model.config
-    ref = TorchGPT2(c, flash, padded).to(torch_device)
+    return copy_course_weights(TorchGPT2(model.config, flash, padded).to(torch_device), model)
+
+
+def _pieces(tensors) -> list:
+    """One course tensor of one layer as a twin holds it: a tensor, or the tensors it concatenates along rows."""
+    return tensors if isinstance(tensors, list) else [tensors]
+
+
+def copy_course_weights(ref, model):
+    """`ref`, a PyTorch twin (TorchGPT2, TorchLlama), with the weights of the course's `model` copied in. The twin's
+    llmc_tensors() gives, per course name, a list over layers (one entry for the names in its `unstacked`) of a
+    tensor or of the tensors the course's one concatenates along rows; its wte (and lm_head) take the first V rows
+    of the course's Vp unless the twin is padded."""
     with torch.no_grad():
-        for name, tensors in ref.llmc_tensors().items():
+        for name, layers in ref.llmc_tensors().items():
             ours = device.to_host(model.params[name])
-            if name == "wte" and not padded:
-                ours = ours[:c.vocab_size]
-            for l, t in enumerate(tensors):
-                t.copy_(torch.from_numpy(np.array(ours if name in UNSTACKED else ours[l])))
+            for l, tensors in enumerate(layers):
+                pieces = _pieces(tensors)
+                rows = [p.shape[0] for p in pieces]
+                whole = torch.from_numpy(np.array(ours if name in ref.unstacked else ours[l]))[:sum(rows)]
+                for piece, value in zip(pieces, whole.split(rows)):
+                    piece.copy_(value)
     return ref
 
 
-def _llmc_arrays(ref: TorchGPT2, get) -> dict:
-    """get(tensor) -> array for llm.c's 16 names, stacked over layers; wte (Vp, C), padded with zero rows if the
-    model has V."""
+def _llmc_arrays(ref, get) -> dict:
+    """get(tensor) -> array for the course's names of the twin `ref`, stacked over layers, pieces concatenated;
+    wte (and lm_head) (Vp, C), padded with zero rows if the twin has V."""
     c = ref.config
     out = {}
-    for name, tensors in ref.llmc_tensors().items():
-        arrays = [get(t).detach().cpu().numpy().copy() for t in tensors]
-        out[name] = arrays[0] if name in UNSTACKED else np.stack(arrays)
-    pad = np.zeros((c.padded_vocab_size - out["wte"].shape[0], c.channels), np.float32)
-    out["wte"] = np.concatenate([out["wte"], pad])
+    for name, layers in ref.llmc_tensors().items():
+        arrays = [torch.cat([get(p).detach() for p in _pieces(tensors)]).cpu().numpy() for tensors in layers]
+        out[name] = arrays[0] if name in ref.unstacked else np.stack(arrays)
+        if name in ("wte", "lm_head"):
+            pad = np.zeros((c.padded_vocab_size - out[name].shape[0], c.channels), np.float32)
+            out[name] = np.concatenate([out[name], pad])
     return out
 
 
-def llmc_params(ref: TorchGPT2) -> dict:
-    """The weights under llm.c's names as NumPy arrays (the course's layout)."""
+def llmc_params(ref) -> dict:
+    """The weights of a twin (TorchGPT2, TorchLlama) under the course's names as NumPy arrays (its layout)."""
     return _llmc_arrays(ref, lambda t: t)
 
 
-def llmc_grads(ref: TorchGPT2) -> dict:
-    """The gradients under llm.c's names as NumPy arrays (the course's layout)."""
+def llmc_grads(ref) -> dict:
+    """The gradients of a twin (TorchGPT2, TorchLlama) under the course's names as NumPy arrays (its layout)."""
     return _llmc_arrays(ref, lambda t: t.grad)
 
 

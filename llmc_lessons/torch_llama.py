@@ -12,14 +12,13 @@ PyTorch is not a dependency of the course: import this module only where torch i
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmc_lessons import device
-from llmc_lessons.llama import LLAMA_PARAMETER_NAMES, LlamaConfig
-from llmc_lessons.torch_gpt2 import TorchGPT2
+from llmc_lessons.llama import LlamaConfig
+# the twins share the code between a twin and the course's layout: llmc_params and llmc_grads serve both
+from llmc_lessons.torch_gpt2 import TorchGPT2, copy_course_weights, llmc_grads, llmc_params  # noqa: F401
 
 UNSTACKED = ("wte", "lnfw", "lm_head")
 
@@ -102,26 +101,33 @@ class Block(nn.Module):
 
 
 class TorchLlama(nn.Module):
-    """The LLaMA-style model over the V real tokens; flash=True uses scaled_dot_product_attention."""
+    """The LLaMA-style model; flash=True uses scaled_dot_product_attention. padded: the vocabulary as TorchGPT2's
+    (Vp rows of tok_embeddings and output, the padded rows starting at zero, the loss on the first V columns)."""
 
-    def __init__(self, c: LlamaConfig, flash: bool = False):
+    def __init__(self, c: LlamaConfig, flash: bool = False, padded: bool = False):
         super().__init__()
-        self.config = c
-        self.tok_embeddings = nn.Embedding(c.vocab_size, c.channels)
+        self.config, self.padded, self.unstacked = c, padded, UNSTACKED
+        V = c.padded_vocab_size if padded else c.vocab_size
+        self.tok_embeddings = nn.Embedding(V, c.channels)
         self.layers = nn.ModuleList(Block(c, flash) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.channels, c.norm_eps)
-        self.output = nn.Linear(c.channels, c.vocab_size, bias=False)     # untied
+        self.output = nn.Linear(c.channels, V, bias=False)     # untied
+        with torch.no_grad():
+            self.tok_embeddings.weight[c.vocab_size:] = 0
+            self.output.weight[c.vocab_size:] = 0
         table = rope_table(c.head_size, c.max_seq_len, c.rope_theta)
         # flash: the table as real [cos, sin] pairs, so that no complex tensor reaches torch.compile
         self.register_buffer("table", torch.view_as_real(table).clone() if flash else table, persistent=False)
 
     def forward(self, idx, targets=None):
+        """idx, targets (B, T) -> logits (B, T, V or Vp), mean loss over the V real tokens (or None)."""
         T = idx.shape[1]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, self.table[:T])
         logits = self.output(self.norm(x))
-        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
+        real = logits[..., :self.config.vocab_size]        # the padded columns never reach the loss
+        loss = None if targets is None else F.cross_entropy(real.float().reshape(-1, real.shape[-1]), targets.view(-1))
         return logits, loss
 
     def llmc_tensors(self) -> dict:
@@ -142,38 +148,7 @@ class TorchLlama(nn.Module):
     decay_groups = TorchGPT2.decay_groups   # decay on the 2-D weights only (LLAMA_DECAYED_PARAMETER_NAMES)
 
 
-def from_course(model, flash: bool = False, torch_device: str = "cpu") -> TorchLlama:
-    """A TorchLlama holding the same weights as the course's Llama `model` (without the padded vocab rows)."""
-    c = model.config
-    ref = TorchLlama(c, flash).to(torch_device)
-    with torch.no_grad():
-        for name, layers in ref.llmc_tensors().items():
-            ours = device.to_host(model.params[name])
-            if name in ("wte", "lm_head"):
-                ours = ours[:c.vocab_size]
-            for l, parts in enumerate(layers):
-                whole = torch.from_numpy(np.array(ours if name in UNSTACKED else ours[l]))
-                for part, piece in zip(parts, whole.split([p.shape[0] for p in parts])):
-                    part.copy_(piece)
-    return ref
-
-
-def _llmc_arrays(ref: TorchLlama, get) -> dict:
-    c = ref.config
-    out = {}
-    for name, layers in ref.llmc_tensors().items():
-        arrays = [torch.cat([get(p).detach() for p in parts]).cpu().numpy() for parts in layers]
-        out[name] = arrays[0] if name in UNSTACKED else np.stack(arrays)
-    for name in ("wte", "lm_head"):
-        out[name] = np.concatenate([out[name], np.zeros((c.padded_vocab_size - c.vocab_size, c.channels), np.float32)])
-    return {name: out[name] for name in LLAMA_PARAMETER_NAMES}
-
-
-def llmc_params(ref: TorchLlama) -> dict:
-    """The weights under the course's names as NumPy arrays (the course's layout, padded rows zero)."""
-    return _llmc_arrays(ref, lambda t: t)
-
-
-def llmc_grads(ref: TorchLlama) -> dict:
-    """The gradients under the course's names as NumPy arrays (the course's layout)."""
-    return _llmc_arrays(ref, lambda t: t.grad)
+def from_course(model, flash: bool = False, torch_device: str = "cpu", padded: bool = False) -> TorchLlama:
+    """A TorchLlama holding the same weights as the course's Llama `model` (wte and lm_head without their padded
+    rows unless padded)."""
+    return copy_course_weights(TorchLlama(model.config, flash, padded).to(torch_device), model)

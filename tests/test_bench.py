@@ -51,17 +51,51 @@ def test_the_strongest_pytorch_row_of_each_precision():
     assert {p: r["tokens_per_s"] for p, r in best.items()} == {"fp32": 97.0, "bf16": 400.0}
 
 
-def test_the_pytorch_step_runs_on_the_cpu():
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_the_pytorch_step_runs_on_the_cpu(model):
     pytest.importorskip("torch")
     from llmc_lessons.bench import TorchStep, _batches
-    from llmc_lessons.parameters import GPT2Config
-    c = GPT2Config(max_seq_len=16, vocab_size=100, padded_vocab_size=128, num_layers=1, num_heads=2, channels=16)
+    from llmc_lessons.llama import LlamaConfig
+    if model == "gpt2":
+        c = GPT2Config(max_seq_len=16, vocab_size=100, padded_vocab_size=128, num_layers=1, num_heads=2, channels=16)
+    else:
+        c = LlamaConfig(max_seq_len=16, vocab_size=100, padded_vocab_size=128, num_layers=1, num_heads=2,
+                        num_kv_heads=1, channels=16, ffn_hidden=24)
     step = TorchStep(c, "eager-tf32", padded=True, torch_device="cpu")
-    assert step.model.wte.weight.shape[0] == 128 and "vocabulary 128" in step.name
+    heads = [step.model.lm_head] if model == "gpt2" else [step.model.tok_embeddings, step.model.output]
+    assert all(h.weight.shape[0] == 128 for h in heads) and "vocabulary 128" in step.name
     losses = [step(x, y) for x, y in _batches(c, 2, 8, 3)]
     assert all(np.isfinite(losses)) and losses[0] != losses[-1]
+    assert all(not h.weight[100:].any() for h in heads)         # the padded rows stay zero: no gradient, no decay
+    assert "vocabulary 100" in TorchStep(c, "eager-tf32", padded=False, torch_device="cpu").name
     with pytest.raises(ValueError, match="mode"):
         TorchStep(c, "compiled", torch_device="cpu")
+
+
+def test_the_pytorch_step_takes_a_wrapper_and_an_optimizer_class():
+    # tools/multigpu_bench.py: DistributedDataParallel around the model, ZeroRedundancyOptimizer for AdamW
+    torch = pytest.importorskip("torch")
+    from llmc_lessons.bench import TorchStep, _batches
+    c = GPT2Config(max_seq_len=16, vocab_size=100, padded_vocab_size=128, num_layers=1, num_heads=2, channels=16)
+    seen = []
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.inner = model
+            seen.append("wrap")
+
+        def forward(self, *args):
+            seen.append("call")
+            return self.inner(*args)
+
+    def optimizer_class(groups, **options):
+        seen.append(options)
+        return torch.optim.AdamW(groups, **options)
+    step = TorchStep(c, "eager-tf32", torch_device="cpu", wrap=Wrapper, optimizer_class=optimizer_class)
+    losses = [step(x, y) for x, y in _batches(c, 2, 8, 2)]
+    assert seen == [dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=False), "wrap", "call", "call"]
+    assert losses[0] != losses[1] and step.model.wte.weight.shape[0] == 128
 
 
 def test_the_benchmark_refuses_to_time_the_emulator(capsys):
@@ -201,3 +235,26 @@ def test_main_writes_every_row_and_the_course_against_the_strongest(monkeypatch,
     text = capsys.readouterr().out
     assert "fp32: course 150 tokens/s against the strongest PyTorch row" in text and "1.25x" in text   # 150 / 120
     assert "bf16: course 480" in text and f"{480 / 445:.2f}x" in text                                 # max-autotune
+
+
+def test_the_llama_benchmark_has_the_gpt2_rows(monkeypatch, capsys):
+    # the LLaMA-style model is measured against the same PyTorch rows as GPT-2: plain and padded vocabulary
+    import llmc_lessons.bench as bench
+    pytest.importorskip("torch")
+    calls = {}
+
+    def bench_torch(config, B, T, steps, warmup, mode, padded, compile_mode):
+        calls.setdefault(type(config).__name__, []).append((mode, padded, compile_mode))
+        return dict(name=f"PyTorch {mode}", precision="bf16" if "bf16" in mode else "fp32", ms=1.0,
+                    tokens_per_s=100.0 + padded, peak_bytes=0)
+
+    def bench_course(config, B, T, steps, warmup, precision="fp32", cuda_graph=True):
+        return dict(name=f"course kernels, {precision}", precision=precision, ms=1.0, tokens_per_s=150.0, peak_bytes=0)
+    monkeypatch.setattr(bench.device, "on_gpu", lambda: True)
+    for name, value in dict(bench_torch=bench_torch, bench_course=bench_course,
+                            versions=lambda: dict(device="GPU")).items():
+        monkeypatch.setattr(bench, name, value)
+    for model in ("d12", "llama-124m"):
+        assert main(["--model", model, "--compile-modes", "default", "max-autotune"]) == 0
+    assert calls["LlamaConfig"] == calls["GPT2Config"]
+    assert {("eager-tf32", False, "default"), ("compiled-bf16", True, "default")} <= set(calls["LlamaConfig"])

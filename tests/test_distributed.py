@@ -1,5 +1,6 @@
 """Data-parallel training on the CPU (gloo): the collectives, the launcher, and runs at 2 and 3 ranks that equal
 the 1-rank run with the same global batch, step for step (lesson 17)."""
+import argparse
 import json
 import os
 import shutil
@@ -235,6 +236,18 @@ def test_the_multigpu_benchmark_runs_on_the_cpu(tmp_path):
     rows = json.loads(record.read_text())["rows"]
     assert [(r["system"], r["ranks"]) for r in rows] == [("course", 2), ("torch-ddp", 2), ("torch-zero1", 2)]
     assert all(r["tokens_per_s"] > 0 for r in rows) and "torch-zero1" in done.stdout
+
+
+def test_the_multigpu_benchmark_times_the_benchmarks_pytorch_step():
+    """Its PyTorch systems are llmc_lessons.bench's TorchStep (padded vocabulary), compiled with fused AdamW on a GPU."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("multigpu_bench", ROOT / "tools" / "multigpu_bench.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    modes = {(cpu, p): tool.torch_mode(argparse.Namespace(cpu=cpu, precision=p)) for cpu in (False, True)
+             for p in ("fp32", "bf16")}
+    assert modes == {(False, "fp32"): "compiled-tf32", (False, "bf16"): "compiled-bf16",
+                     (True, "fp32"): "eager-tf32", (True, "bf16"): "eager-tf32"}
 
 
 def test_gpus_on_a_machine_without_them_is_refused(capsys):

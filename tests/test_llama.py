@@ -26,6 +26,7 @@ SMALL = LlamaConfig(max_seq_len=16, vocab_size=37, padded_vocab_size=40, num_lay
 try:
     import torch
     from llmc_lessons.torch_llama import UNSTACKED, from_course as torch_twin, llmc_grads, llmc_params
+    from test_model import check_padded_twin
 except ImportError:
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed: this test compares with it")
@@ -203,6 +204,18 @@ def test_flash_reference_agrees_with_the_plain_one():
     plain, flash = torch_twin(model), torch_twin(model, flash=True)
     np.testing.assert_allclose(plain(torch.from_numpy(idx))[0].detach().numpy(),
                                flash(torch.from_numpy(idx))[0].detach().numpy(), atol=2e-5)
+
+
+@needs_torch
+def test_the_padded_pytorch_model_is_the_unpadded_one_on_the_real_vocabulary():
+    # the benchmark's strongest baseline pads the vocabulary to Vp, as for GPT-2: same logits, loss and gradients on
+    # the V real tokens; the padded rows of tok_embeddings and output get no gradient
+    model = _perturbed(SMALL)
+    plain, padded = torch_twin(model), torch_twin(model, padded=True)
+    assert padded.tok_embeddings.weight.shape[0] == padded.output.weight.shape[0] == SMALL.padded_vocab_size
+    check_padded_twin(plain, padded, padded.output, SMALL, LLAMA_PARAMETER_NAMES, *_batch(SMALL))
+    repadded = llmc_params(torch_twin(model, padded=True))       # the course's layout, whichever the twin
+    assert all(np.array_equal(a, repadded[name]) for name, a in llmc_params(plain).items())
 
 
 @needs_torch

@@ -159,19 +159,27 @@ def test_the_padded_pytorch_model_is_the_unpadded_one_on_the_real_vocabulary():
     model.params["wte"][SMALL.vocab_size:] = 0
     plain, padded = torch_twin(model), torch_twin(model, padded=True)
     assert padded.wte.weight.shape[0] == SMALL.padded_vocab_size > SMALL.vocab_size
-    idx, targets = (torch.from_numpy(a) for a in _batch(SMALL))
+    check_padded_twin(plain, padded, padded.wte, SMALL, PARAMETER_NAMES, *_batch(SMALL))
+
+
+def check_padded_twin(plain, padded, head, config, names, idx, targets):
+    """A PyTorch twin with the vocabulary padded to Vp is the `plain` one on the V real tokens: the same logits, loss
+    and gradients of `names`, padded logits that never reach the loss (`head`: the module that makes them), padded
+    rows of wte and lm_head that get no gradient."""
+    idx, targets = torch.from_numpy(idx), torch.from_numpy(targets)
     (logits, loss), (plogits, ploss) = plain(idx, targets), padded(idx, targets)
-    assert plogits.shape[-1] == SMALL.padded_vocab_size
-    torch.testing.assert_close(plogits[..., :SMALL.vocab_size], logits, rtol=0, atol=1e-6)
+    assert plogits.shape[-1] == config.padded_vocab_size
+    torch.testing.assert_close(plogits[..., :config.vocab_size], logits, rtol=0, atol=1e-6)
     assert abs(ploss.item() - loss.item()) <= 1e-6 * abs(loss.item())
     loss.backward()
     ploss.backward()
     want, got = llmc_grads(plain), llmc_grads(padded)
-    for name in PARAMETER_NAMES:
+    for name in names:
         _close("d" + name, got[name], want[name])
-    assert not got["wte"][SMALL.vocab_size:].any(), "the padded rows of wte get no gradient"
+    for name in {"wte", "lm_head"} & set(got):
+        assert not got[name][config.vocab_size:].any(), f"the padded rows of {name} get no gradient"
     with torch.no_grad():                      # a padded column made huge changes nothing
-        padded.wte.weight[-1] = 1e4
+        head.weight[-1] = 1e4
         assert padded(idx, targets)[1].item() == ploss.item()
 
 

@@ -250,7 +250,8 @@ def gelu_report():
     from llmc_lessons.gradcheck import gradcheck
     from llmc_lessons.layers import gelu as gl
     inputs = {"inp": np.random.default_rng(0).uniform(-3, 3, size=(2, 7))}
-    return gradcheck(lambda inp: gl.gelu_forward(inp), lambda dy, inp: {"inp": gl.gelu_backward(dy, inp)}, inputs)
+    return gradcheck(lambda inp: gl.gelu_forward(inp), lambda dy, inp: {"inp": gl.gelu_backward(dy, inp)}, inputs,
+                     theirs=True)
 
 
 def test_gradcheck_runs_the_students_checker_and_parts(tmp_path, monkeypatch):
@@ -265,6 +266,29 @@ def test_gradcheck_runs_the_students_checker_and_parts(tmp_path, monkeypatch):
     assert "with your gelu_backward, checked by the package: dinp" in lines[0] and "FAIL" in lines[0]
     assert "on the package's backward: dinp" in lines[1] and lines[1].endswith("ok")
     assert "your gradient checker with your gelu_backward" in lines[2] and lines[2].endswith("FAIL")
+
+
+def test_gradcheck_runs_the_students_code_only_when_asked(tmp_path, monkeypatch):
+    # the package's own checks (gradcheck_gpt2, the tests) leave theirs off: no part is loaded, none runs
+    from llmc_lessons.gradcheck import gradcheck
+    from llmc_lessons.gradcheck_gpt2 import gradcheck_gpt2
+    from llmc_lessons.layers import gelu as gl
+    from llmc_lessons.parameters import GPT2Config
+    monkeypatch.setenv("LLMC_PARTS", str(tmp_path))
+    parts.record("Exercise 0.3", my_grad_check)
+    parts.record("Exercise 6.2", my_gelu_backward_off)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the student's parts were loaded")
+    monkeypatch.setattr(parts, "load_all", refused)
+    inputs = {"inp": np.random.default_rng(0).uniform(-3, 3, size=(2, 7))}
+    report = gradcheck(lambda inp: gl.gelu_forward(inp), lambda dy, inp: {"inp": gl.gelu_backward(dy, inp)}, inputs)
+    assert report.passed and report.theirs == [] and "your" not in str(report)
+    small = GPT2Config(max_seq_len=8, vocab_size=11, padded_vocab_size=16, num_layers=1, num_heads=1, channels=4)
+    whole = gradcheck_gpt2(small, B=1, T=3, checks_per_tensor=2)
+    assert whole.passed and whole.theirs == []
+    with pytest.raises(AssertionError, match="were loaded"):
+        gelu_report()
 
 
 KERNEL_EXERCISES = [s.exercise for s in parts.SPECS if s.kernel_file]

@@ -7,8 +7,8 @@ Weak scaling, as llm.c is run: every rank takes --batch-size sequences of --seq-
 train on a global batch N times as large. For each N and precision, three systems run the same step (forward,
 backward, gradient averaging, global-norm clip, AdamW) on random tokens:
   course       llmc_lessons' kernels, NCCL through CuPy, ZeRO-1 (llmc_lessons.distributed.DataParallel)
-  torch-ddp    PyTorch's DistributedDataParallel with AdamW (fp32: eager, TF32 matmuls; bf16: autocast, SDPA,
-               torch.compile and fused AdamW, as llmc_lessons.bench's PyTorch rows)
+  torch-ddp    llmc_lessons.bench's PyTorch step at its best (TorchStep: the vocabulary padded to Vp, SDPA,
+               torch.compile, fused AdamW; TF32 matmuls in fp32, autocast in bf16) in DistributedDataParallel
   torch-zero1  the same with torch's ZeroRedundancyOptimizer around AdamW (ZeRO-1)
 Each system runs as N processes started by llmc_lessons.distributed.launch; rank 0 times the steps (median wall
 clock, each step ending synchronised) and reports tokens/s of the whole group. Scaling efficiency is tokens/s at N
@@ -28,18 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-LR, WEIGHT_DECAY, GRAD_CLIP = 6e-4, 0.1, 1.0
 SYSTEMS = ("course", "torch-ddp", "torch-zero1")
-
-
-def _batches(vocab_size: int, B: int, T: int, n: int):
-    gen = np.random.default_rng(0)   # the same global batches on every rank
-    return [(gen.integers(0, vocab_size, (B, T), dtype=np.int32),
-             gen.integers(0, vocab_size, (B, T), dtype=np.int32)) for _ in range(n)]
 
 
 def worker_course(a, world: int) -> list:
     from llmc_lessons import device
+    from llmc_lessons.bench import GRAD_CLIP, LR, WEIGHT_DECAY, _batches
     from llmc_lessons.distributed import DataParallel, connect
     from llmc_lessons.model import GPT2, GPT2Config
     from llmc_lessons.precision import set_tf32
@@ -53,7 +47,7 @@ def worker_course(a, world: int) -> list:
     dp = DataParallel(comm, model.num_parameters, grad_accum=1, zero_stage=1)
     times = []
     comm.barrier()
-    for i, (x, y) in enumerate(_batches(config.vocab_size, a.batch_size * world, a.seq_len, a.warmup + a.steps)):
+    for i, (x, y) in enumerate(_batches(config, a.batch_size * world, a.seq_len, a.warmup + a.steps)):
         t0 = time.perf_counter()
         training_step(model, x, y, LR, WEIGHT_DECAY, GRAD_CLIP, i + 1, dp)   # ends synchronised
         times.append(time.perf_counter() - t0)
@@ -63,47 +57,39 @@ def worker_course(a, world: int) -> list:
 
 
 def worker_torch(a, world: int, zero: bool) -> list:
+    import functools
     import torch
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
+    from llmc_lessons.bench import TorchStep, _batches
     from llmc_lessons.parameters import GPT2Config
-    from llmc_lessons.torch_gpt2 import TorchGPT2
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    where = "cpu" if a.cpu else f"cuda:{local}"
     if not a.cpu:
         torch.cuda.set_device(local)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dist.init_process_group("gloo" if a.cpu else "nccl")
-    bf16 = a.precision == "bf16" and not a.cpu
     config = GPT2Config.from_name(a.model)
-    torch.manual_seed(0)
-    model = TorchGPT2(config, flash=bf16).to(where)
-    ddp = DistributedDataParallel(model, device_ids=None if a.cpu else [local])
-    groups = model.decay_groups(WEIGHT_DECAY)
-    options = dict(lr=LR, betas=(0.9, 0.95), eps=1e-8, fused=bf16)
-    if zero:   # each rank keeps AdamW's state for its share of the parameters, then broadcasts them
-        opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **options)
-    else:
-        opt = torch.optim.AdamW(groups, **options)
-    step = torch.compile(ddp) if bf16 else ddp
+    step = TorchStep(config, torch_mode(a), padded=True, torch_device="cpu" if a.cpu else f"cuda:{local}",
+                     wrap=lambda model: DistributedDataParallel(model, device_ids=None if a.cpu else [local]),
+                     # ZeRO-1: each rank keeps AdamW's state for its share of the parameters, then broadcasts them
+                     optimizer_class=functools.partial(ZeroRedundancyOptimizer, optimizer_class=torch.optim.AdamW)
+                     if zero else None)
     rows = a.batch_size
     times = []
     dist.barrier()
-    for x, y in _batches(config.vocab_size, a.batch_size * world, a.seq_len, a.warmup + a.steps):
-        x, y = (torch.from_numpy(t[rank * rows:(rank + 1) * rows].astype(np.int64)).to(where) for t in (x, y))
+    for x, y in _batches(config, a.batch_size * world, a.seq_len, a.warmup + a.steps):
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            _, loss = step(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
-        loss.item()   # synchronises, as the course's step does
+        step(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows])   # ends synchronised (.item())
         times.append(time.perf_counter() - t0)
     peak = 0 if a.cpu else torch.cuda.max_memory_reserved()
     dist.barrier()
     return times[a.warmup:], peak
+
+
+def torch_mode(a) -> str:
+    """llmc_lessons.bench.TorchStep's mode: on a GPU its compiled step (SDPA, torch.compile, fused AdamW) in fp32
+    with TF32 matmuls or with bf16 autocast; on the CPU (--cpu checks the plumbing only) the eager fp32 step."""
+    return "eager-tf32" if a.cpu else f"compiled-{'bf16' if a.precision == 'bf16' else 'tf32'}"
 
 
 def worker(a) -> None:

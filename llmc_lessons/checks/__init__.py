@@ -14,7 +14,6 @@ A passing answer to an exercise that implements a layer is kept as the student's
 from __future__ import annotations
 
 import inspect
-import sys
 import sysconfig
 import traceback
 from contextlib import contextmanager
@@ -100,15 +99,7 @@ def _their_frames(tb) -> list[str]:
 def _references_replaced(exercise: str, fn: Callable, calls: list):
     """Replace the package functions REFERENCES names for `exercise` by sentinels that record a call and raise,
     in every module of the package and in the namespace `fn` reads its globals from (a notebook's)."""
-    names = REFERENCES.get(exercise, ())
-    modules = [m for k, m in list(sys.modules.items())
-               if m is not None and (k == PACKAGE or k.startswith(PACKAGE + "."))]
-    originals = {}                                     # id(function) -> its name, for the functions to replace
-    for m in modules:
-        for name in names:
-            f = vars(m).get(name)
-            if callable(f) and getattr(f, "__module__", "").startswith(PACKAGE):
-                originals[id(f)] = name
+    modules = parts.package_namespaces()
 
     def sentinel_for(name):
         def sentinel(*args, **kwargs):
@@ -116,18 +107,14 @@ def _references_replaced(exercise: str, fn: Callable, calls: list):
             raise _DelegatedCall(name)
         return sentinel
 
-    namespaces = [vars(m) for m in modules] + [getattr(fn, "__globals__", {})]
-    replaced = []
-    for ns in namespaces:
-        for key, value in list(ns.items()):
-            if id(value) in originals:       # the originals stay alive in their modules: ids are not reused
-                ns[key] = sentinel_for(originals[id(value)])
-                replaced.append((ns, key, value))
-    try:
+    replacements = {}                                  # id(function) -> (function, its sentinel)
+    for ns in modules:
+        for name in REFERENCES.get(exercise, ()):
+            f = ns.get(name)
+            if callable(f) and getattr(f, "__module__", "").startswith(PACKAGE) and id(f) not in replacements:
+                replacements[id(f)] = (f, sentinel_for(name))
+    with parts.rebound(modules + [getattr(fn, "__globals__", {})], replacements):
         yield
-    finally:
-        for ns, key, value in replaced:
-            ns[key] = value
 
 
 _answers: dict = {}

@@ -24,7 +24,7 @@ import numpy as np
 from llmc_lessons import device
 from llmc_lessons.cuda import source as cu_source
 from llmc_lessons.cuda import trace as cu_trace
-from llmc_lessons.cuda.emulator import KERNELS_DIR, CompileError, KernelError
+from llmc_lessons.cuda.emulator import KERNELS_DIR, CompileError, KernelError, built_module
 
 __all__ = ["RawKernel", "RawModule", "load_kernel", "kernel_source", "CompileError", "KernelError", "KERNELS_DIR"]
 
@@ -154,8 +154,7 @@ class RawKernel:
             elif _checked():
                 self._impl = "checked"  # built and run in a child process with AddressSanitizer loaded
             else:
-                self._impl = _emulated_module(self.code, self.filename, self.options, self.name_expressions,
-                                              _headers(self.code, self.options, self.filename))
+                self._impl = built_module(self.code, self.filename, self.options, self.name_expressions)
         return self._impl
 
     def compile(self) -> "RawKernel":
@@ -220,18 +219,6 @@ def _checked() -> bool:
     return os.environ.get("LLMC_CHECK", "") not in ("", "0")
 
 
-@lru_cache(maxsize=256)
-def _emulated_module(code: str, filename: str, options: tuple, name_expressions: tuple, headers: tuple):
-    """The compiled module of a source (`headers`: the texts of the files it includes, so an edited header
-    gives a new module)."""
-    from llmc_lessons.cuda.emulator import EmulatedModule
-    return EmulatedModule(code, filename, options, checked=False, name_expressions=name_expressions)
-
-
-def _headers(code: str, options: tuple, filename: str) -> tuple:
-    return tuple(text for _, text in cu_source.read_source(code, options, filename).files)
-
-
 class RawModule:
     """Kernels from CUDA source, including template kernels and kernels that are not extern "C", looked up by
     name as with cupy.RawModule: list the template instantiations in `name_expressions`, then
@@ -262,8 +249,7 @@ class RawModule:
         if device.on_gpu():
             self._compiled()
         elif not _checked():
-            _emulated_module(self.code, self.filename, self.options, self.name_expressions,
-                             _headers(self.code, self.options, self.filename))
+            built_module(self.code, self.filename, self.options, self.name_expressions)
         return self
 
     def get_function(self, name: str) -> RawKernel:

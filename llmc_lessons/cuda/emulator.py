@@ -249,6 +249,19 @@ class EmulatedModule:
         return ctypes.cast(getattr(self.lib, thunk_symbol(name)), ctypes.c_void_p).value
 
 
+
+def built_module(code: str, filename: str, options: tuple, name_expressions: tuple = (),
+                 traced: bool = False) -> EmulatedModule:
+    """The EmulatedModule of a source (traced: the build that records memory accesses), built once: the texts of
+    the files it includes are part of the key, so an edited header gives a new module."""
+    headers = tuple(text for _, text in cu_source.read_source(code, options, filename).files)
+    return _built_module(code, filename, tuple(options), tuple(name_expressions), headers, traced)
+
+
+@lru_cache(maxsize=256)
+def _built_module(code: str, filename: str, options: tuple, name_expressions: tuple, headers: tuple, traced: bool):
+    return EmulatedModule(code, filename, options, checked=False, name_expressions=name_expressions, traced=traced)
+
 def _env_number(name: str, text: str, default, minimum, kind=int, what: str = ""):
     """The value `text` of environment variable `name` (default when empty); ValueError naming it if bad."""
     text = text.strip()

@@ -43,7 +43,6 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import emulator
-from llmc_lessons.cuda import source as cu_source
 
 SECTOR, CACHE_LINE, BANKS, BANK_BYTES = 32, 128, 32, 4
 OPS = ("load", "store", "atomic")
@@ -369,13 +368,6 @@ class Trace:
 # Tracing a launch
 
 
-@lru_cache(maxsize=64)
-def _traced_module(code: str, filename: str, options: tuple, name_expressions: tuple, headers: tuple):
-    """The kernel source built for tracing (`headers`: the texts of the files it includes)."""
-    return emulator.EmulatedModule(code, filename, options, checked=False, name_expressions=name_expressions,
-                                   traced=True)
-
-
 def _root(a) -> tuple[object, int]:
     """The array `a` is a view of (itself if none), and `a`'s byte offset in it."""
     if device.on_gpu() and not isinstance(a, np.ndarray):
@@ -425,8 +417,7 @@ def _source_lines(lib: str, pcs: tuple) -> list:
 def launch(kernel, grid, block, args, shared_mem: int, shared_limit: int) -> tuple[Trace, str]:
     """Run `kernel` (a RawKernel) in the emulator with tracing; return its Trace and what it printed. On a GPU it
     runs on host copies of the arguments, which it leaves as they were."""
-    headers = tuple(text for _, text in cu_source.read_source(kernel.code, kernel.options, kernel.filename).files)
-    module = _traced_module(kernel.code, kernel.filename, kernel.options, kernel.name_expressions, headers)
+    module = emulator.built_module(kernel.code, kernel.filename, kernel.options, kernel.name_expressions, traced=True)
     vaddr = _virtual_addresses(args)
     if device.on_gpu():
         args = [a if a is None or isinstance(a, np.generic) else device.to_host(a) for a in args]

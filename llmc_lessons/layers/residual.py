@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.bf16 import launch_1d, require_bf16_array, require_multiple_of_8
 
 
@@ -39,10 +38,7 @@ def residual_forward_cuda(inp1, inp2, block_size: int = 256):
     block_size = device.require_block_size(block_size, warps=True)
     N = int(inp1.size)
     out = device.xp.empty_like(inp1)
-    if N:
-        grid = (N + block_size - 1) // block_size  # CEIL_DIV(N, block_size)
-        load_kernel("residual.cu", "residual_forward_kernel")((grid,), (int(block_size),),
-                                                              (out, inp1, inp2, np.int32(N)))
+    launch_1d("residual.cu", "residual_forward_kernel", N, block_size, (out, inp1, inp2, np.int32(N)))
     return out
 
 

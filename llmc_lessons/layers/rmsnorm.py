@@ -19,22 +19,11 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import load_kernel
+from llmc_lessons.layers.layernorm import _check_shapes   # the same (B, T, C), (C,), (B, T) shapes
 from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
-
-
-def _check_shapes(where: str, inp, weight, **others) -> None:
-    if inp.ndim != 3:
-        raise ValueError(f"{where}: inp must have shape (B, T, C), got {inp.shape}")
-    B, T, C = inp.shape
-    if weight.shape != (C,):
-        raise ValueError(f"{where}: weight must have shape (C,) = ({C},), got {weight.shape}")
-    for name, a in others.items():
-        want = (B, T, C) if name == "dout" else (B, T)
-        if a.shape != want:
-            raise ValueError(f"{where}: {name} must have shape {want}, got {a.shape}")
 
 
 def rmsnorm_forward(inp, weight, eps: float = 1e-5):
