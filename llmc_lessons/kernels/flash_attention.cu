@@ -367,28 +367,29 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
         cp_async_wait<1>();                       // this tile has arrived (the next may still be in flight)
         __syncthreads();
         float s[FA_ROWS / 8][4];
-        mma_rows<FA_ROWS / 8>(s, qa, Ks);          // s (16 x 64) = q k^T
-        float mx[2] = {m[0], m[1]};
-        for (int n = 0; n < FA_ROWS / 8; n++) {
-            for (int i = 0; i < 4; i++) {
-                int key = kt * FA_ROWS + 8 * n + 2 * t + (i & 1), row = i < 2 ? row0 : row1;
-                s[n][i] = (kt == tile && key > row) ? NEG_INF : s[n][i] * sl2;   // causal mask on the diagonal
-                mx[i / 2] = fmaxf(mx[i / 2], s[n][i]);
-            }
+        mma_rows<FA_ROWS / 8>(s, qa, Ks);          // s (16 x 64) = q k^T, unscaled
+        if (kt == tile) {                         // the causal mask: only the diagonal tile has keys past a row
+            for (int n = 0; n < FA_ROWS / 8; n++)
+                for (int i = 0; i < 4; i++)
+                    if (kt * FA_ROWS + 8 * n + 2 * t + (i & 1) > (i < 2 ? row0 : row1)) s[n][i] = NEG_INF;
         }
-        float alpha[2];
+        float mx[2] = {m[0], m[1]};               // the running maximum, of unscaled scores (sl2 > 0 keeps order)
+        for (int n = 0; n < FA_ROWS / 8; n++)
+            for (int i = 0; i < 4; i++) mx[i / 2] = fmaxf(mx[i / 2], s[n][i]);
+        float alpha[2], msl2[2];
         for (int r = 0; r < 2; r++) {
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            alpha[r] = exp2f(m[r] - mx[r]);       // rescales what was summed against the old maximum
+            alpha[r] = fast_exp2((m[r] - mx[r]) * sl2);   // rescales what was summed against the old maximum
             m[r] = mx[r];
+            msl2[r] = mx[r] * sl2;
             l[r] *= alpha[r];
         }
         for (int n = 0; n < HS / 8; n++)
             for (int i = 0; i < 4; i++) o[n][i] *= alpha[i / 2];
         for (int n = 0; n < FA_ROWS / 8; n++) {
             for (int i = 0; i < 4; i++) {
-                s[n][i] = exp2f(s[n][i] - m[i / 2]);   // p, unnormalised
+                s[n][i] = fast_exp2(fmaf(s[n][i], sl2, -msl2[i / 2]));   // p, unnormalised: one FFMA, one exp
                 l[i / 2] += s[n][i];                    // this lane's part of the row sum
             }
         }
@@ -401,20 +402,21 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
                unused);
     if (t == 0) {
         float* L = lse + ((long long)b * NH + h) * T;
-        if (row0 < T) L[row0] = (m[0] + log2f(l[0])) / LOG2E;
-        if (row1 < T) L[row1] = (m[1] + log2f(l[1])) / LOG2E;
+        if (row0 < T) L[row0] = (m[0] * sl2 + log2f(l[0])) / LOG2E;
+        if (row1 < T) L[row1] = (m[1] * sl2 + log2f(l[1])) / LOG2E;
     }
 }
 
 // One 16 x 32 piece of the backward, in place: s holds q k^T and dp holds do v^T on entry; on exit s holds
 // p = exp(s / sqrt(HS) - L) (0 where masked) and dp holds ds = p (dp - D). masked(n, i), L2(n, i) (L in
-// base 2) and D(n, i) describe lane element i of 16 x 8 tile n.
-template <typename Masked, typename RowL, typename RowD>
+// base 2) and D(n, i) describe lane element i of 16 x 8 tile n. MASK = false for the tiles that no mask
+// touches (most of them), which then skip the index arithmetic.
+template <bool MASK, typename Masked, typename RowL, typename RowD>
 __device__ __forceinline__ void softmax_grad(float s[4][4], float dp[4][4], Masked masked, RowL L2, RowD D) {
     const float sl2 = LOG2E / sqrtf((float)HS);
     for (int n = 0; n < 4; n++) {
         for (int i = 0; i < 4; i++) {
-            float p = masked(n, i) ? 0.0f : exp2f(s[n][i] * sl2 - L2(n, i));
+            float p = (MASK && masked(n, i)) ? 0.0f : fast_exp2(fmaf(s[n][i], sl2, -L2(n, i)));
             s[n][i] = p;
             dp[n][i] = p * (dp[n][i] - D(n, i));
         }
@@ -481,9 +483,11 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the 
             float s[4][4], dp[4][4];
             mma_rows<4>(s, qa, Ks + k0 * S_LD);    // s = q k^T
             mma_rows<4>(dp, doa, Vs + k0 * S_LD);  // dp = do v^T
-            softmax_grad(s, dp,
-                [&](int n, int i) { return kt == tile && kt * FA_ROWS + k0 + 8 * n + 2 * t + (i & 1) > (i < 2 ? row0 : row1); },
-                [&](int, int i) { return L2[i / 2]; }, [&](int, int i) { return D[i / 2]; });
+            auto masked = [&](int n, int i) { return kt * FA_ROWS + k0 + 8 * n + 2 * t + (i & 1) > (i < 2 ? row0 : row1); };
+            auto rowL = [&](int, int i) { return L2[i / 2]; };
+            auto rowD = [&](int, int i) { return D[i / 2]; };
+            if (kt == tile) softmax_grad<true>(s, dp, masked, rowL, rowD);   // the diagonal tile: keys past a row
+            else softmax_grad<false>(s, dp, masked, rowL, rowD);
             mma_cols<2>(dq, dp, Ks, k0);           // dq += ds k
         }
         __syncthreads();
@@ -547,9 +551,11 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, 3C): th
             mma_rows<4>(st, ka, Qs + c0 * S_LD);   // s^T = k q^T
             mma_rows<4>(dpt, va, dOs + c0 * S_LD); // dp^T = v do^T
             auto col = [&](int n, int i) { return c0 + 8 * n + 2 * t + (i & 1); };   // query within the tile
-            softmax_grad(st, dpt,
-                [&](int n, int i) { int q = q0 + col(n, i); return q >= T || q < (i < 2 ? key0 : key1); },
-                [&](int n, int i) { return Ls[buf][col(n, i)]; }, [&](int n, int i) { return Ds[buf][col(n, i)]; });
+            auto masked = [&](int n, int i) { int q = q0 + col(n, i); return q >= T || q < (i < 2 ? key0 : key1); };
+            auto rowL = [&](int n, int i) { return Ls[buf][col(n, i)]; };
+            auto rowD = [&](int n, int i) { return Ds[buf][col(n, i)]; };
+            if (qt == tile || q0 + FA_ROWS > T) softmax_grad<true>(st, dpt, masked, rowL, rowD);  // diagonal, or past T
+            else softmax_grad<false>(st, dpt, masked, rowL, rowD);
             mma_cols<2>(dv, st, dOs, c0);         // dv += p^T do
             mma_cols<2>(dk, dpt, Qs, c0);         // dk += ds^T q
         }
