@@ -225,7 +225,7 @@ def test_bf16_kernels_same_with_shuffle_mma_on_the_gpu():
     out, lse = flash_attention_forward_bf16_cuda(qkv, NH)
     out2, lse2 = device.xp.full((B, T, NH * hs), 0x7FC0, np.uint16), poisoned((B, NH, T))
     load_kernel("flash_attention.cu", "flash_attention_forward_bf16_kernel", (f"-DHS={hs}", "-DLLMC_MMA_SHUFFLE"))(
-        (2, NH, B), (128,), (out2, lse2, qkv, np.int32(B), np.int32(T), np.int32(NH)))
+        (2, NH, B), (128,), (out2, lse2, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NH)))
     assert rel(from_bf16(to_host(out2)).astype(np.float64), from_bf16(to_host(out)).astype(np.float64)) < 2e-3
     np.testing.assert_allclose(to_host(lse2), to_host(lse), atol=1e-5)
 
