@@ -7,7 +7,7 @@ from llmc_lessons.checks import poisoned
 from llmc_lessons.checks.flash_attention import check_flash_forward_kernel, check_online_softmax_update
 from llmc_lessons.cuda import kernel_source
 from llmc_lessons.device import to_device, to_host
-from llmc_lessons.layers.attention import attention_backward, attention_forward
+from llmc_lessons.layers.attention import attention_backward, attention_forward, repkv_backward, repkv_forward
 from llmc_lessons.precision import from_bf16, to_bf16
 from llmc_lessons.layers.flash_attention import (flash_attention_backward, flash_attention_backward_bf16_cuda,
                                                  flash_attention_backward_cuda, flash_attention_forward,
@@ -250,6 +250,110 @@ def test_bf16_flash_attention_refuses_bad_input():
         flash_attention_backward_bf16_cuda(d[:, :4].copy(), q, out, lse, 2)
     with pytest.raises(ValueError, match="dbias must have shape"):
         flash_attention_backward_bf16_cuda(d, q, out, lse, 2, dbias=device.xp.zeros(32, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Version 2 with grouped-query attention: NKV key/value heads, read where they lie (lesson 16)
+
+GQA_HEADS = [(4, 2), (6, 1), (3, 3)]
+
+
+def gqa_case(B, T, NH, NKV, hs, seed):
+    """qkv (B, T, (NH + 2 NKV) hs) and dout (B, T, NH hs) as bf16 bits."""
+    gen = np.random.default_rng(seed)
+    qkv = to_bf16(gen.standard_normal((B, T, (NH + 2 * NKV) * hs)).astype(np.float32))
+    return qkv, to_bf16(gen.standard_normal((B, T, NH * hs)).astype(np.float32))
+
+
+def gqa_kernels(qkv, dout, NH, NKV):
+    """The bf16 forward and backward on host bf16 bits -> out, lse, dqkv on the host."""
+    out, lse = flash_attention_forward_bf16_cuda(to_device(qkv), NH, NKV)
+    dqkv = flash_attention_backward_bf16_cuda(to_device(dout), to_device(qkv), out, lse, NH, NKV=NKV)
+    return to_host(out), to_host(lse), to_host(dqkv)
+
+
+def check_gqa_against_float64(B, T, NH, NKV, hs, seed):
+    qkv, dout = gqa_case(B, T, NH, NKV, hs, seed)
+    out, lse, dqkv = gqa_kernels(qkv, dout, NH, NKV)
+    assert not np.isnan(from_bf16(out)).any() and not np.isnan(lse).any(), "some outputs were never written"
+    assert not np.isnan(from_bf16(dqkv)).any(), "some gradients were never written"
+    x = from_bf16(qkv).astype(np.float64)
+    ref_out, att = attention_forward(x, NH, NKV)
+    assert rel(from_bf16(out).astype(np.float64), ref_out) < 4e-3          # about one bf16 rounding
+    _, ref_L = flash_attention_forward(repkv_forward(x, NH, NKV), NH)
+    np.testing.assert_allclose(lse, ref_L, atol=2e-5, rtol=1e-5)
+    want = attention_backward(from_bf16(dout).astype(np.float64), x, att, NH, NKV)
+    got = from_bf16(dqkv).astype(np.float64)
+    scale = np.linalg.norm(want) / 10     # dq and dk are 0 at T = 1 (one key: the softmax is constant)
+    C, KV = NH * hs, NKV * hs
+    for name, cols in (("dq", slice(0, C)), ("dk", slice(C, C + KV)), ("dv", slice(C + KV, None))):
+        e = np.linalg.norm(got[..., cols] - want[..., cols]) / max(np.linalg.norm(want[..., cols]), scale)
+        assert e < 1e-2, f"{name}: relative error {e:.1e}"
+
+
+@pytest.mark.parametrize("hs", [16, 64])
+@pytest.mark.parametrize("NH,NKV", GQA_HEADS)
+@pytest.mark.parametrize("T", [1, 37, 130])
+def test_bf16_gqa_matches_the_float64_reference(T, NH, NKV, hs, poisoned_allocations):
+    check_gqa_against_float64(2 if T < 100 else 1, T, NH, NKV, hs, seed=T + NH + hs)
+
+
+@pytest.mark.parametrize("T,NH,NKV,hs", [(37, 4, 2, 16), (130, 6, 1, 64), (1, 6, 1, 16), (70, 3, 3, 64)])
+def test_bf16_gqa_is_repkv_then_multi_head(T, NH, NKV, hs):
+    """Reading key/value head h // (NH / NKV) in place computes what multi-head attention on repkv's copies does.
+    The forward and dq read the same numbers in the same order: bit for bit. dk and dv: the multi-head kernel
+    rounds each of the group's NH / NKV copies to bf16 and repkv_backward adds them; the GQA kernel adds them in
+    float32 registers and rounds once. Each rounding is within 2^-8 of its value (bf16 keeps 8 significant bits),
+    so they agree within 2^-8 (sum of |copies| + |result|), plus float32's order of the additions."""
+    B = 2
+    qkv, dout = gqa_case(B, T, NH, NKV, hs, seed=T * NH)
+    out, lse, dqkv = gqa_kernels(qkv, dout, NH, NKV)
+    rep = repkv_forward(qkv, NH, NKV)                     # copies of bf16 bits: exact
+    out_r, lse_r = flash_attention_forward_bf16_cuda(to_device(rep), NH)
+    d_r = to_host(flash_attention_backward_bf16_cuda(to_device(dout), to_device(rep), out_r, lse_r, NH))
+    np.testing.assert_array_equal(out, to_host(out_r))
+    np.testing.assert_array_equal(lse, to_host(lse_r))
+    C = NH * hs
+    np.testing.assert_array_equal(dqkv[..., :C], d_r[..., :C], err_msg="dq")
+    copies = from_bf16(d_r).astype(np.float64)
+    want, size = repkv_backward(copies, NH, NKV)[..., C:], repkv_backward(np.abs(copies), NH, NKV)[..., C:]
+    got = from_bf16(dqkv).astype(np.float64)[..., C:]
+    bound = 2.0 ** -8 * (size + np.abs(got)) + 2.0 ** -20 * size.max()
+    assert (np.abs(got - want) <= bound).all(), f"dk, dv: worst |error| / bound {(np.abs(got - want) / bound).max():.2f}"
+
+
+def test_bf16_gqa_backward_is_deterministic():
+    """dk and dv sum a group's query heads inside one block, in a fixed order: no atomics, the same bits every run."""
+    qkv, dout = gqa_case(2, 130, 6, 2, 16, seed=4)
+    first, second = gqa_kernels(qkv, dout, 6, 2), gqa_kernels(qkv, dout, 6, 2)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bf16_gqa_refuses_bad_input():
+    qkv, dout = (to_device(a) for a in gqa_case(1, 8, 4, 2, 16, seed=0))      # (1, 8, 128), (1, 8, 64)
+    with pytest.raises(ValueError, match="NKV = 3 key/value heads must divide NH = 4"):
+        flash_attention_forward_bf16_cuda(qkv, 4, 3)
+    with pytest.raises(ValueError, match=r"\(B, T, \(NH \+ 2 NKV\) hs\) with NH = 4, NKV = 1"):
+        flash_attention_forward_bf16_cuda(qkv, 4, 1)                          # 128 columns are not 6 heads
+    with pytest.raises(ValueError, match="NKV .* must be a positive int"):
+        flash_attention_forward_bf16_cuda(qkv, 4, 2.0)
+    with pytest.raises(ValueError, match="head size hs = 8"):
+        flash_attention_forward_bf16_cuda(qkv, 8, 4)
+    out, lse = flash_attention_forward_bf16_cuda(qkv, 4, 2)
+    with pytest.raises(ValueError, match="must divide NH"):
+        flash_attention_backward_bf16_cuda(dout, qkv, out, lse, 4, NKV=3)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        flash_attention_backward_bf16_cuda(qkv[..., :32].copy(), qkv, out, lse, 4, NKV=2)
+    with pytest.raises(ValueError, match="dbias is summed for NKV = NH only"):
+        flash_attention_backward_bf16_cuda(dout, qkv, out, lse, 4, dbias=device.xp.zeros(128, np.float32), NKV=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not device.on_gpu(), reason="a large shape: minutes on the emulator")
+@pytest.mark.parametrize("NH,NKV", [(12, 4), (12, 1)])
+def test_bf16_gqa_large_on_the_gpu(NH, NKV):
+    check_gqa_against_float64(2, 1000, NH, NKV, 64, seed=NKV)
 
 
 def test_d_fragment_check(capsys):
