@@ -340,6 +340,8 @@ def test_bf16_gqa_refuses_bad_input():
         flash_attention_forward_bf16_cuda(qkv, 4, 2.0)
     with pytest.raises(ValueError, match="head size hs = 8"):
         flash_attention_forward_bf16_cuda(qkv, 8, 4)
+    with pytest.raises(ValueError, match=r"NH \* \(NH / NKV\) = 65536 exceeds 2\^15"):   # kv_head's limit
+        flash_attention_forward_bf16_cuda(to_device(np.zeros((1, 1, 258 * 16), np.uint16)), 256, 1)
     out, lse = flash_attention_forward_bf16_cuda(qkv, 4, 2)
     with pytest.raises(ValueError, match="must divide NH"):
         flash_attention_backward_bf16_cuda(dout, qkv, out, lse, 4, NKV=3)

@@ -194,15 +194,16 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 //
 // Layouts as version 1, in bf16, with grouped-query attention (lesson 16): NKV key/value heads, NKV dividing
 // NH. qkv (B, T, W), W = (NH + 2 NKV) HS, holds the NH query heads, then the NKV key heads, then the NKV value
-// heads along its last axis (W = 3C for GPT-2, NKV = NH), its bias already added; query head h reads key/value
-// head h / (NH / NKV), found once at the start of a block. out and dout (B, T, C); dqkv (B, T, W) gets dq, dk
-// and dv in place, ready for the qkv matmul's backward; lse (B, NH, T) float32 is L.
+// heads along its last axis (W = 3C for GPT-2, NKV = NH), its bias already added. Query head h reads key/value
+// head h / GROUP (kv_head), found once at the start of a block; GROUP = NH / NKV is a compile-time constant like
+// HS (-DGROUP=1 for GPT-2). out and dout (B, T, C); dqkv (B, T, W) gets dq, dk and dv in place, ready for the
+// qkv matmul's backward; lse (B, NH, T) float32 is L.
 //
 // flash_attention_forward_bf16_kernel:       out, lse; a block per (query tile, query head, b).
 // flash_attention_backward_dq_bf16_kernel:   dq, and D_i = dout_i . out_i, written for the next kernel; a block
 //                                            per (query tile, query head, b).
 // flash_attention_backward_dkdv_bf16_kernel: dk, dv (launched second: it reads D); a block per (key tile,
-//                                            key/value head, b) walks the NH / NKV query heads of its group
+//                                            key/value head, b) walks the GROUP query heads of its group
 //                                            in order and sums their dk and dv in registers: every key/value
 //                                            gradient has one block, so no atomics and a fixed order.
 // Both also leave the column sums of the dqkv values they store (a row of partial (B * tiles, W) per block
@@ -212,6 +213,9 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 
 #ifndef HS
 #define HS 64
+#endif
+#ifndef GROUP
+#define GROUP 1                     // query heads per key/value head, NH / NKV (1 for GPT-2)
 #endif
 #define FA_ROWS 64                  // rows a block owns, and rows per tile
 #define FA_THREADS 128              // 4 warps x 16 rows
@@ -300,6 +304,13 @@ __device__ __forceinline__ float row_sum4(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The key/value head of query head h, h / GROUP, as a multiply and a shift: exact, and within an int, for
+// NH * GROUP <= 2^15 (the launcher checks it). A compiler's division by a constant uses a multiply-high that only the per-thread
+// datapath has; the block's head index and the addresses made from it would then sit in per-thread registers
+// instead of the block-wide (uniform) ones: 168 registers a thread for the dq kernel at GROUP = 3, not 128
+// (ptxas -v, sm_90), and one block fewer per multiprocessor.
+__device__ __forceinline__ int kv_head(int h) { return (h * ((65535 + GROUP) / GROUP)) >> 16; }
+
 // Write the warp's 16 x HS accumulator as bf16 rows row0 .. row0+15 of dst (ld apart), row g times scale0
 // and row g+8 times scale1; rows at or past T are skipped. colsum[n][e] gets the thread's share of the column
 // sums of what was written (column 8n + 2t + e, its two rows, the values as stored in bf16).
@@ -351,7 +362,7 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
     int tile = gridDim.x - 1 - blockIdx.x;              // the last rows first: they see the most keys
     int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const bf16* qbase = qkv + (long long)b * T * W + h * HS;                      // q of (b, 0, h)
-    const bf16* kbase = qkv + (long long)b * T * W + C + h / (NH / NKV) * HS;     // k of its key/value head
+    const bf16* kbase = qkv + (long long)b * T * W + C + kv_head(h) * HS;         // k of its key/value head
     const bf16* vbase = kbase + NKV * HS;                                         // and v
     int row0 = tile * FA_ROWS + warp * 16 + g, row1 = row0 + 8;      // my two query rows
     stage_rows(Qs, qbase, tile * FA_ROWS, T, W);
@@ -445,7 +456,7 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, W): the d
     int C = NH * HS, W = (NH + 2 * NKV) * HS, tile = gridDim.x - 1 - blockIdx.x;
     int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const bf16* qbase = qkv + (long long)b * T * W + h * HS;                      // q of (b, 0, h)
-    const bf16* kbase = qkv + (long long)b * T * W + C + h / (NH / NKV) * HS;     // k of its key/value head
+    const bf16* kbase = qkv + (long long)b * T * W + C + kv_head(h) * HS;         // k of its key/value head
     const bf16* vbase = kbase + NKV * HS;                                         // and v
     const bf16* dbase = dout + (long long)b * T * C + h * HS;
     long long bhT = ((long long)b * NH + h) * T;
@@ -519,7 +530,7 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the
     bf16* S = (bf16*)smem;
     int C = NH * HS, W = (NH + 2 * NKV) * HS, tile = blockIdx.x;   // key tile; the first ones see the most queries
     int kvh = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    int group = NH / NKV, h0 = kvh * group;       // query heads h0 .. h0 + group - 1 read key/value head kvh
+    int h0 = kvh * GROUP;                         // query heads h0 .. h0 + GROUP - 1 read key/value head kvh
     const bf16* kbase = qkv + (long long)b * T * W + C + kvh * HS;   // k of (b, 0, kvh); v at + NKV HS
     int first = tile * FA_ROWS + warp * 16, key0 = first + g, key1 = key0 + 8;   // my two key rows
     unsigned int ka[HS / 16][4], va[HS / 16][4];
@@ -546,13 +557,13 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the
     cp_async_commit();
     float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
     int buf = 0;                                  // the buffer this step reads; the next tile goes to buf ^ 1
-    for (int h = h0; h < h0 + group; h++) {       // the group's query heads in order: dk, dv sum over them here
+    for (int h = h0; h < h0 + GROUP; h++) {       // the group's query heads in order: dk, dv sum over them here
         for (int qt = tile; qt < (int)gridDim.x; qt++, buf ^= 1) {
             int q0 = qt * FA_ROWS;
             const bf16* Qs = S + 2 * buf * TILE;
             const bf16* dOs = Qs + TILE;
-            if (qt + 1 < (int)gridDim.x) stage(h, qt + 1, buf ^ 1);      // this head's next tile,
-            else if (h + 1 < h0 + group) stage(h + 1, tile, buf ^ 1);    // or the next head's first
+            bool last = qt + 1 == (int)gridDim.x;  // next: this head's next tile, or the next head's first
+            if (!last || h + 1 < h0 + GROUP) stage(last ? h + 1 : h, last ? tile : qt + 1, buf ^ 1);
             cp_async_commit();
             cp_async_wait<1>();
             __syncthreads();
