@@ -1,4 +1,7 @@
 """Flash attention: the NumPy reference and the kernels against lesson 05's attention; the exercise checks."""
+import platform
+import sys
+
 import numpy as np
 import pytest
 
@@ -328,6 +331,17 @@ def test_bf16_gqa_backward_is_deterministic():
     first, second = gqa_kernels(qkv, dout, 6, 2), gqa_kernels(qkv, dout, 6, 2)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(device.on_gpu() or not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="the emulator's checked mode watches shared memory on Linux x86-64")
+def test_bf16_gqa_kernels_have_no_races(monkeypatch):   # about 10 s on one core
+    """Checked mode: no data race or out-of-bounds access, the dk/dv kernel's prefetch of the next query head's
+    first tile (T = 65: two tiles per head) included."""
+    monkeypatch.setenv("LLMC_CHECK", "1")
+    qkv, dout = gqa_case(1, 65, 2, 1, 16, seed=2)
+    assert not np.isnan(from_bf16(gqa_kernels(qkv, dout, 2, 1)[2])).any()
 
 
 def test_bf16_gqa_refuses_bad_input():
