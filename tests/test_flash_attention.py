@@ -322,7 +322,8 @@ def test_bf16_gqa_is_repkv_then_multi_head(T, NH, NKV, hs):
     want, size = repkv_backward(copies, NH, NKV)[..., C:], repkv_backward(np.abs(copies), NH, NKV)[..., C:]
     got = from_bf16(dqkv).astype(np.float64)[..., C:]
     bound = 2.0 ** -8 * (size + np.abs(got)) + 2.0 ** -20 * size.max()
-    assert (np.abs(got - want) <= bound).all(), f"dk, dv: worst |error| / bound {(np.abs(got - want) / bound).max():.2f}"
+    worst = (np.abs(got - want) / bound).max()
+    assert worst <= 1, f"dk, dv: worst |error| / bound {worst:.2f}"
 
 
 def test_bf16_gqa_backward_is_deterministic():
@@ -370,6 +371,20 @@ def test_bf16_gqa_refuses_bad_input():
 @pytest.mark.parametrize("NH,NKV", [(12, 4), (12, 1)])
 def test_bf16_gqa_large_on_the_gpu(NH, NKV):
     check_gqa_against_float64(2, 1000, NH, NKV, 64, seed=NKV)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not device.on_gpu(), reason="registers are counted by the GPU's compiler")
+def test_bf16_kernels_registers_do_not_grow_with_the_group():
+    """kv_head divides by GROUP with a multiply and a shift, which the block-wide (uniform) registers can do: the
+    kernels of llama-124m (GROUP = 3) need no more registers a thread than GPT-2's (GROUP = 1). A division put the
+    head's addresses in per-thread registers: 166-168 instead of 128 for the dq kernel (ptxas -v, sm_90)."""
+    from llmc_lessons.layers.flash_attention import _bf16_kernel
+    for name in ("flash_attention_forward_bf16_kernel", "flash_attention_backward_dq_bf16_kernel",
+                 "flash_attention_backward_dkdv_bf16_kernel"):
+        kernels = (_bf16_kernel(name, 64, group).compile()._compiled() for group in (1, 3))   # CuPy's RawKernel
+        gpt2, llama = (k.attributes["num_regs"] for k in kernels)
+        assert llama <= gpt2 + 4, f"{name}: {llama} registers a thread at GROUP = 3, {gpt2} at GROUP = 1"
 
 
 def test_d_fragment_check(capsys):

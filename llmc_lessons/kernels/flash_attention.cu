@@ -305,10 +305,10 @@ __device__ __forceinline__ float row_sum4(float x) {
 }
 
 // The key/value head of query head h, h / GROUP, as a multiply and a shift: exact, and within an int, for
-// NH * GROUP <= 2^15 (the launcher checks it). A compiler's division by a constant uses a multiply-high that only the per-thread
-// datapath has; the block's head index and the addresses made from it would then sit in per-thread registers
-// instead of the block-wide (uniform) ones: 168 registers a thread for the dq kernel at GROUP = 3, not 128
-// (ptxas -v, sm_90), and one block fewer per multiprocessor.
+// NH * GROUP <= 2^15 (the launcher checks it). A compiler's division by a constant uses a multiply-high that
+// only the per-thread datapath has; the block's head index and the addresses made from it would then sit in
+// per-thread registers instead of the block-wide (uniform) ones: 168 registers a thread for the dq kernel at
+// GROUP = 3, not 128 (ptxas -v, sm_90, CUDA 13.0), and one block fewer per multiprocessor.
 __device__ __forceinline__ int kv_head(int h) { return (h * ((65535 + GROUP) / GROUP)) >> 16; }
 
 // Write the warp's 16 x HS accumulator as bf16 rows row0 .. row0+15 of dst (ld apart), row g times scale0
