@@ -16,8 +16,8 @@ The parameters sit in one flat float32 buffer in the order the data moves (LLAMA
 Llama is GPT2 (llmc_lessons/model.py) with this config, layout, initialisation and two execution paths: the
 NumPy reference (LlamaNumpyPath), the fp32 kernels (LlamaKernelPath) and lesson 14's bf16 step
 (LlamaBf16KernelPath), with GPT-2's CUDA graphs. It has its own checkpoint header (LLAMA_MODEL_MAGIC), and
-generates with a key/value cache (KVCache). Not written yet: flash attention that reads a group's key/value head
-directly (the kernel paths copy the heads with repkv first).
+generates with a key/value cache (KVCache). The fp32 kernel path copies the key/value heads with repkv before
+lesson 5's attention kernels; the bf16 path's flash attention kernels read a group's key/value head directly.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from llmc_lessons import device
 from llmc_lessons.layers.attention import (attention_backward, attention_backward_cuda, attention_forward,
                                            attention_forward_cuda)
 from llmc_lessons.cublas import gemm
-from llmc_lessons.layers.bf16 import float_to_bf16_cuda
 from llmc_lessons.layers.crossentropy import (crossentropy_forward, crossentropy_softmax_backward,
                                               fused_classifier_cuda, softmax_forward)
 from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, flash_attention_backward_bf16_cuda,
@@ -49,7 +48,6 @@ from llmc_lessons.layers.swiglu import (swiglu_backward, swiglu_backward_bf16_cu
 from llmc_lessons.model import _HEADER_INTS, GPT2, LLAMA_MODEL_MAGIC, model_file, write_model_file
 from llmc_lessons.parameters import GPT2Config, flat_runs
 from llmc_lessons.paths import Bf16KernelPath, Fp32KernelPath, NumpyPath, bf16_classifier, bf16_padded
-from llmc_lessons.precision import from_bf16
 from llmc_lessons.sampling import next_token, prompt_list
 
 # ---------------------------------------------------------------------------------------------------------
@@ -362,37 +360,11 @@ class LlamaKernelPath(Fp32KernelPath):
                               dwte=model.grads["wte"], dwpe=device.xp.zeros((T, model.config.channels), np.float32))
 
 
-def _repkv_bf16(qkv, NH: int, NKV: int):
-    """repkv_forward on bf16 bits (B, T, (NH + 2 NKV) hs) -> (B, T, 3C): copies, so exact (qkv itself if NKV = NH)."""
-    if NKV == NH:
-        return qkv
-    xp = device.xp
-    B, T, W = qkv.shape
-    hs = W // (NH + 2 * NKV)
-    C, G = NH * hs, NH // NKV
-    k, v = (qkv[:, :, C + j * NKV * hs:C + (j + 1) * NKV * hs].reshape(B, T, NKV, 1, hs) for j in (0, 1))
-    return xp.concatenate([qkv[:, :, :C]] + [xp.broadcast_to(a, (B, T, NKV, G, hs)).reshape(B, T, C) for a in (k, v)],
-                          axis=2)
-
-
-def _repkv_backward_bf16(dqkv_rep, NH: int, NKV: int):
-    """repkv_backward on bf16 bits: each key/value head's copies summed in float32, rounded once to bf16."""
-    if NKV == NH:
-        return dqkv_rep
-    xp = device.xp
-    B, T, C3 = dqkv_rep.shape
-    C = C3 // 3
-    hs, G = C // NH, NH // NKV
-    sums = [float_to_bf16_cuda(xp.ascontiguousarray(
-        from_bf16(dqkv_rep[:, :, j * C:(j + 1) * C]).reshape(B, T, NKV, G, hs).sum(axis=3).reshape(B, T, -1)))
-        for j in (1, 2)]
-    return xp.concatenate([dqkv_rep[:, :, :C]] + sums, axis=2)
-
-
 class LlamaBf16KernelPath(Bf16KernelPath):
     """The bf16 step of lesson 14 for the LLaMA-style model: bf16 activations and weight copies, float32 master
-    weights, gradients and AdamW moments; flash attention on the tensor cores after repkv; the residual stream in
-    bf16 (each add computed in float32 and rounded once), its gradient in float32."""
+    weights, gradients and AdamW moments; flash attention on the tensor cores, reading the NKV key/value heads
+    where they lie (no repkv copy); the residual stream in bf16 (each add computed in float32 and rounded once),
+    its gradient in float32."""
     _table = staticmethod(LlamaKernelPath._table)
     finish_backward = LlamaKernelPath.finish_backward
 
@@ -421,14 +393,13 @@ class LlamaBf16KernelPath(Bf16KernelPath):
             ln1, ln1_rstd = rmsnorm_forward_bf16_cuda(x, p["ln1w"][l], eps=eps)
             qkv = linear(ln1, w["qkvw"][l])
             rope_qkv_forward_bf16_cuda(qkv, freqs_cis, NH, NKV)                  # in place
-            qkv_rep = _repkv_bf16(qkv, NH, NKV)                                   # (B, T, 3C)
-            atty, lse = flash_attention_forward_bf16_cuda(qkv_rep, NH)
+            atty, lse = flash_attention_forward_bf16_cuda(qkv, NH, NKV)          # (B, T, C), (B, NH, T)
             residual2 = residual_forward_bf16_cuda(x, linear(atty, w["attprojw"][l]))
             ln2, ln2_rstd = rmsnorm_forward_bf16_cuda(residual2, p["ln2w"][l], eps=eps)
             fch = linear(ln2, w["fcw"][l])
             fch_swiglu = swiglu_forward_bf16_cuda(fch)
             residual = residual_forward_bf16_cuda(residual2, linear(fch_swiglu, w["fcprojw"][l]))
-            block_caches.append(dict(x=x, ln1=ln1, ln1_rstd=ln1_rstd, qkv_rep=qkv_rep, atty=atty, lse=lse,
+            block_caches.append(dict(x=x, ln1=ln1, ln1_rstd=ln1_rstd, qkv=qkv, atty=atty, lse=lse,
                                      residual2=residual2, ln2=ln2, ln2_rstd=ln2_rstd, fch=fch, fch_swiglu=fch_swiglu))
         lnf, lnf_rstd = rmsnorm_forward_bf16_cuda(residual, p["lnfw"], eps=eps)
         logits, losses, dlogits = bf16_classifier(model, linear(lnf, w["lm_head"]), targets, T)
@@ -461,8 +432,7 @@ class LlamaBf16KernelPath(Bf16KernelPath):
             dres_bf16 = rmsnorm_backward_bf16_cuda(dres, dln2, a["residual2"], p["ln2w"][l], a["ln2_rstd"],
                                                    g["ln2w"][l])
             datty = linear_backward(dres_bf16, a["atty"], w["attprojw"][l], g["attprojw"][l])
-            dqkv_rep = flash_attention_backward_bf16_cuda(datty, a["qkv_rep"], a["atty"], a["lse"], NH)
-            dqkv = _repkv_backward_bf16(dqkv_rep, NH, NKV)
+            dqkv = flash_attention_backward_bf16_cuda(datty, a["qkv"], a["atty"], a["lse"], NH, NKV=NKV)
             rope_qkv_backward_bf16_cuda(dqkv, freqs_cis, NH, NKV)                # in place
             dln1 = linear_backward(dqkv, a["ln1"], w["qkvw"][l], g["qkvw"][l])
             dres_bf16 = rmsnorm_backward_bf16_cuda(dres, dln1, a["x"], p["ln1w"][l], a["ln1_rstd"], g["ln1w"][l])

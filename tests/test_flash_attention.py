@@ -1,4 +1,7 @@
 """Flash attention: the NumPy reference and the kernels against lesson 05's attention; the exercise checks."""
+import platform
+import sys
+
 import numpy as np
 import pytest
 
@@ -7,7 +10,7 @@ from llmc_lessons.checks import poisoned
 from llmc_lessons.checks.flash_attention import check_flash_forward_kernel, check_online_softmax_update
 from llmc_lessons.cuda import kernel_source
 from llmc_lessons.device import to_device, to_host
-from llmc_lessons.layers.attention import attention_backward, attention_forward
+from llmc_lessons.layers.attention import attention_backward, attention_forward, repkv_backward, repkv_forward
 from llmc_lessons.precision import from_bf16, to_bf16
 from llmc_lessons.layers.flash_attention import (flash_attention_backward, flash_attention_backward_bf16_cuda,
                                                  flash_attention_backward_cuda, flash_attention_forward,
@@ -225,7 +228,7 @@ def test_bf16_kernels_same_with_shuffle_mma_on_the_gpu():
     out, lse = flash_attention_forward_bf16_cuda(qkv, NH)
     out2, lse2 = device.xp.full((B, T, NH * hs), 0x7FC0, np.uint16), poisoned((B, NH, T))
     load_kernel("flash_attention.cu", "flash_attention_forward_bf16_kernel", (f"-DHS={hs}", "-DLLMC_MMA_SHUFFLE"))(
-        (2, NH, B), (128,), (out2, lse2, qkv, np.int32(B), np.int32(T), np.int32(NH)))
+        (2, NH, B), (128,), (out2, lse2, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NH)))
     assert rel(from_bf16(to_host(out2)).astype(np.float64), from_bf16(to_host(out)).astype(np.float64)) < 2e-3
     np.testing.assert_allclose(to_host(lse2), to_host(lse), atol=1e-5)
 
@@ -250,6 +253,138 @@ def test_bf16_flash_attention_refuses_bad_input():
         flash_attention_backward_bf16_cuda(d[:, :4].copy(), q, out, lse, 2)
     with pytest.raises(ValueError, match="dbias must have shape"):
         flash_attention_backward_bf16_cuda(d, q, out, lse, 2, dbias=device.xp.zeros(32, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Version 2 with grouped-query attention: NKV key/value heads, read where they lie (lesson 16)
+
+GQA_HEADS = [(4, 2), (6, 1), (3, 3)]
+
+
+def gqa_case(B, T, NH, NKV, hs, seed):
+    """qkv (B, T, (NH + 2 NKV) hs) and dout (B, T, NH hs) as bf16 bits."""
+    gen = np.random.default_rng(seed)
+    qkv = to_bf16(gen.standard_normal((B, T, (NH + 2 * NKV) * hs)).astype(np.float32))
+    return qkv, to_bf16(gen.standard_normal((B, T, NH * hs)).astype(np.float32))
+
+
+def gqa_kernels(qkv, dout, NH, NKV):
+    """The bf16 forward and backward on host bf16 bits -> out, lse, dqkv on the host."""
+    out, lse = flash_attention_forward_bf16_cuda(to_device(qkv), NH, NKV)
+    dqkv = flash_attention_backward_bf16_cuda(to_device(dout), to_device(qkv), out, lse, NH, NKV=NKV)
+    return to_host(out), to_host(lse), to_host(dqkv)
+
+
+def check_gqa_against_float64(B, T, NH, NKV, hs, seed):
+    qkv, dout = gqa_case(B, T, NH, NKV, hs, seed)
+    out, lse, dqkv = gqa_kernels(qkv, dout, NH, NKV)
+    assert not np.isnan(from_bf16(out)).any() and not np.isnan(lse).any(), "some outputs were never written"
+    assert not np.isnan(from_bf16(dqkv)).any(), "some gradients were never written"
+    x = from_bf16(qkv).astype(np.float64)
+    ref_out, att = attention_forward(x, NH, NKV)
+    assert rel(from_bf16(out).astype(np.float64), ref_out) < 4e-3          # about one bf16 rounding
+    _, ref_L = flash_attention_forward(repkv_forward(x, NH, NKV), NH)
+    np.testing.assert_allclose(lse, ref_L, atol=2e-5, rtol=1e-5)
+    want = attention_backward(from_bf16(dout).astype(np.float64), x, att, NH, NKV)
+    got = from_bf16(dqkv).astype(np.float64)
+    scale = np.linalg.norm(want) / 10     # dq and dk are 0 at T = 1 (one key: the softmax is constant)
+    C, KV = NH * hs, NKV * hs
+    for name, cols in (("dq", slice(0, C)), ("dk", slice(C, C + KV)), ("dv", slice(C + KV, None))):
+        e = np.linalg.norm(got[..., cols] - want[..., cols]) / max(np.linalg.norm(want[..., cols]), scale)
+        assert e < 1e-2, f"{name}: relative error {e:.1e}"
+
+
+@pytest.mark.parametrize("hs", [16, 64])
+@pytest.mark.parametrize("NH,NKV", GQA_HEADS)
+@pytest.mark.parametrize("T", [1, 37, 130])
+def test_bf16_gqa_matches_the_float64_reference(T, NH, NKV, hs, poisoned_allocations):
+    check_gqa_against_float64(2 if T < 100 else 1, T, NH, NKV, hs, seed=T + NH + hs)
+
+
+@pytest.mark.parametrize("T,NH,NKV,hs", [(37, 4, 2, 16), (130, 6, 1, 64), (1, 6, 1, 16), (70, 3, 3, 64)])
+def test_bf16_gqa_is_repkv_then_multi_head(T, NH, NKV, hs):
+    """Reading key/value head h // (NH / NKV) in place computes what multi-head attention on repkv's copies does.
+    The forward and dq read the same numbers in the same order: bit for bit. dk and dv: the multi-head kernel
+    rounds each of the group's NH / NKV copies to bf16 and repkv_backward adds them; the GQA kernel adds them in
+    float32 registers and rounds once. Each rounding is within 2^-8 of its value (bf16 keeps 8 significant bits),
+    so they agree within 2^-8 (sum of |copies| + |result|), plus float32's order of the additions."""
+    B = 2
+    qkv, dout = gqa_case(B, T, NH, NKV, hs, seed=T * NH)
+    out, lse, dqkv = gqa_kernels(qkv, dout, NH, NKV)
+    rep = repkv_forward(qkv, NH, NKV)                     # copies of bf16 bits: exact
+    out_r, lse_r = flash_attention_forward_bf16_cuda(to_device(rep), NH)
+    d_r = to_host(flash_attention_backward_bf16_cuda(to_device(dout), to_device(rep), out_r, lse_r, NH))
+    np.testing.assert_array_equal(out, to_host(out_r))
+    np.testing.assert_array_equal(lse, to_host(lse_r))
+    C = NH * hs
+    np.testing.assert_array_equal(dqkv[..., :C], d_r[..., :C], err_msg="dq")
+    copies = from_bf16(d_r).astype(np.float64)
+    want, size = repkv_backward(copies, NH, NKV)[..., C:], repkv_backward(np.abs(copies), NH, NKV)[..., C:]
+    got = from_bf16(dqkv).astype(np.float64)[..., C:]
+    bound = 2.0 ** -8 * (size + np.abs(got)) + 2.0 ** -20 * size.max()
+    worst = (np.abs(got - want) / bound).max()
+    assert worst <= 1, f"dk, dv: worst |error| / bound {worst:.2f}"
+
+
+def test_bf16_gqa_backward_is_deterministic():
+    """dk and dv sum a group's query heads inside one block, in a fixed order: no atomics, the same bits every run."""
+    qkv, dout = gqa_case(2, 130, 6, 2, 16, seed=4)
+    first, second = gqa_kernels(qkv, dout, 6, 2), gqa_kernels(qkv, dout, 6, 2)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(device.on_gpu() or not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="the emulator's checked mode watches shared memory on Linux x86-64")
+def test_bf16_gqa_kernels_have_no_races(monkeypatch):   # about 10 s on one core
+    """Checked mode: no data race or out-of-bounds access, the dk/dv kernel's prefetch of the next query head's
+    first tile (T = 65: two tiles per head) included."""
+    monkeypatch.setenv("LLMC_CHECK", "1")
+    qkv, dout = gqa_case(1, 65, 2, 1, 16, seed=2)
+    assert not np.isnan(from_bf16(gqa_kernels(qkv, dout, 2, 1)[2])).any()
+
+
+def test_bf16_gqa_refuses_bad_input():
+    qkv, dout = (to_device(a) for a in gqa_case(1, 8, 4, 2, 16, seed=0))      # (1, 8, 128), (1, 8, 64)
+    with pytest.raises(ValueError, match="NKV = 3 key/value heads must divide NH = 4"):
+        flash_attention_forward_bf16_cuda(qkv, 4, 3)
+    with pytest.raises(ValueError, match=r"\(B, T, \(NH \+ 2 NKV\) hs\) with NH = 4, NKV = 1"):
+        flash_attention_forward_bf16_cuda(qkv, 4, 1)                          # 128 columns are not 6 heads
+    with pytest.raises(ValueError, match="NKV .* must be a positive int"):
+        flash_attention_forward_bf16_cuda(qkv, 4, 2.0)
+    with pytest.raises(ValueError, match="head size hs = 8"):
+        flash_attention_forward_bf16_cuda(qkv, 8, 4)
+    with pytest.raises(ValueError, match=r"NH \* \(NH / NKV\) = 65536 exceeds 2\^15"):   # kv_head's limit
+        flash_attention_forward_bf16_cuda(to_device(np.zeros((1, 1, 258 * 16), np.uint16)), 256, 1)
+    out, lse = flash_attention_forward_bf16_cuda(qkv, 4, 2)
+    with pytest.raises(ValueError, match="must divide NH"):
+        flash_attention_backward_bf16_cuda(dout, qkv, out, lse, 4, NKV=3)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        flash_attention_backward_bf16_cuda(qkv[..., :32].copy(), qkv, out, lse, 4, NKV=2)
+    with pytest.raises(ValueError, match="dbias is summed for NKV = NH only"):
+        flash_attention_backward_bf16_cuda(dout, qkv, out, lse, 4, dbias=device.xp.zeros(128, np.float32), NKV=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not device.on_gpu(), reason="a large shape: minutes on the emulator")
+@pytest.mark.parametrize("NH,NKV", [(12, 4), (12, 1)])
+def test_bf16_gqa_large_on_the_gpu(NH, NKV):
+    check_gqa_against_float64(2, 1000, NH, NKV, 64, seed=NKV)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not device.on_gpu(), reason="registers are counted by the GPU's compiler")
+def test_bf16_kernels_registers_do_not_grow_with_the_group():
+    """kv_head divides by GROUP with a multiply and a shift, which the block-wide (uniform) registers can do: the
+    kernels of llama-124m (GROUP = 3) need no more registers a thread than GPT-2's (GROUP = 1). A division put the
+    head's addresses in per-thread registers: 166-168 instead of 128 for the dq kernel (ptxas -v, sm_90)."""
+    from llmc_lessons.layers.flash_attention import _bf16_kernel
+    for name in ("flash_attention_forward_bf16_kernel", "flash_attention_backward_dq_bf16_kernel",
+                 "flash_attention_backward_dkdv_bf16_kernel"):
+        kernels = (_bf16_kernel(name, 64, group).compile()._compiled() for group in (1, 3))   # CuPy's RawKernel
+        gpt2, llama = (k.attributes["num_regs"] for k in kernels)
+        assert llama <= gpt2 + 4, f"{name}: {llama} registers a thread at GROUP = 3, {gpt2} at GROUP = 1"
 
 
 def test_d_fragment_check(capsys):

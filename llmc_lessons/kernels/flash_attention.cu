@@ -181,7 +181,7 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Version 2: bf16 on the tensor cores (GPT2(precision="bf16") uses it).
+// Version 2: bf16 on the tensor cores (GPT2(precision="bf16") and Llama(precision="bf16") use it).
 //
 // The same algorithm, with every product on the tensor cores (mma.cuh: a warp computes a 16 x 8 tile of a
 // product per instruction). A block of 4 warps owns 64 rows: queries in the forward and the dq kernel, keys
@@ -192,19 +192,30 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 // so nothing is ever transposed in memory. The head size HS is a compile-time constant (-DHS=64 for GPT-2;
 // a multiple of 16), so every loop over it unrolls into registers.
 //
-// Layouts as version 1, in bf16: qkv (B, T, 3C) with its bias already added; out and dout (B, T, C); dqkv
-// (B, T, 3C) gets dq, dk and dv in place, ready for the qkv matmul's backward; lse (B, NH, T) float32 is L.
+// Layouts as version 1, in bf16, with grouped-query attention (lesson 16): NKV key/value heads, NKV dividing
+// NH. qkv (B, T, W), W = (NH + 2 NKV) HS, holds the NH query heads, then the NKV key heads, then the NKV value
+// heads along its last axis (W = 3C for GPT-2, NKV = NH), its bias already added. Query head h reads key/value
+// head h / GROUP (kv_head), found once at the start of a block; GROUP = NH / NKV is a compile-time constant like
+// HS (-DGROUP=1 for GPT-2). out and dout (B, T, C); dqkv (B, T, W) gets dq, dk and dv in place, ready for the
+// qkv matmul's backward; lse (B, NH, T) float32 is L.
 //
-// flash_attention_forward_bf16_kernel:       out, lse.
-// flash_attention_backward_dq_bf16_kernel:   dq, and D_i = dout_i . out_i, written for the next kernel.
-// flash_attention_backward_dkdv_bf16_kernel: dk, dv (launched second: it reads D).
-// Both also leave the column sums of the dqkv values they store (a row of partial (B * tiles, 3C) per block
+// flash_attention_forward_bf16_kernel:       out, lse; a block per (query tile, query head, b).
+// flash_attention_backward_dq_bf16_kernel:   dq, and D_i = dout_i . out_i, written for the next kernel; a block
+//                                            per (query tile, query head, b).
+// flash_attention_backward_dkdv_bf16_kernel: dk, dv (launched second: it reads D); a block per (key tile,
+//                                            key/value head, b) walks the GROUP query heads of its group
+//                                            in order and sums their dk and dv in registers: every key/value
+//                                            gradient has one block, so no atomics and a fixed order.
+// Both also leave the column sums of the dqkv values they store (a row of partial (B * tiles, W) per block
 // and part): summed over the rows by column_sum_add_kernel (layernorm.cu), that is the qkv bias's gradient, taken
 // without reading dqkv again.
 #include "mma.cuh"
 
 #ifndef HS
 #define HS 64
+#endif
+#ifndef GROUP
+#define GROUP 1                     // query heads per key/value head, NH / NKV (1 for GPT-2)
 #endif
 #define FA_ROWS 64                  // rows a block owns, and rows per tile
 #define FA_THREADS 128              // 4 warps x 16 rows
@@ -293,6 +304,13 @@ __device__ __forceinline__ float row_sum4(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The key/value head of query head h, h / GROUP, as a multiply and a shift: exact, and within an int, for
+// NH * GROUP <= 2^15 (the launcher checks it). A compiler's division by a constant uses a multiply-high that
+// only the per-thread datapath has; the block's head index and the addresses made from it would then sit in
+// per-thread registers instead of the block-wide (uniform) ones: 168 registers a thread for the dq kernel at
+// GROUP = 3, not 128 (ptxas -v, sm_90, CUDA 13.0), and one block fewer per multiprocessor.
+__device__ __forceinline__ int kv_head(int h) { return (h * ((65535 + GROUP) / GROUP)) >> 16; }
+
 // Write the warp's 16 x HS accumulator as bf16 rows row0 .. row0+15 of dst (ld apart), row g times scale0
 // and row g+8 times scale1; rows at or past T are skipped. colsum[n][e] gets the thread's share of the column
 // sums of what was written (column 8n + 2t + e, its two rows, the values as stored in bf16).
@@ -336,18 +354,21 @@ __device__ __forceinline__ void block_column_sums(float* partial, float colsum[H
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
 flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
                                     float* lse,         // (B, NH, T)
-                                    const bf16* qkv,    // (B, T, 3C)
-                                    int B, int T, int NH) {
+                                    const bf16* qkv,    // (B, T, W), W = (NH + 2 NKV) HS
+                                    int B, int T, int NH, int NKV) {
     __shared__ int4 smem[5 * TILE / 8];                 // q, then two buffers of (k, v)
     bf16* Qs = (bf16*)smem;
-    int C = NH * HS, tile = gridDim.x - 1 - blockIdx.x;  // the last rows first: they see the most keys
+    int C = NH * HS, W = (NH + 2 * NKV) * HS;
+    int tile = gridDim.x - 1 - blockIdx.x;              // the last rows first: they see the most keys
     int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;      // q of (b, 0, h); k at +C, v at +2C
+    const bf16* qbase = qkv + (long long)b * T * W + h * HS;                      // q of (b, 0, h)
+    const bf16* kbase = qkv + (long long)b * T * W + C + kv_head(h) * HS;         // k of its key/value head
+    const bf16* vbase = kbase + NKV * HS;                                         // and v
     int row0 = tile * FA_ROWS + warp * 16 + g, row1 = row0 + 8;      // my two query rows
-    stage_rows(Qs, base, tile * FA_ROWS, T, 3 * C);
+    stage_rows(Qs, qbase, tile * FA_ROWS, T, W);
     cp_async_commit();
-    stage_rows(Qs + TILE, base + C, 0, T, 3 * C);                     // key tile 0 into buffer 0
-    stage_rows(Qs + 2 * TILE, base + 2 * C, 0, T, 3 * C);
+    stage_rows(Qs + TILE, kbase, 0, T, W);                            // key tile 0 into buffer 0
+    stage_rows(Qs + 2 * TILE, vbase, 0, T, W);
     cp_async_commit();
     cp_async_wait<1>();                                              // q has arrived
     __syncthreads();
@@ -360,8 +381,8 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
         const bf16* Vs = Ks + TILE;
         if (kt < tile) {                          // start bringing in the next tile
             bf16* next = Qs + (1 + 2 * ((kt + 1) % 2)) * TILE;
-            stage_rows(next, base + C, (kt + 1) * FA_ROWS, T, 3 * C);
-            stage_rows(next + TILE, base + 2 * C, (kt + 1) * FA_ROWS, T, 3 * C);
+            stage_rows(next, kbase, (kt + 1) * FA_ROWS, T, W);
+            stage_rows(next + TILE, vbase, (kt + 1) * FA_ROWS, T, W);
         }
         cp_async_commit();
         cp_async_wait<1>();                       // this tile has arrived (the next may still be in flight)
@@ -424,25 +445,27 @@ __device__ __forceinline__ void softmax_grad(float s[4][4], float dp[4][4], Mask
 }
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
-flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the dq part
-                                        float* partial,      // (B * tiles, 3C): the dq part's column sums
+flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, W): the dq part
+                                        float* partial,      // (B * tiles, W): the dq part's column sums
                                         float* Dout,         // (B, NH, T): D_i = dout_i . out_i
                                         const bf16* dout,    // (B, T, C)
-                                        const bf16* qkv,     // (B, T, 3C)
+                                        const bf16* qkv,     // (B, T, W), W = (NH + 2 NKV) HS
                                         const bf16* out,     // (B, T, C)
                                         const float* lse,    // (B, NH, T)
-                                        int B, int T, int NH) {
+                                        int B, int T, int NH, int NKV) {
     __shared__ int4 smem[4 * TILE / 8];                 // two buffers of (k, v)
     bf16* S = (bf16*)smem;
-    int C = NH * HS, tile = gridDim.x - 1 - blockIdx.x;
+    int C = NH * HS, W = (NH + 2 * NKV) * HS, tile = gridDim.x - 1 - blockIdx.x;
     int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;
+    const bf16* qbase = qkv + (long long)b * T * W + h * HS;                      // q of (b, 0, h)
+    const bf16* kbase = qkv + (long long)b * T * W + C + kv_head(h) * HS;         // k of its key/value head
+    const bf16* vbase = kbase + NKV * HS;                                         // and v
     const bf16* dbase = dout + (long long)b * T * C + h * HS;
     long long bhT = ((long long)b * NH + h) * T;
     int first = tile * FA_ROWS + warp * 16, row0 = first + g, row1 = row0 + 8;
     // my rows of q, dout and out as A fragments, staged through the buffers before the loop needs them
     unsigned int qa[HS / 16][4], doa[HS / 16][4], oa[HS / 16][4];
-    stage_rows(S, base, tile * FA_ROWS, T, 3 * C);
+    stage_rows(S, qbase, tile * FA_ROWS, T, W);
     stage_rows(S + TILE, dbase, tile * FA_ROWS, T, C);
     stage_rows(S + 2 * TILE, out + (long long)b * T * C + h * HS, tile * FA_ROWS, T, C);
     cp_async_commit();
@@ -452,8 +475,8 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the 
     load_a_frags(doa, S + TILE + warp * 16 * S_LD);
     load_a_frags(oa, S + 2 * TILE + warp * 16 * S_LD);
     __syncthreads();
-    stage_rows(S, base + C, 0, T, 3 * C);         // key tile 0 into buffer 0
-    stage_rows(S + TILE, base + 2 * C, 0, T, 3 * C);
+    stage_rows(S, kbase, 0, T, W);                // key tile 0 into buffer 0
+    stage_rows(S + TILE, vbase, 0, T, W);
     cp_async_commit();
     float D[2] = {0.0f, 0.0f};                    // rowsum(dout * out): registers 0, 2 hold row g, 1, 3 row g+8
     for (int kk = 0; kk < HS / 16; kk++)
@@ -472,8 +495,8 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the 
         const bf16* Vs = Ks + TILE;
         if (kt < tile) {
             bf16* next = S + 2 * ((kt + 1) % 2) * TILE;
-            stage_rows(next, base + C, (kt + 1) * FA_ROWS, T, 3 * C);
-            stage_rows(next + TILE, base + 2 * C, (kt + 1) * FA_ROWS, T, 3 * C);
+            stage_rows(next, kbase, (kt + 1) * FA_ROWS, T, W);
+            stage_rows(next + TILE, vbase, (kt + 1) * FA_ROWS, T, W);
         }
         cp_async_commit();
         cp_async_wait<1>();
@@ -494,80 +517,84 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the 
     }
     const float scale = 1.0f / sqrtf((float)HS);
     float colsum[HS / 8][2];
-    store_rows(dqkv + (long long)b * T * 3 * C + h * HS, dq, scale, scale, first, T, 3 * C, colsum);
-    block_column_sums(partial + ((long long)b * gridDim.x + tile) * 3 * C + h * HS, colsum, (float*)smem);
+    store_rows(dqkv + (long long)b * T * W + h * HS, dq, scale, scale, first, T, W, colsum);
+    block_column_sums(partial + ((long long)b * gridDim.x + tile) * W + h * HS, colsum, (float*)smem);
 }
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
-flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, 3C): the dk and dv parts
-                                          float* partial,      // (B * tiles, 3C): their column sums
+flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the dk and dv parts
+                                          float* partial,      // (B * tiles, W): their column sums
                                           const bf16* dout,    // (B, T, C)
-                                          const bf16* qkv,     // (B, T, 3C)
+                                          const bf16* qkv,     // (B, T, W), W = (NH + 2 NKV) HS
                                           const float* lse,    // (B, NH, T)
                                           const float* Dq,     // (B, NH, T), from the dq kernel
-                                          int B, int T, int NH) {
+                                          int B, int T, int NH, int NKV) {
     __shared__ int4 smem[4 * TILE / 8];                 // two buffers of (q, dout)
     __shared__ float Ls[2][FA_ROWS], Ds[2][FA_ROWS];    // and of their rows' L (base 2) and D
     bf16* S = (bf16*)smem;
-    int C = NH * HS, tile = blockIdx.x;           // key tile; the first ones see the most queries
-    int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const bf16* base = qkv + (long long)b * T * 3 * C + h * HS;
-    const bf16* dbase = dout + (long long)b * T * C + h * HS;
-    long long bhT = ((long long)b * NH + h) * T;
+    int C = NH * HS, W = (NH + 2 * NKV) * HS, tile = blockIdx.x;   // key tile; the first ones see the most queries
+    int kvh = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    int h0 = kvh * GROUP;                         // query heads h0 .. h0 + GROUP - 1 read key/value head kvh
+    const bf16* kbase = qkv + (long long)b * T * W + C + kvh * HS;   // k of (b, 0, kvh); v at + NKV HS
     int first = tile * FA_ROWS + warp * 16, key0 = first + g, key1 = key0 + 8;   // my two key rows
     unsigned int ka[HS / 16][4], va[HS / 16][4];
-    stage_rows(S, base + C, tile * FA_ROWS, T, 3 * C);
-    stage_rows(S + TILE, base + 2 * C, tile * FA_ROWS, T, 3 * C);
+    stage_rows(S, kbase, tile * FA_ROWS, T, W);
+    stage_rows(S + TILE, kbase + NKV * HS, tile * FA_ROWS, T, W);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
     load_a_frags(ka, S + warp * 16 * S_LD);
     load_a_frags(va, S + TILE + warp * 16 * S_LD);
     __syncthreads();
-    auto stage = [&](int qt) {                    // query tile qt (q, dout, L, D) into buffer (qt - tile) % 2
-        int buf = (qt - tile) % 2, q0 = qt * FA_ROWS;
-        stage_rows(S + 2 * buf * TILE, base, q0, T, 3 * C);
-        stage_rows(S + (2 * buf + 1) * TILE, dbase, q0, T, C);
+    auto stage = [&](int h, int qt, int buf) {    // query tile qt of head h (q, dout, L, D) into buffer buf
+        int q0 = qt * FA_ROWS;
+        long long bhT = ((long long)b * NH + h) * T;
+        stage_rows(S + 2 * buf * TILE, qkv + (long long)b * T * W + h * HS, q0, T, W);
+        stage_rows(S + (2 * buf + 1) * TILE, dout + (long long)b * T * C + h * HS, q0, T, C);
         if (threadIdx.x < FA_ROWS) {
             int row = q0 + threadIdx.x;
             Ls[buf][threadIdx.x] = row < T ? lse[bhT + row] * LOG2E : 0.0f;
             Ds[buf][threadIdx.x] = row < T ? Dq[bhT + row] : 0.0f;
         }
     };
-    stage(tile);
+    stage(h0, tile, 0);
     cp_async_commit();
     float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
-    for (int qt = tile; qt < (int)gridDim.x; qt++) {
-        int buf = (qt - tile) % 2, q0 = qt * FA_ROWS;
-        const bf16* Qs = S + 2 * buf * TILE;
-        const bf16* dOs = Qs + TILE;
-        if (qt + 1 < (int)gridDim.x) stage(qt + 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        for (int half = 0; half < 2; half++) {    // 32 queries at a time
-            int c0 = 32 * half;
-            float st[4][4], dpt[4][4];            // s^T (my 16 keys x 32 queries) and dp^T
-            mma_rows<4>(st, ka, Qs + c0 * S_LD);   // s^T = k q^T
-            mma_rows<4>(dpt, va, dOs + c0 * S_LD); // dp^T = v do^T
-            auto col = [&](int n, int i) { return c0 + 8 * n + 2 * t + (i & 1); };   // query within the tile
-            auto masked = [&](int n, int i) { int q = q0 + col(n, i); return q >= T || q < (i < 2 ? key0 : key1); };
-            auto rowL = [&](int n, int i) { return Ls[buf][col(n, i)]; };
-            auto rowD = [&](int n, int i) { return Ds[buf][col(n, i)]; };
-            if (qt == tile || q0 + FA_ROWS > T) softmax_grad<true>(st, dpt, masked, rowL, rowD);  // diagonal, or past T
-            else softmax_grad<false>(st, dpt, masked, rowL, rowD);
-            mma_cols<2>(dv, st, dOs, c0);         // dv += p^T do
-            mma_cols<2>(dk, dpt, Qs, c0);         // dk += ds^T q
+    int buf = 0;                                  // the buffer this step reads; the next tile goes to buf ^ 1
+    for (int h = h0; h < h0 + GROUP; h++) {       // the group's query heads in order: dk, dv sum over them here
+        for (int qt = tile; qt < (int)gridDim.x; qt++, buf ^= 1) {
+            int q0 = qt * FA_ROWS;
+            const bf16* Qs = S + 2 * buf * TILE;
+            const bf16* dOs = Qs + TILE;
+            bool last = qt + 1 == (int)gridDim.x;  // next: this head's next tile, or the next head's first
+            if (!last || h + 1 < h0 + GROUP) stage(last ? h + 1 : h, last ? tile : qt + 1, buf ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+            __syncthreads();
+            for (int half = 0; half < 2; half++) {    // 32 queries at a time
+                int c0 = 32 * half;
+                float st[4][4], dpt[4][4];            // s^T (my 16 keys x 32 queries) and dp^T
+                mma_rows<4>(st, ka, Qs + c0 * S_LD);   // s^T = k q^T
+                mma_rows<4>(dpt, va, dOs + c0 * S_LD); // dp^T = v do^T
+                auto col = [&](int n, int i) { return c0 + 8 * n + 2 * t + (i & 1); };   // query within the tile
+                auto masked = [&](int n, int i) { int q = q0 + col(n, i); return q >= T || q < (i < 2 ? key0 : key1); };
+                auto rowL = [&](int n, int i) { return Ls[buf][col(n, i)]; };
+                auto rowD = [&](int n, int i) { return Ds[buf][col(n, i)]; };
+                if (qt == tile || q0 + FA_ROWS > T) softmax_grad<true>(st, dpt, masked, rowL, rowD);  // diagonal, or past T
+                else softmax_grad<false>(st, dpt, masked, rowL, rowD);
+                mma_cols<2>(dv, st, dOs, c0);         // dv += p^T do
+                mma_cols<2>(dk, dpt, Qs, c0);         // dk += ds^T q
+            }
+            __syncthreads();
         }
-        __syncthreads();
     }
     const float scale = 1.0f / sqrtf((float)HS);
-    bf16* drow = dqkv + (long long)b * T * 3 * C + h * HS;
+    bf16* drow = dqkv + (long long)b * T * W + C + kvh * HS;   // dk of (b, 0, kvh); dv at + NKV HS
     float colsum[HS / 8][2];
-    float* prow = partial + ((long long)b * gridDim.x + tile) * 3 * C + h * HS;
-    store_rows(drow + C, dk, scale, scale, first, T, 3 * C, colsum);
-    block_column_sums(prow + C, colsum, (float*)smem);
+    float* prow = partial + ((long long)b * gridDim.x + tile) * W + C + kvh * HS;
+    store_rows(drow, dk, scale, scale, first, T, W, colsum);
+    block_column_sums(prow, colsum, (float*)smem);
     __syncthreads();                              // the shared sums are read before they are written again
-    store_rows(drow + 2 * C, dv, 1.0f, 1.0f, first, T, 3 * C, colsum);
-    block_column_sums(prow + 2 * C, colsum, (float*)smem);
+    store_rows(drow + NKV * HS, dv, 1.0f, 1.0f, first, T, W, colsum);
+    block_column_sums(prow + NKV * HS, colsum, (float*)smem);
 }

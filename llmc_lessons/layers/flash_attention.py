@@ -4,7 +4,8 @@ The forward walks the keys in tiles and keeps, per query row, a running maximum 
 output accumulator o (the online softmax); it returns out (B, T, C), as lesson 05's attention, and
 L = m + log(l) (B, NH, T) instead of att. The backward recomputes each probability from L.
 
-Version 2 (the last section) runs the same algorithm in bf16 on the tensor cores; the bf16 model uses it.
+Version 2 (the last section) runs the same algorithm in bf16 on the tensor cores, and takes NKV <= NH key/value
+heads (grouped-query attention, lesson 16) without copying them; the bf16 GPT-2 and LLaMA-style models use it.
 """
 from __future__ import annotations
 
@@ -132,51 +133,67 @@ def mma_bf16_16816_cuda(A, B, C):
     return D, regs
 
 
-def _check_bf16(qkv, NH, where):
+def _check_bf16(qkv, NH, where, NKV=None):
+    """(B, T, C, hs, NKV) of qkv (B, T, (NH + 2 NKV) hs) bf16 (NKV None: NH), or a clear error."""
     require_bf16_array("qkv", qkv, (None, None, None))
-    B, T, C, hs = _sizes(qkv, NH, where)
+    B, T, C, hs = _sizes(qkv, NH, where, NKV)
     if hs not in BF16_HEAD_SIZES:
         raise ValueError(f"{where}: head size hs = {hs} is not one of {BF16_HEAD_SIZES}: the tensor-core kernels "
                          f"work on 16-wide pieces of a head and keep their tiles in 48 KiB of shared memory")
-    return B, T, C, hs
+    NKV = int(NH if NKV is None else NKV)
+    if NH * (NH // NKV) > 2 ** 15:
+        raise ValueError(f"{where}: NH * (NH / NKV) = {NH * (NH // NKV)} exceeds 2^15, where the kernels' "
+                         f"multiply-and-shift division h / (NH / NKV) (kv_head) stops being exact")
+    return B, T, C, hs, NKV
 
 
-def _bf16_kernel(name, hs):
-    return load_kernel("flash_attention.cu", name, (f"-DHS={hs}",))
+def _bf16_kernel(name, hs, group=1):
+    """The kernel compiled for head size hs and group = NH / NKV query heads per key/value head."""
+    return load_kernel("flash_attention.cu", name, (f"-DHS={hs}", f"-DGROUP={group}"))
 
 
-def flash_attention_forward_bf16_cuda(qkv, NH):
-    """qkv (B, T, 3C) bf16, its bias added -> out (B, T, C) bf16 and lse (B, NH, T) float32 (L), on the
-    tensor cores; nothing of size T x T is made."""
-    B, T, C, hs = _check_bf16(qkv, NH, "flash_attention_forward_bf16_cuda")
-    xp = device.xp
-    out, lse = xp.empty((B, T, C), np.uint16), xp.empty((B, int(NH), T), np.float32)
+def flash_attention_forward_bf16_cuda(qkv, NH, NKV=None):
+    """qkv (B, T, (NH + 2 NKV) hs) bf16, its bias added -> out (B, T, C) bf16 and lse (B, NH, T) float32 (L), on
+    the tensor cores; nothing of size T x T is made. NKV key/value heads (None: NKV = NH, qkv is (B, T, 3C)):
+    query head h reads key/value head h // (NH / NKV) where it lies, with no copy (grouped-query attention)."""
+    B, T, C, hs, NKV = _check_bf16(qkv, NH, "flash_attention_forward_bf16_cuda", NKV)
+    NH, xp = int(NH), device.xp
+    out, lse = xp.empty((B, T, C), np.uint16), xp.empty((B, NH, T), np.float32)
     if B * T:
-        _bf16_kernel("flash_attention_forward_bf16_kernel", hs)(
-            (-(-T // FA_ROWS), int(NH), B), (FA_THREADS,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH)))
+        _bf16_kernel("flash_attention_forward_bf16_kernel", hs, NH // NKV)(
+            (-(-T // FA_ROWS), NH, B), (FA_THREADS,),
+            (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV)))
     return out, lse
 
 
-def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None):
-    """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv (B, T, 3C) bf16: dq, dk, dv. dbias (3C,)
-    float32, if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the values
-    they store, a row of partial sums per block, and one column_sum_add_cuda launch adds the rows in order."""
-    B, T, C, hs = _check_bf16(qkv, NH, "flash_attention_backward_bf16_cuda")
+def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=None):
+    """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv bf16, laid out as qkv (B, T, (NH + 2 NKV) hs):
+    dq, dk, dv. A key/value head's dk and dv sum over its group's query heads in one block, in a fixed order.
+    dbias (3C,) float32, if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the
+    values they store, a row of partial sums per block (partial is as wide as dqkv), and one
+    column_sum_add_cuda launch adds the rows in order. That launch adds three parts of equal width, so dbias
+    needs NKV = NH (GPT-2's qkv bias; the LLaMA-style model has none)."""
+    where = "flash_attention_backward_bf16_cuda"
+    B, T, C, hs, NKV = _check_bf16(qkv, NH, where, NKV)
+    NH = int(NH)
     require_bf16_array("dout", dout, (B, T, C))
     require_bf16_array("out", out, (B, T, C))
     device.require_array("lse", lse, shape=(B, NH, T))
     if dbias is not None:
+        if NKV != NH:
+            raise ValueError(f"{where}: dbias is summed for NKV = NH only (column_sum_add_cuda adds three parts "
+                             f"of equal width), got NKV = {NKV}, NH = {NH}")
         device.require_array("dbias", dbias, shape=(3 * C,))
     xp = device.xp
-    tiles = -(-T // FA_ROWS)
-    dqkv, D = xp.empty((B, T, 3 * C), np.uint16), xp.empty((B, int(NH), T), np.float32)
-    partial = xp.empty((B * tiles, 3 * C), np.float32)
+    tiles, W = -(-T // FA_ROWS), (NH + 2 * NKV) * hs
+    dqkv, D = xp.empty((B, T, W), np.uint16), xp.empty((B, NH, T), np.float32)
+    partial = xp.empty((B * tiles, W), np.float32)
     if B * T:
-        grid, sizes = (tiles, int(NH), B), (np.int32(B), np.int32(T), np.int32(NH))
-        _bf16_kernel("flash_attention_backward_dq_bf16_kernel", hs)(
-            grid, (FA_THREADS,), (dqkv, partial, D, dout, qkv, out, lse, *sizes))
-        _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel", hs)(
-            grid, (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
+        sizes = (np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV))
+        _bf16_kernel("flash_attention_backward_dq_bf16_kernel", hs, NH // NKV)(
+            (tiles, NH, B), (FA_THREADS,), (dqkv, partial, D, dout, qkv, out, lse, *sizes))
+        _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel", hs, NH // NKV)(   # a block per key/value head
+            (tiles, NKV, B), (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
         if dbias is not None:
             column_sum_add_cuda(dbias[:C], dbias[C:2 * C], dbias[2 * C:], partial)
     return dqkv
