@@ -80,8 +80,7 @@ __device__ __forceinline__ unsigned int tf32_bits(float x) {
     return r;
 #else
     unsigned int u = __float_as_uint(x);
-    if ((u & 0x7f800000u) != 0x7f800000u) u += 0x1000u;
-    return u & 0xffffe000u;
+    return (u & 0x7f800000u) == 0x7f800000u ? u : (u + 0x1000u) & 0xffffe000u;
 #endif
 }
 

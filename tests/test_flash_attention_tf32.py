@@ -1,0 +1,175 @@
+"""Flash attention version 3 (TF32 on the tensor cores, for the fp32 model): the m16n8k8 fragment layouts, the
+kernels against the float64 reference at awkward sizes with grouped key/value heads, determinism, bad input."""
+import numpy as np
+import pytest
+
+from llmc_lessons import device
+from llmc_lessons.checks import poisoned
+from llmc_lessons.cuda import load_kernel
+from llmc_lessons.device import to_device, to_host
+from llmc_lessons.layers.attention import attention_backward, attention_forward, repkv_backward, repkv_forward
+from llmc_lessons.layers.flash_attention import (flash_attention_backward_tf32_cuda, flash_attention_forward,
+                                                 flash_attention_forward_tf32_cuda, mma_tf32_1688_cuda)
+from llmc_lessons.precision import round_tf32
+
+
+def test_round_tf32_keeps_10_mantissa_bits_ties_away_from_zero():
+    one = np.float32(1.0)
+    ulp = np.float32(2.0 ** -10)              # TF32's last mantissa bit at 1.0
+    x = np.array([1 + ulp / 2, -(1 + ulp / 2), 1 + ulp / 2 - 2 ** -20, 1 + 3 * ulp / 2, np.inf, np.nan], np.float32)
+    got = round_tf32(x)
+    np.testing.assert_array_equal(got[:4], [one + ulp, -(one + ulp), one, one + 2 * ulp])
+    assert got[4] == np.inf and np.isnan(got[5])
+    assert not (round_tf32(np.random.default_rng(0).standard_normal(100)).view(np.uint32) & 0x1FFF).any()
+
+
+@pytest.mark.parametrize("options", [(), ("-DLLMC_MMA_SHUFFLE",)])   # on a GPU: the PTX instructions, and
+def test_mma_tf32_fragment_layout(options):                              # the shuffles the emulator runs
+    gen = np.random.default_rng(3)
+    A, B, C = (gen.standard_normal(s).astype(np.float32) for s in ((16, 8), (8, 8), (16, 8)))
+    D, regs = poisoned((16, 8)), poisoned((32, 4))
+    load_kernel("flash_attention_tf32.cu", "mma_tf32_1688_kernel", ("-DHS=8", *options))(
+        (1,), (32,), (D, regs, *(to_device(x) for x in (A, B, C))))
+    want = round_tf32(A).astype(np.float64) @ round_tf32(B).astype(np.float64) + C
+    # the inputs rounded to TF32, the products exact, the sums in float32: far closer than TF32's 2^-11 steps
+    np.testing.assert_allclose(to_host(D), want, rtol=2e-6, atol=2e-6)
+    assert np.abs(A.astype(np.float64) @ B + C - want).max() > 1e-4   # so rounding the inputs is seen
+    lane = np.arange(32)[:, None]
+    rows, cols = lane // 4 + 8 * (np.arange(4) >= 2), 2 * (lane % 4) + np.arange(4) % 2
+    np.testing.assert_array_equal(to_host(regs), to_host(D)[rows, cols])
+
+
+def test_mma_tf32_launcher():
+    gen = np.random.default_rng(4)
+    A, B, C = (gen.standard_normal(s).astype(np.float32) for s in ((16, 8), (8, 8), (16, 8)))
+    D, _ = mma_tf32_1688_cuda(*(to_device(x) for x in (A, B, C)))
+    np.testing.assert_allclose(to_host(D), round_tf32(A).astype(np.float64) @ round_tf32(B) + C, rtol=2e-6,
+                               atol=2e-6)
+    with pytest.raises(ValueError, match="B must have shape"):
+        mma_tf32_1688_cuda(to_device(A), to_device(A), to_device(C))
+
+
+def case(B, T, NH, NKV, hs, seed):
+    """qkv (B, T, (NH + 2 NKV) hs) and dout (B, T, NH hs), float32."""
+    gen = np.random.default_rng(seed)
+    qkv = (gen.standard_normal((B, T, (NH + 2 * NKV) * hs)) * 1.5).astype(np.float32)
+    return qkv, gen.standard_normal((B, T, NH * hs)).astype(np.float32)
+
+
+def rel(got, want, floor=0.0):
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), floor)
+
+
+# T in {1, 37, 130}: one key, a partial tile, several tiles with a partial last one; (NH, NKV): multi-head,
+# groups of 2, one key/value head for all (multi-query); hs in {8, 24, 64}
+SHAPES = [(1, 1, 3, 3, 8), (2, 37, 4, 2, 24), (1, 130, 6, 1, 64), (1, 130, 3, 3, 24), (2, 37, 6, 1, 8),
+          (1, 70, 4, 2, 64)]
+
+
+@pytest.mark.parametrize("B,T,NH,NKV,hs", SHAPES)
+def test_tf32_kernels_match_the_float64_reference(B, T, NH, NKV, hs, poisoned_allocations):
+    qkv, dout = case(B, T, NH, NKV, hs, seed=T + hs + NKV)
+    x = qkv.astype(np.float64)
+    ref_out, att = attention_forward(x, NH, NKV)
+    _, ref_L = flash_attention_forward(repkv_forward(x, NH, NKV), NH)
+    out, lse = flash_attention_forward_tf32_cuda(to_device(qkv), NH, NKV)
+    got = to_host(out).astype(np.float64)
+    assert not np.isnan(got).any() and not np.isnan(to_host(lse)).any(), "some outputs were never written"
+    # TF32 keeps 11 significant bits: a relative error of a few 2^-12 in each product, averaged over the sums
+    assert rel(got, ref_out) < 2e-3, rel(got, ref_out)
+    np.testing.assert_allclose(to_host(lse), ref_L, atol=2e-2, rtol=2e-3)
+    dqkv = to_host(flash_attention_backward_tf32_cuda(to_device(dout), to_device(qkv), out, lse, NH, NKV))
+    assert dqkv.shape == qkv.shape and not np.isnan(dqkv).any(), "some gradients were never written"
+    want = attention_backward(dout.astype(np.float64), x, att, NH, NKV)
+    C, KV = NH * hs, NKV * hs
+    floor = np.linalg.norm(want) / 10    # dq and dk are 0 at T = 1 (one key: the softmax is constant)
+    for name, cols in (("dq", slice(0, C)), ("dk", slice(C, C + KV)), ("dv", slice(C + KV, None))):
+        e = rel(dqkv[..., cols], want[..., cols], floor)
+        assert e < 5e-3, f"{name}: relative error {e:.1e}"
+
+
+def test_tf32_kernels_are_deterministic():
+    qkv, dout = case(2, 100, 4, 2, 16, seed=5)
+    q, d = to_device(qkv), to_device(dout)
+    runs = []
+    for _ in range(2):
+        out, lse = flash_attention_forward_tf32_cuda(q, 4, 2)
+        runs.append([to_host(a) for a in (out, lse, flash_attention_backward_tf32_cuda(d, q, out, lse, 4, 2))])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_grouped_heads_equal_copied_heads():
+    """Reading a group's key/value head in place gives what copying it to every query head (repkv) gives: the
+    forward bit for bit (the same products), the backward's dk and dv as the sum over the group's copies."""
+    B, T, NH, NKV, hs = 1, 45, 6, 2, 16
+    qkv, dout = case(B, T, NH, NKV, hs, seed=9)
+    rep = repkv_forward(qkv, NH, NKV).astype(np.float32)
+    out_g, lse_g = flash_attention_forward_tf32_cuda(to_device(qkv), NH, NKV)
+    out_r, lse_r = flash_attention_forward_tf32_cuda(to_device(rep), NH)
+    np.testing.assert_array_equal(to_host(out_g), to_host(out_r))
+    np.testing.assert_array_equal(to_host(lse_g), to_host(lse_r))
+    d_g = flash_attention_backward_tf32_cuda(to_device(dout), to_device(qkv), out_g, lse_g, NH, NKV)
+    d_r = flash_attention_backward_tf32_cuda(to_device(dout), to_device(rep), out_r, lse_r, NH)
+    np.testing.assert_allclose(to_host(d_g), repkv_backward(to_host(d_r), NH, NKV), rtol=1e-5, atol=1e-5)
+
+
+def test_tf32_flash_attention_refuses_bad_input():
+    qkv, dout = case(1, 8, 2, 2, 16, seed=0)
+    q, d = to_device(qkv), to_device(dout)
+    with pytest.raises(TypeError, match="float32"):
+        flash_attention_forward_tf32_cuda(to_device(qkv.astype(np.float64)), 2)
+    with pytest.raises(TypeError, match="NumPy array in host memory" if device.on_gpu() else "a NumPy array"):
+        flash_attention_forward_tf32_cuda(qkv.tolist(), 2)
+    with pytest.raises(ValueError, match="head size hs = 4"):
+        flash_attention_forward_tf32_cuda(q, 8)
+    with pytest.raises(ValueError, match="head size hs = 96"):
+        flash_attention_forward_tf32_cuda(to_device(np.zeros((1, 4, 3 * 96), np.float32)), 1)
+    with pytest.raises(ValueError, match="do not split into NH = 5"):
+        flash_attention_forward_tf32_cuda(q, 5)
+    with pytest.raises(ValueError, match="NKV = 3 key/value heads must divide NH = 4"):
+        flash_attention_forward_tf32_cuda(to_device(np.zeros((1, 4, 10 * 8), np.float32)), 4, 3)
+    with pytest.raises(ValueError, match="NH .* must be a positive int"):
+        flash_attention_forward_tf32_cuda(q, 2.0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        flash_attention_forward_tf32_cuda(to_device(np.zeros((1, 96, 8), np.float32)).transpose(0, 2, 1), 2)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        flash_attention_forward_tf32_cuda(to_device(np.zeros(8 * 96 + 1, np.float32))[1:].reshape(1, 8, 96), 2)
+    out, lse = flash_attention_forward_tf32_cuda(q, 2)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        flash_attention_backward_tf32_cuda(d, q, out, lse[:, :1].copy(), 2)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        flash_attention_backward_tf32_cuda(d[:, :4].copy(), q, out, lse, 2)
+    with pytest.raises(TypeError, match="float32"):
+        flash_attention_backward_tf32_cuda(d, q, out.astype(np.float64), lse, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("NH,NKV", [(12, 12), (12, 4)])
+def test_tf32_kernels_at_gpt2_size_on_the_gpu(NH, NKV, poisoned_allocations):
+    """GPT-2 small's attention (T = 1024, hs = 64), and the LLaMA-style model's grouped heads."""
+    if not device.on_gpu():
+        pytest.skip("needs a GPU")
+    B, T, hs = 2, 1024, 64
+    qkv, dout = case(B, T, NH, NKV, hs, seed=11)
+    x = qkv.astype(np.float64)
+    ref_out, att = attention_forward(x, NH, NKV)
+    out, lse = flash_attention_forward_tf32_cuda(to_device(qkv), NH, NKV)
+    assert rel(to_host(out).astype(np.float64), ref_out) < 2e-3
+    want = attention_backward(dout.astype(np.float64), x, att, NH, NKV)
+    got = to_host(flash_attention_backward_tf32_cuda(to_device(dout), to_device(qkv), out, lse, NH, NKV))
+    assert rel(got, want) < 5e-3
+
+
+@pytest.mark.gpu
+def test_tf32_kernels_same_with_shuffle_mma_on_the_gpu():
+    if not device.on_gpu():
+        pytest.skip("on a CPU both versions are the shuffle version")
+    B, T, NH, hs = 2, 200, 2, 64
+    qkv = to_device(case(B, T, NH, NH, hs, seed=7)[0])
+    out, lse = flash_attention_forward_tf32_cuda(qkv, NH)
+    out2, lse2 = poisoned((B, T, NH * hs)), poisoned((B, NH, T))
+    load_kernel("flash_attention_tf32.cu", "flash_attention_forward_tf32_kernel", (f"-DHS={hs}", "-DLLMC_MMA_SHUFFLE"))(
+        (4, NH, B), (128,), (out2, lse2, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NH)))
+    np.testing.assert_allclose(to_host(out2), to_host(out), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(to_host(lse2), to_host(lse), atol=1e-5)
