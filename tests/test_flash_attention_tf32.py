@@ -3,13 +3,15 @@ kernels against the float64 reference at awkward sizes with grouped key/value he
 import numpy as np
 import pytest
 
-from llmc_lessons import device
+from llmc_lessons import device, parts, paths
 from llmc_lessons.checks import poisoned
-from llmc_lessons.cuda import load_kernel
+from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.layers.attention import attention_backward, attention_forward, repkv_backward, repkv_forward
 from llmc_lessons.layers.flash_attention import (flash_attention_backward_tf32_cuda, flash_attention_forward,
                                                  flash_attention_forward_tf32_cuda, mma_tf32_1688_cuda)
+from llmc_lessons.model import GPT2
+from llmc_lessons.parameters import GPT2Config
 from llmc_lessons.precision import round_tf32
 
 
@@ -173,3 +175,61 @@ def test_tf32_kernels_same_with_shuffle_mma_on_the_gpu():
         (4, NH, B), (128,), (out2, lse2, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NH)))
     np.testing.assert_allclose(to_host(out2), to_host(out), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(to_host(lse2), to_host(lse), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fp32 model: its kernel path takes version 3 when TF32 matmuls are on (always off on a CPU: the tests
+# switch it on for the path's decision)
+
+TINY = GPT2Config(max_seq_len=48, vocab_size=37, padded_vocab_size=40, num_layers=2, num_heads=2, channels=48)  # hs 24
+SOFTMAX = "attention.cu:softmax_forward_kernel"
+
+
+def step(config, backend="kernels", tf32=False, recompute=0, model_parts=None, seed=0):
+    """One forward and backward on a fixed batch -> (mean loss, gradients on the host, the first block's cache)."""
+    gen = np.random.default_rng(1)
+    idx, targets = (gen.integers(0, config.vocab_size, (2, 45)) for _ in range(2))
+    model = GPT2(config, seed=seed, backend=backend, parts=model_parts)
+    model.recompute = recompute
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(paths, "tf32_enabled", lambda: tf32)
+        model.forward(idx, targets)
+        cache = dict(model._cache["block_caches"][0]) if backend == "kernels" else None
+        model.zero_grad()
+        model.backward()
+    return model.mean_loss, device.to_host(model.grads_memory).copy(), cache
+
+
+def test_the_fp32_kernel_path_takes_tf32_flash_attention_when_tf32_is_on():
+    loss, grads, cache = step(TINY, tf32=True)
+    assert "lse" in cache and "att" not in cache, "with TF32 on, the cache holds L, not the T x T matrix"
+    ref_loss, ref_grads, _ = step(TINY, backend="numpy")
+    l05_loss, l05_grads, l05_cache = step(TINY, tf32=False)
+    assert "att" in l05_cache and "lse" not in l05_cache, "with TF32 off, lesson 05's exact attention"
+    for other_loss, other_grads in ((ref_loss, ref_grads), (l05_loss, l05_grads)):
+        assert abs(loss - other_loss) < 1e-4 * abs(other_loss)
+        assert rel(grads, other_grads) < 2e-3, rel(grads, other_grads)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_recomputation_with_tf32_flash_attention(level):
+    loss, grads, _ = step(TINY, tf32=True)
+    loss_r, grads_r, cache = step(TINY, tf32=True, recompute=level)
+    assert "lse" in cache and loss_r == loss
+    np.testing.assert_array_equal(grads_r, grads)
+
+
+def test_a_head_size_the_kernels_do_not_take_keeps_lesson_05():
+    odd = GPT2Config(max_seq_len=48, vocab_size=37, padded_vocab_size=40, num_layers=1, num_heads=2, channels=20)
+    assert "att" in step(odd, tf32=True)[2]
+
+
+def test_the_students_softmax_kernel_keeps_lesson_05s_attention(monkeypatch):
+    """Exercise 5.3's kernel runs inside lesson 05's attention: with it as a part, TF32 on does not replace it."""
+    from llmc_lessons import cuda
+    launched, compile_theirs = set(), cuda._replacement_kernel
+    monkeypatch.setattr(cuda, "_replacement_kernel",
+                        lambda code, name, options: launched.add(name) or compile_theirs(code, name, options))
+    theirs = {SOFTMAX: parts.Part(parts.BY_KEY[SOFTMAX], kernel_source("attention.cu"))}
+    _, _, cache = step(TINY, tf32=True, model_parts=theirs)
+    assert "att" in cache and launched == {"softmax_forward_kernel"}
