@@ -10,6 +10,7 @@ from llmc_lessons.device import to_device, to_host
 from llmc_lessons.layers.attention import attention_backward, attention_forward, repkv_backward, repkv_forward
 from llmc_lessons.layers.flash_attention import (flash_attention_backward_tf32_cuda, flash_attention_forward,
                                                  flash_attention_forward_tf32_cuda, mma_tf32_1688_cuda)
+from llmc_lessons.llama import Llama, LlamaConfig
 from llmc_lessons.model import GPT2
 from llmc_lessons.parameters import GPT2Config
 from llmc_lessons.precision import round_tf32
@@ -185,11 +186,11 @@ TINY = GPT2Config(max_seq_len=48, vocab_size=37, padded_vocab_size=40, num_layer
 SOFTMAX = "attention.cu:softmax_forward_kernel"
 
 
-def step(config, backend="kernels", tf32=False, recompute=0, model_parts=None, seed=0):
+def step(config, backend="kernels", tf32=False, recompute=0, model_parts=None, seed=0, model_class=GPT2):
     """One forward and backward on a fixed batch -> (mean loss, gradients on the host, the first block's cache)."""
     gen = np.random.default_rng(1)
     idx, targets = (gen.integers(0, config.vocab_size, (2, 45)) for _ in range(2))
-    model = GPT2(config, seed=seed, backend=backend, parts=model_parts)
+    model = model_class(config, seed=seed, backend=backend, parts=model_parts)
     model.recompute = recompute
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(paths, "tf32_enabled", lambda: tf32)
@@ -233,3 +234,15 @@ def test_the_students_softmax_kernel_keeps_lesson_05s_attention(monkeypatch):
     theirs = {SOFTMAX: parts.Part(parts.BY_KEY[SOFTMAX], kernel_source("attention.cu"))}
     _, _, cache = step(TINY, tf32=True, model_parts=theirs)
     assert "att" in cache and launched == {"softmax_forward_kernel"}
+
+
+def test_the_llama_kernel_path_reads_the_grouped_heads_in_place_when_tf32_is_on():
+    config = LlamaConfig.from_name("llama-tiny")           # NH = 4, NKV = 2, hs = 16
+    loss, grads, cache = step(config, tf32=True, model_class=Llama)
+    assert "lse" in cache and "att" not in cache
+    ref_loss, ref_grads, _ = step(config, backend="numpy", model_class=Llama)
+    l05_loss, l05_grads, l05_cache = step(config, tf32=False, model_class=Llama)
+    assert "att" in l05_cache
+    for other_loss, other_grads in ((ref_loss, ref_grads), (l05_loss, l05_grads)):
+        assert abs(loss - other_loss) < 1e-4 * abs(other_loss)
+        assert rel(grads, other_grads) < 2e-3, rel(grads, other_grads)
