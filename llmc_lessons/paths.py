@@ -171,13 +171,18 @@ class Fp32KernelPath(NumpyPath):
         return (encoder, 2 if theirs("matmul.cu:matmul_kernel2") else model.matmul_version,
                 1 if theirs("gelu.cu:gelu_forward_kernel1") else 2)
 
+    def __init__(self, parts: dict | None = None):
+        super().__init__(parts)
+        softmax = self.parts.get("attention.cu:softmax_forward_kernel")
+        # the student's softmax kernel (Exercise 5.3) runs inside lesson 05's attention: keep it where it is a part
+        # (and in the reference trained beside it, llmc_lessons.your_model)
+        self.keep_lesson05_attention = softmax is not None and softmax.theirs
+
     def flash_tf32(self, model) -> bool:
         """Whether attention runs as TF32 flash attention (lesson 13, version 3) rather than lesson 05's kernels: when
-        TF32 matmuls are on (its products are TF32, as cuBLAS's then are) and the kernels take the head size; not
-        when the student's softmax kernel (Exercise 5.3) is a part, which runs inside lesson 05's attention."""
-        softmax = self.parts.get("attention.cu:softmax_forward_kernel")
-        theirs = softmax is not None and softmax.theirs
-        return tf32_enabled() and model.config.head_size in TF32_HEAD_SIZES and not theirs
+        TF32 matmuls are on (its products are TF32, as cuBLAS's then are), the kernels take the head size, and no
+        student's softmax kernel asks for lesson 05's (keep_lesson05_attention)."""
+        return tf32_enabled() and model.config.head_size in TF32_HEAD_SIZES and not self.keep_lesson05_attention
 
     @property
     def xp(self):

@@ -246,3 +246,13 @@ def test_the_llama_kernel_path_reads_the_grouped_heads_in_place_when_tf32_is_on(
     for other_loss, other_grads in ((ref_loss, ref_grads), (l05_loss, l05_grads)):
         assert abs(loss - other_loss) < 1e-4 * abs(other_loss)
         assert rel(grads, other_grads) < 2e-3, rel(grads, other_grads)
+
+
+def test_the_reference_beside_the_students_softmax_kernel_runs_lesson_05s_attention_too(monkeypatch):
+    from llmc_lessons.your_model import train_side_by_side
+    monkeypatch.setattr(paths, "tf32_enabled", lambda: True)
+    theirs = {SOFTMAX: parts.Part(parts.BY_KEY[SOFTMAX], kernel_source("attention.cu"))}
+    gen = np.random.default_rng(2)
+    batches = [tuple(gen.integers(0, TINY.vocab_size, (2, 40)) for _ in range(2))]
+    assert all(r["same"] and r["yours"] == r["reference"] for r in train_side_by_side(TINY, batches, theirs,
+                                                                                         backend="kernels"))
