@@ -8,6 +8,8 @@ from llmc_lessons.checks import poisoned
 from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.layers.attention import attention_backward, attention_forward, repkv_backward, repkv_forward
+from llmc_lessons.layers.block import (block_backward, block_backward_cuda, block_forward, block_forward_cuda,
+                                       init_block_params)
 from llmc_lessons.layers.flash_attention import (flash_attention_backward_tf32_cuda, flash_attention_forward,
                                                  flash_attention_forward_tf32_cuda, mma_tf32_1688_cuda)
 from llmc_lessons.llama import Llama, LlamaConfig
@@ -199,6 +201,23 @@ def step(config, backend="kernels", tf32=False, recompute=0, model_parts=None, s
         model.zero_grad()
         model.backward()
     return model.mean_loss, device.to_host(model.grads_memory).copy(), cache
+
+
+def test_the_block_with_flash_attention_against_the_float64_block():
+    B, T, C, NH = 2, 33, 48, 2
+    gen = np.random.default_rng(6)
+    p = init_block_params(C, gen, dtype=np.float64, std=0.2)
+    x, dout = gen.standard_normal((B, T, C)), gen.standard_normal((B, T, C))
+    out, cache = block_forward(x, p, NH)
+    dx, grads = block_backward(dout, cache, p, NH)
+    d_p = {k: to_device(v.astype(np.float32)) for k, v in p.items()}
+    d_out, d_cache = block_forward_cuda(to_device(x.astype(np.float32)), d_p, NH, flash=True)
+    assert "lse" in d_cache and "att" not in d_cache
+    assert rel(to_host(d_out), out) < 1e-3
+    d_dx, d_grads = block_backward_cuda(to_device(dout.astype(np.float32)), d_cache, d_p, NH)
+    assert rel(to_host(d_dx), dx) < 2e-3
+    for name in grads:
+        assert rel(to_host(d_grads[name]), grads[name]) < 3e-3, name
 
 
 def test_the_fp32_kernel_path_takes_tf32_flash_attention_when_tf32_is_on():
