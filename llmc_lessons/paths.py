@@ -153,6 +153,13 @@ class Fp32KernelPath(NumpyPath):
     those versions)."""
     on_backend = True
 
+    def __init__(self, parts: dict | None = None):
+        super().__init__(parts)
+        softmax = self.parts.get("attention.cu:softmax_forward_kernel")
+        # the student's softmax kernel (Exercise 5.3) runs inside lesson 05's attention: keep it where it is a part
+        # (and in the reference trained beside it, llmc_lessons.your_model)
+        self.keep_lesson05_attention = softmax is not None and softmax.theirs
+
     def _theirs(self):
         replaced = {}
         for part in self.parts.values():
@@ -170,13 +177,6 @@ class Fp32KernelPath(NumpyPath):
         encoder = 1 if theirs("encoder.cu:encoder_forward_kernel1") or model.config.channels % 4 else 2
         return (encoder, 2 if theirs("matmul.cu:matmul_kernel2") else model.matmul_version,
                 1 if theirs("gelu.cu:gelu_forward_kernel1") else 2)
-
-    def __init__(self, parts: dict | None = None):
-        super().__init__(parts)
-        softmax = self.parts.get("attention.cu:softmax_forward_kernel")
-        # the student's softmax kernel (Exercise 5.3) runs inside lesson 05's attention: keep it where it is a part
-        # (and in the reference trained beside it, llmc_lessons.your_model)
-        self.keep_lesson05_attention = softmax is not None and softmax.theirs
 
     def flash_tf32(self, model) -> bool:
         """Whether attention runs as TF32 flash attention (lesson 13, version 3) rather than lesson 05's kernels: when
