@@ -275,3 +275,22 @@ def test_the_reference_beside_the_students_softmax_kernel_runs_lesson_05s_attent
     batches = [tuple(gen.integers(0, TINY.vocab_size, (2, 40)) for _ in range(2))]
     assert all(r["same"] and r["yours"] == r["reference"] for r in train_side_by_side(TINY, batches, theirs,
                                                                                          backend="kernels"))
+
+
+@pytest.mark.parametrize("hs", [24, 64])
+def test_shared_memory_loads_are_free_of_bank_conflicts(hs):
+    """The tiles' rows hs + 4 floats apart: every fragment load of every kernel is one wavefront per request (the
+    emulator's access trace); the cp.async copies into the tiles too, where a 16-byte phase stays in one row."""
+    from llmc_lessons.cuda.trace import recording
+    B, T, NH, NKV = 1, 70, 2, 1
+    qkv, dout = case(B, T, NH, NKV, hs, seed=hs)
+    with recording() as traces:
+        out, lse = flash_attention_forward_tf32_cuda(to_device(qkv), NH, NKV)
+        flash_attention_backward_tf32_cuda(to_device(dout), to_device(qkv), out, lse, NH, NKV)
+    assert len(traces) == 3
+    for t in traces:
+        rows = [r for r in t.summary() if r["memory"] == "shared"]
+        assert any(r["op"] == "load" for r in rows)
+        for r in rows:
+            if r["op"] == "load" or hs % 32 == 0:
+                assert r["ways"] == 1, f"{t.kernel}, {r['line']}: {r['op']}s {r['ways']}-way conflicted"

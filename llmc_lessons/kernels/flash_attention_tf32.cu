@@ -58,6 +58,8 @@ extern "C" __global__ void mma_tf32_1688_kernel(float* D, float* regs, const flo
 
 // Start copying rows row0 .. row0+n-1 of one head into shared memory, S_LD floats apart: src is row 0 of the
 // head, ld floats between rows; rows at or past T become zeros. Consecutive threads copy consecutive 16 bytes.
+// The 8 lanes of a 16-byte phase write 8 different 4-bank groups when they stay in one row (HS a multiple of 32,
+// as GPT-2's 64); a phase that crosses a row's end is 2-way conflicted.
 __device__ __forceinline__ void stage_rows(float* tile, const float* src, int row0, int n, int T, int ld) {
     for (int c = threadIdx.x; c < n * HS / 4; c += FA_THREADS) {
         int r = c / (HS / 4), d0 = (c % (HS / 4)) * 4, row = row0 + r;
@@ -219,7 +221,8 @@ __device__ __forceinline__ void softmax_grad(float s[KT / 8][4], float dp[KT / 8
     const float sl2 = LOG2E / sqrtf((float)HS);
     for (int n = 0; n < KT / 8; n++) {
         for (int i = 0; i < 4; i++) {
-            float p = masked(n, i) ? 0.0f : exp2f(s[n][i] * sl2 - L2(n, i));
+            float p = exp2f(s[n][i] * sl2 - L2(n, i));   // every lane reads its L (no branch around the load)
+            p = masked(n, i) ? 0.0f : p;
             s[n][i] = p;
             dp[n][i] = p * (dp[n][i] - D(n, i));
         }
