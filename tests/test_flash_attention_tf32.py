@@ -37,7 +37,7 @@ def test_mma_tf32_fragment_layout(options):                              # the s
         (1,), (32,), (D, regs, *(to_device(x) for x in (A, B, C))))
     want = round_tf32(A).astype(np.float64) @ round_tf32(B).astype(np.float64) + C
     # the inputs rounded to TF32, the products exact, the sums in float32: far closer than TF32's 2^-11 steps
-    np.testing.assert_allclose(to_host(D), want, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(to_host(D), want, rtol=1e-5, atol=1e-5)
     assert np.abs(A.astype(np.float64) @ B + C - want).max() > 1e-4   # so rounding the inputs is seen
     lane = np.arange(32)[:, None]
     rows, cols = lane // 4 + 8 * (np.arange(4) >= 2), 2 * (lane % 4) + np.arange(4) % 2
@@ -48,8 +48,8 @@ def test_mma_tf32_launcher():
     gen = np.random.default_rng(4)
     A, B, C = (gen.standard_normal(s).astype(np.float32) for s in ((16, 8), (8, 8), (16, 8)))
     D, _ = mma_tf32_1688_cuda(*(to_device(x) for x in (A, B, C)))
-    np.testing.assert_allclose(to_host(D), round_tf32(A).astype(np.float64) @ round_tf32(B) + C, rtol=2e-6,
-                               atol=2e-6)
+    np.testing.assert_allclose(to_host(D), round_tf32(A).astype(np.float64) @ round_tf32(B) + C, rtol=1e-5,
+                               atol=1e-5)
     with pytest.raises(ValueError, match="B must have shape"):
         mma_tf32_1688_cuda(to_device(A), to_device(A), to_device(C))
 
@@ -124,8 +124,8 @@ def test_tf32_flash_attention_refuses_bad_input():
     q, d = to_device(qkv), to_device(dout)
     with pytest.raises(TypeError, match="float32"):
         flash_attention_forward_tf32_cuda(to_device(qkv.astype(np.float64)), 2)
-    with pytest.raises(TypeError, match="NumPy array in host memory" if device.on_gpu() else "a NumPy array"):
-        flash_attention_forward_tf32_cuda(qkv.tolist(), 2)
+    with pytest.raises(TypeError, match="qkv must be a (CuPy|NumPy) array"):     # on the GPU: host memory
+        flash_attention_forward_tf32_cuda(qkv if device.on_gpu() else qkv.tolist(), 2)
     with pytest.raises(ValueError, match="head size hs = 4"):
         flash_attention_forward_tf32_cuda(q, 8)
     with pytest.raises(ValueError, match="head size hs = 96"):
