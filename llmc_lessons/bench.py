@@ -80,6 +80,7 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
     times, peak = [], 0
     try:
         with tf32_mode(tf32):
+            flash = precision != "bf16" and model.path.flash_tf32(model)   # the fp32 path's attention (paths.py)
             for i, (x, y) in enumerate(_batches(config, B, T, warmup + steps)):
                 t0 = time.perf_counter()
                 training_step(model, x, y, LR, WEIGHT_DECAY, GRAD_CLIP, i + 1)
@@ -91,6 +92,7 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
         del model
     ms = float(np.median(times)) * 1e3
     name = "course kernels, bf16" if precision == "bf16" else f"course kernels, fp32{' + TF32 matmuls' if tf32 else ''}"
+    name += " + TF32 flash attention" if flash else ""
     name += " + CUDA graphs" if cuda_graph else ", one launch at a time"
     name += f", recompute {recompute}" if recompute else ""
     return dict(name=name, precision=precision, ms=ms,

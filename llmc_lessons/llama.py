@@ -34,6 +34,7 @@ from llmc_lessons.layers.crossentropy import (crossentropy_forward, crossentropy
                                               fused_classifier_cuda, softmax_forward)
 from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, flash_attention_backward_bf16_cuda,
                                                  flash_attention_forward_bf16_cuda)
+from llmc_lessons.layers.flash_attention import flash_attention_backward_tf32_cuda, flash_attention_forward_tf32_cuda
 from llmc_lessons.layers.encoder import encoder_backward_cuda
 from llmc_lessons.layers.matmul import matmul_backward, matmul_backward_cuda, matmul_forward, matmul_forward_cuda
 from llmc_lessons.layers.residual import (residual_backward, residual_forward, residual_forward_bf16_cuda,
@@ -273,8 +274,9 @@ class LlamaNumpyPath(NumpyPath):
 
 class LlamaKernelPath(Fp32KernelPath):
     """The same lines through the course's fp32 kernels on backend arrays (CuPy on a GPU, the emulator on a CPU):
-    rmsnorm.cu, rope.cu, swiglu.cu, attention.cu (with repkv for the key/value heads), matmuls through cuBLAS,
-    llm.c's fused classifier, and the encoder's deterministic backward for wte."""
+    rmsnorm.cu, rope.cu, swiglu.cu, attention (with TF32 matmuls on: flash_attention_tf32.cu, which reads each
+    group's key/value head in place; else attention.cu with repkv copies), matmuls through cuBLAS, llm.c's fused
+    classifier, and the encoder's deterministic backward for wte."""
 
     def check(self, config) -> None:
         """Every config runs here."""
@@ -293,6 +295,7 @@ class LlamaKernelPath(Fp32KernelPath):
         c, p, version, xp = model.config, model.params, model.matmul_version, device.xp
         NH, NKV, eps = c.num_heads, c.num_kv_heads, c.norm_eps
         freqs_cis = self._table(model, idx.shape[1])
+        flash = self.flash_tf32(model)                                       # decided once: each cache records it
         residual, block_caches = xp.take(p["wte"], idx, axis=0), []          # (B, T, C)
         for l in range(c.num_layers):
             w = model.layer_params(l)
@@ -300,14 +303,19 @@ class LlamaKernelPath(Fp32KernelPath):
             ln1, ln1_rstd = rmsnorm_forward_cuda(x, w["ln1w"], eps=eps)
             qkvr = matmul_forward_cuda(ln1, w["qkvw"], None, version=version)
             rope_qkv_forward_cuda(qkvr, freqs_cis, NH, NKV)                   # q and k rotated in place
-            atty, att = attention_forward_cuda(qkvr, NH, NKV=NKV)
+            if flash:
+                atty, lse = flash_attention_forward_tf32_cuda(qkvr, NH, NKV)  # (B, T, C), (B, NH, T)
+                attention = dict(lse=lse)
+            else:
+                atty, att = attention_forward_cuda(qkvr, NH, NKV=NKV)         # (B, T, C), (B, NH, T, T)
+                attention = dict(att=att)
             residual2 = residual_forward_cuda(x, matmul_forward_cuda(atty, w["attprojw"], None, version=version))
             ln2, ln2_rstd = rmsnorm_forward_cuda(residual2, w["ln2w"], eps=eps)
             fch = matmul_forward_cuda(ln2, w["fcw"], None, version=version)
             fch_swiglu = swiglu_forward_cuda(fch)
             residual = residual_forward_cuda(residual2,
                                              matmul_forward_cuda(fch_swiglu, w["fcprojw"], None, version=version))
-            block_caches.append(dict(x=x, ln1=ln1, ln1_rstd=ln1_rstd, qkvr=qkvr, atty=atty, att=att,
+            block_caches.append(dict(x=x, ln1=ln1, ln1_rstd=ln1_rstd, qkvr=qkvr, atty=atty, **attention,
                                      residual2=residual2, ln2=ln2, ln2_rstd=ln2_rstd, fch=fch, fch_swiglu=fch_swiglu))
         lnf, lnf_rstd = rmsnorm_forward_cuda(residual, p["lnfw"], eps=eps)
         logits = matmul_forward_cuda(lnf, p["lm_head"], None, version=version)    # (B, T, Vp)
@@ -344,7 +352,10 @@ class LlamaKernelPath(Fp32KernelPath):
             dres = residual_forward_cuda(dres, dres2_mlp)                     # residual2's two readers
             datty, dw, _ = matmul_backward_cuda(dres, a["atty"], w["attprojw"], version=version, has_bias=False)
             gl["attprojw"] += dw
-            dqkvr = attention_backward_cuda(datty, a["qkvr"], a["att"], NH, NKV=NKV)
+            if "lse" in a:                                                    # the forward's attention
+                dqkvr = flash_attention_backward_tf32_cuda(datty, a["qkvr"], a["atty"], a["lse"], NH, NKV)
+            else:
+                dqkvr = attention_backward_cuda(datty, a["qkvr"], a["att"], NH, NKV=NKV)
             dqkv = rope_qkv_backward_cuda(dqkvr, freqs_cis, NH, NKV)          # in place: dqkv is dqkvr
             dln1, dw, _ = matmul_backward_cuda(dqkv, a["ln1"], w["qkvw"], version=version, has_bias=False)
             gl["qkvw"] += dw

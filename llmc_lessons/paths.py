@@ -7,7 +7,8 @@ gpt2_forward / gpt2_backward / gpt2_update:
     gpt2_backward are that path as plain functions of the 16 tensors, for any float dtype (float64 in the
     gradient check).
   * Fp32KernelPath: the layers' `*_cuda` launchers on backend arrays (llm.c's train_gpt2_fp32.cu): CUDA kernels
-    through CuPy on a GPU, the same kernels through the CPU emulator otherwise.
+    through CuPy on a GPU, the same kernels through the CPU emulator otherwise. With TF32 matmuls on, attention is
+    lesson 13's TF32 flash attention (version 3); with them off, lesson 05's exact float32 attention.
   * Bf16KernelPath: the bf16 training step of lesson 14 (llm.c's train_gpt2.cu): bf16 activations and bf16
     copies of the weights, float32 master weights, gradients and AdamW moments.
 
@@ -32,7 +33,7 @@ from llmc_lessons.layers.crossentropy import (crossentropy_forward, crossentropy
                                               fused_classifier_bf16_cuda, fused_classifier_cuda, softmax_forward)
 from llmc_lessons.layers.encoder import (_token_buckets, encoder_backward, encoder_backward_cuda, encoder_forward,
                                          encoder_forward_bf16_cuda, encoder_forward_cuda)
-from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, flash_attention_backward_bf16_cuda,
+from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, TF32_HEAD_SIZES, flash_attention_backward_bf16_cuda,
                                                  flash_attention_forward_bf16_cuda)
 from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda, gelu_forward_cuda
 from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backward_bf16_cuda, layernorm_backward_cuda,
@@ -42,7 +43,7 @@ from llmc_lessons.layers.matmul import (add_bias_bf16_cuda, matmul_backward, mat
                                         matmul_forward_cuda)
 from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, point_views
 from llmc_lessons.parts import substituted
-from llmc_lessons.precision import from_bf16
+from llmc_lessons.precision import from_bf16, tf32_enabled
 
 # ---------------------------------------------------------------------------------------------------------
 # The NumPy reference, as functions of the parameters
@@ -152,6 +153,13 @@ class Fp32KernelPath(NumpyPath):
     those versions)."""
     on_backend = True
 
+    def __init__(self, parts: dict | None = None):
+        super().__init__(parts)
+        softmax = self.parts.get("attention.cu:softmax_forward_kernel")
+        # the student's softmax kernel (Exercise 5.3) runs inside lesson 05's attention: keep it where it is a part
+        # (and in the reference trained beside it, llmc_lessons.your_model)
+        self.keep_lesson05_attention = softmax is not None and softmax.theirs
+
     def _theirs(self):
         replaced = {}
         for part in self.parts.values():
@@ -169,6 +177,12 @@ class Fp32KernelPath(NumpyPath):
         encoder = 1 if theirs("encoder.cu:encoder_forward_kernel1") or model.config.channels % 4 else 2
         return (encoder, 2 if theirs("matmul.cu:matmul_kernel2") else model.matmul_version,
                 1 if theirs("gelu.cu:gelu_forward_kernel1") else 2)
+
+    def flash_tf32(self, model) -> bool:
+        """Whether attention runs as TF32 flash attention (lesson 13, version 3) rather than lesson 05's kernels: when
+        TF32 matmuls are on (its products are TF32, as cuBLAS's then are), the kernels take the head size, and no
+        student's softmax kernel asks for lesson 05's (keep_lesson05_attention)."""
+        return tf32_enabled() and model.config.head_size in TF32_HEAD_SIZES and not self.keep_lesson05_attention
 
     @property
     def xp(self):
@@ -190,10 +204,10 @@ class Fp32KernelPath(NumpyPath):
         # ids were checked on the host (_tokens): no range check that would wait for the GPU; float4 where C allows
         encoded = encoder_forward_cuda(idx, p["wte"], p["wpe"], version=encoder_version, check_ids=False)  # (B, T, C)
         residual, block_caches = encoded, []
-        level = recompute_level(model)
+        level, flash = recompute_level(model), self.flash_tf32(model)   # decided once: each cache records it
         for l in range(c.num_layers):
             residual, cache = block_forward_cuda(residual, model.layer_params(l), c.num_heads, matmul_version=version,
-                                                 gelu_version=gelu_version)
+                                                 gelu_version=gelu_version, flash=flash)
             block_caches.append({k: None if k in RECOMPUTED[level] else v for k, v in cache.items()})
         lnf, lnf_mean, lnf_rstd = layernorm_forward_cuda(residual, p["lnfw"], p["lnfb"])
         logits = matmul_forward_cuda(lnf, p["wte"], None, version=version)  # (B, T, Vp)

@@ -81,6 +81,16 @@ def stochastic_to_bf16(x, seed: int) -> np.ndarray:
 # environment disables TF32 inside cuBLAS whatever CuPy asks.
 
 
+def round_tf32(x) -> np.ndarray:
+    """float32 -> the nearest TF32 value (10 mantissa bits, ties away from zero), as float32: what cvt.rna.tf32.f32
+    gives the TF32 flash attention kernels (mma.cuh's tf32_bits). Infinity and NaN pass unchanged."""
+    u = _float32(x).view(np.uint32)
+    finite = (u & np.uint32(0x7F800000)) != np.uint32(0x7F800000)
+    with np.errstate(over="ignore"):
+        rounded = np.where(finite, (u + np.uint32(0x1000)) & np.uint32(0xFFFFE000), u)
+    return rounded.astype(np.uint32).view(np.float32)
+
+
 def _cupy_linalg():
     """CuPy's module that holds the matmul compute type (its path has moved between CuPy versions)."""
     try:

@@ -42,6 +42,7 @@ def train_side_by_side(config: GPT2Config, batches, parts: dict | None = None, l
     yours = your_gpt2(config, seed, parts, backend)
     if backend == "kernels":     # the package's matmul kernel where theirs runs: the same sums, not cuBLAS's
         reference.matmul_version = yours.path.versions(yours)[1]
+        reference.path.keep_lesson05_attention = yours.path.keep_lesson05_attention   # and the same attention
     rows = []
     for step, (x, y) in enumerate(batches, start=1):
         ref_loss = training_step(reference, x, y, lr, 0.0, 1.0, step)[0]

@@ -1,6 +1,6 @@
 // mma.cuh: the warp-level instructions of the tensor-core flash attention (lesson 13): mma.sync m16n8k16 (bf16
-// inputs, float32 accumulators), ldmatrix (fragments from shared memory) and cp.async (global -> shared copies
-// that run while the warp computes).
+// inputs, float32 accumulators) and m16n8k8 (TF32 inputs, further down), ldmatrix (fragments from shared
+// memory) and cp.async (global -> shared copies that run while the warp computes).
 //
 // D (16 x 8) += A (16 x 16) @ B (16 x 8), computed by the 32 lanes of a warp together. No lane holds a whole
 // matrix: each holds a fixed piece (its "fragment"), as the PTX manual lays out. With g = lane / 4 (0..7)
@@ -54,6 +54,60 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned int a[
         acc[1] += bf16_lo(A0) * bf16_lo(B1lo) + bf16_hi(A0) * bf16_hi(B1lo) + bf16_lo(A2) * bf16_lo(B1hi) + bf16_hi(A2) * bf16_hi(B1hi);
         acc[2] += bf16_lo(A1) * bf16_lo(B0lo) + bf16_hi(A1) * bf16_hi(B0lo) + bf16_lo(A3) * bf16_lo(B0hi) + bf16_hi(A3) * bf16_hi(B0hi);
         acc[3] += bf16_lo(A1) * bf16_lo(B1lo) + bf16_hi(A1) * bf16_hi(B1lo) + bf16_lo(A3) * bf16_lo(B1hi) + bf16_hi(A3) * bf16_hi(B1hi);
+    }
+    for (int i = 0; i < 4; i++) d[i] += acc[i];
+#endif
+}
+
+// TF32 (version 3 of lesson 13, the fp32 model's attention): mma.sync m16n8k8 on float32 data. TF32 keeps
+// float32's sign and 8 exponent bits and 10 of its 23 mantissa bits; the tensor core reads the top 19 bits of
+// each 32-bit register and adds the products in float32. D (16 x 8) += A (16 x 8) @ B (8 x 8), one value a
+// register, with g = lane / 4 and t = lane % 4 as above:
+//
+//   A, 4 registers:  a[0] = A[g][t]    a[1] = A[g+8][t]    a[2] = A[g][t+4]    a[3] = A[g+8][t+4]
+//   B, 2 registers:  b[0] = B[t][g]    b[1] = B[t+4][g]                     (two rows of column g)
+//   D, 4 floats:     as for bf16: d[0], d[1] = D[g][2t, 2t+1]    d[2], d[3] = D[g+8][2t, 2t+1]
+//
+// Here the D layout is NOT the A layout of a next product: a lane holds D's columns 2t, 2t+1 but A's columns
+// t, t+4. The flash attention kernels number the k axis of the next product to fit (flash_attention_tf32.cu).
+
+// float32 -> TF32 bits, rounding to nearest with ties away from zero (cvt.rna.tf32.f32): add half of the last
+// kept bit to the 13 dropped ones, then clear them. Infinity and NaN pass unchanged.
+__device__ __forceinline__ unsigned int tf32_bits(float x) {
+#if LLMC_PTX
+    unsigned int r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+#else
+    unsigned int u = __float_as_uint(x);
+    return (u & 0x7f800000u) == 0x7f800000u ? u : (u + 0x1000u) & 0xffffe000u;
+#endif
+}
+
+// d += A @ B for the warp's 16 x 8 A and 8 x 8 B fragments of TF32 bits (layouts above).
+__device__ __forceinline__ void mma_tf32_1688(float d[4], const unsigned int a[4], const unsigned int b[2]) {
+#if LLMC_PTX
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int s = 0; s < 4; s++) {  // lane 4g + s holds A's rows g, g+8 at columns s, s+4
+        float A0 = __uint_as_float(__shfl_sync(0xffffffffu, a[0], 4 * g + s) & 0xffffe000u);   // A[g][s]
+        float A1 = __uint_as_float(__shfl_sync(0xffffffffu, a[1], 4 * g + s) & 0xffffe000u);   // A[g+8][s]
+        float A2 = __uint_as_float(__shfl_sync(0xffffffffu, a[2], 4 * g + s) & 0xffffe000u);   // A[g][s+4]
+        float A3 = __uint_as_float(__shfl_sync(0xffffffffu, a[3], 4 * g + s) & 0xffffe000u);   // A[g+8][s+4]
+        // lane 4n + s holds B's column n at rows s and s+4
+        float B0 = __uint_as_float(__shfl_sync(0xffffffffu, b[0], 4 * (2 * t) + s) & 0xffffe000u);      // B[s][2t]
+        float B1 = __uint_as_float(__shfl_sync(0xffffffffu, b[1], 4 * (2 * t) + s) & 0xffffe000u);      // B[s+4][2t]
+        float C0 = __uint_as_float(__shfl_sync(0xffffffffu, b[0], 4 * (2 * t + 1) + s) & 0xffffe000u);  // B[s][2t+1]
+        float C1 = __uint_as_float(__shfl_sync(0xffffffffu, b[1], 4 * (2 * t + 1) + s) & 0xffffe000u);  // B[s+4][2t+1]
+        acc[0] += A0 * B0 + A2 * B1;
+        acc[1] += A0 * C0 + A2 * C1;
+        acc[2] += A1 * B0 + A3 * B1;
+        acc[3] += A1 * C0 + A3 * C1;
     }
     for (int i = 0; i < 4; i++) d[i] += acc[i];
 #endif

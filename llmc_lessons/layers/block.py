@@ -14,7 +14,8 @@ Parameters of one layer are a dict with llm.c's names: ln1w, ln1b (C,), qkvw (3C
 attprojw (C, C), attprojb (C,), ln2w, ln2b (C,), fcw (4C, C), fcb (4C,), fcprojw (C, 4C), fcprojb (C,).
 
 Two paths: block_forward / block_backward use the NumPy references (any float dtype);
-block_forward_cuda / block_backward_cuda use each layer's kernel launcher on backend arrays (float32).
+block_forward_cuda / block_backward_cuda use each layer's kernel launcher on backend arrays (float32), with
+lesson 05's attention or, when asked (flash=True), lesson 13's TF32 flash attention (version 3).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from llmc_lessons.layers.attention import (attention_backward, attention_backward_cuda, attention_forward,
                                            attention_forward_cuda)
+from llmc_lessons.layers.flash_attention import flash_attention_backward_tf32_cuda, flash_attention_forward_tf32_cuda
 from llmc_lessons.layers.gelu import gelu_backward, gelu_backward_cuda, gelu_forward, gelu_forward_cuda
 from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backward_cuda, layernorm_forward,
                                            layernorm_forward_cuda)
@@ -156,17 +158,24 @@ def _launchers():
             residual_forward_cuda)
 
 
-def block_forward_cuda(x, p: dict, NH: int, matmul_version="cublas", gelu_version=None):
+def block_forward_cuda(x, p: dict, NH: int, matmul_version="cublas", gelu_version=None, flash: bool = False):
     """block_forward through the kernels: x (B, T, C) float32 backend array, p of backend arrays -> (out, cache).
 
     matmul_version: passed to every matmul launcher ("cublas", or 1, 2, 3 for the course's own matmul kernels).
-    gelu_version: passed to gelu_forward_cuda (1 or 2); None: 2 (float4 loads) where the size allows, else 1."""
+    gelu_version: passed to gelu_forward_cuda (1 or 2); None: 2 (float4 loads) where the size allows, else 1.
+    flash: attention through the TF32 flash attention kernels (lesson 13, version 3: TF32 products, as cuBLAS's
+    TF32 matmuls); the cache then holds lse (B, NH, T) instead of att (B, NH, T, T), and the backward follows."""
     _check(x, p, NH, "block_forward_cuda")
     (layernorm_forward_cuda, _, matmul_forward_cuda, _, attention_forward_cuda, _, gelu_forward_cuda, _,
      residual_forward_cuda) = _launchers()
     ln1, ln1_mean, ln1_rstd = layernorm_forward_cuda(x, p["ln1w"], p["ln1b"])
     qkv = matmul_forward_cuda(ln1, p["qkvw"], p["qkvb"], version=matmul_version)
-    atty, att = attention_forward_cuda(qkv, NH)
+    if flash:
+        atty, lse = flash_attention_forward_tf32_cuda(qkv, NH)           # (B, T, C), (B, NH, T)
+        attention = dict(lse=lse)
+    else:
+        atty, att = attention_forward_cuda(qkv, NH)                      # (B, T, C), (B, NH, T, T)
+        attention = dict(att=att)
     attproj = matmul_forward_cuda(atty, p["attprojw"], p["attprojb"], version=matmul_version)
     residual2 = residual_forward_cuda(x, attproj)
     ln2, ln2_mean, ln2_rstd = layernorm_forward_cuda(residual2, p["ln2w"], p["ln2b"])
@@ -174,7 +183,7 @@ def block_forward_cuda(x, p: dict, NH: int, matmul_version="cublas", gelu_versio
     fch_gelu = gelu_forward_cuda(fch, version=gelu_version or (2 if fch.size % 4 == 0 else 1))  # float4 where it fits
     fcproj = matmul_forward_cuda(fch_gelu, p["fcprojw"], p["fcprojb"], version=matmul_version)
     residual3 = residual_forward_cuda(residual2, fcproj)
-    cache = dict(x=x, ln1=ln1, ln1_mean=ln1_mean, ln1_rstd=ln1_rstd, qkv=qkv, atty=atty, att=att,
+    cache = dict(x=x, ln1=ln1, ln1_mean=ln1_mean, ln1_rstd=ln1_rstd, qkv=qkv, atty=atty, **attention,
                  residual2=residual2, ln2=ln2, ln2_mean=ln2_mean, ln2_rstd=ln2_rstd, fch=fch, fch_gelu=fch_gelu)
     return residual3, cache
 
@@ -183,7 +192,8 @@ def block_backward_cuda(dout, cache: dict, p: dict, NH: int, matmul_version="cub
     """block_backward through the kernels: dout (B, T, C) float32 backend array -> (dx, grads: the 12 names).
 
     The residual backward needs no kernel (dout flows on unchanged); the adds at the two forks are
-    residual_forward_cuda, the same kernel as the forward's residual connection."""
+    residual_forward_cuda, the same kernel as the forward's residual connection. Attention's backward is the one
+    of the forward that made the cache: flash attention's if it holds lse, lesson 05's if it holds att."""
     _check(cache["x"], p, NH, "block_backward_cuda")
     (_, layernorm_backward_cuda, _, matmul_backward_cuda, _, attention_backward_cuda, _, gelu_backward_cuda,
      residual_forward_cuda) = _launchers()
@@ -197,7 +207,10 @@ def block_backward_cuda(dout, cache: dict, p: dict, NH: int, matmul_version="cub
     dresidual2 = residual_forward_cuda(dout, dresidual2_mlp)          # fork 2
     # residual2 = x + attproj: dattproj = dresidual2, and it also flows straight on to x
     datty, dattprojw, dattprojb = matmul_backward_cuda(dresidual2, c["atty"], p["attprojw"], version=matmul_version)
-    dqkv = attention_backward_cuda(datty, c["qkv"], c["att"], NH)
+    if "lse" in c:
+        dqkv = flash_attention_backward_tf32_cuda(datty, c["qkv"], c["atty"], c["lse"], NH)
+    else:
+        dqkv = attention_backward_cuda(datty, c["qkv"], c["att"], NH)
     dln1, dqkvw, dqkvb = matmul_backward_cuda(dqkv, c["ln1"], p["qkvw"], version=matmul_version)
     dx_attn, dln1w, dln1b = layernorm_backward_cuda(dln1, c["x"], p["ln1w"], c["ln1_mean"], c["ln1_rstd"])
     dx = residual_forward_cuda(dresidual2, dx_attn)                   # fork 1

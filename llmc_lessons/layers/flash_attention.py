@@ -4,8 +4,9 @@ The forward walks the keys in tiles and keeps, per query row, a running maximum 
 output accumulator o (the online softmax); it returns out (B, T, C), as lesson 05's attention, and
 L = m + log(l) (B, NH, T) instead of att. The backward recomputes each probability from L.
 
-Version 2 (the last section) runs the same algorithm in bf16 on the tensor cores, and takes NKV <= NH key/value
-heads (grouped-query attention, lesson 16) without copying them; the bf16 GPT-2 and LLaMA-style models use it.
+Version 2 runs the same algorithm in bf16 on the tensor cores; the bf16 models use it. Version 3 (the last
+section) runs it in TF32 on the tensor cores, on float32 data; the fp32 models use it when TF32 matmuls are on.
+Both take NKV <= NH key/value heads (grouped-query attention, lesson 16) and read a group's head in place.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from llmc_lessons import device
 from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.attention import _sizes, merge_heads, split_heads
-from llmc_lessons.layers.bf16 import require_bf16_array
+from llmc_lessons.layers.bf16 import require_aligned16, require_bf16_array
 from llmc_lessons.layers.layernorm import column_sum_add_cuda
 
 HS_MAX = 64  # flash_attention.cu keeps hs floats per thread in registers
@@ -196,4 +197,68 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=
             (tiles, NKV, B), (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
         if dbias is not None:
             column_sum_add_cuda(dbias[:C], dbias[C:2 * C], dbias[2 * C:], partial)
+    return dqkv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Version 3: TF32 on the tensor cores (flash_attention_tf32.cu; the fp32 model's kernel path uses it when TF32
+# matmuls are on). float32 in and out; each product rounds its inputs to TF32 and adds in float32. qkv may hold
+# fewer key/value heads (NKV, grouped-query attention): the kernels read a group's head where it is.
+
+TF32_HEAD_SIZES = tuple(range(8, 65, 8))   # hs is compiled in (-DHS): 8-wide k steps, tiles in 48 KiB of shared memory
+
+
+def mma_tf32_1688_cuda(A, B, C):
+    """One tensor-core instruction through mma_tf32_1688_kernel: A (16, 8), B (8, 8), C (16, 8) float32 -> D =
+    tf32(A) @ tf32(B) + C (16, 8) float32, and regs (32, 4): what each lane's accumulator registers held."""
+    device.require_array("A", A, shape=(16, 8))
+    device.require_array("B", B, shape=(8, 8))
+    device.require_array("C", C, shape=(16, 8))
+    D, regs = device.xp.empty((16, 8), np.float32), device.xp.empty((32, 4), np.float32)
+    _tf32_kernel("mma_tf32_1688_kernel", 8)((1,), (32,), (D, regs, A, B, C))
+    return D, regs
+
+
+def _check_tf32(qkv, NH, NKV, where):
+    device.require_array("qkv", qkv, shape=(None, None, None))
+    require_aligned16("qkv", qkv)
+    B, T, C, hs = _sizes(qkv, NH, where, NKV)
+    if hs not in TF32_HEAD_SIZES:
+        raise ValueError(f"{where}: head size hs = {hs} is not one of {TF32_HEAD_SIZES}: the TF32 kernels take "
+                         f"8 channels of a head per instruction and keep their tiles in 48 KiB of shared memory")
+    return B, T, C, hs, int(NH), int(NH if NKV is None else NKV)
+
+
+def _tf32_kernel(name, hs):
+    return load_kernel("flash_attention_tf32.cu", name, (f"-DHS={hs}",))
+
+
+def flash_attention_forward_tf32_cuda(qkv, NH, NKV=None):
+    """qkv (B, T, (NH + 2 NKV) hs) float32 (NKV = None: NH, qkv is (B, T, 3C)) -> out (B, T, C) float32 and lse
+    (B, NH, T) float32 (L), TF32 products on the tensor cores; nothing of size T x T is made."""
+    B, T, C, hs, NH, NKV = _check_tf32(qkv, NH, NKV, "flash_attention_forward_tf32_cuda")
+    xp = device.xp
+    out, lse = xp.empty((B, T, C), np.float32), xp.empty((B, NH, T), np.float32)
+    if B * T:
+        _tf32_kernel("flash_attention_forward_tf32_kernel", hs)(
+            (-(-T // FA_ROWS), NH, B), (FA_THREADS,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH),
+                                                       np.int32(NKV)))
+    return out, lse
+
+
+def flash_attention_backward_tf32_cuda(dout, qkv, out, lse, NH, NKV=None):
+    """dout (B, T, C) float32 and the forward's qkv, out, lse -> dqkv in qkv's layout: dq, dk, dv (each key/value
+    head's gradient summed over its group in a fixed order: deterministic)."""
+    B, T, C, hs, NH, NKV = _check_tf32(qkv, NH, NKV, "flash_attention_backward_tf32_cuda")
+    for name, a in (("dout", dout), ("out", out)):
+        require_aligned16(name, device.require_array(name, a, shape=(B, T, C)))
+    device.require_array("lse", lse, shape=(B, NH, T))
+    xp = device.xp
+    dqkv, D = xp.empty(qkv.shape, np.float32), xp.empty((B, NH, T), np.float32)
+    if B * T:
+        sizes = (np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV))
+        _tf32_kernel("flash_attention_backward_dq_tf32_kernel", hs)(
+            (-(-T // FA_ROWS), NH, B), (FA_THREADS,), (dqkv, D, dout, qkv, out, lse, *sizes))
+        _tf32_kernel("flash_attention_backward_dkdv_tf32_kernel", hs)(
+            (-(-T // FA_ROWS), NKV, B), (FA_THREADS,), (dqkv, dout, qkv, lse, D, *sizes))
     return dqkv
