@@ -33,7 +33,8 @@ from llmc_lessons.layers.attention import (attention_backward_bf16_cuda, attenti
 from llmc_lessons.layers.bf16 import float_to_bf16_cuda
 from llmc_lessons.layers.crossentropy import fused_classifier_bf16_cuda
 from llmc_lessons.layers.encoder import encoder_forward_bf16_cuda
-from llmc_lessons.layers.flash_attention import flash_attention_backward_bf16_cuda, flash_attention_forward_bf16_cuda
+from llmc_lessons.layers.flash_attention import (flash_attention_backward_bf16_cuda, flash_attention_backward_tf32_cuda,
+                                                 flash_attention_forward_bf16_cuda, flash_attention_forward_tf32_cuda)
 from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda
 from llmc_lessons.layers.layernorm import (column_sum_add_cuda, layernorm_backward_bf16_cuda,
                                            layernorm_forward_bf16_cuda, residual_layernorm_forward_bf16_cuda)
@@ -428,6 +429,10 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, prec
             rows.append(row("course, cuBLAS (TF32) + softmax (T x T scores)", lambda: attention_forward_cuda(qkv, NH),
                             lambda: attention_backward_cuda(dout, qkv, att, NH), att.nbytes))
             del atty, att
+            out, lse = flash_attention_forward_tf32_cuda(qkv, NH)
+            rows.append(row("course, flash attention on the tensor cores (TF32)",
+                            lambda: flash_attention_forward_tf32_cuda(qkv, NH),
+                            lambda: flash_attention_backward_tf32_cuda(dout, qkv, out, lse, NH), lse.nbytes))
     try:
         import torch
         import torch.nn.functional as F

@@ -30,7 +30,7 @@
 # attention-profile (about 2 minutes): why the flash kernels run at the speed they do: torch.profiler's kernel
 # names and times for the course's flash kernels and PyTorch's SDPA (which backend, built for which
 # architecture), then Nsight Compute's speed-of-light, pipe utilisation, occupancy and warp-stall sections of
-# each, in ATTENTION_PRECISIONS (default bf16 fp32), to profile/attention-<device>-<date>-<precision>.log.
+# each, in ATTENTION_PRECISIONS (default bf16 fp32), to profile/attention-<device>-<date>-<precision>.log and -<precision>-ncu.log.
 #
 # memory sets the emulator's predicted sectors per request and bank conflicts of a dozen kernels beside Nsight
 # Compute's counters (where ncu runs) or the measured bandwidth (tools/memory_check.py; kernels/memory-*.md, .json).
@@ -121,7 +121,7 @@ except ImportError: print(\"torch missing\")"' ;;
     attention-profile) for precision in ${ATTENTION_PRECISIONS:-bf16 fp32}; do
              f=$(name profile attention $precision)
              run attention-names-$precision "$f.log" python3 tools/profile_attention.py $precision
-             run attention-ncu-$precision "$f.ncu.log" timeout 240 ncu --clock-control none \
+             run attention-ncu-$precision "$(name profile attention $precision-ncu).log" timeout 240 ncu --clock-control none \
                -k "regex:flash|fmha|cudnn|attn|sdpa" --launch-count 16 --section SpeedOfLight \
                --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
                python3 tools/profile_attention.py $precision 1024 --launch-only
