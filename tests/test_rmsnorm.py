@@ -12,7 +12,8 @@ from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.gradcheck import gradcheck
 from llmc_lessons.layers.layernorm import layernorm_forward
-from llmc_lessons.layers.rmsnorm import (rmsnorm_backward, rmsnorm_backward_bf16_cuda, rmsnorm_backward_cuda,
+from llmc_lessons.layers.rmsnorm import (residual_rmsnorm_forward_bf16, residual_rmsnorm_forward_bf16_cuda,
+                                         rmsnorm_backward, rmsnorm_backward_bf16_cuda, rmsnorm_backward_cuda,
                                          rmsnorm_forward, rmsnorm_forward_bf16, rmsnorm_forward_bf16_cuda,
                                          rmsnorm_forward_cuda)
 from llmc_lessons.precision import from_bf16, to_bf16
@@ -339,6 +340,42 @@ def test_bf16_forward_matches_reference(B, T, C, block_size, poisoned_allocation
     np.testing.assert_allclose(to_host(rstd), want_rstd, rtol=1e-5)
     np.testing.assert_allclose(from_bf16(to_host(out)), from_bf16(want_out), rtol=2 ** -7, atol=1e-6)
     assert np.mean(to_host(out) == want_out) > 0.98            # most round to the same bits
+
+
+@pytest.mark.parametrize("N,C,block_size", [(1, 8, 32), (37, 24, 64), (300, 776, 256), (37, 1600, 96),
+                                              (300, 1600, 1024)])
+def test_residual_rmsnorm_forward_bf16_matches_reference(N, C, block_size, poisoned_allocations):
+    gen = np.random.default_rng(N * C)
+    x = to_bf16((gen.standard_normal((1, N, C)) * 2 + 0.5).astype(np.float32))
+    y = to_bf16(gen.standard_normal((1, N, C)).astype(np.float32))
+    w = (gen.standard_normal(C) + 1).astype(np.float32)
+    residual, out, rstd = residual_rmsnorm_forward_bf16_cuda(to_device(x), to_device(y), to_device(w),
+                                                             block_size=block_size)
+    want_residual, want_out, want_rstd = residual_rmsnorm_forward_bf16(x, y, w)
+    np.testing.assert_array_equal(to_host(residual), want_residual)       # added in float32, rounded once
+    np.testing.assert_allclose(to_host(rstd), want_rstd, rtol=1e-5)
+    np.testing.assert_allclose(from_bf16(to_host(out)), from_bf16(want_out), rtol=2 ** -7, atol=1e-6)
+    assert np.mean(to_host(out) == want_out) > 0.98                       # most round to the same bits
+
+
+def test_residual_rmsnorm_forward_bf16_rejects_bad_input():
+    x, w = to_device(np.ones((2, 3, 8), np.uint16)), to_device(np.ones(8, np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        residual_rmsnorm_forward_bf16_cuda(x, to_device(np.ones((2, 3, 16), np.uint16)), w)
+    with pytest.raises(TypeError, match="dtype uint16"):
+        residual_rmsnorm_forward_bf16_cuda(x, to_device(np.ones((2, 3, 8), np.float32)), w)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        x12 = to_device(np.ones((2, 3, 12), np.uint16))
+        residual_rmsnorm_forward_bf16_cuda(x12, x12, to_device(np.ones(12, np.float32)))
+    with pytest.raises(ValueError, match="C must be <= 2048"):
+        x2056 = to_device(np.ones((1, 1, 2056), np.uint16))
+        residual_rmsnorm_forward_bf16_cuda(x2056, x2056, to_device(np.ones(2056, np.float32)))
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        residual_rmsnorm_forward_bf16_cuda(x, x, to_device(np.ones(9, np.float32))[1:])
+    with pytest.raises(ValueError, match="eps"):
+        residual_rmsnorm_forward_bf16_cuda(x, x, w, eps=-1.0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        residual_rmsnorm_forward_bf16_cuda(x, x, w, block_size=48)
 
 
 def _bf16_backward(N, C, seed, **launch):

@@ -163,6 +163,8 @@ extern "C" __global__ void rmsnorm_backward_kernel2(float* dinp,          // (N,
 // (rstd), the weight and its gradient stay float32, as in the bf16 training step of lesson 14.
 //
 // rmsnorm_forward_bf16_kernel: rmsnorm_forward_kernel on bf16 rows, rounding once on the store.
+// residual_rmsnorm_forward_bf16_kernel: residual = inp1 + inp2, then its RMSNorm, in one pass (as
+//   residual_layernorm_forward_bf16_kernel of layernorm.cu, without the biases).
 // rmsnorm_backward_bf16_kernel: dinp and dweight in one pass, as layernorm_backward_bf16_kernel (layernorm.cu,
 //   whose comment tells how it was tuned), with one reduction and one column sum fewer.
 // =========================================================================================================
@@ -185,6 +187,72 @@ extern "C" __global__ void rmsnorm_forward_bf16_kernel(bf16* out,            // 
     float s = rsqrtf(warpReduceSum(sumsq) / C + eps);
     for (int c = lane; c < C; c += 32) { out[row * C + c] = bf16_from_float(bf16_to_float(x[c]) * s * weight[c]); }
     if (lane == 0) { rstd[row] = s; }
+}
+
+// residual = inp1 + inp2 (added in float32, rounded once to bf16), then out = rmsnorm(residual): the residual
+// connection fused with the RMSNorm that reads its result. One warp per row, the lane's 8-value chunks
+// (lane + 32 i) * 8 of both inputs loaded at once through 16-byte loads (C a multiple of 8, at most
+// CHUNKS * 256) and kept in registers: the sum of squares and the output come from them, no second trip to
+// memory. The statistics are of the bf16-rounded residual that is stored.
+template <int CHUNKS>
+__device__ __forceinline__ void residual_rmsnorm_forward_bf16_rows(bf16* residual,       // (N, C)
+                                                                   bf16* out,            // (N, C)
+                                                                   float* rstd,          // (N,)
+                                                                   const bf16* inp1,     // (N, C)
+                                                                   const bf16* inp2,     // (N, C)
+                                                                   const float* weight,  // (C,)
+                                                                   int N, int C, float eps) {
+    int lane = threadIdx.x % 32;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) return;                       // the whole warp leaves together
+    size_t base = (size_t)row * C;
+    int4 raw1[CHUNKS], raw2[CHUNKS];
+    for (int i = 0; i < CHUNKS; i++) {          // every load of the row first, then the arithmetic
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            raw1[i] = *(const int4*)(inp1 + base + c);
+            raw2[i] = *(const int4*)(inp2 + base + c);
+        }
+    }
+    float r[CHUNKS][8];
+    float sumsq = 0.0f;
+    for (int i = 0; i < CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            float b[8];
+            unpack8(r[i], raw1[i]);
+            unpack8(b, raw2[i]);
+            for (int k = 0; k < 8; k++) {
+                r[i][k] = round_bf16(r[i][k] + b[k]);
+                sumsq += r[i][k] * r[i][k];
+            }
+            store8(residual + base + c, r[i]);
+        }
+    }
+    float s = rsqrtf(warpReduceSum(sumsq) / C + eps);
+    for (int i = 0; i < CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            float wt[8];
+            load8f(wt, weight + c);
+            for (int k = 0; k < 8; k++) r[i][k] = r[i][k] * s * wt[k];
+            store8(out + base + c, r[i]);
+        }
+    }
+    if (lane == 0) rstd[row] = s;
+}
+
+// The two instances the launcher picks from: C <= 1024, and C <= 2048.
+extern "C" __global__ void residual_rmsnorm_forward_bf16_kernel(bf16* residual, bf16* out, float* rstd,
+                                                                const bf16* inp1, const bf16* inp2,
+                                                                const float* weight, int N, int C, float eps) {
+    residual_rmsnorm_forward_bf16_rows<4>(residual, out, rstd, inp1, inp2, weight, N, C, eps);
+}
+extern "C" __global__ void residual_rmsnorm_forward_bf16_kernel_c2048(bf16* residual, bf16* out, float* rstd,
+                                                                      const bf16* inp1, const bf16* inp2,
+                                                                      const float* weight, int N, int C,
+                                                                      float eps) {
+    residual_rmsnorm_forward_bf16_rows<8>(residual, out, rstd, inp1, inp2, weight, N, C, eps);
 }
 
 // The RMSNorm backward on bf16 dout and inp, a warp per row, each warp taking ROWS rows at a time (rows r,

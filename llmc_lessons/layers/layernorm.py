@@ -261,7 +261,8 @@ def row_chunks(C: int) -> int:
     CHUNKS 8-value chunks per lane; 4 for C <= 1024 (the fast path), 8 (the kernels named ..._c2048) up to
     ROW_MAX_C."""
     if C > ROW_MAX_C:
-        raise ValueError(f"the bf16 layernorm kernels keep a row in registers: C must be <= {ROW_MAX_C}, got {C}")
+        raise ValueError(f"the bf16 layernorm and RMSNorm kernels keep a row in registers: C must be <= "
+                         f"{ROW_MAX_C}, got {C}")
     return 4 if C <= 1024 else 8
 
 

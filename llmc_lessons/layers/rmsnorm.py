@@ -19,9 +19,9 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, load_kernel
-from llmc_lessons.layers.bf16 import (kernel_with_shared, require_aligned16, require_bf16_array, require_float_vector,
-                                      require_multiple_of_8)
-from llmc_lessons.layers.layernorm import LAYERNORM_BACKWARD_BLOCKS, ROW_MAX_C, column_sum_add_cuda, row_chunks
+from llmc_lessons.layers.bf16 import (kernel_with_shared, launch_1d, require_aligned16, require_bf16_array,
+                                      require_float_vector, require_multiple_of_8)
+from llmc_lessons.layers.layernorm import LAYERNORM_BACKWARD_BLOCKS, column_sum_add_cuda, row_chunks
 from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
@@ -173,6 +173,32 @@ def rmsnorm_forward_bf16_cuda(inp, weight, block_size: int = 256, eps: float = 1
     return out, rstd
 
 
+def residual_rmsnorm_forward_bf16(inp1_bits, inp2_bits, weight):
+    """Reference of residual_rmsnorm_forward_bf16_kernel: (residual bits, out bits, rstd float32), the residual
+    added in float32 and rounded once, its RMSNorm computed in float64 and rounded once."""
+    residual = to_bf16(from_bf16(inp1_bits) + from_bf16(inp2_bits))
+    return (residual, *rmsnorm_forward_bf16(residual, weight))
+
+
+def residual_rmsnorm_forward_bf16_cuda(inp1, inp2, weight, block_size: int = 256, eps: float = 1e-5):
+    """residual = inp1 + inp2, out = rmsnorm(residual) with weight, in one pass (residual_rmsnorm_forward_bf16_kernel,
+    a warp per row). inp1, inp2 (B, T, C) bf16 (C a multiple of 8, at most 2048); weight (C,) float32 ->
+    residual, out (B, T, C) bf16, rstd (B, T) float32."""
+    require_bf16_array("inp1", inp1, (None, None, None))
+    B, T, C = inp1.shape
+    require_multiple_of_8("C", C)
+    chunks = row_chunks(C)
+    require_bf16_array("inp2", inp2, (B, T, C))
+    require_float_vector("weight", weight, C)
+    block_size = device.require_block_size(block_size, warps=True)
+    eps = _require_eps(eps)
+    xp = device.xp
+    residual, out, rstd = xp.empty((B, T, C), np.uint16), xp.empty((B, T, C), np.uint16), xp.empty((B, T), np.float32)
+    launch_1d("rmsnorm.cu", "residual_rmsnorm_forward_bf16_kernel" + ("" if chunks == 4 else "_c2048"), B * T * 32,
+              block_size, (residual, out, rstd, inp1, inp2, weight, np.int32(B * T), np.int32(C), np.float32(eps)))
+    return residual, out, rstd
+
+
 def rmsnorm_backward_bf16_cuda(dinp, dout, inp, weight, rstd, dweight, block_size: int | None = None,
                                max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
     """The RMSNorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient and
@@ -185,8 +211,6 @@ def rmsnorm_backward_bf16_cuda(dinp, dout, inp, weight, rstd, dweight, block_siz
     require_bf16_array("inp", inp, (None, None, None))
     B, T, C = inp.shape
     require_multiple_of_8("C", C)
-    if C > ROW_MAX_C:
-        raise ValueError(f"rmsnorm_backward_bf16_cuda keeps a row in registers: C must be <= {ROW_MAX_C}, got {C}")
     chunks = row_chunks(C)
     require_bf16_array("dout", dout, (B, T, C))
     require_aligned16("dinp", device.require_array("dinp", dinp, shape=(B, T, C)))
