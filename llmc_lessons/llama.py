@@ -38,10 +38,10 @@ from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, flash_attentio
 from llmc_lessons.layers.flash_attention import flash_attention_backward_tf32_cuda, flash_attention_forward_tf32_cuda
 from llmc_lessons.layers.encoder import encoder_backward_cuda
 from llmc_lessons.layers.matmul import matmul_backward, matmul_backward_cuda, matmul_forward, matmul_forward_cuda
-from llmc_lessons.layers.residual import (residual_backward, residual_forward, residual_forward_bf16_cuda,
-                                          residual_forward_cuda)
-from llmc_lessons.layers.rmsnorm import (rmsnorm_backward, rmsnorm_backward_bf16_cuda, rmsnorm_backward_cuda,
-                                         rmsnorm_forward, rmsnorm_forward_bf16_cuda, rmsnorm_forward_cuda)
+from llmc_lessons.layers.residual import residual_backward, residual_forward, residual_forward_cuda
+from llmc_lessons.layers.rmsnorm import (residual_rmsnorm_forward_bf16_cuda, rmsnorm_backward,
+                                         rmsnorm_backward_bf16_cuda, rmsnorm_backward_cuda, rmsnorm_forward,
+                                         rmsnorm_forward_bf16_cuda, rmsnorm_forward_cuda)
 from llmc_lessons.layers.rope import (ROPE_THETA, precompute_freqs_cis, rope_backward, rope_forward,
                                       rope_qkv_backward_bf16_cuda, rope_qkv_backward_cuda,
                                       rope_qkv_forward_bf16_cuda, rope_qkv_forward_cuda)
@@ -400,20 +400,23 @@ class LlamaBf16KernelPath(Bf16KernelPath):
             return gemm(x.reshape(BT, -1), weight, trans_b=True).reshape(B, T_run, -1)
 
         residual, block_caches = xp.take(w["wte"], idx, axis=0), []            # (B, T, C) bf16
+        ln1, ln1_rstd = rmsnorm_forward_bf16_cuda(residual, p["ln1w"][0], eps=eps)  # the later ones: fused below
         for l in range(c.num_layers):
             x = residual
-            ln1, ln1_rstd = rmsnorm_forward_bf16_cuda(x, p["ln1w"][l], eps=eps)
             qkv = linear(ln1, w["qkvw"][l])
             rope_qkv_forward_bf16_cuda(qkv, freqs_cis, NH, NKV)                  # in place
             atty, lse = flash_attention_forward_bf16_cuda(qkv, NH, NKV)          # (B, T, C), (B, NH, T)
-            residual2 = residual_forward_bf16_cuda(x, linear(atty, w["attprojw"][l]))
-            ln2, ln2_rstd = rmsnorm_forward_bf16_cuda(residual2, p["ln2w"][l], eps=eps)
+            residual2, ln2, ln2_rstd = residual_rmsnorm_forward_bf16_cuda(x, linear(atty, w["attprojw"][l]),
+                                                                          p["ln2w"][l], eps=eps)
             fch = linear(ln2, w["fcw"][l])
             fch_swiglu = swiglu_forward_bf16_cuda(fch)
-            residual = residual_forward_bf16_cuda(residual2, linear(fch_swiglu, w["fcprojw"][l]))
+            next_w = p["ln1w"][l + 1] if l + 1 < c.num_layers else p["lnfw"]   # the next RMSNorm: ln1 or lnf
+            residual, ln_next, rstd_next = residual_rmsnorm_forward_bf16_cuda(
+                residual2, linear(fch_swiglu, w["fcprojw"][l]), next_w, eps=eps)
             block_caches.append(dict(x=x, ln1=ln1, ln1_rstd=ln1_rstd, qkv=qkv, atty=atty, lse=lse,
                                      residual2=residual2, ln2=ln2, ln2_rstd=ln2_rstd, fch=fch, fch_swiglu=fch_swiglu))
-        lnf, lnf_rstd = rmsnorm_forward_bf16_cuda(residual, p["lnfw"], eps=eps)
+            ln1, ln1_rstd = ln_next, rstd_next
+        lnf, lnf_rstd = ln1, ln1_rstd
         logits, losses, dlogits = bf16_classifier(model, linear(lnf, w["lm_head"]), targets, T)
         cache = dict(idx=idx, targets=targets, block_caches=block_caches, residual=residual, lnf=lnf,
                      lnf_rstd=lnf_rstd, dlogits=dlogits)

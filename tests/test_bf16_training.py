@@ -17,8 +17,8 @@ from llmc_lessons.layers.crossentropy import fused_classifier_bf16_cuda
 from llmc_lessons.layers.encoder import encoder_forward_bf16_cuda
 from llmc_lessons.layers.gelu import (gelu_backward, gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda,
                                       gelu_forward)
-from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backward_bf16_cuda, layernorm_forward,
-                                           residual_layernorm_forward_bf16_cuda)
+from llmc_lessons.layers.layernorm import (column_sum_add_cuda, layernorm_backward, layernorm_backward_bf16_cuda,
+                                           layernorm_forward, residual_layernorm_forward_bf16_cuda)
 from llmc_lessons.layers.matmul import add_bias_bf16_cuda
 from llmc_lessons.model import GPT2, GPT2Config
 from llmc_lessons.precision import from_bf16, stochastic_to_bf16, to_bf16
@@ -200,6 +200,21 @@ def test_layernorm_backward_bf16(B, T, C, block, max_blocks):
     np.testing.assert_allclose(to_host(db), db0 + rdb, rtol=1e-4, atol=1e-4)
     # the bias gradient of the projection before: the column sums of the bf16 copy, added to what it held
     np.testing.assert_allclose(to_host(dr), dr0 + wide(d16).sum(axis=(0, 1)), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("K,R,C,X,Y", [(1, 37, 24, 8, 32), (2, 5, 776, 16, 4), (3, 300, 40, 8, 32), (1, 1, 1600, 32, 8)])
+def test_column_sum_add(K, R, C, X, Y):
+    gen = np.random.default_rng(K * R + C)
+    partial, starts = rand32(gen, R, K * C), [rand32(gen, C) for _ in range(K)]
+    outs = [to_device(a.copy()) for a in starts]
+    column_sum_add_cuda(*outs, *[None] * (3 - K), to_device(partial), columns_per_block=X, rows_per_block=Y)
+    sums = partial.astype(np.float64).sum(0)
+    for k in range(K):    # added into what each held
+        np.testing.assert_allclose(to_host(outs[k]), starts[k] + sums[k * C:(k + 1) * C], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="out3 given without out2"):
+        column_sum_add_cuda(outs[0], None, outs[0], to_device(partial))
+    with pytest.raises(ValueError, match="partial must have 3C columns"):
+        column_sum_add_cuda(*outs[:1] * 3, to_device(np.zeros((2, 3 * C + 1), np.float32)))
 
 
 @pytest.mark.parametrize("V,Vp,block", [(37, 40, 32), (1000, 1008, 512), (1001, 1008, 96), (48, 48, 64)])

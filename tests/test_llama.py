@@ -378,22 +378,3 @@ def test_bf16_step_is_the_fp32_step_at_bf16_precision(NKV):
         assert abs(bf16.mean_loss - ref.mean_loss) < 2e-2 * ref.mean_loss, step
     assert bf16.mean_loss < first and bf16.step == 3
 
-
-@pytest.mark.parametrize("shape,block_size", [((3, 5, 24), 32), ((2, 7, 64), 100), ((8,), 256)])
-def test_residual_forward_bf16_kernel(shape, block_size, poisoned_allocations):
-    from llmc_lessons.layers.residual import residual_forward_bf16_cuda
-    from llmc_lessons.precision import from_bf16, to_bf16
-    gen = np.random.default_rng(len(shape))
-    a, b = (to_bf16(gen.standard_normal(shape).astype(np.float32) * 3) for _ in range(2))
-    out = residual_forward_bf16_cuda(device.to_device(a), device.to_device(b), block_size=block_size)
-    np.testing.assert_array_equal(to_host(out), to_bf16(from_bf16(a) + from_bf16(b)))   # rounded once, to nearest
-
-
-def test_residual_forward_bf16_rejects_bad_input():
-    from llmc_lessons.layers.residual import residual_forward_bf16_cuda
-    with pytest.raises(ValueError, match="multiple of 8"):
-        residual_forward_bf16_cuda(device.to_device(np.zeros(12, np.uint16)), device.to_device(np.zeros(12, np.uint16)))
-    with pytest.raises((TypeError, ValueError)):
-        residual_forward_bf16_cuda(device.to_device(np.zeros(16, np.float32)), device.to_device(np.zeros(16, np.uint16)))
-    with pytest.raises(ValueError):
-        residual_forward_bf16_cuda(device.to_device(np.zeros(16, np.uint16)), device.to_device(np.zeros(24, np.uint16)))

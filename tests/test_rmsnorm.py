@@ -12,7 +12,8 @@ from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
 from llmc_lessons.gradcheck import gradcheck
 from llmc_lessons.layers.layernorm import layernorm_forward
-from llmc_lessons.layers.rmsnorm import (rmsnorm_backward, rmsnorm_backward_bf16_cuda, rmsnorm_backward_cuda,
+from llmc_lessons.layers.rmsnorm import (residual_rmsnorm_forward_bf16, residual_rmsnorm_forward_bf16_cuda,
+                                         rmsnorm_backward, rmsnorm_backward_bf16_cuda, rmsnorm_backward_cuda,
                                          rmsnorm_forward, rmsnorm_forward_bf16, rmsnorm_forward_bf16_cuda,
                                          rmsnorm_forward_cuda)
 from llmc_lessons.precision import from_bf16, to_bf16
@@ -143,6 +144,39 @@ def test_launchers_match_reference(block_size, param_block_size, B, T):
     dinp64, dw64 = rmsnorm_backward(dout.astype(np.float64), x.astype(np.float64), w.astype(np.float64), rstd64)
     np.testing.assert_allclose(to_host(dinp), dinp64, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(to_host(dweight), dw64, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("version,N,C,block_size,max_blocks", [
+    (2, 1, 8, 32, 264), (2, 37, 24, 64, 3), (2, 300, 776, 96, 7), (None, 300, 24, 256, 264),
+    (1, 37, 24, 64, 264), (None, 37, 1600, 256, 264),       # C = 1600 does not fit version 2: version 1
+])
+def test_backward_versions_match_reference(version, N, C, block_size, max_blocks, poisoned_allocations):
+    x, w, dout = _inputs(N + C, N, C)
+    rstd64 = rmsnorm_forward(x[None].astype(np.float64), w.astype(np.float64))[1]
+    dinp64, dw64 = rmsnorm_backward(dout[None].astype(np.float64), x[None].astype(np.float64), w.astype(np.float64),
+                                    rstd64)
+    args = (to_device(dout[None]), to_device(x[None]), to_device(w), to_device(rstd64.astype(np.float32)))
+    runs = [tuple(to_host(a) for a in rmsnorm_backward_cuda(*args, block_size=block_size, version=version,
+                                                            max_blocks=max_blocks)) for _ in range(2)]
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)                    # deterministic
+    np.testing.assert_allclose(runs[0][0], dinp64, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(runs[0][1], dw64, atol=1e-4, rtol=1e-4)
+
+
+def test_backward_version_2_refuses_what_does_not_fit():
+    x, w = to_device(np.ones((2, 3, 12), np.float32)), to_device(np.ones(12, np.float32))
+    rstd = to_device(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="version must be 1, 2 or None"):
+        rmsnorm_backward_cuda(x, x, w, rstd, version=3)
+    with pytest.raises(ValueError, match="C % 4 == 0"):
+        x10 = to_device(np.ones((2, 3, 10), np.float32))
+        rmsnorm_backward_cuda(x10, x10, to_device(np.ones(10, np.float32)), rstd, version=2)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        rmsnorm_backward_cuda(to_device(np.ones(2 * 3 * 12 + 1, np.float32))[1:].reshape(2, 3, 12), x, w, rstd,
+                              version=2)
+    with pytest.raises(ValueError, match="max_blocks"):
+        rmsnorm_backward_cuda(x, x, w, rstd, max_blocks=0)
 
 
 def test_launchers_handle_empty_batches():
@@ -297,34 +331,128 @@ def test_the_notebook_kernels_are_the_package_kernels():
 
 
 @pytest.mark.parametrize("B,T,C,block_size", [(2, 7, 45, 32), (1, 5, 768, 128), (4, 50, 100, 96)])
-def test_bf16_kernels_match_reference(B, T, C, block_size, poisoned_allocations):
+def test_bf16_forward_matches_reference(B, T, C, block_size, poisoned_allocations):
     gen = np.random.default_rng(C)
     x = to_bf16((gen.standard_normal((B, T, C)) * 2 + 0.5).astype(np.float32))
-    dout = to_bf16(gen.standard_normal((B, T, C)).astype(np.float32))
     w = gen.standard_normal(C).astype(np.float32)
     out, rstd = rmsnorm_forward_bf16_cuda(to_device(x), to_device(w), block_size=block_size)
     want_out, want_rstd = rmsnorm_forward_bf16(x, w)
     np.testing.assert_allclose(to_host(rstd), want_rstd, rtol=1e-5)
     np.testing.assert_allclose(from_bf16(to_host(out)), from_bf16(want_out), rtol=2 ** -7, atol=1e-6)
     assert np.mean(to_host(out) == want_out) > 0.98            # most round to the same bits
-    dinp0 = gen.standard_normal((B, T, C)).astype(np.float32)
-    dw0 = gen.standard_normal(C).astype(np.float32)
-    d_dinp, d_dw = to_device(dinp0.copy()), to_device(dw0.copy())     # to_device may return the array itself
-    dinp_bf16 = rmsnorm_backward_bf16_cuda(d_dinp, to_device(dout), to_device(x), to_device(w), rstd, d_dw,
-                                           block_size=block_size, param_block_size=block_size)
+
+
+@pytest.mark.parametrize("N,C,block_size", [(1, 8, 32), (37, 24, 64), (300, 776, 256), (37, 1600, 96),
+                                              (300, 1600, 1024)])
+def test_residual_rmsnorm_forward_bf16_matches_reference(N, C, block_size, poisoned_allocations):
+    gen = np.random.default_rng(N * C)
+    x = to_bf16((gen.standard_normal((1, N, C)) * 2 + 0.5).astype(np.float32))
+    y = to_bf16(gen.standard_normal((1, N, C)).astype(np.float32))
+    w = (gen.standard_normal(C) + 1).astype(np.float32)
+    residual, out, rstd = residual_rmsnorm_forward_bf16_cuda(to_device(x), to_device(y), to_device(w),
+                                                             block_size=block_size)
+    want_residual, want_out, want_rstd = residual_rmsnorm_forward_bf16(x, y, w)
+    np.testing.assert_array_equal(to_host(residual), want_residual)       # added in float32, rounded once
+    np.testing.assert_allclose(to_host(rstd), want_rstd, rtol=1e-5)
+    np.testing.assert_allclose(from_bf16(to_host(out)), from_bf16(want_out), rtol=2 ** -7, atol=1e-6)
+    assert np.mean(to_host(out) == want_out) > 0.98                       # most round to the same bits
+
+
+def test_residual_rmsnorm_forward_bf16_rejects_bad_input():
+    x, w = to_device(np.ones((2, 3, 8), np.uint16)), to_device(np.ones(8, np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        residual_rmsnorm_forward_bf16_cuda(x, to_device(np.ones((2, 3, 16), np.uint16)), w)
+    with pytest.raises(TypeError, match="dtype uint16"):
+        residual_rmsnorm_forward_bf16_cuda(x, to_device(np.ones((2, 3, 8), np.float32)), w)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        x12 = to_device(np.ones((2, 3, 12), np.uint16))
+        residual_rmsnorm_forward_bf16_cuda(x12, x12, to_device(np.ones(12, np.float32)))
+    with pytest.raises(ValueError, match="C must be <= 2048"):
+        x2056 = to_device(np.ones((1, 1, 2056), np.uint16))
+        residual_rmsnorm_forward_bf16_cuda(x2056, x2056, to_device(np.ones(2056, np.float32)))
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        residual_rmsnorm_forward_bf16_cuda(x, x, to_device(np.ones(9, np.float32))[1:])
+    with pytest.raises(ValueError, match="eps"):
+        residual_rmsnorm_forward_bf16_cuda(x, x, w, eps=-1.0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        residual_rmsnorm_forward_bf16_cuda(x, x, w, block_size=48)
+
+
+def _bf16_backward(N, C, seed, **launch):
+    """The bf16 backward of fresh inputs (1, N, C) into random dinp and dweight: (dinp, dinp_bf16, dweight) after
+    one launch, twice (bit-equal), and the float64 reference's (dinp, dweight) including the starting values."""
+    gen = np.random.default_rng(seed)
+    x = to_bf16((gen.standard_normal((1, N, C)) * 2 + 0.5).astype(np.float32))
+    dout = to_bf16(gen.standard_normal((1, N, C)).astype(np.float32))
+    w = (gen.standard_normal(C) + 1).astype(np.float32)
+    rstd = rmsnorm_forward_bf16(x, w)[1]
+    dinp0, dw0 = gen.standard_normal((1, N, C)).astype(np.float32), gen.standard_normal(C).astype(np.float32)
+    runs = []
+    for _ in range(2):
+        d_dinp, d_dw = to_device(dinp0.copy()), to_device(dw0.copy())     # to_device may return the array itself
+        dinp_bf16 = rmsnorm_backward_bf16_cuda(d_dinp, to_device(dout), to_device(x), to_device(w), to_device(rstd),
+                                               d_dw, **launch)
+        runs.append(tuple(to_host(a) for a in (d_dinp, dinp_bf16, d_dw)))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)                    # deterministic: the same bits on every run
     dinp64, dw64 = rmsnorm_backward(from_bf16(dout).astype(np.float64), from_bf16(x).astype(np.float64),
-                                    w.astype(np.float64), to_host(rstd).astype(np.float64))
-    np.testing.assert_allclose(to_host(d_dinp), dinp0 + dinp64, atol=1e-5, rtol=1e-5)     # accumulated
-    np.testing.assert_array_equal(to_host(dinp_bf16), to_bf16(to_host(d_dinp)))           # its bf16 copy
-    np.testing.assert_allclose(to_host(d_dw), dw0 + dw64, atol=1e-4, rtol=1e-5)
+                                    w.astype(np.float64), rstd.astype(np.float64))
+    return runs[0], (dinp0 + dinp64, dw0 + dw64)
+
+
+@pytest.mark.parametrize("N,C,block_size,max_blocks", [
+    (1, 8, None, 256), (37, 24, 64, 3), (300, 776, 96, 7), (37, 776, None, 256), (300, 24, 32, 1),
+    (1, 1600, 128, 5), (37, 1600, 64, 2), (300, 1600, None, 256),
+])
+def test_bf16_backward_matches_reference(N, C, block_size, max_blocks, poisoned_allocations):
+    (dinp, dinp_bf16, dweight), (want_dinp, want_dw) = _bf16_backward(N, C, N + C, block_size=block_size,
+                                                                      max_blocks=max_blocks)
+    np.testing.assert_allclose(dinp, want_dinp, atol=1e-5, rtol=1e-5)          # accumulated into
+    np.testing.assert_array_equal(dinp_bf16, to_bf16(dinp))                     # its bf16 copy
+    np.testing.assert_allclose(dweight, want_dw, atol=2e-4, rtol=1e-5)         # accumulated into
+
+
+def test_bf16_backward_launch_shapes_agree():
+    """Every grid splits the rows differently (other partial sums, added in another order): close, not equal."""
+    (dinp, _, dw), _ = _bf16_backward(300, 776, 5)
+    for launch in ({"max_blocks": 1}, {"block_size": 32, "max_blocks": 11}, {"block_size": 1024}):
+        (dinp2, _, dw2), _ = _bf16_backward(300, 776, 5, **launch)
+        np.testing.assert_array_equal(dinp2, dinp)           # a row's dinp does not depend on the grid
+        np.testing.assert_allclose(dw2, dw, atol=1e-4, rtol=1e-5)
 
 
 def test_bf16_launchers_reject_bad_input():
     x, w = to_device(np.ones((2, 3, 8), np.uint16)), to_device(np.ones(8, np.float32))
+    rstd, dw = to_device(np.ones((2, 3), np.float32)), to_device(np.zeros(8, np.float32))
+    dinp = to_device(np.zeros((2, 3, 8), np.float32))
     with pytest.raises(TypeError, match="dtype uint16"):
         rmsnorm_forward_bf16_cuda(to_device(np.ones((2, 3, 8), np.float32)), w)
     with pytest.raises(ValueError, match="shape"):
         rmsnorm_forward_bf16_cuda(x, to_device(np.ones(9, np.float32)))
     with pytest.raises(TypeError, match="dtype float32"):
-        rmsnorm_backward_bf16_cuda(to_device(np.ones((2, 3, 8), np.uint16)), x, x, w,
-                                   to_device(np.ones((2, 3), np.float32)), to_device(np.zeros(8, np.float32)))
+        rmsnorm_backward_bf16_cuda(to_device(np.ones((2, 3, 8), np.uint16)), x, x, w, rstd, dw)
+    with pytest.raises(TypeError, match="dtype uint16"):
+        rmsnorm_backward_bf16_cuda(dinp, dinp, x, w, rstd, dw)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        x12 = to_device(np.ones((2, 3, 12), np.uint16))
+        rmsnorm_backward_bf16_cuda(to_device(np.zeros((2, 3, 12), np.float32)), x12, x12,
+                                   to_device(np.ones(12, np.float32)), rstd, to_device(np.zeros(12, np.float32)))
+    with pytest.raises(ValueError, match="C must be <= 2048"):
+        x2056 = to_device(np.ones((1, 1, 2056), np.uint16))
+        rmsnorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 2056), np.float32)), x2056, x2056,
+                                   to_device(np.ones(2056, np.float32)), to_device(np.ones((1, 1), np.float32)),
+                                   to_device(np.zeros(2056, np.float32)))
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        rmsnorm_backward_bf16_cuda(to_device(np.zeros(2 * 3 * 8 + 1, np.float32))[1:].reshape(2, 3, 8), x, x, w, rstd,
+                                   dw)
+    with pytest.raises(ValueError, match="shape"):
+        rmsnorm_backward_bf16_cuda(dinp, x, x, w, to_device(np.ones((3, 2), np.float32)), dw)
+    with pytest.raises(ValueError, match="shared memory"):
+        x2048 = to_device(np.ones((1, 1, 2048), np.uint16))
+        rmsnorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 2048), np.float32)), x2048, x2048,
+                                   to_device(np.ones(2048, np.float32)), to_device(np.ones((1, 1), np.float32)),
+                                   to_device(np.zeros(2048, np.float32)), block_size=1024)
+    with pytest.raises(ValueError, match="max_blocks"):
+        rmsnorm_backward_bf16_cuda(dinp, x, x, w, rstd, dw, max_blocks=0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        rmsnorm_backward_bf16_cuda(dinp, x, x, w, rstd, dw, block_size=48)

@@ -1,8 +1,8 @@
 """Launch configurations of the bf16 step's memory-bound kernels, timed at GPT-2 124M's shapes on a GPU:
 `python tools/tune_bf16_kernels.py`. Each row: the kernel, its configuration, microseconds (the GPU's time
 alone: L2 flushed, Python's enqueue hidden) and the fraction of the 1 GiB copy bandwidth. The defaults of the
-bf16 launchers (the bf16 sections of llmc_lessons/layers/<layer>.py) are the fastest rows seen on the H200;
-rerun this after changing a kernel, then `python -m llmc_lessons.bench --only-kernels` for the table at the defaults.
+bf16 launchers (the bf16 sections of llmc_lessons/layers/<layer>.py) are the fastest rows seen on the H200
+(the RMSNorm launchers of the LLaMA-style step take the layernorm's); rerun this after changing a kernel, then `python -m llmc_lessons.bench --only-kernels` for the table at the defaults.
 """
 from llmc_lessons import device, timing
 from llmc_lessons.layers.bf16 import float_to_bf16_cuda
@@ -10,6 +10,7 @@ from llmc_lessons.layers.crossentropy import fused_classifier_bf16_cuda
 from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda
 from llmc_lessons.layers.layernorm import (column_sum_add_cuda, layernorm_backward_bf16_cuda,
                                            residual_layernorm_forward_bf16_cuda)
+from llmc_lessons.layers.rmsnorm import residual_rmsnorm_forward_bf16_cuda, rmsnorm_backward_bf16_cuda
 
 if not device.on_gpu():
     raise SystemExit("tuning needs a GPU")
@@ -48,6 +49,14 @@ for bs, blocks in ((128, 512), (128, 528), (256, 256), (256, 264), (256, 396), (
         lambda: layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db, dr, block_size=bs,
                                                  max_blocks=blocks),
         14 * BT * C + 8 * BT)
+rms_rstd = residual_rmsnorm_forward_bf16_cuda(x, x2, w)[2]    # the LLaMA-style step's RMSNorm kernels
+for bs in (64, 128, 256):
+    row("residual + rmsnorm", f"block {bs}", lambda: residual_rmsnorm_forward_bf16_cuda(x, x2, w, block_size=bs),
+        8 * BT * C + 4 * BT)
+for bs, blocks in ((128, 512), (128, 528), (256, 256), (256, 264), (256, 396), (512, 128), (512, 132)):
+    row("rmsnorm backward", f"block {bs}, {blocks} blocks",
+        lambda: rmsnorm_backward_bf16_cuda(dres, x, x2, w, rms_rstd, dw, block_size=bs, max_blocks=blocks),
+        14 * BT * C + 4 * BT)
 for bs in (256, 512, 1024):
     row("fused classifier", f"block {bs}",
         lambda: fused_classifier_bf16_cuda(logits, targets, V, 1 / BT, block_size=bs), 4 * BT * Vp)

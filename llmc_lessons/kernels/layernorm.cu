@@ -545,33 +545,33 @@ extern "C" __global__ void residual_layernorm_forward_bf16_kernel_c2048(bf16* re
     residual_layernorm_forward_bf16_rows<8>(residual, out, mean, rstd, inp1, inp2, bias2, weight, bias, N, C);
 }
 
-// The column sums of partial (R, 3C), always in the same order, added into three vectors: columns 0..C-1 into
-// out1, C..2C-1 into out2, 2C..3C-1 into out3 (the layernorm backward's dweight, dbias and the bias gradient
-// of the projection before it, in one launch). Block (X, Y): X neighbouring columns, the Y rows of threads
-// split the R partial rows, then thread row 0 adds their Y sums in order. Each thread loads four of its rows
-// before adding them (in row order): the launch is short, and its time is mostly its start and the chain of
-// loads each thread waits for.
+// The column sums of partial (R, K C), always in the same order, added into K <= 3 vectors: columns 0..C-1
+// into out1, C..2C-1 into out2, 2C..3C-1 into out3 (the layernorm backward's dweight, dbias and the bias
+// gradient of the projection before it, in one launch; K = 1 for the RMSNorm backward's dweight). Block
+// (X, Y): X neighbouring columns, the Y rows of threads split the R partial rows, then thread row 0 adds their
+// Y sums in order. Each thread loads four of its rows before adding them (in row order): the launch is short,
+// and its time is mostly its start and the chain of loads each thread waits for.
 extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,) accumulated into
                                                  float* out2,            // (C,) accumulated into
                                                  float* out3,            // (C,) accumulated into
-                                                 const float* partial,   // (R, 3C)
-                                                 int R, int C) {
+                                                 const float* partial,   // (R, K C)
+                                                 int R, int C, int K) {
     extern __shared__ float buf[];              // (Y, X)
     int X = blockDim.x, Y = blockDim.y;
     int c = blockIdx.x * X + threadIdx.x;
     float acc = 0.0f;
-    if (c < 3 * C) {
+    if (c < K * C) {
         int r = threadIdx.y;
         for (; r + 3 * Y < R; r += 4 * Y) {
             float v[4];
-            for (int j = 0; j < 4; j++) v[j] = partial[(size_t)(r + j * Y) * 3 * C + c];
+            for (int j = 0; j < 4; j++) v[j] = partial[(size_t)(r + j * Y) * K * C + c];
             for (int j = 0; j < 4; j++) acc += v[j];
         }
-        for (; r < R; r += Y) acc += partial[(size_t)r * 3 * C + c];
+        for (; r < R; r += Y) acc += partial[(size_t)r * K * C + c];
     }
     buf[threadIdx.y * X + threadIdx.x] = acc;
     __syncthreads();
-    if (threadIdx.y == 0 && c < 3 * C) {
+    if (threadIdx.y == 0 && c < K * C) {
         float s = 0.0f;
         for (int y = 0; y < Y; y++) s += buf[y * X + threadIdx.x];
         float* out = c < C ? out1 : (c < 2 * C ? out2 : out3);

@@ -16,6 +16,8 @@
 //   a GPU idle, so the rows are split among the R block rows of a 2-D grid, each leaving its partial sums in a
 //   row of (R, C); rmsnorm_param_reduce_kernel adds them in order into dweight. No atomics: the same bits on
 //   every run.
+// rmsnorm_backward_kernel2 does both in one pass, a row per warp held in registers (C <= 1024, C % 4 == 0), as
+//   layernorm_backward_kernel2 (lesson 03): the launcher's default where it fits.
 #include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -89,15 +91,82 @@ extern "C" __global__ void rmsnorm_param_reduce_kernel(float* dweight,        //
     dweight[c] += sum;
 }
 
+// rmsnorm_backward_kernel2: dinp and the partial dweight sums in one pass over dout and inp. One warp per row,
+// looping over rows (row = warp, warp + W, ...); the lane's share of dout and inp is loaded as float4s into
+// registers, all at once (C <= 4 * 32 * RMS_BWD_CHUNKS = 1024 and C % 4 == 0), so a row costs one wait for
+// memory and each input is read once. dinp is WRITTEN. Each warp sums its rows' dout * norm in registers; at
+// the end the block's warps add theirs in order through shared memory into row blockIdx.x of (gridDim.x, C)
+// partial sums, which column_sum_add_kernel (layernorm.cu) adds in order: deterministic.
+#define RMS_BWD_CHUNKS 8
+
+extern "C" __global__ void rmsnorm_backward_kernel2(float* dinp,          // (N, C) written
+                                                    float* partial,       // (gridDim.x, C)
+                                                    const float* dout,    // (N, C)
+                                                    const float* inp,     // (N, C)
+                                                    const float* weight,  // (C,)
+                                                    const float* rstd,    // (N,)
+                                                    int N, int C) {
+    extern __shared__ float buf[];              // (warps per block, C): one warp's sums per row of buf
+    int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
+    int W = gridDim.x * warps;
+    float4 dw[RMS_BWD_CHUNKS];
+    for (int i = 0; i < RMS_BWD_CHUNKS; i++) dw[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int row = blockIdx.x * warps + w; row < N; row += W) {
+        const float4* dy = (const float4*)(dout + (size_t)row * C);
+        const float4* x = (const float4*)(inp + (size_t)row * C);
+        float s = rstd[row];
+        float4 d[RMS_BWD_CHUNKS], n[RMS_BWD_CHUNKS];
+        for (int i = 0; i < RMS_BWD_CHUNKS; i++) {   // every load of the row first
+            int c4 = lane + 32 * i;
+            if (c4 * 4 < C) {
+                d[i] = dy[c4];
+                n[i] = x[c4];
+            }
+        }
+        float dot = 0.0f;                       // this lane's share of sum_c dnorm_c * norm_c
+        for (int i = 0; i < RMS_BWD_CHUNKS; i++) {
+            int c4 = lane + 32 * i;
+            if (c4 * 4 >= C) break;
+            float4 wt = ((const float4*)weight)[c4];
+            n[i] = make_float4(n[i].x * s, n[i].y * s, n[i].z * s, n[i].w * s);   // norm
+            dot += wt.x * d[i].x * n[i].x + wt.y * d[i].y * n[i].y + wt.z * d[i].z * n[i].z + wt.w * d[i].w * n[i].w;
+            dw[i].x += d[i].x * n[i].x; dw[i].y += d[i].y * n[i].y;
+            dw[i].z += d[i].z * n[i].z; dw[i].w += d[i].w * n[i].w;
+        }
+        float dnorm_norm_mean = warpReduceSum(dot) / C;
+        float4* dx = (float4*)(dinp + (size_t)row * C);
+        for (int i = 0; i < RMS_BWD_CHUNKS; i++) {
+            int c4 = lane + 32 * i;
+            if (c4 * 4 >= C) break;
+            float4 wt = ((const float4*)weight)[c4];
+            dx[c4] = make_float4(s * (wt.x * d[i].x - n[i].x * dnorm_norm_mean),
+                                 s * (wt.y * d[i].y - n[i].y * dnorm_norm_mean),
+                                 s * (wt.z * d[i].z - n[i].z * dnorm_norm_mean),
+                                 s * (wt.w * d[i].w - n[i].w * dnorm_norm_mean));
+        }
+    }
+    for (int i = 0; i < RMS_BWD_CHUNKS; i++) {
+        int c4 = lane + 32 * i;
+        if (c4 * 4 >= C) break;
+        ((float4*)(buf + w * C))[c4] = dw[i];
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float sum = 0.0f;
+        for (int j = 0; j < warps; j++) sum += buf[j * C + c];   // the warps in order
+        partial[(size_t)blockIdx.x * C + c] = sum;
+    }
+}
+
 // =========================================================================================================
 // bf16: stored in bfloat16, computed in float32 (kernels/bf16.cuh has the conversions). The statistics
 // (rstd), the weight and its gradient stay float32, as in the bf16 training step of lesson 14.
 //
 // rmsnorm_forward_bf16_kernel: rmsnorm_forward_kernel on bf16 rows, rounding once on the store.
-// rmsnorm_backward_bf16_kernel: a warp per row; dinp (float32, the residual stream's gradient) += the input
-//   gradient, and its new value is stored in bf16 too (for the matmul backward before it).
-// rmsnorm_param_backward_bf16_kernel: the partial column sums of the float32 kernel, from bf16; then
-//   rmsnorm_param_reduce_kernel adds them into dweight (float32).
+// residual_rmsnorm_forward_bf16_kernel: residual = inp1 + inp2, then its RMSNorm, in one pass (as
+//   residual_layernorm_forward_bf16_kernel of layernorm.cu, without the biases).
+// rmsnorm_backward_bf16_kernel: dinp and dweight in one pass, as layernorm_backward_bf16_kernel (layernorm.cu,
+//   whose comment tells how it was tuned), with one reduction and one column sum fewer.
 // =========================================================================================================
 #include "bf16.cuh"
 
@@ -120,40 +189,177 @@ extern "C" __global__ void rmsnorm_forward_bf16_kernel(bf16* out,            // 
     if (lane == 0) { rstd[row] = s; }
 }
 
-extern "C" __global__ void rmsnorm_backward_bf16_kernel(float* dinp,          // (N, C) +=
-                                                        bf16* dinp_bf16,      // (N, C) dinp's new value
-                                                        const bf16* dout,     // (N, C)
-                                                        const bf16* inp,      // (N, C)
-                                                        const float* weight,  // (C,)
-                                                        const float* rstd,    // (N,)
-                                                        int N, int C) {
+// residual = inp1 + inp2 (added in float32, rounded once to bf16), then out = rmsnorm(residual): the residual
+// connection fused with the RMSNorm that reads its result. One warp per row, the lane's 8-value chunks
+// (lane + 32 i) * 8 of both inputs loaded at once through 16-byte loads (C a multiple of 8, at most
+// CHUNKS * 256) and kept in registers: the sum of squares and the output come from them, no second trip to
+// memory. The statistics are of the bf16-rounded residual that is stored.
+template <int CHUNKS>
+__device__ __forceinline__ void residual_rmsnorm_forward_bf16_rows(bf16* residual,       // (N, C)
+                                                                   bf16* out,            // (N, C)
+                                                                   float* rstd,          // (N,)
+                                                                   const bf16* inp1,     // (N, C)
+                                                                   const bf16* inp2,     // (N, C)
+                                                                   const float* weight,  // (C,)
+                                                                   int N, int C, float eps) {
     int lane = threadIdx.x % 32;
-    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // one warp per row
-    if (row >= N) { return; }
-    const bf16* x = inp + row * C;
-    const bf16* dy = dout + row * C;
-    float s = rstd[row];
-    float dot = 0.0f;                                 // this lane's share of sum_c dnorm_c * norm_c
-    for (int c = lane; c < C; c += 32) { dot += bf16_to_float(dy[c]) * weight[c] * bf16_to_float(x[c]) * s; }
-    float dnorm_norm_mean = warpReduceSum(dot) / C;
-    for (int c = lane; c < C; c += 32) {
-        float norm = bf16_to_float(x[c]) * s;
-        float d = dinp[row * C + c] + s * (bf16_to_float(dy[c]) * weight[c] - norm * dnorm_norm_mean);
-        dinp[row * C + c] = d;
-        dinp_bf16[row * C + c] = bf16_from_float(d);
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) return;                       // the whole warp leaves together
+    size_t base = (size_t)row * C;
+    int4 raw1[CHUNKS], raw2[CHUNKS];
+    for (int i = 0; i < CHUNKS; i++) {          // every load of the row first, then the arithmetic
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            raw1[i] = *(const int4*)(inp1 + base + c);
+            raw2[i] = *(const int4*)(inp2 + base + c);
+        }
+    }
+    float r[CHUNKS][8];
+    float sumsq = 0.0f;
+    for (int i = 0; i < CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            float b[8];
+            unpack8(r[i], raw1[i]);
+            unpack8(b, raw2[i]);
+            for (int k = 0; k < 8; k++) {
+                r[i][k] = round_bf16(r[i][k] + b[k]);
+                sumsq += r[i][k] * r[i][k];
+            }
+            store8(residual + base + c, r[i]);
+        }
+    }
+    float s = rsqrtf(warpReduceSum(sumsq) / C + eps);
+    for (int i = 0; i < CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            float wt[8];
+            load8f(wt, weight + c);
+            for (int k = 0; k < 8; k++) r[i][k] = r[i][k] * s * wt[k];
+            store8(out + base + c, r[i]);
+        }
+    }
+    if (lane == 0) rstd[row] = s;
+}
+
+// The two instances the launcher picks from: C <= 1024, and C <= 2048.
+extern "C" __global__ void residual_rmsnorm_forward_bf16_kernel(bf16* residual, bf16* out, float* rstd,
+                                                                const bf16* inp1, const bf16* inp2,
+                                                                const float* weight, int N, int C, float eps) {
+    residual_rmsnorm_forward_bf16_rows<4>(residual, out, rstd, inp1, inp2, weight, N, C, eps);
+}
+extern "C" __global__ void residual_rmsnorm_forward_bf16_kernel_c2048(bf16* residual, bf16* out, float* rstd,
+                                                                      const bf16* inp1, const bf16* inp2,
+                                                                      const float* weight, int N, int C,
+                                                                      float eps) {
+    residual_rmsnorm_forward_bf16_rows<8>(residual, out, rstd, inp1, inp2, weight, N, C, eps);
+}
+
+// The RMSNorm backward on bf16 dout and inp, a warp per row, each warp taking ROWS rows at a time (rows r,
+// r + W, with W the grid's warps; then r + 2W, ...), the lane's 8-value chunks (lane + 32 i) * 8 of each row
+// loaded at once into registers through 16-byte loads (C a multiple of 8, at most CHUNKS * 256). dinp is the
+// float32 gradient of the residual stream and is ACCUMULATED into; dinp_bf16 gets its new value in bf16 for
+// the matmul backward before it. dweight's column sums: lane `lane` adds its rows' dout * norm into its own
+// slots of its warp's row of buf (shared memory): no other thread touches them, no atomics. At the end the
+// block's warps add theirs in order into row blockIdx.x of partial, and column_sum_add_kernel (layernorm.cu)
+// adds those rows in order: the same bits on every run of the same launch.
+template <int CHUNKS, int ROWS>
+__device__ __forceinline__ void rmsnorm_backward_bf16_rows(float* buf,            // shared: (warps, C)
+                                                           float* dinp,           // (N, C) accumulated into
+                                                           bf16* dinp_bf16,       // (N, C)
+                                                           float* partial,        // (gridDim.x, C)
+                                                           const bf16* dout,      // (N, C)
+                                                           const bf16* inp,       // (N, C)
+                                                           const float* weight,   // (C,)
+                                                           const float* rstd,     // (N,)
+                                                           int N, int C) {
+    int lane = threadIdx.x % 32, w = threadIdx.x / 32, warps = blockDim.x / 32;
+    int W = gridDim.x * warps;
+    float* dw = buf + (size_t)w * C;
+    for (int i = 0; i < CHUNKS; i++) {
+        int c = (lane + 32 * i) * 8;
+        if (c < C) {
+            for (int k = 0; k < 8; k++) dw[c + k] = 0.0f;
+        }
+    }
+    for (int row0 = blockIdx.x * warps + w; row0 < N; row0 += ROWS * W) {
+        int4 raw_dout[ROWS][CHUNKS], raw_inp[ROWS][CHUNKS];   // the rows stay in registers, packed
+        float s[ROWS], dnorm_norm_mean[ROWS];
+        for (int r = 0; r < ROWS; r++) {   // a row past N is zeros (s = 0): it adds 0 to every sum
+            int row = row0 + r * W;
+            bool in = row < N;
+            s[r] = in ? rstd[row] : 0.0f;
+            dnorm_norm_mean[r] = 0.0f;
+            for (int i = 0; i < CHUNKS; i++) {
+                int c = (lane + 32 * i) * 8;
+                if (c < C) {
+                    raw_dout[r][i] = in ? *(const int4*)(dout + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
+                    raw_inp[r][i] = in ? *(const int4*)(inp + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
+                }
+            }
+        }
+        for (int i = 0; i < CHUNKS; i++) {
+            int c = (lane + 32 * i) * 8;
+            if (c < C) {
+                float wt[8], sw[8];
+                load8f(wt, weight + c);
+                load8f(sw, dw + c);
+                for (int r = 0; r < ROWS; r++) {
+                    float d[8], x[8];
+                    unpack8(d, raw_dout[r][i]);
+                    unpack8(x, raw_inp[r][i]);
+                    for (int k = 0; k < 8; k++) {
+                        float norm = x[k] * s[r];
+                        dnorm_norm_mean[r] += wt[k] * d[k] * norm;
+                        sw[k] += d[k] * norm;
+                    }
+                }
+                *(float4*)(dw + c) = make_float4(sw[0], sw[1], sw[2], sw[3]);
+                *(float4*)(dw + c + 4) = make_float4(sw[4], sw[5], sw[6], sw[7]);
+            }
+        }
+        for (int r = 0; r < ROWS; r++) dnorm_norm_mean[r] = warpReduceSum(dnorm_norm_mean[r]) / C;
+        for (int i = 0; i < CHUNKS; i++) {
+            int c = (lane + 32 * i) * 8;
+            if (c < C) {
+                float wt[8];
+                load8f(wt, weight + c);
+                for (int r = 0; r < ROWS; r++) {
+                    int row = row0 + r * W;
+                    if (row >= N) break;
+                    size_t at = (size_t)row * C + c;
+                    float d[8], x[8], g[8];
+                    unpack8(d, raw_dout[r][i]);
+                    unpack8(x, raw_inp[r][i]);
+                    load8f(g, dinp + at);
+                    for (int k = 0; k < 8; k++) g[k] += s[r] * (wt[k] * d[k] - x[k] * s[r] * dnorm_norm_mean[r]);
+                    *(float4*)(dinp + at) = make_float4(g[0], g[1], g[2], g[3]);
+                    *(float4*)(dinp + at + 4) = make_float4(g[4], g[5], g[6], g[7]);
+                    store8(dinp_bf16 + at, g);
+                }
+            }
+        }
+    }
+    __syncthreads();                          // the block's warps add their sums in order
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float sum = 0.0f;
+        for (int j = 0; j < warps; j++) sum += buf[(size_t)j * C + c];
+        partial[(size_t)blockIdx.x * C + c] = sum;
     }
 }
 
-extern "C" __global__ void rmsnorm_param_backward_bf16_kernel(float* partial,      // (gridDim.y, C)
-                                                              const bf16* dout,    // (N, C)
-                                                              const bf16* inp,     // (N, C)
-                                                              const float* rstd,   // (N,)
-                                                              int N, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;    // one thread per channel, as rmsnorm_param_backward_kernel
-    if (c >= C) { return; }
-    float sum = 0.0f;
-    for (int row = blockIdx.y; row < N; row += gridDim.y) {
-        sum += bf16_to_float(dout[row * C + c]) * bf16_to_float(inp[row * C + c]) * rstd[row];
-    }
-    partial[blockIdx.y * C + c] = sum;
+// The two instances the launcher picks from, as layernorm_backward_bf16_kernel's: C <= 1024 two rows at a
+// time, and C <= 2048 one row at a time.
+extern "C" __global__ void rmsnorm_backward_bf16_kernel(float* dinp, bf16* dinp_bf16, float* partial,
+                                                        const bf16* dout, const bf16* inp, const float* weight,
+                                                        const float* rstd, int N, int C) {
+    extern __shared__ float buf[];            // (warps per block, C): each warp's dweight sums
+    rmsnorm_backward_bf16_rows<4, 2>(buf, dinp, dinp_bf16, partial, dout, inp, weight, rstd, N, C);
+}
+extern "C" __global__ void rmsnorm_backward_bf16_kernel_c2048(float* dinp, bf16* dinp_bf16, float* partial,
+                                                              const bf16* dout, const bf16* inp,
+                                                              const float* weight, const float* rstd, int N,
+                                                              int C) {
+    extern __shared__ float buf[];
+    rmsnorm_backward_bf16_rows<8, 1>(buf, dinp, dinp_bf16, partial, dout, inp, weight, rstd, N, C);
 }

@@ -261,7 +261,8 @@ def row_chunks(C: int) -> int:
     CHUNKS 8-value chunks per lane; 4 for C <= 1024 (the fast path), 8 (the kernels named ..._c2048) up to
     ROW_MAX_C."""
     if C > ROW_MAX_C:
-        raise ValueError(f"the bf16 layernorm kernels keep a row in registers: C must be <= {ROW_MAX_C}, got {C}")
+        raise ValueError(f"the bf16 layernorm and RMSNorm kernels keep a row in registers: C must be <= "
+                         f"{ROW_MAX_C}, got {C}")
     return 4 if C <= 1024 else 8
 
 
@@ -288,17 +289,23 @@ def residual_layernorm_forward_bf16_cuda(inp1, inp2, bias2, weight, bias, block_
 def column_sum_add_cuda(out1, out2, out3, partial, columns_per_block: int = 8, rows_per_block: int = 32):
     """out1, out2, out3 (C,) float32 += the column sums of partial[:, :C], [:, C:2C], [:, 2C:] for partial
     (R, 3C) float32, in a fixed order (column_sum_add_kernel, one launch, blocks of (columns_per_block,
-    rows_per_block) threads): the end of the reductions that leave a row of partial sums per block."""
+    rows_per_block) threads): the end of the reductions that leave a row of partial sums per block. With out3
+    None, partial is (R, 2C); with out2 and out3 None, (R, C) and out1 alone gets its column sums."""
     device.require_array("partial", partial, shape=(None, None))
-    R, C3 = partial.shape
-    if C3 % 3:
-        raise ValueError(f"partial must have 3C columns, got {C3}")
-    for name, a in (("out1", out1), ("out2", out2), ("out3", out3)):
-        device.require_array(name, a, shape=(C3 // 3,))
+    if out2 is None and out3 is not None:
+        raise ValueError("column_sum_add_cuda: out3 given without out2")
+    outs = [a for a in (out1, out2, out3) if a is not None]
+    R, KC = partial.shape
+    K = len(outs)
+    if KC % K:
+        raise ValueError(f"partial must have {K}C columns for {K} output vectors, got {KC}")
+    for i, a in enumerate(outs):
+        device.require_array(f"out{i + 1}", a, shape=(KC // K,))
     X, Y = columns_per_block, rows_per_block
-    if C3:
-        load_kernel("layernorm.cu", "column_sum_add_kernel")((-(-C3 // X),), (X, Y),
-                                                         (out1, out2, out3, partial, np.int32(R), np.int32(C3 // 3)),
+    if KC:
+        outs += [out1] * (3 - K)                    # unused by the kernel: columns stop at K C
+        load_kernel("layernorm.cu", "column_sum_add_kernel")((-(-KC // X),), (X, Y),
+                                                         (*outs, partial, np.int32(R), np.int32(KC // K), np.int32(K)),
                                                          shared_mem=4 * X * Y)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.layers.bf16 import launch_1d, require_bf16_array, require_multiple_of_8
+from llmc_lessons.layers.bf16 import launch_1d
 
 
 def residual_forward(inp1, inp2):
@@ -41,14 +41,3 @@ def residual_forward_cuda(inp1, inp2, block_size: int = 256):
     launch_1d("residual.cu", "residual_forward_kernel", N, block_size, (out, inp1, inp2, np.int32(N)))
     return out
 
-
-def residual_forward_bf16_cuda(inp1, inp2, block_size: int = 256):
-    """inp1, inp2 (same shape) bf16 bits, a multiple of 8 elements -> out = inp1 + inp2 in bf16 (added in float32,
-    rounded once to nearest) through residual_forward_bf16_kernel, 8 elements per thread."""
-    require_bf16_array("inp1", inp1, None)
-    require_bf16_array("inp2", inp2, tuple(inp1.shape))
-    N = require_multiple_of_8("the number of elements", int(inp1.size))
-    out = device.xp.empty_like(inp1)
-    launch_1d("residual.cu", "residual_forward_bf16_kernel", N // 8, device.require_block_size(block_size),
-              (out, inp1, inp2, np.int32(N)))
-    return out

@@ -18,8 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.cuda import load_kernel
-from llmc_lessons.layers.layernorm import _check_shapes   # the same (B, T, C), (C,), (B, T) shapes
+from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, load_kernel
+from llmc_lessons.layers.bf16 import (kernel_with_shared, launch_1d, require_aligned16, require_bf16_array,
+                                      require_float_vector, require_multiple_of_8)
+from llmc_lessons.layers.layernorm import LAYERNORM_BACKWARD_BLOCKS, _check_shapes, column_sum_add_cuda, row_chunks
 from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,12 +82,17 @@ def rmsnorm_forward_cuda(inp, weight, block_size: int = 256, eps: float = 1e-5):
     return out, rstd
 
 
-def rmsnorm_backward_cuda(dout, inp, weight, rstd, block_size: int = 256, param_block_size: int = 256):
+def rmsnorm_backward_cuda(dout, inp, weight, rstd, block_size: int = 256, param_block_size: int = 256,
+                          version: int | None = None, max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
     """(B, T, C), (B, T, C), (C,), (B, T) float32 -> dinp (B, T, C), dweight (C,), fresh arrays.
 
-    dinp through rmsnorm_backward_kernel (a warp per row, blocks of block_size threads); dweight through
-    rmsnorm_param_backward_kernel (a thread per channel and chunk of rows, blocks of param_block_size threads)
-    and rmsnorm_param_reduce_kernel (the chunks' sums added in order)."""
+    version 1: dinp through rmsnorm_backward_kernel (a warp per row, blocks of block_size threads); dweight
+    through rmsnorm_param_backward_kernel (a thread per channel and chunk of rows, blocks of param_block_size
+    threads) and rmsnorm_param_reduce_kernel (the chunks' sums added in order).
+    version 2: both in one pass, rmsnorm_backward_kernel2 (a warp per row held in registers; at most max_blocks
+    blocks, each leaving a row of partial sums), then column_sum_add_cuda. Needs C % 4 == 0, C <= 1024 and
+    16-byte aligned arrays.
+    None: version 2 where it fits, else 1. Every sum is in a fixed order (deterministic)."""
     device.require_array("inp", inp, shape=(None, None, None))
     B, T, C = inp.shape
     device.require_array("dout", dout, shape=(B, T, C))
@@ -94,28 +101,37 @@ def rmsnorm_backward_cuda(dout, inp, weight, rstd, block_size: int = 256, param_
     block_size = device.require_block_size(block_size, warps=True)
     param_block_size = device.require_block_size(param_block_size, name="param_block_size")
     xp = device.xp
-    N = B * T
+    N, warps = B * T, block_size // 32
+    fits = (C % 4 == 0 and C <= 1024 and 4 * warps * C <= DEFAULT_SHARED_LIMIT
+            and all(device.address(a) % 16 == 0 for a in (dout, inp, weight)))
+    if version is None:
+        version = 2 if fits else 1
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1, 2 or None, got {version!r}")
+    if version == 2 and not fits:
+        raise ValueError(f"version 2 keeps a row in registers as float4s: it needs C % 4 == 0, C <= 1024, "
+                         f"16-byte aligned arrays and 4 * (block_size / 32) * C <= {DEFAULT_SHARED_LIMIT} bytes of "
+                         f"shared memory (C = {C}, block_size = {block_size}); use version=1")
+    blocks = max(1, min(device.require_int("max_blocks", max_blocks), -(-N // warps)))
     dinp = xp.empty((B, T, C), np.float32)
     dweight = xp.zeros((C,), np.float32)             # no rows: no gradient
-    if N and C:
+    if N and C and version == 2:
+        partial = xp.empty((blocks, C), np.float32)
+        load_kernel("rmsnorm.cu", "rmsnorm_backward_kernel2")(
+            (blocks,), (block_size,), (dinp, partial, dout, inp, weight, rstd, np.int32(N), np.int32(C)),
+            shared_mem=4 * warps * C)
+        column_sum_add_cuda(dweight, None, None, partial)
+    elif N and C:
         load_kernel("rmsnorm.cu", "rmsnorm_backward_kernel")(
-            (-(-N // (block_size // 32)),), (block_size,), (dinp, dout, inp, weight, rstd, np.int32(N), np.int32(C)))
-        _param_backward("rmsnorm_param_backward_kernel", dweight, dout, inp, rstd, param_block_size)
+            (-(-N // warps),), (block_size,), (dinp, dout, inp, weight, rstd, np.int32(N), np.int32(C)))
+        R = max(1, min(64, N // 64))                 # each thread sums N / R >= 64 rows
+        partial = xp.empty((R, C), np.float32)
+        grid_x = -(-C // param_block_size)
+        load_kernel("rmsnorm.cu", "rmsnorm_param_backward_kernel")(
+            (grid_x, R), (param_block_size,), (partial, dout, inp, rstd, np.int32(N), np.int32(C)))
+        load_kernel("rmsnorm.cu", "rmsnorm_param_reduce_kernel")(
+            (grid_x,), (param_block_size,), (dweight, partial, np.int32(R), np.int32(C)))
     return dinp, dweight
-
-
-def _param_backward(kernel: str, dweight, dout, inp, rstd, param_block_size: int) -> None:
-    """dweight += the column sums of dout * inp * rstd: `kernel` leaves R rows of partial sums (R row chunks, so
-    that the grid has enough blocks), rmsnorm_param_reduce_kernel adds them in order."""
-    B, T, C = inp.shape
-    N = B * T
-    R = max(1, min(64, N // 64))                     # each thread sums N / R >= 64 rows
-    partial = device.xp.empty((R, C), np.float32)
-    grid_x = -(-C // param_block_size)
-    load_kernel("rmsnorm.cu", kernel)((grid_x, R), (param_block_size,),
-                                      (partial, dout, inp, rstd, np.int32(N), np.int32(C)))
-    load_kernel("rmsnorm.cu", "rmsnorm_param_reduce_kernel")((grid_x,), (param_block_size,),
-                                                             (dweight, partial, np.int32(R), np.int32(C)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,24 +161,63 @@ def rmsnorm_forward_bf16_cuda(inp, weight, block_size: int = 256, eps: float = 1
     return out, rstd
 
 
-def rmsnorm_backward_bf16_cuda(dinp, dout, inp, weight, rstd, dweight, block_size: int = 256,
-                               param_block_size: int = 256):
+def residual_rmsnorm_forward_bf16(inp1_bits, inp2_bits, weight):
+    """Reference of residual_rmsnorm_forward_bf16_kernel: (residual bits, out bits, rstd float32), the residual
+    added in float32 and rounded once, its RMSNorm computed in float64 and rounded once."""
+    residual = to_bf16(from_bf16(inp1_bits) + from_bf16(inp2_bits))
+    return (residual, *rmsnorm_forward_bf16(residual, weight))
+
+
+def residual_rmsnorm_forward_bf16_cuda(inp1, inp2, weight, block_size: int = 256, eps: float = 1e-5):
+    """residual = inp1 + inp2, out = rmsnorm(residual) with weight, in one pass (residual_rmsnorm_forward_bf16_kernel,
+    a warp per row). inp1, inp2 (B, T, C) bf16 (C a multiple of 8, at most 2048); weight (C,) float32 ->
+    residual, out (B, T, C) bf16, rstd (B, T) float32."""
+    require_bf16_array("inp1", inp1, (None, None, None))
+    B, T, C = inp1.shape
+    require_multiple_of_8("C", C)
+    chunks = row_chunks(C)
+    require_bf16_array("inp2", inp2, (B, T, C))
+    require_float_vector("weight", weight, C)
+    block_size = device.require_block_size(block_size, warps=True)
+    eps = _require_eps(eps)
+    xp = device.xp
+    residual, out, rstd = xp.empty((B, T, C), np.uint16), xp.empty((B, T, C), np.uint16), xp.empty((B, T), np.float32)
+    launch_1d("rmsnorm.cu", "residual_rmsnorm_forward_bf16_kernel" + ("" if chunks == 4 else "_c2048"), B * T * 32,
+              block_size, (residual, out, rstd, inp1, inp2, weight, np.int32(B * T), np.int32(C), np.float32(eps)))
+    return residual, out, rstd
+
+
+def rmsnorm_backward_bf16_cuda(dinp, dout, inp, weight, rstd, dweight, block_size: int | None = None,
+                               max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
     """The RMSNorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient and
-    dweight (C,) float32 += the weight gradient. Returns dinp's new value in bf16 (for the matmul backward)."""
-    device.require_array("inp", inp, shape=(None, None, None), dtype=np.uint16)
+    dweight (C,) float32 += the weight gradient. Returns dinp's new value in bf16 (for the matmul backward).
+
+    One pass, rmsnorm_backward_bf16_kernel (C a multiple of 8, at most 2048; 16-byte aligned arrays): a warp per
+    row, at most max_blocks blocks, each leaving a row of dweight's partial sums (its warps' sums: C floats a
+    warp, block_size * C / 8 bytes of shared memory), which column_sum_add_cuda adds in order. block_size None:
+    256 for C <= 1024, else 128, as layernorm_backward_bf16_cuda."""
+    require_bf16_array("inp", inp, (None, None, None))
     B, T, C = inp.shape
-    device.require_array("dout", dout, shape=(B, T, C), dtype=np.uint16)
-    device.require_array("dinp", dinp, shape=(B, T, C))
-    device.require_array("weight", weight, shape=(C,))
+    require_multiple_of_8("C", C)
+    chunks = row_chunks(C)
+    require_bf16_array("dout", dout, (B, T, C))
+    require_aligned16("dinp", device.require_array("dinp", dinp, shape=(B, T, C)))
+    require_float_vector("weight", weight, C)
     device.require_array("rstd", rstd, shape=(B, T))
     device.require_array("dweight", dweight, shape=(C,))
+    if block_size is None:
+        block_size = 256 if chunks == 4 else 128
     block_size = device.require_block_size(block_size, warps=True)
-    param_block_size = device.require_block_size(param_block_size, name="param_block_size")
-    N = B * T
-    dinp_bf16 = device.xp.empty((B, T, C), np.uint16)
-    if N and C:
-        load_kernel("rmsnorm.cu", "rmsnorm_backward_bf16_kernel")(
-            (-(-N // (block_size // 32)),), (block_size,),
-            (dinp, dinp_bf16, dout, inp, weight, rstd, np.int32(N), np.int32(C)))
-        _param_backward("rmsnorm_param_backward_bf16_kernel", dweight, dout, inp, rstd, param_block_size)
+    N, wpb = B * T, block_size // 32
+    shared = 4 * wpb * C
+    kernel = kernel_with_shared("rmsnorm.cu", "rmsnorm_backward_bf16_kernel" + ("" if chunks == 4 else "_c2048"),
+                                shared, f"block_size {block_size} (use fewer warps per block) for C = {C}")
+    blocks = max(1, min(device.require_int("max_blocks", max_blocks), -(-N // wpb)))
+    xp = device.xp
+    dinp_bf16 = xp.empty((B, T, C), np.uint16)
+    if N:
+        partial = xp.empty((blocks, C), np.float32)
+        kernel((blocks,), (block_size,),
+               (dinp, dinp_bf16, partial, dout, inp, weight, rstd, np.int32(N), np.int32(C)), shared_mem=shared)
+        column_sum_add_cuda(dweight, None, None, partial)
     return dinp_bf16
