@@ -583,6 +583,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--padded-only", action="store_true", help="skip the PyTorch rows with the plain vocabulary "
+                   "(the padded ones are the stronger: what the course is measured against)")
     p.add_argument("--compile-modes", nargs="+", choices=COMPILE_MODES, default=["default"],
                    help=f"torch.compile modes of the padded bf16 rows, of {', '.join(COMPILE_MODES)} (default: "
                    "default; max-autotune takes minutes to compile); the first also for the compiled fp32 and "
@@ -690,6 +692,8 @@ def main(argv=None) -> int:
             first = a.compile_modes[0]
             configs += [("compiled-bf16", True, first), ("compiled-bf16", False, first), ("compiled-tf32", True, first)]
             configs += [("compiled-bf16", True, m) for m in a.compile_modes[1:]]
+        if a.padded_only:
+            configs = [c for c in configs if c[1]]
         for mode, padded, compile_mode in configs:
             rows.append(bench_torch(config, B, T, a.steps, a.warmup, mode, padded, compile_mode))
             print(f"  {rows[-1]}", flush=True)
