@@ -176,8 +176,13 @@ def test_tf32_kernels_same_with_shuffle_mma_on_the_gpu():
     out2, lse2 = poisoned((B, T, NH * hs)), poisoned((B, NH, T))
     load_kernel("flash_attention_tf32.cu", "flash_attention_forward_tf32_kernel", (f"-DHS={hs}", "-DLLMC_MMA_SHUFFLE"))(
         (4, NH, B), (128,), (out2, lse2, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NH)))
-    np.testing.assert_allclose(to_host(out2), to_host(out), rtol=1e-4, atol=1e-5)
+    # The scores agree to float32 rounding (the tensor cores add in another order), and lse with them; a
+    # probability that lies that close to a TF32 rounding boundary can round to the neighbouring TF32 value
+    # (2^-11 apart) in one version and not the other, so a few outputs differ by up to p * |v| * 2^-11
+    # (H100: 100 of 51,200 beyond 1e-4 relative, the largest 1.3e-4 absolute).
     np.testing.assert_allclose(to_host(lse2), to_host(lse), atol=1e-5)
+    np.testing.assert_allclose(to_host(out2), to_host(out), rtol=1e-4, atol=1e-3)
+    assert np.mean(~np.isclose(to_host(out2), to_host(out), rtol=1e-4, atol=1e-5)) < 0.01
 
 
 # ---------------------------------------------------------------------------------------------------------

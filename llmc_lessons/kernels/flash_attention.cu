@@ -351,7 +351,7 @@ __device__ __forceinline__ void block_column_sums(float* partial, float colsum[H
         partial[c] = sums[c] + sums[HS + c] + sums[2 * HS + c] + sums[3 * HS + c];
 }
 
-extern "C" __global__ void __launch_bounds__(FA_THREADS)
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 4)
 flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
                                     float* lse,         // (B, NH, T)
                                     const bf16* qkv,    // (B, T, W), W = (NH + 2 NKV) HS
@@ -444,7 +444,7 @@ __device__ __forceinline__ void softmax_grad(float s[4][4], float dp[4][4], Mask
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FA_THREADS)
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 4)
 flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, W): the dq part
                                         float* partial,      // (B * tiles, W): the dq part's column sums
                                         float* Dout,         // (B, NH, T): D_i = dout_i . out_i
@@ -521,7 +521,7 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, W): the d
     block_column_sums(partial + ((long long)b * gridDim.x + tile) * W + h * HS, colsum, (float*)smem);
 }
 
-extern "C" __global__ void __launch_bounds__(FA_THREADS)
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 3)
 flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the dk and dv parts
                                           float* partial,      // (B * tiles, W): their column sums
                                           const bf16* dout,    // (B, T, C)
