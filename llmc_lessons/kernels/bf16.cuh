@@ -125,6 +125,43 @@ __device__ __forceinline__ void load8f(float* f, const float* p) {
     f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 
+// 8 floats into a float32 array through two 16-byte stores; p must be 16-byte aligned.
+__device__ __forceinline__ void store8f(float* p, const float* f) {
+    *(float4*)p = make_float4(f[0], f[1], f[2], f[3]);
+    *(float4*)(p + 4) = make_float4(f[4], f[5], f[6], f[7]);
+}
+
+// The rows row0, row0 + W, ..., row0 + (ROWS - 1) W of two (N, C) bf16 arrays a and b into the warp's registers,
+// packed: the lane's 16-byte pieces (lane + 32 i) * 8, i < CHUNKS (C a multiple of 8, at most CHUNKS * 256), every
+// load issued before any is used. A row at or past N is zeros. (The normalisation backwards: dout and inp.)
+template <int ROWS, int CHUNKS>
+__device__ __forceinline__ void load_rows8(int4 raw_a[ROWS][CHUNKS], int4 raw_b[ROWS][CHUNKS], const bf16* a,
+                                           const bf16* b, int row0, int W, int N, int C) {
+    int lane = threadIdx.x % 32;
+    for (int r = 0; r < ROWS; r++) {
+        int row = row0 + r * W;
+        bool in = row < N;
+        for (int i = 0; i < CHUNKS; i++) {
+            int c = (lane + 32 * i) * 8;
+            if (c < C) {
+                raw_a[r][i] = in ? *(const int4*)(a + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
+                raw_b[r][i] = in ? *(const int4*)(b + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
+            }
+        }
+    }
+}
+
+// The end of column sums kept per warp: each warp of the block has added into its own row of buf (warps, width)
+// in shared memory; row blockIdx.x of partial gets their sum, the warps added in order (the same bits every run).
+__device__ __forceinline__ void warp_sums_to_partial(float* partial, const float* buf, int width) {
+    __syncthreads();
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        float sum = 0.0f;
+        for (int j = 0; j < (int)blockDim.x / 32; j++) sum += buf[(size_t)j * width + c];
+        partial[(size_t)blockIdx.x * width + c] = sum;
+    }
+}
+
 __device__ __forceinline__ float round_bf16(float f) {  // the float32 value of f's nearest bf16
     return bf16_to_float(bf16_from_float(f));
 }

@@ -508,21 +508,15 @@ __device__ __forceinline__ void residual_layernorm_forward_bf16_rows(bf16* resid
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;                       // the whole warp leaves together
     size_t base = (size_t)row * C;
-    int4 raw1[CHUNKS], raw2[CHUNKS];
-    for (int i = 0; i < CHUNKS; i++) {          // every load of the row first, then the arithmetic
-        int c = (lane + 32 * i) * 8;
-        if (c < C) {
-            raw1[i] = *(const int4*)(inp1 + base + c);
-            raw2[i] = *(const int4*)(inp2 + base + c);
-        }
-    }
+    int4 raw1[1][CHUNKS], raw2[1][CHUNKS];
+    load_rows8<1, CHUNKS>(raw1, raw2, inp1, inp2, row, 0, N, C);   // every load of the row first, then the arithmetic
     float r[CHUNKS][8];
     for (int i = 0; i < CHUNKS; i++) {
         int c = (lane + 32 * i) * 8;
         if (c < C) {
             float b[8], pb[8];
-            unpack8(r[i], raw1[i]);
-            unpack8(b, raw2[i]);
+            unpack8(r[i], raw1[0][i]);
+            unpack8(b, raw2[0][i]);
             load8f(pb, bias2 + c);
             for (int k = 0; k < 8; k++) r[i][k] = round_bf16(r[i][k] + (b[k] + pb[k]));
             store8(residual + base + c, r[i]);
@@ -621,19 +615,12 @@ __device__ __forceinline__ void layernorm_backward_bf16_rows(float* buf,        
     for (int row0 = blockIdx.x * warps + w; row0 < N; row0 += ROWS * W) {
         int4 raw_dout[ROWS][CHUNKS], raw_inp[ROWS][CHUNKS];   // the rows stay in registers, packed
         float m[ROWS], s[ROWS], dnorm_mean[ROWS], dnorm_norm_mean[ROWS];
+        load_rows8<ROWS, CHUNKS>(raw_dout, raw_inp, dout, inp, row0, W, N, C);
         for (int r = 0; r < ROWS; r++) {   // a row past N is zeros (m = s = 0): it adds 0 to every sum
             int row = row0 + r * W;
-            bool in = row < N;
-            m[r] = in ? mean[row] : 0.0f;
-            s[r] = in ? rstd[row] : 0.0f;
+            m[r] = row < N ? mean[row] : 0.0f;
+            s[r] = row < N ? rstd[row] : 0.0f;
             dnorm_mean[r] = dnorm_norm_mean[r] = 0.0f;
-            for (int i = 0; i < CHUNKS; i++) {
-                int c = (lane + 32 * i) * 8;
-                if (c < C) {
-                    raw_dout[r][i] = in ? *(const int4*)(dout + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
-                    raw_inp[r][i] = in ? *(const int4*)(inp + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
-                }
-            }
         }
         for (int i = 0; i < CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
@@ -655,10 +642,8 @@ __device__ __forceinline__ void layernorm_backward_bf16_rows(float* buf,        
                         sw[k] += norm * d[k];
                     }
                 }
-                *(float4*)(dw + c) = make_float4(sw[0], sw[1], sw[2], sw[3]);
-                *(float4*)(dw + c + 4) = make_float4(sw[4], sw[5], sw[6], sw[7]);
-                *(float4*)(db + c) = make_float4(sb[0], sb[1], sb[2], sb[3]);
-                *(float4*)(db + c + 4) = make_float4(sb[4], sb[5], sb[6], sb[7]);
+                store8f(dw + c, sw);
+                store8f(db + c, sb);
             }
         }
         for (int r = 0; r < ROWS; r++) {
@@ -684,21 +669,14 @@ __device__ __forceinline__ void layernorm_backward_bf16_rows(float* buf,        
                         g[k] += s[r] * (wt[k] * d[k] - dnorm_mean[r] - norm * dnorm_norm_mean[r]);
                         sr[k] += round_bf16(g[k]);     // the value dinp_bf16 gets
                     }
-                    *(float4*)(dinp + at) = make_float4(g[0], g[1], g[2], g[3]);
-                    *(float4*)(dinp + at + 4) = make_float4(g[4], g[5], g[6], g[7]);
+                    store8f(dinp + at, g);
                     store8(dinp_bf16 + at, g);
                 }
-                *(float4*)(dr + c) = make_float4(sr[0], sr[1], sr[2], sr[3]);
-                *(float4*)(dr + c + 4) = make_float4(sr[4], sr[5], sr[6], sr[7]);
+                store8f(dr + c, sr);
             }
         }
     }
-    __syncthreads();                          // the block's warps add their sums in order
-    for (int c = threadIdx.x; c < 3 * C; c += blockDim.x) {
-        float sum = 0.0f;
-        for (int j = 0; j < warps; j++) sum += buf[(size_t)j * 3 * C + c];
-        partial[(size_t)blockIdx.x * 3 * C + c] = sum;
-    }
+    warp_sums_to_partial(partial, buf, 3 * C);
 }
 
 // The two instances the launcher picks from: C <= 1024 two rows at a time, and C <= 2048 one row at a time.

@@ -206,22 +206,16 @@ __device__ __forceinline__ void residual_rmsnorm_forward_bf16_rows(bf16* residua
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;                       // the whole warp leaves together
     size_t base = (size_t)row * C;
-    int4 raw1[CHUNKS], raw2[CHUNKS];
-    for (int i = 0; i < CHUNKS; i++) {          // every load of the row first, then the arithmetic
-        int c = (lane + 32 * i) * 8;
-        if (c < C) {
-            raw1[i] = *(const int4*)(inp1 + base + c);
-            raw2[i] = *(const int4*)(inp2 + base + c);
-        }
-    }
+    int4 raw1[1][CHUNKS], raw2[1][CHUNKS];
+    load_rows8<1, CHUNKS>(raw1, raw2, inp1, inp2, row, 0, N, C);   // every load of the row first, then the arithmetic
     float r[CHUNKS][8];
     float sumsq = 0.0f;
     for (int i = 0; i < CHUNKS; i++) {
         int c = (lane + 32 * i) * 8;
         if (c < C) {
             float b[8];
-            unpack8(r[i], raw1[i]);
-            unpack8(b, raw2[i]);
+            unpack8(r[i], raw1[0][i]);
+            unpack8(b, raw2[0][i]);
             for (int k = 0; k < 8; k++) {
                 r[i][k] = round_bf16(r[i][k] + b[k]);
                 sumsq += r[i][k] * r[i][k];
@@ -285,18 +279,11 @@ __device__ __forceinline__ void rmsnorm_backward_bf16_rows(float* buf,          
     for (int row0 = blockIdx.x * warps + w; row0 < N; row0 += ROWS * W) {
         int4 raw_dout[ROWS][CHUNKS], raw_inp[ROWS][CHUNKS];   // the rows stay in registers, packed
         float s[ROWS], dnorm_norm_mean[ROWS];
+        load_rows8<ROWS, CHUNKS>(raw_dout, raw_inp, dout, inp, row0, W, N, C);
         for (int r = 0; r < ROWS; r++) {   // a row past N is zeros (s = 0): it adds 0 to every sum
             int row = row0 + r * W;
-            bool in = row < N;
-            s[r] = in ? rstd[row] : 0.0f;
+            s[r] = row < N ? rstd[row] : 0.0f;
             dnorm_norm_mean[r] = 0.0f;
-            for (int i = 0; i < CHUNKS; i++) {
-                int c = (lane + 32 * i) * 8;
-                if (c < C) {
-                    raw_dout[r][i] = in ? *(const int4*)(dout + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
-                    raw_inp[r][i] = in ? *(const int4*)(inp + (size_t)row * C + c) : make_int4(0, 0, 0, 0);
-                }
-            }
         }
         for (int i = 0; i < CHUNKS; i++) {
             int c = (lane + 32 * i) * 8;
@@ -314,8 +301,7 @@ __device__ __forceinline__ void rmsnorm_backward_bf16_rows(float* buf,          
                         sw[k] += d[k] * norm;
                     }
                 }
-                *(float4*)(dw + c) = make_float4(sw[0], sw[1], sw[2], sw[3]);
-                *(float4*)(dw + c + 4) = make_float4(sw[4], sw[5], sw[6], sw[7]);
+                store8f(dw + c, sw);
             }
         }
         for (int r = 0; r < ROWS; r++) dnorm_norm_mean[r] = warpReduceSum(dnorm_norm_mean[r]) / C;
@@ -333,19 +319,13 @@ __device__ __forceinline__ void rmsnorm_backward_bf16_rows(float* buf,          
                     unpack8(x, raw_inp[r][i]);
                     load8f(g, dinp + at);
                     for (int k = 0; k < 8; k++) g[k] += s[r] * (wt[k] * d[k] - x[k] * s[r] * dnorm_norm_mean[r]);
-                    *(float4*)(dinp + at) = make_float4(g[0], g[1], g[2], g[3]);
-                    *(float4*)(dinp + at + 4) = make_float4(g[4], g[5], g[6], g[7]);
+                    store8f(dinp + at, g);
                     store8(dinp_bf16 + at, g);
                 }
             }
         }
     }
-    __syncthreads();                          // the block's warps add their sums in order
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        float sum = 0.0f;
-        for (int j = 0; j < warps; j++) sum += buf[(size_t)j * C + c];
-        partial[(size_t)blockIdx.x * C + c] = sum;
-    }
+    warp_sums_to_partial(partial, buf, C);
 }
 
 // The two instances the launcher picks from, as layernorm_backward_bf16_kernel's: C <= 1024 two rows at a
