@@ -21,8 +21,8 @@
 # scale (about 8 minutes on an H100; not in the default): GPT-2 124M against every PyTorch baseline (the plain
 # and the padded vocabulary, eager and compiled, each torch.compile mode), then every GPT-2 size (d48, d36, d24,
 # d12: the least measured first) in bf16 against PyTorch's compiled step: tokens/s, peak memory, MFU against the
-# measured matmul peak, the largest batch each fits; last, causal attention alone at T = 1024 and 2048 (the cuBLAS
-# path, the flash kernels, PyTorch's SDPA). Each part has a time limit (SCALE_BASELINE_S, SCALE_SIZES_S seconds)
+# measured matmul peak, the largest batch each fits; last, causal attention alone at T = 1024 and 2048 in bf16
+# and fp32 (the cuBLAS path, the flash kernels, PyTorch's SDPA as it chooses and per backend). Each part has a time limit (SCALE_BASELINE_S, SCALE_SIZES_S seconds)
 # and writes its JSON after every row, so a part cut short keeps what it measured (the max-autotune rows, last,
 # need minutes of compilation: SCALE_BASELINE_S=600 when there is time); SCALE_ARGS adds arguments to the sizes
 # run.
