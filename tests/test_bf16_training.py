@@ -387,6 +387,9 @@ def test_bf16_model_generates_and_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="multiples of 8"):
         GPT2(GPT2Config(max_seq_len=8, vocab_size=10, padded_vocab_size=12, num_layers=1, num_heads=1, channels=8),
              precision="bf16")
+    with pytest.raises(ValueError, match="C \\(2112\\) must be at most 2048"):   # the normalisations' rows
+        GPT2(GPT2Config(max_seq_len=8, vocab_size=10, padded_vocab_size=16, num_layers=1, num_heads=33, channels=2112),
+             precision="bf16")
     with pytest.raises(ValueError, match="bf16 kernels only"):
         m.use_kernels = False
     m.forward(*batch())
