@@ -213,6 +213,8 @@ def test_column_sum_add(K, R, C, X, Y):
         np.testing.assert_allclose(to_host(outs[k]), starts[k] + sums[k * C:(k + 1) * C], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="out3 given without out2"):
         column_sum_add_cuda(outs[0], None, outs[0], to_device(partial))
+    with pytest.raises(ValueError, match="out1 is needed"):
+        column_sum_add_cuda(None, None, None, to_device(partial))
     with pytest.raises(ValueError, match="partial must have 3C columns"):
         column_sum_add_cuda(*outs[:1] * 3, to_device(np.zeros((2, 3 * C + 1), np.float32)))
 
