@@ -33,8 +33,7 @@ from llmc_lessons.layers.attention import (attention_backward, attention_backwar
 from llmc_lessons.cublas import gemm
 from llmc_lessons.layers.crossentropy import (crossentropy_forward, crossentropy_softmax_backward,
                                               fused_classifier_cuda, softmax_forward)
-from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, flash_attention_backward_bf16_cuda,
-                                                 flash_attention_forward_bf16_cuda)
+from llmc_lessons.layers.flash_attention import flash_attention_backward_bf16_cuda, flash_attention_forward_bf16_cuda
 from llmc_lessons.layers.flash_attention import flash_attention_backward_tf32_cuda, flash_attention_forward_tf32_cuda
 from llmc_lessons.layers.encoder import encoder_backward_cuda
 from llmc_lessons.layers.matmul import matmul_backward, matmul_backward_cuda, matmul_forward, matmul_forward_cuda
@@ -381,12 +380,11 @@ class LlamaBf16KernelPath(Bf16KernelPath):
     finish_backward = LlamaKernelPath.finish_backward
 
     def check(self, config) -> None:
-        if config.channels % 8 or config.padded_vocab_size % 8 or config.ffn_hidden % 8:
-            raise ValueError(f"precision='bf16' moves 8 bf16 values at a time: C ({config.channels}), Vp "
-                             f"({config.padded_vocab_size}) and H ({config.ffn_hidden}) must be multiples of 8")
-        if config.head_size not in BF16_HEAD_SIZES:
-            raise ValueError(f"precision='bf16' runs attention on the tensor cores, for a head size in "
-                             f"{BF16_HEAD_SIZES}; this config has {config.head_size}")
+        """GPT-2's bf16 conditions (paths.Bf16KernelPath.check), and H a multiple of 8 for SwiGLU's kernels."""
+        if config.ffn_hidden % 8:
+            raise ValueError(f"precision='bf16' moves 8 bf16 values at a time: H ({config.ffn_hidden}) must be a "
+                             f"multiple of 8")
+        super().check(config)
 
     def forward(self, model, idx, targets):
         c, p, w, xp = model.config, model.params, model.params_bf16, device.xp

@@ -36,9 +36,9 @@ from llmc_lessons.layers.encoder import (_token_buckets, encoder_backward, encod
 from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, TF32_HEAD_SIZES, flash_attention_backward_bf16_cuda,
                                                  flash_attention_forward_bf16_cuda)
 from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda, gelu_forward_cuda
-from llmc_lessons.layers.layernorm import (layernorm_backward, layernorm_backward_bf16_cuda, layernorm_backward_cuda,
-                                           layernorm_forward, layernorm_forward_bf16_cuda, layernorm_forward_cuda,
-                                           residual_layernorm_forward_bf16_cuda)
+from llmc_lessons.layers.layernorm import (ROW_MAX_C, layernorm_backward, layernorm_backward_bf16_cuda,
+                                           layernorm_backward_cuda, layernorm_forward, layernorm_forward_bf16_cuda,
+                                           layernorm_forward_cuda, residual_layernorm_forward_bf16_cuda)
 from llmc_lessons.layers.matmul import (add_bias_bf16_cuda, matmul_backward, matmul_backward_cuda, matmul_forward,
                                         matmul_forward_cuda)
 from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, point_views
@@ -276,6 +276,9 @@ class Bf16KernelPath(Fp32KernelPath):
         if config.head_size not in BF16_HEAD_SIZES:
             raise ValueError(f"precision='bf16' runs attention on the tensor cores, for a head size in "
                              f"{BF16_HEAD_SIZES}; this config has {config.head_size}")
+        if config.channels > ROW_MAX_C:
+            raise ValueError(f"precision='bf16' keeps a row of C values in a warp's registers for its normalisations: "
+                             f"C ({config.channels}) must be at most {ROW_MAX_C}")
 
     def sync_params(self, model) -> None:
         """Make the bf16 copy of the weights match params_memory again. Each tensor run is rounded as the last

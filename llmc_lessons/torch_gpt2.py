@@ -128,7 +128,9 @@ def copy_course_weights(ref, model):
             for l, tensors in enumerate(layers):
                 pieces = _pieces(tensors)
                 rows = [p.shape[0] for p in pieces]
-                whole = torch.from_numpy(np.array(ours if name in ref.unstacked else ours[l]))[:sum(rows)]
+                whole = torch.from_numpy(np.array(ours if name in ref.unstacked else ours[l]))
+                if name in ("wte", "lm_head"):
+                    whole = whole[:sum(rows)]       # V of the course's Vp rows unless the twin is padded
                 for piece, value in zip(pieces, whole.split(rows)):
                     piece.copy_(value)
     return ref

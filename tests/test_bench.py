@@ -258,3 +258,7 @@ def test_the_llama_benchmark_has_the_gpt2_rows(monkeypatch, capsys):
         assert main(["--model", model, "--compile-modes", "default", "max-autotune"]) == 0
     assert calls["LlamaConfig"] == calls["GPT2Config"]
     assert {("eager-tf32", False, "default"), ("compiled-bf16", True, "default")} <= set(calls["LlamaConfig"])
+    calls.clear()                      # --padded-only: the padded rows alone, the strongest
+    assert main(["--model", "d12", "--padded-only"]) == 0
+    assert {mode for mode, _, _ in calls["GPT2Config"]} == {"eager-tf32", "compiled-bf16", "compiled-tf32"}
+    assert all(padded for _, padded, _ in calls["GPT2Config"])

@@ -213,6 +213,8 @@ def test_column_sum_add(K, R, C, X, Y):
         np.testing.assert_allclose(to_host(outs[k]), starts[k] + sums[k * C:(k + 1) * C], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="out3 given without out2"):
         column_sum_add_cuda(outs[0], None, outs[0], to_device(partial))
+    with pytest.raises(ValueError, match="out1 is needed"):
+        column_sum_add_cuda(None, None, None, to_device(partial))
     with pytest.raises(ValueError, match="partial must have 3C columns"):
         column_sum_add_cuda(*outs[:1] * 3, to_device(np.zeros((2, 3 * C + 1), np.float32)))
 
@@ -386,6 +388,9 @@ def test_bf16_model_generates_and_refuses_what_it_cannot_do():
         GPT2(SMALL, backend="numpy", precision="bf16")
     with pytest.raises(ValueError, match="multiples of 8"):
         GPT2(GPT2Config(max_seq_len=8, vocab_size=10, padded_vocab_size=12, num_layers=1, num_heads=1, channels=8),
+             precision="bf16")
+    with pytest.raises(ValueError, match="C \\(2112\\) must be at most 2048"):   # the normalisations' rows
+        GPT2(GPT2Config(max_seq_len=8, vocab_size=10, padded_vocab_size=16, num_layers=1, num_heads=33, channels=2112),
              precision="bf16")
     with pytest.raises(ValueError, match="bf16 kernels only"):
         m.use_kernels = False

@@ -85,6 +85,10 @@ def test_config_rejects_bad_values():
         GPT2(SMALL)
     with pytest.raises(ValueError, match="head size"):
         Llama(LlamaConfig(num_heads=4, num_kv_heads=2, channels=40, ffn_hidden=16), precision="bf16")
+    with pytest.raises(ValueError, match="H \\(12\\) must be a multiple of 8"):
+        Llama(LlamaConfig(num_heads=4, num_kv_heads=2, channels=64, ffn_hidden=12), precision="bf16")
+    with pytest.raises(ValueError, match="C \\(2112\\) must be at most 2048"):   # the fused RMSNorm kernels' rows
+        Llama(LlamaConfig(num_heads=33, num_kv_heads=11, channels=2112, ffn_hidden=16), precision="bf16")
 
 
 def test_one_flat_buffer_in_the_order_the_data_moves():

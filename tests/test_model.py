@@ -162,6 +162,16 @@ def test_the_padded_pytorch_model_is_the_unpadded_one_on_the_real_vocabulary():
     check_padded_twin(plain, padded, padded.wte, SMALL, PARAMETER_NAMES, *_batch(SMALL))
 
 
+@needs_torch
+def test_copying_weights_into_a_twin_of_another_shape_is_refused():
+    """Only wte (and lm_head) give the twin their first rows; another tensor of another size is an error."""
+    from dataclasses import replace
+    from llmc_lessons.torch_gpt2 import TorchGPT2, copy_course_weights
+    model = GPT2(SMALL, seed=0, backend="numpy")
+    with pytest.raises(RuntimeError, match="split"):     # wpe (max_seq_len, C): a shorter twin's table
+        copy_course_weights(TorchGPT2(replace(SMALL, max_seq_len=SMALL.max_seq_len - 1)), model)
+
+
 def check_padded_twin(plain, padded, head, config, names, idx, targets):
     """A PyTorch twin with the vocabulary padded to Vp is the `plain` one on the V real tokens: the same logits, loss
     and gradients of `names`, padded logits that never reach the loss (`head`: the module that makes them), padded

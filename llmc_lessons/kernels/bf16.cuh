@@ -151,17 +151,6 @@ __device__ __forceinline__ void load_rows8(int4 raw_a[ROWS][CHUNKS], int4 raw_b[
     }
 }
 
-// The end of column sums kept per warp: each warp of the block has added into its own row of buf (warps, width)
-// in shared memory; row blockIdx.x of partial gets their sum, the warps added in order (the same bits every run).
-__device__ __forceinline__ void warp_sums_to_partial(float* partial, const float* buf, int width) {
-    __syncthreads();
-    for (int c = threadIdx.x; c < width; c += blockDim.x) {
-        float sum = 0.0f;
-        for (int j = 0; j < (int)blockDim.x / 32; j++) sum += buf[(size_t)j * width + c];
-        partial[(size_t)blockIdx.x * width + c] = sum;
-    }
-}
-
 __device__ __forceinline__ float round_bf16(float f) {  // the float32 value of f's nearest bf16
     return bf16_to_float(bf16_from_float(f));
 }

@@ -32,6 +32,17 @@ __device__ __forceinline__ float warpReduceSum(float val) {
     return val;
 }
 
+// The end of column sums kept per warp: each warp of the block has added into its own row of buf (warps, width)
+// in shared memory; row blockIdx.x of partial gets their sum, the warps added in order (the same bits every run).
+__device__ __forceinline__ void warp_sums_to_partial(float* partial, const float* buf, int width) {
+    __syncthreads();
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        float sum = 0.0f;
+        for (int j = 0; j < (int)blockDim.x / 32; j++) sum += buf[(size_t)j * width + c];
+        partial[(size_t)blockIdx.x * width + c] = sum;
+    }
+}
+
 // Maximum of `val` over the 32 lanes of a warp; every lane gets it.
 __device__ __forceinline__ float warpReduceMax(float val) {
     for (int offset = 16; offset > 0; offset /= 2) {

@@ -150,12 +150,7 @@ extern "C" __global__ void rmsnorm_backward_kernel2(float* dinp,          // (N,
         if (c4 * 4 >= C) break;
         ((float4*)(buf + w * C))[c4] = dw[i];
     }
-    __syncthreads();
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        float sum = 0.0f;
-        for (int j = 0; j < warps; j++) sum += buf[j * C + c];   // the warps in order
-        partial[(size_t)blockIdx.x * C + c] = sum;
-    }
+    warp_sums_to_partial(partial, buf, C);
 }
 
 // =========================================================================================================

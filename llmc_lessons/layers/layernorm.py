@@ -292,6 +292,8 @@ def column_sum_add_cuda(out1, out2, out3, partial, columns_per_block: int = 8, r
     rows_per_block) threads): the end of the reductions that leave a row of partial sums per block. With out3
     None, partial is (R, 2C); with out2 and out3 None, (R, C) and out1 alone gets its column sums."""
     device.require_array("partial", partial, shape=(None, None))
+    if out1 is None:
+        raise ValueError("column_sum_add_cuda: out1 is needed (out2 and out3 may be None)")
     if out2 is None and out3 is not None:
         raise ValueError("column_sum_add_cuda: out3 given without out2")
     outs = [a for a in (out1, out2, out3) if a is not None]
