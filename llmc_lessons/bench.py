@@ -440,19 +440,24 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, prec
     except ImportError:
         return rows
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    q, k, v = (torch.randn(B, NH, T, hs, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-    do = torch.randn(B, NH, T, hs, device="cuda", dtype=dtype)
-    for backend in (None,) + SDPA_BACKENDS:
-        def fwd():
-            with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        try:
-            y = fwd()
-        except RuntimeError:      # this backend does not run this case (dtype, head size, device)
-            continue
-        name = f"PyTorch SDPA, {backend.split('_')[0].lower() + ' backend only' if backend else 'its own choice'}"
-        rows.append(row(name, fwd, lambda: torch.autograd.grad(y, (q, k, v), do, retain_graph=True), B * NH * T * 4))
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as the course's fp32 rows
+    try:
+        q, k, v = (torch.randn(B, NH, T, hs, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        do = torch.randn(B, NH, T, hs, device="cuda", dtype=dtype)
+        for backend in (None,) + SDPA_BACKENDS:
+            def fwd():
+                with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            name = f"PyTorch SDPA, {backend.split('_')[0].lower() + ' backend only' if backend else 'its own choice'}"
+            try:
+                y = fwd()
+                rows.append(row(name, fwd, lambda: torch.autograd.grad(y, (q, k, v), do, retain_graph=True),
+                                B * NH * T * 4))
+            except RuntimeError:  # this backend does not run this case (dtype, head size, device), either way
+                continue
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     return rows
 
 
