@@ -193,12 +193,13 @@ TINY = GPT2Config(max_seq_len=48, vocab_size=37, padded_vocab_size=40, num_layer
 SOFTMAX = "attention.cu:softmax_forward_kernel"
 
 
-def step(config, backend="kernels", tf32=False, recompute=0, model_parts=None, seed=0, model_class=GPT2):
+def step(config, backend="kernels", tf32=False, recompute=0, model_parts=None, seed=0, model_class=GPT2,
+         matmul_version="cublas"):
     """One forward and backward on a fixed batch -> (mean loss, gradients on the host, the first block's cache)."""
     gen = np.random.default_rng(1)
     idx, targets = (gen.integers(0, config.vocab_size, (2, 45)) for _ in range(2))
     model = model_class(config, seed=seed, backend=backend, parts=model_parts)
-    model.recompute = recompute
+    model.recompute, model.matmul_version = recompute, matmul_version
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(paths, "tf32_enabled", lambda: tf32)
         model.forward(idx, targets)
@@ -247,6 +248,12 @@ def test_recomputation_with_tf32_flash_attention(level):
 def test_a_head_size_the_kernels_do_not_take_keeps_lesson_05():
     odd = GPT2Config(max_seq_len=48, vocab_size=37, padded_vocab_size=40, num_layers=1, num_heads=2, channels=20)
     assert "att" in step(odd, tf32=True)[2]
+
+
+@pytest.mark.parametrize("model_class,config", [(GPT2, TINY), (Llama, LlamaConfig.from_name("llama-tiny"))])
+def test_the_course_matmul_kernels_keep_lesson_05s_exact_attention(model_class, config):
+    """The course's matmul kernels are exact float32 whatever cuBLAS's TF32 switch says: attention stays exact too."""
+    assert "att" in step(config, tf32=True, model_class=model_class, matmul_version=2)[2]
 
 
 def test_the_students_softmax_kernel_keeps_lesson_05s_attention(monkeypatch):
