@@ -112,12 +112,6 @@ __device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[K][
     }
 }
 
-// The sum over the 4 lanes that share a row (lanes 4g .. 4g+3).
-__device__ __forceinline__ float row_sum4(float x) {
-    x += __shfl_xor_sync(0xffffffffu, x, 1);
-    return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
 // Write the warp's 16 x HS accumulator as rows row0 .. row0+15 of dst (ld floats apart), row g times scale0 and
 // row g+8 times scale1; rows at or past T are skipped.
 __device__ __forceinline__ void store_rows(float* dst, const float acc[HS / 8][4], float scale0, float scale1,
