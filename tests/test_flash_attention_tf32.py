@@ -11,7 +11,7 @@ from llmc_lessons.layers.attention import attention_backward, attention_forward,
 from llmc_lessons.layers.block import (block_backward, block_backward_cuda, block_forward, block_forward_cuda,
                                        init_block_params)
 from llmc_lessons.layers.flash_attention import (flash_attention_backward_tf32_cuda, flash_attention_forward,
-                                                 flash_attention_forward_tf32_cuda, mma_tf32_1688_cuda)
+                                                 flash_attention_forward_tf32_cuda)
 from llmc_lessons.llama import Llama, LlamaConfig
 from llmc_lessons.model import GPT2
 from llmc_lessons.parameters import GPT2Config
@@ -42,16 +42,6 @@ def test_mma_tf32_fragment_layout(options):                              # the s
     lane = np.arange(32)[:, None]
     rows, cols = lane // 4 + 8 * (np.arange(4) >= 2), 2 * (lane % 4) + np.arange(4) % 2
     np.testing.assert_array_equal(to_host(regs), to_host(D)[rows, cols])
-
-
-def test_mma_tf32_launcher():
-    gen = np.random.default_rng(4)
-    A, B, C = (gen.standard_normal(s).astype(np.float32) for s in ((16, 8), (8, 8), (16, 8)))
-    D, _ = mma_tf32_1688_cuda(*(to_device(x) for x in (A, B, C)))
-    np.testing.assert_allclose(to_host(D), round_tf32(A).astype(np.float64) @ round_tf32(B) + C, rtol=1e-5,
-                               atol=1e-5)
-    with pytest.raises(ValueError, match="B must have shape"):
-        mma_tf32_1688_cuda(to_device(A), to_device(A), to_device(C))
 
 
 def case(B, T, NH, NKV, hs, seed):

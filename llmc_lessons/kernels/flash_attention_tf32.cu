@@ -39,7 +39,7 @@
                                     //   4g' (all different) and the lanes t = 0..3 of a row fill the 3 after
 #define TILE (KT * S_LD)            // floats per staged tile
 
-// One warp, one instruction (lesson 13's check of the layouts): D (16 x 8) = A (16 x 8) @ B (8 x 8) + C from
+// One warp, one instruction (the tests' check of the layouts): D (16 x 8) = A (16 x 8) @ B (8 x 8) + C from
 // row-major float32 matrices, each rounded to TF32 as the lane gathers its fragments. regs (32, 4) holds what
 // each lane's accumulator registers held.
 extern "C" __global__ void mma_tf32_1688_kernel(float* D, float* regs, const float* A, const float* B, const float* C) {
