@@ -1,5 +1,8 @@
 """Flash attention version 3 (TF32 on the tensor cores, for the fp32 model): the m16n8k8 fragment layouts, the
 kernels against the float64 reference at awkward sizes with grouped key/value heads, determinism, bad input."""
+import platform
+import sys
+
 import numpy as np
 import pytest
 
@@ -107,6 +110,19 @@ def test_grouped_heads_equal_copied_heads():
     d_g = flash_attention_backward_tf32_cuda(to_device(dout), to_device(qkv), out_g, lse_g, NH, NKV)
     d_r = flash_attention_backward_tf32_cuda(to_device(dout), to_device(rep), out_r, lse_r, NH)
     np.testing.assert_allclose(to_host(d_g), repkv_backward(to_host(d_r), NH, NKV), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(device.on_gpu() or not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="the emulator's checked mode watches shared memory on Linux x86-64")
+def test_tf32_kernels_have_no_races(monkeypatch):   # about 17 s on one core, 3 s once compiled
+    """Checked mode: no data race or out-of-bounds access between the cp.async buffers and the fragment loads,
+    the dk/dv kernel's prefetch of the next query head's first tile (T = 40: two tiles per head) included."""
+    monkeypatch.setenv("LLMC_CHECK", "1")
+    qkv, dout = case(1, 40, 2, 1, 8, seed=2)
+    out, lse = flash_attention_forward_tf32_cuda(to_device(qkv), 2, 1)
+    dqkv = flash_attention_backward_tf32_cuda(to_device(dout), to_device(qkv), out, lse, 2, 1)
+    assert not np.isnan(to_host(dqkv)).any()
 
 
 def test_tf32_flash_attention_refuses_bad_input():
