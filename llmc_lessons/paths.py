@@ -7,8 +7,8 @@ gpt2_forward / gpt2_backward / gpt2_update:
     gpt2_backward are that path as plain functions of the 16 tensors, for any float dtype (float64 in the
     gradient check).
   * Fp32KernelPath: the layers' `*_cuda` launchers on backend arrays (llm.c's train_gpt2_fp32.cu): CUDA kernels
-    through CuPy on a GPU, the same kernels through the CPU emulator otherwise. With TF32 matmuls on, attention is
-    lesson 13's TF32 flash attention (version 3); with them off, lesson 05's exact float32 attention.
+    through CuPy on a GPU, the same kernels through the CPU emulator otherwise. With cuBLAS's matmuls in TF32,
+    attention is lesson 13's TF32 flash attention (version 3); otherwise lesson 05's exact float32 attention.
   * Bf16KernelPath: the bf16 training step of lesson 14 (llm.c's train_gpt2.cu): bf16 activations and bf16
     copies of the weights, float32 master weights, gradients and AdamW moments.
 
@@ -180,9 +180,11 @@ class Fp32KernelPath(NumpyPath):
 
     def flash_tf32(self, model) -> bool:
         """Whether attention runs as TF32 flash attention (lesson 13, version 3) rather than lesson 05's kernels: when
-        TF32 matmuls are on (its products are TF32, as cuBLAS's then are), the kernels take the head size, and no
-        student's softmax kernel asks for lesson 05's (keep_lesson05_attention)."""
-        return tf32_enabled() and model.config.head_size in TF32_HEAD_SIZES and not self.keep_lesson05_attention
+        the matmuls are cuBLAS's with TF32 on (its products are TF32, as theirs then are; the course's matmul
+        kernels are exact float32), the kernels take the head size, and no student's softmax kernel asks for
+        lesson 05's (keep_lesson05_attention)."""
+        return (tf32_enabled() and self.versions(model)[1] == "cublas" and model.config.head_size in TF32_HEAD_SIZES
+                and not self.keep_lesson05_attention)
 
     @property
     def xp(self):

@@ -1,5 +1,8 @@
 """Flash attention version 3 (TF32 on the tensor cores, for the fp32 model): the m16n8k8 fragment layouts, the
 kernels against the float64 reference at awkward sizes with grouped key/value heads, determinism, bad input."""
+import platform
+import sys
+
 import numpy as np
 import pytest
 
@@ -11,7 +14,7 @@ from llmc_lessons.layers.attention import attention_backward, attention_forward,
 from llmc_lessons.layers.block import (block_backward, block_backward_cuda, block_forward, block_forward_cuda,
                                        init_block_params)
 from llmc_lessons.layers.flash_attention import (flash_attention_backward_tf32_cuda, flash_attention_forward,
-                                                 flash_attention_forward_tf32_cuda, mma_tf32_1688_cuda)
+                                                 flash_attention_forward_tf32_cuda)
 from llmc_lessons.llama import Llama, LlamaConfig
 from llmc_lessons.model import GPT2
 from llmc_lessons.parameters import GPT2Config
@@ -42,16 +45,6 @@ def test_mma_tf32_fragment_layout(options):                              # the s
     lane = np.arange(32)[:, None]
     rows, cols = lane // 4 + 8 * (np.arange(4) >= 2), 2 * (lane % 4) + np.arange(4) % 2
     np.testing.assert_array_equal(to_host(regs), to_host(D)[rows, cols])
-
-
-def test_mma_tf32_launcher():
-    gen = np.random.default_rng(4)
-    A, B, C = (gen.standard_normal(s).astype(np.float32) for s in ((16, 8), (8, 8), (16, 8)))
-    D, _ = mma_tf32_1688_cuda(*(to_device(x) for x in (A, B, C)))
-    np.testing.assert_allclose(to_host(D), round_tf32(A).astype(np.float64) @ round_tf32(B) + C, rtol=1e-5,
-                               atol=1e-5)
-    with pytest.raises(ValueError, match="B must have shape"):
-        mma_tf32_1688_cuda(to_device(A), to_device(A), to_device(C))
 
 
 def case(B, T, NH, NKV, hs, seed):
@@ -117,6 +110,19 @@ def test_grouped_heads_equal_copied_heads():
     d_g = flash_attention_backward_tf32_cuda(to_device(dout), to_device(qkv), out_g, lse_g, NH, NKV)
     d_r = flash_attention_backward_tf32_cuda(to_device(dout), to_device(rep), out_r, lse_r, NH)
     np.testing.assert_allclose(to_host(d_g), repkv_backward(to_host(d_r), NH, NKV), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(device.on_gpu() or not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="the emulator's checked mode watches shared memory on Linux x86-64")
+def test_tf32_kernels_have_no_races(monkeypatch):   # about 17 s on one core, 3 s once compiled
+    """Checked mode: no data race or out-of-bounds access between the cp.async buffers and the fragment loads,
+    the dk/dv kernel's prefetch of the next query head's first tile (T = 40: two tiles per head) included."""
+    monkeypatch.setenv("LLMC_CHECK", "1")
+    qkv, dout = case(1, 40, 2, 1, 8, seed=2)
+    out, lse = flash_attention_forward_tf32_cuda(to_device(qkv), 2, 1)
+    dqkv = flash_attention_backward_tf32_cuda(to_device(dout), to_device(qkv), out, lse, 2, 1)
+    assert not np.isnan(to_host(dqkv)).any()
 
 
 def test_tf32_flash_attention_refuses_bad_input():
@@ -193,12 +199,13 @@ TINY = GPT2Config(max_seq_len=48, vocab_size=37, padded_vocab_size=40, num_layer
 SOFTMAX = "attention.cu:softmax_forward_kernel"
 
 
-def step(config, backend="kernels", tf32=False, recompute=0, model_parts=None, seed=0, model_class=GPT2):
+def step(config, backend="kernels", tf32=False, recompute=0, model_parts=None, seed=0, model_class=GPT2,
+         matmul_version="cublas"):
     """One forward and backward on a fixed batch -> (mean loss, gradients on the host, the first block's cache)."""
     gen = np.random.default_rng(1)
     idx, targets = (gen.integers(0, config.vocab_size, (2, 45)) for _ in range(2))
     model = model_class(config, seed=seed, backend=backend, parts=model_parts)
-    model.recompute = recompute
+    model.recompute, model.matmul_version = recompute, matmul_version
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(paths, "tf32_enabled", lambda: tf32)
         model.forward(idx, targets)
@@ -247,6 +254,12 @@ def test_recomputation_with_tf32_flash_attention(level):
 def test_a_head_size_the_kernels_do_not_take_keeps_lesson_05():
     odd = GPT2Config(max_seq_len=48, vocab_size=37, padded_vocab_size=40, num_layers=1, num_heads=2, channels=20)
     assert "att" in step(odd, tf32=True)[2]
+
+
+@pytest.mark.parametrize("model_class,config", [(GPT2, TINY), (Llama, LlamaConfig.from_name("llama-tiny"))])
+def test_the_course_matmul_kernels_keep_lesson_05s_exact_attention(model_class, config):
+    """The course's matmul kernels are exact float32 whatever cuBLAS's TF32 switch says: attention stays exact too."""
+    assert "att" in step(config, tf32=True, model_class=model_class, matmul_version=2)[2]
 
 
 def test_the_students_softmax_kernel_keeps_lesson_05s_attention(monkeypatch):

@@ -298,12 +298,6 @@ __device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[2 *
     }
 }
 
-// The sum over the 4 lanes that share a row (lanes 4g .. 4g+3).
-__device__ __forceinline__ float row_sum4(float x) {
-    x += __shfl_xor_sync(0xffffffffu, x, 1);
-    return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
 // The key/value head of query head h, h / GROUP, as a multiply and a shift: exact, and within an int, for
 // NH * GROUP <= 2^15 (the launcher checks it). A compiler's division by a constant uses a multiply-high that
 // only the per-thread datapath has; the block's head index and the addresses made from it would then sit in

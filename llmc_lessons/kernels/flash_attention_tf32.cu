@@ -39,7 +39,7 @@
                                     //   4g' (all different) and the lanes t = 0..3 of a row fill the 3 after
 #define TILE (KT * S_LD)            // floats per staged tile
 
-// One warp, one instruction (lesson 13's check of the layouts): D (16 x 8) = A (16 x 8) @ B (8 x 8) + C from
+// One warp, one instruction (the tests' check of the layouts): D (16 x 8) = A (16 x 8) @ B (8 x 8) + C from
 // row-major float32 matrices, each rounded to TF32 as the lane gathers its fragments. regs (32, 4) holds what
 // each lane's accumulator registers held.
 extern "C" __global__ void mma_tf32_1688_kernel(float* D, float* regs, const float* A, const float* B, const float* C) {
@@ -110,12 +110,6 @@ __device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[K][
             mma_tf32_1688(acc[n], a, b);
         }
     }
-}
-
-// The sum over the 4 lanes that share a row (lanes 4g .. 4g+3).
-__device__ __forceinline__ float row_sum4(float x) {
-    x += __shfl_xor_sync(0xffffffffu, x, 1);
-    return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
 // Write the warp's 16 x HS accumulator as rows row0 .. row0+15 of dst (ld floats apart), row g times scale0 and

@@ -59,6 +59,13 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned int a[
 #endif
 }
 
+// The sum over the 4 lanes that share rows g and g+8 of D (lanes 4g .. 4g+3), for the bf16 and TF32
+// products alike (their D layouts are the same).
+__device__ __forceinline__ float row_sum4(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
 // TF32 (version 3 of lesson 13, the fp32 model's attention): mma.sync m16n8k8 on float32 data. TF32 keeps
 // float32's sign and 8 exponent bits and 10 of its 23 mantissa bits; the tensor core reads the top 19 bits of
 // each 32-bit register and adds the products in float32. D (16 x 8) += A (16 x 8) @ B (8 x 8), one value a

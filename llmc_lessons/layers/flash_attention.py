@@ -208,17 +208,6 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=
 TF32_HEAD_SIZES = tuple(range(8, 65, 8))   # hs is compiled in (-DHS): 8-wide k steps, tiles in 48 KiB of shared memory
 
 
-def mma_tf32_1688_cuda(A, B, C):
-    """One tensor-core instruction through mma_tf32_1688_kernel: A (16, 8), B (8, 8), C (16, 8) float32 -> D =
-    tf32(A) @ tf32(B) + C (16, 8) float32, and regs (32, 4): what each lane's accumulator registers held."""
-    device.require_array("A", A, shape=(16, 8))
-    device.require_array("B", B, shape=(8, 8))
-    device.require_array("C", C, shape=(16, 8))
-    D, regs = device.xp.empty((16, 8), np.float32), device.xp.empty((32, 4), np.float32)
-    _tf32_kernel("mma_tf32_1688_kernel", 8)((1,), (32,), (D, regs, A, B, C))
-    return D, regs
-
-
 def _check_tf32(qkv, NH, NKV, where):
     device.require_array("qkv", qkv, shape=(None, None, None))
     require_aligned16("qkv", qkv)
