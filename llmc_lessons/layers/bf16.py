@@ -24,7 +24,7 @@ def require_multiple_of_8(name: str, n: int) -> int:
 
 
 def require_aligned16(name: str, a):
-    """A bf16 array whose start is 16-byte aligned (a view at an odd offset into a buffer may not be)."""
+    """An array (bf16 or float32) whose start is 16-byte aligned (a view at an odd offset into a buffer may not be)."""
     if device.address(a) % 16:
         raise ValueError(f"{name} must start at a 16-byte aligned address for the 16-byte loads; "
                          f"pass xp.ascontiguousarray(...) of a fresh array")
