@@ -214,9 +214,6 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 #ifndef HS
 #define HS 64
 #endif
-#ifndef GROUP
-#define GROUP 1                     // query heads per key/value head, NH / NKV (1 for GPT-2)
-#endif
 #define FA_ROWS 64                  // rows a block owns, and rows per tile
 #define FA_THREADS 128              // 4 warps x 16 rows
 #define S_LD (HS + 8)               // row stride of a tile in shared memory: 16 bytes of padding put the 8
@@ -297,13 +294,6 @@ __device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[2 *
         }
     }
 }
-
-// The key/value head of query head h, h / GROUP, as a multiply and a shift: exact, and within an int, for
-// NH * GROUP <= 2^15 (the launcher checks it). A compiler's division by a constant uses a multiply-high that
-// only the per-thread datapath has; the block's head index and the addresses made from it would then sit in
-// per-thread registers instead of the block-wide (uniform) ones: 168 registers a thread for the dq kernel at
-// GROUP = 3, not 128 (ptxas -v, sm_90, CUDA 13.0), and one block fewer per multiprocessor.
-__device__ __forceinline__ int kv_head(int h) { return (h * ((65535 + GROUP) / GROUP)) >> 16; }
 
 // Write the warp's 16 x HS accumulator as bf16 rows row0 .. row0+15 of dst (ld apart), row g times scale0
 // and row g+8 times scale1; rows at or past T are skipped. colsum[n][e] gets the thread's share of the column

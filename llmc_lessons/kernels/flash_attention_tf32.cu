@@ -18,7 +18,8 @@
 //    ds k, p^T do and ds^T q.
 //
 // Grouped-query attention in place: qkv (B, T, (NH + 2 NKV) HS) holds the NH query heads, then NKV key heads,
-// then NKV value heads (GPT-2's (B, T, 3C) when NKV = NH); query head h reads key/value head h / (NH / NKV).
+// then NKV value heads (GPT-2's (B, T, 3C) when NKV = NH); query head h reads key/value head h / (NH / NKV):
+// kv_head(h) of mma.cuh, with GROUP = NH / NKV compiled in as in version 2.
 // out (B, T, NH HS); lse (B, NH, T) is L = m + log(l) per row; dqkv has qkv's layout.
 //
 // flash_attention_forward_tf32_kernel:       out, lse. A block: 64 query rows of one (b, h); key tiles of 32.
@@ -135,7 +136,7 @@ flash_attention_forward_tf32_kernel(float* out,          // (B, T, NH HS)
     __shared__ float4 smem[4 * TILE / 4];               // q (64 rows) first; then two buffers of (k, v)
     float* S = (float*)smem;
     int W = (NH + 2 * NKV) * HS, C = NH * HS, tile = gridDim.x - 1 - blockIdx.x;   // the last rows first
-    int h = blockIdx.y, b = blockIdx.z, kvh = h / (NH / NKV);
+    int h = blockIdx.y, b = blockIdx.z, kvh = kv_head(h);
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const float* qbase = qkv + (long long)b * T * W + h * HS;
     const float* kbase = qkv + (long long)b * T * W + (NH + kvh) * HS;   // the group's key head
@@ -234,7 +235,7 @@ flash_attention_backward_dq_tf32_kernel(float* dqkv,          // (B, T, (NH + 2 
     __shared__ float4 smem[4 * TILE / 4];               // dout, out (then q) of my 64 rows; then two buffers of (k, v)
     float* S = (float*)smem;
     int W = (NH + 2 * NKV) * HS, C = NH * HS, tile = gridDim.x - 1 - blockIdx.x;
-    int h = blockIdx.y, b = blockIdx.z, kvh = h / (NH / NKV);
+    int h = blockIdx.y, b = blockIdx.z, kvh = kv_head(h);
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const float* qbase = qkv + (long long)b * T * W + h * HS;
     const float* kbase = qkv + (long long)b * T * W + (NH + kvh) * HS;
@@ -313,7 +314,7 @@ flash_attention_backward_dkdv_tf32_kernel(float* dqkv,          // (B, T, (NH + 
     __shared__ float Ls[2][KT], Ds[2][KT];              // and of their rows' L (base 2) and D
     float* S = (float*)smem;
     int W = (NH + 2 * NKV) * HS, C = NH * HS, tile = blockIdx.x;   // key tile; the first ones see the most queries
-    int kvh = blockIdx.y, b = blockIdx.z, G = NH / NKV;
+    int kvh = blockIdx.y, b = blockIdx.z;
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const float* kbase = qkv + (long long)b * T * W + (NH + kvh) * HS;
     const float* vbase = kbase + NKV * HS;
@@ -328,9 +329,9 @@ flash_attention_backward_dkdv_tf32_kernel(float* dqkv,          // (B, T, (NH + 
     load_a_frags(va, S + 2 * TILE + warp * 16 * S_LD);
     __syncthreads();
     // the steps: for each query head h of the group (in order), the query tiles from this key tile to the end
-    int qt0 = tile * FA_ROWS / KT, per_head = (T + KT - 1) / KT - qt0, steps = G * per_head;
+    int qt0 = tile * FA_ROWS / KT, per_head = (T + KT - 1) / KT - qt0, steps = GROUP * per_head;
     auto stage = [&](int step) {                  // step's (q, dout, L, D) into buffer step % 2
-        int buf = step % 2, h = kvh * G + step / per_head, q0 = (qt0 + step % per_head) * KT;
+        int buf = step % 2, h = kvh * GROUP + step / per_head, q0 = (qt0 + step % per_head) * KT;
         long long bhT = ((long long)b * NH + h) * T;
         stage_rows(S + 2 * buf * TILE, qkv + (long long)b * T * W + h * HS, q0, KT, T, W);
         stage_rows(S + (2 * buf + 1) * TILE, dout + (long long)b * T * C + h * HS, q0, KT, T, C);

@@ -59,6 +59,18 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned int a[
 #endif
 }
 
+// Grouped-query attention (lesson 16): GROUP = NH / NKV query heads share a key/value head, compiled in like HS
+// (-DGROUP; 1 for GPT-2). kv_head(h) is the key/value head of query head h, h / GROUP, as a multiply and a shift:
+// exact, and within an int, for NH * GROUP <= 2^15 (the launchers check it). A compiler's division (by a constant
+// or a run-time value) uses a multiply-high that only the per-thread datapath has; the block's head index and the
+// addresses made from it would then sit in per-thread registers instead of the block-wide (uniform) ones: 168
+// registers a thread for the bf16 dq kernel at GROUP = 3, not 128 (ptxas -v, sm_90, CUDA 13.0), and one block
+// fewer per multiprocessor.
+#ifndef GROUP
+#define GROUP 1
+#endif
+__device__ __forceinline__ int kv_head(int h) { return (h * ((65535 + GROUP) / GROUP)) >> 16; }
+
 // The sum over the 4 lanes that share rows g and g+8 of D (lanes 4g .. 4g+3), for the bf16 and TF32
 // products alike (their D layouts are the same).
 __device__ __forceinline__ float row_sum4(float x) {

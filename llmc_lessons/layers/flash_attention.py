@@ -16,7 +16,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import load_kernel
-from llmc_lessons.layers.attention import _sizes, merge_heads, split_heads
+from llmc_lessons.layers.attention import _kv_heads, _sizes, merge_heads, split_heads
 from llmc_lessons.layers.bf16 import require_aligned16, require_bf16_array
 from llmc_lessons.layers.layernorm import column_sum_add_cuda
 
@@ -141,11 +141,17 @@ def _check_bf16(qkv, NH, where, NKV=None):
     if hs not in BF16_HEAD_SIZES:
         raise ValueError(f"{where}: head size hs = {hs} is not one of {BF16_HEAD_SIZES}: the tensor-core kernels "
                          f"work on 16-wide pieces of a head and keep their tiles in 48 KiB of shared memory")
-    NKV = int(NH if NKV is None else NKV)
+    return B, T, C, hs, _tensor_core_kv_heads(NH, NKV, where)
+
+
+def _tensor_core_kv_heads(NH, NKV, where) -> int:
+    """NKV (None: NH) checked as attention's _kv_heads does, and refused where the tensor-core kernels'
+    multiply-and-shift division h / (NH / NKV) (kv_head in mma.cuh) stops being exact."""
+    NKV = _kv_heads(NH, NKV, where)
     if NH * (NH // NKV) > 2 ** 15:
         raise ValueError(f"{where}: NH * (NH / NKV) = {NH * (NH // NKV)} exceeds 2^15, where the kernels' "
                          f"multiply-and-shift division h / (NH / NKV) (kv_head) stops being exact")
-    return B, T, C, hs, NKV
+    return NKV
 
 
 def _bf16_kernel(name, hs, group=1):
@@ -215,11 +221,12 @@ def _check_tf32(qkv, NH, NKV, where):
     if hs not in TF32_HEAD_SIZES:
         raise ValueError(f"{where}: head size hs = {hs} is not one of {TF32_HEAD_SIZES}: the TF32 kernels take "
                          f"8 channels of a head per instruction and keep their tiles in 48 KiB of shared memory")
-    return B, T, C, hs, int(NH), int(NH if NKV is None else NKV)
+    return B, T, C, hs, int(NH), _tensor_core_kv_heads(NH, NKV, where)
 
 
-def _tf32_kernel(name, hs):
-    return load_kernel("flash_attention_tf32.cu", name, (f"-DHS={hs}",))
+def _tf32_kernel(name, hs, group):
+    """The kernel compiled for head size hs and group = NH / NKV query heads per key/value head, as version 2's."""
+    return load_kernel("flash_attention_tf32.cu", name, (f"-DHS={hs}", f"-DGROUP={group}"))
 
 
 def flash_attention_forward_tf32_cuda(qkv, NH, NKV=None):
@@ -229,7 +236,7 @@ def flash_attention_forward_tf32_cuda(qkv, NH, NKV=None):
     xp = device.xp
     out, lse = xp.empty((B, T, C), np.float32), xp.empty((B, NH, T), np.float32)
     if B * T:
-        _tf32_kernel("flash_attention_forward_tf32_kernel", hs)(
+        _tf32_kernel("flash_attention_forward_tf32_kernel", hs, NH // NKV)(
             (-(-T // FA_ROWS), NH, B), (FA_THREADS,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH),
                                                        np.int32(NKV)))
     return out, lse
@@ -246,8 +253,8 @@ def flash_attention_backward_tf32_cuda(dout, qkv, out, lse, NH, NKV=None):
     dqkv, D = xp.empty(qkv.shape, np.float32), xp.empty((B, NH, T), np.float32)
     if B * T:
         sizes = (np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV))
-        _tf32_kernel("flash_attention_backward_dq_tf32_kernel", hs)(
+        _tf32_kernel("flash_attention_backward_dq_tf32_kernel", hs, NH // NKV)(
             (-(-T // FA_ROWS), NH, B), (FA_THREADS,), (dqkv, D, dout, qkv, out, lse, *sizes))
-        _tf32_kernel("flash_attention_backward_dkdv_tf32_kernel", hs)(
+        _tf32_kernel("flash_attention_backward_dkdv_tf32_kernel", hs, NH // NKV)(
             (-(-T // FA_ROWS), NKV, B), (FA_THREADS,), (dqkv, dout, qkv, lse, D, *sizes))
     return dqkv
