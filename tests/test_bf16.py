@@ -179,3 +179,13 @@ def test_stubs():
     for check in (check_to_bf16, check_stochastic_round):
         with pytest.raises(AssertionError, match="not done yet"):
             check(stub)
+
+
+def test_a_float_array_where_bf16_bits_go_is_told_how_to_convert():
+    """.astype(np.uint16) would keep the integer parts of the numbers, not their bf16 bits: the message names the
+    conversions instead."""
+    from llmc_lessons.layers.bf16 import require_bf16_array
+    x = device.xp.ones((2, 8), np.float32)
+    with pytest.raises(TypeError, match=r"bf16 bits.*float_to_bf16_cuda") as info:
+        require_bf16_array("x", x, (2, 8))
+    assert "astype" not in str(info.value)
