@@ -467,12 +467,7 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, W): the d
         for (int j = 0; j < 4; j++)
             D[j % 2] += bf16_lo(doa[kk][j]) * bf16_lo(oa[kk][j]) + bf16_hi(doa[kk][j]) * bf16_hi(oa[kk][j]);
     float L2[2];
-    for (int r = 0; r < 2; r++) {
-        D[r] = row_sum4(D[r]);
-        int row = r ? row1 : row0;
-        L2[r] = row < T ? lse[bhT + row] * LOG2E : 0.0f;
-        if (t == 0 && row < T) Dout[bhT + row] = D[r];
-    }
+    dq_row_stats(D, L2, Dout + bhT, lse + bhT, row0, row1, T);
     float dq[HS / 8][4] = {};
     for (int kt = 0; kt <= tile; kt++) {
         const bf16* Ks = S + 2 * (kt % 2) * TILE;

@@ -268,12 +268,7 @@ flash_attention_backward_dq_tf32_kernel(float* dqkv,          // (B, T, (NH + 2 
     stage_rows(S + TILE, vbase, 0, KT, T, W);
     cp_async_commit();
     float L2[2];
-    for (int r = 0; r < 2; r++) {
-        D[r] = row_sum4(D[r]);
-        int row = r ? row1 : row0;
-        L2[r] = row < T ? lse[bhT + row] * LOG2E : 0.0f;
-        if (t == 0 && row < T) Dout[bhT + row] = D[r];
-    }
+    dq_row_stats(D, L2, Dout + bhT, lse + bhT, row0, row1, T);
     float dq[HS / 8][4] = {};
     int tiles = min(T, (tile + 1) * FA_ROWS) / KT + (min(T, (tile + 1) * FA_ROWS) % KT != 0);
     for (int kt = 0; kt < tiles; kt++) {

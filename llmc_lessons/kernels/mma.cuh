@@ -22,6 +22,7 @@
 // a 1-D block.
 #pragma once
 #include "bf16.cuh"
+#include "common.cuh"
 
 #if defined(LLMC_SM80) && !defined(LLMC_MMA_SHUFFLE)
 #define LLMC_PTX 1
@@ -76,6 +77,19 @@ __device__ __forceinline__ int kv_head(int h) { return (h * ((65535 + GROUP) / G
 __device__ __forceinline__ float row_sum4(float x) {
     x += __shfl_xor_sync(0xffffffffu, x, 1);
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// The dq kernels' per-row numbers of the lane's rows row0 and row1 (= row0 + 8) of one head: D[r], the lane's part
+// of dout . out, becomes the row's sum (over its 4 lanes) and is stored in Dout for the dk/dv kernel; L2[r] is the
+// row's L in base 2. Rows at or past T store nothing.
+__device__ __forceinline__ void dq_row_stats(float D[2], float L2[2], float* Dout, const float* lse, int row0,
+                                             int row1, int T) {
+    for (int r = 0; r < 2; r++) {
+        D[r] = row_sum4(D[r]);
+        int row = r ? row1 : row0;
+        L2[r] = row < T ? lse[row] * LOG2E : 0.0f;
+        if (threadIdx.x % 4 == 0 && row < T) Dout[row] = D[r];
+    }
 }
 
 // TF32 (version 3 of lesson 13, the fp32 model's attention): mma.sync m16n8k8 on float32 data. TF32 keeps
