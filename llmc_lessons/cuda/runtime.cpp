@@ -601,14 +601,23 @@ void run_block(Worker &w, long b) {
     w.stalled = 0;
     w.deadlock = false;
     w.in_fiber = 1;
+    // A stop signal that came before in_fiber was set found no fiber to leave (its handler returned), and a block
+    // that then spins without a fiber switch would never read the flag: read it now that a signal would be seen.
+    // The flag is set before any stop signal is sent.
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    if (w.L->failed.load()) {
+        w.in_fiber = 0;
+        w.abort = true;
+    } else {
 #ifdef LLMC_RACECHECK
-    if (g_watch) watch(w, true);
+        if (g_watch) watch(w, true);
 #endif
-    to_fiber(w, w.fibers[0].get());  // returns when every fiber has exited, on a deadlock, or on a failure
-    w.in_fiber = 0;
+        to_fiber(w, w.fibers[0].get());  // returns when every fiber has exited, on a deadlock, or on a failure
+        w.in_fiber = 0;
 #ifdef LLMC_RACECHECK
-    watch(w, false);
+        watch(w, false);
 #endif
+    }
     if (w.deadlock && !w.abort) {
         report_deadlock(w, n);
         w.abort = true;
