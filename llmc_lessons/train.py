@@ -46,7 +46,7 @@ from llmc_lessons.files import atomic_write
 from llmc_lessons.hf import load_weights
 from llmc_lessons.llama import config_from_name, model_class
 from llmc_lessons.model import GPT2
-from llmc_lessons.precision import set_tf32
+from llmc_lessons.precision import tf32 as tf32_matmuls
 from llmc_lessons.sampling import generate
 from llmc_lessons.tokenizer import decode
 
@@ -332,7 +332,6 @@ class Trainer:
         self.model.keep_logits = False  # the loop never reads the logits of a training forward
         self.model.cuda_graph = bool(a["cuda_graph"])   # replay the forward and backward (GPU only)
         self.model.recompute = a["recompute"]           # kernel paths: recompute GELU (1), and LayerNorm (2)
-        set_tf32(bool(a["tf32"]))  # as llm.c's fp32 trainer: TF32 tensor cores for the matmuls (a no-op on a CPU)
         self.rng = np.random.default_rng(a["seed"])
         self.step = 0
         self.peak_bytes = 0
@@ -402,12 +401,19 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------------------
 
+    def _tf32(self):
+        """As llm.c's fp32 trainer: TF32 tensor cores for the matmuls (a no-op on a CPU), during the trainer's own
+        work only; the setting is restored after, so code run after a training cell keeps its float32 products."""
+        return tf32_matmuls(bool(self.args["tf32"]))
+
     def train_step(self) -> StepStats:
         a = self.args
         t0 = time.perf_counter()
         x, y = self.train_loader.next_batch()
         lr = learning_rate(self.step, a["steps"], a["lr"], a["warmup"], a["final_lr_frac"])
-        loss, norm = training_step(self.model, x, y, lr, a["weight_decay"], a["grad_clip"], self.step + 1, self.dp)
+        with self._tf32():
+            loss, norm = training_step(self.model, x, y, lr, a["weight_decay"], a["grad_clip"], self.step + 1,
+                                       self.dp)
         self.step += 1
         ms = (time.perf_counter() - t0) * 1e3
         if device.on_gpu():
@@ -418,13 +424,15 @@ class Trainer:
         """The mean loss of the first eval_batches validation batches; each rank computes its rows of each."""
         self.val_loader.reset()
         n = min(self.args["eval_batches"], len(self.val_loader))
-        losses = [self.model.forward(xm, ym) for _ in range(n)
-                  for xm, ym in self.dp.micro_batches(*self.val_loader.next_batch())]
+        with self._tf32():
+            losses = [self.model.forward(xm, ym) for _ in range(n)
+                      for xm, ym in self.dp.micro_batches(*self.val_loader.next_batch())]
         return self.dp.mean(self.model, float(np.sum(losses)), len(losses))
 
     def sample(self) -> str:
         seed = int(self.rng.integers(2**31))
-        tokens = generate(self.model, [EOT], self.args["sample_tokens"], temperature=1.0, top_k=40, seed=seed)
+        with self._tf32():
+            tokens = generate(self.model, [EOT], self.args["sample_tokens"], temperature=1.0, top_k=40, seed=seed)
         return decode(tokens[1:])
 
     # -- the loop --------------------------------------------------------------------------------------------
