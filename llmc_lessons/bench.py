@@ -283,7 +283,7 @@ def bench_size(name: str, B: int, T: int, steps: int, warmup: int, precision: st
                cap: int = 1024) -> dict:
     """One GPT-2 size, course against PyTorch (its compiled step, padded vocabulary) at the same B, T and
     precision: each one's tokens/s and peak memory ({"oom": message} where it ran out of memory, {"error": ...}
-    where it failed otherwise), then the largest B each fits (the course with and without recompute 2; a B that
+    where it failed otherwise; the course also with recompute 1, llm.c's default), then the largest B each fits (the course with and without recompute 2; a B that
     fails for another reason counts as not fitting, and its log line says why). One framework's model at a time
     is alive."""
     config = GPT2Config.from_name(name)
@@ -296,6 +296,11 @@ def bench_size(name: str, B: int, T: int, steps: int, warmup: int, precision: st
                                                        model=model)))
     out["course"] = row if failure is None else dict(name="course", **failure)
     print(f"  {out['course']}", flush=True)
+    row = {}   # llm.c's default, -r 1: the GELU's output recomputed in the backward, as PyTorch's compiler chooses to
+    failure = _attempt(lambda: row.update(bench_course(config, B, T, steps, warmup, precision=precision,
+                                                       recompute=1, model=model)))
+    out["course_r1"] = row if failure is None else dict(name="course, recompute 1", **failure)
+    print(f"  {out['course_r1']}", flush=True)
     sizes = {}
     if max_batch:
         for r in (0, 2):
@@ -322,8 +327,8 @@ def add_mfu(size: dict, peaks: dict) -> dict:
     """Each row's MFU (its FLOP/s by flops_per_token over the measured matmul peak of its precision) and the
     course / PyTorch ratio, in place."""
     peak = peaks["bf16_tflops" if size["precision"] == "bf16" else "tf32_tflops"] * 1e12
-    for key in ("course", "torch"):
-        r = size[key]
+    for key in ("course", "course_r1", "torch"):
+        r = size.get(key, {})
         if "tokens_per_s" in r:
             r["mfu"] = r["tokens_per_s"] * size["flops_per_token"] / peak
     if "tokens_per_s" in size["course"] and "tokens_per_s" in size["torch"]:
@@ -338,7 +343,7 @@ def sizes_table(rec: dict) -> str:
              f"{p['tf32_tflops']:.0f} TFLOP/s; T = {rec['T']}; PyTorch compiled ({rec['compile_mode']}, "
              f"scope {rec['compile_scope']}), vocabulary padded",
              f"{'size':<5}{'prec':>5}{'B':>4}{'course tok/s':>14}{'GiB':>6}{'MFU':>6}{'PyTorch tok/s':>15}{'GiB':>6}"
-             f"{'MFU':>6}{'ratio':>7}   largest B: course, course -r 2, PyTorch"]
+             f"{'MFU':>6}{'ratio':>7}{'-r 1 tok/s':>12}{'GiB':>6}   largest B: course, course -r 2, PyTorch"]
 
     def cells(r):
         if "tokens_per_s" not in r:
@@ -347,6 +352,9 @@ def sizes_table(rec: dict) -> str:
     for z in rec["sizes"]:
         ratio = f"{z['ratio']:>6.2f}x" if "ratio" in z else f"{'':>7}"
         line = f"{z['model']:<5}{z['precision']:>5}{z['B']:>4}{cells(z['course'])} {cells(z['torch'])}{ratio}"
+        r1 = z.get("course_r1", {})   # records before it was measured have none
+        line += (f"{r1['tokens_per_s']:>12,.0f}{r1['peak_bytes'] / 2**30:>6.1f}" if "tokens_per_s" in r1
+                 else f"{'-':>12}{'':>6}")
         mb = z.get("max_batch")
         if mb:
             line += "   " + ", ".join(str(mb.get(k, "-")) for k in ("course", "course, recompute 2", "PyTorch"))
@@ -684,11 +692,11 @@ def main(argv=None) -> int:
         print(f"  {rows[-1]}", flush=True)
     try:
         import torch  # noqa: F401
-        has_torch = not a.no_torch
+        has_torch = True
     except ImportError:
         has_torch = False
-        print("PyTorch is not installed: no PyTorch rows")
-    if has_torch:
+        print("PyTorch is not installed: no PyTorch rows" + (" and no profile" if a.profile else ""))
+    if has_torch and not a.no_torch:
         # the plain vocabulary (V) once per precision, then the padded one (Vp, as nanoGPT and llm.c) in every
         # configuration: the strongest PyTorch row of each precision is what the course is measured against
         # (the order puts the rows a run cut short needs most first)
@@ -717,7 +725,7 @@ def main(argv=None) -> int:
             print(f"{precision}: course {course[precision]['tokens_per_s']:,.0f} tokens/s against the strongest "
                   f"PyTorch row ({best['name']}) {best['tokens_per_s']:,.0f}: "
                   f"{course[precision]['tokens_per_s'] / best['tokens_per_s']:.2f}x")
-    if a.profile and has_torch:
+    if a.profile and has_torch:   # the profiler is PyTorch's, also under --no-torch (which drops its rows only)
         for precision in a.precision:
             print(f"\nWhere one course step's GPU time goes ({precision}):\n"
                   + profile_course(config, B, T, precision=precision))

@@ -164,9 +164,11 @@ def test_sizes_run_reports_out_of_memory_and_writes_its_record(monkeypatch, tmp_
         if x.shape[0] > limits[model.config.num_layers][1 if model.recompute else 0]:
             raise OutOfMemoryError("out of memory")
 
-    def bench_course(config, B, T, steps, warmup, precision, model):
+    def bench_course(config, B, T, steps, warmup, precision, model, recompute=0):
+        model.recompute = recompute
         course_step(model, np.zeros((B, T)), None)
-        return dict(name="course kernels, bf16", precision=precision, ms=1.0, tokens_per_s=1000.0 * B, peak_bytes=2**30)
+        return dict(name="course kernels, bf16", precision=precision, ms=1.0,
+                    tokens_per_s=(950.0 if recompute else 1000.0) * B, peak_bytes=2**30 // (1 + recompute))
 
     class Step:
         def __init__(self, config, mode, padded, compile_mode, compile_scope):
@@ -197,6 +199,8 @@ def test_sizes_run_reports_out_of_memory_and_writes_its_record(monkeypatch, tmp_
     assert json.loads((tmp_path / "scale.json").read_text())["sizes"][1]["course"]["oom"]
     table = bench.sizes_table(rec)
     assert "OOM" in table.splitlines()[3] and "1.25x" in table.splitlines()[2]
+    assert d12["course_r1"]["tokens_per_s"] == 950.0 * 16 and d12["course_r1"]["mfu"] < d12["course"]["mfu"]
+    assert "15,200   0.5" in table.splitlines()[2]           # -r 1 (llm.c's default): its tokens/s and GiB
 
 
 def test_a_failed_configuration_is_recorded_not_raised():
