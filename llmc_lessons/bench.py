@@ -320,19 +320,26 @@ def bench_size(name: str, B: int, T: int, steps: int, warmup: int, precision: st
         print(f"  largest B: {sizes}", flush=True)
     made.clear()
     _free_gpu_memory()
+    if precision == "fp32":   # the fp32 target is against PyTorch eager (TF32 matmuls, padded vocabulary)
+        row = {}
+        failure = _attempt(lambda: row.update(bench_torch(config, B, T, steps, warmup, "eager-tf32")))
+        out["torch_eager"] = row if failure is None else dict(name=TORCH_MODES["eager-tf32"], **failure)
+        print(f"  {out['torch_eager']}", flush=True)
+        _free_gpu_memory()
     return out
 
 
 def add_mfu(size: dict, peaks: dict) -> dict:
     """Each row's MFU (its FLOP/s by flops_per_token over the measured matmul peak of its precision) and the
-    course / PyTorch ratio, in place."""
+    course / PyTorch ratios (compiled; for fp32 also eager), in place."""
     peak = peaks["bf16_tflops" if size["precision"] == "bf16" else "tf32_tflops"] * 1e12
-    for key in ("course", "course_r1", "torch"):
+    for key in ("course", "course_r1", "torch", "torch_eager"):
         r = size.get(key, {})
         if "tokens_per_s" in r:
             r["mfu"] = r["tokens_per_s"] * size["flops_per_token"] / peak
-    if "tokens_per_s" in size["course"] and "tokens_per_s" in size["torch"]:
-        size["ratio"] = size["course"]["tokens_per_s"] / size["torch"]["tokens_per_s"]
+    for key, ratio in (("torch", "ratio"), ("torch_eager", "ratio_eager")):
+        if "tokens_per_s" in size["course"] and "tokens_per_s" in size.get(key, {}):
+            size[ratio] = size["course"]["tokens_per_s"] / size[key]["tokens_per_s"]
     return size
 
 
@@ -343,7 +350,7 @@ def sizes_table(rec: dict) -> str:
              f"{p['tf32_tflops']:.0f} TFLOP/s; T = {rec['T']}; PyTorch compiled ({rec['compile_mode']}, "
              f"scope {rec['compile_scope']}), vocabulary padded",
              f"{'size':<5}{'prec':>5}{'B':>4}{'course tok/s':>14}{'GiB':>6}{'MFU':>6}{'PyTorch tok/s':>15}{'GiB':>6}"
-             f"{'MFU':>6}{'ratio':>7}{'-r 1 tok/s':>12}{'GiB':>6}   largest B: course, course -r 2, PyTorch"]
+             f"{'MFU':>6}{'ratio':>7}{'-r 1 tok/s':>12}{'GiB':>6}{'x eager':>9}   largest B: course, course -r 2, PyTorch"]
 
     def cells(r):
         if "tokens_per_s" not in r:
@@ -355,6 +362,9 @@ def sizes_table(rec: dict) -> str:
         r1 = z.get("course_r1", {})   # records before it was measured have none
         line += (f"{r1['tokens_per_s']:>12,.0f}{r1['peak_bytes'] / 2**30:>6.1f}" if "tokens_per_s" in r1
                  else f"{'-':>12}{'':>6}")
+        eager = z.get("torch_eager")   # fp32 rows: the course against PyTorch eager (OOM where it ran out)
+        line += (f"{z['ratio_eager']:>8.2f}x" if "ratio_eager" in z
+                 else f"{('OOM' if 'oom' in eager else 'error') if eager else '-':>9}")
         mb = z.get("max_batch")
         if mb:
             line += "   " + ", ".join(str(mb.get(k, "-")) for k in ("course", "course, recompute 2", "PyTorch"))
@@ -616,8 +626,9 @@ def main(argv=None) -> int:
     p.add_argument("--only-kernels", action="store_true", help="time those kernels and nothing else")
     p.add_argument("--sizes", help="instead: every GPT-2 size of this comma-separated list (e.g. "
                    "d12,d24,d36,d48), the course against PyTorch's compiled step at the same B, T and precision "
-                   "(--precision, default bf16 here): tokens/s, peak memory, MFU against the measured matmul peak, "
-                   "the largest batch each fits; B per size from SIZE_BATCH unless --batch-size is given")
+                   "(--precision, default bf16 here; fp32 also against PyTorch eager): tokens/s, peak memory, MFU against "
+                   "the measured matmul peak, the largest batch each fits; B per size from SIZE_BATCH unless "
+                   "--batch-size is given")
     p.add_argument("--compile-scope", choices=["model", "blocks"], default="blocks",
                    help="--sizes: torch.compile the whole model or each block (default: blocks, compiled once "
                    "whatever the depth)")

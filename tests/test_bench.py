@@ -179,7 +179,11 @@ def test_sizes_run_reports_out_of_memory_and_writes_its_record(monkeypatch, tmp_
             if x.shape[0] > limits[self.model.config.num_layers][2]:
                 raise OutOfMemoryError("CUDA out of memory")
 
-    def bench_torch(config, B, T, steps, warmup, mode, step):
+    def bench_torch(config, B, T, steps, warmup, mode, step=None):
+        if mode == "eager-tf32":          # fp32's other baseline: eager runs out of memory at d48
+            if config.num_layers == 2:
+                raise OutOfMemoryError("CUDA out of memory")
+            return dict(name="PyTorch eager", precision="fp32", ms=1.0, tokens_per_s=400.0 * B, peak_bytes=2**31)
         step(np.zeros((B, T)), None)
         return dict(name="PyTorch", precision="bf16", ms=1.0, tokens_per_s=800.0 * B, peak_bytes=2 * 2**30)
 
@@ -201,6 +205,12 @@ def test_sizes_run_reports_out_of_memory_and_writes_its_record(monkeypatch, tmp_
     assert "OOM" in table.splitlines()[3] and "1.25x" in table.splitlines()[2]
     assert d12["course_r1"]["tokens_per_s"] == 950.0 * 16 and d12["course_r1"]["mfu"] < d12["course"]["mfu"]
     assert "15,200   0.5" in table.splitlines()[2]           # -r 1 (llm.c's default): its tokens/s and GiB
+    assert "torch_eager" not in d12                          # bf16 is measured against compiled PyTorch only
+    fp32 = bench.bench_sizes(["d12", "d48"], 8, 2, 1, precisions=("fp32",), batch_size=8)
+    d12, d48 = fp32["sizes"]
+    assert d12["ratio_eager"] == 1000 / 400 and d48["torch_eager"]["oom"] and "ratio_eager" not in d48
+    lines = bench.sizes_table(fp32).splitlines()
+    assert "2.50x" in lines[2] and "OOM" in lines[3].split("   ")[-2]
 
 
 def test_a_failed_configuration_is_recorded_not_raised():

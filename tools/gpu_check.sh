@@ -6,7 +6,7 @@
 # data-parallel scaling of d12 and d24 against PyTorch's DDP and ZeRO-1 (lesson 17).
 #
 #   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval parts bench kernels memory train multigpu (default: all)
-#                                            and, on request: scale llama llama-bench attention-profile
+#                                            and, on request: scale scale-fp32 llama llama-bench attention-profile
 #
 # llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
 # in LLAMA_PRECISION (default fp32, with TF32 matmuls; or bf16), trained for the same LLAMA_STEPS (default 250)
@@ -25,7 +25,10 @@
 # and fp32 (the cuBLAS path, the flash kernels, PyTorch's SDPA as it chooses and per backend). Each part has a time limit (SCALE_BASELINE_S, SCALE_SIZES_S seconds)
 # and writes its JSON after every row, so a part cut short keeps what it measured (the max-autotune rows, last,
 # need minutes of compilation: SCALE_BASELINE_S=600 when there is time); SCALE_ARGS adds arguments to the sizes
-# run.
+# run. The sizes are timed in bf16 with the course also at recompute 1 (llm.c's default).
+# scale-fp32 (not in the default; stopped at SCALE_SIZES_S seconds): every size in fp32 (TF32 matmuls and TF32 flash attention)
+# against PyTorch's compiled fp32 step and its eager one (the fp32 target's baseline), to bench/sizes-<device>-
+# <date>-fp32.json (SCALE_ARGS adds arguments).
 #
 # attention-profile (about 2 minutes): why the flash kernels run at the speed they do: torch.profiler's kernel
 # names and times for the course's flash kernels and PyTorch's SDPA (which backend, built for which
@@ -118,6 +121,9 @@ except ImportError: print(\"torch missing\")"' ;;
            f=$(name bench attention)
            run scale-attention "$f.log" timeout 90 python3 -m llmc_lessons.bench --only-attention \
              --attention-seq-lens 1024 2048 --precision bf16 fp32 --json "$f.json" ;;
+    scale-fp32) f=$(name bench sizes fp32)
+                run scale-sizes-fp32 "$f.log" timeout ${SCALE_SIZES_S:-290} python3 -m llmc_lessons.bench \
+                  --sizes d48,d36,d24,d12 --precision fp32 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-} ;;
     attention-profile) for precision in ${ATTENTION_PRECISIONS:-bf16 fp32}; do
              f=$(name profile attention $precision)
              run attention-names-$precision "$f.log" python3 tools/profile_attention.py $precision
