@@ -283,9 +283,9 @@ def bench_size(name: str, B: int, T: int, steps: int, warmup: int, precision: st
                cap: int = 1024) -> dict:
     """One GPT-2 size, course against PyTorch (its compiled step, padded vocabulary) at the same B, T and
     precision: each one's tokens/s and peak memory ({"oom": message} where it ran out of memory, {"error": ...}
-    where it failed otherwise; the course also with recompute 1, llm.c's default), then the largest B each fits (the course with and without recompute 2; a B that
-    fails for another reason counts as not fitting, and its log line says why). One framework's model at a time
-    is alive."""
+    where it failed otherwise; the course also with recompute 1, llm.c's default; in fp32 PyTorch eager too), then
+    the largest B each fits (the course with and without recompute 2; a B that fails for another reason counts as
+    not fitting, and its log line says why). One framework's model at a time is alive."""
     config = GPT2Config.from_name(name)
     out = dict(model=name, B=B, T=T, precision=precision, parameters=num_parameters(config),
                flops_per_token=flops_per_token(config, T))
@@ -296,7 +296,7 @@ def bench_size(name: str, B: int, T: int, steps: int, warmup: int, precision: st
                                                        model=model)))
     out["course"] = row if failure is None else dict(name="course", **failure)
     print(f"  {out['course']}", flush=True)
-    row = {}   # llm.c's default, -r 1: the GELU's output recomputed in the backward, as PyTorch's compiler chooses to
+    row = {}   # llm.c's default, -r 1: the GELU's output recomputed in the backward
     failure = _attempt(lambda: row.update(bench_course(config, B, T, steps, warmup, precision=precision,
                                                        recompute=1, model=model)))
     out["course_r1"] = row if failure is None else dict(name="course, recompute 1", **failure)
@@ -350,7 +350,8 @@ def sizes_table(rec: dict) -> str:
              f"{p['tf32_tflops']:.0f} TFLOP/s; T = {rec['T']}; PyTorch compiled ({rec['compile_mode']}, "
              f"scope {rec['compile_scope']}), vocabulary padded",
              f"{'size':<5}{'prec':>5}{'B':>4}{'course tok/s':>14}{'GiB':>6}{'MFU':>6}{'PyTorch tok/s':>15}{'GiB':>6}"
-             f"{'MFU':>6}{'ratio':>7}{'-r 1 tok/s':>12}{'GiB':>6}{'x eager':>9}   largest B: course, course -r 2, PyTorch"]
+             f"{'MFU':>6}{'ratio':>7}{'-r 1 tok/s':>12}{'GiB':>6}{'x eager':>9}"
+             "   largest B: course, course -r 2, PyTorch"]
 
     def cells(r):
         if "tokens_per_s" not in r:
@@ -626,9 +627,9 @@ def main(argv=None) -> int:
     p.add_argument("--only-kernels", action="store_true", help="time those kernels and nothing else")
     p.add_argument("--sizes", help="instead: every GPT-2 size of this comma-separated list (e.g. "
                    "d12,d24,d36,d48), the course against PyTorch's compiled step at the same B, T and precision "
-                   "(--precision, default bf16 here; fp32 also against PyTorch eager): tokens/s, peak memory, MFU against "
-                   "the measured matmul peak, the largest batch each fits; B per size from SIZE_BATCH unless "
-                   "--batch-size is given")
+                   "(--precision, default bf16 here; fp32 also against PyTorch eager): tokens/s, peak memory, MFU "
+                   "against the measured matmul peak, the largest batch each fits; B per size from SIZE_BATCH "
+                   "unless --batch-size is given")
     p.add_argument("--compile-scope", choices=["model", "blocks"], default="blocks",
                    help="--sizes: torch.compile the whole model or each block (default: blocks, compiled once "
                    "whatever the depth)")

@@ -26,9 +26,9 @@
 # and writes its JSON after every row, so a part cut short keeps what it measured (the max-autotune rows, last,
 # need minutes of compilation: SCALE_BASELINE_S=600 when there is time); SCALE_ARGS adds arguments to the sizes
 # run. The sizes are timed in bf16 with the course also at recompute 1 (llm.c's default).
-# scale-fp32 (not in the default; stopped at SCALE_SIZES_S seconds): every size in fp32 (TF32 matmuls and TF32 flash attention)
-# against PyTorch's compiled fp32 step and its eager one (the fp32 target's baseline), to bench/sizes-<device>-
-# <date>-fp32.json (SCALE_ARGS adds arguments).
+# scale-fp32 (not in the default; stopped at SCALE_SIZES_S seconds): every size in fp32 (TF32 matmuls and TF32
+# flash attention) against PyTorch's compiled fp32 step and its eager one (the fp32 target's baseline), to
+# bench/sizes-<device>-<date>-fp32.json (SCALE_ARGS adds arguments).
 #
 # attention-profile (about 2 minutes): why the flash kernels run at the speed they do: torch.profiler's kernel
 # names and times for the course's flash kernels and PyTorch's SDPA (which backend, built for which
