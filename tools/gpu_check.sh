@@ -6,7 +6,7 @@
 # data-parallel scaling of d12 and d24 against PyTorch's DDP and ZeRO-1 (lesson 17).
 #
 #   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval parts bench kernels memory train multigpu (default: all)
-#                                            and, on request: scale llama llama-bench attention-profile
+#                                            and, on request: scale llama llama-bench attention-profile wgmma
 #
 # llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
 # in LLAMA_PRECISION (default fp32, with TF32 matmuls; or bf16), trained for the same LLAMA_STEPS (default 250)
@@ -118,6 +118,13 @@ except ImportError: print(\"torch missing\")"' ;;
            f=$(name bench attention)
            run scale-attention "$f.log" timeout 90 python3 -m llmc_lessons.bench --only-attention \
              --attention-seq-lens 1024 2048 --precision bf16 fp32 --json "$f.json" ;;
+    wgmma) run wgmma-tests "$(name tests tests wgmma).log" python3 -m pytest -q -p no:cacheprovider \
+             tests/test_flash_attention.py -k "products_alone or version_4 or bf16"
+           f=$(name bench attention wgmma)
+           run wgmma-attention "$f.log" python3 -m llmc_lessons.bench --only-attention --attention-seq-lens 1024 2048 \
+             --json "$f.json"
+           f=$(name bench bench wgmma)
+           run wgmma-step "$f.log" python3 -m llmc_lessons.bench --precision bf16 --padded-only --json "$f.json" ;;
     attention-profile) for precision in ${ATTENTION_PRECISIONS:-bf16 fp32}; do
              f=$(name profile attention $precision)
              run attention-names-$precision "$f.log" python3 tools/profile_attention.py $precision
