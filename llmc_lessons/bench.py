@@ -350,22 +350,25 @@ def sizes_table(rec: dict) -> str:
              f"{p['tf32_tflops']:.0f} TFLOP/s; T = {rec['T']}; PyTorch compiled ({rec['compile_mode']}, "
              f"scope {rec['compile_scope']}), vocabulary padded",
              f"{'size':<5}{'prec':>5}{'B':>4}{'course tok/s':>14}{'GiB':>6}{'MFU':>6}{'PyTorch tok/s':>15}{'GiB':>6}"
-             f"{'MFU':>6}{'ratio':>7}{'-r 1 tok/s':>12}{'GiB':>6}{'x eager':>9}"
+             f"{'MFU':>6}{'ratio':>7}{'-r 1 tok/s':>14}{'GiB':>6}{'x eager':>9}"
              "   largest B: course, course -r 2, PyTorch"]
 
-    def cells(r):
+    def failed(r):
+        return "OOM" if "oom" in r else "error"
+
+    def cells(r, mfu=True):
         if "tokens_per_s" not in r:
-            return f"{'OOM' if 'oom' in r else 'error':>14}{'':>12}"
-        return f"{r['tokens_per_s']:>14,.0f}{r['peak_bytes'] / 2**30:>6.1f}{r['mfu']:>6.0%}"
+            return f"{failed(r):>14}{'':>{12 if mfu else 6}}"
+        return f"{r['tokens_per_s']:>14,.0f}{r['peak_bytes'] / 2**30:>6.1f}" + (f"{r['mfu']:>6.0%}" if mfu else "")
     for z in rec["sizes"]:
         ratio = f"{z['ratio']:>6.2f}x" if "ratio" in z else f"{'':>7}"
         line = f"{z['model']:<5}{z['precision']:>5}{z['B']:>4}{cells(z['course'])} {cells(z['torch'])}{ratio}"
-        r1 = z.get("course_r1", {})   # records before it was measured have none
-        line += (f"{r1['tokens_per_s']:>12,.0f}{r1['peak_bytes'] / 2**30:>6.1f}" if "tokens_per_s" in r1
-                 else f"{'-':>12}{'':>6}")
-        eager = z.get("torch_eager")   # fp32 rows: the course against PyTorch eager (OOM where it ran out)
-        line += (f"{z['ratio_eager']:>8.2f}x" if "ratio_eager" in z
-                 else f"{('OOM' if 'oom' in eager else 'error') if eager else '-':>9}")
+        # recompute 1 (records before it was measured have none); fp32 rows: the course against PyTorch eager,
+        # blank where only the course failed
+        line += cells(z["course_r1"], mfu=False) if "course_r1" in z else f"{'-':>14}{'':>6}"
+        eager = z.get("torch_eager")
+        line += (f"{z['ratio_eager']:>8.2f}x" if "ratio_eager" in z else f"{'-':>9}" if eager is None
+                 else f"{'':>9}" if "tokens_per_s" in eager else f"{failed(eager):>9}")
         mb = z.get("max_batch")
         if mb:
             line += "   " + ", ".join(str(mb.get(k, "-")) for k in ("course", "course, recompute 2", "PyTorch"))
@@ -473,8 +476,10 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, prec
                 y = fwd()
                 rows.append(row(name, fwd, lambda: torch.autograd.grad(y, (q, k, v), do, retain_graph=True),
                                 B * NH * T * 4))
-            except RuntimeError:  # this backend does not run this case (dtype, head size, device), either way
-                continue
+            except RuntimeError as e:   # a backend that does not run this case (dtype, head size, device) is left
+                if backend is None:     # out, and says so; PyTorch's own choice, the baseline, must run
+                    raise
+                print(f"  {name}: skipped ({str(e).splitlines()[0][:120]})", flush=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     return rows
@@ -614,7 +619,7 @@ def main(argv=None) -> int:
                    "default; max-autotune takes minutes to compile); the first also for the compiled fp32 and "
                    "the plain-vocabulary bf16 rows, and for --sizes")
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],
-                   help="the course rows (default both; with --sizes, bf16)")
+                   help="the course rows (default both; with --sizes and --only-attention, bf16)")
     p.add_argument("--profile", action="store_true", help="print a per-kernel table of one course step")
     p.add_argument("--attention", action="store_true", help="also time causal attention alone (bf16, the model's "
                    "shape: B, T, NH, hs): the cuBLAS path, the flash kernels, PyTorch's SDPA and each of its backends")

@@ -16,9 +16,9 @@ The parameters sit in one flat float32 buffer in the order the data moves (LLAMA
 Llama is GPT2 (llmc_lessons/model.py) with this config, layout, initialisation and two execution paths: the
 NumPy reference (LlamaNumpyPath), the fp32 kernels (LlamaKernelPath) and lesson 14's bf16 step
 (LlamaBf16KernelPath), with GPT-2's CUDA graphs. It has its own checkpoint header (LLAMA_MODEL_MAGIC), and
-generates with a key/value cache (KVCache). Its flash attention kernels (bf16, and TF32 on the fp32 path when TF32
-matmuls are on) read a group's key/value head directly; the fp32 path without TF32 copies the heads with repkv
-before lesson 5's attention kernels.
+generates with a key/value cache (KVCache). Its flash attention kernels (bf16, and TF32 on the fp32 path where
+Fp32KernelPath.flash_tf32 allows: TF32 matmuls on) read a group's key/value head directly; otherwise the fp32 path
+copies the heads with repkv before lesson 5's attention kernels.
 """
 from __future__ import annotations
 

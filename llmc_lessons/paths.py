@@ -8,7 +8,8 @@ gpt2_forward / gpt2_backward / gpt2_update:
     gradient check).
   * Fp32KernelPath: the layers' `*_cuda` launchers on backend arrays (llm.c's train_gpt2_fp32.cu): CUDA kernels
     through CuPy on a GPU, the same kernels through the CPU emulator otherwise. With cuBLAS's matmuls in TF32,
-    attention is lesson 13's TF32 flash attention (version 3); otherwise lesson 05's exact float32 attention.
+    attention is lesson 13's TF32 flash attention (version 3) for the head sizes it takes and unless a student's
+    softmax kernel asks for lesson 05's (flash_tf32); otherwise lesson 05's exact float32 attention.
   * Bf16KernelPath: the bf16 training step of lesson 14 (llm.c's train_gpt2.cu): bf16 activations and bf16
     copies of the weights, float32 master weights, gradients and AdamW moments.
 

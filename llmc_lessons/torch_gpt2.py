@@ -50,6 +50,13 @@ class Block(nn.Module):
         return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
 
 
+def with_loss(logits, targets, V: int):
+    """(logits (B, T, V or Vp), the mean cross-entropy over the V real tokens, or None without targets): the padded
+    columns never reach the loss."""
+    real = logits[..., :V]
+    return logits, None if targets is None else F.cross_entropy(real.float().reshape(-1, V), targets.view(-1))
+
+
 class TorchGPT2(nn.Module):
     """GPT-2 with a tied lm_head; flash=True uses scaled_dot_product_attention.
 
@@ -80,10 +87,7 @@ class TorchGPT2(nn.Module):
 
     def head(self, x, targets=None):
         """The final layernorm, the lm_head and the loss: (B, T, C) -> (logits, loss or None)."""
-        logits = self.lm_head(self.ln_f(x))
-        real = logits[..., :self.config.vocab_size]        # the padded columns never reach the loss
-        loss = None if targets is None else F.cross_entropy(real.float().reshape(-1, real.shape[-1]), targets.view(-1))
-        return logits, loss
+        return with_loss(self.lm_head(self.ln_f(x)), targets, self.config.vocab_size)
 
     def llmc_tensors(self) -> dict:
         """This model's tensors under llm.c's 16 names: a list per name, one tensor per layer where llm.c stacks."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from llmc_lessons.llama import LlamaConfig
 # the twins share the code between a twin and the course's layout: llmc_params and llmc_grads serve both
-from llmc_lessons.torch_gpt2 import TorchGPT2, copy_course_weights, llmc_grads, llmc_params  # noqa: F401
+from llmc_lessons.torch_gpt2 import TorchGPT2, copy_course_weights, llmc_grads, llmc_params, with_loss  # noqa: F401
 
 UNSTACKED = ("wte", "lnfw", "lm_head")
 
@@ -125,10 +125,7 @@ class TorchLlama(nn.Module):
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, self.table[:T])
-        logits = self.output(self.norm(x))
-        real = logits[..., :self.config.vocab_size]        # the padded columns never reach the loss
-        loss = None if targets is None else F.cross_entropy(real.float().reshape(-1, real.shape[-1]), targets.view(-1))
-        return logits, loss
+        return with_loss(self.output(self.norm(x)), targets, self.config.vocab_size)
 
     def llmc_tensors(self) -> dict:
         """{course name: (list of torch tensors per layer, each split into parts concatenated along rows)}."""

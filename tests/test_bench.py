@@ -205,6 +205,7 @@ def test_sizes_run_reports_out_of_memory_and_writes_its_record(monkeypatch, tmp_
     assert "OOM" in table.splitlines()[3] and "1.25x" in table.splitlines()[2]
     assert d12["course_r1"]["tokens_per_s"] == 950.0 * 16 and d12["course_r1"]["mfu"] < d12["course"]["mfu"]
     assert "15,200   0.5" in table.splitlines()[2]           # -r 1 (llm.c's default): its tokens/s and GiB
+    assert table.splitlines()[3].count("OOM") == 2           # d48: the course out of memory, at -r 1 too
     assert "torch_eager" not in d12                          # bf16 is measured against compiled PyTorch only
     fp32 = bench.bench_sizes(["d12", "d48"], 8, 2, 1, precisions=("fp32",), batch_size=8)
     d12, d48 = fp32["sizes"]

@@ -379,12 +379,13 @@ def test_bf16_kernels_registers_do_not_grow_with_the_group():
     """kv_head divides by GROUP with a multiply and a shift, which the block-wide (uniform) registers can do: the
     kernels of llama-124m (GROUP = 3) need no more registers a thread than GPT-2's (GROUP = 1). A division put the
     head's addresses in per-thread registers: 166-168 instead of 128 for the dq kernel (ptxas -v, sm_90). The
-    kernels' launch bounds cap the registers (128 a thread for 4 blocks of 128 threads), so beyond the cap the
-    growth shows as spills to local memory: both are compared."""
-    from llmc_lessons.layers.flash_attention import _bf16_kernel
+    kernels' launch bounds cap the registers (128 a thread for the forward and dq kernels, 4 blocks of 128 threads;
+    168 for the dk/dv kernel, 3 blocks), so beyond the cap the growth shows as spills to local memory: both are
+    compared."""
+    from llmc_lessons.layers.flash_attention import _flash_kernel
     for name in ("flash_attention_forward_bf16_kernel", "flash_attention_backward_dq_bf16_kernel",
                  "flash_attention_backward_dkdv_bf16_kernel"):
-        kernels = (_bf16_kernel(name, 64, group).compile()._compiled() for group in (1, 3))   # CuPy's RawKernel
+        kernels = (_flash_kernel(name, 64, group).compile()._compiled() for group in (1, 3))   # CuPy's RawKernel
         (gpt2, gpt2_local), (llama, llama_local) = ((k.attributes["num_regs"], k.attributes["local_size_bytes"])
                                                     for k in kernels)
         assert llama <= gpt2 + 4, f"{name}: {llama} registers a thread at GROUP = 3, {gpt2} at GROUP = 1"

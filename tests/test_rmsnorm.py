@@ -169,9 +169,12 @@ def test_backward_version_2_refuses_what_does_not_fit():
     rstd = to_device(np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match="version must be 1, 2 or None"):
         rmsnorm_backward_cuda(x, x, w, rstd, version=3)
-    with pytest.raises(ValueError, match="C % 4 == 0"):
+    with pytest.raises(ValueError, match=r"C % 4 == 0.*\(C = 10,"):
         x10 = to_device(np.ones((2, 3, 10), np.float32))
         rmsnorm_backward_cuda(x10, x10, to_device(np.ones(10, np.float32)), rstd, version=2)
+    with pytest.raises(ValueError, match=r"C <= 1024.*\(C = 1028,"):          # a multiple of 4, but too wide
+        x1028 = to_device(np.ones((2, 3, 1028), np.float32))
+        rmsnorm_backward_cuda(x1028, x1028, to_device(np.ones(1028, np.float32)), rstd, version=2)
     with pytest.raises(ValueError, match="16-byte aligned"):
         rmsnorm_backward_cuda(to_device(np.ones(2 * 3 * 12 + 1, np.float32))[1:].reshape(2, 3, 12), x, w, rstd,
                               version=2)

@@ -4,9 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from llmc_lessons import device
 from llmc_lessons.data import write_tokens
-from llmc_lessons.precision import tf32, tf32_enabled
 from llmc_lessons.train import DEFAULTS, NonFiniteError, Trainer, latest_checkpoint, learning_rate, main
 
 
@@ -275,14 +273,23 @@ def test_out_that_is_a_file_and_resume_without_a_checkpoint_are_clear_errors(tmp
     assert "no checkpoint (ckpt_<step>.npz) there to resume from" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not device.on_gpu(), reason="TF32 is a GPU setting (always off on a CPU)")
 def test_tf32_holds_during_the_trainers_work_only(token_files, tmp_path, monkeypatch):
     """--tf32 1 gives the run's matmuls TF32 and leaves the setting as it found it: a notebook's later cells (and
-    the next test) keep their float32 products."""
+    the next test) keep their float32 products. The switch is faked (on a CPU TF32 is always off), so what is
+    checked is when the trainer turns it on and back off."""
+    import llmc_lessons.precision as precision
     import llmc_lessons.train as train
-    seen = []
+    setting, seen = {"on": False}, []
+
+    def set_tf32(enabled):
+        previous, setting["on"] = setting["on"], bool(enabled)
+        return previous
+    monkeypatch.setattr(precision, "set_tf32", set_tf32)
     step = train.training_step
-    monkeypatch.setattr(train, "training_step", lambda *a, **k: (seen.append(tf32_enabled()), step(*a, **k))[1])
-    with tf32(False):
-        Trainer(make_args(token_files, tmp_path, steps=2, tf32=1)).run(progress=False)
-        assert seen == [True, True] and not tf32_enabled()
+    monkeypatch.setattr(train, "training_step", lambda *a, **k: (seen.append(setting["on"]), step(*a, **k))[1])
+    trainer = Trainer(make_args(token_files, tmp_path, steps=2, tf32=1, eval_every=1))
+    assert not setting["on"]                                  # building the trainer changes nothing
+    trainer.run(progress=False)
+    assert seen == [True, True] and not setting["on"]
+    Trainer(make_args(token_files, tmp_path / "off", steps=1, tf32=0)).run(progress=False)
+    assert seen[-1] is False

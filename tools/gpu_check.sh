@@ -126,7 +126,7 @@ except ImportError: print(\"torch missing\")"' ;;
                   --sizes d48,d36,d24,d12 --precision fp32 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-} ;;
     attention-profile) for precision in ${ATTENTION_PRECISIONS:-bf16 fp32}; do
              f=$(name profile attention $precision)
-             run attention-names-$precision "$f.log" python3 tools/profile_attention.py $precision
+             run attention-names-$precision "$f.log" timeout 120 python3 tools/profile_attention.py $precision
              run attention-ncu-$precision "$(name profile attention $precision-ncu).log" timeout 240 ncu --clock-control none \
                -k "regex:flash|fmha|cudnn|attn|sdpa" --launch-count 16 --section SpeedOfLight \
                --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \

@@ -5,8 +5,9 @@
         python tools/profile_attention.py bf16 1024 --launch-only
 
 Launches the course's flash attention forward and backward (bf16: version 2 of lesson 13; fp32: the TF32
-version), then PyTorch's scaled_dot_product_attention forward and backward as PyTorch picks its kernel, three
-times each, B = 16, NH = 12, hs = 64. Unless --launch-only (under ncu, which must not share the GPU's
+version), then PyTorch's scaled_dot_product_attention forward and backward as PyTorch picks its kernel, B = 16, NH = 12,
+hs = 64: once to compile, then three times under torch.profiler, or (--launch-only) once more and nothing
+else. Unless --launch-only (under ncu, which must not share the GPU's
 counters with torch.profiler) it prints what torch.profiler saw: each GPU kernel's
 name and mean time, which names the backend PyTorch chose (a cuDNN or FlashAttention kernel, built for which
 architecture) for bench.bench_attention's rows.

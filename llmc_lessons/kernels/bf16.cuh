@@ -133,7 +133,8 @@ __device__ __forceinline__ void store8f(float* p, const float* f) {
 
 // The rows row0, row0 + W, ..., row0 + (ROWS - 1) W of two (N, C) bf16 arrays a and b into the warp's registers,
 // packed: the lane's 16-byte pieces (lane + 32 i) * 8, i < CHUNKS (C a multiple of 8, at most CHUNKS * 256), every
-// load issued before any is used. A row at or past N is zeros. (The normalisation backwards: dout and inp.)
+// load issued before any is used. A row at or past N is zeros. (dout and inp in the normalisation backwards; the
+// residual stream and the added branch in the fused residual + normalisation forwards.)
 template <int ROWS, int CHUNKS>
 __device__ __forceinline__ void load_rows8(int4 raw_a[ROWS][CHUNKS], int4 raw_b[ROWS][CHUNKS], const bf16* a,
                                            const bf16* b, int row0, int W, int N, int C) {

@@ -154,7 +154,7 @@ flash_attention_forward_tf32_kernel(float* out,          // (B, T, NH HS)
     cp_async_commit();
     const float sl2 = LOG2E / sqrtf((float)HS);   // scores in base 2: exp(x / sqrt(HS)) = exp2(x * sl2)
     float o[HS / 8][4] = {}, m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
-    int tiles = min(T, (tile + 1) * FA_ROWS) / KT + (min(T, (tile + 1) * FA_ROWS) % KT != 0);  // keys <= last row
+    int tiles = CEIL_DIV(min(T, (tile + 1) * FA_ROWS), KT);  // keys <= last row
     for (int kt = 0; kt < tiles; kt++) {
         const float* Ks = S + 2 * (kt % 2) * TILE;
         const float* Vs = Ks + TILE;
@@ -166,7 +166,7 @@ flash_attention_forward_tf32_kernel(float* out,          // (B, T, NH HS)
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
-        if (kt * KT <= first + 15) {              // the whole tile lies after my 16 rows: nothing to add
+        if (kt * KT <= first + 15) {              // (else the whole tile lies after my 16 rows: nothing to add)
             float s[KT / 8][4];
             mma_rows<KT / 8>(s, qa, Ks);          // s (16 x 32) = q k^T
             bool diagonal = kt * KT + KT - 1 > first;
@@ -270,7 +270,7 @@ flash_attention_backward_dq_tf32_kernel(float* dqkv,          // (B, T, (NH + 2 
     float L2[2];
     dq_row_stats(D, L2, Dout + bhT, lse + bhT, row0, row1, T);
     float dq[HS / 8][4] = {};
-    int tiles = min(T, (tile + 1) * FA_ROWS) / KT + (min(T, (tile + 1) * FA_ROWS) % KT != 0);
+    int tiles = CEIL_DIV(min(T, (tile + 1) * FA_ROWS), KT);
     for (int kt = 0; kt < tiles; kt++) {
         const float* Ks = S + 2 * (kt % 2) * TILE;
         const float* Vs = Ks + TILE;
@@ -324,7 +324,7 @@ flash_attention_backward_dkdv_tf32_kernel(float* dqkv,          // (B, T, (NH + 
     load_a_frags(va, S + 2 * TILE + warp * 16 * S_LD);
     __syncthreads();
     // the steps: for each query head h of the group (in order), the query tiles from this key tile to the end
-    int qt0 = tile * FA_ROWS / KT, per_head = (T + KT - 1) / KT - qt0, steps = GROUP * per_head;
+    int qt0 = tile * FA_ROWS / KT, per_head = CEIL_DIV(T, KT) - qt0, steps = GROUP * per_head;
     auto stage = [&](int step) {                  // step's (q, dout, L, D) into buffer step % 2
         int buf = step % 2, h = kvh * GROUP + step / per_head, q0 = (qt0 + step % per_head) * KT;
         long long bhT = ((long long)b * NH + h) * T;
@@ -347,7 +347,7 @@ flash_attention_backward_dkdv_tf32_kernel(float* dqkv,          // (B, T, (NH + 
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
-        if (q0 + KT - 1 >= first) {               // the whole tile lies before my 16 keys: nothing to add
+        if (q0 + KT - 1 >= first) {               // (else the whole tile lies before my 16 keys: nothing to add)
             float st[KT / 8][4], dpt[KT / 8][4];  // s^T (my 16 keys x 32 queries) and dp^T
             mma_rows<KT / 8>(st, ka, Qs);         // s^T = k q^T
             mma_rows<KT / 8>(dpt, va, dOs);       // dp^T = v do^T

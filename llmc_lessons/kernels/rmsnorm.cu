@@ -17,7 +17,7 @@
 //   row of (R, C); rmsnorm_param_reduce_kernel adds them in order into dweight. No atomics: the same bits on
 //   every run.
 // rmsnorm_backward_kernel2 does both in one pass, a row per warp held in registers (C <= 1024, C % 4 == 0), as
-//   layernorm_backward_kernel2 (lesson 03): the launcher's default where it fits.
+//   layernorm_backward_kernel2 (lesson 12) does: the launcher's default where it fits.
 #include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def require_bf16_array(name: str, a, shape):
     """A bf16 array: its bits as uint16 (precision.to_bf16 or float_to_bf16_cuda make one from floats; casting
     with .astype(np.uint16) would keep the numbers' integer parts, not their bits), C-contiguous, 16-byte aligned."""
     dtype = getattr(a, "dtype", None)
-    if dtype is not None and dtype != np.uint16 and np.issubdtype(dtype, np.floating):
+    if dtype is not None and np.issubdtype(dtype, np.floating):
         raise TypeError(f"{name} must hold bf16 bits (dtype uint16), got {dtype}: convert it with "
                         f"float_to_bf16_cuda(...) (llmc_lessons.layers.bf16) or precision.to_bf16(...)")
     return require_aligned16(name, device.require_array(name, a, shape=shape, dtype=np.uint16))

@@ -130,7 +130,7 @@ def mma_bf16_16816_cuda(A, B, C):
     require_bf16_array("B", B, (16, 8))
     device.require_array("C", C, shape=(16, 8))
     D, regs = device.xp.empty((16, 8), np.float32), device.xp.empty((32, 4), np.float32)
-    _bf16_kernel("mma_bf16_16816_kernel", 64)((1,), (32,), (D, regs, A, B, C))
+    _flash_kernel("mma_bf16_16816_kernel", 64)((1,), (32,), (D, regs, A, B, C))
     return D, regs
 
 
@@ -154,9 +154,10 @@ def _tensor_core_kv_heads(NH, NKV, where) -> int:
     return NKV
 
 
-def _bf16_kernel(name, hs, group=1):
-    """The kernel compiled for head size hs and group = NH / NKV query heads per key/value head."""
-    return load_kernel("flash_attention.cu", name, (f"-DHS={hs}", f"-DGROUP={group}"))
+def _flash_kernel(name, hs, group=1, filename="flash_attention.cu"):
+    """The kernel of `filename` (version 2's, or flash_attention_tf32.cu's) compiled for head size hs and group =
+    NH / NKV query heads per key/value head."""
+    return load_kernel(filename, name, (f"-DHS={hs}", f"-DGROUP={group}"))
 
 
 def flash_attention_forward_bf16_cuda(qkv, NH, NKV=None):
@@ -167,7 +168,7 @@ def flash_attention_forward_bf16_cuda(qkv, NH, NKV=None):
     NH, xp = int(NH), device.xp
     out, lse = xp.empty((B, T, C), np.uint16), xp.empty((B, NH, T), np.float32)
     if B * T:
-        _bf16_kernel("flash_attention_forward_bf16_kernel", hs, NH // NKV)(
+        _flash_kernel("flash_attention_forward_bf16_kernel", hs, NH // NKV)(
             (-(-T // FA_ROWS), NH, B), (FA_THREADS,),
             (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV)))
     return out, lse
@@ -197,9 +198,9 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=
     partial = xp.empty((B * tiles, W), np.float32)
     if B * T:
         sizes = (np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV))
-        _bf16_kernel("flash_attention_backward_dq_bf16_kernel", hs, NH // NKV)(
+        _flash_kernel("flash_attention_backward_dq_bf16_kernel", hs, NH // NKV)(
             (tiles, NH, B), (FA_THREADS,), (dqkv, partial, D, dout, qkv, out, lse, *sizes))
-        _bf16_kernel("flash_attention_backward_dkdv_bf16_kernel", hs, NH // NKV)(   # a block per key/value head
+        _flash_kernel("flash_attention_backward_dkdv_bf16_kernel", hs, NH // NKV)(   # a block per key/value head
             (tiles, NKV, B), (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
         if dbias is not None:
             column_sum_add_cuda(dbias[:C], dbias[C:2 * C], dbias[2 * C:], partial)
@@ -211,7 +212,8 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=
 # matmuls are on). float32 in and out; each product rounds its inputs to TF32 and adds in float32. qkv may hold
 # fewer key/value heads (NKV, grouped-query attention): the kernels read a group's head where it is.
 
-TF32_HEAD_SIZES = tuple(range(8, 65, 8))   # hs is compiled in (-DHS): 8-wide k steps, tiles in 48 KiB of shared memory
+TF32_HEAD_SIZES = tuple(range(8, 65, 8))   # hs is compiled in (-DHS): 8-wide k steps, a head's fragments in registers
+TF32_FILE = "flash_attention_tf32.cu"
 
 
 def _check_tf32(qkv, NH, NKV, where):
@@ -220,13 +222,8 @@ def _check_tf32(qkv, NH, NKV, where):
     B, T, C, hs = _sizes(qkv, NH, where, NKV)
     if hs not in TF32_HEAD_SIZES:
         raise ValueError(f"{where}: head size hs = {hs} is not one of {TF32_HEAD_SIZES}: the TF32 kernels take "
-                         f"8 channels of a head per instruction and keep their tiles in 48 KiB of shared memory")
+                         f"8 channels of a head per instruction and hold a thread's fragments of a head in registers")
     return B, T, C, hs, int(NH), _tensor_core_kv_heads(NH, NKV, where)
-
-
-def _tf32_kernel(name, hs, group):
-    """The kernel compiled for head size hs and group = NH / NKV query heads per key/value head, as version 2's."""
-    return load_kernel("flash_attention_tf32.cu", name, (f"-DHS={hs}", f"-DGROUP={group}"))
 
 
 def flash_attention_forward_tf32_cuda(qkv, NH, NKV=None):
@@ -236,7 +233,7 @@ def flash_attention_forward_tf32_cuda(qkv, NH, NKV=None):
     xp = device.xp
     out, lse = xp.empty((B, T, C), np.float32), xp.empty((B, NH, T), np.float32)
     if B * T:
-        _tf32_kernel("flash_attention_forward_tf32_kernel", hs, NH // NKV)(
+        _flash_kernel("flash_attention_forward_tf32_kernel", hs, NH // NKV, TF32_FILE)(
             (-(-T // FA_ROWS), NH, B), (FA_THREADS,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH),
                                                        np.int32(NKV)))
     return out, lse
@@ -253,8 +250,8 @@ def flash_attention_backward_tf32_cuda(dout, qkv, out, lse, NH, NKV=None):
     dqkv, D = xp.empty(qkv.shape, np.float32), xp.empty((B, NH, T), np.float32)
     if B * T:
         sizes = (np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV))
-        _tf32_kernel("flash_attention_backward_dq_tf32_kernel", hs, NH // NKV)(
+        _flash_kernel("flash_attention_backward_dq_tf32_kernel", hs, NH // NKV, TF32_FILE)(
             (-(-T // FA_ROWS), NH, B), (FA_THREADS,), (dqkv, D, dout, qkv, out, lse, *sizes))
-        _tf32_kernel("flash_attention_backward_dkdv_tf32_kernel", hs, NH // NKV)(
+        _flash_kernel("flash_attention_backward_dkdv_tf32_kernel", hs, NH // NKV, TF32_FILE)(
             (-(-T // FA_ROWS), NKV, B), (FA_THREADS,), (dqkv, dout, qkv, lse, D, *sizes))
     return dqkv

@@ -106,6 +106,21 @@ def layernorm_forward_cuda(inp, weight, bias, block_size: int = 256, version: in
     return out, mean, rstd
 
 
+def row_kernel2_version(version, C: int, block_size: int, arrays, rows: bool = True):
+    """The version a float32 normalisation backward runs (this one, RMSNorm's), whose kernel 2 keeps a row per warp
+    in registers as float4s: None -> 2 where that fits (and there are rows), else 1; 2 where it does not fit -> a
+    ValueError that says why; any other value is returned for the caller to check."""
+    fits = (C % 4 == 0 and C <= 1024 and 4 * (block_size // 32) * C <= DEFAULT_SHARED_LIMIT
+            and all(device.address(a) % 16 == 0 for a in arrays))
+    if version is None:
+        return 2 if fits and rows else 1
+    if version == 2 and not fits:
+        raise ValueError(f"version 2 keeps a row in registers as float4s: it needs C % 4 == 0, C <= 1024, "
+                         f"16-byte aligned arrays and 4 * (block_size / 32) * C <= {DEFAULT_SHARED_LIMIT} bytes of "
+                         f"shared memory (C = {C}, block_size = {block_size}); use version=1")
+    return version
+
+
 def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256, param_block_size: int = 512,
                             version: int | None = None, max_blocks: int = 264):
     """(B, T, C), (B, T, C), (C,), (B, T), (B, T) -> dinp (B, T, C), dweight (C,), dbias (C,), fresh arrays.
@@ -129,15 +144,8 @@ def layernorm_backward_cuda(dout, inp, weight, mean, rstd, block_size: int = 256
     xp = device.xp
     N = B * T
     warps = block_size // 32
-    fits = (C % 4 == 0 and C <= 1024 and 4 * warps * C <= DEFAULT_SHARED_LIMIT
-            and all(device.address(a) % 16 == 0 for a in (dout, inp, weight)))
-    if version is None:
-        version = 2 if fits and N and C else 1
+    version = row_kernel2_version(version, C, block_size, (dout, inp, weight), rows=N * C > 0)
     if version == 2:
-        if not fits:
-            raise ValueError(f"version 2 keeps a row in registers as float4s: it needs C % 4 == 0, C <= 1024, "
-                             f"16-byte aligned arrays and 4 * (block_size / 32) * C <= {DEFAULT_SHARED_LIMIT} bytes of shared memory "
-                             f"(C = {C}, block_size = {block_size}); use version=1")
         if isinstance(max_blocks, bool) or not isinstance(max_blocks, (int, np.integer)) or max_blocks < 1:
             raise ValueError(f"max_blocks must be a positive int, got {max_blocks!r}")
         blocks = max(1, min(int(max_blocks), -(-N // warps)))

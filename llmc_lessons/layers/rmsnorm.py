@@ -18,10 +18,11 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.cuda import DEFAULT_SHARED_LIMIT, load_kernel
+from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.bf16 import (kernel_with_shared, launch_1d, require_aligned16, require_bf16_array,
                                       require_float_vector, require_multiple_of_8)
-from llmc_lessons.layers.layernorm import LAYERNORM_BACKWARD_BLOCKS, _check_shapes, column_sum_add_cuda, row_chunks
+from llmc_lessons.layers.layernorm import (LAYERNORM_BACKWARD_BLOCKS, _check_shapes, column_sum_add_cuda, row_chunks,
+                                          row_kernel2_version)
 from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
@@ -102,16 +103,9 @@ def rmsnorm_backward_cuda(dout, inp, weight, rstd, block_size: int = 256, param_
     param_block_size = device.require_block_size(param_block_size, name="param_block_size")
     xp = device.xp
     N, warps = B * T, block_size // 32
-    fits = (C % 4 == 0 and C <= 1024 and 4 * warps * C <= DEFAULT_SHARED_LIMIT
-            and all(device.address(a) % 16 == 0 for a in (dout, inp, weight)))
-    if version is None:
-        version = 2 if fits else 1
+    version = row_kernel2_version(version, C, block_size, (dout, inp, weight))
     if version not in (1, 2):
         raise ValueError(f"version must be 1, 2 or None, got {version!r}")
-    if version == 2 and not fits:
-        raise ValueError(f"version 2 keeps a row in registers as float4s: it needs C % 4 == 0, C <= 1024, "
-                         f"16-byte aligned arrays and 4 * (block_size / 32) * C <= {DEFAULT_SHARED_LIMIT} bytes of "
-                         f"shared memory (C = {C}, block_size = {block_size}); use version=1")
     blocks = max(1, min(device.require_int("max_blocks", max_blocks), -(-N // warps)))
     dinp = xp.empty((B, T, C), np.float32)
     dweight = xp.zeros((C,), np.float32)             # no rows: no gradient
