@@ -188,8 +188,17 @@ def bf16_case(B, T, NH, hs, seed):
     return qkv, dout, from_bf16(qkv).astype(np.float64)
 
 
-def rel(got, want):
-    return np.linalg.norm(got - want) / np.linalg.norm(want)
+def rel(got, want, floor=0.0):
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), floor)
+
+
+def check_dqkv(got, want, NH, NKV, hs, tol):
+    """dq, dk and dv of a (B, T, (NH + 2 NKV) hs) gradient, each within `tol` relative error of the float64 one. The
+    floor: dq and dk are 0 at T = 1 (one key: the softmax is constant)."""
+    C, KV, floor = NH * hs, NKV * hs, np.linalg.norm(want) / 10
+    for name, cols in (("dq", slice(0, C)), ("dk", slice(C, C + KV)), ("dv", slice(C + KV, None))):
+        e = rel(got[..., cols], want[..., cols], floor)
+        assert e < tol, f"{name}: relative error {e:.1e}"
 
 
 @pytest.mark.parametrize("B,T,NH,hs", BF16_SHAPES)
@@ -212,12 +221,7 @@ def test_bf16_tensor_core_kernels_match_lesson_05(B, T, NH, hs, poisoned_allocat
                                err_msg="dbias: the column sums of dqkv")
     want_d = attention_backward(from_bf16(dout).astype(np.float64), x, att, NH)
     assert not np.isnan(got_d).any(), "some gradients were never written"
-    C = NH * hs
-    scale = np.linalg.norm(want_d) / 10   # dq and dk are 0 at T = 1 (one key: the softmax is constant)
-    for i, name in enumerate(("dq", "dk", "dv")):
-        part, ref = got_d[..., i * C:(i + 1) * C], want_d[..., i * C:(i + 1) * C]
-        e = np.linalg.norm(part - ref) / max(np.linalg.norm(ref), scale)
-        assert e < 1e-2, f"{name}: relative error {e:.1e}"
+    check_dqkv(got_d, want_d, NH, NH, hs, 1e-2)
 
 
 @pytest.mark.skipif(not device.on_gpu(), reason="on a CPU both versions are the shuffle version")
@@ -287,11 +291,7 @@ def check_gqa_against_float64(B, T, NH, NKV, hs, seed):
     np.testing.assert_allclose(lse, ref_L, atol=2e-5, rtol=1e-5)
     want = attention_backward(from_bf16(dout).astype(np.float64), x, att, NH, NKV)
     got = from_bf16(dqkv).astype(np.float64)
-    scale = np.linalg.norm(want) / 10     # dq and dk are 0 at T = 1 (one key: the softmax is constant)
-    C, KV = NH * hs, NKV * hs
-    for name, cols in (("dq", slice(0, C)), ("dk", slice(C, C + KV)), ("dv", slice(C + KV, None))):
-        e = np.linalg.norm(got[..., cols] - want[..., cols]) / max(np.linalg.norm(want[..., cols]), scale)
-        assert e < 1e-2, f"{name}: relative error {e:.1e}"
+    check_dqkv(got, want, NH, NKV, hs, 1e-2)
 
 
 @pytest.mark.parametrize("hs", [16, 64])

@@ -19,6 +19,7 @@ from llmc_lessons.llama import Llama, LlamaConfig
 from llmc_lessons.model import GPT2
 from llmc_lessons.parameters import GPT2Config
 from llmc_lessons.precision import round_tf32
+from test_flash_attention import check_dqkv, rel
 
 
 def test_round_tf32_keeps_10_mantissa_bits_ties_away_from_zero():
@@ -54,10 +55,6 @@ def case(B, T, NH, NKV, hs, seed):
     return qkv, gen.standard_normal((B, T, NH * hs)).astype(np.float32)
 
 
-def rel(got, want, floor=0.0):
-    return np.linalg.norm(got - want) / max(np.linalg.norm(want), floor)
-
-
 # T in {1, 37, 130}: one key, a partial tile, several tiles with a partial last one; (NH, NKV): multi-head,
 # groups of 2, one key/value head for all (multi-query); hs in {8, 24, 64}
 SHAPES = [(1, 1, 3, 3, 8), (2, 37, 4, 2, 24), (1, 130, 6, 1, 64), (1, 130, 3, 3, 24), (2, 37, 6, 1, 8),
@@ -78,12 +75,7 @@ def test_tf32_kernels_match_the_float64_reference(B, T, NH, NKV, hs, poisoned_al
     np.testing.assert_allclose(to_host(lse), ref_L, atol=2e-2, rtol=2e-3)
     dqkv = to_host(flash_attention_backward_tf32_cuda(to_device(dout), to_device(qkv), out, lse, NH, NKV))
     assert dqkv.shape == qkv.shape and not np.isnan(dqkv).any(), "some gradients were never written"
-    want = attention_backward(dout.astype(np.float64), x, att, NH, NKV)
-    C, KV = NH * hs, NKV * hs
-    floor = np.linalg.norm(want) / 10    # dq and dk are 0 at T = 1 (one key: the softmax is constant)
-    for name, cols in (("dq", slice(0, C)), ("dk", slice(C, C + KV)), ("dv", slice(C + KV, None))):
-        e = rel(dqkv[..., cols], want[..., cols], floor)
-        assert e < 5e-3, f"{name}: relative error {e:.1e}"
+    check_dqkv(dqkv, attention_backward(dout.astype(np.float64), x, att, NH, NKV), NH, NKV, hs, 5e-3)
 
 
 def test_tf32_kernels_are_deterministic():
