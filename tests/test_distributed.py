@@ -239,7 +239,8 @@ def test_the_multigpu_benchmark_runs_on_the_cpu(tmp_path):
 
 
 def test_the_multigpu_benchmark_times_the_benchmarks_pytorch_step():
-    """Its PyTorch systems are llmc_lessons.bench's TorchStep (padded vocabulary), compiled with fused AdamW on a GPU."""
+    """Its PyTorch systems run in llmc_lessons.bench's TorchStep modes: compiled (with fused AdamW) on a GPU, eager
+    on the CPU."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("multigpu_bench", ROOT / "tools" / "multigpu_bench.py")
     tool = importlib.util.module_from_spec(spec)

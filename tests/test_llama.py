@@ -23,10 +23,11 @@ from llmc_lessons.sampling import generate
 SMALL = LlamaConfig(max_seq_len=16, vocab_size=37, padded_vocab_size=40, num_layers=2, num_heads=4, num_kv_heads=2,
                     channels=16, ffn_hidden=12)
 
+from test_model import check_padded_twin   # outside the try: an error there is not "PyTorch is missing"
+
 try:
     import torch
-    from llmc_lessons.torch_llama import UNSTACKED, from_course as torch_twin, llmc_grads, llmc_params
-    from test_model import check_padded_twin
+    from llmc_lessons.torch_llama import from_course as torch_twin, llmc_grads, llmc_params
 except ImportError:
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed: this test compares with it")
