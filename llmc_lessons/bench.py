@@ -409,7 +409,26 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision:
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             training_step(model, *batches[2], LR, WEIGHT_DECAY, GRAD_CLIP, 3)
     del model
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
+    from torch.autograd import DeviceType
+    kernels = [(e.key, e.self_device_time_total) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    total, shares = sum(us for _, us in kernels), kernel_shares(kernels)
+    return (prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
+            + f"\n{total / 1e3:.1f} ms of GPU time: "
+            + ", ".join(f"{group} {share:.0%}" for group, share in shares.items()))
+
+
+KERNEL_GROUPS = {"matmuls (cuBLAS)": ("gemm", "nvjet", "xmma", "cutlass", "splitkreduce"),
+                 "attention": ("flash", "attention", "softmax", "permute")}
+
+
+def kernel_shares(kernels) -> dict:
+    """(kernel name, GPU time) pairs -> {group: its share of the total time}, the groups of KERNEL_GROUPS (by a
+    lower-case part of the name) and 'other' for every kernel none of them names."""
+    total, shares = sum(t for _, t in kernels), dict.fromkeys([*KERNEL_GROUPS, "other"], 0.0)
+    for name, t in kernels:
+        group = next((g for g, parts in KERNEL_GROUPS.items() if any(p in name.lower() for p in parts)), "other")
+        shares[group] += t / total if total else 0.0
+    return shares
 
 
 SDPA_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")   # torch.nn.attention.SDPBackend

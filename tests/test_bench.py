@@ -5,8 +5,8 @@ import numpy as np
 
 import pytest
 
-from llmc_lessons.bench import (attention_table, flops_per_token, is_out_of_memory, kernel_table, largest_batch, main,
-                                ratio_rows, read_record, strongest)
+from llmc_lessons.bench import (attention_table, flops_per_token, is_out_of_memory, kernel_shares, kernel_table,
+                                largest_batch, main, ratio_rows, read_record, strongest)
 from llmc_lessons.parameters import GPT2Config
 
 
@@ -127,6 +127,19 @@ def test_kernel_table():
 
 class OutOfMemoryError(RuntimeError):
     """Named as CuPy's and PyTorch's errors are."""
+
+
+def test_kernel_shares_group_a_profile_by_kernel_name():
+    # names as torch.profiler reports them on an H200 (results/bench/bench-h200-2026-12-02-graphs.log)
+    kernels = [("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 50.0),
+               ("sm90_xmma_gemm_f32f32_tf32f32_f32_tn_n_tilesize128x128x32...", 10.0),
+               ("void cublasLt::splitKreduce_kernel<32, 16, int, float, fl...", 5.0),
+               ("flash_attention_backward_dkdv_bf16_kernel", 20.0), ("softmax_forward_kernel", 5.0),
+               ("layernorm_backward_bf16_kernel", 7.0), ("Memset (Device)", 3.0)]
+    shares = kernel_shares(kernels)
+    assert list(shares) == ["matmuls (cuBLAS)", "attention", "other"]
+    assert shares == pytest.approx({"matmuls (cuBLAS)": 0.65, "attention": 0.25, "other": 0.10})
+    assert kernel_shares([]) == {"matmuls (cuBLAS)": 0.0, "attention": 0.0, "other": 0.0}
 
 
 def test_largest_batch_doubles_then_bisects():

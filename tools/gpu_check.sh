@@ -6,7 +6,8 @@
 # data-parallel scaling of d12 and d24 against PyTorch's DDP and ZeRO-1 (lesson 17).
 #
 #   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval parts bench kernels memory train multigpu (default: all)
-#                                            and, on request: scale scale-fp32 llama llama-bench attention-profile
+#                                            and, on request: scale (= scale-baseline scale-sizes scale-attention)
+#                                            scale-fp32 llama llama-bench attention-profile
 #
 # llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
 # in LLAMA_PRECISION (default fp32, with TF32 matmuls; or bf16), trained for the same LLAMA_STEPS (default 250)
@@ -58,6 +59,10 @@ device=${DEVICE:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1
 device=${device:-gpu}
 day=$(date -u +%F)
 stages=${*:-env tests arch nbval parts bench kernels memory train multigpu}
+expanded=""   # scale names its three parts, which can also be asked for alone
+for s in $stages; do [ "$s" = scale ] && expanded+=" scale-baseline scale-sizes scale-attention" || expanded+=" $s"; done
+stages=$expanded
+
 export PYTHONUNBUFFERED=1 LLMC_DEVICE=gpu
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -112,13 +117,13 @@ except ImportError: print(\"torch missing\")"' ;;
              cp /tmp/runs/$precision/log.jsonl "$f.jsonl"
              cp /tmp/runs/$precision/summary.json "$f.summary.json"
            done ;;
-    scale) f=$(name bench baselines)
+    scale-baseline) f=$(name bench baselines)
            run scale-baseline "$f.log" timeout ${SCALE_BASELINE_S:-150} python3 -m llmc_lessons.bench --steps 10 \
-             --warmup 3 --compile-modes default max-autotune-no-cudagraphs max-autotune --json "$f.json"
-           f=$(name bench sizes)
+             --warmup 3 --compile-modes default max-autotune-no-cudagraphs max-autotune --json "$f.json" ;;
+    scale-sizes) f=$(name bench sizes)
            run scale-sizes "$f.log" timeout ${SCALE_SIZES_S:-290} python3 -m llmc_lessons.bench \
-             --sizes d48,d36,d24,d12 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-}
-           f=$(name bench attention)
+             --sizes d48,d36,d24,d12 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-} ;;
+    scale-attention) f=$(name bench attention)
            run scale-attention "$f.log" timeout 90 python3 -m llmc_lessons.bench --only-attention \
              --attention-seq-lens 1024 2048 --precision bf16 fp32 --json "$f.json" ;;
     scale-fp32) f=$(name bench sizes fp32)
