@@ -142,6 +142,7 @@ class RawKernel:
         self._module = _module
         self._impl = None
         self._applied_shared = 0   # the limit last passed to the GPU's copy of the kernel
+        self._thread_limit = None  # on a GPU: (most threads a block, registers a thread), asked once
 
     def _compiled(self):
         if self._impl is None:
@@ -202,6 +203,14 @@ class RawKernel:
             if wanted and wanted != self._applied_shared:   # a driver call (cuFuncSetAttribute): once per value
                 impl.max_dynamic_shared_size_bytes = wanted
                 self._applied_shared = wanted
+            threads = block[0] * block[1] * block[2]
+            if self._thread_limit is None:     # the registers a thread uses bound the threads of a block
+                self._thread_limit = _thread_limit(impl)
+            most, regs = self._thread_limit
+            if threads > most:
+                raise ValueError(f"{self.name} uses {regs} registers a thread, so a block of it has at most {most} "
+                                 f"threads on this GPU (a multiprocessor has 65,536 registers), got {threads}: "
+                                 f"launch smaller blocks")
             impl(grid, block, tuple(args), shared_mem=int(shared_mem))
             return traced if trace else None
         from llmc_lessons.cuda import emulator
@@ -212,6 +221,18 @@ class RawKernel:
             out = emulator.launch(impl, self.signature, grid, block, args, int(shared_mem), total_limit)
         if out:
             print(out, end="" if out.endswith("\n") else "\n")
+
+
+def _thread_limit(impl) -> tuple:
+    """(most threads a block, registers a thread) of a compiled GPU kernel; (1024, None) where the driver
+    does not say."""
+    import cupy
+    func = getattr(impl, "kernel", impl)            # a cupy.RawKernel holds its cupy.cuda.Function
+    if not hasattr(func, "ptr"):
+        return 1024, None
+    max_threads_per_block, num_regs = 0, 4          # the driver's CUfunction_attribute values
+    attr = cupy.cuda.driver.funcGetAttribute
+    return attr(max_threads_per_block, func.ptr), attr(num_regs, func.ptr)
 
 
 def _checked() -> bool:
