@@ -63,7 +63,7 @@ def _check_packages(r: Report) -> None:
             mod = importlib.import_module(name)
         except Exception as e:  # noqa: BLE001  (a broken install raises more than ImportError)
             r.line(name, f"MISSING ({type(e).__name__}: {e})")
-            r.todo(f'install the course\'s dependencies: pip install -e . (from the repository root)', fatal=True)
+            r.todo('install the course\'s dependencies: pip install -e . (from the repository root)', fatal=True)
         else:
             r.line(name, _version(mod))
     try:

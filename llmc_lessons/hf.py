@@ -98,7 +98,7 @@ def _check_shape(where: str, name: str, a: np.ndarray, want: tuple) -> None:
 def hf_to_llmc(tensors: dict, config: GPT2Config, where: str = WEIGHTS_FILE) -> dict:
     """{Hugging Face name: array} -> llm.c's 16 float32 tensors {name: array of parameter_shapes(config)[name]}."""
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    V, Vp, L = config.vocab_size, config.padded_vocab_size, config.num_layers
+    V, L = config.vocab_size, config.num_layers
     used = set()
 
     def get(key, want):
