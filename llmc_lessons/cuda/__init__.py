@@ -224,15 +224,13 @@ class RawKernel:
 
 
 def _thread_limit(impl) -> tuple:
-    """(most threads a block, registers a thread) of a compiled GPU kernel; (1024, None) where the driver
-    does not say."""
+    """(most threads a block, registers a thread) of a GPU kernel: a cupy.RawKernel, or the cupy.cuda.Function
+    of a RawModule."""
     import cupy
-    func = getattr(impl, "kernel", impl)            # a cupy.RawKernel holds its cupy.cuda.Function
-    if not hasattr(func, "ptr"):
-        return 1024, None
-    max_threads_per_block, num_regs = 0, 4          # the driver's CUfunction_attribute values
-    attr = cupy.cuda.driver.funcGetAttribute
-    return attr(max_threads_per_block, func.ptr), attr(num_regs, func.ptr)
+    func = impl.kernel if isinstance(impl, cupy.RawKernel) else impl     # the loaded function, with its handle
+    driver = cupy.cuda.driver
+    return (driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, func.ptr),
+            driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, func.ptr))
 
 
 def _checked() -> bool:
