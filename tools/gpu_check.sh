@@ -40,9 +40,12 @@
 # Compute's counters (where ncu runs) or the measured bandwidth (tools/memory_check.py; kernels/memory-*.md, .json).
 #
 # parts trains GPT-2 124M with the solutions' kernels (the student's parts) beside the package's, and prints the table.
-# nbval keeps the parts its notebooks' checks pass in a fresh folder, so lessons 10 and 11 build GPT-2 from them.
+# nbval keeps the parts its notebooks' checks pass in a fresh folder, so lessons 10 and 11 build GPT-2 from them;
+# it runs the lessons in order in one process (NBVAL_PATHS="-n 6 --dist loadfile solutions" is faster, but a later
+# lesson may then run before the parts it uses are kept).
 #
-# Narrower runs, when device time is short: TEST_ARGS (extra pytest arguments, e.g. --ignore=...),
+# Narrower runs, when device time is short: TEST_ARGS (extra pytest arguments, e.g. --ignore=...; TEST_WORKERS
+# the suite's processes, default 12),
 # NBVAL_PATHS (default: solutions), BENCH_ARGS (e.g. --attention), TRAIN_PRECISIONS (default: fp32 bf16),
 # MULTIGPU_MODELS (default: d12 d24), MULTIGPU_ARGS (e.g. --precisions bf16 --ranks 1 8).
 #
@@ -95,8 +98,12 @@ print(d.describe())
 try:
     import torch; print(\"torch\", torch.__version__, torch.version.cuda)
 except ImportError: print(\"torch missing\")"' ;;
+    # tests: across TEST_WORKERS processes (pytest-xdist), one test at a time (--dist load: by file, the student
+    # notebooks' test alone outlasted a 10-minute call), without the tests of the CI machine's setting (a fresh
+    # install from the package index, nbgrader, a browser), which an offline GPU machine cannot run
     tests) run tests "$(name tests tests).log" python3 -m pytest -q -p no:cacheprovider --durations=15 \
-             ${TEST_ARGS:-} tests ;;
+             -n ${TEST_WORKERS:-12} --dist load --ignore=tests/test_setup_cell.py --ignore=tests/test_nbgrader.py \
+             --ignore=tests/test_browser.py --ignore=tests/test_student_install.py ${TEST_ARGS:-} tests ;;
     arch) run arch "$(name tests arch).log" python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gpu_arch.py ;;
     nbval) rm -rf /tmp/llmc_parts-nbval
            run nbval "$(name tests nbval).log" env LLMC_PARTS=/tmp/llmc_parts-nbval python3 -m pytest -q \
