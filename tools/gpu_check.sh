@@ -98,9 +98,10 @@ print(d.describe())
 try:
     import torch; print(\"torch\", torch.__version__, torch.version.cuda)
 except ImportError: print(\"torch missing\")"' ;;
-    # tests: across TEST_WORKERS processes (pytest-xdist), one test at a time (--dist load: by file, the student
-    # notebooks' test alone outlasted a 10-minute call), without the tests of the CI machine's setting (a fresh
-    # install from the package index, nbgrader, a browser), which an offline GPU machine cannot run
+    # tests: across TEST_WORKERS processes (pytest-xdist), one test at a time (--dist load; by file, one worker runs
+    # every student notebook, and the suite did not finish within a 10-minute call), without the tests of the CI
+    # machine's setting (a fresh install from the package index, nbgrader, a browser), which a GPU machine offline
+    # cannot run
     tests) run tests "$(name tests tests).log" python3 -m pytest -q -p no:cacheprovider --durations=15 \
              -n ${TEST_WORKERS:-12} --dist load --ignore=tests/test_setup_cell.py --ignore=tests/test_nbgrader.py \
              --ignore=tests/test_browser.py --ignore=tests/test_student_install.py ${TEST_ARGS:-} tests ;;
