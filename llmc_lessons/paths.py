@@ -40,7 +40,7 @@ from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_for
 from llmc_lessons.layers.layernorm import (ROW_MAX_C, layernorm_backward, layernorm_backward_bf16_cuda,
                                            layernorm_backward_cuda, layernorm_forward, layernorm_forward_bf16_cuda,
                                            layernorm_forward_cuda, residual_layernorm_forward_bf16_cuda)
-from llmc_lessons.layers.matmul import (add_bias_bf16_cuda, matmul_backward, matmul_backward_cuda, matmul_forward,
+from llmc_lessons.layers.matmul import (linear_bf16, matmul_backward, matmul_backward_cuda, matmul_forward,
                                         matmul_forward_cuda)
 from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, point_views
 from llmc_lessons.parts import substituted
@@ -311,15 +311,18 @@ class Bf16KernelPath(Fp32KernelPath):
         ln, mean, rstd = layernorm_forward_bf16_cuda(residual, p["ln1w"][0], p["ln1b"][0], version=2)
         block_caches, level = [], recompute_level(model)
         for l in range(L):
-            qkv = linear(ln, w["qkvw"][l])                                           # (B, T, 3C), no bias
-            add_bias_bf16_cuda(qkv, p["qkvb"][l], out=qkv)
+            qkv = linear_bf16(ln, w["qkvw"][l], w["qkvb"][l])                        # the bias in the epilogue
             atty, lse = flash_attention_forward_bf16_cuda(qkv, NH)                   # on the tensor cores
             attproj = linear(atty, w["attprojw"][l])
             residual2, ln2, ln2_mean, ln2_rstd = residual_layernorm_forward_bf16_cuda(
                 residual, attproj, p["attprojb"][l], p["ln2w"][l], p["ln2b"][l])
             del attproj
-            fch = linear(ln2, w["fcw"][l])                                           # (B, T, 4C), no bias
-            fch_gelu = gelu_bias_forward_bf16_cuda(fch, p["fcb"][l])
+            if level == 0:    # the GELU in the product's epilogue too; fch gets its input, the bias added
+                fch = device.xp.empty((B, T_run, 4 * c.channels), np.uint16)
+                fch_gelu = linear_bf16(ln2, w["fcw"][l], w["fcb"][l], gelu_aux=fch)
+            else:             # the GELU kernel, which the backward runs again on the same fch
+                fch = linear_bf16(ln2, w["fcw"][l], w["fcb"][l])                     # (B, T, 4C), bias added
+                fch_gelu = gelu_bias_forward_bf16_cuda(fch, None)
             fcproj = linear(fch_gelu, w["fcprojw"][l])
             next_w, next_b = (p["ln1w"][l + 1], p["ln1b"][l + 1]) if l + 1 < L else (p["lnfw"], p["lnfb"])
             residual3, ln_next, mean_next, rstd_next = residual_layernorm_forward_bf16_cuda(
@@ -361,14 +364,14 @@ class Bf16KernelPath(Fp32KernelPath):
         for l in reversed(range(L)):
             a = cache["block_caches"][l]
             if a["fch_gelu"] is None:       # recomputed (model.recompute): the forward's kernels on the same inputs
-                a = dict(a, fch_gelu=gelu_bias_forward_bf16_cuda(a["fch"], p["fcb"][l]))
+                a = dict(a, fch_gelu=gelu_bias_forward_bf16_cuda(a["fch"], None))
             if a["ln1"] is None:            # the fused residual + layernorm's output, from the residual it stored
                 a = dict(a, ln1=layernorm_forward_bf16_cuda(a["x"], p["ln1w"][l], p["ln1b"][l], version=2)[0],
                          ln2=layernorm_forward_bf16_cuda(a["residual2"], p["ln2w"][l], p["ln2b"][l], version=2)[0])
             # residual3 = residual2 + fcproj: dres is also d loss / d fcproj
             dfch_gelu = linear_backward(dres_bf16, a["fch_gelu"], w["fcprojw"][l], g["fcprojw"][l])
             # the GELU backward adds the fc bias's gradient (the column sums of dfch) on the way
-            dfch = gelu_bias_backward_bf16_cuda(dfch_gelu, a["fch"], p["fcb"][l], g["fcb"][l], out=dfch_gelu)
+            dfch = gelu_bias_backward_bf16_cuda(dfch_gelu, a["fch"], None, g["fcb"][l], out=dfch_gelu)
             dln2 = linear_backward(dfch, a["ln2"], w["fcw"][l], g["fcw"][l])
             dres_bf16 = layernorm_backward_bf16_cuda(dres, dln2, a["residual2"], p["ln2w"][l], a["ln2_mean"],
                                                        a["ln2_rstd"], g["ln2w"][l], g["ln2b"][l], g["attprojb"][l])

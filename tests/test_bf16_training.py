@@ -19,7 +19,7 @@ from llmc_lessons.layers.gelu import (gelu_backward, gelu_bias_backward_bf16_cud
                                       gelu_forward)
 from llmc_lessons.layers.layernorm import (column_sum_add_cuda, layernorm_backward, layernorm_backward_bf16_cuda,
                                            layernorm_forward, residual_layernorm_forward_bf16_cuda)
-from llmc_lessons.layers.matmul import add_bias_bf16_cuda
+from llmc_lessons.layers.matmul import add_bias_bf16_cuda, linear_bf16
 from llmc_lessons.model import GPT2, GPT2Config
 from llmc_lessons.precision import from_bf16, stochastic_to_bf16, to_bf16
 from llmc_lessons.sampling import generate
@@ -167,6 +167,12 @@ def test_gelu_bias_forward_and_backward_bf16(shape, block, launch, in_place):
     want = start + wide(got).sum(axis=(0, 1))
     np.testing.assert_allclose(to_host(dbias), want, rtol=1e-5, atol=1e-5, err_msg="dbias")
     assert not to_host(zero_counters(1)).any()
+    # bias None: the product's epilogue added it already (linear_bf16), and x is the GELU's whole input
+    x0 = from_bf16(x).astype(np.float64)
+    close_bf16(gelu_bias_forward_bf16_cuda(to_device(x), None, block_size=block), gelu_forward(x0), "gelu(x)")
+    dbias = to_device(np.zeros(shape[-1], np.float32))
+    got = gelu_bias_backward_bf16_cuda(to_device(dout), to_device(x), None, dbias)
+    close_bf16(got, gelu_backward(from_bf16(dout).astype(np.float64), x0), "dinp, no bias")
 
 
 @pytest.mark.parametrize("shape,block,in_place", [((2, 3, 40), 32, False), ((1, 7, 264), 128, True)])
@@ -177,6 +183,32 @@ def test_add_bias_bf16(shape, block, in_place):
     got = add_bias_bf16_cuda(d_x, to_device(bias), out=d_x if in_place else None, block_size=block)
     assert (got is d_x) == in_place
     close_bf16(got, from_bf16(x).astype(np.float64) + bias, "x + bias")
+
+
+@pytest.mark.parametrize("B,T,C,OC", [(2, 7, 40, 24), (1, 13, 72, 264), (3, 5, 264, 40)])
+def test_linear_bf16_adds_the_bias_before_its_one_rounding(B, T, C, OC):
+    gen = np.random.default_rng(B * C + OC)
+    x, w, b = bits(gen, B, T, C), bits(gen, OC, C, scale=0.2), bits(gen, OC)
+    pre = from_bf16(x).astype(np.float64) @ from_bf16(w).astype(np.float64).T + from_bf16(b)
+    got = linear_bf16(to_device(x), to_device(w), to_device(b))
+    assert got.dtype == np.uint16 and got.shape == (B, T, OC)
+    close_bf16(got, pre, "x @ w^T + b")
+    aux = to_device(np.full((B, T, OC), 0x7FC0, np.uint16))           # NaN bits: every one must be written
+    act = linear_bf16(to_device(x), to_device(w), to_device(b), gelu_aux=aux)
+    close_bf16(aux, pre, "the GELU's input")
+    close_bf16(act, gelu_forward(pre), "gelu(x @ w^T + b)")
+
+
+def test_linear_bf16_refuses_bad_input():
+    x, w, b = (to_device(np.zeros(s, np.uint16)) for s in ((2, 3, 16), (8, 16), (8,)))
+    with pytest.raises(ValueError, match="shape"):
+        linear_bf16(x, to_device(np.zeros((8, 24), np.uint16)), b)
+    with pytest.raises(TypeError, match="dtype"):
+        linear_bf16(x, w, to_device(np.zeros(8, np.float32)))           # the bias in bf16, as the weights
+    with pytest.raises(ValueError, match="multiple of 8"):
+        linear_bf16(x, to_device(np.zeros((12, 16), np.uint16)), to_device(np.zeros(12, np.uint16)))
+    with pytest.raises(ValueError, match="shape"):
+        linear_bf16(x, w, b, gelu_aux=to_device(np.zeros((2, 3, 16), np.uint16)))
 
 
 @pytest.mark.parametrize("B,T,C,block,max_blocks", [(2, 7, 40, 64, 264), (3, 11, 264, 96, 2), (1, 5, 1024, 256, 1),

@@ -156,11 +156,16 @@ def gelu_forward_bf16_cuda(inp, block_size: int = 256, version: int = 1):
     return out
 
 
+def _bias_or_zeros(bias, OC: int):
+    """The bias, checked; None (the product's epilogue added it already) -> zeros."""
+    return device.xp.zeros(OC, np.float32) if bias is None else require_float_vector("bias", bias, OC)
+
+
 def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
-    """(B, T, OC) bf16 product, (OC,) float32 bias -> gelu(inp + bias) (B, T, OC) bf16."""
+    """(B, T, OC) bf16 product, (OC,) float32 bias or None -> gelu(inp + bias) (B, T, OC) bf16."""
     require_bf16_array("inp", inp, (None, None, None))
     OC = require_multiple_of_8("OC", inp.shape[-1])
-    require_float_vector("bias", bias, OC)
+    bias = _bias_or_zeros(bias, OC)
     out = device.xp.empty_like(inp)
     launch_1d("gelu.cu", "gelu_bias_forward_bf16_kernel", inp.size // 8, device.require_block_size(block_size),
               (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
@@ -169,7 +174,7 @@ def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
 
 def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns: int = 16, block_rows: int = 16,
                                  grid_rows: int | None = None):
-    """dout, inp (B, T, OC) bf16, bias (OC,) -> dinp = dout * gelu'(inp + bias) bf16 (out may be dout), and
+    """dout, inp (B, T, OC) bf16, bias (OC,) or None -> dinp = dout * gelu'(inp + bias) bf16 (out may be dout), and
     dbias (OC,) float32 += the column sums of dinp: the fc bias's gradient, in the same pass.
 
     Blocks of (block_columns, block_rows) threads, each thread 8 columns, so a block covers 8 * block_columns
@@ -178,7 +183,7 @@ def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns
     require_bf16_array("inp", inp, (None, None, None))
     OC = require_multiple_of_8("OC", inp.shape[-1])
     require_bf16_array("dout", dout, inp.shape)
-    require_float_vector("bias", bias, OC)
+    bias = _bias_or_zeros(bias, OC)
     device.require_array("dbias", dbias, shape=(OC,))
     out = device.xp.empty_like(inp) if out is None else require_bf16_array("out", out, inp.shape)
     N, groups, R, X, Y = column_groups(inp.size // OC, OC, block_columns, block_rows, grid_rows)

@@ -19,9 +19,11 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.cublas import gemm
+from llmc_lessons.cublas import gemm, gemm_bias_epilogue
 from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.bf16 import launch_1d, require_bf16_array, require_float_vector, require_multiple_of_8
+from llmc_lessons.layers.gelu import gelu_forward
+from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -235,3 +237,27 @@ def add_bias_bf16_cuda(inp, bias, out=None, block_size: int = 256):
     launch_1d("matmul.cu", "add_bias_bf16_kernel", inp.size // 8, device.require_block_size(block_size),
               (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
     return out
+
+
+def linear_bf16(inp, weight, bias, gelu_aux=None):
+    """inp (B, T, C) bf16 @ weight (OC, C)^T bf16 + bias (OC,) bf16 -> (B, T, OC) bf16, the bias added to the
+    float32 sums before their one rounding: on a GPU one cuBLASLt product with a bias epilogue, in place of a
+    product and add_bias_bf16_cuda. With gelu_aux (B, T, OC) bf16, it receives that result (the GELU's input, which
+    the backward needs) and the return value is its GELU, tanh form, rounded once from float32: the epilogue
+    GELU_AUX_BIAS, in place of a product and gelu_bias_forward_bf16_cuda. On a CPU: the same numbers in NumPy."""
+    require_bf16_array("inp", inp, (None, None, None))
+    B, T, C = inp.shape
+    device.require_array("weight", weight, shape=(None, C), dtype=np.uint16)
+    OC = require_multiple_of_8("OC", weight.shape[0])
+    device.require_array("bias", bias, shape=(OC,), dtype=np.uint16)
+    if gelu_aux is not None:
+        require_bf16_array("gelu_aux", gelu_aux, (B, T, OC))
+    x = inp.reshape(B * T, C)
+    if device.on_gpu():
+        aux = None if gelu_aux is None else gelu_aux.reshape(B * T, OC)
+        return gemm_bias_epilogue(x, weight, bias, gelu_aux=aux).reshape(B, T, OC)
+    pre = gemm(x, weight, trans_b=True, out_dtype=np.float32) + from_bf16(bias)
+    if gelu_aux is not None:
+        gelu_aux[...] = to_bf16(pre).reshape(B, T, OC)
+        pre = gelu_forward(pre)
+    return to_bf16(pre).reshape(B, T, OC)
