@@ -7,7 +7,7 @@
 #
 #   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval parts bench kernels memory train multigpu (default: all)
 #                                            and, on request: scale (= scale-baseline scale-sizes scale-attention)
-#                                            scale-fp32 llama llama-bench attention-profile
+#                                            scale-fp32 llama llama-bench attention-profile epilogue
 #
 # llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
 # in LLAMA_PRECISION (default fp32, with TF32 matmuls; or bf16), trained for the same LLAMA_STEPS (default 250)
@@ -27,6 +27,8 @@
 # and writes its JSON after every row, so a part cut short keeps what it measured (the max-autotune rows, last,
 # need minutes of compilation: SCALE_BASELINE_S=600 when there is time); SCALE_ARGS adds arguments to the sizes
 # run. The sizes are timed in bf16 with the course also at recompute 1 (llm.c's default).
+# epilogue (this line of commits only): the tests of the bf16 step with its cuBLASLt epilogues on the GPU, then the
+# bf16 step against PyTorch with its profile (compare with main's step timed in the same session).
 # scale-fp32 (not in the default; stopped at SCALE_SIZES_S seconds): every size in fp32 (TF32 matmuls and TF32
 # flash attention) against PyTorch's compiled fp32 step and its eager one (the fp32 target's baseline), to
 # bench/sizes-<device>-<date>-fp32.json (SCALE_ARGS adds arguments).
@@ -134,6 +136,11 @@ except ImportError: print(\"torch missing\")"' ;;
     scale-attention) f=$(name bench attention)
            run scale-attention "$f.log" timeout 90 python3 -m llmc_lessons.bench --only-attention \
              --attention-seq-lens 1024 2048 --precision bf16 fp32 --json "$f.json" ;;
+    epilogue) run epilogue-tests "$(name tests tests epilogue).log" python3 -m pytest -q -p no:cacheprovider -n 4 \
+                tests/test_bf16_training.py tests/test_recompute.py tests/test_cuda_graph.py tests/test_model.py
+              f=$(name bench bench epilogue)
+              run epilogue-step "$f.log" python3 -m llmc_lessons.bench --precision bf16 --padded-only --profile \
+                --json "$f.json" ;;
     scale-fp32) f=$(name bench sizes fp32)
                 run scale-sizes-fp32 "$f.log" timeout ${SCALE_SIZES_S:-290} python3 -m llmc_lessons.bench \
                   --sizes d48,d36,d24,d12 --precision fp32 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-} ;;
