@@ -397,7 +397,7 @@ def bench_sizes(sizes, T: int, steps: int, warmup: int, precisions=("bf16",), ba
 
 def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision: str = "fp32") -> str:
     """Per-kernel CUDA time of one course training step (after two warm-up steps), via torch.profiler."""
-    import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     _free_gpu_memory()
     model = model_class(config)(config, seed=0, backend="kernels", precision=precision)
@@ -409,26 +409,28 @@ def profile_course(config: GPT2Config, B: int, T: int, top: int = 25, precision:
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             training_step(model, *batches[2], LR, WEIGHT_DECAY, GRAD_CLIP, 3)
     del model
-    from torch.autograd import DeviceType
-    kernels = [(e.key, e.self_device_time_total) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    total, shares = sum(us for _, us in kernels), kernel_shares(kernels)
-    return (prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
+    events = prof.key_averages()
+    total, shares = kernel_shares([(e.key, e.self_device_time_total) for e in events
+                                   if e.device_type == DeviceType.CUDA])
+    return (events.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
             + f"\n{total / 1e3:.1f} ms of GPU time: "
             + ", ".join(f"{group} {share:.0%}" for group, share in shares.items()))
 
 
 KERNEL_GROUPS = {"matmuls (cuBLAS)": ("gemm", "nvjet", "xmma", "cutlass", "splitkreduce"),
-                 "attention": ("flash", "attention", "softmax", "permute")}
+                 "attention": ("flash", "attention", "softmax", "permute", "heads")}
+"""Kernel groups by a lower-case part of the name. With the flash kernels (both course precisions today) attention
+is all its own kernels; on lesson 05's path its T x T products are cuBLAS's and count as matmuls."""
 
 
-def kernel_shares(kernels) -> dict:
-    """(kernel name, GPU time) pairs -> {group: its share of the total time}, the groups of KERNEL_GROUPS (by a
-    lower-case part of the name) and 'other' for every kernel none of them names."""
+def kernel_shares(kernels) -> tuple:
+    """(kernel name, GPU time) pairs -> (their total time, {group: its share of that}), the groups of KERNEL_GROUPS
+    and 'other' for every kernel none of them names."""
     total, shares = sum(t for _, t in kernels), dict.fromkeys([*KERNEL_GROUPS, "other"], 0.0)
     for name, t in kernels:
         group = next((g for g, parts in KERNEL_GROUPS.items() if any(p in name.lower() for p in parts)), "other")
         shares[group] += t / total if total else 0.0
-    return shares
+    return total, shares
 
 
 SDPA_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")   # torch.nn.attention.SDPBackend

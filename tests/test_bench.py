@@ -136,10 +136,11 @@ def test_kernel_shares_group_a_profile_by_kernel_name():
                ("void cublasLt::splitKreduce_kernel<32, 16, int, float, fl...", 5.0),
                ("flash_attention_backward_dkdv_bf16_kernel", 20.0), ("softmax_forward_kernel", 5.0),
                ("layernorm_backward_bf16_kernel", 7.0), ("Memset (Device)", 3.0)]
-    shares = kernel_shares(kernels)
-    assert list(shares) == ["matmuls (cuBLAS)", "attention", "other"]
+    total, shares = kernel_shares(kernels)
+    assert total == 100.0 and list(shares) == ["matmuls (cuBLAS)", "attention", "other"]
     assert shares == pytest.approx({"matmuls (cuBLAS)": 0.65, "attention": 0.25, "other": 0.10})
-    assert kernel_shares([]) == {"matmuls (cuBLAS)": 0.0, "attention": 0.0, "other": 0.0}
+    assert kernel_shares([("split_heads_bf16_kernel", 1.0)])[1]["attention"] == 1.0
+    assert kernel_shares([]) == (0, {"matmuls (cuBLAS)": 0.0, "attention": 0.0, "other": 0.0})
 
 
 def test_largest_batch_doubles_then_bisects():

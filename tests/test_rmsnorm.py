@@ -425,11 +425,16 @@ def test_bf16_backward_launch_shapes_agree():
 
 
 @pytest.mark.skipif(not device.on_gpu(), reason="the emulator has no registers to run out of")
-def test_a_block_too_big_for_the_kernels_registers_is_a_clear_error():
-    # the kernel holds two rows in registers (128 a thread on sm_90): 1024 threads need more than a multiprocessor has
-    with pytest.raises(ValueError, match=r"registers a thread, so a block of it has at most \d+ threads"):
-        _bf16_backward(300, 776, 5, block_size=1024)
-    _bf16_backward(300, 776, 5, block_size=256)       # and the kernel still runs after the refusal
+def test_a_block_bigger_than_the_compiled_kernel_takes_is_a_clear_error():
+    """The kernel holds two rows a warp in registers; the most threads a block of it takes, as compiled for this GPU,
+    is read after a first launch (C = 264 keeps the shared memory of every block size below its limit)."""
+    _bf16_backward(300, 264, 5, block_size=256)
+    most, regs = load_kernel("rmsnorm.cu", "rmsnorm_backward_bf16_kernel")._thread_limit
+    if most == 1024:
+        pytest.skip(f"compiled for this GPU the kernel takes 1024 threads a block ({regs} registers a thread)")
+    with pytest.raises(ValueError, match=rf"takes at most {most} threads a block on this GPU \(its {regs} registers"):
+        _bf16_backward(300, 264, 5, block_size=most + 32)
+    _bf16_backward(300, 264, 5, block_size=most)      # the most it takes runs, after the refusal too
 
 
 def test_bf16_launchers_reject_bad_input():

@@ -63,7 +63,12 @@ device=${device:-gpu}
 day=$(date -u +%F)
 stages=${*:-env tests arch nbval parts bench kernels memory train multigpu}
 expanded=""   # scale names its three parts, which can also be asked for alone
-for s in $stages; do [ "$s" = scale ] && expanded+=" scale-baseline scale-sizes scale-attention" || expanded+=" $s"; done
+for s in $stages; do
+  case $s in
+    scale) expanded+=" scale-baseline scale-sizes scale-attention" ;;
+    *) expanded+=" $s" ;;
+  esac
+done
 stages=$expanded
 
 export PYTHONUNBUFFERED=1 LLMC_DEVICE=gpu
@@ -99,9 +104,9 @@ try:
     import torch; print(\"torch\", torch.__version__, torch.version.cuda)
 except ImportError: print(\"torch missing\")"' ;;
     # tests: across TEST_WORKERS processes (pytest-xdist), one test at a time (--dist load; by file, one worker runs
-    # every student notebook, and the suite did not finish within a 10-minute call), without the tests of the CI
-    # machine's setting (a fresh install from the package index, nbgrader, a browser), which a GPU machine offline
-    # cannot run
+    # every student notebook, and the suite did not finish within a 10-minute call), without the four files about
+    # installing the course (the setup cell in a fresh environment, what a student's install holds, nbgrader, a
+    # browser): the GPU runs have left them to the CPU CI, whose machine is set up as a student's
     tests) run tests "$(name tests tests).log" python3 -m pytest -q -p no:cacheprovider --durations=15 \
              -n ${TEST_WORKERS:-12} --dist load --ignore=tests/test_setup_cell.py --ignore=tests/test_nbgrader.py \
              --ignore=tests/test_browser.py --ignore=tests/test_student_install.py ${TEST_ARGS:-} tests ;;
@@ -126,14 +131,15 @@ except ImportError: print(\"torch missing\")"' ;;
              cp /tmp/runs/$precision/summary.json "$f.summary.json"
            done ;;
     scale-baseline) f=$(name bench baselines)
-           run scale-baseline "$f.log" timeout ${SCALE_BASELINE_S:-150} python3 -m llmc_lessons.bench --steps 10 \
-             --warmup 3 --compile-modes default max-autotune-no-cudagraphs max-autotune --json "$f.json" ;;
+                    run scale-baseline "$f.log" timeout ${SCALE_BASELINE_S:-150} python3 -m llmc_lessons.bench \
+                      --steps 10 --warmup 3 --compile-modes default max-autotune-no-cudagraphs max-autotune \
+                      --json "$f.json" ;;
     scale-sizes) f=$(name bench sizes)
-           run scale-sizes "$f.log" timeout ${SCALE_SIZES_S:-290} python3 -m llmc_lessons.bench \
-             --sizes d48,d36,d24,d12 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-} ;;
+                 run scale-sizes "$f.log" timeout ${SCALE_SIZES_S:-290} python3 -m llmc_lessons.bench \
+                   --sizes d48,d36,d24,d12 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-} ;;
     scale-attention) f=$(name bench attention)
-           run scale-attention "$f.log" timeout 90 python3 -m llmc_lessons.bench --only-attention \
-             --attention-seq-lens 1024 2048 --precision bf16 fp32 --json "$f.json" ;;
+                     run scale-attention "$f.log" timeout 90 python3 -m llmc_lessons.bench --only-attention \
+                       --attention-seq-lens 1024 2048 --precision bf16 fp32 --json "$f.json" ;;
     scale-fp32) f=$(name bench sizes fp32)
                 run scale-sizes-fp32 "$f.log" timeout ${SCALE_SIZES_S:-290} python3 -m llmc_lessons.bench \
                   --sizes d48,d36,d24,d12 --precision fp32 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-} ;;

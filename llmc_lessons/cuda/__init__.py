@@ -204,13 +204,13 @@ class RawKernel:
                 impl.max_dynamic_shared_size_bytes = wanted
                 self._applied_shared = wanted
             threads = block[0] * block[1] * block[2]
-            if self._thread_limit is None:     # the registers a thread uses bound the threads of a block
+            if self._thread_limit is None:     # its registers (and any __launch_bounds__) bound a block's threads
                 self._thread_limit = _thread_limit(impl)
             most, regs = self._thread_limit
             if threads > most:
-                raise ValueError(f"{self.name} uses {regs} registers a thread, so a block of it has at most {most} "
-                                 f"threads on this GPU (a multiprocessor has 65,536 registers), got {threads}: "
-                                 f"launch smaller blocks")
+                raise ValueError(f"{self.name} takes at most {most} threads a block on this GPU (its {regs} registers "
+                                 f"a thread, of a multiprocessor's 65,536, and any __launch_bounds__ set that), got "
+                                 f"{threads}: launch smaller blocks")
             impl(grid, block, tuple(args), shared_mem=int(shared_mem))
             return traced if trace else None
         from llmc_lessons.cuda import emulator
