@@ -119,6 +119,7 @@ CUBLASLT_MATMUL_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSB, CUBLASLT_MATMUL_DESC_E
 CUBLASLT_MATMUL_DESC_BIAS_POINTER, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER = 8, 11
 CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = 12, 26
 CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1
+CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_BYTES = (5, 6, 7, 8)   # of A, B, C, D: the search assumes 256 unless told
 
 
 def gemm_bias_epilogue(x, weight, bias, out=None, gelu_aux=None):
@@ -135,10 +136,14 @@ def gemm_bias_epilogue(x, weight, bias, out=None, gelu_aux=None):
         device.require_array("gelu_aux", gelu_aux, shape=(M, N), dtype=np.uint16)
     if N % 8:
         raise ValueError(f"the epilogue's rows (N = {N}) must be a multiple of 8")
-    _announce("cublasLt gemm + epilogue")
     if not (M and N and K):
         raise ValueError(f"gemm_bias_epilogue needs M, N, K > 0, got {M}, {N}, {K}")
-    lib, handle, (layouts, pref) = _lt_library(), _lt["handle"], _lt_layouts(M, N, K)
+    for name, a in (("x", x), ("weight", weight), ("bias", bias), ("out", out), ("gelu_aux", gelu_aux)):
+        if a is not None and a.data.ptr % 16:
+            raise ValueError(f"{name} must start on a 16-byte boundary for cuBLASLt's epilogues")
+    _announce("cublasLt gemm + epilogue")
+    align = tuple(_alignment(a.data.ptr) for a in (weight, x, out, out))    # A, B, C, D
+    lib, handle, (layouts, pref) = _lt_library(), _lt["handle"], _lt_layouts(M, N, K, align)
     desc = ctypes.c_void_p()
     _check("cublasLtMatmulDescCreate", lib.cublasLtMatmulDescCreate(ctypes.byref(desc), CUBLAS_COMPUTE_32F,
                                                                        CUDA_R_32F))
@@ -209,10 +214,16 @@ def _lt_library():
     return _lt["lib"]
 
 
-def _lt_layouts(M: int, N: int, K: int) -> tuple:
+def _alignment(ptr: int) -> int:
+    """The largest power of two up to 256 that divides a device address."""
+    return min(256, ptr & -ptr)
+
+
+def _lt_layouts(M: int, N: int, K: int, align: tuple) -> tuple:
     """((A, B, D) matrix layouts, search preference) of a bf16 product out (M, N) = x (M, K) @ weight (N, K)^T in
-    cuBLASLt's column-major terms, made once per shape and kept (the process's few shapes)."""
-    key = (M, N, K)
+    cuBLASLt's column-major terms, the preference telling the search how A, B, C and D are aligned (a weight is a
+    view into the flat parameters), made once per shape and alignment and kept (the process's few)."""
+    key = (M, N, K, align)
     if key not in _lt["shapes"]:
         lib = _lt["lib"]
 
@@ -225,6 +236,10 @@ def _lt_layouts(M: int, N: int, K: int) -> tuple:
         _check("cublasLtMatmulPreferenceCreate", lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)))
         _check("cublasLtMatmulPreferenceSetAttribute", lib.cublasLtMatmulPreferenceSetAttribute(
             pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, ctypes.byref(ws), ctypes.sizeof(ws)))
+        for attribute, value in zip(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_BYTES, align):
+            v = ctypes.c_uint32(value)
+            _check("cublasLtMatmulPreferenceSetAttribute", lib.cublasLtMatmulPreferenceSetAttribute(
+                pref, attribute, ctypes.byref(v), ctypes.sizeof(v)))
         _lt["shapes"][key] = ((layout(K, N), layout(K, M), layout(N, M)), pref)
     return _lt["shapes"][key]
 

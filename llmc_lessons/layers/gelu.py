@@ -156,9 +156,18 @@ def gelu_forward_bf16_cuda(inp, block_size: int = 256, version: int = 1):
     return out
 
 
+_zeros = {}   # (backend, OC) -> a zero bias, made once
+
+
 def _bias_or_zeros(bias, OC: int):
-    """The bias, checked; None (the product's epilogue added it already) -> zeros."""
-    return device.xp.zeros(OC, np.float32) if bias is None else require_float_vector("bias", bias, OC)
+    """The bias, checked; None (the product's epilogue added it already) -> zeros, one kept array per width (no
+    allocation or memset in a step)."""
+    if bias is not None:
+        return require_float_vector("bias", bias, OC)
+    key = (device.xp.__name__, OC)
+    if key not in _zeros:
+        _zeros[key] = device.xp.zeros(OC, np.float32)
+    return _zeros[key]
 
 
 def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
