@@ -114,7 +114,7 @@ def gemm_batched(a, b, trans_a: bool = False, trans_b: bool = False, out=None, o
 
 
 # cuBLASLt (the library under cuBLAS's products, with epilogues): the values of its enums that the course uses
-CUBLASLT_EPILOGUE_BIAS, CUBLASLT_EPILOGUE_GELU_AUX_BIAS = 4, 164
+CUBLASLT_EPILOGUE_BIAS, CUBLASLT_EPILOGUE_GELU_AUX_BIAS, CUBLASLT_EPILOGUE_DGELU = 4, 164, 192
 CUBLASLT_MATMUL_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSB, CUBLASLT_MATMUL_DESC_EPILOGUE = 3, 4, 7
 CUBLASLT_MATMUL_DESC_BIAS_POINTER, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER = 8, 11
 CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = 12, 26
@@ -122,28 +122,34 @@ CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1
 CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_BYTES = (5, 6, 7, 8)   # of A, B, C, D: the search assumes 256 unless told
 
 
-def gemm_bias_epilogue(x, weight, bias, out=None, gelu_aux=None):
-    """GPU only (layers/matmul.py's linear_bf16 is the call that also runs on a CPU): out (M, N) bf16 =
-    x (M, K) bf16 @ weight (N, K)^T bf16 + bias (N,) bf16 in one cuBLASLt product, the bias added to the float32
-    sums before their one rounding (epilogue BIAS). With gelu_aux (M, N) bf16: gelu_aux gets that sum and out its
-    GELU, tanh form (epilogue GELU_AUX_BIAS), as llm.c's matmul_cublaslt."""
-    M, N, K = _operands(x, weight, False, True, batched=False)
+def gemm_epilogue(x, weight, trans_b: bool, bias=None, aux=None, dgelu: bool = False, out=None):
+    """GPU only (layers/matmul.py's linear_bf16 and linear_dgelu_bf16 are the calls that also run on a CPU): one
+    cuBLASLt product of bf16 operands, out (M, N) bf16 = x (M, K) @ op(weight), op(weight) = weight^T for weight
+    (N, K) with trans_b, else weight (K, N), then its epilogue on the float32 sums before their one rounding, as
+    llm.c's matmul_cublaslt:
+      bias (N,) bf16:              + bias                                    (epilogue BIAS)
+      bias and aux (M, N) bf16:    aux = that sum, out = its GELU, tanh form  (GELU_AUX_BIAS)
+      dgelu and aux:               out = the product * gelu'(aux)            (DGELU: the GELU's backward)"""
+    M, N, K = _operands(x, weight, False, trans_b, batched=False)
     if x.dtype != np.uint16:
-        raise TypeError("gemm_bias_epilogue takes bf16 (uint16) operands")
-    device.require_array("bias", bias, shape=(N,), dtype=np.uint16)
+        raise TypeError("gemm_epilogue takes bf16 (uint16) operands")
+    if dgelu == (bias is not None) or (dgelu and aux is None):
+        raise ValueError("gemm_epilogue: a bias (with or without aux), or dgelu with aux")
+    if bias is not None:
+        device.require_array("bias", bias, shape=(N,), dtype=np.uint16)
+    if aux is not None:
+        device.require_array("aux", aux, shape=(M, N), dtype=np.uint16)
     out = _output(out, (M, N), False, np.uint16, np.uint16)
-    if gelu_aux is not None:
-        device.require_array("gelu_aux", gelu_aux, shape=(M, N), dtype=np.uint16)
     if N % 8:
         raise ValueError(f"the epilogue's rows (N = {N}) must be a multiple of 8")
     if not (M and N and K):
-        raise ValueError(f"gemm_bias_epilogue needs M, N, K > 0, got {M}, {N}, {K}")
-    for name, a in (("x", x), ("weight", weight), ("bias", bias), ("out", out), ("gelu_aux", gelu_aux)):
+        raise ValueError(f"gemm_epilogue needs M, N, K > 0, got {M}, {N}, {K}")
+    for name, a in (("x", x), ("weight", weight), ("bias", bias), ("out", out), ("aux", aux)):
         if a is not None and a.data.ptr % 16:
             raise ValueError(f"{name} must start on a 16-byte boundary for cuBLASLt's epilogues")
     _announce("cublasLt gemm + epilogue")
     align = tuple(_alignment(a.data.ptr) for a in (weight, x, out, out))    # A, B, C, D
-    lib, handle, (layouts, pref) = _lt_library(), _lt["handle"], _lt_layouts(M, N, K, align)
+    lib, handle, (layouts, pref) = _lt_library(), _lt["handle"], _lt_layouts(M, N, K, trans_b, align)
     desc = ctypes.c_void_p()
     _check("cublasLtMatmulDescCreate", lib.cublasLtMatmulDescCreate(ctypes.byref(desc), CUBLAS_COMPUTE_32F,
                                                                        CUDA_R_32F))
@@ -152,15 +158,17 @@ def gemm_bias_epilogue(x, weight, bias, out=None, gelu_aux=None):
             v = ctype(value)
             _check("cublasLtMatmulDescSetAttribute",
                    lib.cublasLtMatmulDescSetAttribute(desc, name, ctypes.byref(v), ctypes.sizeof(v)))
-        # column-major: out^T (N, M) = weight (as (K, N), transposed) @ x^T (as (K, M))
-        attr(CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T, ctypes.c_int32)
+        # column-major: out^T (N, M) = op(weight)^T, weight stored as (K, N) [trans_b] or (N, K), @ x^T as (K, M)
+        attr(CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, ctypes.c_int32)
         attr(CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N, ctypes.c_int32)
-        epilogue = CUBLASLT_EPILOGUE_BIAS if gelu_aux is None else CUBLASLT_EPILOGUE_GELU_AUX_BIAS
+        epilogue = (CUBLASLT_EPILOGUE_DGELU if dgelu else
+                    CUBLASLT_EPILOGUE_BIAS if aux is None else CUBLASLT_EPILOGUE_GELU_AUX_BIAS)
         attr(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue, ctypes.c_uint32)
-        attr(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias.data.ptr, ctypes.c_void_p)
-        attr(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_16BF, ctypes.c_int32)
-        if gelu_aux is not None:
-            attr(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, gelu_aux.data.ptr, ctypes.c_void_p)
+        if bias is not None:
+            attr(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias.data.ptr, ctypes.c_void_p)
+            attr(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_16BF, ctypes.c_int32)
+        if aux is not None:
+            attr(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux.data.ptr, ctypes.c_void_p)
             attr(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, N, ctypes.c_int64)
         a_layout, b_layout, d_layout = layouts
         found, count = _HeuristicResult(), ctypes.c_int(0)
@@ -219,11 +227,11 @@ def _alignment(ptr: int) -> int:
     return min(256, ptr & -ptr)
 
 
-def _lt_layouts(M: int, N: int, K: int, align: tuple) -> tuple:
-    """((A, B, D) matrix layouts, search preference) of a bf16 product out (M, N) = x (M, K) @ weight (N, K)^T in
+def _lt_layouts(M: int, N: int, K: int, trans_b: bool, align: tuple) -> tuple:
+    """((A, B, D) matrix layouts, search preference) of a bf16 product out (M, N) = x (M, K) @ op(weight) in
     cuBLASLt's column-major terms, the preference telling the search how A, B, C and D are aligned (a weight is a
     view into the flat parameters), made once per shape and alignment and kept (the process's few)."""
-    key = (M, N, K, align)
+    key = (M, N, K, trans_b, align)
     if key not in _lt["shapes"]:
         lib = _lt["lib"]
 
@@ -240,7 +248,8 @@ def _lt_layouts(M: int, N: int, K: int, align: tuple) -> tuple:
             v = ctypes.c_uint32(value)
             _check("cublasLtMatmulPreferenceSetAttribute", lib.cublasLtMatmulPreferenceSetAttribute(
                 pref, attribute, ctypes.byref(v), ctypes.sizeof(v)))
-        _lt["shapes"][key] = ((layout(K, N), layout(K, M), layout(N, M)), pref)
+        weight = layout(K, N) if trans_b else layout(N, K)          # weight (N, K) row-major is (K, N) column-major
+        _lt["shapes"][key] = ((weight, layout(K, M), layout(N, M)), pref)
     return _lt["shapes"][key]
 
 

@@ -36,12 +36,12 @@ from llmc_lessons.layers.encoder import (_token_buckets, encoder_backward, encod
                                          encoder_forward_bf16_cuda, encoder_forward_cuda)
 from llmc_lessons.layers.flash_attention import (BF16_HEAD_SIZES, TF32_HEAD_SIZES, flash_attention_backward_bf16_cuda,
                                                  flash_attention_forward_bf16_cuda)
-from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda, gelu_forward_cuda
+from llmc_lessons.layers.gelu import bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda, gelu_forward_cuda
 from llmc_lessons.layers.layernorm import (ROW_MAX_C, layernorm_backward, layernorm_backward_bf16_cuda,
                                            layernorm_backward_cuda, layernorm_forward, layernorm_forward_bf16_cuda,
                                            layernorm_forward_cuda, residual_layernorm_forward_bf16_cuda)
-from llmc_lessons.layers.matmul import (linear_bf16, matmul_backward, matmul_backward_cuda, matmul_forward,
-                                        matmul_forward_cuda)
+from llmc_lessons.layers.matmul import (linear_bf16, linear_dgelu_bf16, matmul_backward, matmul_backward_cuda,
+                                        matmul_forward, matmul_forward_cuda)
 from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, point_views
 from llmc_lessons.parts import substituted
 from llmc_lessons.precision import from_bf16, tf32_enabled
@@ -345,11 +345,14 @@ class Bf16KernelPath(Fp32KernelPath):
         B, T = cache["idx"].shape
         BT, C, NH = B * T, c.channels, c.num_heads
 
-        def linear_backward(dout, inp, weight, dweight):
-            """out = inp @ weight^T (+ bias): returns dinp (B, T, in) bf16; dweight += its gradient (the bias
+        def linear_backward(dout, inp, weight, dweight, gelu_input=None):
+            """out = inp @ weight^T (+ bias): returns dinp (B, T, in) bf16, or with gelu_input (inp = gelu of it)
+            that input's gradient, the GELU's backward in the product's epilogue; dweight += its gradient (the bias
             gradients come out of the kernels that write dout, below)."""
             d2 = dout.reshape(BT, -1)
             gemm(d2, inp.reshape(BT, -1), trans_a=True, out=dweight, accumulate=True)   # float32 out
+            if gelu_input is not None:
+                return linear_dgelu_bf16(dout, weight, gelu_input)
             return gemm(d2, weight).reshape(B, T, -1)
 
         dres = device.xp.zeros((B, T, C), dtype=np.float32)     # d loss / d residual stream, float32
@@ -369,9 +372,10 @@ class Bf16KernelPath(Fp32KernelPath):
                 a = dict(a, ln1=layernorm_forward_bf16_cuda(a["x"], p["ln1w"][l], p["ln1b"][l], version=2)[0],
                          ln2=layernorm_forward_bf16_cuda(a["residual2"], p["ln2w"][l], p["ln2b"][l], version=2)[0])
             # residual3 = residual2 + fcproj: dres is also d loss / d fcproj
-            dfch_gelu = linear_backward(dres_bf16, a["fch_gelu"], w["fcprojw"][l], g["fcprojw"][l])
-            # the GELU backward adds the fc bias's gradient (the column sums of dfch) on the way
-            dfch = gelu_bias_backward_bf16_cuda(dfch_gelu, a["fch"], None, g["fcb"][l], out=dfch_gelu)
+            # through the GELU in the product's epilogue (fch holds its input), then dfch's column sums: the fc bias's
+            # gradient
+            dfch = linear_backward(dres_bf16, a["fch_gelu"], w["fcprojw"][l], g["fcprojw"][l], gelu_input=a["fch"])
+            bias_backward_bf16_cuda(dfch, g["fcb"][l])
             dln2 = linear_backward(dfch, a["ln2"], w["fcw"][l], g["fcw"][l])
             dres_bf16 = layernorm_backward_bf16_cuda(dres, dln2, a["residual2"], p["ln2w"][l], a["ln2_mean"],
                                                        a["ln2_rstd"], g["ln2w"][l], g["ln2b"][l], g["attprojb"][l])

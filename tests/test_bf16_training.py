@@ -15,11 +15,11 @@ from llmc_lessons.layers.attention import (attention_backward, attention_backwar
 from llmc_lessons.layers.bf16 import zero_counters, float_to_bf16_cuda
 from llmc_lessons.layers.crossentropy import fused_classifier_bf16_cuda
 from llmc_lessons.layers.encoder import encoder_forward_bf16_cuda
-from llmc_lessons.layers.gelu import (gelu_backward, gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda,
+from llmc_lessons.layers.gelu import (bias_backward_bf16_cuda, gelu_backward, gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda,
                                       gelu_forward)
 from llmc_lessons.layers.layernorm import (column_sum_add_cuda, layernorm_backward, layernorm_backward_bf16_cuda,
                                            layernorm_forward, residual_layernorm_forward_bf16_cuda)
-from llmc_lessons.layers.matmul import add_bias_bf16_cuda, linear_bf16
+from llmc_lessons.layers.matmul import add_bias_bf16_cuda, linear_bf16, linear_dgelu_bf16
 from llmc_lessons.model import GPT2, GPT2Config
 from llmc_lessons.precision import from_bf16, stochastic_to_bf16, to_bf16
 from llmc_lessons.sampling import generate
@@ -170,9 +170,6 @@ def test_gelu_bias_forward_and_backward_bf16(shape, block, launch, in_place):
     # bias None: the product's epilogue added it already (linear_bf16), and x is the GELU's whole input
     x0 = from_bf16(x).astype(np.float64)
     close_bf16(gelu_bias_forward_bf16_cuda(to_device(x), None, block_size=block), gelu_forward(x0), "gelu(x)")
-    dbias = to_device(np.zeros(shape[-1], np.float32))
-    got = gelu_bias_backward_bf16_cuda(to_device(dout), to_device(x), None, dbias)
-    close_bf16(got, gelu_backward(from_bf16(dout).astype(np.float64), x0), "dinp, no bias")
 
 
 @pytest.mark.parametrize("shape,block,in_place", [((2, 3, 40), 32, False), ((1, 7, 264), 128, True)])
@@ -197,6 +194,30 @@ def test_linear_bf16_adds_the_bias_before_its_one_rounding(B, T, C, OC):
     act = linear_bf16(to_device(x), to_device(w), to_device(b), gelu_aux=aux)
     close_bf16(aux, pre, "the GELU's input")
     close_bf16(act, gelu_forward(pre), "gelu(x @ w^T + b)")
+
+
+@pytest.mark.parametrize("B,T,OC,C", [(2, 7, 40, 24), (1, 13, 72, 264), (3, 5, 264, 40)])
+def test_linear_dgelu_bf16_is_the_product_then_the_gelus_backward(B, T, OC, C):
+    gen = np.random.default_rng(B * C + OC + 1)
+    dout, w, h = bits(gen, B, T, OC), bits(gen, OC, C, scale=0.2), bits(gen, B, T, C, scale=2.0)
+    dh = from_bf16(dout).astype(np.float64) @ from_bf16(w).astype(np.float64)
+    got = linear_dgelu_bf16(to_device(dout), to_device(w), to_device(h))
+    assert got.dtype == np.uint16 and got.shape == (B, T, C)
+    close_bf16(got, gelu_backward(dh, from_bf16(h).astype(np.float64)), "(dout @ w) * gelu'(h)")
+    with pytest.raises(ValueError, match="shape"):
+        linear_dgelu_bf16(to_device(dout), to_device(w), to_device(bits(gen, B, T, C + 8)))
+
+
+@pytest.mark.parametrize("shape,launch", [((2, 7, 40), (16, 16, None)), ((3, 37, 264), (8, 4, 3)),
+                                          ((1, 300, 2312), (32, 8, None))])
+def test_bias_backward_bf16_adds_the_column_sums(shape, launch):
+    gen = np.random.default_rng(shape[-1] + 7)
+    dout, start = bits(gen, *shape), rand32(gen, shape[-1])
+    dbias = to_device(start.copy())
+    X, Y, R = launch
+    assert bias_backward_bf16_cuda(to_device(dout), dbias, block_columns=X, block_rows=Y, grid_rows=R) is dbias
+    np.testing.assert_allclose(to_host(dbias), start + wide(dout).sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
+    assert not to_host(zero_counters(1)).any()
 
 
 def test_linear_bf16_refuses_bad_input():

@@ -250,3 +250,32 @@ extern "C" __global__ void gelu_bias_backward_bf16_kernel(bf16* dinp,           
     }
     column_group_sum_finish(buf, acc, dbias, partial, counters, OC);
 }
+
+// dbias (OC,) += the column sums of dout (N, OC) bf16: the fc bias's gradient when the GELU's backward ran in the
+// epilogue of the product before it (cuBLASLt's DGELU, layers/matmul.py's linear_dgelu_bf16). The launch and the
+// order of the sums are gelu_bias_backward_bf16_kernel's, which also computes the GELU's backward on the way.
+extern "C" __global__ void bias_backward_bf16_kernel(float* dbias,            // (OC,) accumulated into
+                                                     float* partial,          // (R, OC), R = gridDim.y
+                                                     unsigned int* counters,  // (gridDim.x,) zeros
+                                                     const bf16* dout,        // (N, OC)
+                                                     int N, int OC) {
+    extern __shared__ float buf[];              // (Y, 8X)
+    int c = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (c < OC) {
+        int stride = gridDim.y * blockDim.y;
+        for (int row = blockIdx.y * blockDim.y + threadIdx.y; row < N; row += 4 * stride) {
+            int4 vd[4];
+            for (int j = 0; j < 4; j++) {
+                bool in = row + j * stride < N;
+                vd[j] = in ? *(const int4*)(dout + (size_t)(row + j * stride) * OC + c) : make_int4(0, 0, 0, 0);
+            }
+            for (int j = 0; j < 4; j++) {
+                float d[8];
+                unpack8(d, vd[j]);                  // a row past N is zeros
+                for (int k = 0; k < 8; k++) acc[k] += d[k];
+            }
+        }
+    }
+    column_group_sum_finish(buf, acc, dbias, partial, counters, OC);
+}

@@ -183,7 +183,7 @@ def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
 
 def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns: int = 16, block_rows: int = 16,
                                  grid_rows: int | None = None):
-    """dout, inp (B, T, OC) bf16, bias (OC,) or None -> dinp = dout * gelu'(inp + bias) bf16 (out may be dout), and
+    """dout, inp (B, T, OC) bf16, bias (OC,) -> dinp = dout * gelu'(inp + bias) bf16 (out may be dout), and
     dbias (OC,) float32 += the column sums of dinp: the fc bias's gradient, in the same pass.
 
     Blocks of (block_columns, block_rows) threads, each thread 8 columns, so a block covers 8 * block_columns
@@ -192,7 +192,7 @@ def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns
     require_bf16_array("inp", inp, (None, None, None))
     OC = require_multiple_of_8("OC", inp.shape[-1])
     require_bf16_array("dout", dout, inp.shape)
-    bias = _bias_or_zeros(bias, OC)
+    require_float_vector("bias", bias, OC)
     device.require_array("dbias", dbias, shape=(OC,))
     out = device.xp.empty_like(inp) if out is None else require_bf16_array("out", out, inp.shape)
     N, groups, R, X, Y = column_groups(inp.size // OC, OC, block_columns, block_rows, grid_rows)
@@ -201,3 +201,19 @@ def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns
         (groups, R), (X, Y), (out, dbias, partial, zero_counters(groups), dout, inp, bias, np.int32(N), np.int32(OC)),
         shared_mem=4 * 8 * X * Y)
     return out
+
+
+def bias_backward_bf16_cuda(dout, dbias, block_columns: int = 16, block_rows: int = 16,
+                            grid_rows: int | None = None):
+    """dout (B, T, OC) bf16 -> dbias (OC,) float32 += its column sums: the fc bias's gradient when the GELU's
+    backward ran in the epilogue of the product that wrote dout (linear_dgelu_bf16). Launch and order of the sums
+    as gelu_bias_backward_bf16_cuda's."""
+    require_bf16_array("dout", dout, (None, None, None))
+    OC = require_multiple_of_8("OC", dout.shape[-1])
+    device.require_array("dbias", dbias, shape=(OC,))
+    N, groups, R, X, Y = column_groups(dout.size // OC, OC, block_columns, block_rows, grid_rows)
+    partial = device.xp.empty((R, OC), np.float32)
+    load_kernel("gelu.cu", "bias_backward_bf16_kernel")(
+        (groups, R), (X, Y), (dbias, partial, zero_counters(groups), dout, np.int32(N), np.int32(OC)),
+        shared_mem=4 * 8 * X * Y)
+    return dbias

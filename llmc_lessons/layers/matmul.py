@@ -19,10 +19,10 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.cublas import gemm, gemm_bias_epilogue
+from llmc_lessons.cublas import gemm, gemm_epilogue
 from llmc_lessons.cuda import load_kernel
 from llmc_lessons.layers.bf16 import launch_1d, require_bf16_array, require_float_vector, require_multiple_of_8
-from llmc_lessons.layers.gelu import gelu_forward
+from llmc_lessons.layers.gelu import gelu_backward, gelu_forward
 from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,9 +255,27 @@ def linear_bf16(inp, weight, bias, gelu_aux=None):
     x = inp.reshape(B * T, C)
     if device.on_gpu():
         aux = None if gelu_aux is None else gelu_aux.reshape(B * T, OC)
-        return gemm_bias_epilogue(x, weight, bias, gelu_aux=aux).reshape(B, T, OC)
+        return gemm_epilogue(x, weight, True, bias=bias, aux=aux).reshape(B, T, OC)
     pre = gemm(x, weight, trans_b=True, out_dtype=np.float32) + from_bf16(bias)
     if gelu_aux is not None:
         gelu_aux[...] = to_bf16(pre).reshape(B, T, OC)
         pre = gelu_forward(pre)
     return to_bf16(pre).reshape(B, T, OC)
+
+
+def linear_dgelu_bf16(dout, weight, gelu_input):
+    """The backward of out = gelu(h) @ weight^T through the GELU, for h's gradient: dout (B, T, OC) bf16 @ weight
+    (OC, C) bf16, times gelu'(gelu_input) (B, T, C) bf16 (h, as linear_bf16's gelu_aux kept it) -> (B, T, C) bf16,
+    the product and the GELU's derivative in float32 and rounded once: on a GPU one cuBLASLt product with the DGELU
+    epilogue, in place of a product and gelu_bias_backward_bf16_cuda (whose bias gradient bias_backward_bf16_cuda
+    then takes). On a CPU: the same numbers in NumPy."""
+    require_bf16_array("dout", dout, (None, None, None))
+    B, T, OC = dout.shape
+    device.require_array("weight", weight, shape=(OC, None), dtype=np.uint16)
+    C = require_multiple_of_8("C", weight.shape[1])
+    require_bf16_array("gelu_input", gelu_input, (B, T, C))
+    d = dout.reshape(B * T, OC)
+    if device.on_gpu():
+        return gemm_epilogue(d, weight, False, aux=gelu_input.reshape(B * T, C), dgelu=True).reshape(B, T, C)
+    dh = gemm(d, weight, out_dtype=np.float32)
+    return to_bf16(gelu_backward(dh, from_bf16(gelu_input).reshape(B * T, C))).reshape(B, T, C)
