@@ -348,7 +348,7 @@ class Bf16KernelPath(Fp32KernelPath):
         def linear_backward(dout, inp, weight, dweight, gelu_input=None):
             """out = inp @ weight^T (+ bias): returns dinp (B, T, in) bf16, or with gelu_input (inp = gelu of it)
             that input's gradient, the GELU's backward in the product's epilogue; dweight += its gradient (the bias
-            gradients come out of the kernels that write dout, below)."""
+            gradients come out of the kernels that write dout, below, the fc bias's out of bias_backward_bf16_cuda)."""
             d2 = dout.reshape(BT, -1)
             gemm(d2, inp.reshape(BT, -1), trans_a=True, out=dweight, accumulate=True)   # float32 out
             if gelu_input is not None:
