@@ -7,7 +7,7 @@
 #
 #   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval parts bench kernels memory train multigpu (default: all)
 #                                            and, on request: scale (= scale-baseline scale-sizes scale-attention)
-#                                            scale-fp32 llama llama-bench attention-profile
+#                                            scale-fp32 llama llama-bench attention-profile qkv-epilogue
 #
 # llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
 # in LLAMA_PRECISION (default fp32, with TF32 matmuls; or bf16), trained for the same LLAMA_STEPS (default 250)
@@ -17,6 +17,10 @@
 # llama-bench: the LLaMA-style step (fp32 and bf16) against PyTorch (eager, compiled fp32 with SDPA's GQA,
 # compiled bf16) to
 # bench/ (bench-<device>-<date>-llama.json).
+#
+# qkv-epilogue (this line of commits, not main): the GPU tests of the bf16 step with the qkv bias in the product's
+# cuBLASLt epilogue, then its bf16 step against compiled PyTorch with the profile; run main's
+# `python -m llmc_lessons.bench --precision bf16 --padded-only --profile` in the same session to compare.
 #
 # arch compiles every kernel of the course with NVRTC for sm_75, 80, 86, 89 and 90 and prints the table.
 # scale (about 8 minutes on an H100; not in the default): GPT-2 124M against every PyTorch baseline (the plain
@@ -141,6 +145,12 @@ except ImportError: print(\"torch missing\")"' ;;
     scale-attention) f=$(name bench attention)
                      run scale-attention "$f.log" timeout 90 python3 -m llmc_lessons.bench --only-attention \
                        --attention-seq-lens 1024 2048 --precision bf16 fp32 --json "$f.json" ;;
+    qkv-epilogue) run qkv-epilogue-tests "$(name tests tests qkv-epilogue).log" python3 -m pytest -q -p no:cacheprovider \
+                    -n 8 tests/test_bf16_training.py tests/test_recompute.py tests/test_cuda_graph.py tests/test_model.py \
+                    tests/test_cublas.py
+                  f=$(name bench bench qkv-epilogue)
+                  run qkv-epilogue-step "$f.log" python3 -m llmc_lessons.bench --precision bf16 --padded-only --profile \
+                    --json "$f.json" ;;
     scale-fp32) f=$(name bench sizes fp32)
                 run scale-sizes-fp32 "$f.log" timeout ${SCALE_SIZES_S:-290} python3 -m llmc_lessons.bench \
                   --sizes d48,d36,d24,d12 --precision fp32 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-} ;;
