@@ -105,9 +105,10 @@ try:
 except ImportError: print(\"torch missing\")"' ;;
     # tests: across TEST_WORKERS processes (pytest-xdist), one test at a time (--dist load; by file, one worker
     # runs every student notebook, and the suite did not finish within a 10-minute call:
-    # results/tests/tests-h100-2026-12-07-unfinished.log), without the four files about installing the course (the
-    # setup cell in a fresh environment, what a student's install holds, nbgrader, a browser): the GPU runs have
-    # left them to the CPU CI, whose machine is set up as a student's
+    # results/tests/tests-h100-2026-12-07-unfinished.log; one test at a time it ran in two calls of 40 s and 182 s at
+    # 14-15 workers: results/tests/tests-h100-2026-12-07-kernels.log, -rest.log), without the four files about
+    # installing the course (the setup cell in a fresh environment, what a student's install holds, nbgrader, a
+    # browser): the GPU runs have left them to the CPU CI, whose machine is set up as a student's
     tests) run tests "$(name tests tests).log" python3 -m pytest -q -p no:cacheprovider --durations=15 \
              -n ${TEST_WORKERS:-12} --dist load --ignore=tests/test_setup_cell.py --ignore=tests/test_nbgrader.py \
              --ignore=tests/test_browser.py --ignore=tests/test_student_install.py ${TEST_ARGS:-} tests ;;
