@@ -188,10 +188,20 @@ def test_linear_bf16_adds_the_bias_before_its_one_rounding(B, T, C, OC):
     got = linear_bf16(to_device(x), to_device(w), to_device(b))
     assert got.dtype == np.uint16 and got.shape == (B, T, OC)
     close_bf16(got, pre, "x @ w^T + b")
+    # as in the model: the weight and the bias views into one flat buffer, 16 bytes past a 256-byte boundary
+    flat = to_device(np.zeros(8 + OC * C + OC, np.uint16))
+    flat[8:8 + OC * C] = to_device(w.ravel())
+    flat[8 + OC * C:] = to_device(b)
+    w_view, b_view = flat[8:8 + OC * C].reshape(OC, C), flat[8 + OC * C:]
+    close_bf16(linear_bf16(to_device(x), w_view, b_view), pre, "x @ w^T + b, the weight a view at 16 bytes")
     if device.on_gpu():                                                 # the epilogue's product itself, into out
         from llmc_lessons.cublas import gemm_bias
         assert gemm_bias(to_device(x).reshape(B * T, C), to_device(w), to_device(b), out=out) is out
         close_bf16(out.reshape(B, T, OC), pre, "gemm_bias")
+        with pytest.raises(ValueError, match="16-byte boundary"):   # cuBLASLt's epilogue needs 16-byte starts
+            gemm_bias(to_device(x).reshape(B * T, C), flat[1:1 + OC * C].reshape(OC, C), to_device(b))
+        with pytest.raises(TypeError, match="bf16"):
+            gemm_bias(to_device(from_bf16(x)).reshape(B * T, C), to_device(from_bf16(w)), to_device(b))
 
 
 def test_linear_bf16_refuses_bad_input():
