@@ -19,7 +19,7 @@ from llmc_lessons.layers.gelu import (gelu_backward, gelu_bias_backward_bf16_cud
                                       gelu_forward)
 from llmc_lessons.layers.layernorm import (column_sum_add_cuda, layernorm_backward, layernorm_backward_bf16_cuda,
                                            layernorm_forward, residual_layernorm_forward_bf16_cuda)
-from llmc_lessons.layers.matmul import add_bias_bf16_cuda, linear_bf16
+from llmc_lessons.layers.matmul import linear_bf16
 from llmc_lessons.model import GPT2, GPT2Config
 from llmc_lessons.precision import from_bf16, stochastic_to_bf16, to_bf16
 from llmc_lessons.sampling import generate
@@ -167,16 +167,6 @@ def test_gelu_bias_forward_and_backward_bf16(shape, block, launch, in_place):
     want = start + wide(got).sum(axis=(0, 1))
     np.testing.assert_allclose(to_host(dbias), want, rtol=1e-5, atol=1e-5, err_msg="dbias")
     assert not to_host(zero_counters(1)).any()
-
-
-@pytest.mark.parametrize("shape,block,in_place", [((2, 3, 40), 32, False), ((1, 7, 264), 128, True)])
-def test_add_bias_bf16(shape, block, in_place):
-    gen = np.random.default_rng(shape[-1] + 1)
-    x, bias = bits(gen, *shape, scale=2.0), rand32(gen, shape[-1])
-    d_x = to_device(x.copy())
-    got = add_bias_bf16_cuda(d_x, to_device(bias), out=d_x if in_place else None, block_size=block)
-    assert (got is d_x) == in_place
-    close_bf16(got, from_bf16(x).astype(np.float64) + bias, "x + bias")
 
 
 @pytest.mark.parametrize("B,T,C,OC", [(2, 7, 40, 24), (1, 13, 72, 264), (3, 5, 264, 40), (4, 33, 64, 2304)])
