@@ -174,8 +174,9 @@ class RawKernel:
         memory, and a trace=True launch returns that Trace (see llmc_lessons.cuda.trace)."""
         grid = _dims("grid", grid, (2**31 - 1, 65535, 65535))
         block = _dims("block", block, (1024, 1024, 64))
-        if block[0] * block[1] * block[2] > 1024:
-            raise ValueError(f"a block has at most 1024 threads, got {block[0] * block[1] * block[2]}")
+        threads = block[0] * block[1] * block[2]
+        if threads > 1024:
+            raise ValueError(f"a block has at most 1024 threads, got {threads}")
         if not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
             raise ValueError(f"shared_mem must be a non-negative int (bytes), got {shared_mem!r}")
         limit = max(DEFAULT_SHARED_LIMIT, int(self.max_dynamic_shared_size_bytes))
@@ -203,7 +204,6 @@ class RawKernel:
             if wanted and wanted != self._applied_shared:   # a driver call (cuFuncSetAttribute): once per value
                 impl.max_dynamic_shared_size_bytes = wanted
                 self._applied_shared = wanted
-            threads = block[0] * block[1] * block[2]
             if self._thread_limit is None:     # its registers (and any __launch_bounds__) bound a block's threads
                 self._thread_limit = _thread_limit(impl)
             most, regs = self._thread_limit
