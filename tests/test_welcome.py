@@ -70,6 +70,18 @@ def test_gradient_checker_solution_passes(capsys):
     assert "Exercise 0.3: correct" in capsys.readouterr().out
 
 
+def test_gradient_checker_tries_two_more_directions_before_failing(capsys):
+    """A right checker whose random direction is nearly at right angles to the gradient reports a large error
+    once; two more seeds decide. Wrong at two of the three seeds, it fails."""
+    def unlucky(bad_seeds):
+        return lambda loss, x, grad, seed=0: 1e-3 if seed in bad_seeds else grad_check(loss, x, grad, seed)
+    check_gradient_checker(unlucky({0}))
+    assert "Exercise 0.3: correct" in capsys.readouterr().out
+    for bad in ({0, 100}, {3, 203}):
+        with pytest.raises(AssertionError, match="CORRECT gradient"):
+            check_gradient_checker(unlucky(bad))
+
+
 def test_gradient_checker_stub():
     def stub(loss, x, grad, seed=0):
         raise NotImplementedError("Exercise 0.3: return the relative error")

@@ -87,6 +87,10 @@ def _relative_error(ex, grad_check, loss, x, grad, seed) -> float:
                              f"relative error, one number.") from None
 
 
+def _small(err: float) -> bool:
+    return bool(np.isfinite(err) and 0 <= err < 1e-6)
+
+
 def check_gradient_checker(grad_check) -> None:
     """Exercise 0.3: a correct gradient must score below 1e-6 at every scale of the loss, with a float32 input;
     a wrong one (two elements swapped) must score above 1e-3, at a loss scale as small as 1e-4."""
@@ -96,7 +100,11 @@ def check_gradient_checker(grad_check) -> None:
         for seed in range(5):
             loss, x, grad = _curvy_loss(gen, (3, 5), scale)
             err = _relative_error(ex, grad_check, loss, x, grad, seed)
-            if not (np.isfinite(err) and 0 <= err < 1e-6):
+            # a random direction nearly at right angles to the gradient leaves a tiny derivative, and even a right
+            # checker's relative error is then large (it failed a right answer in 3 of 3000 runs of this check):
+            # two more directions (seeds) must then both pass
+            if not _small(err) and not all(_small(_relative_error(ex, grad_check, loss, x, grad, s))
+                                           for s in (seed + 100, seed + 200)):
                 raise ExerciseFailed(
                     f"{ex}: for a CORRECT gradient your checker reports a relative error of {err:.3g} (loss scale "
                     f"{scale:g}, seed {seed}, x of dtype float32); it should be below 1e-6.\n"
