@@ -38,7 +38,6 @@ from llmc_lessons.layers.flash_attention import (flash_attention_backward_bf16_c
 from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda
 from llmc_lessons.layers.layernorm import (column_sum_add_cuda, layernorm_backward_bf16_cuda,
                                            layernorm_forward_bf16_cuda, residual_layernorm_forward_bf16_cuda)
-from llmc_lessons.layers.matmul import add_bias_bf16_cuda
 from llmc_lessons.llama import LlamaConfig, config_from_name, model_class
 from llmc_lessons.model import GPT2, GPT2Config
 from llmc_lessons.parameters import num_parameters
@@ -528,7 +527,6 @@ def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, 
     w, b, b4 = 1 + r32(C), r32(C), r32(4 * C)
     ids = g.integers(0, V, (B, T)).astype(np.int32)
     wte, wpe = r16(Vp, C), r16(T, C)
-    qkv, qkvb = r16(B, T, 3 * C), r32(3 * C)
     mean, rstd = residual_layernorm_forward_bf16_cuda(x, x2, b, w, b)[2:]
     dres = xp.zeros((B, T, C), np.float32)
     dw, db = xp.zeros(C, np.float32), xp.zeros(C, np.float32)
@@ -542,7 +540,6 @@ def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, 
         ("layernorm forward (first)", lambda: layernorm_forward_bf16_cuda(x, w, b, version=2),
          4 * BT * C + 8 * BT),
         ("residual + layernorm", lambda: residual_layernorm_forward_bf16_cuda(x, x2, b, w, b), 8 * BT * C + 8 * BT),
-        ("qkv + bias (in place)", lambda: add_bias_bf16_cuda(qkv, qkvb, out=qkv), 2 * 2 * 3 * BT * C),
         ("gelu forward (+ bias)", lambda: gelu_bias_forward_bf16_cuda(h, b4), 2 * 2 * BT * 4 * C),
         ("gelu backward (+ bias, dbias)", lambda: gelu_bias_backward_bf16_cuda(dh, h, b4, dbias[4]),
          3 * 2 * BT * 4 * C),

@@ -8,6 +8,8 @@ Operands are float32, or bf16 (lesson 14: uint16 arrays holding the bits) with f
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from llmc_lessons import device
@@ -111,6 +113,131 @@ def gemm_batched(a, b, trans_a: bool = False, trans_b: bool = False, out=None, o
     return out
 
 
+# cuBLASLt (the library under cuBLAS's products, with epilogues): the values of its enums that the course uses
+CUBLASLT_EPILOGUE_BIAS = 4
+CUBLASLT_MATMUL_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSB, CUBLASLT_MATMUL_DESC_EPILOGUE = 3, 4, 7
+CUBLASLT_MATMUL_DESC_BIAS_POINTER, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = 8, 26
+CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1
+CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_BYTES = (5, 6, 7, 8)   # of A, B, C, D: the search assumes 256 unless told
+
+
+def gemm_bias(x, weight, bias, out=None):
+    """GPU only (layers/matmul.py's linear_bf16 is the call that also runs on a CPU): one cuBLASLt product of bf16
+    operands with the bias in its epilogue, out (M, N) bf16 = x (M, K) @ weight^T + bias, weight (N, K) and bias
+    (N,) bf16, the bias added to the float32 sums before their one rounding (epilogue BIAS, as llm.c's
+    matmul_cublaslt)."""
+    M, N, K = _operands(x, weight, False, True, batched=False)
+    if x.dtype != np.uint16:
+        raise TypeError("gemm_bias takes bf16 (uint16) operands")
+    device.require_array("bias", bias, shape=(N,), dtype=np.uint16)
+    out = _output(out, (M, N), False, np.uint16, np.uint16)
+    if N % 8:
+        raise ValueError(f"the epilogue's rows (N = {N}) must be a multiple of 8")
+    if not (M and N and K):
+        raise ValueError(f"gemm_bias needs M, N, K > 0, got {M}, {N}, {K}")
+    for name, a in (("x", x), ("weight", weight), ("bias", bias), ("out", out)):
+        if a.data.ptr % 16:
+            raise ValueError(f"{name} must start on a 16-byte boundary for cuBLASLt's epilogue")
+    _announce("cublasLt gemm + bias")
+    align = tuple(_alignment(a.data.ptr) for a in (weight, x, out, out))    # A, B, C, D
+    lib, handle, (layouts, pref) = _lt_library(), _lt["handle"], _lt_layouts(M, N, K, align)
+    desc = ctypes.c_void_p()
+    _check("cublasLtMatmulDescCreate", lib.cublasLtMatmulDescCreate(ctypes.byref(desc), CUBLAS_COMPUTE_32F,
+                                                                       CUDA_R_32F))
+    try:
+        def attr(name, value, ctype):
+            v = ctype(value)
+            _check("cublasLtMatmulDescSetAttribute",
+                   lib.cublasLtMatmulDescSetAttribute(desc, name, ctypes.byref(v), ctypes.sizeof(v)))
+        # column-major: out^T (N, M) = weight (stored as (K, N)) transposed @ x^T (K, M)
+        attr(CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T, ctypes.c_int32)
+        attr(CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N, ctypes.c_int32)
+        attr(CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS, ctypes.c_uint32)
+        attr(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias.data.ptr, ctypes.c_void_p)
+        attr(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_16BF, ctypes.c_int32)
+        a_layout, b_layout, d_layout = layouts
+        found, count = _HeuristicResult(), ctypes.c_int(0)
+        _check("cublasLtMatmulAlgoGetHeuristic", lib.cublasLtMatmulAlgoGetHeuristic(
+            handle, desc, a_layout, b_layout, d_layout, d_layout, pref, 1, ctypes.byref(found), ctypes.byref(count)))
+        if count.value == 0:
+            raise RuntimeError(f"cuBLASLt has no algorithm for this product with its bias (M={M}, N={N}, K={K})")
+        ws = _lib["workspace"]
+        _check("cublasLtMatmul", lib.cublasLtMatmul(
+            handle, desc, _ONE.ctypes.data, weight.data.ptr, a_layout, x.data.ptr, b_layout, _ZERO.ctypes.data,
+            out.data.ptr, d_layout, out.data.ptr, d_layout, ctypes.byref(found.algo), ws.data.ptr, ws.nbytes,
+            device.xp.cuda.get_current_stream().ptr))
+    finally:
+        lib.cublasLtMatmulDescDestroy(desc)
+    return out
+
+
+class _Algo(ctypes.Structure):              # cublasLtMatmulAlgo_t: opaque, 8 uint64
+    _fields_ = [("data", ctypes.c_uint64 * 8)]
+
+
+class _HeuristicResult(ctypes.Structure):   # cublasLtMatmulHeuristicResult_t
+    _fields_ = [("algo", _Algo), ("workspaceSize", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("wavesCount", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
+_lt = {}   # cuBLASLt: the library, the course's handle, the matrix layouts and search preference of each shape
+
+
+def _lt_library():
+    """cuBLASLt through ctypes (loaded with cuBLAS), and the course's handle for it."""
+    if not _lt:
+        _library()                                    # cuBLAS first: it loads cuBLASLt and sets up the workspace
+        path = next((line.split()[-1] for line in open("/proc/self/maps") if "/libcublasLt.so" in line), None)
+        if path is None:
+            raise RuntimeError("cuBLASLt is not loaded in this process: the bias epilogue needs it")
+        lib = ctypes.CDLL(path)
+        ptr, i32, u64, i64, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64, ctypes.c_size_t
+        lib.cublasLtCreate.argtypes = [ptr]
+        lib.cublasLtMatmulDescCreate.argtypes = [ptr, i32, i32]
+        lib.cublasLtMatmulDescSetAttribute.argtypes = [ptr, i32, ptr, size]
+        lib.cublasLtMatmulDescDestroy.argtypes = [ptr]
+        lib.cublasLtMatrixLayoutCreate.argtypes = [ptr, i32, u64, u64, i64]
+        lib.cublasLtMatmulPreferenceCreate.argtypes = [ptr]
+        lib.cublasLtMatmulPreferenceSetAttribute.argtypes = [ptr, i32, ptr, size]
+        lib.cublasLtMatmulAlgoGetHeuristic.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr]
+        lib.cublasLtMatmul.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, size, ptr]
+        handle = ptr()
+        _check("cublasLtCreate", lib.cublasLtCreate(ctypes.byref(handle)))
+        _lt.update(lib=lib, handle=handle.value, shapes={})
+    return _lt["lib"]
+
+
+def _alignment(ptr: int) -> int:
+    """The largest power of two up to 256 that divides a device address."""
+    return min(256, ptr & -ptr)
+
+
+def _lt_layouts(M: int, N: int, K: int, align: tuple) -> tuple:
+    """((A, B, D) matrix layouts, search preference) of a bf16 product out (M, N) = x (M, K) @ weight (N, K)^T in
+    cuBLASLt's column-major terms, the preference telling the search how A, B, C and D are aligned (a weight is a
+    view into the flat parameters), made once per shape and alignment and kept (the process's few)."""
+    key = (M, N, K, align)
+    if key not in _lt["shapes"]:
+        lib = _lt["lib"]
+
+        def layout(rows, cols):
+            h = ctypes.c_void_p()
+            _check("cublasLtMatrixLayoutCreate", lib.cublasLtMatrixLayoutCreate(ctypes.byref(h), CUDA_R_16BF, rows,
+                                                                                 cols, rows))
+            return h
+        pref, ws = ctypes.c_void_p(), ctypes.c_uint64(WORKSPACE_BYTES)
+        _check("cublasLtMatmulPreferenceCreate", lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)))
+        _check("cublasLtMatmulPreferenceSetAttribute", lib.cublasLtMatmulPreferenceSetAttribute(
+            pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, ctypes.byref(ws), ctypes.sizeof(ws)))
+        for attribute, value in zip(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_BYTES, align):
+            v = ctypes.c_uint32(value)
+            _check("cublasLtMatmulPreferenceSetAttribute", lib.cublasLtMatmulPreferenceSetAttribute(
+                pref, attribute, ctypes.byref(v), ctypes.sizeof(v)))
+        # weight (N, K) row-major is (K, N) column-major; x (M, K) is (K, M); out (M, N) is (N, M)
+        _lt["shapes"][key] = ((layout(K, N), layout(K, M), layout(N, M)), pref)
+    return _lt["shapes"][key]
+
+
 _lib = {}   # the cuBLAS library CuPy loaded, the course's handle, its workspace, and the stream it is bound to
 
 WORKSPACE_BYTES = 32 * 2**20
@@ -128,7 +255,6 @@ def _library():
     every call, and CuPy refuses that while a stream records a CUDA graph (lesson 12), which would keep every
     product out of a graph. The handle is the course's own, so the stream it is bound to is always known."""
     if not _lib:
-        import ctypes
         import ctypes.util
         from cupy_backends.cuda.libs import cublas   # noqa: F401  (loads libcublas into the process)
         path = next((line.split()[-1] for line in open("/proc/self/maps")

@@ -40,7 +40,7 @@ from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_for
 from llmc_lessons.layers.layernorm import (ROW_MAX_C, layernorm_backward, layernorm_backward_bf16_cuda,
                                            layernorm_backward_cuda, layernorm_forward, layernorm_forward_bf16_cuda,
                                            layernorm_forward_cuda, residual_layernorm_forward_bf16_cuda)
-from llmc_lessons.layers.matmul import (add_bias_bf16_cuda, matmul_backward, matmul_backward_cuda, matmul_forward,
+from llmc_lessons.layers.matmul import (linear_bf16, matmul_backward, matmul_backward_cuda, matmul_forward,
                                         matmul_forward_cuda)
 from llmc_lessons.parameters import PARAMETER_NAMES, GPT2Config, point_views
 from llmc_lessons.parts import substituted
@@ -311,8 +311,7 @@ class Bf16KernelPath(Fp32KernelPath):
         ln, mean, rstd = layernorm_forward_bf16_cuda(residual, p["ln1w"][0], p["ln1b"][0], version=2)
         block_caches, level = [], recompute_level(model)
         for l in range(L):
-            qkv = linear(ln, w["qkvw"][l])                                           # (B, T, 3C), no bias
-            add_bias_bf16_cuda(qkv, p["qkvb"][l], out=qkv)
+            qkv = linear_bf16(ln, w["qkvw"][l], w["qkvb"][l])                        # the bias in the epilogue
             atty, lse = flash_attention_forward_bf16_cuda(qkv, NH)                   # on the tensor cores
             attproj = linear(atty, w["attprojw"][l])
             residual2, ln2, ln2_mean, ln2_rstd = residual_layernorm_forward_bf16_cuda(

@@ -19,7 +19,7 @@ from llmc_lessons.layers.gelu import (gelu_backward, gelu_bias_backward_bf16_cud
                                       gelu_forward)
 from llmc_lessons.layers.layernorm import (column_sum_add_cuda, layernorm_backward, layernorm_backward_bf16_cuda,
                                            layernorm_forward, residual_layernorm_forward_bf16_cuda)
-from llmc_lessons.layers.matmul import add_bias_bf16_cuda
+from llmc_lessons.layers.matmul import linear_bf16
 from llmc_lessons.model import GPT2, GPT2Config
 from llmc_lessons.precision import from_bf16, stochastic_to_bf16, to_bf16
 from llmc_lessons.sampling import generate
@@ -169,14 +169,41 @@ def test_gelu_bias_forward_and_backward_bf16(shape, block, launch, in_place):
     assert not to_host(zero_counters(1)).any()
 
 
-@pytest.mark.parametrize("shape,block,in_place", [((2, 3, 40), 32, False), ((1, 7, 264), 128, True)])
-def test_add_bias_bf16(shape, block, in_place):
-    gen = np.random.default_rng(shape[-1] + 1)
-    x, bias = bits(gen, *shape, scale=2.0), rand32(gen, shape[-1])
-    d_x = to_device(x.copy())
-    got = add_bias_bf16_cuda(d_x, to_device(bias), out=d_x if in_place else None, block_size=block)
-    assert (got is d_x) == in_place
-    close_bf16(got, from_bf16(x).astype(np.float64) + bias, "x + bias")
+@pytest.mark.parametrize("B,T,C,OC", [(2, 7, 40, 24), (1, 13, 72, 264), (3, 5, 264, 40), (4, 33, 64, 2304)])
+def test_linear_bf16_adds_the_bias_before_its_one_rounding(B, T, C, OC):
+    gen = np.random.default_rng(B * C + OC)
+    x, w, b = bits(gen, B, T, C), bits(gen, OC, C, scale=0.2), bits(gen, OC)
+    pre = from_bf16(x).astype(np.float64) @ from_bf16(w).astype(np.float64).T + from_bf16(b)
+    out = to_device(np.full((B * T, OC), 0x7FC0, np.uint16))          # NaN bits: every one must be written
+    got = linear_bf16(to_device(x), to_device(w), to_device(b))
+    assert got.dtype == np.uint16 and got.shape == (B, T, OC)
+    close_bf16(got, pre, "x @ w^T + b")
+    # as in the model: the weight and the bias views into one flat buffer, 16 bytes past a 256-byte boundary
+    flat = to_device(np.zeros(8 + OC * C + OC, np.uint16))
+    flat[8:8 + OC * C] = to_device(w.ravel())
+    flat[8 + OC * C:] = to_device(b)
+    w_view, b_view = flat[8:8 + OC * C].reshape(OC, C), flat[8 + OC * C:]
+    close_bf16(linear_bf16(to_device(x), w_view, b_view), pre, "x @ w^T + b, the weight a view at 16 bytes")
+    if device.on_gpu():                                                 # the epilogue's product itself, into out
+        from llmc_lessons.cublas import gemm_bias
+        assert gemm_bias(to_device(x).reshape(B * T, C), to_device(w), to_device(b), out=out) is out
+        close_bf16(out.reshape(B, T, OC), pre, "gemm_bias")
+        with pytest.raises(ValueError, match="16-byte boundary"):   # cuBLASLt's epilogue needs 16-byte starts
+            gemm_bias(to_device(x).reshape(B * T, C), flat[1:1 + OC * C].reshape(OC, C), to_device(b))
+        with pytest.raises(TypeError, match="bf16"):
+            gemm_bias(to_device(from_bf16(x)).reshape(B * T, C), to_device(from_bf16(w)), to_device(b))
+
+
+def test_linear_bf16_refuses_bad_input():
+    x, w, b = (to_device(np.zeros(s, np.uint16)) for s in ((2, 3, 16), (8, 16), (8,)))
+    with pytest.raises(ValueError, match="shape"):
+        linear_bf16(x, to_device(np.zeros((8, 24), np.uint16)), b)
+    with pytest.raises(TypeError, match="dtype"):
+        linear_bf16(x, w, to_device(np.zeros(8, np.float32)))           # the bias in bf16, as the weights
+    with pytest.raises(ValueError, match="multiple of 8"):
+        linear_bf16(x, to_device(np.zeros((12, 16), np.uint16)), to_device(np.zeros(12, np.uint16)))
+    with pytest.raises(ValueError, match="shape"):
+        linear_bf16(x, w, to_device(np.zeros(16, np.uint16)))
 
 
 @pytest.mark.parametrize("B,T,C,block,max_blocks", [(2, 7, 40, 64, 264), (3, 11, 264, 96, 2), (1, 5, 1024, 256, 1),

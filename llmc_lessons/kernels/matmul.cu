@@ -230,24 +230,3 @@ extern "C" __global__ void add_bias_kernel(float* out,         // (M, N), update
         out[i] += bias[i % N];
     }
 }
-
-// =========================================================================================================
-// The bf16 training step (GPT2(precision="bf16")): kernels/bf16.cuh says what its kernels share.
-// =========================================================================================================
-#include "bf16.cuh"
-
-// out = inp + bias: the qkv layer's bias, added in place before the flash attention kernels read qkv (they
-// copy it straight into shared memory). One thread per 8 values; out may be inp.
-extern "C" __global__ void add_bias_bf16_kernel(bf16* out,          // (N, OC)
-                                                const bf16* inp,    // (N, OC) the product, no bias
-                                                const float* bias,  // (OC,)
-                                                int N, int OC) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= N * (OC / 8)) return;
-    int c = (i % (OC / 8)) * 8;
-    float x[8], b[8];
-    load8(x, inp + (size_t)i * 8);
-    load8f(b, bias + c);
-    for (int k = 0; k < 8; k++) x[k] += b[k];
-    store8(out + (size_t)i * 8, x);
-}

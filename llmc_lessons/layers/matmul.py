@@ -19,9 +19,10 @@ from __future__ import annotations
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.cublas import gemm
+from llmc_lessons.cublas import gemm, gemm_bias
 from llmc_lessons.cuda import load_kernel
-from llmc_lessons.layers.bf16 import launch_1d, require_bf16_array, require_float_vector, require_multiple_of_8
+from llmc_lessons.layers.bf16 import require_bf16_array, require_multiple_of_8
+from llmc_lessons.precision import from_bf16, to_bf16
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -226,12 +227,16 @@ def matmul_bf16(a, b, trans_b: bool = False):
     return gemm(a, b, trans_b=trans_b, out_dtype=np.float32)
 
 
-def add_bias_bf16_cuda(inp, bias, out=None, block_size: int = 256):
-    """(B, T, OC) bf16 product, (OC,) float32 bias -> inp + bias (B, T, OC) bf16; out may be inp (in place)."""
+def linear_bf16(inp, weight, bias):
+    """inp (B, T, C) bf16 @ weight (OC, C)^T bf16 + bias (OC,) bf16 -> (B, T, OC) bf16, the bias added to the
+    float32 sums before their one rounding: on a GPU one cuBLASLt product with the bias in its epilogue, in place of
+    a product and a pass over the result that adds the bias. On a CPU: the same numbers in NumPy."""
     require_bf16_array("inp", inp, (None, None, None))
-    OC = require_multiple_of_8("OC", inp.shape[-1])
-    require_float_vector("bias", bias, OC)
-    out = device.xp.empty_like(inp) if out is None else require_bf16_array("out", out, inp.shape)
-    launch_1d("matmul.cu", "add_bias_bf16_kernel", inp.size // 8, device.require_block_size(block_size),
-              (out, inp, bias, np.int32(inp.size // OC), np.int32(OC)))
-    return out
+    B, T, C = inp.shape
+    device.require_array("weight", weight, shape=(None, C), dtype=np.uint16)
+    OC = require_multiple_of_8("OC", weight.shape[0])
+    device.require_array("bias", bias, shape=(OC,), dtype=np.uint16)
+    x = inp.reshape(B * T, C)
+    if device.on_gpu():
+        return gemm_bias(x, weight, bias).reshape(B, T, OC)
+    return to_bf16(gemm(x, weight, trans_b=True, out_dtype=np.float32) + from_bf16(bias)).reshape(B, T, OC)
