@@ -173,6 +173,24 @@ def test_stochastic_round_check_wrong_answers(wrong, cause):
         check_stochastic_round(wrong)
 
 
+def test_stochastic_round_check_calls_the_answer_twice_and_checks_both():
+    """The check's second call (20000 copies of 1 + 2^-9) goes through run_exercise too: an error there is an
+    exercise failure, not a traceback, and an answer that only fits the first call's size fails."""
+    def fixed_size(x, r):   # a buffer sized for the first test's 2000 values
+        out = np.zeros(2000, np.uint16)
+        out[:] = ((x.view(np.uint32) + r) >> 16).astype(np.uint16)
+        return out
+    with pytest.raises(AssertionError, match="your code raised ValueError"):
+        check_stochastic_round(fixed_size)
+
+    def first_2000_only(x, r):
+        bits = ((x.view(np.uint32) + r) >> 16).astype(np.uint16)
+        bits[2000:] = (x.view(np.uint32)[2000:] >> 16).astype(np.uint16)
+        return bits
+    with pytest.raises(AssertionError, match="copies of 1 \\+ 2\\^-9"):
+        check_stochastic_round(first_2000_only)
+
+
 def test_stubs():
     def stub(*a):
         raise NotImplementedError("Exercise 14.x: write it")

@@ -60,7 +60,12 @@ def check_stochastic_round(fn) -> None:
     if np.array_equal(got, want):
         # and the point of it: the expected value is exact
         many = np.full(20000, 1.0 + 2**-9, np.float32)   # a quarter of the way from 1.0 to the next bf16
-        bits = fn(many, gen.integers(0, 2**16, many.size).astype(np.uint32))
+        noise = gen.integers(0, 2**16, many.size).astype(np.uint32)
+        bits = run_exercise(ex, fn, many.copy(), noise.copy())
+        want = ((many.view(np.uint32) + noise) >> 16).astype(np.uint16)
+        if not (isinstance(bits, np.ndarray) and bits.shape == many.shape and np.array_equal(bits, want)):
+            raise ExerciseFailed(f"{ex}: right on 2000 random values, but not on {many.size} copies of 1 + 2^-9: "
+                                 f"the answer must hold for any array size and any noise, not only the first test's")
         mean = float((bits.astype(np.uint32) << 16).view(np.float32).mean())
         passed(ex, f"1 + 2^-9 rounds up about a quarter of the time: mean {mean:.5f}, exact {1 + 2**-9:.5f}")
         return
