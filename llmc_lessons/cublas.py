@@ -1,9 +1,10 @@
 """Row-major matrix products through cuBLAS's gemmEx, without copies, honouring the course's TF32 switch.
 
 CuPy's `matmul` copies a transposed operand before calling cuBLAS and its batched path ignores the TF32
-setting, which cost the training step a fifth of its time. These two functions call cuBLAS directly, as
+setting, which cost the training step a fifth of its time. The functions here call cuBLAS directly, as
 llm.c does: cuBLAS is column-major, and a row-major (M, N) matrix is the column-major (N, M) matrix, so
-C = op(A) @ op(B) is computed as C^T = op(B)^T @ op(A)^T with no data moved. On a CPU they are NumPy.
+C = op(A) @ op(B) is computed as C^T = op(B)^T @ op(A)^T with no data moved. On a CPU they are NumPy (but
+gemm_bias, the bias epilogue, which runs on a GPU only).
 Operands are float32, or bf16 (lesson 14: uint16 arrays holding the bits) with float32 accumulation.
 """
 from __future__ import annotations
@@ -126,17 +127,21 @@ def gemm_bias(x, weight, bias, out=None):
     operands with the bias in its epilogue, out (M, N) bf16 = x (M, K) @ weight^T + bias, weight (N, K) and bias
     (N,) bf16, the bias added to the float32 sums before their one rounding (epilogue BIAS, as llm.c's
     matmul_cublaslt)."""
+    if not device.on_gpu():
+        raise RuntimeError("gemm_bias runs on a GPU only; layers.matmul.linear_bf16 gives the same numbers on a CPU")
     M, N, K = _operands(x, weight, False, True, batched=False)
     if x.dtype != np.uint16:
         raise TypeError("gemm_bias takes bf16 (uint16) operands")
     device.require_array("bias", bias, shape=(N,), dtype=np.uint16)
+    if out is not None:
+        device.require_array("out", out, shape=(M, N), dtype=np.uint16)
     out = _output(out, (M, N), False, np.uint16, np.uint16)
     if N % 8:
         raise ValueError(f"the epilogue's rows (N = {N}) must be a multiple of 8")
     if not (M and N and K):
         raise ValueError(f"gemm_bias needs M, N, K > 0, got {M}, {N}, {K}")
     for name, a in (("x", x), ("weight", weight), ("bias", bias), ("out", out)):
-        if a.data.ptr % 16:
+        if device.address(a) % 16:
             raise ValueError(f"{name} must start on a 16-byte boundary for cuBLASLt's epilogue")
     _announce("cublasLt gemm + bias")
     align = tuple(_alignment(a.data.ptr) for a in (weight, x, out, out))    # A, B, C, D

@@ -192,6 +192,9 @@ def test_linear_bf16_adds_the_bias_before_its_one_rounding(B, T, C, OC):
             gemm_bias(to_device(x).reshape(B * T, C), flat[1:1 + OC * C].reshape(OC, C), to_device(b))
         with pytest.raises(TypeError, match="bf16"):
             gemm_bias(to_device(from_bf16(x)).reshape(B * T, C), to_device(from_bf16(w)), to_device(b))
+        with pytest.raises(TypeError, match="dtype"):                   # cuBLASLt would write bf16 into it
+            gemm_bias(to_device(x).reshape(B * T, C), to_device(w), to_device(b),
+                      out=to_device(np.zeros((B * T, OC), np.float32)))
 
 
 def test_linear_bf16_refuses_bad_input():
@@ -204,6 +207,21 @@ def test_linear_bf16_refuses_bad_input():
         linear_bf16(x, to_device(np.zeros((12, 16), np.uint16)), to_device(np.zeros(12, np.uint16)))
     with pytest.raises(ValueError, match="shape"):
         linear_bf16(x, w, to_device(np.zeros(16, np.uint16)))
+    with pytest.raises(TypeError, match="to_bf16") as e:               # floats: how to make bf16 bits of them
+        linear_bf16(x, to_device(np.zeros((8, 16), np.float32)), b)
+    assert ".astype" not in str(e.value)                               # which would keep the integer parts
+    flat = to_device(np.zeros(1 + 8 * 16, np.uint16))
+    with pytest.raises(ValueError, match="16-byte aligned"):            # a view 2 bytes into a buffer
+        linear_bf16(x, flat[1:].reshape(8, 16), b)
+
+
+def test_gemm_bias_runs_on_a_gpu_only():
+    if device.on_gpu():
+        pytest.skip("the GPU path is tested with linear_bf16")
+    from llmc_lessons.cublas import gemm_bias
+    x, w, b = (np.zeros(s, np.uint16) for s in ((4, 16), (8, 16), (8,)))
+    with pytest.raises(RuntimeError, match="linear_bf16"):
+        gemm_bias(x, w, b)
 
 
 @pytest.mark.parametrize("B,T,C,block,max_blocks", [(2, 7, 40, 64, 264), (3, 11, 264, 96, 2), (1, 5, 1024, 256, 1),

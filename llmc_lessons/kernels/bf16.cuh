@@ -84,17 +84,19 @@ __device__ __forceinline__ bf16 bf16_stochastic(float f, unsigned int seed, unsi
 // The bf16 training step (GPT2(precision="bf16"), as llm.c's train_gpt2.cu with floatX = bf16).
 //
 // Activations are bf16; the weight matrices are read as bf16 copies of their float32 masters; layernorm
-// parameters, biases, statistics, the loss and every weight gradient stay float32. The matrix products are
-// cuBLAS's (bf16 in, float32 accumulation). The step's kernels (the last section of encoder.cu, layernorm.cu,
-// attention.cu, matmul.cu, gelu.cu and crossentropy.cu) compute in float32 and move bf16 EIGHT values at a
+// parameters, statistics, the loss and every weight gradient stay float32, and so do the biases but one: the qkv
+// bias is read as its bf16 copy (as llm.c reads every parameter), because cuBLASLt adds it. The matrix products
+// are cuBLAS's (bf16 in, float32 accumulation). The step's kernels (the last section of encoder.cu,
+// layernorm.cu, attention.cu, gelu.cu and crossentropy.cu) compute in float32 and move bf16 EIGHT values at a
 // time, one 16-byte access (two-byte loads leave a kernel short of bandwidth, as lesson 14's GELU showed), so
 // C, T and Vp must be multiples of 8 and arrays 16-byte aligned. The helpers after this comment are theirs.
-// Biases are added on the way inside the kernel that reads a product next (cuBLAS gives no bias): the fc
-// bias in the GELU, the two projection biases in the residual adds. The qkv bias has a pass of its own
-// (add_bias_bf16_kernel): the step's attention is flash_attention.cu's version 2, which copies qkv straight
-// into shared memory. The bias gradients come the same way: the fc bias's out of the GELU backward, the two
-// projection biases' out of the LayerNorm backward that writes their dout, the qkv bias's out of the flash
-// attention backward (flash_attention.cu): no kernel reads a product a second time for its bias gradient.
+// The qkv product adds its bias in cuBLASLt's BIAS epilogue (cublas.py's gemm_bias: to the float32 sums, before
+// their one rounding), since the step's attention, flash_attention.cu's version 2, copies qkv straight into
+// shared memory. The other biases are added on the way inside the kernel that reads a product next: the fc bias
+// in the GELU, the two projection biases in the residual adds. The bias gradients come the same way: the fc
+// bias's out of the GELU backward, the two projection biases' out of the LayerNorm backward that writes their
+// dout, the qkv bias's out of the flash attention backward (flash_attention.cu): no kernel reads a product a
+// second time for its bias gradient.
 // The head split, the softmax kernels and the merge are the attention that writes the T x T scores
 // (attention_forward_bf16_cuda), which `python -m llmc_lessons.bench --attention` compares with.
 // =========================================================================================================

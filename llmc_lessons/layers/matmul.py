@@ -233,9 +233,9 @@ def linear_bf16(inp, weight, bias):
     a product and a pass over the result that adds the bias. On a CPU: the same numbers in NumPy."""
     require_bf16_array("inp", inp, (None, None, None))
     B, T, C = inp.shape
-    device.require_array("weight", weight, shape=(None, C), dtype=np.uint16)
+    require_bf16_array("weight", weight, (None, C))
     OC = require_multiple_of_8("OC", weight.shape[0])
-    device.require_array("bias", bias, shape=(OC,), dtype=np.uint16)
+    require_bf16_array("bias", bias, (OC,))
     x = inp.reshape(B * T, C)
     if device.on_gpu():
         return gemm_bias(x, weight, bias).reshape(B, T, OC)
