@@ -210,6 +210,8 @@ def test_linear_bf16_refuses_bad_input():
     with pytest.raises(TypeError, match="to_bf16") as e:               # floats: how to make bf16 bits of them
         linear_bf16(x, to_device(np.zeros((8, 16), np.float32)), b)
     assert ".astype" not in str(e.value)                               # which would keep the integer parts
+    with pytest.raises(ValueError, match="non-empty"):                  # as cuBLASLt would refuse it on a GPU
+        linear_bf16(to_device(np.zeros((2, 0, 16), np.uint16)), w, b)
     flat = to_device(np.zeros(1 + 8 * 16, np.uint16))
     with pytest.raises(ValueError, match="16-byte aligned"):            # a view 2 bytes into a buffer
         linear_bf16(x, flat[1:].reshape(8, 16), b)

@@ -236,6 +236,8 @@ def linear_bf16(inp, weight, bias):
     require_bf16_array("weight", weight, (None, C))
     OC = require_multiple_of_8("OC", weight.shape[0])
     require_bf16_array("bias", bias, (OC,))
+    if not (B * T and C and OC):
+        raise ValueError(f"linear_bf16 needs a non-empty input and weight, got inp {inp.shape}, weight {weight.shape}")
     x = inp.reshape(B * T, C)
     if device.on_gpu():
         return gemm_bias(x, weight, bias).reshape(B, T, OC)
