@@ -7,7 +7,7 @@
 #
 #   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval parts bench kernels memory train multigpu (default: all)
 #                                            and, on request: scale (= scale-baseline scale-sizes scale-attention)
-#                                            scale-fp32 llama llama-bench attention-profile
+#                                            scale-fp32 scale-profiles llama llama-bench attention-profile
 #
 # llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
 # in LLAMA_PRECISION (default fp32, with TF32 matmuls; or bf16), trained for the same LLAMA_STEPS (default 250)
@@ -30,6 +30,10 @@
 # scale-fp32 (not in the default; stopped at SCALE_SIZES_S seconds): every size in fp32 (TF32 matmuls and TF32
 # flash attention) against PyTorch's compiled fp32 step and its eager one (the fp32 target's baseline), to
 # bench/sizes-<device>-<date>-fp32.json (SCALE_ARGS adds arguments).
+# scale-profiles (about 3 minutes; not in the default): where the bf16 step's GPU time goes at each size
+# PROFILE_SIZES names (default d24:16 d36:16, MODEL:B, the sizes run's batches; d12's and d48's profiles are
+# on record): torch.profiler's kernels grouped into products, attention and the rest, to
+# bench/bench-<device>-<date>-<model>.json and .log, each stopped at 120 s.
 #
 # attention-profile (about 2 minutes): why the flash kernels run at the speed they do: torch.profiler's kernel
 # names and times for the course's flash kernels and PyTorch's SDPA (which backend, built for which
@@ -145,6 +149,11 @@ except ImportError: print(\"torch missing\")"' ;;
     scale-fp32) f=$(name bench sizes fp32)
                 run scale-sizes-fp32 "$f.log" timeout ${SCALE_SIZES_S:-290} python3 -m llmc_lessons.bench \
                   --sizes d48,d36,d24,d12 --precision fp32 --steps 5 --warmup 3 --json "$f.json" ${SCALE_ARGS:-} ;;
+    scale-profiles) for m in ${PROFILE_SIZES:-d24:16 d36:16}; do
+                      f=$(name bench bench ${m%%:*})
+                      run profile-${m%%:*} "$f.log" timeout 120 python3 -m llmc_lessons.bench --model ${m%%:*} \
+                        -b ${m##*:} --precision bf16 --no-torch --steps 5 --warmup 2 --profile --json "$f.json"
+                    done ;;
     attention-profile) for precision in ${ATTENTION_PRECISIONS:-bf16 fp32}; do
              f=$(name profile attention $precision)
              run attention-names-$precision "$f.log" timeout 120 python3 tools/profile_attention.py $precision
