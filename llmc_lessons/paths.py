@@ -297,8 +297,7 @@ class Bf16KernelPath(Fp32KernelPath):
     def forward(self, model, idx, targets):
         """The forward in bf16 (lesson 14): llm.c's train_gpt2.cu order, the qkv bias in its product's cuBLASLt
         epilogue and the other biases fused into the kernels after their products, each residual add fused with
-        the layernorm that reads it. -> (logits as float32 or
-        None, losses, cache)."""
+        the layernorm that reads it. -> (logits as float32 or None, losses, cache)."""
         c, p, w = model.config, model.params, model.params_bf16       # float32 masters, bf16 copies
         B, T = idx.shape
         idx = bf16_padded(idx, targets)
