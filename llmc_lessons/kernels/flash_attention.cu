@@ -335,6 +335,98 @@ __device__ __forceinline__ void block_column_sums(float* partial, float colsum[H
         partial[c] = sums[c] + sums[HS + c] + sums[2 * HS + c] + sums[3 * HS + c];
 }
 
+// ds^T, stored (experiment): the dk/dv kernel keeps each 64 x 64 tile of ds^T (keys x queries) it computes, as the
+// bf16 values its dk product reads, and the dq kernel then needs one product, dq = ds k, instead of three. The
+// tiles of one (b, h) lie in the order of the causal pairs (query tile qt, key tile kt <= qt): pair
+// qt (qt + 1) / 2 + kt, FA_ROWS * FA_ROWS values each, rows the keys.
+#define DS_LD (FA_ROWS + 8)                 // row stride of a staged ds^T tile (16 bytes of padding, as S_LD)
+#define DS_TILE (FA_ROWS * DS_LD)
+__device__ __forceinline__ long long ds_tile_offset(int b, int h, int qt, int kt, int NH, int tiles) {
+    long long pairs = (long long)tiles * (tiles + 1) / 2;
+    return (((long long)b * NH + h) * pairs + (long long)qt * (qt + 1) / 2 + kt) * (FA_ROWS * FA_ROWS);
+}
+
+// The warp's 16 keys x 32 queries of ds^T (accumulators, rows key and key + 8) into its tile, as bf16.
+__device__ __forceinline__ void store_ds_t(bf16* ds, const float dpt[4][4], int b, int h, int qt, int kt, int NH,
+                                           int tiles, int key, int col) {
+    bf16* dst = ds + ds_tile_offset(b, h, qt, kt, NH, tiles);
+    for (int n = 0; n < 4; n++) {
+        *reinterpret_cast<unsigned int*>(dst + key * FA_ROWS + col + 8 * n) = pack_bf16x2(dpt[n][0], dpt[n][1]);
+        *reinterpret_cast<unsigned int*>(dst + (key + 8) * FA_ROWS + col + 8 * n) = pack_bf16x2(dpt[n][2], dpt[n][3]);
+    }
+}
+
+// D_i = dout_i . out_i for every row (b, h, i), float32: what the dk/dv kernel needs before any dq exists.
+extern "C" __global__ void flash_attention_backward_d_bf16_kernel(float* Dout,         // (B, NH, T)
+                                                                  const bf16* dout,    // (B, T, C)
+                                                                  const bf16* out,     // (B, T, C)
+                                                                  int B, int T, int NH) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;   // (b, h, t), t fastest
+    if (i >= (long long)B * NH * T) return;
+    int t = i % T, h = (i / T) % NH;
+    long long b = i / ((long long)T * NH), C = (long long)NH * HS;
+    const bf16* d = dout + (b * T + t) * C + h * HS;
+    const bf16* o = out + (b * T + t) * C + h * HS;
+    float sum = 0.0f;
+    for (int c = 0; c < HS; c += 8) {
+        uint4 x = *reinterpret_cast<const uint4*>(d + c), y = *reinterpret_cast<const uint4*>(o + c);
+        const unsigned int xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+        for (int j = 0; j < 4; j++) sum += bf16_lo(xs[j]) * bf16_lo(ys[j]) + bf16_hi(xs[j]) * bf16_hi(ys[j]);
+    }
+    Dout[i] = sum;
+}
+
+// dq = ds k / sqrt(HS) from the stored ds^T tiles: a block per (query tile, query head, b), the key tiles and
+// the ds^T tiles two buffers deep; the A fragments of ds come from the ds^T tile through the transposed
+// ldmatrix (an 8 x 8 matrix of ds^T read transposed is the matrix of ds).
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 4)
+flash_attention_backward_dq_ds_bf16_kernel(bf16* dqkv,          // (B, T, W): the dq part
+                                           float* partial,      // (B * tiles, W): the dq part's column sums
+                                           const bf16* ds,      // ds^T tiles, from the dk/dv kernel
+                                           const bf16* qkv,     // (B, T, W), W = (NH + 2 NKV) HS
+                                           int B, int T, int NH, int NKV) {
+    __shared__ int4 smem[2 * (TILE + DS_TILE) / 8];     // two buffers of (k, ds^T)
+    bf16* S = (bf16*)smem;
+    int C = NH * HS, W = (NH + 2 * NKV) * HS, tile = gridDim.x - 1 - blockIdx.x;
+    int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const bf16* kbase = qkv + (long long)b * T * W + C + kv_head(h) * HS;
+    auto stage = [&](int kt, int buf) {
+        bf16* Ks = S + buf * (TILE + DS_TILE);
+        stage_rows(Ks, kbase, kt * FA_ROWS, T, W);
+        const bf16* src = ds + ds_tile_offset(b, h, tile, kt, NH, (int)gridDim.x);
+        for (int c = threadIdx.x; c < FA_ROWS * FA_ROWS / 8; c += FA_THREADS) {
+            int r = c / (FA_ROWS / 8), d0 = (c % (FA_ROWS / 8)) * 8;
+            cp_async16(Ks + TILE + r * DS_LD + d0, src + r * FA_ROWS + d0, true);
+        }
+    };
+    stage(0, 0);
+    cp_async_commit();
+    float dq[HS / 8][4] = {};
+    for (int kt = 0; kt <= tile; kt++) {
+        const bf16* Ks = S + (kt % 2) * (TILE + DS_TILE);
+        const bf16* dsT = Ks + TILE;
+        if (kt < tile) stage(kt + 1, (kt + 1) % 2);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        for (int kk = 0; kk < FA_ROWS / 16; kk++) {     // 16 keys a step
+            unsigned int a[4];                          // ds (my 16 queries x 16 keys), from ds^T transposed
+            ldmatrix_x4_trans(a, dsT + (16 * kk + lane % 8 + 8 * (lane / 16)) * DS_LD + warp * 16 + 8 * ((lane / 8) % 2));
+            for (int n = 0; n < HS / 8; n += 2) {
+                unsigned int bb[4];
+                ldmatrix_x4_trans(bb, Ks + (16 * kk + lane % 8 + 8 * ((lane / 8) % 2)) * S_LD + 8 * n + 8 * (lane / 16));
+                mma_bf16_16816(dq[n], a, bb);
+                mma_bf16_16816(dq[n + 1], a, bb + 2);
+            }
+        }
+        __syncthreads();
+    }
+    const float scale = 1.0f / sqrtf((float)HS);
+    float colsum[HS / 8][2];
+    store_rows(dqkv + (long long)b * T * W + h * HS, dq, scale, scale, tile * FA_ROWS + warp * 16, T, W, colsum);
+    block_column_sums(partial + ((long long)b * gridDim.x + tile) * W + h * HS, colsum, (float*)smem);
+}
+
 extern "C" __global__ void __launch_bounds__(FA_THREADS, 4)
 flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
                                     float* lse,         // (B, NH, T)
@@ -507,6 +599,7 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the
                                           const bf16* qkv,     // (B, T, W), W = (NH + 2 NKV) HS
                                           const float* lse,    // (B, NH, T)
                                           const float* Dq,     // (B, NH, T), from the dq kernel
+                                          bf16* ds,            // null, or ds^T tiles for the dq-from-ds kernel
                                           int B, int T, int NH, int NKV) {
     __shared__ int4 smem[4 * TILE / 8];                 // two buffers of (q, dout)
     __shared__ float Ls[2][FA_ROWS], Ds[2][FA_ROWS];    // and of their rows' L (base 2) and D
@@ -563,6 +656,7 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the
                 else softmax_grad<false>(st, dpt, masked, rowL, rowD);
                 mma_cols<2>(dv, st, dOs, c0);         // dv += p^T do
                 mma_cols<2>(dk, dpt, Qs, c0);         // dk += ds^T q
+                if (ds) store_ds_t(ds, dpt, b, h, qt, tile, NH, (int)gridDim.x, warp * 16 + g, c0 + 2 * t);
             }
             __syncthreads();
         }

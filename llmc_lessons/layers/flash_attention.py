@@ -11,6 +11,7 @@ Both take NKV <= NH key/value heads (grouped-query attention, lesson 16) and rea
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -160,6 +161,9 @@ def _flash_kernel(name, hs, group=1, filename="flash_attention.cu"):
     return load_kernel(filename, name, (f"-DHS={hs}", f"-DGROUP={group}"))
 
 
+STORE_DS = os.environ.get("LLMC_FA_STORE_DS") == "1"   # experiment switch (bench both in one process)
+
+
 def flash_attention_forward_bf16_cuda(qkv, NH, NKV=None):
     """qkv (B, T, (NH + 2 NKV) hs) bf16, its bias added -> out (B, T, C) bf16 and lse (B, NH, T) float32 (L), on
     the tensor cores; nothing of size T x T is made. NKV key/value heads (None: NKV = NH, qkv is (B, T, 3C)):
@@ -174,7 +178,7 @@ def flash_attention_forward_bf16_cuda(qkv, NH, NKV=None):
     return out, lse
 
 
-def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=None):
+def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=None, store_ds=None):
     """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv bf16, laid out as qkv (B, T, (NH + 2 NKV) hs):
     dq, dk, dv. A key/value head's dk and dv sum over its group's query heads in one block, in a fixed order.
     dbias (3C,) float32, if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the
@@ -196,12 +200,22 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=
     tiles, W = -(-T // FA_ROWS), (NH + 2 * NKV) * hs
     dqkv, D = xp.empty((B, T, W), np.uint16), xp.empty((B, NH, T), np.float32)
     partial = xp.empty((B * tiles, W), np.float32)
+    store_ds = STORE_DS if store_ds is None else store_ds
     if B * T:
         sizes = (np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV))
-        _flash_kernel("flash_attention_backward_dq_bf16_kernel", hs, NH // NKV)(
-            (tiles, NH, B), (FA_THREADS,), (dqkv, partial, D, dout, qkv, out, lse, *sizes))
-        _flash_kernel("flash_attention_backward_dkdv_bf16_kernel", hs, NH // NKV)(   # a block per key/value head
-            (tiles, NKV, B), (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
+        if store_ds:   # experiment: D first, the dk/dv kernel keeps ds^T, dq = ds k in one product
+            ds = xp.empty((B, NH, tiles * (tiles + 1) // 2, FA_ROWS, FA_ROWS), np.uint16)
+            _flash_kernel("flash_attention_backward_d_bf16_kernel", hs, NH // NKV)(
+                (-(-B * NH * T // 256),), (256,), (D, dout, out, np.int32(B), np.int32(T), np.int32(NH)))
+            _flash_kernel("flash_attention_backward_dkdv_bf16_kernel", hs, NH // NKV)(
+                (tiles, NKV, B), (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, ds, *sizes))
+            _flash_kernel("flash_attention_backward_dq_ds_bf16_kernel", hs, NH // NKV)(
+                (tiles, NH, B), (FA_THREADS,), (dqkv, partial, ds, qkv, *sizes))
+        else:
+            _flash_kernel("flash_attention_backward_dq_bf16_kernel", hs, NH // NKV)(
+                (tiles, NH, B), (FA_THREADS,), (dqkv, partial, D, dout, qkv, out, lse, *sizes))
+            _flash_kernel("flash_attention_backward_dkdv_bf16_kernel", hs, NH // NKV)(   # a block per key/value head
+                (tiles, NKV, B), (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, None, *sizes))
         if dbias is not None:
             column_sum_add_cuda(dbias[:C], dbias[C:2 * C], dbias[2 * C:], partial)
     return dqkv
