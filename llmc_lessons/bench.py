@@ -34,7 +34,8 @@ from llmc_lessons.layers.bf16 import float_to_bf16_cuda
 from llmc_lessons.layers.crossentropy import fused_classifier_bf16_cuda
 from llmc_lessons.layers.encoder import encoder_forward_bf16_cuda
 from llmc_lessons.layers.flash_attention import (flash_attention_backward_bf16_cuda, flash_attention_backward_tf32_cuda,
-                                                 flash_attention_forward_bf16_cuda, flash_attention_forward_tf32_cuda)
+                                                 flash_attention_forward_bf16_cuda, flash_attention_forward_tf32_cuda,
+                                                 flash_version)
 from llmc_lessons.layers.gelu import gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda
 from llmc_lessons.layers.layernorm import (column_sum_add_cuda, layernorm_backward_bf16_cuda,
                                            layernorm_forward_bf16_cuda, residual_layernorm_forward_bf16_cuda)
@@ -463,9 +464,13 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, prec
             rows.append(row("course, cuBLAS + softmax (T x T scores)", lambda: attention_forward_bf16_cuda(qkv, qkvb, NH),
                             lambda: attention_backward_bf16_cuda(dout, qkvh, att), att.nbytes))
             del atty, qkvh, att
-            out, lse = flash_attention_forward_bf16_cuda(qkv, NH)
-            rows.append(row("course, flash attention on the tensor cores", lambda: flash_attention_forward_bf16_cuda(qkv, NH),
-                            lambda: flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH), lse.nbytes))
+            names = {2: "course, flash attention on the tensor cores (mma.sync, version 2)",
+                     4: "course, flash attention on the tensor cores (wgmma, version 4)"}
+            for v in sorted({flash_version(hs), 2}, reverse=True):   # the version the model runs first
+                out, lse = flash_attention_forward_bf16_cuda(qkv, NH, version=v)
+                rows.append(row(names[v], lambda: flash_attention_forward_bf16_cuda(qkv, NH, version=v),
+                                lambda: flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, version=v),
+                                lse.nbytes))
         else:
             atty, att = attention_forward_cuda(qkv, NH)
             rows.append(row("course, cuBLAS (TF32) + softmax (T x T scores)", lambda: attention_forward_cuda(qkv, NH),
@@ -507,9 +512,10 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, prec
 
 def attention_table(rows) -> str:
     """bench_attention's rows as a text table."""
-    lines = [f"{'':<48}{'fwd ms':>8}{'bwd ms':>8}{'TFLOP/s':>9}{'kept MiB':>10}"]
+    width = max([48] + [len(r["name"]) + 1 for r in rows])
+    lines = [f"{'':<{width}}{'fwd ms':>8}{'bwd ms':>8}{'TFLOP/s':>9}{'kept MiB':>10}"]
     for r in rows:
-        lines.append(f"{r['name']:<48}{r['forward_ms']:>8.3f}{r['backward_ms']:>8.3f}{r['tflops']:>9.1f}"
+        lines.append(f"{r['name']:<{width}}{r['forward_ms']:>8.3f}{r['backward_ms']:>8.3f}{r['tflops']:>9.1f}"
                      f"{r['kept_bytes'] / 2**20:>10.1f}")
     return "\n".join(lines)
 

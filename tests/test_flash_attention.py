@@ -15,7 +15,7 @@ from llmc_lessons.precision import from_bf16, to_bf16
 from llmc_lessons.layers.flash_attention import (flash_attention_backward, flash_attention_backward_bf16_cuda,
                                                  flash_attention_backward_cuda, flash_attention_forward,
                                                  flash_attention_forward_bf16_cuda, flash_attention_forward_cuda,
-                                                 online_softmax_update)
+                                                 flash_version, online_softmax_update, WGMMA_HEAD_SIZES)
 
 SRC = kernel_source("flash_attention.cu")
 RESCALE = """            float m_new = fmaxf(m, tile_max);
@@ -201,12 +201,20 @@ def check_dqkv(got, want, NH, NKV, hs, tol):
         assert e < tol, f"{name}: relative error {e:.1e}"
 
 
-@pytest.mark.parametrize("B,T,NH,hs", BF16_SHAPES)
-def test_bf16_tensor_core_kernels_match_lesson_05(B, T, NH, hs, poisoned_allocations):
+def versions(hs_values):
+    """(version, hs) pairs: version 2 (mma.sync) at every head size, version 4 (wgmma) at its own, where this
+    device runs it (an sm_90 GPU, or the emulator)."""
+    runs4 = not device.on_gpu() or device.compute_capability() == 90
+    return [(2, hs) for hs in hs_values] + [(4, hs) for hs in hs_values if runs4 and hs in WGMMA_HEAD_SIZES]
+
+
+@pytest.mark.parametrize("version,B,T,NH,hs", [(v, *shape) for shape in BF16_SHAPES
+                                               for v, _ in versions([shape[3]])])
+def test_bf16_tensor_core_kernels_match_lesson_05(version, B, T, NH, hs, poisoned_allocations):
     qkv, dout, x = bf16_case(B, T, NH, hs, seed=T + hs)
     ref_out, att = attention_forward(x, NH)
     _, ref_L = flash_attention_forward(x, NH)
-    out, lse = flash_attention_forward_bf16_cuda(to_device(qkv), NH)
+    out, lse = flash_attention_forward_bf16_cuda(to_device(qkv), NH, version=version)
     got = from_bf16(to_host(out)).astype(np.float64)
     assert not np.isnan(got).any() and not np.isnan(to_host(lse)).any(), "some outputs were never written"
     assert rel(got, ref_out) < 4e-3, rel(got, ref_out)          # about one bf16 rounding (2^-9 relative)
@@ -214,7 +222,8 @@ def test_bf16_tensor_core_kernels_match_lesson_05(B, T, NH, hs, poisoned_allocat
     # the backward from the kernel's own out and lse, against the float64 backward of the same inputs
     start = np.random.default_rng(hs).standard_normal(3 * NH * hs).astype(np.float32)
     dbias = to_device(start.copy())
-    dqkv = flash_attention_backward_bf16_cuda(to_device(dout), to_device(qkv), out, lse, NH, dbias=dbias)
+    dqkv = flash_attention_backward_bf16_cuda(to_device(dout), to_device(qkv), out, lse, NH, dbias=dbias,
+                                              version=version)
     got_d = from_bf16(to_host(dqkv)).astype(np.float64)
     # the qkv bias's gradient, summed in the kernels: the column sums of dqkv as stored, added to what it held
     np.testing.assert_allclose(to_host(dbias), start + got_d.sum(axis=(0, 1)), rtol=1e-5, atol=1e-5,
@@ -272,16 +281,16 @@ def gqa_case(B, T, NH, NKV, hs, seed):
     return qkv, to_bf16(gen.standard_normal((B, T, NH * hs)).astype(np.float32))
 
 
-def gqa_kernels(qkv, dout, NH, NKV):
+def gqa_kernels(qkv, dout, NH, NKV, version=None):
     """The bf16 forward and backward on host bf16 bits -> out, lse, dqkv on the host."""
-    out, lse = flash_attention_forward_bf16_cuda(to_device(qkv), NH, NKV)
-    dqkv = flash_attention_backward_bf16_cuda(to_device(dout), to_device(qkv), out, lse, NH, NKV=NKV)
+    out, lse = flash_attention_forward_bf16_cuda(to_device(qkv), NH, NKV, version=version)
+    dqkv = flash_attention_backward_bf16_cuda(to_device(dout), to_device(qkv), out, lse, NH, NKV=NKV, version=version)
     return to_host(out), to_host(lse), to_host(dqkv)
 
 
-def check_gqa_against_float64(B, T, NH, NKV, hs, seed):
+def check_gqa_against_float64(B, T, NH, NKV, hs, seed, version=None):
     qkv, dout = gqa_case(B, T, NH, NKV, hs, seed)
-    out, lse, dqkv = gqa_kernels(qkv, dout, NH, NKV)
+    out, lse, dqkv = gqa_kernels(qkv, dout, NH, NKV, version)
     assert not np.isnan(from_bf16(out)).any() and not np.isnan(lse).any(), "some outputs were never written"
     assert not np.isnan(from_bf16(dqkv)).any(), "some gradients were never written"
     x = from_bf16(qkv).astype(np.float64)
@@ -294,11 +303,37 @@ def check_gqa_against_float64(B, T, NH, NKV, hs, seed):
     check_dqkv(got, want, NH, NKV, hs, 1e-2)
 
 
-@pytest.mark.parametrize("hs", [16, 64])
+@pytest.mark.parametrize("version,hs", versions([16, 64]))
 @pytest.mark.parametrize("NH,NKV", GQA_HEADS)
 @pytest.mark.parametrize("T", [1, 37, 130])
-def test_bf16_gqa_matches_the_float64_reference(T, NH, NKV, hs, poisoned_allocations):
-    check_gqa_against_float64(2 if T < 100 else 1, T, NH, NKV, hs, seed=T + NH + hs)
+def test_bf16_gqa_matches_the_float64_reference(T, NH, NKV, version, hs, poisoned_allocations):
+    check_gqa_against_float64(2 if T < 100 else 1, T, NH, NKV, hs, seed=T + NH + hs, version=version)
+
+
+@pytest.mark.parametrize("B,T,NH,NKV,hs", [(2, 70, 2, 2, 64), (1, 130, 6, 2, 32), (2, 1, 3, 3, 64)])
+def test_bf16_version_4_equals_version_2(B, T, NH, NKV, hs):
+    """The wgmma kernels (version 4) are the mma.sync kernels (version 2) with the tiles in wgmma's layout and each
+    batch of products one warpgroup instruction: the same numbers, up to the order in which each product's 16
+    terms are added (the last bits of float32), so bf16 outputs that round differently are one bf16 step apart."""
+    if device.on_gpu() and device.compute_capability() != 90:
+        pytest.skip("version 4 (wgmma) runs on sm_90 only")
+    qkv, dout = gqa_case(B, T, NH, NKV, hs, seed=T + hs)
+    two, four = gqa_kernels(qkv, dout, NH, NKV, version=2), gqa_kernels(qkv, dout, NH, NKV, version=4)
+    for name, a, b in zip(("out", "lse", "dqkv"), two, four):
+        a, b = (from_bf16(x) if x.dtype == np.uint16 else x for x in (a, b))
+        np.testing.assert_allclose(b, a, rtol=2 ** -7, atol=1e-5 * np.abs(a).max(), err_msg=name)
+
+
+def test_bf16_version_4_refuses_what_it_cannot_run():
+    qkv, dout = (to_device(a) for a in gqa_case(1, 8, 4, 2, 16, seed=0))
+    with pytest.raises(ValueError, match="version 4 takes a head size in"):
+        flash_attention_forward_bf16_cuda(qkv, 4, 2, version=4)               # hs = 16
+    with pytest.raises(ValueError, match="version is 2 .mma.sync., 4 .wgmma. or None"):
+        flash_attention_forward_bf16_cuda(qkv, 4, 2, version=3)
+    out, lse = flash_attention_forward_bf16_cuda(qkv, 4, 2)
+    with pytest.raises(ValueError, match="version 4 takes a head size in"):
+        flash_attention_backward_bf16_cuda(dout, qkv, out, lse, 4, NKV=2, version=4)
+    assert flash_version(64) == (4 if device.compute_capability() == 90 else 2) and flash_version(16) == 2
 
 
 @pytest.mark.parametrize("T,NH,NKV,hs", [(37, 4, 2, 16), (130, 6, 1, 64), (1, 6, 1, 16), (70, 3, 3, 64)])
@@ -337,12 +372,13 @@ def test_bf16_gqa_backward_is_deterministic():
 @pytest.mark.slow
 @pytest.mark.skipif(device.on_gpu() or not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
                     reason="the emulator's checked mode watches shared memory on Linux x86-64")
-def test_bf16_gqa_kernels_have_no_races(monkeypatch):   # about 10 s on one core
+@pytest.mark.parametrize("version,hs", [(2, 16), (4, 32)])
+def test_bf16_gqa_kernels_have_no_races(monkeypatch, version, hs):   # about 10 s each on one core
     """Checked mode: no data race or out-of-bounds access, the dk/dv kernel's prefetch of the next query head's
-    first tile (T = 65: two tiles per head) included."""
+    first tile (T = 65: two tiles per head) included, in both tile layouts."""
     monkeypatch.setenv("LLMC_CHECK", "1")
-    qkv, dout = gqa_case(1, 65, 2, 1, 16, seed=2)
-    assert not np.isnan(from_bf16(gqa_kernels(qkv, dout, 2, 1)[2])).any()
+    qkv, dout = gqa_case(1, 65, 2, 1, hs, seed=2)
+    assert not np.isnan(from_bf16(gqa_kernels(qkv, dout, 2, 1, version)[2])).any()
 
 
 def test_bf16_gqa_refuses_bad_input():

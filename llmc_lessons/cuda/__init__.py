@@ -26,7 +26,8 @@ from llmc_lessons.cuda import source as cu_source
 from llmc_lessons.cuda import trace as cu_trace
 from llmc_lessons.cuda.emulator import KERNELS_DIR, CompileError, KernelError, built_module
 
-__all__ = ["RawKernel", "RawModule", "load_kernel", "kernel_source", "CompileError", "KernelError", "KERNELS_DIR"]
+__all__ = ["RawKernel", "RawModule", "load_kernel", "kernel_source", "CompileError", "KernelError", "KERNELS_DIR",
+           "SM90A"]
 
 DEFAULT_SHARED_LIMIT = 48 * 1024
 """Shared memory a block may use (static plus dynamic) unless the kernel asks for more."""
@@ -121,6 +122,35 @@ def _check_args(sig: cu_source.KernelSignature, args) -> list:
     return out
 
 
+SM90A = "-arch=sm_90a"
+"""The option that compiles a kernel for Hopper's architecture-specific instructions (wgmma: lesson 13, version 4)
+on an sm_90 GPU; CuPy compiles for the plain sm_90, so these kernels go through NVRTC here. Ignored on a CPU."""
+
+
+def _sm90a_function(code: str, name: str, options: tuple, filename: str):
+    """The kernel `name` (extern "C") compiled by NVRTC for sm_90a and loaded as a cupy Function."""
+    import cupy
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except ImportError:  # pragma: no cover - an older CuPy's location
+        from cupy.cuda import nvrtc
+    if device.compute_capability() != 90:
+        raise CompileError(f"{name}: {SM90A} kernels run on sm_90 (H100, H200) only, this GPU is "
+                           f"sm_{device.compute_capability()}")
+    program = nvrtc.createProgram(cu_source.with_constants(code, filename), Path(filename).name, [], [])
+    try:
+        flags = [o for o in _gpu_options(options, filename) if o != SM90A] + [SM90A, "-ftz=true"]  # -ftz: as CuPy
+        try:
+            nvrtc.compileProgram(program, flags)
+        except nvrtc.NVRTCError:
+            raise CompileError(f"the kernel did not compile:\n{nvrtc.getProgramLog(program)}") from None
+        module = cupy.cuda.function.Module()
+        module.load(nvrtc.getCUBIN(program))
+    finally:
+        nvrtc.destroyProgram(program)
+    return module.get_function(name)   # a cupy Function, which holds its module
+
+
 def _gpu_options(options: tuple, filename: str) -> tuple:
     """Compiler options for NVRTC: the course's kernels/ folder and the source file's own folder included."""
     folder = Path(filename).resolve().parent if Path(filename).is_file() else KERNELS_DIR
@@ -148,6 +178,8 @@ class RawKernel:
         if self._impl is None:
             if device.on_gpu() and self._module is not None:
                 self._impl = self._module._compiled().get_function(self.name)
+            elif device.on_gpu() and SM90A in self.options:
+                self._impl = _sm90a_function(self.code, self.name, self.options, self.filename)
             elif device.on_gpu():
                 import cupy
                 self._impl = cupy.RawKernel(cu_source.with_constants(self.code, self.filename), self.name,
@@ -161,7 +193,7 @@ class RawKernel:
     def compile(self) -> "RawKernel":
         """Compile now (else the first launch compiles); raises CompileError with the compiler's message."""
         impl = self._compiled()
-        if device.on_gpu():                      # CuPy compiles lazily, at the first launch, unless asked now
+        if device.on_gpu() and SM90A not in self.options:   # CuPy compiles lazily (sm_90a kernels: already)
             import cupy
             try:
                 impl.compile()

@@ -216,8 +216,15 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 #endif
 #define FA_ROWS 64                  // rows a block owns, and rows per tile
 #define FA_THREADS 128              // 4 warps x 16 rows
+#if FA_WGMMA                        // version 4: tiles in wgmma's core matrices (mma.cuh), 8 rows x 8 columns
+#define S_LD HS                     //   each, 128 contiguous bytes; the HS / 8 of a row group one after another.
+                                    //   r * S_LD is still where row r starts, for r a multiple of 8
+__device__ __forceinline__ int tile_index(int r, int c) { return (r / 8) * 8 * HS + (c / 8) * 64 + (r % 8) * 8 + c % 8; }
+#else
 #define S_LD (HS + 8)               // row stride of a tile in shared memory: 16 bytes of padding put the 8
                                     //   rows that one ldmatrix reads in 8 different banks
+__device__ __forceinline__ int tile_index(int r, int c) { return r * S_LD + c; }
+#endif
 #define TILE (FA_ROWS * S_LD)       // bf16 values per tile
 
 // One warp, one instruction (lesson 13's picture of the fragments): D (16 x 8) = A (16 x 16) @ B (16 x 8) + C
@@ -243,11 +250,16 @@ extern "C" __global__ void mma_bf16_16816_kernel(float* D, float* regs, const bf
 }
 
 // Start copying rows row0 .. row0+63 of one head into a tile: src is row 0 of this (b, h), ld elements
-// apart; rows at or past T become zeros. Consecutive threads copy consecutive 16-byte pieces of a row.
+// apart; rows at or past T become zeros. Consecutive threads copy consecutive 16-byte pieces of a row (version
+// 4: the 8 rows of a core matrix, whose 128 bytes are then contiguous in shared memory: no bank conflicts).
 __device__ __forceinline__ void stage_rows(bf16* tile, const bf16* src, int row0, int T, int ld) {
     for (int c = threadIdx.x; c < FA_ROWS * HS / 8; c += FA_THREADS) {
+#if FA_WGMMA
+        int r = c % 8 + 8 * (c / HS), d0 = ((c / 8) % (HS / 8)) * 8, row = row0 + r;
+#else
         int r = c / (HS / 8), d0 = (c % (HS / 8)) * 8, row = row0 + r;
-        cp_async16(tile + r * S_LD + d0, src + (long long)min(row, T - 1) * ld + d0, row < T);
+#endif
+        cp_async16(tile + tile_index(r, d0), src + (long long)min(row, T - 1) * ld + d0, row < T);
     }
 }
 
@@ -256,9 +268,33 @@ __device__ __forceinline__ void stage_rows(bf16* tile, const bf16* src, int row0
 __device__ __forceinline__ void load_a_frags(unsigned int frag[HS / 16][4], const bf16* rows) {
     int lane = threadIdx.x % 32;
     for (int kk = 0; kk < HS / 16; kk++)
-        ldmatrix_x4(frag[kk], rows + (lane % 8 + 8 * ((lane / 8) % 2)) * S_LD + 16 * kk + 8 * (lane / 16));
+        ldmatrix_x4(frag[kk], rows + tile_index(lane % 8 + 8 * ((lane / 8) % 2), 16 * kk + 8 * (lane / 16)));
 }
 
+#if FA_WGMMA
+// Version 4: the same two products as below, each a batch of wgmma instructions of the whole warpgroup (the
+// block's 4 warps; every call below is made by all of them together, on the same tile). In a tile, the next
+// core matrix along a row is 128 bytes on, the next along a column (8 rows down) 16 HS bytes on.
+template <int N>
+__device__ __forceinline__ void mma_rows(float acc[N][4], const unsigned int a[HS / 16][4], const bf16* rows) {
+    wgmma_fence<8 * N>(acc);
+    for (int kk = 0; kk < HS / 16; kk++)          // B (k: 16 channels, n: N*8 rows) is K-major in the tile
+        wgmma_bf16<8 * N, false>(acc, a[kk], rows + 16 * kk * 8, 128, 16 * HS, kk > 0);
+    wgmma_commit_wait<8 * N>(acc);
+}
+
+template <int K>
+__device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[2 * K][4], const bf16* tile, int k0) {
+    wgmma_fence<HS>(acc);
+    for (int kk = 0; kk < K; kk++) {              // B (k: 16 rows, n: HS channels) is MN-major in the tile
+        unsigned int a[4] = {pack_bf16x2(p[2 * kk][0], p[2 * kk][1]), pack_bf16x2(p[2 * kk][2], p[2 * kk][3]),
+                             pack_bf16x2(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                             pack_bf16x2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+        wgmma_bf16<HS, true>(acc, a, tile + (k0 + 16 * kk) * S_LD, 16 * HS, 128, true);
+    }
+    wgmma_commit_wait<HS>(acc);
+}
+#else
 // acc[n] (16 x 8 each, N of them) = A (16 x HS) @ tile^T over N*8 rows of a tile from `rows`: B[k][n] is
 // tile[n][k], so each ldmatrix gives the B fragments of two 8-row groups (q k^T, do v^T, k q^T, v do^T).
 template <int N>
@@ -294,6 +330,7 @@ __device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[2 *
         }
     }
 }
+#endif
 
 // Write the warp's 16 x HS accumulator as bf16 rows row0 .. row0+15 of dst (ld apart), row g times scale0
 // and row g+8 times scale1; rows at or past T are skipped. colsum[n][e] gets the thread's share of the column

@@ -204,3 +204,109 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" :: "n"(N));
 #endif
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Hopper (sm_90a): wgmma, the warpgroup's matrix product (lesson 13, version 4). Four warps (a warpgroup, 128
+// threads) compute D (64 x N) += A (64 x 16) @ B (16 x N) in one asynchronous instruction. Warp w holds rows
+// 16w .. 16w+15 of A and D, in exactly the layouts of mma_bf16_16816 above: A as 4 registers (the same a[4]),
+// D as N/8 accumulators of 16 x 8 (d[n][4], columns 8n .. 8n+7). The tensor core reads B itself from shared
+// memory, described by a 64-bit "matrix descriptor", so no ldmatrix and no B registers.
+//
+// The layout the descriptor describes, without swizzling: B is cut into "core matrices" of 8 rows x 16 bytes
+// (8 bf16), each stored as 128 contiguous bytes. LBO (the leading byte offset) is the distance from one core
+// matrix to the next along k, SBO (the stride byte offset) the distance to the next along n. B stored by
+// column (B[k][n] at n's 16 bytes of k: "K-major", as q k^T needs k) is core matrices of 8 n x 8 k; stored by
+// row (B[k][n] contiguous along n: "MN-major", TRANS_B, as p v needs v) of 8 k x 8 n. The flash attention tiles
+// (FA_WGMMA, flash_attention.cu) are laid out in core matrices so that both readings work on the same tile.
+//
+// wgmma_bf16 issues one instruction; before the first of a batch, wgmma_fence() (the registers it reads were
+// written by ordinary instructions), after the last, wgmma_commit_wait() (the batch has finished and d holds
+// the result). On the CPU emulator, and on a GPU compiled without sm_90a's features, wgmma_bf16 computes the
+// same product at once from the same registers and the same shared memory: the warp shuffles A's rows (as
+// mma_bf16_16816 does) and each lane reads the B values its accumulators need, at the addresses the
+// descriptor's rule gives. A warpgroup's 128 threads must call these together, with the same b.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(LLMC_MMA_SHUFFLE)
+#define LLMC_WGMMA 1
+#endif
+
+#if LLMC_WGMMA
+__device__ __forceinline__ unsigned long long wgmma_descriptor(const bf16* b, int lbo, int sbo) {
+    unsigned long long address = (unsigned int)__cvta_generic_to_shared(b);
+    return ((address & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
+}
+#define WG_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define WG_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+               "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_ACC4(n) "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
+#endif
+
+// Wait for the operands an earlier instruction wrote, and keep the compiler from moving accumulator reads or
+// writes across the asynchronous instructions (an empty asm that "changes" every accumulator).
+template <int N>
+__device__ __forceinline__ void wgmma_fence(float d[N / 8][4]) {
+#if LLMC_WGMMA
+    for (int n = 0; n < N / 8; n++)
+        for (int i = 0; i < 4; i++) asm volatile("" : "+f"(d[n][i]) :: "memory");
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_commit_wait(float d[N / 8][4]) {
+#if LLMC_WGMMA
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    for (int n = 0; n < N / 8; n++)
+        for (int i = 0; i < 4; i++) asm volatile("" : "+f"(d[n][i]) :: "memory");
+#endif
+}
+
+// d (the warp's 16 x N) = (accumulate ? d : 0) + A @ B, B (16 x N) at b in shared memory (layout above; lbo
+// and sbo in bytes, multiples of 16). N is 32 or 64.
+template <int N, bool TRANS_B>
+__device__ __forceinline__ void wgmma_bf16(float d[N / 8][4], const unsigned int a[4], const bf16* b, int lbo, int sbo,
+                                           bool accumulate) {
+#if LLMC_WGMMA
+    unsigned long long desc = wgmma_descriptor(b, lbo, sbo);
+    if constexpr (N == 32) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " WG_D16
+                     ", {%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}"
+                     : WG_ACC4(0), WG_ACC4(1), WG_ACC4(2), WG_ACC4(3)
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"((int)accumulate), "n"(TRANS_B ? 1 : 0));
+    } else {
+        static_assert(N == 64, "wgmma_bf16: N is 32 or 64");
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32
+                     ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}"
+                     : WG_ACC4(0), WG_ACC4(1), WG_ACC4(2), WG_ACC4(3), WG_ACC4(4), WG_ACC4(5), WG_ACC4(6), WG_ACC4(7)
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"((int)accumulate), "n"(TRANS_B ? 1 : 0));
+    }
+#else
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    float A[2][16];                                   // rows g and g+8 of the warp's A, gathered from lanes 4g .. 4g+3
+    for (int s = 0; s < 4; s++) {
+        unsigned int r[4];
+        for (int j = 0; j < 4; j++) r[j] = __shfl_sync(0xffffffffu, a[j], 4 * g + s);
+        for (int e = 0; e < 2; e++) {                 // a[0], a[2]: row g at k = 2s + e, 2s + 8 + e; a[1], a[3]: row g+8
+            A[0][2 * s + e] = e ? bf16_hi(r[0]) : bf16_lo(r[0]);
+            A[1][2 * s + e] = e ? bf16_hi(r[1]) : bf16_lo(r[1]);
+            A[0][2 * s + 8 + e] = e ? bf16_hi(r[2]) : bf16_lo(r[2]);
+            A[1][2 * s + 8 + e] = e ? bf16_hi(r[3]) : bf16_lo(r[3]);
+        }
+    }
+    const char* base = (const char*)b;
+    for (int n = 0; n < N / 8; n++) {
+        for (int i = 0; i < 4; i++) {
+            int col = 8 * n + 2 * t + (i & 1);
+            float sum = 0.0f;
+            for (int k = 0; k < 16; k++) {            // B[k][col], where the descriptor's rule puts it
+                long long at = TRANS_B ? (long long)(col / 8) * sbo + (col % 8) * 2 + (k / 8) * lbo + (k % 8) * 16
+                                       : (long long)(col / 8) * sbo + (col % 8) * 16 + (k / 8) * lbo + (k % 8) * 2;
+                sum += A[i / 2][k] * bf16_to_float(*(const bf16*)(base + at));
+            }
+            d[n][i] = (accumulate ? d[n][i] : 0.0f) + sum;
+        }
+    }
+#endif
+}

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from llmc_lessons import device
-from llmc_lessons.cuda import load_kernel
+from llmc_lessons.cuda import SM90A, load_kernel
 from llmc_lessons.layers.attention import _kv_heads, _sizes, merge_heads, split_heads
 from llmc_lessons.layers.bf16 import require_aligned16, require_bf16_array
 from llmc_lessons.layers.layernorm import column_sum_add_cuda
@@ -154,35 +154,65 @@ def _tensor_core_kv_heads(NH, NKV, where) -> int:
     return NKV
 
 
-def _flash_kernel(name, hs, group=1, filename="flash_attention.cu"):
+WGMMA_HEAD_SIZES = (32, 64)   # version 4: its wgmma products are 32 or 64 wide (mma.cuh's wgmma_bf16)
+
+
+def flash_version(hs: int) -> int:
+    """The version the bf16 launchers run when not told: 4 (wgmma, Hopper's warpgroup products) on an sm_90 GPU
+    for a head size in WGMMA_HEAD_SIZES, else 2 (mma.sync). The CPU emulator runs version 2 unless asked for 4
+    (which it then emulates: the same kernels, the same tile layout)."""
+    return 4 if device.compute_capability() == 90 and hs in WGMMA_HEAD_SIZES else 2
+
+
+def _flash_version(version, hs, where) -> int:
+    if version is None:
+        return flash_version(hs)
+    if version not in (2, 4):
+        raise ValueError(f"{where}: version is 2 (mma.sync), 4 (wgmma) or None (the best this device runs), got "
+                         f"{version!r}")
+    if version == 4:
+        if hs not in WGMMA_HEAD_SIZES:
+            raise ValueError(f"{where}: version 4 takes a head size in {WGMMA_HEAD_SIZES}, got {hs}")
+        if device.on_gpu() and device.compute_capability() != 90:
+            raise ValueError(f"{where}: version 4 (wgmma) runs on an sm_90 GPU (H100, H200) or in the CPU emulator; "
+                             f"this GPU is sm_{device.compute_capability()}: use version 2")
+    return version
+
+
+def _flash_kernel(name, hs, group=1, filename="flash_attention.cu", version=2):
     """The kernel of `filename` (version 2's, or flash_attention_tf32.cu's) compiled for head size hs and group =
-    NH / NKV query heads per key/value head."""
-    return load_kernel(filename, name, (f"-DHS={hs}", f"-DGROUP={group}"))
+    NH / NKV query heads per key/value head; version 4 with the tiles in wgmma's layout and its products
+    (FA_WGMMA), for sm_90a (SM90A; the emulator ignores it)."""
+    wgmma = ("-DFA_WGMMA=1", SM90A) if version == 4 else ()
+    return load_kernel(filename, name, (f"-DHS={hs}", f"-DGROUP={group}") + wgmma)
 
 
-def flash_attention_forward_bf16_cuda(qkv, NH, NKV=None):
+def flash_attention_forward_bf16_cuda(qkv, NH, NKV=None, version=None):
     """qkv (B, T, (NH + 2 NKV) hs) bf16, its bias added -> out (B, T, C) bf16 and lse (B, NH, T) float32 (L), on
     the tensor cores; nothing of size T x T is made. NKV key/value heads (None: NKV = NH, qkv is (B, T, 3C)):
-    query head h reads key/value head h // (NH / NKV) where it lies, with no copy (grouped-query attention)."""
+    query head h reads key/value head h // (NH / NKV) where it lies, with no copy (grouped-query attention).
+    version: 2 (mma.sync), 4 (wgmma) or None (flash_version: 4 on an H100 or H200)."""
     B, T, C, hs, NKV = _check_bf16(qkv, NH, "flash_attention_forward_bf16_cuda", NKV)
+    version = _flash_version(version, hs, "flash_attention_forward_bf16_cuda")
     NH, xp = int(NH), device.xp
     out, lse = xp.empty((B, T, C), np.uint16), xp.empty((B, NH, T), np.float32)
     if B * T:
-        _flash_kernel("flash_attention_forward_bf16_kernel", hs, NH // NKV)(
+        _flash_kernel("flash_attention_forward_bf16_kernel", hs, NH // NKV, version=version)(
             (-(-T // FA_ROWS), NH, B), (FA_THREADS,),
             (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV)))
     return out, lse
 
 
-def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=None):
+def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=None, version=None):
     """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv bf16, laid out as qkv (B, T, (NH + 2 NKV) hs):
     dq, dk, dv. A key/value head's dk and dv sum over its group's query heads in one block, in a fixed order.
     dbias (3C,) float32, if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the
     values they store, a row of partial sums per block (partial is as wide as dqkv), and one
     column_sum_add_cuda launch adds the rows in order. That launch adds three parts of equal width, so dbias
-    needs NKV = NH (GPT-2's qkv bias; the LLaMA-style model has none)."""
+    needs NKV = NH (GPT-2's qkv bias; the LLaMA-style model has none). version: as the forward's."""
     where = "flash_attention_backward_bf16_cuda"
     B, T, C, hs, NKV = _check_bf16(qkv, NH, where, NKV)
+    version = _flash_version(version, hs, where)
     NH = int(NH)
     require_bf16_array("dout", dout, (B, T, C))
     require_bf16_array("out", out, (B, T, C))
@@ -198,9 +228,9 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=
     partial = xp.empty((B * tiles, W), np.float32)
     if B * T:
         sizes = (np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV))
-        _flash_kernel("flash_attention_backward_dq_bf16_kernel", hs, NH // NKV)(
+        _flash_kernel("flash_attention_backward_dq_bf16_kernel", hs, NH // NKV, version=version)(
             (tiles, NH, B), (FA_THREADS,), (dqkv, partial, D, dout, qkv, out, lse, *sizes))
-        _flash_kernel("flash_attention_backward_dkdv_bf16_kernel", hs, NH // NKV)(   # a block per key/value head
+        _flash_kernel("flash_attention_backward_dkdv_bf16_kernel", hs, NH // NKV, version=version)(
             (tiles, NKV, B), (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
         if dbias is not None:
             column_sum_add_cuda(dbias[:C], dbias[C:2 * C], dbias[2 * C:], partial)
