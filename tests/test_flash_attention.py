@@ -451,3 +451,23 @@ def test_d_fragment_check_catches_wrong_answers(wrong, message):
     from llmc_lessons.checks.flash_attention import check_d_fragment
     with pytest.raises(AssertionError, match=message):
         check_d_fragment(wrong)
+
+
+@pytest.mark.parametrize("version,hs", [(2, 32), (2, 64), (4, 32), (4, 64)])
+def test_flash_products_alone(version, hs):
+    """Each product of the flash kernels on one pair of tiles, against NumPy: q k^T over 64 and over 32 key rows
+    (from row 32), and p v with p the first product rounded to bf16. Where a version's kernels go wrong, this says
+    which product and which width."""
+    if version == 4 and device.on_gpu() and device.compute_capability() != 90:
+        pytest.skip("version 4 (wgmma) runs on sm_90 only")
+    from llmc_lessons.layers.flash_attention import _bf16_kernel
+    gen = np.random.default_rng(hs + version)
+    Q, K = (to_bf16((gen.standard_normal((64, hs)) / 4).astype(np.float32)) for _ in range(2))
+    S, S32, O = poisoned((64, 64)), poisoned((64, 32)), poisoned((64, hs))
+    _bf16_kernel("flash_products_kernel", hs, 1, version)((1,), (128,), (S, S32, O, to_device(Q), to_device(K)))
+    q, k = from_bf16(Q).astype(np.float64), from_bf16(K).astype(np.float64)
+    want = q @ k.T
+    np.testing.assert_allclose(to_host(S), want, atol=1e-4, err_msg="q k^T, 64 key rows (mma_rows<8>)")
+    np.testing.assert_allclose(to_host(S32), want[:, 32:], atol=1e-4, err_msg="q k^T, rows 32-63 (mma_rows<4>)")
+    p = from_bf16(to_bf16(to_host(S))).astype(np.float64)
+    np.testing.assert_allclose(to_host(O), p @ k, atol=1e-3, err_msg="p v (mma_cols<4>)")

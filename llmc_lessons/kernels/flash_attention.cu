@@ -285,14 +285,18 @@ __device__ __forceinline__ void mma_rows(float acc[N][4], const unsigned int a[H
 
 template <int K>
 __device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[2 * K][4], const bf16* tile, int k0) {
-    wgmma_fence<HS>(acc);
-    for (int kk = 0; kk < K; kk++) {              // B (k: 16 rows, n: HS channels) is MN-major in the tile
-        unsigned int a[4] = {pack_bf16x2(p[2 * kk][0], p[2 * kk][1]), pack_bf16x2(p[2 * kk][2], p[2 * kk][3]),
-                             pack_bf16x2(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                             pack_bf16x2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-        wgmma_bf16<HS, true>(acc, a, tile + (k0 + 16 * kk) * S_LD, 16 * HS, 128, true);
+    unsigned int a[K][4];                         // every A fragment first: an asynchronous wgmma reads its A
+    for (int kk = 0; kk < K; kk++) {              // registers until the batch is waited for, so none is reused
+        a[kk][0] = pack_bf16x2(p[2 * kk][0], p[2 * kk][1]);
+        a[kk][1] = pack_bf16x2(p[2 * kk][2], p[2 * kk][3]);
+        a[kk][2] = pack_bf16x2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+        a[kk][3] = pack_bf16x2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
     }
+    wgmma_fence<HS>(acc);
+    for (int kk = 0; kk < K; kk++)                // B (k: 16 rows, n: HS channels) is MN-major in the tile
+        wgmma_bf16<HS, true>(acc, a[kk], tile + (k0 + 16 * kk) * S_LD, 16 * HS, 128, true);
     wgmma_commit_wait<HS>(acc);
+    wgmma_keep<K>(a);
 }
 #else
 // acc[n] (16 x 8 each, N of them) = A (16 x HS) @ tile^T over N*8 rows of a tile from `rows`: B[k][n] is
@@ -446,6 +450,36 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
         float* L = lse + ((long long)b * NH + h) * T;
         if (row0 < T) L[row0] = (m[0] * sl2 + log2f(l[0])) / LOG2E;
         if (row1 < T) L[row1] = (m[1] * sl2 + log2f(l[1])) / LOG2E;
+    }
+}
+
+// The two products of the flash kernels, alone, on one 64 x HS tile Q (query rows) and one K (key rows): S = Q K^T
+// (64 x 64, mma_rows<8>), S32 = Q K[32:64]^T (64 x 32, mma_rows<4> from row 32) and O = bf16(S) K (64 x HS,
+// mma_cols<4>), written row-major. One block of FA_THREADS threads; version 2 or 4 (FA_WGMMA) as compiled.
+extern "C" __global__ void __launch_bounds__(FA_THREADS)
+flash_products_kernel(float* S, float* S32, float* O, const bf16* Q, const bf16* K) {
+    __shared__ int4 smem[2 * TILE / 8];
+    bf16* Qs = (bf16*)smem;
+    bf16* Ks = Qs + TILE;
+    stage_rows(Qs, Q, 0, FA_ROWS, HS);
+    stage_rows(Ks, K, 0, FA_ROWS, HS);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    unsigned int qa[HS / 16][4];
+    load_a_frags(qa, Qs + warp * 16 * S_LD);
+    float s[8][4], s32[4][4], o[HS / 8][4] = {};
+    mma_rows<8>(s, qa, Ks);
+    mma_rows<4>(s32, qa, Ks + 32 * S_LD);
+    mma_cols<4>(o, s, Ks, 0);
+    auto put = [&](float* dst, int ld, int n, int i, float v) {
+        dst[(16 * warp + g + 8 * (i / 2)) * ld + 8 * n + 2 * t + i % 2] = v;
+    };
+    for (int i = 0; i < 4; i++) {
+        for (int n = 0; n < 8; n++) put(S, 64, n, i, s[n][i]);
+        for (int n = 0; n < 4; n++) put(S32, 32, n, i, s32[n][i]);
+        for (int n = 0; n < HS / 8; n++) put(O, HS, n, i, o[n][i]);
     }
 }
 

@@ -203,6 +203,9 @@ __device__ __forceinline__ void cp_async_wait() {
 #if defined(LLMC_SM80)
     asm volatile("cp.async.wait_group %0;" :: "n"(N));
 #endif
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)   // wgmma reads shared memory through the "async proxy", cp.async and
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // ordinary stores write through the generic
+#endif                                   // one: this fence (then the barrier) makes the copies visible to wgmma
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -258,6 +261,16 @@ __device__ __forceinline__ void wgmma_commit_wait(float d[N / 8][4]) {
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     for (int n = 0; n < N / 8; n++)
         for (int i = 0; i < 4; i++) asm volatile("" : "+f"(d[n][i]) :: "memory");
+#endif
+}
+
+// After wgmma_commit_wait: the A fragments of the batch "change" here, so the compiler keeps their registers
+// untouched until the batch has finished reading them.
+template <int K>
+__device__ __forceinline__ void wgmma_keep(unsigned int a[K][4]) {
+#if LLMC_WGMMA
+    for (int kk = 0; kk < K; kk++)
+        for (int i = 0; i < 4; i++) asm volatile("" : "+r"(a[kk][i]) :: "memory");
 #endif
 }
 
