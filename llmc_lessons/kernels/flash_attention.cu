@@ -216,10 +216,10 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 #endif
 #define FA_ROWS 64                  // rows a block owns, and rows per tile
 #define FA_THREADS 128              // 4 warps x 16 rows
-#if FA_WGMMA                        // version 4: tiles in wgmma's core matrices (mma.cuh), 8 rows x 8 columns
-#define S_LD HS                     //   each, 128 contiguous bytes; the HS / 8 of a row group one after another.
-                                    //   r * S_LD is still where row r starts, for r a multiple of 8
-__device__ __forceinline__ int tile_index(int r, int c) { return (r / 8) * 8 * HS + (c / 8) * 64 + (r % 8) * 8 + c % 8; }
+#if FA_WGMMA                        // version 4: tiles in wgmma's 128-byte swizzled layout (mma.cuh): rows of
+#define S_LD HS                     //   HS = 64 values, the 16-byte piece c of row r stored as piece c ^ (r % 8)
+static_assert(HS == 64, "version 4's tiles have rows of 128 bytes: HS = 64");
+__device__ __forceinline__ int tile_index(int r, int c) { return r * HS + (((c / 8) ^ (r % 8)) * 8) + c % 8; }
 #else
 #define S_LD (HS + 8)               // row stride of a tile in shared memory: 16 bytes of padding put the 8
                                     //   rows that one ldmatrix reads in 8 different banks
@@ -250,15 +250,11 @@ extern "C" __global__ void mma_bf16_16816_kernel(float* D, float* regs, const bf
 }
 
 // Start copying rows row0 .. row0+63 of one head into a tile: src is row 0 of this (b, h), ld elements
-// apart; rows at or past T become zeros. Consecutive threads copy consecutive 16-byte pieces of a row (version
-// 4: the 8 rows of a core matrix, whose 128 bytes are then contiguous in shared memory: no bank conflicts).
+// apart; rows at or past T become zeros. Consecutive threads copy consecutive 16-byte pieces of a row (in either
+// layout to 8 different bank groups).
 __device__ __forceinline__ void stage_rows(bf16* tile, const bf16* src, int row0, int T, int ld) {
     for (int c = threadIdx.x; c < FA_ROWS * HS / 8; c += FA_THREADS) {
-#if FA_WGMMA
-        int r = c % 8 + 8 * (c / HS), d0 = ((c / 8) % (HS / 8)) * 8, row = row0 + r;
-#else
         int r = c / (HS / 8), d0 = (c % (HS / 8)) * 8, row = row0 + r;
-#endif
         cp_async16(tile + tile_index(r, d0), src + (long long)min(row, T - 1) * ld + d0, row < T);
     }
 }
@@ -274,12 +270,12 @@ __device__ __forceinline__ void load_a_frags(unsigned int frag[HS / 16][4], cons
 #if FA_WGMMA
 // Version 4: the same two products as below, each a batch of wgmma instructions of the whole warpgroup (the
 // block's 4 warps; every call below is made by all of them together, on the same tile). In a tile, the next
-// core matrix along a row is 128 bytes on, the next along a column (8 rows down) 16 HS bytes on.
+// atom of 8 rows is 1024 bytes on.
 template <int N>
 __device__ __forceinline__ void mma_rows(float acc[N][4], const unsigned int a[HS / 16][4], const bf16* rows) {
     wgmma_fence<8 * N>(acc);
     for (int kk = 0; kk < HS / 16; kk++)          // B (k: 16 channels, n: N*8 rows) is K-major in the tile
-        wgmma_bf16<8 * N, false>(acc, a[kk], rows + 16 * kk * 8, 128, 16 * HS, kk > 0);
+        wgmma_bf16<8 * N, false>(acc, a[kk], rows, 32 * kk, 1024, kk > 0);
     wgmma_commit_wait<8 * N>(acc);
 }
 
@@ -294,7 +290,7 @@ __device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[2 *
     }
     wgmma_fence<HS>(acc);
     for (int kk = 0; kk < K; kk++)                // B (k: 16 rows, n: HS channels) is MN-major in the tile
-        wgmma_bf16<HS, true>(acc, a[kk], tile + (k0 + 16 * kk) * S_LD, 16 * HS, 128, true);
+        wgmma_bf16<HS, true>(acc, a[kk], tile, (k0 + 16 * kk) * 128, 1024, true);
     wgmma_commit_wait<HS>(acc);
     wgmma_keep<K>(a);
 }
@@ -381,7 +377,7 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
                                     float* lse,         // (B, NH, T)
                                     const bf16* qkv,    // (B, T, W), W = (NH + 2 NKV) HS
                                     int B, int T, int NH, int NKV) {
-    __shared__ int4 smem[5 * TILE / 8];                 // q, then two buffers of (k, v)
+    __shared__ __align__(1024) int4 smem[5 * TILE / 8];                 // q, then two buffers of (k, v)
     bf16* Qs = (bf16*)smem;
     int C = NH * HS, W = (NH + 2 * NKV) * HS;
     int tile = gridDim.x - 1 - blockIdx.x;              // the last rows first: they see the most keys
@@ -458,7 +454,7 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
 // mma_cols<4>), written row-major. One block of FA_THREADS threads; version 2 or 4 (FA_WGMMA) as compiled.
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
 flash_products_kernel(float* S, float* S32, float* O, const bf16* Q, const bf16* K) {
-    __shared__ int4 smem[2 * TILE / 8];
+    __shared__ __align__(1024) int4 smem[2 * TILE / 8];
     bf16* Qs = (bf16*)smem;
     bf16* Ks = Qs + TILE;
     stage_rows(Qs, Q, 0, FA_ROWS, HS);
@@ -508,7 +504,7 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, W): the d
                                         const bf16* out,     // (B, T, C)
                                         const float* lse,    // (B, NH, T)
                                         int B, int T, int NH, int NKV) {
-    __shared__ int4 smem[4 * TILE / 8];                 // two buffers of (k, v)
+    __shared__ __align__(1024) int4 smem[4 * TILE / 8];                 // two buffers of (k, v)
     bf16* S = (bf16*)smem;
     int C = NH * HS, W = (NH + 2 * NKV) * HS, tile = gridDim.x - 1 - blockIdx.x;
     int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
@@ -579,7 +575,7 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the
                                           const float* lse,    // (B, NH, T)
                                           const float* Dq,     // (B, NH, T), from the dq kernel
                                           int B, int T, int NH, int NKV) {
-    __shared__ int4 smem[4 * TILE / 8];                 // two buffers of (q, dout)
+    __shared__ __align__(1024) int4 smem[4 * TILE / 8];                 // two buffers of (q, dout)
     __shared__ float Ls[2][FA_ROWS], Ds[2][FA_ROWS];    // and of their rows' L (base 2) and D
     bf16* S = (bf16*)smem;
     int C = NH * HS, W = (NH + 2 * NKV) * HS, tile = blockIdx.x;   // key tile; the first ones see the most queries

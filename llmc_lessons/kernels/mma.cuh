@@ -215,12 +215,16 @@ __device__ __forceinline__ void cp_async_wait() {
 // D as N/8 accumulators of 16 x 8 (d[n][4], columns 8n .. 8n+7). The tensor core reads B itself from shared
 // memory, described by a 64-bit "matrix descriptor", so no ldmatrix and no B registers.
 //
-// The layout the descriptor describes, without swizzling: B is cut into "core matrices" of 8 rows x 16 bytes
-// (8 bf16), each stored as 128 contiguous bytes. LBO (the leading byte offset) is the distance from one core
-// matrix to the next along k, SBO (the stride byte offset) the distance to the next along n. B stored by
-// column (B[k][n] at n's 16 bytes of k: "K-major", as q k^T needs k) is core matrices of 8 n x 8 k; stored by
-// row (B[k][n] contiguous along n: "MN-major", TRANS_B, as p v needs v) of 8 k x 8 n. The flash attention tiles
-// (FA_WGMMA, flash_attention.cu) are laid out in core matrices so that both readings work on the same tile.
+// The layout the descriptor describes, with 128-byte swizzling (the mode the course uses): B lives in a tile
+// whose rows are 128 bytes (64 bf16; 1024-byte aligned), 8 rows making a 1024-byte "atom". Within a row the 8
+// pieces of 16 bytes are stored in the order piece ^ (row % 8): the byte at offset x of the tile sits at
+// x ^ (((x >> 7) & 7) << 4). So the 8 rows of any 16-byte column are in 8 different 16-byte bank groups, and
+// the tensor core reads 8 rows of a column without bank conflicts (the unswizzled layout has them all in one).
+// B stored by column (B[k][n] at row n, byte 2k: "K-major", as q k^T reads the key tile) or by row (B[k][n] at
+// row k, byte 2n: "MN-major", TRANS_B, as p v reads the value tile), the same tile either way; SBO, the stride
+// byte offset, is the distance from one 8-row atom to the next (1024), and the start of B moves 32 bytes along
+// a row per 16 values of k (K-major) or 16 rows (MN-major). The flash attention tiles (FA_WGMMA,
+// flash_attention.cu) are laid out so (hs = 64: one row a tile row).
 //
 // wgmma_bf16 issues one instruction; before the first of a batch, wgmma_fence() (the registers it reads were
 // written by ordinary instructions), after the last, wgmma_commit_wait() (the batch has finished and d holds
@@ -233,10 +237,10 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 
 #if LLMC_WGMMA
-__device__ __forceinline__ unsigned long long wgmma_descriptor(const bf16* b, int lbo, int sbo) {
-    unsigned long long address = (unsigned int)__cvta_generic_to_shared(b);
-    return ((address & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
-}
+__device__ __forceinline__ unsigned long long wgmma_descriptor(const bf16* b, int sbo) {
+    unsigned long long address = (unsigned int)__cvta_generic_to_shared(b);   // bits 62-63 = 1: 128-byte swizzle;
+    return ((address & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}                                                                          // LBO (bits 16-29) unused: 1
 #define WG_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define WG_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
                "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
@@ -274,13 +278,13 @@ __device__ __forceinline__ void wgmma_keep(unsigned int a[K][4]) {
 #endif
 }
 
-// d (the warp's 16 x N) = (accumulate ? d : 0) + A @ B, B (16 x N) at b in shared memory (layout above; lbo
-// and sbo in bytes, multiples of 16). N is 32 or 64.
+// d (the warp's 16 x N) = (accumulate ? d : 0) + A @ B, B (16 x N) in the swizzled tile at `tile` (1024-byte
+// aligned on a GPU), starting `start` bytes into it (layout above; sbo in bytes). N is 32 or 64.
 template <int N, bool TRANS_B>
-__device__ __forceinline__ void wgmma_bf16(float d[N / 8][4], const unsigned int a[4], const bf16* b, int lbo, int sbo,
-                                           bool accumulate) {
+__device__ __forceinline__ void wgmma_bf16(float d[N / 8][4], const unsigned int a[4], const bf16* tile, int start,
+                                           int sbo, bool accumulate) {
 #if LLMC_WGMMA
-    unsigned long long desc = wgmma_descriptor(b, lbo, sbo);
+    unsigned long long desc = wgmma_descriptor(tile + start / 2, sbo);
     if constexpr (N == 32) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
                      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " WG_D16
@@ -308,14 +312,14 @@ __device__ __forceinline__ void wgmma_bf16(float d[N / 8][4], const unsigned int
             A[1][2 * s + 8 + e] = e ? bf16_hi(r[3]) : bf16_lo(r[3]);
         }
     }
-    const char* base = (const char*)b;
+    const char* base = (const char*)tile;
     for (int n = 0; n < N / 8; n++) {
         for (int i = 0; i < 4; i++) {
             int col = 8 * n + 2 * t + (i & 1);
             float sum = 0.0f;
             for (int k = 0; k < 16; k++) {            // B[k][col], where the descriptor's rule puts it
-                long long at = TRANS_B ? (long long)(col / 8) * sbo + (col % 8) * 2 + (k / 8) * lbo + (k % 8) * 16
-                                       : (long long)(col / 8) * sbo + (col % 8) * 16 + (k / 8) * lbo + (k % 8) * 2;
+                int at = start + (TRANS_B ? (k / 8) * sbo + (k % 8) * 128 + col * 2 : (col / 8) * sbo + (col % 8) * 128 + k * 2);
+                at ^= ((at >> 7) & 7) << 4;           // the swizzle
                 sum += A[i / 2][k] * bf16_to_float(*(const bf16*)(base + at));
             }
             d[n][i] = (accumulate ? d[n][i] : 0.0f) + sum;

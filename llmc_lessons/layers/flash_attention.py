@@ -154,7 +154,7 @@ def _tensor_core_kv_heads(NH, NKV, where) -> int:
     return NKV
 
 
-WGMMA_HEAD_SIZES = (32, 64)   # version 4: its wgmma products are 32 or 64 wide (mma.cuh's wgmma_bf16)
+WGMMA_HEAD_SIZES = (64,)   # version 4: its tiles have rows of 128 bytes, wgmma's swizzle atom (mma.cuh)
 
 
 def flash_version(hs: int) -> int:
