@@ -460,11 +460,11 @@ def test_flash_products_alone(version, hs):
     which product and which width."""
     if version == 4 and device.on_gpu() and device.compute_capability() != 90:
         pytest.skip("version 4 (wgmma) runs on sm_90 only")
-    from llmc_lessons.layers.flash_attention import _bf16_kernel
+    from llmc_lessons.layers.flash_attention import _flash_kernel
     gen = np.random.default_rng(hs + version)
     Q, K = (to_bf16((gen.standard_normal((64, hs)) / 4).astype(np.float32)) for _ in range(2))
     S, S32, O = poisoned((64, 64)), poisoned((64, 32)), poisoned((64, hs))
-    _bf16_kernel("flash_products_kernel", hs, 1, version)((1,), (128,), (S, S32, O, to_device(Q), to_device(K)))
+    _flash_kernel("flash_products_kernel", hs, 1, version=version)((1,), (128,), (S, S32, O, to_device(Q), to_device(K)))
     q, k = from_bf16(Q).astype(np.float64), from_bf16(K).astype(np.float64)
     want = q @ k.T
     np.testing.assert_allclose(to_host(S), want, atol=1e-4, err_msg="q k^T, 64 key rows (mma_rows<8>)")

@@ -226,6 +226,17 @@ __device__ __forceinline__ int tile_index(int r, int c) { return r * HS + (((c /
 __device__ __forceinline__ int tile_index(int r, int c) { return r * S_LD + c; }
 #endif
 #define TILE (FA_ROWS * S_LD)       // bf16 values per tile
+// MASK_ALL: whether the causal mask's code runs on every tile (a no-op off the diagonal) instead of only where a
+// tile needs it. Version 4 needs it: with the mask behind a branch on the diagonal tile, the sm_90a build gave
+// results that were wrong on every query tile after the first, the same wrong bits in every run, on an H100
+// (2026-12-07). The same layout through the shuffle emulation of wgmma (-DLLMC_MMA_SHUFFLE) was right, so were
+// each product alone, and waiting for every copy or adding proxy fences changed nothing; with the branch gone the
+// results are version 2's, bit for bit. What in the compiled branch breaks the asynchronous products was not found.
+#if FA_WGMMA
+#define MASK_ALL true
+#else
+#define MASK_ALL false
+#endif
 
 // One warp, one instruction (lesson 13's picture of the fragments): D (16 x 8) = A (16 x 16) @ B (16 x 8) + C
 // from row-major matrices, each lane gathering its fragments as mma.cuh lays them out. D comes back
@@ -410,7 +421,7 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
         __syncthreads();
         float s[FA_ROWS / 8][4];
         mma_rows<FA_ROWS / 8>(s, qa, Ks);          // s (16 x 64) = q k^T, unscaled
-        if (kt == tile) {                         // the causal mask: only the diagonal tile has keys past a row
+        if (MASK_ALL || kt == tile) {             // the causal mask: only the diagonal tile has keys past a row
             for (int n = 0; n < FA_ROWS / 8; n++)
                 for (int i = 0; i < 4; i++)
                     if (kt * FA_ROWS + 8 * n + 2 * t + (i & 1) > (i < 2 ? row0 : row1)) s[n][i] = NEG_INF;
@@ -555,7 +566,7 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, W): the d
             auto masked = [&](int n, int i) { return kt * FA_ROWS + k0 + 8 * n + 2 * t + (i & 1) > (i < 2 ? row0 : row1); };
             auto rowL = [&](int, int i) { return L2[i / 2]; };
             auto rowD = [&](int, int i) { return D[i / 2]; };
-            if (kt == tile) softmax_grad<true>(s, dp, masked, rowL, rowD);   // the diagonal tile: keys past a row
+            if (MASK_ALL || kt == tile) softmax_grad<true>(s, dp, masked, rowL, rowD);   // diagonal: keys past a row
             else softmax_grad<false>(s, dp, masked, rowL, rowD);
             mma_cols<2>(dq, dp, Ks, k0);           // dq += ds k
         }
@@ -626,7 +637,8 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the
                 auto masked = [&](int n, int i) { int q = q0 + col(n, i); return q >= T || q < (i < 2 ? key0 : key1); };
                 auto rowL = [&](int n, int i) { return Ls[buf][col(n, i)]; };
                 auto rowD = [&](int n, int i) { return Ds[buf][col(n, i)]; };
-                if (qt == tile || q0 + FA_ROWS > T) softmax_grad<true>(st, dpt, masked, rowL, rowD);  // diagonal, or past T
+                if (MASK_ALL || qt == tile || q0 + FA_ROWS > T)   // the diagonal tile, or rows past T
+                    softmax_grad<true>(st, dpt, masked, rowL, rowD);
                 else softmax_grad<false>(st, dpt, masked, rowL, rowD);
                 mma_cols<2>(dv, st, dOs, c0);         // dv += p^T do
                 mma_cols<2>(dk, dpt, Qs, c0);         // dk += ds^T q
