@@ -226,6 +226,13 @@ __device__ __forceinline__ int tile_index(int r, int c) { return r * HS + (((c /
 __device__ __forceinline__ int tile_index(int r, int c) { return r * S_LD + c; }
 #endif
 #define TILE (FA_ROWS * S_LD)       // bf16 values per tile
+#ifndef FA_DIAG_ALWAYS_MASK
+#if FA_WGMMA
+#define FA_DIAG_ALWAYS_MASK 1
+#else
+#define FA_DIAG_ALWAYS_MASK 0
+#endif
+#endif
 
 // One warp, one instruction (lesson 13's picture of the fragments): D (16 x 8) = A (16 x 16) @ B (16 x 8) + C
 // from row-major matrices, each lane gathering its fragments as mma.cuh lays them out. D comes back
@@ -398,6 +405,16 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
     const float sl2 = LOG2E / sqrtf((float)HS);   // scores in base 2: exp(x / sqrt(HS)) = exp2(x * sl2)
     float o[HS / 8][4] = {}, m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};  // per row: running max and sum
     for (int kt = 0; kt <= tile; kt++) {
+#if FA_DIAG_ONEBUF
+        const bf16* Ks = Qs + TILE;
+        const bf16* Vs = Ks + TILE;
+        if (kt > 0) {
+            stage_rows(Qs + TILE, kbase, kt * FA_ROWS, T, W);
+            stage_rows(Qs + 2 * TILE, vbase, kt * FA_ROWS, T, W);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+#else
         const bf16* Ks = Qs + (1 + 2 * (kt % 2)) * TILE;
         const bf16* Vs = Ks + TILE;
         if (kt < tile) {                          // start bringing in the next tile
@@ -406,11 +423,23 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
             stage_rows(next + TILE, vbase, (kt + 1) * FA_ROWS, T, W);
         }
         cp_async_commit();
+#endif
+#if FA_DIAG_WAIT0
+        cp_async_wait<0>();
+#else
         cp_async_wait<1>();                       // this tile has arrived (the next may still be in flight)
+#endif
         __syncthreads();
+#if FA_DIAG_FENCE_AFTER
+        diag_proxy_fence();
+        __syncthreads();
+#endif
         float s[FA_ROWS / 8][4];
         mma_rows<FA_ROWS / 8>(s, qa, Ks);          // s (16 x 64) = q k^T, unscaled
-        if (kt == tile) {                         // the causal mask: only the diagonal tile has keys past a row
+#if FA_DIAG_S_ONLY_FIRST
+        if (kt > 0) for (int n = 0; n < FA_ROWS / 8; n++) for (int i = 0; i < 4; i++) s[n][i] = NEG_INF;
+#endif
+        if (FA_DIAG_ALWAYS_MASK || kt == tile) {  // the causal mask: only the diagonal tile has keys past a row
             for (int n = 0; n < FA_ROWS / 8; n++)
                 for (int i = 0; i < 4; i++)
                     if (kt * FA_ROWS + 8 * n + 2 * t + (i & 1) > (i < 2 ? row0 : row1)) s[n][i] = NEG_INF;
@@ -555,7 +584,7 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, W): the d
             auto masked = [&](int n, int i) { return kt * FA_ROWS + k0 + 8 * n + 2 * t + (i & 1) > (i < 2 ? row0 : row1); };
             auto rowL = [&](int, int i) { return L2[i / 2]; };
             auto rowD = [&](int, int i) { return D[i / 2]; };
-            if (kt == tile) softmax_grad<true>(s, dp, masked, rowL, rowD);   // the diagonal tile: keys past a row
+            if (FA_DIAG_ALWAYS_MASK || kt == tile) softmax_grad<true>(s, dp, masked, rowL, rowD);   // the diagonal tile: keys past a row
             else softmax_grad<false>(s, dp, masked, rowL, rowD);
             mma_cols<2>(dq, dp, Ks, k0);           // dq += ds k
         }
@@ -626,7 +655,7 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the
                 auto masked = [&](int n, int i) { int q = q0 + col(n, i); return q >= T || q < (i < 2 ? key0 : key1); };
                 auto rowL = [&](int n, int i) { return Ls[buf][col(n, i)]; };
                 auto rowD = [&](int n, int i) { return Ds[buf][col(n, i)]; };
-                if (qt == tile || q0 + FA_ROWS > T) softmax_grad<true>(st, dpt, masked, rowL, rowD);  // diagonal, or past T
+                if (FA_DIAG_ALWAYS_MASK || qt == tile || q0 + FA_ROWS > T) softmax_grad<true>(st, dpt, masked, rowL, rowD);  // diagonal, or past T
                 else softmax_grad<false>(st, dpt, masked, rowL, rowD);
                 mma_cols<2>(dv, st, dOs, c0);         // dv += p^T do
                 mma_cols<2>(dk, dpt, Qs, c0);         // dk += ds^T q

@@ -184,7 +184,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned int r[4], const bf16*
 // (The emulator, and a GPU older than sm_80, copy at once: the data just arrives early, which is one of the
 // orders a GPU may take.)
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-#if defined(LLMC_SM80)
+#if defined(LLMC_SM80) && !defined(FA_DIAG_PLAIN_COPY)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                  :: "r"((unsigned int)__cvta_generic_to_shared(smem)), "l"(gmem), "r"(valid ? 16 : 0));
 #else
@@ -206,6 +206,12 @@ __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)   // wgmma reads shared memory through the "async proxy", cp.async and
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // ordinary stores write through the generic
 #endif                                   // one: this fence (then the barrier) makes the copies visible to wgmma
+}
+
+__device__ __forceinline__ void diag_proxy_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------------
