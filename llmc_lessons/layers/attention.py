@@ -360,7 +360,7 @@ def attention_forward_bf16_cuda(qkv, qkvb, NH: int, block_size: int = 256):
     backward qkvh (3, B, NH, T, hs) (q, k, v per head) and att (B, NH, T, T), all bf16.
 
     split heads (+ bias) -> preatt = q @ k^T (cuBLAS, bf16 out) -> causal softmax in place -> att @ v -> merge.
-    The model runs flash attention instead (layers/flash_attention.py, version 2); this is the baseline it is
+    The model runs flash attention instead (layers/flash_attention.py, version 2 or 4); this is the baseline it is
     measured against (bench.bench_attention).
     """
     require_bf16_array("qkv", qkv, (None, None, None))
