@@ -4,8 +4,8 @@
     ncu --clock-control none -k regex:'flash|fmha|cudnn|attn' --section SpeedOfLight ... \
         python tools/profile_attention.py bf16 1024 --launch-only
 
-Launches the course's flash attention forward and backward (bf16: version 2 of lesson 13; fp32: the TF32
-version), then PyTorch's scaled_dot_product_attention forward and backward as PyTorch picks its kernel, B = 16, NH = 12,
+Launches the course's flash attention forward and backward (bf16: the version the model runs, lesson 13's
+version 4 on an H100 or H200, else 2; fp32: the TF32 version), then PyTorch's scaled_dot_product_attention forward and backward as PyTorch picks its kernel, B = 16, NH = 12,
 hs = 64: once to compile, then three times under torch.profiler, or (--launch-only) once more and nothing
 else. Unless --launch-only (under ncu, which must not share the GPU's
 counters with torch.profiler) it prints what torch.profiler saw: each GPU kernel's

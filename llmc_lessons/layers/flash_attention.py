@@ -179,7 +179,7 @@ def _flash_version(version, hs, where) -> int:
     return version
 
 
-def _flash_kernel(name, hs, group=1, filename="flash_attention.cu", version=2):
+def _flash_kernel(name, hs, group=1, *, filename="flash_attention.cu", version=2):
     """The kernel of `filename` (version 2's, or flash_attention_tf32.cu's) compiled for head size hs and group =
     NH / NKV query heads per key/value head; version 4 with the tiles in wgmma's layout and its products
     (FA_WGMMA), for sm_90a (SM90A; the emulator ignores it)."""
@@ -263,7 +263,7 @@ def flash_attention_forward_tf32_cuda(qkv, NH, NKV=None):
     xp = device.xp
     out, lse = xp.empty((B, T, C), np.float32), xp.empty((B, NH, T), np.float32)
     if B * T:
-        _flash_kernel("flash_attention_forward_tf32_kernel", hs, NH // NKV, TF32_FILE)(
+        _flash_kernel("flash_attention_forward_tf32_kernel", hs, NH // NKV, filename=TF32_FILE)(
             (-(-T // FA_ROWS), NH, B), (FA_THREADS,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH),
                                                        np.int32(NKV)))
     return out, lse
@@ -280,8 +280,8 @@ def flash_attention_backward_tf32_cuda(dout, qkv, out, lse, NH, NKV=None):
     dqkv, D = xp.empty(qkv.shape, np.float32), xp.empty((B, NH, T), np.float32)
     if B * T:
         sizes = (np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV))
-        _flash_kernel("flash_attention_backward_dq_tf32_kernel", hs, NH // NKV, TF32_FILE)(
+        _flash_kernel("flash_attention_backward_dq_tf32_kernel", hs, NH // NKV, filename=TF32_FILE)(
             (-(-T // FA_ROWS), NH, B), (FA_THREADS,), (dqkv, D, dout, qkv, out, lse, *sizes))
-        _flash_kernel("flash_attention_backward_dkdv_tf32_kernel", hs, NH // NKV, TF32_FILE)(
+        _flash_kernel("flash_attention_backward_dkdv_tf32_kernel", hs, NH // NKV, filename=TF32_FILE)(
             (-(-T // FA_ROWS), NKV, B), (FA_THREADS,), (dqkv, dout, qkv, lse, D, *sizes))
     return dqkv
