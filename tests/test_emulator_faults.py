@@ -153,6 +153,18 @@ def test_time_limit(monkeypatch):
     still_works()
 
 
+def test_a_stop_inside_the_emulators_header_names_the_kernels_line():
+    """Stopped inside llmc_cuda.h (the spin's atomicAdd), the message names the kernel's line, also when the module
+    came from the shared build cache after another checkout of the course built it (its line tables then name that
+    checkout's headers)."""
+    from llmc_lessons.cuda.emulator import HERE, _emulator_header
+    assert _emulator_header(str(HERE / "llmc_cuda.h"))
+    assert _emulator_header(f"/elsewhere/course/{HERE.parent.name}/{HERE.name}/llmc_cuda.h")
+    assert not _emulator_header("<RawKernel source>")
+    assert not _emulator_header(str(HERE.parent / "kernels" / "mma.cuh"))   # the course's kernels: the student's view
+    assert not _emulator_header(f"/elsewhere/{HERE.name}/llmc_cuda.h")
+
+
 def test_ctrl_c_interrupts_a_spinning_kernel():
     code = textwrap.dedent(f'''
         import numpy as np

@@ -314,9 +314,17 @@ def _fault_line(rt, module: "EmulatedModule") -> str:
         m = re.match(r"(.*):(\d+)", line.split(" (discriminator")[0])
         path = m.group(1) if m else ""
         path = path[path.index("<"):] if "<" in path else path  # "<RawKernel source>", not under a directory
-        if m and m.group(2) != "0" and not path.startswith(str(HERE)) and "thunks>" not in path:
+        if m and m.group(2) != "0" and not _emulator_header(path) and "thunks>" not in path:
             return f"{path}:{m.group(2)}: "
     return ""
+
+
+def _emulator_header(path: str) -> bool:
+    """Whether a line table's file is one of the emulator's own headers (llmc_cuda.h, ...), in this package or in
+    another copy of it: a module built by another checkout, found in the shared build cache, names that one's."""
+    p = Path(path)
+    return path.startswith(str(HERE)) or (p.parent.name == HERE.name and p.parent.parent.name == HERE.parent.name
+                                          and (HERE / p.name).is_file())
 
 
 NEIGHBOURS = 64 * 1024
