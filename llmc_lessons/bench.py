@@ -444,7 +444,9 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, prec
     'fp32' (TF32 products: the fp32 model's attention). The course rows time the attention kernels only (the
     bias add and its gradient belong to the qkv matmul around them). Rows: name, forward ms, backward ms,
     TFLOP/s of the two together counting the causal half of the products (forward 2, backward 5 of size
-    B NH T T hs), and the bytes each keeps between forward and backward beyond q, k, v and the output."""
+    B NH T T hs), and the bytes each keeps between forward and backward beyond q, k, v and the output. Every row
+    times the GPU's work alone (time_ms's hide_host): inside the model's step the kernels run in a CUDA graph,
+    and the Python of a call (the course's argument checks, PyTorch's dispatch) is not part of it."""
     xp, gen = device.xp, np.random.default_rng(0)
     C = NH * hs
     qkv = xp.asarray(gen.standard_normal((B, T, 3 * C), dtype=np.float32))
@@ -452,7 +454,7 @@ def bench_attention(B: int = 16, T: int = 1024, NH: int = 12, hs: int = 64, prec
     flops = 7 * B * NH * T * T * hs   # 2 B NH T T hs per product, half of it under the causal mask
 
     def row(name, fwd, bwd, kept):
-        f, b = timing.time_ms(fwd, repeat=10), timing.time_ms(bwd, repeat=10)
+        f, b = timing.time_ms(fwd, repeat=10, hide_host=True), timing.time_ms(bwd, repeat=10, hide_host=True)
         return dict(name=name, forward_ms=f, backward_ms=b, tflops=flops / ((f + b) * 1e-3) / 1e12, kept_bytes=kept)
 
     rows = []
