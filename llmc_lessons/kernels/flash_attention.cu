@@ -232,10 +232,12 @@ __device__ __forceinline__ int tile_index(int r, int c) { return r * S_LD + c; }
 // (2026-12-07). The same layout through the shuffle emulation of wgmma (-DLLMC_MMA_SHUFFLE) was right, so were
 // each product alone, and waiting for every copy or adding proxy fences changed nothing; with the branch gone the
 // results are version 2's, bit for bit. What in the compiled branch breaks the asynchronous products was not found.
+#ifndef MASK_ALL
 #if FA_WGMMA
 #define MASK_ALL true
 #else
 #define MASK_ALL false
+#endif
 #endif
 
 // One warp, one instruction (lesson 13's picture of the fragments): D (16 x 8) = A (16 x 16) @ B (16 x 8) + C
@@ -278,31 +280,53 @@ __device__ __forceinline__ void load_a_frags(unsigned int frag[HS / 16][4], cons
         ldmatrix_x4(frag[kk], rows + tile_index(lane % 8 + 8 * ((lane / 8) % 2), 16 * kk + 8 * (lane / 16)));
 }
 
-#if FA_WGMMA
-// Version 4: the same two products as below, each a batch of wgmma instructions of the whole warpgroup (the
-// block's 4 warps; every call below is made by all of them together, on the same tile). In a tile, the next
-// atom of 8 rows is 1024 bytes on.
-template <int N>
-__device__ __forceinline__ void mma_rows(float acc[N][4], const unsigned int a[HS / 16][4], const bf16* rows) {
-    wgmma_fence<8 * N>(acc);
-    for (int kk = 0; kk < HS / 16; kk++)          // B (k: 16 channels, n: N*8 rows) is K-major in the tile
-        wgmma_bf16<8 * N, false>(acc, a[kk], rows, 32 * kk, 1024, kk > 0);
-    wgmma_commit_wait<8 * N>(acc);
-}
-
+// P (16 x 16K, held as 2K accumulators of 16 x 8) rounded to bf16 as K A operands of 16 x 16: the accumulator
+// layout of two neighbouring 16 x 8 tiles is the A layout of one 16 x 16 operand.
 template <int K>
-__device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[2 * K][4], const bf16* tile, int k0) {
-    unsigned int a[K][4];                         // every A fragment first: an asynchronous wgmma reads its A
-    for (int kk = 0; kk < K; kk++) {              // registers until the batch is waited for, so none is reused
+__device__ __forceinline__ void pack_p(unsigned int a[K][4], const float p[2 * K][4]) {
+    for (int kk = 0; kk < K; kk++) {
         a[kk][0] = pack_bf16x2(p[2 * kk][0], p[2 * kk][1]);
         a[kk][1] = pack_bf16x2(p[2 * kk][2], p[2 * kk][3]);
         a[kk][2] = pack_bf16x2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
         a[kk][3] = pack_bf16x2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
     }
+}
+
+#if FA_WGMMA
+// Version 4: the same two products as below, each a batch of wgmma instructions of the whole warpgroup (the
+// block's 4 warps; every call below is made by all of them together, on the same tile). In a tile, the next
+// atom of 8 rows is 1024 bytes on.
+// The _start forms issue the batch and return at once: the caller waits (wgmma_wait) before reading acc, and keeps
+// a (wgmma_keep) until then.
+template <int N>
+__device__ __forceinline__ void mma_rows_start(float acc[N][4], const unsigned int a[HS / 16][4], const bf16* rows) {
+    wgmma_fence<8 * N>(acc);
+    for (int kk = 0; kk < HS / 16; kk++)          // B (k: 16 channels, n: N*8 rows) is K-major in the tile
+        wgmma_bf16<8 * N, false>(acc, a[kk], rows, 32 * kk, 1024, kk > 0);
+    wgmma_commit();
+}
+
+template <int N>
+__device__ __forceinline__ void mma_rows(float acc[N][4], const unsigned int a[HS / 16][4], const bf16* rows) {
+    mma_rows_start<N>(acc, a, rows);
+    wgmma_wait<0, 8 * N>(acc);
+}
+
+template <int K>
+__device__ __forceinline__ void mma_cols_start(float acc[HS / 8][4], const unsigned int a[K][4], const bf16* tile,
+                                               int k0) {
     wgmma_fence<HS>(acc);
     for (int kk = 0; kk < K; kk++)                // B (k: 16 rows, n: HS channels) is MN-major in the tile
         wgmma_bf16<HS, true>(acc, a[kk], tile, (k0 + 16 * kk) * 128, 1024, true);
-    wgmma_commit_wait<HS>(acc);
+    wgmma_commit();
+}
+
+template <int K>
+__device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[2 * K][4], const bf16* tile, int k0) {
+    unsigned int a[K][4];                         // every A fragment first: an asynchronous wgmma reads its A
+    pack_p<K>(a, p);                              // registers until the batch is waited for, so none is reused
+    mma_cols_start<K>(acc, a, tile, k0);
+    wgmma_wait<0, HS>(acc);
     wgmma_keep<K>(a);
 }
 #else
@@ -324,22 +348,38 @@ __device__ __forceinline__ void mma_rows(float acc[N][4], const unsigned int a[H
 }
 
 // acc (16 x HS) += P (16 x 16K, held as 2K accumulators of 16 x 8) @ rows k0 .. k0+16K-1 of a tile: B[k][n]
-// is tile[k0 + k][n], read with the transposed ldmatrix (p v, p^T do, ds k, ds^T q). P is rounded to bf16
-// here: the accumulator layout of two neighbouring 16 x 8 tiles is the A layout of one 16 x 16 operand.
+// is tile[k0 + k][n], read with the transposed ldmatrix (p v, p^T do, ds k, ds^T q), P rounded to bf16 (pack_p).
+// mma_cols_step is one 16-row step of it: acc += A (16 x 16, fragments a) @ rows k0 .. k0+15 of the tile.
+__device__ __forceinline__ void mma_cols_step(float acc[HS / 8][4], const unsigned int a[4], const bf16* tile, int k0) {
+    int lane = threadIdx.x % 32;
+    for (int n = 0; n < HS / 8; n += 2) {
+        unsigned int b[4];
+        ldmatrix_x4_trans(b, tile + (k0 + lane % 8 + 8 * ((lane / 8) % 2)) * S_LD + 8 * n + 8 * (lane / 16));
+        mma_bf16_16816(acc[n], a, b);
+        mma_bf16_16816(acc[n + 1], a, b + 2);
+    }
+}
+
 template <int K>
 __device__ __forceinline__ void mma_cols(float acc[HS / 8][4], const float p[2 * K][4], const bf16* tile, int k0) {
-    int lane = threadIdx.x % 32;
     for (int kk = 0; kk < K; kk++) {
-        unsigned int a[4] = {pack_bf16x2(p[2 * kk][0], p[2 * kk][1]), pack_bf16x2(p[2 * kk][2], p[2 * kk][3]),
-                             pack_bf16x2(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                             pack_bf16x2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-        for (int n = 0; n < HS / 8; n += 2) {
-            unsigned int b[4];
-            ldmatrix_x4_trans(b, tile + (k0 + 16 * kk + lane % 8 + 8 * ((lane / 8) % 2)) * S_LD + 8 * n + 8 * (lane / 16));
-            mma_bf16_16816(acc[n], a, b);
-            mma_bf16_16816(acc[n + 1], a, b + 2);
-        }
+        unsigned int a[1][4];
+        pack_p<1>(a, p + 2 * kk);
+        mma_cols_step(acc, a[0], tile, k0 + 16 * kk);
     }
+}
+
+// mma.sync has nothing to start: the _start forms compute at once (the forward kernel is written for version 4's
+// overlap, and runs the same steps in the same order here).
+template <int N>
+__device__ __forceinline__ void mma_rows_start(float acc[N][4], const unsigned int a[HS / 16][4], const bf16* rows) {
+    mma_rows<N>(acc, a, rows);
+}
+
+template <int K>
+__device__ __forceinline__ void mma_cols_start(float acc[HS / 8][4], const unsigned int a[K][4], const bf16* tile,
+                                               int k0) {
+    for (int kk = 0; kk < K; kk++) mma_cols_step(acc, a[kk], tile, k0 + 16 * kk);
 }
 #endif
 
@@ -384,7 +424,7 @@ __device__ __forceinline__ void block_column_sums(float* partial, float colsum[H
 }
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS, 4)
-flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
+flash_attention_forward_bf16_old_kernel(bf16* out,          // (B, T, C)
                                     float* lse,         // (B, NH, T)
                                     const bf16* qkv,    // (B, T, W), W = (NH + 2 NKV) HS
                                     int B, int T, int NH, int NKV) {
@@ -408,6 +448,9 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
     load_a_frags(qa, Qs + warp * 16 * S_LD);
     const float sl2 = LOG2E / sqrtf((float)HS);   // scores in base 2: exp(x / sqrt(HS)) = exp2(x * sl2)
     float o[HS / 8][4] = {}, m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};  // per row: running max and sum
+#if FA_S_OUTSIDE
+    float s[FA_ROWS / 8][4] = {};
+#endif
     for (int kt = 0; kt <= tile; kt++) {
         const bf16* Ks = Qs + (1 + 2 * (kt % 2)) * TILE;
         const bf16* Vs = Ks + TILE;
@@ -419,7 +462,9 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
         cp_async_commit();
         cp_async_wait<1>();                       // this tile has arrived (the next may still be in flight)
         __syncthreads();
+#if !FA_S_OUTSIDE
         float s[FA_ROWS / 8][4];
+#endif
         mma_rows<FA_ROWS / 8>(s, qa, Ks);          // s (16 x 64) = q k^T, unscaled
         if (MASK_ALL || kt == tile) {             // the causal mask: only the diagonal tile has keys past a row
             for (int n = 0; n < FA_ROWS / 8; n++)
@@ -449,6 +494,107 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
         mma_cols<FA_ROWS / 16>(o, s, Vs, 0);      // o += p v
         __syncthreads();                          // every warp is done with this buffer before it is refilled
     }
+    for (int r = 0; r < 2; r++) l[r] = row_sum4(l[r]);
+    float unused[HS / 8][2];
+    store_rows(out + (long long)b * T * C + h * HS, o, 1.0f / l[0], 1.0f / l[1], tile * FA_ROWS + warp * 16, T, C,
+               unused);
+    if (t == 0) {
+        float* L = lse + ((long long)b * NH + h) * T;
+        if (row0 < T) L[row0] = (m[0] * sl2 + log2f(l[0])) / LOG2E;
+        if (row1 < T) L[row1] = (m[1] * sl2 + log2f(l[1])) / LOG2E;
+    }
+}
+
+// One step of the online softmax for the warp's rows row0 and row1 (g and g + 8 of its 16): s, the 16 x 64
+// scores of key tile kt (unscaled), becomes p = 2^(s sl2 - m sl2) with m the new running maximum; l, the running
+// sums, and alpha, the factor that rescales what was summed against the old maximum. mask: the tile holds keys
+// past a row (the diagonal tile); the causal mask runs there, or on every tile where MASK_ALL.
+__device__ __forceinline__ void online_softmax(float s[FA_ROWS / 8][4], float m[2], float l[2], float alpha[2],
+                                               float sl2, bool mask, int k0, int row0, int row1) {
+    int t = threadIdx.x % 4;
+    if (MASK_ALL || mask) {
+        for (int n = 0; n < FA_ROWS / 8; n++)
+            for (int i = 0; i < 4; i++)
+                if (k0 + 8 * n + 2 * t + (i & 1) > (i < 2 ? row0 : row1)) s[n][i] = NEG_INF;
+    }
+    float mx[2] = {m[0], m[1]};                   // the running maximum, of unscaled scores (sl2 > 0 keeps order)
+    for (int n = 0; n < FA_ROWS / 8; n++)
+        for (int i = 0; i < 4; i++) mx[i / 2] = fmaxf(mx[i / 2], s[n][i]);
+    float msl2[2];
+    for (int r = 0; r < 2; r++) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        alpha[r] = fast_exp2((m[r] - mx[r]) * sl2);
+        m[r] = mx[r];
+        msl2[r] = mx[r] * sl2;
+        l[r] *= alpha[r];
+    }
+    for (int n = 0; n < FA_ROWS / 8; n++) {
+        for (int i = 0; i < 4; i++) {
+            s[n][i] = fast_exp2(fmaf(s[n][i], sl2, -msl2[i / 2]));   // p, unnormalised: one FFMA, one exp
+            l[i / 2] += s[n][i];                    // this lane's part of the row sum
+        }
+    }
+}
+
+// A block per (64-row query tile, head, b), the 4 warps 16 rows each, walking the key tiles 0 .. tile. The
+// products of one key tile overlap the softmax of another: with the scores s of tile kt - 1 turned into p, the
+// block starts s = q k^T of tile kt and o += p v of tile kt - 1 together (version 4's wgmma runs them while the
+// warps go on), waits for s only, computes its softmax, then waits for o and rescales it. Every key and value
+// tile is copied in a whole step before it is needed (two buffers of each), while the block computes.
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 4)
+flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
+                                    float* lse,         // (B, NH, T)
+                                    const bf16* qkv,    // (B, T, W), W = (NH + 2 NKV) HS
+                                    int B, int T, int NH, int NKV) {
+    __shared__ __align__(1024) int4 smem[5 * TILE / 8];                 // q, two key tiles, two value tiles
+    bf16* Qs = (bf16*)smem;
+    bf16* Ks = Qs + TILE;                               // key tile kt in Ks + (kt % 2) TILE
+    bf16* Vs = Qs + 3 * TILE;                           // value tile kt in Vs + (kt % 2) TILE
+    int C = NH * HS, W = (NH + 2 * NKV) * HS;
+    int tile = gridDim.x - 1 - blockIdx.x;              // the last rows first: they see the most keys
+    int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    const bf16* qbase = qkv + (long long)b * T * W + h * HS;                      // q of (b, 0, h)
+    const bf16* kbase = qkv + (long long)b * T * W + C + kv_head(h) * HS;         // k of its key/value head
+    const bf16* vbase = kbase + NKV * HS;                                         // and v
+    int row0 = tile * FA_ROWS + warp * 16 + g, row1 = row0 + 8;      // my two query rows
+    const float sl2 = LOG2E / sqrtf((float)HS);   // scores in base 2: exp(x / sqrt(HS)) = exp2(x * sl2)
+    float o[HS / 8][4] = {}, m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f}, alpha[2];  // per row: running max, sum
+    float s[FA_ROWS / 8][4];
+    unsigned int qa[HS / 16][4], pa[FA_ROWS / 16][4];   // q's and p's A fragments
+    stage_rows(Qs, qbase, tile * FA_ROWS, T, W);
+    stage_rows(Ks, kbase, 0, T, W);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (tile > 0) stage_rows(Ks + TILE, kbase, FA_ROWS, T, W);       // key tile 1 and value tile 0 come in
+    stage_rows(Vs, vbase, 0, T, W);                                   // during tile 0's scores and softmax
+    cp_async_commit();
+    load_a_frags(qa, Qs + warp * 16 * S_LD);
+    mma_rows<FA_ROWS / 8>(s, qa, Ks);                                 // key tile 0 alone: nothing to overlap
+    online_softmax(s, m, l, alpha, sl2, tile == 0, 0, row0, row1);
+    pack_p<FA_ROWS / 16>(pa, s);
+    for (int kt = 1; kt <= tile; kt++) {
+        cp_async_wait<0>();                       // key tile kt and value tile kt - 1 have arrived,
+        __syncthreads();                          // for every warp; and every warp is done with key tile kt - 1
+        if (kt < tile) stage_rows(Ks + ((kt + 1) % 2) * TILE, kbase, (kt + 1) * FA_ROWS, T, W);  // and value
+        stage_rows(Vs + (kt % 2) * TILE, vbase, kt * FA_ROWS, T, W);                             // tile kt - 2
+        cp_async_commit();
+        mma_rows_start<FA_ROWS / 8>(s, qa, Ks + (kt % 2) * TILE);                        // s = q k^T
+        mma_cols_start<FA_ROWS / 16>(o, pa, Vs + ((kt - 1) % 2) * TILE, 0);              // o += p v, tile kt - 1
+        wgmma_wait<1, FA_ROWS>(s);                // s has finished (o may still be running)
+        online_softmax(s, m, l, alpha, sl2, kt == tile, kt * FA_ROWS, row0, row1);
+        wgmma_wait<0, HS>(o);
+        wgmma_keep<FA_ROWS / 16>(pa);             // tile kt - 1's p is read until here
+        for (int n = 0; n < HS / 8; n++)
+            for (int i = 0; i < 4; i++) o[n][i] *= alpha[i / 2];
+        pack_p<FA_ROWS / 16>(pa, s);
+    }
+    cp_async_wait<0>();                           // the last value tile
+    __syncthreads();
+    mma_cols_start<FA_ROWS / 16>(o, pa, Vs + (tile % 2) * TILE, 0);
+    wgmma_wait<0, HS>(o);
+    wgmma_keep<FA_ROWS / 16>(pa);
     for (int r = 0; r < 2; r++) l[r] = row_sum4(l[r]);
     float unused[HS / 8][2];
     store_rows(out + (long long)b * T * C + h * HS, o, 1.0f / l[0], 1.0f / l[1], tile * FA_ROWS + warp * 16, T, C,
@@ -547,6 +693,9 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, W): the d
     float L2[2];
     dq_row_stats(D, L2, Dout + bhT, lse + bhT, row0, row1, T);
     float dq[HS / 8][4] = {};
+#if FA_S_OUTSIDE
+    float s[4][4] = {}, dp[4][4] = {};
+#endif
     for (int kt = 0; kt <= tile; kt++) {
         const bf16* Ks = S + 2 * (kt % 2) * TILE;
         const bf16* Vs = Ks + TILE;
@@ -560,7 +709,9 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, W): the d
         __syncthreads();
         for (int half = 0; half < 2; half++) {    // 32 keys at a time keeps s and dp in registers
             int k0 = 32 * half;
+#if !FA_S_OUTSIDE
             float s[4][4], dp[4][4];
+#endif
             mma_rows<4>(s, qa, Ks + k0 * S_LD);    // s = q k^T
             mma_rows<4>(dp, doa, Vs + k0 * S_LD);  // dp = do v^T
             auto masked = [&](int n, int i) { return kt * FA_ROWS + k0 + 8 * n + 2 * t + (i & 1) > (i < 2 ? row0 : row1); };
@@ -617,6 +768,9 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the
     stage(h0, tile, 0);
     cp_async_commit();
     float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
+#if FA_S_OUTSIDE
+    float st[4][4] = {}, dpt[4][4] = {};
+#endif
     int buf = 0;                                  // the buffer this step reads; the next tile goes to buf ^ 1
     for (int h = h0; h < h0 + GROUP; h++) {       // the group's query heads in order: dk, dv sum over them here
         for (int qt = tile; qt < (int)gridDim.x; qt++, buf ^= 1) {
@@ -630,7 +784,9 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the
             __syncthreads();
             for (int half = 0; half < 2; half++) {    // 32 queries at a time
                 int c0 = 32 * half;
+#if !FA_S_OUTSIDE
                 float st[4][4], dpt[4][4];            // s^T (my 16 keys x 32 queries) and dp^T
+#endif
                 mma_rows<4>(st, ka, Qs + c0 * S_LD);   // s^T = k q^T
                 mma_rows<4>(dpt, va, dOs + c0 * S_LD); // dp^T = v do^T
                 auto col = [&](int n, int i) { return c0 + 8 * n + 2 * t + (i & 1); };   // query within the tile

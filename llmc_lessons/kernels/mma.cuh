@@ -258,18 +258,32 @@ __device__ __forceinline__ void wgmma_fence(float d[N / 8][4]) {
 #endif
 }
 
-template <int N>
-__device__ __forceinline__ void wgmma_commit_wait(float d[N / 8][4]) {
+// wgmma_commit() closes a batch; wgmma_wait<PENDING>(d) waits until at most the PENDING newest batches are still
+// running (batches finish in order) and d, the accumulator of a finished one, may be read. Work placed between
+// them runs while the tensor core computes (the forward kernel's softmax, flash_attention.cu).
+__device__ __forceinline__ void wgmma_commit() {
 #if LLMC_WGMMA
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#endif
+}
+
+template <int PENDING, int N>
+__device__ __forceinline__ void wgmma_wait(float d[N / 8][4]) {
+#if LLMC_WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(PENDING) : "memory");
     for (int n = 0; n < N / 8; n++)
         for (int i = 0; i < 4; i++) asm volatile("" : "+f"(d[n][i]) :: "memory");
 #endif
 }
 
-// After wgmma_commit_wait: the A fragments of the batch "change" here, so the compiler keeps their registers
-// untouched until the batch has finished reading them.
+template <int N>
+__device__ __forceinline__ void wgmma_commit_wait(float d[N / 8][4]) {
+    wgmma_commit();
+    wgmma_wait<0, N>(d);
+}
+
+// After the wait for a batch: its A fragments "change" here, so the compiler keeps their registers untouched
+// until the batch has finished reading them.
 template <int K>
 __device__ __forceinline__ void wgmma_keep(unsigned int a[K][4]) {
 #if LLMC_WGMMA
