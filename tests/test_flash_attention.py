@@ -409,23 +409,38 @@ def test_bf16_gqa_large_on_the_gpu(NH, NKV):
     check_gqa_against_float64(2, 1000, NH, NKV, 64, seed=NKV)
 
 
+def _registers_and_spills(kernel) -> tuple:
+    """(registers a thread, bytes of local memory a thread: spills) of a compiled GPU kernel, as the driver reports
+    them: a cupy.RawKernel (version 2) or the cupy Function that NVRTC's sm_90a build gives (version 4)."""
+    import cupy
+    impl = kernel._compiled()
+    func = impl.kernel if isinstance(impl, cupy.RawKernel) else impl
+    driver = cupy.cuda.driver
+    return tuple(driver.funcGetAttribute(getattr(driver, f"CU_FUNC_ATTRIBUTE_{name}", number), func.ptr)
+                 for name, number in (("NUM_REGS", 4), ("LOCAL_SIZE_BYTES", 3)))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not device.on_gpu(), reason="registers are counted by the GPU's compiler")
-def test_bf16_kernels_registers_do_not_grow_with_the_group():
+@pytest.mark.parametrize("version", [2, 4])
+def test_bf16_kernels_registers_do_not_grow_with_the_group(version):
     """kv_head divides by GROUP with a multiply and a shift, which the block-wide (uniform) registers can do: the
     kernels of llama-124m (GROUP = 3) need no more registers a thread than GPT-2's (GROUP = 1). A division put the
     head's addresses in per-thread registers: 166-168 instead of 128 for the dq kernel (ptxas -v, sm_90). The
     kernels' launch bounds cap the registers (128 a thread for the forward and dq kernels, 4 blocks of 128 threads;
     168 for the dk/dv kernel, 3 blocks), so beyond the cap the growth shows as spills to local memory: both are
-    compared."""
+    compared, in both versions (version 4, wgmma, on an sm_90 GPU only)."""
     from llmc_lessons.layers.flash_attention import _flash_kernel
-    for name in ("flash_attention_forward_bf16_kernel", "flash_attention_backward_dq_bf16_kernel",
-                 "flash_attention_backward_dkdv_bf16_kernel"):
-        kernels = (_flash_kernel(name, 64, group).compile()._compiled() for group in (1, 3))   # CuPy's RawKernel
-        (gpt2, gpt2_local), (llama, llama_local) = ((k.attributes["num_regs"], k.attributes["local_size_bytes"])
-                                                    for k in kernels)
-        assert llama <= gpt2 + 4, f"{name}: {llama} registers a thread at GROUP = 3, {gpt2} at GROUP = 1"
-        assert llama_local <= gpt2_local, (f"{name}: {llama_local} bytes of local memory (spills) a thread at "
+    if version == 4 and device.compute_capability() != 90:
+        pytest.skip("version 4 (wgmma) compiles for sm_90a: an H100 or H200")
+    for name, cap in (("flash_attention_forward_bf16_kernel", 128), ("flash_attention_backward_dq_bf16_kernel", 128),
+                      ("flash_attention_backward_dkdv_bf16_kernel", 168)):
+        (gpt2, gpt2_local), (llama, llama_local) = (_registers_and_spills(_flash_kernel(name, 64, group, version=version))
+                                                    for group in (1, 3))
+        where = f"{name}, version {version}"
+        assert gpt2 <= cap and llama <= cap, f"{where}: {gpt2} and {llama} registers a thread, over the cap of {cap}"
+        assert llama <= gpt2 + 4, f"{where}: {llama} registers a thread at GROUP = 3, {gpt2} at GROUP = 1"
+        assert llama_local <= gpt2_local, (f"{where}: {llama_local} bytes of local memory (spills) a thread at "
                                            f"GROUP = 3, {gpt2_local} at GROUP = 1")
 
 
