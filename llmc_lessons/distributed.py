@@ -399,16 +399,20 @@ class DataParallel:
         s = self.comm.all_reduce(model.xp.asarray([total], dtype=np.float64))
         return float(device.to_host(s)[0]) / (count * self.comm.world_size)
 
-    def reduce_gradients(self, model) -> float:
+    def reduce_gradients(self, model, read: bool = True):
         """Turn each rank's summed micro-batch gradients into the global batch's mean gradient (all of it, or
-        with ZeRO-1 this rank's shard, in model.grads_memory[lo:hi]); returns the global gradient norm."""
+        with ZeRO-1 this rank's shard, in model.grads_memory[lo:hi]); returns the global gradient norm.
+        read=False (one rank, the kernel paths): returns its square unread, global_norm_squared_cuda's (1,)
+        device array, so nothing waits for the GPU."""
         xp, g, R = model.xp, model.grads_memory, self.comm.world_size
         scale = np.float32(1.0 / (R * self.grad_accum))
+        if not read and (R > 1 or not model.use_kernels):
+            raise ValueError("reduce_gradients(read=False) leaves the norm on the GPU: one rank, a kernel path")
         if not self.sharded:
             self.comm.all_reduce(g)
             if scale != 1:
                 g *= scale
-            return self._norm(model, g, reduce=False)
+            return self._norm(model, g, reduce=False) if read else global_norm_squared_cuda(g)
         if self._padded is None:
             self._padded = xp.zeros(R * self.shard_size, dtype=np.float32)
         self._padded[:self.num_parameters] = g

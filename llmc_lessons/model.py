@@ -134,7 +134,7 @@ class GPT2:
         self.keep_logits = True     # False: on the kernel path a forward with targets lets the fused classifier
                                     # overwrite the logits with dlogits (no copy; self.logits is then None)
         self.losses = None          # (B, T) from the last forward with targets
-        self.mean_loss = None       # float, or None after a forward without targets
+        self._loss = None           # the mean loss: a float, an unread 0-d array, or None (see mean_loss)
         self._cache = None
         self._backward_ready = None   # after a forward with targets and before its backward: "launches", or
                                       # "graph" when the forward was a graph's replay
@@ -194,7 +194,15 @@ class GPT2:
             self.grads = point_views(self.grads_memory, self.param_shapes)
         if self.m_memory is not None:
             self.m_memory, self.v_memory = self._asarray(self.m_memory), self._asarray(self.v_memory)
-        self.logits = self.losses = self.mean_loss = self._cache = self._backward_ready = None
+        self.logits = self.losses = self._loss = self._cache = self._backward_ready = None
+
+    @property
+    def mean_loss(self) -> float | None:
+        """The last forward's mean loss, a float (reading it waits for the GPU, once); None after a forward
+        without targets."""
+        if self._loss is not None and not isinstance(self._loss, float):
+            self._loss = float(self._loss)
+        return self._loss
 
     def layer_params(self, l: int, grads: bool = False) -> dict:
         """Layer l's tensors (GPT-2's 12) as the dict block_forward/block_backward take (views, no copies)."""
@@ -217,8 +225,10 @@ class GPT2:
                              f"found {host.min()}..{host.max()}")
         return np.ascontiguousarray(host, dtype=np.int32)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, *, read_loss: bool = True):
         """idx, targets: integer (B, T). Returns the mean cross-entropy loss (a float), or None without targets.
+        read_loss=False returns the loss unread, a 0-d array of the backend: nothing waits for the GPU, which goes
+        on to the backward (the trainer reads it at the end of the step; model.mean_loss reads it too).
 
         Keeps what backward needs; self.logits is (B, T, Vp) (columns V..Vp-1 are real matmul outputs of the
         zero padded rows of wte; softmax and the loss never see them).
@@ -230,7 +240,7 @@ class GPT2:
                 raise ValueError(f"targets must have the shape of idx {host_idx.shape}, got {host_targets.shape}")
         # Let go of the previous forward's activations first: holding them while the new ones are made would
         # double the peak memory (two steps' activations at once).
-        self.logits = self.losses = self._cache = self.mean_loss = self._backward_ready = None
+        self.logits = self.losses = self._cache = self._loss = self._backward_ready = None
         if targets is not None and self._graph_ready(host_idx.shape):
             mean = self._graph_forward(host_idx, host_targets)
             ready = "graph"
@@ -243,8 +253,8 @@ class GPT2:
             mean, ready = self.losses.mean(), "launches"
         self.path.after_forward(self, self._cache, host_idx)
         self._backward_ready = ready
-        self.mean_loss = float(mean)
-        return self.mean_loss
+        self._loss = mean
+        return self.mean_loss if read_loss else mean
 
     __call__ = forward
 
@@ -263,7 +273,7 @@ class GPT2:
 
         On the kernel paths a forward allows one backward: the backward lets go of dlogits, the largest
         activation, as soon as it has used them (the peak memory is lower by (B, T, Vp) floats)."""
-        if self._cache is None or self.mean_loss is None:
+        if self._cache is None or self._loss is None:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
         if self.path.on_backend and not self._backward_ready:
             raise RuntimeError("on the kernel path each forward allows one backward (it frees the dlogits that the "
@@ -349,11 +359,17 @@ class GPT2:
         """One AdamW step on every parameter (llm.c's gpt2_update); t counts from 1 (default: previous t + 1).
 
         Weight decay applies to DECAYED_PARAMETER_NAMES only. grad_scale multiplies every gradient first (the
-        clip factor of llmc_lessons.layers.adamw.clip_grad_norm). The update runs over the flat buffers, one
-        call per run of neighbouring tensors that share a weight decay (10 runs in llm.c's order).
+        clip factor of llmc_lessons.layers.adamw.clip_grad_norm); on a path that clips on the device (the bf16
+        kernels: path.clips_on_device) it may also be the (1,) device array of clip_factor_cuda, which AdamW reads
+        on the GPU, so nothing waits for it (a factor that is not finite leaves every parameter as it was). The
+        update runs over the flat buffers, one call per run of neighbouring tensors that share a weight decay (10
+        runs in llm.c's order).
         shard=(lo, hi): ZeRO-1 (lesson 17), update only the flat parameters lo..hi-1, whose m and v alone the
         model keeps (m_memory[0] is parameter lo).
         """
+        if not isinstance(grad_scale, (int, float, np.floating)) and not self.path.clips_on_device:
+            raise TypeError(f"grad_scale must be a float on this path (precision {self.precision!r}), got "
+                            f"{type(grad_scale).__name__}: only the bf16 kernels read the clip factor on the GPU")
         if self.grads_memory is None:
             raise RuntimeError("update() needs gradients: call forward(idx, targets) and backward() first")
         t = self.step + 1 if t is None else int(t)

@@ -104,6 +104,7 @@ class NumpyPath:
     """The layers' NumPy references on the host, in float32; with `parts` ({key: llmc_lessons.parts.Part}), the
     student's functions wherever the forward, the backward or the AdamW update calls one they have written."""
     on_backend = False      # arrays are NumPy arrays on the host: no token buckets, no CUDA graphs
+    clips_on_device = False  # update() takes grad_scale as a float (the bf16 path also as the GPU's clip factor)
     xp = np
 
     def __init__(self, parts: dict | None = None):
@@ -381,12 +382,15 @@ class Bf16KernelPath(Fp32KernelPath):
                                                        g["fcprojb"][l - 1] if l > 0 else None)
         return dres            # the encoder's dout: finish_backward adds the encoder's gradients
 
+    clips_on_device = True   # grad_scale may be the clip factor the GPU computed, which AdamW reads there
+
     def update(self, model, start: int, stop: int, t: int, lr, beta1, beta2, eps, wd, grad_scale) -> None:
         # the float32 master weights, then their bf16 copy, stochastically rounded
         p, g = model.params_memory[start:stop], model.grads_memory[start:stop]
         m, v = model.moments(start, stop)
+        scale, clip = (1.0, grad_scale) if isinstance(grad_scale, device.xp.ndarray) else (grad_scale, None)
         adamw_update_bf16_cuda(p, model.params_bf16_memory[start:stop], g, m, v, t, lr, beta1, beta2, eps, wd,
-                               stochastic=True, seed=rounding_seed(t, start), grad_scale=grad_scale)
+                               stochastic=True, seed=rounding_seed(t, start), grad_scale=scale, clip=clip)
 
 
 RECOMPUTED = {0: (), 1: ("fch_gelu",), 2: ("fch_gelu", "ln1", "ln2")}

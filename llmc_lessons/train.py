@@ -44,6 +44,7 @@ from llmc_lessons.data import DataLoader, prepare_shakespeare
 from llmc_lessons.distributed import DataParallel, Single, connect, environment, launch
 from llmc_lessons.files import atomic_write
 from llmc_lessons.hf import load_weights
+from llmc_lessons.layers.adamw import clip_factor_cuda
 from llmc_lessons.llama import config_from_name, model_class
 from llmc_lessons.model import GPT2
 from llmc_lessons.precision import tf32 as tf32_matmuls
@@ -108,27 +109,43 @@ def training_step(model: GPT2, x, y, lr: float, weight_decay: float, grad_clip: 
     forward with the loss -> zero_grad -> backward -> global gradient norm -> clip factor -> AdamW.
     x, y: the global batch (B, T); dp (lesson 17): this rank's share of a data-parallel step (its rows in
     micro-batches whose gradients add up, the average over ranks, ZeRO-1); None is one rank, one micro-batch.
+    On one rank of the bf16 kernels (model.path.clips_on_device) the clip factor is computed on the GPU and AdamW
+    reads it there: the step is queued whole, and the loss and the norm are read once, at its end (where either
+    is not finite, AdamW has left every parameter as it was). Elsewhere the loss and the norm are read, and
+    checked, before the update.
     """
     dp = dp or DataParallel(Single(), model.num_parameters)
     micro = dp.micro_batches(x, y)
-    total = 0.0
+    means = []                    # each micro-batch's mean loss, unread: the GPU goes on to the backward
     for i, (xm, ym) in enumerate(micro):
-        total += model.forward(xm, ym)
+        means.append(model.forward(xm, ym, read_loss=False))
         if i == 0:
             model.zero_grad()
         model.backward()
-    loss = dp.mean(model, total, len(micro))
+    if model.path.clips_on_device and dp.comm.world_size == 1:
+        norm_squared = dp.reduce_gradients(model, read=False)
+        any_loss = sum(means[1:], means[0])          # for the clip factor's check: not finite if one loss is not
+        dp.update(model, lr, weight_decay, clip_factor_cuda(norm_squared, any_loss, grad_clip))
+        loss = dp.mean(model, sum(float(m) for m in means), len(micro))
+        norm = math.sqrt(float(device.to_host(norm_squared)[0]))
+        _require_finite(model, step, loss, norm)
+    else:
+        loss = dp.mean(model, sum(float(m) for m in means), len(micro))
+        _require_finite(model, step, loss)
+        norm = dp.reduce_gradients(model)
+        _require_finite(model, step, loss, norm)
+        dp.update(model, lr, weight_decay, grad_clip / norm if grad_clip and norm > grad_clip else 1.0)
+    device.synchronize()
+    return loss, norm
+
+
+def _require_finite(model: GPT2, step: int, loss: float, norm: float = 0.0) -> None:
     if not math.isfinite(loss):
         raise NonFiniteError(f"step {step}: the loss is {loss} (first bad tensor: "
                              f"{_first_nonfinite(model, 'parameter')})")
-    norm = dp.reduce_gradients(model)
     if not math.isfinite(norm):
         raise NonFiniteError(f"step {step}: the gradient norm is {norm}: the "
                              f"{_first_nonfinite(model, 'gradient')} holds NaN or inf")
-    scale = grad_clip / norm if grad_clip and norm > grad_clip else 1.0
-    dp.update(model, lr, weight_decay, scale)
-    device.synchronize()
-    return loss, norm
 
 
 def checkpoints(out) -> list[Path]:

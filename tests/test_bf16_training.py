@@ -13,6 +13,7 @@ from llmc_lessons.layers.attention import (attention_backward, attention_backwar
                                            attention_forward_bf16_cuda, merge_heads_bf16_cuda,
                                            softmax_backward_bf16_cuda, softmax_forward_bf16_cuda, split_heads_bf16_cuda)
 from llmc_lessons.layers.bf16 import zero_counters, float_to_bf16_cuda
+from llmc_lessons.layers.adamw import global_norm_cuda
 from llmc_lessons.layers.crossentropy import fused_classifier_bf16_cuda
 from llmc_lessons.layers.encoder import encoder_forward_bf16_cuda
 from llmc_lessons.layers.gelu import (gelu_backward, gelu_bias_backward_bf16_cuda, gelu_bias_forward_bf16_cuda,
@@ -445,3 +446,64 @@ def test_bf16_model_generates_and_refuses_what_it_cannot_do():
     m.backward()
     with pytest.raises(RuntimeError, match="one backward"):
         m.backward()
+
+
+# -- the clip factor on the GPU: the trainer queues the whole step and reads the loss and the norm at its end --
+
+def host_step(model, x, y, lr, grad_clip):
+    """The step as the trainer ran it before, every value read on the host: loss, norm, clip factor, AdamW."""
+    loss = model.forward(x, y)
+    model.zero_grad()
+    model.backward()
+    norm = global_norm_cuda(model.grads_memory)
+    model.update(lr, weight_decay=0.1, grad_scale=grad_clip / norm if norm > grad_clip else 1.0)
+    return loss, norm
+
+
+@pytest.mark.parametrize("grad_clip", [1e-3, 1e3])   # clipping every step, and never
+def test_training_step_with_the_clip_factor_on_the_gpu_gives_the_host_steps_bits(grad_clip):
+    from llmc_lessons.train import training_step
+    x, y = batch()
+    queued, read = GPT2(SMALL, seed=3, precision="bf16"), GPT2(SMALL, seed=3, precision="bf16")
+    assert queued.path.clips_on_device
+    for step in range(1, 4):
+        got = training_step(queued, x, y, 3e-3, 0.1, grad_clip, step)
+        want = host_step(read, x, y, 3e-3, grad_clip)
+        assert got == want, f"step {step}: (loss, norm) {got} against the host's {want}"
+        assert queued.mean_loss == want[0]
+    for a, b in ((queued.params_memory, read.params_memory), (queued.params_bf16_memory, read.params_bf16_memory),
+                 (queued.m_memory, read.m_memory), (queued.v_memory, read.v_memory)):
+        np.testing.assert_array_equal(to_host(a), to_host(b))
+
+
+def test_clip_factor_cuda_clips_and_marks_what_is_not_finite():
+    from llmc_lessons.layers.adamw import clip_factor_cuda
+    def factor(norm, loss, max_norm):
+        sq = to_device(np.array([norm * norm], np.float32))
+        return float(to_host(clip_factor_cuda(sq, to_device(np.float32(loss)), max_norm))[0])
+    assert factor(2.0, 1.5, 1.0) == np.float32(1.0) / np.float32(2.0)
+    assert factor(0.5, 1.5, 1.0) == 1.0
+    assert factor(2.0, 1.5, 0.0) == 1.0                  # max_norm 0: no clipping
+    for norm, loss in ((np.inf, 1.5), (np.nan, 1.5), (2.0, np.nan), (2.0, -np.inf)):
+        assert math.isnan(factor(norm, loss, 1.0)), (norm, loss)
+    with pytest.raises(ValueError, match="one value"):
+        clip_factor_cuda(to_device(np.ones(1, np.float32)), to_device(np.ones(2, np.float32)), 1.0)
+
+
+def test_a_step_that_is_not_finite_changes_nothing_on_the_gpu_path():
+    """The AdamW kernel skips the step where the clip factor is NaN: the trainer raises after it, and the weights,
+    their bf16 copy and the moments are those before the step."""
+    from llmc_lessons.train import NonFiniteError, training_step
+    x, y = batch()
+    m = GPT2(SMALL, seed=3, precision="bf16")
+    training_step(m, x, y, 3e-3, 0.1, 1.0, 1)
+    m.params["lnfw"][5] = np.nan               # a corrupted master weight, then its bf16 copy
+    m.sync_params()
+    before = [to_host(a).copy() for a in (m.params_memory, m.params_bf16_memory, m.m_memory, m.v_memory)]
+    with pytest.raises(NonFiniteError, match=r"step 2: the loss is nan \(first bad tensor: parameter of lnfw\)"):
+        training_step(m, x, y, 3e-3, 0.1, 1.0, 2)
+    after = [to_host(a) for a in (m.params_memory, m.params_bf16_memory, m.m_memory, m.v_memory)]
+    for name, b, a in zip(("master weights", "bf16 copy", "m", "v"), before, after):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    with pytest.raises(TypeError, match="only the bf16 kernels"):
+        GPT2(SMALL, seed=3, backend="kernels").update(1e-3, grad_scale=to_device(np.ones(1, np.float32)))

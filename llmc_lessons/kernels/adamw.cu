@@ -96,6 +96,17 @@ extern "C" __global__ void global_sum_deterministic_kernel(float* out,          
     if (threadIdx.x == 0) { out[0] = sum; }
 }
 
+// clip_factor_kernel (one thread): factor[0] = max_norm / norm where the global norm, sqrt(norm_squared[0]), is
+// above max_norm > 0, else 1; NaN where the loss or the norm is not finite (the AdamW kernel then skips the step).
+// The trainer launches it after the backward and hands factor to AdamW, so nothing waits for the GPU in between.
+// In double, as the host computes it (Python's floats), then rounded once: the same bits either way.
+extern "C" __global__ void clip_factor_kernel(float* factor, const float* norm_squared, const float* loss,
+                                              double max_norm) {
+    double norm = sqrt((double)norm_squared[0]);
+    if (!(fabsf(loss[0]) <= FLT_MAX) || !(norm <= DBL_MAX)) factor[0] = NAN;
+    else factor[0] = max_norm > 0.0 && norm > max_norm ? (float)(max_norm / norm) : 1.0f;
+}
+
 // =========================================================================================================
 // bf16 (lesson 14): stored in bfloat16, computed in float32 (kernels/bf16.cuh has the conversions).
 //
@@ -108,10 +119,13 @@ extern "C" __global__ void global_sum_deterministic_kernel(float* out,          
 extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const float* grads, float* m, float* v,
                                              int N, float lr, float beta1, float beta2, float beta1_correction,
                                              float beta2_correction, float eps, float weight_decay,
-                                             float grad_scale, int stochastic, unsigned int seed) {
+                                             float grad_scale, const float* clip, int stochastic,
+                                             unsigned int seed) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N) return;
-    float g = grads[i] * grad_scale;                  // grad_scale: the clip factor of the global norm
+    float scale = grad_scale * clip[0];               // clip: (1,), the clip factor as the GPU computed it (1 if
+    if (!(fabsf(scale) <= FLT_MAX)) return;           // none): not finite, the step is skipped, nothing changes
+    float g = grads[i] * scale;
     float mi = beta1 * m[i] + (1.0f - beta1) * g;
     float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
     m[i] = mi;

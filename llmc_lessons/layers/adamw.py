@@ -145,16 +145,49 @@ def global_norm_cuda(grads, block_size: int = 512, max_blocks: int = 1024) -> fl
 # the bits; layers/bf16.py has the checks they share)
 
 
+def clip_factor_cuda(norm_squared, loss, max_norm: float):
+    """The clip factor computed on the GPU, as a (1,) float32 device array, for adamw_update_bf16_cuda's clip:
+    max_norm / norm where the norm, sqrt(norm_squared[0]), is above max_norm (> 0), else 1; NaN where the loss (a
+    float32 scalar or (1,) array) or the norm is not finite, which makes AdamW skip the step. Nothing waits for the
+    GPU: the trainer reads the loss and the norm after the update is queued."""
+    device.require_array("norm_squared", norm_squared, shape=(1,))
+    loss = device.xp.asarray(loss, dtype=np.float32)    # a 0-d array of the backend: a view, nothing copied
+    if loss.size != 1:
+        raise ValueError(f"loss must hold one value (the mean loss), got shape {loss.shape}")
+    loss = loss.reshape(1)
+    factor = device.xp.empty((1,), dtype=np.float32)
+    load_kernel("adamw.cu", "clip_factor_kernel")((1,), (1,), (factor, norm_squared, loss, np.float64(max_norm)))
+    return factor
+
+
+_one = None
+
+
+def _no_clip():
+    """A (1,) float32 device array holding 1, the clip factor when none is given, made once per process. Nothing
+    writes to it."""
+    global _one
+    if _one is None:
+        _one = device.xp.ones((1,), dtype=np.float32)
+    return _one
+
+
 def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1: float = 0.9,
                            beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
-                           stochastic: bool = False, seed: int = 0, block_size: int = 512, grad_scale: float = 1.0):
+                           stochastic: bool = False, seed: int = 0, block_size: int = 512, grad_scale: float = 1.0,
+                           clip=None):
     """AdamW on float32 `master` weights and moments in place, then `params` (uint16) = their bf16 copy.
-    grad_scale multiplies every gradient first (the clip factor)."""
+    grad_scale multiplies every gradient first (the clip factor), and so does clip[0] where clip, a (1,) float32
+    device array, is given (clip_factor_cuda: the factor as the GPU computed it). Where the product is not finite
+    the step changes nothing."""
     device.require_array("master", master)
     n = master.size
     device.require_array("params", params, shape=master.shape, dtype=np.uint16)
     for name, a in (("grads", grads), ("m", m), ("v", v)):
         device.require_array(name, a, shape=master.shape)
+    if clip is None:
+        clip = _no_clip()
+    device.require_array("clip", clip, shape=(1,))
     if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1:
         raise ValueError(f"t counts steps from 1, got {t!r}")
     block_size = device.require_block_size(block_size)
@@ -163,4 +196,4 @@ def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1
             (-(-n // block_size),), (block_size,),
             (master, params, grads, m, v, np.int32(n), np.float32(lr), np.float32(beta1), np.float32(beta2),
              np.float32(1 - beta1 ** t), np.float32(1 - beta2 ** t), np.float32(eps), np.float32(weight_decay),
-             np.float32(grad_scale), np.int32(bool(stochastic)), np.uint32(seed)))
+             np.float32(grad_scale), clip, np.int32(bool(stochastic)), np.uint32(seed)))
