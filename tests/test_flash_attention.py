@@ -429,16 +429,19 @@ def test_bf16_kernels_registers_do_not_grow_with_the_group(version):
     head's addresses in per-thread registers: 166-168 instead of 128 for the dq kernel (ptxas -v, sm_90). The
     kernels' launch bounds cap the registers (128 a thread for the forward and dq kernels, 4 blocks of 128 threads;
     168 for the dk/dv kernel, 3 blocks), so beyond the cap the growth shows as spills to local memory: both are
-    compared, in both versions (version 4, wgmma, on an sm_90 GPU only)."""
+    compared, in both versions (version 4, wgmma, on an sm_90 GPU only). And none spills but version 2's dk/dv
+    kernel (a few bytes at 168 registers, as compiled since c73b153): version 4's forward keeps two tiles' scores
+    and probabilities in registers, under the same cap of 128."""
     from llmc_lessons.layers.flash_attention import _flash_kernel
     if version == 4 and device.compute_capability() != 90:
         pytest.skip("version 4 (wgmma) compiles for sm_90a: an H100 or H200")
-    for name, cap in (("flash_attention_forward_bf16_kernel", 128), ("flash_attention_backward_dq_bf16_kernel", 128),
-                      ("flash_attention_backward_dkdv_bf16_kernel", 168)):
+    for name in ("flash_attention_forward_bf16_kernel", "flash_attention_backward_dq_bf16_kernel",
+                 "flash_attention_backward_dkdv_bf16_kernel"):
         (gpt2, gpt2_local), (llama, llama_local) = (_registers_and_spills(_flash_kernel(name, 64, group, version=version))
                                                     for group in (1, 3))
         where = f"{name}, version {version}"
-        assert gpt2 <= cap and llama <= cap, f"{where}: {gpt2} and {llama} registers a thread, over the cap of {cap}"
+        if version == 4 or "dkdv" not in name:
+            assert gpt2_local == 0, f"{where}: {gpt2_local} bytes of local memory (spills) a thread"
         assert llama <= gpt2 + 4, f"{where}: {llama} registers a thread at GROUP = 3, {gpt2} at GROUP = 1"
         assert llama_local <= gpt2_local, (f"{where}: {llama_local} bytes of local memory (spills) a thread at "
                                            f"GROUP = 3, {gpt2_local} at GROUP = 1")

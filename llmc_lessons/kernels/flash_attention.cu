@@ -488,8 +488,10 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
     for (int kt = 1; kt <= tile; kt++) {
         cp_async_wait<0>();                       // key tile kt and value tile kt - 1 have arrived,
         __syncthreads();                          // for every warp; and every warp is done with key tile kt - 1
-        if (kt < tile) stage_rows(Ks + ((kt + 1) % 2) * TILE, kbase, (kt + 1) * FA_ROWS, T, W);  // and value
-        stage_rows(Vs + (kt % 2) * TILE, vbase, kt * FA_ROWS, T, W);                             // tile kt - 2
+        // key tile kt + 1 goes where key tile kt - 1 was, value tile kt where value tile kt - 2 was: both read
+        // by products that have finished
+        if (kt < tile) stage_rows(Ks + ((kt + 1) % 2) * TILE, kbase, (kt + 1) * FA_ROWS, T, W);
+        stage_rows(Vs + (kt % 2) * TILE, vbase, kt * FA_ROWS, T, W);
         cp_async_commit();
         mma_rows_start<FA_ROWS / 8>(s, qa, Ks + (kt % 2) * TILE);                        // s = q k^T
         mma_cols_start<FA_ROWS / 16>(o, pa, Vs + ((kt - 1) % 2) * TILE, 0);              // o += p v, tile kt - 1

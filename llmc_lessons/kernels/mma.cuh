@@ -227,8 +227,9 @@ __device__ __forceinline__ void cp_async_wait() {
 // flash_attention.cu) are laid out so (hs = 64: one row a tile row).
 //
 // wgmma_bf16 issues one instruction; before the first of a batch, wgmma_fence() (the registers it reads were
-// written by ordinary instructions), after the last, wgmma_commit_wait() (the batch has finished and d holds
-// the result). On the CPU emulator, and on a GPU compiled without sm_90a's features, wgmma_bf16 computes the
+// written by ordinary instructions), after the last, wgmma_commit() (the batch is closed), and before d is read,
+// wgmma_wait<PENDING>() (the batch has finished and d holds the result); the A registers are kept until then
+// (wgmma_keep). On the CPU emulator, and on a GPU compiled without sm_90a's features, wgmma_bf16 computes the
 // same product at once from the same registers and the same shared memory: the warp shuffles A's rows (as
 // mma_bf16_16816 does) and each lane reads the B values its accumulators need, at the addresses the
 // descriptor's rule gives. A warpgroup's 128 threads must call these together, with the same b.
@@ -274,12 +275,6 @@ __device__ __forceinline__ void wgmma_wait(float d[N / 8][4]) {
     for (int n = 0; n < N / 8; n++)
         for (int i = 0; i < 4; i++) asm volatile("" : "+f"(d[n][i]) :: "memory");
 #endif
-}
-
-template <int N>
-__device__ __forceinline__ void wgmma_commit_wait(float d[N / 8][4]) {
-    wgmma_commit();
-    wgmma_wait<0, N>(d);
 }
 
 // After the wait for a batch: its A fragments "change" here, so the compiler keeps their registers untouched
