@@ -413,9 +413,8 @@ def _registers_and_spills(kernel) -> tuple:
     """(registers a thread, bytes of local memory a thread: spills) of a compiled GPU kernel, as the driver reports
     them: a cupy.RawKernel (version 2) or the cupy Function that NVRTC's sm_90a build gives (version 4)."""
     import cupy
-    impl = kernel._compiled()
-    func = impl.kernel if isinstance(impl, cupy.RawKernel) else impl
-    driver = cupy.cuda.driver
+    from llmc_lessons.cuda import _loaded_function
+    func, driver = _loaded_function(kernel._compiled()), cupy.cuda.driver
     return tuple(driver.funcGetAttribute(getattr(driver, f"CU_FUNC_ATTRIBUTE_{name}", number), func.ptr)
                  for name, number in (("NUM_REGS", 4), ("LOCAL_SIZE_BYTES", 3)))
 

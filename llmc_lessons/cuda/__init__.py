@@ -255,12 +255,17 @@ class RawKernel:
             print(out, end="" if out.endswith("\n") else "\n")
 
 
-def _thread_limit(impl) -> tuple:
-    """(most threads a block, registers a thread) of a GPU kernel: a cupy.RawKernel, or the cupy.cuda.Function
-    of a RawModule."""
+def _loaded_function(impl):
+    """The loaded cupy.cuda.Function (with its driver handle, .ptr) of a GPU kernel's implementation: a
+    cupy.RawKernel, or the Function of a RawModule or of an sm_90a build (_sm90a_function)."""
     import cupy
-    func = impl.kernel if isinstance(impl, cupy.RawKernel) else impl     # the loaded function, with its handle
-    driver = cupy.cuda.driver
+    return impl.kernel if isinstance(impl, cupy.RawKernel) else impl
+
+
+def _thread_limit(impl) -> tuple:
+    """(most threads a block, registers a thread) of a GPU kernel's implementation (_loaded_function)."""
+    import cupy
+    func, driver = _loaded_function(impl), cupy.cuda.driver
     return (driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, func.ptr),
             driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, func.ptr))
 
