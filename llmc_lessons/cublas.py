@@ -82,7 +82,7 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, out=None, accumulat
     if K == 0:  # cuBLAS refuses K = 0; the product of empty sums is 0
         return _zero_k(out, accumulate)
     if M and N:
-        lib, handle = _library()
+        lib, handle = _library(a.dtype)
         t_in, t_out = _cuda_type(a.dtype), _cuda_type(out.dtype)
         _check("cublasGemmEx", lib.cublasGemmEx(
             handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
@@ -104,7 +104,7 @@ def gemm_batched(a, b, trans_a: bool = False, trans_b: bool = False, out=None, o
     if K == 0:  # cuBLAS refuses K = 0; the product of empty sums is 0
         return _zero_k(out, False)
     if L and M and N:
-        lib, handle = _library()
+        lib, handle = _library(a.dtype)
         t_in, t_out = _cuda_type(a.dtype), _cuda_type(out.dtype)
         _check("cublasGemmStridedBatchedEx", lib.cublasGemmStridedBatchedEx(
             handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N, N, M, K,
@@ -168,7 +168,8 @@ def gemm_bias(x, weight, bias, out=None):
         ws = _lib["workspace"]
         _check("cublasLtMatmul", lib.cublasLtMatmul(
             handle, desc, _ONE.ctypes.data, weight.data.ptr, a_layout, x.data.ptr, b_layout, _ZERO.ctypes.data,
-            out.data.ptr, d_layout, out.data.ptr, d_layout, ctypes.byref(found.algo), ws.data.ptr, ws.nbytes,
+            out.data.ptr, d_layout, out.data.ptr, d_layout, ctypes.byref(found.algo), ws.data.ptr,
+            WORKSPACE_BYTES[np.dtype(np.uint16)],
             device.xp.cuda.get_current_stream().ptr))
     finally:
         lib.cublasLtMatmulDescDestroy(desc)
@@ -229,7 +230,7 @@ def _lt_layouts(M: int, N: int, K: int, align: tuple) -> tuple:
             _check("cublasLtMatrixLayoutCreate", lib.cublasLtMatrixLayoutCreate(ctypes.byref(h), CUDA_R_16BF, rows,
                                                                                  cols, rows))
             return h
-        pref, ws = ctypes.c_void_p(), ctypes.c_uint64(WORKSPACE_BYTES)
+        pref, ws = ctypes.c_void_p(), ctypes.c_uint64(WORKSPACE_BYTES[np.dtype(np.uint16)])
         _check("cublasLtMatmulPreferenceCreate", lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)))
         _check("cublasLtMatmulPreferenceSetAttribute", lib.cublasLtMatmulPreferenceSetAttribute(
             pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, ctypes.byref(ws), ctypes.sizeof(ws)))
@@ -244,16 +245,21 @@ def _lt_layouts(M: int, N: int, K: int, align: tuple) -> tuple:
 
 _lib = {}   # the cuBLAS library CuPy loaded, the course's handle, its workspace, and the stream it is bound to
 
-WORKSPACE_BYTES = 32 * 2**20
-"""The course's cuBLAS workspace (NVIDIA's advice for Hopper: 32 MiB). cuBLAS picks its algorithm partly by the
-workspace it has. A handle without one of its own draws on cuBLAS's internal pool, outside CuPy's memory pool,
-which may offer another workspace while a stream records a CUDA graph. With one buffer set on every stream, a
-product recorded into a graph has the workspace of the same product launched alone (tests/test_cublas.py checks
-that both give the same bits)."""
+WORKSPACE_BYTES = {np.dtype(np.uint16): 0, np.dtype(np.float32): 32 * 2**20}
+"""The course's cuBLAS workspace for products of bf16 (uint16) and of float32 operands. cuBLAS picks its algorithm
+partly by the workspace it has. With NVIDIA's 32 MiB for Hopper, cuBLAS 13's bf16 products on an H100 ran as
+kernels that need part of it cleared first, a memset before each (103 a d12 step); with none, as kernels that need
+none, and the bf16 step ran 0.3-1.5% faster (d12 and d48). The float32 (TF32) products need theirs: without it the
+fp32 step took 112.9 ms instead of 85.3 (results/bench/workspace-h100-2026-12-07.log). The one buffer is set on the
+handle, with the size of the product's type, on every stream: a handle without a workspace of its own draws on
+cuBLAS's internal pool, outside CuPy's memory pool, which may offer another workspace while a stream records a CUDA
+graph; so a product recorded into a graph has the workspace of the same product launched alone (tests/test_cublas.py
+checks that both give the same bits)."""
 
 
-def _library():
-    """(cuBLAS through ctypes, the course's handle bound to the current stream, with its own workspace).
+def _library(dtype=np.float32):
+    """(cuBLAS through ctypes, the course's handle bound to the current stream, with its workspace for products of
+    `dtype` operands: WORKSPACE_BYTES).
 
     The products call cuBLAS's C functions directly: CuPy's wrappers bind the handle to the current stream at
     every call, and CuPy refuses that while a stream records a CUDA graph (lesson 12), which would keep every
@@ -273,17 +279,19 @@ def _library():
         lib.cublasSetWorkspace_v2.argtypes = [ptr, ptr, ctypes.c_size_t]
         handle = ptr()
         _check("cublasCreate_v2", lib.cublasCreate_v2(ctypes.byref(handle)))
-        _lib.update(lib=lib, handle=handle.value, stream=None,
-                    workspace=device.xp.empty(WORKSPACE_BYTES, dtype=np.uint8))
-    stream = device.xp.cuda.get_current_stream().ptr
+        _lib.update(lib=lib, handle=handle.value, stream=None, workspace_bytes=None,
+                    workspace=device.xp.empty(max(WORKSPACE_BYTES.values()), dtype=np.uint8))
+    lib, handle, ws = _lib["lib"], _lib["handle"], _lib["workspace"]
+    stream, nbytes = device.xp.cuda.get_current_stream().ptr, WORKSPACE_BYTES[np.dtype(dtype)]
     if _lib["stream"] != stream:
-        lib, handle, ws = _lib["lib"], _lib["handle"], _lib["workspace"]
         _check("cublasSetStream_v2", lib.cublasSetStream_v2(handle, stream))
+        _lib.update(stream=stream, workspace_bytes=None)
+    if _lib["workspace_bytes"] != nbytes:
         # Setting the stream resets the workspace to cuBLAS's own pool: give it ours again, the same buffer on
         # every stream (the course's streams never run at the same time: a recording only records).
-        _check("cublasSetWorkspace_v2", lib.cublasSetWorkspace_v2(handle, ws.data.ptr, ws.nbytes))
-        _lib["stream"] = stream
-    return _lib["lib"], _lib["handle"]
+        _check("cublasSetWorkspace_v2", lib.cublasSetWorkspace_v2(handle, ws.data.ptr, nbytes))
+        _lib["workspace_bytes"] = nbytes
+    return lib, handle
 
 
 def _check(name: str, status: int) -> None:

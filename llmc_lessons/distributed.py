@@ -320,24 +320,56 @@ def launch(command: list, nprocs: int, gpus: bool = False, grace_s: float = 10.0
                MASTER_PORT=str(free_port()), LLMC_DEVICE="gpu" if gpus else "cpu")
     if gpus:
         env["LLMC_NCCL_ID"] = nccl_id_text()
-    procs = []
+    procs, exits = [], None
     try:
         for r in range(nprocs):
             procs.append(subprocess.Popen([sys.executable, *command], preexec_fn=_die_with_parent,
                                           env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                r, code = failed[0]
-                if any(c is None for c in codes):
-                    print(f"rank {r} failed (exit code {code}): stopping the other ranks", file=sys.stderr)
+        exits = _exits(procs)
+        for r, code in exits:
+            if code:
+                running = any(p.poll() is None for p in procs)
+                print(f"rank {r} failed (exit code {code})" + (": stopping the other ranks" if running else ""),
+                      file=sys.stderr)
                 return code
-            if all(c == 0 for c in codes):
-                return 0
-            time.sleep(0.05)
+        return 0
     finally:
+        if exits is not None:
+            exits.close()
         _stop(procs, grace_s)
+
+
+def _exits(procs):
+    """(rank, exit code) of each process as it ends, in the order they end. A rank that fails because another
+    rank left (its collective loses a peer) ends a moment after it: polling every rank in turn can see both ended
+    at once and name the wrong one first. On Linux each rank has a pidfd, which epoll reports in the order they
+    became readable, that is, ended; elsewhere the ranks are polled every 50 ms."""
+    import select
+    left = set(range(len(procs)))
+    if not (hasattr(os, "pidfd_open") and hasattr(select, "epoll")):
+        while left:
+            for r in sorted(left):
+                if procs[r].poll() is not None:
+                    left.discard(r)
+                    yield r, procs[r].returncode
+            time.sleep(0.05)
+        return
+    poller, fds = select.epoll(), {}
+    try:
+        for r, p in enumerate(procs):
+            fd = os.pidfd_open(p.pid)
+            fds[fd] = r
+            poller.register(fd, select.EPOLLIN)
+        while left:
+            for fd, _ in poller.poll(1.0):
+                r = fds[fd]
+                poller.unregister(fd)
+                left.discard(r)
+                yield r, procs[r].wait()
+    finally:
+        poller.close()
+        for fd in fds:
+            os.close(fd)
 
 
 def _stop(procs, grace_s: float) -> None:

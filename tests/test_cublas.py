@@ -86,3 +86,34 @@ def test_bad_shapes_are_refused():
         gemm(device.to_device(rand(3, 4)), device.to_device(rand(4, 6)), accumulate=True)
     with pytest.raises(ValueError, match="batch sizes differ"):
         gemm_batched(device.to_device(rand(2, 3, 4)), device.to_device(rand(3, 4, 5)))
+
+
+def test_the_handle_gets_the_workspace_of_each_products_type(monkeypatch):
+    # The bf16 products run without a workspace and the float32 ones with 32 MiB (WORKSPACE_BYTES): the course's
+    # one handle is told the size when the operands' type changes, and again after every change of stream (which
+    # resets cuBLAS's workspace to its own pool). Checked here with a stand-in for libcublas, on any machine.
+    import types
+    from llmc_lessons import cublas
+    calls, stream = [], types.SimpleNamespace(ptr=1)
+
+    class FakeLib:
+        def cublasSetStream_v2(self, handle, s):
+            calls.append(("stream", s))
+            return 0
+
+        def cublasSetWorkspace_v2(self, handle, ptr, nbytes):
+            calls.append(("workspace", nbytes))
+            return 0
+    fake_xp = types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=lambda: stream))
+    monkeypatch.setattr(cublas.device, "xp", fake_xp)
+    monkeypatch.setattr(cublas, "_lib", dict(lib=FakeLib(), handle=7, stream=None, workspace_bytes=None,
+                                             workspace=types.SimpleNamespace(data=types.SimpleNamespace(ptr=99))))
+    bf16, fp32 = cublas.WORKSPACE_BYTES[np.dtype(np.uint16)], cublas.WORKSPACE_BYTES[np.dtype(np.float32)]
+    assert (bf16, fp32) == (0, 32 * 2**20)
+    for dtype in (np.uint16, np.uint16, np.float32, np.float32, np.uint16):
+        assert cublas._library(dtype) == (cublas._lib["lib"], 7)
+    assert calls == [("stream", 1), ("workspace", bf16), ("workspace", fp32), ("workspace", bf16)]
+    calls.clear()
+    stream.ptr = 2                                        # a new stream (a CUDA graph's recording): bound again
+    cublas._library(np.uint16)
+    assert calls == [("stream", 2), ("workspace", bf16)]

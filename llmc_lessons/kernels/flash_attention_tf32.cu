@@ -61,10 +61,30 @@ extern "C" __global__ void mma_tf32_1688_kernel(float* D, float* regs, const flo
 // head, ld floats between rows; rows at or past T become zeros. Consecutive threads copy consecutive 16 bytes.
 // The 8 lanes of a 16-byte phase write 8 different 4-bank groups when they stay in one row (HS a multiple of 32,
 // as GPT-2's 64); a phase that crosses a row's end is 2-way conflicted.
+// Where the block's threads split a row evenly (HS a power of two), each thread copies the same 16 bytes of every
+// ROWS_PER_PASS-th row: its addresses are worked out once, and a tile wholly before T needs no bound check (as
+// flash_attention.cu's stage_rows).
+#define PIECES (HS / 4)                     // 16-byte pieces in a row
+#define ROWS_PER_PASS (FA_THREADS / PIECES) // rows the block's threads copy at once
 __device__ __forceinline__ void stage_rows(float* tile, const float* src, int row0, int n, int T, int ld) {
-    for (int c = threadIdx.x; c < n * HS / 4; c += FA_THREADS) {
-        int r = c / (HS / 4), d0 = (c % (HS / 4)) * 4, row = row0 + r;
-        cp_async16(tile + r * S_LD + d0, src + (long long)min(row, T - 1) * ld + d0, row < T);
+    if (FA_THREADS % PIECES || n % ROWS_PER_PASS) {
+        for (int c = threadIdx.x; c < n * PIECES; c += FA_THREADS) {
+            int r = c / PIECES, d0 = (c % PIECES) * 4, row = row0 + r;
+            cp_async16(tile + r * S_LD + d0, src + (long long)min(row, T - 1) * ld + d0, row < T);
+        }
+        return;
+    }
+    int r = threadIdx.x / PIECES, d0 = (threadIdx.x % PIECES) * 4;  // my first row and my piece's column
+    float* dst = tile + r * S_LD + d0;
+    if (row0 + n <= T) {
+        const float* from = src + (long long)(row0 + r) * ld + d0;
+        for (int i = 0; i < n / ROWS_PER_PASS; i++)
+            cp_async16(dst + i * ROWS_PER_PASS * S_LD, from + (long long)i * ROWS_PER_PASS * ld, true);
+    } else {
+        for (int i = 0; i < n / ROWS_PER_PASS; i++) {
+            int row = row0 + r + i * ROWS_PER_PASS;
+            cp_async16(dst + i * ROWS_PER_PASS * S_LD, src + (long long)min(row, T - 1) * ld + d0, row < T);
+        }
     }
 }
 
