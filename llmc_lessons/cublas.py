@@ -169,7 +169,7 @@ def gemm_bias(x, weight, bias, out=None):
         _check("cublasLtMatmul", lib.cublasLtMatmul(
             handle, desc, _ONE.ctypes.data, weight.data.ptr, a_layout, x.data.ptr, b_layout, _ZERO.ctypes.data,
             out.data.ptr, d_layout, out.data.ptr, d_layout, ctypes.byref(found.algo), ws.data.ptr,
-            WORKSPACE_BYTES[np.dtype(np.uint16)],
+            min(WORKSPACE_BYTES[np.dtype(np.uint16)], ws.nbytes),
             device.xp.cuda.get_current_stream().ptr))
     finally:
         lib.cublasLtMatmulDescDestroy(desc)
@@ -282,7 +282,7 @@ def _library(dtype=np.float32):
         _lib.update(lib=lib, handle=handle.value, stream=None, workspace_bytes=None,
                     workspace=device.xp.empty(max(WORKSPACE_BYTES.values()), dtype=np.uint8))
     lib, handle, ws = _lib["lib"], _lib["handle"], _lib["workspace"]
-    stream, nbytes = device.xp.cuda.get_current_stream().ptr, WORKSPACE_BYTES[np.dtype(dtype)]
+    stream, nbytes = device.xp.cuda.get_current_stream().ptr, min(WORKSPACE_BYTES[np.dtype(dtype)], ws.nbytes)
     if _lib["stream"] != stream:
         _check("cublasSetStream_v2", lib.cublasSetStream_v2(handle, stream))
         _lib.update(stream=stream, workspace_bytes=None)

@@ -346,7 +346,19 @@ def _exits(procs):
     became readable, that is, ended; elsewhere the ranks are polled every 50 ms."""
     import select
     left = set(range(len(procs)))
-    if not (hasattr(os, "pidfd_open") and hasattr(select, "epoll")):
+    poller, fds = None, {}
+    try:
+        poller = select.epoll()
+        for r, p in enumerate(procs):
+            fds[os.pidfd_open(p.pid)] = r
+    except (AttributeError, OSError):      # not Linux, a kernel before 5.3, or pidfd_open refused (seccomp)
+        for fd in fds:
+            os.close(fd)
+        fds = {}
+        if poller is not None:
+            poller.close()
+            poller = None
+    if poller is None:
         while left:
             for r in sorted(left):
                 if procs[r].poll() is not None:
@@ -354,11 +366,8 @@ def _exits(procs):
                     yield r, procs[r].returncode
             time.sleep(0.05)
         return
-    poller, fds = select.epoll(), {}
     try:
-        for r, p in enumerate(procs):
-            fd = os.pidfd_open(p.pid)
-            fds[fd] = r
+        for fd in fds:
             poller.register(fd, select.EPOLLIN)
         while left:
             for fd, _ in poller.poll(1.0):

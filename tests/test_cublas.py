@@ -107,7 +107,7 @@ def test_the_handle_gets_the_workspace_of_each_products_type(monkeypatch):
     fake_xp = types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=lambda: stream))
     monkeypatch.setattr(cublas.device, "xp", fake_xp)
     monkeypatch.setattr(cublas, "_lib", dict(lib=FakeLib(), handle=7, stream=None, workspace_bytes=None,
-                                             workspace=types.SimpleNamespace(data=types.SimpleNamespace(ptr=99))))
+                                             workspace=types.SimpleNamespace(data=types.SimpleNamespace(ptr=99), nbytes=32 * 2**20)))
     bf16, fp32 = cublas.WORKSPACE_BYTES[np.dtype(np.uint16)], cublas.WORKSPACE_BYTES[np.dtype(np.float32)]
     assert (bf16, fp32) == (0, 32 * 2**20)
     for dtype in (np.uint16, np.uint16, np.float32, np.float32, np.uint16):

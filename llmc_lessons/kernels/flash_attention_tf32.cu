@@ -61,7 +61,7 @@ extern "C" __global__ void mma_tf32_1688_kernel(float* D, float* regs, const flo
 // head, ld floats between rows; rows at or past T become zeros. Consecutive threads copy consecutive 16 bytes.
 // The 8 lanes of a 16-byte phase write 8 different 4-bank groups when they stay in one row (HS a multiple of 32,
 // as GPT-2's 64); a phase that crosses a row's end is 2-way conflicted.
-// Where the block's threads split a row evenly (HS a power of two), each thread copies the same 16 bytes of every
+// Where the block's threads split n rows evenly (HS a power of two, n a multiple of ROWS_PER_PASS), each thread copies the same 16 bytes of every
 // ROWS_PER_PASS-th row: its addresses are worked out once, and a tile wholly before T needs no bound check (as
 // flash_attention.cu's stage_rows).
 #define PIECES (HS / 4)                     // 16-byte pieces in a row
