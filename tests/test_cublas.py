@@ -117,3 +117,25 @@ def test_the_handle_gets_the_workspace_of_each_products_type(monkeypatch):
     stream.ptr = 2                                        # a new stream (a CUDA graph's recording): bound again
     cublas._library(np.uint16)
     assert calls == [("stream", 2), ("workspace", bf16)]
+
+
+@pytest.mark.skipif(device.on_gpu(), reason="stands in for cuBLAS with NumPy operands: the CPU backend's")
+def test_each_product_asks_for_the_workspace_of_its_operands_type(monkeypatch):
+    # gemm and gemm_batched hand _library their operands' type, which picks the workspace (the test above)
+    from llmc_lessons import cublas
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def library(dtype=np.float32):
+        seen.append(np.dtype(dtype))
+        raise Stop
+    monkeypatch.setattr(cublas, "_library", library)
+    monkeypatch.setattr(cublas.device, "on_gpu", lambda: True)
+    for dtype in (np.float32, np.uint16):
+        a, b = np.zeros((4, 8), dtype), np.zeros((8, 4), dtype)
+        for product in (lambda: cublas.gemm(a, b), lambda: cublas.gemm_batched(a[None], b[None])):
+            with pytest.raises(Stop):
+                product()
+    assert seen == [np.dtype(np.float32)] * 2 + [np.dtype(np.uint16)] * 2
