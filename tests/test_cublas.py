@@ -135,7 +135,8 @@ def test_each_product_asks_for_the_workspace_of_its_operands_type(monkeypatch):
     monkeypatch.setattr(cublas.device, "on_gpu", lambda: True)
     for dtype in (np.float32, np.uint16):
         a, b = np.zeros((4, 8), dtype), np.zeros((8, 4), dtype)
-        for product in (lambda: cublas.gemm(a, b), lambda: cublas.gemm_batched(a[None], b[None])):
+        for product in (lambda: cublas.gemm(a, b), lambda: cublas.gemm_batched(a[None], b[None]),
+                        lambda: cublas.gemm(a, b, out_dtype=np.float32)):   # bf16 in, float32 out: bf16's
             with pytest.raises(Stop):
                 product()
-    assert seen == [np.dtype(np.float32)] * 2 + [np.dtype(np.uint16)] * 2
+    assert seen == [np.dtype(np.float32)] * 3 + [np.dtype(np.uint16)] * 3
