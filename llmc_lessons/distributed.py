@@ -343,40 +343,36 @@ def _exits(procs):
     """(rank, exit code) of each process as it ends, in the order they end. A rank that fails because another
     rank left (its collective loses a peer) ends a moment after it: polling every rank in turn can see both ended
     at once and name the wrong one first. On Linux each rank has a pidfd, which epoll reports in the order they
-    became readable, that is, ended; elsewhere the ranks are polled every 50 ms."""
+    became readable, that is, ended; elsewhere (or where pidfd_open is refused) the ranks are polled every 50 ms."""
     import select
-    left = set(range(len(procs)))
-    poller, fds = None, {}
+    left, fds, poller = set(range(len(procs))), {}, None
     try:
-        poller = select.epoll()
-        for r, p in enumerate(procs):
-            fds[os.pidfd_open(p.pid)] = r
-    except (AttributeError, OSError):      # not Linux, a kernel before 5.3, or pidfd_open refused (seccomp)
-        for fd in fds:
-            os.close(fd)
-        fds = {}
-        if poller is not None:
-            poller.close()
-            poller = None
-    if poller is None:
+        try:
+            poller = select.epoll()
+            for r, p in enumerate(procs):
+                fd = os.pidfd_open(p.pid)
+                fds[fd] = r
+                poller.register(fd, select.EPOLLIN)
+        except (AttributeError, OSError):      # not Linux, a kernel before 5.3, or pidfd_open refused (seccomp)
+            if poller is not None:
+                poller.close()
+                poller = None
         while left:
-            for r in sorted(left):
-                if procs[r].poll() is not None:
-                    left.discard(r)
-                    yield r, procs[r].returncode
-            time.sleep(0.05)
-        return
-    try:
-        for fd in fds:
-            poller.register(fd, select.EPOLLIN)
-        while left:
-            for fd, _ in poller.poll(1.0):
-                r = fds[fd]
-                poller.unregister(fd)
+            if poller is not None:
+                ended = []
+                for fd, _ in poller.poll(1.0):
+                    poller.unregister(fd)       # readable from now on: reported once
+                    ended.append(fds[fd])
+            else:
+                ended = [r for r in sorted(left) if procs[r].poll() is not None]
+                if not ended:
+                    time.sleep(0.05)
+            for r in ended:
                 left.discard(r)
                 yield r, procs[r].wait()
     finally:
-        poller.close()
+        if poller is not None:
+            poller.close()
         for fd in fds:
             os.close(fd)
 

@@ -62,7 +62,12 @@ def test_collectives_equal_numpy_on_three_ranks():
     assert run_ranks(code, 3) == 0
 
 
-def test_a_failing_rank_ends_the_run_with_its_exit_code(capfd):
+@pytest.mark.parametrize("pidfd", [True, False])
+def test_a_failing_rank_ends_the_run_with_its_exit_code(capfd, monkeypatch, pidfd):
+    if not pidfd:   # where pidfd_open is refused (an old kernel, a container's seccomp) the launcher polls
+        def refused(pid, flags=0):
+            raise PermissionError("pidfd_open refused")
+        monkeypatch.setattr(os, "pidfd_open", refused, raising=False)
     code = """
         import os, sys, numpy as np
         from llmc_lessons.distributed import connect
