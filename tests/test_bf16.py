@@ -120,6 +120,38 @@ def test_adamw_bf16_kernel_updates_master_and_copy(stochastic):
     np.testing.assert_array_equal(copy, expected)
 
 
+@pytest.mark.parametrize("n, offset", [(1, 0), (3, 1), (4, 0), (13, 2), (38, 0), (777, 3)])
+def test_adamw_bf16_kernel_four_at_a_time_gives_the_same_bits(n, offset):
+    """The kernel's four-element path (arrays that line up; the elements before the first 16-byte boundary and after
+    the last whole four on their own) gives the bits of its one-element path (grads one element further along their
+    buffer, so the arrays do not line up), close to the NumPy reference; views start `offset` elements into their
+    buffers, and nothing before them is touched."""
+    master, g = gen.standard_normal(n).astype(np.float32), gen.standard_normal(n).astype(np.float32)
+    m, v = 0.1 * gen.standard_normal(n).astype(np.float32), np.abs(gen.standard_normal(n)).astype(np.float32)
+
+    def run(grads_offset):
+        def view(a, k):
+            pad = np.full(k, np.nan if a.dtype == np.float32 else 0x7FC0, a.dtype)
+            buf = to_device(np.concatenate([pad, a]))
+            return buf, buf[k:]
+        (bm, dm), (bp, dp) = view(master, offset), view(np.full(n, 0x7FC0, np.uint16), offset)
+        (bmm, dmm), (bvv, dvv), (_, dg) = view(m, offset), view(v, offset), view(g, grads_offset)
+        adamw_update_bf16_cuda(dm, dp, dg, dmm, dvv, 3, 1e-3, weight_decay=0.1, stochastic=True, seed=11,
+                               block_size=32, grad_scale=0.5)
+        for buf in (bm, bmm, bvv):
+            assert np.isnan(to_host(buf)[:offset]).all()
+        assert (to_host(bp)[:offset] == 0x7FC0).all()
+        return [to_host(a) for a in (dm, dmm, dvv, dp)]
+
+    four, one = run(offset), run(offset + 1)
+    for a, b in zip(four, one):
+        np.testing.assert_array_equal(a, b)
+    want_p, want_m, want_v = adamw_update(master, 0.5 * g, m, v, 3, 1e-3, weight_decay=0.1)
+    for got, want in zip(four, (want_p, want_m, want_v)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(four[3], stochastic_to_bf16(four[0], seed=11))
+
+
 def test_matmul_bf16_accumulates_in_float32():
     a, b = to_bf16(gen.standard_normal((37, 45)).astype(np.float32)), to_bf16(gen.standard_normal((29, 45)).astype(np.float32))
     got = to_host(matmul_bf16(to_device(a), to_device(b), trans_b=True))

@@ -105,19 +105,68 @@ extern "C" __global__ void global_sum_deterministic_kernel(float* out,          
 // =========================================================================================================
 #include "bf16.cuh"
 
-extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const float* grads, float* m, float* v,
-                                             int N, float lr, float beta1, float beta2, float beta1_correction,
-                                             float beta2_correction, float eps, float weight_decay,
-                                             float grad_scale, int stochastic, unsigned int seed) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= N) return;
-    float g = grads[i] * grad_scale;                  // grad_scale: the clip factor of the global norm
-    float mi = beta1 * m[i] + (1.0f - beta1) * g;
-    float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
-    m[i] = mi;
-    v[i] = vi;
-    float p = master[i];
+// One element's update: the moments and the master weight in place, and its bf16 copy rounded with index i (the
+// element's place in the run: the stochastic rounding's random bits depend on it, not on which thread runs it).
+__device__ __forceinline__ bf16 adamw_bf16_element(float g, float& mi, float& vi, float& p, int i, float lr, float beta1,
+                                                   float beta2, float beta1_correction, float beta2_correction,
+                                                   float eps, float weight_decay, int stochastic, unsigned int seed) {
+    mi = beta1 * mi + (1.0f - beta1) * g;
+    vi = beta2 * vi + (1.0f - beta2) * g * g;
     p -= lr * ((mi / beta1_correction) / (sqrtf(vi / beta2_correction) + eps) + weight_decay * p);
-    master[i] = p;                                    // float32 master weight: small updates accumulate here
-    params[i] = stochastic ? bf16_stochastic(p, seed, (unsigned int)i) : bf16_from_float(p);
+    return stochastic ? bf16_stochastic(p, seed, (unsigned int)i) : bf16_from_float(p);
+}
+
+// head >= 0: element head is where master, grads, m and v reach a 16-byte boundary and params an 8-byte one; thread
+// t updates the four elements head + 4t .. head + 4t + 3 with one 16-byte load of each float32 array and one 8-byte
+// store of the four bf16 copies (the fewer, wider accesses keep more bytes in flight: one element a thread moved
+// 91% of a copy's bandwidth), threads t < head also the element t before it, and the last thread the elements after
+// the last whole four. head = -1 (the arrays do not line up): one element a thread.
+extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const float* grads, float* m, float* v,
+                                             int N, int head, float lr, float beta1, float beta2,
+                                             float beta1_correction, float beta2_correction, float eps,
+                                             float weight_decay, float grad_scale, int stochastic, unsigned int seed) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (head < 0) {                                   // one element a thread
+        if (t < N) {
+            float mi = m[t], vi = v[t], p = master[t];
+            params[t] = adamw_bf16_element(grads[t] * grad_scale, mi, vi, p, t, lr, beta1, beta2, beta1_correction,
+                                           beta2_correction, eps, weight_decay, stochastic, seed);
+            m[t] = mi;
+            v[t] = vi;
+            master[t] = p;                            // float32 master weight: small updates accumulate here
+        }
+        return;
+    }
+    int first = head + 4 * t, last = min(first + 4, N);
+    if (t < head) {                                   // an element before the first 16-byte boundary
+        float mi = m[t], vi = v[t], p = master[t];
+        params[t] = adamw_bf16_element(grads[t] * grad_scale, mi, vi, p, t, lr, beta1, beta2, beta1_correction,
+                                       beta2_correction, eps, weight_decay, stochastic, seed);
+        m[t] = mi;
+        v[t] = vi;
+        master[t] = p;
+    }
+    if (first + 4 <= N) {                             // four whole elements, 16 bytes of each array
+        float4 g4 = *(const float4*)(grads + first), m4 = *(float4*)(m + first), v4 = *(float4*)(v + first);
+        float4 p4 = *(float4*)(master + first);
+        float g[4] = {g4.x, g4.y, g4.z, g4.w}, mi[4] = {m4.x, m4.y, m4.z, m4.w}, vi[4] = {v4.x, v4.y, v4.z, v4.w};
+        float p[4] = {p4.x, p4.y, p4.z, p4.w};
+        unsigned int copy[4];
+        for (int k = 0; k < 4; k++)
+            copy[k] = adamw_bf16_element(g[k] * grad_scale, mi[k], vi[k], p[k], first + k, lr, beta1, beta2,
+                                         beta1_correction, beta2_correction, eps, weight_decay, stochastic, seed);
+        *(float4*)(m + first) = make_float4(mi[0], mi[1], mi[2], mi[3]);
+        *(float4*)(v + first) = make_float4(vi[0], vi[1], vi[2], vi[3]);
+        *(float4*)(master + first) = make_float4(p[0], p[1], p[2], p[3]);
+        *(uint2*)(params + first) = make_uint2(copy[0] | (copy[1] << 16), copy[2] | (copy[3] << 16));
+    } else {                                          // the elements after the last whole four
+        for (int i = first; i < last; i++) {
+            float mi = m[i], vi = v[i], p = master[i];
+            params[i] = adamw_bf16_element(grads[i] * grad_scale, mi, vi, p, i, lr, beta1, beta2, beta1_correction,
+                                           beta2_correction, eps, weight_decay, stochastic, seed);
+            m[i] = mi;
+            v[i] = vi;
+            master[i] = p;
+        }
+    }
 }

@@ -590,7 +590,10 @@ extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,)
 // registers instead took 162 registers a thread: one block of 8 warps fitted, 63 us with two sums.)
 // The kernels below instantiate ROWS = 2 with CHUNKS = 4 (C <= 1024), ROWS = 1 with CHUNKS = 8: two rows of
 // 8 chunks would hold 128 registers of packed values alone.
-template <int CHUNKS, int ROWS>
+// PREFETCH: the row's old dinp is loaded with its dout and inp, before the two reductions, so a row waits for memory
+// once instead of twice (64 more registers a thread at CHUNKS = 8). The one-row instance does it: at C = 1600 its
+// shared sums (19 KiB a warp) leave 8 warps on a multiprocessor, too few rows in flight to hide a second wait.
+template <int CHUNKS, int ROWS, bool PREFETCH>
 __device__ __forceinline__ void layernorm_backward_bf16_rows(float* buf,              // shared: (warps, 3C)
                                                              float* dinp,             // (N, C) accumulated into
                                                              bf16* dinp_bf16,         // (N, C)
@@ -614,8 +617,21 @@ __device__ __forceinline__ void layernorm_backward_bf16_rows(float* buf,        
     }
     for (int row0 = blockIdx.x * warps + w; row0 < N; row0 += ROWS * W) {
         int4 raw_dout[ROWS][CHUNKS], raw_inp[ROWS][CHUNKS];   // the rows stay in registers, packed
+        float4 old[ROWS][PREFETCH ? 2 * CHUNKS : 1];          // PREFETCH: the rows' dinp, as loaded
         float m[ROWS], s[ROWS], dnorm_mean[ROWS], dnorm_norm_mean[ROWS];
         load_rows8<ROWS, CHUNKS>(raw_dout, raw_inp, dout, inp, row0, W, N, C);
+        if constexpr (PREFETCH) {
+            for (int r = 0; r < ROWS; r++) {
+                int row = row0 + r * W;
+                for (int i = 0; i < CHUNKS; i++) {
+                    int c = (lane + 32 * i) * 8;
+                    bool in = row < N && c < C;
+                    const float4* at = (const float4*)(dinp + (size_t)row * C + c);
+                    old[r][2 * i] = in ? at[0] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    old[r][2 * i + 1] = in ? at[1] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                }
+            }
+        }
         for (int r = 0; r < ROWS; r++) {   // a row past N is zeros (m = s = 0): it adds 0 to every sum
             int row = row0 + r * W;
             m[r] = row < N ? mean[row] : 0.0f;
@@ -663,7 +679,12 @@ __device__ __forceinline__ void layernorm_backward_bf16_rows(float* buf,        
                     float d[8], x[8], g[8];
                     unpack8(d, raw_dout[r][i]);
                     unpack8(x, raw_inp[r][i]);
-                    load8f(g, dinp + at);
+                    if constexpr (PREFETCH) {
+                        float4 lo = old[r][2 * i], hi = old[r][2 * i + 1];
+                        g[0] = lo.x; g[1] = lo.y; g[2] = lo.z; g[3] = lo.w; g[4] = hi.x; g[5] = hi.y; g[6] = hi.z; g[7] = hi.w;
+                    } else {
+                        load8f(g, dinp + at);
+                    }
                     for (int k = 0; k < 8; k++) {
                         float norm = (x[k] - m[r]) * s[r];
                         g[k] += s[r] * (wt[k] * d[k] - dnorm_mean[r] - norm * dnorm_norm_mean[r]);
@@ -684,12 +705,12 @@ extern "C" __global__ void layernorm_backward_bf16_kernel(float* dinp, bf16* din
                                                          const bf16* dout, const bf16* inp, const float* weight,
                                                          const float* mean, const float* rstd, int N, int C) {
     extern __shared__ float buf[];            // (warps per block, 3C): each warp's dweight, dbias, dres sums
-    layernorm_backward_bf16_rows<4, 2>(buf, dinp, dinp_bf16, partial, dout, inp, weight, mean, rstd, N, C);
+    layernorm_backward_bf16_rows<4, 2, false>(buf, dinp, dinp_bf16, partial, dout, inp, weight, mean, rstd, N, C);
 }
 extern "C" __global__ void layernorm_backward_bf16_kernel_c2048(float* dinp, bf16* dinp_bf16, float* partial,
                                                                const bf16* dout, const bf16* inp,
                                                                const float* weight, const float* mean,
                                                                const float* rstd, int N, int C) {
     extern __shared__ float buf[];
-    layernorm_backward_bf16_rows<8, 1>(buf, dinp, dinp_bf16, partial, dout, inp, weight, mean, rstd, N, C);
+    layernorm_backward_bf16_rows<8, 1, true>(buf, dinp, dinp_bf16, partial, dout, inp, weight, mean, rstd, N, C);
 }

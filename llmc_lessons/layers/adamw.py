@@ -149,7 +149,8 @@ def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1
                            beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
                            stochastic: bool = False, seed: int = 0, block_size: int = 512, grad_scale: float = 1.0):
     """AdamW on float32 `master` weights and moments in place, then `params` (uint16) = their bf16 copy.
-    grad_scale multiplies every gradient first (the clip factor)."""
+    grad_scale multiplies every gradient first (the clip factor). Four elements a thread in 16-byte accesses where
+    the arrays line up (_vector_head), else one; the same bits either way."""
     device.require_array("master", master)
     n = master.size
     device.require_array("params", params, shape=master.shape, dtype=np.uint16)
@@ -159,8 +160,22 @@ def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1
         raise ValueError(f"t counts steps from 1, got {t!r}")
     block_size = device.require_block_size(block_size)
     if n:
+        head = _vector_head(master, params, grads, m, v, n)
+        threads = n if head < 0 else max(head, -(-(n - head) // 4))
         load_kernel("adamw.cu", "adamw_bf16_kernel")(
-            (-(-n // block_size),), (block_size,),
-            (master, params, grads, m, v, np.int32(n), np.float32(lr), np.float32(beta1), np.float32(beta2),
-             np.float32(1 - beta1 ** t), np.float32(1 - beta2 ** t), np.float32(eps), np.float32(weight_decay),
+            (-(-threads // block_size),), (block_size,),
+            (master, params, grads, m, v, np.int32(n), np.int32(head), np.float32(lr), np.float32(beta1),
+             np.float32(beta2), np.float32(1 - beta1 ** t), np.float32(1 - beta2 ** t), np.float32(eps), np.float32(weight_decay),
              np.float32(grad_scale), np.int32(bool(stochastic)), np.uint32(seed)))
+
+
+def _vector_head(master, params, grads, m, v, n: int) -> int:
+    """adamw_bf16_kernel's `head`: how many elements come before the one where master, grads, m and v all start a
+    16-byte piece and params an 8-byte one (0 to 3, at most n), or -1 when there is no such element (the kernel
+    then takes one element a thread)."""
+    a = device.address(master)
+    head = (-a % 16) // 4 if a % 4 == 0 else -1
+    if head < 0 or any((device.address(x) + 4 * head) % 16 for x in (grads, m, v)) or \
+            (device.address(params) + 2 * head) % 8:
+        return -1
+    return min(head, n)
