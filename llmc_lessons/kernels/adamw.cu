@@ -116,6 +116,19 @@ __device__ __forceinline__ bf16 adamw_bf16_element(float g, float& mi, float& vi
     return stochastic ? bf16_stochastic(p, seed, (unsigned int)i) : bf16_from_float(p);
 }
 
+// Element i alone: its four float32 loads, the update, its four stores.
+__device__ __forceinline__ void adamw_bf16_one(float* master, bf16* params, const float* grads, float* m, float* v,
+                                               int i, float lr, float beta1, float beta2, float beta1_correction,
+                                               float beta2_correction, float eps, float weight_decay,
+                                               float grad_scale, int stochastic, unsigned int seed) {
+    float mi = m[i], vi = v[i], p = master[i];
+    params[i] = adamw_bf16_element(grads[i] * grad_scale, mi, vi, p, i, lr, beta1, beta2, beta1_correction,
+                                   beta2_correction, eps, weight_decay, stochastic, seed);
+    m[i] = mi;
+    v[i] = vi;
+    master[i] = p;                                    // float32 master weight: small updates accumulate here
+}
+
 // head >= 0: element head is where master, grads, m and v reach a 16-byte boundary and params an 8-byte one; thread
 // t updates the four elements head + 4t .. head + 4t + 3 with one 16-byte load of each float32 array and one 8-byte
 // store of the four bf16 copies (the fewer, wider accesses keep more bytes in flight: one element a thread moved
@@ -125,27 +138,17 @@ extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const 
                                              int N, int head, float lr, float beta1, float beta2,
                                              float beta1_correction, float beta2_correction, float eps,
                                              float weight_decay, float grad_scale, int stochastic, unsigned int seed) {
+    auto one = [&](int i) {                           // element i alone
+        adamw_bf16_one(master, params, grads, m, v, i, lr, beta1, beta2, beta1_correction, beta2_correction, eps,
+                       weight_decay, grad_scale, stochastic, seed);
+    };
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (head < 0) {                                   // one element a thread
-        if (t < N) {
-            float mi = m[t], vi = v[t], p = master[t];
-            params[t] = adamw_bf16_element(grads[t] * grad_scale, mi, vi, p, t, lr, beta1, beta2, beta1_correction,
-                                           beta2_correction, eps, weight_decay, stochastic, seed);
-            m[t] = mi;
-            v[t] = vi;
-            master[t] = p;                            // float32 master weight: small updates accumulate here
-        }
+        if (t < N) one(t);
         return;
     }
-    int first = head + 4 * t, last = min(first + 4, N);
-    if (t < head) {                                   // an element before the first 16-byte boundary
-        float mi = m[t], vi = v[t], p = master[t];
-        params[t] = adamw_bf16_element(grads[t] * grad_scale, mi, vi, p, t, lr, beta1, beta2, beta1_correction,
-                                       beta2_correction, eps, weight_decay, stochastic, seed);
-        m[t] = mi;
-        v[t] = vi;
-        master[t] = p;
-    }
+    int first = head + 4 * t;
+    if (t < head) one(t);                       // an element before the first 16-byte boundary
     if (first + 4 <= N) {                             // four whole elements, 16 bytes of each array
         float4 g4 = *(const float4*)(grads + first), m4 = *(float4*)(m + first), v4 = *(float4*)(v + first);
         float4 p4 = *(float4*)(master + first);
@@ -159,14 +162,7 @@ extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const 
         *(float4*)(v + first) = make_float4(vi[0], vi[1], vi[2], vi[3]);
         *(float4*)(master + first) = make_float4(p[0], p[1], p[2], p[3]);
         *(uint2*)(params + first) = make_uint2(copy[0] | (copy[1] << 16), copy[2] | (copy[3] << 16));
-    } else {                                          // the elements after the last whole four
-        for (int i = first; i < last; i++) {
-            float mi = m[i], vi = v[i], p = master[i];
-            params[i] = adamw_bf16_element(grads[i] * grad_scale, mi, vi, p, i, lr, beta1, beta2, beta1_correction,
-                                           beta2_correction, eps, weight_decay, stochastic, seed);
-            m[i] = mi;
-            v[i] = vi;
-            master[i] = p;
-        }
+    } else {
+        for (int i = first; i < N; i++) one(i);  // the elements after the last whole four
     }
 }
