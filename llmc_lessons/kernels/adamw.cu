@@ -110,9 +110,11 @@ extern "C" __global__ void global_sum_deterministic_kernel(float* out,          
 __device__ __forceinline__ bf16 adamw_bf16_element(float g, float& mi, float& vi, float& p, int i, float lr, float beta1,
                                                    float beta2, float beta1_correction, float beta2_correction,
                                                    float eps, float weight_decay, int stochastic, unsigned int seed) {
-    mi = beta1 * mi + (1.0f - beta1) * g;
-    vi = beta2 * vi + (1.0f - beta2) * g * g;
-    p -= lr * ((mi / beta1_correction) / (sqrtf(vi / beta2_correction) + eps) + weight_decay * p);
+    // Every multiply-add written as fmaf: left to itself, the compiler fuses whichever product it likes, and did not
+    // choose the same in the four-element code as in the one-element code (bits apart on an H100).
+    mi = fmaf(beta1, mi, (1.0f - beta1) * g);
+    vi = fmaf(beta2, vi, (1.0f - beta2) * g * g);
+    p = fmaf(-lr, fmaf(weight_decay, p, (mi / beta1_correction) / (sqrtf(vi / beta2_correction) + eps)), p);
     return stochastic ? bf16_stochastic(p, seed, (unsigned int)i) : bf16_from_float(p);
 }
 
