@@ -6,7 +6,7 @@ from llmc_lessons import device
 from llmc_lessons.checks.bf16 import EDGES, NANS, check_stochastic_round, check_to_bf16
 from llmc_lessons.cuda import RawKernel
 from llmc_lessons.device import to_device, to_host
-from llmc_lessons.layers.adamw import adamw_update, adamw_update_bf16_cuda
+from llmc_lessons.layers.adamw import _vector_head, adamw_update, adamw_update_bf16_cuda
 from llmc_lessons.layers.gelu import gelu_forward_bf16, gelu_forward_bf16_cuda
 from llmc_lessons.layers.layernorm import layernorm_forward_bf16, layernorm_forward_bf16_cuda
 from llmc_lessons.layers.matmul import matmul_bf16
@@ -125,25 +125,26 @@ def test_adamw_bf16_kernel_four_at_a_time_gives_the_same_bits(n, offset):
     """The kernel's four-element path (arrays that line up; the elements before the first 16-byte boundary and after
     the last whole four on their own) gives the bits of its one-element path (grads one element further along their
     buffer, so the arrays do not line up), close to the NumPy reference; views start `offset` elements into their
-    buffers, and nothing before them is touched."""
+    buffers, and nothing before or after them is touched."""
     master, g = gen.standard_normal(n).astype(np.float32), gen.standard_normal(n).astype(np.float32)
     m, v = 0.1 * gen.standard_normal(n).astype(np.float32), np.abs(gen.standard_normal(n)).astype(np.float32)
 
-    def run(grads_offset):
-        def view(a, k):
-            pad = np.full(k, np.nan if a.dtype == np.float32 else 0x7FC0, a.dtype)
-            buf = to_device(np.concatenate([pad, a]))
-            return buf, buf[k:]
+    def run(grads_offset, vector: bool):
+        def view(a, k):                     # a inside a buffer, k poisoned elements before it and 5 after
+            pad = np.full(k + 5, np.nan if a.dtype == np.float32 else 0x7FC0, a.dtype)
+            buf = to_device(np.concatenate([pad[:k], a, pad[k:]]))
+            return buf, buf[k:k + n]
         (bm, dm), (bp, dp) = view(master, offset), view(np.full(n, 0x7FC0, np.uint16), offset)
         (bmm, dmm), (bvv, dvv), (_, dg) = view(m, offset), view(v, offset), view(g, grads_offset)
+        assert (_vector_head(dm, dp, dg, dmm, dvv, n) >= 0) == vector     # the path this run is meant to take
         adamw_update_bf16_cuda(dm, dp, dg, dmm, dvv, 3, 1e-3, weight_decay=0.1, stochastic=True, seed=11,
                                block_size=32, grad_scale=0.5)
         for buf in (bm, bmm, bvv):
-            assert np.isnan(to_host(buf)[:offset]).all()
-        assert (to_host(bp)[:offset] == 0x7FC0).all()
+            assert np.isnan(np.delete(to_host(buf), np.s_[offset:offset + n])).all()
+        assert (np.delete(to_host(bp), np.s_[offset:offset + n]) == 0x7FC0).all()
         return [to_host(a) for a in (dm, dmm, dvv, dp)]
 
-    four, one = run(offset), run(offset + 1)
+    four, one = run(offset, vector=True), run(offset + 1, vector=False)
     for a, b in zip(four, one):
         np.testing.assert_array_equal(a, b)
     want_p, want_m, want_v = adamw_update(master, 0.5 * g, m, v, 3, 1e-3, weight_decay=0.1)

@@ -150,7 +150,7 @@ extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const 
         return;
     }
     int first = head + 4 * t;
-    if (t < head) one(t);                       // an element before the first 16-byte boundary
+    if (t < head && t < N) one(t);              // an element before the first 16-byte boundary
     if (first + 4 <= N) {                             // four whole elements, 16 bytes of each array
         float4 g4 = *(const float4*)(grads + first), m4 = *(float4*)(m + first), v4 = *(float4*)(v + first);
         float4 p4 = *(float4*)(master + first);

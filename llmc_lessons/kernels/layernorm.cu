@@ -577,7 +577,8 @@ extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,)
 // a time (rows r, r + W, with W the grid's warps; then r + 2W, ...). dinp is the float32 gradient of the
 // residual stream and is ACCUMULATED into (the two readers of a residual add up); dinp_bf16 gets its new
 // value in bf16 for the next matmul's backward. The rows' dout and inp are loaded at once into registers
-// (all their loads in flight together), their old dinp once the two reductions are done. dresidual_bias
+// (all their loads in flight together), their old dinp once the two reductions are done (with them, in the
+// one-row instance: PREFETCH below). dresidual_bias
 // (C,) += the column sums of dinp_bf16: the bias gradient of the projection whose output was added into this
 // residual stream (it reads exactly dinp_bf16), in the same pass.
 // The three column sums: lane `lane` handles the same columns (lane + 32 i) * 8 .. + 7 of every row, so it
