@@ -150,7 +150,7 @@ def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1
                            stochastic: bool = False, seed: int = 0, block_size: int = 512, grad_scale: float = 1.0):
     """AdamW on float32 `master` weights and moments in place, then `params` (uint16) = their bf16 copy.
     grad_scale multiplies every gradient first (the clip factor). Four elements a thread in 16-byte accesses where
-    the arrays line up (_vector_head), else one; the same bits either way."""
+    the arrays line up (_vector_head), else one: the same fmaf sequence for each element either way."""
     device.require_array("master", master)
     n = master.size
     device.require_array("params", params, shape=master.shape, dtype=np.uint16)
