@@ -107,28 +107,16 @@ extern "C" __global__ void global_sum_deterministic_kernel(float* out,          
 
 // One element's update: the moments and the master weight in place, and its bf16 copy rounded with index i (the
 // element's place in the run: the stochastic rounding's random bits depend on it, not on which thread runs it).
-__device__ __forceinline__ bf16 adamw_bf16_element(float g, float& mi, float& vi, float& p, int i, float lr, float beta1,
-                                                   float beta2, float beta1_correction, float beta2_correction,
-                                                   float eps, float weight_decay, int stochastic, unsigned int seed) {
-    // Every multiply-add written as fmaf: left to itself, the compiler fuses whichever product it likes, and did not
-    // choose the same in the four-element code as in the one-element code (bits apart on an H100).
+__device__ __forceinline__ bf16 adamw_bf16_element(float g, float& mi, float& vi, float& p, int i, float lr,
+                                                   float beta1, float beta2, float beta1_correction,
+                                                   float beta2_correction, float eps, float weight_decay,
+                                                   int stochastic, unsigned int seed) {
+    // Every multiply-add written as fmaf: with the compiler left to fuse products into multiply-adds, the
+    // four-element and the one-element code came out one ulp apart on an H100.
     mi = fmaf(beta1, mi, (1.0f - beta1) * g);
     vi = fmaf(beta2, vi, (1.0f - beta2) * g * g);
     p = fmaf(-lr, fmaf(weight_decay, p, (mi / beta1_correction) / (sqrtf(vi / beta2_correction) + eps)), p);
     return stochastic ? bf16_stochastic(p, seed, (unsigned int)i) : bf16_from_float(p);
-}
-
-// Element i alone: its four float32 loads, the update, its four stores.
-__device__ __forceinline__ void adamw_bf16_one(float* master, bf16* params, const float* grads, float* m, float* v,
-                                               int i, float lr, float beta1, float beta2, float beta1_correction,
-                                               float beta2_correction, float eps, float weight_decay,
-                                               float grad_scale, int stochastic, unsigned int seed) {
-    float mi = m[i], vi = v[i], p = master[i];
-    params[i] = adamw_bf16_element(grads[i] * grad_scale, mi, vi, p, i, lr, beta1, beta2, beta1_correction,
-                                   beta2_correction, eps, weight_decay, stochastic, seed);
-    m[i] = mi;
-    v[i] = vi;
-    master[i] = p;                                    // float32 master weight: small updates accumulate here
 }
 
 // head >= 0: element head is where master, grads, m and v reach a 16-byte boundary and params an 8-byte one; thread
@@ -140,9 +128,13 @@ extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const 
                                              int N, int head, float lr, float beta1, float beta2,
                                              float beta1_correction, float beta2_correction, float eps,
                                              float weight_decay, float grad_scale, int stochastic, unsigned int seed) {
-    auto one = [&](int i) {                           // element i alone
-        adamw_bf16_one(master, params, grads, m, v, i, lr, beta1, beta2, beta1_correction, beta2_correction, eps,
-                       weight_decay, grad_scale, stochastic, seed);
+    auto one = [&](int i) {                           // element i alone: four float32 loads, the update, the stores
+        float mi = m[i], vi = v[i], p = master[i];
+        params[i] = adamw_bf16_element(grads[i] * grad_scale, mi, vi, p, i, lr, beta1, beta2, beta1_correction,
+                                       beta2_correction, eps, weight_decay, stochastic, seed);
+        m[i] = mi;
+        v[i] = vi;
+        master[i] = p;                                // float32 master weight: small updates accumulate here
     };
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (head < 0) {                                   // one element a thread
@@ -150,7 +142,7 @@ extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const 
         return;
     }
     int first = head + 4 * t;
-    if (t < head && t < N) one(t);              // an element before the first 16-byte boundary
+    if (t < head && t < N) one(t);                    // an element before the first 16-byte boundary
     if (first + 4 <= N) {                             // four whole elements, 16 bytes of each array
         float4 g4 = *(const float4*)(grads + first), m4 = *(float4*)(m + first), v4 = *(float4*)(v + first);
         float4 p4 = *(float4*)(master + first);
@@ -165,6 +157,6 @@ extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const 
         *(float4*)(master + first) = make_float4(p[0], p[1], p[2], p[3]);
         *(uint2*)(params + first) = make_uint2(copy[0] | (copy[1] << 16), copy[2] | (copy[3] << 16));
     } else {
-        for (int i = first; i < N; i++) one(i);  // the elements after the last whole four
+        for (int i = first; i < N; i++) one(i);       // the elements after the last whole four
     }
 }

@@ -592,8 +592,9 @@ extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,)
 // The kernels below instantiate ROWS = 2 with CHUNKS = 4 (C <= 1024), ROWS = 1 with CHUNKS = 8: two rows of
 // 8 chunks would hold 128 registers of packed values alone.
 // PREFETCH: the row's old dinp is loaded with its dout and inp, before the two reductions, so a row waits for memory
-// once instead of twice (64 more registers a thread at CHUNKS = 8). The one-row instance does it: at C = 1600 its
-// shared sums (19 KiB a warp) leave 8 warps on a multiprocessor, too few rows in flight to hide a second wait.
+// once instead of twice (64 more registers a thread at CHUNKS = 8). The one-row instance does it: its shared sums
+// (at C = 1600, 75 KiB a block of 4 warps) and its grid of 256 blocks leave about 8 warps a multiprocessor, too few
+// rows in flight to hide a second wait.
 template <int CHUNKS, int ROWS, bool PREFETCH>
 __device__ __forceinline__ void layernorm_backward_bf16_rows(float* buf,              // shared: (warps, 3C)
                                                              float* dinp,             // (N, C) accumulated into
@@ -618,7 +619,7 @@ __device__ __forceinline__ void layernorm_backward_bf16_rows(float* buf,        
     }
     for (int row0 = blockIdx.x * warps + w; row0 < N; row0 += ROWS * W) {
         int4 raw_dout[ROWS][CHUNKS], raw_inp[ROWS][CHUNKS];   // the rows stay in registers, packed
-        float4 old[ROWS][PREFETCH ? 2 * CHUNKS : 1];          // PREFETCH: the rows' dinp, as loaded
+        float old[ROWS][PREFETCH ? CHUNKS : 1][8];           // PREFETCH: the rows' dinp, as loaded
         float m[ROWS], s[ROWS], dnorm_mean[ROWS], dnorm_norm_mean[ROWS];
         load_rows8<ROWS, CHUNKS>(raw_dout, raw_inp, dout, inp, row0, W, N, C);
         if constexpr (PREFETCH) {
@@ -626,10 +627,7 @@ __device__ __forceinline__ void layernorm_backward_bf16_rows(float* buf,        
                 int row = row0 + r * W;
                 for (int i = 0; i < CHUNKS; i++) {
                     int c = (lane + 32 * i) * 8;
-                    bool in = row < N && c < C;
-                    const float4* at = (const float4*)(dinp + (size_t)row * C + c);
-                    old[r][2 * i] = in ? at[0] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                    old[r][2 * i + 1] = in ? at[1] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    if (row < N && c < C) load8f(old[r][i], dinp + (size_t)row * C + c);
                 }
             }
         }
@@ -681,8 +679,7 @@ __device__ __forceinline__ void layernorm_backward_bf16_rows(float* buf,        
                     unpack8(d, raw_dout[r][i]);
                     unpack8(x, raw_inp[r][i]);
                     if constexpr (PREFETCH) {
-                        float4 lo = old[r][2 * i], hi = old[r][2 * i + 1];
-                        g[0] = lo.x; g[1] = lo.y; g[2] = lo.z; g[3] = lo.w; g[4] = hi.x; g[5] = hi.y; g[6] = hi.z; g[7] = hi.w;
+                        for (int k = 0; k < 8; k++) g[k] = old[r][i][k];
                     } else {
                         load8f(g, dinp + at);
                     }

@@ -165,8 +165,8 @@ def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1
         load_kernel("adamw.cu", "adamw_bf16_kernel")(
             (-(-threads // block_size),), (block_size,),
             (master, params, grads, m, v, np.int32(n), np.int32(head), np.float32(lr), np.float32(beta1),
-             np.float32(beta2), np.float32(1 - beta1 ** t), np.float32(1 - beta2 ** t), np.float32(eps), np.float32(weight_decay),
-             np.float32(grad_scale), np.int32(bool(stochastic)), np.uint32(seed)))
+             np.float32(beta2), np.float32(1 - beta1 ** t), np.float32(1 - beta2 ** t), np.float32(eps),
+             np.float32(weight_decay), np.float32(grad_scale), np.int32(bool(stochastic)), np.uint32(seed)))
 
 
 def _vector_head(master, params, grads, m, v, n: int) -> int:
