@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from llmc_lessons import device, timing
-from llmc_lessons.cublas import gemm
+from llmc_lessons.cublas import algorithm_report, gemm
 from llmc_lessons.files import atomic_write
 from llmc_lessons.layers.adamw import adamw_update_bf16_cuda, global_norm_squared_cuda
 from llmc_lessons.layers.attention import (attention_backward_bf16_cuda, attention_backward_cuda,
@@ -96,8 +96,10 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
     name += " + TF32 flash attention" if flash else ""
     name += " + CUDA graphs" if cuda_graph else ", one launch at a time"
     name += f", recompute {recompute}" if recompute else ""
-    return dict(name=name, precision=precision, ms=ms,
-                tokens_per_s=B * T / (ms / 1e3), peak_bytes=int(peak))
+    row = dict(name=name, precision=precision, ms=ms, tokens_per_s=B * T / (ms / 1e3), peak_bytes=int(peak))
+    if precision == "bf16":   # how the bf16 products' algorithms were chosen: measured, read from the cache, or not
+        row["gemm_algorithms"] = algorithm_report()
+    return row
 
 
 TORCH_MODES = {"eager-tf32": "PyTorch eager, fp32 + TF32 matmuls",

@@ -1,20 +1,26 @@
-"""Row-major matrix products through cuBLAS's gemmEx, without copies, honouring the course's TF32 switch.
+"""Row-major matrix products through cuBLAS, without copies, honouring the course's TF32 switch.
 
 CuPy's `matmul` copies a transposed operand before calling cuBLAS and its batched path ignores the TF32
 setting, which cost the training step a fifth of its time. The functions here call cuBLAS directly, as
 llm.c does: cuBLAS is column-major, and a row-major (M, N) matrix is the column-major (N, M) matrix, so
 C = op(A) @ op(B) is computed as C^T = op(B)^T @ op(A)^T with no data moved. On a CPU they are NumPy (but
 gemm_bias, the bias epilogue, which runs on a GPU only).
-Operands are float32, or bf16 (lesson 14: uint16 arrays holding the bits) with float32 accumulation.
+Operands are float32, or bf16 (lesson 14: uint16 arrays holding the bits) with float32 accumulation. float32
+products go through cuBLAS's gemmEx; bf16 ones through cuBLASLt, with the algorithm measured fastest for their
+shape (AlgorithmChoices).
 """
 from __future__ import annotations
 
 import ctypes
+import json
+import os
+import warnings
 
 import numpy as np
 
-from llmc_lessons import device
+from llmc_lessons import device, timing
 from llmc_lessons.cuda import launch_listeners
+from llmc_lessons.files import atomic_write, cache_dir, locked
 from llmc_lessons.precision import from_bf16, tf32_enabled, to_bf16
 
 CUDA_R_32F = 0
@@ -81,8 +87,8 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, out=None, accumulat
         return _host_product(a, b, trans_a, trans_b, out, accumulate)
     if K == 0:  # cuBLAS refuses K = 0; the product of empty sums is 0
         return _zero_k(out, accumulate)
-    if M and N:
-        lib, handle = _library(a.dtype)
+    if M and N and not (a.dtype == np.uint16 and _lt_matmul(a, b, trans_a, trans_b, out, accumulate)):
+        lib, handle = _library(a.dtype)     # float32 operands, or a bf16 shape cuBLASLt has no algorithm for
         t_in, t_out = _cuda_type(a.dtype), _cuda_type(out.dtype)
         _check("cublasGemmEx", lib.cublasGemmEx(
             handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
@@ -143,40 +149,12 @@ def gemm_bias(x, weight, bias, out=None):
         if device.address(a) % 16:
             raise ValueError(f"{name} must start on a 16-byte boundary for cuBLASLt's epilogue")
     _announce("cublasLt gemm + bias")
-    align = tuple(_alignment(a.data.ptr) for a in (weight, x, out, out))    # A, B, C, D
-    lib, handle, (layouts, pref) = _lt_library(), _lt["handle"], _lt_layouts(M, N, K, align)
-    desc = ctypes.c_void_p()
-    _check("cublasLtMatmulDescCreate", lib.cublasLtMatmulDescCreate(ctypes.byref(desc), CUBLAS_COMPUTE_32F,
-                                                                       CUDA_R_32F))
-    try:
-        def attr(name, value, ctype):
-            v = ctype(value)
-            _check("cublasLtMatmulDescSetAttribute",
-                   lib.cublasLtMatmulDescSetAttribute(desc, name, ctypes.byref(v), ctypes.sizeof(v)))
-        # column-major: out^T (N, M) = weight (stored as (K, N)) transposed @ x^T (K, M)
-        attr(CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T, ctypes.c_int32)
-        attr(CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N, ctypes.c_int32)
-        attr(CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS, ctypes.c_uint32)
-        attr(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias.data.ptr, ctypes.c_void_p)
-        attr(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_16BF, ctypes.c_int32)
-        a_layout, b_layout, d_layout = layouts
-        found, count = _HeuristicResult(), ctypes.c_int(0)
-        _check("cublasLtMatmulAlgoGetHeuristic", lib.cublasLtMatmulAlgoGetHeuristic(
-            handle, desc, a_layout, b_layout, d_layout, d_layout, pref, 1, ctypes.byref(found), ctypes.byref(count)))
-        if count.value == 0:
-            raise RuntimeError(f"cuBLASLt has no algorithm for this product with its bias (M={M}, N={N}, K={K})")
-        ws = _lib["workspace"]
-        _check("cublasLtMatmul", lib.cublasLtMatmul(
-            handle, desc, _ONE.ctypes.data, weight.data.ptr, a_layout, x.data.ptr, b_layout, _ZERO.ctypes.data,
-            out.data.ptr, d_layout, out.data.ptr, d_layout, ctypes.byref(found.algo), ws.data.ptr,
-            min(WORKSPACE_BYTES[np.dtype(np.uint16)], ws.nbytes),
-            device.xp.cuda.get_current_stream().ptr))
-    finally:
-        lib.cublasLtMatmulDescDestroy(desc)
+    if not _lt_matmul(x, weight, False, True, out, False, bias):
+        raise RuntimeError(f"cuBLASLt has no algorithm for this product with its bias (M={M}, N={N}, K={K})")
     return out
 
 
-class _Algo(ctypes.Structure):              # cublasLtMatmulAlgo_t: opaque, 8 uint64
+class _Algo(ctypes.Structure):              # cublasLtMatmulAlgo_t: opaque, 8 uint64, may be saved and restored
     _fields_ = [("data", ctypes.c_uint64 * 8)]
 
 
@@ -185,7 +163,108 @@ class _HeuristicResult(ctypes.Structure):   # cublasLtMatmulHeuristicResult_t
                 ("wavesCount", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
 
 
-_lt = {}   # cuBLASLt: the library, the course's handle, the matrix layouts and search preference of each shape
+CANDIDATES = 8
+"""How many of cuBLASLt's heuristic's algorithms (best guess first) AlgorithmChoices measures for a product."""
+MARGIN = 0.03
+"""AlgorithmChoices keeps the heuristic's first algorithm unless another is faster by more than this fraction (a
+difference within timing noise does not change the product's bits)."""
+ALGORITHM_MODES = ("measure", "heuristic")
+
+
+class AlgorithmChoices:
+    """Which of cuBLASLt's candidate algorithms each bf16 product shape runs, and where that choice is kept.
+
+    cuBLASLt's heuristic ranks the algorithms that can compute a product, but its first guess is not always the
+    fastest: on an H100 the fastest of its first 8 ran GPT-2's products 6% faster in all, and single products up to
+    16% (results/profile/gemmalgos-h100-2026-12-07.log). Each algorithm adds in its own order, so each gives
+    slightly different bits, and a product must run the same algorithm every time it is called: launched alone or
+    recorded into a CUDA graph, in this run or the next.
+
+    mode "measure" (the default; $LLMC_GEMM_ALGORITHMS): at a shape's first call, time each candidate on that
+    call's own operands and keep the fastest (the heuristic's first unless another is MARGIN faster). The choice
+    goes to `path` (one JSON file per GPU model and cuBLASLt version, written atomically, under a lock shared
+    with other processes); a later process reads it there and measures nothing, and where two processes measure
+    the same shape at once, the first to write wins and the other takes its choice. A shape first met while a
+    CUDA graph is being recorded (no timing is possible there) gets the heuristic's first, for this process only;
+    so does a shape with one candidate. mode "heuristic": the heuristic's first algorithm always, nothing measured, read or written.
+    """
+
+    def __init__(self, path, mode: str = "measure"):
+        if mode not in ALGORITHM_MODES:
+            raise ValueError(f"the cuBLASLt algorithm mode must be one of {ALGORITHM_MODES}, got {mode!r} "
+                             "(set by $LLMC_GEMM_ALGORITHMS)")
+        self.path, self.mode = path, mode
+        self.chosen = {}                                   # key -> algorithm bytes, for the life of the process
+        self.counts = dict(measured=0, read=0, heuristic=0)
+
+    def choose(self, key: str, candidates: list, measure, recording: bool, usable=lambda algo: True) -> bytes:
+        """The algorithm (bytes) for the product `key`, of `candidates` (bytes, the heuristic's order; at least
+        one). measure(i) -> ms times candidate i on the call's operands; usable(algo) says whether an algorithm
+        read from the file still fits this product (cublasLtMatmulAlgoCheck)."""
+        if key in self.chosen:
+            return self.chosen[key]
+        if self.mode == "heuristic" or recording or len(candidates) == 1:
+            self.counts["heuristic"] += 1
+            return self.chosen.setdefault(key, candidates[0])
+        saved = self._saved(key, usable)
+        if saved is not None:
+            self.counts["read"] += 1
+            return self.chosen.setdefault(key, saved)
+        times = [measure(i) for i in range(len(candidates))]
+        best = min(range(len(times)), key=times.__getitem__)
+        if times[best] > times[0] * (1 - MARGIN):
+            best = 0
+        with locked(self.path):
+            entries = self._read()
+            theirs = entries.get(key)
+            if theirs is not None and usable(bytes.fromhex(theirs["algo"])):
+                algo = bytes.fromhex(theirs["algo"])        # another process measured it first: the same bits
+            else:
+                algo = candidates[best]
+                entries[key] = dict(algo=algo.hex(), ms=round(times[best], 5), first_ms=round(times[0], 5),
+                                    candidate=best, candidates=len(candidates))
+                atomic_write(self.path, json.dumps(dict(format=1, choices=entries), indent=1).encode())
+        self.counts["measured"] += 1
+        return self.chosen.setdefault(key, algo)
+
+    def _saved(self, key: str, usable):
+        entry = self._read().get(key)
+        if entry is None:
+            return None
+        algo = bytes.fromhex(entry["algo"])
+        return algo if usable(algo) else None
+
+    def _read(self) -> dict:
+        """The file's choices ({} where there is no file yet). A file that is not the course's JSON is reported
+        and set aside (renamed with .unreadable), not read and not written over."""
+        try:
+            with open(self.path, "rb") as f:
+                data = json.loads(f.read())
+            entries = data["choices"]
+            if data.get("format") != 1 or not all(isinstance(e, dict) and isinstance(e.get("algo"), str)
+                                                   and len(bytes.fromhex(e["algo"])) == ctypes.sizeof(_Algo)
+                                                   for e in entries.values()):
+                raise ValueError("not a version-1 file of algorithm choices")
+            return entries
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            aside = f"{self.path}.unreadable"
+            try:
+                os.replace(self.path, aside)
+            except FileNotFoundError:             # another process set it aside first
+                pass
+            warnings.warn(f"{self.path} could not be read ({type(e).__name__}: {e}); it is now {aside}, and the "
+                          "products' algorithms are measured again", RuntimeWarning, stacklevel=3)
+            return {}
+
+    def report(self) -> dict:
+        """What this process did: the mode, the file, how many shapes were measured, read from it, or given the
+        heuristic's first algorithm."""
+        return dict(mode=self.mode, path=str(self.path), **self.counts)
+
+
+_lt = {}   # cuBLASLt: the library, the course's handle, its products by shape, the algorithm choices
 
 
 def _lt_library():
@@ -194,22 +273,32 @@ def _lt_library():
         _library()                                    # cuBLAS first: it loads cuBLASLt and sets up the workspace
         path = next((line.split()[-1] for line in open("/proc/self/maps") if "/libcublasLt.so" in line), None)
         if path is None:
-            raise RuntimeError("cuBLASLt is not loaded in this process: the bias epilogue needs it")
+            raise RuntimeError("cuBLASLt is not loaded in this process: the course's bf16 products need it")
         lib = ctypes.CDLL(path)
         ptr, i32, u64, i64, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64, ctypes.c_size_t
         lib.cublasLtCreate.argtypes = [ptr]
+        lib.cublasLtGetVersion.restype = size
         lib.cublasLtMatmulDescCreate.argtypes = [ptr, i32, i32]
         lib.cublasLtMatmulDescSetAttribute.argtypes = [ptr, i32, ptr, size]
-        lib.cublasLtMatmulDescDestroy.argtypes = [ptr]
         lib.cublasLtMatrixLayoutCreate.argtypes = [ptr, i32, u64, u64, i64]
         lib.cublasLtMatmulPreferenceCreate.argtypes = [ptr]
         lib.cublasLtMatmulPreferenceSetAttribute.argtypes = [ptr, i32, ptr, size]
         lib.cublasLtMatmulAlgoGetHeuristic.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr]
+        lib.cublasLtMatmulAlgoCheck.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         lib.cublasLtMatmul.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, size, ptr]
         handle = ptr()
         _check("cublasLtCreate", lib.cublasLtCreate(ctypes.byref(handle)))
-        _lt.update(lib=lib, handle=handle.value, shapes={})
+        name = device.xp.cuda.runtime.getDeviceProperties(device.xp.cuda.Device().id)["name"]
+        name = "-".join("".join(c if c.isalnum() else " " for c in name.decode().lower()).split())
+        mode = os.environ.get("LLMC_GEMM_ALGORITHMS", "measure")
+        choices = AlgorithmChoices(cache_dir() / f"cublaslt-{name}-{lib.cublasLtGetVersion()}.json", mode)
+        _lt.update(lib=lib, handle=handle.value, products={}, choices=choices)
     return _lt["lib"]
+
+
+def algorithm_report() -> dict:
+    """How this process chose its cuBLASLt algorithms (AlgorithmChoices.report; {} before any bf16 product)."""
+    return _lt["choices"].report() if _lt else {}
 
 
 def _alignment(ptr: int) -> int:
@@ -217,30 +306,108 @@ def _alignment(ptr: int) -> int:
     return min(256, ptr & -ptr)
 
 
-def _lt_layouts(M: int, N: int, K: int, align: tuple) -> tuple:
-    """((A, B, D) matrix layouts, search preference) of a bf16 product out (M, N) = x (M, K) @ weight (N, K)^T in
-    cuBLASLt's column-major terms, the preference telling the search how A, B, C and D are aligned (a weight is a
-    view into the flat parameters), made once per shape and alignment and kept (the process's few)."""
-    key = (M, N, K, align)
-    if key not in _lt["shapes"]:
-        lib = _lt["lib"]
+class _LtProduct:
+    """One product shape in cuBLASLt's column-major terms, made at its first call and kept (the process's few):
+    row-major out (M, N) = op(a) @ op(b) is column-major out^T (N, M) = op(b)^T @ op(a)^T, so cuBLASLt's A is b and
+    its B is a, each described as stored. The search preference tells the heuristic the workspace (none for bf16:
+    WORKSPACE_BYTES) and how the operands are aligned (a weight is a view into the flat parameters)."""
 
-        def layout(rows, cols):
-            h = ctypes.c_void_p()
-            _check("cublasLtMatrixLayoutCreate", lib.cublasLtMatrixLayoutCreate(ctypes.byref(h), CUDA_R_16BF, rows,
-                                                                                 cols, rows))
-            return h
-        pref, ws = ctypes.c_void_p(), ctypes.c_uint64(WORKSPACE_BYTES[np.dtype(np.uint16)])
-        _check("cublasLtMatmulPreferenceCreate", lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)))
+    def __init__(self, lib, M, N, K, trans_a, trans_b, out_type, bias, align):
+        self.lib, self.algo, self.candidates = lib, None, []
+        self.desc, self.pref = ctypes.c_void_p(), ctypes.c_void_p()
+        _check("cublasLtMatmulDescCreate", lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), CUBLAS_COMPUTE_32F,
+                                                                           CUDA_R_32F))
+        self.attr(CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, ctypes.c_int32)
+        self.attr(CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_T if trans_a else CUBLAS_OP_N, ctypes.c_int32)
+        if bias:
+            self.attr(CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS, ctypes.c_uint32)
+            self.attr(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_16BF, ctypes.c_int32)
+        self.a = self.layout(CUDA_R_16BF, *((K, N) if trans_b else (N, K)))
+        self.b = self.layout(CUDA_R_16BF, *((M, K) if trans_a else (K, M)))
+        self.d = self.layout(out_type, N, M)
+        ws = ctypes.c_uint64(WORKSPACE_BYTES[np.dtype(np.uint16)])
+        _check("cublasLtMatmulPreferenceCreate", lib.cublasLtMatmulPreferenceCreate(ctypes.byref(self.pref)))
         _check("cublasLtMatmulPreferenceSetAttribute", lib.cublasLtMatmulPreferenceSetAttribute(
-            pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, ctypes.byref(ws), ctypes.sizeof(ws)))
+            self.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, ctypes.byref(ws), ctypes.sizeof(ws)))
         for attribute, value in zip(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_BYTES, align):
             v = ctypes.c_uint32(value)
             _check("cublasLtMatmulPreferenceSetAttribute", lib.cublasLtMatmulPreferenceSetAttribute(
-                pref, attribute, ctypes.byref(v), ctypes.sizeof(v)))
-        # weight (N, K) row-major is (K, N) column-major; x (M, K) is (K, M); out (M, N) is (N, M)
-        _lt["shapes"][key] = ((layout(K, N), layout(K, M), layout(N, M)), pref)
-    return _lt["shapes"][key]
+                self.pref, attribute, ctypes.byref(v), ctypes.sizeof(v)))
+        found, count = (_HeuristicResult * CANDIDATES)(), ctypes.c_int(0)
+        _check("cublasLtMatmulAlgoGetHeuristic", lib.cublasLtMatmulAlgoGetHeuristic(
+            _lt["handle"], self.desc, self.a, self.b, self.d, self.d, self.pref, CANDIDATES, found,
+            ctypes.byref(count)))
+        self.candidates = [bytes(found[i].algo) for i in range(count.value)]
+
+    def attr(self, name, value, ctype):
+        v = ctype(value)
+        _check("cublasLtMatmulDescSetAttribute",
+               self.lib.cublasLtMatmulDescSetAttribute(self.desc, name, ctypes.byref(v), ctypes.sizeof(v)))
+
+    def layout(self, dtype, rows, cols):
+        h = ctypes.c_void_p()
+        _check("cublasLtMatrixLayoutCreate", self.lib.cublasLtMatrixLayoutCreate(ctypes.byref(h), dtype, rows, cols,
+                                                                                  rows))
+        return h
+
+    def usable(self, algo: bytes) -> bool:
+        """Whether cuBLASLt accepts `algo` for this product without a workspace (cublasLtMatmulAlgoCheck)."""
+        result = _HeuristicResult()
+        status = self.lib.cublasLtMatmulAlgoCheck(_lt["handle"], self.desc, self.a, self.b, self.d, self.d,
+                                                  ctypes.byref(_Algo.from_buffer_copy(algo)), ctypes.byref(result))
+        return status == 0 and result.workspaceSize <= WORKSPACE_BYTES[np.dtype(np.uint16)]
+
+    def run(self, algo, a, b, out, beta, bias):
+        if bias is not None:
+            self.attr(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias.data.ptr, ctypes.c_void_p)
+        _check("cublasLtMatmul", self.lib.cublasLtMatmul(
+            _lt["handle"], self.desc, _ONE.ctypes.data, b.data.ptr, self.a, a.data.ptr, self.b, beta.ctypes.data,
+            out.data.ptr, self.d, out.data.ptr, self.d, ctypes.byref(algo), _lib["workspace"].data.ptr,
+            WORKSPACE_BYTES[np.dtype(np.uint16)], device.xp.cuda.get_current_stream().ptr))
+
+
+def _lt_matmul(a, b, trans_a: bool, trans_b: bool, out, accumulate: bool, bias=None) -> bool:
+    """out (M, N) = op(a) @ op(b) (+ bias, into the float32 sums) (+ out with accumulate) through cuBLASLt, a and b
+    bf16 (uint16), out bf16 or float32, with the algorithm AlgorithmChoices gives this shape. False where cuBLASLt
+    has no algorithm for it (nothing is launched)."""
+    lib = _lt_library()
+    M, N = out.shape
+    align = tuple(_alignment(x.data.ptr) for x in (b, a, out, out))      # cuBLASLt's A, B, C, D
+    key = (M, N, a.shape[0] if trans_a else a.shape[1], trans_a, trans_b, out.dtype.char, accumulate,
+           bias is not None, align)
+    product = _lt["products"].get(key)
+    beta = _ONE if accumulate else _ZERO
+    if product is None:
+        product = _lt["products"][key] = _LtProduct(lib, *key[:5], _cuda_type(out.dtype), *key[7:])
+        if product.candidates:
+            product.algo = _Algo.from_buffer_copy(_lt["choices"].choose(
+                _choice_key(key), product.candidates, lambda i: _measure(product, i, a, b, out, beta, bias),
+                recording=device.xp.cuda.get_current_stream().is_capturing(), usable=product.usable))
+    if product.algo is None:
+        return False
+    product.run(product.algo, a, b, out, beta, bias)
+    return True
+
+
+def _choice_key(key) -> str:
+    M, N, K, trans_a, trans_b, out_char, accumulate, bias, align = key
+    return (f"bf16 {'T' if trans_a else 'N'}{'T' if trans_b else 'N'} M={M} N={N} K={K} "
+            f"out={'bf16' if out_char == np.dtype(np.uint16).char else 'float32'}"
+            f"{' +=' if accumulate else ''}{' +bias' if bias else ''} align={','.join(map(str, align))}")
+
+
+def _measure(product, i, a, b, out, beta, bias) -> float:
+    """GPU milliseconds of candidate i on the call's own operands (timing.burst_ms), inf where it fails. The
+    call's out is written (it is about to be); a product that adds into out gets it back as it was."""
+    algo = _Algo.from_buffer_copy(product.candidates[i])
+    kept = out.get() if beta is _ONE else None
+    try:
+        return timing.burst_ms(lambda: product.run(algo, a, b, out, beta, bias))
+    except RuntimeError:
+        return float("inf")
+    finally:
+        if kept is not None:
+            out.set(kept)
 
 
 _lib = {}   # the cuBLAS library CuPy loaded, the course's handle, its workspace, and the stream it is bound to

@@ -29,7 +29,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from llmc_lessons.files import atomic_write
+from llmc_lessons.files import atomic_write, cache_dir
 from llmc_lessons.tokenizer import ASSETS, EOT, EOT_TEXT, gpt2
 
 # --- the corpus -----------------------------------------------------------------------------------------
@@ -172,14 +172,6 @@ def tokenize_works(works) -> np.ndarray:
     enc = gpt2()
     chunks = [[EOT] + enc.encode_ordinary(w.text if isinstance(w, Work) else w) for w in works]
     return np.array([t for c in chunks for t in c], dtype=np.uint16)
-
-
-def cache_dir() -> Path:
-    """Where prepared token files are kept: $LLMC_CACHE, else $XDG_CACHE_HOME/llmc_lessons, else ~/.cache/..."""
-    if os.environ.get("LLMC_CACHE"):
-        return Path(os.environ["LLMC_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "llmc_lessons"
 
 
 def prepare_shakespeare(out_dir: str | Path | None = None, verbose: bool = False) -> tuple[Path, Path]:

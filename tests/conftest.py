@@ -20,14 +20,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config):
     """Parts that passing checks keep (llmc_lessons.parts) go to a folder of this run, never into the repository;
-    the notebooks that nbval runs inherit it, so lesson 10 finds the parts that lessons 02 to 09 kept."""
+    the notebooks that nbval runs inherit it, so lesson 10 finds the parts that lessons 02 to 09 kept.
+    On a GPU, the package's cache (files.cache_dir) is a folder of this run too: the cuBLASLt algorithms that the
+    tests measure while other test processes load the GPU must not become the choices of the user's benchmarks."""
     if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("LLMC_PARTS"):
-        return                                   # a pytest-xdist worker shares the folder of the run that started it
+        return                                   # a pytest-xdist worker shares the folders of the run that started it
     config._llmc_parts = os.environ["LLMC_PARTS"] = tempfile.mkdtemp(prefix="llmc_parts-")
+    try:
+        from llmc_lessons import device
+        on_gpu = device.on_gpu()
+    except Exception:  # noqa: BLE001  (a bad LLMC_DEVICE: the header and the tests say so)
+        on_gpu = False
+    if on_gpu:
+        config._llmc_cache = os.environ["LLMC_CACHE"] = tempfile.mkdtemp(prefix="llmc_cache-")
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(getattr(config, "_llmc_parts", ""), ignore_errors=True)
+    for folder in ("_llmc_parts", "_llmc_cache"):
+        shutil.rmtree(getattr(config, folder, ""), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,7 @@
 """llmc_lessons.cublas: row-major products with transposes, accumulation and batches, against NumPy."""
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -121,7 +124,8 @@ def test_the_handle_gets_the_workspace_of_each_products_type(monkeypatch):
 
 @pytest.mark.skipif(device.on_gpu(), reason="stands in for cuBLAS with NumPy operands: the CPU backend's")
 def test_each_product_asks_for_the_workspace_of_its_operands_type(monkeypatch):
-    # gemm and gemm_batched hand _library their operands' type, which picks the workspace (the test above)
+    # gemm of float32 operands and gemm_batched hand _library their operands' type, which picks the workspace (the
+    # test above); gemm of bf16 operands goes to cuBLASLt, and to gemmEx only where cuBLASLt has no algorithm
     from llmc_lessons import cublas
     seen = []
 
@@ -131,7 +135,9 @@ def test_each_product_asks_for_the_workspace_of_its_operands_type(monkeypatch):
     def library(dtype=np.float32):
         seen.append(np.dtype(dtype))
         raise Stop
+    lt_calls = []
     monkeypatch.setattr(cublas, "_library", library)
+    monkeypatch.setattr(cublas, "_lt_matmul", lambda *args: lt_calls.append(args[4].dtype) or False)
     monkeypatch.setattr(cublas.device, "on_gpu", lambda: True)
     for dtype in (np.float32, np.uint16):
         a, b = np.zeros((4, 8), dtype), np.zeros((8, 4), dtype)
@@ -140,3 +146,179 @@ def test_each_product_asks_for_the_workspace_of_its_operands_type(monkeypatch):
             with pytest.raises(Stop):
                 product()
     assert seen == [np.dtype(np.float32)] * 3 + [np.dtype(np.uint16)] * 3
+    assert lt_calls == [np.dtype(np.uint16), np.dtype(np.float32)]     # the two bf16 gemm calls, their out types
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("M,N,K", [(37, 24, 40), (200, 72, 56)])
+@pytest.mark.parametrize("out_type, accumulate", [("bf16", False), ("float32", False), ("float32", True)])
+def test_bf16_products_match_numpy(trans_a, trans_b, M, N, K, out_type, accumulate):
+    # On a GPU these are cuBLASLt's products with the algorithm chosen for each shape; outputs start as NaN
+    from llmc_lessons.precision import from_bf16, to_bf16
+    a, b = to_bf16(rand(*((K, M) if trans_a else (M, K)))), to_bf16(rand(*((N, K) if trans_b else (K, N))))
+    A, B = from_bf16(a).astype(np.float64), from_bf16(b).astype(np.float64)
+    want = (A.T if trans_a else A) @ (B.T if trans_b else B)
+    start = rand(M, N)
+    if accumulate:
+        out, want = device.to_device(start.copy()), want + start
+    else:
+        out = device.xp.full((M, N), 0xFFFF if out_type == "bf16" else np.nan,
+                             dtype=np.uint16 if out_type == "bf16" else np.float32)
+    got = device.to_host(gemm(device.to_device(a), device.to_device(b), trans_a, trans_b, out=out,
+                              accumulate=accumulate))
+    got = from_bf16(got) if out_type == "bf16" else got
+    tol = 2 ** -7 if out_type == "bf16" else 1e-5          # bf16 out: one rounding of the float32 sum
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+# -- cuBLASLt's algorithm choices (AlgorithmChoices), with stand-in candidates and timings: any machine ----------
+
+CANDIDATES = [bytes([i]) * 64 for i in range(4)]     # an algorithm is 64 opaque bytes
+
+
+def choices(tmp_path, mode="measure"):
+    from llmc_lessons.cublas import AlgorithmChoices
+    return AlgorithmChoices(tmp_path / "algorithms.json", mode)
+
+
+def timed(times):
+    calls = []
+
+    def measure(i):
+        calls.append(i)
+        return times[i]
+    return measure, calls
+
+
+def never(i):
+    raise AssertionError("nothing should be measured here")
+
+
+def test_the_fastest_candidate_is_kept_and_a_later_process_reads_it(tmp_path):
+    measure, calls = timed([1.0, 0.9, 0.8, 1.2])
+    first = choices(tmp_path)
+    assert first.choose("k", CANDIDATES, measure, recording=False) == CANDIDATES[2]
+    assert calls == [0, 1, 2, 3]
+    assert first.choose("k", CANDIDATES, never, recording=False) == CANDIDATES[2]     # once per process
+    later = choices(tmp_path)
+    assert later.choose("k", CANDIDATES, never, recording=False) == CANDIDATES[2]
+    assert later.report()["read"] == 1 and first.report()["measured"] == 1
+
+
+def test_a_gain_within_the_margin_keeps_the_heuristics_first(tmp_path):
+    from llmc_lessons.cublas import MARGIN
+    measure, _ = timed([1.0, 1.0 - MARGIN / 2, 2.0, 1.0])
+    assert choices(tmp_path).choose("k", CANDIDATES, measure, recording=False) == CANDIDATES[0]
+    measure, _ = timed([1.0, 1.0 - 2 * MARGIN, 2.0, 1.0])
+    assert choices(tmp_path).choose("other", CANDIDATES, measure, recording=False) == CANDIDATES[1]
+
+
+def test_a_failed_candidate_is_never_chosen(tmp_path):
+    measure, _ = timed([float("inf"), float("inf"), 3.0, float("inf")])
+    assert choices(tmp_path).choose("k", CANDIDATES, measure, recording=False) == CANDIDATES[2]
+
+
+def test_a_recording_takes_the_first_for_this_process_only(tmp_path):
+    c = choices(tmp_path)
+    assert c.choose("k", CANDIDATES, never, recording=True) == CANDIDATES[0]
+    assert not (tmp_path / "algorithms.json").exists()
+    # the same shape launched alone later keeps the recording's algorithm: the same bits in and out of the graph
+    assert c.choose("k", CANDIDATES, never, recording=False) == CANDIDATES[0]
+    measure, _ = timed([1.0, 0.5, 1.0, 1.0])
+    assert choices(tmp_path).choose("k", CANDIDATES, measure, recording=False) == CANDIDATES[1]
+
+
+def test_the_heuristic_mode_measures_reads_and_writes_nothing(tmp_path):
+    measure, _ = timed([1.0, 0.5, 1.0, 1.0])
+    choices(tmp_path).choose("k", CANDIDATES, measure, recording=False)
+    c = choices(tmp_path, "heuristic")
+    assert c.choose("k", CANDIDATES, never, recording=False) == CANDIDATES[0]     # not the file's CANDIDATES[1]
+    assert c.report() == dict(mode="heuristic", path=str(tmp_path / "algorithms.json"), measured=0, read=0,
+                              heuristic=1)
+    with pytest.raises(ValueError, match="LLMC_GEMM_ALGORITHMS"):
+        choices(tmp_path, "fastest")
+
+
+def test_the_first_process_to_write_a_shape_wins(tmp_path):
+    # two processes measure the same shape at once; the second to finish takes the first's choice, so both run
+    # the same algorithm (the same bits), and the file keeps one
+    a, b = choices(tmp_path), choices(tmp_path)
+
+    def b_measures(i):
+        if i == 0:   # while b measures, a measures the same shape and writes its choice
+            assert a.choose("k", CANDIDATES, timed([1.0, 0.5, 1.0, 1.0])[0], recording=False) == CANDIDATES[1]
+        return [1.0, 1.0, 1.0, 0.5][i]
+    assert b.choose("k", CANDIDATES, b_measures, recording=False) == CANDIDATES[1]
+    assert json.loads((tmp_path / "algorithms.json").read_text())["choices"]["k"]["candidate"] == 1
+
+
+def test_a_saved_algorithm_that_no_longer_fits_is_measured_again(tmp_path):
+    choices(tmp_path).choose("k", CANDIDATES, timed([1.0, 0.5, 1.0, 1.0])[0], recording=False)
+    measure, calls = timed([1.0, 1.0, 0.5, 1.0])
+    got = choices(tmp_path).choose("k", CANDIDATES, measure, recording=False,
+                                   usable=lambda algo: algo != CANDIDATES[1])
+    assert got == CANDIDATES[2] and calls == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("text", ["not json", '{"format": 1, "choices": {"k": {"algo": "00"}}}', '[1, 2]'])
+def test_an_unreadable_file_is_set_aside_not_overwritten(tmp_path, text):
+    path = tmp_path / "algorithms.json"
+    path.write_text(text)
+    with pytest.warns(RuntimeWarning, match="could not be read"):
+        got = choices(tmp_path).choose("k", CANDIDATES, timed([1.0, 0.5, 1.0, 1.0])[0], recording=False)
+    assert got == CANDIDATES[1]
+    assert (tmp_path / "algorithms.json.unreadable").read_text() == text
+    assert json.loads(path.read_text())["choices"]["k"]["candidate"] == 1
+
+
+# -- on a GPU: every candidate computes the product, and a later process reads the choices ------------------------
+
+@pytest.mark.skipif(not device.on_gpu(), reason="cuBLASLt runs on a GPU")
+@pytest.mark.parametrize("trans_a, trans_b, out_type", [(False, True, np.uint16), (False, False, np.uint16),
+                                                         (True, False, np.float32)])
+def test_every_candidate_algorithm_computes_the_product(trans_a, trans_b, out_type):
+    # the three products of a linear layer (forward, dinp, dweight), at a shape with a partial tile in every
+    # dimension: each candidate, into a NaN output, against NumPy
+    from llmc_lessons import cublas
+    from llmc_lessons.precision import from_bf16, to_bf16
+    M, N, K = 1000, 264, 200
+    a, b = to_bf16(rand(*((K, M) if trans_a else (M, K)))), to_bf16(rand(*((N, K) if trans_b else (K, N))))
+    A, B = from_bf16(a).astype(np.float64), from_bf16(b).astype(np.float64)
+    want = (A.T if trans_a else A) @ (B.T if trans_b else B)
+    da, db = device.to_device(a), device.to_device(b)
+    out = device.xp.empty((M, N), out_type)
+    gemm(da, db, trans_a, trans_b, out=out)
+    product = next(p for k, p in cublas._lt["products"].items() if k[:5] == (M, N, K, trans_a, trans_b)
+                   and k[5] == np.dtype(out_type).char)
+    assert len(product.candidates) > 1, "cuBLASLt offered one algorithm: nothing to choose from"
+    for i, algo in enumerate(product.candidates):
+        out.fill(0xFFFF if out_type == np.uint16 else np.nan)
+        product.run(cublas._Algo.from_buffer_copy(algo), da, db, out, cublas._ZERO, None)
+        got = device.to_host(out)
+        got = from_bf16(got) if out_type == np.uint16 else got
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max(),
+                                   err_msg=f"candidate {i} of {len(product.candidates)}")
+
+
+CHOOSE = """
+import json, sys, numpy as np
+from llmc_lessons import cublas, device
+from llmc_lessons.precision import to_bf16
+gen = np.random.default_rng(1)
+a, b = (device.to_device(to_bf16(gen.standard_normal(s).astype(np.float32))) for s in ((512, 768), (2304, 768)))
+out = cublas.gemm(a, b, trans_b=True)
+print(json.dumps(dict(report=cublas.algorithm_report(), bits=device.to_host(out).tobytes().hex()[:4096])))
+"""
+
+
+@pytest.mark.skipif(not device.on_gpu(), reason="cuBLASLt runs on a GPU")
+def test_a_later_process_reads_the_choice_and_computes_the_same_bits(tmp_path):
+    import subprocess
+    import sys
+    env = dict(os.environ, LLMC_CACHE=str(tmp_path), LLMC_GEMM_ALGORITHMS="measure")
+    runs = [json.loads(subprocess.run([sys.executable, "-c", CHOOSE], env=env, check=True, capture_output=True,
+                                      text=True).stdout.splitlines()[-1]) for _ in range(2)]
+    assert (runs[0]["report"]["measured"], runs[1]["report"]["measured"], runs[1]["report"]["read"]) == (1, 0, 1)
+    assert runs[0]["bits"] == runs[1]["bits"]
+    assert str(tmp_path) in runs[0]["report"]["path"]

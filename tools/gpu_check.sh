@@ -7,7 +7,7 @@
 #
 #   bash tools/gpu_check.sh [stage ...]      stages: env tests arch nbval parts bench kernels memory train multigpu (default: all)
 #                                            and, on request: scale (= scale-baseline scale-sizes scale-attention)
-#                                            scale-fp32 scale-profiles llama llama-bench attention-profile
+#                                            scale-fp32 scale-profiles llama llama-bench attention-profile algorithms
 #
 # llama (lesson 16): GPT-2 124M (d12) and the LLaMA-style model of the same parameter count (llama-124m), both
 # in LLAMA_PRECISION (default fp32, with TF32 matmuls; or bf16), trained for the same LLAMA_STEPS (default 250)
@@ -39,6 +39,11 @@
 # names and times for the course's flash kernels and PyTorch's SDPA (which backend, built for which
 # architecture), then Nsight Compute's speed-of-light, pipe utilisation, occupancy and warp-stall sections of
 # each, in ATTENTION_PRECISIONS (default bf16 fp32), to profile/attention-<device>-<date>-<precision>.log and -<precision>-ncu.log.
+#
+# algorithms (about 3 minutes): the bf16 step (course only) of each size in ALGORITHMS_SIZES (default d12:16 d48:8,
+# MODEL:B) with cuBLASLt's heuristic's first algorithm for every product, then with the measured fastest
+# (llmc_lessons.cublas.AlgorithmChoices), to bench/algorithms-<device>-<date>-<model>-<mode>.json and .log; the
+# choices themselves to bench/algorithms-<device>-<date>-choices.json.
 #
 # memory sets the emulator's predicted sectors per request and bank conflicts of a dozen kernels beside Nsight
 # Compute's counters (where ncu runs) or the measured bandwidth (tools/memory_check.py; kernels/memory-*.md, .json).
@@ -136,6 +141,16 @@ except ImportError: print(\"torch missing\")"' ;;
              cp /tmp/runs/$precision/log.jsonl "$f.jsonl"
              cp /tmp/runs/$precision/summary.json "$f.summary.json"
            done ;;
+    algorithms) rm -rf /tmp/llmc_cache-algorithms   # the choices of this stage only, measured on an idle GPU
+                for m in ${ALGORITHMS_SIZES:-d12:16 d48:8}; do
+                  for mode in heuristic measure; do
+                    f=$(name bench algorithms ${m%%:*}-$mode)
+                    run algorithms-${m%%:*}-$mode "$f.log" env LLMC_CACHE=/tmp/llmc_cache-algorithms \
+                      LLMC_GEMM_ALGORITHMS=$mode python3 -m llmc_lessons.bench --model ${m%%:*} -b ${m##*:} \
+                      --precision bf16 --no-torch --steps 10 --warmup 3 --json "$f.json"
+                  done
+                done
+                cp /tmp/llmc_cache-algorithms/cublaslt-*.json "$(name bench algorithms choices).json" ;;
     scale-baseline) f=$(name bench baselines)
                     run scale-baseline "$f.log" timeout ${SCALE_BASELINE_S:-150} python3 -m llmc_lessons.bench \
                       --steps 10 --warmup 3 --compile-modes default max-autotune-no-cudagraphs max-autotune \

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmc_lessons import files
 from llmc_lessons.cuda import source as cu_source
 
 HERE = Path(__file__).resolve().parent
@@ -52,7 +53,8 @@ class KernelError(_ShownBriefly):
 
 
 def cache_dir() -> Path:
-    d = Path(os.environ.get("LLMC_CACHE") or Path.home() / ".cache" / "llmc_lessons") / "emulator"
+    """Where compiled kernels are kept: files.cache_dir()'s emulator/."""
+    d = files.cache_dir() / "emulator"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

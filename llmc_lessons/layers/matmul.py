@@ -220,7 +220,7 @@ def matmul_backward_cuda(dout, inp, weight, version="cublas", tile: int = 16, bl
 def matmul_bf16(a, b, trans_b: bool = False):
     """(M, K) bf16 bits @ (K, N) bf16 bits (or (N, K) with trans_b) -> (M, N) float32, accumulated in float32.
 
-    On a GPU: cuBLAS's gemmEx with bf16 inputs on the tensor cores. On a CPU: the same numbers in NumPy.
+    On a GPU: cuBLASLt with bf16 inputs on the tensor cores (cublas.gemm). On a CPU: the same numbers in NumPy.
     """
     device.require_array("a", a, shape=(None, None), dtype=np.uint16)
     device.require_array("b", b, shape=(None, None), dtype=np.uint16)
