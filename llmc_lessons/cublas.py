@@ -168,6 +168,11 @@ CANDIDATES = 8
 MARGIN = 0.03
 """AlgorithmChoices keeps the heuristic's first algorithm unless another is faster by more than this fraction (a
 difference within timing noise does not change the product's bits)."""
+ROUNDS = 3
+"""AlgorithmChoices times the candidates in turn, ROUNDS times over, and compares their medians: a GPU's clock
+falls as it heats under a run of large products (an 8192^3 bf16 product on an H100 from 766 to 713 TFLOP/s within
+a second, results/profile/peak-h100-2026-12-07.log), which would favour whichever candidate ran first if each were
+timed in one go."""
 ALGORITHM_MODES = ("measure", "heuristic")
 
 
@@ -181,7 +186,7 @@ class AlgorithmChoices:
     recorded into a CUDA graph, in this run or the next.
 
     mode "measure" (the default; $LLMC_GEMM_ALGORITHMS): at a shape's first call, time each candidate on that
-    call's own operands and keep the fastest (the heuristic's first unless another is MARGIN faster). The choice
+    call's own operands (ROUNDS rounds, taking turns) and keep the fastest (the heuristic's first unless another is MARGIN faster). The choice
     goes to `path` (one JSON file per GPU model and cuBLASLt version, written atomically, under a lock shared
     with other processes); a later process reads it there and measures nothing, and where two processes measure
     the same shape at once, the first to write wins and the other takes its choice. A shape first met while a
@@ -210,7 +215,8 @@ class AlgorithmChoices:
         if saved is not None:
             self.counts["read"] += 1
             return self.chosen.setdefault(key, saved)
-        times = [measure(i) for i in range(len(candidates))]
+        rounds = [[measure(i) for i in range(len(candidates))] for _ in range(ROUNDS)]
+        times = [float(np.median(column)) for column in zip(*rounds)]
         best = min(range(len(times)), key=times.__getitem__)
         if times[best] > times[0] * (1 - MARGIN):
             best = 0
@@ -380,9 +386,17 @@ def _lt_matmul(a, b, trans_a: bool, trans_b: bool, out, accumulate: bool, bias=N
     if product is None:
         product = _lt["products"][key] = _LtProduct(lib, *key[:5], _cuda_type(out.dtype), *key[7:])
         if product.candidates:
+            kept = []                  # a product that adds into out gets it back as it was after the timing
+
+            def measure(i):
+                if accumulate and not kept:
+                    kept.append(out.get())
+                return _measure(product, i, a, b, out, beta, bias)
             product.algo = _Algo.from_buffer_copy(_lt["choices"].choose(
-                _choice_key(key), product.candidates, lambda i: _measure(product, i, a, b, out, beta, bias),
+                _choice_key(key), product.candidates, measure,
                 recording=device.xp.cuda.get_current_stream().is_capturing(), usable=product.usable))
+            if kept:
+                out.set(kept[0])
     if product.algo is None:
         return False
     product.run(product.algo, a, b, out, beta, bias)
@@ -397,17 +411,13 @@ def _choice_key(key) -> str:
 
 
 def _measure(product, i, a, b, out, beta, bias) -> float:
-    """GPU milliseconds of candidate i on the call's own operands (timing.burst_ms), inf where it fails. The
-    call's out is written (it is about to be); a product that adds into out gets it back as it was."""
+    """GPU milliseconds of candidate i on the call's own operands (one burst of timing.burst_ms; AlgorithmChoices
+    takes turns and medians), inf where it fails. It writes the call's out."""
     algo = _Algo.from_buffer_copy(product.candidates[i])
-    kept = out.get() if beta is _ONE else None
     try:
-        return timing.burst_ms(lambda: product.run(algo, a, b, out, beta, bias))
+        return timing.burst_ms(lambda: product.run(algo, a, b, out, beta, bias), bursts=1)
     except RuntimeError:
         return float("inf")
-    finally:
-        if kept is not None:
-            out.set(kept)
 
 
 _lib = {}   # the cuBLAS library CuPy loaded, the course's handle, its workspace, and the stream it is bound to

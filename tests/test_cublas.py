@@ -175,10 +175,12 @@ def test_bf16_products_match_numpy(trans_a, trans_b, M, N, K, out_type, accumula
 # -- cuBLASLt's algorithm choices (AlgorithmChoices), with stand-in candidates and timings: any machine ----------
 
 CANDIDATES = [bytes([i]) * 64 for i in range(4)]     # an algorithm is 64 opaque bytes
+ROUNDS = 3
 
 
 def choices(tmp_path, mode="measure"):
-    from llmc_lessons.cublas import AlgorithmChoices
+    from llmc_lessons.cublas import ROUNDS as rounds, AlgorithmChoices
+    assert rounds == ROUNDS
     return AlgorithmChoices(tmp_path / "algorithms.json", mode)
 
 
@@ -199,7 +201,7 @@ def test_the_fastest_candidate_is_kept_and_a_later_process_reads_it(tmp_path):
     measure, calls = timed([1.0, 0.9, 0.8, 1.2])
     first = choices(tmp_path)
     assert first.choose("k", CANDIDATES, measure, recording=False) == CANDIDATES[2]
-    assert calls == [0, 1, 2, 3]
+    assert calls == [0, 1, 2, 3] * ROUNDS                                     # the candidates take turns
     assert first.choose("k", CANDIDATES, never, recording=False) == CANDIDATES[2]     # once per process
     later = choices(tmp_path)
     assert later.choose("k", CANDIDATES, never, recording=False) == CANDIDATES[2]
@@ -212,6 +214,17 @@ def test_a_gain_within_the_margin_keeps_the_heuristics_first(tmp_path):
     assert choices(tmp_path).choose("k", CANDIDATES, measure, recording=False) == CANDIDATES[0]
     measure, _ = timed([1.0, 1.0 - 2 * MARGIN, 2.0, 1.0])
     assert choices(tmp_path).choose("other", CANDIDATES, measure, recording=False) == CANDIDATES[1]
+
+
+def test_one_slow_moment_does_not_decide(tmp_path):
+    # the GPU's clock dips while the heuristic's first is timed (every candidate is equally fast): the candidates
+    # take turns and their medians are compared, so the dip changes nothing
+    calls = []
+
+    def measure(i):
+        calls.append(i)
+        return 1.3 if len(calls) == 1 else 1.0
+    assert choices(tmp_path).choose("k", CANDIDATES, measure, recording=False) == CANDIDATES[0]
 
 
 def test_a_failed_candidate_is_never_chosen(tmp_path):
@@ -258,7 +271,7 @@ def test_a_saved_algorithm_that_no_longer_fits_is_measured_again(tmp_path):
     measure, calls = timed([1.0, 1.0, 0.5, 1.0])
     got = choices(tmp_path).choose("k", CANDIDATES, measure, recording=False,
                                    usable=lambda algo: algo != CANDIDATES[1])
-    assert got == CANDIDATES[2] and calls == [0, 1, 2, 3]
+    assert got == CANDIDATES[2] and calls == [0, 1, 2, 3] * ROUNDS
 
 
 @pytest.mark.parametrize("text", ["not json", '{"format": 1, "choices": {"k": {"algo": "00"}}}', '[1, 2]'])
