@@ -78,7 +78,7 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
         model = model_class(config)(config, seed=0, backend="kernels", precision=precision)
     model.keep_logits = False  # as the trainer: the fused classifier overwrites the logits in place
     model.cuda_graph, model.recompute = cuda_graph, recompute
-    times, peak = [], 0
+    times, peak, chosen = [], 0, algorithm_report()
     try:
         with tf32_mode(tf32):
             flash = precision != "bf16" and model.path.flash_tf32(model)   # the fp32 path's attention (paths.py)
@@ -97,8 +97,9 @@ def bench_course(config: GPT2Config, B: int, T: int, steps: int, warmup: int, tf
     name += " + CUDA graphs" if cuda_graph else ", one launch at a time"
     name += f", recompute {recompute}" if recompute else ""
     row = dict(name=name, precision=precision, ms=ms, tokens_per_s=B * T / (ms / 1e3), peak_bytes=int(peak))
-    if precision == "bf16":   # how the bf16 products' algorithms were chosen: measured, read from the cache, or not
-        row["gemm_algorithms"] = algorithm_report()
+    if precision == "bf16":   # how this row's new product shapes got their algorithms: measured, read, heuristic's
+        report = algorithm_report()
+        row["gemm_algorithms"] = {k: v - chosen.get(k, 0) if isinstance(v, int) else v for k, v in report.items()}
     return row
 
 

@@ -5,9 +5,9 @@ setting, which cost the training step a fifth of its time. The functions here ca
 llm.c does: cuBLAS is column-major, and a row-major (M, N) matrix is the column-major (N, M) matrix, so
 C = op(A) @ op(B) is computed as C^T = op(B)^T @ op(A)^T with no data moved. On a CPU they are NumPy (but
 gemm_bias, the bias epilogue, which runs on a GPU only).
-Operands are float32, or bf16 (lesson 14: uint16 arrays holding the bits) with float32 accumulation. float32
-products go through cuBLAS's gemmEx; bf16 ones through cuBLASLt, with the algorithm measured fastest for their
-shape (AlgorithmChoices).
+Operands are float32, or bf16 (lesson 14: uint16 arrays holding the bits) with float32 accumulation. gemm of
+float32 operands goes through cuBLAS's gemmEx; gemm of bf16 operands and gemm_bias through cuBLASLt, with the
+algorithm measured fastest for their shape (AlgorithmChoices); gemm_batched through cublasGemmStridedBatchedEx.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ CUDA_R_16BF = 14
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
 CUBLAS_GEMM_DEFAULT = -1
+CUBLAS_STATUS_NOT_SUPPORTED = 15
 _ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)
 
 
@@ -169,99 +170,120 @@ MARGIN = 0.03
 """AlgorithmChoices keeps the heuristic's first algorithm unless another is faster by more than this fraction (a
 difference within timing noise does not change the product's bits)."""
 ROUNDS = 3
-"""AlgorithmChoices times the candidates in turn, ROUNDS times over, and compares their medians: a GPU's clock
-falls as it heats under a run of large products (an 8192^3 bf16 product on an H100 from 766 to 713 TFLOP/s within
-a second, results/profile/peak-h100-2026-12-07.log), which would favour whichever candidate ran first if each were
-timed in one go."""
+"""AlgorithmChoices times the candidates ROUNDS times over, taking turns (each round starting one candidate later),
+and compares their medians: one slow or fast moment of the GPU (its clock moves as it heats) does not decide."""
+MEASURED_FLOPS = 2 ** 30
+"""Products of fewer FLOPs (2MNK) are not measured: their time is mostly the launch, and generation's short
+sequences would otherwise measure a new shape at every length. They run the heuristic's first algorithm."""
 ALGORITHM_MODES = ("measure", "heuristic")
+FORMAT = 1   # of the file of choices, part of its name: a file of another format is another file
 
 
 class AlgorithmChoices:
     """Which of cuBLASLt's candidate algorithms each bf16 product shape runs, and where that choice is kept.
 
     cuBLASLt's heuristic ranks the algorithms that can compute a product, but its first guess is not always the
-    fastest: on an H100 the fastest of its first 8 ran GPT-2's products 6% faster in all, and single products up to
-    16% (results/profile/gemmalgos-h100-2026-12-07.log). Each algorithm adds in its own order, so each gives
+    fastest (results/profile/gemmalgos-h100-2026-12-07.log). Each algorithm adds in its own order, so each gives
     slightly different bits, and a product must run the same algorithm every time it is called: launched alone or
     recorded into a CUDA graph, in this run or the next.
 
     mode "measure" (the default; $LLMC_GEMM_ALGORITHMS): at a shape's first call, time each candidate on that
-    call's own operands (ROUNDS rounds, taking turns) and keep the fastest (the heuristic's first unless another is MARGIN faster). The choice
-    goes to `path` (one JSON file per GPU model and cuBLASLt version, written atomically, under a lock shared
-    with other processes); a later process reads it there and measures nothing, and where two processes measure
-    the same shape at once, the first to write wins and the other takes its choice. A shape first met while a
-    CUDA graph is being recorded (no timing is possible there) gets the heuristic's first, for this process only;
-    so does a shape with one candidate. mode "heuristic": the heuristic's first algorithm always, nothing measured, read or written.
+    call's own operands (ROUNDS rounds, taking turns) and keep the fastest (the heuristic's first unless another
+    is MARGIN faster). The choice goes to `path` (one JSON file per GPU model and cuBLASLt version, written
+    atomically, under a lock shared with other processes); a later process reads it there and measures nothing,
+    and where two processes measure the same shape at once, the first to write wins and the other takes its
+    choice. Where a shape cannot be measured (while a CUDA graph is being recorded; a small product: can_measure
+    False) the file's choice is used if it has one, else the heuristic's first, for this process only; so for a
+    shape with one candidate. A file that cannot be written leaves the choices to this process (one warning).
+    mode "heuristic": the heuristic's first algorithm always, nothing measured, read or written.
     """
 
     def __init__(self, path, mode: str = "measure"):
         if mode not in ALGORITHM_MODES:
             raise ValueError(f"the cuBLASLt algorithm mode must be one of {ALGORITHM_MODES}, got {mode!r} "
                              "(set by $LLMC_GEMM_ALGORITHMS)")
-        self.path, self.mode = path, mode
+        self.path, self.mode, self.writable = path, mode, True
         self.chosen = {}                                   # key -> algorithm bytes, for the life of the process
         self.counts = dict(measured=0, read=0, heuristic=0)
 
-    def choose(self, key: str, candidates: list, measure, recording: bool, usable=lambda algo: True) -> bytes:
+    def choose(self, key: str, candidates: list, measure, can_measure: bool, usable=lambda algo: True) -> bytes:
         """The algorithm (bytes) for the product `key`, of `candidates` (bytes, the heuristic's order; at least
-        one). measure(i) -> ms times candidate i on the call's operands; usable(algo) says whether an algorithm
-        read from the file still fits this product (cublasLtMatmulAlgoCheck)."""
+        one). measure(i) -> ms times candidate i on the call's operands (inf where it failed); usable(algo) says
+        whether an algorithm read from the file still fits this product (cublasLtMatmulAlgoCheck)."""
         if key in self.chosen:
             return self.chosen[key]
-        if self.mode == "heuristic" or recording or len(candidates) == 1:
-            self.counts["heuristic"] += 1
-            return self.chosen.setdefault(key, candidates[0])
+        if self.mode == "heuristic" or len(candidates) == 1:
+            return self._keep(key, candidates[0], "heuristic")
         saved = self._saved(key, usable)
         if saved is not None:
-            self.counts["read"] += 1
-            return self.chosen.setdefault(key, saved)
-        rounds = [[measure(i) for i in range(len(candidates))] for _ in range(ROUNDS)]
-        times = [float(np.median(column)) for column in zip(*rounds)]
-        best = min(range(len(times)), key=times.__getitem__)
+            return self._keep(key, saved, "read")
+        if not can_measure:
+            return self._keep(key, candidates[0], "heuristic")
+        n = len(candidates)
+        rounds = [{i % n: measure(i % n) for i in range(r, r + n)} for r in range(ROUNDS)]
+        times = [float(np.median([times[i] for times in rounds])) for i in range(n)]
+        best = min(range(n), key=times.__getitem__)
         if times[best] > times[0] * (1 - MARGIN):
             best = 0
-        with locked(self.path):
-            entries = self._read()
-            theirs = entries.get(key)
-            if theirs is not None and usable(bytes.fromhex(theirs["algo"])):
-                algo = bytes.fromhex(theirs["algo"])        # another process measured it first: the same bits
-            else:
-                algo = candidates[best]
-                entries[key] = dict(algo=algo.hex(), ms=round(times[best], 5), first_ms=round(times[0], 5),
-                                    candidate=best, candidates=len(candidates))
-                atomic_write(self.path, json.dumps(dict(format=1, choices=entries), indent=1).encode())
-        self.counts["measured"] += 1
-        return self.chosen.setdefault(key, algo)
+        if times[best] == float("inf"):        # every candidate failed: the call will say why; nothing to keep
+            return self._keep(key, candidates[0], "heuristic")
+        algo = candidates[best]
+        try:
+            with locked(self.path):
+                entries = self._read(set_aside=True)
+                theirs = entries.get(key)
+                if theirs is not None and usable(bytes.fromhex(theirs["algo"])):
+                    algo = bytes.fromhex(theirs["algo"])    # another process measured it first: the same bits
+                elif self.writable:
+                    entries[key] = dict(algo=algo.hex(), ms=round(times[best], 5), first_ms=round(times[0], 5),
+                                        candidate=best, candidates=n)
+                    atomic_write(self.path, json.dumps(dict(format=FORMAT, choices=entries), indent=1).encode())
+        except OSError as e:
+            self._unwritable(e)
+        return self._keep(key, algo, "measured")
+
+    def _keep(self, key: str, algo: bytes, how: str) -> bytes:
+        self.counts[how] += 1
+        self.chosen[key] = algo
+        return algo
+
+    def _unwritable(self, e: OSError) -> None:
+        if self.writable:
+            warnings.warn(f"the cuBLASLt algorithm choices cannot be kept in {self.path} ({type(e).__name__}: {e}); "
+                          "this process keeps them for itself, and the next measures them again",
+                          RuntimeWarning, stacklevel=4)
+        self.writable = False
 
     def _saved(self, key: str, usable):
-        entry = self._read().get(key)
+        entry = self._read(set_aside=False).get(key)
         if entry is None:
             return None
         algo = bytes.fromhex(entry["algo"])
         return algo if usable(algo) else None
 
-    def _read(self) -> dict:
-        """The file's choices ({} where there is no file yet). A file that is not the course's JSON is reported
-        and set aside (renamed with .unreadable), not read and not written over."""
+    def _read(self, set_aside: bool) -> dict:
+        """The file's choices ({} where there is none, or it cannot be read). set_aside (under the lock): a file
+        that is not a file of choices is reported and renamed with .unreadable, not written over."""
         try:
             with open(self.path, "rb") as f:
                 data = json.loads(f.read())
             entries = data["choices"]
-            if data.get("format") != 1 or not all(isinstance(e, dict) and isinstance(e.get("algo"), str)
-                                                   and len(bytes.fromhex(e["algo"])) == ctypes.sizeof(_Algo)
-                                                   for e in entries.values()):
-                raise ValueError("not a version-1 file of algorithm choices")
+            if data.get("format") != FORMAT or not all(
+                    isinstance(e, dict) and isinstance(e.get("algo"), str)
+                    and len(bytes.fromhex(e["algo"])) == ctypes.sizeof(_Algo) for e in entries.values()):
+                raise ValueError(f"not a format-{FORMAT} file of algorithm choices")
             return entries
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            aside = f"{self.path}.unreadable"
-            try:
+        except OSError as e:
+            self._unwritable(e)
+            return {}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            if set_aside:
+                aside = f"{self.path}.unreadable"
                 os.replace(self.path, aside)
-            except FileNotFoundError:             # another process set it aside first
-                pass
-            warnings.warn(f"{self.path} could not be read ({type(e).__name__}: {e}); it is now {aside}, and the "
-                          "products' algorithms are measured again", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"{self.path} could not be read ({type(e).__name__}: {e}); it is now {aside}, and the "
+                              "products' algorithms are measured again", RuntimeWarning, stacklevel=4)
             return {}
 
     def report(self) -> dict:
@@ -297,7 +319,8 @@ def _lt_library():
         name = device.xp.cuda.runtime.getDeviceProperties(device.xp.cuda.Device().id)["name"]
         name = "-".join("".join(c if c.isalnum() else " " for c in name.decode().lower()).split())
         mode = os.environ.get("LLMC_GEMM_ALGORITHMS", "measure")
-        choices = AlgorithmChoices(cache_dir() / f"cublaslt-{name}-{lib.cublasLtGetVersion()}.json", mode)
+        version = lib.cublasLtGetVersion()
+        choices = AlgorithmChoices(cache_dir() / f"cublaslt-{name}-{version}-format{FORMAT}.json", mode)
         _lt.update(lib=lib, handle=handle.value, products={}, choices=choices)
     return _lt["lib"]
 
@@ -319,7 +342,7 @@ class _LtProduct:
     WORKSPACE_BYTES) and how the operands are aligned (a weight is a view into the flat parameters)."""
 
     def __init__(self, lib, M, N, K, trans_a, trans_b, out_type, bias, align):
-        self.lib, self.algo, self.candidates = lib, None, []
+        self.lib, self.algo = lib, None
         self.desc, self.pref = ctypes.c_void_p(), ctypes.c_void_p()
         _check("cublasLtMatmulDescCreate", lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), CUBLAS_COMPUTE_32F,
                                                                            CUDA_R_32F))
@@ -340,10 +363,12 @@ class _LtProduct:
             _check("cublasLtMatmulPreferenceSetAttribute", lib.cublasLtMatmulPreferenceSetAttribute(
                 self.pref, attribute, ctypes.byref(v), ctypes.sizeof(v)))
         found, count = (_HeuristicResult * CANDIDATES)(), ctypes.c_int(0)
-        _check("cublasLtMatmulAlgoGetHeuristic", lib.cublasLtMatmulAlgoGetHeuristic(
-            _lt["handle"], self.desc, self.a, self.b, self.d, self.d, self.pref, CANDIDATES, found,
-            ctypes.byref(count)))
-        self.candidates = [bytes(found[i].algo) for i in range(count.value)]
+        status = lib.cublasLtMatmulAlgoGetHeuristic(_lt["handle"], self.desc, self.a, self.b, self.d, self.d,
+                                                    self.pref, CANDIDATES, found, ctypes.byref(count))
+        if status != CUBLAS_STATUS_NOT_SUPPORTED:      # what it answers where no algorithm fits: no candidates
+            _check("cublasLtMatmulAlgoGetHeuristic", status)
+        found = [] if status else found[:count.value]
+        self.candidates = [bytes(r.algo) for r in found if r.state == 0]
 
     def attr(self, name, value, ctype):
         v = ctype(value)
@@ -357,15 +382,19 @@ class _LtProduct:
         return h
 
     def usable(self, algo: bytes) -> bool:
-        """Whether cuBLASLt accepts `algo` for this product without a workspace (cublasLtMatmulAlgoCheck)."""
+        """Whether cuBLASLt accepts `algo` for this product without a workspace (cublasLtMatmulAlgoCheck; with a
+        bias epilogue, after run() or set_bias() has set the bias pointer)."""
         result = _HeuristicResult()
         status = self.lib.cublasLtMatmulAlgoCheck(_lt["handle"], self.desc, self.a, self.b, self.d, self.d,
                                                   ctypes.byref(_Algo.from_buffer_copy(algo)), ctypes.byref(result))
         return status == 0 and result.workspaceSize <= WORKSPACE_BYTES[np.dtype(np.uint16)]
 
-    def run(self, algo, a, b, out, beta, bias):
-        if bias is not None:
+    def set_bias(self, bias) -> None:
+        if bias is not None:      # the descriptor is shared by the shape's calls: each sets its own (one thread)
             self.attr(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias.data.ptr, ctypes.c_void_p)
+
+    def run(self, algo, a, b, out, beta, bias):
+        self.set_bias(bias)
         _check("cublasLtMatmul", self.lib.cublasLtMatmul(
             _lt["handle"], self.desc, _ONE.ctypes.data, b.data.ptr, self.a, a.data.ptr, self.b, beta.ctypes.data,
             out.data.ptr, self.d, out.data.ptr, self.d, ctypes.byref(algo), _lib["workspace"].data.ptr,
@@ -378,29 +407,43 @@ def _lt_matmul(a, b, trans_a: bool, trans_b: bool, out, accumulate: bool, bias=N
     has no algorithm for it (nothing is launched)."""
     lib = _lt_library()
     M, N = out.shape
+    K = a.shape[0] if trans_a else a.shape[1]
     align = tuple(_alignment(x.data.ptr) for x in (b, a, out, out))      # cuBLASLt's A, B, C, D
-    key = (M, N, a.shape[0] if trans_a else a.shape[1], trans_a, trans_b, out.dtype.char, accumulate,
-           bias is not None, align)
-    product = _lt["products"].get(key)
+    key = (M, N, K, trans_a, trans_b, out.dtype.char, accumulate, bias is not None, align)
     beta = _ONE if accumulate else _ZERO
+    product = _lt["products"].get(key)
     if product is None:
-        product = _lt["products"][key] = _LtProduct(lib, *key[:5], _cuda_type(out.dtype), *key[7:])
+        product = _LtProduct(lib, M, N, K, trans_a, trans_b, _cuda_type(out.dtype), bias is not None, align)
         if product.candidates:
-            kept = []                  # a product that adds into out gets it back as it was after the timing
-
-            def measure(i):
-                if accumulate and not kept:
-                    kept.append(out.get())
-                return _measure(product, i, a, b, out, beta, bias)
-            product.algo = _Algo.from_buffer_copy(_lt["choices"].choose(
-                _choice_key(key), product.candidates, measure,
-                recording=device.xp.cuda.get_current_stream().is_capturing(), usable=product.usable))
-            if kept:
-                out.set(kept[0])
+            product.set_bias(bias)
+            product.algo = _Algo.from_buffer_copy(_choose(product, key, a, b, out, beta, bias))
+        _lt["products"][key] = product          # kept once chosen: a failed choice is tried again at the next call
     if product.algo is None:
         return False
-    product.run(product.algo, a, b, out, beta, bias)
+    try:
+        product.run(product.algo, a, b, out, beta, bias)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}; its algorithm came from {_lt['choices'].path} or cuBLASLt's heuristic: delete that "
+                           "file, or set LLMC_GEMM_ALGORITHMS=heuristic, to choose again") from None
     return True
+
+
+def _choose(product, key, a, b, out, beta, bias) -> bytes:
+    """AlgorithmChoices.choose for this call's product, timed on its operands where it may be. The timing writes
+    out; a product that adds into out gets it back as it was, also if the choice fails."""
+    kept = []
+
+    def measure(i):
+        if beta is _ONE and not kept:
+            kept.append(out.get())
+        return _measure(product, i, a, b, out, beta, bias)
+    M, N, K = key[:3]
+    can_measure = 2 * M * N * K >= MEASURED_FLOPS and not device.xp.cuda.get_current_stream().is_capturing()
+    try:
+        return _lt["choices"].choose(_choice_key(key), product.candidates, measure, can_measure, product.usable)
+    finally:
+        if kept:
+            out.set(kept[0])
 
 
 def _choice_key(key) -> str:
@@ -411,11 +454,11 @@ def _choice_key(key) -> str:
 
 
 def _measure(product, i, a, b, out, beta, bias) -> float:
-    """GPU milliseconds of candidate i on the call's own operands (one burst of timing.burst_ms; AlgorithmChoices
-    takes turns and medians), inf where it fails. It writes the call's out."""
+    """GPU milliseconds of candidate i on the call's own operands (timing.burst_ms; AlgorithmChoices takes turns
+    and medians), inf where it fails. It writes the call's out."""
     algo = _Algo.from_buffer_copy(product.candidates[i])
     try:
-        return timing.burst_ms(lambda: product.run(algo, a, b, out, beta, bias), bursts=1)
+        return timing.burst_ms(lambda: product.run(algo, a, b, out, beta, bias))
     except RuntimeError:
         return float("inf")
 

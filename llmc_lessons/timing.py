@@ -48,23 +48,21 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 20, flush_l
     return float(np.median(times))
 
 
-def burst_ms(fn: Callable[[], object], launches: int = 4, bursts: int = 3) -> float:
-    """GPU milliseconds of one fn(): after a warm-up call, the fastest of `bursts` bursts of `launches` calls
-    back to back, timed with CUDA events around each burst, divided by `launches`. Calls enqueued back to back keep
-    the GPU busy while Python enqueues the next one, so a call whose GPU work outlasts its Python (a large matmul)
-    is timed as GPU work, with no wait before each as time_ms's hide_host needs."""
+def burst_ms(fn: Callable[[], object], launches: int = 4) -> float:
+    """GPU milliseconds of one fn(): after a warm-up call, `launches` calls back to back, timed with CUDA events
+    around them all, divided by `launches`. A short wait on the GPU first (as time_ms's hide_host) lets Python
+    enqueue the first call before the start event is reached; later calls are enqueued while the GPU runs earlier
+    ones, so a call whose GPU work outlasts its Python (a large matmul) is timed as GPU work alone."""
     _require_gpu("burst_ms")
     fn()
     start, end = xp.cuda.Event(), xp.cuda.Event()
-    best = float("inf")
-    for _ in range(bursts):
-        start.record()
-        for _ in range(launches):
-            fn()
-        end.record()
-        end.synchronize()
-        best = min(best, xp.cuda.get_elapsed_time(start, end) / launches)
-    return best
+    _gpu_wait(100_000)
+    start.record()
+    for _ in range(launches):
+        fn()
+    end.record()
+    end.synchronize()
+    return xp.cuda.get_elapsed_time(start, end) / launches
 
 
 _WAIT_SOURCE = r"""

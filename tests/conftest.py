@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def pytest_configure(config):
     """Parts that passing checks keep (llmc_lessons.parts) go to a folder of this run, never into the repository;
     the notebooks that nbval runs inherit it, so lesson 10 finds the parts that lessons 02 to 09 kept.
-    On a GPU, the package's cache (files.cache_dir) is a folder of this run too: the cuBLASLt algorithms that the
-    tests measure while other test processes load the GPU must not become the choices of the user's benchmarks."""
+    On a GPU, the package's whole cache (files.cache_dir: prepared tokens, compiled emulator kernels, cuBLASLt's
+    algorithm choices) is a folder of this run too: the algorithms that the tests measure while other test
+    processes load the GPU must not become the choices of the user's benchmarks."""
     if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("LLMC_PARTS"):
         return                                   # a pytest-xdist worker shares the folders of the run that started it
     config._llmc_parts = os.environ["LLMC_PARTS"] = tempfile.mkdtemp(prefix="llmc_parts-")

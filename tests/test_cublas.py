@@ -1,6 +1,7 @@
 """llmc_lessons.cublas: row-major products with transposes, accumulation and batches, against NumPy."""
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -174,13 +175,14 @@ def test_bf16_products_match_numpy(trans_a, trans_b, M, N, K, out_type, accumula
 
 # -- cuBLASLt's algorithm choices (AlgorithmChoices), with stand-in candidates and timings: any machine ----------
 
-CANDIDATES = [bytes([i]) * 64 for i in range(4)]     # an algorithm is 64 opaque bytes
-ROUNDS = 3
+ALGOS = [bytes([i]) * 64 for i in range(4)]     # stand-in candidates: an algorithm is 64 opaque bytes
+
+
+TURNS = [0, 1, 2, 3, 1, 2, 3, 0, 2, 3, 0, 1]     # ROUNDS = 3 rounds, each starting one candidate later
 
 
 def choices(tmp_path, mode="measure"):
-    from llmc_lessons.cublas import ROUNDS as rounds, AlgorithmChoices
-    assert rounds == ROUNDS
+    from llmc_lessons.cublas import AlgorithmChoices
     return AlgorithmChoices(tmp_path / "algorithms.json", mode)
 
 
@@ -200,20 +202,20 @@ def never(i):
 def test_the_fastest_candidate_is_kept_and_a_later_process_reads_it(tmp_path):
     measure, calls = timed([1.0, 0.9, 0.8, 1.2])
     first = choices(tmp_path)
-    assert first.choose("k", CANDIDATES, measure, recording=False) == CANDIDATES[2]
-    assert calls == [0, 1, 2, 3] * ROUNDS                                     # the candidates take turns
-    assert first.choose("k", CANDIDATES, never, recording=False) == CANDIDATES[2]     # once per process
+    assert first.choose("k", ALGOS, measure, can_measure=True) == ALGOS[2]
+    assert calls == TURNS                                                     # the candidates take turns
+    assert first.choose("k", ALGOS, never, can_measure=True) == ALGOS[2]     # once per process
     later = choices(tmp_path)
-    assert later.choose("k", CANDIDATES, never, recording=False) == CANDIDATES[2]
+    assert later.choose("k", ALGOS, never, can_measure=True) == ALGOS[2]
     assert later.report()["read"] == 1 and first.report()["measured"] == 1
 
 
 def test_a_gain_within_the_margin_keeps_the_heuristics_first(tmp_path):
     from llmc_lessons.cublas import MARGIN
     measure, _ = timed([1.0, 1.0 - MARGIN / 2, 2.0, 1.0])
-    assert choices(tmp_path).choose("k", CANDIDATES, measure, recording=False) == CANDIDATES[0]
+    assert choices(tmp_path).choose("k", ALGOS, measure, can_measure=True) == ALGOS[0]
     measure, _ = timed([1.0, 1.0 - 2 * MARGIN, 2.0, 1.0])
-    assert choices(tmp_path).choose("other", CANDIDATES, measure, recording=False) == CANDIDATES[1]
+    assert choices(tmp_path).choose("other", ALGOS, measure, can_measure=True) == ALGOS[1]
 
 
 def test_one_slow_moment_does_not_decide(tmp_path):
@@ -224,29 +226,60 @@ def test_one_slow_moment_does_not_decide(tmp_path):
     def measure(i):
         calls.append(i)
         return 1.3 if len(calls) == 1 else 1.0
-    assert choices(tmp_path).choose("k", CANDIDATES, measure, recording=False) == CANDIDATES[0]
+    assert choices(tmp_path).choose("k", ALGOS, measure, can_measure=True) == ALGOS[0]
 
 
 def test_a_failed_candidate_is_never_chosen(tmp_path):
     measure, _ = timed([float("inf"), float("inf"), 3.0, float("inf")])
-    assert choices(tmp_path).choose("k", CANDIDATES, measure, recording=False) == CANDIDATES[2]
+    assert choices(tmp_path).choose("k", ALGOS, measure, can_measure=True) == ALGOS[2]
+    # where every candidate fails, the product's own call will say why: nothing is kept for later processes
+    measure, _ = timed([float("inf")] * 4)
+    assert choices(tmp_path).choose("other", ALGOS, measure, can_measure=True) == ALGOS[0]
+    assert "other" not in json.loads((tmp_path / "algorithms.json").read_text())["choices"]
 
 
-def test_a_recording_takes_the_first_for_this_process_only(tmp_path):
+def test_a_shape_that_cannot_be_measured_takes_the_files_choice_or_the_first(tmp_path):
+    # while a CUDA graph is recorded, or for a small product: the file's choice if it has one, else the heuristic's
+    # first for this process only
     c = choices(tmp_path)
-    assert c.choose("k", CANDIDATES, never, recording=True) == CANDIDATES[0]
+    assert c.choose("k", ALGOS, never, can_measure=False) == ALGOS[0]
     assert not (tmp_path / "algorithms.json").exists()
     # the same shape launched alone later keeps the recording's algorithm: the same bits in and out of the graph
-    assert c.choose("k", CANDIDATES, never, recording=False) == CANDIDATES[0]
+    assert c.choose("k", ALGOS, never, can_measure=True) == ALGOS[0]
     measure, _ = timed([1.0, 0.5, 1.0, 1.0])
-    assert choices(tmp_path).choose("k", CANDIDATES, measure, recording=False) == CANDIDATES[1]
+    assert choices(tmp_path).choose("k", ALGOS, measure, can_measure=True) == ALGOS[1]
+    assert choices(tmp_path).choose("k", ALGOS, never, can_measure=False) == ALGOS[1]   # a resumed run's recording
+
+
+def test_a_file_that_cannot_be_written_leaves_the_choices_to_the_process(tmp_path):
+    (tmp_path / "a file").write_text("")
+    from llmc_lessons.cublas import AlgorithmChoices
+    c = AlgorithmChoices(tmp_path / "a file" / "algorithms.json")     # its folder cannot be made
+    with pytest.warns(RuntimeWarning, match="cannot be kept"):
+        assert c.choose("k", ALGOS, timed([1.0, 0.5, 1.0, 1.0])[0], can_measure=True) == ALGOS[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                                  # one warning, not two
+        assert c.choose("other", ALGOS, timed([1.0, 1.0, 0.5, 1.0])[0], can_measure=True) == ALGOS[2]
+    assert c.choose("k", ALGOS, never, can_measure=True) == ALGOS[1]
+
+
+def test_each_part_of_a_product_names_its_own_choice():
+    # the file's key tells apart every property that changes the product: shape, transposes, output type,
+    # accumulation, the bias epilogue and the operands' alignment
+    from llmc_lessons.cublas import _choice_key
+    base = (64, 128, 256, False, True, np.dtype(np.uint16).char, False, False, (256, 256, 256, 256))
+    variants = [base, (65,) + base[1:], base[:1] + (129,) + base[2:], base[:2] + (257,) + base[3:],
+                base[:3] + (True,) + base[4:], base[:4] + (False,) + base[5:],
+                base[:5] + (np.dtype(np.float32).char,) + base[6:], base[:6] + (True,) + base[7:],
+                base[:7] + (True,) + base[8:], base[:8] + ((16, 256, 256, 256),)]
+    assert len({_choice_key(v) for v in variants}) == len(variants)
 
 
 def test_the_heuristic_mode_measures_reads_and_writes_nothing(tmp_path):
     measure, _ = timed([1.0, 0.5, 1.0, 1.0])
-    choices(tmp_path).choose("k", CANDIDATES, measure, recording=False)
+    choices(tmp_path).choose("k", ALGOS, measure, can_measure=True)
     c = choices(tmp_path, "heuristic")
-    assert c.choose("k", CANDIDATES, never, recording=False) == CANDIDATES[0]     # not the file's CANDIDATES[1]
+    assert c.choose("k", ALGOS, never, can_measure=True) == ALGOS[0]     # not the file's ALGOS[1]
     assert c.report() == dict(mode="heuristic", path=str(tmp_path / "algorithms.json"), measured=0, read=0,
                               heuristic=1)
     with pytest.raises(ValueError, match="LLMC_GEMM_ALGORITHMS"):
@@ -260,18 +293,18 @@ def test_the_first_process_to_write_a_shape_wins(tmp_path):
 
     def b_measures(i):
         if i == 0:   # while b measures, a measures the same shape and writes its choice
-            assert a.choose("k", CANDIDATES, timed([1.0, 0.5, 1.0, 1.0])[0], recording=False) == CANDIDATES[1]
+            assert a.choose("k", ALGOS, timed([1.0, 0.5, 1.0, 1.0])[0], can_measure=True) == ALGOS[1]
         return [1.0, 1.0, 1.0, 0.5][i]
-    assert b.choose("k", CANDIDATES, b_measures, recording=False) == CANDIDATES[1]
+    assert b.choose("k", ALGOS, b_measures, can_measure=True) == ALGOS[1]
     assert json.loads((tmp_path / "algorithms.json").read_text())["choices"]["k"]["candidate"] == 1
 
 
 def test_a_saved_algorithm_that_no_longer_fits_is_measured_again(tmp_path):
-    choices(tmp_path).choose("k", CANDIDATES, timed([1.0, 0.5, 1.0, 1.0])[0], recording=False)
+    choices(tmp_path).choose("k", ALGOS, timed([1.0, 0.5, 1.0, 1.0])[0], can_measure=True)
     measure, calls = timed([1.0, 1.0, 0.5, 1.0])
-    got = choices(tmp_path).choose("k", CANDIDATES, measure, recording=False,
-                                   usable=lambda algo: algo != CANDIDATES[1])
-    assert got == CANDIDATES[2] and calls == [0, 1, 2, 3] * ROUNDS
+    got = choices(tmp_path).choose("k", ALGOS, measure, can_measure=True,
+                                   usable=lambda algo: algo != ALGOS[1])
+    assert got == ALGOS[2] and calls == TURNS
 
 
 @pytest.mark.parametrize("text", ["not json", '{"format": 1, "choices": {"k": {"algo": "00"}}}', '[1, 2]'])
@@ -279,8 +312,8 @@ def test_an_unreadable_file_is_set_aside_not_overwritten(tmp_path, text):
     path = tmp_path / "algorithms.json"
     path.write_text(text)
     with pytest.warns(RuntimeWarning, match="could not be read"):
-        got = choices(tmp_path).choose("k", CANDIDATES, timed([1.0, 0.5, 1.0, 1.0])[0], recording=False)
-    assert got == CANDIDATES[1]
+        got = choices(tmp_path).choose("k", ALGOS, timed([1.0, 0.5, 1.0, 1.0])[0], can_measure=True)
+    assert got == ALGOS[1]
     assert (tmp_path / "algorithms.json.unreadable").read_text() == text
     assert json.loads(path.read_text())["choices"]["k"]["candidate"] == 1
 
@@ -315,23 +348,45 @@ def test_every_candidate_algorithm_computes_the_product(trans_a, trans_b, out_ty
 
 
 CHOOSE = """
-import json, sys, numpy as np
+import hashlib, json, sys, numpy as np
 from llmc_lessons import cublas, device
 from llmc_lessons.precision import to_bf16
 gen = np.random.default_rng(1)
 a, b = (device.to_device(to_bf16(gen.standard_normal(s).astype(np.float32))) for s in ((512, 768), (2304, 768)))
+digest = lambda x: hashlib.sha256(device.to_host(x).tobytes()).hexdigest()
 out = cublas.gemm(a, b, trans_b=True)
-print(json.dumps(dict(report=cublas.algorithm_report(), bits=device.to_host(out).tobytes().hex()[:4096])))
+product = next(iter(cublas._lt["products"].values()))
+each = []
+for algo in product.candidates:     # every candidate's bits, run directly
+    o = device.xp.empty_like(out)
+    product.run(cublas._Algo.from_buffer_copy(algo), a, b, o, cublas._ZERO, None)
+    each.append(digest(o))
+print(json.dumps(dict(report=cublas.algorithm_report(), bits=digest(out), candidates=[c.hex() for c in product.candidates],
+                      each=each)))
 """
 
 
 @pytest.mark.skipif(not device.on_gpu(), reason="cuBLASLt runs on a GPU")
-def test_a_later_process_reads_the_choice_and_computes_the_same_bits(tmp_path):
+def test_a_later_process_runs_the_algorithm_the_file_names(tmp_path):
     import subprocess
     import sys
     env = dict(os.environ, LLMC_CACHE=str(tmp_path), LLMC_GEMM_ALGORITHMS="measure")
-    runs = [json.loads(subprocess.run([sys.executable, "-c", CHOOSE], env=env, check=True, capture_output=True,
-                                      text=True).stdout.splitlines()[-1]) for _ in range(2)]
-    assert (runs[0]["report"]["measured"], runs[1]["report"]["measured"], runs[1]["report"]["read"]) == (1, 0, 1)
-    assert runs[0]["bits"] == runs[1]["bits"]
-    assert str(tmp_path) in runs[0]["report"]["path"]
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", CHOOSE], env=env, check=True, capture_output=True, text=True)
+        return json.loads(done.stdout.splitlines()[-1])
+    first = run()
+    assert first["report"]["measured"] == 1 and str(tmp_path) in first["report"]["path"]
+    assert first["bits"] in first["each"]
+    # the file names another candidate, one whose bits differ from the heuristic's first: the next process runs it
+    other = next((i for i, h in enumerate(first["each"]) if h != first["each"][0]), None)
+    if other is None:
+        pytest.skip("every candidate gives the same bits for this product: which one runs cannot be seen")
+    path = __import__("pathlib").Path(first["report"]["path"])
+    data = json.loads(path.read_text())
+    (entry,) = data["choices"].values()
+    entry["algo"] = first["candidates"][other]
+    path.write_text(json.dumps(data))
+    later = run()
+    assert (later["report"]["measured"], later["report"]["read"]) == (0, 1)
+    assert later["bits"] == later["each"][other] != later["each"][0]
