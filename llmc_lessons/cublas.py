@@ -221,7 +221,7 @@ class AlgorithmChoices:
             return self._keep(key, candidates[0], "heuristic")
         n = len(candidates)
         rounds = [{i % n: measure(i % n) for i in range(r, r + n)} for r in range(ROUNDS)]
-        times = [float(np.median([times[i] for times in rounds])) for i in range(n)]
+        times = [float(np.median([r[i] for r in rounds])) for i in range(n)]
         best = min(range(n), key=times.__getitem__)
         if times[best] > times[0] * (1 - MARGIN):
             best = 0
