@@ -228,6 +228,42 @@ def test_sizes_run_reports_out_of_memory_and_writes_its_record(monkeypatch, tmp_
     assert "2.50x" in lines[2] and "OOM" in lines[3].split("   ")[-2]
 
 
+def test_the_bf16_peak_is_the_faster_of_the_courses_product_and_pytorchs(monkeypatch):
+    # a cuBLASLt algorithm chosen for the step can be the slower one at the peak's 8192-cube shape
+    # (results/profile/peak-h100-2026-12-07.log): that must not lower the peak and raise every MFU
+    import sys
+    import types
+    import llmc_lessons.bench as bench
+    n = 8192
+    ms = {"course": 2 * n ** 3 / 600e9, "torch": 2 * n ** 3 / 700e9}     # 600 and 700 TFLOP/s
+    timed = []
+
+    def time_ms(fn, warmup, repeat):
+        timed.append(fn())
+        return ms[timed[-1]]
+    monkeypatch.setattr(bench.timing, "time_ms", time_ms)
+    monkeypatch.setattr(bench.timing, "matmul_tflops_tf32", lambda n: 400.0)
+    monkeypatch.setattr(bench, "float_to_bf16_cuda", lambda x: x)
+    monkeypatch.setattr(bench.device, "xp", types.SimpleNamespace(asarray=lambda x: None))
+    monkeypatch.setattr(bench, "gemm", lambda a, b, trans_b: "course")
+
+    class Tensor:
+        T = None
+
+        def __matmul__(self, other):
+            return "torch"
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(randn=lambda *a, **k: Tensor(), bfloat16=None))
+    peaks = bench.matmul_peaks(n)
+    assert timed == ["course", "torch"]
+    assert peaks["bf16_tflops"] == pytest.approx(700) and peaks["bf16_tflops_course"] == pytest.approx(600)
+    ms.update(course=2 * n ** 3 / 800e9)
+    assert bench.matmul_peaks(n)["bf16_tflops"] == pytest.approx(800)
+    monkeypatch.setitem(sys.modules, "torch", None)                        # no PyTorch: the course's product
+    peaks = bench.matmul_peaks(n)
+    assert peaks["bf16_tflops"] == pytest.approx(800) and "bf16_tflops_torch" not in peaks
+    assert peaks["tf32_tflops"] == 400.0
+
+
 def test_a_failed_configuration_is_recorded_not_raised():
     import llmc_lessons.bench as bench
     assert bench._attempt(lambda: None) is None
