@@ -231,7 +231,6 @@ def matmul_peaks(n: int = 8192) -> dict:
     a, b = (float_to_bf16_cuda(device.xp.asarray(gen.standard_normal((n, n), dtype=np.float32))) for _ in range(2))
     ms = timing.time_ms(lambda: gemm(a, b, trans_b=True), warmup=3, repeat=10)
     peaks = dict(n=n, bf16_tflops_course=timing.tflops(2 * n ** 3, ms))
-    del a, b
     try:
         import torch
     except ImportError:
@@ -239,7 +238,6 @@ def matmul_peaks(n: int = 8192) -> dict:
     if torch is not None:
         ta, tb = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         peaks["bf16_tflops_torch"] = timing.tflops(2 * n ** 3, timing.time_ms(lambda: ta @ tb.T, warmup=3, repeat=10))
-        del ta, tb
     return dict(peaks, bf16_tflops=max(v for k, v in peaks.items() if k.startswith("bf16_")),
                 tf32_tflops=timing.matmul_tflops_tf32(n))
 
