@@ -234,8 +234,8 @@ def matmul_peaks(n: int = 8192) -> dict:
     try:
         import torch
     except ImportError:
-        torch = None
-    if torch is not None:
+        pass
+    else:
         ta, tb = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         peaks["bf16_tflops_torch"] = timing.tflops(2 * n ** 3, timing.time_ms(lambda: ta @ tb.T, warmup=3, repeat=10))
     return dict(peaks, bf16_tflops=max(v for k, v in peaks.items() if k.startswith("bf16_")),
