@@ -15,7 +15,7 @@ from llmc_lessons.precision import from_bf16, to_bf16
 from llmc_lessons.layers.flash_attention import (flash_attention_backward, flash_attention_backward_bf16_cuda,
                                                  flash_attention_backward_cuda, flash_attention_forward,
                                                  flash_attention_forward_bf16_cuda, flash_attention_forward_cuda,
-                                                 flash_version, online_softmax_update, WGMMA_HEAD_SIZES)
+                                                 flash_version, online_softmax_update, tile_grid, WGMMA_HEAD_SIZES)
 
 SRC = kernel_source("flash_attention.cu")
 RESCALE = """            float m_new = fmaxf(m, tile_max);
@@ -241,7 +241,7 @@ def test_bf16_kernels_same_with_shuffle_mma_on_the_gpu():
     out, lse = flash_attention_forward_bf16_cuda(qkv, NH)
     out2, lse2 = device.xp.full((B, T, NH * hs), 0x7FC0, np.uint16), poisoned((B, NH, T))
     load_kernel("flash_attention.cu", "flash_attention_forward_bf16_kernel", (f"-DHS={hs}", "-DLLMC_MMA_SHUFFLE"))(
-        (2, NH, B), (128,), (out2, lse2, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NH)))
+        tile_grid(T, NH, B), (128,), (out2, lse2, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NH)))
     assert rel(from_bf16(to_host(out2)).astype(np.float64), from_bf16(to_host(out)).astype(np.float64)) < 2e-3
     np.testing.assert_allclose(to_host(lse2), to_host(lse), atol=1e-5)
 

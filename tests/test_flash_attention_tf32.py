@@ -14,7 +14,7 @@ from llmc_lessons.layers.attention import attention_backward, attention_forward,
 from llmc_lessons.layers.block import (block_backward, block_backward_cuda, block_forward, block_forward_cuda,
                                        init_block_params)
 from llmc_lessons.layers.flash_attention import (flash_attention_backward_tf32_cuda, flash_attention_forward,
-                                                 flash_attention_forward_tf32_cuda)
+                                                 flash_attention_forward_tf32_cuda, tile_grid)
 from llmc_lessons.llama import Llama, LlamaConfig
 from llmc_lessons.model import GPT2
 from llmc_lessons.parameters import GPT2Config
@@ -173,7 +173,7 @@ def test_tf32_kernels_same_with_shuffle_mma_on_the_gpu():
     out, lse = flash_attention_forward_tf32_cuda(qkv, NH)
     out2, lse2 = poisoned((B, T, NH * hs)), poisoned((B, NH, T))
     load_kernel("flash_attention_tf32.cu", "flash_attention_forward_tf32_kernel", (f"-DHS={hs}", "-DLLMC_MMA_SHUFFLE"))(
-        (4, NH, B), (128,), (out2, lse2, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NH)))
+        tile_grid(T, NH, B), (128,), (out2, lse2, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NH)))
     # The scores agree to float32 rounding (the tensor cores add in another order), and lse with them; a
     # probability that lies that close to a TF32 rounding boundary can round to the neighbouring TF32 value
     # (2^-11 apart) in one version and not the other, so a few outputs differ by up to p * |v| * 2^-11

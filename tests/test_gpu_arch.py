@@ -120,7 +120,7 @@ def test_kernels_without_the_sm80_instructions_agree():
     if not device.on_gpu():
         pytest.skip("needs a GPU")
     from llmc_lessons.cuda import RawKernel, kernel_source
-    from llmc_lessons.layers.flash_attention import FA_ROWS, FA_THREADS
+    from llmc_lessons.layers.flash_attention import FA_THREADS, tile_grid
     xp = device.xp
     gen = np.random.default_rng(0)
 
@@ -143,7 +143,7 @@ def test_kernels_without_the_sm80_instructions_agree():
         out = xp.full((B, T, NH * hs), 0xFFFF, dtype=np.uint16)
         lse = xp.full((B, NH, T), np.nan, dtype=np.float32)
         RawKernel(kernel_source("flash_attention.cu"), "flash_attention_forward_bf16_kernel", opts)(
-            (-(-T // FA_ROWS), NH, B), (FA_THREADS,), (out, lse, qkv16, np.int32(B), np.int32(T), np.int32(NH), np.int32(NH)))
+            tile_grid(T, NH, B), (FA_THREADS,), (out, lse, qkv16, np.int32(B), np.int32(T), np.int32(NH), np.int32(NH)))
         outs.append((device.to_host(out), device.to_host(lse)))
     (o80, l80), (o75, l75) = outs
     assert np.isfinite(l75).all()

@@ -120,6 +120,12 @@ def flash_attention_backward_cuda(dout, qkv, out, L, NH, block_size: int = 32):
 
 FA_ROWS = 64          # rows a block owns and rows per staged tile
 FA_THREADS = 128      # 4 warps of 16 rows
+
+
+def tile_grid(T: int, heads: int, B: int) -> tuple:
+    """The grid of the tensor-core flash kernels: (heads, B, tiles of FA_ROWS rows), the tile slowest, so that
+    the GPU starts the heaviest tiles of every head first (mma.cuh, "The order of the blocks")."""
+    return (int(heads), int(B), -(-int(T) // FA_ROWS))
 BF16_HEAD_SIZES = (16, 32, 48, 64)   # hs is compiled in (-DHS); shared memory fits these
 
 
@@ -198,7 +204,7 @@ def flash_attention_forward_bf16_cuda(qkv, NH, NKV=None, version=None):
     out, lse = xp.empty((B, T, C), np.uint16), xp.empty((B, NH, T), np.float32)
     if B * T:
         _flash_kernel("flash_attention_forward_bf16_kernel", hs, NH // NKV, version=version)(
-            (-(-T // FA_ROWS), NH, B), (FA_THREADS,),
+            tile_grid(T, NH, B), (FA_THREADS,),
             (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV)))
     return out, lse
 
@@ -229,9 +235,9 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=
     if B * T:
         sizes = (np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV))
         _flash_kernel("flash_attention_backward_dq_bf16_kernel", hs, NH // NKV, version=version)(
-            (tiles, NH, B), (FA_THREADS,), (dqkv, partial, D, dout, qkv, out, lse, *sizes))
+            tile_grid(T, NH, B), (FA_THREADS,), (dqkv, partial, D, dout, qkv, out, lse, *sizes))
         _flash_kernel("flash_attention_backward_dkdv_bf16_kernel", hs, NH // NKV, version=version)(
-            (tiles, NKV, B), (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
+            tile_grid(T, NKV, B), (FA_THREADS,), (dqkv, partial, dout, qkv, lse, D, *sizes))
         if dbias is not None:
             column_sum_add_cuda(dbias[:C], dbias[C:2 * C], dbias[2 * C:], partial)
     return dqkv
@@ -264,7 +270,7 @@ def flash_attention_forward_tf32_cuda(qkv, NH, NKV=None):
     out, lse = xp.empty((B, T, C), np.float32), xp.empty((B, NH, T), np.float32)
     if B * T:
         _flash_kernel("flash_attention_forward_tf32_kernel", hs, NH // NKV, filename=TF32_FILE)(
-            (-(-T // FA_ROWS), NH, B), (FA_THREADS,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH),
+            tile_grid(T, NH, B), (FA_THREADS,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH),
                                                        np.int32(NKV)))
     return out, lse
 
@@ -281,7 +287,7 @@ def flash_attention_backward_tf32_cuda(dout, qkv, out, lse, NH, NKV=None):
     if B * T:
         sizes = (np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV))
         _flash_kernel("flash_attention_backward_dq_tf32_kernel", hs, NH // NKV, filename=TF32_FILE)(
-            (-(-T // FA_ROWS), NH, B), (FA_THREADS,), (dqkv, D, dout, qkv, out, lse, *sizes))
+            tile_grid(T, NH, B), (FA_THREADS,), (dqkv, D, dout, qkv, out, lse, *sizes))
         _flash_kernel("flash_attention_backward_dkdv_tf32_kernel", hs, NH // NKV, filename=TF32_FILE)(
-            (-(-T // FA_ROWS), NKV, B), (FA_THREADS,), (dqkv, dout, qkv, lse, D, *sizes))
+            tile_grid(T, NKV, B), (FA_THREADS,), (dqkv, dout, qkv, lse, D, *sizes))
     return dqkv
