@@ -486,8 +486,8 @@ flash_attention_forward_bf16_kernel(bf16* out,          // (B, T, C)
     bf16* Ks = Qs + TILE;                               // key tile kt in Ks + (kt % 2) TILE
     bf16* Vs = Qs + 3 * TILE;                           // value tile kt in Vs + (kt % 2) TILE
     int C = NH * HS, W = (NH + 2 * NKV) * HS;
-    int tile = gridDim.z - 1 - blockIdx.z;              // the last rows first: they see the most keys (mma.cuh)
-    int h = blockIdx.x, b = blockIdx.y, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    int tile = gridDim.y - 1 - blockIdx.y;              // the last rows first: they see the most keys (mma.cuh)
+    int h = blockIdx.x, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const bf16* qbase = qkv + (long long)b * T * W + h * HS;                      // q of (b, 0, h)
     const bf16* kbase = qkv + (long long)b * T * W + C + kv_head(h) * HS;         // k of its key/value head
     const bf16* vbase = kbase + NKV * HS;                                         // and v
@@ -599,8 +599,8 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, W): the d
                                         int B, int T, int NH, int NKV) {
     __shared__ __align__(1024) int4 smem[4 * TILE / 8];                 // two buffers of (k, v)
     bf16* S = (bf16*)smem;
-    int C = NH * HS, W = (NH + 2 * NKV) * HS, tile = gridDim.z - 1 - blockIdx.z;   // the last rows first
-    int h = blockIdx.x, b = blockIdx.y, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    int C = NH * HS, W = (NH + 2 * NKV) * HS, tile = gridDim.y - 1 - blockIdx.y;   // the last rows first
+    int h = blockIdx.x, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const bf16* qbase = qkv + (long long)b * T * W + h * HS;                      // q of (b, 0, h)
     const bf16* kbase = qkv + (long long)b * T * W + C + kv_head(h) * HS;         // k of its key/value head
     const bf16* vbase = kbase + NKV * HS;                                         // and v
@@ -657,7 +657,7 @@ flash_attention_backward_dq_bf16_kernel(bf16* dqkv,          // (B, T, W): the d
     const float scale = 1.0f / sqrtf((float)HS);
     float colsum[HS / 8][2];
     store_rows(dqkv + (long long)b * T * W + h * HS, dq, scale, scale, first, T, W, colsum);
-    block_column_sums(partial + ((long long)b * gridDim.z + tile) * W + h * HS, colsum, (float*)smem);
+    block_column_sums(partial + ((long long)b * gridDim.y + tile) * W + h * HS, colsum, (float*)smem);
 }
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS, 3)
@@ -671,8 +671,8 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the
     __shared__ __align__(1024) int4 smem[4 * TILE / 8];                 // two buffers of (q, dout)
     __shared__ float Ls[2][FA_ROWS], Ds[2][FA_ROWS];    // and of their rows' L (base 2) and D
     bf16* S = (bf16*)smem;
-    int C = NH * HS, W = (NH + 2 * NKV) * HS, tile = blockIdx.z;   // key tile; the first ones see the most queries
-    int kvh = blockIdx.x, b = blockIdx.y, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    int C = NH * HS, W = (NH + 2 * NKV) * HS, tile = blockIdx.y;   // key tile; the first ones see the most queries
+    int kvh = blockIdx.x, b = blockIdx.z, warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     int h0 = kvh * GROUP;                         // query heads h0 .. h0 + GROUP - 1 read key/value head kvh
     const bf16* kbase = qkv + (long long)b * T * W + C + kvh * HS;   // k of (b, 0, kvh); v at + NKV HS
     int first = tile * FA_ROWS + warp * 16, key0 = first + g, key1 = key0 + 8;   // my two key rows
@@ -701,11 +701,11 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the
     float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
     int buf = 0;                                  // the buffer this step reads; the next tile goes to buf ^ 1
     for (int h = h0; h < h0 + GROUP; h++) {       // the group's query heads in order: dk, dv sum over them here
-        for (int qt = tile; qt < (int)gridDim.z; qt++, buf ^= 1) {
+        for (int qt = tile; qt < (int)gridDim.y; qt++, buf ^= 1) {
             int q0 = qt * FA_ROWS;
             const bf16* Qs = S + 2 * buf * TILE;
             const bf16* dOs = Qs + TILE;
-            bool last = qt + 1 == (int)gridDim.z;  // next: this head's next tile, or the next head's first
+            bool last = qt + 1 == (int)gridDim.y;  // next: this head's next tile, or the next head's first
             if (!last || h + 1 < h0 + GROUP) stage(last ? h + 1 : h, last ? tile : qt + 1, buf ^ 1);
             cp_async_commit();
             cp_async_wait<1>();
@@ -731,7 +731,7 @@ flash_attention_backward_dkdv_bf16_kernel(bf16* dqkv,          // (B, T, W): the
     const float scale = 1.0f / sqrtf((float)HS);
     bf16* drow = dqkv + (long long)b * T * W + C + kvh * HS;   // dk of (b, 0, kvh); dv at + NKV HS
     float colsum[HS / 8][2];
-    float* prow = partial + ((long long)b * gridDim.z + tile) * W + C + kvh * HS;
+    float* prow = partial + ((long long)b * gridDim.y + tile) * W + C + kvh * HS;
     store_rows(drow, dk, scale, scale, first, T, W, colsum);
     block_column_sums(prow, colsum, (float*)smem);
     __syncthreads();                              // the shared sums are read before they are written again

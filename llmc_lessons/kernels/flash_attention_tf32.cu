@@ -155,8 +155,8 @@ flash_attention_forward_tf32_kernel(float* out,          // (B, T, NH HS)
                                     int B, int T, int NH, int NKV) {
     __shared__ float4 smem[4 * TILE / 4];               // q (64 rows) first; then two buffers of (k, v)
     float* S = (float*)smem;
-    int W = (NH + 2 * NKV) * HS, C = NH * HS, tile = gridDim.z - 1 - blockIdx.z;   // the last rows first (mma.cuh)
-    int h = blockIdx.x, b = blockIdx.y, kvh = kv_head(h);
+    int W = (NH + 2 * NKV) * HS, C = NH * HS, tile = gridDim.y - 1 - blockIdx.y;   // the last rows first (mma.cuh)
+    int h = blockIdx.x, b = blockIdx.z, kvh = kv_head(h);
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const float* qbase = qkv + (long long)b * T * W + h * HS;
     const float* kbase = qkv + (long long)b * T * W + (NH + kvh) * HS;   // the group's key head
@@ -254,8 +254,8 @@ flash_attention_backward_dq_tf32_kernel(float* dqkv,          // (B, T, (NH + 2 
                                         int B, int T, int NH, int NKV) {
     __shared__ float4 smem[4 * TILE / 4];               // dout, out (then q) of my 64 rows; then two buffers of (k, v)
     float* S = (float*)smem;
-    int W = (NH + 2 * NKV) * HS, C = NH * HS, tile = gridDim.z - 1 - blockIdx.z;   // the last rows first
-    int h = blockIdx.x, b = blockIdx.y, kvh = kv_head(h);
+    int W = (NH + 2 * NKV) * HS, C = NH * HS, tile = gridDim.y - 1 - blockIdx.y;   // the last rows first
+    int h = blockIdx.x, b = blockIdx.z, kvh = kv_head(h);
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const float* qbase = qkv + (long long)b * T * W + h * HS;
     const float* kbase = qkv + (long long)b * T * W + (NH + kvh) * HS;
@@ -328,8 +328,8 @@ flash_attention_backward_dkdv_tf32_kernel(float* dqkv,          // (B, T, (NH + 
     __shared__ float4 smem[4 * TILE / 4];               // k, v of my 64 rows first; then two buffers of (q, dout)
     __shared__ float Ls[2][KT], Ds[2][KT];              // and of their rows' L (base 2) and D
     float* S = (float*)smem;
-    int W = (NH + 2 * NKV) * HS, C = NH * HS, tile = blockIdx.z;   // key tile; the first ones see the most queries
-    int kvh = blockIdx.x, b = blockIdx.y;
+    int W = (NH + 2 * NKV) * HS, C = NH * HS, tile = blockIdx.y;   // key tile; the first ones see the most queries
+    int kvh = blockIdx.x, b = blockIdx.z;
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const float* kbase = qkv + (long long)b * T * W + (NH + kvh) * HS;
     const float* vbase = kbase + NKV * HS;

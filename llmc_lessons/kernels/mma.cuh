@@ -75,12 +75,14 @@ __device__ __forceinline__ int kv_head(int h) { return (h * ((65535 + GROUP) / G
 // The order of the blocks. Causal attention gives the blocks of a grid unequal work: the last query tile of a
 // head reads every key tile, its first reads one (and the other way round for the key tiles of the backward).
 // The GPU starts a grid's blocks in the order of their linear index, x fastest and z slowest, and each
-// multiprocessor takes the next block as one of its own finishes. So the flash kernels take a grid of (heads, B,
-// tiles), the tile in z, and read blockIdx.z so that the heaviest tiles of every head start first and the
-// lightest come last, where they fill the gaps the others leave (longest first, the classic rule for packing
-// jobs onto machines). With the tile in x, each head's tiles would come in a run from heaviest to lightest,
-// and a heavy tile of one of the last heads could still be running when every other multiprocessor has
-// nothing left to do. blockIdx.x and .y map to the head and the batch row with no division.
+// multiprocessor takes the next block as one of its own finishes. So the flash kernels take a grid of (heads,
+// tiles, B), the tile read from blockIdx.y so that the heaviest tiles of a batch row's heads start first and
+// their lightest last, where they fill the gaps the others leave (longest first, the classic rule for packing
+// jobs onto machines). With the tile in x, each head's tiles came in a run from heaviest to lightest, and a
+// heavy tile could still be running when the other multiprocessors had nothing left to do. With the tile in z
+// (the heaviest tiles of every head of the whole batch first) the blocks running at once read the keys and
+// values of every head, more than the L2 cache holds: slower at T = 1024. blockIdx.x and .z map to the head
+// and the batch row with no division.
 
 // The sum over the 4 lanes that share rows g and g+8 of D (lanes 4g .. 4g+3), for the bf16 and TF32
 // products alike (their D layouts are the same).

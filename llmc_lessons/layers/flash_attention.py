@@ -123,9 +123,9 @@ FA_THREADS = 128      # 4 warps of 16 rows
 
 
 def tile_grid(T: int, heads: int, B: int) -> tuple:
-    """The grid of the tensor-core flash kernels: (heads, B, tiles of FA_ROWS rows), the tile slowest, so that
-    the GPU starts the heaviest tiles of every head first (mma.cuh, "The order of the blocks")."""
-    return (int(heads), int(B), -(-int(T) // FA_ROWS))
+    """The grid of the tensor-core flash kernels: (heads, tiles of FA_ROWS rows, B), so that the GPU starts the
+    heaviest tiles of a batch row's heads first (mma.cuh, "The order of the blocks")."""
+    return (int(heads), -(-int(T) // FA_ROWS), int(B))
 BF16_HEAD_SIZES = (16, 32, 48, 64)   # hs is compiled in (-DHS); shared memory fits these
 
 
