@@ -359,23 +359,15 @@ class Bf16KernelPath(Fp32KernelPath):
                                                    cache["lnf_rstd"], g["lnfw"], g["lnfb"], g["fcprojb"][L - 1])
         for l in reversed(range(L)):
             a = cache["block_caches"][l]
+            if a["fch_gelu"] is None:       # recomputed (model.recompute): the forward's kernels on the same inputs
+                a = dict(a, fch_gelu=gelu_bias_forward_bf16_cuda(a["fch"], p["fcb"][l]))
             if a["ln1"] is None:            # the fused residual + layernorm's output, from the residual it stored
                 a = dict(a, ln1=layernorm_forward_bf16_cuda(a["x"], p["ln1w"][l], p["ln1b"][l], version=2)[0],
                          ln2=layernorm_forward_bf16_cuda(a["residual2"], p["ln2w"][l], p["ln2b"][l], version=2)[0])
-            # residual3 = residual2 + fcproj: dres is also d loss / d fcproj. The GELU backward adds the fc bias's
-            # gradient (the column sums of dfch) on the way.
-            if a["fch_gelu"] is not None:
-                dfch_gelu = linear_backward(dres_bf16, a["fch_gelu"], w["fcprojw"][l], g["fcprojw"][l])
-                dfch = gelu_bias_backward_bf16_cuda(dfch_gelu, a["fch"], p["fcb"][l], g["fcb"][l], out=dfch_gelu)
-            else:   # recomputed (model.recompute): the GELU backward reads fch anyway and writes the GELU's output
-                    # with the forward kernel's bits; the fc projection's weight gradient, which needs it, comes after
-                d2 = dres_bf16.reshape(BT, -1)
-                dfch_gelu = gemm(d2, w["fcprojw"][l]).reshape(a["fch"].shape)
-                fch_gelu = device.xp.empty_like(a["fch"])
-                dfch = gelu_bias_backward_bf16_cuda(dfch_gelu, a["fch"], p["fcb"][l], g["fcb"][l], out=dfch_gelu,
-                                                    gelu_out=fch_gelu)
-                gemm(d2, fch_gelu.reshape(BT, -1), trans_a=True, out=g["fcprojw"][l], accumulate=True)
-                del fch_gelu
+            # residual3 = residual2 + fcproj: dres is also d loss / d fcproj
+            dfch_gelu = linear_backward(dres_bf16, a["fch_gelu"], w["fcprojw"][l], g["fcprojw"][l])
+            # the GELU backward adds the fc bias's gradient (the column sums of dfch) on the way
+            dfch = gelu_bias_backward_bf16_cuda(dfch_gelu, a["fch"], p["fcb"][l], g["fcb"][l], out=dfch_gelu)
             dln2 = linear_backward(dfch, a["ln2"], w["fcw"][l], g["fcw"][l])
             dres_bf16 = layernorm_backward_bf16_cuda(dres, dln2, a["residual2"], p["ln2w"][l], a["ln2_mean"],
                                                        a["ln2_rstd"], g["ln2w"][l], g["ln2b"][l], g["attprojb"][l])

@@ -211,11 +211,8 @@ __device__ void column_group_sum_finish(float* buf, const float* acc, float* dbi
 // Block (X, Y), grid (ceil(OC / 8X), R): thread x owns 8 neighbouring columns (X threads side by side cover a
 // group of 8X columns, 16X bytes of a row), the Y * R threads of a group split the rows, each taking four rows
 // at a time (eight 16-byte loads in flight); then column_group_sum_finish. dinp may be dout (in place): each
-// value is read and then written by the same thread. gelu_out, unless null, gets gelu(inp + bias) as the forward
-// kernel stores it: the GELU's output recomputed (model.recompute >= 1) where inp is read anyway, for the product
-// that needs it next (the fc projection's weight gradient), instead of by a launch of the forward kernel.
+// value is read and then written by the same thread.
 extern "C" __global__ void gelu_bias_backward_bf16_kernel(bf16* dinp,              // (N, OC)
-                                                          bf16* gelu_out,          // (N, OC) or null
                                                           float* dbias,            // (OC,) accumulated into
                                                           float* partial,          // (R, OC), R = gridDim.y
                                                           unsigned int* counters,  // (gridDim.x,) zeros
@@ -243,16 +240,11 @@ extern "C" __global__ void gelu_bias_backward_bf16_kernel(bf16* dinp,           
                 float d[8], x[8];
                 unpack8(d, vd[j]);
                 unpack8(x, vx[j]);
-                size_t at = (size_t)(row + j * stride) * OC + c;
                 for (int k = 0; k < 8; k++) {
                     d[k] = round_bf16(d[k] * gelu_grad_f32(x[k] + b[k]));   // the value stored
                     acc[k] += d[k];
                 }
-                store8(dinp + at, d);
-                if (gelu_out) {
-                    for (int k = 0; k < 8; k++) x[k] = gelu_f32(x[k] + b[k]);
-                    store8(gelu_out + at, x);
-                }
+                store8(dinp + (size_t)(row + j * stride) * OC + c, d);
             }
         }
     }

@@ -167,12 +167,10 @@ def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
     return out
 
 
-def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, gelu_out=None, block_columns: int = 16,
-                                 block_rows: int = 16, grid_rows: int | None = None):
+def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns: int = 16, block_rows: int = 16,
+                                 grid_rows: int | None = None):
     """dout, inp (B, T, OC) bf16, bias (OC,) -> dinp = dout * gelu'(inp + bias) bf16 (out may be dout), and
-    dbias (OC,) float32 += the column sums of dinp: the fc bias's gradient, in the same pass. gelu_out (inp's
-    shape, bf16; not dout or out), if given, gets gelu(inp + bias), the same bits as gelu_bias_forward_bf16_cuda's:
-    the recomputation of model.recompute, in the pass that reads inp anyway.
+    dbias (OC,) float32 += the column sums of dinp: the fc bias's gradient, in the same pass.
 
     Blocks of (block_columns, block_rows) threads, each thread 8 columns, so a block covers 8 * block_columns
     columns; grid_rows: how many blocks split the rows of one column group (R partial sums, the last block of
@@ -183,14 +181,9 @@ def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, gelu_out=None
     require_float_vector("bias", bias, OC)
     device.require_array("dbias", dbias, shape=(OC,))
     out = device.xp.empty_like(inp) if out is None else require_bf16_array("out", out, inp.shape)
-    if gelu_out is not None:
-        require_bf16_array("gelu_out", gelu_out, inp.shape)
-        if any(device.xp.may_share_memory(gelu_out, a) for a in (dout, out, inp)):
-            raise ValueError("gelu_bias_backward_bf16_cuda: gelu_out must not share memory with dout, out or inp")
     N, groups, R, X, Y = column_groups(inp.size // OC, OC, block_columns, block_rows, grid_rows)
     partial = device.xp.empty((R, OC), np.float32)
     load_kernel("gelu.cu", "gelu_bias_backward_bf16_kernel")(
-        (groups, R), (X, Y), (out, gelu_out, dbias, partial, zero_counters(groups), dout, inp, bias, np.int32(N),
-                              np.int32(OC)),
+        (groups, R), (X, Y), (out, dbias, partial, zero_counters(groups), dout, inp, bias, np.int32(N), np.int32(OC)),
         shared_mem=4 * 8 * X * Y)
     return out
