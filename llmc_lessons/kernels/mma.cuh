@@ -80,9 +80,9 @@ __device__ __forceinline__ int kv_head(int h) { return (h * ((65535 + GROUP) / G
 // their lightest last, where they fill the gaps the others leave (longest first, the classic rule for packing
 // jobs onto machines). With the tile in x, each head's tiles came in a run from heaviest to lightest, and a
 // heavy tile could still be running when the other multiprocessors had nothing left to do. With the tile in z
-// (the heaviest tiles of every head of the whole batch first) the blocks running at once read the keys and
-// values of every head, more than the L2 cache holds: slower at T = 1024. blockIdx.x and .z map to the head
-// and the batch row with no division.
+// (the heaviest tiles of the whole batch first) the blocks running at once read the keys and values of every
+// head of the batch (50 MB at B = 16, T = 1024, the L2 cache's size), and the backward measured 11% slower there
+// (docs/performance.md). blockIdx.x and .z map to the head and the batch row with no division.
 
 // The sum over the 4 lanes that share rows g and g+8 of D (lanes 4g .. 4g+3), for the bf16 and TF32
 // products alike (their D layouts are the same).
