@@ -199,11 +199,12 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 // HS (-DGROUP=1 for GPT-2). out and dout (B, T, C); dqkv (B, T, W) gets dq, dk and dv in place, ready for the
 // qkv matmul's backward; lse (B, NH, T) float32 is L.
 //
-// flash_attention_forward_bf16_kernel:       out, lse; a block per (query tile, query head, b).
+// flash_attention_forward_bf16_kernel:       out, lse; a block per (query head, query tile, b), the grid's x, y
+//                                            and z (mma.cuh, "The order of the blocks").
 // flash_attention_backward_dq_bf16_kernel:   dq, and D_i = dout_i . out_i, written for the next kernel; a block
-//                                            per (query tile, query head, b).
-// flash_attention_backward_dkdv_bf16_kernel: dk, dv (launched second: it reads D); a block per (key tile,
-//                                            key/value head, b) walks the GROUP query heads of its group
+//                                            per (query head, query tile, b).
+// flash_attention_backward_dkdv_bf16_kernel: dk, dv (launched second: it reads D); a block per (key/value head,
+//                                            key tile, b) walks the GROUP query heads of its group
 //                                            in order and sums their dk and dv in registers: every key/value
 //                                            gradient has one block, so no atomics and a fixed order.
 // Both also leave the column sums of the dqkv values they store (a row of partial (B * tiles, W) per block
@@ -471,7 +472,7 @@ __device__ __forceinline__ void online_softmax(float s[FA_ROWS / 8][4], float m[
     }
 }
 
-// A block per (64-row query tile, head, b), the 4 warps 16 rows each, walking the key tiles 0 .. tile. The
+// A block per (head, 64-row query tile, b), the 4 warps 16 rows each, walking the key tiles 0 .. tile. The
 // products of one key tile overlap the softmax of another: with the scores s of tile kt - 1 turned into p, the
 // block starts s = q k^T of tile kt and o += p v of tile kt - 1 together (version 4's wgmma runs them while the
 // warps go on), waits for s only, computes its softmax, then waits for o and rescales it. Every key and value

@@ -72,17 +72,18 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned int a[
 #endif
 __device__ __forceinline__ int kv_head(int h) { return (h * ((65535 + GROUP) / GROUP)) >> 16; }
 
-// The order of the blocks. Causal attention gives the blocks of a grid unequal work: the last query tile of a
-// head reads every key tile, its first reads one (and the other way round for the key tiles of the backward).
-// The GPU starts a grid's blocks in the order of their linear index, x fastest and z slowest, and each
-// multiprocessor takes the next block as one of its own finishes. So the flash kernels take a grid of (heads,
-// tiles, B), the tile read from blockIdx.y so that the heaviest tiles of a batch row's heads start first and
-// their lightest last, where they fill the gaps the others leave (longest first, the classic rule for packing
-// jobs onto machines). With the tile in x, each head's tiles came in a run from heaviest to lightest, and a
-// heavy tile could still be running when the other multiprocessors had nothing left to do. With the tile in z
-// (the heaviest tiles of the whole batch first) the blocks running at once read the keys and values of every
-// head of the batch (50 MB at B = 16, T = 1024, the L2 cache's size), and the backward measured 11% slower there
-// (docs/performance.md). blockIdx.x and .z map to the head and the batch row with no division.
+// The order of the blocks. Causal attention gives the blocks of a grid unequal work: the last query tile of a head
+// reads every key tile, its first reads one (and the other way round for the key tiles of the backward). A GPU
+// starts a grid's blocks in the order of their linear index x + X (y + Y z) (X, Y: the grid's sizes in x and y), x
+// fastest and z slowest, and each multiprocessor takes the next block as one of its own finishes (what GPUs are seen
+// to do; CUDA does not promise an order). So the flash kernels take a grid of (heads, tiles, B), the tile read from
+// blockIdx.y so that the heaviest tiles of a batch row's heads start first and their lightest last, where they fill
+// the gaps the others leave (longest first, the classic rule for packing jobs onto machines). With the tile in x,
+// each head's tiles came in a run from heaviest to lightest, and a heavy tile could still be running when the other
+// multiprocessors had nothing left to do. With the tile in z (the heaviest tiles of the whole batch first) the
+// backward measured 11% slower than with the tile in x at B = 16, T = 1024, likely because the blocks running at
+// once then spread over all the batch's heads, so fewer of them share each head's keys and values while these sit in
+// the L2 cache (docs/performance.md). blockIdx.x and .z map to the head and the batch row with no division.
 
 // The sum over the 4 lanes that share rows g and g+8 of D (lanes 4g .. 4g+3), for the bf16 and TF32
 // products alike (their D layouts are the same).

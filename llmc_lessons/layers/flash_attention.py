@@ -120,13 +120,13 @@ def flash_attention_backward_cuda(dout, qkv, out, L, NH, block_size: int = 32):
 
 FA_ROWS = 64          # rows a block owns and rows per staged tile
 FA_THREADS = 128      # 4 warps of 16 rows
+BF16_HEAD_SIZES = (16, 32, 48, 64)   # hs is compiled in (-DHS); shared memory fits these
 
 
 def tile_grid(T: int, heads: int, B: int) -> tuple:
     """The grid of the tensor-core flash kernels: (heads, tiles of FA_ROWS rows, B), so that the GPU starts the
     heaviest tiles of a batch row's heads first (mma.cuh, "The order of the blocks")."""
     return (int(heads), -(-int(T) // FA_ROWS), int(B))
-BF16_HEAD_SIZES = (16, 32, 48, 64)   # hs is compiled in (-DHS); shared memory fits these
 
 
 def mma_bf16_16816_cuda(A, B, C):
