@@ -270,8 +270,7 @@ def flash_attention_forward_tf32_cuda(qkv, NH, NKV=None):
     out, lse = xp.empty((B, T, C), np.float32), xp.empty((B, NH, T), np.float32)
     if B * T:
         _flash_kernel("flash_attention_forward_tf32_kernel", hs, NH // NKV, filename=TF32_FILE)(
-            tile_grid(T, NH, B), (FA_THREADS,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH),
-                                                       np.int32(NKV)))
+            tile_grid(T, NH, B), (FA_THREADS,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(NKV)))
     return out, lse
 
 
