@@ -552,11 +552,11 @@ def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, 
     wte, wpe = r16(Vp, C), r16(T, C)
     mean, rstd = residual_layernorm_forward_bf16_cuda(x, x2, b, w, b)[2:]
     dres = xp.zeros((B, T, C), np.float32)
-    dw, db = xp.zeros(C, np.float32), xp.zeros(C, np.float32)
-    dbias = {n: xp.zeros(n * C, np.float32) for n in (1, 3, 4)}
+    dw, db = xp.zeros(C, np.uint16), xp.zeros(C, np.uint16)           # the step's gradients are bf16
+    dbias = {n: xp.zeros(n * C, np.uint16) for n in (1, 3, 4)}
     flash_partial = r32(B * -(-T // 64), 3 * C)      # a row a (b, 64-row tile) of the flash backward's blocks
     logits, targets = r16(B, T, Vp), g.integers(0, V, (B, T)).astype(np.int32)
-    p, gr, m, v, p16 = r32(n_params), r32(n_params), r32(n_params), xp.abs(r32(n_params)), xp.empty(n_params, np.uint16)
+    p, gr, m, v, p16 = r32(n_params), r16(n_params), r32(n_params), xp.abs(r32(n_params)), xp.empty(n_params, np.uint16)
     rows = [
         ("encoder forward", lambda: encoder_forward_bf16_cuda(ids, wte, wpe, check_ids=False),
          2 * BT * C + 2 * T * C + 2 * BT * C + 4 * BT),
@@ -569,12 +569,12 @@ def bf16_step_kernels(B: int = 16, T: int = 1024, C: int = 768, V: int = 50257, 
     ]
     rows += [   # the bias gradients come with the GELU, LayerNorm and flash attention backwards
         ("qkv dbias (flash partials)", lambda: column_sum_add_cuda(
-            dbias[3][:C], dbias[3][C:2 * C], dbias[3][2 * C:], flash_partial), 4 * flash_partial.size + 8 * 3 * C),
+            dbias[3][:C], dbias[3][C:2 * C], dbias[3][2 * C:], flash_partial), 4 * flash_partial.size + 4 * 3 * C),
         ("layernorm backward (+ dbias)",
          lambda: layernorm_backward_bf16_cuda(dres, x, x2, w, mean, rstd, dw, db, dbias[1]), 14 * BT * C + 8 * BT),
         ("fused classifier", lambda: fused_classifier_bf16_cuda(logits, targets, V, 1 / BT), 2 * 2 * BT * Vp),
-        ("global norm (124M)", lambda: global_norm_squared_cuda(gr), 4 * n_params),   # no copy to the host
-        ("adamw (124M, bf16 copy)", lambda: adamw_update_bf16_cuda(p, p16, gr, m, v, 1, 1e-4), 30 * n_params),
+        ("global norm (124M)", lambda: global_norm_squared_cuda(gr), 2 * n_params),   # no copy to the host
+        ("adamw (124M, bf16 copy)", lambda: adamw_update_bf16_cuda(p, p16, gr, m, v, 1, 1e-4), 28 * n_params),
     ]
     return rows
 

@@ -31,6 +31,8 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.layers.adamw import global_norm, global_norm_cuda, global_norm_squared_cuda
+from llmc_lessons.layers.bf16 import float_to_bf16_cuda
+from llmc_lessons.precision import from_bf16
 
 TIMEOUT_S = float(os.environ.get("LLMC_DIST_TIMEOUT", "300"))
 """Seconds a rank waits at a collective (gloo) or for the others to start before it gives up with an error."""
@@ -441,17 +443,27 @@ class DataParallel:
         with ZeRO-1 this rank's shard, in model.grads_memory[lo:hi]); returns the global gradient norm."""
         xp, g, R = model.xp, model.grads_memory, self.comm.world_size
         scale = np.float32(1.0 / (R * self.grad_accum))
+        # The bf16 step's gradients are bf16 bits (llm.c's layout): they are summed and scaled in float32 and
+        # rounded to bf16 once at the end.
+        bf16 = g.dtype == np.uint16
         if not self.sharded:
-            self.comm.all_reduce(g)
-            if scale != 1:
-                g *= scale
+            if R > 1 or scale != 1:
+                total = from_bf16(g) if bf16 else g
+                self.comm.all_reduce(total)
+                if scale != 1:
+                    total *= scale
+                if bf16:
+                    float_to_bf16_cuda(total, out=g)
             return self._norm(model, g, reduce=False)
         if self._padded is None:
             self._padded = xp.zeros(R * self.shard_size, dtype=np.float32)
-        self._padded[:self.num_parameters] = g
+        self._padded[:self.num_parameters] = from_bf16(g) if bf16 else g
         shard = self.comm.reduce_scatter(self._padded)[:self.hi - self.lo]
         shard *= scale
-        g[self.lo:self.hi] = shard
+        if bf16:
+            float_to_bf16_cuda(xp.ascontiguousarray(shard), out=g[self.lo:self.hi])
+        else:
+            g[self.lo:self.hi] = shard
         return self._norm(model, g[self.lo:self.hi], reduce=True)
 
     def _norm(self, model, g, reduce: bool) -> float:

@@ -368,14 +368,15 @@ class LlamaKernelPath(Fp32KernelPath):
         # wte's gradient through the encoder's deterministic backward; its position part goes to a scratch array
         T = cache["idx"].shape[1]
         encoder_backward_cuda(dres, cache["idx"], model.config.padded_vocab_size, T, buckets=cache["buckets"],
-                              dwte=model.grads["wte"], dwpe=device.xp.zeros((T, model.config.channels), np.float32))
+                              dwte=model.grads["wte"],
+                              dwpe=device.xp.zeros((T, model.config.channels), model.grads["wte"].dtype))
 
 
 class LlamaBf16KernelPath(Bf16KernelPath):
-    """The bf16 step of lesson 14 for the LLaMA-style model: bf16 activations and weight copies, float32 master
-    weights, gradients and AdamW moments; flash attention on the tensor cores, reading the NKV key/value heads
-    where they lie (no repkv copy); the residual stream in bf16 (each add computed in float32 and rounded once),
-    its gradient in float32."""
+    """The bf16 step of lesson 14 for the LLaMA-style model: bf16 activations, weight copies and weight
+    gradients, float32 master weights and AdamW moments; flash attention on the tensor cores, reading the NKV
+    key/value heads where they lie (no repkv copy); the residual stream in bf16 (each add computed in float32 and
+    rounded once), its gradient in float32."""
     _table = staticmethod(LlamaKernelPath._table)
     finish_backward = LlamaKernelPath.finish_backward
 

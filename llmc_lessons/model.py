@@ -3,7 +3,8 @@
 The model keeps all of its parameters in ONE contiguous float32 buffer (`params_memory`, as llm.c's
 `params_memory`), with 16 named views into it (`params["wte"]`, ..., `params["lnfb"]`) in llm.c's order
 (llmc_lessons/parameters.py). Gradients live in a second buffer of the same layout (`grads_memory`,
-`grads[...]`), and so do AdamW's two moment buffers, so that the optimizer can run over flat memory.
+`grads[...]`; float32, or bf16 bits in bf16 as in llm.c: `gradient(name)` gives float32 values either way),
+and so do AdamW's two moment buffers, so that the optimizer can run over flat memory.
 
 The forward, backward and update are computed by one of three execution paths (llmc_lessons/paths.py):
   * the NumPy reference path (`use_kernels=False`): the layers' NumPy references, on the host;
@@ -31,7 +32,7 @@ from llmc_lessons.parameters import (BLOCK_PARAMETER_NAMES, GPT2Config, decay_ru
                                      parameter_shapes, point_views)
 from llmc_lessons.paths import Bf16KernelPath, Fp32KernelPath, NumpyPath
 from llmc_lessons.perf import capture_graph
-from llmc_lessons.precision import tf32_enabled
+from llmc_lessons.precision import from_bf16, tf32_enabled
 
 # ---------------------------------------------------------------------------------------------------------
 # The model
@@ -90,8 +91,9 @@ class GPT2:
 
         backend: "numpy" (reference layers on the host), "kernels" (the course's CUDA kernels, through CuPy
         on a GPU or the emulator on a CPU), or None for the default: kernels on a GPU, NumPy on a CPU.
-        precision: "fp32", or "bf16" (lesson 14, kernels only): bf16 activations and bf16 copies of the
-        weights for the forward and backward, float32 master weights, gradients and AdamW moments.
+        precision: "fp32", or "bf16" (lesson 14, kernels only): bf16 activations, bf16 copies of the weights
+        for the forward and backward and bf16 weight gradients, float32 master weights and AdamW moments (llm.c's
+        layout).
         parts: the student's parts ({key: llmc_lessons.parts.Part}, from parts.load_all()): their NumPy functions
         on the NumPy path, their kernels on the fp32 kernel path, the package's for every part not in it.
         """
@@ -253,10 +255,16 @@ class GPT2:
     def zero_grad(self):
         """Set every gradient to zero (allocating the gradient buffer on first use)."""
         if self.grads_memory is None:
-            self.grads_memory = self.xp.zeros(self.num_parameters, dtype=np.float32)
+            self.grads_memory = self.xp.zeros(self.num_parameters, dtype=self.path.grad_dtype)
             self.grads = point_views(self.grads_memory, self.param_shapes)
         else:
             self.grads_memory[...] = 0
+
+    def gradient(self, name: str | None = None):
+        """The gradient of parameter `name` (of every parameter, flat, when None) as float32 values: a view of
+        the gradient buffer, or, in bf16 (where the gradients are bf16 bits, as in llm.c), a float32 copy."""
+        g = self.grads_memory if name is None else self.grads[name]
+        return from_bf16(g) if g.dtype == np.uint16 else g
 
     def backward(self):
         """Add d(mean loss)/d(parameter) into self.grads (gradients accumulate, as in llm.c: zero_grad first).

@@ -10,8 +10,8 @@ gpt2_forward / gpt2_backward / gpt2_update:
     through CuPy on a GPU, the same kernels through the CPU emulator otherwise. With cuBLAS's matmuls in TF32,
     attention is lesson 13's TF32 flash attention (version 3) for the head sizes it takes and unless a student's
     softmax kernel asks for lesson 05's (flash_tf32); otherwise lesson 05's exact float32 attention.
-  * Bf16KernelPath: the bf16 training step of lesson 14 (llm.c's train_gpt2.cu): bf16 activations and bf16
-    copies of the weights, float32 master weights, gradients and AdamW moments.
+  * Bf16KernelPath: the bf16 training step of lesson 14 (llm.c's train_gpt2.cu): bf16 activations, bf16
+    copies of the weights and bf16 weight gradients (llm.c's layout), float32 master weights and AdamW moments.
 
 A GPT2 model holds one path object and calls it; the paths hold no state of their own: they read and write
 the model's buffers (params, params_bf16, grads, m_memory, v_memory). The NumPy and fp32 kernel paths may take
@@ -105,6 +105,7 @@ class NumpyPath:
     student's functions wherever the forward, the backward or the AdamW update calls one they have written."""
     on_backend = False      # arrays are NumPy arrays on the host: no token buckets, no CUDA graphs
     xp = np
+    grad_dtype = np.float32  # of the gradient buffer, model.grads_memory
 
     def __init__(self, parts: dict | None = None):
         self.parts = parts or {}
@@ -270,7 +271,10 @@ class Fp32KernelPath(NumpyPath):
 
 
 class Bf16KernelPath(Fp32KernelPath):
-    """The bf16 training step (lesson 14): bf16 activations and weight copies, float32 masters and moments."""
+    """The bf16 training step (lesson 14): bf16 activations, weight copies and weight gradients (llm.c's layout),
+    float32 masters and moments."""
+
+    grad_dtype = np.uint16   # bf16 bits: every kernel that adds into a gradient rounds its float32 sum once
 
     def check(self, config: GPT2Config) -> None:
         if config.channels % 8 or config.padded_vocab_size % 8:
@@ -336,7 +340,8 @@ class Bf16KernelPath(Fp32KernelPath):
 
     def backward(self, model, cache):
         """The backward in bf16: activation gradients in bf16, except the residual stream's, which accumulates in
-        float32 (dres); weight gradients accumulate in float32 straight out of cuBLAS (bf16 in, float32 out)."""
+        float32 (dres); weight gradients are added straight into their bf16 gradients by cuBLAS (bf16 in, float32
+        sums, one rounding of old gradient plus product) and by the kernels that sum the bias gradients."""
         c, p, w, g = model.config, model.params, model.params_bf16, model.grads
         B, T = cache["idx"].shape
         BT, C, NH = B * T, c.channels, c.num_heads
@@ -345,7 +350,7 @@ class Bf16KernelPath(Fp32KernelPath):
             """out = inp @ weight^T (+ bias): returns dinp (B, T, in) bf16; dweight += its gradient (the bias
             gradients come out of the kernels that write dout, below)."""
             d2 = dout.reshape(BT, -1)
-            gemm(d2, inp.reshape(BT, -1), trans_a=True, out=dweight, accumulate=True)   # float32 out
+            gemm(d2, inp.reshape(BT, -1), trans_a=True, out=dweight, accumulate=True)   # bf16 out
             return gemm(d2, weight).reshape(B, T, -1)
 
         dres = device.xp.zeros((B, T, C), dtype=np.float32)     # d loss / d residual stream, float32

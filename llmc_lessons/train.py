@@ -94,8 +94,8 @@ def learning_rate(step: int, total: int, lr: float, warmup: int, final_frac: flo
 
 
 def _first_nonfinite(model, which: str) -> str:
-    tensors = model.grads if which == "gradient" else model.params
-    for name, t in tensors.items():
+    for name in model.params:
+        t = model.gradient(name) if which == "gradient" else model.params[name]
         if not bool(model.xp.isfinite(t).all()):
             return f"{which} of {name}"
     return f"a {which}"
@@ -549,8 +549,8 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
     p.add_argument("--val-bin", dest="val_bin", help="llm.c token file for validation")
     p.add_argument("--reference", action="store_true", help="use the NumPy reference layers, not the kernels")
     p.add_argument("--tf32", type=int, choices=[0, 1], help="float32 matmuls on TF32 tensor cores (GPU; default 1)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default), or bf16 activations and "
-                   "matmuls with float32 master weights (lesson 14)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default), or bf16 activations, "
+                   "matmuls and weight gradients with float32 master weights (lesson 14)")
     p.add_argument("--cuda-graph", type=int, choices=[0, 1], dest="cuda_graph", help="record the forward and "
                    "backward into CUDA graphs and replay them (GPU; default 1)")
     p.add_argument("--recompute", "-r", type=int, choices=[0, 1, 2], help="recompute activations in the backward "

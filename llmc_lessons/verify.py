@@ -43,7 +43,7 @@ def write_debug_state(path, model: GPT2, x, y) -> float:
     model.backward()
     V = model.config.vocab_size
     write_debug_state_arrays(path, x, y, device.to_host(model.logits)[..., :V], loss,
-                             device.to_host(model.grads_memory))
+                             device.to_host(model.gradient()))
     return loss
 
 
@@ -139,7 +139,7 @@ def compare(model: GPT2, state: dict, rtol: float = 1e-3, atol: float = 1e-5,
     rows = [row("logits", device.to_host(model.logits)[..., :V], state["logits"], 1e-2),
             row("loss", loss, state["loss"], 1e-2)]
     for name in PARAMETER_NAMES:
-        rows.append(row("d" + name, device.to_host(model.grads[name]), state["grads"][name], 2e-2))
+        rows.append(row("d" + name, device.to_host(model.gradient(name)), state["grads"][name], 2e-2))
     return rows
 
 

@@ -11,8 +11,9 @@ from llmc_lessons import device
 from llmc_lessons.checks import adamw as checks
 from llmc_lessons.cuda import kernel_source, load_kernel
 from llmc_lessons.device import to_device, to_host
-from llmc_lessons.layers.adamw import (adamw_update, adamw_update_cuda, clip_grad_norm, global_norm,
-                                       global_norm_cuda, global_norm_squared_cuda)
+from llmc_lessons.layers.adamw import (_vector_head, adamw_update, adamw_update_bf16_cuda, adamw_update_cuda,
+                                       clip_grad_norm, global_norm, global_norm_cuda, global_norm_squared_cuda)
+from llmc_lessons.precision import from_bf16, stochastic_to_bf16, to_bf16
 
 
 def _state(seed, shape=(7, 13), dtype=np.float64):
@@ -229,6 +230,134 @@ def test_global_norm_launcher_rejects_bad_input():
         global_norm_cuda(device.xp.ones(4, dtype=np.float32), block_size=48)
     with pytest.raises(ValueError):
         global_norm_cuda(device.xp.ones(4, dtype=np.float32), max_blocks=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 (lesson 14): the bf16 step keeps its weight gradients in bf16 (uint16 bits), as llm.c does
+
+
+def _fmaf(a, b, c):
+    """float32 fmaf in NumPy: a * b is exact in float64 (24-bit mantissas); the sum is rounded to float64, then to
+    float32, which can differ from fmaf's single rounding only where the float64 sum lands on a float32 tie."""
+    f64 = np.float64
+    return (np.asarray(a, f64) * np.asarray(b, f64) + np.asarray(c, f64)).astype(np.float32)
+
+
+def _adamw_bf16_bits(master, grads, m, v, t, lr, beta1, beta2, eps, weight_decay, grad_scale, stochastic, seed):
+    """adamw_bf16_kernel's arithmetic operation for operation in float32 (adamw_bf16_element's fmaf sequence), from
+    bf16 grads: the bits it must give for master, m, v and the bf16 copy."""
+    f = np.float32
+    g = from_bf16(grads) * f(grad_scale)
+    mi = _fmaf(f(beta1), m, (f(1) - f(beta1)) * g)
+    vi = _fmaf(f(beta2), v, (f(1) - f(beta2)) * g * g)
+    step = (mi / f(1 - beta1 ** t)) / (np.sqrt(vi / f(1 - beta2 ** t)) + f(eps))
+    p = _fmaf(-f(lr), _fmaf(f(weight_decay), master, step), master)
+    return p, mi, vi, (stochastic_to_bf16(p, seed) if stochastic else to_bf16(p))
+
+
+@pytest.mark.parametrize("offset, grads_shift, vector, block_size, stochastic", [
+    (0, 0, True, 32, True), (3, 0, True, 96, False),
+    (2, 4, True, 512, True),      # grads 8 bytes further along than the rest: still 8-byte aligned, four at a time
+    (1, 1, False, 64, True),      # grads 2 bytes further along: one element a thread
+])
+@pytest.mark.parametrize("n", [1, 7, 1023, 4097])
+def test_adamw_bf16_kernel_with_bf16_grads_gives_the_bits_of_its_float32_arithmetic(n, offset, grads_shift, vector,
+                                                                                      block_size, stochastic):
+    """Both paths of adamw_bf16_kernel (four elements a thread from 8-byte loads of the bf16 grads, and one) give
+    the bits of _adamw_bf16_bits, which is AdamW on from_bf16(grads); the views start `offset` elements into their
+    buffers (grads `grads_shift` more), the bf16 copy is poisoned with NaN, and nothing around the views changes."""
+    gen = np.random.default_rng(n * 10 + offset)
+    master = gen.standard_normal(n).astype(np.float32)
+    grads = to_bf16(gen.standard_normal(n) * np.exp(gen.uniform(-4, 1, n)))
+    m = (0.1 * gen.standard_normal(n)).astype(np.float32)
+    v = gen.uniform(0, 0.05, n).astype(np.float32)
+    hyper = dict(t=3, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_scale=0.7,
+                 stochastic=stochastic, seed=17)
+
+    def view(a, k):                         # a inside a poisoned buffer: k elements before it, 5 after
+        pad = np.full(k + 5, np.nan if a.dtype == np.float32 else 0x7FC0, a.dtype)
+        buf = to_device(np.concatenate([pad[:k], a, pad[k:]]))
+        return buf, buf[k:k + n]
+    (bm, dm), (bmm, dmm), (bvv, dvv) = view(master, offset), view(m, offset), view(v, offset)
+    (bp, dp), (bg, dg) = view(np.full(n, 0x7FC0, np.uint16), offset), view(grads, offset + grads_shift)
+    assert (_vector_head(dm, dp, dg, dmm, dvv, n) >= 0) == vector      # the path this case is meant to take
+    adamw_update_bf16_cuda(dm, dp, dg, dmm, dvv, block_size=block_size, **hyper)
+    want = _adamw_bf16_bits(master, grads, m, v, **hyper)
+    for name, got, w in zip(("master", "m", "v", "params"), (dm, dmm, dvv, dp), want):
+        np.testing.assert_array_equal(to_host(got), w, err_msg=name)
+    ref = adamw_update(master.astype(np.float64), from_bf16(grads) * 0.7, m, v, 3, 1e-2, 0.9, 0.95, 1e-8, 0.1)
+    for got, w in zip((dm, dmm, dvv), ref):                             # and that arithmetic is AdamW's
+        np.testing.assert_allclose(to_host(got), w, rtol=1e-5, atol=1e-7)
+    for buf, k in ((bm, offset), (bmm, offset), (bvv, offset)):
+        assert np.isnan(np.delete(to_host(buf), np.s_[k:k + n])).all()
+    for buf, k in ((bp, offset), (bg, offset + grads_shift)):
+        assert (np.delete(to_host(buf), np.s_[k:k + n]) == 0x7FC0).all()
+
+
+def test_vector_head_wants_16_byte_float32_arrays_and_8_byte_bf16_ones():
+    """head: the elements before master, m and v (float32) start a 16-byte piece and params and grads (bf16) an
+    8-byte one; grads that are 2, 4 or 6 bytes off that (1 to 3 bf16 elements) make it -1."""
+    n = 40
+    m32 = [device.xp.zeros(n + 16, np.float32) for _ in range(3)]
+    b16 = [device.xp.zeros(n + 16, np.uint16) for _ in range(2)]
+    assert all(device.address(a) % 16 == 0 for a in m32 + b16)
+    for k in range(4):
+        for shift in range(8):
+            master, m, v = (a[k:k + n] for a in m32)
+            params, grads = b16[0][k:k + n], b16[1][k + shift:k + shift + n]
+            want = (-k) % 4 if shift % 4 == 0 else -1
+            assert _vector_head(master, params, grads, m, v, n) == want, (k, shift)
+    assert _vector_head(m32[0][1:2], b16[0][1:2], b16[1][1:2], m32[1][1:2], m32[2][1:2], 1) == 1   # at most n
+
+
+def test_adamw_bf16_launcher_wants_bf16_grads():
+    n = 12
+    master, m, v = (device.xp.zeros(n, np.float32) for _ in range(3))
+    params = device.xp.zeros(n, np.uint16)
+    for grads in (device.xp.ones(n, np.float32), device.xp.ones(n, np.float64)):
+        with pytest.raises(TypeError, match=r"grads must hold bf16 bits \(dtype uint16\), got"):
+            adamw_update_bf16_cuda(master, params, grads, m, v, 1, 1e-3)
+    with pytest.raises(TypeError, match="grads must have dtype uint16, got int16"):
+        adamw_update_bf16_cuda(master, params, device.xp.ones(n, np.int16), m, v, 1, 1e-3)
+    with pytest.raises(ValueError, match="grads must have shape"):
+        adamw_update_bf16_cuda(master, params, device.xp.ones(n + 1, np.uint16), m, v, 1, 1e-3)
+    with pytest.raises(TypeError, match="grads must be"):
+        adamw_update_bf16_cuda(master, params, [0] * n, m, v, 1, 1e-3)
+    assert not to_host(master).any() and not to_host(params).any()       # nothing was launched
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 4])
+@pytest.mark.parametrize("n", [1, 7, 1023, 4097])
+def test_global_norm_of_bf16_gives_the_float32_kernels_bits_on_the_same_values(n, offset, poisoned_allocations):
+    """global_norm_squared_bf16_kernel adds the squares in the float32 kernel's order: groups of four, from one
+    8-byte load where a bf16 array starts on an 8-byte boundary, which is exactly where the float32 array of the
+    same values starts on a 16-byte one; one value at a time otherwise. So the same bits, close to float64."""
+    gen = np.random.default_rng(n + offset)
+    h = to_bf16(gen.standard_normal(n + offset) * np.exp(gen.uniform(-3, 3, n + offset)))
+    g16, g32 = to_device(h)[offset:], to_device(from_bf16(h))[offset:]
+    assert (device.address(g16) % 8 == 0) == (device.address(g32) % 16 == 0) == (offset % 4 == 0)
+    want = float(np.sum(np.square(from_bf16(h[offset:]).astype(np.float64))))
+    for block_size, max_blocks in ((32, 1), (64, 3), (512, 1024)):
+        got = to_host(global_norm_squared_cuda(g16, block_size, max_blocks))
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, to_host(global_norm_squared_cuda(g32, block_size, max_blocks)))
+        assert float(got[0]) == pytest.approx(want, rel=1e-5)
+
+
+def test_global_norm_adds_bf16_and_float32_arrays_into_one_sum():
+    gen = np.random.default_rng(11)
+    a16, b32 = to_bf16(gen.standard_normal(1237) * 2), gen.standard_normal(333).astype(np.float32)
+    got = global_norm_squared_cuda([to_device(a16), to_device(b32)], block_size=64, max_blocks=3)
+    same = global_norm_squared_cuda([to_device(from_bf16(a16)), to_device(b32)], block_size=64, max_blocks=3)
+    np.testing.assert_array_equal(to_host(got), to_host(same))
+    assert global_norm_cuda([to_device(a16), to_device(b32)]) == pytest.approx(global_norm([from_bf16(a16), b32]),
+                                                                                rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int16])
+def test_global_norm_takes_float32_or_bf16_only(dtype):
+    with pytest.raises(TypeError, match=r"grads\[1\] must have one of the dtypes float32, uint16"):
+        global_norm_cuda([device.xp.ones(4, np.uint16), device.xp.ones(4, dtype)])
 
 
 # ---------------------------------------------------------------------------------------------------------

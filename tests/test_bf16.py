@@ -106,9 +106,9 @@ def test_layernorm_bf16_kernel(B, T, C, block, version, poisoned_allocations):
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_adamw_bf16_kernel_updates_master_and_copy(stochastic):
     n = 777
-    master, g = gen.standard_normal(n).astype(np.float32), gen.standard_normal(n).astype(np.float32)
+    master, g = gen.standard_normal(n).astype(np.float32), to_bf16(gen.standard_normal(n).astype(np.float32))
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    want_p, want_m, want_v = adamw_update(master, g, m, v, 1, 1e-3, weight_decay=0.1)
+    want_p, want_m, want_v = adamw_update(master, from_bf16(g), m, v, 1, 1e-3, weight_decay=0.1)
     dm, dp = to_device(master.copy()), to_device(np.full(n, 0x7FC0, np.uint16))   # the copy poisoned with NaN
     dmm, dvv = to_device(m.copy()), to_device(v.copy())
     adamw_update_bf16_cuda(dm, dp, to_device(g), dmm, dvv, 1, 1e-3, weight_decay=0.1, stochastic=stochastic, seed=5,
@@ -126,7 +126,7 @@ def test_adamw_bf16_kernel_four_at_a_time_gives_the_same_bits(n, offset):
     the last whole four on their own) gives the bits of its one-element path (grads one element further along their
     buffer, so the arrays do not line up), close to the NumPy reference; views start `offset` elements into their
     buffers, and nothing before or after them is touched."""
-    master, g = gen.standard_normal(n).astype(np.float32), gen.standard_normal(n).astype(np.float32)
+    master, g = gen.standard_normal(n).astype(np.float32), to_bf16(gen.standard_normal(n).astype(np.float32))
     m, v = 0.1 * gen.standard_normal(n).astype(np.float32), np.abs(gen.standard_normal(n)).astype(np.float32)
 
     def run(grads_offset, vector: bool):
@@ -147,7 +147,7 @@ def test_adamw_bf16_kernel_four_at_a_time_gives_the_same_bits(n, offset):
     four, one = run(offset, vector=True), run(offset + 1, vector=False)
     for a, b in zip(four, one):
         np.testing.assert_array_equal(a, b)
-    want_p, want_m, want_v = adamw_update(master, 0.5 * g, m, v, 3, 1e-3, weight_decay=0.1)
+    want_p, want_m, want_v = adamw_update(master, 0.5 * from_bf16(g), m, v, 3, 1e-3, weight_decay=0.1)
     for got, want in zip(four, (want_p, want_m, want_v)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(four[3], stochastic_to_bf16(four[0], seed=11))

@@ -156,16 +156,16 @@ def test_gelu_bias_forward_and_backward_bf16(shape, block, launch, in_place):
     pre = from_bf16(x).astype(np.float64) + bias
     close_bf16(gelu_bias_forward_bf16_cuda(to_device(x), to_device(bias), block_size=block), gelu_forward(pre),
                "gelu(x + bias)")
-    d_dout, start = to_device(dout.copy()), rand32(gen, shape[-1])
+    d_dout, start = to_device(dout.copy()), to_bf16(rand32(gen, shape[-1]))      # the gradient is bf16
     dbias = to_device(start.copy())
     X, Y, R = launch
     got = gelu_bias_backward_bf16_cuda(d_dout, to_device(x), to_device(bias), dbias, out=d_dout if in_place else None,
                                          block_columns=X, block_rows=Y, grid_rows=R)
     assert (got is d_dout) == in_place
     close_bf16(got, gelu_backward(from_bf16(dout).astype(np.float64), pre), "dinp")
-    # the fc bias's gradient: the column sums of dinp as stored, added to what dbias held
-    want = start + wide(got).sum(axis=(0, 1))
-    np.testing.assert_allclose(to_host(dbias), want, rtol=1e-5, atol=1e-5, err_msg="dbias")
+    # the fc bias's gradient: the column sums of dinp as stored, added to what dbias held, rounded once
+    want = from_bf16(start) + wide(got).sum(axis=(0, 1))
+    np.testing.assert_allclose(from_bf16(to_host(dbias)), want, rtol=2 ** -8, atol=1e-6, err_msg="dbias")
     assert not to_host(zero_counters(1)).any()
 
 
@@ -234,7 +234,8 @@ def test_layernorm_backward_bf16(B, T, C, block, max_blocks):
     x, dout = bits(gen, B, T, C, scale=2.0), bits(gen, B, T, C)
     w, b = 1 + rand32(gen, C, scale=0.1), rand32(gen, C)
     _, mean, rstd = layernorm_forward(from_bf16(x).astype(np.float64), w.astype(np.float64), b.astype(np.float64))
-    dinp0, dw0, db0, dr0 = rand32(gen, B, T, C), rand32(gen, C), rand32(gen, C), rand32(gen, C)
+    dinp0 = rand32(gen, B, T, C)
+    dw0, db0, dr0 = (to_bf16(rand32(gen, C)) for _ in range(3))          # the weight gradients are bf16
     dinp, dw, db, dr = to_device(dinp0.copy()), to_device(dw0.copy()), to_device(db0.copy()), to_device(dr0.copy())
     d16 = layernorm_backward_bf16_cuda(dinp, to_device(dout), to_device(x), to_device(w),
                                          to_device(mean.astype(np.float32)), to_device(rstd.astype(np.float32)),
@@ -243,21 +244,32 @@ def test_layernorm_backward_bf16(B, T, C, block, max_blocks):
                                        w.astype(np.float64), mean, rstd)
     np.testing.assert_allclose(to_host(dinp), dinp0 + rdx, rtol=1e-4, atol=1e-4)   # accumulated in float32
     np.testing.assert_array_equal(to_host(d16), to_bf16(to_host(dinp)))             # and its bf16 copy
-    np.testing.assert_allclose(to_host(dw), dw0 + rdw, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(to_host(db), db0 + rdb, rtol=1e-4, atol=1e-4)
+    # each weight gradient: its sum added to what it held, rounded to bf16 once
+    np.testing.assert_allclose(from_bf16(to_host(dw)), from_bf16(dw0) + rdw, rtol=2 ** -8, atol=1e-4)
+    np.testing.assert_allclose(from_bf16(to_host(db)), from_bf16(db0) + rdb, rtol=2 ** -8, atol=1e-4)
     # the bias gradient of the projection before: the column sums of the bf16 copy, added to what it held
-    np.testing.assert_allclose(to_host(dr), dr0 + wide(d16).sum(axis=(0, 1)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(from_bf16(to_host(dr)), from_bf16(dr0) + wide(d16).sum(axis=(0, 1)), rtol=2 ** -8,
+                               atol=1e-4)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("K,R,C,X,Y", [(1, 37, 24, 8, 32), (2, 5, 776, 16, 4), (3, 300, 40, 8, 32), (1, 1, 1600, 32, 8)])
-def test_column_sum_add(K, R, C, X, Y):
+def test_column_sum_add(K, R, C, X, Y, bf16):
+    """Into float32 gradients, or into the bf16 step's bf16 ones (each sum added, then rounded once)."""
     gen = np.random.default_rng(K * R + C)
     partial, starts = rand32(gen, R, K * C), [rand32(gen, C) for _ in range(K)]
+    if bf16:
+        starts = [to_bf16(a) for a in starts]
     outs = [to_device(a.copy()) for a in starts]
     column_sum_add_cuda(*outs, *[None] * (3 - K), to_device(partial), columns_per_block=X, rows_per_block=Y)
     sums = partial.astype(np.float64).sum(0)
+    values = from_bf16 if bf16 else np.asarray
     for k in range(K):    # added into what each held
-        np.testing.assert_allclose(to_host(outs[k]), starts[k] + sums[k * C:(k + 1) * C], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(values(to_host(outs[k])), values(starts[k]) + sums[k * C:(k + 1) * C],
+                                   rtol=2 ** -8 if bf16 else 1e-5, atol=1e-5)
+    if bf16:    # one rounding of the float32 sum: exactly the nearest bf16 of it
+        want = to_bf16(from_bf16(starts[0]) + partial[:, :C].astype(np.float64).sum(0))
+        assert np.mean(to_host(outs[0]) == want) > 0.95, "not rounded to nearest once"
     with pytest.raises(ValueError, match="out3 given without out2"):
         column_sum_add_cuda(outs[0], None, outs[0], to_device(partial))
     with pytest.raises(ValueError, match="out1 is needed"):
@@ -349,11 +361,14 @@ def test_bad_input_is_refused():
         layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 2056), np.float32)), z, z, f,
                                        to_device(np.zeros((1, 1), np.float32)), to_device(np.zeros((1, 1), np.float32)),
                                        f, f)
+    z, f, g = (to_device(np.zeros(s, t)) for s, t in (((1, 1, 1024), np.uint16), (1024, np.float32),
+                                                      (1024, np.uint16)))
+    stats = to_device(np.zeros((1, 1), np.float32))
     with pytest.raises(ValueError, match="shared memory"):
-        z, f = to_device(np.zeros((1, 1, 1024), np.uint16)), to_device(np.zeros(1024, np.float32))
-        layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 1024), np.float32)), z, z, f,
-                                       to_device(np.zeros((1, 1), np.float32)), to_device(np.zeros((1, 1), np.float32)),
-                                       f, f, block_size=1024)
+        layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 1024), np.float32)), z, z, f, stats, stats, g, g,
+                                     block_size=1024)
+    with pytest.raises(TypeError, match="dweight must hold bf16 bits"):    # the step's weight gradients are bf16
+        layernorm_backward_bf16_cuda(to_device(np.zeros((1, 1, 1024), np.float32)), z, z, f, stats, stats, f, g)
     with pytest.raises(ValueError, match="shape"):
         residual_layernorm_forward_bf16_cuda(*(to_device(np.zeros((1, 2, 8), np.uint16)),) * 2,
                                                *(to_device(np.zeros(16, np.float32)),) * 3)
@@ -380,7 +395,7 @@ def test_bf16_model_matches_the_fp32_kernel_path():
         m.zero_grad()
         m.backward()
     for name in m32.grads:
-        a, b = to_host(m32.grads[name]), to_host(m16.grads[name])
+        a, b = to_host(m32.gradient(name)), to_host(m16.gradient(name))
         err = np.linalg.norm(a - b) / np.linalg.norm(a)
         assert err < 3e-2, f"{name}: the bf16 gradient is {err:.1e} away (relative) from the fp32 one"
 
@@ -397,7 +412,7 @@ def test_bf16_model_runs_gpt2_xl_widths(C, NH):
         m.zero_grad()
         m.backward()
     for name in m32.grads:
-        a, b = to_host(m32.grads[name]), to_host(m16.grads[name])
+        a, b = to_host(m32.gradient(name)), to_host(m16.gradient(name))
         err = np.linalg.norm(a - b) / np.linalg.norm(a)
         assert err < 3e-2, f"{name}: the bf16 gradient is {err:.1e} away (relative) from the fp32 one"
 

@@ -16,6 +16,7 @@ from llmc_lessons.exercises import to_student
 from llmc_lessons.gradcheck import gradcheck
 from llmc_lessons.layers.encoder import (_token_buckets, encoder_backward, encoder_backward_cuda, encoder_forward,
                                          encoder_forward_cuda)
+from llmc_lessons.precision import from_bf16, to_bf16
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "02_embeddings.ipynb"
 
@@ -265,6 +266,67 @@ def test_launchers_reject_bad_input():
 def test_launchers_reject_numpy_on_gpu():
     with pytest.raises(TypeError, match="CuPy"):
         encoder_forward_cuda(np.zeros((1, 2), np.int32), np.ones((3, 4), np.float32), np.ones((2, 4), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 gradients (lesson 14): the bf16 step keeps dwte and dwpe in bf16 (uint16 bits), as llm.c does
+
+
+def _bf16_backward_bits(init_wte, init_wpe, dout, inp):
+    """The bf16 kernels' bits: each element's float32 sum in the deterministic kernels' order (a token's positions
+    ascending, b ascending for a position), added to its stored bf16 value and rounded once; the rest unchanged."""
+    B, T, C = dout.shape
+    ids, rows = inp.reshape(-1), dout.reshape(B * T, C)
+    dwte, dwpe = init_wte.copy(), init_wpe.copy()
+    for token in np.unique(ids):
+        s = np.zeros(C, np.float32)
+        for pos in np.flatnonzero(ids == token):
+            s += rows[pos]
+        dwte[token] = to_bf16(from_bf16(init_wte[token]) + s)
+    s = np.zeros((T, C), np.float32)
+    for b in range(B):
+        s += dout[b]
+    dwpe[:T] = to_bf16(from_bf16(init_wpe[:T]) + s)
+    return dwte, dwpe
+
+
+@pytest.mark.parametrize("B, T, C, V, maxT, distinct, block_size", [
+    (3, 7, 37, 20, 9, 6, 32), (1, 1, 1, 3, 2, 1, 64), (4, 16, 100, 50, 20, 7, 256), (2, 9, 13, 11, 9, 11, 1024)])
+def test_backward_into_bf16_gradients_adds_and_rounds_once(B, T, C, V, maxT, distinct, block_size):
+    """Random bf16 dwte and dwpe added into: the bits of _bf16_backward_bits, which are the float32 kernels' results
+    rounded to bf16 (the same sums in the same order), close to the float64 reference; rows no token or position
+    reaches keep their bits."""
+    inp, dout, init_wte, init_wpe, _, _ = _backward_case(B * 1000 + C, B, T, C, V, maxT, distinct)
+    init_wte, init_wpe = to_bf16(init_wte), to_bf16(init_wpe)
+    dwte, dwpe = to_device(init_wte.copy()), to_device(init_wpe.copy())    # a copy: to_device may not make one
+    back = encoder_backward_cuda(to_device(dout), to_device(inp), V, maxT, block_size=block_size, dwte=dwte,
+                                 dwpe=dwpe)
+    assert back[0] is dwte and back[1] is dwpe
+    got = [to_host(a) for a in back]
+    for a, want in zip(got, _bf16_backward_bits(init_wte, init_wpe, dout, inp)):
+        np.testing.assert_array_equal(a, want)
+    as_float = encoder_backward_cuda(to_device(dout), to_device(inp), V, maxT, block_size=block_size,
+                                     dwte=to_device(from_bf16(init_wte)), dwpe=to_device(from_bf16(init_wpe)))
+    for a, f in zip(got, as_float):
+        np.testing.assert_array_equal(a, to_bf16(to_host(f)))
+    for a, init, d in zip(got, (init_wte, init_wpe), encoder_backward(dout.astype(np.float64), inp, V, maxT)):
+        np.testing.assert_allclose(from_bf16(a), from_bf16(init) + d, rtol=2**-8, atol=1e-5)
+    unused = np.setdiff1d(np.arange(V), inp)
+    assert np.array_equal(got[0][unused], init_wte[unused]) and np.array_equal(got[1][T:], init_wpe[T:])
+
+
+def test_backward_into_bf16_gradients_rejects_mixed_dtypes_and_atomics():
+    inp, dout = to_device(np.zeros((2, 3), np.int32)), to_device(np.ones((2, 3, 8), np.float32))
+    w16, p16 = to_device(np.zeros((5, 8), np.uint16)), to_device(np.zeros((4, 8), np.uint16))
+    w32, p32 = to_device(np.zeros((5, 8), np.float32)), to_device(np.zeros((4, 8), np.float32))
+    for given in (dict(dwte=w16, dwpe=p32), dict(dwte=w32, dwpe=p16), dict(dwte=w16), dict(dwpe=p16)):
+        with pytest.raises(TypeError, match="dwte and dwpe must have the same dtype"):
+            encoder_backward_cuda(dout, inp, 5, 4, **given)
+    with pytest.raises(ValueError, match="need deterministic=True"):
+        encoder_backward_cuda(dout, inp, 5, 4, deterministic=False, dwte=w16, dwpe=p16)
+    with pytest.raises(TypeError, match="dwte must have one of the dtypes float32, uint16, got float64"):
+        encoder_backward_cuda(dout, inp, 5, 4, dwte=to_device(np.zeros((5, 8))), dwpe=p32)
+    assert not any(to_host(a).any() for a in (w16, p16, w32, p32))         # nothing was launched
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -220,13 +220,15 @@ def test_bf16_tensor_core_kernels_match_lesson_05(version, B, T, NH, hs, poisone
     assert rel(got, ref_out) < 4e-3, rel(got, ref_out)          # about one bf16 rounding (2^-9 relative)
     np.testing.assert_allclose(to_host(lse), ref_L, atol=2e-5, rtol=1e-5)
     # the backward from the kernel's own out and lse, against the float64 backward of the same inputs
-    start = np.random.default_rng(hs).standard_normal(3 * NH * hs).astype(np.float32)
+    start = to_bf16(np.random.default_rng(hs).standard_normal(3 * NH * hs))     # the gradient is bf16
     dbias = to_device(start.copy())
     dqkv = flash_attention_backward_bf16_cuda(to_device(dout), to_device(qkv), out, lse, NH, dbias=dbias,
                                               version=version)
     got_d = from_bf16(to_host(dqkv)).astype(np.float64)
     # the qkv bias's gradient, summed in the kernels: the column sums of dqkv as stored, added to what it held
-    np.testing.assert_allclose(to_host(dbias), start + got_d.sum(axis=(0, 1)), rtol=1e-5, atol=1e-5,
+    # and rounded to bf16 once (within one bf16 rounding of the exact sum)
+    want_b = from_bf16(start) + got_d.sum(axis=(0, 1))
+    np.testing.assert_allclose(from_bf16(to_host(dbias)), want_b, rtol=2 ** -8, atol=1e-6,
                                err_msg="dbias: the column sums of dqkv")
     want_d = attention_backward(from_bf16(dout).astype(np.float64), x, att, NH)
     assert not np.isnan(got_d).any(), "some gradients were never written"
@@ -265,7 +267,9 @@ def test_bf16_flash_attention_refuses_bad_input():
     with pytest.raises(ValueError, match="dout must have shape"):
         flash_attention_backward_bf16_cuda(d[:, :4].copy(), q, out, lse, 2)
     with pytest.raises(ValueError, match="dbias must have shape"):
-        flash_attention_backward_bf16_cuda(d, q, out, lse, 2, dbias=device.xp.zeros(32, np.float32))
+        flash_attention_backward_bf16_cuda(d, q, out, lse, 2, dbias=device.xp.zeros(32, np.uint16))
+    with pytest.raises(TypeError, match="dbias must hold bf16 bits"):
+        flash_attention_backward_bf16_cuda(d, q, out, lse, 2, dbias=device.xp.zeros(3 * 32, np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,7 +403,7 @@ def test_bf16_gqa_refuses_bad_input():
     with pytest.raises(ValueError, match="dout must have shape"):
         flash_attention_backward_bf16_cuda(qkv[..., :32].copy(), qkv, out, lse, 4, NKV=2)
     with pytest.raises(ValueError, match="dbias is summed for NKV = NH only"):
-        flash_attention_backward_bf16_cuda(dout, qkv, out, lse, 4, dbias=device.xp.zeros(128, np.float32), NKV=2)
+        flash_attention_backward_bf16_cuda(dout, qkv, out, lse, 4, dbias=device.xp.zeros(128, np.uint16), NKV=2)
 
 
 @pytest.mark.gpu

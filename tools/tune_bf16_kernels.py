@@ -23,7 +23,7 @@ r16 = lambda *s: float_to_bf16_cuda(r32(*s))
 x, x2, h, dh = r16(B, T, C), r16(B, T, C), r16(B, T, 4 * C), r16(B, T, 4 * C)
 w, b, b4 = 1 + r32(C), r32(C), r32(4 * C)
 mean, rstd = residual_layernorm_forward_bf16_cuda(x, x2, b, w, b)[2:]
-dres, dw, db, dr = xp.zeros((B, T, C), xp.float32), *(xp.zeros(C, xp.float32) for _ in range(3))
+dres, dw, db, dr = xp.zeros((B, T, C), xp.float32), *(xp.zeros(C, xp.uint16) for _ in range(3))  # bf16 gradients
 logits, targets = r16(B, T, Vp), g.integers(0, V, (B, T)).astype(xp.int32)
 copy = timing.copy_bandwidth_gbps()
 print(f"copy bandwidth {copy:,.0f} GB/s (1 GiB)")
@@ -37,7 +37,7 @@ def row(name, config, fn, nbytes):
 for bs in (64, 128, 256):
     row("residual + layernorm", f"block {bs}",
         lambda: residual_layernorm_forward_bf16_cuda(x, x2, b, w, b, block_size=bs), 8 * BT * C + 8 * BT)
-db4 = xp.zeros(4 * C, xp.float32)
+db4 = xp.zeros(4 * C, xp.uint16)
 for bs in (128, 256, 512):
     row("gelu forward", f"block {bs}", lambda: gelu_bias_forward_bf16_cuda(h, b4, block_size=bs), 4 * BT * 4 * C)
 for X, Y, R in ((8, 32, None), (8, 16, None), (16, 16, None), (8, 32, 64)):
@@ -65,4 +65,4 @@ for R in (132, 256, 396):   # the end of the layernorm and flash attention backw
     for X, Y in ((8, 32), (16, 16), (32, 8), (8, 64)):
         row("column sums", f"{R} rows, block ({X}, {Y})",
             lambda: column_sum_add_cuda(dw, db, dr, partial, columns_per_block=X, rows_per_block=Y),
-            4 * partial.size + 24 * C)
+            4 * partial.size + 12 * C)

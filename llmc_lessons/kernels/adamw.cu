@@ -15,11 +15,14 @@
 // global_norm_squared_kernel adds sum(x^2) over a (N,) array into partial sums, one per block: a grid-stride
 //   loop per thread over 16-byte float4s, four loads in flight at a time, a block reduction (warp shuffles,
 //   then shared memory), and block b adds its total into partial[b]. partial must be zeroed before the first
-//   launch; launching it on several arrays adds their squares into the same slots.
+//   launch; launching it on several arrays adds their squares into the same slots. global_norm_squared_bf16_kernel
+//   is the same for bf16 gradients (the bf16 step keeps them in bf16, as llm.c): 8-byte loads of four values,
+//   squared and added in float32 in the same order.
 // global_sum_deterministic_kernel then adds the partial sums, in a fixed order, into out[0]. No atomicAdd:
 //   atomics from many blocks land in whatever order the blocks finish, so the last bits of the sum would
 //   change from run to run, and in bf16 training such bits grow into visibly different weights.
 #include "common.cuh"
+#include "bf16.cuh"  // bf16 as unsigned short and its conversions (lesson 14, the last section)
 
 // ---------------------------------------------------------------------------------------------------------
 // The update
@@ -50,25 +53,35 @@ extern "C" __global__ void adamw_kernel(float* params,       // (N,) in/out
 // ---------------------------------------------------------------------------------------------------------
 // The global norm (squared): sum of x^2 over all elements, one partial sum per block, then their total
 
-extern "C" __global__ void global_norm_squared_kernel(float* partial,      // (gridDim.x,) added into
-                                                      const float* data,   // (N,)
-                                                      int N) {
+// Four neighbouring values as float32 from one load: 16 bytes of float32, or 8 of bf16 (exact); p aligned to it.
+__device__ __forceinline__ float4 load4(const float* p) { return *(const float4*)p; }
+__device__ __forceinline__ float4 load4(const bf16* p) {
+    uint2 two = *(const uint2*)p;
+    return make_float4(bf16_lo(two.x), bf16_hi(two.x), bf16_lo(two.y), bf16_hi(two.y));
+}
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ float widen(bf16 x) { return bf16_to_float(x); }
+
+// The body of both kernels below, for float32 or bf16 data (T): the squares in float32, in the same order.
+template <typename T>
+__device__ void global_norm_squared(float* partial, const T* data, int N) {
     __shared__ float buf[32];  // one partial sum per warp (a block has at most 32 warps)
-    // grid-stride loop: thread k of the grid takes float4 number k, k + G, k + 2G, ... with G = all threads,
-    // four of them loaded before any is added (one 4-byte load at a time reached half the copy bandwidth:
-    // too few bytes in flight). An array that does not start on a 16-byte boundary goes 4 bytes at a time.
+    // grid-stride loop: thread k of the grid takes group number k, k + G, k + 2G, ... of four values with
+    // G = all threads, four groups loaded before any is added (one 4-byte load at a time reached half the copy
+    // bandwidth: too few bytes in flight). An array that does not start on a boundary of its group's size (16
+    // bytes of float32, 8 of bf16) goes one value at a time.
     float sum = 0.0f;
     int G = gridDim.x * blockDim.x;
     int first = blockIdx.x * blockDim.x + threadIdx.x;
-    int N4 = ((size_t)data % 16 == 0) ? N / 4 : 0;
-    const float4* data4 = (const float4*)data;
+    int N4 = ((size_t)data % (4 * sizeof(T)) == 0) ? N / 4 : 0;
     for (int i = first; i < N4; i += 4 * G) {
         float4 v[4];
-        for (int j = 0; j < 4; j++) v[j] = i + j * G < N4 ? data4[i + j * G] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int j = 0; j < 4; j++)
+            v[j] = i + j * G < N4 ? load4(data + 4 * (i + j * G)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         for (int j = 0; j < 4; j++) sum += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
     }
-    for (int i = 4 * N4 + first; i < N; i += G) {   // what is left after the float4s
-        float x = data[i];
+    for (int i = 4 * N4 + first; i < N; i += G) {   // what is left after the groups of four
+        float x = widen(data[i]);
         sum += x * x;
     }
     // block reduction: each warp's total, then the warps' totals added by warp 0
@@ -82,6 +95,18 @@ extern "C" __global__ void global_norm_squared_kernel(float* partial,      // (g
         sum = warpReduceSum(sum);
         if (lane == 0) { partial[blockIdx.x] += sum; }  // this block's own slot: no other block writes it
     }
+}
+
+extern "C" __global__ void global_norm_squared_kernel(float* partial,      // (gridDim.x,) added into
+                                                      const float* data,   // (N,)
+                                                      int N) {
+    global_norm_squared(partial, data, N);
+}
+
+extern "C" __global__ void global_norm_squared_bf16_kernel(float* partial,     // (gridDim.x,) added into
+                                                           const bf16* data,   // (N,) bf16 gradients
+                                                           int N) {
+    global_norm_squared(partial, data, N);
 }
 
 // out[0] = the sum of the n partial sums, by one warp (launch 32 threads): lane k adds partial[k],
@@ -101,9 +126,9 @@ extern "C" __global__ void global_sum_deterministic_kernel(float* out,          
 //
 // adamw_bf16_kernel: the update on float32 master weights and moments, then a bf16 copy of each weight for
 //   the forward and backward; with stochastic=1 the copy is rounded up or down at random with the
-//   probability that makes its expected value exact (llm.c's stochastic rounding), else to nearest.
+//   probability that makes its expected value exact (llm.c's stochastic rounding), else to nearest. It reads
+//   bf16 gradients: the bf16 step keeps its weight gradients in bf16, as llm.c does.
 // =========================================================================================================
-#include "bf16.cuh"
 
 // One element's update: the moments and the master weight in place, and its bf16 copy rounded with index i (the
 // element's place in the run: the stochastic rounding's random bits depend on it, not on which thread runs it).
@@ -119,19 +144,19 @@ __device__ __forceinline__ bf16 adamw_bf16_element(float g, float& mi, float& vi
     return stochastic ? bf16_stochastic(p, seed, (unsigned int)i) : bf16_from_float(p);
 }
 
-// head >= 0: element head is where master, grads, m and v reach a 16-byte boundary and params an 8-byte one; thread
-// t updates the four elements head + 4t .. head + 4t + 3 with one 16-byte load of each float32 array and one 8-byte
-// store of the four bf16 copies (the fewer, wider accesses keep more bytes in flight: one element a thread moved
-// 91% of a copy's bandwidth), threads t < head also the element t before it, and the last thread the elements after
-// the last whole four. head = -1 (the arrays do not line up): one element a thread.
-extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const float* grads, float* m, float* v,
+// head >= 0: element head is where master, m and v reach a 16-byte boundary and params and grads an 8-byte one;
+// thread t updates the four elements head + 4t .. head + 4t + 3 with one 16-byte access to each float32 array and
+// one 8-byte access to each bf16 one (the fewer, wider accesses keep more bytes in flight: one element a thread
+// moved 91% of a copy's bandwidth), threads t < head also the element t before it, and the last thread the elements
+// after the last whole four. head = -1 (the arrays do not line up): one element a thread.
+extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const bf16* grads, float* m, float* v,
                                              int N, int head, float lr, float beta1, float beta2,
                                              float beta1_correction, float beta2_correction, float eps,
                                              float weight_decay, float grad_scale, int stochastic, unsigned int seed) {
-    auto one = [&](int i) {                           // element i alone: four float32 loads, the update, the stores
+    auto one = [&](int i) {                           // element i alone: four loads, the update, the stores
         float mi = m[i], vi = v[i], p = master[i];
-        params[i] = adamw_bf16_element(grads[i] * grad_scale, mi, vi, p, i, lr, beta1, beta2, beta1_correction,
-                                       beta2_correction, eps, weight_decay, stochastic, seed);
+        params[i] = adamw_bf16_element(bf16_to_float(grads[i]) * grad_scale, mi, vi, p, i, lr, beta1, beta2,
+                                       beta1_correction, beta2_correction, eps, weight_decay, stochastic, seed);
         m[i] = mi;
         v[i] = vi;
         master[i] = p;                                // float32 master weight: small updates accumulate here
@@ -143,8 +168,8 @@ extern "C" __global__ void adamw_bf16_kernel(float* master, bf16* params, const 
     }
     int first = head + 4 * t;
     if (t < head && t < N) one(t);                    // an element before the first 16-byte boundary
-    if (first + 4 <= N) {                             // four whole elements, 16 bytes of each array
-        float4 g4 = *(const float4*)(grads + first), m4 = *(float4*)(m + first), v4 = *(float4*)(v + first);
+    if (first + 4 <= N) {                             // four whole elements, 16 or 8 bytes of each array
+        float4 g4 = load4(grads + first), m4 = *(float4*)(m + first), v4 = *(float4*)(v + first);
         float4 p4 = *(float4*)(master + first);
         float g[4] = {g4.x, g4.y, g4.z, g4.w}, mi[4] = {m4.x, m4.y, m4.z, m4.w}, vi[4] = {v4.x, v4.y, v4.z, v4.w};
         float p[4] = {p4.x, p4.y, p4.z, p4.w};

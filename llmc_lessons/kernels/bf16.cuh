@@ -55,6 +55,12 @@ __device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
 __device__ __forceinline__ float bf16_lo(unsigned int two) { return __uint_as_float(two << 16); }
 __device__ __forceinline__ float bf16_hi(unsigned int two) { return __uint_as_float(two & 0xFFFF0000u); }
 
+// A weight gradient accumulated into: the bf16 step keeps its gradients in bf16, as llm.c does (half the
+// bytes of float32 for the backward's writes, the gradient norm and AdamW). A float32 sum is added to the
+// stored value and rounded once; a float32 gradient takes the sum as it is.
+__device__ __forceinline__ void add_into(bf16* g, float s) { *g = bf16_from_float(bf16_to_float(*g) + s); }
+__device__ __forceinline__ void add_into(float* g, float s) { *g += s; }
+
 // The larger of each pair of bf16 values in two 32-bit words (a max is exact in any precision): on a GPU one
 // instruction (max.bf16x2), in the emulator the same through float32.
 __device__ __forceinline__ unsigned int max_bf16x2(unsigned int a, unsigned int b) {
@@ -83,9 +89,10 @@ __device__ __forceinline__ bf16 bf16_stochastic(float f, unsigned int seed, unsi
 // =========================================================================================================
 // The bf16 training step (GPT2(precision="bf16"), as llm.c's train_gpt2.cu with floatX = bf16).
 //
-// Activations are bf16; the weight matrices are read as bf16 copies of their float32 masters; layernorm
-// parameters, statistics, the loss and every weight gradient stay float32, and so do the biases but one: the qkv
-// bias is read as its bf16 copy (as llm.c reads every parameter), because cuBLASLt adds it. The matrix products
+// Activations are bf16; the weight matrices are read as bf16 copies of their float32 masters; every weight
+// gradient is bf16 (as llm.c keeps them: add_into adds a float32 sum and rounds once); layernorm parameters,
+// statistics and the loss stay float32, and so do the biases but one: the qkv bias is read as its bf16 copy (as
+// llm.c reads every parameter), because cuBLASLt adds it. The matrix products
 // are cuBLAS's (bf16 in, float32 accumulation). The step's kernels (the last section of encoder.cu,
 // layernorm.cu, attention.cu, gelu.cu and crossentropy.cu) compute in float32 and move bf16 EIGHT values at a
 // time, one 16-byte access (two-byte loads leave a kernel short of bandwidth, as lesson 14's GELU showed), so

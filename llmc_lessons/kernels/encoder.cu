@@ -138,3 +138,33 @@ extern "C" __global__ void encoder_forward_bf16_kernel(bf16* out,         // (B,
     for (int k = 0; k < 8; k++) a[k] += p[k];
     store8(out + (size_t)bt * C + c, a);
 }
+
+// The deterministic backward for bf16 gradients (the bf16 step keeps its weight gradients in bf16, as llm.c): the
+// order of encoder_backward_wte_kernel2 and encoder_backward_wpe_kernel2, dout still float32 (the residual stream's
+// gradient); each owner thread adds its float32 sum to the stored bf16 value and rounds once (add_into).
+extern "C" __global__ void encoder_backward_wte_bf16_kernel(bf16* dwte,               // (V, C) accumulated into
+                                                            const float* dout,        // (B, T, C)
+                                                            const int* positions,     // (B*T,) as in kernel2
+                                                            const int* bucket_start,  // (n_buckets + 1,)
+                                                            const int* bucket_token,  // (n_buckets,)
+                                                            int n_buckets, int C) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;  // one thread per (bucket, channel)
+    if (idx < n_buckets * C) {
+        int k = idx / C, c = idx % C;
+        float sum = 0.0f;
+        for (int i = bucket_start[k]; i < bucket_start[k + 1]; i++) sum += dout[(size_t)positions[i] * C + c];
+        add_into(dwte + (size_t)bucket_token[k] * C + c, sum);
+    }
+}
+
+extern "C" __global__ void encoder_backward_wpe_bf16_kernel(bf16* dwpe,          // (maxT, C) accumulated into
+                                                            const float* dout,   // (B, T, C)
+                                                            int B, int T, int C) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;  // one thread per (t, c) with t < T: dwpe's element idx
+    if (idx < T * C) {
+        int t = idx / C, c = idx % C;
+        float sum = 0.0f;
+        for (int b = 0; b < B; b++) sum += dout[((size_t)b * T + t) * C + c];
+        add_into(dwpe + idx, sum);
+    }
+}

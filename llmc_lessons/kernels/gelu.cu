@@ -160,9 +160,10 @@ __device__ bool last_block(unsigned int* counter, unsigned int blocks) {
 // (ceil(OC / 8X), R) blocks, thread x of a block owning the 8 columns c = (blockIdx.x * X + x) * 8 ..:
 // acc holds the thread's sums over its rows. The Y threads of a column add their sums in order through
 // shared memory (buf, Y * 8X floats), partial[blockIdx.y] gets the block's sums, and the last block of the
-// column group adds the group's R rows of partials into dbias, its threads splitting the rows again.
+// column group adds the group's R rows of partials into dbias (a bf16 gradient: add_into rounds once), its
+// threads splitting the rows again.
 // Deterministic: every sum is taken in a fixed order.
-__device__ void column_group_sum_finish(float* buf, const float* acc, float* dbias, float* partial,
+__device__ void column_group_sum_finish(float* buf, const float* acc, bf16* dbias, float* partial,
                                         unsigned int* counters, int OC) {
     int X = blockDim.x, Y = blockDim.y, W = 8 * X;   // W: the group's width in columns
     int c0 = blockIdx.x * W;
@@ -201,7 +202,7 @@ __device__ void column_group_sum_finish(float* buf, const float* acc, float* dbi
         if (c0 + j < OC) {
             float total = 0.0f;
             for (int q = 0; q < slices; q++) total += buf[q * W + j];
-            dbias[c0 + j] += total;
+            add_into(dbias + c0 + j, total);
         }
     }
 }
@@ -213,7 +214,7 @@ __device__ void column_group_sum_finish(float* buf, const float* acc, float* dbi
 // at a time (eight 16-byte loads in flight); then column_group_sum_finish. dinp may be dout (in place): each
 // value is read and then written by the same thread.
 extern "C" __global__ void gelu_bias_backward_bf16_kernel(bf16* dinp,              // (N, OC)
-                                                          float* dbias,            // (OC,) accumulated into
+                                                          bf16* dbias,             // (OC,) accumulated into
                                                           float* partial,          // (R, OC), R = gridDim.y
                                                           unsigned int* counters,  // (gridDim.x,) zeros
                                                           const bf16* dout,        // (N, OC)

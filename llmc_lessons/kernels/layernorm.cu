@@ -544,12 +544,10 @@ extern "C" __global__ void residual_layernorm_forward_bf16_kernel_c2048(bf16* re
 // gradient of the projection before it, in one launch; K = 1 for the RMSNorm backward's dweight). Block
 // (X, Y): X neighbouring columns, the Y rows of threads split the R partial rows, then thread row 0 adds their
 // Y sums in order. Each thread loads four of its rows before adding them (in row order): the launch is short,
-// and its time is mostly its start and the chain of loads each thread waits for.
-extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,) accumulated into
-                                                 float* out2,            // (C,) accumulated into
-                                                 float* out3,            // (C,) accumulated into
-                                                 const float* partial,   // (R, K C)
-                                                 int R, int C, int K) {
+// and its time is mostly its start and the chain of loads each thread waits for. The vectors are float32
+// gradients (column_sum_add_kernel) or the bf16 step's bf16 gradients (column_sum_add_bf16_kernel).
+template <typename G>
+__device__ void column_sum_add(G* out1, G* out2, G* out3, const float* partial, int R, int C, int K) {
     extern __shared__ float buf[];              // (Y, X)
     int X = blockDim.x, Y = blockDim.y;
     int c = blockIdx.x * X + threadIdx.x;
@@ -568,9 +566,22 @@ extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,)
     if (threadIdx.y == 0 && c < K * C) {
         float s = 0.0f;
         for (int y = 0; y < Y; y++) s += buf[y * X + threadIdx.x];
-        float* out = c < C ? out1 : (c < 2 * C ? out2 : out3);
-        out[c % C] += s;
+        G* out = c < C ? out1 : (c < 2 * C ? out2 : out3);
+        add_into(out + c % C, s);
     }
+}
+
+extern "C" __global__ void column_sum_add_kernel(float* out1,            // (C,) accumulated into
+                                                 float* out2,            // (C,) accumulated into
+                                                 float* out3,            // (C,) accumulated into
+                                                 const float* partial,   // (R, K C)
+                                                 int R, int C, int K) {
+    column_sum_add(out1, out2, out3, partial, R, C, K);
+}
+
+extern "C" __global__ void column_sum_add_bf16_kernel(bf16* out1, bf16* out2, bf16* out3, const float* partial,
+                                                      int R, int C, int K) {
+    column_sum_add(out1, out2, out3, partial, R, C, K);
 }
 
 // The layernorm backward of lesson 03 on bf16 dout and inp, a warp per row, each warp taking ROWS rows at

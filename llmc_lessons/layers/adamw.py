@@ -24,6 +24,7 @@ import numpy as np
 
 from llmc_lessons import device
 from llmc_lessons.cuda import load_kernel
+from llmc_lessons.layers.bf16 import require_bf16_array
 
 # ---------------------------------------------------------------------------------------------------------
 # NumPy reference
@@ -109,35 +110,38 @@ def adamw_update_cuda(param, grad, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8,
 
 
 def global_norm_squared_cuda(grads, block_size: int = 512, max_blocks: int = 1024):
-    """One float32 array or a list of them -> the sum of all their squares, as a (1,) device array (no wait
-    for the GPU: the caller reads it when it needs it).
+    """One float32 or bf16 (uint16) array or a list of them -> the sum of all their squares, as a (1,) device
+    array (no wait for the GPU: the caller reads it when it needs it). bf16: the bf16 step keeps its weight
+    gradients in bf16, as llm.c does; their squares are added in float32 all the same.
 
-    global_norm_squared_kernel: block b sums the squares of a grid-stride slice into partial[b], every array
-    into the same slots; then global_sum_deterministic_kernel adds the partial sums in a fixed order. The same
-    arrays at the same block_size and max_blocks give the same bits at every call.
+    global_norm_squared_kernel (global_norm_squared_bf16_kernel for bf16): block b sums the squares of a
+    grid-stride slice into partial[b], every array into the same slots; then global_sum_deterministic_kernel adds
+    the partial sums in a fixed order. The same arrays at the same block_size and max_blocks give the same bits at
+    every call.
     """
     block_size = device.require_block_size(block_size, warps=True)
     if isinstance(max_blocks, bool) or not isinstance(max_blocks, (int, np.integer)) or max_blocks < 1:
         raise ValueError(f"max_blocks must be a positive int, got {max_blocks!r}")
     arrays = list(grads) if isinstance(grads, (list, tuple)) else [grads]
     for i, g in enumerate(arrays):
-        device.require_array(f"grads[{i}]" if isinstance(grads, (list, tuple)) else "grads", g)
+        device.require_array(f"grads[{i}]" if isinstance(grads, (list, tuple)) else "grads", g,
+                             dtype=(np.float32, np.uint16))
         if g.size >= 2**31:
             raise ValueError(f"grads[{i}] has {g.size} elements; the kernel indexes with int")
     grids = [min(-(-int(g.size) // block_size), int(max_blocks)) for g in arrays]
     partial = device.xp.zeros((max(grids, default=0) or 1,), dtype=np.float32)
-    kernel = load_kernel("adamw.cu", "global_norm_squared_kernel")
     for g, grid in zip(arrays, grids):
         if grid:
-            kernel((grid,), (block_size,), (partial, g, np.int32(g.size)))
+            name = "global_norm_squared_bf16_kernel" if g.dtype == np.uint16 else "global_norm_squared_kernel"
+            load_kernel("adamw.cu", name)((grid,), (block_size,), (partial, g, np.int32(g.size)))
     out = device.xp.empty((1,), dtype=np.float32)
     load_kernel("adamw.cu", "global_sum_deterministic_kernel")((1,), (32,), (out, partial, np.int32(partial.size)))
     return out
 
 
 def global_norm_cuda(grads, block_size: int = 512, max_blocks: int = 1024) -> float:
-    """One float32 array or a list of them -> the global L2 norm, a float: the square root, on the host, of
-    global_norm_squared_cuda's sum (copying it to the host waits for the GPU)."""
+    """One float32 or bf16 (uint16) array or a list of them -> the global L2 norm, a float: the square root, on the
+    host, of global_norm_squared_cuda's sum (copying it to the host waits for the GPU)."""
     return math.sqrt(float(device.to_host(global_norm_squared_cuda(grads, block_size, max_blocks))[0]))
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,12 +153,14 @@ def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1
                            beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
                            stochastic: bool = False, seed: int = 0, block_size: int = 512, grad_scale: float = 1.0):
     """AdamW on float32 `master` weights and moments in place, then `params` (uint16) = their bf16 copy.
-    grad_scale multiplies every gradient first (the clip factor). Four elements a thread in 16-byte accesses where
-    the arrays line up (_vector_head), else one: the same fmaf sequence for each element either way."""
+    `grads` are bf16 (uint16): the bf16 step keeps its weight gradients in bf16, as llm.c does. grad_scale multiplies
+    every gradient first (the clip factor). Four elements a thread in 16- and 8-byte accesses where the arrays line
+    up (_vector_head), else one: the same fmaf sequence for each element either way."""
     device.require_array("master", master)
     n = master.size
     device.require_array("params", params, shape=master.shape, dtype=np.uint16)
-    for name, a in (("grads", grads), ("m", m), ("v", v)):
+    require_bf16_array("grads", grads, master.shape, aligned=False)
+    for name, a in (("m", m), ("v", v)):
         device.require_array(name, a, shape=master.shape)
     if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1:
         raise ValueError(f"t counts steps from 1, got {t!r}")
@@ -170,12 +176,12 @@ def adamw_update_bf16_cuda(master, params, grads, m, v, t: int, lr: float, beta1
 
 
 def _vector_head(master, params, grads, m, v, n: int) -> int:
-    """adamw_bf16_kernel's `head`: how many elements come before the one where master, grads, m and v all start a
-    16-byte piece and params an 8-byte one (0 to 3, at most n), or -1 when there is no such element (the kernel
-    then takes one element a thread)."""
+    """adamw_bf16_kernel's `head`: how many elements come before the one where master, m and v (float32) all start a
+    16-byte piece and params and grads (bf16) an 8-byte one (0 to 3, at most n), or -1 when there is no such element
+    (the kernel then takes one element a thread)."""
     a = device.address(master)
     head = (-a % 16) // 4 if a % 4 == 0 else -1
-    if head < 0 or any((device.address(x) + 4 * head) % 16 for x in (grads, m, v)) or \
-            (device.address(params) + 2 * head) % 8:
+    if head < 0 or any((device.address(x) + 4 * head) % 16 for x in (m, v)) or \
+            any((device.address(x) + 2 * head) % 8 for x in (params, grads)):
         return -1
     return min(head, n)

@@ -3,10 +3,10 @@ helpers, and float32 -> bf16 for a whole array (kernels/bf16.cu).
 
 Each layer's bf16 launchers live in that layer's module (layers/gelu.py, layers/layernorm.py, ...) beside its
 float32 ones, as its bf16 kernels live in its kernels/<layer>.cu. bf16 arrays are uint16 arrays holding the
-bits; float32 stays float32 (layernorm parameters, biases, statistics, weight gradients); the conversions
-(to_bf16, from_bf16, ...) are in llmc_lessons/precision.py. The kernels of the bf16 training step move 8 bf16
-values (16 bytes) at a time: the sizes the launchers name must be multiples of 8 and the arrays 16-byte
-aligned.
+bits, and so are the step's weight gradients (as in llm.c); float32 stays float32 (layernorm parameters, biases,
+statistics); the conversions (to_bf16, from_bf16, ...) are in llmc_lessons/precision.py. The kernels of the bf16
+training step move 8 bf16 values (16 bytes) at a time: the sizes the launchers name must be multiples of 8 and
+the arrays 16-byte aligned.
 """
 from __future__ import annotations
 
@@ -31,14 +31,16 @@ def require_aligned16(name: str, a):
     return a
 
 
-def require_bf16_array(name: str, a, shape):
+def require_bf16_array(name: str, a, shape, aligned: bool = True):
     """A bf16 array: its bits as uint16 (precision.to_bf16 or float_to_bf16_cuda make one from floats; casting
-    with .astype(np.uint16) would keep the numbers' integer parts, not their bits), C-contiguous, 16-byte aligned."""
+    with .astype(np.uint16) would keep the numbers' integer parts, not their bits), C-contiguous, 16-byte aligned
+    unless aligned=False (an array no kernel reads 16 bytes at a time, such as a bias's gradient)."""
     dtype = getattr(a, "dtype", None)
     if dtype is not None and np.issubdtype(dtype, np.floating):
         raise TypeError(f"{name} must hold bf16 bits (dtype uint16), got {dtype}: convert it with "
                         f"float_to_bf16_cuda(...) (llmc_lessons.layers.bf16) or precision.to_bf16(...)")
-    return require_aligned16(name, device.require_array(name, a, shape=shape, dtype=np.uint16))
+    a = device.require_array(name, a, shape=shape, dtype=np.uint16)
+    return require_aligned16(name, a) if aligned else a
 
 
 def require_float_vector(name: str, a, n: int):

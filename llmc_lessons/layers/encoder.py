@@ -137,11 +137,14 @@ def _token_buckets(inp):
 
 def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = True, block_size: int = 256,
                           buckets=None, dwte=None, dwpe=None):
-    """(B, T, C), (B, T) int32 -> dwte (V, C), dwpe (maxT, C): fresh zero-initialised gradients, or the given
-    dwte and dwpe added into (the kernels accumulate, as every backward does).
+    """(B, T, C), (B, T) int32 -> dwte (V, C), dwpe (maxT, C): fresh zero-initialised float32 gradients, or the
+    given dwte and dwpe added into (the kernels accumulate, as every backward does).
 
-    deterministic=False: encoder_backward_kernel1, atomicAdd (the last bits may differ between runs).
-    deterministic=True: token buckets + encoder_backward_wte_kernel2 and encoder_backward_wpe_kernel2.
+    dwte and dwpe have one dtype: float32, or bf16 (uint16) for the bf16 step, which keeps its weight gradients in
+    bf16 as llm.c does (dout stays float32; each element gets its float32 sum added and is rounded once).
+    deterministic=False: encoder_backward_kernel1, atomicAdd (the last bits may differ between runs; float32 only).
+    deterministic=True: token buckets + encoder_backward_wte_kernel2 and encoder_backward_wpe_kernel2 (for bf16,
+    encoder_backward_wte_bf16_kernel and encoder_backward_wpe_bf16_kernel, in the same order).
     buckets: _token_buckets of the ids made ahead (GPT2.forward makes them on the host, where it checked the
     ids), as backend arrays: then nothing here waits for the GPU.
     """
@@ -159,9 +162,16 @@ def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = Tr
         raise ValueError(f"T = {T} is longer than maxT = {maxT}")
     xp = device.xp
     dwte = xp.zeros((int(V), C), dtype=np.float32) if dwte is None else \
-        device.require_array("dwte", dwte, shape=(int(V), C))
+        device.require_array("dwte", dwte, shape=(int(V), C), dtype=(np.float32, np.uint16))
     dwpe = xp.zeros((int(maxT), C), dtype=np.float32) if dwpe is None else \
-        device.require_array("dwpe", dwpe, shape=(int(maxT), C))
+        device.require_array("dwpe", dwpe, shape=(int(maxT), C), dtype=(np.float32, np.uint16))
+    if dwte.dtype != dwpe.dtype:
+        raise TypeError(f"dwte and dwpe must have the same dtype (float32, or uint16 for bf16 gradients; one not "
+                        f"given is float32), got {dwte.dtype} and {dwpe.dtype}")
+    bf16 = dwte.dtype == np.uint16
+    if bf16 and not deterministic:
+        raise ValueError("bf16 gradients (uint16 dwte and dwpe) need deterministic=True: there is no atomicAdd "
+                         "kernel for bf16")
     if B * T * C == 0:
         return dwte, dwpe
     if not deterministic:
@@ -178,11 +188,11 @@ def encoder_backward_cuda(dout, inp, V: int, maxT: int, deterministic: bool = Tr
         raise ValueError(f"buckets do not fit ids of shape {(B, T)}: make them with _token_buckets(ids)")
     n_buckets = int(bucket_token.size)
     n = n_buckets * C
-    load_kernel("encoder.cu", "encoder_backward_wte_kernel2")(
+    load_kernel("encoder.cu", "encoder_backward_wte_bf16_kernel" if bf16 else "encoder_backward_wte_kernel2")(
         (-(-n // block_size),), (block_size,),
         (dwte, dout, positions, bucket_start, bucket_token, np.int32(n_buckets), np.int32(C)))
     n = T * C
-    load_kernel("encoder.cu", "encoder_backward_wpe_kernel2")(
+    load_kernel("encoder.cu", "encoder_backward_wpe_bf16_kernel" if bf16 else "encoder_backward_wpe_kernel2")(
         (-(-n // block_size),), (block_size,), (dwpe, dout, np.int32(B), np.int32(T), np.int32(C)))
     return dwte, dwpe
 

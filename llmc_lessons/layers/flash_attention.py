@@ -212,7 +212,7 @@ def flash_attention_forward_bf16_cuda(qkv, NH, NKV=None, version=None):
 def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=None, version=None):
     """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv bf16, laid out as qkv (B, T, (NH + 2 NKV) hs):
     dq, dk, dv. A key/value head's dk and dv sum over its group's query heads in one block, in a fixed order.
-    dbias (3C,) float32, if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the
+    dbias (3C,) bf16 (the bf16 step's weight gradient), if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the
     values they store, a row of partial sums per block (partial is as wide as dqkv), and one
     column_sum_add_cuda launch adds the rows in order. That launch adds three parts of equal width, so dbias
     needs NKV = NH (GPT-2's qkv bias; the LLaMA-style model has none). version: as the forward's."""
@@ -227,7 +227,7 @@ def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=
         if NKV != NH:
             raise ValueError(f"{where}: dbias is summed for NKV = NH only (column_sum_add_cuda adds three parts "
                              f"of equal width), got NKV = {NKV}, NH = {NH}")
-        device.require_array("dbias", dbias, shape=(3 * C,))
+        require_bf16_array("dbias", dbias, (3 * C,), aligned=False)
     xp = device.xp
     tiles, W = -(-T // FA_ROWS), (NH + 2 * NKV) * hs
     dqkv, D = xp.empty((B, T, W), np.uint16), xp.empty((B, NH, T), np.float32)

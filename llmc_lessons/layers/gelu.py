@@ -170,7 +170,8 @@ def gelu_bias_forward_bf16_cuda(inp, bias, block_size: int = 256):
 def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns: int = 16, block_rows: int = 16,
                                  grid_rows: int | None = None):
     """dout, inp (B, T, OC) bf16, bias (OC,) -> dinp = dout * gelu'(inp + bias) bf16 (out may be dout), and
-    dbias (OC,) float32 += the column sums of dinp: the fc bias's gradient, in the same pass.
+    dbias (OC,) bf16 (the bf16 step's weight gradient) += the column sums of dinp: the fc bias's gradient, in
+    the same pass.
 
     Blocks of (block_columns, block_rows) threads, each thread 8 columns, so a block covers 8 * block_columns
     columns; grid_rows: how many blocks split the rows of one column group (R partial sums, the last block of
@@ -179,7 +180,7 @@ def gelu_bias_backward_bf16_cuda(dout, inp, bias, dbias, out=None, block_columns
     OC = require_multiple_of_8("OC", inp.shape[-1])
     require_bf16_array("dout", dout, inp.shape)
     require_float_vector("bias", bias, OC)
-    device.require_array("dbias", dbias, shape=(OC,))
+    require_bf16_array("dbias", dbias, (OC,), aligned=False)
     out = device.xp.empty_like(inp) if out is None else require_bf16_array("out", out, inp.shape)
     N, groups, R, X, Y = column_groups(inp.size // OC, OC, block_columns, block_rows, grid_rows)
     partial = device.xp.empty((R, OC), np.float32)

@@ -295,10 +295,12 @@ def residual_layernorm_forward_bf16_cuda(inp1, inp2, bias2, weight, bias, block_
 
 
 def column_sum_add_cuda(out1, out2, out3, partial, columns_per_block: int = 8, rows_per_block: int = 32):
-    """out1, out2, out3 (C,) float32 += the column sums of partial[:, :C], [:, C:2C], [:, 2C:] for partial
-    (R, 3C) float32, in a fixed order (column_sum_add_kernel, one launch, blocks of (columns_per_block,
-    rows_per_block) threads): the end of the reductions that leave a row of partial sums per block. With out3
-    None, partial is (R, 2C); with out2 and out3 None, (R, C) and out1 alone gets its column sums."""
+    """out1, out2, out3 (C,) += the column sums of partial[:, :C], [:, C:2C], [:, 2C:] for partial (R, 3C)
+    float32, in a fixed order (one launch, blocks of (columns_per_block, rows_per_block) threads): the end of the
+    reductions that leave a row of partial sums per block. With out3 None, partial is (R, 2C); with out2 and out3
+    None, (R, C) and out1 alone gets its column sums. The outputs are float32 gradients (column_sum_add_kernel),
+    or all bf16 (uint16), the bf16 step's gradients, each rounded once after its sum is added
+    (column_sum_add_bf16_kernel)."""
     device.require_array("partial", partial, shape=(None, None))
     if out1 is None:
         raise ValueError("column_sum_add_cuda: out1 is needed (out2 and out3 may be None)")
@@ -309,12 +311,14 @@ def column_sum_add_cuda(out1, out2, out3, partial, columns_per_block: int = 8, r
     K = len(outs)
     if KC % K:
         raise ValueError(f"partial must have {K}C columns for {K} output vectors, got {KC}")
+    dtype = np.uint16 if getattr(out1, "dtype", None) == np.uint16 else np.float32
     for i, a in enumerate(outs):
-        device.require_array(f"out{i + 1}", a, shape=(KC // K,))
+        device.require_array(f"out{i + 1}", a, shape=(KC // K,), dtype=dtype)
     X, Y = columns_per_block, rows_per_block
     if KC:
         outs += [out1] * (3 - K)                    # unused by the kernel: columns stop at K C
-        load_kernel("layernorm.cu", "column_sum_add_kernel")((-(-KC // X),), (X, Y),
+        name = "column_sum_add_bf16_kernel" if dtype == np.uint16 else "column_sum_add_kernel"
+        load_kernel("layernorm.cu", name)((-(-KC // X),), (X, Y),
                                                          (*outs, partial, np.int32(R), np.int32(KC // K), np.int32(K)),
                                                          shared_mem=4 * X * Y)
 
@@ -329,9 +333,9 @@ ragged last round); more blocks also mean more partial rows for the column sums 
 def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, dbias, dresidual_bias=None,
                                  block_size: int | None = None, max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
     """The layernorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient,
-    dweight, dbias (C,) float32 += theirs. Returns dinp's new value in bf16 (for the next matmul backward).
-    dresidual_bias (C,) float32, if given, += the column sums of that bf16 value: the bias gradient of the
-    projection whose output was added into this residual stream, in the same pass.
+    dweight, dbias (C,) bf16 (the bf16 step's weight gradients) += theirs. Returns dinp's new value in bf16 (for
+    the next matmul backward). dresidual_bias (C,) bf16, if given, += the column sums of that bf16 value: the
+    bias gradient of the projection whose output was added into this residual stream, in the same pass.
 
     max_blocks caps the grid: each warp loops over rows, each block leaves one row of partial sums of the
     three (its warps' sums: 3C floats a warp, 3 * block_size * C / 8 bytes of shared memory), which a
@@ -344,12 +348,11 @@ def layernorm_backward_bf16_cuda(dinp, dout, inp, weight, mean, rstd, dweight, d
     require_bf16_array("dout", dout, (B, T, C))
     require_aligned16("dinp", device.require_array("dinp", dinp, shape=(B, T, C)))
     require_float_vector("weight", weight, C)
-    for name, a in (("dweight", dweight), ("dbias", dbias)):
-        device.require_array(name, a, shape=(C,))
     xp = device.xp
     if dresidual_bias is None:
-        dresidual_bias = xp.zeros(C, np.float32)     # computed and dropped
-    device.require_array("dresidual_bias", dresidual_bias, shape=(C,))
+        dresidual_bias = xp.zeros(C, np.uint16)      # computed and dropped
+    for name, a in (("dweight", dweight), ("dbias", dbias), ("dresidual_bias", dresidual_bias)):
+        require_bf16_array(name, a, (C,), aligned=False)
     for name, a in (("mean", mean), ("rstd", rstd)):
         device.require_array(name, a, shape=(B, T))
     if block_size is None:

@@ -184,7 +184,7 @@ def residual_rmsnorm_forward_bf16_cuda(inp1, inp2, weight, block_size: int = 256
 def rmsnorm_backward_bf16_cuda(dinp, dout, inp, weight, rstd, dweight, block_size: int | None = None,
                                max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
     """The RMSNorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient and
-    dweight (C,) float32 += the weight gradient. Returns dinp's new value in bf16 (for the matmul backward).
+    dweight (C,) bf16 (the bf16 step's weight gradient) += the weight gradient. Returns dinp's new value in bf16 (for the matmul backward).
 
     One pass, rmsnorm_backward_bf16_kernel (C a multiple of 8, at most 2048; 16-byte aligned arrays): a warp per
     row, at most max_blocks blocks, each leaving a row of dweight's partial sums (its warps' sums: C floats a
@@ -198,7 +198,7 @@ def rmsnorm_backward_bf16_cuda(dinp, dout, inp, weight, rstd, dweight, block_siz
     require_aligned16("dinp", device.require_array("dinp", dinp, shape=(B, T, C)))
     require_float_vector("weight", weight, C)
     device.require_array("rstd", rstd, shape=(B, T))
-    device.require_array("dweight", dweight, shape=(C,))
+    require_bf16_array("dweight", dweight, (C,), aligned=False)
     if block_size is None:
         block_size = 256 if chunks == 4 else 128
     block_size = device.require_block_size(block_size, warps=True)
