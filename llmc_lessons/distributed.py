@@ -414,6 +414,7 @@ class DataParallel:
         self.hi = min(self.lo + self.shard_size, N)
         self.sharded = zero_stage == 1 and R > 1
         self._padded = None     # (R*S,) for the reduce-scatter and all-gather: N is rarely a multiple of R
+        self._chunk = None      # float32, for averaging bf16 gradients a piece at a time (_mean_bf16)
 
     def check_batch(self, B: int) -> None:
         """Raise ValueError unless the global batch of B rows splits into world_size * grad_accum equal pieces."""
@@ -447,17 +448,19 @@ class DataParallel:
         # rounded to bf16 once at the end.
         bf16 = g.dtype == np.uint16
         if not self.sharded:
-            if R > 1 or scale != 1:
-                total = from_bf16(g) if bf16 else g
-                self.comm.all_reduce(total)
+            if bf16 and (R > 1 or scale != 1):
+                self._mean_bf16(xp, g, scale)
+            elif not bf16:
+                self.comm.all_reduce(g)
                 if scale != 1:
-                    total *= scale
-                if bf16:
-                    float_to_bf16_cuda(total, out=g)
+                    g *= scale
             return self._norm(model, g, reduce=False)
         if self._padded is None:
             self._padded = xp.zeros(R * self.shard_size, dtype=np.float32)
-        self._padded[:self.num_parameters] = from_bf16(g) if bf16 else g
+        if bf16:
+            from_bf16(g, out=self._padded[:self.num_parameters])
+        else:
+            self._padded[:self.num_parameters] = g
         shard = self.comm.reduce_scatter(self._padded)[:self.hi - self.lo]
         shard *= scale
         if bf16:
@@ -465,6 +468,21 @@ class DataParallel:
         else:
             g[self.lo:self.hi] = shard
         return self._norm(model, g[self.lo:self.hi], reduce=True)
+
+    MEAN_CHUNK = 1 << 24
+    """bf16 gradients are averaged this many at a time through a float32 buffer of this size (64 MiB), not all at
+    once: a float32 copy of every gradient would take back the memory that bf16 gradients save."""
+
+    def _mean_bf16(self, xp, g, scale) -> None:
+        """g (bf16 bits) <- scale times the sum over ranks of g, taken in float32 and rounded to bf16 once."""
+        if self._chunk is None:
+            self._chunk = xp.empty(min(g.size, self.MEAN_CHUNK), dtype=np.float32)
+        for lo in range(0, g.size, self._chunk.size):
+            piece = g[lo:lo + self._chunk.size]
+            values = from_bf16(piece, out=self._chunk[:piece.size])
+            self.comm.all_reduce(values)
+            values *= scale
+            float_to_bf16_cuda(values, out=piece)
 
     def _norm(self, model, g, reduce: bool) -> float:
         if not reduce:

@@ -431,7 +431,7 @@ class LlamaBf16KernelPath(Bf16KernelPath):
 
         def linear_backward(dout, inp, weight, dweight):
             d2 = dout.reshape(BT, -1)
-            gemm(d2, inp.reshape(BT, -1), trans_a=True, out=dweight, accumulate=True)   # float32 out
+            gemm(d2, inp.reshape(BT, -1), trans_a=True, out=dweight, accumulate=True)   # bf16 out
             return gemm(d2, weight).reshape(B, T, -1)
 
         dres = device.xp.zeros((B, T, C), dtype=np.float32)

@@ -31,10 +31,16 @@ def to_bf16(x) -> np.ndarray:
     return np.where((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000), np.uint16(0x7FFF), rounded)
 
 
-def from_bf16(h):
-    """uint16 bf16 bits -> float32 values (exact). A backend (GPU) array stays on its device."""
+def from_bf16(h, out=None):
+    """uint16 bf16 bits -> float32 values (exact). A backend (GPU) array stays on its device. out: a float32 array
+    of h's size (and kind) to write them into, in place (no temporary arrays); it is returned."""
     xp = device.xp if isinstance(h, device.xp.ndarray) else np
-    return (xp.asarray(h, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if out is None:
+        return (xp.asarray(h, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    bits = out.view(np.uint32)
+    bits[...] = h
+    bits <<= 16
+    return out
 
 
 def round_bf16(x) -> np.ndarray:

@@ -69,9 +69,9 @@ def test_a_recorded_product_has_the_bits_of_one_launched_alone(M, N, K, trans_a,
         a, b = to_bf16(a), to_bf16(b)
     a, b, start = device.to_device(a), device.to_device(b), rand(M, N)
 
-    def output():   # the sum to add into, or NaN (0xFFFF is a bf16 NaN) where every value must be written
-        if accumulate:
-            return device.to_device(start.copy())
+    def output():   # the sum to add into (in bf16, the bf16 step's weight gradients), or NaN (0xFFFF is a bf16
+        if accumulate:  # NaN) where every value must be written
+            return device.to_device(to_bf16(start) if precision == "bf16" else start.copy())
         return device.xp.full((M, N), np.nan if a.dtype == np.float32 else 0xFFFF, dtype=a.dtype)
 
     plain, recorded = output(), output()
@@ -153,7 +153,8 @@ def test_each_product_asks_for_the_workspace_of_its_operands_type(monkeypatch):
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("M,N,K", [(37, 24, 40), (200, 72, 56)])
-@pytest.mark.parametrize("out_type, accumulate", [("bf16", False), ("float32", False), ("float32", True)])
+@pytest.mark.parametrize("out_type, accumulate", [("bf16", False), ("bf16", True), ("float32", False),
+                                                   ("float32", True)])
 def test_bf16_products_match_numpy(trans_a, trans_b, M, N, K, out_type, accumulate):
     # On a GPU these are cuBLASLt's products with the algorithm chosen for each shape; outputs start as NaN
     from llmc_lessons.precision import from_bf16, to_bf16
@@ -161,8 +162,10 @@ def test_bf16_products_match_numpy(trans_a, trans_b, M, N, K, out_type, accumula
     A, B = from_bf16(a).astype(np.float64), from_bf16(b).astype(np.float64)
     want = (A.T if trans_a else A) @ (B.T if trans_b else B)
     start = rand(M, N)
-    if accumulate:
-        out, want = device.to_device(start.copy()), want + start
+    if accumulate:      # into bf16 (the bf16 step's weight gradients): the old value joins the sum, one rounding
+        start = to_bf16(start) if out_type == "bf16" else start
+        out = device.to_device(start.copy())
+        want = want + (from_bf16(start) if out_type == "bf16" else start)
     else:
         out = device.xp.full((M, N), 0xFFFF if out_type == "bf16" else np.nan,
                              dtype=np.uint16 if out_type == "bf16" else np.float32)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmc_lessons import device
 from llmc_lessons.data import write_tokens
 from llmc_lessons.distributed import Collectives, DataParallel, Single, launch
 from llmc_lessons.model import GPT2, GPT2Config
@@ -137,43 +138,56 @@ def test_zero1_shards_update_as_unsharded_adamw(backend):
         shards[0].update(1e-2, shard=(0, N))
 
 
-class _Twins(Collectives):
-    """Two ranks with the same gradients, in one process: every sum is twice the array."""
+class _Pair(Collectives):
+    """Two ranks in one process: this one, and another whose gradients are `other` (float32 values), all-reduced
+    piece after piece in order (its squares for a norm are not modelled: 0)."""
     world_size = 2
 
-    def __init__(self, rank):
-        self.rank = rank
+    def __init__(self, rank, other):
+        self.rank, self.other, self.at = rank, other, 0
 
     def all_reduce(self, x, op="sum"):
-        x *= 2
+        if x.dtype == np.float32:
+            x += device.xp.asarray(self.other[self.at:self.at + x.size])
+            self.at += x.size
         return x
 
     def reduce_scatter(self, x):
         S = x.size // 2
-        return 2 * x[self.rank * S:(self.rank + 1) * S]
+        padded = np.zeros(x.size, np.float32)
+        padded[:self.other.size] = self.other
+        return (x + device.xp.asarray(padded))[self.rank * S:(self.rank + 1) * S]
 
 
-@pytest.mark.parametrize("ranks,accum,zero", [(1, 1, 1), (1, 3, 1), (2, 1, 0), (2, 3, 1)])
-def test_bf16_gradients_are_averaged_in_float32_and_rounded_once(ranks, accum, zero):
+@pytest.mark.parametrize("ranks,accum,zero", [(1, 1, 1), (1, 3, 1), (2, 1, 0), (2, 3, 0), (2, 3, 1)])
+def test_bf16_gradients_are_averaged_in_float32_and_rounded_once(ranks, accum, zero, monkeypatch):
     """The bf16 step keeps bf16 gradients (llm.c's layout): the average over ranks and micro-batches is taken
-    in float32 and rounded to bf16 once, whole or (ZeRO-1) on this rank's shard only."""
+    in float32 and rounded to bf16 once, whole (a few values at a time) or (ZeRO-1) on this rank's shard only.
+    The other rank's gradients differ, so the sum is rarely a bf16 value: a second rounding would show."""
     from llmc_lessons.device import to_host
     from llmc_lessons.precision import from_bf16, to_bf16
+    monkeypatch.setattr(DataParallel, "MEAN_CHUNK", 1000)      # several pieces
     config = GPT2Config(max_seq_len=8, vocab_size=40, padded_vocab_size=48, num_layers=1, num_heads=2, channels=32)
     N = GPT2(config, seed=1, backend="kernels").num_parameters
-    g0 = to_bf16(np.random.default_rng(ranks + accum).standard_normal(N) * 3)
+    gen = np.random.default_rng(ranks + accum)
+    g0, g1 = (to_bf16(gen.standard_normal(N) * 3) for _ in range(2))
     for rank in range(ranks):
         model = GPT2(config, seed=1, precision="bf16")
         model.zero_grad()
         assert model.grads_memory.dtype == np.uint16 and model.gradient().dtype == np.float32
         model.grads_memory[...] = model.xp.asarray(g0)
-        dp = DataParallel(Single() if ranks == 1 else _Twins(rank), N, accum, zero)
+        dp = DataParallel(Single() if ranks == 1 else _Pair(rank, from_bf16(g1)), N, accum, zero)
         norm = dp.reduce_gradients(model)
         lo, hi = (dp.lo, dp.hi) if dp.sharded else (0, N)
-        mean = to_bf16(from_bf16(g0[lo:hi]) * np.float32(ranks / (ranks * accum)))     # twins: the sum is 2 g
+        total = from_bf16(g0) + (from_bf16(g1) if ranks == 2 else 0)              # float32, as the ranks add
+        mean = to_bf16(total[lo:hi] * np.float32(1 / (ranks * accum)))
+        if ranks == 1 and accum == 1:
+            mean = g0                                                          # nothing to average: untouched
         np.testing.assert_array_equal(to_host(model.grads_memory[lo:hi]), mean)
-        squares = np.sum(from_bf16(mean).astype(np.float64) ** 2)
-        assert norm == pytest.approx(np.sqrt(squares * (2 if dp.sharded else 1)), rel=1e-5)   # twins: 2 shards
+        squares = np.sum(from_bf16(mean).astype(np.float64) ** 2)     # (a shard's: the other's count 0 here)
+        assert norm == pytest.approx(np.sqrt(squares), rel=1e-5)
+    if ranks == 2 and not zero:
+        assert dp.comm.at == N, "every gradient went through the all-reduce once"
 
 
 def test_gradient_accumulation_equals_the_large_batch():

@@ -208,7 +208,7 @@ extern "C" __global__ void flash_attention_backward_q_kernel(float* dqkv,       
 //                                            in order and sums their dk and dv in registers: every key/value
 //                                            gradient has one block, so no atomics and a fixed order.
 // Both also leave the column sums of the dqkv values they store (a row of partial (B * tiles, W) per block
-// and part): summed over the rows by column_sum_add_kernel (layernorm.cu), that is the qkv bias's gradient, taken
+// and part): summed over the rows by column_sum_add_bf16_kernel (layernorm.cu), that is the qkv bias's gradient, taken
 // without reading dqkv again.
 #include "mma.cuh"
 

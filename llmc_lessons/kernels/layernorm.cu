@@ -595,7 +595,7 @@ extern "C" __global__ void column_sum_add_bf16_kernel(bf16* out1, bf16* out2, bf
 // The three column sums: lane `lane` handles the same columns (lane + 32 i) * 8 .. + 7 of every row, so it
 // adds its rows' terms into its own slots of its warp's sums in shared memory: no other thread touches them, no
 // atomics. At the end the warps of a block add theirs in order into row blockIdx.x of partial, and
-// column_sum_add_kernel adds those rows in order: the result is deterministic.
+// column_sum_add_bf16_kernel adds those rows in order: the result is deterministic.
 // Why two rows at a time (H200, GPT-2's shapes, the kernel alone): one row at a time fitted 24 warps on a
 // multiprocessor (79 registers; 24 rows in flight), 63-64 us; two rows take 128 registers, so 16 warps fit,
 // but 32 rows are in flight and each shared-memory update serves two rows: 57 us. (Keeping the sums in

@@ -155,7 +155,7 @@ extern "C" __global__ void rmsnorm_backward_kernel2(float* dinp,          // (N,
 
 // =========================================================================================================
 // bf16: stored in bfloat16, computed in float32 (kernels/bf16.cuh has the conversions). The statistics
-// (rstd), the weight and its gradient stay float32, as in the bf16 training step of lesson 14.
+// (rstd) and the weight stay float32 and the weight's gradient is bf16, as in the bf16 training step of lesson 14.
 //
 // rmsnorm_forward_bf16_kernel: rmsnorm_forward_kernel on bf16 rows, rounding once on the store.
 // residual_rmsnorm_forward_bf16_kernel: residual = inp1 + inp2, then its RMSNorm, in one pass (as
@@ -250,7 +250,7 @@ extern "C" __global__ void residual_rmsnorm_forward_bf16_kernel_c2048(bf16* resi
 // float32 gradient of the residual stream and is ACCUMULATED into; dinp_bf16 gets its new value in bf16 for
 // the matmul backward before it. dweight's column sums: lane `lane` adds its rows' dout * norm into its own
 // slots of its warp's row of buf (shared memory): no other thread touches them, no atomics. At the end the
-// block's warps add theirs in order into row blockIdx.x of partial, and column_sum_add_kernel (layernorm.cu)
+// block's warps add theirs in order into row blockIdx.x of partial, and column_sum_add_bf16_kernel (layernorm.cu)
 // adds those rows in order: the same bits on every run of the same launch.
 template <int CHUNKS, int ROWS>
 __device__ __forceinline__ void rmsnorm_backward_bf16_rows(float* buf,            // shared: (warps, C)

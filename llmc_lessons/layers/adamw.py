@@ -58,10 +58,13 @@ def adamw_update(param, grad, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8, weig
 
 
 def global_norm(grads) -> float:
-    """One array or a list of arrays -> sqrt(sum of squares of every element of every array), a float."""
-    if isinstance(grads, (list, tuple)):
-        return math.sqrt(sum(float(np.sum(np.square(np.asarray(g, dtype=np.float64)))) for g in grads))
-    return math.sqrt(float(np.sum(np.square(np.asarray(grads, dtype=np.float64)))))
+    """One array or a list of arrays -> sqrt(sum of squares of every element of every array), a float. Arrays of
+    values: bf16 bits (uint16, a bf16 model's gradients) are refused, their values are model.gradient()'s."""
+    arrays = list(grads) if isinstance(grads, (list, tuple)) else [grads]
+    if any(getattr(g, "dtype", None) == np.uint16 for g in arrays):
+        raise TypeError("global_norm: these gradients are bf16 bits (uint16), not values: pass model.gradient() "
+                        "(float32 values), or use global_norm_cuda, which reads the bits")
+    return math.sqrt(sum(float(np.sum(np.square(np.asarray(g, dtype=np.float64)))) for g in arrays))
 
 
 def clip_grad_norm(grads, max_norm) -> float:

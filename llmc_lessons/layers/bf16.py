@@ -6,7 +6,7 @@ float32 ones, as its bf16 kernels live in its kernels/<layer>.cu. bf16 arrays ar
 bits, and so are the step's weight gradients (as in llm.c); float32 stays float32 (layernorm parameters, biases,
 statistics); the conversions (to_bf16, from_bf16, ...) are in llmc_lessons/precision.py. The kernels of the bf16
 training step move 8 bf16 values (16 bytes) at a time: the sizes the launchers name must be multiples of 8 and
-the arrays 16-byte aligned.
+the arrays they read that way 16-byte aligned (a gradient vector, added into one value at a time, need not be).
 """
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ def rmsnorm_backward_cuda(dout, inp, weight, rstd, block_size: int = 256, param_
 
 # ---------------------------------------------------------------------------------------------------------
 # bf16: launchers of the bf16 kernels in kernels/rmsnorm.cu (bf16 arrays are uint16 arrays of the bits;
-# rstd, weight and the gradients that accumulate stay float32)
+# rstd, weight and the input gradient that accumulates stay float32; the weight's gradient is bf16)
 
 
 def rmsnorm_forward_bf16(inp_bits, weight):
