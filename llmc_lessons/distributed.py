@@ -404,6 +404,10 @@ class DataParallel:
     [r*S, min((r+1)*S, N)). With zero_stage=1 (and more than one rank) the model keeps m and v for that shard only.
     """
 
+    MEAN_CHUNK = 1 << 24
+    """bf16 gradients are averaged this many at a time through a float32 buffer of this size (64 MiB), not all at
+    once: a float32 copy of every gradient would take back the memory that bf16 gradients save."""
+
     def __init__(self, comm: Collectives, num_parameters: int, grad_accum: int = 1, zero_stage: int = 1):
         if zero_stage not in (0, 1):
             raise ValueError(f"zero_stage must be 0 or 1, got {zero_stage!r}")
@@ -464,14 +468,10 @@ class DataParallel:
         shard = self.comm.reduce_scatter(self._padded)[:self.hi - self.lo]
         shard *= scale
         if bf16:
-            float_to_bf16_cuda(xp.ascontiguousarray(shard), out=g[self.lo:self.hi])
+            float_to_bf16_cuda(shard, out=g[self.lo:self.hi])
         else:
             g[self.lo:self.hi] = shard
         return self._norm(model, g[self.lo:self.hi], reduce=True)
-
-    MEAN_CHUNK = 1 << 24
-    """bf16 gradients are averaged this many at a time through a float32 buffer of this size (64 MiB), not all at
-    once: a float32 copy of every gradient would take back the memory that bf16 gradients save."""
 
     def _mean_bf16(self, xp, g, scale) -> None:
         """g (bf16 bits) <- scale times the sum over ranks of g, taken in float32 and rounded to bf16 once."""

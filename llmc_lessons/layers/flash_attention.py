@@ -212,9 +212,9 @@ def flash_attention_forward_bf16_cuda(qkv, NH, NKV=None, version=None):
 def flash_attention_backward_bf16_cuda(dout, qkv, out, lse, NH, dbias=None, NKV=None, version=None):
     """dout (B, T, C) bf16, and the forward's qkv, out, lse -> dqkv bf16, laid out as qkv (B, T, (NH + 2 NKV) hs):
     dq, dk, dv. A key/value head's dk and dv sum over its group's query heads in one block, in a fixed order.
-    dbias (3C,) bf16 (the bf16 step's weight gradient), if given, += the column sums of dqkv (the qkv bias's gradient): the two kernels sum the
-    values they store, a row of partial sums per block (partial is as wide as dqkv), and one
-    column_sum_add_cuda launch adds the rows in order. That launch adds three parts of equal width, so dbias
+    dbias (3C,) bf16 (the bf16 step's weight gradient), if given, += the column sums of dqkv (the qkv bias's
+    gradient): the two kernels sum the values they store, a row of partial sums per block (partial is as wide as
+    dqkv), and one column_sum_add_cuda launch adds the rows in order. That launch adds three parts of equal width, so dbias
     needs NKV = NH (GPT-2's qkv bias; the LLaMA-style model has none). version: as the forward's."""
     where = "flash_attention_backward_bf16_cuda"
     B, T, C, hs, NKV = _check_bf16(qkv, NH, where, NKV)

@@ -184,7 +184,8 @@ def residual_rmsnorm_forward_bf16_cuda(inp1, inp2, weight, block_size: int = 256
 def rmsnorm_backward_bf16_cuda(dinp, dout, inp, weight, rstd, dweight, block_size: int | None = None,
                                max_blocks: int = LAYERNORM_BACKWARD_BLOCKS):
     """The RMSNorm backward on bf16 dout, inp (B, T, C): dinp (B, T, C) float32 += the input gradient and
-    dweight (C,) bf16 (the bf16 step's weight gradient) += the weight gradient. Returns dinp's new value in bf16 (for the matmul backward).
+    dweight (C,) bf16 (the bf16 step's weight gradient) += the weight gradient. Returns dinp's new value in bf16
+    (for the matmul backward).
 
     One pass, rmsnorm_backward_bf16_kernel (C a multiple of 8, at most 2048; 16-byte aligned arrays): a warp per
     row, at most max_blocks blocks, each leaving a row of dweight's partial sums (its warps' sums: C floats a
