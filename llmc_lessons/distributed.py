@@ -452,9 +452,10 @@ class DataParallel:
         # rounded to bf16 once at the end.
         bf16 = g.dtype == np.uint16
         if not self.sharded:
-            if bf16 and (R > 1 or scale != 1):
-                self._mean_bf16(xp, g, scale)
-            elif not bf16:
+            if bf16:
+                if R > 1 or scale != 1:
+                    self._mean_bf16(xp, g, scale)
+            else:
                 self.comm.all_reduce(g)
                 if scale != 1:
                     g *= scale

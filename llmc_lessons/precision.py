@@ -37,6 +37,9 @@ def from_bf16(h, out=None):
     xp = device.xp if isinstance(h, device.xp.ndarray) else np
     if out is None:
         return (xp.asarray(h, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if getattr(out, "dtype", None) != np.float32 or out.shape != np.shape(h):
+        raise ValueError(f"from_bf16: out must be a float32 array of shape {np.shape(h)}, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
     bits = out.view(np.uint32)
     bits[...] = h
     bits <<= 16

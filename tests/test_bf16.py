@@ -48,6 +48,16 @@ def test_to_bf16_is_round_to_nearest_even():
                                   np.arange(0, 0x7F80, 7, dtype=np.uint16))   # bf16 values are fixed points
 
 
+def test_from_bf16_into_out():
+    bits = to_bf16(VALUES[:1000])
+    out = np.full(1000, np.nan, np.float32)
+    assert from_bf16(bits, out=out) is out
+    np.testing.assert_array_equal(out, from_bf16(bits))
+    for wrong in (np.zeros(1000, np.float64), np.zeros(999, np.float32), np.zeros((10, 100), np.float32)):
+        with pytest.raises(ValueError, match="out must be a float32 array of shape"):
+            from_bf16(bits, out=wrong)
+
+
 def test_stochastic_rounding_is_unbiased_and_brackets():
     x = np.full(40000, 1.0 + 3 * 2**-9, np.float32)   # 3/4 of the way from 1.0 to the next bf16
     bits = stochastic_to_bf16(x, seed=3)
